@@ -1,0 +1,77 @@
+"""The plugin hooks of arraygpt (pluggy). Built-in backends, optimizers and samplers use these
+same hooks, as ordinary plugins.
+
+Registry hooks return a list of ``{name: object}`` dicts; the host flattens them and raises on a
+name offered twice (see ``arraygpt.manager.registry``). Hooks are called with keyword arguments,
+so an implementation may accept a subset of a spec's arguments, and a spec can gain arguments
+without breaking plugins. Pluggy calls implementations last-registered first: third-party plugins
+(registered after the built-ins) run before them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pluggy
+
+PROJECT_NAME = "arraygpt"
+hookspec = pluggy.HookspecMarker(PROJECT_NAME)
+hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
+
+
+@hookspec
+def arraygpt_register_backends() -> list[dict[str, Any]]:
+    """Offer array backends.
+
+    Returns:
+        A list of ``{name: factory}``; ``factory()`` returns an ``arraygpt.shim.Backend`` or raises
+        ``arraygpt.shim.BackendUnavailable`` saying what is missing. It is called on first use
+        only, so registering a backend imports nothing heavy.
+    """
+
+
+@hookspec
+def arraygpt_register_optimizers() -> list[dict[str, Any]]:
+    """Offer optimizers.
+
+    Returns:
+        A list of ``{name: factory}``; ``factory(params, **options)`` returns an optimizer (see
+        ``arraygpt.optim``).
+    """
+
+
+@hookspec
+def arraygpt_register_samplers() -> list[dict[str, Any]]:
+    """Offer samplers for generation.
+
+    Returns:
+        A list of ``{name: sampler}`` (see ``arraygpt.generate`` for the sampler contract).
+    """
+
+
+@hookspec
+def arraygpt_on_step(run: Any, step: int, metrics: dict[str, float]) -> bool | None:
+    """Called after every optimizer step of a training run.
+
+    Args:
+        run: the running ``arraygpt.train.Run`` (config, model, optimizer, run directory).
+        step: the number of steps done so far.
+        metrics: at least ``loss``, ``lr`` and ``tokens_per_s``.
+
+    Returns:
+        ``True`` to stop the run after this step (a checkpoint is saved first); else ``None``.
+    """
+
+
+@hookspec
+def arraygpt_on_eval(run: Any, step: int, metrics: dict[str, float]) -> bool | None:
+    """Called after each periodic evaluation with ``train_loss`` and ``val_loss``.
+
+    Returns:
+        ``True`` to stop the run (a checkpoint is saved first); else ``None``.
+    """
+
+
+@hookspec
+def arraygpt_on_checkpoint(run: Any, step: int, path: str) -> None:
+    """Called after a checkpoint has been written completely (atomically) to ``path``."""

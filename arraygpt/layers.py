@@ -1,0 +1,400 @@
+"""Every layer of a GPT as a hand-written forward/backward pair, in forward-pass order.
+
+Clean, minimal, reference: each ``<layer>_forward(...)`` returns ``(out, cache)`` and its
+``<layer>_backward(dout, cache)`` returns the gradients of the forward's inputs, in the order
+they were passed. The math is written once against the array API standard: the namespace comes
+from the inputs (``namespace(x)``), so the same code runs on NumPy, CuPy, array-api-strict and
+PyTorch. Nothing here imports an array library, and there is no autograd.
+
+Not here: how the layers are wired into a model (``model.py``), randomness (dropout takes
+pre-drawn coins), optimizers and sampling.
+
+Shape legend:
+    B batch, T time (query positions), Tk key positions (T, or more with a KV cache),
+    C channels (n_embd), V vocabulary, NH heads, hs head size, D = NH*hs attention width,
+    H the MLP's hidden width, N = B*T rows of a flattened batch.
+Weights are stored (out, in), so a linear layer computes ``x @ w.T + b``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from arraygpt.shim import namespace, scatter_add
+
+Array = Any
+
+
+def _flat(x: Array) -> Array:  # (..., C) -> (N, C)
+    return namespace(x).reshape(x, (-1, x.shape[-1]))
+
+
+# ----------------------------------------------------------------------------------------------
+# encoder: token embedding + position embedding
+
+
+def encoder_forward(idx: Array, wte: Array, wpe: Array, pos_offset: int = 0) -> tuple[Array, Any]:
+    """x[b, t] = wte[idx[b, t]] + wpe[pos_offset + t]; (B,T) ints -> (B,T,C)."""
+    xp = namespace(wte)
+    B, T = idx.shape
+    C = wte.shape[1]
+    tokens = xp.take(wte, xp.reshape(idx, (B * T,)), axis=0)  # (N, C)
+    x = xp.reshape(tokens, (B, T, C)) + wpe[pos_offset : pos_offset + T, :]  # (B, T, C)
+    return x, (idx, wte.shape, wpe.shape, pos_offset)
+
+
+def encoder_backward(dout: Array, cache: Any) -> tuple[Array, Array]:
+    """forward: x[b, t] = wte[idx[b, t]] + wpe[t]. A token id that repeats gathers every row
+    that used it (scatter-add); a position gathers the batch (sum over b)."""
+    idx, wte_shape, wpe_shape, pos_offset = cache
+    xp = namespace(dout)
+    B, T, C = dout.shape
+    dwte = xp.zeros(wte_shape, dtype=dout.dtype, device=dout.device)
+    scatter_add(dwte, xp.reshape(idx, (B * T,)), xp.reshape(dout, (B * T, C)))
+    dwpe = xp.zeros(wpe_shape, dtype=dout.dtype, device=dout.device)
+    dwpe[pos_offset : pos_offset + T, :] = xp.sum(dout, axis=0)
+    return dwte, dwpe
+
+
+# ----------------------------------------------------------------------------------------------
+# dropout (inverted: scaled at train time, the identity at eval time)
+
+
+def dropout_forward(x: Array, p: float, coins: Array) -> tuple[Array, Array]:
+    """out = x * keep / (1 - p), keep = coins >= p; ``coins`` are uniform [0, 1) draws of x's shape."""
+    xp = namespace(x)
+    mask = xp.astype(coins >= p, x.dtype) / (1.0 - p)
+    return x * mask, mask
+
+
+def dropout_backward(dout: Array, mask: Array) -> Array:
+    """forward: out = x * mask."""
+    return dout * mask
+
+
+# ----------------------------------------------------------------------------------------------
+# normalization: LayerNorm (Ba et al. 2016; PyTorch's nn.LayerNorm) and RMSNorm (Zhang & Sennrich 2019)
+
+
+def layernorm_forward(x: Array, w: Array | None, b: Array | None, eps: float) -> tuple[Array, Any]:
+    """out = (x - mean) * rstd * w + b over the last axis, rstd = 1/sqrt(var + eps) (biased var).
+    ``w`` and ``b`` may be None (no learnable gain or bias)."""
+    xp = namespace(x)
+    xc = x - xp.mean(x, axis=-1, keepdims=True)
+    rstd = 1.0 / xp.sqrt(xp.mean(xc * xc, axis=-1, keepdims=True) + eps)  # (..., 1)
+    xhat = xc * rstd
+    out = xhat if w is None else xhat * w
+    if b is not None:
+        out = out + b
+    return out, (xhat, rstd, w, b is not None)
+
+
+def layernorm_backward(dout: Array, cache: Any) -> tuple[Array, Array | None, Array | None]:
+    """forward: xhat = (x - mean) * rstd; out = xhat * w + b.
+    dxhat = dout * w;  dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)),
+    dw = sum over rows of dout * xhat,  db = sum over rows of dout."""
+    xhat, rstd, w, has_bias = cache
+    xp = namespace(dout)
+    dw = None if w is None else xp.sum(_flat(dout * xhat), axis=0)
+    db = xp.sum(_flat(dout), axis=0) if has_bias else None
+    dxhat = dout if w is None else dout * w
+    dx = rstd * (
+        dxhat
+        - xp.mean(dxhat, axis=-1, keepdims=True)
+        - xhat * xp.mean(dxhat * xhat, axis=-1, keepdims=True)
+    )
+    return dx, dw, db
+
+
+def rmsnorm_forward(x: Array, w: Array | None, b: Array | None, eps: float) -> tuple[Array, Any]:
+    """out = x * rstd * w + b, rstd = 1/sqrt(mean(x^2) + eps) over the last axis."""
+    xp = namespace(x)
+    rstd = 1.0 / xp.sqrt(xp.mean(x * x, axis=-1, keepdims=True) + eps)  # (..., 1)
+    xhat = x * rstd
+    out = xhat if w is None else xhat * w
+    if b is not None:
+        out = out + b
+    return out, (xhat, rstd, w, b is not None)
+
+
+def rmsnorm_backward(dout: Array, cache: Any) -> tuple[Array, Array | None, Array | None]:
+    """forward: xhat = x * rstd; out = xhat * w + b.
+    dx = rstd * (dxhat - xhat * mean(dxhat * xhat)) with dxhat = dout * w (no mean term: nothing
+    was subtracted)."""
+    xhat, rstd, w, has_bias = cache
+    xp = namespace(dout)
+    dw = None if w is None else xp.sum(_flat(dout * xhat), axis=0)
+    db = xp.sum(_flat(dout), axis=0) if has_bias else None
+    dxhat = dout if w is None else dout * w
+    dx = rstd * (dxhat - xhat * xp.mean(dxhat * xhat, axis=-1, keepdims=True))
+    return dx, dw, db
+
+
+NORMS = {"layernorm": (layernorm_forward, layernorm_backward), "rmsnorm": (rmsnorm_forward, rmsnorm_backward)}
+
+
+# ----------------------------------------------------------------------------------------------
+# linear (also the query/key/value/output projections, the MLP, and the unembedding)
+
+
+def linear_forward(x: Array, w: Array, b: Array | None = None) -> tuple[Array, Any]:
+    """out = x @ w.T + b; (..., Cin) -> (..., Cout), w is (Cout, Cin)."""
+    xp = namespace(x)
+    out = xp.matmul(_flat(x), xp.matrix_transpose(w))  # (N, Cout)
+    if b is not None:
+        out += b
+    return xp.reshape(out, (*x.shape[:-1], w.shape[0])), (x, w, b is not None)
+
+
+def linear_backward(dout: Array, cache: Any) -> tuple[Array, Array, Array | None]:
+    """forward: out = x @ w.T + b.  dx = dout @ w;  dw = dout.T @ x;  db = sum over rows of dout."""
+    x, w, has_bias = cache
+    xp = namespace(dout)
+    dout2 = _flat(dout)  # (N, Cout)
+    dx = xp.reshape(xp.matmul(dout2, w), x.shape)  # (..., Cin)
+    dw = xp.matmul(xp.matrix_transpose(dout2), _flat(x))  # (Cout, Cin)
+    db = xp.sum(dout2, axis=0) if has_bias else None
+    return dx, dw, db
+
+
+# ----------------------------------------------------------------------------------------------
+# softmax with a temperature (used inside attention, by the loss and by the samplers)
+
+
+def softmax_forward(x: Array, temperature: float = 1.0, axis: int = -1) -> Array:
+    """p = exp((x - max x) / T) / sum(exp((x - max x) / T)) along ``axis``.
+
+    Subtracting the max first keeps exp from overflowing and makes p independent of a constant
+    added to x; dividing after the subtraction keeps T -> 0 finite (one-hot at the argmax).
+    Entries of -inf (masked) get exactly 0.
+    """
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0 (use greedy decoding for T = 0), got {temperature}")
+    xp = namespace(x)
+    z = x - xp.max(x, axis=axis, keepdims=True)
+    if temperature != 1.0:
+        z = z / temperature
+    e = xp.exp(z)
+    return e / xp.sum(e, axis=axis, keepdims=True)
+
+
+def softmax_backward(dout: Array, probs: Array, temperature: float = 1.0, axis: int = -1) -> Array:
+    """forward: p = softmax(x / T).  dx = p * (dout - sum(dout * p)) / T."""
+    xp = namespace(dout)
+    dx = probs * (dout - xp.sum(dout * probs, axis=axis, keepdims=True))
+    return dx if temperature == 1.0 else dx / temperature
+
+
+# ----------------------------------------------------------------------------------------------
+# causal multi-head self-attention (Vaswani et al. 2017), after the Q/K/V projections
+
+
+def causal_mask(xp: Any, T: int, Tk: int, dtype: Any, device: Any) -> Array:
+    """Additive (T, Tk) mask: 0 where query t may look at key s, -inf in its future.
+    Query t sits at absolute position Tk - T + t (the last T of Tk positions)."""
+    past = Tk - T
+    allowed = xp.arange(Tk, device=device)[None, :] <= xp.arange(past, Tk, device=device)[:, None]
+    zeros = xp.zeros((T, Tk), dtype=dtype, device=device)
+    return xp.where(allowed, zeros, zeros - math.inf)
+
+
+def _split_heads(xp: Any, x: Array, n_head: int) -> Array:  # (B, T, D) -> (B, NH, T, hs)
+    B, T, D = x.shape
+    return xp.permute_dims(xp.reshape(x, (B, T, n_head, D // n_head)), (0, 2, 1, 3))
+
+
+def _merge_heads(xp: Any, x: Array) -> Array:  # (B, NH, T, hs) -> (B, T, D)
+    B, NH, T, hs = x.shape
+    return xp.reshape(xp.permute_dims(x, (0, 2, 1, 3)), (B, T, NH * hs))
+
+
+def attention_forward(
+    q: Array, k: Array, v: Array, n_head: int, dropout_p: float = 0.0, coins: Array | None = None
+) -> tuple[Array, Any]:
+    """y = softmax(q k^T / sqrt(hs) + mask) v per head; q (B,T,D), k and v (B,Tk,D) -> y (B,T,D).
+
+    Tk > T when earlier keys and values come from a KV cache; queries are the last T positions.
+    With ``dropout_p`` > 0, ``coins`` (B,NH,T,Tk) drop attention probabilities.
+    """
+    xp = namespace(q)
+    T, Tk = q.shape[1], k.shape[1]
+    scale = 1.0 / math.sqrt(q.shape[2] // n_head)
+    qh, kh, vh = (_split_heads(xp, a, n_head) for a in (q, k, v))  # (B, NH, T|Tk, hs)
+    att = xp.matmul(qh, xp.matrix_transpose(kh))  # (B, NH, T, Tk)
+    att *= scale
+    att += causal_mask(xp, T, Tk, att.dtype, att.device)
+    att = softmax_forward(att)
+    mask = None
+    att_used = att
+    if dropout_p > 0.0:
+        att_used, mask = dropout_forward(att, dropout_p, coins)
+    y = xp.matmul(att_used, vh)  # (B, NH, T, hs)
+    return _merge_heads(xp, y), (qh, kh, vh, att, mask, scale)
+
+
+def attention_backward(dout: Array, cache: Any) -> tuple[Array, Array, Array]:
+    """forward: s = q k^T * scale + mask;  a = softmax(s);  y = (a * drop) v.
+    dv = (a * drop)^T dy;  da = (dy v^T) * drop;  ds = a * (da - sum(da * a));
+    dq = ds k * scale;  dk = ds^T q * scale. Masked entries have a = 0, so they pass no gradient."""
+    qh, kh, vh, att, mask, scale = cache
+    xp = namespace(dout)
+    dy = _split_heads(xp, dout, qh.shape[1])  # (B, NH, T, hs)
+    att_used = att if mask is None else att * mask
+    dv = xp.matmul(xp.matrix_transpose(att_used), dy)  # (B, NH, Tk, hs)
+    datt = xp.matmul(dy, xp.matrix_transpose(vh))  # (B, NH, T, Tk)
+    if mask is not None:
+        datt = dropout_backward(datt, mask)
+    dpre = softmax_backward(datt, att)
+    dpre *= scale
+    dq = xp.matmul(dpre, kh)  # (B, NH, T, hs)
+    dk = xp.matmul(xp.matrix_transpose(dpre), qh)  # (B, NH, Tk, hs)
+    return _merge_heads(xp, dq), _merge_heads(xp, dk), _merge_heads(xp, dv)
+
+
+# ----------------------------------------------------------------------------------------------
+# activations of the MLP
+
+
+_GELU_C = math.sqrt(2.0 / math.pi)
+
+
+def gelu_tanh_forward(x: Array) -> tuple[Array, Any]:
+    """out = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))): GPT-2's GELU (Hendrycks & Gimpel 2016)."""
+    xp = namespace(x)
+    t = xp.tanh(_GELU_C * (x + 0.044715 * (x * x * x)))
+    return 0.5 * x * (1.0 + t), (x, t)
+
+
+def gelu_tanh_backward(dout: Array, cache: Any) -> Array:
+    """forward: out = 0.5 x (1 + t), t = tanh(u), u = c (x + 0.044715 x^3).
+    dx = dout * (0.5 (1 + t) + 0.5 x (1 - t^2) c (1 + 3 * 0.044715 x^2))."""
+    x, t = cache
+    du = _GELU_C * (1.0 + 0.134145 * (x * x))
+    return dout * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du)
+
+
+# erfc(z) = t exp(-z^2 + P(u)) for z in [0, 12], t = 2 / (2 + z), u an affine map of 4t - 2 onto
+# [-1, 1] (the form of Numerical Recipes' erfccheb). P's Chebyshev coefficients were fitted by
+# least squares to math.erfc; the relative error is below 3e-14. The standard has no erf.
+_ERFC_CHEB = (
+    -0.5659064103238121, 0.5640317929068862, 0.008736998253885077, -0.006827834330487665,
+    -0.00023329448978372326, 0.00020569643081762182, 1.979261515068164e-07, -7.932617211445049e-06,
+    5.433546819961493e-07, 3.0056688220915776e-07, -5.244240563339686e-08, -8.508216075907496e-09,
+    3.4132291692165136e-09, -2.9119693440362315e-12, -1.6252503293030225e-10, 2.1721640251691027e-11,
+    4.70862165997487e-12, -1.7003061900799996e-12, 3.489925509439332e-14, 7.147976489954453e-14,
+    -1.2222825329080843e-14, -6.229158548533222e-16, 2.5664398536025487e-16,
+)  # fmt: skip
+_ERFC_LO, _ERFC_HI = -10.0 / 7.0, 2.0  # 4t - 2 over z in [0, 12]
+
+
+def erfc(x: Array) -> Array:
+    """The complementary error function, elementwise, to about 1e-13 relative (float64)."""
+    xp = namespace(x)
+    z = xp.minimum(xp.abs(x), xp.full_like(x, 12.0))
+    t = 2.0 / (2.0 + z)
+    u = (2.0 * (4.0 * t - 2.0) - (_ERFC_LO + _ERFC_HI)) / (_ERFC_HI - _ERFC_LO)
+    b1 = xp.zeros_like(x)
+    b2 = xp.zeros_like(x)
+    for c in _ERFC_CHEB[:0:-1]:  # Clenshaw's recurrence
+        b1, b2 = 2.0 * u * b1 - b2 + c, b1
+    r = t * xp.exp(u * b1 - b2 + _ERFC_CHEB[0] - z * z)
+    return xp.where(x >= 0, r, 2.0 - r)
+
+
+def gelu_forward(x: Array) -> tuple[Array, Any]:
+    """out = x Phi(x), Phi(x) = erfc(-x / sqrt 2) / 2: the exact GELU."""
+    phi_cdf = 0.5 * erfc(x * (-1.0 / math.sqrt(2.0)))
+    return x * phi_cdf, (x, phi_cdf)
+
+
+def gelu_backward(dout: Array, cache: Any) -> Array:
+    """forward: out = x Phi(x).  dx = dout * (Phi(x) + x phi(x)), phi(x) = exp(-x^2/2) / sqrt(2 pi)."""
+    x, phi_cdf = cache
+    xp = namespace(dout)
+    return dout * (phi_cdf + x * xp.exp(-0.5 * (x * x)) * (1.0 / math.sqrt(2.0 * math.pi)))
+
+
+def relu_forward(x: Array) -> tuple[Array, Any]:
+    """out = max(x, 0)."""
+    xp = namespace(x)
+    keep = x > 0
+    return xp.where(keep, x, xp.zeros_like(x)), keep
+
+
+def relu_backward(dout: Array, keep: Array) -> Array:
+    """forward: out = x where x > 0, else 0."""
+    xp = namespace(dout)
+    return xp.where(keep, dout, xp.zeros_like(dout))
+
+
+def relu2_forward(x: Array) -> tuple[Array, Any]:
+    """out = max(x, 0)^2 (squared ReLU, So et al. 2021)."""
+    r, _ = relu_forward(x)
+    return r * r, r
+
+
+def relu2_backward(dout: Array, r: Array) -> Array:
+    """forward: out = r^2, r = max(x, 0).  dx = 2 r dout (r = 0 where x <= 0)."""
+    return 2.0 * r * dout
+
+
+ACTIVATIONS = {
+    "gelu_tanh": (gelu_tanh_forward, gelu_tanh_backward),
+    "gelu": (gelu_forward, gelu_backward),
+    "relu": (relu_forward, relu_backward),
+    "relu2": (relu2_forward, relu2_backward),
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# residual connection
+
+
+def residual_forward(a: Array, b: Array) -> tuple[Array, None]:
+    """out = a + b; (B,T,C), (B,T,C) -> (B,T,C)."""
+    return a + b, None
+
+
+def residual_backward(dout: Array, cache: None) -> tuple[Array, Array]:
+    """forward: out = a + b. The gradient flows unchanged into both branches."""
+    return dout, dout
+
+
+# ----------------------------------------------------------------------------------------------
+# softmax + cross-entropy, fused (the loss on the unembedded logits)
+
+
+def crossentropy_forward(logits: Array, targets: Array, ignore_index: int = -1) -> tuple[Array, Any]:
+    """loss = mean over rows with target != ignore_index of logsumexp(logits) - logits[target].
+
+    logits (N, V), targets (N,) ints -> a 0-d array. Rows whose target is ``ignore_index`` add
+    nothing; if every row is ignored the loss is nan (0/0), as in PyTorch.
+    """
+    xp = namespace(logits)
+    m = xp.max(logits, axis=-1, keepdims=True)  # (N, 1)
+    e = xp.exp(logits - m)
+    s = xp.sum(e, axis=-1, keepdims=True)
+    valid = targets != ignore_index
+    safe_targets = xp.where(valid, targets, xp.zeros_like(targets))
+    picked = xp.take_along_axis(logits, safe_targets[:, None], axis=1)  # (N, 1)
+    losses = (xp.log(s) + m - picked)[:, 0]  # (N,)
+    weights = xp.astype(valid, logits.dtype)
+    n_valid = xp.sum(weights)
+    loss = xp.sum(losses * weights) / n_valid
+    e /= s  # probabilities, reused by the backward
+    return loss, (e, safe_targets, weights, n_valid)
+
+
+def crossentropy_backward(dloss: float, cache: Any) -> Array:
+    """forward: loss = sum_n w_n (logsumexp(logits_n) - logits_n[t_n]) / sum_n w_n, w_n = 1 unless ignored.
+    dlogits_n = (softmax(logits_n) - onehot(t_n)) * w_n * dloss / sum(w)  (softmax and loss fused)."""
+    probs, targets, weights, n_valid = cache
+    xp = namespace(probs)
+    N, V = probs.shape
+    row_scale = weights * (dloss / n_valid)  # (N,)
+    dlogits = probs * row_scale[:, None]  # (N, V)
+    flat = xp.reshape(dlogits, (N * V,))
+    rows = xp.arange(N, dtype=targets.dtype, device=targets.device)
+    scatter_add(flat, rows * V + targets, -row_scale)
+    return xp.reshape(flat, (N, V))

@@ -1,0 +1,188 @@
+"""Backend selection and the array-namespace helpers: the only module that knows backends exist.
+
+A *backend* decides where new arrays are created (parameter init, data batches, dropout masks,
+sampling coins). Layer code never asks which backend is active: it takes the array namespace
+of its inputs (``namespace(x)``), so NumPy, CuPy and array-api-strict arrays can live side by
+side in one process. What the array API standard lacks (scatter-add, host transfer,
+synchronization) is a small function on the backend that owns the array.
+
+Not here: model math (``layers.py``), the backends themselves (``arraygpt.backends``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+ENV_VAR = "ARRAYGPT_BACKEND"
+DEFAULT_BACKEND = "numpy"
+
+
+class BackendUnavailable(RuntimeError):
+    """A backend that is registered but cannot run here (library or device missing)."""
+
+
+@dataclass(frozen=True)
+class Backend:
+    """An array namespace plus the few things the array API standard lacks.
+
+    Attributes:
+        name: the registered name (``numpy``, ``cupy``, ``array_api_strict``, ...).
+        xp: the array-API namespace (array-api-compat's wrapper where one is needed).
+        array_type: the concrete array class, used to find the backend that owns an array.
+        device: the device new arrays are created on.
+        asarray: host NumPy array -> backend array on ``device``.
+        to_numpy: backend array -> host NumPy array.
+        scatter_add: ``target[indices] += values`` along axis 0, duplicates accumulated; in place.
+        synchronize: wait until queued device work is done (a no-op on the CPU).
+    """
+
+    name: str
+    xp: Any
+    array_type: type
+    device: Any
+    asarray: Callable[[Any], Any]
+    to_numpy: Callable[[Any], Any]
+    scatter_add: Callable[[Any, Any, Any], None]
+    synchronize: Callable[[], None]
+
+    @classmethod
+    def from_module(cls, module: ModuleType) -> Backend:
+        """Build a backend from a module that defines the fields above as globals or functions."""
+        fields = cls.__dataclass_fields__
+        return cls(**{name: getattr(module, name) for name in fields})
+
+
+_active: Backend | None = None
+_loaded: dict[str, Backend] = {}
+
+
+def backend_factories() -> dict[str, Callable[[], Backend]]:
+    """Registered backend names -> factories, from the plugin manager."""
+    from arraygpt.manager import registry
+
+    return registry("backends")
+
+
+def load_backend(name: str) -> Backend:
+    """The backend registered as ``name``, loading it on first use.
+
+    Raises:
+        ValueError: ``name`` is not registered; the message lists the registered names.
+        BackendUnavailable: it is registered but its library or device is missing here.
+    """
+    if name in _loaded:
+        return _loaded[name]
+    factories = backend_factories()
+    if name not in factories:
+        raise ValueError(
+            f"unknown backend {name!r}; available backends: {', '.join(sorted(factories))} "
+            f"(set {ENV_VAR} or call arraygpt.set_backend with one of them)"
+        )
+    backend = factories[name]()
+    _loaded[name] = backend
+    return backend
+
+
+def get_backend() -> Backend:
+    """The active backend: the last ``set_backend``, else ``$ARRAYGPT_BACKEND``, else numpy.
+
+    The environment variable is read once, on first call; an empty value counts as unset.
+    """
+    global _active
+    if _active is None:
+        name = os.environ.get(ENV_VAR, "").strip().lower() or DEFAULT_BACKEND
+        _active = load_backend(name)
+    return _active
+
+
+def set_backend(name: str) -> Backend:
+    """Make ``name`` the active backend for new arrays and return it."""
+    global _active
+    _active = load_backend(name.strip().lower())
+    return _active
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[Backend]:
+    """``with use_backend("array_api_strict"):`` activates a backend for the block only."""
+    global _active
+    previous = _active
+    backend = set_backend(name)
+    try:
+        yield backend
+    finally:
+        _active = previous
+
+
+def namespace(*arrays: Any) -> Any:
+    """The array-API namespace of ``arrays`` (array-api-compat's ``array_namespace``).
+
+    Cached by the type of the first array because layer code calls it on every forward; arrays
+    of two different libraries still raise ``TypeError``, as array-api-compat does.
+    """
+    first = type(arrays[0])
+    xp = _namespace_by_type.get(first)
+    if xp is None or any(type(a) is not first for a in arrays[1:]):
+        from array_api_compat import array_namespace
+
+        xp = array_namespace(*arrays)
+        _namespace_by_type[first] = xp
+    return xp
+
+
+_namespace_by_type: dict[type, Any] = {}
+
+
+def backend_of(x: Any) -> Backend:
+    """The loaded backend whose arrays have ``x``'s type (numpy is always loadable)."""
+    for backend in _loaded.values():
+        if type(x) is backend.array_type:
+            return backend
+    if type(x).__module__.split(".")[0] == "numpy":
+        return load_backend("numpy")
+    for name in backend_factories():
+        try:
+            backend = load_backend(name)
+        except BackendUnavailable:
+            continue
+        if type(x) is backend.array_type:
+            return backend
+    raise TypeError(f"no loaded arraygpt backend owns arrays of type {type(x).__name__}")
+
+
+def to_numpy(x: Any) -> Any:
+    """Any backend array (or NumPy array, or nested list) -> host NumPy array."""
+    import numpy as np
+
+    if isinstance(x, (np.ndarray, np.generic, list, tuple, int, float)):
+        return np.asarray(x)
+    return backend_of(x).to_numpy(x)
+
+
+def scatter_add(target: Any, indices: Any, values: Any) -> None:
+    """``target[indices[i]] += values[i]`` along axis 0 with repeats accumulated, in place.
+
+    The standard has no scatter-add (plain ``x[idx] += v`` drops repeated indices), so the
+    backend that owns ``target`` supplies it.
+    """
+    backend_of(target).scatter_add(target, indices, values)
+
+
+def host_rng(seed: int | None) -> Any:
+    """A seeded NumPy generator on the host: the single source of randomness, so that one seed
+    gives the same numbers on every backend (draw on the host, then ``backend.asarray``)."""
+    import numpy as np
+
+    return np.random.default_rng(seed)
+
+
+def host_full(shape: tuple[int, ...], value: float) -> Any:
+    """A float64 host NumPy array filled with ``value`` (for initial gains and biases)."""
+    import numpy as np
+
+    return np.full(shape, value)

@@ -1,0 +1,29 @@
+"""Built-in backends, registered through the same plugin hook a third-party backend uses.
+
+Each module defines the fields of :class:`arraygpt.shim.Backend`: the array namespace plus what
+the array API standard lacks. Importing this package imports no array library; a backend's
+module is imported when the backend is first loaded.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+
+from arraygpt.hookspecs import hookimpl
+from arraygpt.shim import Backend
+
+BUILTIN_BACKENDS = ("numpy", "array_api_strict", "cupy", "torch")
+
+
+def _loader(name: str) -> Callable[[], Backend]:
+    def load() -> Backend:
+        return Backend.from_module(importlib.import_module(f"arraygpt.backends.{name}"))
+
+    load.__doc__ = f"Import arraygpt.backends.{name} and build its Backend."
+    return load
+
+
+@hookimpl
+def arraygpt_register_backends() -> list[dict[str, Callable[[], Backend]]]:
+    return [{name: _loader(name) for name in BUILTIN_BACKENDS}]

@@ -1,0 +1,39 @@
+"""CuPy backend: NumPy's API on an NVIDIA GPU. Differs from the NumPy backend only in the imports
+and in moving arrays between host and device."""
+
+from arraygpt.shim import BackendUnavailable
+
+try:
+    import cupy
+except ImportError as e:
+    raise BackendUnavailable(
+        "the cupy backend needs CuPy, which is not installed: pip install 'arraygpt[cupy]'"
+    ) from e
+try:
+    _n_devices = cupy.cuda.runtime.getDeviceCount()
+except Exception as e:  # CUDARuntimeError when the driver is missing
+    raise BackendUnavailable(f"the cupy backend needs a CUDA device, and none is usable: {e}") from e
+if _n_devices == 0:
+    raise BackendUnavailable("the cupy backend needs a CUDA device, and there is none")
+
+import array_api_compat.cupy as xp  # noqa: E402
+
+name = "cupy"
+array_type = cupy.ndarray
+device = cupy.cuda.Device()
+
+
+def asarray(host_array):
+    return cupy.asarray(host_array)
+
+
+def to_numpy(x):
+    return cupy.asnumpy(x)
+
+
+def scatter_add(target, indices, values):
+    cupy.add.at(target, indices, values)  # CuPy >= 12; cupyx.scatter_add before
+
+
+def synchronize():
+    cupy.cuda.get_current_stream().synchronize()
