@@ -36,8 +36,8 @@ _LAZY = {
     "KVCache": "arraygpt.model",
     "ParamCount": "arraygpt.model",
     "count_params": "arraygpt.model",
-    "train": "arraygpt.train",
-    "generate": "arraygpt.generate",
+    "train": "arraygpt.training",
+    "generate": "arraygpt.generation",
 }
 
 if TYPE_CHECKING:

@@ -3,8 +3,8 @@
     arraygpt params --preset gpt3-175b [--json]
     arraygpt backends
     arraygpt plugins
-    arraygpt train ...     (arraygpt.train)
-    arraygpt sample ...    (arraygpt.generate)
+    arraygpt train ...     (arraygpt.training)
+    arraygpt sample ...    (arraygpt.generation)
 
 Each subcommand module exposes ``add_arguments(parser)`` and ``run(args) -> int``.
 """
@@ -24,8 +24,8 @@ SUBCOMMANDS = {
     "params": (None, "count the parameters of a preset, by matrix category"),
     "backends": (None, "list the array backends and whether each can run here"),
     "plugins": (None, "list every registered backend, optimizer and sampler and its plugin"),
-    "train": ("arraygpt.train", "train a GPT (default: the microgpt preset on names)"),
-    "sample": ("arraygpt.generate", "generate text from a checkpoint"),
+    "train": ("arraygpt.training", "train a GPT (default: the microgpt preset on names)"),
+    "sample": ("arraygpt.generation", "generate text from a checkpoint"),
 }
 
 

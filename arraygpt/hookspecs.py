@@ -45,7 +45,7 @@ def arraygpt_register_samplers() -> list[dict[str, Any]]:
     """Offer samplers for generation.
 
     Returns:
-        A list of ``{name: sampler}`` (see ``arraygpt.generate`` for the sampler contract).
+        A list of ``{name: sampler}`` (see ``arraygpt.generation`` for the sampler contract).
     """
 
 
@@ -54,7 +54,7 @@ def arraygpt_on_step(run: Any, step: int, metrics: dict[str, float]) -> bool | N
     """Called after every optimizer step of a training run.
 
     Args:
-        run: the running ``arraygpt.train.Run`` (config, model, optimizer, run directory).
+        run: the running ``arraygpt.training.Run`` (config, model, optimizer, run directory).
         step: the number of steps done so far.
         metrics: at least ``loss``, ``lr`` and ``tokens_per_s``.
 
