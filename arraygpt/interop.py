@@ -1,0 +1,657 @@
+"""GPT-2 checkpoints in the Hugging Face transformers layout, both ways, and GPT-2's byte-level BPE.
+
+A transformers GPT-2 directory holds ``config.json`` and ``model.safetensors`` (or a sharded
+``model.safetensors.index.json``); the tokenizer files ``vocab.json`` + ``merges.txt`` or
+``tokenizer.json`` may sit beside them. This module maps that layout onto arraygpt's names and
+back, with nothing lost:
+
+    transformers (GPT2LMHeadModel)          shape (Conv1D: (in, out))   arraygpt (weights (out, in))
+    transformer.wte.weight                  (V, C)                      wte
+    transformer.wpe.weight                  (block_size, C)             wpe
+    transformer.h.{i}.ln_1.weight / .bias   (C,)                        layer{i}.norm1 / norm1_b
+    transformer.h.{i}.attn.c_attn.weight    (C, 3C)  -> split, .T       layer{i}.attn_wq / attn_wk / attn_wv
+    transformer.h.{i}.attn.c_attn.bias      (3C,)    -> split           layer{i}.attn_wq_b / _wk_b / _wv_b
+    transformer.h.{i}.attn.c_proj.weight    (C, C)   -> .T              layer{i}.attn_wo (+ attn_wo_b)
+    transformer.h.{i}.ln_2.weight / .bias   (C,)                        layer{i}.norm2 / norm2_b
+    transformer.h.{i}.mlp.c_fc.weight       (C, H)   -> .T              layer{i}.mlp_fc1 (+ mlp_fc1_b)
+    transformer.h.{i}.mlp.c_proj.weight     (H, C)   -> .T              layer{i}.mlp_fc2 (+ mlp_fc2_b)
+    transformer.ln_f.weight / .bias         (C,)                        normf / normf_b
+    lm_head.weight                          (V, C)   nn.Linear          lm_head (untied only; tied: wte)
+
+Keys are accepted with or without the ``transformer.`` prefix (GPT2LMHeadModel vs GPT2Model
+files); the causal-mask buffers some versions stored (``attn.bias``, ``attn.masked_bias``) are
+ignored. Every tensor is read with arraygpt's own pickle-free safetensors reader.
+
+Deliberately not here: pickle checkpoints (``pytorch_model.bin`` is refused, with the command
+that converts it), downloads (point at a directory you already have), any model other than
+GPT-2 (``model_type`` must be ``gpt2``), and any runtime dependency on transformers or torch.
+The tokenizer needs the optional ``tokenizers`` library (``pip install 'arraygpt[hf]'``).
+"""
+
+from __future__ import annotations
+
+import json
+import operator
+import os
+import re
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from arraygpt.model import GPT, GPTConfig
+from arraygpt.safetensors import load_file, save_file, write_atomic
+from arraygpt.shim import to_numpy
+
+__all__ = [
+    "CheckpointError",
+    "BPETokenizer",
+    "config_from_gpt2",
+    "config_to_gpt2",
+    "load_gpt2",
+    "load_tokenizer",
+    "save_gpt2",
+    "state_dict_from_gpt2",
+    "state_dict_to_gpt2",
+]
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
+PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+PREFIX = "transformer."
+
+# transformers' GPT2Config defaults: a config.json may leave any of these out.
+GPT2_DEFAULTS: dict[str, Any] = {
+    "vocab_size": 50257, "n_positions": 1024, "n_embd": 768, "n_layer": 12, "n_head": 12, "n_inner": None,
+    "activation_function": "gelu_new", "resid_pdrop": 0.1, "embd_pdrop": 0.1, "attn_pdrop": 0.1,
+    "layer_norm_epsilon": 1e-5, "initializer_range": 0.02, "scale_attn_weights": True,
+    "scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False, "add_cross_attention": False,
+    "tie_word_embeddings": True,
+}  # fmt: skip
+
+# transformers' activation_function -> GPTConfig.activation (same formula, not an approximation of it)
+ACTIVATIONS_FROM_GPT2 = {
+    "gelu_new": "gelu_tanh",
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "gelu": "gelu",
+    "relu": "relu",
+    "relu2": "relu2",
+}
+ACTIVATIONS_TO_GPT2 = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu", "relu2": "relu2"}
+
+# options of GPT2Config that change the math in ways arraygpt does not implement: name -> the value it supports
+_UNSUPPORTED = {
+    "scale_attn_weights": (True, "arraygpt always scales attention scores by 1/sqrt(head_dim)"),
+    "scale_attn_by_inverse_layer_idx": (False, "arraygpt does not scale attention by 1/(layer_idx + 1)"),
+    "reorder_and_upcast_attn": (False, "arraygpt does not reorder or upcast the attention product"),
+    "add_cross_attention": (False, "arraygpt has no cross-attention (decoder-only GPT)"),
+}
+
+_CONVERT_HINT = (
+    "arraygpt never unpickles a checkpoint. Convert it to safetensors once, with transformers and a "
+    "file you trust:\n"
+    "    python -c \"from transformers import GPT2LMHeadModel; "
+    "GPT2LMHeadModel.from_pretrained('{d}').save_pretrained('{d}', safe_serialization=True)\"\n"
+    "(transformers 5 writes safetensors by default and may not take safe_serialization), then load "
+    "{d}/model.safetensors."
+)
+
+
+class CheckpointError(ValueError):
+    """A GPT-2 directory that arraygpt cannot read faithfully: pickle weights, a config that is not
+    GPT-2 or uses an unsupported option, a missing, unexpected or mis-shaped tensor."""
+
+
+# ----------------------------------------------------------------------------------------------
+# config.json <-> GPTConfig
+
+
+def config_from_gpt2(hf: Mapping[str, Any], source: str = CONFIG_FILE) -> GPTConfig:
+    """The GPTConfig of a transformers GPT-2 ``config.json`` (already parsed into a dict).
+
+    Args:
+        hf: the JSON object; fields it leaves out take GPT2Config's defaults.
+        source: where it came from, for error messages.
+
+    Returns:
+        A GPTConfig with GPT-2's architecture (layernorm with gain and bias, biases, final norm).
+
+    Raises:
+        CheckpointError: ``model_type`` is not ``gpt2``, or an option changes the math in a way
+            arraygpt does not implement (the message names the field).
+
+    Example:
+        >>> config_from_gpt2({"model_type": "gpt2", "n_layer": 2, "n_embd": 64, "n_head": 2}).n_layer
+        2
+    """
+    model_type = hf.get("model_type")
+    if model_type != "gpt2":
+        raise CheckpointError(f"{source}: model_type is {model_type!r}; arraygpt reads GPT-2 checkpoints (model_type 'gpt2') only")
+    cfg = {**GPT2_DEFAULTS, **hf}
+    if "n_positions" not in hf and "n_ctx" in hf:  # configs written by early transformers versions
+        cfg["n_positions"] = hf["n_ctx"]
+    for name, (supported, why) in _UNSUPPORTED.items():
+        if cfg[name] != supported:
+            raise CheckpointError(f"{source}: {name} is {cfg[name]!r}, only {supported!r} is supported: {why}")
+    activation = cfg["activation_function"]
+    if activation not in ACTIVATIONS_FROM_GPT2:
+        raise CheckpointError(
+            f"{source}: activation_function {activation!r} is not supported; supported: {', '.join(ACTIVATIONS_FROM_GPT2)}"
+        )
+    dropouts = {name: cfg[name] for name in ("embd_pdrop", "attn_pdrop", "resid_pdrop")}
+    if len(set(dropouts.values())) != 1:
+        raise CheckpointError(
+            f"{source}: arraygpt has one dropout probability for embeddings, attention and residuals; "
+            f"this config has {dropouts}"
+        )
+    n_embd, n_head = cfg["n_embd"], cfg["n_head"]
+    if isinstance(n_embd, int) and isinstance(n_head, int) and n_head > 0 and n_embd % n_head:
+        raise CheckpointError(f"{source}: n_embd ({n_embd}) is not divisible by n_head ({n_head})")
+    try:
+        return GPTConfig(
+            vocab_size=cfg["vocab_size"], block_size=cfg["n_positions"], n_layer=cfg["n_layer"], n_head=n_head,
+            n_embd=n_embd, mlp_hidden=cfg["n_inner"], norm="layernorm", norm_eps=float(cfg["layer_norm_epsilon"]),
+            norm_affine=True, norm_emb=False, norm_final=True, bias=True, activation=ACTIVATIONS_FROM_GPT2[activation],
+            tie_embeddings=bool(cfg["tie_word_embeddings"]), init_std=float(cfg["initializer_range"]),
+            init_output="scaled", dropout=float(dropouts["embd_pdrop"]),
+        )  # fmt: skip
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{source}: {e}") from None
+
+
+def _check_gpt2_expressible(config: GPTConfig) -> None:
+    """Raise ValueError naming the first GPTConfig field that GPT2LMHeadModel cannot express."""
+    problems = [
+        (config.norm != "layernorm", "norm", config.norm, "GPT-2 uses layernorm"),
+        (not config.norm_affine, "norm_affine", config.norm_affine, "GPT-2's layer norms have a gain and a bias"),
+        (not config.bias, "bias", config.bias, "GPT-2 has biases in every linear layer and norm"),
+        (config.norm_emb, "norm_emb", config.norm_emb, "GPT-2 has no norm after the embedding"),
+        (not config.norm_final, "norm_final", config.norm_final, "GPT-2 always has the final norm ln_f"),
+        (config.attn_dim != config.n_embd, "head_dim", config.head_dim,
+         f"GPT-2 needs n_head * head_dim == n_embd ({config.n_head} * {config.head_dim} != {config.n_embd})"),
+        (config.activation not in ACTIVATIONS_TO_GPT2, "activation", config.activation,
+         f"transformers' GPT-2 offers {', '.join(ACTIVATIONS_TO_GPT2)}"),
+    ]  # fmt: skip
+    for bad, field, value, why in problems:
+        if bad:
+            raise ValueError(f"cannot write a GPT-2 checkpoint: GPTConfig.{field} is {value!r}; {why}")
+
+
+def config_to_gpt2(config: GPTConfig, dtype: str = "float32") -> dict[str, Any]:
+    """The transformers ``config.json`` object (model_type gpt2, GPT2LMHeadModel) of ``config``.
+
+    Raises:
+        ValueError: a field GPT-2 cannot express (rmsnorm, no biases, norm_emb, no final norm,
+            n_head * head_dim != n_embd); the message names it.
+    """
+    _check_gpt2_expressible(config)
+    eos = 50256 if config.vocab_size > 50256 else None  # GPT-2's <|endoftext|>, when the vocabulary has it
+    return {
+        "model_type": "gpt2",
+        "architectures": ["GPT2LMHeadModel"],
+        "vocab_size": config.vocab_size,
+        "n_positions": config.block_size,
+        "n_embd": config.n_embd,
+        "n_layer": config.n_layer,
+        "n_head": config.n_head,
+        "n_inner": None if config.mlp_hidden == 4 * config.n_embd else config.mlp_hidden,
+        "activation_function": ACTIVATIONS_TO_GPT2[config.activation],
+        "resid_pdrop": config.dropout,
+        "embd_pdrop": config.dropout,
+        "attn_pdrop": config.dropout,
+        "layer_norm_epsilon": config.norm_eps,
+        "initializer_range": config.init_std,
+        "scale_attn_weights": True,
+        "scale_attn_by_inverse_layer_idx": False,
+        "reorder_and_upcast_attn": False,
+        "add_cross_attention": False,
+        "tie_word_embeddings": config.tie_embeddings,
+        "use_cache": True,
+        "bos_token_id": eos,
+        "eos_token_id": eos,
+        "dtype": dtype,
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# tensors: transformers names and layouts <-> arraygpt state dict
+
+
+def _gpt2_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
+    """transformers names (without the ``transformer.`` prefix) -> shapes, Conv1D layout."""
+    C, H, V = config.n_embd, config.mlp_hidden, config.vocab_size
+    shapes: dict[str, tuple[int, ...]] = {"wte.weight": (V, C), "wpe.weight": (config.block_size, C)}
+    for i in range(config.n_layer):
+        h = f"h.{i}."
+        shapes.update({
+            h + "ln_1.weight": (C,), h + "ln_1.bias": (C,),
+            h + "attn.c_attn.weight": (C, 3 * C), h + "attn.c_attn.bias": (3 * C,),
+            h + "attn.c_proj.weight": (C, C), h + "attn.c_proj.bias": (C,),
+            h + "ln_2.weight": (C,), h + "ln_2.bias": (C,),
+            h + "mlp.c_fc.weight": (C, H), h + "mlp.c_fc.bias": (H,),
+            h + "mlp.c_proj.weight": (H, C), h + "mlp.c_proj.bias": (C,),
+        })  # fmt: skip
+    shapes.update({"ln_f.weight": (C,), "ln_f.bias": (C,)})
+    if not config.tie_embeddings:
+        shapes["lm_head.weight"] = (V, C)
+    return shapes
+
+
+_BUFFER = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)")
+
+
+def state_dict_from_gpt2(tensors: Mapping[str, Any], config: GPTConfig, source: str = WEIGHTS_FILE) -> dict[str, np.ndarray]:
+    """arraygpt's state dict (NumPy arrays, weights (out, in)) from transformers GPT-2 tensors.
+
+    Args:
+        tensors: name -> array (NumPy, or anything ``np.asarray`` takes, e.g. CPU torch tensors),
+            named as GPT2LMHeadModel (``transformer.h.0...``) or GPT2Model (``h.0...``) names them.
+        config: the model's config (``config_from_gpt2``), which fixes every expected shape.
+        source: where the tensors came from, for error messages.
+
+    Raises:
+        CheckpointError: a tensor is missing, has the wrong shape or is not floating point, a name
+            is not a GPT-2 parameter, or a stored ``lm_head.weight`` differs from the tied ``wte``.
+    """
+    prefixed = any(name.startswith(PREFIX) for name in tensors)
+    found: dict[str, np.ndarray] = {}
+    for name, value in tensors.items():
+        short = name[len(PREFIX) :] if name.startswith(PREFIX) else name
+        if _BUFFER.fullmatch(short):
+            continue  # the causal mask buffer, not a parameter
+        if short in found:
+            raise CheckpointError(f"{source}: tensor {short!r} is stored both with and without the {PREFIX!r} prefix")
+        found[short] = np.asarray(value)
+    expected = _gpt2_shapes(config)
+
+    def shown(short: str) -> str:
+        return PREFIX + short if prefixed and short != "lm_head.weight" else short
+
+    unexpected = sorted(set(found) - set(expected) - {"lm_head.weight"})
+    missing = [shown(n) for n in expected if n not in found]
+    if missing:
+        more = f" (and {len(missing) - 8} more)" if len(missing) > 8 else ""
+        raise CheckpointError(f"{source} is missing tensor(s) {', '.join(missing[:8])}{more}")
+    if unexpected:
+        raise CheckpointError(
+            f"{source} holds tensor(s) that are not GPT2LMHeadModel parameters: {', '.join(shown(n) for n in unexpected)}"
+        )
+    for short, shape in expected.items():
+        value = found[short]
+        if tuple(value.shape) != shape:
+            raise CheckpointError(
+                f"{source}: tensor {shown(short)} has shape {tuple(value.shape)}, config.json implies {shape}"
+            )
+        if value.dtype.kind != "f":
+            raise CheckpointError(f"{source}: tensor {shown(short)} has dtype {value.dtype}, expected floating point")
+    if config.tie_embeddings and "lm_head.weight" in found:
+        lm_head = found["lm_head.weight"]
+        if lm_head.shape != found["wte.weight"].shape or not np.array_equal(lm_head, found["wte.weight"]):
+            raise CheckpointError(
+                f"{source}: lm_head.weight differs from {shown('wte.weight')}, but config.json says "
+                "tie_word_embeddings is true (set it to false for a separate unembedding)"
+            )
+
+    C = config.n_embd
+    state: dict[str, np.ndarray] = {"wte": found["wte.weight"], "wpe": found["wpe.weight"]}
+    if not config.tie_embeddings:
+        state["lm_head"] = found["lm_head.weight"]  # nn.Linear: already (out, in)
+    for i in range(config.n_layer):
+        h, layer = f"h.{i}.", f"layer{i}."
+        state[layer + "norm1"] = found[h + "ln_1.weight"]
+        state[layer + "norm1_b"] = found[h + "ln_1.bias"]
+        w_qkv = found[h + "attn.c_attn.weight"].T  # Conv1D (C, 3C) -> (3C, C)
+        b_qkv = found[h + "attn.c_attn.bias"]  # (3C,)
+        for j, name in enumerate(("attn_wq", "attn_wk", "attn_wv")):
+            state[layer + name] = np.ascontiguousarray(w_qkv[j * C : (j + 1) * C])  # (C, C)
+            state[layer + name + "_b"] = b_qkv[j * C : (j + 1) * C]
+        state[layer + "attn_wo"] = np.ascontiguousarray(found[h + "attn.c_proj.weight"].T)  # (C, C)
+        state[layer + "attn_wo_b"] = found[h + "attn.c_proj.bias"]
+        state[layer + "norm2"] = found[h + "ln_2.weight"]
+        state[layer + "norm2_b"] = found[h + "ln_2.bias"]
+        state[layer + "mlp_fc1"] = np.ascontiguousarray(found[h + "mlp.c_fc.weight"].T)  # (C, H) -> (H, C)
+        state[layer + "mlp_fc1_b"] = found[h + "mlp.c_fc.bias"]
+        state[layer + "mlp_fc2"] = np.ascontiguousarray(found[h + "mlp.c_proj.weight"].T)  # (H, C) -> (C, H)
+        state[layer + "mlp_fc2_b"] = found[h + "mlp.c_proj.bias"]
+    state["normf"] = found["ln_f.weight"]
+    state["normf_b"] = found["ln_f.bias"]
+    return state
+
+
+def state_dict_to_gpt2(state: Mapping[str, Any], config: GPTConfig) -> dict[str, np.ndarray]:
+    """transformers GPT2LMHeadModel tensors (host NumPy, Conv1D layout, ``transformer.`` names)
+    from an arraygpt state dict (arrays of any backend). ``lm_head.weight`` is written only when
+    the embeddings are untied, as transformers does.
+
+    Raises:
+        ValueError: ``config`` is not expressible as GPT-2 (see ``config_to_gpt2``).
+    """
+    _check_gpt2_expressible(config)
+    s = {name: to_numpy(value) for name, value in state.items()}
+    out: dict[str, np.ndarray] = {PREFIX + "wte.weight": s["wte"], PREFIX + "wpe.weight": s["wpe"]}
+    for i in range(config.n_layer):
+        h, layer = f"{PREFIX}h.{i}.", f"layer{i}."
+        out[h + "ln_1.weight"] = s[layer + "norm1"]
+        out[h + "ln_1.bias"] = s[layer + "norm1_b"]
+        w_qkv = np.concatenate([s[layer + "attn_wq"], s[layer + "attn_wk"], s[layer + "attn_wv"]])  # (3C, C)
+        out[h + "attn.c_attn.weight"] = np.ascontiguousarray(w_qkv.T)  # (C, 3C)
+        out[h + "attn.c_attn.bias"] = np.concatenate([s[layer + "attn_wq_b"], s[layer + "attn_wk_b"], s[layer + "attn_wv_b"]])
+        out[h + "attn.c_proj.weight"] = np.ascontiguousarray(s[layer + "attn_wo"].T)  # (C, C)
+        out[h + "attn.c_proj.bias"] = s[layer + "attn_wo_b"]
+        out[h + "ln_2.weight"] = s[layer + "norm2"]
+        out[h + "ln_2.bias"] = s[layer + "norm2_b"]
+        out[h + "mlp.c_fc.weight"] = np.ascontiguousarray(s[layer + "mlp_fc1"].T)  # (H, C) -> (C, H)
+        out[h + "mlp.c_fc.bias"] = s[layer + "mlp_fc1_b"]
+        out[h + "mlp.c_proj.weight"] = np.ascontiguousarray(s[layer + "mlp_fc2"].T)  # (C, H) -> (H, C)
+        out[h + "mlp.c_proj.bias"] = s[layer + "mlp_fc2_b"]
+    out[PREFIX + "ln_f.weight"] = s["normf"]
+    out[PREFIX + "ln_f.bias"] = s["normf_b"]
+    if not config.tie_embeddings:
+        out["lm_head.weight"] = s["lm_head"]
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# directories
+
+
+def _check_directory(directory: Path) -> None:
+    if not directory.exists():
+        raise FileNotFoundError(
+            f"{directory}: no such directory (expected a transformers GPT-2 directory with {CONFIG_FILE} and {WEIGHTS_FILE})"
+        )
+    if not directory.is_dir():
+        raise NotADirectoryError(f"{directory} is a file; pass the directory that holds {CONFIG_FILE} and {WEIGHTS_FILE}")
+
+
+def _read_config(directory: Path) -> dict[str, Any]:
+    path = directory / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{directory} has no {CONFIG_FILE} (a transformers GPT-2 directory has {CONFIG_FILE} and {WEIGHTS_FILE})")
+    try:
+        hf = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON: {e}") from None
+    if not isinstance(hf, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(hf).__name__}")
+    return hf
+
+
+def _read_tensors(directory: Path) -> tuple[dict[str, np.ndarray], str]:
+    """Every tensor of the directory's safetensors weights (one file or an index of shards)."""
+    single, index = directory / WEIGHTS_FILE, directory / WEIGHTS_INDEX_FILE
+    if single.is_file():
+        return load_file(single), str(single)
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            shards = sorted(set(weight_map.values()))
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{index}: not a safetensors index (no weight_map): {e}") from None
+        tensors: dict[str, np.ndarray] = {}
+        for shard in shards:
+            path = directory / shard
+            if Path(shard).name != shard or not path.is_file():
+                raise CheckpointError(f"{index} names shard {shard!r}, which is not a file in {directory}")
+            tensors.update(load_file(path))
+        return tensors, str(index)
+    pickles = [name for name in PICKLE_FILES if (directory / name).is_file()]
+    pickles += sorted(p.name for p in directory.glob("*") if p.suffix in (".bin", ".pt", ".pth", ".ckpt") and p.name not in pickles)
+    if pickles:
+        raise CheckpointError(
+            f"{directory} holds pickle weights ({', '.join(pickles)}) and no {WEIGHTS_FILE}. "
+            + _CONVERT_HINT.format(d=directory)
+        )
+    raise FileNotFoundError(f"{directory} has no {WEIGHTS_FILE} (nor a sharded {WEIGHTS_INDEX_FILE})")
+
+
+def load_gpt2(directory: str | os.PathLike[str], dtype: str = "float32", backend: Any = None) -> GPT:
+    """A GPT with the weights and config of a transformers GPT-2 directory.
+
+    Args:
+        directory: holds ``config.json`` and ``model.safetensors`` (as written by transformers'
+            ``save_pretrained`` or downloaded from the Hugging Face hub; nothing is downloaded here).
+        dtype: ``float32`` or ``float64`` (float16/bfloat16 files are widened).
+        backend: a backend name or object; default the active one.
+
+    Returns:
+        The model, in eval mode.
+
+    Raises:
+        FileNotFoundError: the directory, its config.json or its weights are missing.
+        CheckpointError: pickle weights only (the message says how to convert them), a config
+            that is not GPT-2, an unsupported option, a missing, extra or mis-shaped tensor.
+
+    Example:
+        >>> model = load_gpt2("gpt2")           # doctest: +SKIP
+        >>> logits, _ = model.forward([[15496, 11, 995]])  # doctest: +SKIP
+    """
+    directory = Path(directory)
+    _check_directory(directory)
+    config = config_from_gpt2(_read_config(directory), source=str(directory / CONFIG_FILE))
+    tensors, source = _read_tensors(directory)
+    state = state_dict_from_gpt2(tensors, config, source=source)
+    # TODO(engine): a GPT constructor that skips the random init would save drawing every weight once.
+    model = GPT(config, seed=0, dtype=dtype, backend=backend)
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def save_gpt2(model: GPT, directory: str | os.PathLike[str]) -> None:
+    """Write ``model`` as a transformers GPT-2 directory (config.json + model.safetensors), which
+    ``GPT2LMHeadModel.from_pretrained(directory)`` loads. The directory is created if needed;
+    each file is written atomically. Tensors keep the model's dtype.
+
+    Raises:
+        ValueError: the config is not expressible as GPT-2; the message names the field.
+    """
+    hf_config = config_to_gpt2(model.config, dtype=model.dtype)  # validates before anything is written
+    tensors = state_dict_to_gpt2(model.state_dict(), model.config)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, directory / WEIGHTS_FILE, metadata={"format": "pt"})
+    write_atomic(directory / CONFIG_FILE, (json.dumps(hf_config, indent=2, sort_keys=True) + "\n").encode())
+
+
+# ----------------------------------------------------------------------------------------------
+# GPT-2's byte-level BPE tokenizer
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character table (openai/gpt-2 src/encoder.py, bytes_to_unicode):
+    printable Latin-1 bytes map to themselves, the other 68 to chr(256 + n) in byte order."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table, n = {}, 0
+    for b in range(256):
+        if b in keep:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + n)
+            n += 1
+    return table
+
+
+BYTE_TO_CHAR = _bytes_to_unicode()
+CHAR_TO_BYTE = {c: b for b, c in BYTE_TO_CHAR.items()}
+ENDOFTEXT = "<|endoftext|>"
+_INVALID_RUN = re.compile("([\udc80-\udcff]+)")  # bytes that surrogateescape could not decode
+
+
+def _import_tokenizers() -> Any:
+    try:
+        import tokenizers
+    except ImportError as e:
+        raise ImportError(
+            "the GPT-2 BPE tokenizer needs the optional 'tokenizers' library: pip install 'arraygpt[hf]'"
+        ) from e
+    return tokenizers
+
+
+class BPETokenizer:
+    """GPT-2's byte-level BPE, run by the ``tokenizers`` library; the interface of arraygpt's
+    other tokenizers (``encode``, ``decode``, ``vocab_size``, ``bos_id``, ``eos_id``) plus
+    ``encode_bytes``/``decode_bytes`` for byte strings that are not valid UTF-8.
+
+    Every text and every byte string round-trips: ``decode(encode(s)) == s`` and
+    ``decode_bytes(encode_bytes(b)) == b``. ``<|endoftext|>`` in a text is the special token, as in
+    transformers. Build one with ``load_tokenizer(directory)``.
+
+    Attributes:
+        vocab_size: number of token ids (special tokens included).
+        bos_id, eos_id: the id of ``<|endoftext|>`` (GPT-2 uses it for both), None without it.
+    """
+
+    def __init__(self, tokenizer: Any, source: str = "<memory>"):
+        self._tokenizer = tokenizer
+        self.source = source
+        vocab: dict[str, int] = tokenizer.get_vocab(with_added_tokens=True)
+        added = {i: t.content for i, t in tokenizer.get_added_tokens_decoder().items()}
+        self.vocab_size = max(vocab.values()) + 1 if vocab else 0
+        table: list[bytes | None] = [None] * self.vocab_size
+        for token, i in vocab.items():
+            if i in added:
+                table[i] = added[i].encode("utf-8")
+                continue
+            try:
+                table[i] = bytes(CHAR_TO_BYTE[c] for c in token)
+            except KeyError:
+                raise ValueError(f"{source}: token {token!r} (id {i}) is not made of GPT-2 byte-level characters") from None
+        missing = [b for b, c in BYTE_TO_CHAR.items() if c not in vocab or vocab[c] in added]
+        if missing:
+            raise ValueError(
+                f"{source}: not a byte-level BPE: the vocabulary has no token for byte(s) "
+                f"{', '.join(f'0x{b:02x}' for b in missing[:8])}{' ...' if len(missing) > 8 else ''}"
+            )
+        self._table = table
+        self.bos_id: int | None = tokenizer.token_to_id(ENDOFTEXT)
+        self.eos_id: int | None = self.bos_id
+
+    def __repr__(self) -> str:
+        return f"BPETokenizer(vocab_size={self.vocab_size}, eos_id={self.eos_id}, source={self.source!r})"
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text`` (no BOS/EOS added).
+
+        Raises:
+            TypeError: ``text`` is not a str (bytes go to ``encode_bytes``).
+            ValueError: ``text`` holds a lone surrogate, which UTF-8 cannot encode.
+
+        Example:
+            >>> tok.encode("Hello world")  # doctest: +SKIP
+            [15496, 995]
+        """
+        if not isinstance(text, str):
+            raise TypeError(f"encode takes a str, got {type(text).__name__}; use encode_bytes for bytes")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(
+                f"text holds a lone surrogate at index {e.start}, which UTF-8 cannot encode; pass the bytes to "
+                "encode_bytes (e.g. text.encode('utf-8', 'surrogateescape'))"
+            ) from None
+        return list(self._tokenizer.encode(text, add_special_tokens=False).ids)
+
+    def encode_bytes(self, data: bytes) -> list[int]:
+        """Token ids of a byte string, valid UTF-8 or not: valid runs are encoded as text, the
+        bytes in between by the BPE model alone (every byte has a token in a byte-level BPE)."""
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise TypeError(f"encode_bytes takes bytes, got {type(data).__name__}")
+        text = bytes(data).decode("utf-8", errors="surrogateescape")
+        ids: list[int] = []
+        for k, piece in enumerate(_INVALID_RUN.split(text)):
+            if not piece:
+                continue
+            if k % 2 == 0:  # valid UTF-8
+                ids += self._tokenizer.encode(piece, add_special_tokens=False).ids
+            else:  # bytes that are not UTF-8: their byte-level characters, merged by the BPE model
+                chars = "".join(BYTE_TO_CHAR[ord(c) - 0xDC00] for c in piece)
+                ids += [token.id for token in self._tokenizer.model.tokenize(chars)]
+        return ids
+
+    def decode_bytes(self, ids: Iterable[Any]) -> bytes:
+        """The exact bytes behind ``ids``.
+
+        Raises:
+            ValueError: an id outside [0, vocab_size).
+        """
+        table, out = self._table, []
+        for i in ids:
+            i = operator.index(i)
+            piece = table[i] if 0 <= i < self.vocab_size else None
+            if piece is None:
+                raise ValueError(f"token id {i} is not in the vocabulary (0 <= id < {self.vocab_size})")
+            out.append(piece)
+        return b"".join(out)
+
+    def decode(self, ids: Iterable[Any]) -> str:
+        """The text behind ``ids``; bytes that are not valid UTF-8 (a partial character) become U+FFFD."""
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+    def save(self, directory: str | os.PathLike[str]) -> None:
+        """Write ``tokenizer.json`` into ``directory`` (atomically), which ``load_tokenizer`` reads."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        write_atomic(directory / "tokenizer.json", self._tokenizer.to_str().encode("utf-8"))
+
+
+def _check_byte_level(spec: Any, path: Path) -> None:
+    """Raise ValueError unless a tokenizer.json describes a GPT-2-style byte-level BPE that round-trips."""
+    if not isinstance(spec, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    model = spec.get("model") or {}
+    pre = spec.get("pre_tokenizer") or {}
+    problems = [
+        (model.get("type") != "BPE", f"model type is {model.get('type')!r}, not 'BPE'"),
+        (pre.get("type") != "ByteLevel", f"pre_tokenizer is {pre.get('type')!r}, not 'ByteLevel'"),
+        (bool(pre.get("add_prefix_space")), "pre_tokenizer adds a prefix space (text would not round-trip)"),
+        (spec.get("normalizer") is not None, "it has a normalizer (text would not round-trip)"),
+        (bool(model.get("continuing_subword_prefix") or model.get("end_of_word_suffix")),
+         "the BPE model has a subword prefix or suffix"),
+    ]  # fmt: skip
+    for bad, why in problems:
+        if bad:
+            raise ValueError(f"{path}: not a GPT-2 byte-level BPE tokenizer: {why}")
+
+
+def load_tokenizer(directory: str | os.PathLike[str]) -> BPETokenizer:
+    """GPT-2's byte-level BPE from ``tokenizer.json``, or ``vocab.json`` + ``merges.txt``, in
+    ``directory`` (tokenizer.json wins when both are there).
+
+    Raises:
+        ImportError: the ``tokenizers`` library is missing (``pip install 'arraygpt[hf]'``).
+        FileNotFoundError: the directory or the tokenizer files are missing.
+        ValueError: the files do not describe a byte-level BPE.
+
+    Example:
+        >>> tok = load_tokenizer("gpt2")  # doctest: +SKIP
+        >>> tok.decode(tok.encode("Hello world"))  # doctest: +SKIP
+        'Hello world'
+    """
+    tokenizers = _import_tokenizers()
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{directory}: no such directory (expected tokenizer.json, or vocab.json and merges.txt)")
+    tokenizer_json, vocab, merges = directory / "tokenizer.json", directory / "vocab.json", directory / "merges.txt"
+    if tokenizer_json.is_file():
+        text = tokenizer_json.read_text(encoding="utf-8")
+        try:
+            spec = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{tokenizer_json}: not valid JSON: {e}") from None
+        _check_byte_level(spec, tokenizer_json)
+        return BPETokenizer(tokenizers.Tokenizer.from_str(text), str(tokenizer_json))
+    if vocab.is_file() and merges.is_file():
+        model = tokenizers.models.BPE.from_file(str(vocab), str(merges))
+        tokenizer = tokenizers.Tokenizer(model)
+        tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tokenizer.decoder = tokenizers.decoders.ByteLevel()
+        if model.token_to_id(ENDOFTEXT) is not None:  # special, as transformers' GPT2Tokenizer treats it
+            tokenizer.add_special_tokens([tokenizers.AddedToken(ENDOFTEXT, special=True, normalized=False)])
+        return BPETokenizer(tokenizer, str(vocab))
+    present = [p.name for p in (vocab, merges) if p.is_file()]
+    raise FileNotFoundError(
+        f"{directory} has no tokenizer.json and no vocab.json + merges.txt pair"
+        + (f" (found only {', '.join(present)})" if present else "")
+    )
