@@ -557,29 +557,32 @@ def _sampler_options(args: argparse.Namespace) -> dict[str, Any]:
 def load_for_sampling(directory: str) -> tuple[Any, Any]:
     """(model, tokenizer) from an arraygpt training checkpoint or a Hugging Face GPT-2 directory.
 
-    A directory that ``arraygpt.checkpoint`` recognizes as its own is loaded with
-    ``load_checkpoint``; a directory with ``config.json`` and ``model.safetensors`` otherwise is a
-    Hugging Face GPT-2 (``GPT.from_pretrained`` and ``interop.load_tokenizer``).
+    A directory whose ``config.json`` carries no arraygpt marker and that holds
+    ``model.safetensors`` is a Hugging Face GPT-2 (``GPT.from_pretrained`` and
+    ``interop.load_tokenizer``); anything else goes to ``checkpoint.load_checkpoint``, which also
+    accepts a training run's folder (its ``last/``) and says what is missing.
     """
+    import json
     from pathlib import Path
 
-    path = Path(directory)
-    if not path.is_dir():
-        raise FileNotFoundError(f"--checkpoint {directory}: no such directory")
     from arraygpt import checkpoint
 
-    if checkpoint.is_checkpoint(path):
-        loaded = checkpoint.load_checkpoint(path)
-        return loaded.model, loaded.tokenizer
-    if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
-        from arraygpt import interop
-        from arraygpt.model import GPT
+    path = Path(directory)
+    config_file = path / "config.json"
+    if config_file.is_file() and (path / "model.safetensors").is_file():
+        try:
+            config = json.loads(config_file.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{config_file} is not valid JSON: {e}") from None
+        if isinstance(config, dict) and checkpoint.MARKER not in config:
+            from arraygpt import interop
+            from arraygpt.model import GPT
 
-        return GPT.from_pretrained(str(path)), interop.load_tokenizer(str(path))
-    raise FileNotFoundError(
-        f"--checkpoint {directory} is neither an arraygpt checkpoint nor a Hugging Face GPT-2 directory "
-        "(config.json + model.safetensors)"
-    )
+            return GPT.from_pretrained(str(path)), interop.load_tokenizer(str(path))
+    loaded = checkpoint.load_checkpoint(path)
+    if loaded.tokenizer is None:
+        raise ValueError(f"checkpoint {directory} has no tokenizer.json, so its tokens cannot be turned into text")
+    return loaded.model, loaded.tokenizer
 
 
 class _TextStream:
@@ -628,7 +631,8 @@ def run(args: argparse.Namespace) -> int:
     for i in range(args.num_samples):
         if i:
             out.write("\n---------------\n")
-        out.write(args.prompt)
+        if not args.show_probs:
+            out.write(args.prompt)
         stream = _TextStream(tokenizer, io.StringIO() if args.show_probs else out)
         steps = generate(model, prompt, args.max_new_tokens, sampler, temperature=args.temperature, seed=rng,
                          use_cache=args.use_cache, eos_id=ends, stop=stop or None, show_probs=args.show_probs,
