@@ -211,11 +211,21 @@ def softmax_backward(dout: Array, probs: Array, temperature: float = 1.0, axis: 
 
 def causal_mask(xp: Any, T: int, Tk: int, dtype: Any, device: Any) -> Array:
     """Additive (T, Tk) mask: 0 where query t may look at key s, -inf in its future.
-    Query t sits at absolute position Tk - T + t (the last T of Tk positions)."""
-    past = Tk - T
-    allowed = xp.arange(Tk, device=device)[None, :] <= xp.arange(past, Tk, device=device)[:, None]
-    zeros = xp.zeros((T, Tk), dtype=dtype, device=device)
-    return xp.where(allowed, zeros, zeros - math.inf)
+    Query t sits at absolute position Tk - T + t (the last T of Tk positions).
+    Training asks for the same mask every step, so the last few are kept."""
+    key = (id(xp), T, Tk, str(dtype), str(device))
+    mask = _masks.get(key)
+    if mask is None:
+        allowed = xp.arange(Tk, device=device)[None, :] <= xp.arange(Tk - T, Tk, device=device)[:, None]
+        zeros = xp.zeros((T, Tk), dtype=dtype, device=device)
+        mask = xp.where(allowed, zeros, zeros - math.inf)
+        if len(_masks) >= 8:
+            _masks.clear()
+        _masks[key] = mask
+    return mask
+
+
+_masks: dict[tuple[Any, ...], Array] = {}
 
 
 def _split_heads(xp: Any, x: Array, n_head: int) -> Array:  # (B, T, D) -> (B, NH, T, hs)
@@ -239,11 +249,14 @@ def attention_forward(
     xp = namespace(q)
     T, Tk = q.shape[1], k.shape[1]
     scale = 1.0 / math.sqrt(q.shape[2] // n_head)
-    qh, kh, vh = (_split_heads(xp, a, n_head) for a in (q, k, v))  # (B, NH, T|Tk, hs)
+    qh = _split_heads(xp, q * scale, n_head)  # (B, NH, T, hs), scaled here: q is smaller than q k^T
+    kh, vh = _split_heads(xp, k, n_head), _split_heads(xp, v, n_head)  # (B, NH, Tk, hs)
     att = xp.matmul(qh, xp.matrix_transpose(kh))  # (B, NH, T, Tk)
-    att *= scale
-    att += causal_mask(xp, T, Tk, att.dtype, att.device)
-    att = softmax_forward(att)
+    if T > 1:  # a single query is the last position and sees every key
+        att += causal_mask(xp, T, Tk, att.dtype, att.device)
+    att -= xp.max(att, axis=-1, keepdims=True)  # softmax over keys, in place (see softmax_forward)
+    att = xp.exp(att)
+    att /= xp.sum(att, axis=-1, keepdims=True)
     mask = None
     att_used = att
     if dropout_p > 0.0:
@@ -253,10 +266,10 @@ def attention_forward(
 
 
 def attention_backward(dout: Array, cache: Any) -> tuple[Array, Array, Array]:
-    """forward: s = q k^T * scale + mask;  a = softmax(s);  y = (a * drop) v.
+    """forward: s = (q * scale) k^T + mask;  a = softmax(s);  y = (a * drop) v.
     dv = (a * drop)^T dy;  da = (dy v^T) * drop;  ds = a * (da - sum(da * a));
-    dq = ds k * scale;  dk = ds^T q * scale. Masked entries have a = 0, so they pass no gradient."""
-    qh, kh, vh, att, mask, scale = cache
+    dq = ds k * scale;  dk = ds^T (q * scale). Masked entries have a = 0, so they pass no gradient."""
+    qh, kh, vh, att, mask, scale = cache  # qh is already scaled
     xp = namespace(dout)
     dy = _split_heads(xp, dout, qh.shape[1])  # (B, NH, T, hs)
     att_used = att if mask is None else att * mask
@@ -265,8 +278,8 @@ def attention_backward(dout: Array, cache: Any) -> tuple[Array, Array, Array]:
     if mask is not None:
         datt = dropout_backward(datt, mask)
     dpre = softmax_backward(datt, att)
-    dpre *= scale
     dq = xp.matmul(dpre, kh)  # (B, NH, T, hs)
+    dq *= scale
     dk = xp.matmul(xp.matrix_transpose(dpre), qh)  # (B, NH, Tk, hs)
     return _merge_heads(xp, dq), _merge_heads(xp, dk), _merge_heads(xp, dv)
 

@@ -526,7 +526,8 @@ class GPT:
         dh = self._linear_grads(dh, fc2, name + "mlp_fc2", grads)
         dh = self._act_backward(dh, act)
         dh = self._linear_grads(dh, fc1, name + "mlp_fc1", grads)
-        dx = dx_skip + self._norm_grads(dh, norm2, name + "norm2", grads)
+        dx = self._norm_grads(dh, norm2, name + "norm2", grads)
+        dx += dx_skip  # the residual's two gradients meet
         # x = x + attn(norm1(x))
         dx_skip, dy = layers.residual_backward(dx, None)
         if drop_attn is not None:
@@ -538,7 +539,9 @@ class GPT:
             grads[name + w] = dw_qkv[j * D : (j + 1) * D, :]
             if db_qkv is not None:
                 grads[name + w + "_b"] = db_qkv[j * D : (j + 1) * D]
-        return dx_skip + self._norm_grads(dh, norm1, name + "norm1", grads)
+        dx = self._norm_grads(dh, norm1, name + "norm1", grads)
+        dx += dx_skip
+        return dx
 
     def _linear_grads(self, dout: Array, cache: Any, name: str, grads: dict[str, Array]) -> Array:
         dx, grads[name], db = layers.linear_backward(dout, cache)
