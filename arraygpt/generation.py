@@ -109,9 +109,11 @@ def one_hot_argmax(x: Array) -> Array:
 
 
 def normalize(weights: Array) -> Array:
-    """(B, V) non-negative weights -> probabilities: each row divided by its sum."""
+    """(B, V) non-negative weights -> probabilities: each row divided by its sum (a row of zeros
+    stays zeros, which the draw reports)."""
     xp = namespace(weights)
-    return weights / xp.sum(weights, axis=-1, keepdims=True)
+    total = xp.sum(weights, axis=-1, keepdims=True)  # (B, 1)
+    return weights / xp.where(total > 0, total, xp.ones_like(total))
 
 
 def draw(probs: Array, coins: Array) -> Array:

@@ -1,0 +1,346 @@
+"""The generation loop: streaming, the KV cache against full recompute (sliding window included),
+one seed giving the same tokens on every backend, batches with per-row stops, seeing the
+distribution, argument checks, and the ``arraygpt sample`` command."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+
+import arraygpt
+from arraygpt import GPT, GPTConfig
+from arraygpt.generation import Candidates, _Decoder, generate
+from arraygpt.shim import load_backend, to_numpy
+from conftest import available_backends
+
+TINY = GPTConfig(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=8)
+
+
+def tiny(dtype="float64", backend="numpy", **overrides):
+    config = GPTConfig(**{**TINY.to_dict(), **overrides}) if overrides else TINY
+    return GPT(config, seed=0, dtype=dtype, backend=backend)
+
+
+class CountingModel:
+    """Wraps a GPT and records the shape of every forward's input."""
+
+    def __init__(self, model):
+        self.model = model
+        self.calls = []
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    @property
+    def training(self):
+        return self.model.training
+
+    @training.setter
+    def training(self, value):
+        self.model.training = value
+
+    def forward(self, idx, targets=None, *, kv_cache=None):
+        self.calls.append((tuple(np.shape(idx)), kv_cache.length if kv_cache is not None else None))
+        return self.model.forward(idx, targets, kv_cache=kv_cache)
+
+
+def full_recompute_logits(model, context):
+    """Reference: logits of the last position from a plain forward over the last block_size tokens."""
+    window = np.asarray(context)[:, -model.config.block_size :]
+    logits, _ = model.forward(window)
+    return to_numpy(logits)[:, -1, :]
+
+
+# ----------------------------------------------------------------------------------------------
+# the KV cache and the sliding window
+
+
+@pytest.mark.parametrize("B", [1, 3])
+def test_cached_logits_equal_full_recompute_past_block_size(B):
+    model = tiny()
+    rng = np.random.default_rng(1)
+    tokens = rng.integers(0, TINY.vocab_size, size=(B, 21))  # prompt of 3, then 18 steps: slides past 8
+    cached, full = _Decoder(model, use_cache=True), _Decoder(model, use_cache=False)
+    worst = 0.0
+    for t in range(3, tokens.shape[1] + 1):
+        context = tokens[:, :t]
+        a = to_numpy(cached.start(context) if t == 3 else cached.step(context))
+        b = to_numpy(full.start(context) if t == 3 else full.step(context))
+        ref = full_recompute_logits(model, context)
+        worst = max(worst, float(np.abs(a - ref).max()), float(np.abs(b - ref).max()))
+    assert worst <= 1e-10, f"cached logits differ from a full recompute by {worst:.3g}"
+    assert cached.rebuilds == tokens.shape[1] - TINY.block_size  # one rebuild per step past the block
+
+
+def test_cache_feeds_one_position_per_step_until_the_window_slides():
+    model = CountingModel(tiny())
+    list(generate(model, [1, 2, 3], 8, seed=0))
+    # prefill 3 positions, then one position per step until 8 are cached, then rebuilds of 8
+    shapes = [shape for shape, _ in model.calls]
+    assert shapes == [(1, 3)] + [(1, 1)] * 5 + [(1, 8)] * 2
+    model.calls.clear()
+    list(generate(model, [1, 2, 3], 8, seed=0, use_cache=False))
+    assert [s for s, _ in model.calls] == [(1, 3), (1, 4), (1, 5), (1, 6), (1, 7), (1, 8), (1, 8), (1, 8)]
+
+
+@pytest.mark.parametrize(("sampler", "options"), [("temperature", {}), ("top_k", {"top_k": 3}),
+                                                  ("top_p", {"top_p": 0.8}), ("min_p", {"min_p": 0.2})])  # fmt: skip
+def test_cache_and_no_cache_give_the_same_tokens(sampler, options):
+    model = tiny()
+    prompt = [[1, 2, 3], [4, 5, 6]]
+    with_cache = list(generate(model, prompt, 20, sampler, temperature=0.9, seed=5, **options))
+    without = list(generate(model, prompt, 20, sampler, temperature=0.9, seed=5, use_cache=False, **options))
+    assert with_cache == without
+    assert len(with_cache) == 20
+
+
+def test_greedy_follows_the_argmax_of_a_full_recompute():
+    model = tiny()
+    tokens = list(generate(model, [3, 1], 12, "greedy"))
+    context = [3, 1]
+    for t in tokens:
+        assert t == int(np.argmax(full_recompute_logits(model, [context])[0]))
+        context.append(t)
+    assert list(generate(model, [3, 1], 12, temperature=0.0, seed=9)) == tokens  # T = 0 is greedy
+
+
+def test_a_prompt_longer_than_block_size_is_cropped():
+    model = tiny()
+    long_prompt = list(range(11)) + [1, 2, 3]
+    assert list(generate(model, long_prompt, 5, seed=2)) == list(generate(model, long_prompt[-8:], 5, seed=2))
+
+
+# ----------------------------------------------------------------------------------------------
+# seeds and backends
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_one_seed_gives_the_same_tokens_on_every_backend(dtype):
+    results = {}
+    for backend in available_backends():
+        model = tiny(dtype, backend.name)
+        results[backend.name] = list(generate(model, [[1, 2], [3, 4]], 12, "top_p", top_p=0.9, temperature=1.3,
+                                              seed=42))  # fmt: skip
+    assert len(results) >= 2
+    first = next(iter(results.values()))
+    assert all(r == first for r in results.values()), results
+
+
+def test_seeds_and_generators():
+    model = tiny()
+    a = list(generate(model, [1], 15, seed=1))
+    assert a == list(generate(model, [1], 15, seed=1))
+    assert a != list(generate(model, [1], 15, seed=2))
+    rng = np.random.default_rng(1)
+    assert list(generate(model, [1], 15, seed=rng)) == a  # a Generator is drawn from as is
+
+
+# ----------------------------------------------------------------------------------------------
+# streaming, stops, batches
+
+
+def test_tokens_stream_one_forward_at_a_time():
+    model = CountingModel(tiny())
+    steps = generate(model, [1, 2], 10, seed=0)
+    assert model.calls == []  # nothing runs before the first next()
+    first = next(steps)
+    assert isinstance(first, int) and len(model.calls) == 1
+    list(itertools.islice(steps, 2))
+    assert len(model.calls) == 3
+    steps.close()
+
+
+def force(schedule):
+    """A filter that keeps one token per row: row b always gets schedule[b]."""
+    target = np.asarray(schedule)
+
+    def forced(probs):
+        xp = arraygpt.shim.namespace(probs)
+        want = arraygpt.shim.backend_of(probs).asarray(target)[:, None]
+        return xp.astype(xp.arange(probs.shape[-1])[None, :] == want, probs.dtype)
+
+    return forced
+
+
+def test_each_row_of_a_batch_stops_on_its_own():
+    model = tiny()
+    steps = list(generate(model, [[1, 1], [2, 2], [3, 3]], 6, force([4, 7, 9]), eos_id=[4], stop=[[7, 7]], seed=0))
+    assert steps == [(4, 7, 9), (None, 7, 9), (None, None, 9), (None, None, 9), (None, None, 9), (None, None, 9)]
+    # everything stopped: the iterator ends early
+    assert list(generate(model, [[1, 1], [2, 2]], 6, force([4, 4]), eos_id=4)) == [(4, 4)]
+    assert list(generate(model, [1, 1], 6, force([7]), stop=[[7, 7, 7]])) == [7, 7, 7]
+
+
+def test_max_new_tokens_zero_yields_nothing():
+    assert list(generate(tiny(), [1, 2], 0)) == []
+
+
+def test_training_mode_is_left_alone_and_dropout_off():
+    model = tiny(dropout=0.5).train()
+    a = list(generate(model, [1, 2], 10, seed=3))
+    assert model.training
+    assert a == list(generate(tiny(dropout=0.5).eval(), [1, 2], 10, seed=3))
+
+
+# ----------------------------------------------------------------------------------------------
+# seeing the distribution
+
+
+def test_show_probs_gives_the_candidates_before_and_after_the_sampler():
+    model = tiny()
+    context = [5, 6]
+    for item in generate(model, context, 6, "top_k", top_k=2, temperature=0.7, seed=4, show_probs=4):
+        assert isinstance(item, Candidates)
+        ref = full_recompute_logits(model, [context])[0]
+        p_model = np.exp(ref - ref.max()) / np.exp(ref - ref.max()).sum()
+        ids = [i for i, _ in item.model]
+        assert ids == list(np.argsort(-p_model, kind="stable")[:4])
+        np.testing.assert_allclose([p for _, p in item.model], np.sort(p_model)[::-1][:4], rtol=1e-9)
+        np.testing.assert_allclose(item.p_model, p_model[item.token], rtol=1e-9)
+        # after top_k=2 and T=0.7: two candidates, renormalized, the drawn token among them
+        tempered = np.exp((ref - ref.max()) / 0.7)
+        top2 = np.argsort(-tempered, kind="stable")[:2]
+        assert [i for i, _ in item.sampler] == list(top2)
+        np.testing.assert_allclose([p for _, p in item.sampler], tempered[top2] / tempered[top2].sum(), rtol=1e-9)
+        assert item.token in top2 and item.p_sampler > 0
+        context.append(item.token)
+
+
+def test_show_probs_in_a_batch_and_with_greedy():
+    steps = list(generate(tiny(), [[1, 2], [3, 4]], 3, "greedy", show_probs=3, eos_id=None))
+    assert all(len(step) == 2 for step in steps)
+    for item in itertools.chain.from_iterable(steps):
+        assert item.sampler == ((item.token, 1.0),)
+        assert item.model[0][0] == item.token
+
+
+# ----------------------------------------------------------------------------------------------
+# argument checks: at call time, before the first token
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "error", "message"),
+    [
+        (([1, 2], 5, "top_p"), {"top_p": 2.0}, ValueError, "top_p must be a number in (0, 1]"),
+        (([1, 2], 5), {"temperature": -1}, ValueError, "temperature must be a number >= 0"),
+        (([1, 2], -1), {}, ValueError, "max_new_tokens must be an integer >= 0"),
+        (([], 5), {}, ValueError, "prompt must hold at least one token"),
+        (([[1, 2], [3]], 5), {}, ValueError, "equal lengths"),
+        (([0.5, 1.0], 5), {}, TypeError, "integer token ids"),
+        (([1, 2], 5), {"show_probs": -2}, ValueError, "show_probs must be an integer >= 0"),
+        (([1, 2], 5), {"stop": [3, 4]}, TypeError, "stop must be a list of non-empty token id sequences"),
+        (([1, 2], 5, "beam"), {}, ValueError, "unknown sampler 'beam'; registered samplers:"),
+    ],
+)
+def test_bad_arguments_raise_when_generate_is_called(args, kwargs, error, message):
+    with pytest.raises(error, match=None) as info:
+        generate(tiny(), *args, **kwargs)
+    assert message in str(info.value)
+
+
+def test_a_token_outside_the_vocabulary_is_refused():
+    with pytest.raises(ValueError, match="vocab_size"):
+        list(generate(tiny(), [1, 99], 2))
+
+
+def test_a_filter_that_removes_everything_is_reported():
+    with pytest.raises(ValueError, match="left no token with positive probability in row 0"):
+        list(generate(tiny(), [1, 2], 2, lambda probs: probs * 0.0))
+
+
+def test_prompt_forms():
+    model = tiny()
+    backend = load_backend("numpy")
+    a = list(generate(model, [1, 2, 3], 4, seed=0))
+    assert list(generate(model, np.array([1, 2, 3]), 4, seed=0)) == a
+    assert list(generate(model, backend.asarray(np.array([1, 2, 3])), 4, seed=0)) == a
+    batch = list(generate(model, np.array([[1, 2, 3]]), 4, seed=0))
+    assert [step[0] for step in batch] == a
+
+
+# ----------------------------------------------------------------------------------------------
+# the arraygpt sample command
+
+
+@pytest.fixture
+def char_checkpoint(tmp_path):
+    checkpoint = pytest.importorskip("arraygpt.checkpoint")
+    from arraygpt.tokenizer import CharTokenizer
+
+    tokenizer = CharTokenizer("abcdefghij")  # 10 characters + BOS = 11 ids
+    model = GPT(GPTConfig(**{**TINY.to_dict(), "vocab_size": tokenizer.vocab_size}), seed=0)
+    checkpoint.save_checkpoint(tmp_path / "ckpt", model, tokenizer)
+    return tmp_path / "ckpt", model, tokenizer
+
+
+def test_sample_command_prints_the_samples(char_checkpoint, capsys):
+    from arraygpt.cli import main
+
+    directory, model, tokenizer = char_checkpoint
+    argv = ["sample", "--checkpoint", str(directory), "--prompt", "abc", "--num-samples", "2", "--max-new-tokens", "12",
+            "--sampler", "top_p", "--top-p", "0.9", "--temperature", "2.5", "--seed", "7"]  # fmt: skip
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    samples = out.rstrip("\n").split("\n---------------\n")
+    assert len(samples) == 2
+    # the same tokens as the library with one generator shared by the samples, stopping at BOS
+    rng = np.random.default_rng(7)
+    for text in samples:
+        ids = []
+        for t in generate(model, tokenizer.encode("abc"), 12, "top_p", top_p=0.9, temperature=2.5, seed=rng,
+                          eos_id=tokenizer.bos_id):  # fmt: skip
+            if t == tokenizer.bos_id:
+                break
+            ids.append(t)
+        assert text == "abc" + tokenizer.decode(ids)
+
+
+def test_sample_command_show_probs_and_errors(char_checkpoint, capsys):
+    from arraygpt.cli import main
+
+    directory, _, _ = char_checkpoint
+    assert main(["sample", "--checkpoint", str(directory), "--max-new-tokens", "3", "--show-probs", "3",
+                 "--sampler", "top_k,min_p", "--top-k", "4", "--min-p", "0.05"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert out.count("model: ") >= 1 and "sampler: " in out and "=> " in out
+    assert main(["sample", "--checkpoint", str(directory), "--sampler", "top_p", "--top-p", "1.5"]) == 2
+    assert "top_p must be a number in (0, 1], got 1.5" in capsys.readouterr().err
+    assert main(["sample", "--checkpoint", str(directory), "--sampler", "top_k"]) == 2
+    assert "needs the option top_k" in capsys.readouterr().err
+    assert main(["sample", "--checkpoint", str(directory / "missing")]) == 2
+
+
+def test_sample_command_reads_a_hugging_face_gpt2_directory(tmp_path, capsys):
+    pytest.importorskip("tokenizers")
+    interop = pytest.importorskip("arraygpt.interop")
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from arraygpt.cli import main
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)  # fmt: skip
+    bpe.train_from_iterator(["the cat sat on the mat. " * 20, "a dog ran. " * 20], trainer)
+    directory = tmp_path / "hf"
+    directory.mkdir()
+    config = GPTConfig(vocab_size=bpe.get_vocab_size(), block_size=16, n_layer=1, n_head=2, n_embd=8)
+    GPT(config, seed=0).save_pretrained(str(directory))
+    bpe.save(str(directory / "tokenizer.json"))
+    assert "arraygpt_format" not in json.loads((directory / "config.json").read_text())
+    tokenizer = interop.load_tokenizer(str(directory))
+    assert main(["sample", "--checkpoint", str(directory), "--prompt", "the cat", "--max-new-tokens", "5",
+                 "--seed", "1"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert out.startswith("the cat")
+    model = GPT.from_pretrained(str(directory))
+    ids = []
+    for t in generate(model, tokenizer.encode("the cat"), 5, seed=np.random.default_rng(1), eos_id=tokenizer.eos_id):
+        if t == tokenizer.eos_id:
+            break
+        ids.append(t)
+    assert out == "the cat" + tokenizer.decode(ids) + "\n"
