@@ -128,7 +128,9 @@ def config_from_gpt2(hf: Mapping[str, Any], source: str = CONFIG_FILE) -> GPTCon
     """
     model_type = hf.get("model_type")
     if model_type != "gpt2":
-        raise CheckpointError(f"{source}: model_type is {model_type!r}; arraygpt reads GPT-2 checkpoints (model_type 'gpt2') only")
+        raise CheckpointError(
+            f"{source}: model_type is {model_type!r}; arraygpt reads GPT-2 checkpoints (model_type 'gpt2') only"
+        )
     cfg = {**GPT2_DEFAULTS, **hf}
     if "n_positions" not in hf and "n_ctx" in hf:  # configs written by early transformers versions
         cfg["n_positions"] = hf["n_ctx"]
@@ -138,7 +140,8 @@ def config_from_gpt2(hf: Mapping[str, Any], source: str = CONFIG_FILE) -> GPTCon
     activation = cfg["activation_function"]
     if activation not in ACTIVATIONS_FROM_GPT2:
         raise CheckpointError(
-            f"{source}: activation_function {activation!r} is not supported; supported: {', '.join(ACTIVATIONS_FROM_GPT2)}"
+            f"{source}: activation_function {activation!r} is not supported; "
+            f"supported: {', '.join(ACTIVATIONS_FROM_GPT2)}"
         )
     dropouts = {name: cfg[name] for name in ("embd_pdrop", "attn_pdrop", "resid_pdrop")}
     if len(set(dropouts.values())) != 1:
@@ -242,7 +245,9 @@ def _gpt2_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
 _BUFFER = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)")
 
 
-def state_dict_from_gpt2(tensors: Mapping[str, Any], config: GPTConfig, source: str = WEIGHTS_FILE) -> dict[str, np.ndarray]:
+def state_dict_from_gpt2(
+    tensors: Mapping[str, Any], config: GPTConfig, source: str = WEIGHTS_FILE
+) -> dict[str, np.ndarray]:
     """arraygpt's state dict (NumPy arrays, weights (out, in)) from transformers GPT-2 tensors.
 
     Args:
@@ -276,7 +281,8 @@ def state_dict_from_gpt2(tensors: Mapping[str, Any], config: GPTConfig, source: 
         raise CheckpointError(f"{source} is missing tensor(s) {', '.join(missing[:8])}{more}")
     if unexpected:
         raise CheckpointError(
-            f"{source} holds tensor(s) that are not GPT2LMHeadModel parameters: {', '.join(shown(n) for n in unexpected)}"
+            f"{source} holds tensor(s) that are not GPT2LMHeadModel parameters: "
+            f"{', '.join(shown(n) for n in unexpected)}"
         )
     for short, shape in expected.items():
         value = found[short]
@@ -337,7 +343,9 @@ def state_dict_to_gpt2(state: Mapping[str, Any], config: GPTConfig) -> dict[str,
         out[h + "ln_1.bias"] = s[layer + "norm1_b"]
         w_qkv = np.concatenate([s[layer + "attn_wq"], s[layer + "attn_wk"], s[layer + "attn_wv"]])  # (3C, C)
         out[h + "attn.c_attn.weight"] = np.ascontiguousarray(w_qkv.T)  # (C, 3C)
-        out[h + "attn.c_attn.bias"] = np.concatenate([s[layer + "attn_wq_b"], s[layer + "attn_wk_b"], s[layer + "attn_wv_b"]])
+        out[h + "attn.c_attn.bias"] = np.concatenate(
+            [s[layer + "attn_wq_b"], s[layer + "attn_wk_b"], s[layer + "attn_wv_b"]]
+        )  # (3C,)
         out[h + "attn.c_proj.weight"] = np.ascontiguousarray(s[layer + "attn_wo"].T)  # (C, C)
         out[h + "attn.c_proj.bias"] = s[layer + "attn_wo_b"]
         out[h + "ln_2.weight"] = s[layer + "norm2"]
@@ -360,16 +368,21 @@ def state_dict_to_gpt2(state: Mapping[str, Any], config: GPTConfig) -> dict[str,
 def _check_directory(directory: Path) -> None:
     if not directory.exists():
         raise FileNotFoundError(
-            f"{directory}: no such directory (expected a transformers GPT-2 directory with {CONFIG_FILE} and {WEIGHTS_FILE})"
+            f"{directory}: no such directory "
+            f"(expected a transformers GPT-2 directory with {CONFIG_FILE} and {WEIGHTS_FILE})"
         )
     if not directory.is_dir():
-        raise NotADirectoryError(f"{directory} is a file; pass the directory that holds {CONFIG_FILE} and {WEIGHTS_FILE}")
+        raise NotADirectoryError(
+            f"{directory} is a file; pass the directory that holds {CONFIG_FILE} and {WEIGHTS_FILE}"
+        )
 
 
 def _read_config(directory: Path) -> dict[str, Any]:
     path = directory / CONFIG_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{directory} has no {CONFIG_FILE} (a transformers GPT-2 directory has {CONFIG_FILE} and {WEIGHTS_FILE})")
+        raise FileNotFoundError(
+            f"{directory} has no {CONFIG_FILE} (a transformers GPT-2 directory has {CONFIG_FILE} and {WEIGHTS_FILE})"
+        )
     try:
         hf = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -398,7 +411,9 @@ def _read_tensors(directory: Path) -> tuple[dict[str, np.ndarray], str]:
             tensors.update(load_file(path))
         return tensors, str(index)
     pickles = [name for name in PICKLE_FILES if (directory / name).is_file()]
-    pickles += sorted(p.name for p in directory.glob("*") if p.suffix in (".bin", ".pt", ".pth", ".ckpt") and p.name not in pickles)
+    pickles += sorted(
+        p.name for p in directory.glob("*") if p.suffix in (".bin", ".pt", ".pth", ".ckpt") and p.name not in pickles
+    )
     if pickles:
         raise CheckpointError(
             f"{directory} holds pickle weights ({', '.join(pickles)}) and no {WEIGHTS_FILE}. "
@@ -433,6 +448,7 @@ def load_gpt2(directory: str | os.PathLike[str], dtype: str = "float32", backend
     config = config_from_gpt2(_read_config(directory), source=str(directory / CONFIG_FILE))
     tensors, source = _read_tensors(directory)
     state = state_dict_from_gpt2(tensors, config, source=source)
+    del tensors  # the transposed copies in ``state`` are all that is needed now
     # TODO(engine): a GPT constructor that skips the random init would save drawing every weight once.
     model = GPT(config, seed=0, dtype=dtype, backend=backend)
     model.load_state_dict(state)
@@ -517,7 +533,9 @@ class BPETokenizer:
             try:
                 table[i] = bytes(CHAR_TO_BYTE[c] for c in token)
             except KeyError:
-                raise ValueError(f"{source}: token {token!r} (id {i}) is not made of GPT-2 byte-level characters") from None
+                raise ValueError(
+                    f"{source}: token {token!r} (id {i}) is not made of GPT-2 byte-level characters"
+                ) from None
         missing = [b for b, c in BYTE_TO_CHAR.items() if c not in vocab or vocab[c] in added]
         if missing:
             raise ValueError(
@@ -632,7 +650,9 @@ def load_tokenizer(directory: str | os.PathLike[str]) -> BPETokenizer:
     tokenizers = _import_tokenizers()
     directory = Path(directory)
     if not directory.is_dir():
-        raise FileNotFoundError(f"{directory}: no such directory (expected tokenizer.json, or vocab.json and merges.txt)")
+        raise FileNotFoundError(
+            f"{directory}: no such directory (expected tokenizer.json, or vocab.json and merges.txt)"
+        )
     tokenizer_json, vocab, merges = directory / "tokenizer.json", directory / "vocab.json", directory / "merges.txt"
     if tokenizer_json.is_file():
         text = tokenizer_json.read_text(encoding="utf-8")

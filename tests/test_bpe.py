@@ -18,7 +18,7 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-tokenizers = pytest.importorskip("tokenizers", reason="the BPE tokenizer needs the optional extra: pip install 'arraygpt[hf]'")
+tokenizers = pytest.importorskip("tokenizers", reason="the BPE tokenizer needs the extra: pip install 'arraygpt[hf]'")
 
 from arraygpt import GPT, GPTConfig  # noqa: E402
 from arraygpt.interop import BYTE_TO_CHAR, BPETokenizer, load_gpt2, load_tokenizer  # noqa: E402

@@ -196,8 +196,11 @@ def tiny_config(**overrides) -> GPTConfig:
 def randomize(model: GPT, seed: int) -> None:
     """Random gains and biases too (a fresh GPT has ones and zeros there)."""
     rng = np.random.default_rng(seed)
-    model.load_state_dict({n: rng.standard_normal(v.shape) * 0.3 + (1.0 if v.ndim == 1 and "norm" in n and not n.endswith("_b") else 0.0)
-                           for n, v in state_numpy(model).items()})  # fmt: skip
+    state = {}
+    for name, value in state_numpy(model).items():
+        gain = value.ndim == 1 and "norm" in name and not name.endswith("_b")
+        state[name] = rng.standard_normal(value.shape) * 0.3 + (1.0 if gain else 0.0)
+    model.load_state_dict(state)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
@@ -264,9 +267,10 @@ def test_keys_without_prefix_and_mask_buffers_are_accepted(hf_dir, tmp_path):
 def test_half_precision_weights_are_widened(hf_dir, tmp_path):
     d = copy_dir(hf_dir, tmp_path / "d")
     tensors = load_file(f"{d}/model.safetensors")
-    save_file({k: v.astype(np.float16) for k, v in tensors.items()}, f"{d}/model.safetensors", metadata={"format": "pt"})
+    half = {k: v.astype(np.float16) for k, v in tensors.items()}
+    save_file(half, f"{d}/model.safetensors", metadata={"format": "pt"})
     model = load_gpt2(d, dtype="float64")
-    assert np.array_equal(to_numpy(model.state_dict()["wpe"]), tensors["transformer.wpe.weight"].astype(np.float16).astype(np.float64))
+    assert np.array_equal(to_numpy(model.state_dict()["wpe"]), half["transformer.wpe.weight"].astype(np.float64))
 
 
 def test_sharded_checkpoint_written_by_transformers(tmp_path):
@@ -316,7 +320,8 @@ def test_wrong_shape_is_named(hf_dir, tmp_path):
     tensors = load_file(f"{d}/model.safetensors")
     tensors["transformer.h.0.attn.c_attn.weight"] = tensors["transformer.h.0.attn.c_attn.weight"][:, :90]
     save_file(tensors, f"{d}/model.safetensors")
-    with pytest.raises(CheckpointError, match=r"transformer\.h\.0\.attn\.c_attn\.weight has shape \(32, 90\).*\(32, 96\)"):
+    match = r"transformer\.h\.0\.attn\.c_attn\.weight has shape \(32, 90\).*\(32, 96\)"
+    with pytest.raises(CheckpointError, match=match):
         load_gpt2(d)
 
 
