@@ -95,6 +95,24 @@ def test_both_file_layouts_and_the_tokenizers_library_agree(trained, tok_files, 
     assert tok_json.decode(reference) == bpe.decode(reference, skip_special_tokens=False)
 
 
+@pytest.fixture(scope="module")
+def hf_tokenizer(trained):
+    transformers = pytest.importorskip("transformers", reason="comparing with transformers needs it installed")
+    return transformers.GPT2Tokenizer.from_pretrained(str(trained[0]))  # a local directory: no download
+
+
+@given(text=st.text(max_size=60))
+@example(text=f" hello{EOT}world  x")
+def test_same_ids_as_transformers_gpt2_tokenizer(hf_tokenizer, tok_files, text):
+    assert tok_files.encode(text) == hf_tokenizer.encode(text)
+
+
+def test_reads_the_tokenizer_json_transformers_writes(hf_tokenizer, tok_files, tmp_path):
+    hf_tokenizer.save_pretrained(tmp_path)
+    text = f"Hello world{EOT} 日本語 🙂"
+    assert load_tokenizer(tmp_path).encode(text) == tok_files.encode(text)
+
+
 def test_byte_table_is_the_one_tokenizers_uses():
     assert set(BYTE_TO_CHAR.values()) == set(tokenizers.pre_tokenizers.ByteLevel.alphabet())
     text = "".join(map(chr, range(0x800)))  # every 1- and 2-byte UTF-8 sequence: all 256 byte values

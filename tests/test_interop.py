@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch", reason="the agreement tests compare against PyTorch (pip install torch)")
-transformers = pytest.importorskip("transformers", reason="the agreement tests need transformers (pip install transformers)")
+transformers = pytest.importorskip("transformers", reason="the agreement tests need transformers")
 
 from arraygpt import GPT, GPTConfig, count_params  # noqa: E402
 from arraygpt.interop import (  # noqa: E402
