@@ -126,6 +126,7 @@ def test_byte_table_is_the_one_tokenizers_uses():
 
 def test_interface_and_special_token(tok, trained):
     bpe = trained[2]
+    assert isinstance(tok, BPETokenizer)
     assert tok.vocab_size == bpe.get_vocab_size()
     assert tok.bos_id == tok.eos_id == bpe.token_to_id(EOT)
     assert tok.encode(EOT) == [tok.eos_id]
