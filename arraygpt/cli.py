@@ -188,7 +188,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _, run = _handlers(args.command)
     try:
         return run(args)
-    except (ValueError, TypeError, KeyError, FileNotFoundError) as e:
+    except (ValueError, TypeError, KeyError, OSError, ImportError) as e:
         print(f"arraygpt {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -449,8 +449,7 @@ def load_gpt2(directory: str | os.PathLike[str], dtype: str = "float32", backend
     tensors, source = _read_tensors(directory)
     state = state_dict_from_gpt2(tensors, config, source=source)
     del tensors  # the transposed copies in ``state`` are all that is needed now
-    # TODO(engine): a GPT constructor that skips the random init would save drawing every weight once.
-    model = GPT(config, seed=0, dtype=dtype, backend=backend)
+    model = GPT(config, dtype=dtype, backend=backend, init=False)  # every weight comes from the file
     model.load_state_dict(state)
     return model.eval()
 

@@ -286,6 +286,8 @@ class GPT:
             the same weights on every backend.
         dtype: ``float32`` or ``float64``.
         backend: a backend name or object; default the active one (``ARRAYGPT_BACKEND``).
+        init: draw the initial weights (default); ``False`` leaves every parameter at zero, for
+            callers that load a state dict next and need not pay for the draw.
 
     Example:
         >>> model = GPT(GPTConfig.preset("microgpt"), seed=0)
@@ -293,7 +295,15 @@ class GPT:
         >>> grads = model.backward()  # name -> array, same names and shapes as state_dict()
     """
 
-    def __init__(self, config: GPTConfig, seed: int = 0, dtype: str = "float32", backend: str | Backend | None = None):
+    def __init__(
+        self,
+        config: GPTConfig,
+        seed: int = 0,
+        dtype: str = "float32",
+        backend: str | Backend | None = None,
+        *,
+        init: bool = True,
+    ):
         if not isinstance(config, GPTConfig):
             raise TypeError(f"config must be a GPTConfig, got {type(config).__name__}")
         if dtype not in DTYPES:
@@ -307,7 +317,7 @@ class GPT:
         self.xp = self.backend.xp
         self.dtype = dtype
         self.training = False
-        self.params: dict[str, Array] = self._init_params(seed)
+        self.params: dict[str, Array] = self._init_params(seed) if init else self._zero_params()
         self._norm_forward, self._norm_backward = layers.NORMS[config.norm]
         self._act_forward, self._act_backward = layers.ACTIVATIONS[config.activation]
         self._dropout_rng = host_rng(seed + 1)
@@ -331,6 +341,13 @@ class GPT:
                 host = rng.standard_normal(shape) * std  # drawn even when std is 0: same stream for every init
             params[name] = self.backend.asarray(host.astype(self.dtype))
         return params
+
+    def _zero_params(self) -> dict[str, Array]:
+        dtype = getattr(self.xp, self.dtype)
+        return {
+            name: self.xp.zeros(shape, dtype=dtype, device=self.backend.device)
+            for name, shape in param_shapes(self.config).items()
+        }
 
     def state_dict(self) -> dict[str, Array]:
         """Name -> the model's own parameter arrays (not copies), in a new dict."""

@@ -110,7 +110,9 @@ def load_file(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
     size = path.stat().st_size
     with open(path, "rb") as f:
         header, data_start = _read_header(f, path, size)
-        data = f.read()
+        data = bytearray(size - data_start)  # one buffer; the tensors are views of it, not copies
+        n_read = f.readinto(data)
+    del data[n_read:]
     header.pop("__metadata__", None)
     tensors = {}
     for name, info in header.items():
@@ -131,11 +133,13 @@ def load_file(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
                 f"{path}: tensor {name!r} ({dtype_name} {list(shape)}) has data offsets [{begin}, {end}] that do not fit "
                 f"the file ({size - data_start} data bytes): the file is truncated or corrupted"
             )
-        raw = data[begin:end]
         if dtype is None:
-            array = (np.frombuffer(raw, dtype="<u2").astype(np.uint32) << 16).view(np.float32)
+            raw = np.frombuffer(data, dtype="<u2", count=count, offset=begin)
+            array = (raw.astype(np.uint32) << 16).view(np.float32)
         else:
-            array = np.frombuffer(raw, dtype=dtype).astype(dtype.newbyteorder("="))
+            array = np.frombuffer(data, dtype=dtype, count=count, offset=begin)
+            if not dtype.isnative:
+                array = array.astype(dtype.newbyteorder("="))
         tensors[name] = array.reshape(shape)
     return tensors
 
