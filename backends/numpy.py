@@ -27,7 +27,10 @@ def scatter_add(target, indices, values):
     # sort and one segmented reduction, then add once per distinct index.
     order = np.argsort(indices, kind="stable")
     sorted_indices = indices[order]
-    starts = np.flatnonzero(np.r_[True, sorted_indices[1:] != sorted_indices[:-1]])
+    first_of_run = np.empty(len(sorted_indices), dtype=bool)
+    first_of_run[:1] = True
+    np.not_equal(sorted_indices[1:], sorted_indices[:-1], out=first_of_run[1:])
+    starts = np.flatnonzero(first_of_run)
     target[sorted_indices[starts]] += np.add.reduceat(values[order], starts, axis=0)
 
 
