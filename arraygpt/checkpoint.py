@@ -1,0 +1,239 @@
+"""Checkpoints: a folder of plain files, written atomically, read without unpickling anything.
+
+Layout of a checkpoint folder DIR:
+
+    DIR/model.safetensors      the parameters (name -> array, weights stored (out, in))
+    DIR/config.json            GPTConfig.to_dict() plus {"arraygpt_format": 1}
+    DIR/tokenizer.json         the tokenizer's to_dict(), when there is one
+    DIR/optimizer.safetensors  the optimizer's arrays (moments, momentum), when there is one
+    DIR/state.json             {"arraygpt_format", "model_rng" (the dropout generator's state),
+                                "optimizer" (the optimizer's numbers: step count...), "extra"
+                                (the caller's JSON: for a training run its step, data position,
+                                generator states, schedule and options)}
+
+Atomicity: the files are written into a fresh sibling folder ``.DIR.tmp-*`` and flushed to disk,
+then DIR is renamed to ``.DIR.old``, the new folder is renamed to DIR, and ``.DIR.old`` is
+deleted. A kill at any moment leaves either DIR complete, or (between the two renames) DIR absent
+and ``.DIR.old`` complete, which :func:`load_checkpoint` and the next save fall back to. The
+previous checkpoint stays loadable throughout.
+
+Not here: what a training run keeps in ``extra`` (``arraygpt.training``), GPT-2 interop.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from arraygpt import safetensors
+from arraygpt.model import GPT, GPTConfig
+from arraygpt.shim import Backend, to_numpy
+from arraygpt.tokenizer import Tokenizer, tokenizer_from_dict
+
+FORMAT = 1
+MARKER = "arraygpt_format"
+MODEL_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+TOKENIZER_FILE = "tokenizer.json"
+OPTIMIZER_FILE = "optimizer.safetensors"
+STATE_FILE = "state.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder is missing files, truncated, corrupted or of an unknown format."""
+
+
+@dataclass
+class Checkpoint:
+    """What :func:`load_checkpoint` returns.
+
+    Attributes:
+        model: the GPT, parameters loaded, its dropout generator restored.
+        tokenizer: the tokenizer saved with it, or None.
+        optimizer_state: the optimizer's ``state_dict()`` (host arrays and numbers), or None.
+        extra: the caller's JSON saved with it (empty dict if none).
+        path: the folder actually read (``.DIR.old`` after an interrupted save).
+    """
+
+    model: GPT
+    tokenizer: Tokenizer | None
+    optimizer_state: dict[str, Any] | None
+    extra: dict[str, Any] = field(default_factory=dict)
+    path: Path | None = None
+
+    @property
+    def config(self) -> GPTConfig:
+        return self.model.config
+
+
+def _old(target: Path) -> Path:
+    return target.parent / f".{target.name}.old"
+
+
+def _dump_json(obj: Any, path: Path) -> None:
+    safetensors.write_atomic(path, (json.dumps(obj, indent=1) + "\n").encode())
+
+
+def save_checkpoint(directory: str | os.PathLike[str], model: GPT, tokenizer: Tokenizer | None = None,
+                    optimizer: Any = None, extra: Mapping[str, Any] | None = None) -> Path:  # fmt: skip
+    """Write a checkpoint folder atomically (see the module docstring) and return its path.
+
+    Args:
+        directory: the checkpoint folder; its parent is created if needed.
+        model: the GPT to save.
+        tokenizer: saved as tokenizer.json when given.
+        optimizer: anything with ``state_dict()``; arrays go to optimizer.safetensors, numbers to
+            state.json.
+        extra: JSON-serializable data saved in state.json and returned as ``Checkpoint.extra``.
+    """
+    target = Path(directory)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+    try:
+        safetensors.save_file({name: to_numpy(p) for name, p in model.params.items()}, tmp / MODEL_FILE,
+                              metadata={"format": "arraygpt", MARKER: str(FORMAT)})  # fmt: skip
+        _dump_json({**model.config.to_dict(), MARKER: FORMAT}, tmp / CONFIG_FILE)
+        if tokenizer is not None:
+            _dump_json(tokenizer.to_dict(), tmp / TOKENIZER_FILE)
+        numbers = None
+        if optimizer is not None:
+            arrays, numbers = {}, {}
+            for key, value in optimizer.state_dict().items():
+                if isinstance(value, (bool, int, float, np.integer, np.floating)) and np.ndim(value) == 0:
+                    numbers[key] = value.item() if isinstance(value, np.generic) else value
+                else:
+                    arrays[key] = to_numpy(value)
+            safetensors.save_file(arrays, tmp / OPTIMIZER_FILE, metadata={"format": "arraygpt-optimizer"})
+        state = {MARKER: FORMAT, "model_rng": model._dropout_rng.bit_generator.state, "optimizer": numbers,
+                 "extra": dict(extra or {})}  # fmt: skip
+        _dump_json(state, tmp / STATE_FILE)  # the last file written
+        _make_readable(tmp)
+        _swap_in(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def _make_readable(folder: Path) -> None:
+    """Give the folder and its files the usual permissions (mkdtemp/mkstemp create them private)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(folder, 0o777 & ~umask)
+    for f in folder.iterdir():
+        os.chmod(f, 0o666 & ~umask)
+
+
+def _swap_in(new: Path, target: Path) -> None:
+    """Replace the folder ``target`` by ``new`` so that a complete checkpoint exists at every instant."""
+    old = _old(target)
+    if old.exists():
+        if target.exists():  # a crash after the last swap's second rename: old is stale
+            shutil.rmtree(old)
+        else:  # a crash between the renames: old is the last complete checkpoint; put it back first
+            os.replace(old, target)
+    if target.exists():
+        os.replace(target, old)
+    os.replace(new, target)
+    safetensors._fsync_dir(target.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def resolve_checkpoint(directory: str | os.PathLike[str]) -> Path:
+    """The checkpoint folder to read for ``directory``: itself; its ``last/`` when it is a run
+    folder; or ``.DIR.old`` when a save was interrupted between its two renames.
+
+    Raises:
+        FileNotFoundError: there is no checkpoint there.
+    """
+    path = Path(directory)
+    for candidate in (path, _old(path), path / "last", _old(path / "last")):
+        if (candidate / CONFIG_FILE).is_file():
+            return candidate
+    if path.exists():
+        raise FileNotFoundError(f"{path} is not an arraygpt checkpoint folder (no {CONFIG_FILE}, no last/)")
+    raise FileNotFoundError(f"no checkpoint at {path}")
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint file {path} is missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"checkpoint file {path} is truncated or corrupted (not valid JSON: {e})") from None
+
+
+def _read_tensors(path: Path) -> dict[str, np.ndarray]:
+    try:
+        return safetensors.load_file(path)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint file {path} is missing") from None
+    except safetensors.SafetensorsError as e:
+        raise CheckpointError(f"checkpoint file is damaged: {e}") from e
+
+
+def load_checkpoint(directory: str | os.PathLike[str], backend: str | Backend | None = None) -> Checkpoint:
+    """Read a checkpoint folder (or a run folder's ``last/``); never unpickles anything.
+
+    Args:
+        directory: the folder given to :func:`save_checkpoint`, or a training run's folder.
+        backend: where to put the parameters; default the active backend.
+
+    Raises:
+        FileNotFoundError: no checkpoint there.
+        CheckpointError: a file is missing, truncated, corrupted or of an unknown format.
+
+    Example:
+        >>> ckpt = load_checkpoint("runs/names/best")          # doctest: +SKIP
+        >>> ckpt.model, ckpt.tokenizer.decode([0, 1])          # doctest: +SKIP
+    """
+    path = resolve_checkpoint(directory)
+    config_dict = _read_json(path / CONFIG_FILE)
+    if not isinstance(config_dict, dict) or config_dict.get(MARKER) != FORMAT:
+        raise CheckpointError(f"{path / CONFIG_FILE} is not an arraygpt checkpoint config of format {FORMAT}")
+    config_dict = {k: v for k, v in config_dict.items() if k != MARKER}
+    try:
+        config = GPTConfig.from_dict(config_dict)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path / CONFIG_FILE}: invalid model config: {e}") from None
+    state = _read_json(path / STATE_FILE)
+    if not isinstance(state, dict) or state.get(MARKER) != FORMAT:
+        raise CheckpointError(f"{path / STATE_FILE} is not an arraygpt checkpoint state of format {FORMAT}")
+    tensors = _read_tensors(path / MODEL_FILE)
+    dtypes = {str(a.dtype) for a in tensors.values()}
+    if len(dtypes) != 1 or not dtypes <= {"float32", "float64"}:
+        raise CheckpointError(f"{path / MODEL_FILE}: expected float32 or float64 parameters, got {sorted(dtypes)}")
+    model = GPT(config, dtype=dtypes.pop(), backend=backend)
+    try:
+        model.load_state_dict(tensors)
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(f"{path / MODEL_FILE} does not match {path / CONFIG_FILE}: {e}") from None
+    if state.get("model_rng"):
+        try:
+            model._dropout_rng.bit_generator.state = state["model_rng"]
+        except (TypeError, ValueError, KeyError) as e:
+            raise CheckpointError(f"{path / STATE_FILE}: invalid model_rng: {e}") from None
+    tokenizer = None
+    if (path / TOKENIZER_FILE).exists():
+        try:
+            tokenizer = tokenizer_from_dict(_read_json(path / TOKENIZER_FILE))
+        except ValueError as e:
+            raise CheckpointError(f"{path / TOKENIZER_FILE}: {e}") from None
+        if tokenizer.vocab_size > config.vocab_size:
+            raise CheckpointError(
+                f"{path}: the tokenizer has {tokenizer.vocab_size} tokens but the model only {config.vocab_size}"
+            )
+    optimizer_state = None
+    if (path / OPTIMIZER_FILE).exists() or state.get("optimizer") is not None:
+        optimizer_state = {**(state.get("optimizer") or {}), **_read_tensors(path / OPTIMIZER_FILE)}
+    return Checkpoint(model=model, tokenizer=tokenizer, optimizer_state=optimizer_state,
+                      extra=dict(state.get("extra") or {}), path=path)  # fmt: skip

@@ -1,0 +1,376 @@
+"""Training data: sources, the train/val split, and batches of token ids on the host.
+
+Two ways to feed text to a GPT:
+
+- **documents** (microgpt): one document per line, each tokenized and wrapped in BOS,
+  ``[BOS, c1, ..., cn, BOS]``; a batch holds B documents. A document longer than ``block_size + 1``
+  tokens contributes a random window of that length. Shorter rows are padded: inputs with BOS,
+  targets with -1, which the loss ignores. The documents are shuffled once with a fixed seed
+  (``split_seed``, not the run's seed), then the last ``val_fraction`` of them is the validation
+  split. Training walks through the training documents one epoch at a time, in an order that is a
+  fixed function of (seed, epoch).
+- **stream** (nanoGPT's shakespeare_char): the whole text is one token stream; the first
+  ``1 - val_fraction`` is train and the rest val (``data[:int(n*0.9)]``); a batch holds B random
+  windows of ``block_size + 1`` tokens.
+
+Sources: a text file path, or ``names``: the US Census first names of the ``names`` PyPI package
+(the optional extra ``arraygpt[names]``), lowercased, one per line, duplicates dropped.
+
+Everything here is host NumPy (int64 ids); the model moves batches to its backend. All
+randomness comes from a :class:`Batcher`'s own generator, whose state is saved with checkpoints.
+
+Not here: tokenizers (``arraygpt.tokenizer``), the training loop.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from arraygpt.tokenizer import ByteTokenizer, CharTokenizer, Tokenizer
+
+MODES = ("documents", "stream")
+BUILTIN_SOURCES = ("names",)
+NAMES_INSTALL_HINT = "pip install 'arraygpt[names]'  (or: pip install names)"
+
+
+class DataError(ValueError):
+    """The data cannot be used for training as asked (empty, too short, unknown characters...)."""
+
+
+# ----------------------------------------------------------------------------------------------
+# sources
+
+
+def names_documents() -> list[str]:
+    """The first names of the ``names`` package (US Census 1990, female then male), lowercased,
+    each once, in the package's order (by frequency).
+
+    Raises:
+        ImportError: the ``names`` package is not installed; the message says how to install it.
+    """
+    try:
+        import names
+    except ImportError:
+        raise ImportError(f"the built-in 'names' data set needs the 'names' package: {NAMES_INSTALL_HINT}") from None
+    seen: dict[str, None] = {}
+    for key in ("first:female", "first:male"):
+        with open(names.FILES[key], encoding="utf-8") as f:
+            for line in f:
+                fields = line.split()
+                if fields:
+                    seen.setdefault(fields[0].lower(), None)
+    return list(seen)
+
+
+def read_source(source: str | Path) -> str:
+    """The text of a source: ``names`` (one name per line) or a UTF-8 text file path.
+
+    Raises:
+        FileNotFoundError: the path does not exist (the message names the built-in sources).
+        DataError: the file is not UTF-8 text.
+    """
+    if isinstance(source, str) and source in BUILTIN_SOURCES:
+        return "\n".join(names_documents()) + "\n"
+    path = Path(source)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"data source {str(source)!r} is neither a file nor a built-in data set ({', '.join(BUILTIN_SOURCES)})"
+        )
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path} is not UTF-8 text: {e}") from None
+
+
+def split_documents(text: str) -> list[str]:
+    """One document per line (line endings removed); empty lines are dropped."""
+    return [line for line in (raw.rstrip("\r") for raw in text.split("\n")) if line]
+
+
+def fingerprint(text: str) -> str:
+    """sha256 of the text: a resumed run checks that its data did not change."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def default_tokenizer(kind: str, text: str, mode: str) -> Tokenizer:
+    """The tokenizer a run builds from its data: ``char`` (the text's sorted characters; a BOS
+    token in documents mode) or ``byte``."""
+    if mode not in MODES:
+        raise ValueError(f"unknown data mode {mode!r}; choose one of {', '.join(MODES)}")
+    documents = mode == "documents"
+    if kind == "char":
+        chars = "".join(split_documents(text)) if documents else text
+        if not chars:
+            raise DataError("the data set is empty: there is no text to build a tokenizer from")
+        return CharTokenizer.from_text(chars, bos=documents)
+    if kind == "byte":
+        return ByteTokenizer(bos=documents)
+    raise ValueError(f"unknown tokenizer {kind!r}; choose char, byte or a tokenizer JSON file")
+
+
+# ----------------------------------------------------------------------------------------------
+# data sets
+
+
+@dataclass
+class _Rows:
+    """Eval rows of a documents split: (document, start, width) triples."""
+
+    doc: np.ndarray
+    start: np.ndarray
+    width: np.ndarray
+
+
+class DocumentDataset:
+    """Documents, one per line, each ``[BOS] + tokens + [BOS]``, split by whole documents.
+
+    Args:
+        text: the raw text (one document per line).
+        tokenizer: must have a BOS token.
+        block_size: the model's context; rows have at most ``block_size + 1`` tokens.
+        val_fraction: share of documents held out (after a shuffle with ``split_seed``).
+        split_seed: seed of that one shuffle (42, as microgpt's ``random.seed(42)``).
+
+    Raises:
+        DataError: no documents, too few to split, or characters the tokenizer does not know.
+    """
+
+    mode = "documents"
+
+    def __init__(self, text: str, tokenizer: Tokenizer, block_size: int, val_fraction: float = 0.1,
+                 split_seed: int = 42):  # fmt: skip
+        _check_common(tokenizer, block_size, val_fraction)
+        if tokenizer.bos_id is None:
+            raise DataError("documents mode needs a tokenizer with a BOS token (build it with bos=True)")
+        docs = split_documents(text)
+        if not docs:
+            raise DataError("the data set is empty: it has no non-empty lines (documents)")
+        n_train = int(len(docs) * (1.0 - val_fraction))
+        n_val = len(docs) - n_train
+        if n_train < 1 or (val_fraction > 0 and n_val < 1):
+            raise DataError(
+                f"{len(docs)} document(s) are too few for a train/val split with val_fraction={val_fraction}"
+            )
+        order = np.random.default_rng(split_seed).permutation(len(docs))
+        docs = [docs[i] for i in order]
+        try:
+            encoded = [tokenizer.encode(d) for d in docs]
+        except ValueError as e:
+            raise DataError(str(e)) from None
+        self.tokenizer = tokenizer
+        self.block_size = block_size
+        self.documents = docs
+        bos = tokenizer.bos_id
+        lengths = np.array([len(e) + 2 for e in encoded], dtype=np.int64)
+        table = np.full((len(docs), int(lengths.max())), -1, dtype=np.int64)  # -1 pads
+        for i, ids in enumerate(encoded):
+            table[i, : len(ids) + 2] = [bos, *ids, bos]
+        self._table, self._lengths = table, lengths
+        self.splits = {"train": np.arange(n_train), "val": np.arange(n_train, len(docs))}
+        self._eval_rows: dict[str, _Rows] = {}
+
+    def __len__(self) -> int:
+        return len(self.documents)
+
+    def split_size(self, split: str) -> int:
+        """Number of documents in a split."""
+        return len(self.splits[split])
+
+    def tokens_in(self, split: str) -> int:
+        """Number of predicted tokens (targets) in a split."""
+        return int((self._lengths[self.splits[split]] - 1).sum())
+
+    def _rows(self, doc: np.ndarray, start: np.ndarray, width: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Rows ``table[doc, start : start + width]``, padded to the widest -> (x, y), each (B, T)."""
+        T = int(width.max()) - 1
+        pos = start[:, None] + np.arange(T + 1)[None, :]  # (B, T+1)
+        valid = np.arange(T + 1)[None, :] < width[:, None]
+        rows = np.where(valid, self._table[doc[:, None], np.minimum(pos, self._table.shape[1] - 1)], -1)
+        x = np.where(rows[:, :-1] < 0, self.tokenizer.bos_id, rows[:, :-1])  # pads are never attended to
+        return x, rows[:, 1:]
+
+    def train_batch(self, doc: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """One row per document: the whole document, or a random window of ``block_size + 1`` tokens."""
+        lengths = self._lengths[doc]
+        width = np.minimum(lengths, self.block_size + 1)
+        start = rng.integers(0, lengths - width + 1)  # (B,)
+        return self._rows(doc, start, width)
+
+    def eval_batches(self, split: str, batch_size: int, max_batches: int | None = None,
+                     seed: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:  # fmt: skip
+        """Batches that predict every token of the split once (long documents are cut into
+        consecutive windows), or ``max_batches`` of them chosen with a fixed ``seed``."""
+        if split not in self._eval_rows:
+            docs, starts, widths = [], [], []
+            for d in self.splits[split]:
+                L = int(self._lengths[d])
+                for s in range(0, L - 1, self.block_size):
+                    docs.append(d)
+                    starts.append(s)
+                    widths.append(min(self.block_size + 1, L - s))
+            self._eval_rows[split] = _Rows(np.array(docs), np.array(starts), np.array(widths))
+        rows = self._eval_rows[split]
+        order = np.arange(len(rows.doc))
+        if max_batches is not None and max_batches * batch_size < len(order):
+            order = np.sort(np.random.default_rng(seed).permutation(len(order))[: max_batches * batch_size])
+        for i in range(0, len(order), batch_size):
+            sel = order[i : i + batch_size]
+            yield self._rows(rows.doc[sel], rows.start[sel], rows.width[sel])
+
+
+class StreamDataset:
+    """One token stream, first ``1 - val_fraction`` train, the rest val; random windows.
+
+    Raises:
+        DataError: the text is empty, has unknown characters, or a split is shorter than
+            ``block_size + 1`` tokens.
+    """
+
+    mode = "stream"
+
+    def __init__(self, text: str, tokenizer: Tokenizer, block_size: int, val_fraction: float = 0.1,
+                 split_seed: int = 42):  # fmt: skip
+        _check_common(tokenizer, block_size, val_fraction)
+        if not text:
+            raise DataError("the data set is empty")
+        try:
+            ids = np.array(tokenizer.encode(text), dtype=np.int64)
+        except ValueError as e:
+            raise DataError(str(e)) from None
+        n_train = int(len(ids) * (1.0 - val_fraction))
+        self.tokenizer = tokenizer
+        self.block_size = block_size
+        self.data = {"train": ids[:n_train], "val": ids[n_train:]}
+        for split, part in self.data.items():
+            if split == "val" and val_fraction == 0:
+                continue
+            if len(part) < block_size + 1:
+                raise DataError(
+                    f"block_size {block_size} is larger than the {split} split allows: it has {len(part)} tokens, "
+                    f"and a window needs block_size + 1 = {block_size + 1}; use a smaller --block-size or more data"
+                )
+
+    def __len__(self) -> int:
+        return sum(len(d) for d in self.data.values())
+
+    def split_size(self, split: str) -> int:
+        """Number of tokens in a split."""
+        return len(self.data[split])
+
+    def tokens_in(self, split: str) -> int:
+        return max(len(self.data[split]) - 1, 0)
+
+    def _windows(self, split: str, starts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        pos = starts[:, None] + np.arange(self.block_size + 1)[None, :]  # (B, T+1)
+        rows = self.data[split][pos]
+        return rows[:, :-1], rows[:, 1:]
+
+    def train_batch(self, starts: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        return self._windows("train", starts)
+
+    def eval_batches(self, split: str, batch_size: int, max_batches: int | None = None,
+                     seed: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:  # fmt: skip
+        """Consecutive non-overlapping windows covering the split (all but a tail shorter than a
+        window), or ``max_batches`` batches of random windows drawn with a fixed ``seed``."""
+        n = len(self.data[split]) - self.block_size  # number of possible window starts
+        if n <= 0:
+            return
+        starts = np.arange(0, n, self.block_size)
+        if max_batches is not None and max_batches * batch_size < len(starts):
+            starts = np.random.default_rng(seed).integers(0, n, max_batches * batch_size)
+        for i in range(0, len(starts), batch_size):
+            yield self._windows(split, starts[i : i + batch_size])
+
+
+Dataset = DocumentDataset | StreamDataset
+
+
+def _check_common(tokenizer: Tokenizer, block_size: int, val_fraction: float) -> None:
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise DataError(f"block_size must be a positive integer, got {block_size!r}")
+    if not 0.0 <= val_fraction < 1.0:
+        raise DataError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
+
+
+def make_dataset(text: str, tokenizer: Tokenizer, mode: str, block_size: int, val_fraction: float = 0.1,
+                 split_seed: int = 42) -> Dataset:  # fmt: skip
+    """The data set of ``mode`` (``documents`` or ``stream``) over ``text``."""
+    if mode == "documents":
+        return DocumentDataset(text, tokenizer, block_size, val_fraction, split_seed)
+    if mode == "stream":
+        return StreamDataset(text, tokenizer, block_size, val_fraction, split_seed)
+    raise ValueError(f"unknown data mode {mode!r}; choose one of {', '.join(MODES)}")
+
+
+# ----------------------------------------------------------------------------------------------
+# the training batch sampler and its state
+
+
+class Batcher:
+    """Draws training batches; its whole state (generator, epoch, position) is saved and restored,
+    so that a resumed run draws exactly the batches the uninterrupted run would have drawn.
+
+    Documents: epoch e visits the training documents in the order
+    ``default_rng([seed, e]).permutation(n)``, B at a time (an epoch's tail joins the next epoch's
+    head); window starts come from the generator. Stream: B uniformly random window starts per
+    batch (nanoGPT's get_batch).
+
+    Args:
+        dataset: a DocumentDataset or StreamDataset.
+        batch_size: rows per batch (>= 1).
+        seed: seed of the generator and of the epoch orders.
+    """
+
+    def __init__(self, dataset: Dataset, batch_size: int, seed: int = 0):
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise DataError(f"batch_size must be a positive integer, got {batch_size!r}")
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.seed = seed
+        self.rng = np.random.default_rng(seed)
+        self.epoch = 0
+        self.position = 0
+        self._order: tuple[int, np.ndarray] | None = None
+
+    def _epoch_order(self, epoch: int) -> np.ndarray:
+        if self._order is None or self._order[0] != epoch:
+            n = self.dataset.split_size("train")
+            self._order = (epoch, np.random.default_rng([self.seed, epoch]).permutation(n))
+        return self._order[1]
+
+    def next(self) -> tuple[np.ndarray, np.ndarray]:
+        """The next training batch (x, y): int64 (B, T) arrays; y is -1 where nothing is predicted."""
+        ds, B = self.dataset, self.batch_size
+        if isinstance(ds, StreamDataset):
+            starts = self.rng.integers(0, ds.split_size("train") - ds.block_size, B)
+            return ds.train_batch(starts, self.rng)
+        picked = []
+        need = B
+        while need:
+            order = self._epoch_order(self.epoch)
+            take = order[self.position : self.position + need]
+            picked.append(take)
+            need -= len(take)
+            self.position += len(take)
+            if self.position >= len(order):
+                self.epoch, self.position = self.epoch + 1, 0
+        docs = ds.splits["train"][np.concatenate(picked)]
+        return ds.train_batch(docs, self.rng)
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-serializable state: the generator's bit_generator state, epoch and position."""
+        return {"rng": self.rng.bit_generator.state, "epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        try:
+            self.rng.bit_generator.state = dict(state["rng"])
+            self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"batcher state is not valid: {e!r}") from None
+        self._order = None

@@ -1,0 +1,739 @@
+"""Training: ``arraygpt.train(...)``, the ``arraygpt train`` command, and the :class:`Run` that holds a
+training run's state and walks its loop.
+
+One step: draw a batch on the host (``arraygpt.data.Batcher``), forward and backward through the
+hand-written GPT, optionally clip the global gradient norm, and let the optimizer plugin update
+the parameters in place at the schedule's learning rate. Every ``eval_interval`` steps the mean
+loss on the train and val splits is measured; metrics go to ``metrics.jsonl`` in the run folder,
+checkpoints to ``last/`` (every ``checkpoint_interval`` steps and at the end) and ``best/`` (the
+lowest val loss so far). Plugins see every step, eval and checkpoint through the
+``arraygpt_on_step`` / ``arraygpt_on_eval`` / ``arraygpt_on_checkpoint`` hooks and may stop the run.
+
+A run is exactly resumable: a checkpoint holds the parameters, the optimizer's buffers and step
+count, the batcher's generator and epoch position, the dropout generator and the step, so a run of
+2N steps stopped after N (Ctrl-C, a plugin, ``stop_after``, a kill after a checkpoint) and resumed
+ends with the same bits as a run never stopped (on NumPy). The schedule is a pure function of the
+step; evaluations and samples draw from their own generators and change nothing.
+
+Not here: the samplers of generation (``arraygpt.generation``): the samples printed at the end
+use plain multinomial sampling from the softmax of the last position's logits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import json
+import math
+import signal
+import sys
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+
+from arraygpt.data import MODES, Batcher, Dataset, DataError, default_tokenizer, fingerprint, make_dataset, read_source
+from arraygpt.model import DTYPES, GPT, GPTConfig
+from arraygpt.optim import SCHEDULES, Schedule, clip_grad_norm, create_optimizer
+from arraygpt.shim import to_numpy
+from arraygpt.tokenizer import ByteTokenizer, CharTokenizer, Tokenizer, load_tokenizer
+
+METRICS_FILE = "metrics.jsonl"
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss (or the gradient norm) became NaN or infinite; the run stopped without saving.
+
+    Attributes:
+        run: the :class:`Run`, as it was before the failed step.
+    """
+
+    def __init__(self, message: str, run: Run):
+        super().__init__(message)
+        self.run = run
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The options that define a training run (saved with each checkpoint, restored on resume).
+
+    Attributes:
+        data: ``names`` (built in) or a text file path.
+        mode: ``documents`` (one per line, wrapped in BOS) or ``stream`` (random windows);
+            default documents for ``names``, stream for a file.
+        tokenizer: ``char``, ``byte`` or the path of a tokenizer JSON file.
+        val_fraction: share of the data held out for validation (the end of it).
+        split_seed: seed of the one shuffle of documents before the split.
+        steps: optimizer steps of the whole run (the schedule's length).
+        batch_size: rows per batch.
+        optimizer: a registered optimizer name (``adam``, ``adamw``, ``sgd``, or a plugin's).
+        lr: peak learning rate; schedule: ``constant``, ``linear`` (to zero) or ``cosine``
+            (to min_lr); warmup_steps: linear warmup first.
+        beta1, beta2, eps, weight_decay, momentum: optimizer options, passed to the factory
+            when it accepts them (None: the factory's default).
+        grad_clip: clip the global gradient norm to this (0: off).
+        eval_interval: steps between evaluations (and the default checkpoint interval).
+        eval_batches: batches per split per evaluation (0: the whole split).
+        log_interval: steps between progress lines and metrics records.
+        checkpoint_interval: steps between ``last/`` checkpoints (0: eval_interval).
+        seed: seeds the weights, the dropout coins and the batches.
+        backend, dtype: where and in what precision the model lives (None: the active backend).
+        samples, sample_length, temperature: what to print at the end (documents: up to
+            sample_length tokens each, stopping at EOS; stream: one text of sample_length tokens).
+    """
+
+    data: str = "names"
+    mode: str | None = None
+    tokenizer: str = "char"
+    val_fraction: float = 0.1
+    split_seed: int = 42
+    steps: int = 5000
+    batch_size: int = 64
+    optimizer: str = "adam"
+    lr: float = 1e-2
+    schedule: str = "linear"
+    warmup_steps: int = 0
+    min_lr: float = 0.0
+    beta1: float | None = 0.9
+    beta2: float | None = 0.95
+    eps: float | None = 1e-8
+    weight_decay: float | None = None
+    momentum: float | None = None
+    grad_clip: float = 0.0
+    eval_interval: int = 500
+    eval_batches: int = 20
+    log_interval: int = 250
+    checkpoint_interval: int = 0
+    seed: int = 0
+    backend: str | None = None
+    dtype: str = "float32"
+    samples: int = 10
+    sample_length: int = 32
+    temperature: float = 1.0
+
+    def __post_init__(self) -> None:
+        mode = self.mode or ("documents" if self.data == "names" else "stream")
+        object.__setattr__(self, "mode", mode)
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        positive = ("steps", "batch_size", "eval_interval", "log_interval", "sample_length")
+        non_negative = ("warmup_steps", "eval_batches", "checkpoint_interval", "samples", "split_seed", "seed")
+        for name in positive + non_negative:
+            value = getattr(self, name)
+            low = 1 if name in positive else 0
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                what = "a positive integer" if low else "an integer >= 0"
+                raise ValueError(f"{name} must be {what}, got {value!r}")
+        for name in ("lr", "min_lr", "grad_clip"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                label = "learning rate (lr)" if name == "lr" else name
+                raise ValueError(f"{label} must be a finite number >= 0, got {value!r}")
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
+        if self.warmup_steps > self.steps:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) must not exceed steps ({self.steps})")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> TrainConfig:
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - fields)
+        if unknown:
+            raise ValueError(f"unknown training option(s) {unknown}; options are: {', '.join(sorted(fields))}")
+        return cls(**d)
+
+    def optimizer_options(self, factory: Any) -> dict[str, Any]:
+        """The optimizer options that are set and that ``factory`` accepts by name."""
+        candidates: dict[str, Any] = {}
+        if self.beta1 is not None or self.beta2 is not None:
+            candidates["betas"] = (0.9 if self.beta1 is None else self.beta1, 0.999 if self.beta2 is None else self.beta2)
+        for name in ("eps", "weight_decay", "momentum"):
+            if getattr(self, name) is not None:
+                candidates[name] = getattr(self, name)
+        try:
+            accepted = set(inspect.signature(factory).parameters)
+        except (TypeError, ValueError):
+            return {}
+        return {k: v for k, v in candidates.items() if k in accepted}
+
+
+# options a resumed run may change: they do not alter the computation
+RESUME_OVERRIDABLE = ("backend", "log_interval", "samples", "sample_length", "temperature")
+
+
+class Run:
+    """A training run: everything the loop needs, and what plugins see in the event hooks.
+
+    Attributes:
+        config: the TrainConfig.
+        model, tokenizer, dataset, batcher, optimizer, schedule: the parts.
+        out_dir: the run folder (None: nothing is written).
+        step: optimizer steps done.
+        best_val_loss: the lowest val loss of an evaluation so far (inf before the first).
+        history: every metrics record of this process, as written to metrics.jsonl.
+        samples: the texts sampled at the end.
+        stop_reason: why the loop ended: ``done``, ``stop_after``, ``interrupted``, ``plugin``.
+    """
+
+    def __init__(self, config: TrainConfig, model: GPT, tokenizer: Tokenizer, dataset: Dataset, batcher: Batcher,
+                 optimizer: Any, out_dir: Path | None, pm: Any, *, step: int = 0, best_val_loss: float = math.inf,
+                 data_sha256: str = "", progress: bool = True, stream: TextIO | None = None):  # fmt: skip
+        self.config = config
+        self.model = model
+        self.tokenizer = tokenizer
+        self.dataset = dataset
+        self.batcher = batcher
+        self.optimizer = optimizer
+        self.schedule = Schedule(config.schedule, config.lr, config.steps, config.warmup_steps, config.min_lr)
+        self.out_dir = out_dir
+        self.pm = pm
+        self.step = step
+        self.best_val_loss = best_val_loss
+        self.data_sha256 = data_sha256
+        self.progress = progress
+        self.stream = stream or sys.stdout
+        self.history: list[dict[str, Any]] = []
+        self.samples: list[str] = []
+        self.stop_reason: str | None = None
+        self._stop_requested: str | None = None
+        self._sigint = False
+        self._last_saved = -1
+
+    # -- events, metrics, output -------------------------------------------------------------
+
+    def request_stop(self, reason: str = "plugin") -> None:
+        """Ask the loop to save a checkpoint and stop after the current step."""
+        self._stop_requested = self._stop_requested or reason
+
+    def _call_hook(self, name: str, **kwargs: Any) -> list[Any]:
+        """Call a training-event hook, each implementation on its own (last registered first), so
+        that a plugin that raises is named."""
+        from arraygpt.manager import PluginError
+
+        hook = getattr(self.pm.hook, name)
+        impls = hook.get_hookimpls()
+        if any(impl.hookwrapper or impl.wrapper for impl in impls):
+            return hook(**kwargs)
+        results = []
+        for impl in reversed(impls):
+            try:
+                result = impl.function(**{arg: kwargs[arg] for arg in impl.argnames})
+            except Exception as e:
+                raise PluginError(f"plugin {impl.plugin_name!r} raised in {name} at step {self.step}: {e!r}") from e
+            if result is not None:
+                results.append(result)
+        return results
+
+    def _record(self, record: dict[str, Any]) -> None:
+        self.history.append(record)
+        if self.out_dir is not None:
+            with open(self.out_dir / METRICS_FILE, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def _print(self, text: str) -> None:
+        if self.progress:
+            print(text, file=self.stream, flush=True)
+
+    def _progress_line(self, loss: float, lr: float, tokens_per_s: float) -> None:
+        if not self.progress:
+            return
+        total = self.config.steps
+        width = 20
+        filled = int(width * self.step / total)
+        line = (f"[{'#' * filled}{'.' * (width - filled)}] step {self.step:>{len(str(total))}}/{total}  "
+                f"loss {loss:.4f}  lr {lr:.2e}  {tokens_per_s:,.0f} tok/s")  # fmt: skip
+        if self.stream.isatty():
+            end = "\n" if self.step == total else ""
+            print("\r" + line, end=end, file=self.stream, flush=True)
+        else:
+            print(line, file=self.stream, flush=True)
+
+    # -- evaluation and sampling ---------------------------------------------------------------
+
+    def evaluate(self, max_batches: int | None = -1) -> dict[str, float]:
+        """Mean loss per predicted token on the train and val splits (model in eval mode).
+
+        Args:
+            max_batches: batches per split; -1: ``config.eval_batches``; None or 0: the whole split.
+        """
+        if max_batches == -1:
+            max_batches = self.config.eval_batches
+        out = {}
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for split in ("train", "val"):
+                total, count = 0.0, 0
+                for x, y in self.dataset.eval_batches(split, self.config.batch_size, max_batches or None,
+                                                      seed=self.config.seed):  # fmt: skip
+                    n = int((y >= 0).sum())
+                    _, loss = self.model.forward(x, y)
+                    total += loss * n
+                    count += n
+                if count:
+                    out[f"{split}_loss"] = total / count
+        finally:
+            self.model.train(was_training)
+        return out
+
+    def sample(self, n: int | None = None, length: int | None = None, temperature: float | None = None,
+               seed: int | None = None) -> list[str]:  # fmt: skip
+        """Texts sampled from the model by plain multinomial sampling of softmax(logits / T).
+
+        Documents mode: ``n`` documents, each started at BOS and ended at EOS (or after
+        ``length`` tokens). Stream mode: ``n`` texts of ``length`` tokens, started at a newline.
+        """
+        cfg = self.config
+        n = cfg.samples if n is None else n
+        length = cfg.sample_length if length is None else length
+        temperature = cfg.temperature if temperature is None else temperature
+        if n < 1:
+            return []
+        rng = np.random.default_rng([3, cfg.seed if seed is None else seed])
+        tok, model = self.tokenizer, self.model
+        start = tok.bos_id
+        if start is None:
+            start = tok.encode("\n")[0] if isinstance(tok, ByteTokenizer) or "\n" in tok.chars else 0
+        V = tok.vocab_size
+        ctx = np.full((n, 1), start, dtype=np.int64)
+        done = np.zeros(n, dtype=bool)
+        was_training = model.training
+        model.eval()
+        try:
+            for _ in range(length):
+                logits, _ = model.forward(ctx[:, -model.config.block_size :])
+                last = to_numpy(logits[:, -1, :]).astype(np.float64)[:, :V] / temperature  # (n, V)
+                probs = np.exp(last - last.max(axis=1, keepdims=True))
+                cdf = np.cumsum(probs / probs.sum(axis=1, keepdims=True), axis=1)
+                coins = rng.random(n)[:, None]
+                ids = np.minimum((cdf < coins).sum(axis=1), V - 1)  # (n,)
+                ids = np.where(done, start, ids)
+                ctx = np.concatenate([ctx, ids[:, None]], axis=1)
+                if tok.eos_id is not None:
+                    done |= ids == tok.eos_id
+                    if done.all():
+                        break
+        finally:
+            model.train(was_training)
+        texts = []
+        for row in ctx[:, 1:]:
+            if tok.eos_id is not None and (row == tok.eos_id).any():
+                row = row[: int(np.argmax(row == tok.eos_id))]
+            texts.append(tok.decode(row.tolist()))
+        return texts
+
+    # -- checkpoints ---------------------------------------------------------------------------
+
+    def state(self) -> dict[str, Any]:
+        """What a checkpoint keeps besides the model, tokenizer and optimizer (``extra``)."""
+        return {
+            "step": self.step,
+            "train_config": self.config.to_dict(),
+            "data": self.batcher.state_dict(),
+            "data_sha256": self.data_sha256,
+            "schedule": self.schedule.to_dict(),
+            "lr_next": self.schedule(self.step),
+            "best_val_loss": self.best_val_loss if math.isfinite(self.best_val_loss) else None,
+        }
+
+    def save(self, which: str = "last") -> Path | None:
+        """Write the ``last`` or ``best`` checkpoint atomically; tell the plugins."""
+        from arraygpt.checkpoint import save_checkpoint
+
+        if self.out_dir is None:
+            return None
+        path = save_checkpoint(self.out_dir / which, self.model, self.tokenizer, self.optimizer,
+                               extra={**self.state(), "kind": which})  # fmt: skip
+        if which == "last":
+            self._last_saved = self.step
+        self._record({"event": "checkpoint", "step": self.step, "kind": which, "path": str(path)})
+        self._call_hook("arraygpt_on_checkpoint", run=self, step=self.step, path=str(path))
+        return path
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    def _on_sigint(self, signum: int, frame: Any) -> None:
+        if self._sigint:
+            raise KeyboardInterrupt
+        self._sigint = True
+        self.request_stop("interrupted")
+        self._print("\nCtrl-C: finishing this step, saving a checkpoint and stopping (Ctrl-C again aborts)")
+
+    def train(self, stop_after: int | None = None) -> Run:
+        """Run the loop until ``config.steps`` (or ``stop_after``) steps are done, or a stop.
+
+        Raises:
+            TrainingDiverged: the loss or gradient norm became NaN/inf (nothing is saved).
+        """
+        handler_installed = False
+        if threading.current_thread() is threading.main_thread():
+            previous = signal.signal(signal.SIGINT, self._on_sigint)
+            handler_installed = True
+        try:
+            self._loop(stop_after)
+        finally:
+            if handler_installed:
+                signal.signal(signal.SIGINT, previous)
+        return self
+
+    def _loop(self, stop_after: int | None) -> None:
+        cfg, model = self.config, self.model
+        model.train()
+        checkpoint_every = cfg.checkpoint_interval or cfg.eval_interval
+        t_start = time.perf_counter()
+        t_log, tokens_log, losses = t_start, 0, []
+        self._record({"event": "start", "step": self.step, "steps": cfg.steps, "time": time.time()})
+        while self.step < cfg.steps:
+            if stop_after is not None and self.step >= stop_after:
+                self.request_stop("stop_after")
+            if self._stop_requested:
+                break
+            t0 = time.perf_counter()
+            x, y = self.batcher.next()
+            lr = self.schedule(self.step)
+            _, loss = model.forward(x, y)
+            if not math.isfinite(loss):
+                self._diverged(f"the loss is {loss}")
+            grads = model.backward()
+            metrics: dict[str, float] = {"loss": loss, "lr": lr}
+            if cfg.grad_clip:
+                norm = clip_grad_norm(grads, cfg.grad_clip)
+                if not math.isfinite(norm):
+                    self._diverged(f"the gradient norm is {norm}")
+                metrics["grad_norm"] = norm
+            self.optimizer.step(grads, lr)
+            self.step += 1
+            n_tokens = int((y >= 0).sum())
+            dt = time.perf_counter() - t0
+            metrics["tokens_per_s"] = n_tokens / dt if dt > 0 else 0.0
+            tokens_log += n_tokens
+            losses.append(loss)
+            if any(r is True for r in self._call_hook("arraygpt_on_step", run=self, step=self.step, metrics=metrics)):
+                self.request_stop("plugin")
+            if self.step % cfg.log_interval == 0 or self.step == cfg.steps:
+                now = time.perf_counter()
+                tokens_per_s = tokens_log / (now - t_log) if now > t_log else 0.0
+                record = {"event": "train", "step": self.step, "loss": float(np.mean(losses)), "lr": lr,
+                          "tokens_per_s": tokens_per_s, "elapsed": now - t_start}  # fmt: skip
+                if "grad_norm" in metrics:
+                    record["grad_norm"] = metrics["grad_norm"]
+                self._record(record)
+                self._progress_line(record["loss"], lr, tokens_per_s)
+                t_log, tokens_log, losses = now, 0, []
+            if self.step % cfg.eval_interval == 0 or self.step == cfg.steps:
+                self._evaluate_and_keep_best()
+            if self.out_dir is not None and (self.step % checkpoint_every == 0 or self.step == cfg.steps):
+                self.save("last")
+        self.stop_reason = self._stop_requested or "done"
+        if self.out_dir is not None and self._last_saved != self.step:
+            self.save("last")
+        self._record({"event": "end", "step": self.step, "reason": self.stop_reason,
+                      "elapsed": time.perf_counter() - t_start})  # fmt: skip
+        if self.stop_reason != "done":
+            where = f"; resume with: arraygpt train --resume {self.out_dir}" if self.out_dir else ""
+            self._print(f"stopped at step {self.step}/{cfg.steps} ({self.stop_reason}){where}")
+
+    def _evaluate_and_keep_best(self) -> None:
+        losses = self.evaluate()
+        self._record({"event": "eval", "step": self.step, **losses})
+        self._print(f"step {self.step}: " + ", ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in losses.items()))
+        score = losses.get("val_loss", losses.get("train_loss", math.inf))
+        improved = score < self.best_val_loss
+        if improved:
+            self.best_val_loss = score
+            if self.out_dir is not None:
+                self.save("best")
+        if any(r is True for r in self._call_hook("arraygpt_on_eval", run=self, step=self.step, metrics=losses)):
+            self.request_stop("plugin")
+
+    def _diverged(self, what: str) -> None:
+        last = f"; the last good checkpoint is {self.out_dir / 'last'} (step {self._last_saved})" if (
+            self.out_dir is not None and self._last_saved >= 0) else ""  # fmt: skip
+        message = (f"training diverged at step {self.step + 1}: {what}. Stopped without saving{last}. "
+                   "Try a lower learning rate (--lr) or gradient clipping (--grad-clip 1.0).")  # fmt: skip
+        self._record({"event": "diverged", "step": self.step + 1, "message": message})
+        self.stop_reason = "diverged"
+        raise TrainingDiverged(message, self)
+
+
+# ----------------------------------------------------------------------------------------------
+# building a run: fresh or resumed
+
+
+def _split_options(options: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    model_fields = {f.name for f in dataclasses.fields(GPTConfig)}
+    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(options) - model_fields - train_fields)
+    if unknown:
+        raise TypeError(
+            f"unknown option(s) {unknown}; training options: {', '.join(sorted(train_fields))}; "
+            f"model options: {', '.join(sorted(model_fields))}"
+        )
+    model = {k: v for k, v in options.items() if k in model_fields}
+    return model, {k: v for k, v in options.items() if k in train_fields}
+
+
+def _make_tokenizer(config: TrainConfig, text: str, given: Tokenizer | None) -> Tokenizer:
+    if given is not None:
+        return given
+    if config.tokenizer in ("char", "byte"):
+        return default_tokenizer(config.tokenizer, text, config.mode)  # type: ignore[arg-type]
+    path = Path(config.tokenizer)
+    if not path.is_file():
+        raise ValueError(f"tokenizer must be char, byte or a tokenizer JSON file; {config.tokenizer!r} is none of them")
+    return load_tokenizer(path)
+
+
+def _run_dir(resume: str | Path) -> Path:
+    path = Path(resume)
+    if (path / "last").is_dir() or (path / ".last.old").is_dir():
+        return path
+    if (path / "config.json").is_file() and path.name in ("last", "best", ".last.old"):
+        return path.parent
+    if not path.exists():
+        raise FileNotFoundError(f"--resume {resume}: no such run folder")
+    raise FileNotFoundError(f"--resume {resume}: not a run folder (it has no last/ checkpoint)")
+
+
+def _new_run(data: str, config: GPTConfig | str, options: dict[str, Any], out_dir: str | Path | None,
+             tokenizer: Tokenizer | None, pm: Any, progress: bool) -> Run:  # fmt: skip
+    model_overrides, train_options = _split_options(options)
+    if tokenizer is not None:
+        if not isinstance(tokenizer, (CharTokenizer, ByteTokenizer)):
+            raise TypeError(f"tokenizer must be a CharTokenizer or ByteTokenizer, got {type(tokenizer).__name__}")
+        train_options["tokenizer"] = tokenizer.kind
+    tc = TrainConfig(data=str(data), **train_options)
+    if isinstance(config, str):
+        model_config = GPTConfig.preset(config, **model_overrides)
+        explicit_vocab = "vocab_size" in model_overrides
+    elif isinstance(config, GPTConfig):
+        model_config = dataclasses.replace(config, **model_overrides) if model_overrides else config
+        explicit_vocab = True
+    else:
+        raise TypeError(f"config must be a preset name or a GPTConfig, got {type(config).__name__}")
+
+    text = read_source(tc.data)
+    tok = _make_tokenizer(tc, text, tokenizer)
+    if not explicit_vocab:
+        model_config = dataclasses.replace(model_config, vocab_size=tok.vocab_size)
+    elif model_config.vocab_size < tok.vocab_size:
+        raise ValueError(
+            f"vocab_size {model_config.vocab_size} is smaller than the tokenizer's {tok.vocab_size} tokens; "
+            f"leave vocab_size unset to take the tokenizer's"
+        )
+    dataset = make_dataset(text, tok, tc.mode, model_config.block_size, tc.val_fraction, tc.split_seed)  # type: ignore[arg-type]
+    batcher = Batcher(dataset, tc.batch_size, seed=tc.seed)
+    run_dir = None
+    if out_dir is not None:
+        run_dir = Path(out_dir)
+        if (run_dir / "last").exists() or (run_dir / ".last.old").exists():
+            raise ValueError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or choose another --out-dir")
+        run_dir.mkdir(parents=True, exist_ok=True)
+    model = GPT(model_config, seed=tc.seed, dtype=tc.dtype, backend=tc.backend)
+    optimizer = _make_optimizer(tc, model, pm)
+    return Run(tc, model, tok, dataset, batcher, optimizer, run_dir, pm, data_sha256=fingerprint(text), progress=progress)
+
+
+def _make_optimizer(tc: TrainConfig, model: GPT, pm: Any) -> Any:
+    from arraygpt.manager import registry
+
+    factories = registry("optimizers", pm)
+    if tc.optimizer not in factories:
+        raise ValueError(f"unknown optimizer {tc.optimizer!r}; registered optimizers: {', '.join(sorted(factories))}")
+    factory = factories[tc.optimizer]
+    return create_optimizer(tc.optimizer, model.params, pm, **tc.optimizer_options(factory))
+
+
+def _resumed_run(resume: str | Path, options: dict[str, Any], pm: Any, progress: bool) -> Run:
+    from arraygpt.checkpoint import load_checkpoint
+
+    run_dir = _run_dir(resume)
+    model_overrides, train_options = _split_options(options)
+    ckpt = load_checkpoint(run_dir, backend=train_options.get("backend"))
+    extra = ckpt.extra
+    if "train_config" not in extra or "data" not in extra:
+        raise ValueError(f"{ckpt.path} is not a training checkpoint (its state.json has no training state)")
+    saved = TrainConfig.from_dict(extra["train_config"])
+    changed = {k: v for k, v in train_options.items() if k not in RESUME_OVERRIDABLE and getattr(saved, k) != v}
+    changed.update({k: v for k, v in model_overrides.items() if getattr(ckpt.config, k) != v})
+    if changed:
+        raise ValueError(
+            f"cannot change {sorted(changed)} when resuming (the run continues with its saved options; "
+            f"only {', '.join(RESUME_OVERRIDABLE)}, --stop-after and --quiet may be given)"
+        )
+    tc = dataclasses.replace(saved, **{k: v for k, v in train_options.items() if k in RESUME_OVERRIDABLE})
+    if ckpt.tokenizer is None:
+        raise ValueError(f"{ckpt.path} has no tokenizer.json; a training checkpoint needs one")
+    text = read_source(tc.data)
+    if extra.get("data_sha256") and fingerprint(text) != extra["data_sha256"]:
+        raise DataError(f"the data {tc.data!r} changed since the run started (its sha256 differs); cannot resume exactly")
+    dataset = make_dataset(text, ckpt.tokenizer, tc.mode, ckpt.config.block_size, tc.val_fraction, tc.split_seed)  # type: ignore[arg-type]
+    batcher = Batcher(dataset, tc.batch_size, seed=tc.seed)
+    batcher.load_state_dict(extra["data"])
+    model = ckpt.model
+    optimizer = _make_optimizer(tc, model, pm)
+    if ckpt.optimizer_state is None:
+        raise ValueError(f"{ckpt.path} has no optimizer state; cannot resume exactly")
+    optimizer.load_state_dict(ckpt.optimizer_state)
+    best = extra.get("best_val_loss")
+    run = Run(tc, model, ckpt.tokenizer, dataset, batcher, optimizer, run_dir, pm, step=int(extra["step"]),
+              best_val_loss=math.inf if best is None else float(best), data_sha256=extra.get("data_sha256", ""),
+              progress=progress)  # fmt: skip
+    run._last_saved = run.step
+    return run
+
+
+def train(data: str = "names", *, config: GPTConfig | str = "microgpt", out_dir: str | Path | None = None,
+          resume: str | Path | None = None, stop_after: int | None = None, tokenizer: Tokenizer | None = None,
+          progress: bool = True, plugin_manager: Any = None, **options: Any) -> Run:  # fmt: skip
+    """Train a GPT on text and return the finished :class:`Run`.
+
+    Args:
+        data: ``names`` (built in) or a text file path.
+        config: a preset name (its vocab_size is replaced by the tokenizer's) or a GPTConfig.
+        out_dir: the run folder for metrics.jsonl and the last/ and best/ checkpoints; None
+            writes nothing.
+        resume: a run folder to continue exactly where its last checkpoint left off (its saved
+            options are used; ``data`` and ``config`` are ignored).
+        stop_after: stop (with a checkpoint) once this many steps are done, before ``steps``.
+        tokenizer: a tokenizer to use instead of building one from the data.
+        progress: print progress, evaluations and samples.
+        plugin_manager: the pluggy manager for optimizers and event hooks; default the process's.
+        **options: TrainConfig fields (steps, batch_size, lr, ...) and GPTConfig fields
+            (n_layer, block_size, dropout, ...).
+
+    Raises:
+        ValueError, TypeError, FileNotFoundError: bad options or data, before any training.
+        TrainingDiverged: the loss became NaN or infinite.
+
+    Example:
+        >>> run = arraygpt.train("names", steps=200, progress=False)  # doctest: +SKIP
+        >>> run.samples[:3]                                           # doctest: +SKIP
+    """
+    from arraygpt.manager import default_plugin_manager
+
+    pm = plugin_manager or default_plugin_manager()
+    if stop_after is not None and (isinstance(stop_after, bool) or not isinstance(stop_after, int) or stop_after < 0):
+        raise ValueError(f"stop_after must be an integer >= 0, got {stop_after!r}")
+    if resume is not None:
+        if out_dir is not None and Path(out_dir).resolve() != _run_dir(resume).resolve():
+            raise ValueError("a resumed run writes into its own folder; do not pass out_dir with resume")
+        run = _resumed_run(resume, options, pm, progress)
+    else:
+        run = _new_run(data, config, options, out_dir, tokenizer, pm, progress)
+    _print_header(run, resumed=resume is not None)
+    run.train(stop_after=stop_after)
+    if run.stop_reason == "done" and run.config.samples:
+        run.samples = run.sample()
+        run._print(f"{len(run.samples)} samples:")
+        for text in run.samples:
+            run._print(("  " + text) if run.config.mode == "documents" else text)
+    return run
+
+
+def _print_header(run: Run, resumed: bool) -> None:
+    cfg, m = run.config, run.model
+    what = f"resuming at step {run.step}" if resumed else "training"
+    run._print(
+        f"{what}: {m.num_params():,} parameters (n_layer={m.config.n_layer} n_embd={m.config.n_embd} "
+        f"n_head={m.config.n_head} block_size={m.config.block_size} vocab={m.config.vocab_size}) "
+        f"on {m.backend.name}/{m.dtype}"
+    )
+    split = f"{run.dataset.split_size('train'):,} train / {run.dataset.split_size('val'):,} val"
+    unit = "documents" if cfg.mode == "documents" else "tokens"
+    run._print(f"data: {cfg.data} ({cfg.mode}, {split} {unit}); {cfg.optimizer} lr {cfg.lr:g} {cfg.schedule}, "
+               f"batch {cfg.batch_size}, {cfg.steps} steps" + (f"; run folder {run.out_dir}" if run.out_dir else ""))  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------
+# the command
+
+
+_TRAIN_OPTIONS: dict[str, tuple[type, str]] = {
+    "mode": (str, "documents (one per line, wrapped in BOS) or stream (random windows); default by data"),
+    "tokenizer": (str, "char, byte or a tokenizer JSON file (default char)"),
+    "val_fraction": (float, "share of the data held out for validation (default 0.1)"),
+    "steps": (int, "optimizer steps in the whole run (default 5000)"),
+    "batch_size": (int, "rows per batch (default 64)"),
+    "optimizer": (str, "adam (default), adamw, sgd or a plugin's optimizer"),
+    "lr": (float, "peak learning rate (default 1e-2)"),
+    "schedule": (str, "constant, linear (to zero; default) or cosine (to --min-lr)"),
+    "warmup_steps": (int, "linear warmup steps (default 0)"),
+    "min_lr": (float, "floor of the cosine schedule (default 0)"),
+    "beta1": (float, "Adam beta1 (default 0.9)"),
+    "beta2": (float, "Adam beta2 (default 0.95)"),
+    "eps": (float, "Adam epsilon (default 1e-8)"),
+    "weight_decay": (float, "weight decay (default: the optimizer's)"),
+    "momentum": (float, "SGD momentum (default: the optimizer's, 0)"),
+    "grad_clip": (float, "clip the global gradient norm to this (default 0: off)"),
+    "eval_interval": (int, "steps between evaluations (default 500)"),
+    "eval_batches": (int, "batches per split per evaluation, 0 for the whole split (default 20)"),
+    "log_interval": (int, "steps between progress lines (default 250)"),
+    "checkpoint_interval": (int, "steps between last/ checkpoints (default: the eval interval)"),
+    "seed": (int, "seeds the weights, dropout and batches (default 0)"),
+    "backend": (str, "numpy, cupy, array_api_strict, torch... (default $ARRAYGPT_BACKEND or numpy)"),
+    "dtype": (str, "float32 (default) or float64"),
+    "samples": (int, "samples printed at the end (default 10)"),
+    "sample_length": (int, "tokens per sample at most (default 32)"),
+    "temperature": (float, "sampling temperature (default 1.0)"),
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``arraygpt train`` options: data, model (preset and overrides), training, run folder."""
+    from arraygpt.cli import add_config_arguments
+
+    parser.add_argument("--data", default=None, help="names (built in, the default) or a text file path")
+    group = parser.add_argument_group("training")
+    for name, (kind, help_text) in _TRAIN_OPTIONS.items():
+        group.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, default=None, help=help_text)
+    run_group = parser.add_argument_group("run folder")
+    run_group.add_argument("--out-dir", default=None, help="run folder (default runs/<data>-<time>)")
+    run_group.add_argument("--resume", default=None, metavar="DIR", help="continue the run in DIR exactly")
+    run_group.add_argument("--stop-after", type=int, default=None, metavar="N",
+                           help="stop (with a checkpoint) after N steps; resume later with --resume")  # fmt: skip
+    run_group.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    add_config_arguments(parser, default_preset="microgpt")
+    parser.set_defaults(preset=None)
+
+
+def run(args: argparse.Namespace) -> int:
+    """``arraygpt train``: returns 0 when done or stopped cleanly, 1 when training diverged."""
+    model_fields = [f.name for f in dataclasses.fields(GPTConfig)]
+    options = {name: getattr(args, name) for name in [*_TRAIN_OPTIONS, *model_fields] if getattr(args, name, None) is not None}
+    try:
+        if args.resume:
+            if args.data is not None or args.preset is not None:
+                raise ValueError("--data and --preset cannot be changed when resuming (the run keeps its own)")
+            train(resume=args.resume, stop_after=args.stop_after, progress=not args.quiet, **options)
+            return 0
+        data = args.data or "names"
+        out_dir = args.out_dir
+        if out_dir is None:
+            stem = Path(data).stem if data != "names" else "names"
+            out_dir = Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+        train(data, config=args.preset or "microgpt", out_dir=out_dir, stop_after=args.stop_after,
+              progress=not args.quiet, **options)  # fmt: skip
+    except TrainingDiverged as e:
+        print(f"arraygpt train: {e}", file=sys.stderr)
+        return 1
+    except ImportError as e:
+        print(f"arraygpt train: error: {e}", file=sys.stderr)
+        return 2
+    return 0
