@@ -76,6 +76,13 @@ class GPTConfig:
     dropout: float = 0.0
 
     def __post_init__(self) -> None:
+        for name in ("norm_affine", "norm_emb", "norm_final", "bias", "tie_embeddings"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"GPTConfig.{name} must be True or False, got {getattr(self, name)!r}")
+        for name in ("norm_eps", "init_std", "dropout"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"GPTConfig.{name} must be a number, got {value!r}")
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

@@ -14,12 +14,12 @@ settings.register_profile("ci", deadline=None, max_examples=60, print_blob=True)
 settings.register_profile("dev", deadline=None, max_examples=25)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
-CPU_BACKENDS = ("numpy", "array_api_strict", "torch")
+BACKENDS = ("numpy", "array_api_strict", "torch", "cupy")
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
-def available_backends(names=CPU_BACKENDS):
-    """Backend objects that load here; the rest are left out (torch is a test extra)."""
+def available_backends(names=BACKENDS):
+    """Backend objects that load here; the rest are left out (torch is a test extra, cupy needs a GPU)."""
     found = []
     for name in names:
         try:
