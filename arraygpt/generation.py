@@ -642,14 +642,14 @@ def run(args: argparse.Namespace) -> int:
         for item in steps:
             token = item.token if args.show_probs else item
             if args.show_probs:
-                out.write(f"\n[{tokenizer.decode([token])!r} p={item.p_sampler:.3f} (model {item.p_model:.3f})]"
+                out.write(f"[{tokenizer.decode([token])!r} p={item.p_sampler:.3f} (model {item.p_model:.3f})]"
                           f"  model: {_show(tokenizer, item.model)}  |  sampler: {_show(tokenizer, item.sampler)}\n")  # fmt: skip
                 out.flush()
             if token in ends:
                 break
             stream.push(token)
         if args.show_probs:
-            out.write(f"\n=> {args.prompt}{stream.text()}")
+            out.write(f"=> {args.prompt}{stream.text()}")
     out.write("\n")
     out.flush()
     return 0
