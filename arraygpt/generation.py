@@ -495,10 +495,11 @@ def _candidates(xp: Any, logits: Array, probs: Array, tokens: Array, k: int) -> 
     p_sampler = to_numpy(xp.take_along_axis(probs, chosen, axis=-1))[:, 0]  # (B,)
     m_ids, m_p = top_candidates(model_probs, k)  # (B, K)
     s_ids, s_p = top_candidates(probs, k)  # (B, K)
+    chosen_host = to_numpy(chosen)[:, 0]  # (B,)
     out = []
     for b in range(probs.shape[0]):
         out.append(Candidates(
-            token=int(to_numpy(chosen)[b, 0]), p_model=float(p_model[b]), p_sampler=float(p_sampler[b]),
+            token=int(chosen_host[b]), p_model=float(p_model[b]), p_sampler=float(p_sampler[b]),
             model=tuple((int(i), float(p)) for i, p in zip(m_ids[b], m_p[b])),
             sampler=tuple((int(i), float(p)) for i, p in zip(s_ids[b], s_p[b]) if p > 0),
         ))  # fmt: skip
