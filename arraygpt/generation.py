@@ -37,15 +37,17 @@ import argparse
 import inspect
 import io
 import math
+import numbers
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from arraygpt import layers
 from arraygpt.shim import host_rng, namespace, to_numpy
+
+if TYPE_CHECKING:
+    import numpy as np
 
 Array = Any
 Filter = Callable[[Array], Array]
@@ -72,8 +74,8 @@ def check_number(
     hi = _fmt(high) + (")" if high_open or math.isinf(high) else "]")
     kind = "an integer" if integer else "a number"
     allowed = f"{kind} >= {_fmt(low)}" if math.isinf(high) and not low_open else f"{kind} in {lo}, {hi}"
-    is_number = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
-    if integer and is_number and not isinstance(value, (int, np.integer)):
+    is_number = isinstance(value, numbers.Real) and not isinstance(value, bool) and type(value).__name__ != "bool_"
+    if integer and is_number and not isinstance(value, numbers.Integral):
         is_number = False
     if not is_number or math.isnan(value):
         raise ValueError(f"{name} must be {allowed}, got {value!r}")
@@ -342,6 +344,8 @@ class Candidates:
 
 def _prompt_array(prompt: Any) -> tuple[Any, bool]:
     """prompt -> (host int64 array (B, T), whether it was a single sequence)."""
+    import numpy as np
+
     if isinstance(prompt, (list, tuple)):
         rows = list(prompt)
         if rows and all(isinstance(r, (list, tuple, np.ndarray)) for r in rows):
@@ -364,8 +368,8 @@ def _prompt_array(prompt: Any) -> tuple[Any, bool]:
 def _end_ids(eos_id: Any) -> frozenset[int]:
     if eos_id is None:
         return frozenset()
-    ids = [eos_id] if isinstance(eos_id, (int, np.integer)) else list(eos_id)
-    if not all(isinstance(i, (int, np.integer)) and not isinstance(i, bool) for i in ids):
+    ids = [eos_id] if isinstance(eos_id, numbers.Integral) else list(eos_id)
+    if not all(isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in ids):
         raise TypeError(f"eos_id must be a token id or a collection of token ids, got {eos_id!r}")
     return frozenset(int(i) for i in ids if i is not None)
 
@@ -375,7 +379,7 @@ def _stop_sequences(stop: Any) -> tuple[tuple[int, ...], ...]:
         return ()
     seqs = []
     for s in stop:
-        if isinstance(s, (int, np.integer)) or not all(isinstance(i, (int, np.integer)) for i in s) or len(s) == 0:
+        if isinstance(s, numbers.Integral) or not all(isinstance(i, numbers.Integral) for i in s) or len(s) == 0:
             raise TypeError(f"stop must be a list of non-empty token id sequences, e.g. [[13, 13]], got {stop!r}")
         seqs.append(tuple(int(i) for i in s))
     return tuple(seqs)
@@ -436,7 +440,12 @@ def generate(
     n_new = check_number("max_new_tokens", max_new_tokens, 0, integer=True)
     k = check_number("show_probs", show_probs, 0, integer=True)
     ends, stops = _end_ids(eos_id), _stop_sequences(stop)
-    rng = seed if isinstance(seed, np.random.Generator) else host_rng(seed)
+    if seed is None or (isinstance(seed, numbers.Integral) and not isinstance(seed, bool)):
+        rng = host_rng(seed)
+    elif callable(getattr(seed, "random", None)):
+        rng = seed  # a numpy Generator, drawn from as is
+    else:
+        raise TypeError(f"seed must be an int, None or a numpy.random.Generator, got {seed!r}")
     decoder = _Decoder(model, bool(use_cache))
     return _loop(model, decoder, chain, context, single, n_new, k, ends, stops, rng)
 
@@ -445,6 +454,8 @@ def _loop(
     model: Any, decoder: _Decoder, chain: Sampler, prompt: Any, single: bool, n_new: int, k: int,
     ends: frozenset[int], stops: tuple[tuple[int, ...], ...], rng: Any,
 ) -> Iterator[Any]:
+    import numpy as np
+
     if n_new == 0:
         return
     backend, xp = model.backend, model.xp

@@ -233,6 +233,7 @@ def test_show_probs_in_a_batch_and_with_greedy():
         (([1, 2], 5), {"show_probs": -2}, ValueError, "show_probs must be an integer >= 0"),
         (([1, 2], 5), {"stop": [3, 4]}, TypeError, "stop must be a list of non-empty token id sequences"),
         (([1, 2], 5, "beam"), {}, ValueError, "unknown sampler 'beam'; registered samplers:"),
+        (([1, 2], 5), {"seed": 1.5}, TypeError, "seed must be an int, None or a numpy.random.Generator"),
     ],
 )
 def test_bad_arguments_raise_when_generate_is_called(args, kwargs, error, message):
