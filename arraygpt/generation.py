@@ -231,7 +231,7 @@ def make_sampler(
         if options:
             raise ValueError(f"options {sorted(options)} given with a sampler function; pass them to it directly")
         return Sampler([getattr(sampler, "__name__", repr(sampler))], [sampler], temperature)
-    names = [sampler] if isinstance(sampler, str) else list(sampler)
+    names = [sampler] if isinstance(sampler, str) else list(sampler) if isinstance(sampler, (list, tuple)) else []
     if not names or not all(isinstance(n, str) for n in names):
         raise ValueError(f"sampler must be a name, a list of names or a filter function, got {sampler!r}")
     factories = available_samplers(pm)
