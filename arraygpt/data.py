@@ -106,7 +106,7 @@ def default_tokenizer(kind: str, text: str, mode: str) -> Tokenizer:
     documents = mode == "documents"
     if kind == "char":
         chars = "".join(split_documents(text)) if documents else text
-        if not chars:
+        if not chars.strip():
             raise DataError("the data set is empty: there is no text to build a tokenizer from")
         return CharTokenizer.from_text(chars, bos=documents)
     if kind == "byte":
@@ -159,10 +159,8 @@ class DocumentDataset:
             )
         order = np.random.default_rng(split_seed).permutation(len(docs))
         docs = [docs[i] for i in order]
-        try:
-            encoded = [tokenizer.encode(d) for d in docs]
-        except ValueError as e:
-            raise DataError(str(e)) from None
+        _check_known(tokenizer, "".join(docs))
+        encoded = [tokenizer.encode(d) for d in docs]
         self.tokenizer = tokenizer
         self.block_size = block_size
         self.documents = docs
@@ -237,12 +235,10 @@ class StreamDataset:
     def __init__(self, text: str, tokenizer: Tokenizer, block_size: int, val_fraction: float = 0.1,
                  split_seed: int = 42):  # fmt: skip
         _check_common(tokenizer, block_size, val_fraction)
-        if not text:
-            raise DataError("the data set is empty")
-        try:
-            ids = np.array(tokenizer.encode(text), dtype=np.int64)
-        except ValueError as e:
-            raise DataError(str(e)) from None
+        if not text.strip():
+            raise DataError("the data set is empty (it holds no text but whitespace)")
+        _check_known(tokenizer, text)
+        ids = np.array(tokenizer.encode(text), dtype=np.int64)
         n_train = int(len(ids) * (1.0 - val_fraction))
         self.tokenizer = tokenizer
         self.block_size = block_size
@@ -296,6 +292,17 @@ def _check_common(tokenizer: Tokenizer, block_size: int, val_fraction: float) ->
         raise DataError(f"block_size must be a positive integer, got {block_size!r}")
     if not 0.0 <= val_fraction < 1.0:
         raise DataError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
+
+
+def _check_known(tokenizer: Tokenizer, text: str) -> None:
+    """Raise DataError listing every character of ``text`` that a char tokenizer lacks."""
+    if isinstance(tokenizer, CharTokenizer):
+        unknown = sorted(set(text) - set(tokenizer.chars))
+        if unknown:
+            raise DataError(
+                f"the data has {len(unknown)} character(s) the tokenizer does not know: {''.join(unknown)!r} "
+                f"(the tokenizer knows {''.join(tokenizer.chars)!r})"
+            )
 
 
 def make_dataset(text: str, tokenizer: Tokenizer, mode: str, block_size: int, val_fraction: float = 0.1,

@@ -291,7 +291,7 @@ class _Decoder:
         training = model.training
         model.training = False  # no dropout while generating; restored before control returns
         try:
-            logits, _ = model.forward(tokens, kv_cache=kv_cache)  # (B, T, V)
+            logits, _ = model.forward(tokens, kv_cache=kv_cache, last_only=True)  # (B, 1, V)
         finally:
             model.training = training
         self.forwards += 1
@@ -312,7 +312,7 @@ class _Decoder:
         if self.cache.length < self.block_size:
             return self._forward(context[:, -1:], self.cache)  # one new position
         self.rebuilds += 1
-        self.cache = self._new_cache()
+        self.cache.reset()
         return self._forward(context[:, -self.block_size :], self.cache)
 
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from arraygpt import layers
-from arraygpt.shim import Backend, get_backend, host_full, host_rng, namespace, to_numpy
+from arraygpt.shim import Backend, get_backend, host_full, host_namespace, host_rng, namespace, to_numpy
 
 Array = Any
 
@@ -275,6 +275,10 @@ class KVCache:
         values[:, self.length : end, :] = v
         return keys[:, :end, :], values[:, :end, :]
 
+    def reset(self) -> None:
+        """Forget every stored position; the buffers are kept for reuse."""
+        self.length = 0
+
     def advance(self, T: int) -> None:
         """Mark T more positions as stored (called once per forward, after every layer appended)."""
         self.length += T
@@ -325,6 +329,7 @@ class GPT:
         self.dtype = dtype
         self.training = False
         self.params: dict[str, Array] = self._init_params(seed) if init else self._zero_params()
+        self._qkv = self._fuse_qkv()
         self._norm_forward, self._norm_backward = layers.NORMS[config.norm]
         self._act_forward, self._act_backward = layers.ACTIVATIONS[config.activation]
         self._dropout_rng = host_rng(seed + 1)
@@ -355,6 +360,27 @@ class GPT:
             name: self.xp.zeros(shape, dtype=dtype, device=self.backend.device)
             for name, shape in param_shapes(self.config).items()
         }
+
+    def _fuse_qkv(self) -> list[tuple[Array, Array | None]]:
+        """Store each layer's query, key and value weights in one (3D, C) buffer (and biases in one
+        (3D,) buffer), and make ``params[...attn_wq]`` etc. views of it: the attention projection is
+        then one matmul with no per-step concatenation. Parameters must therefore be updated in
+        place (``p -= ...``, ``p[...] = ...``), as the optimizers and ``load_state_dict`` do."""
+        xp, D = self.xp, self.config.attn_dim
+        fused = []
+        for i in range(self.config.n_layer):
+            buffers = []
+            for suffix in ("", "_b"):
+                names = [f"layer{i}.attn_w{x}{suffix}" for x in "qkv"]
+                if names[0] not in self.params:
+                    buffers.append(None)
+                    continue
+                buffer = xp.concat([self.params[name] for name in names])  # (3D, C) or (3D,)
+                for j, name in enumerate(names):
+                    self.params[name] = buffer[j * D : (j + 1) * D, ...]
+                buffers.append(buffer)
+            fused.append((buffers[0], buffers[1]))
+        return fused
 
     def state_dict(self) -> dict[str, Array]:
         """Name -> the model's own parameter arrays (not copies), in a new dict."""
@@ -405,13 +431,16 @@ class GPT:
 
     # -- forward -------------------------------------------------------------------------------
 
-    def forward(self, idx: Any, targets: Any = None, *, kv_cache: KVCache | None = None) -> tuple[Array, float | None]:
+    def forward(
+        self, idx: Any, targets: Any = None, *, kv_cache: KVCache | None = None, last_only: bool = False
+    ) -> tuple[Array, float | None]:
         """Logits for every position, and the mean cross-entropy when targets are given.
 
         Args:
             idx: integer token ids (B, T), T <= block_size; NumPy, backend array or nested lists.
             targets: the next token at each position, same shape; -1 marks a position to ignore.
             kv_cache: generation only: past keys and values; idx holds the next positions.
+            last_only: unembed only the last position (generation needs no more): logits (B, 1, V).
 
         Returns:
             ``(logits, loss)``: logits (B, T, V) on the backend, loss a Python float or None.
@@ -426,6 +455,8 @@ class GPT:
             targets = self._check_tokens(targets, "targets", 0, allow_ignore=True)
             if targets.shape != idx.shape:
                 raise ValueError(f"targets must have idx's shape {tuple(idx.shape)}, got {tuple(targets.shape)}")
+            if last_only:
+                raise ValueError("last_only=True gives no loss: the loss needs the logits of every position")
         p = self.params
         dropout = cfg.dropout if self.training else 0.0
 
@@ -440,6 +471,9 @@ class GPT:
             blocks.append(block)
         if kv_cache is not None:
             kv_cache.advance(T)
+        if last_only:
+            x = x[:, -1:, :]  # (B, 1, C)
+            T = 1
         normf = None
         if cfg.norm_final:
             x, normf = self._norm(x, "normf")
@@ -462,8 +496,7 @@ class GPT:
         name = f"layer{i}."
         D = cfg.attn_dim
         h, norm1 = self._norm(x, name + "norm1")
-        w_qkv = xp.concat([p[name + "attn_wq"], p[name + "attn_wk"], p[name + "attn_wv"]])  # (3D, C)
-        b_qkv = xp.concat([p[name + "attn_wq_b"], p[name + "attn_wk_b"], p[name + "attn_wv_b"]]) if cfg.bias else None
+        w_qkv, b_qkv = self._qkv[i]  # (3D, C), (3D,): attn_wq, attn_wk, attn_wv stacked
         qkv, qkv_lin = layers.linear_forward(h, w_qkv, b_qkv)  # (B, T, 3D)
         q, k, v = qkv[..., :D], qkv[..., D : 2 * D], qkv[..., 2 * D :]
         if kv_cache is not None:
@@ -584,32 +617,31 @@ class GPT:
     # -- input checks ------------------------------------------------------------------------
 
     def _check_tokens(self, tokens: Any, arg: str, past: int, allow_ignore: bool = False) -> Array:
-        """Validate a (B, T) integer array of token ids and move it to the backend."""
-        cfg, xp = self.config, self.xp
-        if type(tokens) is not self.backend.array_type:
-            host = to_numpy(tokens)
-            if host.dtype.kind not in "iu":
-                raise TypeError(f"{arg} must be an integer array of token ids, got dtype {host.dtype}")
-            tokens = self.backend.asarray(host.astype("int64"))
-        elif not xp.isdtype(tokens.dtype, "integral"):
+        """Validate a (B, T) integer array of token ids and move it to the backend. Host arrays are
+        checked on the host, before the transfer, so that no device sync is needed."""
+        on_backend = type(tokens) is self.backend.array_type
+        xp = self.xp if on_backend else host_namespace()
+        if not on_backend:
+            tokens = to_numpy(tokens)
+        if not xp.isdtype(tokens.dtype, "integral"):
             raise TypeError(f"{arg} must be an integer array of token ids, got dtype {tokens.dtype}")
         if tokens.ndim != 2:
             raise ValueError(f"{arg} must be 2-D (B, T), got shape {tuple(tokens.shape)}")
         B, T = tokens.shape
         if B == 0 or T == 0:
             raise ValueError(f"{arg} must have at least one row and one position, got shape {(B, T)}")
-        if past + T > cfg.block_size:
+        if past + T > self.config.block_size:
             where = f" after {past} cached positions" if past else ""
-            raise ValueError(f"{arg} has {T} positions{where}; block_size is {cfg.block_size}")
+            raise ValueError(f"{arg} has {T} positions{where}; block_size is {self.config.block_size}")
         low, high = int(xp.min(tokens)), int(xp.max(tokens))
         lowest = -1 if allow_ignore else 0
-        if low < lowest or high >= cfg.vocab_size:
+        if low < lowest or high >= self.config.vocab_size:
             allowed = "-1 (ignore) or " if allow_ignore else ""
             raise ValueError(
                 f"{arg} holds token id {low if low < lowest else high}; allowed: {allowed}0 <= id < vocab_size "
-                f"({cfg.vocab_size})"
+                f"({self.config.vocab_size})"
             )
-        return tokens
+        return tokens if on_backend else self.backend.asarray(tokens.astype("int64", copy=False))
 
     # -- checkpoints -------------------------------------------------------------------------
 

@@ -188,3 +188,10 @@ def host_full(shape: tuple[int, ...], value: float) -> Any:
     import numpy as np
 
     return np.full(shape, value)
+
+
+def host_namespace() -> Any:
+    """The array namespace of host NumPy arrays (for checks done before a transfer)."""
+    import array_api_compat.numpy as np_xp
+
+    return np_xp

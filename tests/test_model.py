@@ -438,3 +438,43 @@ def test_dropout_eval_mode_is_deterministic_and_equals_no_dropout():
     t1, t2 = model.forward(idx, targets)[1], model.forward(idx, targets)[1]
     assert t1 != t2  # fresh coins every training forward
     assert GPT(GPTConfig.preset("gpt2", **base, dropout=0.3)).training is False  # eval by default
+
+
+# -- fused QKV storage, last_only, KVCache.reset -------------------------------------------------
+
+
+def test_qkv_views_share_the_fused_buffer_so_in_place_updates_reach_the_forward():
+    cfg = GPTConfig(vocab_size=13, block_size=6, n_layer=2, n_head=2, n_embd=8)
+    model = GPT(cfg, seed=3, dtype="float64")
+    idx = np.array([[1, 2, 3, 4]])
+    before, _ = model.forward(idx)
+    model.params["layer1.attn_wk"] += 0.5  # in place, as optimizers update
+    model.params["layer0.attn_wv_b"] -= 0.25
+    after, _ = model.forward(idx)
+    assert np.abs(np.asarray(after) - np.asarray(before)).max() > 1e-3
+    fresh = GPT(cfg, seed=99, dtype="float64")
+    fresh.load_state_dict({k: np.asarray(v) for k, v in model.state_dict().items()})
+    np.testing.assert_array_equal(np.asarray(fresh.forward(idx)[0]), np.asarray(after))
+
+
+def test_last_only_gives_the_last_row_of_the_full_logits():
+    model = GPT(GPTConfig.preset("microgpt"), seed=1, dtype="float64")
+    idx = np.array([[0, 4, 9, 2, 7], [3, 3, 1, 0, 5]])
+    full, _ = model.forward(idx)
+    last, _ = model.forward(idx, last_only=True)
+    assert last.shape == (2, 1, 27)
+    np.testing.assert_allclose(np.asarray(last)[:, 0], np.asarray(full)[:, -1], rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="last_only"):
+        model.forward(idx, targets=idx, last_only=True)
+
+
+def test_kv_cache_reset_reuses_buffers_and_gives_the_same_logits():
+    model = GPT(GPTConfig.preset("microgpt"), seed=2, dtype="float64")
+    cache = KVCache(model.config)
+    first, _ = model.forward(np.array([[0, 5, 6]]), kv_cache=cache)
+    buffer = cache.keys[0]
+    cache.reset()
+    assert cache.length == 0
+    again, _ = model.forward(np.array([[0, 5, 6]]), kv_cache=cache)
+    assert cache.keys[0] is buffer
+    np.testing.assert_array_equal(np.asarray(again), np.asarray(first))
