@@ -42,9 +42,9 @@ class CountingModel:
     def training(self, value):
         self.model.training = value
 
-    def forward(self, idx, targets=None, *, kv_cache=None):
+    def forward(self, idx, targets=None, *, kv_cache=None, last_only=False):
         self.calls.append((tuple(np.shape(idx)), kv_cache.length if kv_cache is not None else None))
-        return self.model.forward(idx, targets, kv_cache=kv_cache)
+        return self.model.forward(idx, targets, kv_cache=kv_cache, last_only=last_only)
 
 
 def full_recompute_logits(model, context):
