@@ -51,21 +51,32 @@ def arraygpt_register_samplers() -> list[dict[str, Any]]:
 
 @hookspec
 def arraygpt_on_step(run: Any, step: int, metrics: dict[str, float]) -> bool | None:
-    """Called after every optimizer step of a training run.
+    """Called after every optimizer step of a training run, every implementation in turn
+    (last registered first); a plugin that raises stops the run with an error naming it.
 
     Args:
-        run: the running ``arraygpt.training.Run`` (config, model, optimizer, run directory).
-        step: the number of steps done so far.
-        metrics: at least ``loss``, ``lr`` and ``tokens_per_s``.
+        run: the running ``arraygpt.training.Run`` (config, model, optimizer, tokenizer, out_dir;
+            ``run.request_stop()`` also stops it).
+        step: the number of steps done so far (1 after the first step).
+        metrics: ``loss`` (of this step's batch), ``lr`` (the rate this step used),
+            ``tokens_per_s``, and ``grad_norm`` when gradients are clipped.
 
     Returns:
-        ``True`` to stop the run after this step (a checkpoint is saved first); else ``None``.
+        ``True`` to stop the run after this step (a checkpoint is saved first, when the run has
+        a folder); else ``None``.
     """
 
 
 @hookspec
 def arraygpt_on_eval(run: Any, step: int, metrics: dict[str, float]) -> bool | None:
-    """Called after each periodic evaluation with ``train_loss`` and ``val_loss``.
+    """Called after each periodic evaluation of a training run (and after ``best/`` is saved
+    when the val loss improved).
+
+    Args:
+        run: the running ``arraygpt.training.Run``.
+        step: the number of steps done so far.
+        metrics: ``train_loss`` and ``val_loss`` (mean loss per predicted token; ``val_loss`` is
+            absent when the run has no validation split).
 
     Returns:
         ``True`` to stop the run (a checkpoint is saved first); else ``None``.
@@ -74,4 +85,11 @@ def arraygpt_on_eval(run: Any, step: int, metrics: dict[str, float]) -> bool | N
 
 @hookspec
 def arraygpt_on_checkpoint(run: Any, step: int, path: str) -> None:
-    """Called after a checkpoint has been written completely (atomically) to ``path``."""
+    """Called after a checkpoint has been written completely (atomically).
+
+    Args:
+        run: the running ``arraygpt.training.Run``.
+        step: the step the checkpoint holds.
+        path: the checkpoint folder (the run's ``last`` or ``best``); ``load_checkpoint(path)``
+            reads it.
+    """
