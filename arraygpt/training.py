@@ -266,11 +266,12 @@ class Run:
 
     # -- evaluation and sampling ---------------------------------------------------------------
 
-    def evaluate(self, max_batches: int | None = -1) -> dict[str, float]:
+    def evaluate(self, max_batches: int | None = -1, splits: tuple[str, ...] = ("train", "val")) -> dict[str, float]:
         """Mean loss per predicted token on the train and val splits (model in eval mode).
 
         Args:
             max_batches: batches per split; -1: ``config.eval_batches``; None or 0: the whole split.
+            splits: which splits to measure.
         """
         if max_batches == -1:
             max_batches = self.config.eval_batches
@@ -278,7 +279,7 @@ class Run:
         was_training = self.model.training
         self.model.eval()
         try:
-            for split in ("train", "val"):
+            for split in splits:
                 total, count = 0.0, 0
                 for x, y in self.dataset.eval_batches(split, self.config.batch_size, max_batches or None,
                                                       seed=self.config.seed):  # fmt: skip
@@ -600,7 +601,7 @@ def _resumed_run(resume: str | Path, options: dict[str, Any], pm: Any, progress:
 
 
 def train(data: str = "names", *, config: GPTConfig | str = "microgpt", out_dir: str | Path | None = None,
-          resume: str | Path | None = None, stop_after: int | None = None, tokenizer: Tokenizer | None = None,
+          resume: str | Path | None = None, stop_after: int | None = None, tokenizer: Tokenizer | str | None = None,
           progress: bool = True, plugin_manager: Any = None, **options: Any) -> Run:  # fmt: skip
     """Train a GPT on text and return the finished :class:`Run`.
 
@@ -612,7 +613,8 @@ def train(data: str = "names", *, config: GPTConfig | str = "microgpt", out_dir:
         resume: a run folder to continue exactly where its last checkpoint left off (its saved
             options are used; ``data`` and ``config`` are ignored).
         stop_after: stop (with a checkpoint) once this many steps are done, before ``steps``.
-        tokenizer: a tokenizer to use instead of building one from the data.
+        tokenizer: ``char`` (default), ``byte``, a tokenizer JSON file, or a tokenizer object
+            to use instead of building one from the data.
         progress: print progress, evaluations and samples.
         plugin_manager: the pluggy manager for optimizers and event hooks; default the process's.
         **options: TrainConfig fields (steps, batch_size, lr, ...) and GPTConfig fields
@@ -629,6 +631,8 @@ def train(data: str = "names", *, config: GPTConfig | str = "microgpt", out_dir:
     from arraygpt.manager import default_plugin_manager
 
     pm = plugin_manager or default_plugin_manager()
+    if isinstance(tokenizer, (str, Path)):  # char, byte or a tokenizer JSON file: a TrainConfig option
+        options["tokenizer"], tokenizer = str(tokenizer), None
     if stop_after is not None and (isinstance(stop_after, bool) or not isinstance(stop_after, int) or stop_after < 0):
         raise ValueError(f"stop_after must be an integer >= 0, got {stop_after!r}")
     if resume is not None:
