@@ -214,6 +214,7 @@ class Run:
         self._stop_requested: str | None = None
         self._sigint = False
         self._last_saved = -1
+        self._bar_open = False
 
     # -- events, metrics, output -------------------------------------------------------------
 
@@ -248,6 +249,9 @@ class Run:
 
     def _print(self, text: str) -> None:
         if self.progress:
+            if self._bar_open:  # end the progress bar's line first
+                print(file=self.stream)
+                self._bar_open = False
             print(text, file=self.stream, flush=True)
 
     def _progress_line(self, loss: float, lr: float, tokens_per_s: float) -> None:
@@ -259,8 +263,8 @@ class Run:
         line = (f"[{'#' * filled}{'.' * (width - filled)}] step {self.step:>{len(str(total))}}/{total}  "
                 f"loss {loss:.4f}  lr {lr:.2e}  {tokens_per_s:,.0f} tok/s")  # fmt: skip
         if self.stream.isatty():
-            end = "\n" if self.step == total else ""
-            print("\r" + line, end=end, file=self.stream, flush=True)
+            print("\r" + line, end="", file=self.stream, flush=True)
+            self._bar_open = True
         else:
             print(line, file=self.stream, flush=True)
 
@@ -359,6 +363,10 @@ class Run:
 
         if self.out_dir is None:
             return None
+        for name, p in self.model.params.items():
+            xp = self.model.xp
+            if not bool(xp.all(xp.isfinite(p))):
+                self._diverged(f"parameter {name} holds NaN or inf")
         path = save_checkpoint(self.out_dir / which, self.model, self.tokenizer, self.optimizer,
                                extra={**self.state(), "kind": which})  # fmt: skip
         if which == "last":
@@ -391,6 +399,9 @@ class Run:
         finally:
             if handler_installed:
                 signal.signal(signal.SIGINT, previous)
+            if self._bar_open:
+                print(file=self.stream, flush=True)
+                self._bar_open = False
         return self
 
     def _loop(self, stop_after: int | None) -> None:
@@ -466,9 +477,10 @@ class Run:
     def _diverged(self, what: str) -> None:
         last = f"; the last good checkpoint is {self.out_dir / 'last'} (step {self._last_saved})" if (
             self.out_dir is not None and self._last_saved >= 0) else ""  # fmt: skip
-        message = (f"training diverged at step {self.step + 1}: {what}. Stopped without saving{last}. "
+        step = self.step if "parameter" in what else self.step + 1  # the step that broke the parameters is done
+        message = (f"training diverged at step {step}: {what}. Stopped without saving{last}. "
                    "Try a lower learning rate (--lr) or gradient clipping (--grad-clip 1.0).")  # fmt: skip
-        self._record({"event": "diverged", "step": self.step + 1, "message": message})
+        self._record({"event": "diverged", "step": step, "message": message})
         self.stop_reason = "diverged"
         raise TrainingDiverged(message, self)
 
@@ -566,7 +578,8 @@ def _resumed_run(resume: str | Path, options: dict[str, Any], pm: Any, progress:
 
     run_dir = _run_dir(resume)
     model_overrides, train_options = _split_options(options)
-    ckpt = load_checkpoint(run_dir, backend=train_options.get("backend"))
+    source = Path(resume) if (Path(resume) / "config.json").is_file() else run_dir  # a run folder, or its best/
+    ckpt = load_checkpoint(source, backend=train_options.get("backend"))
     extra = ckpt.extra
     if "train_config" not in extra or "data" not in extra:
         raise ValueError(f"{ckpt.path} is not a training checkpoint (its state.json has no training state)")

@@ -160,3 +160,38 @@ def test_training_hooks_are_documented_specs():
     pm = get_plugin_manager(autoload=False)
     for name in TRAINING_HOOKS:
         assert getattr(pm.hook, name).spec is not None
+
+
+def _docs_lion_module():
+    """The optimizer plugin of docs/training.md, run as written."""
+    import re
+    import types
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "training.md").read_text()
+    code = next(block for block in re.findall(r"```python\n(.*?)```", doc, re.S) if "# arraygpt_lion/__init__.py" in block)
+    module = types.ModuleType("arraygpt_lion")
+    exec(compile(code, "docs/training.md", "exec"), module.__dict__)
+    return module
+
+
+def test_the_documented_optimizer_plugin_works(pm, data, tmp_path):
+    lion = _docs_lion_module()
+    pm.register(lion, name="lion")
+    assert registry_with_owners("optimizers", pm)["lion"][1] == "lion"
+    # one step by hand: p -= lr * sign(beta1 * m + (1 - beta1) * g), m starts at 0
+    p = {"w": np.array([[1.0, -2.0], [0.5, 0.0]])}
+    g = {"w": np.array([[0.3, -0.1], [0.0, 2.0]])}
+    opt = lion.Lion(p, betas=(0.9, 0.99))
+    opt.step(g, 0.1)
+    np.testing.assert_array_equal(p["w"], [[0.9, -1.9], [0.5, -0.1]])
+    np.testing.assert_allclose(opt.state_dict()["m.w"], 0.01 * g["w"])
+    # and it trains a run, with checkpoints and exact resume like any optimizer
+    run = arraygpt.train(data, optimizer="lion", lr=1e-3, beta2=0.99, steps=6, out_dir=tmp_path / "a",
+                         plugin_manager=pm, **TINY)  # fmt: skip
+    assert isinstance(run.optimizer, lion.Lion) and run.optimizer.beta2 == 0.99
+    arraygpt.train(data, optimizer="lion", lr=1e-3, beta2=0.99, steps=6, out_dir=tmp_path / "b", stop_after=3,
+                   plugin_manager=pm, **TINY)  # fmt: skip
+    resumed = arraygpt.train(resume=tmp_path / "b", plugin_manager=pm, progress=False)
+    for name, value in run.model.params.items():
+        np.testing.assert_array_equal(resumed.model.params[name], value)

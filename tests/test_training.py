@@ -111,13 +111,25 @@ def test_training_on_other_backends(names_file, pm, backend):
     assert run.model.backend.name == backend and run.step == 5
 
 
+def test_byte_tokenizer_and_float64_through_a_resume(tmp_path, names_file, pm):
+    opts = dict(mode="documents", tokenizer="byte", dtype="float64", steps=6, batch_size=4, progress=False,
+                plugin_manager=pm, **TINY)  # fmt: skip
+    straight = arraygpt.train(str(names_file), **opts)
+    arraygpt.train(str(names_file), out_dir=tmp_path / "b", stop_after=3, **opts)
+    resumed = arraygpt.train(resume=tmp_path / "b", progress=False, plugin_manager=pm)
+    assert resumed.model.config.vocab_size == 257 and resumed.tokenizer.bos_id == 256
+    assert resumed.model.params["wte"].dtype == np.float64
+    assert_bit_identical(params_of(resumed), params_of(straight))
+
+
 # -- exact resume --------------------------------------------------------------------------------
 
 
 def _opts(data, pm, **extra):
     # dropout > 0 so that the dropout generator's state matters too
-    return dict(data=str(data), steps=20, batch_size=8, lr=1e-2, eval_interval=5, dropout=0.1, progress=False,
-                plugin_manager=pm, **{**TINY, **extra})  # fmt: skip
+    base = dict(data=str(data), steps=20, batch_size=8, lr=1e-2, eval_interval=5, dropout=0.1, progress=False,
+                plugin_manager=pm, **TINY)  # fmt: skip
+    return {**base, **extra}
 
 
 @pytest.mark.parametrize("mode", ["documents", "stream"])
@@ -258,6 +270,22 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(
     ck = load_checkpoint(tmp_path / "r")
     assert ck.extra["step"] == 5 and all(np.isfinite(to_numpy(v)).all() for v in ck.model.params.values())
     assert read_metrics(tmp_path / "r")[-1]["event"] == "diverged"
+
+
+class _PoisonBeforeCheckpoint:
+    """Breaks a weight during step 5, whose loss was still finite, right before its checkpoint."""
+
+    @hookimpl
+    def arraygpt_on_step(self, run, step):
+        if step == 5:
+            run.model.params["lm_head"][0, 0] = float("inf")
+
+
+def test_non_finite_parameters_are_never_checkpointed(tmp_path, names_file, pm):
+    pm.register(_PoisonBeforeCheckpoint())
+    with pytest.raises(TrainingDiverged, match=r"diverged at step 5: parameter lm_head holds NaN or inf"):
+        arraygpt.train(out_dir=tmp_path / "r", **_opts(names_file, pm, eval_interval=50, checkpoint_interval=5))
+    assert not (tmp_path / "r" / "last").exists()
 
 
 # -- bad input -----------------------------------------------------------------------------------
