@@ -324,7 +324,7 @@ class Batcher:
     so that a resumed run draws exactly the batches the uninterrupted run would have drawn.
 
     Documents: epoch e visits the training documents in the order
-    ``default_rng([seed, e]).permutation(n)``, B at a time (an epoch's tail joins the next epoch's
+    ``default_rng([2, seed, e]).permutation(n)``, B at a time (an epoch's tail joins the next epoch's
     head); window starts come from the generator. Stream: B uniformly random window starts per
     batch (nanoGPT's get_batch).
 
@@ -340,7 +340,7 @@ class Batcher:
         self.dataset = dataset
         self.batch_size = batch_size
         self.seed = seed
-        self.rng = np.random.default_rng(seed)
+        self.rng = np.random.default_rng([1, seed])  # not default_rng(seed): the model's init draws from that
         self.epoch = 0
         self.position = 0
         self._order: tuple[int, np.ndarray] | None = None
@@ -348,7 +348,7 @@ class Batcher:
     def _epoch_order(self, epoch: int) -> np.ndarray:
         if self._order is None or self._order[0] != epoch:
             n = self.dataset.split_size("train")
-            self._order = (epoch, np.random.default_rng([self.seed, epoch]).permutation(n))
+            self._order = (epoch, np.random.default_rng([2, self.seed, epoch]).permutation(n))
         return self._order[1]
 
     def next(self) -> tuple[np.ndarray, np.ndarray]:

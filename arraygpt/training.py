@@ -718,8 +718,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("--data", default=None, help="names (built in, the default) or a text file path")
     group = parser.add_argument_group("training")
+    choices = {"mode": MODES, "schedule": SCHEDULES, "dtype": DTYPES}
     for name, (kind, help_text) in _TRAIN_OPTIONS.items():
-        group.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, default=None, help=help_text)
+        group.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, default=None, help=help_text,
+                           choices=choices.get(name))  # fmt: skip
     run_group = parser.add_argument_group("run folder")
     run_group.add_argument("--out-dir", default=None, help="run folder (default runs/<data>-<time>)")
     run_group.add_argument("--resume", default=None, metavar="DIR", help="continue the run in DIR exactly")
@@ -731,7 +733,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """``arraygpt train``: returns 0 when done or stopped cleanly, 1 when training diverged."""
+    """``arraygpt train``: returns 0 when done or stopped cleanly, 1 when training diverged, 2 on
+    bad input or a failing plugin, 130 when aborted by a second Ctrl-C."""
+    from arraygpt.manager import PluginError
+
     model_fields = [f.name for f in dataclasses.fields(GPTConfig)]
     options = {name: getattr(args, name) for name in [*_TRAIN_OPTIONS, *model_fields] if getattr(args, name, None) is not None}
     try:
@@ -750,7 +755,10 @@ def run(args: argparse.Namespace) -> int:
     except TrainingDiverged as e:
         print(f"arraygpt train: {e}", file=sys.stderr)
         return 1
-    except ImportError as e:
+    except (ImportError, PluginError) as e:
         print(f"arraygpt train: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # a second Ctrl-C: the last checkpoint is intact
+        print("\narraygpt train: aborted; the last checkpoint is intact", file=sys.stderr)
+        return 130
     return 0
