@@ -5,7 +5,9 @@ Two ways to feed text to a GPT:
 - **documents** (microgpt): one document per line, each tokenized and wrapped in BOS,
   ``[BOS, c1, ..., cn, BOS]``; a batch holds B documents. A document longer than ``block_size + 1``
   tokens contributes a random window of that length. Shorter rows are padded: inputs with BOS,
-  targets with -1, which the loss ignores. The documents are shuffled once with a fixed seed
+  targets with -1, which the loss ignores. Evaluation draws its rows the same way (one per
+  document, windows fixed by a seed), so train and val losses measure the training objective.
+  The documents are shuffled once with a fixed seed
   (``split_seed``, not the run's seed), then the last ``val_fraction`` of them is the validation
   split. Training walks through the training documents one epoch at a time, in an order that is a
   fixed function of (seed, epoch).
@@ -120,7 +122,7 @@ def default_tokenizer(kind: str, text: str, mode: str) -> Tokenizer:
 
 @dataclass
 class _Rows:
-    """Eval rows of a documents split: (document, start, width) triples."""
+    """Eval rows of a documents split: document, window start and width, one per document."""
 
     doc: np.ndarray
     start: np.ndarray
@@ -171,7 +173,7 @@ class DocumentDataset:
             table[i, : len(ids) + 2] = [bos, *ids, bos]
         self._table, self._lengths = table, lengths
         self.splits = {"train": np.arange(n_train), "val": np.arange(n_train, len(docs))}
-        self._eval_rows: dict[str, _Rows] = {}
+        self._eval_rows: dict[tuple[str, int], _Rows] = {}
 
     def __len__(self) -> int:
         return len(self.documents)
@@ -202,18 +204,18 @@ class DocumentDataset:
 
     def eval_batches(self, split: str, batch_size: int, max_batches: int | None = None,
                      seed: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:  # fmt: skip
-        """Batches that predict every token of the split once (long documents are cut into
-        consecutive windows), or ``max_batches`` of them chosen with a fixed ``seed``."""
-        if split not in self._eval_rows:
-            docs, starts, widths = [], [], []
-            for d in self.splits[split]:
-                L = int(self._lengths[d])
-                for s in range(0, L - 1, self.block_size):
-                    docs.append(d)
-                    starts.append(s)
-                    widths.append(min(self.block_size + 1, L - s))
-            self._eval_rows[split] = _Rows(np.array(docs), np.array(starts), np.array(widths))
-        rows = self._eval_rows[split]
+        """Batches of one row per document of the split, as training draws them: the whole
+        document, or (longer than ``block_size + 1`` tokens) one window whose start is fixed by
+        ``seed``, so the loss estimates the training objective on the split and is the same at
+        every evaluation. ``max_batches``: only that many batches, of documents chosen by ``seed``."""
+        key = (split, seed)
+        if key not in self._eval_rows:
+            docs = self.splits[split]
+            lengths = self._lengths[docs]
+            width = np.minimum(lengths, self.block_size + 1)
+            start = np.random.default_rng([4, seed]).integers(0, lengths - width + 1)
+            self._eval_rows[key] = _Rows(docs, start, width)
+        rows = self._eval_rows[key]
         order = np.arange(len(rows.doc))
         if max_batches is not None and max_batches * batch_size < len(order):
             order = np.sort(np.random.default_rng(seed).permutation(len(order))[: max_batches * batch_size])

@@ -84,13 +84,23 @@ def test_batcher_state_round_trip_gives_the_same_batches():
 
 
 @pytest.mark.parametrize("block_size", [2, 5, 16])
-def test_document_eval_batches_predict_every_token_once(block_size):
+def test_document_eval_batches_hold_one_fixed_row_per_document(block_size):
     ds = _docs(block_size=block_size)
     for split in ("train", "val"):
-        n = sum(int((y >= 0).sum()) for _, y in ds.eval_batches(split, 4))
-        assert n == ds.tokens_in(split)
-    limited = list(ds.eval_batches("train", 2, max_batches=2, seed=0))
-    assert len(limited) == 2
+        batches = list(ds.eval_batches(split, 4, seed=3))
+        assert sum(x.shape[0] for x, _ in batches) == ds.split_size(split)
+        n_targets = sum(int((y >= 0).sum()) for _, y in batches)
+        assert n_targets == sum(min(len(ds.documents[d]) + 2, block_size + 1) - 1 for d in ds.splits[split])
+        again = list(ds.eval_batches(split, 4, seed=3))  # the same rows at every evaluation
+        for (x1, y1), (x2, y2) in zip(batches, again):
+            np.testing.assert_array_equal(x1, x2)
+            np.testing.assert_array_equal(y1, y2)
+        for x, y in batches:  # each row is a window of a document of the split, like a training row
+            for row_x, row_y in zip(x, y):
+                n = int((row_y >= 0).sum())
+                window = ds.tokenizer.decode([*row_x[:n].tolist(), int(row_y[n - 1])])
+                assert any(window in ds.documents[d] for d in ds.splits[split])
+    assert len(list(ds.eval_batches("train", 2, max_batches=2, seed=0))) == 2
 
 
 def test_stream_split_windows_and_eval():
