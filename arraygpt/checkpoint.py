@@ -112,7 +112,7 @@ def save_checkpoint(directory: str | os.PathLike[str], model: GPT, tokenizer: To
                 else:
                     arrays[key] = to_numpy(value)
             safetensors.save_file(arrays, tmp / OPTIMIZER_FILE, metadata={"format": "arraygpt-optimizer"})
-        state = {MARKER: FORMAT, "model_rng": model._dropout_rng.bit_generator.state, "optimizer": numbers,
+        state = {MARKER: FORMAT, "model_rng": model.rng_state(), "optimizer": numbers,
                  "extra": dict(extra or {})}  # fmt: skip
         _dump_json(state, tmp / STATE_FILE)  # the last file written
         _make_readable(tmp)
@@ -219,7 +219,7 @@ def load_checkpoint(directory: str | os.PathLike[str], backend: str | Backend | 
         raise CheckpointError(f"{path / MODEL_FILE} does not match {path / CONFIG_FILE}: {e}") from None
     if state.get("model_rng"):
         try:
-            model._dropout_rng.bit_generator.state = state["model_rng"]
+            model.set_rng_state(state["model_rng"])
         except (TypeError, ValueError, KeyError) as e:
             raise CheckpointError(f"{path / STATE_FILE}: invalid model_rng: {e}") from None
     tokenizer = None

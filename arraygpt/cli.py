@@ -186,9 +186,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _, run = _handlers(args.command)
+    from arraygpt.manager import PluginError
+
     try:
         return run(args)
-    except (ValueError, TypeError, KeyError, OSError, ImportError) as e:
+    except KeyboardInterrupt:
+        print(f"arraygpt {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, TypeError, KeyError, OSError, ImportError, PluginError) as e:
         print(f"arraygpt {args.command}: error: {e}", file=sys.stderr)
         return 2
 

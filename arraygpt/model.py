@@ -528,6 +528,14 @@ class GPT:
             return x, None
         return layers.dropout_forward(x, p, self._coins(tuple(x.shape)))
 
+    def rng_state(self) -> dict[str, Any]:
+        """The state of the dropout generator (JSON-serializable), for exact resume."""
+        return self._dropout_rng.bit_generator.state
+
+    def set_rng_state(self, state: Mapping[str, Any]) -> None:
+        """Restore a state returned by :meth:`rng_state`."""
+        self._dropout_rng.bit_generator.state = dict(state)
+
     def attention_patterns(self) -> list[Array]:
         """The attention probabilities of the last forward, one (B, NH, T, Tk) array per layer:
         entry [b, h, t, s] is how much position t of row b attends to position s in head h."""

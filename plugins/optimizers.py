@@ -116,7 +116,9 @@ class Adam(Optimizer):
         m *= self.beta1
         m += (1.0 - self.beta1) * g
         v *= self.beta2
-        v += (1.0 - self.beta2) * (g * g)
+        g2 = g * g
+        g2 *= 1.0 - self.beta2  # in place: NumPy is slow on python_float * temporary
+        v += g2
         bias_correction1 = 1.0 - self.beta1**self.t
         bias_correction2_sqrt = math.sqrt(1.0 - self.beta2**self.t)
         denom = namespace(v).sqrt(v)
