@@ -6,8 +6,8 @@ Run by hand on a quiet machine (timings are not tests):
     .venv/bin/python benchmarks/step.py --config nanogpt-cpu --steps 50
     ARRAYGPT_BACKEND=cupy python benchmarks/step.py          # on a GPU machine
 
-Prints, per config: median ms/step of each side (the two are interleaved step by step, so machine
-noise hits both alike), tokens/s, achieved GFLOP/s as a fraction of this machine's measured float32
+Prints, per config: median ms/step of each side (the two alternate in blocks of steps, three
+rounds, so slow drifts of machine load hit both alike), tokens/s, achieved GFLOP/s as a fraction of this machine's measured float32
 matmul peak, and the ratio arraygpt / PyTorch (<= 1.0 means arraygpt is as fast or faster).
 Both sides use the same weights and the same batches; PyTorch uses the same thread count as BLAS.
 """
@@ -102,7 +102,9 @@ def bench(name: str, steps: int, warmup: int, with_torch: bool, peak: float) -> 
     config, B = config_of(name)
     model = GPT(config, seed=0)
     rng = np.random.default_rng(0)
-    batches = [rng.integers(0, config.vocab_size, (B, config.block_size + 1)) for _ in range(warmup + steps)]
+    rounds = 3
+    per_round = max(1, steps // rounds)
+    batches = [rng.integers(0, config.vocab_size, (B, config.block_size + 1)) for _ in range(warmup + per_round)]
     backend = arraygpt.get_backend()
 
     def ours(batch):
@@ -122,17 +124,17 @@ def bench(name: str, steps: int, warmup: int, with_torch: bool, peak: float) -> 
             t = torch.from_numpy(batch)
             forward(t[:, :-1], t[:, 1:]).backward()
 
+    # Alternate blocks of steps rather than single steps: OpenBLAS's and PyTorch's thread pools
+    # spin for a while after each call, and interleaving single steps makes them fight.
     ours_ms, theirs_ms = [], []
-    for i, batch in enumerate(batches):
-        t0 = time.perf_counter()
-        ours(batch)
-        t1 = time.perf_counter()
-        if theirs is not None:
-            theirs(batch)
-        t2 = time.perf_counter()
-        if i >= warmup:
-            ours_ms.append((t1 - t0) * 1e3)
-            theirs_ms.append((t2 - t1) * 1e3)
+    sides = [(ours, ours_ms)] + ([(theirs, theirs_ms)] if theirs is not None else [])
+    for block in range(rounds):
+        for run, times in sides:
+            for i, batch in enumerate(batches):
+                t0 = time.perf_counter()
+                run(batch)
+                if i >= warmup:
+                    times.append((time.perf_counter() - t0) * 1e3)
     flops = flops_per_step(config, B)
     med = statistics.median(ours_ms)
     result = {
