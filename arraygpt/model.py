@@ -126,10 +126,7 @@ class GPTConfig:
         """
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; available presets: {', '.join(PRESETS)}")
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(overrides) - fields)
-        if unknown:
-            raise ValueError(f"unknown GPTConfig field(s) {unknown}; fields are: {', '.join(sorted(fields))}")
+        check_fields(cls, overrides, "GPTConfig field")
         return cls(**{**PRESETS[name], **overrides})
 
     def to_dict(self) -> dict[str, Any]:
@@ -137,11 +134,16 @@ class GPTConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> GPTConfig:
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - fields)
-        if unknown:
-            raise ValueError(f"unknown GPTConfig field(s) {unknown}")
+        check_fields(cls, d, "GPTConfig field")
         return cls(**d)
+
+
+def check_fields(cls: type, given: Mapping[str, Any], what: str) -> None:
+    """Raise ``ValueError`` naming every key of ``given`` that is not a field of dataclass ``cls``."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(given) - fields)
+    if unknown:
+        raise ValueError(f"unknown {what}(s) {unknown}; allowed: {', '.join(sorted(fields))}")
 
 
 _GPT2 = dict(vocab_size=50257, block_size=1024)

@@ -38,7 +38,7 @@ from typing import Any, TextIO
 import numpy as np
 
 from arraygpt.data import MODES, Batcher, Dataset, DataError, default_tokenizer, fingerprint, make_dataset, read_source
-from arraygpt.model import DTYPES, GPT, GPTConfig
+from arraygpt.model import DTYPES, GPT, GPTConfig, check_fields
 from arraygpt.optim import SCHEDULES, Schedule, clip_grad_norm, create_optimizer
 from arraygpt.shim import to_numpy
 from arraygpt.tokenizer import ByteTokenizer, CharTokenizer, Tokenizer, load_tokenizer
@@ -152,10 +152,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> TrainConfig:
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - fields)
-        if unknown:
-            raise ValueError(f"unknown training option(s) {unknown}; options are: {', '.join(sorted(fields))}")
+        check_fields(cls, d, "training option")
         return cls(**d)
 
     def optimizer_options(self, factory: Any) -> dict[str, Any]:
