@@ -99,15 +99,12 @@ def _mean_last(xp: Any, x: Array) -> Array:  # (..., C) -> (..., 1); cheaper tha
 
 
 def _affine(xhat: Array, w: Array | None, b: Array | None) -> Array:  # xhat * w + b, w and b optional
-    out = xhat if w is None else xhat * w
+    if w is None:
+        return xhat if b is None else xhat + b
+    out = xhat * w
     if b is not None:
-        out = out + b if w is None else _iadd(out, b)
+        out += b
     return out
-
-
-def _iadd(a: Array, b: Array) -> Array:
-    a += b
-    return a
 
 
 def layernorm_backward(dout: Array, cache: Any) -> tuple[Array, Array | None, Array | None]:
@@ -146,8 +143,7 @@ def rmsnorm_backward(dout: Array, cache: Any) -> tuple[Array, Array | None, Arra
     xhat, rstd, w, has_bias = cache
     xp = namespace(dout)
     dw, db, dxhat = _affine_backward(dout, xhat, w, has_bias)
-    dx = xhat * _mean_last(xp, dxhat * xhat)
-    dx = dxhat - dx
+    dx = dxhat - xhat * _mean_last(xp, dxhat * xhat)
     dx *= rstd
     return dx, dw, db
 
@@ -318,10 +314,10 @@ def gelu_tanh_backward(dout: Array, cache: Any) -> Array:
     """forward: out = x s, s = sigmoid(2u), u = c (x + a x^3), i.e. 0.5 x (1 + tanh u).
     dx = dout * (s + x s (1 - s) 2c (1 + 3a x^2))."""
     x, s = cache
-    g = x * x  # 2 du/dx = 2c (1 + 3a x^2)
+    g = x * x
     g *= 6.0 * _GELU_C * _GELU_A
-    g += 2.0 * _GELU_C
-    g *= x
+    g += 2.0 * _GELU_C  # 2 du/dx = 2c (1 + 3a x^2)
+    g *= x  # x 2 du/dx
     one_minus_s = 1.0 - s
     one_minus_s *= s
     g *= one_minus_s
