@@ -2,8 +2,8 @@
 backward for every layer, NumPy on the CPU and CuPy on the GPU, and pluggy plugins for
 backends, optimizers and samplers.
 
-Importing arraygpt imports NumPy (through nothing heavier than the config) lazily: array
-libraries load when a backend is first used.
+``import arraygpt`` is light: the model, training and generation modules load on first use, and
+an array library loads when its backend is first used.
 """
 
 from __future__ import annotations
