@@ -621,8 +621,13 @@ class _TextStream:
         return self.tokenizer.decode(self.ids)
 
 
-def _show(tokenizer: Any, pairs: Sequence[tuple[int, float]]) -> str:
-    return "  ".join(f"{tokenizer.decode([i])!r} {p:.3f}" for i, p in pairs)
+def _label(tokenizer: Any, token: int, ends: Sequence[int]) -> str:
+    """How --show-probs prints a token: its text quoted, or <end> for an end token (whose text is empty)."""
+    return "<end>" if token in ends else repr(tokenizer.decode([token]))
+
+
+def _show(tokenizer: Any, pairs: Sequence[tuple[int, float]], ends: Sequence[int]) -> str:
+    return "  ".join(f"{_label(tokenizer, i, ends)} {p:.3f}" for i, p in pairs)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -654,8 +659,8 @@ def run(args: argparse.Namespace) -> int:
         for item in steps:
             token = item.token if args.show_probs else item
             if args.show_probs:
-                out.write(f"[{tokenizer.decode([token])!r} p={item.p_sampler:.3f} (model {item.p_model:.3f})]"
-                          f"  model: {_show(tokenizer, item.model)}  |  sampler: {_show(tokenizer, item.sampler)}\n")  # fmt: skip
+                out.write(f"[{_label(tokenizer, token, ends)} p={item.p_sampler:.3f} (model {item.p_model:.3f})]"
+                          f"  model: {_show(tokenizer, item.model, ends)}  |  sampler: {_show(tokenizer, item.sampler, ends)}\n")  # fmt: skip
                 out.flush()
             if token in ends:
                 break

@@ -345,3 +345,13 @@ def test_sample_command_reads_a_hugging_face_gpt2_directory(tmp_path, capsys):
             break
         ids.append(t)
     assert out == "the cat" + tokenizer.decode(ids) + "\n"
+
+
+def test_show_probs_labels_end_tokens_instead_of_printing_their_empty_text():
+    from arraygpt.generation import _show
+    from arraygpt.tokenizer import CharTokenizer
+
+    tokenizer = CharTokenizer.from_text("abc")
+    end = tokenizer.bos_id
+    line = _show(tokenizer, [(end, 0.5), (tokenizer.encode("b")[0], 0.25)], [end])
+    assert line == "<end> 0.500  'b' 0.250"
