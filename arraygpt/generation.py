@@ -568,8 +568,10 @@ def _sampler_options(args: argparse.Namespace) -> dict[str, Any]:
     return options
 
 
-def load_for_sampling(directory: str) -> tuple[Any, Any]:
-    """(model, tokenizer) from an arraygpt training checkpoint or a Hugging Face GPT-2 directory.
+def load_for_sampling(directory: str) -> tuple[Any, Any, list[int]]:
+    """(model, tokenizer, prefix) from an arraygpt training checkpoint or a Hugging Face GPT-2
+    directory. ``prefix`` is what every training document started with: ``[bos_id]`` for a model
+    trained on documents wrapped in BOS (microgpt's names), else empty; a prompt goes after it.
 
     A directory whose ``config.json`` carries no arraygpt marker and that holds
     ``model.safetensors`` is a Hugging Face GPT-2 (``GPT.from_pretrained`` and
@@ -592,11 +594,13 @@ def load_for_sampling(directory: str) -> tuple[Any, Any]:
             from arraygpt import interop
             from arraygpt.model import GPT
 
-            return GPT.from_pretrained(str(path)), interop.load_tokenizer(str(path))
+            return GPT.from_pretrained(str(path)), interop.load_tokenizer(str(path)), []
     loaded = checkpoint.load_checkpoint(path)
     if loaded.tokenizer is None:
         raise ValueError(f"checkpoint {directory} has no tokenizer.json, so its tokens cannot be turned into text")
-    return loaded.model, loaded.tokenizer
+    documents = loaded.extra.get("train_config", {}).get("mode") == "documents"
+    bos = getattr(loaded.tokenizer, "bos_id", None)
+    return loaded.model, loaded.tokenizer, [bos] if documents and bos is not None else []
 
 
 class _TextStream:
@@ -636,10 +640,10 @@ def run(args: argparse.Namespace) -> int:
     sampler = [s.strip() for s in args.sampler.split(",")] if "," in args.sampler else args.sampler.strip()
     check_number("--num-samples", args.num_samples, 1, integer=True)
     make_sampler(sampler, temperature=args.temperature, **options)  # report bad options before loading
-    model, tokenizer = load_for_sampling(args.checkpoint)
+    model, tokenizer, prefix = load_for_sampling(args.checkpoint)
     specials = [getattr(tokenizer, "bos_id", None), getattr(tokenizer, "eos_id", None)]
     ends = sorted({int(i) for i in specials if i is not None})
-    prompt = list(tokenizer.encode(args.prompt)) if args.prompt else []
+    prompt = prefix + (list(tokenizer.encode(args.prompt)) if args.prompt else [])
     if not prompt:
         if not ends:
             raise ValueError("--prompt is empty and the tokenizer has no BOS token to start from; give --prompt")
