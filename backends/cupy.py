@@ -32,7 +32,12 @@ def to_numpy(x):
 
 
 def scatter_add(target, indices, values):
-    cupy.add.at(target, indices, values)  # CuPy >= 12; cupyx.scatter_add before
+    if hasattr(cupy.add, "at"):  # newer CuPy
+        cupy.add.at(target, indices, values)
+    else:
+        import cupyx
+
+        cupyx.scatter_add(target, indices, values)
 
 
 def synchronize():
