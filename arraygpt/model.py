@@ -523,7 +523,7 @@ class GPT:
         return self._norm_forward(x, self.params.get(name), self.params.get(name + "_b"), self.config.norm_eps)
 
     def _coins(self, shape: tuple[int, ...]) -> Array:
-        return self.backend.asarray(self._dropout_rng.random(shape, dtype=self.dtype))
+        return self.backend.uniform(self._dropout_rng, shape, self.dtype)
 
     def _dropout(self, x: Array, p: float) -> tuple[Array, Any]:
         if p == 0.0:

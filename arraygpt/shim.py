@@ -39,6 +39,8 @@ class Backend:
         to_numpy: backend array -> host NumPy array.
         scatter_add: ``target[indices] += values`` along axis 0, duplicates accumulated; in place.
         synchronize: wait until queued device work is done (a no-op on the CPU).
+        device_uniform: optional ``(seed, shape, dtype) -> array`` of uniform [0, 1) numbers made
+            on the device; without it :meth:`uniform` draws on the host and copies.
     """
 
     name: str
@@ -49,12 +51,26 @@ class Backend:
     to_numpy: Callable[[Any], Any]
     scatter_add: Callable[[Any, Any, Any], None]
     synchronize: Callable[[], None]
+    device_uniform: Callable[[int, tuple[int, ...], str], Any] | None = None
 
     @classmethod
     def from_module(cls, module: ModuleType) -> Backend:
-        """Build a backend from a module that defines the fields above as globals or functions."""
-        fields = cls.__dataclass_fields__
+        """Build a backend from a module that defines the fields above as globals or functions
+        (the optional ones may be left out)."""
+        optional = {"device_uniform"}
+        fields = [f for f in cls.__dataclass_fields__ if f not in optional or hasattr(module, f)]
         return cls(**{name: getattr(module, name) for name in fields})
+
+    def uniform(self, rng: Any, shape: tuple[int, ...], dtype: str) -> Any:
+        """Uniform [0, 1) numbers of ``shape`` (dropout coins), driven by the host generator ``rng``.
+
+        The host generator stays the one source of randomness (its state is what checkpoints
+        save). A GPU backend takes one seed from it and draws on the device, because copying
+        the coins of attention dropout (B·NH·T·T per layer) from the host would dominate a step.
+        """
+        if self.device_uniform is None:
+            return self.asarray(rng.random(shape, dtype=dtype))
+        return self.device_uniform(int(rng.integers(2**63)), shape, dtype)
 
 
 _active: Backend | None = None

@@ -40,5 +40,11 @@ def scatter_add(target, indices, values):
         cupyx.scatter_add(target, indices, values)
 
 
+def device_uniform(seed, shape, dtype):
+    # Philox: counter-based, so a generator per call is cheap to seed (XORWOW's set-up is not).
+    generator = cupy.random.RandomState(seed, method=cupy.cuda.curand.CURAND_RNG_PSEUDO_PHILOX4_32_10)
+    return generator.random_sample(shape, dtype=dtype)
+
+
 def synchronize():
     cupy.cuda.get_current_stream().synchronize()

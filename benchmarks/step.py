@@ -4,7 +4,7 @@ Run by hand on a quiet machine (timings are not tests):
 
     .venv/bin/python benchmarks/step.py                      # nanogpt-cpu and shakespeare-char
     .venv/bin/python benchmarks/step.py --config nanogpt-cpu --steps 50
-    ARRAYGPT_BACKEND=cupy python benchmarks/step.py          # on a GPU machine
+    ARRAYGPT_BACKEND=cupy python benchmarks/step.py --config shakespeare-char-b64   # GPU; PyTorch on CUDA
 
 Prints, per config: median ms/step of each side (the two alternate in blocks of steps, three
 rounds, so slow drifts of machine load hit both alike), tokens/s, achieved GFLOP/s as a fraction of this machine's measured float32
@@ -29,6 +29,8 @@ CONFIGS = {
     # nanoGPT's documented CPU recipe (GPT-2 style with biases, as ../shared/bench/torch_gpt_step.py)
     "nanogpt-cpu": (dict(vocab_size=65, block_size=64, n_layer=4, n_head=4, n_embd=128), 12),
     "shakespeare-char": (dict(vocab_size=65, block_size=256, n_layer=6, n_head=6, n_embd=384), 8),
+    "shakespeare-char-b64": (dict(vocab_size=65, block_size=256, n_layer=6, n_head=6, n_embd=384), 64),  # GPU recipe
+    "gpt2": ("gpt2", 8),  # GPU only: 124M parameters, context 1024
     "microgpt": ("microgpt", 1),
     "microgpt-b32": ("microgpt", 32),
 }
@@ -47,23 +49,27 @@ def flops_per_step(config: GPTConfig, B: int) -> float:
     return B * T * (6 * n + 12 * config.n_layer * config.attn_dim * T)
 
 
-def matmul_peak_gflops(n: int = 1024, repeats: int = 10) -> float:
-    a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
-    np.matmul(a, a)
+def matmul_peak_gflops(backend, n: int = 1024, repeats: int = 10) -> float:
+    """The float32 matmul ceiling of the active backend (n = 4096 on a GPU, where 1024 is too small)."""
+    n = n if backend.device == "cpu" else 4096
+    a = backend.asarray(np.random.default_rng(0).standard_normal((n, n), dtype=np.float32))
+    backend.xp.matmul(a, a)
+    backend.synchronize()
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        np.matmul(a, a)
+        backend.xp.matmul(a, a)
+        backend.synchronize()
         times.append(time.perf_counter() - t0)
     return 2 * n**3 / min(times) / 1e9
 
 
-def torch_model(config: GPTConfig, state: dict[str, np.ndarray]):
+def torch_model(config: GPTConfig, state: dict[str, np.ndarray], device: str = "cpu"):
     """The same network in plain PyTorch (eager), loaded with arraygpt's weights."""
     import torch
     import torch.nn.functional as F
 
-    p = {k: torch.nn.Parameter(torch.from_numpy(np.array(v))) for k, v in state.items()}
+    p = {k: torch.nn.Parameter(torch.from_numpy(np.array(v)).to(device)) for k, v in state.items()}
     L, NH, D = config.n_layer, config.n_head, config.attn_dim
     act = {"gelu_tanh": lambda x: F.gelu(x, approximate="tanh"), "gelu": F.gelu, "relu": F.relu,
            "relu2": lambda x: F.relu(x).square()}[config.activation]  # fmt: skip
@@ -116,13 +122,17 @@ def bench(name: str, steps: int, warmup: int, with_torch: bool, peak: float) -> 
     if with_torch:
         import torch
 
-        forward, params = torch_model(config, {k: backend.to_numpy(v) for k, v in model.state_dict().items()})
+        device = "cpu" if backend.device == "cpu" else "cuda"  # PyTorch on the same kind of device
+        state = {k: backend.to_numpy(v) for k, v in model.state_dict().items()}
+        forward, params = torch_model(config, state, device)
 
         def theirs(batch):
             for q in params:
                 q.grad = None
-            t = torch.from_numpy(batch)
+            t = torch.from_numpy(batch).to(device)
             forward(t[:, :-1], t[:, 1:]).backward()
+            if device == "cuda":
+                torch.cuda.synchronize()
 
     # Alternate blocks of steps rather than single steps: OpenBLAS's and PyTorch's thread pools
     # spin for a while after each call, and interleaving single steps makes them fight.
@@ -164,8 +174,9 @@ def main() -> None:
             torch.set_num_threads(_blas_threads())
         except ImportError:
             with_torch = False
-    peak = matmul_peak_gflops()
-    print(f"float32 matmul peak (1024^3, NumPy): {peak:.0f} GFLOP/s")
+    backend = arraygpt.get_backend()
+    peak = matmul_peak_gflops(backend)
+    print(f"float32 matmul peak ({backend.name}): {peak:.0f} GFLOP/s")
     for name in args.config or ["nanogpt-cpu", "shakespeare-char"]:
         r = bench(name, args.steps, args.warmup, with_torch, peak)
         line = (f"{name:<17} B={r['batch']:<3} arraygpt[{r['backend']}] {r['arraygpt_ms']:8.2f} ms/step "

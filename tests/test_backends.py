@@ -3,6 +3,7 @@ derived from the inputs, and clear errors for unknown or unavailable backends.""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -192,6 +193,38 @@ def test_backend_extras(backend):
     np.add.at(expected, [1, 1, 3, 1, 0], host)
     np.testing.assert_allclose(backend.to_numpy(target), expected, rtol=1e-15, atol=1e-15)
     assert backend.synchronize() is None
+
+
+def test_uniform_coins_are_driven_by_the_host_generator(backend):
+    """Dropout coins: uniform [0, 1) on the backend, reproducible from the host generator's state
+    (which checkpoints save), also where a GPU backend draws them on the device."""
+    first, again = (backend.uniform(np.random.default_rng(5), (3, 4, 50), "float32") for _ in range(2))
+    assert type(first) is backend.array_type and tuple(first.shape) == (3, 4, 50)
+    host = to_numpy(first)
+    assert host.dtype == np.float32 and host.min() >= 0.0 and host.max() < 1.0
+    assert 0.4 < host.mean() < 0.6
+    np.testing.assert_array_equal(to_numpy(again), host)
+    if backend.device_uniform is None:  # drawn on the host: exactly the generator's numbers
+        np.testing.assert_array_equal(host, np.random.default_rng(5).random((3, 4, 50), dtype=np.float32))
+
+
+def test_device_uniform_gets_one_seed_from_the_host_generator():
+    seeds = []
+
+    def device_uniform(seed, shape, dtype):
+        seeds.append(seed)
+        return np.random.default_rng(seed).random(shape, dtype=dtype)
+
+    gpu_like = dataclasses.replace(load_backend("numpy"), device_uniform=device_uniform)
+    rng = np.random.default_rng(9)
+    gpu_like.uniform(rng, (2, 2), "float64")
+    assert seeds == [int(np.random.default_rng(9).integers(2**63))]
+    assert rng.bit_generator.state == _advanced(np.random.default_rng(9))
+
+
+def _advanced(rng):
+    rng.integers(2**63)
+    return rng.bit_generator.state
 
 
 def test_layers_take_the_namespace_of_their_inputs(fresh_selection):

@@ -135,3 +135,26 @@ def test_cupy_arrays_stay_on_the_device(cupy_backend):
     logits, _ = model.forward(np.zeros((1, 4), dtype=np.int64), np.zeros((1, 4), dtype=np.int64))
     assert isinstance(logits, cupy.ndarray)
     assert all(isinstance(g, cupy.ndarray) for g in model.backward().values())
+
+
+def test_cupy_dropout_draws_its_coins_on_the_device(cupy_backend):
+    """Attention dropout needs B·NH·T·T coins per layer: made on the GPU from one host-drawn seed,
+    so the same seed (and the same saved generator state) still gives the same step."""
+    import cupy
+
+    coins = cupy_backend.uniform(np.random.default_rng(0), (4, 6, 64, 64), "float32")
+    assert isinstance(coins, cupy.ndarray) and coins.dtype == cupy.float32
+    assert 0.0 <= float(coins.min()) and float(coins.max()) < 1.0
+    assert abs(float((coins < 0.2).mean()) - 0.2) < 0.01
+    config = GPTConfig.preset("gpt2", vocab_size=97, block_size=16, n_layer=2, n_head=4, n_embd=32, dropout=0.2)
+    idx = np.random.default_rng(3).integers(0, 97, (3, 17))
+    runs = []
+    for _ in range(2):
+        model = GPT(config, seed=1, backend="cupy")
+        model.train()
+        losses = [model.forward(idx[:, :-1], idx[:, 1:])[1] for _ in range(2)]
+        runs.append((losses, {k: to_numpy(g) for k, g in model.backward().items()}))
+    (losses_a, grads_a), (losses_b, grads_b) = runs
+    assert losses_a == losses_b and losses_a[0] != losses_a[1]  # reproducible, and a new mask each step
+    for k in grads_a:
+        np.testing.assert_array_equal(grads_a[k], grads_b[k], err_msg=k)
