@@ -34,6 +34,17 @@ def _flat(x: Array) -> Array:  # (..., C) -> (N, C)
     return namespace(x).reshape(x, (-1, x.shape[-1]))
 
 
+# Sums as matrix-vector products: BLAS runs them 3-5x faster than NumPy's sum over short rows.
+def _sum_last(xp: Any, x: Array) -> Array:  # (..., C) -> (..., 1)
+    ones = xp.ones((x.shape[-1], 1), dtype=x.dtype, device=x.device)
+    return xp.reshape(xp.matmul(_flat(x), ones), (*x.shape[:-1], 1))
+
+
+def _sum_rows(xp: Any, x: Array) -> Array:  # (..., C) -> (C,): the sum over every row, as for a bias gradient
+    x = _flat(x)
+    return xp.matmul(xp.ones((x.shape[0],), dtype=x.dtype, device=x.device), x)
+
+
 # ----------------------------------------------------------------------------------------------
 # encoder: token embedding + position embedding
 
@@ -86,16 +97,12 @@ def layernorm_forward(x: Array, w: Array | None, b: Array | None, eps: float) ->
     """out = (x - mean) * rstd * w + b over the last axis, rstd = 1/sqrt(var + eps) (biased var).
     ``w`` and ``b`` may be None (no learnable gain or bias)."""
     xp = namespace(x)
-    xhat = x - _mean_last(xp, x)
-    rstd = 1.0 / xp.sqrt(_mean_last(xp, xhat * xhat) + eps)  # (..., 1)
+    inv_c = 1.0 / x.shape[-1]
+    xhat = x - _sum_last(xp, x) * inv_c
+    var = _sum_last(xp, xhat * xhat)  # (..., 1)
+    rstd = 1.0 / xp.sqrt(var * inv_c + eps)
     xhat *= rstd
     return _affine(xhat, w, b), (xhat, rstd, w, b is not None)
-
-
-def _mean_last(xp: Any, x: Array) -> Array:  # (..., C) -> (..., 1); cheaper than NumPy's mean
-    s = xp.sum(x, axis=-1, keepdims=True)
-    s *= 1.0 / x.shape[-1]
-    return s
 
 
 def _affine(xhat: Array, w: Array | None, b: Array | None) -> Array:  # xhat * w + b, w and b optional
@@ -111,27 +118,32 @@ def layernorm_backward(dout: Array, cache: Any) -> tuple[Array, Array | None, Ar
     """forward: xhat = (x - mean) * rstd; out = xhat * w + b.
     dxhat = dout * w;  dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)),
     dw = sum over rows of dout * xhat,  db = sum over rows of dout."""
+    return _norm_backward(dout, cache, centered=True)
+
+
+def _norm_backward(dout: Array, cache: Any, centered: bool) -> tuple[Array, Array | None, Array | None]:
+    """LayerNorm's backward (``centered``) and RMSNorm's, which lacks the mean(dxhat) term."""
     xhat, rstd, w, has_bias = cache
     xp = namespace(dout)
-    dw, db, dxhat = _affine_backward(dout, xhat, w, has_bias)
-    dx = dxhat - _mean_last(xp, dxhat)
-    dx -= xhat * _mean_last(xp, dxhat * xhat)
+    dout_xhat = dout * xhat
+    dw = None if w is None else _sum_rows(xp, dout_xhat)
+    db = _sum_rows(xp, dout) if has_bias else None
+    # Row means of dxhat = dout * w and of dxhat * xhat: matrix-vector products with w.
+    C = xhat.shape[-1]
+    w_col = xp.reshape(w, (C, 1)) if w is not None else xp.ones((C, 1), dtype=dout.dtype, device=dout.device)
+    shape = (*dout.shape[:-1], 1)
+    dx = dout if w is None else dout * w
+    dx = dx - xhat * xp.reshape(xp.matmul(_flat(dout_xhat), w_col), shape) * (1.0 / C)
+    if centered:
+        dx -= xp.reshape(xp.matmul(_flat(dout), w_col), shape) * (1.0 / C)
     dx *= rstd
     return dx, dw, db
-
-
-def _affine_backward(dout: Array, xhat: Array, w: Array | None, has_bias: bool) -> tuple[Array | None, Array | None, Array]:
-    """forward: out = xhat * w + b.  dw = sum over rows of dout * xhat; db = sum of dout; dxhat = dout * w."""
-    xp = namespace(dout)
-    dw = None if w is None else xp.sum(_flat(dout * xhat), axis=0)
-    db = xp.sum(_flat(dout), axis=0) if has_bias else None
-    return dw, db, (dout if w is None else dout * w)
 
 
 def rmsnorm_forward(x: Array, w: Array | None, b: Array | None, eps: float) -> tuple[Array, Any]:
     """out = x * rstd * w + b, rstd = 1/sqrt(mean(x^2) + eps) over the last axis."""
     xp = namespace(x)
-    rstd = 1.0 / xp.sqrt(_mean_last(xp, x * x) + eps)  # (..., 1)
+    rstd = 1.0 / xp.sqrt(_sum_last(xp, x * x) * (1.0 / x.shape[-1]) + eps)  # (..., 1)
     xhat = x * rstd
     return _affine(xhat, w, b), (xhat, rstd, w, b is not None)
 
@@ -139,13 +151,8 @@ def rmsnorm_forward(x: Array, w: Array | None, b: Array | None, eps: float) -> t
 def rmsnorm_backward(dout: Array, cache: Any) -> tuple[Array, Array | None, Array | None]:
     """forward: xhat = x * rstd; out = xhat * w + b.
     dx = rstd * (dxhat - xhat * mean(dxhat * xhat)) with dxhat = dout * w (no mean term: nothing
-    was subtracted)."""
-    xhat, rstd, w, has_bias = cache
-    xp = namespace(dout)
-    dw, db, dxhat = _affine_backward(dout, xhat, w, has_bias)
-    dx = dxhat - xhat * _mean_last(xp, dxhat * xhat)
-    dx *= rstd
-    return dx, dw, db
+    was subtracted); dw and db as in LayerNorm."""
+    return _norm_backward(dout, cache, centered=False)
 
 
 NORMS = {"layernorm": (layernorm_forward, layernorm_backward), "rmsnorm": (rmsnorm_forward, rmsnorm_backward)}
@@ -171,7 +178,7 @@ def linear_backward(dout: Array, cache: Any) -> tuple[Array, Array, Array | None
     dout2 = _flat(dout)  # (N, Cout)
     dx = xp.reshape(xp.matmul(dout2, w), x.shape)  # (..., Cin)
     dw = xp.matmul(xp.matrix_transpose(dout2), _flat(x))  # (Cout, Cin)
-    db = xp.sum(dout2, axis=0) if has_bias else None
+    db = _sum_rows(xp, dout2) if has_bias else None
     return dx, dw, db
 
 
@@ -200,7 +207,7 @@ def softmax_forward(x: Array, temperature: float = 1.0, axis: int = -1) -> Array
 def softmax_backward(dout: Array, probs: Array, temperature: float = 1.0, axis: int = -1) -> Array:
     """forward: p = softmax(x / T).  dx = p * (dout - sum(dout * p)) / T."""
     xp = namespace(dout)
-    dx = dout - xp.sum(dout * probs, axis=axis, keepdims=True)
+    dx = dout - (_sum_last(xp, dout * probs) if axis in (-1, dout.ndim - 1) else xp.sum(dout * probs, axis=axis, keepdims=True))
     dx *= probs
     if temperature != 1.0:
         dx /= temperature
@@ -258,7 +265,7 @@ def attention_forward(
         att += causal_mask(xp, T, Tk, att.dtype, att.device)
     att -= xp.max(att, axis=-1, keepdims=True)  # softmax over keys, in place (see softmax_forward)
     att = xp.exp(att)
-    att /= xp.sum(att, axis=-1, keepdims=True)
+    att /= _sum_last(xp, att)
     mask = None
     att_used = att
     if dropout_p > 0.0:
@@ -304,7 +311,10 @@ def gelu_tanh_forward(x: Array) -> tuple[Array, Any]:
     minus_2u *= -2.0 * _GELU_C * _GELU_A
     minus_2u -= 2.0 * _GELU_C
     minus_2u *= x
-    s = xp.exp(xp.minimum(minus_2u, 80.0))  # capped: exp stays finite, sigmoid is 0 there anyway
+    # Capped so that exp stays finite (sigmoid is 0 there anyway); NumPy takes the minimum with a
+    # row of caps about twice as fast as with a scalar.
+    cap = xp.full((x.shape[-1],), 80.0, dtype=x.dtype, device=x.device)
+    s = xp.exp(xp.minimum(minus_2u, cap))
     s += 1.0
     s = 1.0 / s  # sigmoid(2u)
     return x * s, (x, s)
