@@ -122,20 +122,24 @@ def layernorm_backward(dout: Array, cache: Any) -> tuple[Array, Array | None, Ar
 
 
 def _norm_backward(dout: Array, cache: Any, centered: bool) -> tuple[Array, Array | None, Array | None]:
-    """LayerNorm's backward (``centered``) and RMSNorm's, which lacks the mean(dxhat) term."""
+    """LayerNorm's backward (``centered``) and RMSNorm's, which lacks the mean(dxhat) term.
+    With dxhat = dout * w, both row means are matrix-vector products with w:
+    mean(dxhat) = dout @ w / C and mean(dxhat * xhat) = (dout * xhat) @ w / C."""
     xhat, rstd, w, has_bias = cache
     xp = namespace(dout)
+    C = xhat.shape[-1]
     dout_xhat = dout * xhat
     dw = None if w is None else _sum_rows(xp, dout_xhat)
     db = _sum_rows(xp, dout) if has_bias else None
-    # Row means of dxhat = dout * w and of dxhat * xhat: matrix-vector products with w.
-    C = xhat.shape[-1]
-    w_col = xp.reshape(w, (C, 1)) if w is not None else xp.ones((C, 1), dtype=dout.dtype, device=dout.device)
-    shape = (*dout.shape[:-1], 1)
-    dx = dout if w is None else dout * w
-    dx = dx - xhat * xp.reshape(xp.matmul(_flat(dout_xhat), w_col), shape) * (1.0 / C)
+    w_col = xp.ones((C, 1), dtype=dout.dtype, device=dout.device) if w is None else xp.reshape(w, (C, 1))
+
+    def row_mean_times_w(a: Array) -> Array:  # (..., C) -> (..., 1)
+        return xp.reshape(xp.matmul(_flat(a), w_col), (*a.shape[:-1], 1)) * (1.0 / C)
+
+    dxhat = dout if w is None else dout * w
+    dx = dxhat - xhat * row_mean_times_w(dout_xhat)
     if centered:
-        dx -= xp.reshape(xp.matmul(_flat(dout), w_col), shape) * (1.0 / C)
+        dx -= row_mean_times_w(dout)
     dx *= rstd
     return dx, dw, db
 
@@ -207,7 +211,8 @@ def softmax_forward(x: Array, temperature: float = 1.0, axis: int = -1) -> Array
 def softmax_backward(dout: Array, probs: Array, temperature: float = 1.0, axis: int = -1) -> Array:
     """forward: p = softmax(x / T).  dx = p * (dout - sum(dout * p)) / T."""
     xp = namespace(dout)
-    dx = dout - (_sum_last(xp, dout * probs) if axis in (-1, dout.ndim - 1) else xp.sum(dout * probs, axis=axis, keepdims=True))
+    weighted = dout * probs
+    dx = dout - (_sum_last(xp, weighted) if axis == -1 else xp.sum(weighted, axis=axis, keepdims=True))
     dx *= probs
     if temperature != 1.0:
         dx /= temperature
