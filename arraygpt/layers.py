@@ -446,12 +446,15 @@ def residual_backward(dout: Array, cache: None) -> tuple[Array, Array]:
 # softmax + cross-entropy, fused (the loss on the unembedded logits)
 
 
-def crossentropy_forward(logits: Array, targets: Array, ignore_index: int = -1) -> tuple[Array, Any]:
-    """loss = mean over rows with target != ignore_index of logsumexp(logits) - logits[target].
+def crossentropy_forward(logits: Array, targets: Array, ignore_index: int = -1, reduction: str = "mean") -> tuple[Array, Any]:
+    """loss = mean (or sum) over rows with target != ignore_index of logsumexp(logits) - logits[target].
 
     logits (N, V), targets (N,) ints -> a 0-d array. Rows whose target is ``ignore_index`` add
-    nothing; if every row is ignored the loss is nan (0/0), as in PyTorch.
+    nothing; if every row is ignored the mean is nan (0/0), as in PyTorch. ``reduction="sum"``
+    lets a caller that splits a batch divide by the count of the whole batch.
     """
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     xp = namespace(logits)
     m = xp.max(logits, axis=-1, keepdims=True)  # (N, 1)
     e = xp.exp(logits - m)
@@ -461,19 +464,20 @@ def crossentropy_forward(logits: Array, targets: Array, ignore_index: int = -1) 
     picked = xp.take_along_axis(logits, safe_targets[:, None], axis=1)  # (N, 1)
     losses = (xp.log(s) + m - picked)[:, 0]  # (N,)
     weights = xp.astype(valid, logits.dtype)
-    n_valid = xp.sum(weights)
-    loss = xp.sum(losses * weights) / n_valid
+    divisor = xp.sum(weights) if reduction == "mean" else 1.0
+    loss = xp.sum(losses * weights) / divisor
     e /= s  # probabilities, reused by the backward
-    return loss, (e, safe_targets, weights, n_valid)
+    return loss, (e, safe_targets, weights, divisor)
 
 
 def crossentropy_backward(dloss: float, cache: Any) -> Array:
-    """forward: loss = sum_n w_n (logsumexp(logits_n) - logits_n[t_n]) / sum_n w_n, w_n = 1 unless ignored.
-    dlogits_n = (softmax(logits_n) - onehot(t_n)) * w_n * dloss / sum(w)  (softmax and loss fused)."""
-    probs, targets, weights, n_valid = cache
+    """forward: loss = sum_n w_n (logsumexp(logits_n) - logits_n[t_n]) / d, w_n = 1 unless ignored,
+    d = sum(w) for the mean and 1 for the sum.
+    dlogits_n = (softmax(logits_n) - onehot(t_n)) * w_n * dloss / d  (softmax and loss fused)."""
+    probs, targets, weights, divisor = cache
     xp = namespace(probs)
     N, V = probs.shape
-    row_scale = weights * (dloss / n_valid)  # (N,)
+    row_scale = weights * (dloss / divisor)  # (N,)
     dlogits = probs * row_scale[:, None]  # (N, V)
     flat = xp.reshape(dlogits, (N * V,))
     rows = xp.arange(N, dtype=targets.dtype, device=targets.device)

@@ -41,6 +41,11 @@ class Backend:
         synchronize: wait until queued device work is done (a no-op on the CPU).
         device_uniform: optional ``(seed, shape, dtype) -> array`` of uniform [0, 1) numbers made
             on the device; without it :meth:`uniform` draws on the host and copies.
+        threads: optional; how many host threads a model may split a batch across (default 1).
+            A CPU backend whose elementwise operations run on one core gains from more.
+        blas_threads: optional ``(n) -> context manager`` that limits the BLAS library to ``n``
+            threads inside the block, so that threads splitting a batch do not oversubscribe
+            the cores with BLAS's own threads.
     """
 
     name: str
@@ -52,12 +57,14 @@ class Backend:
     scatter_add: Callable[[Any, Any, Any], None]
     synchronize: Callable[[], None]
     device_uniform: Callable[[int, tuple[int, ...], str], Any] | None = None
+    threads: int = 1
+    blas_threads: Callable[[int], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext
 
     @classmethod
     def from_module(cls, module: ModuleType) -> Backend:
         """Build a backend from a module that defines the fields above as globals or functions
         (the optional ones may be left out)."""
-        optional = {"device_uniform"}
+        optional = {"device_uniform", "threads", "blas_threads"}
         fields = [f for f in cls.__dataclass_fields__ if f not in optional or hasattr(module, f)]
         return cls(**{name: getattr(module, name) for name in fields})
 

@@ -1,5 +1,6 @@
 """NumPy backend: the default, on the CPU."""
 
+import contextlib
 import ctypes
 import os
 
@@ -36,6 +37,59 @@ def scatter_add(target, indices, values):
 
 def synchronize():
     pass
+
+
+def _openblas_thread_control():
+    """(get, set) of the thread count of the OpenBLAS that NumPy loaded, or None where there is
+    none to control (MKL, Accelerate, a platform without /proc). The same lookup as threadpoolctl:
+    find the loaded library, then its exported setter (NumPy 2 wheels prefix it scipy_)."""
+    try:
+        with open("/proc/self/maps") as f:
+            paths = {line.split()[-1] for line in f if "openblas" in line.lower() and ".so" in line}
+    except OSError:
+        return None
+    for path in sorted(paths, key=lambda p: "numpy" not in p):  # NumPy's own copy first
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for prefix, suffix in (("scipy_openblas", "64_"), ("scipy_openblas", ""), ("openblas", "64_"), ("openblas", "")):
+            get = getattr(lib, f"{prefix}_get_num_threads{suffix}", None)
+            set_ = getattr(lib, f"{prefix}_set_num_threads{suffix}", None)
+            if get is not None and set_ is not None:
+                return get, set_
+    return None
+
+
+def _threads_wanted():
+    """ARRAYGPT_NUM_THREADS, else the cores this process may use."""
+    value = os.environ.get("ARRAYGPT_NUM_THREADS", "").strip()
+    if not value:
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"ARRAYGPT_NUM_THREADS must be a positive integer, got {value!r}")
+    return int(value)
+
+
+_openblas = _openblas_thread_control()
+# NumPy runs each elementwise operation on one core, so a model splits its batch across threads
+# (model.py), each with single-threaded BLAS. Without control over BLAS's threads that would
+# oversubscribe the cores, so then there is one thread.
+threads = _threads_wanted() if _openblas is not None else 1
+
+
+@contextlib.contextmanager
+def blas_threads(n):
+    if _openblas is None:
+        yield
+        return
+    get, set_ = _openblas
+    before = get()
+    set_(n)
+    try:
+        yield
+    finally:
+        set_(before)
 
 
 def _keep_freed_memory():

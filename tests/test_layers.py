@@ -372,18 +372,32 @@ def test_residual_gradients(gbackend):
 # softmax + cross-entropy
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("ignored", [(), (1, 4), (0, 2, 3, 5)])
-def test_crossentropy_gradients(gbackend, ignored):
+def test_crossentropy_gradients(gbackend, ignored, reduction):
     rng = np.random.default_rng(17)
     N, V = 6, 5
     targets = rng.integers(0, V, N)
     targets[list(ignored)] = -1
     args = dict(logits=_normal(rng, N, V, scale=2.0), targets=gbackend.asarray(targets))
 
+    def forward(logits, targets):
+        return layers.crossentropy_forward(logits, targets, reduction=reduction)
+
     def backward(dloss, cache):
         return {"logits": layers.crossentropy_backward(dloss, cache)}
 
-    gradcheck(gbackend, layers.crossentropy_forward, backward, args, ["logits"])
+    gradcheck(gbackend, forward, backward, args, ["logits"])
+
+
+def test_crossentropy_sum_is_the_mean_times_the_valid_rows():
+    rng = np.random.default_rng(20)
+    logits, targets = _normal(rng, 6, 4), np.array([1, -1, 0, 3, -1, 2])
+    mean, _ = layers.crossentropy_forward(logits, targets)
+    total, _ = layers.crossentropy_forward(logits, targets, reduction="sum")
+    assert float(total) == pytest.approx(4 * float(mean), rel=1e-14)
+    with pytest.raises(ValueError, match="reduction must be 'mean' or 'sum', got 'max'"):
+        layers.crossentropy_forward(logits, targets, reduction="max")
 
 
 @pytest.mark.parametrize("ignored", [(), (1, 4)])

@@ -392,7 +392,7 @@ class _ReplayCoins:
     def __init__(self, model):
         self.model, self.cache, self.i = model, {}, 0
 
-    def __call__(self, shape):
+    def __call__(self, shape, rng):
         key = (self.i, shape)
         self.i += 1
         if key not in self.cache:

@@ -1,0 +1,137 @@
+"""A batch split across host threads (GPT(threads=N), ARRAYGPT_NUM_THREADS) computes what one
+thread computes, up to rounding, and a fixed thread count stays exactly reproducible."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+
+from arraygpt import GPT, GPTConfig, model as model_module
+from arraygpt.shim import load_backend, to_numpy
+
+CONFIG = GPTConfig.preset("gpt2", vocab_size=23, block_size=8, n_layer=2, n_head=2, n_embd=12)
+
+
+@pytest.fixture
+def split_every_batch(monkeypatch):
+    """Let even these tiny batches split (the real threshold keeps small work on one thread)."""
+    monkeypatch.setattr(model_module, "MIN_WORK_PER_THREAD", 1)
+
+
+def _model(threads, state=None, dropout=0.0, dtype="float64"):
+    model = GPT(CONFIG if not dropout else GPTConfig(**{**vars(CONFIG), "dropout": dropout}),
+                seed=3, dtype=dtype, threads=threads)  # fmt: skip
+    if state is not None:
+        model.load_state_dict(state)
+    return model
+
+
+def _step(model, idx, targets):
+    logits, loss = model.forward(idx, targets)
+    patterns = [to_numpy(a) for a in model.attention_patterns()]
+    grads = {k: to_numpy(g) for k, g in model.backward().items()}
+    return to_numpy(logits), loss, patterns, grads
+
+
+@pytest.mark.parametrize("threads", [2, 3, 5])
+def test_split_batch_matches_one_thread(split_every_batch, threads):
+    rng = np.random.default_rng(0)
+    idx = rng.integers(0, 23, (5, 8))
+    targets = rng.integers(0, 23, (5, 8))
+    targets[1, :] = -1  # a whole chunk (with 5 threads) has nothing to predict
+    targets[3, 2] = -1
+    state = {k: to_numpy(v) + rng.standard_normal(v.shape) * 0.1 for k, v in _model(1).state_dict().items()}
+    one = _step(_model(1, state), idx, targets)
+    many = _step(_model(threads, state), idx, targets)
+    np.testing.assert_allclose(many[0], one[0], rtol=1e-12, atol=1e-12)
+    assert many[1] == pytest.approx(one[1], rel=1e-12)
+    for a, b in zip(many[2], one[2]):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+    assert set(many[3]) == set(one[3])
+    for name in one[3]:
+        np.testing.assert_allclose(many[3][name], one[3][name], rtol=1e-10, atol=1e-12, err_msg=name)
+
+
+def test_split_batch_without_any_target_gives_nan_like_one_thread(split_every_batch):
+    idx = np.zeros((4, 8), dtype=np.int64)
+    targets = np.full((4, 8), -1)
+    for threads in (1, 2):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # NumPy's 0/0 on one thread
+            _, loss = _model(threads).forward(idx, targets)
+        assert math.isnan(loss)
+
+
+def test_split_batch_with_dropout_is_reproducible_and_resumable(split_every_batch):
+    idx = np.random.default_rng(1).integers(0, 23, (4, 9))
+    a, b = _model(2, dropout=0.3).train(), _model(2, dropout=0.3).train()
+    losses = [a.forward(idx[:, :-1], idx[:, 1:])[1] for _ in range(2)]
+    assert losses[0] != losses[1]  # new masks each step
+    assert [b.forward(idx[:, :-1], idx[:, 1:])[1] for _ in range(2)] == losses
+    state = a.rng_state()
+    after = a.forward(idx[:, :-1], idx[:, 1:])[1]
+    a.set_rng_state(state)
+    assert a.forward(idx[:, :-1], idx[:, 1:])[1] == after
+
+
+def test_chunks_cover_the_batch_in_order(split_every_batch):
+    model = _model(3)
+    assert model._row_chunks(7, 8) == [slice(0, 2), slice(2, 4), slice(4, 7)]
+    assert model._row_chunks(2, 8) == [slice(0, 1), slice(1, 2)]  # never more chunks than rows
+
+
+def test_small_work_stays_on_one_thread():
+    assert _model(4)._row_chunks(64, 8) == [slice(0, 64)]  # 64 x 8 x 12 < MIN_WORK_PER_THREAD
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, "2", True])
+def test_threads_must_be_a_positive_integer(bad):
+    with pytest.raises(ValueError, match="threads must be a positive integer"):
+        GPT(CONFIG, threads=bad)
+
+
+def test_default_threads_come_from_the_backend():
+    assert GPT(CONFIG).threads == load_backend("numpy").threads >= 1
+    strict = pytest.importorskip("array_api_strict")
+    assert strict is not None and GPT(CONFIG, backend="array_api_strict").threads == 1
+
+
+def _openblas_control():
+    load_backend("numpy")
+    control = sys.modules["arraygpt.backends.numpy"]._openblas
+    if control is None:
+        pytest.skip("NumPy's BLAS is not an OpenBLAS whose threads can be set; the backend keeps one thread")
+    return control
+
+
+def _numpy_backend_threads(env_value):
+    env = {**os.environ, "ARRAYGPT_NUM_THREADS": env_value}
+    code = "from arraygpt.shim import load_backend; print(load_backend('numpy').threads)"
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+
+
+def test_arraygpt_num_threads_sets_the_numpy_backend_threads():
+    _openblas_control()
+    result = _numpy_backend_threads("3")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "3"
+
+
+def test_a_bad_arraygpt_num_threads_is_a_clear_error():
+    result = _numpy_backend_threads("two")
+    assert result.returncode != 0
+    assert "ARRAYGPT_NUM_THREADS must be a positive integer, got 'two'" in result.stderr
+
+
+def test_blas_threads_limits_and_restores_openblas():
+    get, _ = _openblas_control()
+    before = get()
+    with load_backend("numpy").blas_threads(1):
+        assert get() == 1
+    assert get() == before
