@@ -276,22 +276,25 @@ def attention_forward(
     if dropout_p > 0.0:
         att_used, mask = dropout_forward(att, dropout_p, coins)
     y = xp.matmul(att_used, vh)  # (B, NH, T, hs)
-    return _merge_heads(xp, y), (qh, kh, vh, att, mask, scale)
+    return _merge_heads(xp, y), (qh, kh, vh, y, att, mask, scale)
 
 
 def attention_backward(dout: Array, cache: Any) -> tuple[Array, Array, Array]:
     """forward: s = (q * scale) k^T + mask;  a = softmax(s);  y = (a * drop) v.
     dv = (a * drop)^T dy;  da = (dy v^T) * drop;  ds = a * (da - sum(da * a));
-    dq = ds k * scale;  dk = ds^T (q * scale). Masked entries have a = 0, so they pass no gradient."""
-    qh, kh, vh, att, mask, scale = cache  # qh is already scaled
+    dq = ds k * scale;  dk = ds^T (q * scale). Masked entries have a = 0, so they pass no gradient.
+    The row sums sum_j da_j a_j = sum_j (dy . v_j) drop_j a_j equal dy . y, a product over hs
+    channels instead of Tk keys (as FlashAttention's backward computes them)."""
+    qh, kh, vh, y, att, mask, scale = cache  # qh is already scaled
     xp = namespace(dout)
     dy = _split_heads(xp, dout, qh.shape[1])  # (B, NH, T, hs)
     att_used = att if mask is None else att * mask
     dv = xp.matmul(xp.matrix_transpose(att_used), dy)  # (B, NH, Tk, hs)
-    datt = xp.matmul(dy, xp.matrix_transpose(vh))  # (B, NH, T, Tk)
+    dpre = xp.matmul(dy, xp.matrix_transpose(vh))  # (B, NH, T, Tk): da
     if mask is not None:
-        datt = dropout_backward(datt, mask)
-    dpre = softmax_backward(datt, att)
+        dpre *= mask
+    dpre -= _sum_last(xp, dy * y)  # softmax backward, in place
+    dpre *= att
     dq = xp.matmul(dpre, kh)  # (B, NH, T, hs)
     dq *= scale
     dk = xp.matmul(xp.matrix_transpose(dpre), qh)  # (B, NH, Tk, hs)

@@ -600,7 +600,7 @@ class GPT:
         entry [b, h, t, s] is how much position t of row b attends to position s in head h."""
         if self._caches is None:
             raise RuntimeError("attention_patterns() needs a forward() first")
-        per_chunk = [[block[2][3] for block in caches["blocks"]] for caches in self._caches]
+        per_chunk = [[block[2][4] for block in caches["blocks"]] for caches in self._caches]
         if len(per_chunk) == 1:
             return per_chunk[0]
         return [self.xp.concat(layer, axis=0) for layer in zip(*per_chunk)]

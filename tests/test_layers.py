@@ -295,7 +295,7 @@ def test_attention_dropout_uses_the_coins(gbackend):
     coins = rng.random((1, 2, 3, 3))
     xq, xk, xv = (gbackend.asarray(a) for a in (q, k, v))
     y, cache = layers.attention_forward(xq, xk, xv, 2, p, gbackend.asarray(coins))
-    att = to_numpy(cache[3])  # the probabilities before dropout
+    att = to_numpy(cache[4])  # the probabilities before dropout
     vh = v.reshape(1, 3, 2, 2).transpose(0, 2, 1, 3)
     expect = (att * (coins >= p) / (1 - p)) @ vh
     np.testing.assert_allclose(to_numpy(y), expect.transpose(0, 2, 1, 3).reshape(1, 3, 4), rtol=1e-13, atol=1e-14)
