@@ -480,19 +480,21 @@ class GPT:
             return logits, None if loss is None else float(loss)
         # Several chunks, one per thread; each draws its dropout coins from its own generator,
         # seeded from the model's, so that one thread count gives one result.
+        # Each chunk sums its losses ("sum"); the mean divides by the whole batch's count.
         rngs = [host_rng(int(self._dropout_rng.integers(2**63))) if dropout > 0 else None for _ in chunks]
-        reduction = "sum"  # each chunk sums its losses; the mean divides by the whole batch's count
         results = self._in_threads(
             self._forward_rows,
-            [(idx[rows], None if targets is None else targets[rows], past, dropout, None, last_only, rng, reduction)
+            [(idx[rows], None if targets is None else targets[rows], past, dropout, None, last_only, rng, "sum")
              for rows, rng in zip(chunks, rngs)],
         )  # fmt: skip
         self._caches = [caches for _, _, caches in results]
         logits = self.xp.concat([logits for logits, _, _ in results], axis=0)  # (B, T, V)
         if targets is None:
             return logits, None
-        total = self._valid_positions()
+        total = self._valid_positions(self._caches)
         return logits, sum(float(loss) for _, loss, _ in results) / total if total else math.nan
+
+    __call__ = forward
 
     def _forward_rows(self, idx: Array, targets: Array | None, past: int, dropout: float, kv_cache: KVCache | None,
                       last_only: bool, rng: Any, reduction: str = "mean") -> tuple[Array, Array | None, dict[str, Any]]:
@@ -527,9 +529,9 @@ class GPT:
                       unembed=unembed, ce=ce)  # fmt: skip
         return logits, loss, caches
 
-    def _valid_positions(self, chunks: list[dict[str, Any]] | None = None) -> int:
-        """How many positions of the last forward have a target (not -1)."""
-        return sum(int(float(self.xp.sum(caches["ce"][2]))) for caches in chunks or self._caches)
+    def _valid_positions(self, chunks: list[dict[str, Any]]) -> int:
+        """How many positions of the chunks' forward have a target (not -1)."""
+        return sum(int(float(self.xp.sum(caches["ce"][2]))) for caches in chunks)
 
     def _row_chunks(self, B: int, T: int) -> list[slice]:
         """Contiguous chunks of the batch's rows, one per thread, each of at least
@@ -547,8 +549,6 @@ class GPT:
             futures = [self._pool.submit(fn, *args) for args in calls[1:]]
             first = fn(*calls[0])
             return [first] + [future.result() for future in futures]
-
-    __call__ = forward
 
     def _block_forward(self, i: int, x: Array, dropout: float, kv_cache: KVCache | None, rng: Any) -> tuple[Array, Any]:
         cfg, p, xp = self.config, self.params, self.xp
