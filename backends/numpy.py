@@ -72,14 +72,16 @@ def _threads_wanted():
 
 
 _openblas = _openblas_thread_control()
+_wanted = _threads_wanted()  # read even when unused, so that a bad value is an error everywhere
 # NumPy runs each elementwise operation on one core, so a model splits its batch across threads
 # (model.py), each with single-threaded BLAS. Without control over BLAS's threads that would
 # oversubscribe the cores, so then there is one thread.
-threads = _threads_wanted() if _openblas is not None else 1
+threads = _wanted if _openblas is not None else 1
 
 
 @contextlib.contextmanager
 def blas_threads(n):
+    """Hold NumPy's OpenBLAS to ``n`` threads inside the block (a no-op without control)."""
     if _openblas is None:
         yield
         return
