@@ -128,7 +128,7 @@ def _backends_run(args: argparse.Namespace) -> int:
     for name in backend_factories():
         try:
             backend = load_backend(name)
-            status = f"available   device={backend.device}"
+            status = f"available   device={backend.device}   threads={backend.threads}"
         except BackendUnavailable as e:
             status = f"unavailable: {e}"
         print(f"  {name:<18} {status}")

@@ -8,6 +8,7 @@ import pytest
 
 from arraygpt import GPTConfig, count_params, shim
 from arraygpt.cli import main
+from arraygpt.shim import load_backend
 from conftest import has_gpu
 
 CATEGORIES = ["embedding", "key", "query", "value", "output", "up_projection", "down_projection", "unembedding", "other"]
@@ -70,6 +71,7 @@ def test_backends_lists_each_backend_with_availability(capsys, monkeypatch):
     rows = {line.split()[0]: line for line in out.splitlines()[1:] if line.strip()}
     assert {"numpy", "array_api_strict", "cupy", "torch"} <= set(rows)
     assert "available" in rows["numpy"] and "unavailable" not in rows["numpy"]
+    assert f"threads={load_backend('numpy').threads}" in rows["numpy"]  # ARRAYGPT_NUM_THREADS or the cores
     gpu, why = has_gpu()
     if gpu:
         assert "unavailable" not in rows["cupy"]
