@@ -3,6 +3,7 @@ however the run was stopped, checkpoints, metrics, bad input, divergence, sample
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -16,7 +17,7 @@ import numpy as np
 import pytest
 
 import arraygpt
-from arraygpt import cli, hookimpl
+from arraygpt import cli, hookimpl, shim
 from arraygpt.checkpoint import load_checkpoint
 from arraygpt.manager import get_plugin_manager
 from arraygpt.shim import to_numpy
@@ -149,6 +150,21 @@ def test_resume_after_stop_after_is_bit_identical(tmp_path, names_file, pm, mode
     steps = [r["step"] for r in read_metrics(tmp_path / "b") if r["event"] == "train"]
     assert steps == list(range(1, 21))
     assert load_checkpoint(tmp_path / "b" / "best").extra["best_val_loss"] == pytest.approx(straight.best_val_loss)
+
+
+def test_resume_is_bit_identical_with_the_batch_split_across_threads(tmp_path, names_file, pm, monkeypatch):
+    from arraygpt import model as model_module
+
+    monkeypatch.setattr(model_module, "MIN_WORK_PER_THREAD", 1)  # split even this tiny batch
+    two_threads = dataclasses.replace(shim.load_backend("numpy"), threads=2)  # whatever the cores here
+    monkeypatch.setitem(shim._loaded, "numpy", two_threads)
+    monkeypatch.setattr(shim, "_active", two_threads)
+    opts = _opts(names_file, pm, mode="stream")
+    straight = arraygpt.train(out_dir=tmp_path / "a", **opts)
+    assert straight.model.threads == 2 and straight.model._pool is not None  # it did run in threads
+    arraygpt.train(out_dir=tmp_path / "b", stop_after=10, **opts)
+    resumed = arraygpt.train(resume=tmp_path / "b", progress=False, plugin_manager=pm)
+    assert_bit_identical(params_of(resumed), params_of(straight))
 
 
 class _CtrlC:
