@@ -3,6 +3,7 @@ thread computes, up to rounding, and a fixed thread count stays exactly reproduc
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import subprocess
@@ -25,8 +26,7 @@ def split_every_batch(monkeypatch):
 
 
 def _model(threads, state=None, dropout=0.0, dtype="float64"):
-    model = GPT(CONFIG if not dropout else GPTConfig(**{**vars(CONFIG), "dropout": dropout}),
-                seed=3, dtype=dtype, threads=threads)  # fmt: skip
+    model = GPT(dataclasses.replace(CONFIG, dropout=dropout), seed=3, dtype=dtype, threads=threads)
     if state is not None:
         model.load_state_dict(state)
     return model
@@ -48,7 +48,9 @@ def test_split_batch_matches_one_thread(split_every_batch, threads):
     targets[3, 2] = -1
     state = {k: to_numpy(v) + rng.standard_normal(v.shape) * 0.1 for k, v in _model(1).state_dict().items()}
     one = _step(_model(1, state), idx, targets)
-    many = _step(_model(threads, state), idx, targets)
+    split = _model(threads, state)
+    many = _step(split, idx, targets)
+    assert split._pool is not None  # the chunks really ran on the pool
     np.testing.assert_allclose(many[0], one[0], rtol=1e-12, atol=1e-12)
     assert many[1] == pytest.approx(one[1], rel=1e-12)
     for a, b in zip(many[2], one[2]):
