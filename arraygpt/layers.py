@@ -275,8 +275,8 @@ def attention_forward(
     att_used = att
     if dropout_p > 0.0:
         att_used, mask = dropout_forward(att, dropout_p, coins)
-    y = xp.matmul(att_used, vh)  # (B, NH, T, hs)
-    return _merge_heads(xp, y), (qh, kh, vh, y, att, mask, scale)
+    y = _merge_heads(xp, xp.matmul(att_used, vh))  # (B, NH, T, hs) -> (B, T, D)
+    return y, (qh, kh, vh, y, att, mask, scale)
 
 
 def attention_backward(dout: Array, cache: Any) -> tuple[Array, Array, Array]:
@@ -285,15 +285,17 @@ def attention_backward(dout: Array, cache: Any) -> tuple[Array, Array, Array]:
     dq = ds k * scale;  dk = ds^T (q * scale). Masked entries have a = 0, so they pass no gradient.
     The row sums sum_j da_j a_j = sum_j (dy . v_j) drop_j a_j equal dy . y, a product over hs
     channels instead of Tk keys (as FlashAttention's backward computes them)."""
-    qh, kh, vh, y, att, mask, scale = cache  # qh is already scaled
+    qh, kh, vh, y, att, mask, scale = cache  # qh is already scaled; y is the output (B, T, D)
     xp = namespace(dout)
-    dy = _split_heads(xp, dout, qh.shape[1])  # (B, NH, T, hs)
+    B, NH, T, hs = qh.shape
+    dy = _split_heads(xp, dout, NH)  # (B, NH, T, hs)
     att_used = att if mask is None else att * mask
     dv = xp.matmul(xp.matrix_transpose(att_used), dy)  # (B, NH, Tk, hs)
     dpre = xp.matmul(dy, xp.matrix_transpose(vh))  # (B, NH, T, Tk): da
     if mask is not None:
         dpre *= mask
-    dpre -= _sum_last(xp, dy * y)  # softmax backward, in place
+    dy_dot_y = _sum_last(xp, xp.reshape(dout * y, (B, T, NH, hs)))  # (B, T, NH, 1)
+    dpre -= xp.permute_dims(dy_dot_y, (0, 2, 1, 3))  # softmax backward, in place
     dpre *= att
     dq = xp.matmul(dpre, kh)  # (B, NH, T, hs)
     dq *= scale

@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any
 
@@ -307,8 +308,9 @@ class GPT:
             callers that load a state dict next and need not pay for the draw.
         threads: how many host threads a forward/backward may split its batch across (rows in
             contiguous chunks; None: the backend's choice, e.g. ``ARRAYGPT_NUM_THREADS`` or the
-            cores on numpy, 1 on a GPU). Results equal one thread's up to rounding; dropout
-            masks differ, but a fixed thread count stays exactly reproducible.
+            cores on numpy with OpenBLAS, else 1). Results equal one thread's up to rounding;
+            dropout masks differ, but a fixed thread count stays exactly reproducible. Only the
+            numpy backend holds BLAS to one thread per chunk (docs/architecture.md, "Threads").
 
     Example:
         >>> model = GPT(GPTConfig.preset("microgpt"), seed=0)
@@ -347,6 +349,7 @@ class GPT:
             raise ValueError(f"threads must be a positive integer or None, got {threads!r}")
         self.threads = threads if threads is not None else self.backend.threads
         self._pool: ThreadPoolExecutor | None = None
+        self._pool_pid = 0
         self._dropout_rng = host_rng(seed + 1)
         self._caches: list[dict[str, Any]] | None = None  # one per chunk of rows
 
@@ -541,13 +544,21 @@ class GPT:
         return [slice(lo, hi) for lo, hi in zip(bounds, bounds[1:])]
 
     def _in_threads(self, fn: Callable[..., Any], calls: list[tuple[Any, ...]]) -> list[Any]:
-        """``[fn(*args) for args in calls]``, the first on this thread and the rest on the pool,
-        with BLAS kept to one thread per caller."""
-        if self._pool is None:
+        """``[fn(*args) for args in calls]``, the first on this thread and the rest on the pool.
+        BLAS gets the cores that the chunks leave (one each when there is a chunk per thread)."""
+        if self._pool is None or self._pool_pid != os.getpid():  # a forked child has no pool threads
             self._pool = ThreadPoolExecutor(self.threads - 1, thread_name_prefix="arraygpt")
-        with self.backend.blas_threads(1):
+            self._pool_pid = os.getpid()
+        with self.backend.blas_threads(max(1, self.threads // len(calls))):
             futures = [self._pool.submit(fn, *args) for args in calls[1:]]
-            first = fn(*calls[0])
+            try:
+                first = fn(*calls[0])
+            except BaseException:  # an error or Ctrl-C: drop the chunks not started yet
+                for future in futures:
+                    future.cancel()
+                raise
+            finally:  # and let the running ones end before BLAS gets its threads back
+                wait(futures)
             return [first] + [future.result() for future in futures]
 
     def _block_forward(self, i: int, x: Array, dropout: float, kv_cache: KVCache | None, rng: Any) -> tuple[Array, Any]:

@@ -3,6 +3,7 @@
 import contextlib
 import ctypes
 import os
+import threading
 
 import array_api_compat.numpy as xp
 import numpy as np
@@ -79,19 +80,34 @@ _wanted = _threads_wanted()  # read even when unused, so that a bad value is an 
 threads = _wanted if _openblas is not None else 1
 
 
+_blas_lock = threading.Lock()
+_blas_users = 0  # blocks inside blas_threads, across all threads
+_blas_before = 0
+
+
 @contextlib.contextmanager
 def blas_threads(n):
-    """Hold NumPy's OpenBLAS to ``n`` threads inside the block (a no-op without control)."""
+    """Hold NumPy's OpenBLAS to ``n`` threads inside the block (a no-op without control).
+
+    The setting is global to the process, so overlapping blocks (two models stepping in two
+    threads) share one: the first sets it, the last restores what was there before."""
+    global _blas_users, _blas_before
     if _openblas is None:
         yield
         return
     get, set_ = _openblas
-    before = get()
-    set_(n)
+    with _blas_lock:
+        if _blas_users == 0:
+            _blas_before = get()
+        _blas_users += 1
+        set_(n)
     try:
         yield
     finally:
-        set_(before)
+        with _blas_lock:
+            _blas_users -= 1
+            if _blas_users == 0:
+                set_(_blas_before)
 
 
 def _keep_freed_memory():

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import multiprocessing
 import os
 import subprocess
 import sys
+import threading
+import time
 import warnings
 
 import numpy as np
@@ -99,9 +102,9 @@ def test_threads_must_be_a_positive_integer(bad):
 
 
 def test_default_threads_come_from_the_backend():
-    assert GPT(CONFIG).threads == load_backend("numpy").threads >= 1
-    strict = pytest.importorskip("array_api_strict")
-    assert strict is not None and GPT(CONFIG, backend="array_api_strict").threads == 1
+    assert GPT(CONFIG, backend="numpy").threads == load_backend("numpy").threads >= 1
+    pytest.importorskip("array_api_strict")
+    assert GPT(CONFIG, backend="array_api_strict").threads == 1
 
 
 def _openblas_control():
@@ -131,9 +134,82 @@ def test_a_bad_arraygpt_num_threads_is_a_clear_error():
     assert "ARRAYGPT_NUM_THREADS must be a positive integer, got 'two'" in result.stderr
 
 
-def test_blas_threads_limits_and_restores_openblas():
-    get, _ = _openblas_control()
+@pytest.fixture
+def openblas_at_two():
+    """NumPy's OpenBLAS set to 2 threads for the test (so that holding it to 1 shows), then reset."""
+    get, set_ = _openblas_control()
     before = get()
+    set_(2)
+    yield get
+    set_(before)
+
+
+def test_blas_threads_limits_and_restores_openblas(openblas_at_two):
+    get = openblas_at_two
     with load_backend("numpy").blas_threads(1):
         assert get() == 1
-    assert get() == before
+        with load_backend("numpy").blas_threads(1):  # nested or overlapping blocks share the setting
+            assert get() == 1
+        assert get() == 1
+    assert get() == 2
+
+
+def test_models_stepping_in_two_threads_restore_blas(split_every_batch, openblas_at_two):
+    idx = np.random.default_rng(2).integers(0, 23, (4, 9))
+    errors = []
+
+    def steps():
+        try:
+            model = _model(2, dtype="float32")
+            for _ in range(20):
+                model.forward(idx[:, :-1], idx[:, 1:])
+                model.backward()
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    runners = [threading.Thread(target=steps) for _ in range(2)]
+    for t in runners:
+        t.start()
+    for t in runners:
+        t.join()
+    assert not errors
+    assert openblas_at_two() == 2
+
+
+def test_an_error_in_a_chunk_reaches_the_caller_after_the_others_end(split_every_batch, openblas_at_two, monkeypatch):
+    model = _model(3)
+    original = model._forward_rows
+    finished = []
+
+    def main_chunk_fails(*args):
+        if threading.current_thread() is threading.main_thread():
+            raise RuntimeError("chunk failed")
+        time.sleep(0.2)  # still running when the main thread's chunk fails
+        out = original(*args)
+        finished.append(openblas_at_two())  # BLAS still held to one thread while it ran
+        return out
+
+    monkeypatch.setattr(model, "_forward_rows", main_chunk_fails)
+    with pytest.raises(RuntimeError, match="chunk failed"):
+        model.forward(np.zeros((3, 8), dtype=np.int64), np.zeros((3, 8), dtype=np.int64))
+    assert finished == [1, 1]  # both other chunks ended before the error came back
+    assert openblas_at_two() == 2
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_can_still_split_its_batch(split_every_batch):
+    model = _model(2)
+    idx = np.random.default_rng(3).integers(0, 23, (4, 9))
+    _, parent_loss = model.forward(idx[:, :-1], idx[:, 1:])  # the pool exists now
+    child = multiprocessing.get_context("fork").Process(target=_child_step, args=(model, idx, parent_loss))
+    child.start()
+    child.join(timeout=60)
+    if child.is_alive():
+        child.kill()
+        pytest.fail("the forked child hung on the parent's thread pool")
+    assert child.exitcode == 0
+
+
+def _child_step(model, idx, expected_loss):
+    _, loss = model.forward(idx[:, :-1], idx[:, 1:])
+    os._exit(0 if loss == expected_loss else 1)
