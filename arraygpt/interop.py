@@ -222,6 +222,17 @@ def config_to_gpt2(config: GPTConfig, dtype: str = "float32") -> dict[str, Any]:
 # tensors: transformers names and layouts <-> arraygpt state dict
 
 
+# Per-layer tensors other than Q/K/V (which GPT-2 stores fused): arraygpt name, GPT-2 name, and
+# whether GPT-2 stores it as a Conv1D weight, (in, out), the transpose of arraygpt's (out, in).
+LAYER_TENSORS = (
+    ("norm1", "ln_1.weight", False), ("norm1_b", "ln_1.bias", False),
+    ("attn_wo", "attn.c_proj.weight", True), ("attn_wo_b", "attn.c_proj.bias", False),
+    ("norm2", "ln_2.weight", False), ("norm2_b", "ln_2.bias", False),
+    ("mlp_fc1", "mlp.c_fc.weight", True), ("mlp_fc1_b", "mlp.c_fc.bias", False),
+    ("mlp_fc2", "mlp.c_proj.weight", True), ("mlp_fc2_b", "mlp.c_proj.bias", False),
+)  # fmt: skip
+
+
 def _gpt2_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
     """transformers names (without the ``transformer.`` prefix) -> shapes, Conv1D layout."""
     C, H, V = config.n_embd, config.mlp_hidden, config.vocab_size
@@ -306,21 +317,14 @@ def state_dict_from_gpt2(
         state["lm_head"] = found["lm_head.weight"]  # nn.Linear: already (out, in)
     for i in range(config.n_layer):
         h, layer = f"h.{i}.", f"layer{i}."
-        state[layer + "norm1"] = found[h + "ln_1.weight"]
-        state[layer + "norm1_b"] = found[h + "ln_1.bias"]
         w_qkv = found[h + "attn.c_attn.weight"].T  # Conv1D (C, 3C) -> (3C, C)
         b_qkv = found[h + "attn.c_attn.bias"]  # (3C,)
         for j, name in enumerate(("attn_wq", "attn_wk", "attn_wv")):
             state[layer + name] = np.ascontiguousarray(w_qkv[j * C : (j + 1) * C])  # (C, C)
             state[layer + name + "_b"] = b_qkv[j * C : (j + 1) * C]
-        state[layer + "attn_wo"] = np.ascontiguousarray(found[h + "attn.c_proj.weight"].T)  # (C, C)
-        state[layer + "attn_wo_b"] = found[h + "attn.c_proj.bias"]
-        state[layer + "norm2"] = found[h + "ln_2.weight"]
-        state[layer + "norm2_b"] = found[h + "ln_2.bias"]
-        state[layer + "mlp_fc1"] = np.ascontiguousarray(found[h + "mlp.c_fc.weight"].T)  # (C, H) -> (H, C)
-        state[layer + "mlp_fc1_b"] = found[h + "mlp.c_fc.bias"]
-        state[layer + "mlp_fc2"] = np.ascontiguousarray(found[h + "mlp.c_proj.weight"].T)  # (H, C) -> (C, H)
-        state[layer + "mlp_fc2_b"] = found[h + "mlp.c_proj.bias"]
+        for ours, theirs, conv1d in LAYER_TENSORS:
+            value = found[h + theirs]
+            state[layer + ours] = np.ascontiguousarray(value.T) if conv1d else value
     state["normf"] = found["ln_f.weight"]
     state["normf_b"] = found["ln_f.bias"]
     return state
@@ -339,21 +343,14 @@ def state_dict_to_gpt2(state: Mapping[str, Any], config: GPTConfig) -> dict[str,
     out: dict[str, np.ndarray] = {PREFIX + "wte.weight": s["wte"], PREFIX + "wpe.weight": s["wpe"]}
     for i in range(config.n_layer):
         h, layer = f"{PREFIX}h.{i}.", f"layer{i}."
-        out[h + "ln_1.weight"] = s[layer + "norm1"]
-        out[h + "ln_1.bias"] = s[layer + "norm1_b"]
         w_qkv = np.concatenate([s[layer + "attn_wq"], s[layer + "attn_wk"], s[layer + "attn_wv"]])  # (3C, C)
         out[h + "attn.c_attn.weight"] = np.ascontiguousarray(w_qkv.T)  # (C, 3C)
         out[h + "attn.c_attn.bias"] = np.concatenate(
             [s[layer + "attn_wq_b"], s[layer + "attn_wk_b"], s[layer + "attn_wv_b"]]
         )  # (3C,)
-        out[h + "attn.c_proj.weight"] = np.ascontiguousarray(s[layer + "attn_wo"].T)  # (C, C)
-        out[h + "attn.c_proj.bias"] = s[layer + "attn_wo_b"]
-        out[h + "ln_2.weight"] = s[layer + "norm2"]
-        out[h + "ln_2.bias"] = s[layer + "norm2_b"]
-        out[h + "mlp.c_fc.weight"] = np.ascontiguousarray(s[layer + "mlp_fc1"].T)  # (H, C) -> (C, H)
-        out[h + "mlp.c_fc.bias"] = s[layer + "mlp_fc1_b"]
-        out[h + "mlp.c_proj.weight"] = np.ascontiguousarray(s[layer + "mlp_fc2"].T)  # (C, H) -> (H, C)
-        out[h + "mlp.c_proj.bias"] = s[layer + "mlp_fc2_b"]
+        for ours, theirs, conv1d in LAYER_TENSORS:
+            value = s[layer + ours]
+            out[h + theirs] = np.ascontiguousarray(value.T) if conv1d else value
     out[PREFIX + "ln_f.weight"] = s["normf"]
     out[PREFIX + "ln_f.bias"] = s["normf_b"]
     if not config.tie_embeddings:
