@@ -562,7 +562,7 @@ class GPT:
             return [first] + [future.result() for future in futures]
 
     def _block_forward(self, i: int, x: Array, dropout: float, kv_cache: KVCache | None, rng: Any) -> tuple[Array, Any]:
-        cfg, p, xp = self.config, self.params, self.xp
+        cfg, p = self.config, self.params
         name = f"layer{i}."
         D = cfg.attn_dim
         h, norm1 = self._norm(x, name + "norm1")

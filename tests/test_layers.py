@@ -82,7 +82,7 @@ def _normal(rng, *shape, scale=1.0):
 @pytest.mark.parametrize("pos_offset", [0, 2])
 def test_encoder_gradients(gbackend, pos_offset):
     rng = np.random.default_rng(1)
-    B, T, C, V, block = 2, 4, 5, 6, 8
+    C, V, block = 5, 6, 8
     idx = np.array([[1, 3, 1, 1], [0, 3, 5, 1]])  # repeated ids: the scatter-add must accumulate
     args = dict(idx=gbackend.asarray(idx), wte=_normal(rng, V, C), wpe=_normal(rng, block, C))
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from arraygpt import GPT, GPTConfig, KVCache
-from arraygpt.shim import load_backend, to_numpy
+from arraygpt.shim import to_numpy
 from conftest import available_backends
 
 BACKENDS = [b.name for b in available_backends()]
