@@ -23,11 +23,9 @@ standard). That saves a pass and an allocation, and it sidesteps a slow path of 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
-from arraygpt.shim import namespace, scatter_add
-
-Array = Any
+from arraygpt.shim import Array, namespace, scatter_add
 
 
 def _flat(x: Array) -> Array:  # (..., C) -> (N, C)
@@ -49,17 +47,24 @@ def _sum_rows(xp: Any, x: Array) -> Array:  # (..., C) -> (C,): the sum over eve
 # encoder: token embedding + position embedding
 
 
-def encoder_forward(idx: Array, wte: Array, wpe: Array, pos_offset: int = 0) -> tuple[Array, Any]:
+class EncoderCache(NamedTuple):
+    idx: Array  # (B, T) token ids
+    wte_shape: tuple[int, ...]
+    wpe_shape: tuple[int, ...]
+    pos_offset: int
+
+
+def encoder_forward(idx: Array, wte: Array, wpe: Array, pos_offset: int = 0) -> tuple[Array, EncoderCache]:
     """x[b, t] = wte[idx[b, t]] + wpe[pos_offset + t]; (B,T) ints -> (B,T,C)."""
     xp = namespace(wte)
     B, T = idx.shape
     C = wte.shape[1]
     tokens = xp.take(wte, xp.reshape(idx, (B * T,)), axis=0)  # (N, C)
     x = xp.reshape(tokens, (B, T, C)) + wpe[pos_offset : pos_offset + T, :]  # (B, T, C)
-    return x, (idx, wte.shape, wpe.shape, pos_offset)
+    return x, EncoderCache(idx, wte.shape, wpe.shape, pos_offset)
 
 
-def encoder_backward(dout: Array, cache: Any) -> tuple[Array, Array]:
+def encoder_backward(dout: Array, cache: EncoderCache) -> tuple[Array, Array]:
     """forward: x[b, t] = wte[idx[b, t]] + wpe[t]. A token id that repeats gathers every row
     that used it (scatter-add); a position gathers the batch (sum over b)."""
     idx, wte_shape, wpe_shape, pos_offset = cache
@@ -93,7 +98,14 @@ def dropout_backward(dout: Array, mask: Array) -> Array:
 # normalization: LayerNorm (Ba et al. 2016; PyTorch's nn.LayerNorm) and RMSNorm (Zhang & Sennrich 2019)
 
 
-def layernorm_forward(x: Array, w: Array | None, b: Array | None, eps: float) -> tuple[Array, Any]:
+class NormCache(NamedTuple):
+    xhat: Array  # (..., C) the normalized input, before the gain
+    rstd: Array  # (..., 1)
+    w: Array | None  # the gain (C,), or None
+    has_bias: bool
+
+
+def layernorm_forward(x: Array, w: Array | None, b: Array | None, eps: float) -> tuple[Array, NormCache]:
     """out = (x - mean) * rstd * w + b over the last axis, rstd = 1/sqrt(var + eps) (biased var).
     ``w`` and ``b`` may be None (no learnable gain or bias)."""
     xp = namespace(x)
@@ -102,7 +114,7 @@ def layernorm_forward(x: Array, w: Array | None, b: Array | None, eps: float) ->
     var = _sum_last(xp, xhat * xhat)  # (..., 1)
     rstd = 1.0 / xp.sqrt(var * inv_c + eps)
     xhat *= rstd
-    return _affine(xhat, w, b), (xhat, rstd, w, b is not None)
+    return _affine(xhat, w, b), NormCache(xhat, rstd, w, b is not None)
 
 
 def _affine(xhat: Array, w: Array | None, b: Array | None) -> Array:  # xhat * w + b, w and b optional
@@ -114,14 +126,14 @@ def _affine(xhat: Array, w: Array | None, b: Array | None) -> Array:  # xhat * w
     return out
 
 
-def layernorm_backward(dout: Array, cache: Any) -> tuple[Array, Array | None, Array | None]:
+def layernorm_backward(dout: Array, cache: NormCache) -> tuple[Array, Array | None, Array | None]:
     """forward: xhat = (x - mean) * rstd; out = xhat * w + b.
     dxhat = dout * w;  dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)),
     dw = sum over rows of dout * xhat,  db = sum over rows of dout."""
     return _norm_backward(dout, cache, centered=True)
 
 
-def _norm_backward(dout: Array, cache: Any, centered: bool) -> tuple[Array, Array | None, Array | None]:
+def _norm_backward(dout: Array, cache: NormCache, centered: bool) -> tuple[Array, Array | None, Array | None]:
     """LayerNorm's backward (``centered``) and RMSNorm's, which lacks the mean(dxhat) term.
     With dxhat = dout * w, both row means are matrix-vector products with w:
     mean(dxhat) = dout @ w / C and mean(dxhat * xhat) = (dout * xhat) @ w / C."""
@@ -144,15 +156,15 @@ def _norm_backward(dout: Array, cache: Any, centered: bool) -> tuple[Array, Arra
     return dx, dw, db
 
 
-def rmsnorm_forward(x: Array, w: Array | None, b: Array | None, eps: float) -> tuple[Array, Any]:
+def rmsnorm_forward(x: Array, w: Array | None, b: Array | None, eps: float) -> tuple[Array, NormCache]:
     """out = x * rstd * w + b, rstd = 1/sqrt(mean(x^2) + eps) over the last axis."""
     xp = namespace(x)
     rstd = 1.0 / xp.sqrt(_sum_last(xp, x * x) * (1.0 / x.shape[-1]) + eps)  # (..., 1)
     xhat = x * rstd
-    return _affine(xhat, w, b), (xhat, rstd, w, b is not None)
+    return _affine(xhat, w, b), NormCache(xhat, rstd, w, b is not None)
 
 
-def rmsnorm_backward(dout: Array, cache: Any) -> tuple[Array, Array | None, Array | None]:
+def rmsnorm_backward(dout: Array, cache: NormCache) -> tuple[Array, Array | None, Array | None]:
     """forward: xhat = x * rstd; out = xhat * w + b.
     dx = rstd * (dxhat - xhat * mean(dxhat * xhat)) with dxhat = dout * w (no mean term: nothing
     was subtracted); dw and db as in LayerNorm."""
@@ -166,16 +178,22 @@ NORMS = {"layernorm": (layernorm_forward, layernorm_backward), "rmsnorm": (rmsno
 # linear (also the query/key/value/output projections, the MLP, and the unembedding)
 
 
-def linear_forward(x: Array, w: Array, b: Array | None = None) -> tuple[Array, Any]:
+class LinearCache(NamedTuple):
+    x: Array  # (..., Cin) the input
+    w: Array  # (Cout, Cin)
+    has_bias: bool
+
+
+def linear_forward(x: Array, w: Array, b: Array | None = None) -> tuple[Array, LinearCache]:
     """out = x @ w.T + b; (..., Cin) -> (..., Cout), w is (Cout, Cin)."""
     xp = namespace(x)
     out = xp.matmul(_flat(x), xp.matrix_transpose(w))  # (N, Cout)
     if b is not None:
         out += b
-    return xp.reshape(out, (*x.shape[:-1], w.shape[0])), (x, w, b is not None)
+    return xp.reshape(out, (*x.shape[:-1], w.shape[0])), LinearCache(x, w, b is not None)
 
 
-def linear_backward(dout: Array, cache: Any) -> tuple[Array, Array, Array | None]:
+def linear_backward(dout: Array, cache: LinearCache) -> tuple[Array, Array, Array | None]:
     """forward: out = x @ w.T + b.  dx = dout @ w;  dw = dout.T @ x;  db = sum over rows of dout."""
     x, w, has_bias = cache
     xp = namespace(dout)
@@ -252,9 +270,19 @@ def _merge_heads(xp: Any, x: Array) -> Array:  # (B, NH, T, hs) -> (B, T, D)
     return xp.reshape(xp.permute_dims(x, (0, 2, 1, 3)), (B, T, NH * hs))
 
 
+class AttentionCache(NamedTuple):
+    q: Array  # (B, NH, T, hs) the queries, already multiplied by scale
+    k: Array  # (B, NH, Tk, hs)
+    v: Array  # (B, NH, Tk, hs)
+    y: Array  # (B, T, D) the output
+    probs: Array  # (B, NH, T, Tk) the attention probabilities, before dropout
+    dropout_mask: Array | None  # (B, NH, T, Tk) keep / (1 - p), or None
+    scale: float  # 1 / sqrt(hs)
+
+
 def attention_forward(
     q: Array, k: Array, v: Array, n_head: int, dropout_p: float = 0.0, coins: Array | None = None
-) -> tuple[Array, Any]:
+) -> tuple[Array, AttentionCache]:
     """y = softmax(q k^T / sqrt(hs) + mask) v per head; q (B,T,D), k and v (B,Tk,D) -> y (B,T,D).
 
     Tk > T when earlier keys and values come from a KV cache; queries are the last T positions.
@@ -276,10 +304,10 @@ def attention_forward(
     if dropout_p > 0.0:
         att_used, mask = dropout_forward(att, dropout_p, coins)
     y = _merge_heads(xp, xp.matmul(att_used, vh))  # (B, NH, T, hs) -> (B, T, D)
-    return y, (qh, kh, vh, y, att, mask, scale)
+    return y, AttentionCache(qh, kh, vh, y, att, mask, scale)
 
 
-def attention_backward(dout: Array, cache: Any) -> tuple[Array, Array, Array]:
+def attention_backward(dout: Array, cache: AttentionCache) -> tuple[Array, Array, Array]:
     """forward: s = (q * scale) k^T + mask;  a = softmax(s);  y = (a * drop) v.
     dv = (a * drop)^T dy;  da = (dy v^T) * drop;  ds = a * (da - sum(da * a));
     dq = ds k * scale;  dk = ds^T (q * scale). Masked entries have a = 0, so they pass no gradient.
@@ -311,7 +339,12 @@ _GELU_C = math.sqrt(2.0 / math.pi)
 _GELU_A = 0.044715
 
 
-def gelu_tanh_forward(x: Array) -> tuple[Array, Any]:
+class ActivationCache(NamedTuple):
+    x: Array  # the input
+    s: Array  # what the backward reuses: sigmoid(2u) for GELU (tanh), Phi(x) for GELU (erf)
+
+
+def gelu_tanh_forward(x: Array) -> tuple[Array, ActivationCache]:
     """out = 0.5 x (1 + tanh(u)), u = sqrt(2/pi) (x + 0.044715 x^3): GPT-2's GELU (Hendrycks & Gimpel 2016).
 
     Computed as the identical out = x * sigmoid(2u), because exp is cheaper than tanh.
@@ -327,10 +360,10 @@ def gelu_tanh_forward(x: Array) -> tuple[Array, Any]:
     s = xp.exp(xp.minimum(minus_2u, cap))
     s += 1.0
     s = 1.0 / s  # sigmoid(2u)
-    return x * s, (x, s)
+    return x * s, ActivationCache(x, s)
 
 
-def gelu_tanh_backward(dout: Array, cache: Any) -> Array:
+def gelu_tanh_backward(dout: Array, cache: ActivationCache) -> Array:
     """forward: out = x s, s = sigmoid(2u), u = c (x + a x^3), i.e. 0.5 x (1 + tanh u).
     dx = dout * (s + x s (1 - s) 2c (1 + 3a x^2))."""
     x, s = cache
@@ -388,13 +421,13 @@ def erfc(x: Array) -> Array:
     return xp.where(x >= 0, r, 2.0 - r)
 
 
-def gelu_forward(x: Array) -> tuple[Array, Any]:
+def gelu_forward(x: Array) -> tuple[Array, ActivationCache]:
     """out = x Phi(x), Phi(x) = erfc(-x / sqrt 2) / 2: the exact GELU."""
     phi_cdf = 0.5 * erfc(x * (-1.0 / math.sqrt(2.0)))
-    return x * phi_cdf, (x, phi_cdf)
+    return x * phi_cdf, ActivationCache(x, phi_cdf)
 
 
-def gelu_backward(dout: Array, cache: Any) -> Array:
+def gelu_backward(dout: Array, cache: ActivationCache) -> Array:
     """forward: out = x Phi(x).  dx = dout * (Phi(x) + x phi(x)), phi(x) = exp(-x^2/2) / sqrt(2 pi)."""
     x, phi_cdf = cache
     xp = namespace(dout)
@@ -451,7 +484,16 @@ def residual_backward(dout: Array, cache: None) -> tuple[Array, Array]:
 # softmax + cross-entropy, fused (the loss on the unembedded logits)
 
 
-def crossentropy_forward(logits: Array, targets: Array, ignore_index: int = -1, reduction: str = "mean") -> tuple[Array, Any]:
+class CrossEntropyCache(NamedTuple):
+    probs: Array  # (N, V) softmax(logits)
+    targets: Array  # (N,) with ignored rows set to 0
+    weights: Array  # (N,) 1, or 0 where the target is ignored
+    divisor: Any  # the count of weighted rows (mean) or 1.0 (sum)
+
+
+def crossentropy_forward(
+    logits: Array, targets: Array, ignore_index: int = -1, reduction: str = "mean"
+) -> tuple[Array, CrossEntropyCache]:
     """loss = mean (or sum) over rows with target != ignore_index of logsumexp(logits) - logits[target].
 
     logits (N, V), targets (N,) ints -> a 0-d array. Rows whose target is ``ignore_index`` add
@@ -472,10 +514,10 @@ def crossentropy_forward(logits: Array, targets: Array, ignore_index: int = -1, 
     divisor = xp.sum(weights) if reduction == "mean" else 1.0
     loss = xp.sum(losses * weights) / divisor
     e /= s  # probabilities, reused by the backward
-    return loss, (e, safe_targets, weights, divisor)
+    return loss, CrossEntropyCache(e, safe_targets, weights, divisor)
 
 
-def crossentropy_backward(dloss: float, cache: Any) -> Array:
+def crossentropy_backward(dloss: float, cache: CrossEntropyCache) -> Array:
     """forward: loss = sum_n w_n (logsumexp(logits_n) - logits_n[t_n]) / d, w_n = 1 unless ignored,
     d = sum(w) for the mean and 1 for the sum.
     dlogits_n = (softmax(logits_n) - onehot(t_n)) * w_n * dloss / d  (softmax and loss fused)."""

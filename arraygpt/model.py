@@ -1,41 +1,32 @@
-"""The GPT: configuration, presets, parameter shapes and counts, and the model that wires the
-layer pairs of ``layers.py`` into a forward pass and its mirror-image backward pass.
+"""The GPT: configuration, presets, parameter shapes and counts, and :class:`GPT`, the thin
+stateful model that holds the parameters, the dropout generator and the last forward's caches,
+and calls the pure core (``arraygpt.core``) for the math.
 
-Data flow (pre-norm transformer, Radford et al. 2019):
+Parameters live in one flat dict, name -> array, with the names of the microgpt table (weights
+stored (out, in)).
 
-    idx (B,T) -> encoder: wte[idx] + wpe[t] -> [dropout] -> [norm_emb]
-      -> n_layer x block:  x = x + dropout(attn_wo @ attention(norm1(x) -> q, k, v))
-                           x = x + dropout(mlp_fc2 @ act(mlp_fc1 @ norm2(x)))
-      -> [normf] -> unembedding (lm_head, or wte when tied) -> logits (B,T,V)
-      -> softmax cross-entropy against targets -> loss
-
-``backward`` walks the same steps in reverse with the caches the forward kept. Parameters live
-in one flat dict, name -> array, with the names of the microgpt table (weights stored (out, in)).
-
-Not here: optimizers, training loops, sampling, checkpoint formats.
+Not here: the forward and backward themselves (``core.py``, ``layers.py``), splitting a batch
+across threads (``runner.py``), optimizers, training loops, sampling, checkpoint formats.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import os
-from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor, wait
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from arraygpt import layers
-from arraygpt.shim import Backend, get_backend, host_full, host_namespace, host_rng, namespace, to_numpy
+from arraygpt import core, layers
+from arraygpt.core import GPTCache, KVCache
+from arraygpt.runner import BatchRunner
+from arraygpt.shim import Array, Backend, get_backend, host_full, host_namespace, host_rng, load_backend, to_numpy
 
-Array = Any
+__all__ = ["GPT", "GPTConfig", "KVCache", "ParamCount", "PRESETS", "count_params", "param_shapes"]
 
 NORM_KINDS = ("layernorm", "rmsnorm")
 INIT_OUTPUT_KINDS = ("scaled", "normal", "zero")
 DTYPES = ("float32", "float64")
-# Measured on 2 cores: a chunk of fewer positions x channels runs slower in a thread than inline
-# (16,384: 5-9% slower; 32,768: 0-12% faster; the nanoGPT CPU config's 49,152: 11-15% faster).
-MIN_WORK_PER_THREAD = 32768
 
 
 @dataclass(frozen=True)
@@ -254,49 +245,15 @@ def count_params(config: GPTConfig) -> ParamCount:
 
 
 # ----------------------------------------------------------------------------------------------
-# the KV cache of generation
-
-
-class KVCache:
-    """Keys and values of past positions, per layer, so that each new token costs one position's
-    work. Buffers of (B, block_size, D) are allocated on first use and filled left to right."""
-
-    def __init__(self, config: GPTConfig):
-        self.block_size = config.block_size
-        self.keys: list[Array | None] = [None] * config.n_layer
-        self.values: list[Array | None] = [None] * config.n_layer
-        self.length = 0  # positions stored so far
-
-    def append(self, layer: int, k: Array, v: Array) -> tuple[Array, Array]:
-        """Store k, v (B, T, D) after the past positions; return all keys and values (B, length+T, D)."""
-        xp = namespace(k)
-        B, T, D = k.shape
-        if self.keys[layer] is None:
-            self.keys[layer] = xp.zeros((B, self.block_size, D), dtype=k.dtype, device=k.device)
-            self.values[layer] = xp.zeros((B, self.block_size, D), dtype=k.dtype, device=k.device)
-        keys, values = self.keys[layer], self.values[layer]
-        if keys.shape[0] != B:
-            raise ValueError(f"KV cache holds a batch of {keys.shape[0]}, got a batch of {B}")
-        end = self.length + T
-        keys[:, self.length : end, :] = k
-        values[:, self.length : end, :] = v
-        return keys[:, :end, :], values[:, :end, :]
-
-    def reset(self) -> None:
-        """Forget every stored position; the buffers are kept for reuse."""
-        self.length = 0
-
-    def advance(self, T: int) -> None:
-        """Mark T more positions as stored (called once per forward, after every layer appended)."""
-        self.length += T
-
-
-# ----------------------------------------------------------------------------------------------
 # the model
 
 
 class GPT:
     """A GPT whose parameters live on a backend, with a hand-written forward and backward.
+
+    The math is in ``arraygpt.core`` (pure functions over parameters, config and named caches);
+    this class holds the state around it: the parameters, the dropout generator, the last
+    forward's caches, the kernels and the thread runner.
 
     Args:
         config: the hyperparameters.
@@ -311,47 +268,54 @@ class GPT:
             cores on numpy with OpenBLAS, else 1). Results equal one thread's up to rounding;
             dropout masks differ, but a fixed thread count stays exactly reproducible. Only the
             numpy backend holds BLAS to one thread per chunk (docs/architecture.md, "Threads").
+        kernels: the layer pairs to run: a :class:`arraygpt.core.Kernels` record, or None /
+            ``"reference"`` for the reference pairs of ``layers.py``.
 
     Example:
         >>> model = GPT(GPTConfig.preset("microgpt"), seed=0)
         >>> logits, loss = model.forward([[0, 5, 3]], targets=[[5, 3, 0]])
         >>> grads = model.backward()  # name -> array, same names and shapes as state_dict()
+        >>> sorted(grads) == sorted(model.state_dict())
+        True
     """
 
-    def __init__(
-        self,
-        config: GPTConfig,
-        seed: int = 0,
-        dtype: str = "float32",
-        backend: str | Backend | None = None,
-        *,
-        init: bool = True,
-        threads: int | None = None,
-    ):
+    def __init__(self, config: GPTConfig, seed: int = 0, dtype: str = "float32",
+                 backend: str | Backend | None = None, *, init: bool = True, threads: int | None = None,
+                 kernels: core.Kernels | str | None = None):  # fmt: skip
         if not isinstance(config, GPTConfig):
             raise TypeError(f"config must be a GPTConfig, got {type(config).__name__}")
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-        if isinstance(backend, str):
-            from arraygpt.shim import load_backend
-
-            backend = load_backend(backend)
         self.config = config
-        self.backend: Backend = backend or get_backend()
+        self.backend: Backend = load_backend(backend) if isinstance(backend, str) else backend or get_backend()
         self.xp = self.backend.xp
         self.dtype = dtype
         self.training = False
         self.params: dict[str, Array] = self._init_params(seed) if init else self._zero_params()
-        self._qkv = self._fuse_qkv()
-        self._norm_forward, self._norm_backward = layers.NORMS[config.norm]
-        self._act_forward, self._act_backward = layers.ACTIVATIONS[config.activation]
-        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-            raise ValueError(f"threads must be a positive integer or None, got {threads!r}")
-        self.threads = threads if threads is not None else self.backend.threads
-        self._pool: ThreadPoolExecutor | None = None
-        self._pool_pid = 0
+        self._core_params = self._fuse_qkv()
+        if kernels is None or kernels == "reference":
+            kernels = core.reference_kernels(config)
+        if not isinstance(kernels, core.Kernels):
+            raise TypeError(f"kernels must be None, 'reference' or an arraygpt.core.Kernels, got {kernels!r}")
+        self.kernels = kernels
+        self.runner = BatchRunner(self.backend.threads if threads is None else threads, self.backend)
         self._dropout_rng = host_rng(seed + 1)
-        self._caches: list[dict[str, Any]] | None = None  # one per chunk of rows
+        self._caches: list[GPTCache] | None = None  # the last forward's, one per chunk of rows
+
+    @property
+    def threads(self) -> int:
+        return self.runner.threads
+
+    def close(self) -> None:
+        """Shut down the batch runner's thread pool (the model stays usable: a later split batch
+        starts a new one). ``with GPT(...) as model:`` closes it at the end of the block."""
+        self.runner.close()
+
+    def __enter__(self) -> GPT:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
     # -- parameters --------------------------------------------------------------------------
 
@@ -379,26 +343,27 @@ class GPT:
             for name, shape in param_shapes(self.config).items()
         }
 
-    def _fuse_qkv(self) -> list[tuple[Array, Array | None]]:
-        """Store each layer's query, key and value weights in one (3D, C) buffer (and biases in one
-        (3D,) buffer), and make ``params[...attn_wq]`` etc. views of it: the attention projection is
-        then one matmul with no per-step concatenation. Parameters must therefore be updated in
-        place (``p -= ...``, ``p[...] = ...``), as the optimizers and ``load_state_dict`` do."""
+    def _fuse_qkv(self) -> dict[str, Array]:
+        """Fused storage, the one place it is defined: each layer's query, key and value weights
+        live in one (3D, C) buffer ``layer{i}.attn_wqkv`` (biases in one (3D,) ``attn_wqkv_b``),
+        and ``params[...attn_wq]`` etc. are views of it, so the projection is one matmul with no
+        per-step concatenation. The core finds the buffers by those names; the state dict does
+        not list them. Parameters must therefore be updated in place (``p -= ...``,
+        ``p[...] = ...``), as the optimizers and ``load_state_dict`` do.
+
+        Returns the dict the core reads: the parameters plus the fused buffers."""
         xp, D = self.xp, self.config.attn_dim
-        fused = []
+        core_params = dict(self.params)
         for i in range(self.config.n_layer):
-            buffers = []
             for suffix in ("", "_b"):
                 names = [f"layer{i}.attn_w{x}{suffix}" for x in "qkv"]
                 if names[0] not in self.params:
-                    buffers.append(None)
                     continue
                 buffer = xp.concat([self.params[name] for name in names])  # (3D, C) or (3D,)
                 for j, name in enumerate(names):
-                    self.params[name] = buffer[j * D : (j + 1) * D, ...]
-                buffers.append(buffer)
-            fused.append((buffers[0], buffers[1]))
-        return fused
+                    self.params[name] = core_params[name] = buffer[j * D : (j + 1) * D, ...]
+                core_params[f"layer{i}.attn_wqkv{suffix}"] = buffer
+        return core_params
 
     def state_dict(self) -> dict[str, Array]:
         """Name -> the model's own parameter arrays (not copies), in a new dict."""
@@ -437,7 +402,7 @@ class GPT:
         host = to_numpy(value)
         return self.backend.asarray(host if dtype is None else host.astype(dtype))
 
-    # -- modes ------------------------------------------------------------------------------
+    # -- modes and the dropout generator ---------------------------------------------------------
 
     def train(self, mode: bool = True) -> GPT:
         """Training mode turns dropout on (when config.dropout > 0)."""
@@ -447,7 +412,18 @@ class GPT:
     def eval(self) -> GPT:
         return self.train(False)
 
-    # -- forward -------------------------------------------------------------------------------
+    def rng_state(self) -> dict[str, Any]:
+        """The state of the dropout generator (JSON-serializable), for exact resume."""
+        return self._dropout_rng.bit_generator.state
+
+    def set_rng_state(self, state: Mapping[str, Any]) -> None:
+        """Restore a state returned by :meth:`rng_state`."""
+        self._dropout_rng.bit_generator.state = dict(state)
+
+    def _coins(self, rng: Any) -> core.Coins:
+        return lambda shape: self.backend.uniform(rng, shape, self.dtype)
+
+    # -- forward and backward -------------------------------------------------------------------
 
     def forward(
         self, idx: Any, targets: Any = None, *, kv_cache: KVCache | None = None, last_only: bool = False
@@ -476,147 +452,33 @@ class GPT:
             if last_only:
                 raise ValueError("last_only=True gives no loss: the loss needs the logits of every position")
         dropout = cfg.dropout if self.training else 0.0
-        chunks = self._row_chunks(B, T) if kv_cache is None else [slice(0, B)]
+        chunks = self.runner.chunks(B, T * cfg.n_embd) if kv_cache is None else [slice(0, B)]
         if len(chunks) == 1:
-            logits, loss, caches = self._forward_rows(idx, targets, past, dropout, kv_cache, last_only, self._dropout_rng)
-            self._caches = [caches]
+            logits, loss, cache = core.gpt_forward(
+                self._core_params, cfg, idx, targets, kernels=self.kernels, dropout=dropout,
+                coins=self._coins(self._dropout_rng), kv_cache=kv_cache, last_only=last_only,
+            )  # fmt: skip
+            self._caches = [cache]
             return logits, None if loss is None else float(loss)
-        # Several chunks, one per thread; each draws its dropout coins from its own generator,
-        # seeded from the model's, so that one thread count gives one result.
-        # Each chunk sums its losses ("sum"); the mean divides by the whole batch's count.
+        # One chunk of rows per thread. Each draws its dropout coins from its own generator, seeded
+        # from the model's, so that one thread count gives one result. Each chunk sums its losses;
+        # the mean divides by the whole batch's count of targets.
         rngs = [host_rng(int(self._dropout_rng.integers(2**63))) if dropout > 0 else None for _ in chunks]
-        results = self._in_threads(
-            self._forward_rows,
-            [(idx[rows], None if targets is None else targets[rows], past, dropout, None, last_only, rng, "sum")
-             for rows, rng in zip(chunks, rngs)],
+        results = self.runner.map(
+            lambda rows, rng: core.gpt_forward(
+                self._core_params, cfg, idx[rows], None if targets is None else targets[rows], kernels=self.kernels,
+                dropout=dropout, coins=self._coins(rng), last_only=last_only, reduction="sum",
+            ),
+            list(zip(chunks, rngs)),
         )  # fmt: skip
-        self._caches = [caches for _, _, caches in results]
+        self._caches = [cache for _, _, cache in results]
         logits = self.xp.concat([logits for logits, _, _ in results], axis=0)  # (B, T, V)
         if targets is None:
             return logits, None
-        total = self._valid_positions(self._caches)
-        return logits, sum(float(loss) for _, loss, _ in results) / total if total else math.nan
+        count = sum(core.valid_positions(cache) for cache in self._caches)
+        return logits, sum(float(loss) for _, loss, _ in results) / count if count else math.nan
 
     __call__ = forward
-
-    def _forward_rows(self, idx: Array, targets: Array | None, past: int, dropout: float, kv_cache: KVCache | None,
-                      last_only: bool, rng: Any, reduction: str = "mean") -> tuple[Array, Array | None, dict[str, Any]]:
-        """The forward of a chunk of rows: logits (b, T, V), the chunk's loss (0-d) or None, caches."""  # fmt: skip
-        cfg, p = self.config, self.params
-        B, T = idx.shape
-        x, enc = layers.encoder_forward(idx, p["wte"], p["wpe"], past)  # (B, T, C)
-        x, drop_emb = self._dropout(x, dropout, rng)
-        norm_emb = None
-        if cfg.norm_emb:
-            x, norm_emb = self._norm(x, "norm_emb")
-        blocks = []
-        for i in range(cfg.n_layer):
-            x, block = self._block_forward(i, x, dropout, kv_cache, rng)
-            blocks.append(block)
-        if kv_cache is not None:
-            kv_cache.advance(T)
-        if last_only:
-            x = x[:, -1:, :]  # (B, 1, C)
-            T = 1
-        normf = None
-        if cfg.norm_final:
-            x, normf = self._norm(x, "normf")
-        logits, unembed = layers.linear_forward(x, p["wte"] if cfg.tie_embeddings else p["lm_head"])  # (B, T, V)
-
-        loss, ce = None, None
-        if targets is not None:
-            loss, ce = layers.crossentropy_forward(
-                self.xp.reshape(logits, (B * T, cfg.vocab_size)), self.xp.reshape(targets, (B * T,)), reduction=reduction
-            )
-        caches = dict(enc=enc, drop_emb=drop_emb, norm_emb=norm_emb, blocks=blocks, normf=normf,
-                      unembed=unembed, ce=ce)  # fmt: skip
-        return logits, loss, caches
-
-    def _valid_positions(self, chunks: list[dict[str, Any]]) -> int:
-        """How many positions of the chunks' forward have a target (not -1)."""
-        return sum(int(float(self.xp.sum(caches["ce"][2]))) for caches in chunks)
-
-    def _row_chunks(self, B: int, T: int) -> list[slice]:
-        """Contiguous chunks of the batch's rows, one per thread, each of at least
-        MIN_WORK_PER_THREAD positions x channels (below that, threads cost more than they give)."""
-        n = min(self.threads, B, max(1, B * T * self.config.n_embd // MIN_WORK_PER_THREAD))
-        bounds = [B * i // n for i in range(n + 1)]
-        return [slice(lo, hi) for lo, hi in zip(bounds, bounds[1:])]
-
-    def _in_threads(self, fn: Callable[..., Any], calls: list[tuple[Any, ...]]) -> list[Any]:
-        """``[fn(*args) for args in calls]``, the first on this thread and the rest on the pool.
-        BLAS gets the cores that the chunks leave (one each when there is a chunk per thread)."""
-        if self._pool is None or self._pool_pid != os.getpid():  # a forked child has no pool threads
-            self._pool = ThreadPoolExecutor(self.threads - 1, thread_name_prefix="arraygpt")
-            self._pool_pid = os.getpid()
-        with self.backend.blas_threads(max(1, self.threads // len(calls))):
-            futures = [self._pool.submit(fn, *args) for args in calls[1:]]
-            try:
-                first = fn(*calls[0])
-            except BaseException:  # an error or Ctrl-C: drop the chunks not started yet
-                for future in futures:
-                    future.cancel()
-                raise
-            finally:  # and let the running ones end before BLAS gets its threads back
-                wait(futures)
-            return [first] + [future.result() for future in futures]
-
-    def _block_forward(self, i: int, x: Array, dropout: float, kv_cache: KVCache | None, rng: Any) -> tuple[Array, Any]:
-        cfg, p = self.config, self.params
-        name = f"layer{i}."
-        D = cfg.attn_dim
-        h, norm1 = self._norm(x, name + "norm1")
-        w_qkv, b_qkv = self._qkv[i]  # (3D, C), (3D,): attn_wq, attn_wk, attn_wv stacked
-        qkv, qkv_lin = layers.linear_forward(h, w_qkv, b_qkv)  # (B, T, 3D)
-        q, k, v = qkv[..., :D], qkv[..., D : 2 * D], qkv[..., 2 * D :]
-        if kv_cache is not None:
-            k, v = kv_cache.append(i, k, v)  # (B, Tk, D)
-        coins = None
-        if dropout > 0.0:
-            B, T = q.shape[:2]
-            coins = self._coins((B, cfg.n_head, T, k.shape[1]), rng)
-        y, attn = layers.attention_forward(q, k, v, cfg.n_head, dropout, coins)  # (B, T, D)
-        y, wo = layers.linear_forward(y, p[name + "attn_wo"], p.get(name + "attn_wo_b"))  # (B, T, C)
-        y, drop_attn = self._dropout(y, dropout, rng)
-        x, _ = layers.residual_forward(x, y)
-        h, norm2 = self._norm(x, name + "norm2")
-        h, fc1 = layers.linear_forward(h, p[name + "mlp_fc1"], p.get(name + "mlp_fc1_b"))  # (B, T, H)
-        h, act = self._act_forward(h)
-        h, fc2 = layers.linear_forward(h, p[name + "mlp_fc2"], p.get(name + "mlp_fc2_b"))  # (B, T, C)
-        h, drop_mlp = self._dropout(h, dropout, rng)
-        x, _ = layers.residual_forward(x, h)
-        return x, (norm1, qkv_lin, attn, wo, drop_attn, norm2, fc1, act, fc2, drop_mlp)
-
-    def _norm(self, x: Array, name: str) -> tuple[Array, Any]:
-        return self._norm_forward(x, self.params.get(name), self.params.get(name + "_b"), self.config.norm_eps)
-
-    def _coins(self, shape: tuple[int, ...], rng: Any) -> Array:
-        return self.backend.uniform(rng, shape, self.dtype)
-
-    def _dropout(self, x: Array, p: float, rng: Any) -> tuple[Array, Any]:
-        if p == 0.0:
-            return x, None
-        return layers.dropout_forward(x, p, self._coins(tuple(x.shape), rng))
-
-    def rng_state(self) -> dict[str, Any]:
-        """The state of the dropout generator (JSON-serializable), for exact resume."""
-        return self._dropout_rng.bit_generator.state
-
-    def set_rng_state(self, state: Mapping[str, Any]) -> None:
-        """Restore a state returned by :meth:`rng_state`."""
-        self._dropout_rng.bit_generator.state = dict(state)
-
-    def attention_patterns(self) -> list[Array]:
-        """The attention probabilities of the last forward, one (B, NH, T, Tk) array per layer:
-        entry [b, h, t, s] is how much position t of row b attends to position s in head h."""
-        if self._caches is None:
-            raise RuntimeError("attention_patterns() needs a forward() first")
-        per_chunk = [[block[2][4] for block in caches["blocks"]] for caches in self._caches]
-        if len(per_chunk) == 1:
-            return per_chunk[0]
-        return [self.xp.concat(layer, axis=0) for layer in zip(*per_chunk)]
-
-    # -- backward ------------------------------------------------------------------------------
 
     def backward(self) -> dict[str, Array]:
         """Gradients of the last forward's loss, name -> array, the names and shapes of state_dict().
@@ -624,90 +486,42 @@ class GPT:
         Raises:
             RuntimeError: there was no forward with targets since the last backward.
         """
-        chunks = self._caches
-        if chunks is None or chunks[0]["ce"] is None:
+        caches = self._caches
+        if caches is None or caches[0].loss is None:
             raise RuntimeError("backward() needs a forward(idx, targets) with targets first")
         self._caches = None
-        if len(chunks) == 1:
-            return self._backward_rows(chunks[0], 1.0)
-        # loss = (sum over chunks of each chunk's summed loss) / (valid positions in the batch)
-        total = self._valid_positions(chunks)
-        dloss = 1.0 / total if total else math.nan
-        per_chunk = self._in_threads(self._backward_rows, [(caches, dloss) for caches in chunks])
-        grads = per_chunk[0]
-        for other in per_chunk[1:]:
-            for name, g in other.items():
-                grads[name] += g
-        return grads
-
-    def _backward_rows(self, caches: dict[str, Any], dloss: float) -> dict[str, Array]:
-        """The gradients of ``dloss`` times one chunk's loss."""
-        cfg = self.config
-        grads: dict[str, Array] = {}
-        B, T = caches["enc"][0].shape
-
-        dlogits = layers.crossentropy_backward(dloss, caches["ce"])  # (B*T, V)
-        dx, dw_unembed, _ = layers.linear_backward(
-            self.xp.reshape(dlogits, (B, T, cfg.vocab_size)), caches["unembed"]
-        )  # (B, T, C)
-        if caches["normf"] is not None:
-            dx = self._norm_grads(dx, caches["normf"], "normf", grads)
-        for i in reversed(range(cfg.n_layer)):
-            dx = self._block_backward(i, dx, caches["blocks"][i], grads)
-        if caches["norm_emb"] is not None:
-            dx = self._norm_grads(dx, caches["norm_emb"], "norm_emb", grads)
-        if caches["drop_emb"] is not None:
-            dx = layers.dropout_backward(dx, caches["drop_emb"])
-        dwte, grads["wpe"] = layers.encoder_backward(dx, caches["enc"])
-        if cfg.tie_embeddings:
-            dwte += dw_unembed  # wte is used twice: as the embedding and as the unembedding
-        else:
-            grads["lm_head"] = dw_unembed
-        grads["wte"] = dwte
+        if len(caches) == 1:
+            grads = core.gpt_backward(1.0, caches[0], self.config, kernels=self.kernels)
+        else:  # loss = (sum over chunks of each chunk's summed loss) / (valid positions in the batch)
+            count = sum(core.valid_positions(cache) for cache in caches)
+            dloss = 1.0 / count if count else math.nan
+            per_chunk = self.runner.map(
+                lambda cache: core.gpt_backward(dloss, cache, self.config, kernels=self.kernels), [(c,) for c in caches]
+            )
+            grads = per_chunk[0]
+            for other in per_chunk[1:]:
+                for name, g in other.items():
+                    grads[name] += g
         return {name: grads[name] for name in self.params}
 
-    def _block_backward(self, i: int, dx: Array, cache: Any, grads: dict[str, Array]) -> Array:
-        cfg, xp = self.config, self.xp
-        name = f"layer{i}."
-        D = cfg.attn_dim
-        norm1, qkv_lin, attn, wo, drop_attn, norm2, fc1, act, fc2, drop_mlp = cache
-        # x = x + mlp(norm2(x))
-        dx_skip, dh = layers.residual_backward(dx, None)
-        if drop_mlp is not None:
-            dh = layers.dropout_backward(dh, drop_mlp)
-        dh = self._linear_grads(dh, fc2, name + "mlp_fc2", grads)
-        dh = self._act_backward(dh, act)
-        dh = self._linear_grads(dh, fc1, name + "mlp_fc1", grads)
-        dx = self._norm_grads(dh, norm2, name + "norm2", grads)
-        dx += dx_skip  # the residual's two gradients meet
-        # x = x + attn(norm1(x))
-        dx_skip, dy = layers.residual_backward(dx, None)
-        if drop_attn is not None:
-            dy = layers.dropout_backward(dy, drop_attn)
-        dy = self._linear_grads(dy, wo, name + "attn_wo", grads)
-        dq, dk, dv = layers.attention_backward(dy, attn)
-        dh, dw_qkv, db_qkv = layers.linear_backward(xp.concat([dq, dk, dv], axis=-1), qkv_lin)  # (B, T, C)
-        for j, w in enumerate(("attn_wq", "attn_wk", "attn_wv")):
-            grads[name + w] = dw_qkv[j * D : (j + 1) * D, :]
-            if db_qkv is not None:
-                grads[name + w + "_b"] = db_qkv[j * D : (j + 1) * D]
-        dx = self._norm_grads(dh, norm1, name + "norm1", grads)
-        dx += dx_skip
-        return dx
+    def attention_patterns(self) -> list[Array]:
+        """The attention probabilities of the last forward, one (B, NH, T, Tk) array per layer:
+        entry [b, h, t, s] is how much position t of row b attends to position s in head h."""
+        if self._caches is None:
+            raise RuntimeError("attention_patterns() needs a forward() first")
+        per_chunk = [[block.attn.probs for block in cache.blocks] for cache in self._caches]
+        if len(per_chunk) == 1:
+            return per_chunk[0]
+        return [self.xp.concat(layer, axis=0) for layer in zip(*per_chunk)]
 
-    def _linear_grads(self, dout: Array, cache: Any, name: str, grads: dict[str, Array]) -> Array:
-        dx, grads[name], db = layers.linear_backward(dout, cache)
-        if db is not None:
-            grads[name + "_b"] = db
-        return dx
+    def residual_stream(self, idx: Any) -> list[Array]:
+        """The residual stream (B, T, C) after the embedding and after each block, for ``idx``
+        (eval mode, no dropout): what the logit lens unembeds (``arraygpt.core.unembed``)."""
+        return core.residual_stream(self._core_params, self.config, self._check_tokens(idx, "idx", 0), self.kernels)
 
-    def _norm_grads(self, dout: Array, cache: Any, name: str, grads: dict[str, Array]) -> Array:
-        dx, dw, db = self._norm_backward(dout, cache)
-        if dw is not None:
-            grads[name] = dw
-        if db is not None:
-            grads[name + "_b"] = db
-        return dx
+    def unembed(self, x: Array) -> Array:
+        """Logits (B, T, V) of a residual stream x (B, T, C): the final norm, then the unembedding."""
+        return core.unembed(self._core_params, self.config, x, self.kernels)[0]
 
     # -- input checks ------------------------------------------------------------------------
 
@@ -738,18 +552,17 @@ class GPT:
             )
         return tokens if on_backend else self.backend.asarray(tokens.astype("int64", copy=False))
 
-    # -- checkpoints -------------------------------------------------------------------------
+    # -- other formats (delegates to arraygpt.formats, which knows them) ------------------------
 
     @classmethod
     def from_pretrained(cls, directory: str, **kwargs: Any) -> GPT:
-        """Load a Hugging Face transformers GPT-2 directory (see ``arraygpt.interop``)."""
-        from arraygpt import interop
+        """The model of any directory ``arraygpt.load`` opens (e.g. a transformers GPT-2)."""
+        from arraygpt.formats import load
 
-        return interop.load_gpt2(directory, **kwargs)
+        return load(directory, **kwargs).model
 
     def save_pretrained(self, directory: str) -> None:
-        """Write a Hugging Face transformers GPT-2 directory (see ``arraygpt.interop``)."""
-        from arraygpt import interop
+        """Write a Hugging Face transformers GPT-2 directory (``arraygpt.save(..., format="gpt2")``)."""
+        from arraygpt.formats import save
 
-        interop.save_gpt2(self, directory)
-
+        save(self, directory, format="gpt2")

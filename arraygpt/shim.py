@@ -18,6 +18,10 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
+# An array of whichever backend (NumPy, CuPy, array-api-strict, ...): the standard has no static
+# array type, so this alias only documents intent. The one alias every module imports.
+Array = Any
+
 ENV_VAR = "ARRAYGPT_BACKEND"
 DEFAULT_BACKEND = "numpy"
 

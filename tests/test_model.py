@@ -387,12 +387,13 @@ def test_load_state_dict_errors_name_the_tensor():
 
 
 class _ReplayCoins:
-    """Stands in for model._coins: the i-th draw of each forward is always the same array."""
+    """The coins function the core calls for dropout: the i-th draw of each forward is always the
+    same array (the core takes coins as a function, so a test can fix them)."""
 
     def __init__(self, model):
         self.model, self.cache, self.i = model, {}, 0
 
-    def __call__(self, shape, rng):
+    def __call__(self, shape):
         key = (self.i, shape)
         self.i += 1
         if key not in self.cache:
@@ -406,7 +407,7 @@ def test_dropout_gradients_match_finite_differences_with_fixed_coins(monkeypatch
     model, state = _randomized(config)
     model.train()
     coins = _ReplayCoins(model)
-    monkeypatch.setattr(model, "_coins", coins)
+    monkeypatch.setattr(model, "_coins", lambda rng: coins)
     original_forward = model.forward
 
     def forward(*args, **kwargs):

@@ -16,7 +16,8 @@ import warnings
 import numpy as np
 import pytest
 
-from arraygpt import GPT, GPTConfig, model as model_module
+from arraygpt import GPT, GPTConfig, core, runner as runner_module
+from arraygpt.runner import BatchRunner
 from arraygpt.shim import load_backend, to_numpy
 
 CONFIG = GPTConfig.preset("gpt2", vocab_size=23, block_size=8, n_layer=2, n_head=2, n_embd=12)
@@ -25,7 +26,7 @@ CONFIG = GPTConfig.preset("gpt2", vocab_size=23, block_size=8, n_layer=2, n_head
 @pytest.fixture
 def split_every_batch(monkeypatch):
     """Let even these tiny batches split (the real threshold keeps small work on one thread)."""
-    monkeypatch.setattr(model_module, "MIN_WORK_PER_THREAD", 1)
+    monkeypatch.setattr(runner_module, "MIN_WORK_PER_THREAD", 1)
 
 
 def _model(threads, state=None, dropout=0.0, dtype="float64"):
@@ -53,7 +54,7 @@ def test_split_batch_matches_one_thread(split_every_batch, threads):
     one = _step(_model(1, state), idx, targets)
     split = _model(threads, state)
     many = _step(split, idx, targets)
-    assert split._pool is not None  # the chunks really ran on the pool
+    assert split.runner.started  # the chunks really ran on the pool
     np.testing.assert_allclose(many[0], one[0], rtol=1e-12, atol=1e-12)
     assert many[1] == pytest.approx(one[1], rel=1e-12)
     for a, b in zip(many[2], one[2]):
@@ -86,13 +87,40 @@ def test_split_batch_with_dropout_is_reproducible_and_resumable(split_every_batc
 
 
 def test_chunks_cover_the_batch_in_order(split_every_batch):
-    model = _model(3)
-    assert model._row_chunks(7, 8) == [slice(0, 2), slice(2, 4), slice(4, 7)]
-    assert model._row_chunks(2, 8) == [slice(0, 1), slice(1, 2)]  # never more chunks than rows
+    runner = BatchRunner(3, load_backend("numpy"))
+    assert runner.chunks(7, 8) == [slice(0, 2), slice(2, 4), slice(4, 7)]
+    assert runner.chunks(2, 8) == [slice(0, 1), slice(1, 2)]  # never more chunks than rows
 
 
 def test_small_work_stays_on_one_thread():
-    assert _model(4)._row_chunks(64, 8) == [slice(0, 64)]  # 64 x 8 x 12 < MIN_WORK_PER_THREAD
+    assert BatchRunner(4, load_backend("numpy")).chunks(64, 8 * 12) == [slice(0, 64)]  # < MIN_WORK_PER_THREAD
+
+
+def test_the_runner_closes_its_pool(split_every_batch):
+    idx = np.random.default_rng(4).integers(0, 23, (4, 9))
+    with _model(2) as model:
+        model.forward(idx[:, :-1], idx[:, 1:])
+        pool = model.runner._pool
+        assert pool is not None
+    assert model.runner._pool is None
+    with pytest.raises(RuntimeError, match="shutdown"):  # the old pool takes no more work
+        pool.submit(print)
+    _, loss = model.forward(idx[:, :-1], idx[:, 1:])  # still usable: a new pool starts
+    assert math.isfinite(loss) and model.runner.started
+    model.close()
+
+
+def test_a_collected_runner_shuts_its_pool_down(split_every_batch):
+    import gc
+
+    model = _model(2)
+    idx = np.random.default_rng(5).integers(0, 23, (4, 9))
+    model.forward(idx[:, :-1], idx[:, 1:])
+    pool = model.runner._pool
+    del model
+    gc.collect()
+    with pytest.raises(RuntimeError, match="shutdown"):
+        pool.submit(print)
 
 
 @pytest.mark.parametrize("bad", [0, -1, 1.5, "2", True])
@@ -103,7 +131,6 @@ def test_threads_must_be_a_positive_integer(bad):
 
 def test_default_threads_come_from_the_backend():
     assert GPT(CONFIG, backend="numpy").threads == load_backend("numpy").threads >= 1
-    pytest.importorskip("array_api_strict")
     assert GPT(CONFIG, backend="array_api_strict").threads == 1
 
 
@@ -178,18 +205,18 @@ def test_models_stepping_in_two_threads_restore_blas(split_every_batch, openblas
 
 def test_an_error_in_a_chunk_reaches_the_caller_after_the_others_end(split_every_batch, openblas_at_two, monkeypatch):
     model = _model(3)
-    original = model._forward_rows
+    original = core.gpt_forward
     finished = []
 
-    def main_chunk_fails(*args):
+    def main_chunk_fails(*args, **kwargs):
         if threading.current_thread() is threading.main_thread():
             raise RuntimeError("chunk failed")
         time.sleep(0.2)  # still running when the main thread's chunk fails
-        out = original(*args)
+        out = original(*args, **kwargs)
         finished.append(openblas_at_two())  # BLAS still held to one thread while it ran
         return out
 
-    monkeypatch.setattr(model, "_forward_rows", main_chunk_fails)
+    monkeypatch.setattr(core, "gpt_forward", main_chunk_fails)
     with pytest.raises(RuntimeError, match="chunk failed"):
         model.forward(np.zeros((3, 8), dtype=np.int64), np.zeros((3, 8), dtype=np.int64))
     assert finished == [1, 1]  # both other chunks ended before the error came back

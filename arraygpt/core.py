@@ -1,0 +1,334 @@
+"""The GPT as two pure functions: ``gpt_forward`` walks the blocks and collects named caches,
+``gpt_backward`` walks them in reverse, calling each layer's backward from ``layers.py``.
+
+Data flow (pre-norm transformer, Radford et al. 2019):
+
+    idx (B,T) -> encoder: wte[idx] + wpe[t] -> [dropout] -> [norm_emb]
+      -> n_layer x block:  x = x + dropout(attn_wo @ attention(norm1(x) -> q, k, v))
+                           x = x + dropout(mlp_fc2 @ act(mlp_fc1 @ norm2(x)))
+      -> [normf] -> unembedding (lm_head, or wte when tied) -> logits (B,T,V)
+      -> softmax cross-entropy against targets -> loss
+
+Read it as picoGPT's ``gpt2()`` and llm.c's ``gpt2_forward``/``gpt2_backward``. Parameters come
+as one flat dict, name -> array (weights stored (out, in)). Which forward/backward pair runs for
+each layer is a :class:`Kernels` record: the reference pairs of ``layers.py`` by default, or a
+backend's fused kernels that must equal them. No threads, no random generators (dropout takes a
+function that returns uniform coins), no I/O, no input checks: ``arraygpt.model.GPT`` does those.
+
+Not here: parameter storage and initialization, the thread runner, checkpoints.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+from arraygpt import layers
+from arraygpt.shim import Array, namespace
+
+if TYPE_CHECKING:
+    from arraygpt.model import GPTConfig
+
+Pair = tuple[Callable[..., Any], Callable[..., Any]]  # (forward, backward)
+Coins = Callable[[tuple[int, ...]], Array]  # shape -> uniform [0, 1) numbers, for dropout
+
+
+class Kernels(NamedTuple):
+    """The forward/backward pair the core calls for each kind of layer. A kernel takes the
+    reference's arguments, returns its outputs, and its backward accepts its own forward's cache."""
+
+    norm: Pair
+    linear: Pair
+    attention: Pair
+    activation: Pair
+    crossentropy: Pair
+
+
+def reference_kernels(config: GPTConfig) -> Kernels:
+    """The pairs of ``layers.py`` for this config: the definition every kernel must equal."""
+    return Kernels(
+        norm=layers.NORMS[config.norm],
+        linear=(layers.linear_forward, layers.linear_backward),
+        attention=(layers.attention_forward, layers.attention_backward),
+        activation=layers.ACTIVATIONS[config.activation],
+        crossentropy=(layers.crossentropy_forward, layers.crossentropy_backward),
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# the KV cache of generation
+
+
+class KVCache:
+    """Keys and values of past positions, per layer, so that each new token costs one position's
+    work. Buffers of (B, block_size, D) are allocated on first use and filled left to right."""
+
+    def __init__(self, config: GPTConfig):
+        self.block_size = config.block_size
+        self.keys: list[Array | None] = [None] * config.n_layer
+        self.values: list[Array | None] = [None] * config.n_layer
+        self.length = 0  # positions stored so far
+
+    def append(self, layer: int, k: Array, v: Array) -> tuple[Array, Array]:
+        """Store k, v (B, T, D) after the past positions; return all keys and values (B, length+T, D)."""
+        xp = namespace(k)
+        B, T, D = k.shape
+        if self.keys[layer] is None:
+            self.keys[layer] = xp.zeros((B, self.block_size, D), dtype=k.dtype, device=k.device)
+            self.values[layer] = xp.zeros((B, self.block_size, D), dtype=k.dtype, device=k.device)
+        keys, values = self.keys[layer], self.values[layer]
+        if keys.shape[0] != B:
+            raise ValueError(f"KV cache holds a batch of {keys.shape[0]}, got a batch of {B}")
+        end = self.length + T
+        keys[:, self.length : end, :] = k
+        values[:, self.length : end, :] = v
+        return keys[:, :end, :], values[:, :end, :]
+
+    def reset(self) -> None:
+        """Forget every stored position; the buffers are kept for reuse."""
+        self.length = 0
+
+    def advance(self, T: int) -> None:
+        """Mark T more positions as stored (called once per forward, after every layer appended)."""
+        self.length += T
+
+
+# ----------------------------------------------------------------------------------------------
+# the caches: one named record per block and one for the whole forward
+
+
+class BlockCache(NamedTuple):
+    norm1: Any  # the norm's cache (layers.NormCache for the reference)
+    qkv: Any  # the fused query/key/value projection's linear cache
+    attn: Any  # layers.AttentionCache for the reference: .probs are the attention patterns
+    attn_out: Any  # the output projection attn_wo
+    attn_drop: Array | None  # residual dropout mask after attention
+    norm2: Any
+    fc1: Any
+    act: Any
+    fc2: Any
+    mlp_drop: Array | None
+
+
+class GPTCache(NamedTuple):
+    encoder: layers.EncoderCache
+    emb_drop: Array | None
+    norm_emb: Any | None
+    blocks: list[BlockCache]
+    normf: Any | None
+    unembed: Any  # the unembedding's linear cache
+    loss: Any | None  # the cross-entropy's cache (None without targets)
+
+
+def _dropout(x: Array, p: float, coins: Coins | None) -> tuple[Array, Array | None]:
+    if p == 0.0:
+        return x, None
+    return layers.dropout_forward(x, p, coins(tuple(x.shape)))
+
+
+def _qkv_weight(params: Mapping[str, Array], prefix: str, suffix: str) -> Array | None:
+    """The stacked (3D, C) query/key/value weight (or (3D,) bias): the caller's stored
+    ``attn_wqkv`` buffer when it keeps one (GPT does), else stacked here."""
+    fused = params.get(prefix + "attn_wqkv" + suffix)
+    if fused is not None:
+        return fused
+    parts = [params.get(f"{prefix}attn_w{x}{suffix}") for x in "qkv"]
+    return None if parts[0] is None else namespace(parts[0]).concat(parts)
+
+
+# ----------------------------------------------------------------------------------------------
+# forward
+
+
+def block_forward(params: Mapping[str, Array], config: GPTConfig, i: int, x: Array, kernels: Kernels, *,
+                  dropout: float = 0.0, coins: Coins | None = None,
+                  kv_cache: KVCache | None = None) -> tuple[Array, BlockCache]:  # fmt: skip
+    """Block ``i``: x (B, T, C) -> x (B, T, C) and its cache."""
+    p, name, D = params, f"layer{i}.", config.attn_dim
+    norm_forward, linear_forward = kernels.norm[0], kernels.linear[0]
+    h, norm1 = norm_forward(x, p.get(name + "norm1"), p.get(name + "norm1_b"), config.norm_eps)
+    qkv, qkv_lin = linear_forward(h, _qkv_weight(p, name, ""), _qkv_weight(p, name, "_b"))  # (B, T, 3D)
+    q, k, v = qkv[..., :D], qkv[..., D : 2 * D], qkv[..., 2 * D :]  # (B, T, D) each
+    if kv_cache is not None:
+        k, v = kv_cache.append(i, k, v)  # (B, Tk, D): the past positions and these
+    attn_coins = None
+    if dropout > 0.0:
+        B, T = q.shape[:2]
+        attn_coins = coins((B, config.n_head, T, k.shape[1]))
+    y, attn = kernels.attention[0](q, k, v, config.n_head, dropout, attn_coins)  # (B, T, D)
+    y, attn_out = linear_forward(y, p[name + "attn_wo"], p.get(name + "attn_wo_b"))  # (B, T, C)
+    y, attn_drop = _dropout(y, dropout, coins)
+    x, _ = layers.residual_forward(x, y)
+    h, norm2 = norm_forward(x, p.get(name + "norm2"), p.get(name + "norm2_b"), config.norm_eps)
+    h, fc1 = linear_forward(h, p[name + "mlp_fc1"], p.get(name + "mlp_fc1_b"))  # (B, T, H)
+    h, act = kernels.activation[0](h)
+    h, fc2 = linear_forward(h, p[name + "mlp_fc2"], p.get(name + "mlp_fc2_b"))  # (B, T, C)
+    h, mlp_drop = _dropout(h, dropout, coins)
+    x, _ = layers.residual_forward(x, h)
+    return x, BlockCache(norm1, qkv_lin, attn, attn_out, attn_drop, norm2, fc1, act, fc2, mlp_drop)
+
+
+def embed(params: Mapping[str, Array], config: GPTConfig, idx: Array, kernels: Kernels, *, past: int = 0,
+          dropout: float = 0.0, coins: Coins | None = None) -> tuple[Array, tuple[Any, Any, Any]]:  # fmt: skip
+    """The residual stream's start: idx (B, T) -> x (B, T, C), positions offset by ``past``."""
+    x, encoder = layers.encoder_forward(idx, params["wte"], params["wpe"], past)  # (B, T, C)
+    x, emb_drop = _dropout(x, dropout, coins)
+    norm_emb = None
+    if config.norm_emb:
+        x, norm_emb = kernels.norm[0](x, params.get("norm_emb"), params.get("norm_emb_b"), config.norm_eps)
+    return x, (encoder, emb_drop, norm_emb)
+
+
+def unembed(params: Mapping[str, Array], config: GPTConfig, x: Array, kernels: Kernels) -> tuple[Array, Any, Any]:
+    """The residual stream's end: x (B, T, C) -> [normf] -> logits (B, T, V), and both caches."""
+    normf = None
+    if config.norm_final:
+        x, normf = kernels.norm[0](x, params.get("normf"), params.get("normf_b"), config.norm_eps)
+    w = params["wte"] if config.tie_embeddings else params["lm_head"]
+    logits, unembed_cache = kernels.linear[0](x, w)  # (B, T, V)
+    return logits, normf, unembed_cache
+
+
+def gpt_forward(params: Mapping[str, Array], config: GPTConfig, idx: Array, targets: Array | None = None, *,
+                kernels: Kernels | None = None, dropout: float = 0.0, coins: Coins | None = None,
+                kv_cache: KVCache | None = None, last_only: bool = False,
+                reduction: str = "mean") -> tuple[Array, Array | None, GPTCache]:  # fmt: skip
+    """Logits, the loss and the caches of one forward pass.
+
+    Args:
+        params: name -> array (backend arrays of one dtype).
+        config: the GPTConfig.
+        idx: (B, T) token ids on the backend; targets: (B, T), -1 where ignored, or None.
+        kernels: the layer pairs to run (default :func:`reference_kernels`).
+        dropout, coins: dropout probability, and the function that draws its uniform coins.
+        kv_cache: keys and values of earlier positions (generation); idx holds the next ones.
+        last_only: unembed only the last position: logits (B, 1, V).
+        reduction: ``mean`` or ``sum`` of the per-position losses.
+
+    Returns:
+        ``(logits (B, T, V), loss (0-d array) or None, GPTCache)``.
+    """
+    kernels = kernels or reference_kernels(config)
+    B, T = idx.shape
+    past = 0 if kv_cache is None else kv_cache.length
+    x, (encoder, emb_drop, norm_emb) = embed(params, config, idx, kernels, past=past, dropout=dropout, coins=coins)
+    blocks = []
+    for i in range(config.n_layer):
+        x, block = block_forward(params, config, i, x, kernels, dropout=dropout, coins=coins, kv_cache=kv_cache)
+        blocks.append(block)
+    if kv_cache is not None:
+        kv_cache.advance(T)
+    if last_only:
+        x = x[:, -1:, :]  # (B, 1, C)
+        T = 1
+    logits, normf, unembed_cache = unembed(params, config, x, kernels)  # (B, T, V)
+    loss, loss_cache = None, None
+    if targets is not None:
+        xp = namespace(logits)
+        loss, loss_cache = kernels.crossentropy[0](
+            xp.reshape(logits, (B * T, config.vocab_size)), xp.reshape(targets, (B * T,)), reduction=reduction
+        )
+    return logits, loss, GPTCache(encoder, emb_drop, norm_emb, blocks, normf, unembed_cache, loss_cache)
+
+
+def residual_stream(params: Mapping[str, Array], config: GPTConfig, idx: Array,
+                    kernels: Kernels | None = None) -> list[Array]:  # fmt: skip
+    """The residual stream (B, T, C) after the embedding and after each block (n_layer + 1
+    arrays), for looking inside: ``unembed`` of entry i is the logit lens after block i."""
+    kernels = kernels or reference_kernels(config)
+    x, _ = embed(params, config, idx, kernels)
+    stream = [x]
+    for i in range(config.n_layer):
+        x, _ = block_forward(params, config, i, x, kernels)
+        stream.append(x)
+    return stream
+
+
+def valid_positions(cache: GPTCache) -> int:
+    """How many positions of a forward with targets have a target (not -1)."""
+    return int(float(namespace(cache.loss.weights).sum(cache.loss.weights)))
+
+
+# ----------------------------------------------------------------------------------------------
+# backward
+
+
+def gpt_backward(dloss: float, cache: GPTCache, config: GPTConfig, *,
+                 kernels: Kernels | None = None) -> dict[str, Array]:  # fmt: skip
+    """Gradients of ``dloss`` times the forward's loss, name -> array (the parameter names).
+
+    ``dloss`` is 1.0 for the loss itself; a caller that splits a batch and sums the chunks' losses
+    passes 1 / (valid positions of the whole batch).
+    """
+    kernels = kernels or reference_kernels(config)
+    if cache.loss is None:
+        raise ValueError("gpt_backward needs the cache of a forward with targets")
+    xp = namespace(cache.loss.probs)
+    grads: dict[str, Array] = {}
+    B, T = cache.encoder.idx.shape
+    if cache.unembed.x.shape[1] != T:
+        raise ValueError("gpt_backward needs a forward of every position (last_only=False)")
+
+    dlogits = kernels.crossentropy[1](dloss, cache.loss)  # (B*T, V)
+    dx, dw_unembed, _ = kernels.linear[1](xp.reshape(dlogits, (B, T, config.vocab_size)), cache.unembed)  # (B, T, C)
+    if cache.normf is not None:
+        dx = _norm_backward(kernels, dx, cache.normf, "normf", grads)
+    for i in reversed(range(config.n_layer)):
+        dx = block_backward(config, i, dx, cache.blocks[i], kernels, grads)
+    if cache.norm_emb is not None:
+        dx = _norm_backward(kernels, dx, cache.norm_emb, "norm_emb", grads)
+    if cache.emb_drop is not None:
+        dx = layers.dropout_backward(dx, cache.emb_drop)
+    dwte, grads["wpe"] = layers.encoder_backward(dx, cache.encoder)
+    if config.tie_embeddings:
+        dwte += dw_unembed  # wte is used twice: as the embedding and as the unembedding
+    else:
+        grads["lm_head"] = dw_unembed
+    grads["wte"] = dwte
+    return grads
+
+
+def block_backward(config: GPTConfig, i: int, dx: Array, cache: BlockCache, kernels: Kernels,
+                   grads: dict[str, Array]) -> Array:  # fmt: skip
+    """Block ``i`` in reverse: dx (B, T, C) of its output -> dx of its input; fills ``grads``."""
+    name, D = f"layer{i}.", config.attn_dim
+    xp = namespace(dx)
+    # x = x + dropout(fc2(act(fc1(norm2(x)))))
+    dx_skip, dh = layers.residual_backward(dx, None)
+    if cache.mlp_drop is not None:
+        dh = layers.dropout_backward(dh, cache.mlp_drop)
+    dh = _linear_backward(kernels, dh, cache.fc2, name + "mlp_fc2", grads)
+    dh = kernels.activation[1](dh, cache.act)
+    dh = _linear_backward(kernels, dh, cache.fc1, name + "mlp_fc1", grads)
+    dx = _norm_backward(kernels, dh, cache.norm2, name + "norm2", grads)
+    dx += dx_skip  # the residual's two gradients meet
+    # x = x + dropout(wo(attention(qkv(norm1(x)))))
+    dx_skip, dy = layers.residual_backward(dx, None)
+    if cache.attn_drop is not None:
+        dy = layers.dropout_backward(dy, cache.attn_drop)
+    dy = _linear_backward(kernels, dy, cache.attn_out, name + "attn_wo", grads)
+    dq, dk, dv = kernels.attention[1](dy, cache.attn)  # (B, T, D) each
+    dh, dw_qkv, db_qkv = kernels.linear[1](xp.concat([dq, dk, dv], axis=-1), cache.qkv)  # (B, T, C)
+    for j, w in enumerate(("attn_wq", "attn_wk", "attn_wv")):
+        grads[name + w] = dw_qkv[j * D : (j + 1) * D, :]
+        if db_qkv is not None:
+            grads[name + w + "_b"] = db_qkv[j * D : (j + 1) * D]
+    dx = _norm_backward(kernels, dh, cache.norm1, name + "norm1", grads)
+    dx += dx_skip
+    return dx
+
+
+def _linear_backward(kernels: Kernels, dout: Array, cache: Any, name: str, grads: dict[str, Array]) -> Array:
+    dx, grads[name], db = kernels.linear[1](dout, cache)
+    if db is not None:
+        grads[name + "_b"] = db
+    return dx
+
+
+def _norm_backward(kernels: Kernels, dout: Array, cache: Any, name: str, grads: dict[str, Array]) -> Array:
+    dx, dw, db = kernels.norm[1](dout, cache)
+    if dw is not None:
+        grads[name] = dw
+    if db is not None:
+        grads[name + "_b"] = db
+    return dx
