@@ -4,7 +4,9 @@ Layout of a checkpoint folder DIR:
 
     DIR/model.safetensors      the parameters (name -> array, weights stored (out, in))
     DIR/config.json            GPTConfig.to_dict() plus {"arraygpt_format": 1}
-    DIR/tokenizer.json         the tokenizer's to_dict(), when there is one
+    DIR/arraygpt-tokenizer.json  the tokenizer's to_dict(), when there is one (checkpoints written
+                               before it had this name call it tokenizer.json, which still loads;
+                               the name is Hugging Face's for a different format)
     DIR/optimizer.safetensors  the optimizer's arrays (moments, momentum), when there is one
     DIR/state.json             {"arraygpt_format", "model_rng" (the dropout generator's state),
                                 "optimizer" (the optimizer's numbers: step count...), "extra"
@@ -34,21 +36,21 @@ from typing import Any
 import numpy as np
 
 from arraygpt import safetensors
-from arraygpt.model import GPT, GPTConfig
+from arraygpt.errors import CheckpointError
+from arraygpt.model import GPT, GPTConfig, param_shapes
 from arraygpt.shim import Backend, to_numpy
 from arraygpt.tokenizer import Tokenizer, tokenizer_from_dict
+
+__all__ = ["Checkpoint", "CheckpointError", "load_checkpoint", "resolve_checkpoint", "save_checkpoint"]
 
 FORMAT = 1
 MARKER = "arraygpt_format"
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
-TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_FILE = "arraygpt-tokenizer.json"
+LEGACY_TOKENIZER_FILE = "tokenizer.json"  # the name before TOKENIZER_FILE; read, never written
 OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "state.json"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint folder is missing files, truncated, corrupted or of an unknown format."""
 
 
 @dataclass
@@ -61,17 +63,30 @@ class Checkpoint:
         optimizer_state: the optimizer's ``state_dict()`` (host arrays and numbers), or None.
         extra: the caller's JSON saved with it (empty dict if none).
         path: the folder actually read (``.DIR.old`` after an interrupted save).
+        format: "arraygpt" for this module's folders, "gpt2" for a transformers GPT-2 directory
+            (read by ``arraygpt.formats.load``).
     """
 
     model: GPT
-    tokenizer: Tokenizer | None
+    tokenizer: Any
     optimizer_state: dict[str, Any] | None
     extra: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
+    format: str = "arraygpt"
 
     @property
     def config(self) -> GPTConfig:
         return self.model.config
+
+    @property
+    def prompt_prefix(self) -> list[int]:
+        """What every training document started with: ``[tokenizer.bos_id]`` for a run trained on
+        BOS-wrapped documents (``train_config.mode == "documents"``, microgpt's names), else
+        ``[]``. A prompt goes after it."""
+        train_config = self.extra.get("train_config")
+        documents = isinstance(train_config, Mapping) and train_config.get("mode") == "documents"
+        bos = getattr(self.tokenizer, "bos_id", None)
+        return [int(bos)] if documents and bos is not None else []
 
 
 def _old(target: Path) -> Path:
@@ -89,7 +104,7 @@ def save_checkpoint(directory: str | os.PathLike[str], model: GPT, tokenizer: To
     Args:
         directory: the checkpoint folder; its parent is created if needed.
         model: the GPT to save.
-        tokenizer: saved as tokenizer.json when given.
+        tokenizer: saved as arraygpt-tokenizer.json when given.
         optimizer: anything with ``state_dict()``; arrays go to optimizer.safetensors, numbers to
             state.json.
         extra: JSON-serializable data saved in state.json and returned as ``Checkpoint.extra``.
@@ -163,30 +178,25 @@ def resolve_checkpoint(directory: str | os.PathLike[str]) -> Path:
     raise FileNotFoundError(f"no checkpoint at {path}")
 
 
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CheckpointError(f"checkpoint file {path} is missing") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"checkpoint file {path} is truncated or corrupted (not valid JSON: {e})") from None
+def _read_json(path: Path, what: str, limit: int = safetensors.JSON_LIMIT) -> dict[str, Any]:
+    return safetensors.read_json(path, what=f"checkpoint {what}", limit=limit)
 
 
 def _read_tensors(path: Path) -> dict[str, np.ndarray]:
     try:
         return safetensors.load_file(path)
     except FileNotFoundError:
-        raise CheckpointError(f"checkpoint file {path} is missing") from None
-    except safetensors.SafetensorsError as e:
-        raise CheckpointError(f"checkpoint file is damaged: {e}") from e
+        raise CheckpointError(f"{path}: the checkpoint file is missing") from None
 
 
-def load_checkpoint(directory: str | os.PathLike[str], backend: str | Backend | None = None) -> Checkpoint:
+def load_checkpoint(directory: str | os.PathLike[str], backend: str | Backend | None = None,
+                    dtype: str | None = None) -> Checkpoint:  # fmt: skip
     """Read a checkpoint folder (or a run folder's ``last/``); never unpickles anything.
 
     Args:
         directory: the folder given to :func:`save_checkpoint`, or a training run's folder.
         backend: where to put the parameters; default the active backend.
+        dtype: "float32" or "float64"; default the dtype the parameters were saved in.
 
     Raises:
         FileNotFoundError: no checkpoint there.
@@ -197,43 +207,99 @@ def load_checkpoint(directory: str | os.PathLike[str], backend: str | Backend | 
         >>> ckpt.model, ckpt.tokenizer.decode([0, 1])          # doctest: +SKIP
     """
     path = resolve_checkpoint(directory)
-    config_dict = _read_json(path / CONFIG_FILE)
-    if not isinstance(config_dict, dict) or config_dict.get(MARKER) != FORMAT:
-        raise CheckpointError(f"{path / CONFIG_FILE} is not an arraygpt checkpoint config of format {FORMAT}")
+    config_dict = _read_json(path / CONFIG_FILE, "config", limit=_CONFIG_LIMIT)
+    if config_dict.get(MARKER) != FORMAT:
+        raise CheckpointError(
+            f"{path / CONFIG_FILE}: not an arraygpt checkpoint config of format {FORMAT} "
+            f"({MARKER} is {config_dict.get(MARKER)!r}, expected {FORMAT})"
+        )
     config_dict = {k: v for k, v in config_dict.items() if k != MARKER}
     try:
         config = GPTConfig.from_dict(config_dict)
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, KeyError) as e:
         raise CheckpointError(f"{path / CONFIG_FILE}: invalid model config: {e}") from None
-    state = _read_json(path / STATE_FILE)
-    if not isinstance(state, dict) or state.get(MARKER) != FORMAT:
-        raise CheckpointError(f"{path / STATE_FILE} is not an arraygpt checkpoint state of format {FORMAT}")
+    state = _read_json(path / STATE_FILE, "state")
+    if state.get(MARKER) != FORMAT:
+        raise CheckpointError(
+            f"{path / STATE_FILE}: not an arraygpt checkpoint state of format {FORMAT} "
+            f"({MARKER} is {state.get(MARKER)!r}, expected {FORMAT})"
+        )
+    for key, kind in (("extra", dict), ("optimizer", dict), ("model_rng", dict)):
+        if state.get(key) is not None and not isinstance(state[key], kind):
+            raise CheckpointError(
+                f"{path / STATE_FILE}: {key!r} must be a JSON object or null, not {type(state[key]).__name__}"
+            )
+    tokenizer = _read_tokenizer(path, config)
     tensors = _read_tensors(path / MODEL_FILE)
+    _check_shapes(tensors, config, path)
     dtypes = {str(a.dtype) for a in tensors.values()}
     if len(dtypes) != 1 or not dtypes <= {"float32", "float64"}:
-        raise CheckpointError(f"{path / MODEL_FILE}: expected float32 or float64 parameters, got {sorted(dtypes)}")
-    model = GPT(config, dtype=dtypes.pop(), backend=backend)
+        raise CheckpointError(
+            f"{path / MODEL_FILE}: expected parameters all float32 or all float64, got {sorted(dtypes)}"
+        )
+    if dtype is not None and dtype not in ("float32", "float64"):
+        raise ValueError(f"dtype must be 'float32' or 'float64' (or None for the saved dtype), not {dtype!r}")
+    model = GPT(config, dtype=dtype or dtypes.pop(), backend=backend, init=False)  # every weight comes from the file
     try:
         model.load_state_dict(tensors)
     except (KeyError, ValueError) as e:
         raise CheckpointError(f"{path / MODEL_FILE} does not match {path / CONFIG_FILE}: {e}") from None
+    del tensors
     if state.get("model_rng"):
         try:
             model.set_rng_state(state["model_rng"])
         except (TypeError, ValueError, KeyError) as e:
             raise CheckpointError(f"{path / STATE_FILE}: invalid model_rng: {e}") from None
-    tokenizer = None
-    if (path / TOKENIZER_FILE).exists():
-        try:
-            tokenizer = tokenizer_from_dict(_read_json(path / TOKENIZER_FILE))
-        except ValueError as e:
-            raise CheckpointError(f"{path / TOKENIZER_FILE}: {e}") from None
-        if tokenizer.vocab_size > config.vocab_size:
-            raise CheckpointError(
-                f"{path}: the tokenizer has {tokenizer.vocab_size} tokens but the model only {config.vocab_size}"
-            )
     optimizer_state = None
     if (path / OPTIMIZER_FILE).exists() or state.get("optimizer") is not None:
         optimizer_state = {**(state.get("optimizer") or {}), **_read_tensors(path / OPTIMIZER_FILE)}
     return Checkpoint(model=model, tokenizer=tokenizer, optimizer_state=optimizer_state,
                       extra=dict(state.get("extra") or {}), path=path)  # fmt: skip
+
+
+_CONFIG_LIMIT = 1024 * 1024  # bytes; a GPTConfig is well under 1 KB
+_TOKENIZER_LIMIT = 64 * 1024 * 1024  # bytes; a character tokenizer of every Unicode character is ~4 MB
+
+
+def _read_tokenizer(path: Path, config: GPTConfig) -> Tokenizer | None:
+    """The folder's arraygpt-tokenizer.json, or an old checkpoint's tokenizer.json, or None."""
+    for name in (TOKENIZER_FILE, LEGACY_TOKENIZER_FILE):
+        if os.path.lexists(path / name):
+            file = path / name
+            break
+    else:
+        return None
+    try:
+        tokenizer = tokenizer_from_dict(_read_json(file, "tokenizer", limit=_TOKENIZER_LIMIT))
+    except CheckpointError:
+        raise
+    except ValueError as e:
+        raise CheckpointError(f"{file}: {e}") from None
+    if tokenizer.vocab_size > config.vocab_size:
+        raise CheckpointError(
+            f"{path}: the tokenizer has {tokenizer.vocab_size} tokens but the model only {config.vocab_size}"
+        )
+    return tokenizer
+
+
+def _check_shapes(tensors: Mapping[str, np.ndarray], config: GPTConfig, path: Path) -> None:
+    """Compare the sizes config.json claims with the tensors present, before anything is allocated."""
+    layers = {name.split(".", 1)[0] for name in tensors if name.startswith("layer")}
+    if config.n_layer != len(layers):
+        raise CheckpointError(
+            f"{path / CONFIG_FILE} claims n_layer={config.n_layer}, but {path / MODEL_FILE} holds "
+            f"{len(layers)} layer(s)"
+        )
+    expected = param_shapes(config)
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path / MODEL_FILE} does not match {path / CONFIG_FILE}: missing {missing[:8]}, unexpected {unexpected[:8]}"
+        )
+    for name, shape in expected.items():
+        if tuple(tensors[name].shape) != tuple(shape):
+            raise CheckpointError(
+                f"{path / MODEL_FILE} does not match {path / CONFIG_FILE}: tensor {name!r} has shape "
+                f"{tuple(tensors[name].shape)}, the config implies {tuple(shape)}"
+            )

@@ -34,14 +34,16 @@ import json
 import operator
 import os
 import re
+import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from arraygpt.errors import CheckpointError
 from arraygpt.model import GPT, GPTConfig
-from arraygpt.safetensors import load_file, save_file, write_atomic
+from arraygpt.safetensors import load_file, read_json, save_file, write_atomic
 from arraygpt.shim import to_numpy
 
 __all__ = [
@@ -50,7 +52,7 @@ __all__ = [
     "config_from_gpt2",
     "config_to_gpt2",
     "load_gpt2",
-    "load_tokenizer",
+    "load_hf_tokenizer",
     "save_gpt2",
     "state_dict_from_gpt2",
     "state_dict_to_gpt2",
@@ -97,11 +99,6 @@ _CONVERT_HINT = (
     "(transformers 5 writes safetensors by default and may not take safe_serialization), then load "
     "{d}/model.safetensors."
 )
-
-
-class CheckpointError(ValueError):
-    """A GPT-2 directory that arraygpt cannot read faithfully: pickle weights, a config that is not
-    GPT-2 or uses an unsupported option, a missing, unexpected or mis-shaped tensor."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -376,17 +373,14 @@ def _check_directory(directory: Path) -> None:
 
 def _read_config(directory: Path) -> dict[str, Any]:
     path = directory / CONFIG_FILE
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise FileNotFoundError(
             f"{directory} has no {CONFIG_FILE} (a transformers GPT-2 directory has {CONFIG_FILE} and {WEIGHTS_FILE})"
         )
-    try:
-        hf = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON: {e}") from None
-    if not isinstance(hf, dict):
-        raise CheckpointError(f"{path}: expected a JSON object, got {type(hf).__name__}")
-    return hf
+    return read_json(path, what="GPT-2 config", limit=_CONFIG_LIMIT)
+
+
+_CONFIG_LIMIT = 1024 * 1024  # bytes; GPT-2's config.json is under 1 KB
 
 
 def _read_tensors(directory: Path) -> tuple[dict[str, np.ndarray], str]:
@@ -508,7 +502,7 @@ class BPETokenizer:
 
     Every text and every byte string round-trips: ``decode(encode(s)) == s`` and
     ``decode_bytes(encode_bytes(b)) == b``. ``<|endoftext|>`` in a text is the special token, as in
-    transformers. Build one with ``load_tokenizer(directory)``.
+    transformers. Build one with ``load_hf_tokenizer(directory)``.
 
     Attributes:
         vocab_size: number of token ids (special tokens included).
@@ -604,7 +598,7 @@ class BPETokenizer:
         return self.decode_bytes(ids).decode("utf-8", errors="replace")
 
     def save(self, directory: str | os.PathLike[str]) -> None:
-        """Write ``tokenizer.json`` into ``directory`` (atomically), which ``load_tokenizer`` reads."""
+        """Write ``tokenizer.json`` into ``directory`` (atomically), which ``load_hf_tokenizer`` reads."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         write_atomic(directory / "tokenizer.json", self._tokenizer.to_str().encode("utf-8"))
@@ -630,8 +624,19 @@ def _check_byte_level(spec: Any, path: Path) -> None:
 
 
 def load_tokenizer(directory: str | os.PathLike[str]) -> BPETokenizer:
-    """GPT-2's byte-level BPE from ``tokenizer.json``, or ``vocab.json`` + ``merges.txt``, in
-    ``directory`` (tokenizer.json wins when both are there).
+    """Deprecated name of :func:`load_hf_tokenizer` (kept for one release)."""
+    warnings.warn(
+        "arraygpt.interop.load_tokenizer is deprecated: use arraygpt.interop.load_hf_tokenizer "
+        "(a Hugging Face tokenizer directory) or arraygpt.tokenizer.read_tokenizer_file (arraygpt's own file)",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return load_hf_tokenizer(directory)
+
+
+def load_hf_tokenizer(directory: str | os.PathLike[str]) -> BPETokenizer:
+    """GPT-2's byte-level BPE from a Hugging Face tokenizer directory: ``tokenizer.json``, or
+    ``vocab.json`` + ``merges.txt``, in ``directory`` (tokenizer.json wins when both are there).
 
     Raises:
         ImportError: the ``tokenizers`` library is missing (``pip install 'arraygpt[hf]'``).
@@ -639,7 +644,7 @@ def load_tokenizer(directory: str | os.PathLike[str]) -> BPETokenizer:
         ValueError: the files do not describe a byte-level BPE.
 
     Example:
-        >>> tok = load_tokenizer("gpt2")  # doctest: +SKIP
+        >>> tok = load_hf_tokenizer("gpt2")  # doctest: +SKIP
         >>> tok.decode(tok.encode("Hello world"))  # doctest: +SKIP
         'Hello world'
     """

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Iterable, Mapping
-from pathlib import Path
 from typing import Any
 
 FORMAT = 1
@@ -169,14 +169,39 @@ def save_tokenizer(tokenizer: Tokenizer, path: str | os.PathLike[str]) -> None:
     write_atomic(path, (json.dumps(tokenizer.to_dict(), indent=1) + "\n").encode())
 
 
-def load_tokenizer(path: str | os.PathLike[str]) -> Tokenizer:
-    """Read a tokenizer written by :func:`save_tokenizer`.
+def read_tokenizer_file(path: str | os.PathLike[str]) -> Tokenizer:
+    """Read arraygpt's own tokenizer file (written by :func:`save_tokenizer`; in a checkpoint
+    folder it is ``arraygpt-tokenizer.json``). A Hugging Face tokenizer directory is read by
+    ``arraygpt.interop.load_hf_tokenizer`` instead.
 
     Raises:
-        ValueError: the file is not valid JSON or not a tokenizer description.
+        CheckpointError: (a ValueError) the file is missing, not a regular file, too large, not
+            valid JSON, or not a tokenizer description this version reads.
     """
+    from arraygpt.errors import CheckpointError
+    from arraygpt.safetensors import read_json
+
+    d = read_json(path, what="tokenizer file", limit=TOKENIZER_FILE_LIMIT)
+    if "type" not in d and "model" in d:
+        raise CheckpointError(
+            f"{path} is a Hugging Face tokenizer.json, not arraygpt's tokenizer file; "
+            "read its directory with arraygpt.interop.load_hf_tokenizer"
+        )
     try:
-        d = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not a valid tokenizer JSON file: {e}") from None
-    return tokenizer_from_dict(d)
+        return tokenizer_from_dict(d)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+
+
+TOKENIZER_FILE_LIMIT = 64 * 1024 * 1024  # bytes; a character tokenizer of every Unicode character is ~4 MB
+
+
+def load_tokenizer(path: str | os.PathLike[str]) -> Tokenizer:
+    """Deprecated name of :func:`read_tokenizer_file` (kept for one release)."""
+    warnings.warn(
+        "arraygpt.tokenizer.load_tokenizer is deprecated: use arraygpt.tokenizer.read_tokenizer_file "
+        "(arraygpt's own file) or arraygpt.interop.load_hf_tokenizer (a Hugging Face tokenizer directory)",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return read_tokenizer_file(path)

@@ -40,8 +40,8 @@ def test_layout_and_round_trip(tmp_path):
     model, opt = _trained()
     tok = CharTokenizer("abcde")
     out = save_checkpoint(tmp_path / "ck", model, tok, opt, extra={"step": 2, "note": "hi"})
-    assert sorted(os.listdir(out)) == ["config.json", "model.safetensors", "optimizer.safetensors", "state.json",
-                                       "tokenizer.json"]  # fmt: skip
+    assert sorted(os.listdir(out)) == ["arraygpt-tokenizer.json", "config.json", "model.safetensors",
+                                       "optimizer.safetensors", "state.json"]  # fmt: skip
     config = json.loads((out / "config.json").read_text())
     assert config.pop("arraygpt_format") == 1 and config == CONFIG.to_dict()
     assert sorted(os.listdir(tmp_path)) == ["ck"]  # no temporary folders left behind
@@ -129,10 +129,10 @@ def test_truncated_model_file_is_a_clear_error(tmp_path):
 
 
 @pytest.mark.parametrize("name, content, match", [
-    ("config.json", '{"vocab_size": 6, ', "config.json is truncated or corrupted"),
+    ("config.json", '{"vocab_size": 6, ', r"config\.json: the checkpoint config is truncated or corrupted"),
     ("config.json", '{"vocab_size": 6}', "not an arraygpt checkpoint config"),
-    ("state.json", "[]", "not an arraygpt checkpoint state"),
-    ("tokenizer.json", '{"type": "bpe"}', "unknown tokenizer type"),
+    ("state.json", "[]", r"state\.json: the checkpoint state must hold a JSON object, not list"),
+    ("arraygpt-tokenizer.json", '{"type": "bpe"}', "unknown tokenizer type"),
 ])  # fmt: skip
 def test_corrupted_json_files_are_clear_errors(tmp_path, name, content, match):
     model, _ = _trained()

@@ -8,7 +8,15 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from arraygpt.tokenizer import ByteTokenizer, CharTokenizer, load_tokenizer, save_tokenizer, tokenizer_from_dict
+from arraygpt.errors import CheckpointError
+from arraygpt.tokenizer import (
+    ByteTokenizer,
+    CharTokenizer,
+    load_tokenizer,
+    read_tokenizer_file,
+    save_tokenizer,
+    tokenizer_from_dict,
+)
 
 
 def test_char_tokenizer_is_microgpts():
@@ -74,8 +82,14 @@ def test_to_dict_round_trip_and_json_files(tok, tmp_path):
     again = tokenizer_from_dict(d)
     assert type(again) is type(tok) and again == tok
     assert (again.vocab_size, again.bos_id, again.eos_id) == (tok.vocab_size, tok.bos_id, tok.eos_id)
-    save_tokenizer(tok, tmp_path / "tokenizer.json")
-    assert load_tokenizer(tmp_path / "tokenizer.json") == tok
+    save_tokenizer(tok, tmp_path / "arraygpt-tokenizer.json")
+    assert read_tokenizer_file(tmp_path / "arraygpt-tokenizer.json") == tok
+
+
+def test_load_tokenizer_is_a_deprecated_delegate(tmp_path):
+    save_tokenizer(ByteTokenizer(), tmp_path / "t.json")
+    with pytest.warns(DeprecationWarning, match="read_tokenizer_file"):
+        assert load_tokenizer(tmp_path / "t.json") == ByteTokenizer()
 
 
 @pytest.mark.parametrize("d, match", [({}, "type"), ({"type": "bpe"}, "unknown tokenizer type"),
@@ -85,7 +99,13 @@ def test_tokenizer_from_dict_errors(d, match):
         tokenizer_from_dict(d)
 
 
-def test_load_tokenizer_rejects_broken_json(tmp_path):
+def test_read_tokenizer_file_rejects_broken_json(tmp_path):
     (tmp_path / "t.json").write_text('{"type": "ch')
-    with pytest.raises(ValueError, match="not a valid tokenizer JSON"):
-        load_tokenizer(tmp_path / "t.json")
+    with pytest.raises(CheckpointError, match=r"t\.json: the tokenizer file is truncated or corrupted \(not valid JSON"):
+        read_tokenizer_file(tmp_path / "t.json")
+
+
+def test_read_tokenizer_file_names_the_right_reader_for_a_hugging_face_file(tmp_path):
+    (tmp_path / "tokenizer.json").write_text('{"version": "1.0", "model": {"type": "BPE"}}')
+    with pytest.raises(CheckpointError, match="load_hf_tokenizer"):
+        read_tokenizer_file(tmp_path / "tokenizer.json")

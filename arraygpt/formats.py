@@ -1,0 +1,146 @@
+"""One way to load, one way to save: :func:`load` opens any model directory arraygpt understands,
+:func:`save` writes either of its two formats.
+
+Formats:
+
+    "arraygpt"  a checkpoint folder of ``arraygpt.checkpoint`` (model.safetensors, config.json with
+                an ``arraygpt_format`` marker, state.json, arraygpt-tokenizer.json, optimizer...);
+                also a training run's folder (its ``last/``, or ``.last.old`` after a save was
+                interrupted) and its ``best/``.
+    "gpt2"      a Hugging Face transformers GPT-2 directory (config.json with ``model_type``
+                ``gpt2``; model.safetensors or a sharded model.safetensors.index.json; the
+                tokenizer files tokenizer.json or vocab.json + merges.txt when present), see
+                ``arraygpt.interop``.
+
+The format of a directory is decided by its config.json: the arraygpt marker means "arraygpt",
+anything else "gpt2"; a folder without config.json is tried as a training run.
+
+Not here: the file layouts themselves (``arraygpt.checkpoint``, ``arraygpt.interop``), downloads,
+pickle files (refused by interop with the command that converts them).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from arraygpt import checkpoint, interop
+from arraygpt.checkpoint import Checkpoint
+from arraygpt.errors import CheckpointError
+from arraygpt.safetensors import read_json
+
+__all__ = ["FORMATS", "detect", "load", "save"]
+
+FORMATS = ("arraygpt", "gpt2")
+
+_ALLOWED = (
+    "an arraygpt checkpoint folder (config.json with 'arraygpt_format'), a training run folder (with last/), "
+    "or a transformers GPT-2 directory (config.json with model_type 'gpt2' and model.safetensors or "
+    "model.safetensors.index.json)"
+)
+
+
+def detect(path: str | os.PathLike[str]) -> tuple[str, Path]:
+    """(format, folder to read) for ``path``; reads config.json only.
+
+    Raises:
+        FileNotFoundError: nothing at ``path``.
+        CheckpointError: ``path`` is not a directory, or not one of the formats (the message lists them).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no model at {path} (expected {_ALLOWED})")
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is not a directory; arraygpt.load opens {_ALLOWED}")
+    config_file = path / checkpoint.CONFIG_FILE
+    if os.path.lexists(config_file):
+        config = read_json(config_file, what="model config")
+        if checkpoint.MARKER in config:
+            return "arraygpt", path
+        if "model_type" in config or any(os.path.lexists(path / f) for f in (interop.WEIGHTS_FILE, interop.WEIGHTS_INDEX_FILE)):
+            return "gpt2", path
+        raise CheckpointError(f"{config_file} has neither 'arraygpt_format' nor 'model_type'; arraygpt.load opens {_ALLOWED}")
+    try:
+        return "arraygpt", checkpoint.resolve_checkpoint(path)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} holds no model arraygpt knows; arraygpt.load opens {_ALLOWED}") from None
+
+
+def load(path: str | os.PathLike[str], *, backend: Any = None, dtype: str | None = None) -> Checkpoint:
+    """Open a model directory: an arraygpt checkpoint or run folder, or a transformers GPT-2 directory.
+
+    Args:
+        path: the directory (see the module docstring for what each format holds).
+        backend: a backend name or object for the parameters; default the active backend.
+        dtype: "float32" or "float64"; default the checkpoint's own dtype (arraygpt) or float32
+            (GPT-2; float16/bfloat16 files are widened).
+
+    Returns:
+        A :class:`arraygpt.checkpoint.Checkpoint`: ``model``, ``tokenizer`` (None when the
+        directory has none), ``optimizer_state`` and ``extra`` (arraygpt only), ``path`` (the
+        folder actually read), ``format`` ("arraygpt" or "gpt2") and ``prompt_prefix`` (the ids
+        every training document started with; a prompt goes after them).
+
+    Raises:
+        FileNotFoundError: nothing at ``path``.
+        CheckpointError: a file is missing, truncated, corrupted, hostile, or of an unknown format.
+        ImportError: a GPT-2 directory holds tokenizer files but the ``tokenizers`` library is missing.
+
+    Example:
+        >>> ckpt = load("runs/names")                       # doctest: +SKIP
+        >>> ckpt.format, ckpt.tokenizer.decode([0, 1])      # doctest: +SKIP
+    """
+    fmt, folder = detect(path)
+    if fmt == "arraygpt":
+        return checkpoint.load_checkpoint(folder, backend=backend, dtype=dtype)
+    model = interop.load_gpt2(folder, dtype=dtype or "float32", backend=backend)
+    has_tokenizer = any((folder / f).is_file() for f in ("tokenizer.json", "vocab.json", "merges.txt"))
+    tokenizer = interop.load_hf_tokenizer(folder) if has_tokenizer else None
+    if tokenizer is not None and tokenizer.vocab_size > model.config.vocab_size:
+        raise CheckpointError(
+            f"{folder}: the tokenizer has {tokenizer.vocab_size} tokens but the model only {model.config.vocab_size}"
+        )
+    return Checkpoint(model=model, tokenizer=tokenizer, optimizer_state=None, extra={}, path=folder, format="gpt2")
+
+
+def save(model: Any, path: str | os.PathLike[str], *, format: str = "arraygpt", tokenizer: Any = None,
+         optimizer: Any = None, extra: Mapping[str, Any] | None = None) -> Path:  # fmt: skip
+    """Write ``model`` (and what goes with it) as a directory :func:`load` reads back.
+
+    Args:
+        model: the GPT.
+        path: the directory; created if needed.
+        format: "arraygpt" (an atomic checkpoint folder that keeps the tokenizer, the optimizer's
+            state, the dropout generator and ``extra``) or "gpt2" (a transformers GPT-2 directory
+            that ``GPT2LMHeadModel.from_pretrained`` loads; the config must be expressible as GPT-2).
+        tokenizer: saved with the model. The "gpt2" format takes only a GPT-2 BPE tokenizer
+            (``interop.BPETokenizer``), written as tokenizer.json.
+        optimizer: anything with ``state_dict()`` ("arraygpt" only).
+        extra: JSON-serializable data returned as ``Checkpoint.extra`` ("arraygpt" only).
+
+    Returns:
+        The directory written.
+
+    Raises:
+        ValueError: an unknown format, or something the format cannot hold (the message says which).
+
+    Example:
+        >>> save(model, "my-gpt", format="gpt2")            # doctest: +SKIP
+    """
+    if format not in FORMATS:
+        raise ValueError(f"unknown model format {format!r}; arraygpt.save writes {', '.join(map(repr, FORMATS))}")
+    if format == "arraygpt":
+        return checkpoint.save_checkpoint(path, model, tokenizer=tokenizer, optimizer=optimizer, extra=extra)
+    if optimizer is not None or extra:
+        raise ValueError("the gpt2 format holds no optimizer state or extra data; save with format='arraygpt'")
+    if tokenizer is not None and not isinstance(tokenizer, interop.BPETokenizer):
+        raise ValueError(
+            f"the gpt2 format holds only a GPT-2 BPE tokenizer (arraygpt.interop.BPETokenizer), "
+            f"not {type(tokenizer).__name__}; save with format='arraygpt'"
+        )
+    interop.save_gpt2(model, path)
+    if tokenizer is not None:
+        tokenizer.save(path)
+    return Path(path)
