@@ -1,27 +1,25 @@
-"""Presets and parameter counts: the microgpt table, GPT-2 (against transformers), GPT-3's Table 2.1
-taken literally, nanoGPT's shakespeare-char, and count_params against allocated state dicts."""
+"""Presets and parameter counts: the microgpt table, GPT-2 (against the Hugging Face formula), GPT-3's
+Table 2.1 taken literally, nanoGPT's shakespeare-char. tests/test_counts.py checks the counts
+against hand-derived arithmetic, transformers and the GPT-3 paper's sizes."""
 
 from __future__ import annotations
 
 import dataclasses
-import math
-import time
 
 import pytest
 
-from arraygpt import GPT, GPTConfig, count_params
+from arraygpt import GPTConfig, count_params
 from arraygpt.model import PRESETS
-from arraygpt.shim import to_numpy
 
 CATEGORIES = ["embedding", "key", "query", "value", "output", "up_projection", "down_projection", "unembedding", "other"]
-SEED_CATEGORIES = CATEGORIES[:-1]  # the eight matrix categories of the GPT-3 tallies in ../shared/seeds
+SEED_CATEGORIES = CATEGORIES[:-1]  # the eight matrix categories of the GPT-3 tallies
 
 
 # ---------------------------------------------------------------------------------------------
 # presets
 
 
-def test_microgpt_preset_follows_the_seed_table():
+def test_microgpt_preset_follows_its_parameter_table():
     c = GPTConfig.preset("microgpt")
     assert (c.n_embd, c.n_layer, c.n_head, c.head_dim, c.block_size, c.vocab_size) == (16, 1, 4, 4, 8, 27)
     assert c.mlp_hidden == 64
@@ -30,8 +28,8 @@ def test_microgpt_preset_follows_the_seed_table():
     assert c.init_std == 0.02 and c.init_output == "zero"
 
 
-def test_microgpt_count_is_the_seed_tally():
-    # seed 004's table: wte 27x16=432, wpe 8x16=128, QKV 3x16x16=768, output 256, MLP 1024 + 1024, lm_head 432
+def test_microgpt_count_is_its_table_tally():
+    # microgpt's parameter table: wte 27x16=432, wpe 8x16=128, QKV 3x16x16=768, output 256, MLP 1024 + 1024, lm_head 432
     counts = count_params(GPTConfig.preset("microgpt"))
     assert counts.total == 432 + 128 + 768 + 256 + 1024 + 1024 + 432
     assert counts.by_name == {
@@ -69,16 +67,6 @@ def _hf_gpt2_formula(V, P, L, C):
 def test_gpt2_family_counts_match_the_hugging_face_formula(name):
     L, _, C = GPT2_FAMILY[name]
     assert count_params(GPTConfig.preset(name)).total == _hf_gpt2_formula(50257, 1024, L, C)
-
-
-def test_gpt2_family_counts_match_transformers():
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    for name, (L, NH, C) in GPT2_FAMILY.items():
-        hf_config = transformers.GPT2Config(n_layer=L, n_head=NH, n_embd=C, vocab_size=50257, n_positions=1024)
-        with torch.device("meta"):
-            hf_model = transformers.GPT2LMHeadModel(hf_config)
-        assert count_params(GPTConfig.preset(name)).total == sum(p.numel() for p in hf_model.parameters()), name
 
 
 # GPT-3 paper, Table 2.1: n_layer, d_model, n_heads, d_head
@@ -134,43 +122,6 @@ def test_every_preset_builds_and_overrides_apply():
 # count_params
 
 
-SMALL_CONFIGS = [
-    GPTConfig.preset("microgpt"),
-    GPTConfig.preset("gpt2", vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=8),
-    GPTConfig.preset("gpt3-xl", vocab_size=40, block_size=8, n_layer=2, n_embd=12, n_head=3, head_dim=5),
-    GPTConfig.preset("shakespeare-char", n_layer=1, n_embd=12, n_head=2, block_size=8),
-    GPTConfig(vocab_size=9, block_size=6, n_layer=3, n_head=3, n_embd=8, head_dim=2, mlp_hidden=12,
-              norm="rmsnorm", norm_emb=True, activation="relu2", tie_embeddings=False),
-]  # fmt: skip
-
-
-@pytest.mark.parametrize("config", SMALL_CONFIGS, ids=range(len(SMALL_CONFIGS)))
-def test_count_equals_allocated_state_dict(config):
-    state = GPT(config).state_dict()
-    counts = count_params(config)
-    assert counts.by_name == {k: math.prod(v.shape) for k, v in state.items()}
-    assert counts.total == sum(to_numpy(v).size for v in state.values())
-    assert list(counts.by_category) == CATEGORIES
-    assert sum(counts.by_category.values()) == counts.total + (
-        config.vocab_size * config.n_embd if config.tie_embeddings else 0
-    )
-
-
-@pytest.mark.parametrize("config", SMALL_CONFIGS, ids=range(len(SMALL_CONFIGS)))
-def test_by_category_tallies_each_matrix_kind(config):
-    by_name, by_category = count_params(config).by_name, count_params(config).by_category
-    L = config.n_layer
-    for category, short in [("key", "attn_wk"), ("query", "attn_wq"), ("value", "attn_wv"), ("output", "attn_wo"),
-                            ("up_projection", "mlp_fc1"), ("down_projection", "mlp_fc2")]:  # fmt: skip
-        assert by_category[category] == sum(by_name[f"layer{i}.{short}"] for i in range(L))
-    assert by_category["embedding"] == by_name["wte"]
-    assert by_category["unembedding"] == config.vocab_size * config.n_embd
-    matrices = {"wte", "lm_head"} | {f"layer{i}.{s}" for i in range(L) for s in
-                                     ("attn_wq", "attn_wk", "attn_wv", "attn_wo", "mlp_fc1", "mlp_fc2")}  # fmt: skip
-    assert by_category["other"] == sum(n for k, n in by_name.items() if k not in matrices)
-    assert by_category["other"] >= by_name["wpe"]
-
-
 def test_tied_unembedding_is_tallied_but_not_in_total():
     tied = GPTConfig.preset("gpt2", n_layer=2)
     untied = GPTConfig.preset("gpt2", n_layer=2, tie_embeddings=False)
@@ -180,12 +131,10 @@ def test_tied_unembedding_is_tallied_but_not_in_total():
     assert u.total - t.total == 50257 * 768
 
 
-def test_gpt3_175b_counts_instantly_and_matches_the_seed_tally():
-    start = time.perf_counter()
+def test_gpt3_175b_matches_the_published_tally():
     counts = count_params(GPTConfig.preset("gpt3-175b"))
-    assert time.perf_counter() - start < 0.2
     cat = counts.by_category
-    # the seed documents' walk-through: vocabulary 50,257, embedding dimension 12,288, 96 layers
+    # the GPT-3 walk-through's tally: vocabulary 50,257, embedding dimension 12,288, 96 layers
     V, C, L = 50_257, 12_288, 96
     assert cat["embedding"] == cat["unembedding"] == V * C  # "about 617 million weights"
     assert round(cat["embedding"] / 1e6) == 618 and 617e6 < cat["embedding"] < 618e6
