@@ -19,6 +19,7 @@ from typing import Any
 
 from arraygpt import core, layers
 from arraygpt.core import GPTCache, KVCache
+from arraygpt.kernels import select_kernels
 from arraygpt.runner import BatchRunner
 from arraygpt.shim import Array, Backend, get_backend, host_full, host_namespace, host_rng, load_backend, to_numpy
 
@@ -268,8 +269,9 @@ class GPT:
             cores on numpy with OpenBLAS, else 1). Results equal one thread's up to rounding;
             dropout masks differ, but a fixed thread count stays exactly reproducible. Only the
             numpy backend holds BLAS to one thread per chunk (docs/architecture.md, "Threads").
-        kernels: the layer pairs to run: a :class:`arraygpt.core.Kernels` record, or None /
-            ``"reference"`` for the reference pairs of ``layers.py``.
+        kernels: the layer pairs to run (``arraygpt.kernels.select_kernels``): None for the
+            backend's choice, ``"reference"`` for the pairs of ``layers.py``, or a
+            :class:`arraygpt.core.Kernels` record.
 
     Example:
         >>> model = GPT(GPTConfig.preset("microgpt"), seed=0)
@@ -293,11 +295,7 @@ class GPT:
         self.training = False
         self.params: dict[str, Array] = self._init_params(seed) if init else self._zero_params()
         self._core_params = self._fuse_qkv()
-        if kernels is None or kernels == "reference":
-            kernels = core.reference_kernels(config)
-        if not isinstance(kernels, core.Kernels):
-            raise TypeError(f"kernels must be None, 'reference' or an arraygpt.core.Kernels, got {kernels!r}")
-        self.kernels = kernels
+        self.kernels = select_kernels(config, self.backend, dtype, kernels)
         self.runner = BatchRunner(self.backend.threads if threads is None else threads, self.backend)
         self._dropout_rng = host_rng(seed + 1)
         self._caches: list[GPTCache] | None = None  # the last forward's, one per chunk of rows
