@@ -1,264 +1,63 @@
-"""Generation: the predict-sample-append loop, the sampler contract, and the ``sample`` command.
+"""Generation: the predict-sample-append loop, with or without the KV cache.
 
 A GPT makes text one token at a time: predict the distribution of the next token, sample from
 it, append the sample, repeat. ``generate`` runs that loop and yields each new token as soon as
-it is drawn (streaming), for one prompt or for a batch of equal-length prompts together.
+it is drawn (streaming), for one prompt or for a batch of equal-length prompts together. Each
+step turns the (B, V) logits into a distribution with a :class:`~arraygpt.sampling.Sampler`
+(temperature, then the sampler plugins' filters) and draws one token per row with a coin drawn
+on the host (``shim.host_rng``), so one seed gives the same tokens on every backend.
 
-The pipeline of one step, for a (B, V) row of logits per sequence:
+The sampler contract, the pipeline and the shared helpers (``make_sampler``, ``check_number``,
+``draw``, ...) live in ``arraygpt.sampling``; they are re-exported here.
 
-    logits -> softmax(logits / T)  (T = 0: one-hot at the argmax)        temperature first,
-           -> filter_1 -> renormalize -> filter_2 -> renormalize ...    then the samplers' filters,
-           -> draw with one pre-drawn coin per row                       then the draw.
-
-**The sampler contract.** A sampler is a plugin: a plugin's ``arraygpt_register_samplers()``
-returns ``[{name: factory}]``. ``factory(**options)`` validates its options (raising
-``ValueError`` that names the option and its allowed range) and returns a *filter*: a pure
-function ``filter(probs) -> weights`` from a (B, V) array of probabilities (each row sums to 1)
-to a (B, V) array of non-negative weights of the same dtype and device, zero for every token it
-removes, positive for at least one token per row. The weights need not sum to 1: the loop
-renormalizes. A filter uses only the array API standard (``xp = namespace(probs)``), draws no
-random numbers and keeps no state, so it runs unchanged on NumPy, CuPy, PyTorch and
-array-api-strict, and one seed gives the same tokens on all of them. The factory's keyword
-parameters are its options; ``generate`` hands each option to the samplers that name it.
-
-The draw is not part of a sampler: the loop draws it, as llm.c's ``sample_mult(probs, n, coin)``
-does, from one uniform coin per row drawn on the host (``shim.host_rng``), with
-``cumulative_sum`` and a count of the entries below the coin (the standard has no multinomial).
-
-Not here: the model (``model.py``), the built-in samplers (``arraygpt.plugins.samplers``),
-checkpoint formats (``arraygpt.checkpoint``, ``arraygpt.interop``).
+Not here: the model (``model.py``), the samplers (``arraygpt.sampling``,
+``arraygpt.plugins.samplers``), checkpoint formats (``arraygpt.checkpoint``, ``arraygpt.interop``)
+and the ``arraygpt sample`` command (``arraygpt.cli.sample``).
 
 Shape legend: B batch (sequences generated together), T positions, V vocabulary, K candidates.
 """
 
 from __future__ import annotations
 
-import argparse
-import inspect
-import io
-import math
 import numbers
-import sys
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from arraygpt import layers
-from arraygpt.shim import host_rng, namespace, to_numpy
+from arraygpt.sampling import (
+    DEFAULT_SAMPLER,
+    Filter,
+    Sampler,
+    available_samplers,
+    check_number,
+    check_temperature,
+    draw,
+    make_sampler,
+    normalize,
+    one_hot_argmax,
+    top_candidates,
+)
+from arraygpt.shim import Array, host_rng, to_numpy
 
 if TYPE_CHECKING:
     import numpy as np
 
-Array = Any
-Filter = Callable[[Array], Array]
-
-DEFAULT_SAMPLER = "temperature"
-
-
-# ----------------------------------------------------------------------------------------------
-# option checks shared by the built-in samplers and by third-party ones
-
-
-def check_number(
-    name: str, value: Any, low: float, high: float = math.inf, *, low_open: bool = False, high_open: bool = False,
-    integer: bool = False,
-) -> Any:
-    """Return ``value`` if it is a number in the given range, else raise a ``ValueError`` that names
-    the option and the allowed range (as ``top_p must be a number in (0, 1], got 1.5``).
-
-    Example:
-        >>> check_number("top_p", 0.9, 0.0, 1.0, low_open=True)
-        0.9
-    """
-    lo = ("(" if low_open else "[") + _fmt(low)
-    hi = _fmt(high) + (")" if high_open or math.isinf(high) else "]")
-    kind = "an integer" if integer else "a number"
-    allowed = f"{kind} >= {_fmt(low)}" if math.isinf(high) and not low_open else f"{kind} in {lo}, {hi}"
-    is_number = isinstance(value, numbers.Real) and not isinstance(value, bool) and type(value).__name__ != "bool_"
-    if integer and is_number and not isinstance(value, numbers.Integral):
-        is_number = False
-    if not is_number or math.isnan(value):
-        raise ValueError(f"{name} must be {allowed}, got {value!r}")
-    ok_low = value > low if low_open else value >= low
-    ok_high = value < high if high_open else value <= high
-    if not (ok_low and ok_high):
-        raise ValueError(f"{name} must be {allowed}, got {value!r}")
-    return int(value) if integer else float(value)
-
-
-def _fmt(x: float) -> str:
-    return "inf" if math.isinf(x) else f"{x:g}"
-
-
-def check_temperature(temperature: Any) -> float:
-    """T must be a finite number >= 0 (0 means greedy); there is no upper cap."""
-    t = check_number("temperature", temperature, 0.0)
-    if math.isinf(t):
-        raise ValueError(f"temperature must be a finite number >= 0 (0 means greedy), got {temperature!r}")
-    return t
-
-
-# ----------------------------------------------------------------------------------------------
-# array helpers: pure, array API standard only
-
-
-def one_hot_argmax(x: Array) -> Array:
-    """(B, V) -> (B, V): 1 at the first maximum of each row, 0 elsewhere, in ``x``'s dtype."""
-    xp = namespace(x)
-    best = xp.argmax(x, axis=-1, keepdims=True)  # (B, 1)
-    V = x.shape[-1]
-    return xp.astype(xp.arange(V, device=x.device)[None, :] == best, x.dtype)  # (B, V)
-
-
-def normalize(weights: Array) -> Array:
-    """(B, V) non-negative weights -> probabilities: each row divided by its sum (a row of zeros
-    stays zeros, which the draw reports)."""
-    xp = namespace(weights)
-    total = xp.sum(weights, axis=-1, keepdims=True)  # (B, 1)
-    return weights / xp.where(total > 0, total, xp.ones_like(total))
-
-
-def draw(probs: Array, coins: Array) -> Array:
-    """Sample one token per row with a pre-drawn uniform coin per row (llm.c's sample_mult).
-
-    The standard has no multinomial, so: c = cumulative_sum(w) in float64, u = coin * c[-1], and
-    the token is the first index with c > u, i.e. V - count(c > u). A token of weight 0 adds
-    nothing to c and is never chosen. u is kept strictly below c[-1], so a rounding in
-    ``coin * c[-1]`` cannot run past the last token.
-
-    Args:
-        probs: (B, V) non-negative weights (need not be normalized).
-        coins: (B,) or (B, 1) uniform numbers in [0, 1), same namespace as ``probs``.
-
-    Returns:
-        (B,) integer token ids. A row whose weights are all zero or NaN gets the id V, which no
-        token has: ``generate`` reports it as an error.
-    """
-    xp = namespace(probs)
-    V = probs.shape[-1]
-    cdf = xp.cumulative_sum(xp.astype(probs, xp.float64), axis=-1)  # (B, V)
-    total = cdf[..., -1:]  # (B, 1)
-    u = xp.reshape(xp.astype(coins, xp.float64), total.shape) * total  # (B, 1)
-    u = xp.minimum(u, total * (1.0 - 2.0**-52))
-    return V - xp.count_nonzero(cdf > u, axis=-1)  # (B,)
-
-
-def top_candidates(probs: Array, k: int) -> tuple[Any, Any]:
-    """The k most likely tokens of each row and their probabilities, as host NumPy arrays (B, k)."""
-    xp = namespace(probs)
-    k = min(k, probs.shape[-1])
-    order = xp.argsort(probs, axis=-1, descending=True, stable=True)[..., :k]  # (B, k)
-    values = xp.take_along_axis(probs, order, axis=-1)  # (B, k)
-    return to_numpy(order), to_numpy(values)
-
-
-# ----------------------------------------------------------------------------------------------
-# samplers: registry lookup, option routing, composition
-
-
-def available_samplers(pm: Any = None) -> dict[str, Callable[..., Filter]]:
-    """Registered sampler names -> factories, from the plugin manager (built-ins and plugins)."""
-    from arraygpt.manager import registry
-
-    return registry("samplers", pm)
-
-
-def _option_names(factory: Callable[..., Any]) -> tuple[set[str], set[str], bool]:
-    """(all option names, required option names, takes **options) of a sampler factory."""
-    params = inspect.signature(factory).parameters.values()
-    kinds = (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    names = {p.name for p in params if p.kind in kinds}
-    required = {p.name for p in params if p.kind in kinds and p.default is inspect.Parameter.empty}
-    var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
-    return names, required, var_kw
-
-
-class Sampler:
-    """Temperature plus a chain of filters: (B, V) logits -> (B, V) distribution to draw from.
-
-    Build one with :func:`make_sampler`. ``sampler(logits)`` returns probabilities (rows sum to
-    1) in the logits' dtype; :func:`draw` then picks the tokens.
-
-    Attributes:
-        names: the sampler names in the order they apply.
-        filters: the filters the factories returned, same order.
-        temperature: T (0 means greedy).
-    """
-
-    def __init__(self, names: Sequence[str], filters: Sequence[Filter], temperature: float):
-        self.names = tuple(names)
-        self.filters = tuple(filters)
-        self.temperature = temperature
-
-    def __repr__(self) -> str:
-        return f"Sampler({' -> '.join(self.names) or 'none'}, temperature={self.temperature:g})"
-
-    def __call__(self, logits: Array) -> Array:
-        if self.temperature == 0.0:
-            probs = one_hot_argmax(logits)  # (B, V): the limit of softmax(logits / T) as T -> 0
-        else:
-            probs = layers.softmax_forward(logits, self.temperature)  # (B, V)
-        for f in self.filters:
-            probs = normalize(f(probs))  # (B, V)
-        return probs
-
-
-def make_sampler(
-    sampler: str | Sequence[str] | Filter = DEFAULT_SAMPLER, *, temperature: float = 1.0, pm: Any = None,
-    **options: Any,
-) -> Sampler:
-    """Build the sampling pipeline: temperature first, then each named sampler's filter, in order.
-
-    Args:
-        sampler: a registered sampler name (``greedy``, ``temperature``, ``top_k``, ``top_p``,
-            ``min_p``, or a plugin's), a sequence of names applied in order (``["top_k", "top_p"]``),
-            or a filter function used as is.
-        temperature: T >= 0 (finite; no upper cap). 0 means greedy.
-        pm: the plugin manager to look names up in; default the process-wide one.
-        **options: sampler options (``top_k=40``, ``top_p=0.9``, ``min_p=0.05``, a plugin's own);
-            each goes to every chosen sampler whose factory takes it.
-
-    Raises:
-        ValueError: an invalid temperature or option (the message names it and its allowed range),
-            an unknown sampler name (the message lists the registered ones), an option that no
-            chosen sampler takes, or a sampler whose required option is missing.
-
-    Example:
-        >>> s = make_sampler("top_p", temperature=0.8, top_p=0.9)
-    """
-    temperature = check_temperature(temperature)
-    if callable(sampler) and not isinstance(sampler, str):
-        if options:
-            raise ValueError(f"options {sorted(options)} given with a sampler function; pass them to it directly")
-        return Sampler([getattr(sampler, "__name__", repr(sampler))], [sampler], temperature)
-    names = [sampler] if isinstance(sampler, str) else list(sampler) if isinstance(sampler, (list, tuple)) else []
-    if not names or not all(isinstance(n, str) for n in names):
-        raise ValueError(f"sampler must be a name, a list of names or a filter function, got {sampler!r}")
-    factories = available_samplers(pm)
-    unknown = [n for n in names if n not in factories]
-    if unknown:
-        raise ValueError(
-            f"unknown sampler {unknown[0]!r}; registered samplers: {', '.join(sorted(factories))}"
-        )
-    used: set[str] = set()
-    filters = []
-    for name in names:
-        factory = factories[name]
-        accepted, required, var_kw = _option_names(factory)
-        mine = dict(options) if var_kw else {k: v for k, v in options.items() if k in accepted}
-        missing = sorted(required - set(mine))
-        if missing:
-            raise ValueError(f"sampler {name!r} needs the option {missing[0]} (e.g. {missing[0]}=...)")
-        used |= set(mine)
-        filters.append(factory(**mine))
-    unused = sorted(set(options) - used)
-    if unused:
-        takes = sorted(set().union(*(_option_names(factories[n])[0] for n in names)))
-        raise ValueError(
-            f"option {unused[0]!r} is not used by sampler {' + '.join(names)} (its options: "
-            f"{', '.join(takes) or 'none'}); to combine samplers pass a list, e.g. sampler=['top_k', 'top_p']"
-        )
-    return Sampler(names, filters, temperature)
+__all__ = [
+    "DEFAULT_SAMPLER",
+    "Candidates",
+    "Filter",
+    "Sampler",
+    "available_samplers",
+    "check_number",
+    "check_temperature",
+    "draw",
+    "generate",
+    "make_sampler",
+    "normalize",
+    "one_hot_argmax",
+    "top_candidates",
+]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -407,7 +206,7 @@ def generate(
             lists, a NumPy array or a backend array. Longer than block_size: the last block_size.
         max_new_tokens: the most tokens to generate per sequence (>= 0).
         sampler: a sampler name, a list of names that compose in order, or a filter function
-            (see the module docstring); default ``temperature`` (plain softmax sampling).
+            (see ``arraygpt.sampling``); default ``temperature`` (plain softmax sampling).
         temperature: T of softmax(logits / T), applied before every sampler; 0 means greedy.
         seed: seed of the host generator of the coins (one per sequence per step), or a NumPy
             ``Generator`` to draw from; None draws a fresh seed. One seed gives the same tokens on
@@ -515,162 +314,3 @@ def _candidates(xp: Any, logits: Array, probs: Array, tokens: Array, k: int) -> 
             sampler=tuple((int(i), float(p)) for i, p in zip(s_ids[b], s_p[b]) if p > 0),
         ))  # fmt: skip
     return out
-
-
-# ----------------------------------------------------------------------------------------------
-# the ``arraygpt sample`` command
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``arraygpt sample``."""
-    parser.add_argument("--checkpoint", required=True, metavar="DIR",
-                        help="an arraygpt training checkpoint or a Hugging Face GPT-2 directory")  # fmt: skip
-    parser.add_argument("--prompt", default="", metavar="TEXT", help="text to continue (default: the BOS token)")
-    parser.add_argument("--num-samples", type=int, default=1, metavar="N", help="samples to generate (default 1)")
-    parser.add_argument("--max-new-tokens", type=int, default=200, metavar="M", help="tokens per sample (default 200)")
-    parser.add_argument("--sampler", default=DEFAULT_SAMPLER, metavar="NAME[,NAME...]",
-                        help="registered sampler(s), applied in order after the temperature "
-                             "(built-in: greedy, temperature, top_k, top_p, min_p; `arraygpt plugins` lists all)")  # fmt: skip
-    parser.add_argument("--temperature", type=float, default=1.0, metavar="T",
-                        help="softmax temperature T >= 0 (0 = greedy; no upper cap; default 1)")  # fmt: skip
-    parser.add_argument("--top-k", type=int, default=None, metavar="K", help="top_k: keep the K most likely tokens")
-    parser.add_argument("--top-p", type=float, default=None, metavar="P",
-                        help="top_p: keep the smallest set of most likely tokens whose mass reaches P")  # fmt: skip
-    parser.add_argument("--min-p", type=float, default=None, metavar="P",
-                        help="min_p: keep tokens with probability >= P times the most likely one's")  # fmt: skip
-    parser.add_argument("--option", action="append", default=[], metavar="NAME=VALUE",
-                        help="an option of a plugin's sampler (repeatable), e.g. --option epsilon=0.02")  # fmt: skip
-    parser.add_argument("--show-probs", type=int, default=0, metavar="K",
-                        help="for each token, print the K most likely candidates before and after the sampler")  # fmt: skip
-    parser.add_argument("--stop", action="append", default=[], metavar="TEXT",
-                        help="stop a sample when it ends with TEXT (repeatable); BOS/EOS always stop")  # fmt: skip
-    parser.add_argument("--seed", type=int, default=1337, help="seed of the sampling coins (default 1337)")
-    parser.add_argument("--no-cache", dest="use_cache", action="store_false",
-                        help="rerun the whole context for every token instead of using the KV cache")  # fmt: skip
-
-
-def _parse_value(text: str) -> Any:
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
-
-
-def _sampler_options(args: argparse.Namespace) -> dict[str, Any]:
-    options = {name: getattr(args, name) for name in ("top_k", "top_p", "min_p") if getattr(args, name) is not None}
-    for item in args.option:
-        name, sep, value = item.partition("=")
-        if not sep or not name:
-            raise ValueError(f"--option expects NAME=VALUE, got {item!r}")
-        options[name.strip().replace("-", "_")] = _parse_value(value)
-    return options
-
-
-def load_for_sampling(directory: str) -> tuple[Any, Any, list[int]]:
-    """(model, tokenizer, prefix) from an arraygpt training checkpoint or a Hugging Face GPT-2
-    directory. ``prefix`` is what every training document started with: ``[bos_id]`` for a model
-    trained on documents wrapped in BOS (microgpt's names), else empty; a prompt goes after it.
-
-    A directory whose ``config.json`` carries no arraygpt marker and that holds
-    ``model.safetensors`` is a Hugging Face GPT-2 (``GPT.from_pretrained`` and
-    ``interop.load_tokenizer``); anything else goes to ``checkpoint.load_checkpoint``, which also
-    accepts a training run's folder (its ``last/``) and says what is missing.
-    """
-    import json
-    from pathlib import Path
-
-    from arraygpt import checkpoint
-
-    path = Path(directory)
-    config_file = path / "config.json"
-    if config_file.is_file() and (path / "model.safetensors").is_file():
-        try:
-            config = json.loads(config_file.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{config_file} is not valid JSON: {e}") from None
-        if isinstance(config, dict) and checkpoint.MARKER not in config:
-            from arraygpt import interop
-            from arraygpt.model import GPT
-
-            return GPT.from_pretrained(str(path)), interop.load_tokenizer(str(path)), []
-    loaded = checkpoint.load_checkpoint(path)
-    if loaded.tokenizer is None:
-        raise ValueError(f"checkpoint {directory} has no tokenizer.json, so its tokens cannot be turned into text")
-    documents = loaded.extra.get("train_config", {}).get("mode") == "documents"
-    bos = getattr(loaded.tokenizer, "bos_id", None)
-    return loaded.model, loaded.tokenizer, [bos] if documents and bos is not None else []
-
-
-class _TextStream:
-    """Decode a growing list of ids and print only the new text, holding back an incomplete
-    multi-byte character (a byte-level BPE token can end mid-character)."""
-
-    def __init__(self, tokenizer: Any, out: Any):
-        self.tokenizer, self.out = tokenizer, out
-        self.ids: list[int] = []
-        self.printed = 0
-
-    def push(self, token: int) -> None:
-        self.ids.append(token)
-        text = self.tokenizer.decode(self.ids)
-        if text.endswith("\ufffd"):
-            return
-        self.out.write(text[self.printed :])
-        self.out.flush()
-        self.printed = len(text)
-
-    def text(self) -> str:
-        return self.tokenizer.decode(self.ids)
-
-
-def _label(tokenizer: Any, token: int, ends: Sequence[int]) -> str:
-    """How --show-probs prints a token: its text quoted, or <end> for an end token (whose text is empty)."""
-    return "<end>" if token in ends else repr(tokenizer.decode([token]))
-
-
-def _show(tokenizer: Any, pairs: Sequence[tuple[int, float]], ends: Sequence[int]) -> str:
-    return "  ".join(f"{_label(tokenizer, i, ends)} {p:.3f}" for i, p in pairs)
-
-
-def run(args: argparse.Namespace) -> int:
-    """``arraygpt sample``: load a checkpoint and print samples as they are generated."""
-    options = _sampler_options(args)
-    sampler = [s.strip() for s in args.sampler.split(",")] if "," in args.sampler else args.sampler.strip()
-    check_number("--num-samples", args.num_samples, 1, integer=True)
-    make_sampler(sampler, temperature=args.temperature, **options)  # report bad options before loading
-    model, tokenizer, prefix = load_for_sampling(args.checkpoint)
-    specials = [getattr(tokenizer, "bos_id", None), getattr(tokenizer, "eos_id", None)]
-    ends = sorted({int(i) for i in specials if i is not None})
-    prompt = prefix + (list(tokenizer.encode(args.prompt)) if args.prompt else [])
-    if not prompt:
-        if not ends:
-            raise ValueError("--prompt is empty and the tokenizer has no BOS token to start from; give --prompt")
-        prompt = [getattr(tokenizer, "bos_id", None) if getattr(tokenizer, "bos_id", None) is not None else ends[0]]
-    stop = [list(tokenizer.encode(s)) for s in args.stop]
-    rng = host_rng(args.seed)
-    out = sys.stdout
-    for i in range(args.num_samples):
-        if i:
-            out.write("\n---------------\n")
-        if not args.show_probs:
-            out.write(args.prompt)
-        stream = _TextStream(tokenizer, io.StringIO() if args.show_probs else out)
-        steps = generate(model, prompt, args.max_new_tokens, sampler, temperature=args.temperature, seed=rng,
-                         use_cache=args.use_cache, eos_id=ends, stop=stop or None, show_probs=args.show_probs,
-                         **options)  # fmt: skip
-        for item in steps:
-            token = item.token if args.show_probs else item
-            if args.show_probs:
-                out.write(f"[{_label(tokenizer, token, ends)} p={item.p_sampler:.3f} (model {item.p_model:.3f})]"
-                          f"  model: {_show(tokenizer, item.model, ends)}  |  sampler: {_show(tokenizer, item.sampler, ends)}\n")  # fmt: skip
-                out.flush()
-            if token in ends:
-                break
-            stream.push(token)
-        if args.show_probs:
-            out.write(f"=> {args.prompt}{stream.text()}")
-    out.write("\n")
-    out.flush()
-    return 0

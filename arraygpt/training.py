@@ -1,5 +1,5 @@
-"""Training: ``arraygpt.train(...)``, the ``arraygpt train`` command, and the :class:`Run` that holds a
-training run's state and walks its loop.
+"""Training: ``arraygpt.train(...)``, the :class:`TrainConfig` of a run, and the :class:`Run` that
+holds a training run's state and walks its loop.
 
 One step: draw a batch on the host (``arraygpt.data.Batcher``), forward and backward through the
 hand-written GPT, optionally clip the global gradient norm, and let the optimizer plugin update
@@ -15,13 +15,13 @@ count, the batcher's generator and epoch position, the dropout generator and the
 ends with the same bits as a run never stopped (on NumPy). The schedule is a pure function of the
 step; evaluations and samples draw from their own generators and change nothing.
 
-Not here: the samplers of generation (``arraygpt.generation``): the samples printed at the end
-use plain multinomial sampling from the softmax of the last position's logits.
+The samples printed at the end come from ``arraygpt.generation.generate`` with the plain
+``temperature`` sampler. Not here: the ``arraygpt train`` command, its options and exit codes
+(``arraygpt.cli.train``, which derives the options from TrainConfig's fields and their help).
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import inspect
 import json
@@ -31,7 +31,7 @@ import sys
 import threading
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -40,7 +40,6 @@ import numpy as np
 from arraygpt.data import MODES, Batcher, Dataset, DataError, default_tokenizer, fingerprint, make_dataset, read_source
 from arraygpt.model import DTYPES, GPT, GPTConfig, check_fields
 from arraygpt.optim import SCHEDULES, Schedule, clip_grad_norm, create_optimizer
-from arraygpt.shim import to_numpy
 from arraygpt.tokenizer import ByteTokenizer, CharTokenizer, Tokenizer, load_tokenizer
 
 METRICS_FILE = "metrics.jsonl"
@@ -87,34 +86,38 @@ class TrainConfig:
             sample_length tokens each, stopping at EOS; stream: one text of sample_length tokens).
     """
 
-    data: str = "names"
-    mode: str | None = None
-    tokenizer: str = "char"
-    val_fraction: float = 0.1
-    split_seed: int = 42
-    steps: int = 5000
-    batch_size: int = 64
-    optimizer: str = "adam"
-    lr: float = 1e-2
-    schedule: str = "linear"
-    warmup_steps: int = 0
-    min_lr: float = 0.0
-    beta1: float | None = 0.9
-    beta2: float | None = 0.95
-    eps: float | None = 1e-8
-    weight_decay: float | None = None
-    momentum: float | None = None
-    grad_clip: float = 0.0
-    eval_interval: int = 500
-    eval_batches: int = 20
-    log_interval: int = 250
-    checkpoint_interval: int = 0
-    seed: int = 0
-    backend: str | None = None
-    dtype: str = "float32"
-    samples: int = 10
-    sample_length: int = 32
-    temperature: float = 1.0
+    data: str = field(default="names", metadata={"help": "names (built in) or a text file path"})
+    mode: str | None = field(default=None, metadata={
+        "help": "documents (one per line, wrapped in BOS) or stream (random windows); unset: documents for "
+                "names, stream for a file", "choices": MODES})  # fmt: skip
+    tokenizer: str = field(default="char", metadata={"help": "char, byte or a tokenizer JSON file"})
+    val_fraction: float = field(default=0.1, metadata={"help": "share of the data held out for validation"})
+    split_seed: int = field(default=42, metadata={"help": "seed of the one shuffle of documents before the split"})
+    steps: int = field(default=5000, metadata={"help": "optimizer steps in the whole run"})
+    batch_size: int = field(default=64, metadata={"help": "rows per batch"})
+    optimizer: str = field(default="adam", metadata={"help": "adam, adamw, sgd or a plugin's optimizer"})
+    lr: float = field(default=1e-2, metadata={"help": "peak learning rate"})
+    schedule: str = field(default="linear", metadata={
+        "help": "constant, linear (to zero) or cosine (to --min-lr)", "choices": SCHEDULES})  # fmt: skip
+    warmup_steps: int = field(default=0, metadata={"help": "linear warmup steps"})
+    min_lr: float = field(default=0.0, metadata={"help": "floor of the cosine schedule"})
+    beta1: float | None = field(default=0.9, metadata={"help": "Adam beta1"})
+    beta2: float | None = field(default=0.95, metadata={"help": "Adam beta2"})
+    eps: float | None = field(default=1e-8, metadata={"help": "Adam epsilon"})
+    weight_decay: float | None = field(default=None, metadata={"help": "weight decay; unset: the optimizer's"})
+    momentum: float | None = field(default=None, metadata={"help": "SGD momentum; unset: the optimizer's (0)"})
+    grad_clip: float = field(default=0.0, metadata={"help": "clip the global gradient norm to this (0: off)"})
+    eval_interval: int = field(default=500, metadata={"help": "steps between evaluations"})
+    eval_batches: int = field(default=20, metadata={"help": "batches per split per evaluation, 0 for the whole split"})
+    log_interval: int = field(default=250, metadata={"help": "steps between progress lines"})
+    checkpoint_interval: int = field(default=0, metadata={"help": "steps between last/ checkpoints (0: the eval interval)"})
+    seed: int = field(default=0, metadata={"help": "seeds the weights, dropout and batches"})
+    backend: str | None = field(default=None, metadata={
+        "help": "numpy, cupy, array_api_strict, torch...; unset: $ARRAYGPT_BACKEND or numpy"})  # fmt: skip
+    dtype: str = field(default="float32", metadata={"help": "precision of the model", "choices": DTYPES})
+    samples: int = field(default=10, metadata={"help": "samples printed at the end"})
+    sample_length: int = field(default=32, metadata={"help": "tokens per sample at most"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature of the samples"})
 
     def __post_init__(self) -> None:
         mode = self.mode or ("documents" if self.data == "names" else "stream")
@@ -296,11 +299,16 @@ class Run:
 
     def sample(self, n: int | None = None, length: int | None = None, temperature: float | None = None,
                seed: int | None = None) -> list[str]:  # fmt: skip
-        """Texts sampled from the model by plain multinomial sampling of softmax(logits / T).
+        """Texts sampled from the model with ``generate`` (the KV cache, plain ``temperature``
+        sampling of softmax(logits / T)), all ``n`` rows as one batch.
 
         Documents mode: ``n`` documents, each started at BOS and ended at EOS (or after
         ``length`` tokens). Stream mode: ``n`` texts of ``length`` tokens, started at a newline.
+        The coins come from their own generator, seeded with ``[3, seed]`` (default seed:
+        ``config.seed``), so sampling changes nothing in the run and one seed gives the same texts.
         """
+        from arraygpt.generation import generate
+
         cfg = self.config
         n = cfg.samples if n is None else n
         length = cfg.sample_length if length is None else length
@@ -313,32 +321,14 @@ class Run:
         if start is None:
             start = tok.encode("\n")[0] if isinstance(tok, ByteTokenizer) or "\n" in tok.chars else 0
         V = tok.vocab_size
-        ctx = np.full((n, 1), start, dtype=np.int64)
-        done = np.zeros(n, dtype=bool)
-        was_training = model.training
-        model.eval()
-        try:
-            for _ in range(length):
-                logits, _ = model.forward(ctx[:, -model.config.block_size :])
-                last = to_numpy(logits[:, -1, :]).astype(np.float64)[:, :V] / temperature  # (n, V)
-                probs = np.exp(last - last.max(axis=1, keepdims=True))
-                cdf = np.cumsum(probs / probs.sum(axis=1, keepdims=True), axis=1)
-                coins = rng.random(n)[:, None]
-                ids = np.minimum((cdf < coins).sum(axis=1), V - 1)  # (n,)
-                ids = np.where(done, start, ids)
-                ctx = np.concatenate([ctx, ids[:, None]], axis=1)
-                if tok.eos_id is not None:
-                    done |= ids == tok.eos_id
-                    if done.all():
-                        break
-        finally:
-            model.train(was_training)
-        texts = []
-        for row in ctx[:, 1:]:
-            if tok.eos_id is not None and (row == tok.eos_id).any():
-                row = row[: int(np.argmax(row == tok.eos_id))]
-            texts.append(tok.decode(row.tolist()))
-        return texts
+        sampler = "temperature" if model.config.vocab_size == V else _tokenizer_vocabulary(V)
+        rows: list[list[int]] = [[] for _ in range(n)]
+        prompt = np.full((n, 1), start, dtype=np.int64)  # (n, 1)
+        for step in generate(model, prompt, length, sampler, temperature=temperature, seed=rng, eos_id=tok.eos_id):
+            for row, token in zip(rows, step):
+                if token is not None and token != tok.eos_id:
+                    row.append(token)
+        return [tok.decode(row) for row in rows]
 
     # -- checkpoints ---------------------------------------------------------------------------
 
@@ -480,6 +470,19 @@ class Run:
         self._record({"event": "diverged", "step": step, "message": message})
         self.stop_reason = "diverged"
         raise TrainingDiverged(message, self)
+
+
+def _tokenizer_vocabulary(V: int) -> Any:
+    """A sampler filter that keeps the first ``V`` ids: a model whose vocab_size was set larger
+    than its tokenizer's never samples an id the tokenizer cannot decode."""
+    from arraygpt.shim import namespace
+
+    def keep_tokenizer_ids(probs: Any) -> Any:
+        xp = namespace(probs)
+        ids = xp.arange(probs.shape[-1], device=probs.device)[None, :]  # (1, V_model)
+        return xp.where(ids < V, probs, xp.zeros_like(probs))  # (B, V_model)
+
+    return keep_tokenizer_ids
 
 
 # ----------------------------------------------------------------------------------------------
@@ -673,89 +676,3 @@ def _print_header(run: Run, resumed: bool) -> None:
     unit = "documents" if cfg.mode == "documents" else "tokens"
     run._print(f"data: {cfg.data} ({cfg.mode}, {split} {unit}); {cfg.optimizer} lr {cfg.lr:g} {cfg.schedule}, "
                f"batch {cfg.batch_size}, {cfg.steps} steps" + (f"; run folder {run.out_dir}" if run.out_dir else ""))  # fmt: skip
-
-
-# ----------------------------------------------------------------------------------------------
-# the command
-
-
-_TRAIN_OPTIONS: dict[str, tuple[type, str]] = {
-    "mode": (str, "documents (one per line, wrapped in BOS) or stream (random windows); default by data"),
-    "tokenizer": (str, "char, byte or a tokenizer JSON file (default char)"),
-    "val_fraction": (float, "share of the data held out for validation (default 0.1)"),
-    "steps": (int, "optimizer steps in the whole run (default 5000)"),
-    "batch_size": (int, "rows per batch (default 64)"),
-    "optimizer": (str, "adam (default), adamw, sgd or a plugin's optimizer"),
-    "lr": (float, "peak learning rate (default 1e-2)"),
-    "schedule": (str, "constant, linear (to zero; default) or cosine (to --min-lr)"),
-    "warmup_steps": (int, "linear warmup steps (default 0)"),
-    "min_lr": (float, "floor of the cosine schedule (default 0)"),
-    "beta1": (float, "Adam beta1 (default 0.9)"),
-    "beta2": (float, "Adam beta2 (default 0.95)"),
-    "eps": (float, "Adam epsilon (default 1e-8)"),
-    "weight_decay": (float, "weight decay (default: the optimizer's)"),
-    "momentum": (float, "SGD momentum (default: the optimizer's, 0)"),
-    "grad_clip": (float, "clip the global gradient norm to this (default 0: off)"),
-    "eval_interval": (int, "steps between evaluations (default 500)"),
-    "eval_batches": (int, "batches per split per evaluation, 0 for the whole split (default 20)"),
-    "log_interval": (int, "steps between progress lines (default 250)"),
-    "checkpoint_interval": (int, "steps between last/ checkpoints (default: the eval interval)"),
-    "seed": (int, "seeds the weights, dropout and batches (default 0)"),
-    "backend": (str, "numpy, cupy, array_api_strict, torch... (default $ARRAYGPT_BACKEND or numpy)"),
-    "dtype": (str, "float32 (default) or float64"),
-    "samples": (int, "samples printed at the end (default 10)"),
-    "sample_length": (int, "tokens per sample at most (default 32)"),
-    "temperature": (float, "sampling temperature (default 1.0)"),
-}
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The ``arraygpt train`` options: data, model (preset and overrides), training, run folder."""
-    from arraygpt.cli import add_config_arguments
-
-    parser.add_argument("--data", default=None, help="names (built in, the default) or a text file path")
-    group = parser.add_argument_group("training")
-    choices = {"mode": MODES, "schedule": SCHEDULES, "dtype": DTYPES}
-    for name, (kind, help_text) in _TRAIN_OPTIONS.items():
-        group.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, default=None, help=help_text,
-                           choices=choices.get(name))  # fmt: skip
-    run_group = parser.add_argument_group("run folder")
-    run_group.add_argument("--out-dir", default=None, help="run folder (default runs/<data>-<time>)")
-    run_group.add_argument("--resume", default=None, metavar="DIR", help="continue the run in DIR exactly")
-    run_group.add_argument("--stop-after", type=int, default=None, metavar="N",
-                           help="stop (with a checkpoint) after N steps; resume later with --resume")  # fmt: skip
-    run_group.add_argument("--quiet", action="store_true", help="print nothing but errors")
-    add_config_arguments(parser, default_preset="microgpt")
-    parser.set_defaults(preset=None)
-
-
-def run(args: argparse.Namespace) -> int:
-    """``arraygpt train``: returns 0 when done or stopped cleanly, 1 when training diverged, 2 on
-    bad input or a failing plugin, 130 when aborted by a second Ctrl-C."""
-    from arraygpt.manager import PluginError
-
-    model_fields = [f.name for f in dataclasses.fields(GPTConfig)]
-    options = {name: getattr(args, name) for name in [*_TRAIN_OPTIONS, *model_fields] if getattr(args, name, None) is not None}
-    try:
-        if args.resume:
-            if args.data is not None or args.preset is not None:
-                raise ValueError("--data and --preset cannot be changed when resuming (the run keeps its own)")
-            train(resume=args.resume, stop_after=args.stop_after, progress=not args.quiet, **options)
-            return 0
-        data = args.data or "names"
-        out_dir = args.out_dir
-        if out_dir is None:
-            stem = Path(data).stem if data != "names" else "names"
-            out_dir = Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-        train(data, config=args.preset or "microgpt", out_dir=out_dir, stop_after=args.stop_after,
-              progress=not args.quiet, **options)  # fmt: skip
-    except TrainingDiverged as e:
-        print(f"arraygpt train: {e}", file=sys.stderr)
-        return 1
-    except (ImportError, PluginError) as e:
-        print(f"arraygpt train: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:  # a second Ctrl-C: the last checkpoint is intact
-        print("\narraygpt train: aborted; the last checkpoint is intact", file=sys.stderr)
-        return 130
-    return 0

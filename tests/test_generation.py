@@ -333,7 +333,7 @@ def test_sample_command_reads_a_hugging_face_gpt2_directory(tmp_path, capsys):
     GPT(config, seed=0).save_pretrained(str(directory))
     bpe.save(str(directory / "tokenizer.json"))
     assert "arraygpt_format" not in json.loads((directory / "config.json").read_text())
-    tokenizer = interop.load_tokenizer(str(directory))
+    tokenizer = interop.load_hf_tokenizer(str(directory))
     assert main(["sample", "--checkpoint", str(directory), "--prompt", "the cat", "--max-new-tokens", "5",
                  "--seed", "1"]) == 0  # fmt: skip
     out = capsys.readouterr().out
@@ -348,12 +348,12 @@ def test_sample_command_reads_a_hugging_face_gpt2_directory(tmp_path, capsys):
 
 
 def test_show_probs_labels_end_tokens_instead_of_printing_their_empty_text():
-    from arraygpt.generation import _show
+    from arraygpt.cli.sample import show
     from arraygpt.tokenizer import CharTokenizer
 
     tokenizer = CharTokenizer.from_text("abc")
     end = tokenizer.bos_id
-    line = _show(tokenizer, [(end, 0.5), (tokenizer.encode("b")[0], 0.25)], [end])
+    line = show(tokenizer, [(end, 0.5), (tokenizer.encode("b")[0], 0.25)], [end])
     assert line == "<end> 0.500  'b' 0.250"
 
 

@@ -153,15 +153,15 @@ def test_resume_after_stop_after_is_bit_identical(tmp_path, names_file, pm, mode
 
 
 def test_resume_is_bit_identical_with_the_batch_split_across_threads(tmp_path, names_file, pm, monkeypatch):
-    from arraygpt import model as model_module
+    from arraygpt import runner
 
-    monkeypatch.setattr(model_module, "MIN_WORK_PER_THREAD", 1)  # split even this tiny batch
+    monkeypatch.setattr(runner, "MIN_WORK_PER_THREAD", 1)  # split even this tiny batch
     two_threads = dataclasses.replace(shim.load_backend("numpy"), threads=2)  # whatever the cores here
     monkeypatch.setitem(shim._loaded, "numpy", two_threads)
     monkeypatch.setattr(shim, "_active", two_threads)
     opts = _opts(names_file, pm, mode="stream")
     straight = arraygpt.train(out_dir=tmp_path / "a", **opts)
-    assert straight.model.threads == 2 and straight.model._pool is not None  # it did run in threads
+    assert straight.model.threads == 2 and straight.model.runner.started  # it did run in threads
     arraygpt.train(out_dir=tmp_path / "b", stop_after=10, **opts)
     resumed = arraygpt.train(resume=tmp_path / "b", progress=False, plugin_manager=pm)
     assert_bit_identical(params_of(resumed), params_of(straight))

@@ -1,0 +1,82 @@
+"""The ``arraygpt`` command: the command layer, a thin layer over the library.
+
+    arraygpt params --preset gpt3-175b [--json]
+    arraygpt backends
+    arraygpt plugins
+    arraygpt train ...
+    arraygpt sample ...
+
+This package is the only place that parses arguments. Each subcommand is a module here that
+exposes ``add_arguments(parser)`` and ``run(args) -> int``; :data:`SUBCOMMANDS` names them, so a
+subcommand is added with one line. Options that mirror a dataclass (``TrainConfig``,
+``GPTConfig``) are derived from its fields (``arraygpt.cli.options``).
+
+Exit codes: 0 done; 1 a diverged training run; 2 bad input or a failing plugin, printed as one
+line ``arraygpt <command>: error: ...`` on stderr; 130 an interrupt. Any other exception is a bug
+and keeps its traceback.
+
+Not here: any training, sampling or loading logic (``arraygpt.training``, ``arraygpt.generation``,
+``arraygpt.checkpoint``): a subcommand only turns options into a library call and its outcome
+into output and an exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from arraygpt.cli.options import add_config_arguments, config_from_args
+
+__all__ = ["SUBCOMMANDS", "add_config_arguments", "build_parser", "config_from_args", "main"]
+
+# subcommand -> (module with add_arguments(parser) and run(args), one-line help)
+SUBCOMMANDS = {
+    "params": ("arraygpt.cli.params", "count the parameters of a preset, by matrix category"),
+    "backends": ("arraygpt.cli.backends", "list the array backends and whether each can run here"),
+    "plugins": ("arraygpt.cli.plugins", "list every registered backend, optimizer and sampler and its plugin"),
+    "train": ("arraygpt.cli.train", "train a GPT (default: the microgpt preset on names)"),
+    "sample": ("arraygpt.cli.sample", "generate text from a checkpoint"),
+}
+
+
+def _module(command: str) -> Any:
+    return importlib.import_module(SUBCOMMANDS[command][0])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``arraygpt`` parser with one subparser per entry of :data:`SUBCOMMANDS`."""
+    parser = argparse.ArgumentParser(prog="arraygpt", description="A GPT on the Python array API.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for command, (_, help_text) in SUBCOMMANDS.items():
+        sub_parser = sub.add_parser(command, help=help_text, description=help_text)
+        _module(command).add_arguments(sub_parser)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one ``arraygpt`` command and return its exit code (no arguments: ``arraygpt train``)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv:
+        argv = ["train"]  # the main job: train the microgpt preset on names
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_usage(sys.stderr)
+        return 2
+    from arraygpt.manager import PluginError
+
+    try:
+        return _module(args.command).run(args)
+    except KeyboardInterrupt:
+        print(f"arraygpt {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, TypeError, KeyError, OSError, ImportError, PluginError) as e:
+        print(f"arraygpt {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

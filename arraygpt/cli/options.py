@@ -1,0 +1,123 @@
+"""Shared pieces of the command layer: argparse options built from dataclass fields.
+
+A ``--<field>`` option is derived from each field of a dataclass (``TrainConfig``,
+``GPTConfig``): its type from the field's type hint, its help from ``field.metadata["help"]``,
+its choices from ``field.metadata["choices"]``, and the default shown in the help from the
+field's own default, so every default is written once, on the dataclass. The options themselves
+default to None ("not given"), so that the library, not argparse, fills in the defaults.
+
+Not here: any subcommand's own options or its run function (one module per subcommand).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from collections.abc import Iterable
+from typing import Any
+
+
+def _base_type(hint: Any) -> type:
+    """``int | None`` -> int; a plain type stays itself."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if args else hint
+
+
+def parse_bool(text: str) -> bool:
+    """An argparse type for ``{true,false}`` options."""
+    lowered = text.lower()
+    if lowered in ("true", "1", "yes", "on"):
+        return True
+    if lowered in ("false", "0", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _format_default(value: Any) -> str | None:
+    if value is None:
+        return None  # the help says what "unset" means
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def option_name(name: str) -> str:
+    """A field name as its option: ``batch_size`` -> ``--batch-size``."""
+    return "--" + name.replace("_", "-")
+
+
+def add_field_arguments(group: Any, cls: type, *, skip: Iterable[str] = (), only: Iterable[str] | None = None,
+                        default_text: str | None = None) -> list[str]:  # fmt: skip
+    """Add one ``--<field>`` option per field of the dataclass ``cls`` to ``group``.
+
+    Args:
+        group: an argparse parser or argument group.
+        cls: the dataclass.
+        skip: field names to leave out.
+        only: if given, the only field names to add.
+        default_text: what the help says the default is, instead of the field's default (e.g.
+            "the preset's" for GPTConfig fields, whose defaults the preset replaces).
+
+    Returns:
+        The names of the fields that got an option (their ``dest``).
+    """
+    hints = typing.get_type_hints(cls)
+    skipped = set(skip)
+    wanted = None if only is None else set(only)
+    added = []
+    for field in dataclasses.fields(cls):
+        if field.name in skipped or (wanted is not None and field.name not in wanted):
+            continue
+        kind = _base_type(hints[field.name])
+        help_text = field.metadata.get("help") or f"{cls.__name__}.{field.name}"
+        default = field.default if field.default is not dataclasses.MISSING else None
+        shown = default_text or _format_default(default)
+        if shown is not None:
+            help_text += f" (default {shown})"
+        kwargs: dict[str, Any] = {"dest": field.name, "default": None, "help": help_text}
+        if kind is bool:
+            kwargs.update(type=parse_bool, metavar="{true,false}")
+        else:
+            kwargs.update(type=kind, choices=field.metadata.get("choices"))
+        group.add_argument(option_name(field.name), **kwargs)
+        added.append(field.name)
+    return added
+
+
+def given(args: argparse.Namespace, names: Iterable[str]) -> dict[str, Any]:
+    """The options among ``names`` that were given on the command line (not None)."""
+    return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
+
+
+# -- a model: a preset and GPTConfig overrides, shared by the subcommands that build one ---------
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, default_preset: str = "microgpt", *,
+                         preset_unset: bool = False) -> None:  # fmt: skip
+    """``--preset NAME`` plus one typed ``--<field>`` option per GPTConfig field.
+
+    ``preset_unset``: ``args.preset`` stays None when ``--preset`` is not given (the subcommand
+    then uses ``default_preset`` itself, and can tell whether the option was given).
+    """
+    from arraygpt.model import PRESETS, GPTConfig
+
+    group = parser.add_argument_group("model", "a preset and any GPTConfig field to override")
+    group.add_argument("--preset", default=None if preset_unset else default_preset, choices=list(PRESETS),
+                       help=f"named configuration (default {default_preset})")  # fmt: skip
+    add_field_arguments(group, GPTConfig, default_text="the preset's")
+
+
+def config_fields() -> list[str]:
+    from arraygpt.model import GPTConfig
+
+    return [f.name for f in dataclasses.fields(GPTConfig)]
+
+
+def config_from_args(args: argparse.Namespace) -> Any:
+    """The GPTConfig named by ``--preset`` with every given field override applied."""
+    from arraygpt.model import GPTConfig
+
+    return GPTConfig.preset(args.preset, **given(args, config_fields()))

@@ -1,0 +1,76 @@
+"""``arraygpt train``: train a GPT (default: the microgpt preset on the built-in names) into a
+run folder, or continue a run with ``--resume``.
+
+Every TrainConfig field is an option (``--batch-size``, ``--lr``, ...), and every GPTConfig field
+overrides the preset (``--n-layer``, ``--dropout``, ...); their defaults and help come from the
+dataclass fields. Exit codes: 0 done or stopped cleanly (Ctrl-C once, ``--stop-after``, a
+plugin); 1 the run diverged; 2 bad input or a failing plugin; 130 a second Ctrl-C (the last
+checkpoint is intact).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from arraygpt.cli.options import add_config_arguments, add_field_arguments, config_fields, given
+
+DEFAULT_PRESET = "microgpt"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``arraygpt train`` options: data, training (TrainConfig), run folder, model (GPTConfig)."""
+    from arraygpt.training import TrainConfig
+
+    add_field_arguments(parser, TrainConfig, only=("data",))
+    group = parser.add_argument_group("training")
+    add_field_arguments(group, TrainConfig, skip=("data",))
+    run_group = parser.add_argument_group("run folder")
+    run_group.add_argument("--out-dir", default=None, help="run folder (default runs/<data>-<time>)")
+    run_group.add_argument("--resume", default=None, metavar="DIR", help="continue the run in DIR exactly")
+    run_group.add_argument("--stop-after", type=int, default=None, metavar="N",
+                           help="stop (with a checkpoint) after N steps; resume later with --resume")  # fmt: skip
+    run_group.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    add_config_arguments(parser, default_preset=DEFAULT_PRESET, preset_unset=True)
+
+
+def _train_fields() -> list[str]:
+    import dataclasses
+
+    from arraygpt.training import TrainConfig
+
+    return [f.name for f in dataclasses.fields(TrainConfig)]
+
+
+def run(args: argparse.Namespace) -> int:
+    """Returns 0 when done or stopped cleanly, 1 when training diverged, 2 on bad input or a
+    failing plugin, 130 when aborted by a second Ctrl-C."""
+    from arraygpt.manager import PluginError
+    from arraygpt.training import TrainingDiverged, train
+
+    options = given(args, [f for f in _train_fields() if f != "data"] + config_fields())
+    try:
+        if args.resume:
+            if args.data is not None or args.preset is not None:
+                raise ValueError("--data and --preset cannot be changed when resuming (the run keeps its own)")
+            train(resume=args.resume, stop_after=args.stop_after, progress=not args.quiet, **options)
+            return 0
+        data = args.data or "names"
+        out_dir = args.out_dir
+        if out_dir is None:
+            stem = Path(data).stem if data != "names" else "names"
+            out_dir = Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+        train(data, config=args.preset or DEFAULT_PRESET, out_dir=out_dir, stop_after=args.stop_after,
+              progress=not args.quiet, **options)  # fmt: skip
+    except TrainingDiverged as e:
+        print(f"arraygpt train: {e}", file=sys.stderr)
+        return 1
+    except (ImportError, PluginError) as e:
+        print(f"arraygpt train: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:  # a second Ctrl-C: the last checkpoint is intact
+        print("\narraygpt train: aborted; the last checkpoint is intact", file=sys.stderr)
+        return 130
+    return 0
