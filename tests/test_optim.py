@@ -15,7 +15,11 @@ from arraygpt.optim import Schedule, clip_grad_norm, create_optimizer, global_no
 from arraygpt.shim import to_numpy
 from arraygpt.plugins.optimizers import SGD, Adam, AdamW
 
-torch = pytest.importorskip("torch")
+try:
+    import torch
+except ImportError:  # a test extra: the tests against torch.optim skip, the rest run
+    torch = None
+needs_torch = pytest.mark.skipif(torch is None, reason="needs PyTorch (the test extra)")
 
 SHAPES = {"w2d": (5, 4), "emb": (7, 3), "gain": (4,), "bias": (6,)}
 
@@ -61,6 +65,7 @@ def _assert_close(ours, ref, rtol):
 LRS = [1e-2, 8e-3, 5e-3, 2e-3, 1e-3]  # a decaying schedule: lr is passed per step
 
 
+@needs_torch
 def test_adam_matches_torch(backend):
     host, grads = _host_params(), _host_grads(len(LRS))
     ours = _run_ours(Adam, backend, host, grads, LRS, betas=(0.9, 0.95), eps=1e-8)
@@ -68,6 +73,7 @@ def test_adam_matches_torch(backend):
     _assert_close(ours, ref, 1e-12)
 
 
+@needs_torch
 def test_adam_l2_weight_decay_matches_torch(backend):
     host, grads = _host_params(), _host_grads(len(LRS))
     ours = _run_ours(Adam, backend, host, grads, LRS, betas=(0.8, 0.99), weight_decay=0.05)
@@ -75,6 +81,7 @@ def test_adam_l2_weight_decay_matches_torch(backend):
     _assert_close(ours, ref, 1e-12)
 
 
+@needs_torch
 def test_adamw_matches_torch_with_decay_only_on_2d_weights(backend):
     host, grads = _host_params(), _host_grads(len(LRS))
     ours = _run_ours(AdamW, backend, host, grads, LRS, betas=(0.9, 0.99), weight_decay=0.1)
@@ -94,6 +101,7 @@ def test_adamw_matches_torch_with_decay_only_on_2d_weights(backend):
     assert not np.allclose(ours["w2d"], plain["w2d"])
 
 
+@needs_torch
 def test_adamw_float32_matches_torch():
     from arraygpt.shim import load_backend
 
@@ -108,6 +116,7 @@ def test_adamw_float32_matches_torch():
     _assert_close(ours, ref, 2e-6)
 
 
+@needs_torch
 @pytest.mark.parametrize("nesterov, dampening, weight_decay", [(False, 0.0, 0.0), (True, 0.0, 0.01), (False, 0.1, 0.0)])
 def test_sgd_momentum_matches_torch(backend, nesterov, dampening, weight_decay):
     host, grads = _host_params(), _host_grads(len(LRS))
@@ -188,6 +197,61 @@ def test_adamw_zero_gradient_no_weight_decay_leaves_params_unchanged(p, lr, step
     np.testing.assert_array_equal(params["q"], p.reshape(-1))
 
 
+# -- AdamW's weight-decay filter ---------------------------------------------------------------
+
+
+def _decay_params():
+    # a matrix, an embedding-like matrix, a 3-D tensor, a gain and a bias: the filter looks at ndim
+    return {
+        "layer0.attn_wq": np.full((2, 3), 2.0), "wte": np.full((4, 2), -1.0), "cube": np.full((2, 2, 2), 4.0),
+        "layer0.norm1": np.full((3,), 1.5), "layer0.attn_wq_b": np.full((2,), 0.5),
+    }  # fmt: skip
+
+
+def test_adamw_decays_matrices_but_not_gains_and_biases():
+    # With a zero gradient the Adam step is 0 / (0 + eps) = 0, so each parameter moves by its
+    # decoupled decay alone: p * (1 - lr * wd) = p * (1 - 0.1 * 0.5) = 0.95 p where it decays.
+    params = _decay_params()
+    opt = create_optimizer("adamw", params, weight_decay=0.5)
+    opt.step({k: np.zeros_like(v) for k, v in params.items()}, 0.1)
+    np.testing.assert_array_equal(params["layer0.attn_wq"], np.full((2, 3), 1.9))
+    np.testing.assert_array_equal(params["wte"], np.full((4, 2), -0.95))
+    np.testing.assert_array_equal(params["cube"], np.full((2, 2, 2), 3.8))
+    np.testing.assert_array_equal(params["layer0.norm1"], np.full((3,), 1.5))  # gain: not decayed
+    np.testing.assert_array_equal(params["layer0.attn_wq_b"], np.full((2,), 0.5))  # bias: not decayed
+    assert opt.decays == {"layer0.attn_wq": True, "wte": True, "cube": True,
+                          "layer0.norm1": False, "layer0.attn_wq_b": False}  # fmt: skip
+
+
+def test_adamw_first_step_by_hand_with_and_without_decay():
+    # Step 1 with gradient g: m_hat = g, v_hat = g^2, so the Adam step is lr * g / (|g| + eps).
+    # A decayed parameter first becomes p (1 - lr wd). Here p = 2, g = 0.5, lr = 0.1, wd = 0.5.
+    params = {"w": np.full((2, 2), 2.0), "b": np.full((2,), 2.0)}
+    opt = create_optimizer("adamw", params, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.5)
+    opt.step({"w": np.full((2, 2), 0.5), "b": np.full((2,), 0.5)}, 0.1)
+    adam_step = 0.1 * 0.5 / (0.5 + 1e-8)  # 0.099999998
+    np.testing.assert_allclose(params["w"], 2.0 * 0.95 - adam_step, rtol=0, atol=1e-15)  # 1.800000002
+    np.testing.assert_allclose(params["b"], 2.0 - adam_step, rtol=0, atol=1e-15)  # 1.900000002
+
+
+def test_adamw_decay_filter_option_replaces_the_default():
+    params = _decay_params()
+    opt = create_optimizer("adamw", params, weight_decay=0.5, decay_filter=lambda name, p: name.endswith("_b"))
+    opt.step({k: np.zeros_like(v) for k, v in params.items()}, 0.1)
+    np.testing.assert_array_equal(params["layer0.attn_wq_b"], np.full((2,), 0.475))  # 0.5 * 0.95
+    np.testing.assert_array_equal(params["layer0.attn_wq"], np.full((2, 3), 2.0))
+    np.testing.assert_array_equal(params["layer0.norm1"], np.full((3,), 1.5))
+
+
+def test_adamw_default_weight_decay_is_torchs_0_01_and_adam_l2_decays_everything():
+    params = _decay_params()
+    create_optimizer("adamw", params).step({k: np.zeros_like(v) for k, v in params.items()}, 0.1)
+    np.testing.assert_array_equal(params["layer0.attn_wq"], np.full((2, 3), 2.0 * (1 - 0.1 * 0.01)))
+    np.testing.assert_array_equal(params["layer0.norm1"], np.full((3,), 1.5))
+    # Adam's weight decay is L2 on the gradient and by default applies to every parameter
+    assert all(create_optimizer("adam", _decay_params(), weight_decay=0.1).decays.values())
+
+
 def test_create_optimizer_by_name_and_unknown_name():
     opt = create_optimizer("adamw", _host_params(), weight_decay=0.1)
     assert isinstance(opt, AdamW) and opt.weight_decay == 0.1
@@ -243,6 +307,7 @@ def test_constant_schedule_and_errors():
 # -- clipping ------------------------------------------------------------------------------------
 
 
+@needs_torch
 @pytest.mark.parametrize("max_norm", [0.5, 1.0, 1e3])
 def test_clip_grad_norm_matches_torch(backend, max_norm):
     host = _host_grads(1, seed=3)[0]
