@@ -37,7 +37,6 @@ def test_default_backend_is_numpy(fresh_selection):
 
 
 def test_set_backend_decides_where_new_arrays_live(fresh_selection):
-    pytest.importorskip("array_api_strict")
     backend = arraygpt.set_backend("array_api_strict")
     assert backend.name == "array_api_strict" and arraygpt.get_backend() is backend
     model = GPT(CONFIG)
@@ -47,7 +46,6 @@ def test_set_backend_decides_where_new_arrays_live(fresh_selection):
 
 
 def test_use_backend_is_scoped_and_restores_on_error(fresh_selection):
-    pytest.importorskip("array_api_strict")
     arraygpt.set_backend("numpy")
     with arraygpt.use_backend("array_api_strict") as backend:
         assert arraygpt.get_backend() is backend
@@ -89,7 +87,6 @@ def _run(code: str, env_value: str | None) -> dict:
 
 
 def test_env_var_selects_the_backend():
-    pytest.importorskip("array_api_strict")
     code = (
         "import json, arraygpt\n"
         "from arraygpt import GPT, GPTConfig\n"
@@ -107,7 +104,6 @@ def test_unset_or_empty_env_var_means_numpy(value):
 
 
 def test_env_var_is_read_lazily_and_once():
-    pytest.importorskip("array_api_strict")
     code = (
         "import json, os, sys, arraygpt\n"
         "os.environ['ARRAYGPT_BACKEND'] = 'array_api_strict'  # after the import: still honoured\n"
@@ -126,6 +122,38 @@ def test_unknown_env_var_value_is_an_error_listing_backends():
     )
     message = _run(code, "mxnet")
     assert "mxnet" in message and "numpy" in message and "array_api_strict" in message and "cupy" in message
+
+
+_MALLOPT_PROBE = """
+import ctypes, json
+import numpy  # before the fake: only the backend's own libc lookup is intercepted
+calls = []
+class FakeLibc:
+    def mallopt(self, param, value):
+        calls.append([param, value])
+        return 1
+real_cdll = ctypes.CDLL
+ctypes.CDLL = lambda name, *a, **k: FakeLibc() if "libc" in str(name) else real_cdll(name, *a, **k)
+import arraygpt.backends.numpy
+print(json.dumps(calls))
+"""
+
+
+@pytest.mark.parametrize("value, tuned", [(None, True), ("1", True), ("0", False)])
+def test_malloc_tuning_env_var(value, tuned):
+    # The numpy backend tunes glibc's allocator with mallopt when it is imported, unless
+    # ARRAYGPT_MALLOC_TUNING=0. A fake libc in a fresh interpreter records the calls.
+    env = {k: v for k, v in os.environ.items() if k != "ARRAYGPT_MALLOC_TUNING"}
+    if value is not None:
+        env["ARRAYGPT_MALLOC_TUNING"] = value
+    out = subprocess.run([sys.executable, "-c", _MALLOPT_PROBE], env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    calls = json.loads(out.stdout.strip().splitlines()[-1])
+    M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3  # glibc's malloc.h
+    if tuned:
+        assert sorted(calls) == sorted([[M_MMAP_THRESHOLD, 32 * 2**20], [M_TRIM_THRESHOLD, 2**30], [M_TOP_PAD, 64 * 2**20]])
+    else:
+        assert calls == []
 
 
 def test_importing_arraygpt_selects_nothing():
@@ -242,7 +270,7 @@ def test_layers_take_the_namespace_of_their_inputs(fresh_selection):
 
 
 def test_mixing_array_libraries_is_a_type_error():
-    strict = pytest.importorskip("array_api_strict")
+    import array_api_strict as strict
     with pytest.raises(TypeError):
         shim.namespace(np.zeros(3), strict.zeros(3))
 
