@@ -3,7 +3,8 @@ gradients; checkpoints round-trip with identical weights; bad directories are cl
 parameter counts match the real models.
 
 Every GPT-2 here is a tiny random GPT2LMHeadModel built and saved by transformers in a temporary
-directory: nothing is downloaded. The module is skipped when torch or transformers is missing.
+directory: nothing is downloaded. The tests that need torch and transformers skip themselves when
+either is missing; the others (saving, configs, counts, errors found before any tensor) always run.
 """
 
 from __future__ import annotations
@@ -14,8 +15,15 @@ import shutil
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch", reason="the agreement tests compare against PyTorch (pip install torch)")
-transformers = pytest.importorskip("transformers", reason="the agreement tests need transformers")
+try:
+    import torch
+    import transformers
+except ImportError:
+    torch = transformers = None
+
+needs_torch = pytest.mark.skipif(
+    torch is None, reason="compares against PyTorch and transformers (pip install torch transformers)"
+)
 
 from arraygpt import GPT, GPTConfig, count_params  # noqa: E402
 from arraygpt.interop import (  # noqa: E402
@@ -30,19 +38,20 @@ from arraygpt.interop import (  # noqa: E402
 from arraygpt.safetensors import load_file, save_file  # noqa: E402
 from arraygpt.shim import BackendUnavailable, load_backend, to_numpy  # noqa: E402
 
-GPT2Config, GPT2LMHeadModel = transformers.GPT2Config, transformers.GPT2LMHeadModel
-transformers.logging.set_verbosity_error()
+if transformers is not None:
+    GPT2Config, GPT2LMHeadModel = transformers.GPT2Config, transformers.GPT2LMHeadModel
+    transformers.logging.set_verbosity_error()
 
 TINY = dict(n_layer=2, n_head=2, n_embd=32, n_positions=16, vocab_size=301)
 TOL = {"float32": 1e-4, "float64": 1e-10}
 
 
-def make_hf(seed: int = 0, dtype: torch.dtype = torch.float32, **overrides) -> GPT2LMHeadModel:
+def make_hf(seed: int = 0, dtype: torch.dtype | None = None, **overrides) -> GPT2LMHeadModel:
     """A tiny GPT2LMHeadModel whose every parameter (gains and biases included) is random, so
     that a swapped or mis-transposed tensor cannot hide behind an init of zeros or ones."""
     cfg = GPT2Config(**{**TINY, "bos_token_id": None, "eos_token_id": None, **overrides})
     torch.manual_seed(seed)
-    model = GPT2LMHeadModel(cfg).to(dtype)
+    model = GPT2LMHeadModel(cfg).to(dtype or torch.float32)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
@@ -77,6 +86,8 @@ def state_numpy(model: GPT) -> dict[str, np.ndarray]:
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
     """One saved tiny GPT-2 (gelu_new, tied), shared by the tests that only read it."""
+    if torch is None:
+        pytest.skip("needs torch and transformers to write a GPT-2 directory")
     return save_hf(make_hf(seed=0), tmp_path_factory.mktemp("hf") / "gpt2-tiny")
 
 
@@ -89,6 +100,7 @@ def copy_dir(src, dst) -> str:
 # same weights, same logits
 
 
+@needs_torch
 @pytest.mark.parametrize(
     "overrides",
     [
@@ -113,6 +125,7 @@ def test_same_weights_same_logits(tmp_path, overrides, dtype):
         assert max_diff(logits, hf_logits(hf, idx)) <= TOL[dtype], f"T={T}"
 
 
+@needs_torch
 @pytest.mark.parametrize("backend", ["numpy", "array_api_strict", "torch"])
 def test_load_onto_each_backend(hf_dir, backend):
     try:
@@ -126,6 +139,7 @@ def test_load_onto_each_backend(hf_dir, backend):
     assert max_diff(logits, hf_logits(hf, idx)) <= TOL["float64"]
 
 
+@needs_torch
 def test_from_pretrained_and_save_pretrained_delegate(hf_dir, tmp_path):
     model = GPT.from_pretrained(hf_dir, dtype="float64")
     assert isinstance(model, GPT) and model.dtype == "float64"
@@ -144,6 +158,7 @@ def hf_grads(hf: GPT2LMHeadModel, config: GPTConfig) -> dict[str, np.ndarray]:
     return state_dict_from_gpt2(grads, config, source="torch grads")
 
 
+@needs_torch
 @pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
 def test_loss_and_gradients_match_autograd(tmp_path, tie):
     """transformers shifts ``labels`` inside: its loss on (idx, labels=idx) is ours on
@@ -167,6 +182,7 @@ def test_loss_and_gradients_match_autograd(tmp_path, tie):
     assert max(report.values()) <= TOL["float64"], {k: v for k, v in report.items() if v > TOL["float64"]}
 
 
+@needs_torch
 def test_gradients_with_ignored_targets_match_cross_entropy_ignore_index(hf_dir):
     """Our -1 targets are transformers' -100 labels: computed from HF logits with ignore_index."""
     hf = GPT2LMHeadModel.from_pretrained(hf_dir).double().eval()
@@ -203,6 +219,7 @@ def randomize(model: GPT, seed: int) -> None:
     model.load_state_dict(state)
 
 
+@needs_torch
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
 def test_round_trip_through_transformers_is_exact(tmp_path, dtype, tie):
@@ -221,6 +238,7 @@ def test_round_trip_through_transformers_is_exact(tmp_path, dtype, tie):
         assert after[name].dtype == before[name].dtype and np.array_equal(after[name], before[name]), name
 
 
+@needs_torch
 def test_model_trained_a_step_in_arraygpt_loads_in_transformers_with_identical_logits(tmp_path):
     model = GPT(tiny_config(), seed=4, dtype="float64")
     idx = tokens(4, 16, seed=9)
@@ -235,6 +253,7 @@ def test_model_trained_a_step_in_arraygpt_loads_in_transformers_with_identical_l
     assert max_diff(logits, hf_logits(hf.float(), idx[:, :-1])) <= TOL["float32"]
 
 
+@needs_torch
 def test_config_round_trip_and_defaults_match_transformers():
     config = tiny_config(activation="gelu", mlp_hidden=100, norm_eps=1e-6, dropout=0.1, init_std=0.05)
     assert config_from_gpt2(config_to_gpt2(config)) == config
@@ -250,6 +269,7 @@ def test_config_round_trip_and_defaults_match_transformers():
 # what the directory may look like
 
 
+@needs_torch
 def test_keys_without_prefix_and_mask_buffers_are_accepted(hf_dir, tmp_path):
     d = copy_dir(hf_dir, tmp_path / "d")
     tensors = load_file(f"{d}/model.safetensors")
@@ -264,6 +284,7 @@ def test_keys_without_prefix_and_mask_buffers_are_accepted(hf_dir, tmp_path):
         assert np.array_equal(value, to_numpy(b.state_dict()[name])), name
 
 
+@needs_torch
 def test_half_precision_weights_are_widened(hf_dir, tmp_path):
     d = copy_dir(hf_dir, tmp_path / "d")
     tensors = load_file(f"{d}/model.safetensors")
@@ -273,6 +294,41 @@ def test_half_precision_weights_are_widened(hf_dir, tmp_path):
     assert np.array_equal(to_numpy(model.state_dict()["wpe"]), half["transformer.wpe.weight"].astype(np.float64))
 
 
+@needs_torch
+def test_bfloat16_weights_written_by_transformers_are_widened_exactly(tmp_path):
+    """NumPy has no bfloat16: the reader widens it to float32 (bfloat16 is float32's top half)."""
+    hf = make_hf(seed=5, dtype=torch.bfloat16)
+    d = save_hf(hf, tmp_path / "bf16")
+    assert "BF16" in (tmp_path / "bf16" / "model.safetensors").read_bytes()[:4096].decode("latin-1")
+    model = load_gpt2(d, dtype="float32")
+    for name, p in hf.named_parameters():
+        if name == "transformer.wpe.weight":
+            expected = p.detach().float().numpy()  # torch's own widening
+            assert np.array_equal(to_numpy(model.state_dict()["wpe"]), expected)
+    idx = tokens(1, 8)
+    with torch.no_grad():
+        ref = hf.float()(torch.as_tensor(idx)).logits.numpy()
+    assert max_diff(model.forward(idx)[0], ref) <= TOL["float32"]
+
+
+@needs_torch
+def test_formats_load_opens_a_directory_written_by_transformers(hf_dir, tmp_path):
+    from arraygpt.formats import load
+
+    ckpt = load(hf_dir)
+    assert ckpt.format == "gpt2" and ckpt.tokenizer is None and ckpt.prompt_prefix == []
+    hf = GPT2LMHeadModel.from_pretrained(hf_dir).eval()
+    idx = tokens(2, 8)
+    assert max_diff(ckpt.model.forward(idx)[0], hf_logits(hf, idx)) <= TOL["float32"]
+    sharded = make_hf(seed=6)
+    sharded.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    assert not (tmp_path / "sharded" / "model.safetensors").exists()
+    ckpt = load(tmp_path / "sharded", dtype="float64")
+    assert ckpt.format == "gpt2" and ckpt.model.dtype == "float64"
+    assert max_diff(ckpt.model.forward(idx)[0], hf_logits(sharded, idx)) <= TOL["float32"]
+
+
+@needs_torch
 def test_sharded_checkpoint_written_by_transformers(tmp_path):
     hf = make_hf(seed=6)
     hf.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
@@ -295,6 +351,7 @@ def rewrite_config(d, **changes) -> None:
         json.dump(cfg, f)
 
 
+@needs_torch
 def test_pickle_weights_are_refused_with_the_conversion_hint(hf_dir, tmp_path):
     d = tmp_path / "pickled"
     d.mkdir()
@@ -306,6 +363,7 @@ def test_pickle_weights_are_refused_with_the_conversion_hint(hf_dir, tmp_path):
     assert "safetensors" in message and "save_pretrained" in message and "never unpickles" in message
 
 
+@needs_torch
 def test_missing_tensor_is_named(hf_dir, tmp_path):
     d = copy_dir(hf_dir, tmp_path / "d")
     tensors = load_file(f"{d}/model.safetensors")
@@ -315,6 +373,7 @@ def test_missing_tensor_is_named(hf_dir, tmp_path):
         load_gpt2(d)
 
 
+@needs_torch
 def test_wrong_shape_is_named(hf_dir, tmp_path):
     d = copy_dir(hf_dir, tmp_path / "d")
     tensors = load_file(f"{d}/model.safetensors")
@@ -325,6 +384,7 @@ def test_wrong_shape_is_named(hf_dir, tmp_path):
         load_gpt2(d)
 
 
+@needs_torch
 def test_unexpected_tensor_is_named(hf_dir, tmp_path):
     d = copy_dir(hf_dir, tmp_path / "d")
     tensors = load_file(f"{d}/model.safetensors")
@@ -334,6 +394,7 @@ def test_unexpected_tensor_is_named(hf_dir, tmp_path):
         load_gpt2(d)
 
 
+@needs_torch
 def test_tied_config_with_a_different_lm_head_is_refused(hf_dir, tmp_path):
     d = copy_dir(hf_dir, tmp_path / "d")
     tensors = load_file(f"{d}/model.safetensors")
@@ -343,6 +404,7 @@ def test_tied_config_with_a_different_lm_head_is_refused(hf_dir, tmp_path):
         load_gpt2(d)
 
 
+@needs_torch
 @pytest.mark.parametrize(
     "changes, match",
     [
@@ -364,6 +426,7 @@ def test_config_that_is_not_plain_gpt2_is_refused(hf_dir, tmp_path, changes, mat
         load_gpt2(d)
 
 
+@needs_torch
 def test_missing_directory_config_or_weights(hf_dir, tmp_path):
     with pytest.raises(FileNotFoundError, match="no such directory"):
         load_gpt2(tmp_path / "nowhere")
@@ -410,6 +473,7 @@ def hf_count(config: GPT2Config) -> int:
     return sum(p.numel() for p in model.parameters())  # parameters() yields a tied tensor once
 
 
+@needs_torch
 @pytest.mark.parametrize("name", ["gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"])
 def test_gpt2_preset_counts_equal_transformers(name):
     config = GPTConfig.preset(name)
