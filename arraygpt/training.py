@@ -40,7 +40,7 @@ import numpy as np
 from arraygpt.data import MODES, Batcher, Dataset, DataError, default_tokenizer, fingerprint, make_dataset, read_source
 from arraygpt.model import DTYPES, GPT, GPTConfig, check_fields
 from arraygpt.optim import SCHEDULES, Schedule, clip_grad_norm, create_optimizer
-from arraygpt.tokenizer import ByteTokenizer, CharTokenizer, Tokenizer, load_tokenizer
+from arraygpt.tokenizer import ByteTokenizer, CharTokenizer, Tokenizer, read_tokenizer_file
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -510,7 +510,7 @@ def _make_tokenizer(config: TrainConfig, text: str, given: Tokenizer | None) -> 
     path = Path(config.tokenizer)
     if not path.is_file():
         raise ValueError(f"tokenizer must be char, byte or a tokenizer JSON file; {config.tokenizer!r} is none of them")
-    return load_tokenizer(path)
+    return read_tokenizer_file(path)
 
 
 def _run_dir(resume: str | Path) -> Path:
