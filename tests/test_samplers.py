@@ -232,3 +232,18 @@ def test_temperature_has_no_upper_cap():
     backend = load_backend("numpy")
     probs = to_numpy(make_sampler("temperature", temperature=1e6)(backend.asarray(np.array([[0.0, 10.0]]))))
     np.testing.assert_allclose(probs, [[0.5, 0.5]], atol=1e-5)
+
+
+def test_the_built_in_samplers_use_the_sampling_module_not_generation():
+    import ast
+    import inspect
+
+    from arraygpt import generation, sampling
+
+    tree = ast.parse(inspect.getsource(builtin))
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    assert "arraygpt.sampling" in imported and "arraygpt.generation" not in imported
+    for name in ("check_number", "check_temperature", "draw", "make_sampler", "normalize", "one_hot_argmax",
+                 "top_candidates", "available_samplers", "Sampler"):  # fmt: skip
+        assert getattr(generation, name) is getattr(sampling, name), name  # re-exported, one object

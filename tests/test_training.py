@@ -103,6 +103,25 @@ def test_samples_in_documents_mode_are_documents(names_file, pm):
     assert all("\n" not in s and set(s) <= set(run.tokenizer.chars) for s in run.samples)
 
 
+def test_run_sample_is_generate_with_the_temperature_sampler(names_file, pm):
+    from arraygpt.generation import generate
+
+    run = arraygpt.train(str(names_file), mode="documents", steps=10, batch_size=16, progress=False,
+                         plugin_manager=pm, **TINY)  # fmt: skip
+    tok = run.tokenizer
+    texts = run.sample(n=4, length=12, temperature=0.8, seed=5)
+    rows = [[] for _ in range(4)]
+    prompt = np.full((4, 1), tok.bos_id)
+    for step in generate(run.model, prompt, 12, "temperature", temperature=0.8, seed=np.random.default_rng([3, 5]),
+                         eos_id=tok.eos_id, use_cache=False):  # fmt: skip
+        for row, t in zip(rows, step):
+            if t is not None and t != tok.eos_id:
+                row.append(t)
+    assert texts == [tok.decode(r) for r in rows]
+    assert run.sample(n=4, length=12, temperature=0.8, seed=5) == texts  # one seed, the same texts
+    assert run.sample(n=4, length=12, temperature=0.8, seed=6) != texts
+
+
 @pytest.mark.parametrize("backend", ["array_api_strict", "torch"])
 def test_training_on_other_backends(names_file, pm, backend):
     if backend == "torch":
