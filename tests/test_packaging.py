@@ -23,18 +23,22 @@ def _python(code: str, cwd: Path | None = None) -> str:
     return out.stdout.strip().splitlines()[-1]
 
 
-def test_import_is_light_and_fast(tmp_path):
+def test_import_is_light(tmp_path):
+    """``import arraygpt`` loads a few small modules and pluggy: no array library, no model."""
     code = (
-        "import json, sys, time\n"
-        "t = time.perf_counter()\n"
+        "import json, sys\n"
         "import arraygpt\n"
-        "elapsed = time.perf_counter() - t\n"
-        f"print(json.dumps([elapsed, sorted(m for m in {OPTIONAL!r} if m in sys.modules)]))"
+        "print(json.dumps(sorted(m for m in sys.modules if m.startswith(('arraygpt', 'numpy')) or m in "
+        f"{OPTIONAL!r})))"
     )
-    runs = [json.loads(_python(code, cwd=tmp_path)) for _ in range(3)]
-    assert all(loaded == [] for _, loaded in runs), f"import arraygpt imported optional libraries: {runs}"
-    best = min(elapsed for elapsed, _ in runs)
-    assert best < 0.25, f"import arraygpt took {best:.3f} s (the limit is well under 0.5 s)"
+    loaded = json.loads(_python(code, cwd=tmp_path))
+    assert loaded == ["arraygpt", "arraygpt.errors", "arraygpt.hookspecs", "arraygpt.shim"]
+
+
+def test_dir_lists_the_lazy_public_names(tmp_path):
+    code = "import json, arraygpt; print(json.dumps(dir(arraygpt)))"
+    names = set(json.loads(_python(code, cwd=tmp_path)))
+    assert {"GPT", "train", "generate", "load", "save", "make_sampler", "CheckpointError", "TrainConfig"} <= names
 
 
 def test_public_names_resolve_without_optional_libraries(tmp_path):
@@ -97,7 +101,8 @@ def test_wheel_contents(wheel):
     top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith((".dist-info", ".data"))}
     assert top == {"arraygpt"}, f"top-level entries besides arraygpt: {top}"
     for required in ("arraygpt/py.typed", "arraygpt/__init__.py", "arraygpt/layers.py", "arraygpt/model.py",
-                     "arraygpt/shim.py", "arraygpt/hookspecs.py", "arraygpt/manager.py", "arraygpt/cli.py"):  # fmt: skip
+                     "arraygpt/shim.py", "arraygpt/hookspecs.py", "arraygpt/manager.py", "arraygpt/core.py",
+                     "arraygpt/cli/__init__.py", "arraygpt/cli/train.py"):  # fmt: skip
         assert required in names
     for folder in ("backends", "plugins"):
         sources = sorted(p.name for p in (ROOT / folder).glob("*.py"))
