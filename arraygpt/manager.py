@@ -2,10 +2,16 @@
 
 Set ``ARRAYGPT_DISABLE_PLUGIN_AUTOLOAD`` to any non-empty value to skip third-party plugins
 (as pytest's ``PYTEST_DISABLE_PLUGIN_AUTOLOAD``).
+
+Every registration is checked at once: a plugin with a hook that no spec declares (a misspelled
+``arraygpt_on_stepp``) raises :class:`UnknownHookError` naming it and the valid hooks, whether the
+plugin came from an entry point, from ``pm.register(...)`` on a manager made here, or from
+:func:`register_plugin` on any pluggy manager.
 """
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import os
 from typing import Any
@@ -28,17 +34,86 @@ REGISTRY_HOOKS = {
 
 
 class PluginError(RuntimeError):
-    """A plugin misbehaved: it raised, or offered a name another plugin already offers."""
+    """A plugin misbehaved: it raised, offered a name another plugin already offers, or has a hook
+    that no spec declares."""
+
+
+class UnknownHookError(PluginError, pluggy.PluginValidationError):
+    """A plugin has a hook implementation (or an ``arraygpt_*`` function) that matches no hook
+    spec, usually a misspelling. Also a ``pluggy.PluginValidationError``, as pluggy's own
+    ``check_pending`` would raise later."""
+
+    def __init__(self, plugin: object, message: str):
+        pluggy.PluginValidationError.__init__(self, plugin, message)
+
+
+def _hook_names(pm: pluggy.PluginManager) -> set[str]:
+    """The hooks that ``pm`` has a spec for."""
+    return {name for name, caller in vars(pm.hook).items() if hasattr(caller, "has_spec") and caller.has_spec()}
+
+
+def check_hook_names(pm: pluggy.PluginManager, plugin: object, name: str | None = None) -> None:
+    """Raise :class:`UnknownHookError` if ``plugin`` has a hook implementation whose hook ``pm``
+    has no spec for, or an attribute named ``arraygpt_*`` that is no hook (marked or not: an
+    unmarked one would be ignored silently). The message names each and lists the valid hooks."""
+    valid = _hook_names(pm)
+    prefix = hookspecs.PROJECT_NAME + "_"
+    unknown = []
+    for attr in dir(plugin):
+        if attr.startswith("__"):
+            continue
+        try:
+            value = getattr(plugin, attr)
+        except Exception:
+            continue
+        opts = pm.parse_hookimpl_opts(plugin, attr)
+        hook = (opts.get("specname") or attr) if opts is not None else attr
+        if (opts is not None or (attr.startswith(prefix) and callable(value))) and hook not in valid:
+            unknown.append(hook)
+    if unknown:
+        plugin_name = name or pm.get_canonical_name(plugin)
+        details = []
+        for hook in sorted(set(unknown)):
+            close = difflib.get_close_matches(hook, sorted(valid), n=1)
+            details.append(f"{hook!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise UnknownHookError(
+            plugin,
+            f"plugin {plugin_name!r} implements unknown hook(s) {', '.join(details)}; "
+            f"valid hooks: {', '.join(sorted(valid))}",
+        )
+
+
+def register_plugin(pm: pluggy.PluginManager, plugin: object, name: str | None = None) -> str:
+    """Register ``plugin`` on ``pm`` after :func:`check_hook_names`; return its name.
+
+    Raises:
+        UnknownHookError: a hook of ``plugin`` matches no spec (nothing is registered).
+    """
+    check_hook_names(pm, plugin, name)
+    registered = pluggy.PluginManager.register(pm, plugin, name=name)
+    if registered is None:  # pluggy returns None for a name blocked with pm.set_blocked
+        raise PluginError(f"plugin {name or pm.get_canonical_name(plugin)!r} is blocked")
+    return registered
+
+
+class PluginManager(pluggy.PluginManager):
+    """pluggy's manager whose every ``register`` (by hand or from an entry point) goes through
+    :func:`register_plugin`'s check, so that a misspelled hook fails at registration."""
+
+    def register(self, plugin: object, name: str | None = None) -> str | None:
+        check_hook_names(self, plugin, name)
+        return super().register(plugin, name=name)
 
 
 def get_plugin_manager(autoload: bool | None = None) -> pluggy.PluginManager:
     """A new plugin manager with the hook specs, the built-in plugins and, unless disabled, the
-    plugins of the ``arraygpt`` entry-point group; every implementation is checked against a spec.
+    plugins of the ``arraygpt`` entry-point group; every implementation is checked against a spec
+    when it is registered (:class:`PluginManager`), and ``pm.register`` on the result checks too.
     """
-    pm = pluggy.PluginManager(hookspecs.PROJECT_NAME)
+    pm = PluginManager(hookspecs.PROJECT_NAME)
     pm.add_hookspecs(hookspecs)
     for module_name in DEFAULT_PLUGINS:
-        pm.register(importlib.import_module(module_name), name=module_name)
+        register_plugin(pm, importlib.import_module(module_name), name=module_name)
     if autoload is None:
         autoload = not os.environ.get(DISABLE_AUTOLOAD_ENV)
     if autoload:

@@ -1,5 +1,6 @@
 """The plugin manager: built-ins as ordinary plugins, a third-party backend end to end, clashes and
-raising plugins named, entry-point autoload and its switch, check_pending. A fresh manager per test."""
+raising plugins named, entry-point autoload and its switch, misspelled hooks rejected at registration.
+A fresh manager per test."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import pytest
 
 import arraygpt
 from arraygpt import GPT, GPTConfig, hookimpl, hookspecs, manager, shim
-from arraygpt.manager import PluginError, get_plugin_manager, registry, registry_with_owners
+from arraygpt.manager import PluginError, UnknownHookError, get_plugin_manager, register_plugin, registry, registry_with_owners
 
 CONFIG = GPTConfig.preset("microgpt")
 
@@ -217,24 +218,71 @@ def test_disable_autoload_skips_entry_points(monkeypatch, fake_entry_point, valu
     assert get_plugin_manager(autoload=False).get_plugin("acme") is None
 
 
-def test_check_pending_catches_a_misspelled_hook(monkeypatch, fake_entry_point):
+def test_a_misspelled_hook_from_an_entry_point_is_rejected(monkeypatch, fake_entry_point):
     monkeypatch.delenv("ARRAYGPT_DISABLE_PLUGIN_AUTOLOAD", raising=False)
     fake_entry_point.arraygpt_register_backend = hookimpl(lambda: [])  # missing the final "s"
-    with pytest.raises(pluggy.PluginValidationError, match="arraygpt_register_backend"):
+    with pytest.raises(UnknownHookError, match="'arraygpt_register_backend' .did you mean 'arraygpt_register_backends'"):
         get_plugin_manager()
 
 
-def test_check_pending_catches_a_misspelled_hook_registered_by_hand():
-    pm = get_plugin_manager(autoload=False)
+class Typo:
+    @hookimpl
+    def arraygpt_on_stepp(self, run, step, metrics):  # the spec is arraygpt_on_step
+        return None
 
-    class Typo:
+
+def _assert_names_the_typo(excinfo):
+    message = str(excinfo.value)
+    assert "'typo'" in message and "'arraygpt_on_stepp'" in message and "did you mean 'arraygpt_on_step'" in message
+    assert "valid hooks: arraygpt_on_checkpoint, arraygpt_on_eval, arraygpt_on_step, " in message
+    assert isinstance(excinfo.value, pluggy.PluginValidationError)  # what pluggy's check_pending raises
+
+
+def test_a_misspelled_hook_registered_by_hand_is_rejected_by_arraygpt():
+    pm = get_plugin_manager(autoload=False)
+    with pytest.raises(UnknownHookError) as excinfo:
+        pm.register(Typo(), name="typo")  # no check_pending: registration itself refuses
+    _assert_names_the_typo(excinfo)
+    assert pm.get_plugin("typo") is None
+
+
+def test_the_default_manager_rejects_a_misspelled_hook(pm):
+    with pytest.raises(PluginError) as excinfo:
+        manager.default_plugin_manager().register(Typo(), name="typo")
+    _assert_names_the_typo(excinfo)
+
+
+def test_register_plugin_checks_any_pluggy_manager():
+    plain = pluggy.PluginManager(hookspecs.PROJECT_NAME)
+    plain.add_hookspecs(hookspecs)
+    with pytest.raises(UnknownHookError) as excinfo:
+        register_plugin(plain, Typo(), name="typo")
+    _assert_names_the_typo(excinfo)
+    assert plain.get_plugin("typo") is None
+    assert register_plugin(plain, BackendPlugin(acme=lambda: None), name="acme") == "acme"
+    assert "acme" in registry("backends", plain)
+
+
+def test_an_unmarked_misspelled_hook_is_rejected_too():
+    # without @hookimpl pluggy would ignore the function silently
+    module = types.ModuleType("unmarked_plugin")
+    module.arraygpt_register_sampler = lambda: [{"x": None}]  # missing the final "s", and unmarked
+    with pytest.raises(UnknownHookError, match="'arraygpt_register_sampler' .did you mean 'arraygpt_register_samplers'"):
+        get_plugin_manager(autoload=False).register(module, name="unmarked")
+
+
+def test_valid_hooks_and_helpers_register():
+    class Fine:
         @hookimpl
-        def arraygpt_on_stepp(self, run, step, metrics):
+        def arraygpt_on_step(self, run, step, metrics):
             return None
 
-    pm.register(Typo(), name="typo")
-    with pytest.raises(pluggy.PluginValidationError, match="arraygpt_on_stepp"):
-        pm.check_pending()
+        def helper(self):  # not a hook: ignored
+            return 1
+
+    pm = get_plugin_manager(autoload=False)
+    assert pm.register(Fine(), name="fine") == "fine"
+    assert len(pm.hook.arraygpt_on_step.get_hookimpls()) == 1
 
 
 def test_set_plugin_manager_none_builds_a_fresh_one(monkeypatch):
