@@ -332,7 +332,7 @@ def test_erfc_matches_math_erfc_in_the_far_tail():
 
 
 def test_erfc_on_strict_backend_matches_numpy():
-    strict = pytest.importorskip("array_api_strict")
+    import array_api_strict as strict
     x = np.linspace(-8, 8, 101)
     out = layers.erfc(strict.asarray(x))
     np.testing.assert_allclose(to_numpy(out), layers.erfc(x), rtol=1e-15, atol=0)
