@@ -231,8 +231,11 @@ def generate(
         ValueError: invalid options (see :func:`make_sampler`), prompt or counts.
 
     Example:
-        >>> for token in generate(model, [0, 5, 3], 20, "top_p", top_p=0.9, temperature=0.8, seed=1):
-        ...     print(tokenizer.decode([token]), end="", flush=True)
+        >>> from arraygpt import GPT, GPTConfig
+        >>> model = GPT(GPTConfig.preset("microgpt"), seed=0)
+        >>> tokens = list(generate(model, [0, 5, 3], 5, "top_p", top_p=0.9, temperature=0.8, seed=1))
+        >>> len(tokens), all(0 <= t < model.config.vocab_size for t in tokens)
+        (5, True)
     """
     chain = make_sampler(sampler, temperature=temperature, **sampler_options)
     context, single = _prompt_array(prompt)
