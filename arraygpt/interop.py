@@ -43,7 +43,7 @@ import numpy as np
 
 from arraygpt.errors import CheckpointError
 from arraygpt.model import GPT, GPTConfig
-from arraygpt.safetensors import load_file, read_json, save_file, write_atomic
+from arraygpt.safetensors import load_file, open_regular, read_json, save_file, write_atomic
 from arraygpt.shim import to_numpy
 
 __all__ = [
@@ -131,6 +131,7 @@ def config_from_gpt2(hf: Mapping[str, Any], source: str = CONFIG_FILE) -> GPTCon
     cfg = {**GPT2_DEFAULTS, **hf}
     if "n_positions" not in hf and "n_ctx" in hf:  # configs written by early transformers versions
         cfg["n_positions"] = hf["n_ctx"]
+    _check_types(cfg, source)
     for name, (supported, why) in _UNSUPPORTED.items():
         if cfg[name] != supported:
             raise CheckpointError(f"{source}: {name} is {cfg[name]!r}, only {supported!r} is supported: {why}")
@@ -159,6 +160,34 @@ def config_from_gpt2(hf: Mapping[str, Any], source: str = CONFIG_FILE) -> GPTCon
         )  # fmt: skip
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{source}: {e}") from None
+
+
+_INT_FIELDS = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head")
+_BOOL_FIELDS = ("scale_attn_weights", "scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn",
+                "add_cross_attention", "tie_word_embeddings")  # fmt: skip
+_FLOAT_FIELDS = ("resid_pdrop", "embd_pdrop", "attn_pdrop", "layer_norm_epsilon", "initializer_range")
+
+
+def _check_types(cfg: Mapping[str, Any], source: str) -> None:
+    """Strict JSON types: "false" is not false, 1.5 is not a layer count, a list is not a name."""
+
+    def bad(name: str, allowed: str) -> CheckpointError:
+        return CheckpointError(f"{source}: {name} must be {allowed}, not {cfg[name]!r:.80}")
+
+    for name in _INT_FIELDS:
+        if not (isinstance(cfg[name], int) and not isinstance(cfg[name], bool)) or cfg[name] < 1:
+            raise bad(name, "a positive integer")
+    n_inner = cfg["n_inner"]
+    if n_inner is not None and (not isinstance(n_inner, int) or isinstance(n_inner, bool) or n_inner < 1):
+        raise bad("n_inner", "null or a positive integer")
+    for name in _BOOL_FIELDS:
+        if not isinstance(cfg[name], bool):
+            raise bad(name, "true or false (a JSON boolean)")
+    for name in _FLOAT_FIELDS:
+        if not isinstance(cfg[name], (int, float)) or isinstance(cfg[name], bool):
+            raise bad(name, "a number")
+    if not isinstance(cfg["activation_function"], str):
+        raise bad("activation_function", f"one of {', '.join(ACTIVATIONS_FROM_GPT2)}")
 
 
 def _check_gpt2_expressible(config: GPTConfig) -> None:
@@ -251,6 +280,22 @@ def _gpt2_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
 
 
 _BUFFER = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)")
+_LAYER = re.compile(r"(?:transformer\.)?h\.(\d+)\.")
+
+
+def _check_claimed_sizes(tensors: Mapping[str, Any], config: GPTConfig, source: str) -> None:
+    """Compare config.json's n_layer, vocab_size, n_positions and n_embd with the tensors present,
+    in time proportional to the number of tensors (a config may claim 10^9 layers)."""
+    layers = {int(m.group(1)) for name in tensors if (m := _LAYER.match(name))}
+    if config.n_layer != len(layers):
+        raise CheckpointError(f"{source}: config.json claims n_layer={config.n_layer}, the file holds {len(layers)} layer(s)")
+    for short, claimed in (("wte.weight", (config.vocab_size, config.n_embd)), ("wpe.weight", (config.block_size, config.n_embd))):
+        value = tensors.get(PREFIX + short, tensors.get(short))
+        if value is not None and tuple(np.shape(value)) != claimed:
+            raise CheckpointError(
+                f"{source}: tensor {short} has shape {tuple(np.shape(value))}, but config.json implies {claimed} "
+                "(vocab_size or n_positions, n_embd)"
+            )
 
 
 def state_dict_from_gpt2(
@@ -268,6 +313,7 @@ def state_dict_from_gpt2(
         CheckpointError: a tensor is missing, has the wrong shape or is not floating point, a name
             is not a GPT-2 parameter, or a stored ``lm_head.weight`` differs from the tied ``wte``.
     """
+    _check_claimed_sizes(tensors, config, source)
     prefixed = any(name.startswith(PREFIX) for name in tensors)
     found: dict[str, np.ndarray] = {}
     for name, value in tensors.items():
@@ -388,18 +434,28 @@ def _read_tensors(directory: Path) -> tuple[dict[str, np.ndarray], str]:
     single, index = directory / WEIGHTS_FILE, directory / WEIGHTS_INDEX_FILE
     if single.is_file():
         return load_file(single), str(single)
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            shards = sorted(set(weight_map.values()))
-        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-            raise CheckpointError(f"{index}: not a safetensors index (no weight_map): {e}") from None
+    if os.path.lexists(index):
+        weight_map = _read_index(index)
         tensors: dict[str, np.ndarray] = {}
-        for shard in shards:
+        where: dict[str, str] = {}
+        for shard in sorted(set(weight_map.values())):
             path = directory / shard
-            if Path(shard).name != shard or not path.is_file():
+            if not os.path.lexists(path):
                 raise CheckpointError(f"{index} names shard {shard!r}, which is not a file in {directory}")
-            tensors.update(load_file(path))
+            for name, value in load_file(path).items():
+                if name in where:
+                    raise CheckpointError(f"{directory}: tensor {name!r} is in two shards, {where[name]} and {shard}")
+                if weight_map.get(name) != shard:
+                    mapped = f"maps it to {weight_map[name]!r}" if name in weight_map else "does not list it"
+                    raise CheckpointError(f"{path} holds tensor {name!r}, but {index.name} {mapped}")
+                where[name] = shard
+                tensors[name] = value
+        absent = sorted(set(weight_map) - set(tensors))
+        if absent:
+            raise CheckpointError(
+                f"{index} maps tensor {absent[0]!r} to {weight_map[absent[0]]!r}, which does not hold it"
+                + (f" (and {len(absent) - 1} more)" if len(absent) > 1 else "")
+            )
         return tensors, str(index)
     pickles = [name for name in PICKLE_FILES if (directory / name).is_file()]
     pickles += sorted(
@@ -411,6 +467,28 @@ def _read_tensors(directory: Path) -> tuple[dict[str, np.ndarray], str]:
             + _CONVERT_HINT.format(d=directory)
         )
     raise FileNotFoundError(f"{directory} has no {WEIGHTS_FILE} (nor a sharded {WEIGHTS_INDEX_FILE})")
+
+
+def _read_index(index: Path) -> dict[str, str]:
+    """The weight_map of a sharded checkpoint's index: tensor name -> a plain file name in the directory."""
+    weight_map = read_json(index, what="safetensors index", limit=_INDEX_LIMIT).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{index}: not a safetensors index: 'weight_map' must be a non-empty JSON object")
+    for name, shard in weight_map.items():
+        if not isinstance(shard, str) or not _plain_file_name(shard):
+            raise CheckpointError(
+                f"{index}: tensor {name!r} maps to {shard!r:.100}; a shard must be a plain file name inside the "
+                "directory (no path separators, no '..', not absolute)"
+            )
+    return weight_map
+
+
+def _plain_file_name(name: str) -> bool:
+    return (bool(name) and name not in (".", "..") and "/" not in name and "\\" not in name and "\0" not in name
+            and Path(name).name == name and not os.path.isabs(name))  # fmt: skip
+
+
+_INDEX_LIMIT = 64 * 1024 * 1024  # bytes; the index of a 1000-layer model is a few MB
 
 
 def load_gpt2(directory: str | os.PathLike[str], dtype: str = "float32", backend: Any = None) -> GPT:
@@ -604,12 +682,28 @@ class BPETokenizer:
         write_atomic(directory / "tokenizer.json", self._tokenizer.to_str().encode("utf-8"))
 
 
+_TOKENIZER_LIMIT = 256 * 1024 * 1024  # bytes; GPT-2's tokenizer.json is 1.4 MB, the largest real ones ~30 MB
+
+
+def _read_text(path: Path, what: str) -> str:
+    """A regular file of at most _TOKENIZER_LIMIT bytes, as UTF-8 text."""
+    f, size = open_regular(path, what)
+    with f:
+        if size > _TOKENIZER_LIMIT:
+            raise CheckpointError(f"{path}: the {what} is {size} bytes; at most {_TOKENIZER_LIMIT} bytes are read")
+        data = f.read(_TOKENIZER_LIMIT + 1)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{path}: the {what} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
 def _check_byte_level(spec: Any, path: Path) -> None:
     """Raise ValueError unless a tokenizer.json describes a GPT-2-style byte-level BPE that round-trips."""
     if not isinstance(spec, dict):
-        raise ValueError(f"{path}: expected a JSON object")
-    model = spec.get("model") or {}
-    pre = spec.get("pre_tokenizer") or {}
+        raise CheckpointError(f"{path}: expected a JSON object")
+    model = spec.get("model") if isinstance(spec.get("model"), dict) else {}
+    pre = spec.get("pre_tokenizer") if isinstance(spec.get("pre_tokenizer"), dict) else {}
     problems = [
         (model.get("type") != "BPE", f"model type is {model.get('type')!r}, not 'BPE'"),
         (pre.get("type") != "ByteLevel", f"pre_tokenizer is {pre.get('type')!r}, not 'ByteLevel'"),
@@ -620,7 +714,7 @@ def _check_byte_level(spec: Any, path: Path) -> None:
     ]  # fmt: skip
     for bad, why in problems:
         if bad:
-            raise ValueError(f"{path}: not a GPT-2 byte-level BPE tokenizer: {why}")
+            raise CheckpointError(f"{path}: not a GPT-2 byte-level BPE tokenizer: {why}")
 
 
 def load_tokenizer(directory: str | os.PathLike[str]) -> BPETokenizer:
@@ -655,16 +749,28 @@ def load_hf_tokenizer(directory: str | os.PathLike[str]) -> BPETokenizer:
             f"{directory}: no such directory (expected tokenizer.json, or vocab.json and merges.txt)"
         )
     tokenizer_json, vocab, merges = directory / "tokenizer.json", directory / "vocab.json", directory / "merges.txt"
-    if tokenizer_json.is_file():
-        text = tokenizer_json.read_text(encoding="utf-8")
+    if os.path.lexists(tokenizer_json):
+        text = _read_text(tokenizer_json, "tokenizer file")
         try:
             spec = json.loads(text)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{tokenizer_json}: not valid JSON: {e}") from None
+            raise CheckpointError(f"{tokenizer_json}: the tokenizer file is not valid JSON: {e}") from None
+        except RecursionError:
+            raise CheckpointError(f"{tokenizer_json}: the tokenizer file is nested too deeply") from None
         _check_byte_level(spec, tokenizer_json)
-        return BPETokenizer(tokenizers.Tokenizer.from_str(text), str(tokenizer_json))
-    if vocab.is_file() and merges.is_file():
-        model = tokenizers.models.BPE.from_file(str(vocab), str(merges))
+        try:
+            return BPETokenizer(tokenizers.Tokenizer.from_str(text), str(tokenizer_json))
+        except Exception as e:  # the tokenizers library raises its own exception types
+            if isinstance(e, ValueError):
+                raise
+            raise CheckpointError(f"{tokenizer_json}: the tokenizers library cannot read it: {e}") from None
+    if os.path.lexists(vocab) and os.path.lexists(merges):
+        read_json(vocab, what="tokenizer vocabulary", limit=_TOKENIZER_LIMIT)  # a JSON object, in a regular file
+        _read_text(merges, "tokenizer merges file")
+        try:
+            model = tokenizers.models.BPE.from_file(str(vocab), str(merges))
+        except Exception as e:  # the tokenizers library raises its own exception types
+            raise CheckpointError(f"{vocab} + {merges.name}: the tokenizers library cannot read them: {e}") from None
         tokenizer = tokenizers.Tokenizer(model)
         tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
         tokenizer.decoder = tokenizers.decoders.ByteLevel()

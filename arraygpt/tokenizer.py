@@ -152,14 +152,17 @@ def tokenizer_from_dict(d: Mapping[str, Any]) -> Tokenizer:
     if d.get("format", FORMAT) != FORMAT:
         raise ValueError(f"tokenizer format {d.get('format')!r} is not supported (this version reads {FORMAT})")
     kind = d["type"]
+    bos = d.get("bos", True)
+    if not isinstance(bos, bool):
+        raise ValueError(f"a tokenizer description's 'bos' must be true or false (a JSON boolean), not {bos!r:.40}")
     if kind == "char":
         chars = d.get("chars")
         if not isinstance(chars, str):
             raise ValueError("a char tokenizer description needs 'chars', a string")
-        return CharTokenizer(chars, bos=bool(d.get("bos", True)))
+        return CharTokenizer(chars, bos=bos)
     if kind == "byte":
-        return ByteTokenizer(bos=bool(d.get("bos", True)))
-    raise ValueError(f"unknown tokenizer type {kind!r}; known: {', '.join(TOKENIZERS)}")
+        return ByteTokenizer(bos=bos)
+    raise ValueError(f"unknown tokenizer type {kind!r:.60}; known: {', '.join(TOKENIZERS)}")
 
 
 def save_tokenizer(tokenizer: Tokenizer, path: str | os.PathLike[str]) -> None:
