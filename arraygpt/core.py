@@ -3,11 +3,18 @@
 
 Data flow (pre-norm transformer, Radford et al. 2019):
 
-    idx (B,T) -> encoder: wte[idx] + wpe[t] -> [dropout] -> [norm_emb]
-      -> n_layer x block:  x = x + dropout(attn_wo @ attention(norm1(x) -> q, k, v))
-                           x = x + dropout(mlp_fc2 @ act(mlp_fc1 @ norm2(x)))
+    idx (B,T) -> encoder: wte[idx] + wpe[t] (no wpe with RoPE) -> [dropout] -> [norm_emb]
+      -> n_layer x block:  x = x + dropout(attn_wo @ attention([rope](q), [rope](k), v))
+                               with q, k, v = attn_wq, attn_wk, attn_wv @ norm1(x)
+                           x = x + dropout(mlp_fc2 @ act(mlp_fc1 @ norm2(x)))            (standard MLP)
+                           x = x + dropout(mlp_down @ (silu(mlp_gate @ h) * (mlp_up @ h)))  (SwiGLU, h = norm2(x))
       -> [normf] -> unembedding (lm_head, or wte when tied) -> logits (B,T,V)
       -> softmax cross-entropy against targets -> loss
+
+Queries have n_head heads, keys and values n_kv_head (grouped-query attention when fewer), so
+the fused q/k/v projection's output (B, T, D + 2 Dkv) has unequal parts. Rotary positions
+(``config.position == "rope"``) rotate q and k after the projection, at positions offset by the
+KV cache's length; the cache stores the rotated keys.
 
 Read it as picoGPT's ``gpt2()`` and llm.c's ``gpt2_forward``/``gpt2_backward``. Parameters come
 as one flat dict, name -> array (weights stored (out, in)). Which forward/backward pair runs for
@@ -42,6 +49,8 @@ class Kernels(NamedTuple):
     attention: Pair
     activation: Pair
     crossentropy: Pair
+    rope: Pair = (layers.rope_forward, layers.rope_backward)
+    swiglu: Pair = (layers.swiglu_forward, layers.swiglu_backward)
 
 
 def reference_kernels(config: GPTConfig) -> Kernels:
@@ -52,6 +61,8 @@ def reference_kernels(config: GPTConfig) -> Kernels:
         attention=(layers.attention_forward, layers.attention_backward),
         activation=layers.ACTIVATIONS[config.activation],
         crossentropy=(layers.crossentropy_forward, layers.crossentropy_backward),
+        rope=(layers.rope_forward, layers.rope_backward),
+        swiglu=(layers.swiglu_forward, layers.swiglu_backward),
     )
 
 
@@ -61,7 +72,15 @@ def reference_kernels(config: GPTConfig) -> Kernels:
 
 class KVCache:
     """Keys and values of past positions, per layer, so that each new token costs one position's
-    work. Buffers of (B, block_size, D) are allocated on first use and filled left to right."""
+    work. Per layer, buffers of (B, capacity, Dkv) hold the keys and values (Dkv = n_kv_head *
+    head_dim: grouped-query attention stores only the key/value heads, so memory is proportional
+    to n_kv_head). They are allocated on first use and filled left to right; the capacity starts
+    at min(block_size, 256) positions and doubles as needed up to block_size, so a model with a
+    long context (Llama's 131072) does not reserve it all for a short generation.
+
+    With RoPE the stored keys are already rotated, at positions 0 .. length-1 of the cache."""
+
+    _START = 256  # positions of a fresh buffer (at most block_size)
 
     def __init__(self, config: GPTConfig):
         self.block_size = config.block_size
@@ -70,16 +89,22 @@ class KVCache:
         self.length = 0  # positions stored so far
 
     def append(self, layer: int, k: Array, v: Array) -> tuple[Array, Array]:
-        """Store k, v (B, T, D) after the past positions; return all keys and values (B, length+T, D)."""
+        """Store k, v (B, T, Dkv) after the past positions; return all keys and values (B, length+T, Dkv)."""
         xp = namespace(k)
         B, T, D = k.shape
-        if self.keys[layer] is None:
-            self.keys[layer] = xp.zeros((B, self.block_size, D), dtype=k.dtype, device=k.device)
-            self.values[layer] = xp.zeros((B, self.block_size, D), dtype=k.dtype, device=k.device)
-        keys, values = self.keys[layer], self.values[layer]
-        if keys.shape[0] != B:
-            raise ValueError(f"KV cache holds a batch of {keys.shape[0]}, got a batch of {B}")
         end = self.length + T
+        keys, values = self.keys[layer], self.values[layer]
+        if keys is not None and keys.shape[0] != B:
+            raise ValueError(f"KV cache holds a batch of {keys.shape[0]}, got a batch of {B}")
+        if keys is None or keys.shape[1] < end:
+            old = 0 if keys is None else keys.shape[1]
+            capacity = max(end, min(self.block_size, max(self._START, 2 * old)))
+            grown_k = xp.zeros((B, capacity, D), dtype=k.dtype, device=k.device)
+            grown_v = xp.zeros((B, capacity, D), dtype=k.dtype, device=k.device)
+            if keys is not None and self.length:
+                grown_k[:, : self.length, :] = keys[:, : self.length, :]
+                grown_v[:, : self.length, :] = values[:, : self.length, :]
+            self.keys[layer], self.values[layer] = keys, values = grown_k, grown_v
         keys[:, self.length : end, :] = k
         values[:, self.length : end, :] = v
         return keys[:, :end, :], values[:, :end, :]
@@ -104,10 +129,12 @@ class BlockCache(NamedTuple):
     attn_out: Any  # the output projection attn_wo
     attn_drop: Array | None  # residual dropout mask after attention
     norm2: Any
-    fc1: Any
-    act: Any
-    fc2: Any
+    fc1: Any  # mlp_fc1's linear cache; SwiGLU: the fused gate/up projection's
+    act: Any  # the activation's cache; SwiGLU: layers.SwiGLUCache
+    fc2: Any  # mlp_fc2's linear cache; SwiGLU: mlp_down's
     mlp_drop: Array | None
+    rope_q: Any = None  # the rotary embedding's caches of the queries and keys (RoPE only)
+    rope_k: Any = None
 
 
 class GPTCache(NamedTuple):
@@ -126,14 +153,31 @@ def _dropout(x: Array, p: float, coins: Coins | None) -> tuple[Array, Array | No
     return layers.dropout_forward(x, p, coins(tuple(x.shape)))
 
 
+def _fused_weight(params: Mapping[str, Array], prefix: str, fused: str, parts: tuple[str, ...],
+                  suffix: str) -> Array | None:  # fmt: skip
+    """The weights ``parts`` stacked along their output axis (or their biases, ``suffix`` "_b"):
+    the caller's stored fused buffer ``prefix + fused + suffix`` when it keeps one (GPT does),
+    else stacked here."""
+    buffer = params.get(prefix + fused + suffix)
+    if buffer is not None:
+        return buffer
+    arrays = [params.get(prefix + part + suffix) for part in parts]
+    return None if arrays[0] is None else namespace(arrays[0]).concat(arrays)
+
+
+QKV = ("attn_wq", "attn_wk", "attn_wv")  # stacked as the fused buffer attn_wqkv: (D + 2 Dkv, C)
+GATE_UP = ("mlp_gate", "mlp_up")  # stacked as the fused buffer mlp_gate_up: (2H, C)
+
+
 def _qkv_weight(params: Mapping[str, Array], prefix: str, suffix: str) -> Array | None:
-    """The stacked (3D, C) query/key/value weight (or (3D,) bias): the caller's stored
-    ``attn_wqkv`` buffer when it keeps one (GPT does), else stacked here."""
-    fused = params.get(prefix + "attn_wqkv" + suffix)
-    if fused is not None:
-        return fused
-    parts = [params.get(f"{prefix}attn_w{x}{suffix}") for x in "qkv"]
-    return None if parts[0] is None else namespace(parts[0]).concat(parts)
+    """The stacked (D + 2 Dkv, C) query/key/value weight (or (D + 2 Dkv,) bias)."""
+    return _fused_weight(params, prefix, "attn_wqkv", QKV, suffix)
+
+
+def rope_tables(config: GPTConfig, xp: Any, T: int, past: int, dtype: Any, device: Any) -> tuple[Array, Array]:
+    """cos, sin (T, head_dim) of positions past .. past + T - 1 (``layers.rope_tables``)."""
+    inv_freq = layers.rope_frequencies(config.head_dim, config.rope_theta, config.rope_scaling)
+    return layers.rope_tables(xp, T, past, inv_freq, dtype, device)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -141,37 +185,57 @@ def _qkv_weight(params: Mapping[str, Array], prefix: str, suffix: str) -> Array 
 
 
 def block_forward(params: Mapping[str, Array], config: GPTConfig, i: int, x: Array, kernels: Kernels, *,
-                  dropout: float = 0.0, coins: Coins | None = None,
-                  kv_cache: KVCache | None = None) -> tuple[Array, BlockCache]:  # fmt: skip
-    """Block ``i``: x (B, T, C) -> x (B, T, C) and its cache."""
-    p, name, D = params, f"layer{i}.", config.attn_dim
+                  dropout: float = 0.0, coins: Coins | None = None, kv_cache: KVCache | None = None,
+                  rope: tuple[Array, Array] | None = None) -> tuple[Array, BlockCache]:  # fmt: skip
+    """Block ``i``: x (B, T, C) -> x (B, T, C) and its cache. ``rope``: the (cos, sin) tables of
+    this forward's positions (computed here when None and the config uses RoPE)."""
+    p, name, D, Dkv = params, f"layer{i}.", config.attn_dim, config.kv_dim
     norm_forward, linear_forward = kernels.norm[0], kernels.linear[0]
     h, norm1 = norm_forward(x, p.get(name + "norm1"), p.get(name + "norm1_b"), config.norm_eps)
-    qkv, qkv_lin = linear_forward(h, _qkv_weight(p, name, ""), _qkv_weight(p, name, "_b"))  # (B, T, 3D)
-    q, k, v = qkv[..., :D], qkv[..., D : 2 * D], qkv[..., 2 * D :]  # (B, T, D) each
+    qkv, qkv_lin = linear_forward(h, _qkv_weight(p, name, ""), _qkv_weight(p, name, "_b"))  # (B, T, D + 2Dkv)
+    q, k, v = qkv[..., :D], qkv[..., D : D + Dkv], qkv[..., D + Dkv :]  # (B, T, D), (B, T, Dkv) x2
+    rope_q = rope_k = None
+    if config.position == "rope":
+        if rope is None:
+            past = 0 if kv_cache is None else kv_cache.length
+            rope = rope_tables(config, namespace(x), x.shape[1], past, x.dtype, x.device)
+        q, rope_q = kernels.rope[0](q, *rope)  # (B, T, D)
+        k, rope_k = kernels.rope[0](k, *rope)  # (B, T, Dkv)
     if kv_cache is not None:
-        k, v = kv_cache.append(i, k, v)  # (B, Tk, D): the past positions and these
+        k, v = kv_cache.append(i, k, v)  # (B, Tk, Dkv): the past positions and these
     attn_coins = None
     if dropout > 0.0:
         B, T = q.shape[:2]
         attn_coins = coins((B, config.n_head, T, k.shape[1]))
-    y, attn = kernels.attention[0](q, k, v, config.n_head, dropout, attn_coins)  # (B, T, D)
+    if config.n_kv_head == config.n_head:  # the plain call, which every attention kernel takes
+        y, attn = kernels.attention[0](q, k, v, config.n_head, dropout, attn_coins)  # (B, T, D)
+    else:
+        y, attn = kernels.attention[0](q, k, v, config.n_head, dropout, attn_coins, n_kv_head=config.n_kv_head)
     y, attn_out = linear_forward(y, p[name + "attn_wo"], p.get(name + "attn_wo_b"))  # (B, T, C)
     y, attn_drop = _dropout(y, dropout, coins)
     x, _ = layers.residual_forward(x, y)
     h, norm2 = norm_forward(x, p.get(name + "norm2"), p.get(name + "norm2_b"), config.norm_eps)
-    h, fc1 = linear_forward(h, p[name + "mlp_fc1"], p.get(name + "mlp_fc1_b"))  # (B, T, H)
-    h, act = kernels.activation[0](h)
-    h, fc2 = linear_forward(h, p[name + "mlp_fc2"], p.get(name + "mlp_fc2_b"))  # (B, T, C)
+    if config.mlp == "swiglu":
+        H = config.mlp_hidden
+        gate_up = _fused_weight(p, name, "mlp_gate_up", GATE_UP, "")
+        h, fc1 = linear_forward(h, gate_up, _fused_weight(p, name, "mlp_gate_up", GATE_UP, "_b"))  # (B, T, 2H)
+        h, act = kernels.swiglu[0](h[..., :H], h[..., H:])  # (B, T, H)
+        h, fc2 = linear_forward(h, p[name + "mlp_down"], p.get(name + "mlp_down_b"))  # (B, T, C)
+    else:
+        h, fc1 = linear_forward(h, p[name + "mlp_fc1"], p.get(name + "mlp_fc1_b"))  # (B, T, H)
+        h, act = kernels.activation[0](h)
+        h, fc2 = linear_forward(h, p[name + "mlp_fc2"], p.get(name + "mlp_fc2_b"))  # (B, T, C)
     h, mlp_drop = _dropout(h, dropout, coins)
     x, _ = layers.residual_forward(x, h)
-    return x, BlockCache(norm1, qkv_lin, attn, attn_out, attn_drop, norm2, fc1, act, fc2, mlp_drop)
+    return x, BlockCache(norm1, qkv_lin, attn, attn_out, attn_drop, norm2, fc1, act, fc2, mlp_drop, rope_q, rope_k)
 
 
 def embed(params: Mapping[str, Array], config: GPTConfig, idx: Array, kernels: Kernels, *, past: int = 0,
           dropout: float = 0.0, coins: Coins | None = None) -> tuple[Array, tuple[Any, Any, Any]]:  # fmt: skip
-    """The residual stream's start: idx (B, T) -> x (B, T, C), positions offset by ``past``."""
-    x, encoder = layers.encoder_forward(idx, params["wte"], params["wpe"], past)  # (B, T, C)
+    """The residual stream's start: idx (B, T) -> x (B, T, C), positions offset by ``past``
+    (no position table with RoPE: attention rotates q and k instead)."""
+    wpe = params["wpe"] if config.position == "learned" else None
+    x, encoder = layers.encoder_forward(idx, params["wte"], wpe, past)  # (B, T, C)
     x, emb_drop = _dropout(x, dropout, coins)
     norm_emb = None
     if config.norm_emb:
@@ -212,9 +276,11 @@ def gpt_forward(params: Mapping[str, Array], config: GPTConfig, idx: Array, targ
     B, T = idx.shape
     past = 0 if kv_cache is None else kv_cache.length
     x, (encoder, emb_drop, norm_emb) = embed(params, config, idx, kernels, past=past, dropout=dropout, coins=coins)
+    rope = rope_tables(config, namespace(x), T, past, x.dtype, x.device) if config.position == "rope" else None
     blocks = []
     for i in range(config.n_layer):
-        x, block = block_forward(params, config, i, x, kernels, dropout=dropout, coins=coins, kv_cache=kv_cache)
+        x, block = block_forward(params, config, i, x, kernels, dropout=dropout, coins=coins, kv_cache=kv_cache,
+                                 rope=rope)  # fmt: skip
         blocks.append(block)
     if kv_cache is not None:
         kv_cache.advance(T)
@@ -238,8 +304,9 @@ def residual_stream(params: Mapping[str, Array], config: GPTConfig, idx: Array,
     kernels = kernels or reference_kernels(config)
     x, _ = embed(params, config, idx, kernels)
     stream = [x]
+    rope = rope_tables(config, namespace(x), x.shape[1], 0, x.dtype, x.device) if config.position == "rope" else None
     for i in range(config.n_layer):
-        x, _ = block_forward(params, config, i, x, kernels)
+        x, _ = block_forward(params, config, i, x, kernels, rope=rope)
         stream.append(x)
     return stream
 
@@ -279,7 +346,9 @@ def gpt_backward(dloss: float, cache: GPTCache, config: GPTConfig, *,
         dx = _norm_backward(kernels, dx, cache.norm_emb, "norm_emb", grads)
     if cache.emb_drop is not None:
         dx = layers.dropout_backward(dx, cache.emb_drop)
-    dwte, grads["wpe"] = layers.encoder_backward(dx, cache.encoder)
+    dwte, dwpe = layers.encoder_backward(dx, cache.encoder)
+    if dwpe is not None:
+        grads["wpe"] = dwpe
     if config.tie_embeddings:
         dwte += dw_unembed  # wte is used twice: as the embedding and as the unembedding
     else:
@@ -291,30 +360,51 @@ def gpt_backward(dloss: float, cache: GPTCache, config: GPTConfig, *,
 def block_backward(config: GPTConfig, i: int, dx: Array, cache: BlockCache, kernels: Kernels,
                    grads: dict[str, Array]) -> Array:  # fmt: skip
     """Block ``i`` in reverse: dx (B, T, C) of its output -> dx of its input; fills ``grads``."""
-    name, D = f"layer{i}.", config.attn_dim
+    name = f"layer{i}."
     xp = namespace(dx)
-    # x = x + dropout(fc2(act(fc1(norm2(x)))))
     dx_skip, dh = layers.residual_backward(dx, None)
     if cache.mlp_drop is not None:
         dh = layers.dropout_backward(dh, cache.mlp_drop)
-    dh = _linear_backward(kernels, dh, cache.fc2, name + "mlp_fc2", grads)
-    dh = kernels.activation[1](dh, cache.act)
-    dh = _linear_backward(kernels, dh, cache.fc1, name + "mlp_fc1", grads)
+    if config.mlp == "swiglu":
+        # x = x + dropout(down(silu(gate(h)) * up(h))), h = norm2(x); gate and up are one fused linear
+        dh = _linear_backward(kernels, dh, cache.fc2, name + "mlp_down", grads)
+        dgate, dup = kernels.swiglu[1](dh, cache.act)  # (B, T, H) each
+        dh = _split_linear_backward(kernels, xp.concat([dgate, dup], axis=-1), cache.fc1, name, GATE_UP,
+                                    (config.mlp_hidden,) * 2, grads)  # fmt: skip
+    else:
+        # x = x + dropout(fc2(act(fc1(norm2(x)))))
+        dh = _linear_backward(kernels, dh, cache.fc2, name + "mlp_fc2", grads)
+        dh = kernels.activation[1](dh, cache.act)
+        dh = _linear_backward(kernels, dh, cache.fc1, name + "mlp_fc1", grads)
     dx = _norm_backward(kernels, dh, cache.norm2, name + "norm2", grads)
     dx += dx_skip  # the residual's two gradients meet
-    # x = x + dropout(wo(attention(qkv(norm1(x)))))
+    # x = x + dropout(wo(attention(rope(q), rope(k), v))), q, k, v = qkv(norm1(x))
     dx_skip, dy = layers.residual_backward(dx, None)
     if cache.attn_drop is not None:
         dy = layers.dropout_backward(dy, cache.attn_drop)
     dy = _linear_backward(kernels, dy, cache.attn_out, name + "attn_wo", grads)
-    dq, dk, dv = kernels.attention[1](dy, cache.attn)  # (B, T, D) each
-    dh, dw_qkv, db_qkv = kernels.linear[1](xp.concat([dq, dk, dv], axis=-1), cache.qkv)  # (B, T, C)
-    for j, w in enumerate(("attn_wq", "attn_wk", "attn_wv")):
-        grads[name + w] = dw_qkv[j * D : (j + 1) * D, :]
-        if db_qkv is not None:
-            grads[name + w + "_b"] = db_qkv[j * D : (j + 1) * D]
+    dq, dk, dv = kernels.attention[1](dy, cache.attn)  # (B, T, D), (B, T, Dkv) x2
+    if cache.rope_q is not None:
+        dq = kernels.rope[1](dq, cache.rope_q)
+        dk = kernels.rope[1](dk, cache.rope_k)
+    D, Dkv = config.attn_dim, config.kv_dim
+    dh = _split_linear_backward(kernels, xp.concat([dq, dk, dv], axis=-1), cache.qkv, name, QKV, (D, Dkv, Dkv), grads)
     dx = _norm_backward(kernels, dh, cache.norm1, name + "norm1", grads)
     dx += dx_skip
+    return dx
+
+
+def _split_linear_backward(kernels: Kernels, dout: Array, cache: Any, prefix: str, parts: tuple[str, ...],
+                           widths: tuple[int, ...], grads: dict[str, Array]) -> Array:  # fmt: skip
+    """The backward of a fused linear whose output stacks ``parts`` of ``widths`` rows: the
+    gradients of each part's weight (and bias) are row slices of the fused one."""
+    dx, dw, db = kernels.linear[1](dout, cache)
+    start = 0
+    for part, width in zip(parts, widths):
+        grads[prefix + part] = dw[start : start + width, :]
+        if db is not None:
+            grads[prefix + part + "_b"] = db[start : start + width]
+        start += width
     return dx
 
 

@@ -12,6 +12,7 @@ pre-drawn coins), optimizers and sampling.
 Shape legend:
     B batch, T time (query positions), Tk key positions (T, or more with a KV cache),
     C channels (n_embd), V vocabulary, NH heads, hs head size, D = NH*hs attention width,
+    NKV key/value heads (grouped-query attention; NH/NKV = G query heads share one), Dkv = NKV*hs,
     H the MLP's hidden width, N = B*T rows of a flattened batch.
 Weights are stored (out, in), so a linear layer computes ``x @ w.T + b``.
 
@@ -50,28 +51,32 @@ def _sum_rows(xp: Any, x: Array) -> Array:  # (..., C) -> (C,): the sum over eve
 class EncoderCache(NamedTuple):
     idx: Array  # (B, T) token ids
     wte_shape: tuple[int, ...]
-    wpe_shape: tuple[int, ...]
+    wpe_shape: tuple[int, ...] | None  # None: no position table (rotary positions act inside attention)
     pos_offset: int
 
 
-def encoder_forward(idx: Array, wte: Array, wpe: Array, pos_offset: int = 0) -> tuple[Array, EncoderCache]:
-    """x[b, t] = wte[idx[b, t]] + wpe[pos_offset + t]; (B,T) ints -> (B,T,C)."""
+def encoder_forward(idx: Array, wte: Array, wpe: Array | None, pos_offset: int = 0) -> tuple[Array, EncoderCache]:
+    """x[b, t] = wte[idx[b, t]] + wpe[pos_offset + t]; (B,T) ints -> (B,T,C).
+    ``wpe`` None: x[b, t] = wte[idx[b, t]] (the model encodes positions with RoPE instead)."""
     xp = namespace(wte)
     B, T = idx.shape
     C = wte.shape[1]
-    tokens = xp.take(wte, xp.reshape(idx, (B * T,)), axis=0)  # (N, C)
-    x = xp.reshape(tokens, (B, T, C)) + wpe[pos_offset : pos_offset + T, :]  # (B, T, C)
-    return x, EncoderCache(idx, wte.shape, wpe.shape, pos_offset)
+    x = xp.reshape(xp.take(wte, xp.reshape(idx, (B * T,)), axis=0), (B, T, C))  # (N, C) -> (B, T, C)
+    if wpe is not None:
+        x += wpe[pos_offset : pos_offset + T, :]  # (B, T, C)
+    return x, EncoderCache(idx, wte.shape, None if wpe is None else wpe.shape, pos_offset)
 
 
-def encoder_backward(dout: Array, cache: EncoderCache) -> tuple[Array, Array]:
+def encoder_backward(dout: Array, cache: EncoderCache) -> tuple[Array, Array | None]:
     """forward: x[b, t] = wte[idx[b, t]] + wpe[t]. A token id that repeats gathers every row
-    that used it (scatter-add); a position gathers the batch (sum over b)."""
+    that used it (scatter-add); a position gathers the batch (sum over b). dwpe is None without wpe."""
     idx, wte_shape, wpe_shape, pos_offset = cache
     xp = namespace(dout)
     B, T, C = dout.shape
     dwte = xp.zeros(wte_shape, dtype=dout.dtype, device=dout.device)
     scatter_add(dwte, xp.reshape(idx, (B * T,)), xp.reshape(dout, (B * T, C)))
+    if wpe_shape is None:
+        return dwte, None
     dwpe = xp.zeros(wpe_shape, dtype=dout.dtype, device=dout.device)
     dwpe[pos_offset : pos_offset + T, :] = xp.sum(dout, axis=0)
     return dwte, dwpe
@@ -205,6 +210,104 @@ def linear_backward(dout: Array, cache: LinearCache) -> tuple[Array, Array, Arra
 
 
 # ----------------------------------------------------------------------------------------------
+# rotary position embeddings (RoPE, Su et al. 2021), on the queries and keys of every head
+
+
+def rope_frequencies(head_dim: int, theta: float = 10000.0,
+                     scaling: tuple[float, float, float, int] | None = None) -> tuple[float, ...]:  # fmt: skip
+    """The hs/2 inverse frequencies inv_freq[i] = theta^(-2i/hs), as Python floats.
+
+    ``scaling`` = (factor, low_freq_factor, high_freq_factor, original_max_position_embeddings)
+    applies Llama 3.1's frequency scaling (transformers' ``_compute_llama3_parameters``): with
+    L = original_max_position_embeddings and wavelength w = 2 pi / inv_freq, frequencies with
+    w < L / high_freq_factor stay, those with w > L / low_freq_factor are divided by factor, and
+    those between are interpolated: (1 - s) f / factor + s f, s = (L / w - low) / (high - low).
+    """
+    if head_dim % 2:
+        raise ValueError(f"rotary embeddings need an even head size, got {head_dim}")
+    inv = [1.0 / theta ** (i / head_dim) for i in range(0, head_dim, 2)]
+    if scaling is None:
+        return tuple(inv)
+    factor, low, high, old_len = scaling
+    low_wavelen, high_wavelen = old_len / low, old_len / high
+    out = []
+    for f in inv:
+        wavelen = 2.0 * math.pi / f
+        if wavelen < high_wavelen:
+            out.append(f)
+        elif wavelen > low_wavelen:
+            out.append(f / factor)
+        else:
+            smooth = (old_len / wavelen - low) / (high - low)
+            out.append((1.0 - smooth) * f / factor + smooth * f)
+    return tuple(out)
+
+
+def rope_tables(xp: Any, T: int, offset: int, inv_freq: tuple[float, ...], dtype: Any,
+                device: Any = None) -> tuple[Array, Array]:  # fmt: skip
+    """cos and sin (T, hs) of the angles (offset + t) * inv_freq[i], each frequency twice
+    ([f_0 .. f_{hs/2-1}, f_0 .. f_{hs/2-1}]: transformers' rotate_half layout). The angles are
+    computed in float64 and rounded once to ``dtype``. The last few tables are kept."""
+    key = (id(xp), T, offset, inv_freq, str(dtype), str(device))
+    tables = _rope_tables.get(key)
+    if tables is None:
+        wide = xp.float64
+        pos = xp.arange(offset, offset + T, dtype=wide, device=device)  # (T,)
+        angle = pos[:, None] * xp.asarray(inv_freq, dtype=wide, device=device)[None, :]  # (T, hs/2)
+        cos, sin = xp.astype(xp.cos(angle), dtype), xp.astype(xp.sin(angle), dtype)
+        tables = (xp.concat([cos, cos], axis=-1), xp.concat([sin, sin], axis=-1))  # (T, hs) each
+        if len(_rope_tables) >= 8:
+            _rope_tables.clear()
+        _rope_tables[key] = tables
+    return tables
+
+
+_rope_tables: dict[tuple[Any, ...], tuple[Array, Array]] = {}
+
+
+def _rotate_half(xp: Any, x: Array) -> Array:  # (..., hs) -> (..., hs): [x1, x2] -> [-x2, x1]
+    half = x.shape[-1] // 2
+    return xp.concat([-x[..., half:], x[..., :half]], axis=-1)
+
+
+class RopeCache(NamedTuple):
+    cos: Array  # (T, hs)
+    sin: Array  # (T, hs)
+
+
+def rope_forward(x: Array, cos: Array, sin: Array) -> tuple[Array, RopeCache]:
+    """out = x * cos + rotate_half(x) * sin per head; x (B,T,NH*hs), cos and sin (T,hs) -> (B,T,NH*hs).
+
+    With x = [x1, x2] (the two halves of a head) and angle a = position * f: out1 = x1 cos a -
+    x2 sin a, out2 = x2 cos a + x1 sin a, a rotation of each pair (x1[i], x2[i]) (transformers'
+    apply_rotary_pos_emb, so Hugging Face weights need no permutation). The positions are those
+    of ``cos``/``sin`` (offset by the KV cache's length, see :func:`rope_tables`).
+    """
+    xp = namespace(x)
+    B, T, D = x.shape
+    hs = cos.shape[-1]
+    assert cos.shape[0] == T, f"rope tables have {cos.shape[0]} positions, x has {T}"
+    xh = xp.reshape(x, (B, T, D // hs, hs))  # (B, T, NH, hs)
+    out = xh * cos[:, None, :]
+    out += _rotate_half(xp, xh) * sin[:, None, :]
+    return xp.reshape(out, (B, T, D)), RopeCache(cos, sin)
+
+
+def rope_backward(dout: Array, cache: RopeCache) -> Array:
+    """forward: out = x * cos + rotate_half(x) * sin, i.e. out1 = x1 c - x2 s, out2 = x2 c + x1 s.
+    The rotation's transpose rotates back: dx1 = d1 c + d2 s, dx2 = d2 c - d1 s, which is
+    dx = dout * cos - rotate_half(dout * sin)."""
+    cos, sin = cache
+    xp = namespace(dout)
+    B, T, D = dout.shape
+    hs = cos.shape[-1]
+    dh = xp.reshape(dout, (B, T, D // hs, hs))  # (B, T, NH, hs)
+    dx = dh * cos[:, None, :]
+    dx -= _rotate_half(xp, dh * sin[:, None, :])
+    return xp.reshape(dx, (B, T, D))
+
+
+# ----------------------------------------------------------------------------------------------
 # softmax with a temperature (used inside attention, by the loss and by the samplers)
 
 
@@ -270,10 +373,22 @@ def _merge_heads(xp: Any, x: Array) -> Array:  # (B, NH, T, hs) -> (B, T, D)
     return xp.reshape(xp.permute_dims(x, (0, 2, 1, 3)), (B, T, NH * hs))
 
 
+def _group(xp: Any, x: Array, n_kv_head: int) -> Array:  # (B, NH, T, n) -> (B, NKV, G*T, n)
+    """The G = NH/NKV query heads that share key/value head j (heads j*G .. j*G+G-1, transformers'
+    repeat_kv order) stacked along time, so that one matmul per key/value head serves them all."""
+    B, NH, T, n = x.shape
+    return x if NH == n_kv_head else xp.reshape(x, (B, n_kv_head, (NH // n_kv_head) * T, n))
+
+
+def _ungroup(xp: Any, x: Array, n_head: int) -> Array:  # (B, NKV, G*T, n) -> (B, NH, T, n)
+    B, NKV, GT, n = x.shape
+    return x if NKV == n_head else xp.reshape(x, (B, n_head, GT // (n_head // NKV), n))
+
+
 class AttentionCache(NamedTuple):
     q: Array  # (B, NH, T, hs) the queries, already multiplied by scale
-    k: Array  # (B, NH, Tk, hs)
-    v: Array  # (B, NH, Tk, hs)
+    k: Array  # (B, NKV, Tk, hs): NKV = NH unless keys and values are grouped
+    v: Array  # (B, NKV, Tk, hs)
     y: Array  # (B, T, D) the output
     probs: Array  # (B, NH, T, Tk) the attention probabilities, before dropout
     dropout_mask: Array | None  # (B, NH, T, Tk) keep / (1 - p), or None
@@ -281,19 +396,31 @@ class AttentionCache(NamedTuple):
 
 
 def attention_forward(
-    q: Array, k: Array, v: Array, n_head: int, dropout_p: float = 0.0, coins: Array | None = None
+    q: Array, k: Array, v: Array, n_head: int, dropout_p: float = 0.0, coins: Array | None = None,
+    n_kv_head: int | None = None,
 ) -> tuple[Array, AttentionCache]:
-    """y = softmax(q k^T / sqrt(hs) + mask) v per head; q (B,T,D), k and v (B,Tk,D) -> y (B,T,D).
+    """y = softmax(q k^T / sqrt(hs) + mask) v per head; q (B,T,D), k and v (B,Tk,Dkv) -> y (B,T,D).
 
     Tk > T when earlier keys and values come from a KV cache; queries are the last T positions.
     With ``dropout_p`` > 0, ``coins`` (B,NH,T,Tk) drop attention probabilities.
+    ``n_kv_head`` (default n_head): grouped-query attention (Ainslie et al. 2023): k and v hold
+    NKV heads and query head h uses key/value head h // (NH / NKV), computed as grouped matmuls
+    (the same as repeating each key/value head NH/NKV times, without the copies).
     """
     xp = namespace(q)
-    T, Tk = q.shape[1], k.shape[1]
-    scale = 1.0 / math.sqrt(q.shape[2] // n_head)
+    B, T, D = q.shape
+    Tk = k.shape[1]
+    hs = D // n_head
+    n_kv = n_head if n_kv_head is None else n_kv_head
+    if n_kv < 1 or n_head % n_kv or k.shape[2] != n_kv * hs or v.shape[2] != n_kv * hs:
+        raise ValueError(
+            f"attention with n_head={n_head}, n_kv_head={n_kv_head}: n_kv_head must divide n_head, and k and v "
+            f"must be {n_kv} heads of {hs} wide, got k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
+    scale = 1.0 / math.sqrt(hs)
     qh = _split_heads(xp, q * scale, n_head)  # (B, NH, T, hs), scaled here: q is smaller than q k^T
-    kh, vh = _split_heads(xp, k, n_head), _split_heads(xp, v, n_head)  # (B, NH, Tk, hs)
-    att = xp.matmul(qh, xp.matrix_transpose(kh))  # (B, NH, T, Tk)
+    kh, vh = _split_heads(xp, k, n_kv), _split_heads(xp, v, n_kv)  # (B, NKV, Tk, hs)
+    att = _ungroup(xp, xp.matmul(_group(xp, qh, n_kv), xp.matrix_transpose(kh)), n_head)  # (B, NH, T, Tk)
     if T > 1:  # a single query is the last position and sees every key
         att += causal_mask(xp, T, Tk, att.dtype, att.device)
     att -= xp.max(att, axis=-1, keepdims=True)  # softmax over keys, in place (see softmax_forward)
@@ -303,7 +430,8 @@ def attention_forward(
     att_used = att
     if dropout_p > 0.0:
         att_used, mask = dropout_forward(att, dropout_p, coins)
-    y = _merge_heads(xp, xp.matmul(att_used, vh))  # (B, NH, T, hs) -> (B, T, D)
+    yh = _ungroup(xp, xp.matmul(_group(xp, att_used, n_kv), vh), n_head)  # (B, NH, T, hs)
+    y = _merge_heads(xp, yh)  # (B, T, D)
     return y, AttentionCache(qh, kh, vh, y, att, mask, scale)
 
 
@@ -312,22 +440,28 @@ def attention_backward(dout: Array, cache: AttentionCache) -> tuple[Array, Array
     dv = (a * drop)^T dy;  da = (dy v^T) * drop;  ds = a * (da - sum(da * a));
     dq = ds k * scale;  dk = ds^T (q * scale). Masked entries have a = 0, so they pass no gradient.
     The row sums sum_j da_j a_j = sum_j (dy . v_j) drop_j a_j equal dy . y, a product over hs
-    channels instead of Tk keys (as FlashAttention's backward computes them)."""
+    channels instead of Tk keys (as FlashAttention's backward computes them).
+    With grouped key/value heads, dk and dv of key/value head j sum over the G query heads that
+    share it: the grouped matmuls (B, NKV, G*T, .)^T (B, NKV, G*T, .) do that sum.
+    Returns dq (B, T, D), dk and dv (B, Tk, Dkv)."""
     qh, kh, vh, y, att, mask, scale = cache  # qh is already scaled; y is the output (B, T, D)
     xp = namespace(dout)
     B, NH, T, hs = qh.shape
+    NKV = kh.shape[1]
     dy = _split_heads(xp, dout, NH)  # (B, NH, T, hs)
     att_used = att if mask is None else att * mask
-    dv = xp.matmul(xp.matrix_transpose(att_used), dy)  # (B, NH, Tk, hs)
-    dpre = xp.matmul(dy, xp.matrix_transpose(vh))  # (B, NH, T, Tk): da
+    dy_g = _group(xp, dy, NKV)  # (B, NKV, G*T, hs)
+    dv = xp.matmul(xp.matrix_transpose(_group(xp, att_used, NKV)), dy_g)  # (B, NKV, Tk, hs)
+    dpre = _ungroup(xp, xp.matmul(dy_g, xp.matrix_transpose(vh)), NH)  # (B, NH, T, Tk): da
     if mask is not None:
         dpre *= mask
     dy_dot_y = _sum_last(xp, xp.reshape(dout * y, (B, T, NH, hs)))  # (B, T, NH, 1)
     dpre -= xp.permute_dims(dy_dot_y, (0, 2, 1, 3))  # softmax backward, in place
     dpre *= att
-    dq = xp.matmul(dpre, kh)  # (B, NH, T, hs)
+    dpre_g = _group(xp, dpre, NKV)  # (B, NKV, G*T, Tk)
+    dq = _ungroup(xp, xp.matmul(dpre_g, kh), NH)  # (B, NH, T, hs)
     dq *= scale
-    dk = xp.matmul(xp.matrix_transpose(dpre), qh)  # (B, NH, Tk, hs)
+    dk = xp.matmul(xp.matrix_transpose(dpre_g), _group(xp, qh, NKV))  # (B, NKV, Tk, hs)
     return _merge_heads(xp, dq), _merge_heads(xp, dk), _merge_heads(xp, dv)
 
 
@@ -464,6 +598,41 @@ ACTIVATIONS = {
     "relu": (relu_forward, relu_backward),
     "relu2": (relu2_forward, relu2_backward),
 }
+
+
+# ----------------------------------------------------------------------------------------------
+# SwiGLU: the gated MLP's activation (Shazeer 2020; Llama, Qwen2, SmolLM, Mistral)
+
+
+class SwiGLUCache(NamedTuple):
+    gate: Array  # (..., H) the gate projection's output g
+    up: Array  # (..., H) the up projection's output u
+    sig: Array  # (..., H) sigmoid(g)
+
+
+def swiglu_forward(gate: Array, up: Array) -> tuple[Array, SwiGLUCache]:
+    """out = silu(g) * u, silu(g) = g * sigmoid(g); (..., H), (..., H) -> (..., H)."""
+    xp = namespace(gate)
+    cap = xp.full((gate.shape[-1],), 80.0, dtype=gate.dtype, device=gate.device)  # exp stays finite
+    sig = xp.exp(xp.minimum(-gate, cap))
+    sig += 1.0
+    sig = 1.0 / sig  # sigmoid(g)
+    out = gate * sig
+    out *= up
+    return out, SwiGLUCache(gate, up, sig)
+
+
+def swiglu_backward(dout: Array, cache: SwiGLUCache) -> tuple[Array, Array]:
+    """forward: out = silu(g) u, silu(g) = g s, s = sigmoid(g).
+    dg = dout u s (1 + g (1 - s))  (silu'(g) = s + g s (1 - s));  du = dout silu(g)."""
+    g, u, s = cache
+    silu = g * s
+    du = dout * silu
+    dg = silu - silu * s  # g s (1 - s)
+    dg += s
+    dg *= u
+    dg *= dout
+    return dg, du
 
 
 # ----------------------------------------------------------------------------------------------

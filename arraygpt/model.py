@@ -26,6 +26,9 @@ from arraygpt.shim import Array, Backend, get_backend, host_full, host_namespace
 __all__ = ["GPT", "GPTConfig", "KVCache", "ParamCount", "PRESETS", "count_params", "param_shapes"]
 
 NORM_KINDS = ("layernorm", "rmsnorm")
+POSITION_KINDS = ("learned", "rope")
+MLP_KINDS = ("standard", "swiglu")
+ROPE_SCALING_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 INIT_OUTPUT_KINDS = ("scaled", "normal", "zero")
 DTYPES = ("float32", "float64")
 
@@ -45,12 +48,23 @@ class GPTConfig:
         norm_emb: an extra norm right after the embedding (microgpt).
         norm_final: a final norm before the unembedding (GPT-2's ln_f).
         bias: biases in the linear layers and norms.
-        activation: ``gelu_tanh``, ``gelu``, ``relu`` or ``relu2``.
+        activation: ``gelu_tanh``, ``gelu``, ``relu`` or ``relu2``: the standard MLP's activation
+            (unused by ``mlp="swiglu"``, whose gate is always SiLU).
         tie_embeddings: unembed with ``wte`` (GPT-2) instead of a separate ``lm_head``.
         init_std: std of the normal initialization of weights and embeddings.
         init_output: init of ``attn_wo`` and ``mlp_fc2``: ``scaled`` (init_std / sqrt(2 n_layer),
             GPT-2), ``normal`` (init_std) or ``zero`` (microgpt).
         dropout: probability for embedding, attention and residual dropout while training.
+        position: ``learned`` (a ``wpe`` table, GPT-2) or ``rope`` (rotary embeddings of the
+            queries and keys, Su et al. 2021; no ``wpe``). head_dim must then be even.
+        rope_theta: RoPE's base (10000 in the paper; Llama 3 uses 500000).
+        rope_scaling: None, or Llama 3.1's frequency scaling as (factor, low_freq_factor,
+            high_freq_factor, original_max_position_embeddings); a dict with those keys (as in
+            transformers' config.json, ``rope_type`` "llama3") is accepted and stored as the tuple.
+        n_kv_head: key/value heads (grouped-query attention); default n_head. Must divide n_head.
+        mlp: ``standard`` (mlp_fc2 @ act(mlp_fc1 @ x)) or ``swiglu`` (mlp_down @ (silu(mlp_gate @ x)
+            * (mlp_up @ x)), Llama/Qwen2/SmolLM); mlp_hidden is H in both.
+        qkv_bias: biases on the query/key/value projections only (Qwen2), with ``bias=False``.
     """
 
     vocab_size: int = 50257
@@ -71,12 +85,18 @@ class GPTConfig:
     init_std: float = 0.02
     init_output: str = "scaled"
     dropout: float = 0.0
+    position: str = "learned"
+    rope_theta: float = 10000.0
+    rope_scaling: tuple[float, float, float, int] | None = None
+    n_kv_head: int | None = None
+    mlp: str = "standard"
+    qkv_bias: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("norm_affine", "norm_emb", "norm_final", "bias", "tie_embeddings"):
+        for name in ("norm_affine", "norm_emb", "norm_final", "bias", "tie_embeddings", "qkv_bias"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"GPTConfig.{name} must be True or False, got {getattr(self, name)!r}")
-        for name in ("norm_eps", "init_std", "dropout"):
+        for name in ("norm_eps", "init_std", "dropout", "rope_theta"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise TypeError(f"GPTConfig.{name} must be a number, got {value!r}")
@@ -97,7 +117,15 @@ class GPTConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
-        choices = {"norm": NORM_KINDS, "activation": tuple(layers.ACTIVATIONS), "init_output": INIT_OUTPUT_KINDS}
+        if self.n_kv_head is None:
+            object.__setattr__(self, "n_kv_head", self.n_head)
+        n_kv = self.n_kv_head
+        if isinstance(n_kv, bool) or not isinstance(n_kv, int) or not 1 <= n_kv <= self.n_head or self.n_head % n_kv:
+            raise ValueError(
+                f"GPTConfig.n_kv_head must be a positive integer that divides n_head ({self.n_head}), got {n_kv!r}"
+            )
+        choices = {"norm": NORM_KINDS, "activation": tuple(layers.ACTIVATIONS), "init_output": INIT_OUTPUT_KINDS,
+                   "position": POSITION_KINDS, "mlp": MLP_KINDS}  # fmt: skip
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"GPTConfig.{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
@@ -107,11 +135,25 @@ class GPTConfig:
             raise ValueError(f"GPTConfig.init_std must be >= 0, got {self.init_std!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        if not self.rope_theta > 0:
+            raise ValueError(f"GPTConfig.rope_theta must be > 0, got {self.rope_theta!r}")
+        if self.position == "rope" and self.head_dim % 2:
+            raise ValueError(f"GPTConfig.head_dim must be even with position='rope', got {self.head_dim}")
+        object.__setattr__(self, "rope_scaling", _rope_scaling(self.rope_scaling))
+        if self.rope_scaling is not None and self.position != "rope":
+            raise ValueError("GPTConfig.rope_scaling needs position='rope' (it scales rotary frequencies)")
+        if self.qkv_bias and self.bias:
+            raise ValueError("GPTConfig.qkv_bias adds biases to q/k/v only; with bias=True every linear has one already")
 
     @property
     def attn_dim(self) -> int:
-        """n_head * head_dim: the width of the queries, keys and values (may differ from n_embd)."""
+        """n_head * head_dim: the width of the queries and of the attention output (may differ from n_embd)."""
         return self.n_head * self.head_dim  # type: ignore[operator]
+
+    @property
+    def kv_dim(self) -> int:
+        """n_kv_head * head_dim: the width of the keys and values (attn_dim unless grouped)."""
+        return self.n_kv_head * self.head_dim  # type: ignore[operator]
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> GPTConfig:
@@ -135,6 +177,34 @@ class GPTConfig:
         return cls(**d)
 
 
+def _rope_scaling(value: Any) -> tuple[float, float, float, int] | None:
+    """GPTConfig.rope_scaling normalized to (factor, low_freq_factor, high_freq_factor,
+    original_max_position_embeddings), or None; raises ValueError naming the field."""
+    if value is None:
+        return None
+    if isinstance(value, Mapping):
+        kind = value.get("rope_type", value.get("type", "llama3"))
+        if kind != "llama3":
+            raise ValueError(f"GPTConfig.rope_scaling: only Llama 3.1's 'llama3' scaling is supported, got {kind!r}")
+        missing = [key for key in ROPE_SCALING_KEYS if key not in value]
+        if missing:
+            raise ValueError(f"GPTConfig.rope_scaling lacks {missing}; it needs {', '.join(ROPE_SCALING_KEYS)}")
+        value = tuple(value[key] for key in ROPE_SCALING_KEYS)
+    if not isinstance(value, (tuple, list)) or len(value) != 4:
+        raise ValueError(
+            f"GPTConfig.rope_scaling must be None or ({', '.join(ROPE_SCALING_KEYS)}), got {value!r}"
+        )
+    if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in value):
+        raise ValueError(f"GPTConfig.rope_scaling must hold numbers, got {value!r}")
+    factor, low, high, old_len = value
+    if not (factor > 0 and 0 < low < high and old_len >= 1 and float(old_len).is_integer()):
+        raise ValueError(
+            "GPTConfig.rope_scaling needs factor > 0, 0 < low_freq_factor < high_freq_factor and a positive "
+            f"integer original_max_position_embeddings, got {tuple(value)!r}"
+        )
+    return (float(factor), float(low), float(high), int(old_len))
+
+
 def check_fields(cls: type, given: Mapping[str, Any], what: str) -> None:
     """Raise ``ValueError`` naming every key of ``given`` that is not a field of dataclass ``cls``."""
     fields = {f.name for f in dataclasses.fields(cls)}
@@ -145,6 +215,10 @@ def check_fields(cls: type, given: Mapping[str, Any], what: str) -> None:
 
 _GPT2 = dict(vocab_size=50257, block_size=1024)
 _GPT3 = dict(vocab_size=50257, block_size=2048)
+# what every Llama-family preset shares (transformers' LlamaConfig: RMSNorm eps 1e-5, init std 0.02
+# for every weight, tied embeddings in these small models)
+_LLAMA = dict(position="rope", mlp="swiglu", norm="rmsnorm", norm_eps=1e-5, bias=False, tie_embeddings=True,
+              init_output="normal")  # fmt: skip
 
 PRESETS: dict[str, dict[str, Any]] = {
     # microgpt's parameter table: RMSNorm without gain, no biases, ReLU, separate lm_head,
@@ -170,7 +244,21 @@ PRESETS: dict[str, dict[str, Any]] = {
     "gpt3-175b": dict(**_GPT3, n_layer=96, n_embd=12288, n_head=96, head_dim=128),
     # nanoGPT's config/train_shakespeare_char.py (with train.py's default bias=False)
     "shakespeare-char": dict(vocab_size=65, block_size=256, n_layer=6, n_head=6, n_embd=384, bias=False),
-}
+    # Llama-family models (docs/llama.md): RoPE, SwiGLU, grouped-query attention, RMSNorm with a
+    # gain, no biases (Qwen2: q/k/v biases). Numbers from each model's published config.json.
+    "smollm2-135m": dict(**_LLAMA, vocab_size=49152, block_size=8192, n_layer=30, n_head=9, n_kv_head=3,
+                         n_embd=576, mlp_hidden=1536, rope_theta=100000.0),
+    "smollm2-360m": dict(**_LLAMA, vocab_size=49152, block_size=8192, n_layer=32, n_head=15, n_kv_head=5,
+                         n_embd=960, mlp_hidden=2560, rope_theta=100000.0),
+    "qwen2.5-0.5b": dict(**{**_LLAMA, "norm_eps": 1e-6}, vocab_size=151936, block_size=32768, n_layer=24, n_head=14, n_kv_head=2,
+                         n_embd=896, mlp_hidden=4864, rope_theta=1000000.0, qkv_bias=True),
+    "llama-3.2-1b": dict(**_LLAMA, vocab_size=128256, block_size=131072, n_layer=16, n_head=32, n_kv_head=8,
+                         n_embd=2048, mlp_hidden=8192, rope_theta=500000.0,
+                         rope_scaling=(32.0, 1.0, 4.0, 8192)),
+    # a small Llama for tests and the names data (vocab_size is replaced by the tokenizer's)
+    "llama-tiny": dict(**_LLAMA, vocab_size=27, block_size=16, n_layer=2, n_head=4, n_kv_head=2, n_embd=32,
+                       mlp_hidden=96),
+}  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------
@@ -180,8 +268,10 @@ PRESETS: dict[str, dict[str, Any]] = {
 def param_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
     """Every parameter's name and shape, in initialization order. The single source of truth for
     the state dict, the initializer and ``count_params``."""
-    C, D, H, V = config.n_embd, config.attn_dim, config.mlp_hidden, config.vocab_size
-    shapes: dict[str, tuple[int, ...]] = {"wte": (V, C), "wpe": (config.block_size, C)}
+    C, D, Dkv, H, V = config.n_embd, config.attn_dim, config.kv_dim, config.mlp_hidden, config.vocab_size
+    shapes: dict[str, tuple[int, ...]] = {"wte": (V, C)}
+    if config.position == "learned":
+        shapes["wpe"] = (config.block_size, C)
     if not config.tie_embeddings:
         shapes["lm_head"] = (V, C)
 
@@ -191,21 +281,26 @@ def param_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
             if config.bias and config.norm == "layernorm":
                 shapes[name + "_b"] = (C,)
 
-    def linear(name: str, n_out: int, n_in: int) -> None:
+    def linear(name: str, n_out: int, n_in: int, bias: bool = config.bias) -> None:
         shapes[name] = (n_out, n_in)
-        if config.bias:
+        if bias:
             shapes[name + "_b"] = (n_out,)
 
     if config.norm_emb:
         norm("norm_emb")
     for i in range(config.n_layer):
         norm(f"layer{i}.norm1")
-        for w in ("attn_wq", "attn_wk", "attn_wv"):
-            linear(f"layer{i}.{w}", D, C)
+        for w, width in (("attn_wq", D), ("attn_wk", Dkv), ("attn_wv", Dkv)):
+            linear(f"layer{i}.{w}", width, C, config.bias or config.qkv_bias)
         linear(f"layer{i}.attn_wo", C, D)
         norm(f"layer{i}.norm2")
-        linear(f"layer{i}.mlp_fc1", H, C)
-        linear(f"layer{i}.mlp_fc2", C, H)
+        if config.mlp == "swiglu":
+            linear(f"layer{i}.mlp_gate", H, C)
+            linear(f"layer{i}.mlp_up", H, C)
+            linear(f"layer{i}.mlp_down", C, H)
+        else:
+            linear(f"layer{i}.mlp_fc1", H, C)
+            linear(f"layer{i}.mlp_fc2", C, H)
     if config.norm_final:
         norm("normf")
     return shapes
@@ -215,6 +310,7 @@ CATEGORIES = ("embedding", "key", "query", "value", "output", "up_projection", "
 _CATEGORY_OF = {
     "wte": "embedding", "attn_wk": "key", "attn_wq": "query", "attn_wv": "value", "attn_wo": "output",
     "mlp_fc1": "up_projection", "mlp_fc2": "down_projection", "lm_head": "unembedding",
+    "mlp_gate": "up_projection", "mlp_up": "up_projection", "mlp_down": "down_projection",
 }  # fmt: skip
 
 
@@ -329,7 +425,7 @@ class GPT:
             elif len(shape) == 1:  # norm gains start at one
                 host = host_full(shape, 1.0)
             else:
-                std = out_std[cfg.init_output] if short in ("attn_wo", "mlp_fc2") else cfg.init_std
+                std = out_std[cfg.init_output] if short in ("attn_wo", "mlp_fc2", "mlp_down") else cfg.init_std
                 host = rng.standard_normal(shape) * std  # drawn even when std is 0: same stream for every init
             params[name] = self.backend.asarray(host.astype(self.dtype))
         return params
@@ -343,24 +439,30 @@ class GPT:
 
     def _fuse_qkv(self) -> dict[str, Array]:
         """Fused storage, the one place it is defined: each layer's query, key and value weights
-        live in one (3D, C) buffer ``layer{i}.attn_wqkv`` (biases in one (3D,) ``attn_wqkv_b``),
-        and ``params[...attn_wq]`` etc. are views of it, so the projection is one matmul with no
-        per-step concatenation. The core finds the buffers by those names; the state dict does
-        not list them. Parameters must therefore be updated in place (``p -= ...``,
-        ``p[...] = ...``), as the optimizers and ``load_state_dict`` do.
+        live in one (D + 2 Dkv, C) buffer ``layer{i}.attn_wqkv`` (biases in one ``attn_wqkv_b``;
+        D = n_head * head_dim, Dkv = n_kv_head * head_dim, so the parts are unequal under
+        grouped-query attention), a SwiGLU MLP's gate and up weights in one (2H, C) buffer
+        ``layer{i}.mlp_gate_up``, and ``params[...attn_wq]`` etc. are views of them, so each
+        projection is one matmul with no per-step concatenation. The core finds the buffers by
+        those names; the state dict does not list them. Parameters must therefore be updated in
+        place (``p -= ...``, ``p[...] = ...``), as the optimizers and ``load_state_dict`` do.
 
         Returns the dict the core reads: the parameters plus the fused buffers."""
-        xp, D = self.xp, self.config.attn_dim
+        xp = self.xp
         core_params = dict(self.params)
         for i in range(self.config.n_layer):
-            for suffix in ("", "_b"):
-                names = [f"layer{i}.attn_w{x}{suffix}" for x in "qkv"]
-                if names[0] not in self.params:
-                    continue
-                buffer = xp.concat([self.params[name] for name in names])  # (3D, C) or (3D,)
-                for j, name in enumerate(names):
-                    self.params[name] = core_params[name] = buffer[j * D : (j + 1) * D, ...]
-                core_params[f"layer{i}.attn_wqkv{suffix}"] = buffer
+            for fused, parts in (("attn_wqkv", core.QKV), ("mlp_gate_up", core.GATE_UP)):
+                for suffix in ("", "_b"):
+                    names = [f"layer{i}.{part}{suffix}" for part in parts]
+                    if names[0] not in self.params:
+                        continue
+                    buffer = xp.concat([self.params[name] for name in names])  # (sum of widths, C) or (sum,)
+                    start = 0
+                    for name in names:
+                        width = self.params[name].shape[0]
+                        self.params[name] = core_params[name] = buffer[start : start + width, ...]
+                        start += width
+                    core_params[f"layer{i}.{fused}{suffix}"] = buffer
         return core_params
 
     def state_dict(self) -> dict[str, Array]:
