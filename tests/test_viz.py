@@ -1,0 +1,458 @@
+"""arraygpt.viz and ``arraygpt viz``: the data behind each picture equals what the model computes,
+the figures draw it (the masked future left empty), the files are written, bad input is refused.
+
+Data tests run with ``draw=False`` and need no matplotlib; drawing tests skip without it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import numpy as np
+import pytest
+
+import arraygpt
+from arraygpt import viz
+from arraygpt.generation import generate, make_sampler
+from arraygpt.model import GPTConfig, count_params
+from arraygpt.shim import to_numpy
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _has_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+needs_mpl = pytest.mark.skipif(not _has_matplotlib(), reason="matplotlib is not installed (pip install 'arraygpt[viz]')")
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A tiny model trained on the names data, saved as a run folder with metrics.jsonl."""
+    out = tmp_path_factory.mktemp("viz") / "names"
+    arraygpt.train("names", steps=60, out_dir=out, progress=False, samples=0, log_interval=10, eval_interval=30)
+    return out
+
+
+@pytest.fixture(scope="module")
+def loaded(run_dir):
+    from arraygpt.formats import load
+
+    return load(run_dir)
+
+
+@pytest.fixture
+def model(loaded):
+    return loaded.model
+
+
+@pytest.fixture
+def tok(loaded):
+    return loaded.tokenizer
+
+
+def host(x):
+    return np.asarray(to_numpy(x))
+
+
+# ----------------------------------------------------------------------------------------------
+# the data
+
+
+def test_prompt_ids(tok):
+    assert viz.prompt_ids(tok, "em", [tok.bos_id]) == [tok.bos_id] + tok.encode("em")
+    assert viz.prompt_ids(tok, "") == [tok.bos_id]
+    assert viz.prompt_ids(tok, [3, 4]) == [3, 4]
+    assert viz.token_label(tok, tok.bos_id) == "<bos>"
+    assert viz.token_label(None, 7) == "#7"
+
+
+def test_prompt_without_bos_is_refused():
+    from arraygpt.tokenizer import CharTokenizer
+
+    with pytest.raises(ValueError, match="no BOS token"):
+        viz.prompt_ids(CharTokenizer("ab", bos=False), "")
+    with pytest.raises(ValueError, match="needs a tokenizer"):
+        viz.prompt_ids(None, "ab")
+
+
+def test_attention_values_are_the_models(model, tok, loaded):
+    a = viz.plot_attention(model, tok, "emma", prefix=loaded.prompt_prefix, draw=False)
+    assert a.figure is None
+    assert a.tokens == [tok.bos_id] + tok.encode("emma")
+    assert a.labels[0] == "<bos>" and a.labels[1:] == list("emma")
+    mine = model.attention_patterns()  # still the forward plot_attention ran
+    assert a.patterns.shape == (model.config.n_layer, model.config.n_head, 5, 5)
+    for layer, p in enumerate(mine):
+        np.testing.assert_array_equal(a.patterns[layer], host(p)[0])
+    model.forward([a.tokens])  # an independent forward gives the same values
+    for layer, p in enumerate(model.attention_patterns()):
+        np.testing.assert_array_equal(a.patterns[layer], host(p)[0])
+    T = len(a.tokens)
+    assert (a.mask == (np.arange(T)[None, :] > np.arange(T)[:, None])).all()
+    assert (a.patterns[..., a.mask] == 0.0).all()  # the masked future is exactly 0
+    np.testing.assert_allclose(a.patterns.sum(axis=-1), 1.0, atol=1e-6)
+
+
+def test_attention_crops_to_block_size(model, tok):
+    long = "emmaannaliselotte"
+    a = viz.plot_attention(model, tok, long, draw=False)
+    assert a.tokens == tok.encode(long)[-model.config.block_size :]
+
+
+def test_logit_lens_last_entry_is_the_models_prediction(model, tok, loaded):
+    lens = viz.plot_logit_lens(model, tok, "anna", prefix=loaded.prompt_prefix, k=3, draw=False)
+    L = model.config.n_layer
+    assert lens.layer_names == ["embedding"] + [f"block {i + 1}" for i in range(L)]
+    assert lens.logits.shape == (L + 1, 5, model.config.vocab_size)
+    stream = model.residual_stream([lens.tokens])
+    for layer, x in enumerate(stream):  # each entry: the final norm and unembedding of that stream
+        np.testing.assert_array_equal(lens.logits[layer], host(model.unembed(x))[0])
+    logits, _ = model.forward([lens.tokens])
+    own = host(logits)[0].astype(np.float64)  # (T, V)
+    np.testing.assert_allclose(lens.logits[-1], own, atol=1e-5)
+    expected = np.argsort(-own, axis=-1, kind="stable")[:, :3]
+    np.testing.assert_array_equal(lens.top_ids[-1], expected)
+    probs = np.exp(own - own.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    np.testing.assert_allclose(lens.top_probs[-1], np.take_along_axis(probs, expected, -1), atol=1e-6)
+    assert lens.top_labels[-1][0][0] == viz.token_label(tok, expected[0, 0])
+
+
+def test_pca_components_orthonormal_and_ordered(model):
+    wte = host(model.params["wte"]).astype(np.float64)
+    components, points, variance, mean = viz.pca(wte, 3)
+    np.testing.assert_allclose(components @ components.T, np.eye(3), atol=1e-10)
+    assert variance[0] >= variance[1] >= variance[2] > 0
+    np.testing.assert_allclose(points, (wte - wte.mean(0)) @ components.T, atol=1e-12)
+    np.testing.assert_allclose(points.var(axis=0, ddof=1), variance, rtol=1e-10)
+    eig = np.linalg.eigvalsh(np.cov(wte, rowvar=False))[::-1][:3]  # the covariance's top eigenvalues
+    np.testing.assert_allclose(variance, eig, rtol=1e-8)
+    np.testing.assert_allclose(mean, wte.mean(0))
+
+
+def test_pca_refuses_a_vector():
+    with pytest.raises(ValueError, match="at least 2 rows"):
+        viz.pca(np.ones((1, 4)))
+
+
+def test_embeddings_and_neighbours(model, tok):
+    e = viz.plot_embeddings(model, tok, token="a", k=4, draw=False)
+    wte = host(model.params["wte"]).astype(np.float64)
+    a = tok.encode("a")[0]
+    assert e.token == a and e.points.shape == (model.config.vocab_size, 2)
+    assert e.labels[a] == "a" and len(e.labels) == model.config.vocab_size
+    cos = wte @ wte[a] / (np.linalg.norm(wte, axis=1) * np.linalg.norm(wte[a]))
+    cos[a] = -np.inf
+    best = np.argsort(-cos)[:4]
+    assert [i for i, _, _ in e.neighbours] == best.tolist()
+    np.testing.assert_allclose([c for _, _, c in e.neighbours], cos[best], atol=1e-12)
+    assert a not in [i for i, _, _ in e.neighbours]
+    assert e.variance_ratio[0] >= e.variance_ratio[1] and e.variance_ratio.sum() <= 1.0 + 1e-12
+
+
+def test_embeddings_bad_token(model, tok):
+    with pytest.raises(ValueError, match="not one"):
+        viz.plot_embeddings(model, tok, token="ab", draw=False)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        viz.nearest_neighbours(np.eye(3), 5)
+
+
+def test_distributions_equal_generate_and_the_sampler(model, tok, loaded):
+    options = dict(temperature=0.8, top_k=5)
+    d = viz.plot_distributions(model, tok, "em", 6, "top_k", k=6, seed=3, prefix=loaded.prompt_prefix,
+                               draw=False, **options)  # fmt: skip
+    ends = [tok.bos_id]
+    expected = list(generate(model, d.prompt, 6, "top_k", seed=3, use_cache=False, eos_id=ends, show_probs=6,
+                             **options))  # fmt: skip
+    assert d.candidates == expected
+    assert d.tokens == [c.token for c in expected] and d.labels == [viz.token_label(tok, t) for t in d.tokens]
+    chain = make_sampler("top_k", **options)
+    for c, logits, probs in zip(d.candidates, d.logits, d.sampler_probs):
+        model_p = np.exp(logits - logits.max())
+        model_p /= model_p.sum()
+        top = np.argsort(-model_p, kind="stable")[:6]
+        assert [i for i, _ in c.model] == top.tolist()
+        np.testing.assert_allclose([p for _, p in c.model], model_p[top], atol=1e-6)
+        np.testing.assert_allclose(probs, host(chain(model.xp.asarray(logits[None, :].astype(np.float32))))[0],
+                                   atol=1e-7)  # fmt: skip
+        assert (probs > 0).sum() <= 5  # top-5 (ties aside)
+        assert probs[c.token] == pytest.approx(c.p_sampler, abs=1e-7)
+    for c, panel in zip(d.candidates, d.panels):
+        chosen = [row for row in panel if row[4]]
+        assert len(chosen) == 1 and chosen[0][0] == c.token  # the chosen token is marked once
+        assert [row[0] for row in panel[: len(c.model)]] == [i for i, _ in c.model]
+
+
+def test_distributions_stop_at_the_end_token(model, tok):
+    d = viz.plot_distributions(model, tok, "", 30, draw=False, seed=0)
+    assert len(d.tokens) <= 30
+    if tok.bos_id in d.tokens:
+        assert d.tokens[-1] == tok.bos_id and d.tokens.count(tok.bos_id) == 1
+
+
+def test_training_curves_are_the_records(run_dir):
+    c = viz.plot_training_curves(run_dir, draw=False)
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["event"] == "train"]
+    evals = [r for r in records if r["event"] == "eval"]
+    assert len(train) == 6 and len(evals) >= 2
+    np.testing.assert_array_equal(c.steps, [r["step"] for r in train])
+    np.testing.assert_array_equal(c.loss, [r["loss"] for r in train])
+    np.testing.assert_array_equal(c.lr, [r["lr"] for r in train])
+    np.testing.assert_array_equal(c.eval_steps, [r["step"] for r in evals])
+    np.testing.assert_array_equal(c.train_loss, [r["train_loss"] for r in evals])
+    np.testing.assert_array_equal(c.val_loss, [r["val_loss"] for r in evals])
+    same = viz.plot_training_curves(run_dir / "metrics.jsonl", draw=False)  # the file itself works too
+    np.testing.assert_array_equal(same.loss, c.loss)
+
+
+def test_training_curves_bad_input(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no metrics.jsonl"):
+        viz.plot_training_curves(tmp_path)
+    (tmp_path / "metrics.jsonl").write_text('{"event": "start", "step": 0}\n')
+    with pytest.raises(ValueError, match="no train or eval records"):
+        viz.plot_training_curves(tmp_path)
+    (tmp_path / "metrics.jsonl").write_text("not json\n")
+    with pytest.raises(ValueError, match="line 1 is not JSON"):
+        viz.plot_training_curves(tmp_path)
+
+
+@pytest.mark.parametrize("preset", ["gpt3-175b", "gpt2", "microgpt", "gpt3-small"])
+def test_param_tally_is_count_params(preset):
+    t = viz.plot_param_tally(preset, draw=False)
+    config = GPTConfig.preset(preset)
+    counts = count_params(config)
+    assert t.categories == list(counts.by_category)
+    assert t.counts == list(counts.by_category.values())
+    assert t.total == counts.total
+    # a tied unembedding is drawn (it is a matrix the model multiplies by) but counted once
+    assert t.tied == (config.vocab_size * config.n_embd if config.tie_embeddings else 0)
+    assert sum(t.counts) == t.total + t.tied
+    assert t.matrices == sum(t.counts) - counts.by_category["other"]
+
+
+def test_param_tally_gpt3_as_the_documents_tally_it():
+    t = viz.plot_param_tally("gpt3-175b", draw=False)
+    by = dict(zip(t.categories, t.counts))
+    assert by["embedding"] == by["unembedding"] == 50257 * 12288 == 617_558_016  # "about 617 million" each
+    assert by["key"] == by["query"] == 96 * 96 * 128 * 12288  # 96 layers x 96 heads x ~1.5M
+    attention = by["key"] + by["query"] + by["value"] + by["output"]
+    assert attention == 57_982_058_496  # "just under 58 billion" for all the attention heads
+    assert t.matrices == 175_181_291_520  # the documents' running tally: 175 billion
+
+
+def test_param_tally_of_a_config():
+    config = GPTConfig.preset("gpt2", n_layer=2)
+    t = viz.plot_param_tally(config, name="tiny", draw=False)
+    assert t.name == "tiny" and t.total == count_params(config).total
+
+
+def test_draw_without_matplotlib_says_how_to_install(monkeypatch, model, tok):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    monkeypatch.setitem(sys.modules, "matplotlib.backends.backend_agg", None)
+    with pytest.raises(ImportError, match=r"arraygpt\[viz\]"):
+        viz.plot_param_tally("gpt2")
+    assert viz.plot_param_tally("gpt2", draw=False).figure is None  # the data needs no matplotlib
+
+
+def test_save_needs_a_figure_and_a_known_suffix(tmp_path):
+    with pytest.raises(ValueError, match="draw=False"):
+        viz.plot_param_tally("gpt2", draw=False).save(tmp_path / "x.png")
+
+
+# ----------------------------------------------------------------------------------------------
+# the figures
+
+
+def _images(fig):
+    return [im for ax in fig.axes for im in ax.get_images()]
+
+
+@needs_mpl
+def test_attention_figure_leaves_the_future_empty(model, tok, loaded):
+    a = viz.plot_attention(model, tok, "emma", prefix=loaded.prompt_prefix)
+    images = _images(a.figure)
+    L, NH = model.config.n_layer, model.config.n_head
+    assert len(images) == L * NH
+    for n, im in enumerate(images):
+        data = im.get_array()
+        assert np.ma.isMaskedArray(data)
+        np.testing.assert_array_equal(np.ma.getmaskarray(data), a.mask)  # the future is not painted
+        np.testing.assert_array_equal(data.filled(np.nan)[~a.mask], a.patterns[n // NH, n % NH][~a.mask])
+    assert im.cmap.get_bad()[3] > 0 and tuple(im.cmap.get_bad()[:3]) == (1.0, 1.0, 1.0)  # drawn white
+    titles = [ax.get_title() for ax in a.figure.axes if ax.get_images()]
+    assert titles[0] == "layer 1 · head 1" and titles[-1] == f"layer {L} · head {NH}"
+    assert [t.get_text() for t in a.figure.axes[0].get_xticklabels()] == a.labels
+
+
+@needs_mpl
+def test_distribution_figure_marks_the_chosen_token(model, tok):
+    d = viz.plot_distributions(model, tok, "em", 3, seed=1, eos_id=None)
+    axes = [ax for ax in d.figure.axes if ax.patches]
+    assert len(axes) == len(d.tokens) == 3
+    for ax, panel in zip(axes, d.panels):
+        heights = [p.get_width() for p in ax.patches]
+        n = len(panel)
+        np.testing.assert_allclose(heights[:n], [r[2] for r in panel])  # grey: the model's p
+        np.testing.assert_allclose(heights[n:], [r[3] for r in panel])  # blue: the sampler's p
+        red = [t.get_text() for t in ax.get_yticklabels() if t.get_color() == "#c0392b"]
+        assert red == [r[1] + " ◀" for r in panel if r[4]]
+
+
+@needs_mpl
+def test_logit_lens_figure_writes_the_top_guesses(model, tok):
+    lens = viz.plot_logit_lens(model, tok, "emma")
+    ax = lens.figure.axes[0]
+    texts = [t.get_text() for t in ax.texts]
+    assert texts == [lens.top_labels[layer][t][0] for layer in range(len(lens.layer_names))
+                     for t in range(len(lens.tokens))]  # fmt: skip
+    np.testing.assert_array_equal(ax.get_images()[0].get_array(), lens.top_probs[:, :, 0])
+
+
+@needs_mpl
+def test_tally_and_curve_figures_draw_the_data(run_dir):
+    t = viz.plot_param_tally("gpt3-175b")
+    bars = t.figure.axes[0].patches
+    assert [b.get_width() for b in bars] == t.counts
+    assert "175,181,291,520" in t.figure.axes[0].get_title()
+    c = viz.plot_training_curves(run_dir)
+    line = c.figure.axes[0].get_lines()[0]
+    np.testing.assert_array_equal(line.get_xdata(), c.steps)
+    np.testing.assert_array_equal(line.get_ydata(), c.loss)
+    np.testing.assert_array_equal(c.figure.axes[1].get_lines()[0].get_ydata(), c.lr)
+
+
+@needs_mpl
+def test_every_picture_saves_png_and_svg(tmp_path, model, tok, run_dir):
+    pictures = {
+        "probs": viz.plot_distributions(model, tok, "em", 4),
+        "attention": viz.plot_attention(model, tok, "emma"),
+        "lens": viz.plot_logit_lens(model, tok, "emma"),
+        "embeddings": viz.plot_embeddings(model, tok, token="e"),
+        "loss": viz.plot_training_curves(run_dir),
+        "params": viz.plot_param_tally("gpt3-175b"),
+    }
+    for name, picture in pictures.items():
+        png = picture.save(tmp_path / f"{name}.png")
+        data = png.read_bytes()
+        assert data.startswith(PNG) and len(data) > 1000
+        svg = picture.save(tmp_path / "svg" / f"{name}.svg").read_text()
+        assert svg.lstrip().startswith("<?xml") and "<svg" in svg
+        assert picture._repr_html_().startswith('<img alt="')
+    with pytest.raises(ValueError, match="image format"):
+        pictures["params"].save(tmp_path / "x.jpg")
+
+
+# ----------------------------------------------------------------------------------------------
+# the page's data (the browser test is in test_viz_page.py)
+
+
+def test_explain_page_is_self_contained(model, tok, loaded, tmp_path):
+    page = viz.explain(model, tok, "em", 6, "top_k", top_k=4, temperature=0.9, seed=2, prefix=loaded.prompt_prefix)
+    d = page.data
+    assert d["settings"] == {"temperature": 0.9, "top_k": 4, "top_p": 1.0, "min_p": 0.0}
+    assert d["generated"] == page.distributions.tokens and len(d["steps"]) == len(d["generated"])
+    for step, logits in zip(d["steps"], page.distributions.logits):
+        assert step["logits"] == logits.tolist() and step["ids"] == list(range(model.config.vocab_size))
+    assert d["window"]["tokens"] == page.attention.tokens
+    np.testing.assert_allclose(d["attention"], page.attention.patterns, atol=1e-6)
+    text = page.html
+    assert "<script src" not in text and "<link" not in text and "http://" not in text and "https://" not in text
+    start = text.index('<script id="data" type="application/json">') + len('<script id="data" type="application/json">')
+    assert json.loads(text[start : text.index("</script>", start)]) == json.loads(json.dumps(d))
+    path = page.save(tmp_path / "page.html")
+    assert path.read_text(encoding="utf-8") == text
+    assert page._repr_html_().startswith("<iframe srcdoc=")
+
+
+def test_explain_truncates_a_large_vocabulary(model, tok):
+    page = viz.explain(model, tok, "em", 3, max_vocab=10, seed=0)
+    assert page.data["truncated"] is True
+    for step, logits in zip(page.data["steps"], page.distributions.logits):
+        assert len(step["ids"]) == 10 and step["token"] in step["ids"]
+        assert all(logits[i] == v for i, v in zip(step["ids"], step["logits"]))
+
+
+def test_explain_escapes_script_end_in_labels(model):
+    class Evil:
+        bos_id = eos_id = None
+
+        def decode(self, ids):
+            return "</script><b>"
+
+        def encode(self, text):
+            return [1]
+
+    page = viz.explain(model, Evil(), [1, 2], 2, seed=0)
+    assert page.html.count("</script>") == 2  # the data's and the code's own closing tags only
+
+
+# ----------------------------------------------------------------------------------------------
+# the command
+
+
+def _cli(argv):
+    from arraygpt.cli import viz as command
+
+    parser = argparse.ArgumentParser(prog="arraygpt viz")
+    command.add_arguments(parser)
+    return command.run(parser.parse_args(argv))
+
+
+@needs_mpl
+def test_command_writes_every_file(run_dir, tmp_path, capsys):
+    out = tmp_path / "pictures"
+    assert _cli(["--checkpoint", str(run_dir), "--prompt", "em", "--top-k", "5", "--sampler", "top_k",
+                 "--max-new-tokens", "4", "-o", str(out)]) == 0  # fmt: skip
+    printed = capsys.readouterr().out.split()
+    names = ["probs.png", "attention.png", "lens.png", "embeddings.png", "page.html", "loss.png"]
+    assert sorted(printed) == sorted(str(out / n) for n in names)
+    for name in names:
+        assert (out / name).stat().st_size > 0
+        if name.endswith(".png"):
+            assert (out / name).read_bytes().startswith(PNG)
+    assert _cli(["params", "--preset", "gpt3-175b", "--format", "svg", "-o", str(out)]) == 0
+    assert "<svg" in (out / "params.svg").read_text()
+    assert _cli(["loss", "--run", str(run_dir), "-o", str(out)]) == 0
+
+
+def test_command_page_needs_no_matplotlib(run_dir, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    assert _cli(["page", "--checkpoint", str(run_dir), "-o", str(tmp_path)]) == 0
+    assert "<!DOCTYPE html>" in (tmp_path / "page.html").read_text()
+
+
+@pytest.mark.parametrize("argv, message", [
+    ([], "nothing to draw"),
+    (["attention"], "need(s) --checkpoint"),
+    (["loss"], "loss needs --run"),
+    (["pictures-of-cats", "--preset", "gpt2"], "unknown KIND 'pictures-of-cats'"),
+    (["params", "--preset", "gpt-5"], "unknown preset"),
+    (["probs", "--checkpoint", "x", "--top-p", "1.5", "--sampler", "top_p"], "top_p must be"),
+])  # fmt: skip
+def test_command_bad_input(argv, message, tmp_path):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        _cli([*argv, "-o", str(tmp_path)])
+
+
+def test_command_missing_checkpoint(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no model at"):
+        _cli(["attention", "--checkpoint", str(tmp_path / "nope"), "-o", str(tmp_path)])
+
+
+def test_command_through_main_exits_2_with_one_line(monkeypatch, tmp_path, capsys):
+    import arraygpt.cli as cli
+
+    if "viz" not in cli.SUBCOMMANDS:  # until the lead registers it: the same entry, for this test
+        monkeypatch.setitem(cli.SUBCOMMANDS, "viz", ("arraygpt.cli.viz", "draw pictures"))
+    assert cli.main(["viz", "loss", "--run", str(tmp_path), "-o", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("arraygpt viz: error: no metrics.jsonl")
