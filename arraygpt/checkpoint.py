@@ -229,6 +229,10 @@ def load_checkpoint(directory: str | os.PathLike[str], backend: str | Backend | 
             raise CheckpointError(
                 f"{path / STATE_FILE}: {key!r} must be a JSON object or null, not {type(state[key]).__name__}"
             )
+    numbers = state.get("optimizer") or {}
+    bad = [k for k, v in numbers.items() if not isinstance(v, (int, float))]  # bool is an int
+    if bad:
+        raise CheckpointError(f"{path / STATE_FILE}: optimizer value {bad[0]!r} must be a number, not {numbers[bad[0]]!r:.60}")
     tokenizer = _read_tokenizer(path, config)
     tensors = _read_tensors(path / MODEL_FILE)
     _check_shapes(tensors, config, path)

@@ -432,7 +432,7 @@ _CONFIG_LIMIT = 1024 * 1024  # bytes; GPT-2's config.json is under 1 KB
 def _read_tensors(directory: Path) -> tuple[dict[str, np.ndarray], str]:
     """Every tensor of the directory's safetensors weights (one file or an index of shards)."""
     single, index = directory / WEIGHTS_FILE, directory / WEIGHTS_INDEX_FILE
-    if single.is_file():
+    if os.path.lexists(single):
         return load_file(single), str(single)
     if os.path.lexists(index):
         weight_map = _read_index(index)

@@ -249,15 +249,18 @@ def _check_entries(header: Mapping[str, Any], path: Path, data_size: int) -> lis
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) and o >= 0 for o in offsets)):
             raise SafetensorsError(f"{what}: data_offsets must be two non-negative integers, not {offsets!r:.200}")
         begin, end = offsets
-        nbytes = _ITEMSIZE[dtype]
-        for d in shape:  # Python integers: no overflow; stop as soon as it cannot fit the file
-            nbytes *= d
-            if nbytes > data_size:
-                break
+        count = 1
+        for d in shape:  # as the reference does: the element count must fit 64 bits at every step
+            count *= d
+            if count >= 2**64:
+                raise SafetensorsError(f"{what}: shape {shape!r:.100} overflows a 64-bit element count")
+        nbytes = count * _ITEMSIZE[dtype]
+        if nbytes >= 2**64:
+            raise SafetensorsError(f"{what}: shape {shape!r:.100} overflows a 64-bit byte size")
         if begin > end or end - begin != nbytes:
             raise SafetensorsError(
-                f"{what} ({dtype} {shape!r:.100}) has data offsets [{begin}, {end}] but needs "
-                f"{nbytes if nbytes <= data_size else f'more than {data_size}'} bytes: the file is truncated or corrupted"
+                f"{what} ({dtype} {shape!r:.100}) has data offsets [{begin}, {end}] but needs {nbytes} bytes: "
+                "the file is truncated or corrupted"
             )
         entries.append((name, dtype, tuple(shape), begin, end))
     entries.sort(key=lambda e: (e[3], e[4]))
