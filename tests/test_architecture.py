@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LEVELS = {
     "cli": 6,
     "training": 5, "generation": 5, "interop": 5, "interop_llama": 5, "formats": 5, "checkpoint": 5,
-    "data": 5, "viz": 5,
+    "data": 5, "viz": 5, "distributed": 5,
     "model": 4,
     "kernels": 3,
     "core": 2, "runner": 2, "optim": 2, "sampling": 2,
@@ -24,9 +24,9 @@ LEVELS = {
 # The upward imports the design allows, each inside a function: GPT.from_pretrained/save_pretrained
 # delegate to arraygpt.formats, which knows the file formats.
 ALLOWED_UPWARD = {("model", "formats")}
-# What backends/ and plugins/ may use: the shim, the layers, the hooks and the small helper
-# modules written for them.
-PLUGIN_MAY_IMPORT = {"shim", "layers", "hookspecs", "sampling", "optim", "errors"}
+# What backends/ and plugins/ may use: the shim, the layers, the hooks and the small contract
+# modules written for them (samplers, optimizers, kernels).
+PLUGIN_MAY_IMPORT = {"shim", "layers", "hookspecs", "sampling", "optim", "kernels", "errors"}
 
 
 def _module_name(path: Path) -> str:

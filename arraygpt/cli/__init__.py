@@ -5,6 +5,7 @@
     arraygpt plugins
     arraygpt train ...
     arraygpt sample ...
+    arraygpt viz ...
 
 This package is the only place that parses arguments. Each subcommand is a module here that
 exposes ``add_arguments(parser)`` and ``run(args) -> int``; :data:`SUBCOMMANDS` names them, so a
@@ -39,6 +40,7 @@ SUBCOMMANDS = {
     "plugins": ("arraygpt.cli.plugins", "list every registered backend, optimizer and sampler and its plugin"),
     "train": ("arraygpt.cli.train", "train a GPT (default: the microgpt preset on names)"),
     "sample": ("arraygpt.cli.sample", "generate text from a checkpoint"),
+    "viz": ("arraygpt.cli.viz", "draw pictures of a model and write an interactive page"),
 }
 
 
