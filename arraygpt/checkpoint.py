@@ -171,7 +171,7 @@ def resolve_checkpoint(directory: str | os.PathLike[str]) -> Path:
     """
     path = Path(directory)
     for candidate in (path, _old(path), path / "last", _old(path / "last")):
-        if (candidate / CONFIG_FILE).is_file():
+        if os.path.lexists(candidate / CONFIG_FILE):  # a special file there is refused when read, not skipped
             return candidate
     if path.exists():
         raise FileNotFoundError(f"{path} is not an arraygpt checkpoint folder (no {CONFIG_FILE}, no last/)")

@@ -10,11 +10,11 @@ the optional BOS/EOS token.
 Not here: subword (BPE) tokenizers; GPT-2's tokenizer belongs to the interop module.
 
 Example:
-    >>> tok = CharTokenizer.from_text("emma\\nava", bos=True)
+    >>> tok = CharTokenizer.from_text("emma\\nava", bos=True, exclude="\\n")  # a, e, m, v + BOS
     >>> tok.vocab_size, tok.bos_id
     (5, 4)
-    >>> tok.encode("ava"), tok.decode([4, 0, 4, 0, 4])
-    ([0, 4, 0], 'ava')
+    >>> tok.encode("ava"), tok.decode([4, 0, 3, 0, 4])
+    ([0, 3, 0], 'ava')
 """
 
 from __future__ import annotations
