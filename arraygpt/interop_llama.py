@@ -1,0 +1,360 @@
+"""Llama-family checkpoints (Llama 2/3, Qwen2/2.5, SmolLM2, Mistral) in the Hugging Face
+transformers layout, both ways.
+
+A transformers directory holds ``config.json`` (``model_type`` ``llama``, ``qwen2`` or ``mistral``)
+and ``model.safetensors`` or a sharded ``model.safetensors.index.json``. Its tensors map onto
+arraygpt's names one to one; every weight is already stored (out, in) as an ``nn.Linear``, and
+the rotary embedding uses transformers' rotate_half layout, which is the layout of
+``arraygpt.layers.rope_forward``, so nothing is transposed or permuted:
+
+    transformers (LlamaForCausalLM, Qwen2ForCausalLM, MistralForCausalLM)   arraygpt
+    model.embed_tokens.weight                       (V, C)                  wte
+    model.layers.{i}.input_layernorm.weight         (C,)                    layer{i}.norm1
+    model.layers.{i}.self_attn.q_proj.weight / .bias (NH*hs, C)             layer{i}.attn_wq / attn_wq_b
+    model.layers.{i}.self_attn.k_proj.weight / .bias (NKV*hs, C)            layer{i}.attn_wk / attn_wk_b
+    model.layers.{i}.self_attn.v_proj.weight / .bias (NKV*hs, C)            layer{i}.attn_wv / attn_wv_b
+    model.layers.{i}.self_attn.o_proj.weight / .bias (C, NH*hs)             layer{i}.attn_wo / attn_wo_b
+    model.layers.{i}.post_attention_layernorm.weight (C,)                   layer{i}.norm2
+    model.layers.{i}.mlp.gate_proj.weight / .bias   (H, C)                  layer{i}.mlp_gate / mlp_gate_b
+    model.layers.{i}.mlp.up_proj.weight / .bias     (H, C)                  layer{i}.mlp_up / mlp_up_b
+    model.layers.{i}.mlp.down_proj.weight / .bias   (C, H)                  layer{i}.mlp_down / mlp_down_b
+    model.norm.weight                               (C,)                    normf
+    lm_head.weight                                  (V, C)                  lm_head (untied only; tied: wte)
+
+Biases: Qwen2 has them on q/k/v only (``GPTConfig.qkv_bias``); Llama's ``attention_bias`` and
+``mlp_bias`` together are ``GPTConfig.bias``. The config maps as
+
+    hidden_size -> n_embd, intermediate_size -> mlp_hidden, num_hidden_layers -> n_layer,
+    num_attention_heads -> n_head, num_key_value_heads -> n_kv_head, head_dim -> head_dim,
+    max_position_embeddings -> block_size, rms_norm_eps -> norm_eps, rope_theta -> rope_theta,
+    rope_scaling (rope_type "llama3") -> rope_scaling, tie_word_embeddings -> tie_embeddings,
+    initializer_range -> init_std
+
+(transformers 5's ``rope_parameters`` is read as well). A tied file that also stores
+``lm_head.weight`` is accepted (the copy is ignored), and the ``rotary_emb.inv_freq`` buffers of
+old files are skipped.
+
+Deliberately not here: pickle weights (refused), downloads, sliding-window attention (Mistral
+v0.1's 4096 window is refused unless it covers block_size), RoPE scalings other than Llama 3.1's,
+and any runtime dependency on transformers or torch. Tokenizers: ``arraygpt.interop``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from arraygpt.errors import CheckpointError
+from arraygpt.model import GPT, ROPE_SCALING_KEYS, GPTConfig, param_shapes
+from arraygpt.safetensors import load_file, read_json, save_file, write_atomic
+from arraygpt.shim import to_numpy
+
+__all__ = [
+    "MODEL_TYPES",
+    "config_from_llama",
+    "config_to_llama",
+    "load_llama",
+    "save_llama",
+    "state_dict_from_llama",
+    "state_dict_to_llama",
+]
+
+MODEL_TYPES = ("llama", "qwen2", "mistral")
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
+_CONFIG_LIMIT = 1024 * 1024  # bytes
+
+# transformers' defaults (LlamaConfig, Qwen2Config, MistralConfig) for keys a config.json may omit
+_DEFAULTS: dict[str, dict[str, Any]] = {
+    "llama": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                  num_attention_heads=32, hidden_act="silu", max_position_embeddings=2048, initializer_range=0.02,
+                  rms_norm_eps=1e-6, tie_word_embeddings=False, rope_theta=10000.0, attention_bias=False,
+                  mlp_bias=False),
+    "qwen2": dict(vocab_size=151936, hidden_size=4096, intermediate_size=22016, num_hidden_layers=32,
+                  num_attention_heads=32, num_key_value_heads=32, hidden_act="silu", max_position_embeddings=32768,
+                  initializer_range=0.02, rms_norm_eps=1e-6, tie_word_embeddings=False, rope_theta=10000.0,
+                  use_sliding_window=False),
+    "mistral": dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                    num_attention_heads=32, num_key_value_heads=8, hidden_act="silu",
+                    max_position_embeddings=4096 * 32, initializer_range=0.02, rms_norm_eps=1e-6,
+                    tie_word_embeddings=False, rope_theta=10000.0, sliding_window=4096),
+}  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------
+# config.json <-> GPTConfig
+
+
+def _rope_settings(hf: Mapping[str, Any], source: str) -> tuple[float, tuple[float, float, float, int] | None]:
+    """(rope_theta, rope_scaling) from ``rope_theta``/``rope_scaling`` or transformers 5's ``rope_parameters``."""
+    params = hf.get("rope_parameters")
+    scaling = hf.get("rope_scaling")
+    theta = hf.get("rope_theta")
+    if isinstance(params, Mapping):
+        theta = params.get("rope_theta", theta)
+        if params.get("rope_type", "default") != "default":
+            scaling = params
+    if scaling is not None and scaling.get("rope_type", scaling.get("type")) == "default":
+        scaling = None
+    if scaling is not None:
+        kind = scaling.get("rope_type", scaling.get("type"))
+        if kind != "llama3":
+            raise CheckpointError(
+                f"{source}: rope_scaling of type {kind!r} is not supported; arraygpt implements Llama 3.1's 'llama3'"
+            )
+        try:
+            scaling = tuple(scaling[key] for key in ROPE_SCALING_KEYS)
+        except KeyError as e:
+            raise CheckpointError(f"{source}: rope_scaling lacks {e.args[0]!r}") from None
+    return float(10000.0 if theta is None else theta), scaling
+
+
+def config_from_llama(hf: Mapping[str, Any], source: str = CONFIG_FILE) -> GPTConfig:
+    """The GPTConfig of a transformers Llama, Qwen2 or Mistral ``config.json`` (as a dict).
+
+    Raises:
+        CheckpointError: another model type, or an option arraygpt does not implement (the
+            message names it).
+    """
+    model_type = hf.get("model_type")
+    if model_type not in MODEL_TYPES:
+        raise CheckpointError(f"{source}: model_type {model_type!r} is not one of {', '.join(MODEL_TYPES)}")
+    c = {**_DEFAULTS[model_type], **{k: v for k, v in hf.items() if v is not None or k == "sliding_window"}}
+    if c.get("hidden_act") != "silu":
+        raise CheckpointError(f"{source}: hidden_act {c.get('hidden_act')!r}; arraygpt's SwiGLU uses 'silu'")
+    n_head = c["num_attention_heads"]
+    block_size = c["max_position_embeddings"]
+    window = c.get("sliding_window")
+    uses_window = c.get("use_sliding_window", True) if model_type == "qwen2" else model_type == "mistral"
+    if uses_window and window is not None and window < block_size:
+        raise CheckpointError(
+            f"{source}: sliding_window {window} < max_position_embeddings {block_size}; arraygpt has no "
+            "sliding-window attention"
+        )
+    if model_type == "llama":
+        attention_bias, mlp_bias = bool(c.get("attention_bias")), bool(c.get("mlp_bias"))
+        if attention_bias != mlp_bias:
+            raise CheckpointError(
+                f"{source}: attention_bias={attention_bias} with mlp_bias={mlp_bias}; arraygpt has biases on every "
+                "linear (bias) or on q/k/v only (qkv_bias)"
+            )
+        bias, qkv_bias = attention_bias, False
+    else:
+        bias, qkv_bias = False, model_type == "qwen2"
+    theta, scaling = _rope_settings(c, source)
+    try:
+        return GPTConfig(
+            vocab_size=c["vocab_size"], block_size=block_size, n_layer=c["num_hidden_layers"], n_head=n_head,
+            n_embd=c["hidden_size"], head_dim=c.get("head_dim") or c["hidden_size"] // n_head,
+            mlp_hidden=c["intermediate_size"], norm="rmsnorm", norm_eps=float(c["rms_norm_eps"]), norm_affine=True,
+            norm_emb=False, norm_final=True, bias=bias, tie_embeddings=bool(c["tie_word_embeddings"]),
+            init_std=float(c["initializer_range"]), init_output="normal", dropout=0.0, position="rope",
+            rope_theta=theta, rope_scaling=scaling, n_kv_head=c.get("num_key_value_heads") or n_head, mlp="swiglu",
+            qkv_bias=qkv_bias,
+        )  # fmt: skip
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{source}: invalid config: {e}") from None
+
+
+def _default_model_type(config: GPTConfig) -> str:
+    return "qwen2" if config.qkv_bias else "llama"
+
+
+def _check_expressible(config: GPTConfig, model_type: str) -> None:
+    """Raise ValueError naming the first GPTConfig field the format cannot hold."""
+    required = {"position": "rope", "mlp": "swiglu", "norm": "rmsnorm", "norm_affine": True, "norm_emb": False,
+                "norm_final": True}  # fmt: skip
+    for name, value in required.items():
+        if getattr(config, name) != value:
+            raise ValueError(f"a {model_type} checkpoint needs GPTConfig.{name}={value!r}, got {getattr(config, name)!r}")
+    if model_type not in MODEL_TYPES:
+        raise ValueError(f"model_type must be one of {', '.join(MODEL_TYPES)}, got {model_type!r}")
+    if model_type == "qwen2" and (config.bias or not config.qkv_bias):
+        raise ValueError("a qwen2 checkpoint has biases on q/k/v only: it needs GPTConfig.qkv_bias=True, bias=False")
+    if model_type != "qwen2" and config.qkv_bias:
+        raise ValueError(f"a {model_type} checkpoint cannot hold q/k/v-only biases (GPTConfig.qkv_bias); use qwen2")
+    if model_type == "mistral" and config.bias:
+        raise ValueError("a mistral checkpoint has no biases (GPTConfig.bias)")
+
+
+def config_to_llama(config: GPTConfig, dtype: str = "float32", model_type: str | None = None) -> dict[str, Any]:
+    """The transformers ``config.json`` (a dict) of ``config``: ``model_type`` qwen2 when it has
+    q/k/v-only biases, else llama (or the ``model_type`` given).
+
+    Raises:
+        ValueError: the config cannot be expressed in that format (the message names the field).
+    """
+    model_type = model_type or _default_model_type(config)
+    _check_expressible(config, model_type)
+    hf: dict[str, Any] = {
+        "architectures": [ARCHITECTURES[model_type]], "model_type": model_type, "vocab_size": config.vocab_size,
+        "hidden_size": config.n_embd, "intermediate_size": config.mlp_hidden, "num_hidden_layers": config.n_layer,
+        "num_attention_heads": config.n_head, "num_key_value_heads": config.n_kv_head, "head_dim": config.head_dim,
+        "hidden_act": "silu", "max_position_embeddings": config.block_size, "initializer_range": config.init_std,
+        "rms_norm_eps": config.norm_eps, "tie_word_embeddings": config.tie_embeddings,
+        "rope_theta": config.rope_theta, "rope_scaling": None, "attention_dropout": 0.0, "torch_dtype": dtype,
+        "use_cache": True,
+    }  # fmt: skip
+    if config.rope_scaling is not None:
+        hf["rope_scaling"] = {"rope_type": "llama3", **dict(zip(ROPE_SCALING_KEYS, config.rope_scaling))}
+    if model_type == "llama":
+        hf.update(attention_bias=config.bias, mlp_bias=config.bias)
+    elif model_type == "qwen2":
+        hf.update(use_sliding_window=False, sliding_window=None, max_window_layers=config.n_layer)
+    else:
+        hf.update(sliding_window=None)
+    return hf
+
+
+# ----------------------------------------------------------------------------------------------
+# tensors <-> state dict
+
+_LAYER = {
+    "input_layernorm.weight": "norm1", "post_attention_layernorm.weight": "norm2",
+    "self_attn.q_proj.weight": "attn_wq", "self_attn.q_proj.bias": "attn_wq_b",
+    "self_attn.k_proj.weight": "attn_wk", "self_attn.k_proj.bias": "attn_wk_b",
+    "self_attn.v_proj.weight": "attn_wv", "self_attn.v_proj.bias": "attn_wv_b",
+    "self_attn.o_proj.weight": "attn_wo", "self_attn.o_proj.bias": "attn_wo_b",
+    "mlp.gate_proj.weight": "mlp_gate", "mlp.gate_proj.bias": "mlp_gate_b",
+    "mlp.up_proj.weight": "mlp_up", "mlp.up_proj.bias": "mlp_up_b",
+    "mlp.down_proj.weight": "mlp_down", "mlp.down_proj.bias": "mlp_down_b",
+}  # fmt: skip
+_TOP = {"model.embed_tokens.weight": "wte", "model.norm.weight": "normf", "lm_head.weight": "lm_head"}
+_LAYER_KEY = re.compile(r"model\.layers\.(\d+)\.(.+)")
+_IGNORED = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
+
+
+def _arraygpt_name(key: str) -> str | None:
+    if key in _TOP:
+        return _TOP[key]
+    m = _LAYER_KEY.fullmatch(key)
+    if m and m.group(2) in _LAYER:
+        return f"layer{m.group(1)}.{_LAYER[m.group(2)]}"
+    return None
+
+
+def _hf_name(name: str) -> str:
+    for key, ours in _TOP.items():
+        if ours == name:
+            return key
+    layer, short = name.split(".", 1)
+    hf = {v: k for k, v in _LAYER.items()}[short]
+    return f"model.layers.{layer[len('layer'):]}.{hf}"
+
+
+def state_dict_from_llama(tensors: Mapping[str, Any], config: GPTConfig, source: str = WEIGHTS_FILE) -> dict[str, np.ndarray]:
+    """arraygpt's state dict (name -> host array) from transformers' tensors (name -> array).
+
+    Raises:
+        CheckpointError: a tensor is missing, unexpected, or has the wrong shape.
+    """
+    shapes = param_shapes(config)
+    state: dict[str, np.ndarray] = {}
+    unexpected = []
+    for key, value in tensors.items():
+        name = _arraygpt_name(key)
+        if name == "lm_head" and config.tie_embeddings:
+            continue  # a tied file may store the shared matrix twice
+        if name is None or name not in shapes:
+            if not _IGNORED.fullmatch(key):
+                unexpected.append(key)
+            continue
+        array = to_numpy(value)
+        if tuple(array.shape) != shapes[name]:
+            raise CheckpointError(f"{source}: tensor {key!r} has shape {tuple(array.shape)}, expected {shapes[name]}")
+        state[name] = array
+    missing = [_hf_name(name) for name in shapes if name not in state]
+    if missing or unexpected:
+        raise CheckpointError(f"{source}: tensors do not match the config: missing {missing}, unexpected {unexpected}")
+    return state
+
+
+def state_dict_to_llama(state: Mapping[str, Any], config: GPTConfig) -> dict[str, np.ndarray]:
+    """transformers' tensors (name -> host array, the state's dtype) from arraygpt's state dict."""
+    return {_hf_name(name): np.ascontiguousarray(to_numpy(state[name])) for name in param_shapes(config)}
+
+
+# ----------------------------------------------------------------------------------------------
+# directories
+
+
+def _read_tensors(directory: Path) -> tuple[dict[str, np.ndarray], str]:
+    """Every tensor of the directory's safetensors weights (one file or an index of shards)."""
+    single, index = directory / WEIGHTS_FILE, directory / WEIGHTS_INDEX_FILE
+    if single.is_file():
+        return load_file(single), str(single)
+    if index.is_file():
+        try:
+            weight_map = read_json(index, what="safetensors index", limit=16 * 1024 * 1024)["weight_map"]
+            shards = sorted(set(weight_map.values()))
+        except (KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{index}: not a safetensors index (no weight_map): {e}") from None
+        tensors: dict[str, np.ndarray] = {}
+        for shard in shards:
+            path = directory / shard
+            if not isinstance(shard, str) or Path(shard).name != shard or not path.is_file():
+                raise CheckpointError(f"{index} names shard {shard!r}, which is not a file in {directory}")
+            tensors.update(load_file(path))
+        return tensors, str(index)
+    raise FileNotFoundError(
+        f"{directory} has no {WEIGHTS_FILE} (nor a sharded {WEIGHTS_INDEX_FILE}); arraygpt reads safetensors only"
+    )
+
+
+def load_llama(directory: str | os.PathLike[str], dtype: str = "float32", backend: Any = None) -> GPT:
+    """A GPT with the weights and config of a transformers Llama, Qwen2 or Mistral directory.
+
+    Args:
+        directory: holds ``config.json`` and ``model.safetensors`` (or a sharded index), as
+            ``save_pretrained`` writes them or the Hugging Face hub serves them.
+        dtype: ``float32`` or ``float64`` (bfloat16/float16 files are widened).
+        backend: a backend name or object; default the active one.
+
+    Returns:
+        The model, in eval mode.
+
+    Raises:
+        FileNotFoundError: the directory, its config.json or its weights are missing.
+        CheckpointError: an unsupported model type or option, a missing, extra or mis-shaped tensor.
+
+    Example:
+        >>> model = load_llama("SmolLM2-135M")               # doctest: +SKIP
+        >>> logits, _ = model.forward([[1, 504, 3458]])      # doctest: +SKIP
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{directory}: no such directory (expected config.json and {WEIGHTS_FILE})")
+    config_path = directory / CONFIG_FILE
+    if not os.path.lexists(config_path):
+        raise FileNotFoundError(f"{directory} has no {CONFIG_FILE}")
+    config = config_from_llama(read_json(config_path, what="model config", limit=_CONFIG_LIMIT), source=str(config_path))
+    tensors, source = _read_tensors(directory)
+    state = state_dict_from_llama(tensors, config, source=source)
+    model = GPT(config, dtype=dtype, backend=backend, init=False)  # every weight comes from the file
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def save_llama(model: GPT, directory: str | os.PathLike[str], model_type: str | None = None) -> None:
+    """Write ``model`` as a transformers directory (config.json + model.safetensors) that
+    ``AutoModelForCausalLM.from_pretrained(directory)`` loads: ``model_type`` qwen2 when the
+    config has q/k/v-only biases, else llama (or the one given). Tensors keep the model's dtype;
+    each file is written atomically.
+
+    Raises:
+        ValueError: the config cannot be expressed in that format (the message names the field).
+    """
+    hf_config = config_to_llama(model.config, dtype=model.dtype, model_type=model_type)  # validates first
+    tensors = state_dict_to_llama(model.state_dict(), model.config)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, directory / WEIGHTS_FILE, metadata={"format": "pt"})
+    write_atomic(directory / CONFIG_FILE, (json.dumps(hf_config, indent=2, sort_keys=True) + "\n").encode())
