@@ -365,8 +365,9 @@ def _draw_attention(a: AttentionPatterns, layers: Sequence[int]) -> Any:
 
     layers = list(layers)
     L, NH, T = len(layers), a.patterns.shape[1], a.patterns.shape[2]
-    size = min(3.0, max(2.0, 0.2 * T + 0.8))
-    rotation = 90 if max((len(s) for s in a.labels), default=0) > 2 else 0
+    size = min(3.0, max(2.4, 0.2 * T + 0.8))
+    cell_points = 72 * 0.8 * size / max(T, 1)  # a column's width, to fit the key labels
+    rotation = 90 if 3.9 * max((len(s) for s in a.labels), default=0) > cell_points else 0
     fig = _figure(size * NH + 1.0, size * L + 0.8)
     fig.suptitle("attention: each query (row) attends to earlier keys (columns); the masked future is empty",
                  fontsize=9)  # fmt: skip
@@ -588,6 +589,7 @@ def _draw_embeddings(e: EmbeddingMap, max_labels: int) -> Any:
     ax.set_xlabel(f"PC1 ({r[0]:.0%} of the variance)", fontsize=8)
     ax.set_ylabel(f"PC2 ({r[1]:.0%} of the variance)" if len(r) > 1 else "", fontsize=8)
     ax.set_title("token embeddings (wte), projected on their two principal components", fontsize=9)
+    ax.tick_params(labelsize=7)
     return fig
 
 

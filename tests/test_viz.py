@@ -456,3 +456,21 @@ def test_command_through_main_exits_2_with_one_line(monkeypatch, tmp_path, capsy
     assert cli.main(["viz", "loss", "--run", str(tmp_path), "-o", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("arraygpt viz: error: no metrics.jsonl")
+
+
+@needs_mpl
+def test_the_docs_example_runs(run_dir, tmp_path, monkeypatch):
+    """docs/pictures.md's Python block, run as written against a trained names run."""
+    import re
+    import shutil
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "pictures.md").read_text(encoding="utf-8")
+    (block,) = re.findall(r"```python\n(.*?)```", doc, re.S)
+    shutil.copytree(run_dir, tmp_path / "runs" / "names")
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(block, "docs/pictures.md", "exec"), namespace)
+    assert (tmp_path / "probs.png").read_bytes().startswith(PNG)
+    assert (tmp_path / "page.html").stat().st_size > 0
+    assert namespace["t"].matrices == 175_181_291_520
