@@ -172,11 +172,12 @@ def _check_expressible(config: GPTConfig, model_type: str) -> None:
     """Raise ValueError naming the first GPTConfig field the format cannot hold."""
     required = {"position": "rope", "mlp": "swiglu", "norm": "rmsnorm", "norm_affine": True, "norm_emb": False,
                 "norm_final": True}  # fmt: skip
-    for name, value in required.items():
-        if getattr(config, name) != value:
-            raise ValueError(f"a {model_type} checkpoint needs GPTConfig.{name}={value!r}, got {getattr(config, name)!r}")
     if model_type not in MODEL_TYPES:
         raise ValueError(f"model_type must be one of {', '.join(MODEL_TYPES)}, got {model_type!r}")
+    for name, value in required.items():
+        if getattr(config, name) != value:
+            got = getattr(config, name)
+            raise ValueError(f"a {model_type} checkpoint needs GPTConfig.{name}={value!r}, got {got!r}")
     if model_type == "qwen2" and (config.bias or not config.qkv_bias):
         raise ValueError("a qwen2 checkpoint has biases on q/k/v only: it needs GPTConfig.qkv_bias=True, bias=False")
     if model_type != "qwen2" and config.qkv_bias:
@@ -250,7 +251,8 @@ def _hf_name(name: str) -> str:
     return f"model.layers.{layer[len('layer'):]}.{hf}"
 
 
-def state_dict_from_llama(tensors: Mapping[str, Any], config: GPTConfig, source: str = WEIGHTS_FILE) -> dict[str, np.ndarray]:
+def state_dict_from_llama(tensors: Mapping[str, Any], config: GPTConfig,
+                          source: str = WEIGHTS_FILE) -> dict[str, np.ndarray]:  # fmt: skip
     """arraygpt's state dict (name -> host array) from transformers' tensors (name -> array).
 
     Raises:
@@ -335,7 +337,8 @@ def load_llama(directory: str | os.PathLike[str], dtype: str = "float32", backen
     config_path = directory / CONFIG_FILE
     if not os.path.lexists(config_path):
         raise FileNotFoundError(f"{directory} has no {CONFIG_FILE}")
-    config = config_from_llama(read_json(config_path, what="model config", limit=_CONFIG_LIMIT), source=str(config_path))
+    hf_config = read_json(config_path, what="model config", limit=_CONFIG_LIMIT)
+    config = config_from_llama(hf_config, source=str(config_path))
     tensors, source = _read_tensors(directory)
     state = state_dict_from_llama(tensors, config, source=source)
     model = GPT(config, dtype=dtype, backend=backend, init=False)  # every weight comes from the file

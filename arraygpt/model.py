@@ -143,7 +143,9 @@ class GPTConfig:
         if self.rope_scaling is not None and self.position != "rope":
             raise ValueError("GPTConfig.rope_scaling needs position='rope' (it scales rotary frequencies)")
         if self.qkv_bias and self.bias:
-            raise ValueError("GPTConfig.qkv_bias adds biases to q/k/v only; with bias=True every linear has one already")
+            raise ValueError(
+                "GPTConfig.qkv_bias adds biases to q/k/v only; with bias=True every linear has one already"
+            )
 
     @property
     def attn_dim(self) -> int:
@@ -250,8 +252,8 @@ PRESETS: dict[str, dict[str, Any]] = {
                          n_embd=576, mlp_hidden=1536, rope_theta=100000.0),
     "smollm2-360m": dict(**_LLAMA, vocab_size=49152, block_size=8192, n_layer=32, n_head=15, n_kv_head=5,
                          n_embd=960, mlp_hidden=2560, rope_theta=100000.0),
-    "qwen2.5-0.5b": dict(**{**_LLAMA, "norm_eps": 1e-6}, vocab_size=151936, block_size=32768, n_layer=24, n_head=14, n_kv_head=2,
-                         n_embd=896, mlp_hidden=4864, rope_theta=1000000.0, qkv_bias=True),
+    "qwen2.5-0.5b": dict(**{**_LLAMA, "norm_eps": 1e-6}, vocab_size=151936, block_size=32768, n_layer=24,
+                         n_head=14, n_kv_head=2, n_embd=896, mlp_hidden=4864, rope_theta=1000000.0, qkv_bias=True),
     "llama-3.2-1b": dict(**_LLAMA, vocab_size=128256, block_size=131072, n_layer=16, n_head=32, n_kv_head=8,
                          n_embd=2048, mlp_hidden=8192, rope_theta=500000.0,
                          rope_scaling=(32.0, 1.0, 4.0, 8192)),

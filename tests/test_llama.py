@@ -13,7 +13,8 @@ attention and q/k/v-only biases (Qwen2), from the layer pairs up to whole models
 transformers computes RMSNorm and the rotary tables in float32 whatever the model's dtype
 (LlamaRMSNorm upcasts to float32; the rotary embedding uses float32 inverse frequencies and
 angles; its eager attention takes the softmax in float32, so these tests use SDPA). The float64
-comparisons therefore patch those two forwards with the same formulas in float64 (``_float64_transformers``); the float32 comparisons run transformers unpatched.
+comparisons therefore patch those two forwards with the same formulas in float64
+(``_float64_transformers``); the float32 comparisons run transformers unpatched.
 """
 
 from __future__ import annotations
