@@ -817,7 +817,12 @@ def explain(
         k: candidates listed per token.
         max_vocab: a larger vocabulary keeps only each step's ``max_vocab`` largest logits in the
             page (its distributions are then over those tokens; the page says so).
-        max_positions: attention and lens show at most the last this many positions.
+        max_positions: attention and lens show at most the last this many positions (a forward
+            over those positions alone).
+
+    The sliders start at the generation's settings. The page applies temperature, then top-k,
+    top-p and min-p in that order (``make_sampler(["top_k", "top_p", "min_p"], ...)``); for a
+    plugin's sampler or another order it says that its recomputation differs.
     """
     dist = plot_distributions(model, tokenizer, prompt, max_new_tokens, sampler, temperature=temperature, k=k,
                               seed=seed, prefix=prefix, draw=False, **sampler_options)  # fmt: skip
@@ -838,12 +843,18 @@ def explain(
     shown_ids = sorted({i for s in steps for i in s["ids"]} | set(dist.prompt) | set(context)
                        | {int(i) for i in lens.top_ids.ravel()})  # fmt: skip
     n_generated = len(dist.tokens)
-    settings = {"temperature": float(temperature), "top_k": int(sampler_options.get("top_k", 0) or 0),
+    names = ([sampler] if isinstance(sampler, str) else list(sampler) if isinstance(sampler, (list, tuple))
+             else [getattr(sampler, "__name__", "filter")])  # fmt: skip
+    settings = {"temperature": 0.0 if "greedy" in names else float(temperature),
+                "top_k": int(sampler_options.get("top_k", 0) or 0),
                 "top_p": float(sampler_options.get("top_p", 1.0)), "min_p": float(sampler_options.get("min_p", 0.0))}  # fmt: skip
+    known = {"temperature", "greedy", *PAGE_SAMPLERS}
+    in_order = [n for n in names if n in PAGE_SAMPLERS] == [n for n in PAGE_SAMPLERS if n in names]
     data = {
         "title": title,
         "sampler": dist.sampler,
         "settings": settings,
+        "page_settings_exact": set(names) <= known and in_order,
         "vocab_size": V,
         "truncated": V > max_vocab,
         "labels": {str(i): dist.vocab[i] for i in shown_ids},
@@ -913,6 +924,7 @@ softmax(logits / T), then top-k, top-p and min-p, each followed by a renormaliza
 <label for="top_p">top-p</label><input id="top_p" type="range" min="0.01" max="1" step="0.01"><output id="top_p-out"></output>
 <label for="min_p">min-p</label><input id="min_p" type="range" min="0" max="1" step="0.01"><output id="min_p-out"></output>
 </div>
+<p class="note" id="sampler"></p>
 <p class="note" id="kept"></p>
 <div id="bars"></div>
 <p class="note" id="trunc"></p>
@@ -978,7 +990,11 @@ window.arraygpt = { data: D, softmaxT, topK, topP, minP, normalize, distribution
 // ---- state and controls ----
 const state = Object.assign({}, D.settings, { step: 0, layer: 0, head: 0 });
 const sliders = ["temperature", "top_k", "top_p", "min_p"];
-document.getElementById("top_k").max = String(Math.min(D.vocab_size, D.steps.length ? D.steps[0].ids.length : 1, 200));
+const shownVocab = D.steps.length ? D.steps[0].ids.length : 1;
+document.getElementById("top_k").max = String(Math.min(shownVocab, Math.max(200, state.top_k)));
+document.getElementById("temperature").max = String(Math.max(2, state.temperature));
+document.getElementById("sampler").textContent = "Generated with " + D.sampler + "; the sliders start at its settings" +
+  (D.page_settings_exact ? "." : ", but the page knows only temperature, top-k, top-p and min-p (in that order).");
 for (const name of sliders) {
   const el = document.getElementById(name);
   el.value = String(state[name]);

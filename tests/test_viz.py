@@ -474,3 +474,13 @@ def test_the_docs_example_runs(run_dir, tmp_path, monkeypatch):
     assert (tmp_path / "probs.png").read_bytes().startswith(PNG)
     assert (tmp_path / "page.html").stat().st_size > 0
     assert namespace["t"].matrices == 175_181_291_520
+
+
+def test_explain_starts_the_sliders_at_the_generations_settings(model, tok):
+    greedy = viz.explain(model, tok, "em", 2, "greedy", seed=0)
+    assert greedy.data["settings"]["temperature"] == 0.0 and greedy.data["page_settings_exact"] is True
+    swapped = viz.explain(model, tok, "em", 2, ["top_p", "top_k"], top_p=0.9, top_k=3, seed=0)
+    assert swapped.data["settings"] == {"temperature": 1.0, "top_k": 3, "top_p": 0.9, "min_p": 0.0}
+    assert swapped.data["page_settings_exact"] is False  # the page applies top-k before top-p
+    custom = viz.explain(model, tok, "em", 2, lambda probs: probs, seed=0)
+    assert custom.data["page_settings_exact"] is False
