@@ -1,9 +1,12 @@
 """Training: ``arraygpt.train(...)``, the :class:`TrainConfig` of a run, and the :class:`Run` that
 holds a training run's state and walks its loop.
 
-One step: draw a batch on the host (``arraygpt.data.Batcher``), forward and backward through the
-hand-written GPT, optionally clip the global gradient norm, and let the optimizer plugin update
-the parameters in place at the schedule's learning rate. Every ``eval_interval`` steps the mean
+One step: draw the global batch on the host (``arraygpt.data.Batcher``), forward and backward
+through the hand-written GPT one micro-batch of ``batch_size`` rows at a time (``grad_accum`` of
+them per rank), weight each micro-batch's mean-loss gradient by its share of the batch's targets,
+add the ranks' gradients (one all-reduce, ``arraygpt.distributed``; nothing with one process),
+optionally clip the global gradient norm, and let the optimizer plugin update the parameters in
+place at the schedule's learning rate. Every ``eval_interval`` steps the mean
 loss on the train and val splits is measured; metrics go to ``metrics.jsonl`` in the run folder,
 checkpoints to ``last/`` (every ``checkpoint_interval`` steps and at the end) and ``best/`` (the
 lowest val loss so far). Plugins see every step, eval and checkpoint through the
@@ -15,6 +18,13 @@ count, the batcher's generator and epoch position, the dropout generator and the
 ends with the same bits as a run never stopped (on NumPy). The schedule is a pure function of the
 step; evaluations and samples draw from their own generators and change nothing.
 
+Under MPI (``mpiexec -n R``) rank r takes rows ``[r P, (r+1) P)`` of every global batch
+(P = batch_size x grad_accum), so which rows a rank computes depends on the global row index
+only; with more than one micro-batch in the global batch, dropout coins are seeded from
+(seed, step, global micro-batch index), never from the rank. Rank 0 alone prints, writes metrics
+and checkpoints and calls the event hooks; a stop (Ctrl-C, a plugin) is agreed by all ranks
+before each step. A checkpoint resumes on any number of ranks that divides its global batch.
+
 The samples printed at the end come from ``arraygpt.generation.generate`` with the plain
 ``temperature`` sampler. Not here: the ``arraygpt train`` command, its options and exit codes
 (``arraygpt.cli.train``, which derives the options from TrainConfig's fields and their help).
@@ -22,6 +32,7 @@ The samples printed at the end come from ``arraygpt.generation.generate`` with t
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import json
@@ -30,7 +41,8 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Mapping
+import traceback
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -38,6 +50,7 @@ from typing import Any, TextIO
 import numpy as np
 
 from arraygpt.data import MODES, Batcher, Dataset, DataError, default_tokenizer, fingerprint, make_dataset, read_source
+from arraygpt.distributed import World, get_world
 from arraygpt.model import DTYPES, GPT, GPTConfig, check_fields
 from arraygpt.optim import SCHEDULES, Schedule, clip_grad_norm, create_optimizer
 from arraygpt.tokenizer import ByteTokenizer, CharTokenizer, Tokenizer, read_tokenizer_file
@@ -69,7 +82,10 @@ class TrainConfig:
         val_fraction: share of the data held out for validation (the end of it).
         split_seed: seed of the one shuffle of documents before the split.
         steps: optimizer steps of the whole run (the schedule's length).
-        batch_size: rows per batch.
+        batch_size: rows per micro-batch, on each rank.
+        grad_accum: micro-batches per optimizer step, on each rank: the step's gradient is that of
+            the mean loss over the global batch of ``ranks x batch_size x grad_accum`` rows
+            (docs/distributed.md).
         optimizer: a registered optimizer name (``adam``, ``adamw``, ``sgd``, or a plugin's).
         lr: peak learning rate; schedule: ``constant``, ``linear`` (to zero) or ``cosine``
             (to min_lr); warmup_steps: linear warmup first.
@@ -94,7 +110,10 @@ class TrainConfig:
     val_fraction: float = field(default=0.1, metadata={"help": "share of the data held out for validation"})
     split_seed: int = field(default=42, metadata={"help": "seed of the one shuffle of documents before the split"})
     steps: int = field(default=5000, metadata={"help": "optimizer steps in the whole run"})
-    batch_size: int = field(default=64, metadata={"help": "rows per batch"})
+    batch_size: int = field(default=64, metadata={"help": "rows per micro-batch (per rank)"})
+    grad_accum: int = field(default=1, metadata={
+        "help": "micro-batches whose gradients one optimizer step sums (per rank); the global batch is "
+                "ranks x batch_size x grad_accum rows"})  # fmt: skip
     optimizer: str = field(default="adam", metadata={"help": "adam, adamw, sgd or a plugin's optimizer"})
     lr: float = field(default=1e-2, metadata={"help": "peak learning rate"})
     schedule: str = field(default="linear", metadata={
@@ -124,7 +143,7 @@ class TrainConfig:
         object.__setattr__(self, "mode", mode)
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
-        positive = ("steps", "batch_size", "eval_interval", "log_interval", "sample_length")
+        positive = ("steps", "batch_size", "grad_accum", "eval_interval", "log_interval", "sample_length")
         non_negative = ("warmup_steps", "eval_batches", "checkpoint_interval", "samples", "split_seed", "seed")
         for name in positive + non_negative:
             value = getattr(self, name)
@@ -189,11 +208,14 @@ class Run:
         history: every metrics record of this process, as written to metrics.jsonl.
         samples: the texts sampled at the end.
         stop_reason: why the loop ended: ``done``, ``stop_after``, ``interrupted``, ``plugin``.
+        world: the ranks of the run (``arraygpt.distributed.World``; one process by default).
     """
 
     def __init__(self, config: TrainConfig, model: GPT, tokenizer: Tokenizer, dataset: Dataset, batcher: Batcher,
                  optimizer: Any, out_dir: Path | None, pm: Any, *, step: int = 0, best_val_loss: float = math.inf,
-                 data_sha256: str = "", progress: bool = True, stream: TextIO | None = None):  # fmt: skip
+                 data_sha256: str = "", progress: bool = True, stream: TextIO | None = None,
+                 world: World | None = None):  # fmt: skip
+        self.world = world or World()
         self.config = config
         self.model = model
         self.tokenizer = tokenizer
@@ -206,7 +228,7 @@ class Run:
         self.step = step
         self.best_val_loss = best_val_loss
         self.data_sha256 = data_sha256
-        self.progress = progress
+        self.progress = progress and self.world.is_root
         self.stream = stream or sys.stdout
         self.history: list[dict[str, Any]] = []
         self.samples: list[str] = []
@@ -215,6 +237,7 @@ class Run:
         self._sigint = False
         self._last_saved = -1
         self._bar_open = False
+        self._buffer: np.ndarray | None = None  # the all-reduce buffer, kept between steps
 
     # -- events, metrics, output -------------------------------------------------------------
 
@@ -227,6 +250,8 @@ class Run:
         that a plugin that raises is named."""
         from arraygpt.manager import PluginError
 
+        if not self.world.is_root:  # rank 0 alone calls the hooks; a stop it asks for reaches every rank
+            return []
         hook = getattr(self.pm.hook, name)
         impls = hook.get_hookimpls()
         if any(impl.hookwrapper or impl.wrapper for impl in impls):
@@ -243,7 +268,7 @@ class Run:
 
     def _record(self, record: dict[str, Any]) -> None:
         self.history.append(record)
-        if self.out_dir is not None:
+        if self.out_dir is not None and self.world.is_root:
             with open(self.out_dir / METRICS_FILE, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
 
@@ -273,29 +298,41 @@ class Run:
     def evaluate(self, max_batches: int | None = -1, splits: tuple[str, ...] = ("train", "val")) -> dict[str, float]:
         """Mean loss per predicted token on the train and val splits (model in eval mode).
 
+        The rows are those of ``max_batches`` global batches (``global_batch`` rows each, drawn as
+        one process with that batch size would draw them), so the measure does not depend on the
+        number of ranks or micro-batches. Each rank computes its contiguous share of every batch,
+        ``batch_size`` rows at a time, and the ranks add their sums of losses and counts.
+
         Args:
             max_batches: batches per split; -1: ``config.eval_batches``; None or 0: the whole split.
             splits: which splits to measure.
         """
         if max_batches == -1:
             max_batches = self.config.eval_batches
-        out = {}
+        world, B = self.world, self.config.batch_size
+        sums = np.zeros((len(splits), 2))  # per split: sum of losses over targets, count of targets
         was_training = self.model.training
         self.model.eval()
         try:
-            for split in splits:
-                total, count = 0.0, 0
-                for x, y in self.dataset.eval_batches(split, self.config.batch_size, max_batches or None,
+            for i, split in enumerate(splits):
+                for x, y in self.dataset.eval_batches(split, self.global_batch, max_batches or None,
                                                       seed=self.config.seed):  # fmt: skip
-                    n = int((y >= 0).sum())
-                    _, loss = self.model.forward(x, y)
-                    total += loss * n
-                    count += n
-                if count:
-                    out[f"{split}_loss"] = total / count
+                    lo, hi = len(x) * world.rank // world.size, len(x) * (world.rank + 1) // world.size
+                    for start in range(lo, hi, B):
+                        xb, yb = x[start : min(start + B, hi)], y[start : min(start + B, hi)]  # (b, T)
+                        n = int((yb >= 0).sum())
+                        if n:
+                            _, loss = self.model.forward(xb, yb)
+                            sums[i] += (loss * n, n)
         finally:
             self.model.train(was_training)
-        return out
+        world.allreduce_sum_(sums, what="the evaluation all-reduce")
+        return {f"{split}_loss": float(total / count) for split, (total, count) in zip(splits, sums) if count}
+
+    @property
+    def global_batch(self) -> int:
+        """Rows per optimizer step over all ranks: ranks x batch_size x grad_accum."""
+        return self.world.size * self.config.batch_size * self.config.grad_accum
 
     def sample(self, n: int | None = None, length: int | None = None, temperature: float | None = None,
                seed: int | None = None) -> list[str]:  # fmt: skip
@@ -342,10 +379,13 @@ class Run:
             "schedule": self.schedule.to_dict(),
             "lr_next": self.schedule(self.step),
             "best_val_loss": self.best_val_loss if math.isfinite(self.best_val_loss) else None,
+            "world_size": self.world.size,
+            "global_batch": self.global_batch,
         }
 
     def save(self, which: str = "last") -> Path | None:
-        """Write the ``last`` or ``best`` checkpoint atomically; tell the plugins."""
+        """Write the ``last`` or ``best`` checkpoint atomically; tell the plugins. Every rank checks
+        that the parameters are finite (they are the same everywhere); rank 0 alone writes."""
         from arraygpt.checkpoint import save_checkpoint
 
         if self.out_dir is None:
@@ -354,10 +394,12 @@ class Run:
             xp = self.model.xp
             if not bool(xp.all(xp.isfinite(p))):
                 self._diverged(f"parameter {name} holds NaN or inf")
-        path = save_checkpoint(self.out_dir / which, self.model, self.tokenizer, self.optimizer,
-                               extra={**self.state(), "kind": which})  # fmt: skip
         if which == "last":
             self._last_saved = self.step
+        if not self.world.is_root:
+            return None
+        path = save_checkpoint(self.out_dir / which, self.model, self.tokenizer, self.optimizer,
+                               extra={**self.state(), "kind": which})  # fmt: skip
         self._record({"event": "checkpoint", "step": self.step, "kind": which, "path": str(path)})
         self._call_hook("arraygpt_on_checkpoint", run=self, step=self.step, path=str(path))
         return path
@@ -374,15 +416,20 @@ class Run:
     def train(self, stop_after: int | None = None) -> Run:
         """Run the loop until ``config.steps`` (or ``stop_after``) steps are done, or a stop.
 
+        With more than one rank, any other exception on a rank (or a second Ctrl-C) ends the whole
+        job (``World.abort``, with a line naming the rank), so that no rank waits in a collective.
+
         Raises:
-            TrainingDiverged: the loss or gradient norm became NaN/inf (nothing is saved).
+            TrainingDiverged: the loss or gradient norm became NaN/inf (nothing is saved; every
+                rank raises it at the same step).
         """
         handler_installed = False
         if threading.current_thread() is threading.main_thread():
             previous = signal.signal(signal.SIGINT, self._on_sigint)
             handler_installed = True
         try:
-            self._loop(stop_after)
+            with _ending_all_ranks_on_error(self.world):
+                self._loop(stop_after)
         finally:
             if handler_installed:
                 signal.signal(signal.SIGINT, previous)
@@ -401,15 +448,13 @@ class Run:
         while self.step < cfg.steps:
             if stop_after is not None and self.step >= stop_after:
                 self.request_stop("stop_after")
+            self._agree_on_stop()
             if self._stop_requested:
                 break
             t0 = time.perf_counter()
-            x, y = self.batcher.next()
+            x, y = self.batcher.next()  # (G, T): the global batch, the same on every rank
             lr = self.schedule(self.step)
-            _, loss = model.forward(x, y)
-            if not math.isfinite(loss):
-                self._diverged(f"the loss is {loss}")
-            grads = model.backward()
+            grads, loss, n_tokens = self.gradients(x, y)
             metrics: dict[str, float] = {"loss": loss, "lr": lr}
             if cfg.grad_clip:
                 norm = clip_grad_norm(grads, cfg.grad_clip)
@@ -418,7 +463,6 @@ class Run:
                 metrics["grad_norm"] = norm
             self.optimizer.step(grads, lr)
             self.step += 1
-            n_tokens = int((y >= 0).sum())
             dt = time.perf_counter() - t0
             metrics["tokens_per_s"] = n_tokens / dt if dt > 0 else 0.0
             tokens_log += n_tokens
@@ -448,6 +492,85 @@ class Run:
             where = f"; resume with: arraygpt train --resume {self.out_dir}" if self.out_dir else ""
             self._print(f"stopped at step {self.step}/{cfg.steps} ({self.stop_reason}){where}")
 
+    def gradients(self, x: np.ndarray, y: np.ndarray) -> tuple[dict[str, Any], float, int]:
+        """The gradient of the mean loss over the global batch (x, y), its mean loss and its count
+        of targets, the same on every rank.
+
+        This rank takes rows ``[rank P, (rank+1) P)`` (P = batch_size x grad_accum) in micro-batches
+        of batch_size rows. Micro-batch k has n_k targets and mean loss L_k, and ``model.backward()``
+        gives dL_k; the batch's mean loss is L = sum_k n_k L_k / n with n = sum_k n_k over the whole
+        global batch (targets of -1 count nowhere), so dL = sum_k (n_k / n) dL_k. The ranks' partial
+        sums (and sum_k n_k L_k) are added with one all-reduce of one contiguous buffer.
+        """
+        cfg, model, world = self.config, self.model, self.world
+        B, P = cfg.batch_size, cfg.batch_size * cfg.grad_accum
+        n_total = int((y >= 0).sum())
+        if world.size == 1 and cfg.grad_accum == 1:  # one micro-batch: the plain step
+            _, loss = model.forward(x, y)
+            if not math.isfinite(loss):
+                self._diverged(f"the loss is {loss}")
+            return model.backward(), loss, n_total
+        reseed = cfg.grad_accum * world.size > 1 and model.config.dropout > 0 and model.training
+        grads: dict[str, Any] | None = None
+        loss_sum = 0.0
+        for k in range(cfg.grad_accum):
+            start = world.rank * P + k * B
+            xk, yk = x[start : start + B], y[start : start + B]  # (B, T)
+            n_k = int((yk >= 0).sum())
+            if n_k == 0:  # nothing to predict: no share of the loss or the gradient
+                continue
+            if reseed:  # the coins of a micro-batch depend on its global index, not on the rank
+                micro = start // B
+                model.set_rng_state(np.random.default_rng([5, cfg.seed, self.step, micro]).bit_generator.state)
+            _, loss_k = model.forward(xk, yk)
+            if world.size == 1 and not math.isfinite(loss_k):
+                self._diverged(f"the loss is {loss_k}")
+            weight = n_k / n_total
+            loss_sum += loss_k * n_k
+            g = model.backward()
+            grads = {name: gi * weight for name, gi in g.items()} if grads is None else {
+                name: grads[name] + g[name] * weight for name in grads}  # fmt: skip
+        if grads is None:  # every target of this rank's rows is ignored
+            grads = {name: model.xp.zeros_like(p) for name, p in model.params.items()}
+        if world.size > 1:
+            grads, loss_sum = self._allreduce(grads, loss_sum)
+        loss = loss_sum / n_total if n_total else math.nan
+        if not math.isfinite(loss):
+            self._diverged(f"the loss is {loss}")
+        return grads, loss, n_total
+
+    def _allreduce(self, grads: dict[str, Any], loss_sum: float) -> tuple[dict[str, Any], float]:
+        """Add every rank's gradients and loss sum: one contiguous host buffer, one all-reduce."""
+        from arraygpt.shim import to_numpy
+
+        host = {name: to_numpy(g) for name, g in grads.items()}
+        size = sum(h.size for h in host.values()) + 1
+        dtype = np.result_type(*host.values())
+        if self._buffer is None or self._buffer.size != size or self._buffer.dtype != dtype:
+            self._buffer = np.empty(size, dtype=dtype)  # (all gradients + the loss sum,)
+        buffer, start = self._buffer, 0
+        for h in host.values():
+            buffer[start : start + h.size] = h.ravel()
+            start += h.size
+        buffer[-1] = loss_sum
+        self.world.allreduce_sum_(buffer, what=f"the gradient all-reduce of step {self.step + 1}")
+        out, start = {}, 0
+        for name, h in host.items():
+            out[name] = self.model.backend.asarray(buffer[start : start + h.size].reshape(h.shape))
+            start += h.size
+        return out, float(buffer[-1])
+
+    def _agree_on_stop(self) -> None:
+        """With several ranks, a stop asked for on any rank (rank 0's plugins, a Ctrl-C) stops all."""
+        if self.world.size == 1:
+            return
+        reasons = ("", "stop_after", "plugin", "interrupted")
+        flag = np.array([reasons.index(self._stop_requested) if self._stop_requested in reasons else
+                         (2 if self._stop_requested else 0)], dtype=np.int64)  # fmt: skip
+        self.world.allreduce_max_(flag, what=f"the stop check before step {self.step + 1}")
+        if flag[0]:
+            self.request_stop(reasons[int(flag[0])])
+
     def _evaluate_and_keep_best(self) -> None:
         losses = self.evaluate()
         self._record({"event": "eval", "step": self.step, **losses})
@@ -470,6 +593,24 @@ class Run:
         self._record({"event": "diverged", "step": step, "message": message})
         self.stop_reason = "diverged"
         raise TrainingDiverged(message, self)
+
+
+@contextlib.contextmanager
+def _ending_all_ranks_on_error(world: World) -> Iterator[None]:
+    """With several ranks, turn an exception on one rank into the end of the job (MPI_Abort after
+    its traceback and a line naming the rank), so no other rank waits for it in a collective.
+    TrainingDiverged is left alone: every rank raises it at the same step."""
+    try:
+        yield
+    except TrainingDiverged:
+        raise
+    except BaseException as e:
+        if world.size == 1:
+            raise
+        traceback.print_exc()
+        code = 130 if isinstance(e, KeyboardInterrupt) else 1
+        world.abort(f"{type(e).__name__}: {e}; ending all {world.size} ranks", code)
+        raise
 
 
 def _tokenizer_vocabulary(V: int) -> Any:
@@ -525,7 +666,7 @@ def _run_dir(resume: str | Path) -> Path:
 
 
 def _new_run(data: str, config: GPTConfig | str, options: dict[str, Any], out_dir: str | Path | None,
-             tokenizer: Tokenizer | None, pm: Any, progress: bool) -> Run:  # fmt: skip
+             tokenizer: Tokenizer | None, pm: Any, progress: bool, world: World) -> Run:  # fmt: skip
     model_overrides, train_options = _split_options(options)
     if tokenizer is not None:
         if not isinstance(tokenizer, (CharTokenizer, ByteTokenizer)):
@@ -551,16 +692,18 @@ def _new_run(data: str, config: GPTConfig | str, options: dict[str, Any], out_di
             f"leave vocab_size unset to take the tokenizer's"
         )
     dataset = make_dataset(text, tok, tc.mode, model_config.block_size, tc.val_fraction, tc.split_seed)  # type: ignore[arg-type]
-    batcher = Batcher(dataset, tc.batch_size, seed=tc.seed)
+    batcher = Batcher(dataset, world.size * tc.batch_size * tc.grad_accum, seed=tc.seed)  # the global batch
     run_dir = None
     if out_dir is not None:
         run_dir = Path(out_dir)
         if (run_dir / "last").exists() or (run_dir / ".last.old").exists():
             raise ValueError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or choose another --out-dir")
-        run_dir.mkdir(parents=True, exist_ok=True)
+        if world.is_root:
+            run_dir.mkdir(parents=True, exist_ok=True)
     model = GPT(model_config, seed=tc.seed, dtype=tc.dtype, backend=tc.backend)
     optimizer = _make_optimizer(tc, model, pm)
-    return Run(tc, model, tok, dataset, batcher, optimizer, run_dir, pm, data_sha256=fingerprint(text), progress=progress)
+    return Run(tc, model, tok, dataset, batcher, optimizer, run_dir, pm, data_sha256=fingerprint(text), progress=progress,
+               world=world)  # fmt: skip
 
 
 def _make_optimizer(tc: TrainConfig, model: GPT, pm: Any) -> Any:
@@ -573,7 +716,7 @@ def _make_optimizer(tc: TrainConfig, model: GPT, pm: Any) -> Any:
     return create_optimizer(tc.optimizer, model.params, pm, **tc.optimizer_options(factory))
 
 
-def _resumed_run(resume: str | Path, options: dict[str, Any], pm: Any, progress: bool) -> Run:
+def _resumed_run(resume: str | Path, options: dict[str, Any], pm: Any, progress: bool, world: World) -> Run:
     from arraygpt.checkpoint import load_checkpoint
 
     run_dir = _run_dir(resume)
@@ -584,21 +727,23 @@ def _resumed_run(resume: str | Path, options: dict[str, Any], pm: Any, progress:
     if "train_config" not in extra or "data" not in extra:
         raise ValueError(f"{ckpt.path} is not a training checkpoint (its state.json has no training state)")
     saved = TrainConfig.from_dict(extra["train_config"])
-    changed = {k: v for k, v in train_options.items() if k not in RESUME_OVERRIDABLE and getattr(saved, k) != v}
+    batch = _split_global_batch(saved, extra, world.size, train_options)
+    changed = {k: v for k, v in train_options.items() if k not in (*RESUME_OVERRIDABLE, *batch) and getattr(saved, k) != v}
     changed.update({k: v for k, v in model_overrides.items() if getattr(ckpt.config, k) != v})
     if changed:
         raise ValueError(
             f"cannot change {sorted(changed)} when resuming (the run continues with its saved options; "
-            f"only {', '.join(RESUME_OVERRIDABLE)}, --stop-after and --quiet may be given)"
+            f"only {', '.join(RESUME_OVERRIDABLE)}, --stop-after and --quiet may be given, and batch_size and "
+            f"grad_accum when the global batch stays the same)"
         )
-    tc = dataclasses.replace(saved, **{k: v for k, v in train_options.items() if k in RESUME_OVERRIDABLE})
+    tc = dataclasses.replace(saved, **{k: v for k, v in train_options.items() if k in RESUME_OVERRIDABLE}, **batch)
     if ckpt.tokenizer is None:
         raise ValueError(f"{ckpt.path} has no tokenizer.json; a training checkpoint needs one")
     text = read_source(tc.data)
     if extra.get("data_sha256") and fingerprint(text) != extra["data_sha256"]:
         raise DataError(f"the data {tc.data!r} changed since the run started (its sha256 differs); cannot resume exactly")
     dataset = make_dataset(text, ckpt.tokenizer, tc.mode, ckpt.config.block_size, tc.val_fraction, tc.split_seed)  # type: ignore[arg-type]
-    batcher = Batcher(dataset, tc.batch_size, seed=tc.seed)
+    batcher = Batcher(dataset, world.size * tc.batch_size * tc.grad_accum, seed=tc.seed)  # the global batch
     batcher.load_state_dict(extra["data"])
     model = ckpt.model
     optimizer = _make_optimizer(tc, model, pm)
@@ -608,15 +753,57 @@ def _resumed_run(resume: str | Path, options: dict[str, Any], pm: Any, progress:
     best = extra.get("best_val_loss")
     run = Run(tc, model, ckpt.tokenizer, dataset, batcher, optimizer, run_dir, pm, step=int(extra["step"]),
               best_val_loss=math.inf if best is None else float(best), data_sha256=extra.get("data_sha256", ""),
-              progress=progress)  # fmt: skip
+              progress=progress, world=world)  # fmt: skip
     run._last_saved = run.step
     return run
 
 
+def _split_global_batch(saved: TrainConfig, extra: Mapping[str, Any], ranks: int,
+                        given: Mapping[str, Any]) -> dict[str, int]:  # fmt: skip
+    """batch_size and grad_accum for resuming on ``ranks`` ranks with the saved global batch G.
+
+    Each rank takes P = G / ranks rows. Given options are kept if they multiply to P; otherwise
+    the saved micro-batch stays when it divides P (so the micro-batches, and their dropout coins,
+    are those of the saved run), else the largest divisor of P below it.
+
+    Raises:
+        ValueError: ``ranks`` does not divide G, or the given options do not make P.
+    """
+    G = int(extra.get("global_batch") or saved.batch_size * saved.grad_accum * int(extra.get("world_size", 1)))
+    if G % ranks:
+        divisors = [r for r in range(1, G + 1) if G % r == 0]
+        raise ValueError(f"the run's global batch of {G} rows cannot be split over {ranks} ranks; "
+                         f"resume it on a number of ranks that divides {G} ({', '.join(map(str, divisors))})")  # fmt: skip
+    P = G // ranks
+    B, N = given.get("batch_size"), given.get("grad_accum")
+    if B is not None and N is not None:
+        if B * N != P:
+            raise ValueError(f"batch_size {B} x grad_accum {N} x {ranks} ranks must make the run's global batch "
+                             f"of {G} rows")  # fmt: skip
+    elif N is not None:
+        if P % N:
+            raise ValueError(f"grad_accum {N} does not divide the {P} rows per rank of the run's global batch "
+                             f"({G} rows over {ranks} ranks)")  # fmt: skip
+        B = P // N
+    elif B is not None:
+        if P % B:
+            raise ValueError(f"batch_size {B} does not divide the {P} rows per rank of the run's global batch "
+                             f"({G} rows over {ranks} ranks)")  # fmt: skip
+        N = P // B
+    else:
+        B = max(d for d in range(1, min(saved.batch_size, P) + 1) if P % d == 0)
+        N = P // B
+    return {"batch_size": B, "grad_accum": N}
+
+
 def train(data: str = "names", *, config: GPTConfig | str = "microgpt", out_dir: str | Path | None = None,
           resume: str | Path | None = None, stop_after: int | None = None, tokenizer: Tokenizer | str | None = None,
-          progress: bool = True, plugin_manager: Any = None, **options: Any) -> Run:  # fmt: skip
+          progress: bool = True, plugin_manager: Any = None, world: World | None = None, **options: Any) -> Run:  # fmt: skip
     """Train a GPT on text and return the finished :class:`Run`.
+
+    Inside an MPI job (``mpiexec -n R``), every rank calls this with the same arguments; the run
+    spans the R ranks (docs/distributed.md) and every rank returns its Run (rank 0's holds the
+    samples).
 
     Args:
         data: ``names`` (built in) or a text file path.
@@ -630,6 +817,9 @@ def train(data: str = "names", *, config: GPTConfig | str = "microgpt", out_dir:
             to use instead of building one from the data.
         progress: print progress, evaluations and samples.
         plugin_manager: the pluggy manager for optimizers and event hooks; default the process's.
+        world: the ranks to span (``arraygpt.distributed.World``); default
+            ``arraygpt.distributed.get_world()``: MPI's COMM_WORLD under an MPI launcher, else one
+            process.
         **options: TrainConfig fields (steps, batch_size, lr, ...) and GPTConfig fields
             (n_layer, block_size, dropout, ...).
 
@@ -644,6 +834,7 @@ def train(data: str = "names", *, config: GPTConfig | str = "microgpt", out_dir:
     from arraygpt.manager import default_plugin_manager
 
     pm = plugin_manager or default_plugin_manager()
+    world = world or get_world()
     if isinstance(tokenizer, (str, Path)):  # char, byte or a tokenizer JSON file: a TrainConfig option
         options["tokenizer"], tokenizer = str(tokenizer), None
     if stop_after is not None and (isinstance(stop_after, bool) or not isinstance(stop_after, int) or stop_after < 0):
@@ -651,12 +842,16 @@ def train(data: str = "names", *, config: GPTConfig | str = "microgpt", out_dir:
     if resume is not None:
         if out_dir is not None and Path(out_dir).resolve() != _run_dir(resume).resolve():
             raise ValueError("a resumed run writes into its own folder; do not pass out_dir with resume")
-        run = _resumed_run(resume, options, pm, progress)
+        run = _resumed_run(resume, options, pm, progress, world)
     else:
-        run = _new_run(data, config, options, out_dir, tokenizer, pm, progress)
+        run = _new_run(data, config, options, out_dir, tokenizer, pm, progress, world)
+    if world.size > 1:
+        with _ending_all_ranks_on_error(world):  # the same weights everywhere: rank 0's
+            run.model.load_state_dict(world.broadcast_arrays_(run.model.params))
+            world.check_identical(run.model.params)
     _print_header(run, resumed=resume is not None)
     run.train(stop_after=stop_after)
-    if run.stop_reason == "done" and run.config.samples:
+    if run.stop_reason == "done" and run.config.samples and world.is_root:
         run.samples = run.sample()
         run._print(f"{len(run.samples)} samples:")
         for text in run.samples:
@@ -674,5 +869,9 @@ def _print_header(run: Run, resumed: bool) -> None:
     )
     split = f"{run.dataset.split_size('train'):,} train / {run.dataset.split_size('val'):,} val"
     unit = "documents" if cfg.mode == "documents" else "tokens"
+    batch = f"batch {cfg.batch_size}"
+    if cfg.grad_accum > 1 or run.world.size > 1:
+        batch = (f"global batch {run.global_batch} = {run.world.size} rank(s) x {cfg.batch_size} rows x "
+                 f"{cfg.grad_accum} micro-batch(es)")  # fmt: skip
     run._print(f"data: {cfg.data} ({cfg.mode}, {split} {unit}); {cfg.optimizer} lr {cfg.lr:g} {cfg.schedule}, "
-               f"batch {cfg.batch_size}, {cfg.steps} steps" + (f"; run folder {run.out_dir}" if run.out_dir else ""))  # fmt: skip
+               f"{batch}, {cfg.steps} steps" + (f"; run folder {run.out_dir}" if run.out_dir else ""))  # fmt: skip
