@@ -50,6 +50,19 @@ def arraygpt_register_samplers() -> list[dict[str, Any]]:
 
 
 @hookspec
+def arraygpt_register_kernels() -> list[dict[str, Any]]:
+    """Offer fused kernels: forward/backward pairs that replace a layer's reference pair of
+    ``arraygpt.layers`` on some backends and dtypes (see ``arraygpt.kernels``).
+
+    Returns:
+        A list of ``{name: arraygpt.kernels.KernelSpec}``. A spec loads its kernel (imports and
+        compiles) only when a model first selects it, so registering imports nothing heavy.
+        For each layer kind the model runs the highest-priority spec that takes its config,
+        backend and dtype (among equals, the last registered plugin's), else the reference.
+    """
+
+
+@hookspec
 def arraygpt_on_step(run: Any, step: int, metrics: dict[str, float]) -> bool | None:
     """Called after every optimizer step of a training run, every implementation in turn
     (last registered first); a plugin that raises stops the run with an error naming it.

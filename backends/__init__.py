@@ -3,6 +3,9 @@
 Each module defines the fields of :class:`arraygpt.shim.Backend`: the array namespace plus what
 the array API standard lacks. Importing this package imports no array library; a backend's
 module is imported when the backend is first loaded.
+
+The numpy backend's fused kernels (``numpy_kernels``) are offered the same way, through
+``arraygpt_register_kernels``; numba is imported only when a model first selects one.
 """
 
 from __future__ import annotations
@@ -27,3 +30,10 @@ def _loader(name: str) -> Callable[[], Backend]:
 @hookimpl
 def arraygpt_register_backends() -> list[dict[str, Callable[[], Backend]]]:
     return [{name: _loader(name) for name in BUILTIN_BACKENDS}]
+
+
+@hookimpl
+def arraygpt_register_kernels() -> list[dict[str, object]]:
+    from arraygpt.backends import numpy_kernels
+
+    return [numpy_kernels.KERNELS]

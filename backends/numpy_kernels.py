@@ -1,0 +1,460 @@
+"""Fused kernels for the numpy backend, compiled with numba: GELU (tanh), LayerNorm, RMSNorm and
+causal attention, each a forward/backward pair equal to its reference in ``arraygpt.layers``.
+
+Why they pay: NumPy runs each elementwise operation as its own pass over memory on one core; a
+kernel here makes one pass (GELU, the norms' rows) or computes only the causal half of attention
+and fuses its masked softmax. Each kernel is serial and releases the GIL (``nogil``): the model
+already splits a batch across threads (``arraygpt.runner``), so the chunks' kernels run side by
+side, and a parallel numba kernel beside them would oversubscribe the cores (and numba's default
+``workqueue`` threading layer may not be entered from two threads at once). docs/kernels.md and
+docs/performance.md give the measurements behind these choices.
+
+A kernel takes what it knows (NumPy arrays of float32/float64, C-contiguous where it matters) and
+hands everything else to the reference: dropout in attention, grouped-query attention, a keyword it
+does not know. Its backward recognizes its own forward's cache by type (a subclass of the
+reference's NamedTuple, so ``cache.probs`` still reads the attention patterns) and calls the
+reference's backward for a reference cache.
+
+numba is imported only when a model first selects one of these kernels (``import numba`` takes
+about half a second); without numba the kernels are unavailable and the reference runs.
+Compiled code is cached on disk (numba's ``cache=True``), so later processes skip compilation.
+
+Not here: the math's definition (``arraygpt.layers``), choosing kernels (``arraygpt.kernels``).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from typing import Any
+
+import numpy as np
+
+from arraygpt import layers
+from arraygpt.kernels import KernelSpec, KernelUnavailable
+
+_GELU_C = math.sqrt(2.0 / math.pi)  # layers.gelu_tanh_forward's constants
+_GELU_A = 0.044715
+_TANH_CLAMP = 7.90531110763549805  # beyond it the rational tanh below is +-1 in float32
+
+# ----------------------------------------------------------------------------------------------
+# the numba sources: plain functions, compiled by _compile() on first use. Scalars are passed in
+# the arrays' dtype so that float32 code stays float32 (a float64 literal would widen it).
+
+
+def _gelu32_forward(x, out, half, one, c, a, clamp):  # x, out (n,) float32
+    # out = 0.5 x (1 + tanh(u)), u = c (x + a x^3). tanh is a rational function (Eigen's
+    # generic_fast_tanh_float, accurate to a few ulp in float32): it vectorizes, libm's tanh
+    # and exp do not without Intel's SVML.
+    for i in range(x.size):
+        v = x[i]
+        u = c * v * (one + a * v * v)
+        u = min(max(u, -clamp), clamp)
+        u2 = u * u
+        p = u2 * np.float32(-2.76076847742355e-16) + np.float32(2.00018790482477e-13)
+        p = p * u2 + np.float32(-8.60467152213735e-11)
+        p = p * u2 + np.float32(5.12229709037114e-08)
+        p = p * u2 + np.float32(1.48572235717979e-05)
+        p = p * u2 + np.float32(6.37261928875436e-04)
+        p = p * u2 + np.float32(4.89352455891786e-03)
+        q = u2 * np.float32(1.19825839466702e-06) + np.float32(1.18534705686654e-04)
+        q = q * u2 + np.float32(2.26843463243900e-03)
+        q = q * u2 + np.float32(4.89352518554385e-03)
+        out[i] = half * v * (one + u * p / q)
+
+
+def _gelu32_backward(x, dout, dx, half, one, c, a, clamp):
+    # dx = dout * (0.5 (1 + t) + 0.5 x (1 - t^2) c (1 + 3a x^2)), t = tanh(u), recomputed from x
+    for i in range(x.size):
+        v = x[i]
+        u = c * v * (one + a * v * v)
+        u = min(max(u, -clamp), clamp)
+        u2 = u * u
+        p = u2 * np.float32(-2.76076847742355e-16) + np.float32(2.00018790482477e-13)
+        p = p * u2 + np.float32(-8.60467152213735e-11)
+        p = p * u2 + np.float32(5.12229709037114e-08)
+        p = p * u2 + np.float32(1.48572235717979e-05)
+        p = p * u2 + np.float32(6.37261928875436e-04)
+        p = p * u2 + np.float32(4.89352455891786e-03)
+        q = u2 * np.float32(1.19825839466702e-06) + np.float32(1.18534705686654e-04)
+        q = q * u2 + np.float32(2.26843463243900e-03)
+        q = q * u2 + np.float32(4.89352518554385e-03)
+        t = u * p / q
+        dx[i] = dout[i] * (half * (one + t) + half * v * (one - t * t) * c * (one + (a + a + a) * v * v))
+
+
+def _gelu64_forward(x, out):  # float64: out = x sigmoid(2u), as the reference computes it
+    for i in range(x.size):
+        v = x[i]
+        minus_2u = v * (v * v * (-2.0 * 0.7978845608028654 * 0.044715) - 2.0 * 0.7978845608028654)
+        out[i] = v / (1.0 + math.exp(min(minus_2u, 80.0)))
+
+
+def _gelu64_backward(x, dout, dx):  # dx = dout (s + x s (1 - s) 2c (1 + 3a x^2)), s = sigmoid(2u)
+    for i in range(x.size):
+        v = x[i]
+        minus_2u = v * (v * v * (-2.0 * 0.7978845608028654 * 0.044715) - 2.0 * 0.7978845608028654)
+        s = 1.0 / (1.0 + math.exp(min(minus_2u, 80.0)))
+        g = v * (v * v * (6.0 * 0.7978845608028654 * 0.044715) + 2.0 * 0.7978845608028654)
+        dx[i] = dout[i] * (s + g * s * (1.0 - s))
+
+
+def _norm_forward(x, w, b, has_w, has_b, centered, eps, out, xhat, rstd):
+    # x (N, C); layers.layernorm_forward (centered) / rmsnorm_forward, one row at a time; the row
+    # statistics in float64
+    N, C = x.shape
+    cast = np.empty(2, x.dtype)
+    for n in range(N):
+        row = x[n]
+        mean = 0.0
+        if centered:
+            for j in range(C):
+                mean += row[j]
+            mean /= C
+        var = 0.0
+        for j in range(C):
+            d = row[j] - mean
+            var += d * d
+        cast[0] = mean
+        cast[1] = 1.0 / math.sqrt(var / C + eps)
+        m, r = cast[0], cast[1]
+        rstd[n] = r
+        xh, o = xhat[n], out[n]
+        for j in range(C):
+            h = (row[j] - m) * r
+            xh[j] = h
+            if has_w:
+                h = h * w[j]
+            if has_b:
+                h = h + b[j]
+            o[j] = h
+
+
+def _norm_backward(dout, xhat, rstd, w, has_w, centered, dx, dw, db):
+    # layers._norm_backward one row at a time: dx = rstd (g - xhat mean(g xhat) [- mean(g)]),
+    # g = dout w; dw, db (C,) float64 accumulate over the rows
+    N, C = dout.shape
+    cast = np.empty(2, dout.dtype)
+    for n in range(N):
+        do, xh = dout[n], xhat[n]
+        sum_g = 0.0
+        sum_gx = 0.0
+        for j in range(C):
+            g = do[j] * w[j] if has_w else do[j]
+            sum_g += g
+            sum_gx += g * xh[j]
+        cast[0] = sum_g / C if centered else 0.0
+        cast[1] = sum_gx / C
+        mg, mgx = cast[0], cast[1]
+        r = rstd[n]
+        d = dx[n]
+        for j in range(C):
+            g = do[j] * w[j] if has_w else do[j]
+            d[j] = (g - xh[j] * mgx - mg) * r
+            dw[j] += do[j] * xh[j]
+            db[j] += do[j]
+
+
+def _causal_softmax(probs, past):
+    # probs (B, NH, T, Tk) holds the scores q k^T where computed; in place, each row becomes
+    # softmax over the keys query i sees (0 .. past + i, past = Tk - T) and 0 after them: the
+    # reference's "+ causal_mask, - max, exp, / sum" in one pass per row (layers.attention_forward)
+    B, NH, T, Tk = probs.shape
+    zero = np.zeros(1, probs.dtype)[0]
+    for b in range(B):
+        for h in range(NH):
+            for i in range(T):
+                n = past + i + 1
+                p = probs[b, h, i]
+                top = p[0]
+                for j in range(1, n):
+                    top = max(top, p[j])
+                total = zero
+                for j in range(n):
+                    e = np.exp(p[j] - top)
+                    p[j] = e
+                    total += e
+                inv = 1.0 / total
+                for j in range(n):
+                    p[j] *= inv
+                for j in range(n, Tk):
+                    p[j] = zero
+
+
+def _causal_softmax_backward(da, probs, dout, y, past):
+    # da (B, NH, T, Tk) holds dy v^T where computed; in place it becomes ds = a (da - dy . y_i)
+    # on the keys query i sees and 0 after them (layers.attention_backward); dout, y (B, T, D)
+    B, NH, T, Tk = probs.shape
+    hs = dout.shape[2] // NH
+    zero = np.zeros(1, probs.dtype)[0]
+    for b in range(B):
+        for h in range(NH):
+            for i in range(T):
+                n = past + i + 1
+                dy, yi = dout[b, i, h * hs : (h + 1) * hs], y[b, i, h * hs : (h + 1) * hs]
+                dy_dot_y = zero
+                for d in range(hs):
+                    dy_dot_y += dy[d] * yi[d]
+                g, p = da[b, h, i], probs[b, h, i]
+                for j in range(n):
+                    g[j] = p[j] * (g[j] - dy_dot_y)
+                for j in range(n, Tk):
+                    g[j] = zero
+
+
+# ----------------------------------------------------------------------------------------------
+# compiling
+
+_SOURCES = (_gelu32_forward, _gelu32_backward, _gelu64_forward, _gelu64_backward, _norm_forward,
+            _norm_backward, _causal_softmax, _causal_softmax_backward)  # fmt: skip
+_jit: dict[str, Any] = {}
+_jit_lock = threading.Lock()
+
+
+def _compile() -> dict[str, Any]:
+    """numba-compiled versions of the sources above (compiled lazily per dtype on first call).
+
+    fastmath lets LLVM reassociate sums (vectorized reductions) and use reciprocals; it keeps
+    NaN and inf semantics, so a diverging run still shows nan. ``error_model="numpy"`` drops the
+    ZeroDivisionError check that otherwise keeps every division loop scalar."""
+    with _jit_lock:
+        if not _jit:
+            try:
+                import numba
+            except ImportError as e:
+                raise KernelUnavailable(f"numba is not installed ({e}); pip install numba") from e
+            options = dict(nogil=True, cache=True, error_model="numpy",
+                           fastmath={"nsz", "arcp", "contract", "reassoc"})  # fmt: skip
+            for fn in _SOURCES:
+                _jit[fn.__name__] = numba.njit(**options)(fn)
+    return _jit
+
+
+def _floats(*arrays: Any) -> bool:
+    """NumPy arrays of one dtype, float32 or float64."""
+    first = arrays[0]
+    return first.dtype in (np.float32, np.float64) and all(
+        type(a) is np.ndarray and a.dtype == first.dtype for a in arrays
+    )
+
+
+def _takes(*arrays: Any) -> bool:
+    """NumPy arrays of one float32/float64 dtype, C-contiguous: what the kernels compute on."""
+    return type(arrays[0]) is np.ndarray and _floats(*arrays) and all(a.flags.c_contiguous for a in arrays)
+
+
+# ----------------------------------------------------------------------------------------------
+# GELU (tanh approximation): layers.gelu_tanh_forward / gelu_tanh_backward
+
+
+class GeluCache(layers.ActivationCache):
+    """The fused GELU's cache: ``s`` is None, the backward recomputes it from ``x``."""
+
+    __slots__ = ()
+
+
+def gelu_tanh_forward(x: Any) -> tuple[Any, layers.ActivationCache]:
+    """layers.gelu_tanh_forward in one pass."""
+    if not _takes(x):
+        return layers.gelu_tanh_forward(x)
+    jit = _jit or _compile()
+    out = np.empty_like(x)
+    if x.dtype == np.float32:
+        f = np.float32
+        jit["_gelu32_forward"](x.reshape(-1), out.reshape(-1), f(0.5), f(1.0), f(_GELU_C), f(_GELU_A), f(_TANH_CLAMP))
+    else:
+        jit["_gelu64_forward"](x.reshape(-1), out.reshape(-1))
+    return out, GeluCache(x, None)
+
+
+def gelu_tanh_backward(dout: Any, cache: layers.ActivationCache) -> Any:
+    """layers.gelu_tanh_backward in one pass, recomputing tanh from x."""
+    if type(cache) is not GeluCache:
+        return layers.gelu_tanh_backward(dout, cache)
+    x = cache.x
+    dout = np.ascontiguousarray(dout, dtype=x.dtype)
+    jit = _jit or _compile()
+    dx = np.empty_like(x)
+    if x.dtype == np.float32:
+        f = np.float32
+        jit["_gelu32_backward"](x.reshape(-1), dout.reshape(-1), dx.reshape(-1), f(0.5), f(1.0), f(_GELU_C),
+                                f(_GELU_A), f(_TANH_CLAMP))  # fmt: skip
+    else:
+        jit["_gelu64_backward"](x.reshape(-1), dout.reshape(-1), dx.reshape(-1))
+    return dx
+
+
+# ----------------------------------------------------------------------------------------------
+# LayerNorm and RMSNorm: layers.layernorm_forward / rmsnorm_forward and their backward
+
+
+class FusedNormCache(layers.NormCache):
+    """The fused norms' cache: the reference's fields (xhat, rstd, w, has_bias)."""
+
+    __slots__ = ()
+
+
+def _norm_forward_of(centered: bool, reference: Any) -> Any:
+    def forward(x: Any, w: Any, b: Any, eps: float) -> tuple[Any, layers.NormCache]:
+        params = [a for a in (w, b) if a is not None]
+        if not _takes(x, *params) or x.ndim < 1 or any(a.shape != x.shape[-1:] for a in params):
+            return reference(x, w, b, eps)
+        jit = _jit or _compile()
+        C = x.shape[-1]
+        x2 = x.reshape(-1, C)  # (N, C)
+        out, xhat = np.empty_like(x2), np.empty_like(x2)
+        rstd = np.empty((x2.shape[0],), dtype=x.dtype)
+        dummy = np.empty((C,), dtype=x.dtype)
+        jit["_norm_forward"](x2, dummy if w is None else w, dummy if b is None else b, w is not None, b is not None,
+                             centered, float(eps), out, xhat, rstd)  # fmt: skip
+        shape = x.shape
+        return out.reshape(shape), FusedNormCache(xhat.reshape(shape), rstd.reshape(*shape[:-1], 1), w, b is not None)
+
+    forward.__name__ = reference.__name__
+    forward.__doc__ = f"{reference.__module__}.{reference.__name__}, one row at a time."
+    return forward
+
+
+def _norm_backward_of(centered: bool, reference: Any) -> Any:
+    def backward(dout: Any, cache: layers.NormCache) -> tuple[Any, Any, Any]:
+        if type(cache) is not FusedNormCache:
+            return reference(dout, cache)
+        xhat, rstd, w, has_bias = cache
+        jit = _jit or _compile()
+        C = xhat.shape[-1]
+        dout2 = np.ascontiguousarray(dout, dtype=xhat.dtype).reshape(-1, C)
+        dx = np.empty_like(dout2)
+        dw, db = np.zeros((C,)), np.zeros((C,))  # float64 accumulators
+        jit["_norm_backward"](dout2, xhat.reshape(-1, C), rstd.reshape(-1),
+                              np.empty((C,), dtype=xhat.dtype) if w is None else w, w is not None, centered, dx, dw, db)  # fmt: skip
+        return (dx.reshape(xhat.shape), None if w is None else dw.astype(xhat.dtype),
+                db.astype(xhat.dtype) if has_bias else None)  # fmt: skip
+
+    backward.__name__ = reference.__name__
+    backward.__doc__ = f"{reference.__module__}.{reference.__name__}, one row at a time."
+    return backward
+
+
+layernorm_forward = _norm_forward_of(True, layers.layernorm_forward)
+layernorm_backward = _norm_backward_of(True, layers.layernorm_backward)
+rmsnorm_forward = _norm_forward_of(False, layers.rmsnorm_forward)
+rmsnorm_backward = _norm_backward_of(False, layers.rmsnorm_backward)
+
+
+# ----------------------------------------------------------------------------------------------
+# causal attention: layers.attention_forward / attention_backward over the causal half only
+
+
+class FusedAttentionCache(layers.AttentionCache):
+    """The fused attention's cache: the reference's fields, with q, k, v C-contiguous (B, NH, T, hs)."""
+
+    __slots__ = ()
+
+
+TILE = 64  # query rows per block: a block of queries needs the keys up to its last row only
+
+
+def _blocks(T: int) -> list[tuple[int, int]]:
+    return [(i0, min(T, i0 + TILE)) for i0 in range(0, T, TILE)]
+
+
+def _split(x: Any, n_head: int) -> Any:  # (B, T, D) -> C-contiguous (B, NH, T, hs)
+    B, T, D = x.shape
+    return np.ascontiguousarray(x.reshape(B, T, n_head, D // n_head).transpose(0, 2, 1, 3))
+
+
+def _merge(x: Any) -> Any:  # (B, NH, T, hs) -> C-contiguous (B, T, D)
+    B, NH, T, hs = x.shape
+    return np.ascontiguousarray(x.transpose(0, 2, 1, 3)).reshape(B, T, NH * hs)
+
+
+def attention_forward(q: Any, k: Any, v: Any, n_head: int, dropout_p: float = 0.0, coins: Any = None,
+                      **more: Any) -> tuple[Any, layers.AttentionCache]:  # fmt: skip
+    """layers.attention_forward, skipping the masked blocks: queries in blocks of TILE rows, each
+    block's scores and output against only the keys it sees (BLAS matmuls), and the masked
+    softmax in one fused pass. Dropout, grouped-query attention and any argument it does not know
+    go to the reference."""
+    n_kv_head = more.pop("n_kv_head", None)
+    B, T, D = q.shape
+    if (dropout_p > 0.0 or more or n_kv_head not in (None, n_head) or k.ndim != 3 or k.shape != v.shape
+            or k.shape[0] != B or k.shape[2] != D or k.shape[1] < T or D % n_head
+            or type(q) is not np.ndarray or not _floats(q, k, v)):  # fmt: skip
+        if n_kv_head is not None:
+            more["n_kv_head"] = n_kv_head
+        return layers.attention_forward(q, k, v, n_head, dropout_p, coins, **more)
+    jit = _jit or _compile()
+    Tk, hs = k.shape[1], D // n_head
+    past = Tk - T  # keys before the first query (a KV cache)
+    scale = 1.0 / math.sqrt(hs)
+    qh = _split(q * q.dtype.type(scale), n_head)  # (B, NH, T, hs), scaled as the reference does
+    kh, vh = _split(k, n_head), _split(v, n_head)  # (B, NH, Tk, hs)
+    probs = np.empty((B, n_head, T, Tk), dtype=q.dtype)
+    kT = kh.transpose(0, 1, 3, 2)
+    for i0, i1 in _blocks(T):  # scores of queries i0..i1-1 against keys 0..past+i1-1
+        np.matmul(qh[:, :, i0:i1], kT[..., : past + i1], out=probs[:, :, i0:i1, : past + i1])
+    jit["_causal_softmax"](probs, past)
+    yh = np.empty((B, n_head, T, hs), dtype=q.dtype)
+    for i0, i1 in _blocks(T):
+        np.matmul(probs[:, :, i0:i1, : past + i1], vh[:, :, : past + i1], out=yh[:, :, i0:i1])
+    y = _merge(yh)  # (B, T, D)
+    return y, FusedAttentionCache(qh, kh, vh, y, probs, None, scale)
+
+
+def attention_backward(dout: Any, cache: layers.AttentionCache) -> tuple[Any, Any, Any]:
+    """layers.attention_backward over the blocks the forward computed, the softmax's backward
+    fused into one pass."""
+    if type(cache) is not FusedAttentionCache:
+        return layers.attention_backward(dout, cache)
+    qh, kh, vh, y, probs, _, scale = cache
+    jit = _jit or _compile()
+    B, NH, T, hs = qh.shape
+    Tk = kh.shape[2]
+    past = Tk - T
+    dout = np.ascontiguousarray(dout, dtype=qh.dtype)
+    dyh = _split(dout, NH)  # (B, NH, T, hs)
+    ds = np.empty_like(probs)  # da = dy v^T, then ds in place
+    vT = vh.transpose(0, 1, 3, 2)
+    for i0, i1 in _blocks(T):
+        np.matmul(dyh[:, :, i0:i1], vT[..., : past + i1], out=ds[:, :, i0:i1, : past + i1])
+    jit["_causal_softmax_backward"](ds, probs, dout, y, past)
+    dq = np.empty_like(qh)
+    for i0, i1 in _blocks(T):  # dq = ds k * scale
+        np.matmul(ds[:, :, i0:i1, : past + i1], kh[:, :, : past + i1], out=dq[:, :, i0:i1])
+    dq *= dq.dtype.type(scale)
+    dk, dv = np.empty_like(kh), np.empty_like(vh)
+    for j0, j1 in _blocks(Tk):  # keys j0..j1-1 are seen by queries from j0 - past on
+        r = max(0, j0 - past)
+        np.matmul(ds[:, :, r:, j0:j1].transpose(0, 1, 3, 2), qh[:, :, r:], out=dk[:, :, j0:j1])  # ds^T q
+        np.matmul(probs[:, :, r:, j0:j1].transpose(0, 1, 3, 2), dyh[:, :, r:], out=dv[:, :, j0:j1])  # a^T dy
+    return _merge(dq), _merge(dk), _merge(dv)
+
+
+# ----------------------------------------------------------------------------------------------
+# registration (backends/__init__.py offers KERNELS through arraygpt_register_kernels)
+
+
+def _loader(forward: Any, backward: Any) -> Any:
+    def load() -> tuple[Any, Any]:
+        _compile()  # imports numba, or raises KernelUnavailable saying it is missing
+        return forward, backward
+
+    return load
+
+
+_NUMBA = "numba, serial, nogil"
+_ON = dict(backends=("numpy",), array_types=(np.ndarray,))
+KERNELS = {
+    "numba_gelu_tanh": KernelSpec(
+        "activation:gelu_tanh", _loader(gelu_tanh_forward, gelu_tanh_backward), **_ON,
+        description=f"one pass forward and backward, tanh recomputed in the backward ({_NUMBA})"),
+    "numba_layernorm": KernelSpec(
+        "norm:layernorm", _loader(layernorm_forward, layernorm_backward), **_ON,
+        description=f"one pass per row, forward and backward ({_NUMBA})"),
+    "numba_rmsnorm": KernelSpec(
+        "norm:rmsnorm", _loader(rmsnorm_forward, rmsnorm_backward), **_ON,
+        description=f"one pass per row, forward and backward ({_NUMBA})"),
+    "numba_causal_attention": KernelSpec(
+        "attention", _loader(attention_forward, attention_backward), **_ON,
+        description=f"masked blocks skipped (BLAS on the rest), masked softmax fused; dropout and "
+                    f"grouped-query attention run the reference ({_NUMBA})"),
+}  # fmt: skip
