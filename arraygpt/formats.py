@@ -11,9 +11,12 @@ Formats:
                 ``gpt2``; model.safetensors or a sharded model.safetensors.index.json; the
                 tokenizer files tokenizer.json or vocab.json + merges.txt when present), see
                 ``arraygpt.interop``.
+    "llama"     a transformers Llama, Qwen2 or Mistral directory (``model_type`` ``llama``,
+                ``qwen2``, ``mistral``; same files), see ``arraygpt.interop_llama``.
 
 The format of a directory is decided by its config.json: the arraygpt marker means "arraygpt",
-anything else "gpt2"; a folder without config.json is tried as a training run.
+a Llama-family ``model_type`` "llama", any other "gpt2" (whose reader names a model type it does
+not know); a folder without config.json is tried as a training run.
 
 Not here: the file layouts themselves (``arraygpt.checkpoint``, ``arraygpt.interop``), downloads,
 pickle files (refused by interop with the command that converts them).
@@ -33,12 +36,12 @@ from arraygpt.safetensors import read_json
 
 __all__ = ["FORMATS", "detect", "load", "save"]
 
-FORMATS = ("arraygpt", "gpt2")
+FORMATS = ("arraygpt", "gpt2", "llama")
 
 _ALLOWED = (
     "an arraygpt checkpoint folder (config.json with 'arraygpt_format'), a training run folder (with last/), "
-    "or a transformers GPT-2 directory (config.json with model_type 'gpt2' and model.safetensors or "
-    "model.safetensors.index.json)"
+    "or a transformers GPT-2, Llama, Qwen2 or Mistral directory (config.json with model_type and "
+    "model.safetensors or model.safetensors.index.json)"
 )
 
 
@@ -59,6 +62,8 @@ def detect(path: str | os.PathLike[str]) -> tuple[str, Path]:
         config = read_json(config_file, what="model config")
         if checkpoint.MARKER in config:
             return "arraygpt", path
+        if isinstance(config.get("model_type"), str) and config["model_type"] in _llama().MODEL_TYPES:
+            return "llama", path
         if "model_type" in config or any(os.path.lexists(path / f) for f in (interop.WEIGHTS_FILE, interop.WEIGHTS_INDEX_FILE)):
             return "gpt2", path
         raise CheckpointError(f"{config_file} has neither 'arraygpt_format' nor 'model_type'; arraygpt.load opens {_ALLOWED}")
@@ -66,6 +71,12 @@ def detect(path: str | os.PathLike[str]) -> tuple[str, Path]:
         return "arraygpt", checkpoint.resolve_checkpoint(path)
     except FileNotFoundError:
         raise CheckpointError(f"{path} holds no model arraygpt knows; arraygpt.load opens {_ALLOWED}") from None
+
+
+def _llama() -> Any:
+    from arraygpt import interop_llama
+
+    return interop_llama
 
 
 def load(path: str | os.PathLike[str], *, backend: Any = None, dtype: str | None = None) -> Checkpoint:
@@ -80,7 +91,7 @@ def load(path: str | os.PathLike[str], *, backend: Any = None, dtype: str | None
     Returns:
         A :class:`arraygpt.checkpoint.Checkpoint`: ``model``, ``tokenizer`` (None when the
         directory has none), ``optimizer_state`` and ``extra`` (arraygpt only), ``path`` (the
-        folder actually read), ``format`` ("arraygpt" or "gpt2") and ``prompt_prefix`` (the ids
+        folder actually read), ``format`` ("arraygpt", "gpt2" or "llama") and ``prompt_prefix`` (the ids
         every training document started with; a prompt goes after them).
 
     Raises:
@@ -95,14 +106,15 @@ def load(path: str | os.PathLike[str], *, backend: Any = None, dtype: str | None
     fmt, folder = detect(path)
     if fmt == "arraygpt":
         return checkpoint.load_checkpoint(folder, backend=backend, dtype=dtype)
-    model = interop.load_gpt2(folder, dtype=dtype or "float32", backend=backend)
+    reader = interop.load_gpt2 if fmt == "gpt2" else _llama().load_llama
+    model = reader(folder, dtype=dtype or "float32", backend=backend)
     has_tokenizer = any((folder / f).is_file() for f in ("tokenizer.json", "vocab.json", "merges.txt"))
     tokenizer = interop.load_hf_tokenizer(folder) if has_tokenizer else None
     if tokenizer is not None and tokenizer.vocab_size > model.config.vocab_size:
         raise CheckpointError(
             f"{folder}: the tokenizer has {tokenizer.vocab_size} tokens but the model only {model.config.vocab_size}"
         )
-    return Checkpoint(model=model, tokenizer=tokenizer, optimizer_state=None, extra={}, path=folder, format="gpt2")
+    return Checkpoint(model=model, tokenizer=tokenizer, optimizer_state=None, extra={}, path=folder, format=fmt)
 
 
 def save(model: Any, path: str | os.PathLike[str], *, format: str = "arraygpt", tokenizer: Any = None,
@@ -113,8 +125,9 @@ def save(model: Any, path: str | os.PathLike[str], *, format: str = "arraygpt", 
         model: the GPT.
         path: the directory; created if needed.
         format: "arraygpt" (an atomic checkpoint folder that keeps the tokenizer, the optimizer's
-            state, the dropout generator and ``extra``) or "gpt2" (a transformers GPT-2 directory
-            that ``GPT2LMHeadModel.from_pretrained`` loads; the config must be expressible as GPT-2).
+            state, the dropout generator and ``extra``), "gpt2" (a transformers GPT-2 directory
+            that ``GPT2LMHeadModel.from_pretrained`` loads; the config must be expressible as
+            GPT-2) or "llama" (a transformers Llama/Qwen2 directory, ``interop_llama.save_llama``).
         tokenizer: saved with the model. The "gpt2" format takes only a GPT-2 BPE tokenizer
             (``interop.BPETokenizer``), written as tokenizer.json.
         optimizer: anything with ``state_dict()`` ("arraygpt" only).
@@ -134,13 +147,16 @@ def save(model: Any, path: str | os.PathLike[str], *, format: str = "arraygpt", 
     if format == "arraygpt":
         return checkpoint.save_checkpoint(path, model, tokenizer=tokenizer, optimizer=optimizer, extra=extra)
     if optimizer is not None or extra:
-        raise ValueError("the gpt2 format holds no optimizer state or extra data; save with format='arraygpt'")
+        raise ValueError(f"the {format} format holds no optimizer state or extra data; save with format='arraygpt'")
     if tokenizer is not None and not isinstance(tokenizer, interop.BPETokenizer):
         raise ValueError(
-            f"the gpt2 format holds only a GPT-2 BPE tokenizer (arraygpt.interop.BPETokenizer), "
+            f"the {format} format holds only a byte-level BPE tokenizer (arraygpt.interop.BPETokenizer), "
             f"not {type(tokenizer).__name__}; save with format='arraygpt'"
         )
-    interop.save_gpt2(model, path)
+    if format == "gpt2":
+        interop.save_gpt2(model, path)
+    else:
+        _llama().save_llama(model, path)
     if tokenizer is not None:
         tokenizer.save(path)
     return Path(path)

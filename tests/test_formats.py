@@ -115,11 +115,20 @@ def test_save_gpt2_round_trips(tmp_path):
     assert detect(out) == ("gpt2", out)
 
 
+def test_save_llama_round_trips(tmp_path):
+    model = GPT(GPTConfig.preset("llama-tiny"), seed=5)
+    out = save(model, tmp_path / "l", format="llama")
+    assert json.loads((out / "config.json").read_text())["model_type"] in ("llama", "qwen2")
+    ckpt = load(out)
+    assert ckpt.format == "llama" and ckpt.tokenizer is None and ckpt.config == model.config
+    assert_same_weights(ckpt.model, model)
+
+
 def test_save_refuses_what_a_format_cannot_hold(tmp_path):
     model = GPT(GPT2_TINY, seed=0)
-    with pytest.raises(ValueError, match=r"unknown model format 'onnx'.*'arraygpt', 'gpt2'"):
+    with pytest.raises(ValueError, match=r"unknown model format .onnx.*.arraygpt., .gpt2., .llama."):
         save(model, tmp_path / "x", format="onnx")
-    with pytest.raises(ValueError, match="GPT-2 BPE tokenizer"):
+    with pytest.raises(ValueError, match="byte-level BPE tokenizer"):
         save(model, tmp_path / "x", format="gpt2", tokenizer=CharTokenizer("abc"))
     with pytest.raises(ValueError, match="no optimizer state or extra data"):
         save(model, tmp_path / "x", format="gpt2", extra={"step": 1})
@@ -154,9 +163,9 @@ def test_unknown_directories_are_clear_errors(tmp_path):
     (tmp_path / "other" / "config.json").write_text('{"hidden_size": 4}')
     with pytest.raises(errors.CheckpointError, match="neither 'arraygpt_format' nor 'model_type'"):
         load(tmp_path / "other")
-    (tmp_path / "other" / "config.json").write_text('{"model_type": "llama"}')
+    (tmp_path / "other" / "config.json").write_text('{"model_type": "bert"}')
     (tmp_path / "other" / "model.safetensors").write_bytes(b"")
-    with pytest.raises(errors.CheckpointError, match="model_type is 'llama'"):
+    with pytest.raises(errors.CheckpointError, match="model_type is 'bert'"):
         load(tmp_path / "other")
 
 
