@@ -398,3 +398,48 @@ def test_fuzz_mutated_files(mutations, cut):
         for name in ours:
             assert ours[name].dtype == theirs[name].dtype
             assert np.array_equal(ours[name], theirs[name], equal_nan=ours[name].dtype.kind == "f"), name
+
+
+# ----------------------------------------------------------------------------------------------
+# through the commands: one line on stderr, exit status 2
+
+
+@pytest.fixture(scope="module")
+def run_folder(tmp_path_factory) -> Path:
+    import arraygpt
+
+    out = tmp_path_factory.mktemp("cli") / "run"
+    arraygpt.train("names", steps=2, out_dir=str(out), progress=False, samples=0)
+    return out
+
+
+def break_run(run_folder: Path, tmp_path: Path, how: str) -> Path:
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(run_folder, run, symlinks=True)
+    last = run / "last"
+    if how == "fifo config":
+        replace_with(last / "config.json", "fifo")
+    elif how == "/dev/zero weights":
+        replace_with(last / "model.safetensors", "/dev/zero")
+    elif how == "huge header":
+        (last / "model.safetensors").write_bytes(HOSTILE["huge header size"][0])
+    elif how == "billion layers":
+        config = json.loads((last / "config.json").read_text())
+        (last / "config.json").write_text(json.dumps({**config, "n_layer": 10**9}))
+    return run
+
+
+@pytest.mark.parametrize("how, said", [("fifo config", "FIFO"), ("/dev/zero weights", "character device"),
+                                       ("huge header", "at most 100000000"), ("billion layers", "n_layer=1000000000")])  # fmt: skip
+@pytest.mark.parametrize("command", ["sample", "train"])
+def test_the_commands_refuse_hostile_checkpoints_with_exit_status_2(run_folder, tmp_path, how, said, command):
+    run = break_run(run_folder, tmp_path, how)
+    args = ["sample", "--checkpoint", str(run), "--max-new-tokens", "2"] if command == "sample" else ["train", "--resume", str(run)]
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "arraygpt.cli", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=60)  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and said in lines[0] and f"arraygpt {command}: error:" in lines[0], proc.stderr
