@@ -1,0 +1,258 @@
+"""Data parallel over MPI: ``mpiexec -n R`` runs equal one process with the same global batch
+(float64, 1e-10 relative on the final weights after 20 steps), rank 0 alone writes, a checkpoint of
+R ranks resumes on one, and a rank that raises, dies or hangs ends the job promptly.
+
+The multi-rank tests launch real jobs with the ``mpiexec`` next to this Python (the ``mpich``
+wheel's, from ``pip install 'arraygpt[mpi]'``) in subprocesses with timeouts; they skip, saying
+why, when mpi4py or mpiexec is missing. The single-process World is tested in this process.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import arraygpt
+from arraygpt import distributed
+from arraygpt.checkpoint import load_checkpoint
+from arraygpt.distributed import World
+from arraygpt.manager import get_plugin_manager
+from arraygpt.shim import to_numpy
+
+SYLLABLES = ["an", "el", "ma", "ri", "jo", "sa", "li", "na", "ka", "th", "er", "on", "ia", "be", "da", "ly"]
+TINY = ["--n-embd", "16", "--n-head", "2", "--block-size", "8", "--eval-batches", "2", "--samples", "0",
+        "--log-interval", "5", "--eval-interval", "10", "--dtype", "float64", "--lr", "0.01"]  # fmt: skip
+TIMEOUT_S = 180
+
+
+def _mpiexec() -> str | None:
+    beside = Path(sys.executable).parent / "mpiexec"
+    return str(beside) if beside.exists() else shutil.which("mpiexec")
+
+
+MPIEXEC = _mpiexec()
+needs_mpi = pytest.mark.skipif(
+    importlib.util.find_spec("mpi4py") is None or MPIEXEC is None,
+    reason=f"needs mpi4py and mpiexec ({distributed.MPI_INSTALL_HINT})",
+)
+
+
+@pytest.fixture
+def names_file(tmp_path):
+    rng = np.random.default_rng(0)
+    path = tmp_path / "names.txt"
+    path.write_text("\n".join("".join(rng.choice(SYLLABLES, rng.integers(1, 9))) for _ in range(300)) + "\n")
+    return path
+
+
+def _env():
+    env = dict(os.environ)
+    for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "ARRAYGPT_NUM_THREADS"):
+        env[name] = "1"  # one thread per rank on this small machine, and the same chunks in every run
+    env["ARRAYGPT_MPI_TIMEOUT"] = "60"
+    env.pop("ARRAYGPT_BACKEND", None)
+    return env
+
+
+def _launch(ranks, args, cwd, env=None):
+    """``mpiexec -n ranks python ...args`` (ranks 0: no launcher), finished within TIMEOUT_S."""
+    command = [sys.executable, *args]
+    if ranks:
+        command = [MPIEXEC, "-n", str(ranks), *command]
+    return subprocess.run(command, cwd=cwd, env=env or _env(), capture_output=True, text=True, timeout=TIMEOUT_S)
+
+
+def _train(ranks, out_dir, names_file, *extra):
+    result = _launch(ranks, ["-m", "arraygpt.cli", "train", "--data", str(names_file), "--out-dir", str(out_dir),
+                             *TINY, *extra], names_file.parent)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def _resume(ranks, run_dir, *extra):
+    result = _launch(ranks, ["-m", "arraygpt.cli", "train", "--resume", str(run_dir), *extra], run_dir.parent)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def _weights(run_dir):
+    return {k: to_numpy(v) for k, v in load_checkpoint(run_dir).model.params.items()}
+
+
+def _max_rel_diff(a, b):
+    scale = max(float(np.abs(v).max()) for v in b.values())
+    return max(float(np.abs(a[k] - b[k]).max()) for k in b) / scale
+
+
+def _metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+# -- one process: the World of a normal run ---------------------------------------------------------
+
+
+def test_a_single_process_world_does_nothing():
+    world = World()
+    assert (world.rank, world.size, world.is_root) == (0, 1, True)
+    buffer = np.arange(4.0)
+    assert world.allreduce_sum_(buffer) is buffer and buffer.tolist() == [0, 1, 2, 3]
+    assert world.broadcast_(buffer) is buffer
+    assert world.allgather(np.array([7])).tolist() == [[7]]
+    world.check_identical({"w": np.ones(3)})
+
+
+def test_without_a_launcher_mpi4py_is_not_imported(monkeypatch):
+    for name in distributed.LAUNCHER_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(distributed, "_WORLD", None)
+    monkeypatch.setitem(sys.modules, "mpi4py", None)  # importing it would fail
+    assert distributed.get_world().size == 1
+
+
+def test_several_launched_ranks_without_mpi4py_say_how_to_install(monkeypatch):
+    monkeypatch.setenv("PMI_SIZE", "2")
+    monkeypatch.setattr(distributed, "_WORLD", None)
+    monkeypatch.setitem(sys.modules, "mpi4py", None)
+    with pytest.raises(ImportError, match=r"arraygpt\[mpi\]"):
+        distributed.get_world()
+
+
+def test_the_collective_timeout_comes_from_the_environment(monkeypatch):
+    monkeypatch.setenv(distributed.TIMEOUT_ENV, "2.5")
+    assert World().timeout == 2.5
+    monkeypatch.setenv(distributed.TIMEOUT_ENV, "soon")
+    with pytest.raises(ValueError, match="ARRAYGPT_MPI_TIMEOUT must be a number"):
+        World()
+
+
+def test_the_digest_sees_one_changed_bit():
+    a = {"w": np.ones(5), "b": np.zeros(2)}
+    b = {"w": np.ones(5), "b": np.zeros(2)}
+    assert distributed.array_digest(a) == distributed.array_digest(b)
+    b["w"][3] = np.nextafter(1.0, 2.0)
+    assert distributed.array_digest(a) != distributed.array_digest(b)
+
+
+def test_a_run_in_one_process_records_its_world_in_the_checkpoint(tmp_path, names_file):
+    arraygpt.train(str(names_file), out_dir=tmp_path / "r", steps=2, batch_size=3, grad_accum=2, n_embd=16,
+                   n_head=2, block_size=8, samples=0, progress=False, plugin_manager=get_plugin_manager(autoload=False))  # fmt: skip
+    extra = load_checkpoint(tmp_path / "r").extra
+    assert (extra["world_size"], extra["global_batch"]) == (1, 6)
+
+
+# -- several ranks ------------------------------------------------------------------------------------
+
+
+@needs_mpi
+@pytest.mark.parametrize(
+    ("ranks", "batch", "accum", "dropout"),
+    [(2, 4, 1, 0.0), (2, 2, 2, 0.0), (4, 2, 1, 0.0), (2, 4, 1, 0.1)],
+    ids=["R2", "R2-accum2", "R4", "R2-dropout"],
+)
+def test_ranks_equal_one_process_with_the_same_global_batch(tmp_path, names_file, ranks, batch, accum, dropout):
+    common = ["--steps", "20", "--batch-size", str(batch), "--dropout", str(dropout)]
+    _train(ranks, tmp_path / "ranks", names_file, *common, "--grad-accum", str(accum))
+    # one process, the same micro-batches of the same global batch, one after another
+    _train(0, tmp_path / "one", names_file, *common, "--grad-accum", str(ranks * accum))
+    assert _max_rel_diff(_weights(tmp_path / "ranks"), _weights(tmp_path / "one")) < 1e-10
+    a, b = _metrics(tmp_path / "ranks"), _metrics(tmp_path / "one")
+    for event, key in (("train", "loss"), ("eval", "val_loss")):
+        np.testing.assert_allclose([r[key] for r in a if r["event"] == event],
+                                   [r[key] for r in b if r["event"] == event], rtol=1e-10)  # fmt: skip
+
+
+@needs_mpi
+def test_rank_0_alone_prints_and_writes(tmp_path, names_file):
+    result = _train(2, tmp_path / "r", names_file, "--steps", "10", "--batch-size", "2", "--samples", "3")
+    assert result.stdout.count("training: ") == 1  # one header
+    assert "global batch 4 = 2 rank(s) x 2 rows x 1 micro-batch(es)" in result.stdout
+    assert result.stdout.count("3 samples:") == 1
+    records = _metrics(tmp_path / "r")
+    assert [r["step"] for r in records if r["event"] == "train"] == [5, 10]  # once each, not once per rank
+    assert sum(r["event"] == "start" for r in records) == 1
+    assert sorted(p.name for p in (tmp_path / "r").iterdir()) == ["best", "last", "metrics.jsonl"]
+    extra = load_checkpoint(tmp_path / "r").extra
+    assert (extra["world_size"], extra["global_batch"], extra["step"]) == (2, 4, 10)
+
+
+@needs_mpi
+def test_a_checkpoint_of_two_ranks_resumes_in_one_process_and_continues_the_same(tmp_path, names_file):
+    common = ["--steps", "20", "--batch-size", "3", "--dropout", "0.1"]
+    _train(0, tmp_path / "one", names_file, *common, "--grad-accum", "2")
+    _train(2, tmp_path / "two", names_file, *common, "--stop-after", "10")
+    assert load_checkpoint(tmp_path / "two").extra["step"] == 10
+    result = _resume(0, tmp_path / "two")
+    assert "global batch 6 = 1 rank(s) x 3 rows x 2 micro-batch(es)" in result.stdout
+    assert load_checkpoint(tmp_path / "two").extra["step"] == 20
+    assert _max_rel_diff(_weights(tmp_path / "two"), _weights(tmp_path / "one")) < 1e-10
+    steps = [r["step"] for r in _metrics(tmp_path / "two") if r["event"] == "train"]
+    assert steps == [5, 10, 15, 20]
+
+
+@needs_mpi
+def test_a_one_process_checkpoint_resumes_on_two_ranks(tmp_path, names_file):
+    common = ["--steps", "20", "--batch-size", "2", "--grad-accum", "2"]
+    _train(0, tmp_path / "one", names_file, *common)
+    _train(0, tmp_path / "split", names_file, *common, "--stop-after", "10")
+    _resume(2, tmp_path / "split")
+    assert _max_rel_diff(_weights(tmp_path / "split"), _weights(tmp_path / "one")) < 1e-10
+
+
+@needs_mpi
+def test_resuming_on_ranks_that_do_not_divide_the_global_batch_is_refused(tmp_path, names_file):
+    _train(0, tmp_path / "r", names_file, "--steps", "4", "--batch-size", "3", "--stop-after", "2")
+    result = _launch(2, ["-m", "arraygpt.cli", "train", "--resume", str(tmp_path / "r")], tmp_path)
+    assert result.returncode == 2
+    assert "global batch of 3 rows cannot be split over 2 ranks" in result.stderr
+
+
+_FAULTY = textwrap.dedent(
+    """
+    import os, signal, sys, time
+    import arraygpt
+    from arraygpt import training
+    from arraygpt.distributed import get_world
+
+    fault, out_dir, data = sys.argv[1], sys.argv[2], sys.argv[3]
+    original = training.Run.gradients
+
+    def faulty(self, x, y):
+        if get_world().rank == 1 and self.step == 7:
+            if fault == "raise":
+                raise RuntimeError("injected failure")
+            if fault == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            if fault == "hang":
+                time.sleep(600)
+        return original(self, x, y)
+
+    training.Run.gradients = faulty
+    arraygpt.train(data, out_dir=out_dir, steps=20, batch_size=2, n_embd=16, n_head=2, block_size=8,
+                   checkpoint_interval=5, eval_interval=100, samples=0, progress=False)
+    """
+)
+
+
+@needs_mpi
+@pytest.mark.parametrize("fault", ["raise", "kill", "hang"])
+def test_a_rank_that_raises_dies_or_hangs_ends_the_job_and_the_checkpoint_survives(tmp_path, names_file, fault):
+    script = tmp_path / "faulty.py"
+    script.write_text(_FAULTY)
+    env = {**_env(), "ARRAYGPT_MPI_TIMEOUT": "5"}
+    result = _launch(2, [str(script), fault, str(tmp_path / "r"), str(names_file)], tmp_path, env=env)
+    assert result.returncode != 0
+    if fault == "raise":
+        assert "rank 1 of 2: RuntimeError: injected failure; ending all 2 ranks" in result.stderr
+    if fault == "hang":  # rank 0 waits 5 s in the all-reduce of step 8, then ends the job
+        assert "rank 0 of 2" in result.stderr and "all-reduce of step 8 waited 5 s" in result.stderr
+    ckpt = load_checkpoint(tmp_path / "r")
+    assert ckpt.extra["step"] == 5  # the last checkpoint before the fault, intact
