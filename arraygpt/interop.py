@@ -364,7 +364,7 @@ def state_dict_from_gpt2(
         b_qkv = found[h + "attn.c_attn.bias"]  # (3C,)
         for j, name in enumerate(("attn_wq", "attn_wk", "attn_wv")):
             state[layer + name] = np.ascontiguousarray(w_qkv[j * C : (j + 1) * C])  # (C, C)
-            state[layer + name + "_b"] = b_qkv[j * C : (j + 1) * C]
+            state[layer + name + "_b"] = b_qkv[j * C : (j + 1) * C].copy()  # (C,), its own memory
         for ours, theirs, conv1d in LAYER_TENSORS:
             value = found[h + theirs]
             state[layer + ours] = np.ascontiguousarray(value.T) if conv1d else value

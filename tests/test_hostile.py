@@ -345,6 +345,17 @@ def test_optimizer_state_is_copies_that_share_nothing(ckpt):
             assert not np.shares_memory(a, b)
 
 
+def test_gpt2_state_dict_tensors_share_nothing(gpt2):
+    from arraygpt.interop import config_from_gpt2, state_dict_from_gpt2
+
+    config = config_from_gpt2(json.loads((gpt2 / "config.json").read_text()))
+    state = state_dict_from_gpt2(ag_safetensors.load_file(gpt2 / "model.safetensors"), config)
+    arrays = list(state.values())
+    for i, a in enumerate(arrays):
+        for b in arrays[i + 1 :]:
+            assert not np.shares_memory(a, b)
+
+
 def test_bfloat16_is_widened_exactly_to_float32(tmp_path):
     """bfloat16 is float32's top 16 bits; NumPy lacks it, so the reader widens it."""
     values = np.array([1.0, -2.5, 3.140625, 0.0, -0.0, np.inf, 2.0**-130, 65280.0], dtype=np.float32)
