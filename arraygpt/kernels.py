@@ -175,7 +175,8 @@ def _resolve(config: Any, backend: Any, dtype: str, pm: Any = None) -> dict[str,
         for name, spec in specs:
             reason = spec.declines(config, backend, dtype)
             if reason is None:
-                rows[kind] = (name, spec, spec.description or "registered kernel")
+                why = spec.description or "registered kernel"
+                rows[kind] = (name, spec, why + (f" (passed over: {'; '.join(reasons)})" if reasons else ""))
                 break
             reasons.append(f"{name}: {reason}")
         else:

@@ -60,7 +60,10 @@ def _gelu32_forward(x, out, half, one, c, a, clamp):  # x, out (n,) float32
         q = u2 * np.float32(1.19825839466702e-06) + np.float32(1.18534705686654e-04)
         q = q * u2 + np.float32(2.26843463243900e-03)
         q = q * u2 + np.float32(4.89352518554385e-03)
-        out[i] = half * v * (one + u * p / q)
+        t = u * p / q
+        if u >= clamp or u <= -clamp:  # exactly +-1 out there (p/q is 1 only to a few ulp)
+            t = u / clamp
+        out[i] = half * v * (one + t)
 
 
 def _gelu32_backward(x, dout, dx, half, one, c, a, clamp):
@@ -80,6 +83,8 @@ def _gelu32_backward(x, dout, dx, half, one, c, a, clamp):
         q = q * u2 + np.float32(2.26843463243900e-03)
         q = q * u2 + np.float32(4.89352518554385e-03)
         t = u * p / q
+        if u >= clamp or u <= -clamp:
+            t = u / clamp
         dx[i] = dout[i] * (half * (one + t) + half * v * (one - t * t) * c * (one + (a + a + a) * v * v))
 
 

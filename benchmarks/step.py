@@ -1,28 +1,30 @@
-"""Time one forward+backward step of arraygpt against PyTorch eager on the same config.
+"""Time one forward+backward step of arraygpt (with its kernels, and the pure reference) against
+PyTorch eager with scaled_dot_product_attention, on the same config, weights and batches.
 
 Run by hand on a quiet machine (timings are not tests):
 
-    .venv/bin/python benchmarks/step.py                      # nanogpt-cpu and shakespeare-char
-    .venv/bin/python benchmarks/step.py --config nanogpt-cpu --steps 50
-    ARRAYGPT_BACKEND=cupy python benchmarks/step.py --config shakespeare-char-b64   # GPU; PyTorch on CUDA
+    .venv/bin/python benchmarks/step.py                          # nanogpt-cpu and shakespeare-char, 2 and 1 threads
+    .venv/bin/python benchmarks/step.py --config nanogpt-cpu --threads 2 --steps 20
+    .venv/bin/python benchmarks/step.py --sides kernels,reference  # without PyTorch
+    ARRAYGPT_BACKEND=cupy python benchmarks/step.py --config shakespeare-char-b64 --sides kernels,torch
 
-Prints, per config: median ms/step of each side (the two alternate in blocks of steps, three
-rounds, so slow drifts of machine load hit both alike), tokens/s, achieved GFLOP/s as a fraction of this machine's measured float32
-matmul peak, and the ratio arraygpt / PyTorch (<= 1.0 means arraygpt is as fast or faster).
-Both sides use the same weights and the same batches; PyTorch uses the same thread count as BLAS.
+Each side runs in its own process (two libraries in one process let one's idle thread pool spin
+beside the other's), the sides alternate, three rounds; each round reports the median of its
+steps after a warm-up, and the table shows the median of the three rounds per side and the ratio
+to PyTorch (< 1: arraygpt is faster). The CPU model and thread counts are printed with the figures.
+``--threads N`` sets ARRAYGPT_NUM_THREADS=N for arraygpt and torch.set_num_threads(N) for PyTorch.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 import statistics
+import subprocess
+import sys
 import time
-
-import numpy as np
-
-import arraygpt
-from arraygpt import GPT, GPTConfig, count_params
 
 CONFIGS = {
     # nanoGPT's documented CPU recipe (GPT-2 style with biases, as ../shared/bench/torch_gpt_step.py)
@@ -33,38 +35,40 @@ CONFIGS = {
     "microgpt": ("microgpt", 1),
     "microgpt-b32": ("microgpt", 32),
 }
+SIDES = ("kernels", "reference", "torch")
 
 
-def config_of(name: str) -> tuple[GPTConfig, int]:
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def config_of(name: str):
+    from arraygpt import GPTConfig
+
     spec, batch = CONFIGS[name]
     return (GPTConfig.preset(spec) if isinstance(spec, str) else GPTConfig(**spec)), batch
 
 
-def flops_per_step(config: GPTConfig, B: int) -> float:
+def flops_per_step(config, B: int) -> float:
     """Forward+backward FLOPs: 6 per parameter per token in the matmuls, plus attention (PaLM's estimate)."""
+    from arraygpt import count_params
+
     counts = count_params(config)
-    n = counts.total - counts.by_name["wpe"] + (config.vocab_size * config.n_embd if config.tie_embeddings else 0)
+    n = counts.total - counts.by_name.get("wpe", 0) + (config.vocab_size * config.n_embd if config.tie_embeddings else 0)
     T = config.block_size
     return B * T * (6 * n + 12 * config.n_layer * config.attn_dim * T)
 
 
-def matmul_peak_gflops(backend, n: int = 1024, repeats: int = 10) -> float:
-    """The float32 matmul ceiling of the active backend (n = 4096 on a GPU, where 1024 is too small)."""
-    n = n if backend.device == "cpu" else 4096
-    a = backend.asarray(np.random.default_rng(0).standard_normal((n, n), dtype=np.float32))
-    backend.xp.matmul(a, a)
-    backend.synchronize()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        backend.xp.matmul(a, a)
-        backend.synchronize()
-        times.append(time.perf_counter() - t0)
-    return 2 * n**3 / min(times) / 1e9
-
-
-def torch_model(config: GPTConfig, state: dict[str, np.ndarray], device: str = "cpu"):
-    """The same network in plain PyTorch (eager), loaded with arraygpt's weights."""
+def torch_model(config, state: dict, device: str = "cpu"):
+    """The same network in plain PyTorch (eager, SDPA), loaded with arraygpt's weights."""
+    import numpy as np
     import torch
     import torch.nn.functional as F
 
@@ -103,94 +107,103 @@ def torch_model(config: GPTConfig, state: dict[str, np.ndarray], device: str = "
     return forward, list(p.values())
 
 
-def bench(name: str, steps: int, warmup: int, with_torch: bool, peak: float) -> dict:
+def worker(side: str, name: str, steps: int, warmup: int, threads: int) -> dict:
+    """One side's round in this process: the median ms of ``steps`` steps after ``warmup``."""
+    import numpy as np
+
+    import arraygpt
+    from arraygpt import GPT
+
     config, B = config_of(name)
-    model = GPT(config, seed=0)
-    rng = np.random.default_rng(0)
-    rounds = 3
-    per_round = max(1, steps // rounds)
-    batches = [rng.integers(0, config.vocab_size, (B, config.block_size + 1)) for _ in range(warmup + per_round)]
     backend = arraygpt.get_backend()
-
-    def ours(batch):
-        model.forward(batch[:, :-1], batch[:, 1:])
-        model.backward()
-        backend.synchronize()
-
-    theirs = None
-    if with_torch:
+    model = GPT(config, seed=0, kernels="reference" if side != "kernels" else None)
+    rng = np.random.default_rng(0)
+    batches = [rng.integers(0, config.vocab_size, (B, config.block_size + 1)) for _ in range(warmup + steps)]
+    if side == "torch":
         import torch
 
-        device = "cpu" if backend.device == "cpu" else "cuda"  # PyTorch on the same kind of device
+        torch.set_num_threads(threads)
+        device = "cpu" if backend.device == "cpu" else "cuda"
         state = {k: backend.to_numpy(v) for k, v in model.state_dict().items()}
+        del model
         forward, params = torch_model(config, state, device)
 
-        def theirs(batch):
+        def run(batch):
             for q in params:
                 q.grad = None
             t = torch.from_numpy(batch).to(device)
             forward(t[:, :-1], t[:, 1:]).backward()
             if device == "cuda":
                 torch.cuda.synchronize()
+    else:
 
-    # Alternate blocks of steps rather than single steps: OpenBLAS's and PyTorch's thread pools
-    # spin for a while after each call, and interleaving single steps makes them fight.
-    ours_ms, theirs_ms = [], []
-    sides = [(ours, ours_ms)] + ([(theirs, theirs_ms)] if theirs is not None else [])
-    for block in range(rounds):
-        for run, times in sides:
-            for i, batch in enumerate(batches):
-                t0 = time.perf_counter()
-                run(batch)
-                if i >= warmup:
-                    times.append((time.perf_counter() - t0) * 1e3)
-    flops = flops_per_step(config, B)
-    med = statistics.median(ours_ms)
-    result = {
-        "config": name, "backend": backend.name, "batch": B, "params": count_params(config).total,
-        "arraygpt_ms": med, "tokens_per_s": B * config.block_size / med * 1e3,
-        "gflops": flops / med / 1e6, "peak_fraction": flops / med / 1e6 / peak,
-    }  # fmt: skip
-    if theirs is not None:
-        tmed = statistics.median(theirs_ms)
-        result.update(torch_ms=tmed, torch_peak_fraction=flops / tmed / 1e6 / peak, ratio=med / tmed)
-    return result
+        def run(batch):
+            model.forward(batch[:, :-1], batch[:, 1:])
+            model.backward()
+            backend.synchronize()
+
+    times = []
+    for i, batch in enumerate(batches):
+        t0 = time.perf_counter()
+        run(batch)
+        if i >= warmup:
+            times.append((time.perf_counter() - t0) * 1e3)
+    return {"side": side, "config": name, "threads": threads, "ms": statistics.median(times)}
+
+
+def run_side(side: str, name: str, steps: int, warmup: int, threads: int) -> float:
+    env = dict(os.environ, ARRAYGPT_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads))
+    env.pop("ARRAYGPT_KERNELS", None)
+    if side == "torch":
+        env["ARRAYGPT_MALLOC_TUNING"] = "0"  # PyTorch keeps its own allocator's behaviour (arraygpt only builds the weights)
+    args = [sys.executable, __file__, "--worker", side, "--config", name, "--steps", str(steps),
+            "--warmup", str(warmup), "--threads", str(threads)]  # fmt: skip
+    out = subprocess.run(args, env=env, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])["ms"]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", action="append", choices=list(CONFIGS), help="repeatable; default nanogpt-cpu and shakespeare-char")
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--no-torch", action="store_true")
+    parser.add_argument("--sides", default=",".join(SIDES), help=f"comma-separated, from {', '.join(SIDES)}")
+    parser.add_argument("--threads", type=int, action="append", help="repeatable; default 2 and 1")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per round")
+    parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    with_torch = not args.no_torch
-    if with_torch:
+    if args.worker:
+        print(json.dumps(worker(args.worker, args.config[0], args.steps, args.warmup, args.threads[0])))
+        return
+    sides = [s for s in args.sides.split(",") if s]
+    if "torch" in sides:
         try:
-            import torch
-
-            torch.set_num_threads(_blas_threads())
+            import torch  # noqa: F401
         except ImportError:
-            with_torch = False
-    backend = arraygpt.get_backend()
-    peak = matmul_peak_gflops(backend)
-    print(f"float32 matmul peak ({backend.name}): {peak:.0f} GFLOP/s")
+            sides.remove("torch")
+    print(f"CPU: {cpu_model()} ({os.cpu_count()} logical cores); Python {platform.python_version()}")
+    print(f"{args.rounds} rounds, each side in its own process, alternating; per round the median of "
+          f"{args.steps} steps after {args.warmup} warm-up; shown: median of the rounds (min-max)")  # fmt: skip
     for name in args.config or ["nanogpt-cpu", "shakespeare-char"]:
-        r = bench(name, args.steps, args.warmup, with_torch, peak)
-        line = (f"{name:<17} B={r['batch']:<3} arraygpt[{r['backend']}] {r['arraygpt_ms']:8.2f} ms/step "
-                f"{r['tokens_per_s']:>9,.0f} tok/s {r['gflops']:6.1f} GFLOP/s ({r['peak_fraction']:.0%} of peak)")  # fmt: skip
-        if "torch_ms" in r:
-            line += f" | torch {r['torch_ms']:8.2f} ms ({r['torch_peak_fraction']:.0%}) | ratio {r['ratio']:.2f}"
-        print(line)
-        if args.json:
-            print(json.dumps(r))
-
-
-def _blas_threads() -> int:
-    import os
-
-    return int(os.environ.get("OPENBLAS_NUM_THREADS") or os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1)
+        config, B = config_of(name)
+        flops = flops_per_step(config, B)
+        for threads in args.threads or [2, 1]:
+            rounds: dict[str, list[float]] = {s: [] for s in sides}
+            for _ in range(args.rounds):
+                for side in sides:
+                    rounds[side].append(run_side(side, name, args.steps, args.warmup, threads))
+            med = {s: statistics.median(v) for s, v in rounds.items()}
+            cells = []
+            for s in sides:
+                cell = f"{s} {med[s]:8.2f} ms ({min(rounds[s]):.1f}-{max(rounds[s]):.1f}, {flops / med[s] / 1e6:5.1f} GFLOP/s)"
+                if "torch" in med and s != "torch":
+                    cell += f" ratio {med[s] / med['torch']:.2f}"
+                cells.append(cell)
+            print(f"{name:<17} B={B:<3} threads={threads} | " + " | ".join(cells))
+            if args.json:
+                print(json.dumps({"config": name, "batch": B, "threads": threads, "cpu": cpu_model(), "rounds": rounds,
+                                  "median_ms": med}))  # fmt: skip
 
 
 if __name__ == "__main__":

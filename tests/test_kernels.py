@@ -1,0 +1,410 @@
+"""Fused kernels against the reference of ``arraygpt.layers`` (STYLE.md section 9), and how
+``arraygpt.kernels`` chooses them: registration through the plugin hook, declining, the
+reference switch, and a whole model's gradients with and without kernels.
+
+The numba kernels' tests skip where numba is not installed (then the reference runs, which the
+rest of the suite tests); the selection tests run everywhere.
+"""
+
+from __future__ import annotations
+
+import inspect
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from arraygpt import GPT, GPTConfig, core, hookimpl, kernels, layers, manager
+from arraygpt.kernels import KernelSpec, KernelUnavailable
+from arraygpt.shim import load_backend
+
+from arraygpt.backends import numpy_kernels as nk  # noqa: E402  (imports numba only when compiling)
+
+try:
+    nk._compile()
+    HAS_NUMBA = True
+except KernelUnavailable:
+    HAS_NUMBA = False
+needs_numba = pytest.mark.skipif(
+    not HAS_NUMBA, reason="numba is not installed: the numpy kernels are unavailable and the reference runs"
+)
+DTYPES = ("float64", "float32")
+NUMPY = load_backend("numpy")
+
+
+def assert_close(actual, desired, dtype, what=""):
+    """float64 to 1e-12; float32 to 512 eps; both relative to the reference's largest value."""
+    if desired is None:
+        assert actual is None, what
+        return
+    tol = 1e-12 if dtype == "float64" else 512 * float(np.finfo(np.float32).eps)
+    actual, desired = np.asarray(actual), np.asarray(desired)
+    assert actual.shape == desired.shape, f"{what}: shape {actual.shape} != {desired.shape}"
+    assert actual.dtype == desired.dtype, f"{what}: dtype {actual.dtype} != {desired.dtype}"
+    scale = max(1.0, float(np.max(np.abs(desired), initial=0.0)))
+    np.testing.assert_allclose(actual, desired, rtol=0, atol=tol * scale, err_msg=what)
+
+
+def _array(rng, shape, dtype, contiguous=True):
+    """Normal draws of ``shape``; a strided view of a wider array where not ``contiguous``."""
+    if contiguous:
+        return rng.standard_normal(shape).astype(dtype)
+    wide = rng.standard_normal((*shape[:-1], 2 * shape[-1])).astype(dtype)
+    return wide[..., ::2]
+
+
+# ----------------------------------------------------------------------------------------------
+# every kernel against the reference, forward and backward
+
+
+@needs_numba
+@settings(max_examples=40, deadline=None)
+@given(B=st.integers(1, 3), T=st.integers(1, 9), H=st.integers(1, 37), dtype=st.sampled_from(DTYPES),
+       contiguous=st.booleans(), seed=st.integers(0, 2**16), scale=st.sampled_from([1.0, 6.0]))  # fmt: skip
+def test_gelu_tanh_kernel_equals_reference(B, T, H, dtype, contiguous, seed, scale):
+    rng = np.random.default_rng(seed)
+    x = _array(rng, (B, T, H), dtype, contiguous) * np.asarray(scale, dtype=dtype)
+    dout = _array(rng, (B, T, H), dtype)
+    out, cache = nk.gelu_tanh_forward(x)
+    ref_out, ref_cache = layers.gelu_tanh_forward(x)
+    assert_close(out, ref_out, dtype, "gelu forward")
+    assert_close(nk.gelu_tanh_backward(dout, cache), layers.gelu_tanh_backward(dout, ref_cache), dtype, "gelu backward")
+    if contiguous:
+        assert type(cache) is nk.GeluCache
+    # a non-contiguous dout goes through the fused backward too
+    assert_close(nk.gelu_tanh_backward(dout.T.copy().T, cache), layers.gelu_tanh_backward(dout, ref_cache), dtype)
+
+
+@needs_numba
+@settings(max_examples=60, deadline=None)
+@given(norm=st.sampled_from(["layernorm", "rmsnorm"]), shape=st.sampled_from([(1, 1, 1), (1, 1, 7), (2, 5, 3),
+       (3, 1, 16), (2, 9, 33), (13, 5), (4,)]), dtype=st.sampled_from(DTYPES), gain=st.booleans(), bias=st.booleans(),
+       contiguous=st.booleans(), seed=st.integers(0, 2**16))  # fmt: skip
+def test_norm_kernels_equal_reference(norm, shape, dtype, gain, bias, contiguous, seed):
+    rng = np.random.default_rng(seed)
+    C = shape[-1]
+    x = _array(rng, shape, dtype, contiguous) * np.asarray(3.0, dtype=dtype) + np.asarray(1.5, dtype=dtype)
+    w = _array(rng, (C,), dtype) if gain else None
+    b = _array(rng, (C,), dtype) if bias else None
+    dout = _array(rng, shape, dtype, contiguous)
+    forward, backward = getattr(nk, norm + "_forward"), getattr(nk, norm + "_backward")
+    ref_forward, ref_backward = layers.NORMS[norm]
+    out, cache = forward(x, w, b, 1e-5)
+    ref_out, ref_cache = ref_forward(x, w, b, 1e-5)
+    assert_close(out, ref_out, dtype, f"{norm} forward")
+    assert isinstance(cache, layers.NormCache)
+    for got, want, name in zip(cache[:2], ref_cache[:2], ("xhat", "rstd")):
+        assert_close(got, want, dtype, f"{norm} cache.{name}")
+    for got, want, name in zip(backward(dout, cache), ref_backward(dout, ref_cache), ("dx", "dw", "db")):
+        assert_close(got, want, dtype, f"{norm} backward {name}")
+
+
+def _attention_inputs(rng, B, T, past, NH, hs, dtype):
+    """q, k, v as the model passes them: views of one (B, T, 3D) projection; with ``past`` > 0,
+    k and v are views of a longer buffer, as a KV cache returns them."""
+    D = NH * hs
+    qkv = rng.standard_normal((B, T, 3 * D)).astype(dtype)
+    q = qkv[..., :D]
+    if past == 0:
+        return q, qkv[..., D : 2 * D], qkv[..., 2 * D :]
+    buffer = rng.standard_normal((2, B, past + T + 3, D)).astype(dtype)  # spare positions after the end
+    return q, buffer[0, :, : past + T], buffer[1, :, : past + T]
+
+
+@needs_numba
+@settings(max_examples=60, deadline=None)
+@given(B=st.integers(1, 3), T=st.sampled_from([1, 2, 5, 8, 13, 64, 70]), past=st.sampled_from([0, 0, 1, 4]),
+       NH=st.integers(1, 3), hs=st.sampled_from([1, 3, 8]), dtype=st.sampled_from(DTYPES),
+       seed=st.integers(0, 2**16))  # fmt: skip
+def test_attention_kernel_equals_reference(B, T, past, NH, hs, dtype, seed):
+    """T = 1 (a decode step), odd sizes, more than one query block (T > TILE), a KV cache (past > 0)."""
+    rng = np.random.default_rng(seed)
+    q, k, v = _attention_inputs(rng, B, T, past, NH, hs, dtype)
+    dout = rng.standard_normal((B, T, NH * hs)).astype(dtype)
+    y, cache = nk.attention_forward(q, k, v, NH)
+    ref_y, ref_cache = layers.attention_forward(q, k, v, NH)
+    assert type(cache) is nk.FusedAttentionCache and isinstance(cache, layers.AttentionCache)
+    assert_close(y, ref_y, dtype, "attention forward")
+    assert_close(cache.probs, ref_cache.probs, dtype, "attention probs")
+    for got, want, name in zip(nk.attention_backward(dout, cache), layers.attention_backward(dout, ref_cache), "qkv"):
+        assert_close(got, want, dtype, f"attention backward d{name}")
+
+
+@needs_numba
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_attention_kernel_declines_dropout_and_unknown_arguments(dtype):
+    """Dropout, grouped-query attention and unknown keywords run the reference, forward and backward."""
+    rng = np.random.default_rng(0)
+    B, T, NH, hs = 2, 5, 2, 4
+    q, k, v = _attention_inputs(rng, B, T, 0, NH, hs, dtype)
+    dout = rng.standard_normal((B, T, NH * hs)).astype(dtype)
+    coins = rng.random((B, NH, T, T))
+    y, cache = nk.attention_forward(q, k, v, NH, 0.25, coins)
+    ref_y, ref_cache = layers.attention_forward(q, k, v, NH, 0.25, coins)
+    assert type(cache) is layers.AttentionCache and cache.dropout_mask is not None
+    assert_close(y, ref_y, dtype)
+    for got, want in zip(nk.attention_backward(dout, cache), layers.attention_backward(dout, ref_cache)):
+        assert_close(got, want, dtype)
+    with pytest.raises(TypeError, match="unexpected keyword"):  # passed on to the reference, which rejects it
+        nk.attention_forward(q, k, v, NH, window=3)
+    if "n_kv_head" in inspect.signature(layers.attention_forward).parameters:
+        kv = rng.standard_normal((2, B, T, hs)).astype(dtype)  # one key/value head for two query heads
+        y, cache = nk.attention_forward(q, kv[0], kv[1], NH, n_kv_head=1)
+        assert type(cache) is layers.AttentionCache
+        assert_close(y, layers.attention_forward(q, kv[0], kv[1], NH, n_kv_head=1)[0], dtype)
+        _, cache = nk.attention_forward(q, k, v, NH, n_kv_head=NH)  # the plain call spelled out
+        assert type(cache) is nk.FusedAttentionCache
+
+
+@needs_numba
+def test_kernels_hand_other_arrays_to_the_reference():
+    """float16 and array-api-strict arrays are not the kernels': the reference computes them."""
+    x = np.linspace(-3, 3, 12, dtype=np.float16).reshape(3, 4)
+    out, cache = nk.gelu_tanh_forward(x)
+    assert type(cache) is layers.ActivationCache and out.dtype == np.float16
+    strict = load_backend("array_api_strict").xp
+    xs = strict.asarray(np.ones((2, 3)))
+    out, cache = nk.layernorm_forward(xs, None, None, 1e-5)
+    assert type(cache) is layers.NormCache
+
+
+# ----------------------------------------------------------------------------------------------
+# the whole model: kernels against the reference
+
+
+SMALL = GPTConfig(vocab_size=19, block_size=16, n_layer=2, n_head=2, n_embd=12)
+
+
+@needs_numba
+@pytest.mark.parametrize(
+    "config",
+    [SMALL, GPTConfig(vocab_size=19, block_size=16, n_layer=2, n_head=3, n_embd=15, norm="rmsnorm", bias=False),
+     GPTConfig(vocab_size=19, block_size=16, n_layer=1, n_head=2, n_embd=8, norm_affine=False)],
+    ids=["layernorm", "rmsnorm-nobias", "no-affine"],
+)  # fmt: skip
+def test_model_gradients_with_kernels_equal_reference(config):
+    fast = GPT(config, seed=3, dtype="float64", kernels=None)
+    ref = GPT(config, seed=3, dtype="float64", kernels="reference")
+    used = {kind for kind in ("norm", "attention", "activation") if getattr(fast.kernels, kind)[0].__module__
+            == "arraygpt.backends.numpy_kernels"}  # fmt: skip
+    assert used == {"norm", "attention", "activation"}
+    rng = np.random.default_rng(0)
+    batch = rng.integers(0, config.vocab_size, (5, config.block_size + 1))
+    targets = batch[:, 1:].copy()
+    targets[0, :3] = -1  # ignored positions
+    logits, loss = fast.forward(batch[:, :-1], targets)
+    ref_logits, ref_loss = ref.forward(batch[:, :-1], targets)
+    np.testing.assert_allclose(logits, ref_logits, rtol=0, atol=1e-10)
+    assert abs(loss - ref_loss) < 1e-10
+    grads, ref_grads = fast.backward(), ref.backward()
+    assert grads.keys() == ref_grads.keys()
+    for name in ref_grads:
+        np.testing.assert_allclose(grads[name], ref_grads[name], rtol=0, atol=1e-10, err_msg=name)
+
+
+@needs_numba
+def test_model_with_kernels_under_dropout_and_a_kv_cache():
+    """Dropout (attention declines, the rest runs fused) and decoding with a KV cache."""
+    config = GPTConfig(vocab_size=19, block_size=16, n_layer=2, n_head=2, n_embd=12, dropout=0.1)
+    fast = GPT(config, seed=1, dtype="float64")
+    ref = GPT(config, seed=1, dtype="float64", kernels="reference")
+    fast.train(), ref.train()
+    batch = np.random.default_rng(0).integers(0, 19, (3, 17))
+    _, loss = fast.forward(batch[:, :-1], batch[:, 1:])
+    _, ref_loss = ref.forward(batch[:, :-1], batch[:, 1:])
+    assert abs(loss - ref_loss) < 1e-10
+    grads = fast.backward()
+    for name, g in ref.backward().items():
+        np.testing.assert_allclose(grads[name], g, rtol=0, atol=1e-10, err_msg=name)
+    fast.eval(), ref.eval()
+    caches = core.KVCache(config), core.KVCache(config)
+    prompt = batch[:, :5]
+    for step in range(4):
+        out = [m.forward(prompt if step == 0 else prompt[:, -1:], kv_cache=c)[0] for m, c in zip((fast, ref), caches)]
+        np.testing.assert_allclose(out[0], out[1], rtol=0, atol=1e-10)
+        prompt = np.concatenate([prompt, np.argmax(np.asarray(out[1])[:, -1:], axis=-1)], axis=1)
+
+
+@needs_numba
+def test_model_float32_with_kernels_is_close_to_reference():
+    config = GPTConfig(vocab_size=19, block_size=16, n_layer=2, n_head=2, n_embd=12)
+    fast, ref = GPT(config, seed=2), GPT(config, seed=2, kernels="reference")
+    batch = np.random.default_rng(1).integers(0, 19, (4, 17))
+    _, loss = fast.forward(batch[:, :-1], batch[:, 1:])
+    _, ref_loss = ref.forward(batch[:, :-1], batch[:, 1:])
+    assert abs(loss - ref_loss) < 1e-5
+    grads, ref_grads = fast.backward(), ref.backward()
+    for name in ref_grads:
+        assert_close(grads[name], ref_grads[name], "float32", name)
+
+
+# ----------------------------------------------------------------------------------------------
+# choosing kernels
+
+
+def test_reference_switch(monkeypatch):
+    reference = core.reference_kernels(SMALL)
+    assert kernels.select_kernels(SMALL, NUMPY, "float32", "reference") == reference
+    monkeypatch.setenv(kernels.ENV_VAR, "reference")
+    assert kernels.select_kernels(SMALL, NUMPY, "float32") == reference
+    assert GPT(SMALL).kernels == reference
+    assert {row[1] for row in kernels.describe_kernels(SMALL, NUMPY, "float32")} == {"reference"}
+    assert "ARRAYGPT_KERNELS=reference" in kernels.describe_kernels(SMALL, NUMPY, "float32")[0][2]
+    monkeypatch.setenv(kernels.ENV_VAR, "fastest")
+    with pytest.raises(ValueError, match="ARRAYGPT_KERNELS"):
+        kernels.select_kernels(SMALL, NUMPY, "float32")
+    monkeypatch.setenv(kernels.ENV_VAR, "")
+    custom = reference._replace(activation=(layers.relu_forward, layers.relu_backward))
+    assert kernels.select_kernels(SMALL, NUMPY, "float32", custom) is custom
+    with pytest.raises(ValueError, match="kernels must be"):
+        GPT(SMALL, kernels="fast")
+
+
+def test_describe_kernels_rows():
+    rows = kernels.describe_kernels(SMALL, NUMPY, "float32")
+    assert [row[0] for row in rows][:5] == ["norm:layernorm", "linear", "attention", "activation:gelu_tanh", "crossentropy"]
+    table = {row[0]: row for row in rows}
+    assert table["linear"][1:] == ("reference", "no kernel registered")
+    if HAS_NUMBA:
+        assert table["attention"][1] == "numba_causal_attention"
+        assert table["activation:gelu_tanh"][1] == "numba_gelu_tanh"
+    strict = kernels.describe_kernels(SMALL, load_backend("array_api_strict"), "float32")
+    assert {row[1] for row in strict} == {"reference"}
+    assert "not array_api_strict" in {row[0]: row for row in strict}["attention"][2]
+    relu = kernels.describe_kernels(GPTConfig(activation="relu"), "numpy", "float32")
+    assert "for activation 'gelu_tanh'" in {row[0]: row for row in relu}["activation:relu"][2]
+
+
+def _acme_gelu_forward(x):
+    out, cache = layers.gelu_tanh_forward(x)
+    return out, cache
+
+
+class _AcmeKernels:
+    """A third-party plugin offering kernels: one that runs, one that declines, one unavailable."""
+
+    def __init__(self, priority=10):
+        self.priority = priority
+        self.loads = 0
+
+    def _load(self):
+        self.loads += 1
+        return _acme_gelu_forward, layers.gelu_tanh_backward
+
+    @hookimpl
+    def arraygpt_register_kernels(self):
+        def unavailable():
+            raise KernelUnavailable("acme-fastlib is not installed")
+
+        return [{
+            "acme_gelu": KernelSpec("activation:gelu_tanh", self._load, priority=self.priority, description="acme"),
+            "acme_norm": KernelSpec("norm:layernorm", self._load, priority=99,
+                                    supports=lambda config, backend, dtype: "only for n_embd >= 4096"),
+            "acme_attention": KernelSpec("attention", unavailable, priority=99),
+            "acme_future": KernelSpec("conv:depthwise", self._load),
+        }]  # fmt: skip
+
+
+@pytest.fixture
+def pm():
+    """A fresh plugin manager, installed as the process-wide one for the test."""
+    pm = manager.get_plugin_manager(autoload=False)
+    manager.set_plugin_manager(pm)
+    try:
+        yield pm
+    finally:
+        manager.set_plugin_manager(None)
+
+
+def test_third_party_kernel_is_picked_up(pm):
+    plugin = _AcmeKernels()
+    pm.register(plugin, name="acme-kernels")
+    try:
+        names = {name: owner for name, _, owner in kernels.registered_kernels(pm)}
+        assert names["acme_gelu"] == "acme-kernels"
+        model = GPT(SMALL, dtype="float64")  # through the process-wide manager
+        assert model.kernels.activation[0] is _acme_gelu_forward and plugin.loads == 1
+        table = {row[0]: row for row in kernels.describe_kernels(SMALL, NUMPY, "float64", pm=pm)}
+        assert table["activation:gelu_tanh"][1:] == ("acme_gelu", "acme")
+        # declined (supports) and unavailable (load raised): the next best, reasons listed
+        assert "acme_norm: only for n_embd >= 4096" in table["norm:layernorm"][2]
+        assert "acme_attention: acme-fastlib is not installed" in table["attention"][2]
+        expected_norm = "numba_layernorm" if HAS_NUMBA else "reference"
+        assert table["norm:layernorm"][1] == expected_norm
+        if not HAS_NUMBA:
+            assert model.kernels.norm == layers.NORMS["layernorm"]
+        assert model.kernels.attention[0] is not None
+        batch = np.random.default_rng(0).integers(0, 19, (2, 9))
+        _, loss = model.forward(batch[:, :-1], batch[:, 1:])
+        ref = GPT(SMALL, dtype="float64", kernels="reference")
+        assert abs(loss - ref.forward(batch[:, :-1], batch[:, 1:])[1]) < 1e-10
+    finally:
+        pm.unregister(plugin)
+
+
+def test_priority_and_registration_order(pm):
+    low = _AcmeKernels(priority=-1)  # below the built-ins (priority 0)
+    pm.register(low, name="acme-low")
+    try:
+        chosen = kernels.select_kernels(SMALL, NUMPY, "float64", pm=pm).activation[0]
+        if HAS_NUMBA:
+            assert chosen is nk.gelu_tanh_forward
+        else:
+            assert chosen is _acme_gelu_forward  # the only one that loads
+    finally:
+        pm.unregister(low)
+
+
+def test_a_kernel_offered_twice_or_malformed_is_an_error(pm):
+    class Twice:
+        @hookimpl
+        def arraygpt_register_kernels(self):
+            return [{"numba_gelu_tanh": KernelSpec("activation:gelu_tanh", lambda: None)}]
+
+    class NotASpec:
+        @hookimpl
+        def arraygpt_register_kernels(self):
+            return [{"acme": (layers.gelu_tanh_forward, layers.gelu_tanh_backward)}]
+
+    for plugin, match in ((Twice(), "offered by two plugins"), (NotASpec(), "must be an arraygpt.kernels.KernelSpec")):
+        pm.register(plugin, name="bad")
+        try:
+            with pytest.raises(manager.PluginError, match=match):
+                kernels.select_kernels(SMALL, NUMPY, "float32", pm=pm)
+        finally:
+            pm.unregister(plugin)
+
+
+def test_hookspec_is_documented():
+    from arraygpt import hookspecs
+
+    spec = hookspecs.arraygpt_register_kernels
+    assert "KernelSpec" in spec.__doc__ and inspect.signature(spec).return_annotation is not inspect.Signature.empty
+
+
+# ----------------------------------------------------------------------------------------------
+# without numba, and the import cost
+
+
+def _run(code: str) -> str:
+    return subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+
+
+def test_without_numba_the_reference_runs_and_says_why():
+    out = _run(
+        "import sys; sys.modules['numba'] = None\n"  # import numba raises ImportError
+        "from arraygpt import GPT, GPTConfig, core, kernels\n"
+        "c = GPTConfig(vocab_size=11, block_size=8, n_layer=1, n_head=2, n_embd=8)\n"
+        "assert GPT(c).kernels == core.reference_kernels(c)\n"
+        "rows = {r[0]: r for r in kernels.describe_kernels(c, 'numpy', 'float32')}\n"
+        "print(rows['attention'][1], '|', rows['attention'][2])\n"
+    )
+    name, why = out.strip().split(" | ")
+    assert name == "reference" and "numba is not installed" in why
+
+
+def test_import_arraygpt_does_not_import_numba():
+    assert _run("import sys, arraygpt, arraygpt.kernels, arraygpt.backends; print('numba' in sys.modules)").strip() == "False"
