@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-OPTIONAL = ["cupy", "torch", "array_api_strict", "transformers", "tokenizers", "safetensors", "hypothesis", "scipy"]
+OPTIONAL = ["cupy", "torch", "array_api_strict", "transformers", "tokenizers", "safetensors", "hypothesis", "scipy", "numba", "matplotlib", "mpi4py"]
 
 
 def _python(code: str, cwd: Path | None = None) -> str:
@@ -120,7 +120,7 @@ def test_wheel_metadata(wheel):
         for line in metadata.splitlines()
         if line.startswith("Requires-Dist:") and "extra ==" not in line
     )
-    assert runtime == ["array-api-compat", "numpy", "pluggy"]
+    assert runtime == ["array-api-compat", "numpy", "pluggy", "safetensors"]
     assert 'extra == "cupy"' in metadata and "cupy" in metadata
     entry_points = z.read(f"{info}/entry_points.txt").decode()
     assert "arraygpt = arraygpt.cli:main" in entry_points
