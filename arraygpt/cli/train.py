@@ -4,9 +4,11 @@ run folder, or continue a run with ``--resume``.
 Every TrainConfig field is an option (``--batch-size``, ``--lr``, ...), and every GPTConfig field
 overrides the preset (``--n-layer``, ``--dropout``, ...); their defaults and help come from the
 dataclass fields. ``--grad-accum N`` sums N micro-batches per step; ``mpiexec -n R arraygpt train
-...`` runs R data-parallel ranks (docs/distributed.md), of which rank 0 alone prints. Exit codes: 0 done or stopped cleanly (Ctrl-C once, ``--stop-after``, a
-plugin); 1 the run diverged; 2 bad input or a failing plugin; 130 a second Ctrl-C (the last
-checkpoint is intact).
+...`` runs R data-parallel ranks (docs/distributed.md), of which rank 0 alone prints.
+
+Exit codes: 0 done or stopped cleanly (Ctrl-C once, ``--stop-after``, a plugin); 1 the run
+diverged; 2 bad input or a failing plugin; 130 a second Ctrl-C (the last checkpoint is intact).
+Under MPI, a rank that fails otherwise ends the whole job through ``MPI_Abort`` (exit 1).
 """
 
 from __future__ import annotations
