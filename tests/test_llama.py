@@ -740,3 +740,29 @@ def test_save_llama_names_the_field_it_cannot_hold(tmp_path, overrides, field):
     with pytest.raises(ValueError, match=field):
         save_llama(GPT(config), tmp_path)
     assert not (tmp_path / "config.json").exists()
+
+
+def test_a_bfloat16_directory_written_by_transformers_loads_widened(tmp_path):
+    torch = _torch()
+    from arraygpt.interop_llama import load_llama
+
+    spec = HF_CONFIGS["qwen2-bias"]
+    hf = _hf_model(spec).to(torch.bfloat16)
+    hf.save_pretrained(tmp_path)
+    model = load_llama(tmp_path, dtype="float32")
+    config = _gpt_config(spec)
+    assert model.config == dataclasses.replace(config, init_std=hf.config.initializer_range, init_output="normal")
+    for name in param_shapes(config):
+        want = hf.state_dict()[_hf_name(name)].float().numpy()
+        np.testing.assert_array_equal(to_numpy(model.params[name]), want, err_msg=name)
+
+
+def test_causal_outputs_ignore_later_tokens_with_rope_and_grouped_heads():
+    config = GPTConfig.preset("llama-tiny", n_kv_head=1, qkv_bias=True)
+    model = GPT(config, seed=5, dtype="float64")
+    idx = np.random.default_rng(3).integers(0, config.vocab_size, size=(1, config.block_size))
+    changed = idx.copy()
+    changed[0, 9:] = (changed[0, 9:] + 1) % config.vocab_size
+    a, b = to_numpy(model.forward(idx)[0]), to_numpy(model.forward(changed)[0])
+    np.testing.assert_array_equal(a[:, :9], b[:, :9])
+    assert np.abs(a[:, 9:] - b[:, 9:]).max() > 1e-6
