@@ -28,7 +28,8 @@ no global state. Every record has ``save(path)`` (``.png``, ``.svg``, ``.pdf``) 
 (Jupyter shows the picture).
 
 Not here: the model's math (``arraygpt.model``), sampling (``arraygpt.sampling``), the
-``arraygpt viz`` command (``arraygpt.cli.viz``, which only parses options and saves).
+``arraygpt plot`` and ``arraygpt explain`` commands (``arraygpt.cli.plot``, ``arraygpt.cli.explain``:
+they only parse options and save).
 
 Shape legend: L layers, NH heads, T positions, V vocabulary, C embedding width, K candidates,
 N generated tokens.

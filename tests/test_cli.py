@@ -130,7 +130,7 @@ def test_backends_lists_each_backend_with_availability(capsys, monkeypatch):
 
 def test_every_subcommand_module_has_add_arguments_and_run():
     parser = build_parser()
-    assert set(SUBCOMMANDS) == {"params", "backends", "plugins", "train", "sample", "viz"}
+    assert set(SUBCOMMANDS) == {"params", "backends", "plugins", "train", "sample", "plot", "explain"}
     for command in SUBCOMMANDS:
         assert isinstance(parser.parse_args([command, *(["--checkpoint", "x"] if command == "sample" else [])]),
                           argparse.Namespace)  # fmt: skip

@@ -5,7 +5,8 @@
     arraygpt plugins
     arraygpt train ...
     arraygpt sample ...
-    arraygpt viz ...
+    arraygpt plot KIND ...
+    arraygpt explain ...
 
 This package is the only place that parses arguments. Each subcommand is a module here that
 exposes ``add_arguments(parser)`` and ``run(args) -> int``; :data:`SUBCOMMANDS` names them, so a
@@ -40,7 +41,8 @@ SUBCOMMANDS = {
     "plugins": ("arraygpt.cli.plugins", "list every registered backend, optimizer and sampler and its plugin"),
     "train": ("arraygpt.cli.train", "train a GPT (default: the microgpt preset on names)"),
     "sample": ("arraygpt.cli.sample", "generate text from a checkpoint"),
-    "viz": ("arraygpt.cli.viz", "draw pictures of a model and write an interactive page"),
+    "plot": ("arraygpt.cli.plot", "draw one picture of a model: probs, attention, lens, embeddings, loss or params"),
+    "explain": ("arraygpt.cli.explain", "write one self-contained HTML page that shows inside one generation"),
 }
 
 
