@@ -39,6 +39,7 @@ _LAZY = {
     "load": "arraygpt.formats",
     "save": "arraygpt.formats",
     "PluginError": "arraygpt.manager",
+    "explain": "arraygpt.viz",
 }
 
 __all__ = [
@@ -48,6 +49,8 @@ __all__ = [
     "TrainConfig", "Run", "train", "generate", "make_sampler",
     # one way to load, one way to save
     "load", "save",
+    # seeing inside
+    "explain",
     # errors
     "CheckpointError", "DataError", "TrainingDiverged", "PluginError", "BackendUnavailable",
     # plugins and backends
@@ -62,6 +65,7 @@ if TYPE_CHECKING:
     from arraygpt.model import GPT, GPTConfig, KVCache, ParamCount, count_params
     from arraygpt.sampling import make_sampler
     from arraygpt.training import Run, TrainConfig, TrainingDiverged, train
+    from arraygpt.viz import explain
 
 
 def __getattr__(name: str) -> Any:
