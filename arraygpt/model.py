@@ -664,7 +664,8 @@ class GPT:
         return load(directory, **kwargs).model
 
     def save_pretrained(self, directory: str) -> None:
-        """Write a Hugging Face transformers GPT-2 directory (``arraygpt.save(..., format="gpt2")``)."""
+        """Write a Hugging Face transformers directory: GPT-2 for a GPT-2-style config, Llama for a
+        rotary one (``arraygpt.save(..., format="gpt2" or "llama")``)."""
         from arraygpt.formats import save
 
-        save(self, directory, format="gpt2")
+        save(self, directory, format="llama" if self.config.position == "rope" else "gpt2")

@@ -766,3 +766,12 @@ def test_causal_outputs_ignore_later_tokens_with_rope_and_grouped_heads():
     a, b = to_numpy(model.forward(idx)[0]), to_numpy(model.forward(changed)[0])
     np.testing.assert_array_equal(a[:, :9], b[:, :9])
     assert np.abs(a[:, 9:] - b[:, 9:]).max() > 1e-6
+
+
+def test_save_pretrained_writes_a_llama_directory_for_a_rotary_config(tmp_path):
+    model = GPT(GPTConfig.preset("llama-tiny"), seed=1, dtype="float64")
+    model.save_pretrained(str(tmp_path))
+    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "llama"
+    again = GPT.from_pretrained(str(tmp_path), dtype="float64")
+    idx = np.array([[1, 2, 3, 4]])
+    np.testing.assert_array_equal(to_numpy(again.forward(idx)[0]), to_numpy(model.forward(idx)[0]))
