@@ -50,7 +50,7 @@ from typing import Any, TextIO
 import numpy as np
 
 from arraygpt.data import MODES, Batcher, Dataset, DataError, default_tokenizer, fingerprint, make_dataset, read_source
-from arraygpt.distributed import World, get_world
+from arraygpt.distributed import CollectiveTimeout, World, get_world
 from arraygpt.model import DTYPES, GPT, GPTConfig, check_fields
 from arraygpt.optim import SCHEDULES, Schedule, clip_grad_norm, create_optimizer
 from arraygpt.tokenizer import ByteTokenizer, CharTokenizer, Tokenizer, read_tokenizer_file
@@ -609,7 +609,8 @@ def _ending_all_ranks_on_error(world: World) -> Iterator[None]:
             raise
         traceback.print_exc()
         code = 130 if isinstance(e, KeyboardInterrupt) else 1
-        world.abort(f"{type(e).__name__}: {e}; ending all {world.size} ranks", code)
+        what = str(e).split(": ", 1)[-1] if isinstance(e, CollectiveTimeout) else f"{type(e).__name__}: {e}"
+        world.abort(f"{what}; ending all {world.size} ranks", code)
         raise
 
 
