@@ -1,11 +1,11 @@
-"""arraygpt.viz and ``arraygpt viz``: the data behind each picture equals what the model computes,
-the figures draw it (the masked future left empty), the files are written, bad input is refused.
+"""arraygpt.viz, ``arraygpt plot`` and ``arraygpt explain``: the data behind each picture equals what
+the model computes, the figures draw it (the masked future left empty), each command writes valid
+PNG, SVG and HTML files, bad input exits 2 with one line.
 
 Data tests run with ``draw=False`` and need no matplotlib; drawing tests skip without it."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 
@@ -396,81 +396,141 @@ def test_explain_escapes_script_end_in_labels(model):
 
 
 # ----------------------------------------------------------------------------------------------
-# the command
+# the commands: arraygpt plot KIND and arraygpt explain, through arraygpt.cli.main
 
 
-def _cli(argv):
-    from arraygpt.cli import viz as command
+def _main(argv, capsys):
+    """(exit code, stdout lines, stderr lines) of ``arraygpt ARGV``."""
+    from arraygpt.cli import main
 
-    parser = argparse.ArgumentParser(prog="arraygpt viz")
-    command.add_arguments(parser)
-    return command.run(parser.parse_args(argv))
+    code = main(argv)
+    captured = capsys.readouterr()
+    return code, captured.out.splitlines(), captured.err.strip().splitlines()
+
+
+def _check_png(path):
+    """A PNG: the signature, then an IHDR chunk with a non-empty size, then IEND at the end."""
+    data = path.read_bytes()
+    assert data[:8] == PNG, f"{path} is not a PNG"
+    length, kind = int.from_bytes(data[8:12], "big"), data[12:16]
+    width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    assert (length, kind) == (13, b"IHDR") and width > 0 and height > 0
+    assert data[-8:-4] == b"IEND"
+    return width, height
+
+
+def _check_svg(path):
+    """An SVG: well-formed XML whose root element is <svg> (in the SVG namespace)."""
+    from xml.etree import ElementTree
+
+    root = ElementTree.parse(path).getroot()
+    assert root.tag in ("svg", "{http://www.w3.org/2000/svg}svg"), root.tag
+    return root
+
+
+KIND_ARGS = {
+    "probs": ["--checkpoint", "{run}", "--prompt", "em", "--sampler", "top_k", "--top-k", "5", "--max-new-tokens", "4"],
+    "attention": ["--checkpoint", "{run}", "--prompt", "emma"],
+    "lens": ["--checkpoint", "{run}", "--prompt", "emma"],
+    "embeddings": ["--checkpoint", "{run}", "--token", "a"],
+    "loss": ["--run", "{run}"],
+    "params": ["--preset", "gpt3-175b"],
+}
 
 
 @needs_mpl
-def test_command_writes_every_file(run_dir, tmp_path, capsys):
-    out = tmp_path / "pictures"
-    assert _cli(["--checkpoint", str(run_dir), "--prompt", "em", "--top-k", "5", "--sampler", "top_k",
-                 "--max-new-tokens", "4", "-o", str(out)]) == 0  # fmt: skip
-    printed = capsys.readouterr().out.split()
-    names = ["probs.png", "attention.png", "lens.png", "embeddings.png", "page.html", "loss.png"]
-    assert sorted(printed) == sorted(str(out / n) for n in names)
-    for name in names:
-        assert (out / name).stat().st_size > 0
-        if name.endswith(".png"):
-            assert (out / name).read_bytes().startswith(PNG)
-    assert _cli(["params", "--preset", "gpt3-175b", "--format", "svg", "-o", str(out)]) == 0
-    assert "<svg" in (out / "params.svg").read_text()
-    assert _cli(["loss", "--run", str(run_dir), "-o", str(out)]) == 0
+@pytest.mark.parametrize("kind", sorted(KIND_ARGS))
+def test_plot_writes_a_png_and_an_svg(kind, run_dir, tmp_path, capsys):
+    from arraygpt.cli.plot import KINDS
+
+    assert set(KIND_ARGS) == set(KINDS)
+    args = [a.format(run=run_dir) for a in KIND_ARGS[kind]]
+    for suffix, check in ((".png", _check_png), (".svg", _check_svg)):
+        out = tmp_path / "pictures" / f"{kind}{suffix}"
+        code, printed, err = _main(["plot", kind, *args, "-o", str(out)], capsys)
+        assert (code, printed, err) == (0, [str(out)], [])
+        check(out)
 
 
-def test_command_page_needs_no_matplotlib(run_dir, tmp_path, monkeypatch):
+@needs_mpl
+def test_plot_defaults_to_kind_png_and_reads_a_run_folder_as_checkpoint(run_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert _main(["plot", "loss", "--checkpoint", str(run_dir)], capsys)[:2] == (0, ["loss.png"])
+    _check_png(tmp_path / "loss.png")
+    assert _main(["plot", "params", "--checkpoint", str(run_dir), "-o", "tally.png"], capsys)[:2] == (0, ["tally.png"])
+    _check_png(tmp_path / "tally.png")
+
+
+def test_explain_writes_the_page_without_matplotlib(run_dir, loaded, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
-    assert _cli(["page", "--checkpoint", str(run_dir), "-o", str(tmp_path)]) == 0
-    assert "<!DOCTYPE html>" in (tmp_path / "page.html").read_text()
+    out = tmp_path / "page.html"
+    code, printed, err = _main(["explain", "--checkpoint", str(run_dir), "--prompt", "em", "--max-new-tokens", "5",
+                                "--sampler", "top_k", "--top-k", "4", "--temperature", "0.9", "-o", str(out)], capsys)  # fmt: skip
+    assert (code, printed, err) == (0, [str(out)], [])
+    text = out.read_text(encoding="utf-8")
+    assert text.startswith("<!DOCTYPE html>") and "<script src" not in text
+    start = text.index('<script id="data" type="application/json">') + len('<script id="data" type="application/json">')
+    data = json.loads(text[start : text.index("</script>", start)])
+    assert data["settings"] == {"temperature": 0.9, "top_k": 4, "top_p": 1.0, "min_p": 0.0}
+    assert 1 <= len(data["generated"]) <= 5
+    assert data["prompt"] == list(loaded.prompt_prefix) + loaded.tokenizer.encode("em")
+
+
+def test_arraygpt_explain_is_the_library_function(model, tok, tmp_path):
+    page = arraygpt.explain(model, tok, "em", 3, seed=0)
+    assert arraygpt.explain is viz.explain and "explain" in arraygpt.__all__
+    assert page.save(tmp_path / "p.html").read_text(encoding="utf-8") == page.html
+    assert page._repr_html_().startswith("<iframe srcdoc=")
 
 
 @pytest.mark.parametrize("argv, message", [
-    ([], "nothing to draw"),
-    (["attention"], "need(s) --checkpoint"),
-    (["loss"], "loss needs --run"),
-    (["pictures-of-cats", "--preset", "gpt2"], "unknown KIND 'pictures-of-cats'"),
-    (["params", "--preset", "gpt-5"], "unknown preset"),
-    (["probs", "--checkpoint", "x", "--top-p", "1.5", "--sampler", "top_p"], "top_p must be"),
+    (["plot"], "say what to draw: arraygpt plot KIND"),
+    (["plot", "pictures-of-cats", "--preset", "gpt2"], "unknown KIND 'pictures-of-cats'; choose from probs,"),
+    (["plot", "attention"], "attention needs --checkpoint DIR"),
+    (["plot", "loss"], "loss needs --run DIR"),
+    (["plot", "loss", "--run", "{tmp}"], "no metrics.jsonl at"),
+    (["plot", "params"], "params needs --preset NAME"),
+    (["plot", "params", "--preset", "gpt-5"], "unknown preset"),
+    (["plot", "params", "--preset", "gpt2", "-o", "{tmp}/x.jpg"], "must end in .png or .svg"),
+    (["plot", "probs", "--checkpoint", "{tmp}/nope"], "no model at"),
+    (["plot", "probs", "--checkpoint", "x", "--top-p", "1.5", "--sampler", "top_p"], "top_p must be"),
+    (["plot", "probs", "--checkpoint", "x", "--max-new-tokens", "-1"], "--max-new-tokens must be"),
+    (["plot", "embeddings", "--checkpoint", "{run}", "--token", "ab"], "is 2 tokens, not one"),
+    (["explain"], "explain needs --checkpoint DIR"),
+    (["explain", "--checkpoint", "{run}", "-o", "{tmp}/page.png"], "must end in .html"),
+    (["explain", "--checkpoint", "{run}", "--sampler", "no_such_sampler"], "no_such_sampler"),
+    (["explain", "--checkpoint", "{tmp}/nope"], "no model at"),
 ])  # fmt: skip
-def test_command_bad_input(argv, message, tmp_path):
-    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        _cli([*argv, "-o", str(tmp_path)])
+def test_bad_input_exits_2_with_one_line(argv, message, run_dir, tmp_path, capsys):
+    argv = [a.format(tmp=tmp_path, run=run_dir) for a in argv]
+    code, printed, err = _main(argv, capsys)
+    assert code == 2 and printed == []
+    assert len(err) == 1, err
+    assert err[0].startswith(f"arraygpt {argv[0]}: error: ") and message in err[0], err[0]
+    assert not list(tmp_path.glob("*.png")) and not list(tmp_path.glob("*.html"))
 
 
-def test_command_missing_checkpoint(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no model at"):
-        _cli(["attention", "--checkpoint", str(tmp_path / "nope"), "-o", str(tmp_path)])
+def test_the_old_viz_command_is_gone():
+    from arraygpt.cli import SUBCOMMANDS
 
-
-def test_command_through_main_exits_2_with_one_line(monkeypatch, tmp_path, capsys):
-    import arraygpt.cli as cli
-
-    if "viz" not in cli.SUBCOMMANDS:  # until the lead registers it: the same entry, for this test
-        monkeypatch.setitem(cli.SUBCOMMANDS, "viz", ("arraygpt.cli.viz", "draw pictures"))
-    assert cli.main(["viz", "loss", "--run", str(tmp_path), "-o", str(tmp_path)]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("arraygpt viz: error: no metrics.jsonl")
+    assert "viz" not in SUBCOMMANDS and {"plot", "explain"} <= set(SUBCOMMANDS)
+    with pytest.raises(ImportError):
+        __import__("arraygpt.cli.viz")
 
 
 @needs_mpl
 def test_the_docs_example_runs(run_dir, tmp_path, monkeypatch):
-    """docs/pictures.md's Python block, run as written against a trained names run."""
+    """docs/see-inside.md's Python block, run as written against a trained names run."""
     import re
     import shutil
     from pathlib import Path
 
-    doc = (Path(__file__).resolve().parents[1] / "docs" / "pictures.md").read_text(encoding="utf-8")
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "see-inside.md").read_text(encoding="utf-8")
     (block,) = re.findall(r"```python\n(.*?)```", doc, re.S)
     shutil.copytree(run_dir, tmp_path / "runs" / "names")
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
-    exec(compile(block, "docs/pictures.md", "exec"), namespace)
+    exec(compile(block, "docs/see-inside.md", "exec"), namespace)
     assert (tmp_path / "probs.png").read_bytes().startswith(PNG)
     assert (tmp_path / "page.html").stat().st_size > 0
     assert namespace["t"].matrices == 175_181_291_520
