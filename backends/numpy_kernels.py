@@ -42,6 +42,44 @@ _TANH_CLAMP = 7.90531110763549805  # beyond it the rational tanh below is +-1 in
 # the arrays' dtype so that float32 code stays float32 (a float64 literal would widen it).
 
 
+def _fast_exp(x):  # numba only: exp that vectorizes (_exp32 or _exp64 by x's type, see _compile)
+    raise NotImplementedError("compiled by numba only")
+
+
+def _exp32(x):
+    # Cephes' expf: exp(x) = 2^k exp(r), x = k ln2 + r, |r| <= ln2 / 2, a degree-7 polynomial for
+    # exp(r) and 2^k from its bits; ~3 ulp. libm's expf does not vectorize without Intel's SVML.
+    x = min(max(x, np.float32(-87.0)), np.float32(88.0))
+    k = np.floor(x * np.float32(1.44269504088896341) + np.float32(0.5))
+    r = x - k * np.float32(0.693359375) - k * np.float32(-2.12194440e-4)
+    p = np.float32(1.9875691500e-4)
+    p = p * r + np.float32(1.3981999507e-3)
+    p = p * r + np.float32(8.3334519073e-3)
+    p = p * r + np.float32(4.1665795894e-2)
+    p = p * r + np.float32(1.6666665459e-1)
+    p = p * r + np.float32(5.0000001201e-1)
+    return (p * r * r + r + np.float32(1.0)) * _f32_from_bits((np.int32(k) + np.int32(127)) << np.int32(23))
+
+
+def _exp64(x):
+    # Cephes' exp: the same reduction, a Pade form for exp(r); a few 1e-15 relative here
+    x = min(max(x, -708.0), 709.0)
+    k = np.floor(x * 1.4426950408889634 + 0.5)
+    r = x - k * 6.93145751953125e-1 - k * 1.42860682030941723212e-6
+    rr = r * r
+    px = r * ((1.26177193074810590878e-4 * rr + 3.02994407707441961300e-2) * rr + 9.99999999999999999910e-1)
+    qx = ((3.00198505138664455042e-6 * rr + 2.52448340349684104192e-3) * rr + 2.27265548208155028766e-1) * rr + 2.0
+    return (1.0 + 2.0 * px / (qx - px)) * _f64_from_bits((np.int64(k) + np.int64(1023)) << np.int64(52))
+
+
+def _f32_from_bits(i):  # replaced by a numba intrinsic in _compile
+    raise NotImplementedError("compiled by numba only")
+
+
+def _f64_from_bits(i):
+    raise NotImplementedError("compiled by numba only")
+
+
 def _gelu32_forward(x, out, half, one, c, a, clamp):  # x, out (n,) float32
     # out = 0.5 x (1 + tanh(u)), u = c (x + a x^3). tanh is a rational function (Eigen's
     # generic_fast_tanh_float, accurate to a few ulp in float32): it vectorizes, libm's tanh
@@ -92,14 +130,14 @@ def _gelu64_forward(x, out):  # float64: out = x sigmoid(2u), as the reference c
     for i in range(x.size):
         v = x[i]
         minus_2u = v * (v * v * (-2.0 * 0.7978845608028654 * 0.044715) - 2.0 * 0.7978845608028654)
-        out[i] = v / (1.0 + math.exp(min(minus_2u, 80.0)))
+        out[i] = v / (1.0 + _fast_exp(min(minus_2u, 80.0)))
 
 
 def _gelu64_backward(x, dout, dx):  # dx = dout (s + x s (1 - s) 2c (1 + 3a x^2)), s = sigmoid(2u)
     for i in range(x.size):
         v = x[i]
         minus_2u = v * (v * v * (-2.0 * 0.7978845608028654 * 0.044715) - 2.0 * 0.7978845608028654)
-        s = 1.0 / (1.0 + math.exp(min(minus_2u, 80.0)))
+        s = 1.0 / (1.0 + _fast_exp(min(minus_2u, 80.0)))
         g = v * (v * v * (6.0 * 0.7978845608028654 * 0.044715) + 2.0 * 0.7978845608028654)
         dx[i] = dout[i] * (s + g * s * (1.0 - s))
 
@@ -171,12 +209,18 @@ def _causal_softmax(probs, past):
             for i in range(T):
                 n = past + i + 1
                 p = probs[b, h, i]
-                top = p[0]
-                for j in range(1, n):
-                    top = max(top, p[j])
+                # the row max in 8 independent chains: a max reduction does not vectorize
+                # without assuming no NaN, and one chain waits on each compare
+                m0 = m1 = m2 = m3 = m4 = m5 = m6 = m7 = p[0]
+                for j in range(0, n - 7, 8):
+                    m0, m1, m2, m3 = max(m0, p[j]), max(m1, p[j + 1]), max(m2, p[j + 2]), max(m3, p[j + 3])
+                    m4, m5, m6, m7 = max(m4, p[j + 4]), max(m5, p[j + 5]), max(m6, p[j + 6]), max(m7, p[j + 7])
+                for j in range(n - n % 8, n):
+                    m0 = max(m0, p[j])
+                top = max(max(max(m0, m1), max(m2, m3)), max(max(m4, m5), max(m6, m7)))
                 total = zero
                 for j in range(n):
-                    e = np.exp(p[j] - top)
+                    e = _fast_exp(p[j] - top)
                     p[j] = e
                     total += e
                 inv = 1.0 / total
@@ -230,6 +274,7 @@ def _compile() -> dict[str, Any]:
                 raise KernelUnavailable(f"numba is not installed ({e}); pip install numba") from e
             options = dict(nogil=True, cache=True, error_model="numpy",
                            fastmath={"nsz", "arcp", "contract", "reassoc"})  # fmt: skip
+            _define_exp(numba)
             for fn in _SOURCES:
                 _jit[fn.__name__] = numba.njit(**options)(fn)
     return _jit
@@ -241,6 +286,32 @@ def _floats(*arrays: Any) -> bool:
     return first.dtype in (np.float32, np.float64) and all(
         type(a) is np.ndarray and a.dtype == first.dtype for a in arrays
     )
+
+
+def _define_exp(numba: Any) -> None:
+    """Make _fast_exp callable from numba code: bit casts as LLVM intrinsics, and an overload
+    that picks _exp32 or _exp64 by the argument's type."""
+    from llvmlite import ir
+    from numba.core import types
+    from numba.extending import intrinsic, overload
+
+    def bits_as(float_type: Any, int_type: Any, ir_type: Any) -> Any:
+        @intrinsic
+        def from_bits(typingctx, i):
+            return float_type(int_type), lambda context, builder, sig, args: builder.bitcast(args[0], ir_type)
+
+        return from_bits
+
+    globals()["_f32_from_bits"] = bits_as(types.float32, types.int32, ir.FloatType())
+    globals()["_f64_from_bits"] = bits_as(types.float64, types.int64, ir.DoubleType())
+
+    @overload(_fast_exp, inline="always", fastmath={"nsz", "contract"})
+    def _fast_exp_overload(x):  # no annotations: numba compares the signature with _fast_exp's
+        if x == types.float32:
+            return _exp32
+        if x == types.float64:
+            return _exp64
+        return None
 
 
 def _takes(*arrays: Any) -> bool:

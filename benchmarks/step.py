@@ -11,7 +11,9 @@ Run by hand on a quiet machine (timings are not tests):
 Each side runs in its own process (two libraries in one process let one's idle thread pool spin
 beside the other's), the sides alternate, three rounds; each round reports the median of its
 steps after a warm-up, and the table shows the median of the three rounds per side and the ratio
-to PyTorch (< 1: arraygpt is faster). The CPU model and thread counts are printed with the figures.
+to PyTorch (< 1: arraygpt is faster), with the range over the rounds and the median process CPU
+time per step (less sensitive than wall time to other load on the machine, but it counts spinning
+threads too). The CPU model and thread counts are printed with the figures.
 ``--threads N`` sets ARRAYGPT_NUM_THREADS=N for arraygpt and torch.set_num_threads(N) for PyTorch.
 """
 
@@ -142,16 +144,18 @@ def worker(side: str, name: str, steps: int, warmup: int, threads: int) -> dict:
             model.backward()
             backend.synchronize()
 
-    times = []
+    times, cpu = [], []
     for i, batch in enumerate(batches):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         run(batch)
         if i >= warmup:
             times.append((time.perf_counter() - t0) * 1e3)
-    return {"side": side, "config": name, "threads": threads, "ms": statistics.median(times)}
+            cpu.append((time.process_time() - c0) * 1e3)
+    return {"side": side, "config": name, "threads": threads, "ms": statistics.median(times),
+            "cpu_ms": statistics.median(cpu)}  # fmt: skip
 
 
-def run_side(side: str, name: str, steps: int, warmup: int, threads: int) -> float:
+def run_side(side: str, name: str, steps: int, warmup: int, threads: int) -> dict:
     env = dict(os.environ, ARRAYGPT_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads))
     env.pop("ARRAYGPT_KERNELS", None)
     if side == "torch":
@@ -159,7 +163,7 @@ def run_side(side: str, name: str, steps: int, warmup: int, threads: int) -> flo
     args = [sys.executable, __file__, "--worker", side, "--config", name, "--steps", str(steps),
             "--warmup", str(warmup), "--threads", str(threads)]  # fmt: skip
     out = subprocess.run(args, env=env, check=True, capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])["ms"]
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -190,20 +194,24 @@ def main() -> None:
         flops = flops_per_step(config, B)
         for threads in args.threads or [2, 1]:
             rounds: dict[str, list[float]] = {s: [] for s in sides}
+            cpu: dict[str, list[float]] = {s: [] for s in sides}
             for _ in range(args.rounds):
                 for side in sides:
-                    rounds[side].append(run_side(side, name, args.steps, args.warmup, threads))
+                    r = run_side(side, name, args.steps, args.warmup, threads)
+                    rounds[side].append(r["ms"])
+                    cpu[side].append(r["cpu_ms"])
             med = {s: statistics.median(v) for s, v in rounds.items()}
             cells = []
             for s in sides:
-                cell = f"{s} {med[s]:8.2f} ms ({min(rounds[s]):.1f}-{max(rounds[s]):.1f}, {flops / med[s] / 1e6:5.1f} GFLOP/s)"
+                cell = (f"{s} {med[s]:7.1f} ms ({min(rounds[s]):.1f}-{max(rounds[s]):.1f}; "
+                        f"cpu {statistics.median(cpu[s]):.1f})")  # fmt: skip
                 if "torch" in med and s != "torch":
                     cell += f" ratio {med[s] / med['torch']:.2f}"
                 cells.append(cell)
-            print(f"{name:<17} B={B:<3} threads={threads} | " + " | ".join(cells))
+            print(f"{name:<17} B={B:<3} threads={threads} {flops / 1e9:.1f} GFLOP | " + " | ".join(cells), flush=True)
             if args.json:
                 print(json.dumps({"config": name, "batch": B, "threads": threads, "cpu": cpu_model(), "rounds": rounds,
-                                  "median_ms": med}))  # fmt: skip
+                                  "cpu_ms": cpu, "median_ms": med}))  # fmt: skip
 
 
 if __name__ == "__main__":
