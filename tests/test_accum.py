@@ -129,3 +129,21 @@ def test_the_header_names_the_global_batch(names_file, pm, capsys):
     arraygpt.train(str(names_file), **{**TINY, "progress": True}, steps=1, batch_size=2, grad_accum=3,
                    plugin_manager=pm)  # fmt: skip
     assert "global batch 6 = 1 rank(s) x 2 rows x 3 micro-batch(es)" in capsys.readouterr().out
+
+
+def test_a_checkpoint_from_before_accumulation_resumes(tmp_path, names_file, pm):
+    import json
+
+    opts = dict(steps=6, batch_size=4, lr=1e-2, eval_interval=3, plugin_manager=pm, **TINY)
+    straight = arraygpt.train(str(names_file), **opts)
+    arraygpt.train(str(names_file), out_dir=tmp_path / "b", stop_after=3, **opts)
+    state_file = tmp_path / "b" / "last" / "state.json"
+    state = json.loads(state_file.read_text())
+    for key in ("world_size", "global_batch"):  # what older checkpoints lack
+        del state["extra"][key]
+    del state["extra"]["train_config"]["grad_accum"]
+    state_file.write_text(json.dumps(state))
+    resumed = arraygpt.train(resume=tmp_path / "b", progress=False, plugin_manager=pm)
+    assert (resumed.config.batch_size, resumed.config.grad_accum, resumed.step) == (4, 1, 6)
+    for k, v in params_of(straight).items():
+        np.testing.assert_array_equal(params_of(resumed)[k], v, err_msg=k)
