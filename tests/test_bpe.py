@@ -1,6 +1,7 @@
 """GPT-2's byte-level BPE (arraygpt.interop.load_hf_tokenizer): any text and any byte string
 round-trips, both file layouts (vocab.json + merges.txt, tokenizer.json) agree with each other and
-with the ``tokenizers`` library, and bad directories are clear errors.
+with the ``tokenizers`` library, other tokenizer.json layouts load too, and bad directories are
+clear errors. Llama 3, Qwen2 and SmolLM2 tokenizers: tests/test_llama_tokenizers.py.
 
 The tokenizer is a tiny byte-level BPE trained here with ``tokenizers`` on a few sentences:
 nothing is downloaded. Skipped when the optional ``tokenizers`` library is missing.
@@ -169,16 +170,39 @@ def test_missing_directory_or_files(trained, tmp_path):
         load_hf_tokenizer(tmp_path)
 
 
-def test_tokenizer_json_that_is_not_byte_level_bpe_is_refused(trained, tmp_path):
+def test_other_tokenizer_json_layouts_load_and_agree_with_the_tokenizers_library(trained, tmp_path):
+    """Not only GPT-2's layout: a normalizer, a prefix space, another pre-tokenizer, another model."""
+    from arraygpt.interop import HFTokenizer
+
     spec = json.loads((trained[1] / "tokenizer.json").read_text(encoding="utf-8"))
-    for change, match in [
-        ({"pre_tokenizer": {"type": "Whitespace"}}, "pre_tokenizer is 'Whitespace'"),
-        ({"normalizer": {"type": "NFC"}}, "normalizer"),
-        ({"pre_tokenizer": {**spec["pre_tokenizer"], "add_prefix_space": True}}, "prefix space"),
-        ({"model": {"type": "WordPiece", "vocab": {}}}, "model type is 'WordPiece'"),
+    text = "Hello world, Ünïcödé 日本語 🙂"
+    for change, cls in [
+        ({"pre_tokenizer": {"type": "Whitespace"}}, BPETokenizer),
+        ({"normalizer": {"type": "NFC"}}, BPETokenizer),
+        ({"pre_tokenizer": {**spec["pre_tokenizer"], "add_prefix_space": True}}, BPETokenizer),
+        ({"model": {"type": "WordLevel", "vocab": {"[UNK]": 0, "Hello": 1, "world": 2}, "unk_token": "[UNK]"},
+          "pre_tokenizer": {"type": "Whitespace"}, "decoder": None, "added_tokens": []}, HFTokenizer),
     ]:
         (tmp_path / "tokenizer.json").write_text(json.dumps({**spec, **change}), encoding="utf-8")
-        with pytest.raises(ValueError, match=match):
+        tok = load_hf_tokenizer(tmp_path)
+        reference = tokenizers.Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+        assert type(tok) is cls, change
+        ids = tok.encode(text)
+        assert ids == reference.encode(text, add_special_tokens=False).ids
+        assert tok.decode(ids) == reference.decode(ids, skip_special_tokens=False)
+
+
+def test_unreadable_tokenizer_json_is_one_checkpoint_error_naming_the_file(trained, tmp_path):
+    from arraygpt.errors import CheckpointError
+
+    spec = json.loads((trained[1] / "tokenizer.json").read_text(encoding="utf-8"))
+    for content, match in [
+        ("{not json", "not valid JSON"),
+        ("[1, 2]", "must hold a JSON object"),
+        (json.dumps({**spec, "model": {"type": "NoSuchModel"}}), "the tokenizers library cannot read it"),
+    ]:
+        (tmp_path / "tokenizer.json").write_text(content, encoding="utf-8")
+        with pytest.raises(CheckpointError, match=rf"tokenizer\.json: .*{match}"):
             load_hf_tokenizer(tmp_path)
 
 

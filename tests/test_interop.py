@@ -463,6 +463,38 @@ def test_save_refuses_configs_gpt2_cannot_express(tmp_path, overrides, field):
     assert not (tmp_path / "out").exists()  # nothing written
 
 
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        ({"position": "rope"}, "position"),
+        ({"mlp": "swiglu"}, "mlp"),
+        ({"n_kv_head": 1}, "n_kv_head"),
+        ({"bias": False, "qkv_bias": True}, "qkv_bias"),
+    ],
+)
+def test_llama_style_configs_are_refused_with_a_pointer_to_format_llama(tmp_path, overrides, field):
+    from arraygpt.interop import state_dict_to_gpt2
+
+    model = GPT(tiny_config(**overrides), seed=0)
+    match = rf"cannot write a GPT-2 checkpoint: GPTConfig\.{field} is .*format='llama'"
+    with pytest.raises(ValueError, match=match):
+        save_gpt2(model, tmp_path / "out")
+    with pytest.raises(ValueError, match=match):
+        config_to_gpt2(model.config)
+    with pytest.raises(ValueError, match=match):
+        state_dict_to_gpt2(model.state_dict(), model.config)
+    assert not (tmp_path / "out").exists()  # nothing written
+
+
+def test_a_llama_preset_is_refused_on_its_first_field_and_saves_as_llama(tmp_path):
+    import arraygpt
+
+    model = GPT(GPTConfig.preset("llama-tiny"), seed=0)
+    with pytest.raises(ValueError, match=r"GPTConfig\.position is 'rope'.*format='llama'"):
+        arraygpt.save(model, tmp_path / "gpt2", format="gpt2")
+    assert arraygpt.load(arraygpt.save(model, tmp_path / "llama", format="llama")).format == "llama"
+
+
 # ----------------------------------------------------------------------------------------------
 # parameter counts
 
