@@ -501,6 +501,17 @@ class Run:
         gives dL_k; the batch's mean loss is L = sum_k n_k L_k / n with n = sum_k n_k over the whole
         global batch (targets of -1 count nowhere), so dL = sum_k (n_k / n) dL_k. The ranks' partial
         sums (and sum_k n_k L_k) are added with one all-reduce of one contiguous buffer.
+
+        Args:
+            x, y: the global batch, int64 (ranks x batch_size x grad_accum, T), as
+                ``batcher.next()`` draws it; y is -1 where nothing is predicted.
+
+        Returns:
+            ``(grads, loss, n)``: name -> gradient on the model's backend, the mean loss, and the
+            number of targets of the global batch.
+
+        Raises:
+            TrainingDiverged: the loss is NaN or infinite.
         """
         cfg, model, world = self.config, self.model, self.world
         B, P = cfg.batch_size, cfg.batch_size * cfg.grad_accum
@@ -703,8 +714,8 @@ def _new_run(data: str, config: GPTConfig | str, options: dict[str, Any], out_di
             run_dir.mkdir(parents=True, exist_ok=True)
     model = GPT(model_config, seed=tc.seed, dtype=tc.dtype, backend=tc.backend)
     optimizer = _make_optimizer(tc, model, pm)
-    return Run(tc, model, tok, dataset, batcher, optimizer, run_dir, pm, data_sha256=fingerprint(text), progress=progress,
-               world=world)  # fmt: skip
+    return Run(tc, model, tok, dataset, batcher, optimizer, run_dir, pm, data_sha256=fingerprint(text),
+               progress=progress, world=world)  # fmt: skip
 
 
 def _make_optimizer(tc: TrainConfig, model: GPT, pm: Any) -> Any:
@@ -729,7 +740,8 @@ def _resumed_run(resume: str | Path, options: dict[str, Any], pm: Any, progress:
         raise ValueError(f"{ckpt.path} is not a training checkpoint (its state.json has no training state)")
     saved = TrainConfig.from_dict(extra["train_config"])
     batch = _split_global_batch(saved, extra, world.size, train_options)
-    changed = {k: v for k, v in train_options.items() if k not in (*RESUME_OVERRIDABLE, *batch) and getattr(saved, k) != v}
+    may_change = (*RESUME_OVERRIDABLE, *batch)  # batch_size and grad_accum: checked to keep the global batch
+    changed = {k: v for k, v in train_options.items() if k not in may_change and getattr(saved, k) != v}
     changed.update({k: v for k, v in model_overrides.items() if getattr(ckpt.config, k) != v})
     if changed:
         raise ValueError(
