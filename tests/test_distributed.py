@@ -256,3 +256,51 @@ def test_a_rank_that_raises_dies_or_hangs_ends_the_job_and_the_checkpoint_surviv
         assert "rank 0 of 2" in result.stderr and "all-reduce of step 8 waited 5 s" in result.stderr
     ckpt = load_checkpoint(tmp_path / "r")
     assert ckpt.extra["step"] == 5  # the last checkpoint before the fault, intact
+
+
+_STOPPING = textwrap.dedent(
+    """
+    import os, signal, sys
+    import arraygpt
+    from arraygpt import hookimpl, training
+    from arraygpt.distributed import get_world
+    from arraygpt.manager import get_plugin_manager
+
+    how, out_dir, data = sys.argv[1], sys.argv[2], sys.argv[3]
+
+    class StopAtSix:
+        @hookimpl
+        def arraygpt_on_step(self, step):
+            return how == "plugin" and step == 6  # called on rank 0 only
+
+    original = training.Run.gradients
+
+    def interrupted(self, x, y):
+        if how == "sigint" and get_world().rank == 1 and self.step == 5:
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C reaching rank 1 alone, during step 6
+        return original(self, x, y)
+
+    training.Run.gradients = interrupted
+    pm = get_plugin_manager(autoload=False)
+    pm.register(StopAtSix())
+    run = arraygpt.train(data, out_dir=out_dir, steps=12, batch_size=2, n_embd=16, n_head=2, block_size=8,
+                         dtype="float64", eval_interval=100, samples=0, progress=False, plugin_manager=pm)
+    print(f"rank {get_world().rank} stopped at {run.step}: {run.stop_reason}")
+    """
+)
+
+
+@needs_mpi
+@pytest.mark.parametrize("how", ["plugin", "sigint"])
+def test_a_stop_on_one_rank_stops_every_rank_after_the_same_step(tmp_path, names_file, how):
+    script = tmp_path / "stopping.py"
+    script.write_text(_STOPPING)
+    result = _launch(2, [str(script), how, str(tmp_path / "r"), str(names_file)], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    reason = "plugin" if how == "plugin" else "interrupted"
+    assert f"rank 0 stopped at 6: {reason}" in result.stdout and "rank 1 stopped at 6:" in result.stdout
+    assert load_checkpoint(tmp_path / "r").extra["step"] == 6
+    _resume(2, tmp_path / "r")
+    _train(0, tmp_path / "one", names_file, "--steps", "12", "--batch-size", "2", "--grad-accum", "2",
+           "--eval-interval", "100")  # fmt: skip
+    assert _max_rel_diff(_weights(tmp_path / "r"), _weights(tmp_path / "one")) < 1e-10
