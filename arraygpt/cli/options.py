@@ -1,7 +1,8 @@
 """Shared pieces of the command layer: argparse options built from dataclass fields.
 
 A ``--<field>`` option is derived from each field of a dataclass (``TrainConfig``,
-``GPTConfig``): its type from the field's type hint, its help from ``field.metadata["help"]``,
+``GPTConfig``): its type from the field's type hint (a tuple, such as ``rope_scaling``, is given as
+comma-separated values: ``--rope-scaling 8,1,4,8192``), its help from ``field.metadata["help"]``,
 its choices from ``field.metadata["choices"]``, and the default shown in the help from the
 field's own default, so every default is written once, on the dataclass. The options themselves
 default to None ("not given"), so that the library, not argparse, fills in the defaults.
@@ -13,13 +14,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import types
 import typing
 from collections.abc import Iterable
 from typing import Any
 
 
 def _base_type(hint: Any) -> type:
-    """``int | None`` -> int; a plain type stays itself."""
+    """``int | None`` -> int; a plain or generic type (``tuple[int, ...]``) stays itself."""
+    if typing.get_origin(hint) not in (typing.Union, types.UnionType):
+        return hint
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     return args[0] if args else hint
 
@@ -32,6 +36,51 @@ def parse_bool(text: str) -> bool:
     if lowered in ("false", "0", "no", "off"):
         return False
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def parse_tuple(elements: tuple[Any, ...], name: str) -> Any:
+    """An argparse type for a tuple-typed field: comma-separated values, each converted to its
+    element type (``tuple[float, float, float, int]``: ``"8,1,4,8192"`` -> ``(8.0, 1.0, 4.0, 8192)``;
+    ``tuple[int, ...]``: any number of ints). An integer element takes ``8192`` or ``8192.0``, not
+    ``8192.5``; a float takes anything ``float()`` does. The field's own checks (ranges, order) stay
+    with the dataclass."""
+    variadic = len(elements) == 2 and elements[1] is Ellipsis
+    shown = f"{_type_name(elements[0])},..." if variadic else ",".join(_type_name(t) for t in elements)
+
+    def convert(kind: Any, text: str) -> Any:
+        text = text.strip()
+        if kind is int:
+            value = float(text)  # ValueError for "x"
+            if not value.is_integer():
+                raise ValueError(text)
+            return int(value)
+        if kind is float:
+            return float(text)
+        return kind(text)
+
+    def parse(text: str) -> tuple[Any, ...]:
+        parts = text.split(",")
+        kinds = [elements[0]] * len(parts) if variadic else list(elements)
+        if len(parts) != len(kinds) or not text.strip():
+            count = "one or more" if variadic else len(kinds)
+            raise argparse.ArgumentTypeError(f"expected {count} comma-separated values ({shown}), got {text!r}")
+        values = []
+        for k, (kind, part) in enumerate(zip(kinds, parts), 1):
+            try:
+                values.append(convert(kind, part))
+            except ValueError:
+                raise argparse.ArgumentTypeError(
+                    f"value {k} of {text!r} ({part.strip()!r}) is not "
+                    f"{ {int: 'an integer', float: 'a number'}.get(kind, _type_name(kind).lower())}; expected {shown}"
+                ) from None
+        return tuple(values)
+
+    parse.__name__ = f"{name} ({shown})"  # argparse names the type in some messages
+    return parse
+
+
+def _type_name(kind: Any) -> str:
+    return getattr(kind, "__name__", str(kind)).upper()
 
 
 def _format_default(value: Any) -> str | None:
@@ -80,6 +129,9 @@ def add_field_arguments(group: Any, cls: type, *, skip: Iterable[str] = (), only
         kwargs: dict[str, Any] = {"dest": field.name, "default": None, "help": help_text}
         if kind is bool:
             kwargs.update(type=parse_bool, metavar="{true,false}")
+        elif typing.get_origin(kind) is tuple:
+            parse = parse_tuple(typing.get_args(kind), field.name)
+            kwargs.update(type=parse, metavar=field.metadata.get("metavar") or parse.__name__.split(" ", 1)[1][1:-1])
         else:
             kwargs.update(type=kind, choices=field.metadata.get("choices"))
         group.add_argument(option_name(field.name), **kwargs)
