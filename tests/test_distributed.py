@@ -304,3 +304,14 @@ def test_a_stop_on_one_rank_stops_every_rank_after_the_same_step(tmp_path, names
     _train(0, tmp_path / "one", names_file, "--steps", "12", "--batch-size", "2", "--grad-accum", "2",
            "--eval-interval", "100")  # fmt: skip
     assert _max_rel_diff(_weights(tmp_path / "r"), _weights(tmp_path / "one")) < 1e-10
+
+
+@needs_mpi
+def test_a_diverged_run_stops_every_rank_at_the_same_step_and_says_so_once(tmp_path, names_file):
+    result = _launch(2, ["-m", "arraygpt.cli", "train", "--data", str(names_file), "--out-dir", str(tmp_path / "r"),
+                         *TINY, "--steps", "50", "--batch-size", "2", "--lr", "1e9", "--dtype", "float32", "--checkpoint-interval", "2"],
+                     tmp_path)  # fmt: skip
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert result.stderr.count("training diverged at step") == 1
+    step = load_checkpoint(tmp_path / "r").extra["step"]  # the last good checkpoint, intact
+    assert step >= 2 and f"(step {step})" in result.stderr

@@ -67,8 +67,9 @@ def run(args: argparse.Namespace) -> int:
             out_dir = Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
         train(data, config=args.preset or DEFAULT_PRESET, out_dir=out_dir, stop_after=args.stop_after,
               progress=not args.quiet, **options)  # fmt: skip
-    except TrainingDiverged as e:
-        print(f"arraygpt train: {e}", file=sys.stderr)
+    except TrainingDiverged as e:  # every rank of an MPI job raises it at the same step; rank 0 says so
+        if _is_root():
+            print(f"arraygpt train: {e}", file=sys.stderr)
         return 1
     except (ImportError, PluginError) as e:
         print(f"arraygpt train: error: {e}", file=sys.stderr)
@@ -77,3 +78,9 @@ def run(args: argparse.Namespace) -> int:
         print("\narraygpt train: aborted; the last checkpoint is intact", file=sys.stderr)
         return 130
     return 0
+
+
+def _is_root() -> bool:
+    from arraygpt.distributed import get_world
+
+    return get_world().is_root
