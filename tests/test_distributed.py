@@ -308,9 +308,9 @@ def test_a_stop_on_one_rank_stops_every_rank_after_the_same_step(tmp_path, names
 
 @needs_mpi
 def test_a_diverged_run_stops_every_rank_at_the_same_step_and_says_so_once(tmp_path, names_file):
+    diverging = ["--steps", "50", "--batch-size", "2", "--lr", "1e9", "--dtype", "float32", "--checkpoint-interval", "2"]
     result = _launch(2, ["-m", "arraygpt.cli", "train", "--data", str(names_file), "--out-dir", str(tmp_path / "r"),
-                         *TINY, "--steps", "50", "--batch-size", "2", "--lr", "1e9", "--dtype", "float32", "--checkpoint-interval", "2"],
-                     tmp_path)  # fmt: skip
+                         *TINY, *diverging], tmp_path)  # fmt: skip
     assert result.returncode == 1, result.stderr[-3000:]
     assert result.stderr.count("training diverged at step") == 1
     step = load_checkpoint(tmp_path / "r").extra["step"]  # the last good checkpoint, intact
