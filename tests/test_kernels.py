@@ -408,3 +408,20 @@ def test_without_numba_the_reference_runs_and_says_why():
 
 def test_import_arraygpt_does_not_import_numba():
     assert _run("import sys, arraygpt, arraygpt.kernels, arraygpt.backends; print('numba' in sys.modules)").strip() == "False"
+
+
+@needs_numba
+def test_kernels_in_the_batch_threads_equal_reference():
+    """A batch large enough to be split across two threads (arraygpt.runner): the kernels run in
+    both at once (numba code releases the GIL) and give the reference's gradients."""
+    config = GPTConfig(vocab_size=23, block_size=128, n_layer=1, n_head=2, n_embd=128)
+    fast = GPT(config, seed=4, dtype="float64", threads=2)
+    ref = GPT(config, seed=4, dtype="float64", threads=1, kernels="reference")
+    batch = np.random.default_rng(2).integers(0, 23, (4, 129))
+    assert len(fast.runner.chunks(4, 128 * 128)) == 2
+    _, loss = fast.forward(batch[:, :-1], batch[:, 1:])
+    _, ref_loss = ref.forward(batch[:, :-1], batch[:, 1:])
+    assert abs(loss - ref_loss) < 1e-10
+    grads, ref_grads = fast.backward(), ref.backward()
+    for name in ref_grads:
+        np.testing.assert_allclose(grads[name], ref_grads[name], rtol=0, atol=1e-10, err_msg=name)
