@@ -28,25 +28,9 @@ from typing import Any
 KINDS = ("probs", "attention", "lens", "embeddings", "loss", "params")
 MODEL_KINDS = ("probs", "attention", "lens", "embeddings")
 SUFFIXES = (".png", ".svg")
-# the options of `arraygpt sample` that choose and configure the sampler, reused as they are there
-SAMPLER_OPTIONS = ("sampler", "temperature", "top_k", "top_p", "min_p", "option", "seed")
 
 
 # -- options shared with `arraygpt explain` ------------------------------------------------------
-
-
-def add_sampler_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--sampler``, ``--temperature``, ``--top-k``, ``--top-p``, ``--min-p``, ``--option`` and
-    ``--seed``, exactly as ``arraygpt sample`` defines them (copied from its parser)."""
-    from arraygpt.cli import sample
-
-    source = argparse.ArgumentParser(add_help=False)
-    sample.add_arguments(source)
-    group = parser.add_argument_group("sampler", "the sampler options of arraygpt sample")
-    for action in source._actions:  # noqa: SLF001 - argparse keeps no public list of its actions
-        if action.dest in SAMPLER_OPTIONS:
-            group.add_argument(*action.option_strings, action=type(action), dest=action.dest, default=action.default,
-                               type=action.type, metavar=action.metavar, help=action.help)  # fmt: skip
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, *, max_new_tokens: int) -> None:
@@ -59,6 +43,8 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, max_new_tokens: int)
                         help=f"tokens to generate (default {max_new_tokens})")  # fmt: skip
     parser.add_argument("--candidates", type=int, default=8, metavar="K",
                         help="candidates shown for each generated token (default 8)")  # fmt: skip
+    from arraygpt.cli.sample import add_sampler_arguments
+
     add_sampler_arguments(parser)
 
 

@@ -27,33 +27,41 @@ def _generate_default(name: str) -> Any:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``arraygpt sample``."""
-    from arraygpt.sampling import DEFAULT_SAMPLER
-
-    temperature = _generate_default("temperature")
     parser.add_argument("--checkpoint", required=True, metavar="DIR",
-                        help="an arraygpt training checkpoint or run folder, or a Hugging Face GPT-2 directory")  # fmt: skip
+                        help="any model directory arraygpt.load opens: an arraygpt checkpoint or run folder, or a Hugging Face directory")  # fmt: skip
     parser.add_argument("--prompt", default="", metavar="TEXT", help="text to continue (default: the BOS token)")
     parser.add_argument("--num-samples", type=int, default=1, metavar="N", help="samples to generate (default 1)")
     parser.add_argument("--max-new-tokens", type=int, default=200, metavar="M", help="tokens per sample (default 200)")
-    parser.add_argument("--sampler", default=DEFAULT_SAMPLER, metavar="NAME[,NAME...]",
-                        help="registered sampler(s), applied in order after the temperature (built-in: greedy, "
-                             f"temperature, top_k, top_p, min_p; `arraygpt plugins` lists all; default {DEFAULT_SAMPLER})")  # fmt: skip
-    parser.add_argument("--temperature", type=float, default=temperature, metavar="T",
-                        help=f"softmax temperature T >= 0 (0 = greedy; no upper cap; default {temperature:g})")  # fmt: skip
-    parser.add_argument("--top-k", type=int, default=None, metavar="K", help="top_k: keep the K most likely tokens")
-    parser.add_argument("--top-p", type=float, default=None, metavar="P",
-                        help="top_p: keep the smallest set of most likely tokens whose mass reaches P")  # fmt: skip
-    parser.add_argument("--min-p", type=float, default=None, metavar="P",
-                        help="min_p: keep tokens with probability >= P times the most likely one's")  # fmt: skip
-    parser.add_argument("--option", action="append", default=[], metavar="NAME=VALUE",
-                        help="an option of a plugin's sampler (repeatable), e.g. --option epsilon=0.02")  # fmt: skip
+    add_sampler_arguments(parser)
     parser.add_argument("--show-probs", type=int, default=0, metavar="K",
                         help="for each token, print the K most likely candidates before and after the sampler")  # fmt: skip
     parser.add_argument("--stop", action="append", default=[], metavar="TEXT",
                         help="stop a sample when it ends with TEXT (repeatable); BOS/EOS always stop")  # fmt: skip
-    parser.add_argument("--seed", type=int, default=1337, help="seed of the sampling coins (default 1337)")
     parser.add_argument("--no-cache", dest="use_cache", action="store_false",
                         help="rerun the whole context for every token instead of using the KV cache")  # fmt: skip
+
+
+def add_sampler_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options that choose and configure the sampler, shared by ``sample``, ``plot`` and
+    ``explain``: ``--sampler``, ``--temperature``, ``--top-k``, ``--top-p``, ``--min-p``,
+    ``--option`` and ``--seed``."""
+    from arraygpt.sampling import DEFAULT_SAMPLER
+
+    temperature = _generate_default("temperature")
+    group = parser.add_argument_group("sampler")
+    group.add_argument("--sampler", default=DEFAULT_SAMPLER, metavar="NAME[,NAME...]",
+                       help="registered sampler(s), applied in order after the temperature (built-in: greedy, "
+                            f"temperature, top_k, top_p, min_p; `arraygpt plugins` lists all; default {DEFAULT_SAMPLER})")  # fmt: skip
+    group.add_argument("--temperature", type=float, default=temperature, metavar="T",
+                       help=f"softmax temperature T >= 0 (0 = greedy; no upper cap; default {temperature:g})")  # fmt: skip
+    group.add_argument("--top-k", type=int, default=None, metavar="K", help="top_k: keep the K most likely tokens")
+    group.add_argument("--top-p", type=float, default=None, metavar="P",
+                       help="top_p: keep the smallest set of most likely tokens whose mass reaches P")  # fmt: skip
+    group.add_argument("--min-p", type=float, default=None, metavar="P",
+                       help="min_p: keep tokens with probability >= P times the most likely one's")  # fmt: skip
+    group.add_argument("--option", action="append", default=[], metavar="NAME=VALUE",
+                       help="an option of a plugin's sampler (repeatable), e.g. --option epsilon=0.02")  # fmt: skip
+    group.add_argument("--seed", type=int, default=1337, help="seed of the sampling coins (default 1337)")
 
 
 def _parse_value(text: str) -> Any:
