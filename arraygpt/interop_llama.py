@@ -36,7 +36,9 @@ old files are skipped.
 
 Deliberately not here: pickle weights (refused), downloads, sliding-window attention (Mistral
 v0.1's 4096 window is refused unless it covers block_size), RoPE scalings other than Llama 3.1's,
-and any runtime dependency on transformers or torch. Tokenizers: ``arraygpt.interop``.
+and any runtime dependency on transformers or torch. Tokenizers (the directory's
+``tokenizer.json``, with BOS/EOS from ``tokenizer_config.json`` and ``config.json``):
+``arraygpt.interop.load_hf_tokenizer``, which ``arraygpt.load`` calls.
 """
 
 from __future__ import annotations
