@@ -12,7 +12,9 @@ environment), or with one rank, :func:`get_world` returns a single-process World
 do nothing, and mpi4py is never imported: nothing changes for a normal run.
 
 Faults: every collective is non-blocking underneath and waited for with a deadline
-(``ARRAYGPT_MPI_TIMEOUT`` seconds, default 600; 0 waits forever). A rank whose wait runs past it,
+(``ARRAYGPT_MPI_TIMEOUT`` seconds, default 600; 0 waits forever; the collectives of the start-up,
+while ranks may still be importing and reading data, wait at least ``ARRAYGPT_MPI_START_TIMEOUT``,
+default 600). A rank whose wait runs past it,
 or that raises, prints one line naming itself and calls ``MPI_Abort``, which ends every rank of the
 job; a rank killed outright is noticed by the launcher (MPICH's hydra, Open MPI's prte), which ends
 the others. Checkpoints are written atomically by rank 0 alone, so the last one stays intact.
@@ -23,11 +25,12 @@ on GPUs (future work: the buffer here is host NumPy, so a GPU backend pays one c
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -35,6 +38,7 @@ import numpy as np
 from arraygpt.shim import to_numpy
 
 TIMEOUT_ENV = "ARRAYGPT_MPI_TIMEOUT"
+START_TIMEOUT_ENV = "ARRAYGPT_MPI_START_TIMEOUT"
 DEFAULT_TIMEOUT_S = 600.0
 # what MPI launchers put in each rank's environment: MPICH/hydra and Intel MPI, Open MPI, PMIx
 LAUNCHER_SIZE_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE")
@@ -56,6 +60,8 @@ class World:
         comm: an ``mpi4py.MPI.Comm`` (None: a single process).
         timeout: seconds a collective may wait for the other ranks (None: ``$ARRAYGPT_MPI_TIMEOUT``
             or 600; 0: forever).
+        start_timeout: the same inside :meth:`starting` (None: ``$ARRAYGPT_MPI_START_TIMEOUT`` or
+            600), never less than ``timeout``.
 
     Example:
         >>> world = World()
@@ -65,11 +71,14 @@ class World:
         array([1., 2.])
     """
 
-    def __init__(self, comm: Any = None, timeout: float | None = None):
+    def __init__(self, comm: Any = None, timeout: float | None = None, start_timeout: float | None = None):
         self.comm = comm
         self.rank = 0 if comm is None else int(comm.Get_rank())
         self.size = 1 if comm is None else int(comm.Get_size())
-        self.timeout = _timeout_from_env() if timeout is None else float(timeout)
+        self.timeout = _timeout_from_env(TIMEOUT_ENV) if timeout is None else float(timeout)
+        start = _timeout_from_env(START_TIMEOUT_ENV) if start_timeout is None else float(start_timeout)
+        self.start_timeout = 0.0 if 0.0 in (self.timeout, start) else max(self.timeout, start)
+        self._starting = False
         if comm is not None:
             from mpi4py import MPI
 
@@ -82,6 +91,16 @@ class World:
 
     def __repr__(self) -> str:
         return f"World(rank={self.rank}, size={self.size})"
+
+    @contextlib.contextmanager
+    def starting(self) -> Iterator[None]:
+        """Collectives inside wait up to ``start_timeout``: ranks reach the first one at different
+        times (imports, reading the data, building the model)."""
+        self._starting = True
+        try:
+            yield
+        finally:
+            self._starting = False
 
     # -- collectives on host NumPy buffers ------------------------------------------------------
 
@@ -132,13 +151,14 @@ class World:
         """Wait for a non-blocking collective, polling with a growing sleep (at most 2 ms, so a
         waiting rank leaves its core to a computing one), until the timeout."""
         self._collectives += 1
+        timeout, variable = (self.start_timeout, START_TIMEOUT_ENV) if self._starting else (self.timeout, TIMEOUT_ENV)
         start = time.monotonic()
         pause = 0.0
         while not request.Test():
-            if self.timeout and time.monotonic() - start > self.timeout:
+            if timeout and time.monotonic() - start > timeout:
                 raise CollectiveTimeout(
-                    f"rank {self.rank} of {self.size}: {what} waited {self.timeout:g} s for the other ranks "
-                    f"(a rank is dead or stuck; set {TIMEOUT_ENV} to wait longer, 0 for ever)"
+                    f"rank {self.rank} of {self.size}: {what} waited {timeout:g} s for the other ranks "
+                    f"(a rank is dead or stuck; set {variable} to wait longer, 0 for ever)"
                 )
             if pause:
                 time.sleep(pause)
@@ -204,16 +224,16 @@ def _check_buffer(buffer: Any) -> None:
         raise TypeError("a collective needs one contiguous host NumPy buffer")
 
 
-def _timeout_from_env() -> float:
-    raw = os.environ.get(TIMEOUT_ENV, "")
+def _timeout_from_env(variable: str) -> float:
+    raw = os.environ.get(variable, "")
     if not raw:
         return DEFAULT_TIMEOUT_S
     try:
         value = float(raw)
     except ValueError:
-        raise ValueError(f"{TIMEOUT_ENV} must be a number of seconds (0: no timeout), got {raw!r}") from None
+        raise ValueError(f"{variable} must be a number of seconds (0: no timeout), got {raw!r}") from None
     if not value >= 0:
-        raise ValueError(f"{TIMEOUT_ENV} must be >= 0 seconds, got {raw!r}")
+        raise ValueError(f"{variable} must be >= 0 seconds, got {raw!r}")
     return value
 
 

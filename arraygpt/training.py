@@ -859,7 +859,7 @@ def train(data: str = "names", *, config: GPTConfig | str = "microgpt", out_dir:
     else:
         run = _new_run(data, config, options, out_dir, tokenizer, pm, progress, world)
     if world.size > 1:
-        with _ending_all_ranks_on_error(world):  # the same weights everywhere: rank 0's
+        with _ending_all_ranks_on_error(world), world.starting():  # the same weights everywhere: rank 0's
             run.model.load_state_dict(world.broadcast_arrays_(run.model.params))
             world.check_identical(run.model.params)
     _print_header(run, resumed=resume is not None)

@@ -129,6 +129,10 @@ def test_several_launched_ranks_without_mpi4py_say_how_to_install(monkeypatch):
 def test_the_collective_timeout_comes_from_the_environment(monkeypatch):
     monkeypatch.setenv(distributed.TIMEOUT_ENV, "2.5")
     assert World().timeout == 2.5
+    assert World().start_timeout == 600  # the start-up waits at least ARRAYGPT_MPI_START_TIMEOUT
+    monkeypatch.setenv(distributed.START_TIMEOUT_ENV, "1")
+    assert World().start_timeout == 2.5  # never less than the timeout
+    assert World(timeout=0).start_timeout == 0  # 0: wait forever, also at the start
     monkeypatch.setenv(distributed.TIMEOUT_ENV, "soon")
     with pytest.raises(ValueError, match="ARRAYGPT_MPI_TIMEOUT must be a number"):
         World()
@@ -247,13 +251,15 @@ _FAULTY = textwrap.dedent(
 def test_a_rank_that_raises_dies_or_hangs_ends_the_job_and_the_checkpoint_survives(tmp_path, names_file, fault):
     script = tmp_path / "faulty.py"
     script.write_text(_FAULTY)
-    env = {**_env(), "ARRAYGPT_MPI_TIMEOUT": "5"}
+    # 15 s: more than rank 0 may take to write a checkpoint on a loaded machine (rank 1 waits for it);
+    # the start-up waits up to ARRAYGPT_MPI_START_TIMEOUT (600 s) whatever this says
+    env = {**_env(), "ARRAYGPT_MPI_TIMEOUT": "15" if fault == "hang" else "120"}
     result = _launch(2, [str(script), fault, str(tmp_path / "r"), str(names_file)], tmp_path, env=env)
     assert result.returncode != 0
     if fault == "raise":
         assert "rank 1 of 2: RuntimeError: injected failure; ending all 2 ranks" in result.stderr
-    if fault == "hang":  # rank 0 waits 5 s in the all-reduce of step 8, then ends the job
-        assert "rank 0 of 2" in result.stderr and "all-reduce of step 8 waited 5 s" in result.stderr
+    if fault == "hang":  # rank 0 waits 15 s in the all-reduce of step 8, then ends the job
+        assert "rank 0 of 2" in result.stderr and "all-reduce of step 8 waited 15 s" in result.stderr
     ckpt = load_checkpoint(tmp_path / "r")
     assert ckpt.extra["step"] == 5  # the last checkpoint before the fault, intact
 
