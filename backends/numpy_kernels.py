@@ -276,7 +276,10 @@ def _compile() -> dict[str, Any]:
                            fastmath={"nsz", "arcp", "contract", "reassoc"})  # fmt: skip
             _define_exp(numba)
             for fn in _SOURCES:
-                _jit[fn.__name__] = numba.njit(**options)(fn)
+                try:
+                    _jit[fn.__name__] = numba.njit(**options)(fn)
+                except RuntimeError:  # no writable cache folder (numba: "no locator available")
+                    _jit[fn.__name__] = numba.njit(**dict(options, cache=False))(fn)
     return _jit
 
 
