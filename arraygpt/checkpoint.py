@@ -81,12 +81,14 @@ class Checkpoint:
     @property
     def prompt_prefix(self) -> list[int]:
         """What every training document started with: ``[tokenizer.bos_id]`` for a run trained on
-        BOS-wrapped documents (``train_config.mode == "documents"``, microgpt's names), else
-        ``[]``. A prompt goes after it."""
+        BOS-wrapped documents (``train_config.mode == "documents"``, microgpt's names) or a model
+        whose own tokenizer puts BOS first (``tokenizer.add_bos``, Llama 3), else ``[]``. A
+        prompt goes after it."""
         train_config = self.extra.get("train_config")
         documents = isinstance(train_config, Mapping) and train_config.get("mode") == "documents"
         bos = getattr(self.tokenizer, "bos_id", None)
-        return [int(bos)] if documents and bos is not None else []
+        starts_with_bos = documents or bool(getattr(self.tokenizer, "add_bos", False))
+        return [int(bos)] if starts_with_bos and bos is not None else []
 
 
 def _old(target: Path) -> Path:

@@ -80,7 +80,8 @@ def _llama() -> Any:
 
 
 def load(path: str | os.PathLike[str], *, backend: Any = None, dtype: str | None = None) -> Checkpoint:
-    """Open a model directory: an arraygpt checkpoint or run folder, or a transformers GPT-2 directory.
+    """Open a model directory: an arraygpt checkpoint or run folder, or a transformers GPT-2, Llama,
+    Qwen2 or Mistral directory.
 
     Args:
         path: the directory (see the module docstring for what each format holds).
@@ -148,9 +149,9 @@ def save(model: Any, path: str | os.PathLike[str], *, format: str = "arraygpt", 
         return checkpoint.save_checkpoint(path, model, tokenizer=tokenizer, optimizer=optimizer, extra=extra)
     if optimizer is not None or extra:
         raise ValueError(f"the {format} format holds no optimizer state or extra data; save with format='arraygpt'")
-    if tokenizer is not None and not isinstance(tokenizer, interop.BPETokenizer):
+    if tokenizer is not None and not isinstance(tokenizer, interop.HFTokenizer):
         raise ValueError(
-            f"the {format} format holds only a byte-level BPE tokenizer (arraygpt.interop.BPETokenizer), "
+            f"the {format} format holds only a Hugging Face tokenizer (arraygpt.interop.HFTokenizer), "
             f"not {type(tokenizer).__name__}; save with format='arraygpt'"
         )
     if format == "gpt2":

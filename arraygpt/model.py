@@ -33,6 +33,11 @@ INIT_OUTPUT_KINDS = ("scaled", "normal", "zero")
 DTYPES = ("float32", "float64")
 
 
+def _field(default: Any, help: str, **metadata: Any) -> Any:
+    """A GPTConfig field whose metadata gives the command layer its help (and choices, metavar)."""
+    return dataclasses.field(default=default, metadata={"help": help, **metadata})
+
+
 @dataclass(frozen=True)
 class GPTConfig:
     """Hyperparameters of a GPT. Field names follow nanoGPT; invalid values raise ``ValueError``.
@@ -67,30 +72,32 @@ class GPTConfig:
         qkv_bias: biases on the query/key/value projections only (Qwen2), with ``bias=False``.
     """
 
-    vocab_size: int = 50257
-    block_size: int = 1024
-    n_layer: int = 12
-    n_head: int = 12
-    n_embd: int = 768
-    head_dim: int | None = None
-    mlp_hidden: int | None = None
-    norm: str = "layernorm"
-    norm_eps: float = 1e-5
-    norm_affine: bool = True
-    norm_emb: bool = False
-    norm_final: bool = True
-    bias: bool = True
-    activation: str = "gelu_tanh"
-    tie_embeddings: bool = True
-    init_std: float = 0.02
-    init_output: str = "scaled"
-    dropout: float = 0.0
-    position: str = "learned"
-    rope_theta: float = 10000.0
-    rope_scaling: tuple[float, float, float, int] | None = None
-    n_kv_head: int | None = None
-    mlp: str = "standard"
-    qkv_bias: bool = False
+    # Each field's help is what `arraygpt train/params --<field>` shows (arraygpt.cli.options).
+    vocab_size: int = _field(50257, "number of token ids (train: unset takes the tokenizer's)")
+    block_size: int = _field(1024, "the longest context, in positions")
+    n_layer: int = _field(12, "number of transformer blocks")
+    n_head: int = _field(12, "attention (query) heads per block")
+    n_embd: int = _field(768, "width of the residual stream")
+    head_dim: int | None = _field(None, "width of one head (unset: n_embd / n_head)")
+    mlp_hidden: int | None = _field(None, "the MLP's hidden width (unset: 4 * n_embd)")
+    norm: str = _field("layernorm", "layernorm or rmsnorm", choices=NORM_KINDS)
+    norm_eps: float = _field(1e-5, "the norms' epsilon")
+    norm_affine: bool = _field(True, "learnable norm gains (and biases with --bias)")
+    norm_emb: bool = _field(False, "a norm right after the embedding (microgpt)")
+    norm_final: bool = _field(True, "a final norm before the unembedding (GPT-2's ln_f)")
+    bias: bool = _field(True, "biases in the linear layers and norms")
+    activation: str = _field("gelu_tanh", "the standard MLP's activation", choices=tuple(layers.ACTIVATIONS))
+    tie_embeddings: bool = _field(True, "unembed with wte instead of a separate lm_head")
+    init_std: float = _field(0.02, "std of the initial weights and embeddings")
+    init_output: str = _field("scaled", "init of attn_wo and mlp_fc2", choices=INIT_OUTPUT_KINDS)
+    dropout: float = _field(0.0, "embedding, attention and residual dropout while training")
+    position: str = _field("learned", "learned (a wpe table) or rope (rotary)", choices=POSITION_KINDS)
+    rope_theta: float = _field(10000.0, "RoPE's base")
+    rope_scaling: tuple[float, float, float, int] | None = _field(
+        None, "Llama 3.1's RoPE scaling", metavar="FACTOR,LOW_FREQ,HIGH_FREQ,ORIGINAL_MAX")
+    n_kv_head: int | None = _field(None, "key/value heads, grouped-query attention (unset: n_head)")
+    mlp: str = _field("standard", "standard (fc1, act, fc2) or swiglu (gate, up, down)", choices=MLP_KINDS)
+    qkv_bias: bool = _field(False, "biases on the query/key/value projections only (Qwen2)")
 
     def __post_init__(self) -> None:
         for name in ("norm_affine", "norm_emb", "norm_final", "bias", "tie_embeddings", "qkv_bias"):

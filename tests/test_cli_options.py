@@ -73,7 +73,7 @@ def test_gptconfigs_own_checks_still_name_the_field():
 def test_help_shows_the_element_types():
     parser = cli.build_parser()
     sub = parser._subparsers._group_actions[0].choices["params"]
-    assert "--rope-scaling FLOAT,FLOAT,FLOAT,INT" in sub.format_help()
+    assert "--rope-scaling FACTOR,LOW_FREQ,HIGH_FREQ,ORIGINAL_MAX" in sub.format_help()
 
 
 def test_any_tuple_field_of_a_dataclass_gets_a_parser():

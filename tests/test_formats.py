@@ -128,7 +128,7 @@ def test_save_refuses_what_a_format_cannot_hold(tmp_path):
     model = GPT(GPT2_TINY, seed=0)
     with pytest.raises(ValueError, match=r"unknown model format .onnx.*.arraygpt., .gpt2., .llama."):
         save(model, tmp_path / "x", format="onnx")
-    with pytest.raises(ValueError, match="byte-level BPE tokenizer"):
+    with pytest.raises(ValueError, match="a Hugging Face tokenizer"):
         save(model, tmp_path / "x", format="gpt2", tokenizer=CharTokenizer("abc"))
     with pytest.raises(ValueError, match="no optimizer state or extra data"):
         save(model, tmp_path / "x", format="gpt2", extra={"step": 1})

@@ -313,3 +313,32 @@ def test_bad_special_ids_in_config_json_are_one_checkpoint_error(tmp_path):
     (out / "config.json").write_text(json.dumps({**config, "eos_token_id": 10**6}))
     with pytest.raises(CheckpointError, match=r"config\.json: eos_token_id 1000000 is not in the tokenizer's vocabulary"):
         arraygpt.load(out)
+
+
+def test_sample_stops_at_every_end_token_and_starts_where_the_tokenizer_does(tmp_path, monkeypatch):
+    """Llama 3 has several end tokens (config.json's eos_token_id list) and its tokenizer puts BOS
+    first: arraygpt sample passes every end token to generate and starts the prompt with BOS."""
+    import functools
+
+    from arraygpt import cli, generation
+
+    tok = load_hf_tokenizer(_built("llama3", tmp_path / "tok"))
+    model_dir = arraygpt.save(tiny_llama(tok.vocab_size), tmp_path / "model", format="llama", tokenizer=tok)
+    config = json.loads((model_dir / "config.json").read_text())
+    extra_eos = [tok.eos_id, tok.vocab_size - 2]  # <|eot_id|> and <|end_of_text|>
+    (model_dir / "config.json").write_text(json.dumps({**config, "eos_token_id": extra_eos}))
+    ckpt = arraygpt.load(model_dir)
+    assert ckpt.tokenizer.add_bos and ckpt.prompt_prefix == [ckpt.tokenizer.bos_id]
+    seen = {}
+    real = generation.generate
+
+    @functools.wraps(real)
+    def recording(model, prompt, *args, **kwargs):
+        seen.update(prompt=list(prompt), eos_id=set(kwargs["eos_id"]))
+        return real(model, prompt, *args, **kwargs)
+
+    monkeypatch.setattr(generation, "generate", recording)
+    with redirect_stdout(io.StringIO()):
+        assert cli.main(["sample", "--checkpoint", str(model_dir), "--prompt", "Hello", "--max-new-tokens", "3"]) == 0
+    assert seen["prompt"] == [ckpt.tokenizer.bos_id] + ckpt.tokenizer.encode("Hello")
+    assert set(extra_eos) <= set(ckpt.tokenizer.eos_ids) <= seen["eos_id"]

@@ -137,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
     check_number("--num-samples", args.num_samples, 1, integer=True)
     make_sampler(sampler, temperature=args.temperature, **options)  # report bad options before loading
     model, tokenizer, prefix = _load(args.checkpoint)
-    specials = [getattr(tokenizer, "bos_id", None), getattr(tokenizer, "eos_id", None)]
+    specials = [getattr(tokenizer, "bos_id", None), getattr(tokenizer, "eos_id", None), *getattr(tokenizer, "eos_ids", ())]
     ends = sorted({int(i) for i in specials if i is not None})
     prompt = prefix + (list(tokenizer.encode(args.prompt)) if args.prompt else [])
     if not prompt:
