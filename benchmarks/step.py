@@ -20,6 +20,7 @@ threads too). The CPU model and thread counts are printed with the figures.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -181,11 +182,8 @@ def main() -> None:
         print(json.dumps(worker(args.worker, args.config[0], args.steps, args.warmup, args.threads[0])))
         return
     sides = [s for s in args.sides.split(",") if s]
-    if "torch" in sides:
-        try:
-            import torch  # noqa: F401
-        except ImportError:
-            sides.remove("torch")
+    if "torch" in sides and importlib.util.find_spec("torch") is None:
+        sides.remove("torch")
     print(f"CPU: {cpu_model()} ({os.cpu_count()} logical cores); Python {platform.python_version()}")
     print(f"{args.rounds} rounds, each side in its own process, alternating; per round the median of "
           f"{args.steps} steps after {args.warmup} warm-up; shown: median of the rounds (min-max)")  # fmt: skip
