@@ -1,5 +1,5 @@
-"""Fused kernels for the numpy backend, compiled with numba: GELU (tanh), LayerNorm, RMSNorm and
-causal attention, each a forward/backward pair equal to its reference in ``arraygpt.layers``.
+"""Fused kernels for the numpy backend, compiled with numba: GELU (tanh), LayerNorm, RMSNorm,
+causal attention and softmax + cross-entropy, each a forward/backward pair equal to its reference in ``arraygpt.layers``.
 
 Why they pay: NumPy runs each elementwise operation as its own pass over memory on one core; a
 kernel here makes one pass (GELU, the norms' rows) or computes only the causal half of attention
@@ -251,11 +251,59 @@ def _causal_softmax_backward(da, probs, dout, y, past):
                     g[j] = zero
 
 
+def _crossentropy_forward(logits, targets, ignore_index, probs, weights, safe_targets):
+    # layers.crossentropy_forward one row at a time: probs = softmax(row), loss_n =
+    # log(sum exp(row - max)) + max - row[t_n] where t_n != ignore_index; returns (sum of the
+    # losses, count of the rows with a target), both in float64
+    N, V = logits.shape
+    zero = np.zeros(1, logits.dtype)[0]
+    total = 0.0
+    count = 0.0
+    for n in range(N):
+        row, p = logits[n], probs[n]
+        m0 = m1 = m2 = m3 = row[0]
+        for j in range(0, V - 3, 4):
+            m0, m1, m2, m3 = max(m0, row[j]), max(m1, row[j + 1]), max(m2, row[j + 2]), max(m3, row[j + 3])
+        for j in range(V - V % 4, V):
+            m0 = max(m0, row[j])
+        top = max(max(m0, m1), max(m2, m3))
+        s = zero
+        for j in range(V):
+            e = _fast_exp(row[j] - top)
+            p[j] = e
+            s += e
+        inv = 1.0 / s
+        for j in range(V):
+            p[j] *= inv
+        t = targets[n]
+        if t == ignore_index:
+            weights[n] = zero
+            safe_targets[n] = 0
+        else:
+            weights[n] = zero + 1
+            safe_targets[n] = t
+            total += math.log(s) + top - row[t]
+            count += 1.0
+    return total, count
+
+
+def _crossentropy_backward(probs, targets, weights, scale, dlogits):
+    # dlogits_n = (probs_n - onehot(t_n)) * w_n * scale (layers.crossentropy_backward)
+    N, V = probs.shape
+    for n in range(N):
+        r = weights[n] * scale
+        p, d = probs[n], dlogits[n]
+        for j in range(V):
+            d[j] = p[j] * r
+        d[targets[n]] -= r
+
+
 # ----------------------------------------------------------------------------------------------
 # compiling
 
 _SOURCES = (_gelu32_forward, _gelu32_backward, _gelu64_forward, _gelu64_backward, _norm_forward,
-            _norm_backward, _causal_softmax, _causal_softmax_backward)  # fmt: skip
+            _norm_backward, _causal_softmax, _causal_softmax_backward, _crossentropy_forward,
+            _crossentropy_backward)  # fmt: skip
 _jit: dict[str, Any] = {}
 _jit_lock = threading.Lock()
 
@@ -509,6 +557,47 @@ def attention_backward(dout: Any, cache: layers.AttentionCache) -> tuple[Any, An
 
 
 # ----------------------------------------------------------------------------------------------
+# softmax + cross-entropy: layers.crossentropy_forward / crossentropy_backward
+
+
+class FusedCrossEntropyCache(layers.CrossEntropyCache):
+    """The fused loss's cache: the reference's fields (probs, targets, weights, divisor)."""
+
+    __slots__ = ()
+
+
+def crossentropy_forward(logits: Any, targets: Any, ignore_index: int = -1, reduction: str = "mean",
+                         **more: Any) -> tuple[Any, layers.CrossEntropyCache]:  # fmt: skip
+    """layers.crossentropy_forward with the softmax, the picked logit and the loss in one pass per
+    row. Anything it does not know goes to the reference (which raises on a bad reduction)."""
+    if (more or reduction not in ("mean", "sum") or not _takes(logits) or logits.ndim != 2
+            or type(targets) is not np.ndarray or targets.shape != logits.shape[:1] or targets.dtype.kind not in "iu"
+            or not 0 <= int(targets.max(initial=0)) < logits.shape[1]):  # fmt: skip
+        return layers.crossentropy_forward(logits, targets, ignore_index, reduction, **more)
+    jit = _jit or _compile()
+    N, V = logits.shape
+    probs = np.empty_like(logits)
+    weights = np.empty((N,), dtype=logits.dtype)
+    safe_targets = np.empty_like(targets)
+    total, count = jit["_crossentropy_forward"](logits, targets, int(ignore_index), probs, weights, safe_targets)
+    dt = logits.dtype.type
+    divisor = dt(count) if reduction == "mean" else 1.0
+    loss = dt(total) / divisor  # every row ignored: nan (0/0) with NumPy's warning, as the reference
+    return loss, FusedCrossEntropyCache(probs, safe_targets, weights, divisor)
+
+
+def crossentropy_backward(dloss: float, cache: layers.CrossEntropyCache) -> Any:
+    """layers.crossentropy_backward in one pass: dlogits = (probs - onehot) * w * dloss / divisor."""
+    if type(cache) is not FusedCrossEntropyCache:
+        return layers.crossentropy_backward(dloss, cache)
+    probs, targets, weights, divisor = cache
+    jit = _jit or _compile()
+    dlogits = np.empty_like(probs)
+    jit["_crossentropy_backward"](probs, targets, weights, probs.dtype.type(float(dloss) / float(divisor)), dlogits)
+    return dlogits
+
+
+# ----------------------------------------------------------------------------------------------
 # registration (backends/__init__.py offers KERNELS through arraygpt_register_kernels)
 
 
@@ -532,6 +621,9 @@ KERNELS = {
     "numba_rmsnorm": KernelSpec(
         "norm:rmsnorm", _loader(rmsnorm_forward, rmsnorm_backward), **_ON,
         description=f"one pass per row, forward and backward ({_NUMBA})"),
+    "numba_crossentropy": KernelSpec(
+        "crossentropy", _loader(crossentropy_forward, crossentropy_backward), **_ON,
+        description=f"softmax, loss and backward in one pass per row ({_NUMBA})"),
     "numba_causal_attention": KernelSpec(
         "attention", _loader(attention_forward, attention_backward), **_ON,
         description=f"masked blocks skipped (BLAS on the rest), masked softmax fused; dropout and "

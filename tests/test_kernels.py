@@ -160,6 +160,42 @@ def test_attention_kernel_declines_dropout_and_unknown_arguments(dtype):
 
 
 @needs_numba
+@settings(max_examples=60, deadline=None)
+@given(N=st.integers(1, 20), V=st.sampled_from([1, 2, 3, 7, 65, 70]), dtype=st.sampled_from(DTYPES),
+       reduction=st.sampled_from(["mean", "sum"]), ignored=st.floats(0.0, 1.0), scale=st.sampled_from([1.0, 30.0]),
+       contiguous=st.booleans(), int32=st.booleans(), seed=st.integers(0, 2**16))  # fmt: skip
+def test_crossentropy_kernel_equals_reference(N, V, dtype, reduction, ignored, scale, contiguous, int32, seed):
+    rng = np.random.default_rng(seed)
+    logits = _array(rng, (N, V), dtype, contiguous) * np.asarray(scale, dtype=dtype)
+    targets = rng.integers(0, V, N).astype(np.int32 if int32 else np.int64)
+    targets[rng.random(N) < ignored] = -1
+    if not (targets >= 0).any() and reduction == "mean":
+        targets[0] = 0  # the all-ignored mean is nan on both sides (tested below)
+    loss, cache = nk.crossentropy_forward(logits, targets, reduction=reduction)
+    ref_loss, ref_cache = layers.crossentropy_forward(logits, targets, reduction=reduction)
+    assert_close(loss, ref_loss, dtype, "loss")
+    assert type(cache) is (nk.FusedCrossEntropyCache if logits.flags.c_contiguous else layers.CrossEntropyCache)
+    assert_close(cache.probs, ref_cache.probs, dtype, "probs")
+    np.testing.assert_array_equal(cache.targets, ref_cache.targets)
+    np.testing.assert_array_equal(cache.weights, ref_cache.weights)
+    assert float(cache.divisor) == float(ref_cache.divisor)
+    for dloss in (1.0, 0.25):
+        assert_close(nk.crossentropy_backward(dloss, cache), layers.crossentropy_backward(dloss, ref_cache), dtype)
+
+
+@needs_numba
+def test_crossentropy_kernel_edge_cases():
+    logits = np.zeros((3, 4))
+    with pytest.warns(RuntimeWarning):
+        loss, _ = nk.crossentropy_forward(logits, np.array([-1, -1, -1]))
+    assert np.isnan(loss)
+    with pytest.raises(ValueError, match="reduction"):  # the reference's error
+        nk.crossentropy_forward(logits, np.array([0, 1, 2]), reduction="max")
+    with pytest.raises(IndexError):  # a target out of range: the reference's error, not a wild write
+        nk.crossentropy_forward(logits, np.array([0, 1, 4]))
+
+
+@needs_numba
 def test_kernels_hand_other_arrays_to_the_reference():
     """float16 and array-api-strict arrays are not the kernels': the reference computes them."""
     x = np.linspace(-3, 3, 12, dtype=np.float16).reshape(3, 4)
@@ -188,9 +224,9 @@ SMALL = GPTConfig(vocab_size=19, block_size=16, n_layer=2, n_head=2, n_embd=12)
 def test_model_gradients_with_kernels_equal_reference(config):
     fast = GPT(config, seed=3, dtype="float64", kernels=None)
     ref = GPT(config, seed=3, dtype="float64", kernels="reference")
-    used = {kind for kind in ("norm", "attention", "activation") if getattr(fast.kernels, kind)[0].__module__
-            == "arraygpt.backends.numpy_kernels"}  # fmt: skip
-    assert used == {"norm", "attention", "activation"}
+    kinds = ("norm", "attention", "activation", "crossentropy")
+    used = {kind for kind in kinds if getattr(fast.kernels, kind)[0].__module__ == "arraygpt.backends.numpy_kernels"}
+    assert used == set(kinds)
     rng = np.random.default_rng(0)
     batch = rng.integers(0, config.vocab_size, (5, config.block_size + 1))
     targets = batch[:, 1:].copy()
