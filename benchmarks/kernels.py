@@ -91,12 +91,16 @@ def micro(name: str, repeats: int) -> None:
             "rmsnorm": ((nk.rmsnorm_forward, nk.rmsnorm_backward), layers.NORMS["rmsnorm"], (x, w, None, 1e-5)),
             "attention": ((nk.attention_forward, nk.attention_backward),
                           (layers.attention_forward, layers.attention_backward), (q, k, v, NH)),
+            "crossentropy": ((nk.crossentropy_forward, nk.crossentropy_backward),
+                             (layers.crossentropy_forward, layers.crossentropy_backward),
+                             (rng.standard_normal((B * T, config.vocab_size)).astype(dtype),
+                              rng.integers(0, config.vocab_size, B * T))),
         }  # fmt: skip
         for case, (fused, ref, args) in cases.items():
             row = []
             for label, (forward, backward) in (("kernel", fused), ("reference", ref)):
                 out, cache = forward(*args)
-                dout = np.ones_like(out)
+                dout = 1.0 if np.ndim(out) == 0 else np.ones_like(out)  # the loss takes dloss
                 backward(dout, cache)
                 f_ms, b_ms = [], []
                 for _ in range(repeats):
@@ -109,7 +113,7 @@ def micro(name: str, repeats: int) -> None:
                     b_ms.append((t2 - t1) * 1e3)
                 row.append((label, statistics.median(f_ms), statistics.median(b_ms)))
             (_, kf, kb), (_, rf, rb) = row
-            print(f"{name:<17} {dtype:<8} {case:<10} kernel {kf:7.2f} + {kb:7.2f} ms | reference {rf:7.2f} + "
+            print(f"{name:<17} {dtype:<8} {case:<12} kernel {kf:7.2f} + {kb:7.2f} ms | reference {rf:7.2f} + "
                   f"{rb:7.2f} ms | {(rf + rb) / (kf + kb):5.1f}x")  # fmt: skip
 
 
