@@ -116,32 +116,12 @@ def registered_kernels(pm: Any = None) -> list[tuple[str, KernelSpec, str]]:
     """
     from arraygpt import manager
 
-    pm = pm or manager.default_plugin_manager()
-    hook = getattr(pm.hook, HOOK, None)
-    if hook is None:  # a manager built without arraygpt's hookspecs
-        return []
-    found: dict[str, tuple[KernelSpec, str]] = {}
-    for impl in hook.get_hookimpls():  # first registered first
-        try:
-            offered = impl.function()
-        except Exception as e:
-            raise manager.PluginError(f"plugin {impl.plugin_name!r} raised in {HOOK}: {e!r}") from e
-        if not isinstance(offered, list) or not all(isinstance(d, dict) for d in offered):
+    found = manager.registry_with_owners("kernels", pm)
+    for name, (spec, owner) in found.items():
+        if not isinstance(spec, KernelSpec):
             raise manager.PluginError(
-                f"plugin {impl.plugin_name!r}: {HOOK} must return a list of dicts, got {type(offered).__name__}"
+                f"plugin {owner!r}: kernel {name!r} must be an arraygpt.kernels.KernelSpec, got {type(spec).__name__}"
             )
-        for entries in offered:
-            for name, spec in entries.items():
-                if not isinstance(spec, KernelSpec):
-                    raise manager.PluginError(
-                        f"plugin {impl.plugin_name!r}: kernel {name!r} must be an arraygpt.kernels.KernelSpec, "
-                        f"got {type(spec).__name__}"
-                    )
-                if name in found:
-                    raise manager.PluginError(
-                        f"kernel {name!r} is offered by two plugins: {found[name][1]!r} and {impl.plugin_name!r}"
-                    )
-                found[name] = (spec, impl.plugin_name)
     return [(name, spec, owner) for name, (spec, owner) in reversed(found.items())]
 
 

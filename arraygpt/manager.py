@@ -30,6 +30,7 @@ REGISTRY_HOOKS = {
     "backends": "arraygpt_register_backends",
     "optimizers": "arraygpt_register_optimizers",
     "samplers": "arraygpt_register_samplers",
+    "kernels": "arraygpt_register_kernels",
 }
 
 
@@ -141,7 +142,8 @@ def set_plugin_manager(pm: pluggy.PluginManager | None) -> None:
 
 
 def registry_with_owners(kind: str, pm: pluggy.PluginManager | None = None) -> dict[str, tuple[Any, str]]:
-    """``{name: (object, plugin name)}`` for one kind: ``backends``, ``optimizers`` or ``samplers``.
+    """``{name: (object, plugin name)}`` for one kind: ``backends``, ``optimizers``, ``samplers`` or
+    ``kernels``.
 
     Each implementation is called on its own so that a plugin that raises is named.
 

@@ -461,3 +461,20 @@ def test_kernels_in_the_batch_threads_equal_reference():
     grads, ref_grads = fast.backward(), ref.backward()
     for name in ref_grads:
         np.testing.assert_allclose(grads[name], ref_grads[name], rtol=0, atol=1e-10, err_msg=name)
+
+
+@needs_numba
+def test_arraygpt_backends_lists_the_kernel_of_each_layer_kind(capsys, monkeypatch):
+    from arraygpt import shim
+    from arraygpt.cli import main
+
+    monkeypatch.setattr(shim, "_active", None)
+    monkeypatch.delenv("ARRAYGPT_BACKEND", raising=False)
+    monkeypatch.delenv(kernels.ENV_VAR, raising=False)
+    assert main(["backends"]) == 0
+    rows = {line.split()[0]: line.split()[1] for line in capsys.readouterr().out.split("kernels on numpy")[1].splitlines()[1:]}
+    assert rows["activation:gelu_tanh"] == "numba_gelu_tanh" and rows["linear"] == "reference"
+    monkeypatch.setenv(kernels.ENV_VAR, "reference")
+    assert main(["backends"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.split("kernels on numpy")[1].splitlines()[1:]]
+    assert rows and all(row[1] == "reference" for row in rows)

@@ -1,4 +1,5 @@
-"""``arraygpt backends``: the array backends, which one is active, and whether each can run here."""
+"""``arraygpt backends``: the array backends, which one is active, whether each can run here, and
+which kernel each kind of layer runs on the active backend (and why the others run the reference)."""
 
 from __future__ import annotations
 
@@ -24,4 +25,11 @@ def run(args: argparse.Namespace) -> int:
         except BackendUnavailable as e:
             status = f"unavailable: {e}"
         print(f"  {name:<18} {status}")
+    if not active.startswith("none"):
+        from arraygpt.kernels import ENV_VAR as KERNELS_ENV, describe_kernels
+        from arraygpt.model import GPTConfig
+
+        print(f"kernels on {active}, float32 ({KERNELS_ENV}=reference runs the reference everywhere):")
+        for kind, kernel, why in describe_kernels(GPTConfig(), get_backend(), "float32"):
+            print(f"  {kind:<22} {kernel:<24} {why}")
     return 0
