@@ -30,7 +30,12 @@ POSITION_KINDS = ("learned", "rope")
 MLP_KINDS = ("standard", "swiglu")
 ROPE_SCALING_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 INIT_OUTPUT_KINDS = ("scaled", "normal", "zero")
-DTYPES = ("float32", "float64")
+DTYPES = ("float32", "float64")  # parameter (and training) precisions
+# Low precisions a GPT may compute in, as the compute model of arraygpt.precision.MixedPrecision
+# (float32 master weights, loss scaling) or for inference. Not in DTYPES: training the parameters
+# themselves in 16 bits loses small updates (Adam's eps=1e-8 is 0 in float16). bfloat16 needs a
+# backend whose namespace has it (NumPy and CuPy do not).
+COMPUTE_DTYPES = ("float16", "bfloat16")
 
 
 def _field(default: Any, help: str, **metadata: Any) -> Any:
@@ -365,7 +370,9 @@ class GPT:
         config: the hyperparameters.
         seed: seed of the host NumPy generator that draws the initial weights, so one seed gives
             the same weights on every backend.
-        dtype: ``float32`` or ``float64``.
+        dtype: ``float32`` or ``float64``; or a low precision of ``COMPUTE_DTYPES`` (``float16``,
+            ``bfloat16`` where the backend has it) to compute in, for inference or as the compute
+            model of :class:`arraygpt.precision.MixedPrecision`, which keeps float32 master weights.
         backend: a backend name or object; default the active one (``ARRAYGPT_BACKEND``).
         init: draw the initial weights (default); ``False`` leaves every parameter at zero, for
             callers that load a state dict next and need not pay for the draw.
@@ -391,11 +398,14 @@ class GPT:
                  kernels: core.Kernels | str | None = None):  # fmt: skip
         if not isinstance(config, GPTConfig):
             raise TypeError(f"config must be a GPTConfig, got {type(config).__name__}")
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        if dtype not in DTYPES + COMPUTE_DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES + COMPUTE_DTYPES)}, got {dtype!r}")
         self.config = config
         self.backend: Backend = load_backend(backend) if isinstance(backend, str) else backend or get_backend()
         self.xp = self.backend.xp
+        if not hasattr(self.xp, dtype):
+            raise ValueError(f"the {self.backend.name} backend has no {dtype}; choose one of "
+                             f"{', '.join(d for d in DTYPES + COMPUTE_DTYPES if hasattr(self.xp, d))}")  # fmt: skip
         self.dtype = dtype
         self.training = False
         self.params: dict[str, Array] = self._init_params(seed) if init else self._zero_params()
@@ -530,7 +540,10 @@ class GPT:
         self._dropout_rng.bit_generator.state = dict(state)
 
     def _coins(self, rng: Any) -> core.Coins:
-        return lambda shape: self.backend.uniform(rng, shape, self.dtype)
+        # NumPy's Generator draws float32 or float64 only; dropout compares coins with p, so a
+        # 16-bit model draws float32 coins (the same stream as a float32 model's).
+        dtype = self.dtype if self.dtype in DTYPES else "float32"
+        return lambda shape: self.backend.uniform(rng, shape, dtype)
 
     # -- forward and backward -------------------------------------------------------------------
 
@@ -589,8 +602,12 @@ class GPT:
 
     __call__ = forward
 
-    def backward(self) -> dict[str, Array]:
+    def backward(self, loss_scale: float = 1.0) -> dict[str, Array]:
         """Gradients of the last forward's loss, name -> array, the names and shapes of state_dict().
+
+        Args:
+            loss_scale: the gradients are those of ``loss_scale * loss`` (the chain rule starts at
+                dloss = loss_scale): loss scaling for float16 (``arraygpt.precision.LossScaler``).
 
         Raises:
             RuntimeError: there was no forward with targets since the last backward.
@@ -600,10 +617,10 @@ class GPT:
             raise RuntimeError("backward() needs a forward(idx, targets) with targets first")
         self._caches = None
         if len(caches) == 1:
-            grads = core.gpt_backward(1.0, caches[0], self.config, kernels=self.kernels)
+            grads = core.gpt_backward(loss_scale, caches[0], self.config, kernels=self.kernels)
         else:  # loss = (sum over chunks of each chunk's summed loss) / (valid positions in the batch)
             count = sum(core.valid_positions(cache) for cache in caches)
-            dloss = 1.0 / count if count else math.nan
+            dloss = loss_scale / count if count else math.nan
             per_chunk = self.runner.map(
                 lambda cache: core.gpt_backward(dloss, cache, self.config, kernels=self.kernels), [(c,) for c in caches]
             )
