@@ -171,7 +171,7 @@ def test_plugins_lists_the_built_ins_with_their_plugin(capsys, monkeypatch):
         else:
             name, _, plugin = line.split()
             current[name] = plugin
-    assert set(sections) == {"backends", "optimizers", "samplers"}
+    assert set(sections) == {"backends", "kernels", "optimizers", "samplers"}
     assert sections["samplers"] == dict.fromkeys(["greedy", "temperature", "top_k", "top_p", "min_p"],
                                                  "arraygpt.plugins.samplers")  # fmt: skip
     assert sections["optimizers"] == dict.fromkeys(["sgd", "adam", "adamw"], "arraygpt.plugins.optimizers")

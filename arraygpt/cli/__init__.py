@@ -14,8 +14,12 @@ subcommand is added with one line. Options that mirror a dataclass (``TrainConfi
 ``GPTConfig``) are derived from its fields (``arraygpt.cli.options``).
 
 Exit codes: 0 done; 1 a diverged training run; 2 bad input or a failing plugin, printed as one
-line ``arraygpt <command>: error: ...`` on stderr; 130 an interrupt. Any other exception is a bug
-and keeps its traceback.
+line ``arraygpt <command>: error: ...`` on stderr; 130 an interrupt. Bad input is one of
+:data:`EXPECTED_ERRORS`: a ``ValueError`` (arraygpt's ``CheckpointError``, ``DataError`` and
+``RunFolderError`` are ValueErrors, and so are its argument checks), an ``OSError`` about a path, a
+missing optional dependency (``ImportError``), a failing plugin (``PluginError``) or a backend that
+cannot run here (``BackendUnavailable``). Any other exception (a ``TypeError``, ``KeyError``,
+``IndexError``...) is a bug and keeps its traceback (docs/reliability.md).
 
 Not here: any training, sampling or loading logic (``arraygpt.training``, ``arraygpt.generation``,
 ``arraygpt.checkpoint``): a subcommand only turns options into a library call and its outcome
@@ -32,7 +36,7 @@ from typing import Any
 
 from arraygpt.cli.options import add_config_arguments, config_from_args
 
-__all__ = ["SUBCOMMANDS", "add_config_arguments", "build_parser", "config_from_args", "main"]
+__all__ = ["SUBCOMMANDS", "add_config_arguments", "build_parser", "config_from_args", "expected_errors", "main"]
 
 # subcommand -> (module with add_arguments(parser) and run(args), one-line help)
 SUBCOMMANDS = {
@@ -44,6 +48,14 @@ SUBCOMMANDS = {
     "plot": ("arraygpt.cli.plot", "draw one picture of a model: probs, attention, lens, embeddings, loss or params"),
     "explain": ("arraygpt.cli.explain", "write one self-contained HTML page that shows inside one generation"),
 }
+
+
+def expected_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions that mean bad input (exit 2, one line), not a bug (a traceback)."""
+    from arraygpt.manager import PluginError
+    from arraygpt.shim import BackendUnavailable
+
+    return (ValueError, OSError, ImportError, PluginError, BackendUnavailable)
 
 
 def _module(command: str) -> Any:
@@ -70,16 +82,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_usage(sys.stderr)
         return 2
-    from arraygpt.manager import PluginError
-
+    expected = expected_errors()
     try:
         return _module(args.command).run(args)
     except KeyboardInterrupt:
         print(f"arraygpt {args.command}: interrupted", file=sys.stderr)
         return 130
-    except (ValueError, TypeError, KeyError, OSError, ImportError, PluginError) as e:
-        print(f"arraygpt {args.command}: error: {e}", file=sys.stderr)
+    except expected as e:
+        print(f"arraygpt {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
+
+
+def _one_line(error: BaseException) -> str:
+    """The error's message on one line (an OSError without a message says what it is)."""
+    text = str(error) or type(error).__name__
+    return " ".join(line.strip() for line in text.splitlines())
 
 
 if __name__ == "__main__":

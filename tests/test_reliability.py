@@ -1,0 +1,334 @@
+"""Issue 10's contract outside the checkpoint files (those are tests/test_hostile.py): the command
+layer's exit codes (expected errors are one line and exit 2, a bug keeps its traceback), run
+folders (one lock per run, a broken last/, leftovers of a killed save, hostile training state),
+training text (special, huge, binary, empty or too short files) and generation (NaN logits, absurd
+counts, the held-back text flushed). A case that could hang or eat memory runs in a subprocess
+with an address-space limit and a generous timeout, never a timing assertion.
+
+Every file here is built by the tests themselves.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from arraygpt.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+MEMORY_LIMIT = 3 * 1024**3  # bytes of address space for a case: far below what an unbounded read takes
+ENV = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def attempt(call: str, timeout: float = 30) -> tuple[str, str]:
+    """Run ``call`` (Python statements) in a fresh interpreter with limited memory; return
+    (exception type, message), or ("ok", "") when it returned."""
+    body = "\n".join("    " + line for line in call.splitlines())
+    script = f"""
+import json, resource
+resource.setrlimit(resource.RLIMIT_AS, ({MEMORY_LIMIT}, {MEMORY_LIMIT}))
+try:
+{body}
+except BaseException as e:
+    print(json.dumps([type(e).__module__ + "." + type(e).__qualname__, str(e)]))
+else:
+    print(json.dumps(["ok", ""]))
+"""
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                          timeout=timeout)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    kind, message = json.loads(proc.stdout.strip().splitlines()[-1])
+    return kind, message
+
+
+def command(*args: str, timeout: float = 60, limit: bool = True) -> subprocess.CompletedProcess[str]:
+    """``arraygpt ARGS`` in a subprocess (with the memory limit), its output captured."""
+    prefix = f"import resource; resource.setrlimit(resource.RLIMIT_AS, ({MEMORY_LIMIT}, {MEMORY_LIMIT})); " if limit else ""
+    code = prefix + "import sys; from arraygpt.cli import main; sys.exit(main(sys.argv[1:]))"
+    return subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                          timeout=timeout)  # fmt: skip
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess[str], *fragments: str) -> str:
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    return lines[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# the command layer: expected errors exit 2 on one line, a bug keeps its traceback
+
+
+@pytest.fixture
+def failing_params(monkeypatch):
+    """``arraygpt params`` made to raise a given exception."""
+    import arraygpt.cli.params as params
+
+    def make(error: BaseException) -> None:
+        def run(args):
+            raise error
+
+        monkeypatch.setattr(params, "run", run)
+
+    return make
+
+
+@pytest.mark.parametrize("error", [
+    ValueError("bad value"), FileNotFoundError("no such file: x"), ImportError("pip install y"),
+], ids=lambda e: type(e).__name__)  # fmt: skip
+def test_an_expected_error_is_one_line_and_exit_2(failing_params, capsys, error):
+    failing_params(error)
+    assert main(["params"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"arraygpt params: error: {error}\n"
+
+
+def test_arraygpts_own_errors_are_expected(failing_params, capsys):
+    from arraygpt.data import DataError
+    from arraygpt.errors import CheckpointError
+    from arraygpt.manager import PluginError
+    from arraygpt.runfolder import RunFolderError
+    from arraygpt.shim import BackendUnavailable
+
+    for error in (CheckpointError("c"), DataError("d"), PluginError("p"), BackendUnavailable("b"), RunFolderError("r")):
+        failing_params(error)
+        assert main(["params"]) == 2
+        assert capsys.readouterr().err == f"arraygpt params: error: {error}\n"
+
+
+def test_a_multi_line_message_is_printed_on_one_line(failing_params, capsys):
+    failing_params(ValueError("first\nsecond"))
+    assert main(["params"]) == 2
+    assert capsys.readouterr().err == "arraygpt params: error: first second\n"
+
+
+@pytest.mark.parametrize("error", [TypeError("a bug"), KeyError("a bug"), IndexError("a bug"), AttributeError("x")],
+                         ids=lambda e: type(e).__name__)  # fmt: skip
+def test_a_bug_keeps_its_traceback(failing_params, error):
+    failing_params(error)
+    with pytest.raises(type(error)):
+        main(["params"])
+
+
+def test_a_bug_shows_its_traceback_from_the_command(tmp_path):
+    code = ("import sys, arraygpt.cli.params as p\n"
+            "def run(args): raise TypeError('a genuine bug')\n"
+            "p.run = run\n"
+            "from arraygpt.cli import main\nsys.exit(main(['params']))\n")  # fmt: skip
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1
+    assert "Traceback" in proc.stderr and "TypeError: a genuine bug" in proc.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# run folders: the lock
+
+
+HOLD = """
+import sys, time
+from arraygpt.runfolder import lock_run_folder, RunFolderError
+try:
+    with lock_run_folder(sys.argv[1]):
+        print("locked", flush=True)
+        time.sleep(float(sys.argv[2]))
+except RunFolderError as e:
+    print("busy:", e, flush=True)
+"""
+
+
+def _holder(folder: Path, seconds: float) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-c", HOLD, str(folder), str(seconds)], cwd=ROOT, env=ENV,
+                            stdout=subprocess.PIPE, text=True)  # fmt: skip
+
+
+def test_a_locked_run_folder_refuses_a_second_run_naming_the_folder_and_the_pid(tmp_path):
+    from arraygpt.runfolder import RunFolderError, lock_run_folder
+
+    folder = tmp_path / "run"
+    holder = _holder(folder, 600)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        kind, message = attempt(f"from arraygpt.runfolder import lock_run_folder\n"
+                                f"with lock_run_folder({str(folder)!r}): pass")  # fmt: skip
+        assert kind == "arraygpt.runfolder.RunFolderError"
+        assert str(folder) in message and f"PID {holder.pid}" in message and "--out-dir" in message
+        with pytest.raises(RunFolderError, match=f"PID {holder.pid}"), lock_run_folder(folder):
+            pass
+    finally:
+        holder.kill()  # kill -9: the kernel releases the lock
+        holder.wait(60)
+    with lock_run_folder(folder) as locked:
+        assert locked
+        assert (folder / ".arraygpt.lock").read_text().strip() == str(os.getpid())
+    with lock_run_folder(folder):  # released at the end of the block
+        pass
+
+
+def test_the_lock_is_per_open_file_so_the_same_process_cannot_take_it_twice(tmp_path):
+    from arraygpt.runfolder import RunFolderError, lock_run_folder
+
+    with lock_run_folder(tmp_path):
+        with pytest.raises(RunFolderError, match=f"PID {os.getpid()}"), lock_run_folder(tmp_path):
+            pass
+
+
+def test_processes_racing_for_one_folder_get_exactly_one_lock(tmp_path):
+    folder = tmp_path / "run"
+    racers = [_holder(folder, 8) for _ in range(4)]
+    try:
+        answers = [r.communicate(timeout=120)[0].strip() for r in racers]
+    finally:
+        for r in racers:
+            r.kill()
+    assert sorted(a.split(":")[0] for a in answers) == ["busy", "busy", "busy", "locked"], answers
+    winner = racers[[a == "locked" for a in answers].index(True)].pid
+    assert all(f"PID {winner}" in a for a in answers if a != "locked"), answers
+
+
+def test_a_file_in_place_of_the_run_folder_is_refused(tmp_path):
+    from arraygpt.runfolder import RunFolderError, check_new_run_folder, lock_run_folder
+
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(RunFolderError, match="is a file, not a folder"), lock_run_folder(tmp_path / "f"):
+        pass
+    with pytest.raises(RunFolderError, match="is a file, not a folder"):
+        check_new_run_folder(tmp_path / "f")
+
+
+# ----------------------------------------------------------------------------------------------
+# run folders: what is in them
+
+
+def _checkpoint(folder: Path, step: int, **extra) -> Path:
+    """A checkpoint folder with the files resume_source looks at (config.json, state.json)."""
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text("{}")
+    (folder / "state.json").write_text(json.dumps({"extra": {"step": step, **extra}}))
+    return folder
+
+
+@pytest.mark.parametrize("name", ["last", "best", ".last.old", "metrics.jsonl"])
+def test_a_fresh_run_refuses_a_folder_that_holds_a_run(tmp_path, name):
+    from arraygpt.runfolder import RunFolderError, check_new_run_folder
+
+    check_new_run_folder(tmp_path)  # empty: fine
+    check_new_run_folder(tmp_path / "missing")
+    if name == "metrics.jsonl":
+        (tmp_path / name).write_text("")
+    else:
+        (tmp_path / name).mkdir()
+    with pytest.raises(RunFolderError, match=rf"already holds a run \({name}\).*--resume"):
+        check_new_run_folder(tmp_path)
+
+
+@pytest.mark.parametrize("name", ["last", "best", ".last.old"])
+def test_a_symlinked_or_non_folder_checkpoint_is_refused(tmp_path, name):
+    from arraygpt.runfolder import RunFolderError, check_run_folder
+
+    target = _checkpoint(tmp_path / "elsewhere", 3)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / name).symlink_to(target)
+    with pytest.raises(RunFolderError, match=f"{name} is a symbolic link.*move the link away"):
+        check_run_folder(run)
+    (run / name).unlink()
+    (run / name).write_text("not a folder")
+    with pytest.raises(RunFolderError, match=f"{name} is not a folder"):
+        check_run_folder(run)
+    assert (target / "state.json").is_file()  # nothing outside the run folder is touched
+
+
+def test_leftovers_of_a_killed_save_are_removed_and_never_followed(tmp_path):
+    from arraygpt.runfolder import check_run_folder
+
+    run = tmp_path / "run"
+    _checkpoint(run / "last", 4)
+    outside = _checkpoint(tmp_path / "outside", 1)
+    (run / ".last.tmp-abc").mkdir()
+    (run / ".last.tmp-abc" / "model.safetensors").write_bytes(b"partial")
+    (run / ".best.tmp-def").symlink_to(outside)
+    assert check_run_folder(run, clean=False) == [run / ".best.tmp-def", run / ".last.tmp-abc"]
+    assert (run / ".last.tmp-abc").exists()
+    check_run_folder(run)
+    assert sorted(p.name for p in run.iterdir()) == ["last"]
+    assert (outside / "state.json").is_file()
+
+
+def test_resume_source_of_a_run_folder_and_of_its_checkpoints(tmp_path):
+    from arraygpt.runfolder import resume_source
+
+    run = tmp_path / "run"
+    _checkpoint(run / "last", 8)
+    _checkpoint(run / "best", 8)
+    assert resume_source(run) == (run, run)
+    assert resume_source(run / "last") == (run, run / "last")
+    assert resume_source(run / "best") == (run, run / "best")  # best is the last step: nothing is lost
+
+
+def test_resume_from_best_behind_last_is_refused(tmp_path):
+    from arraygpt.runfolder import RunFolderError, resume_source
+
+    run = tmp_path / "run"
+    _checkpoint(run / "last", 8)
+    _checkpoint(run / "best", 4)
+    with pytest.raises(RunFolderError, match=r"holds step 8, later than best's step 4.*--resume"):
+        resume_source(run / "best")
+    assert resume_source(run) == (run, run)
+
+
+def test_resume_of_a_folder_with_best_but_no_last_says_how(tmp_path):
+    from arraygpt.runfolder import RunFolderError, resume_source
+
+    run = tmp_path / "run"
+    _checkpoint(run / "best", 4)
+    with pytest.raises(RunFolderError, match=f"has best/ but no last/.*--resume {run / 'best'}"):
+        resume_source(run)
+    assert resume_source(run / "best") == (run, run / "best")
+    with pytest.raises(FileNotFoundError, match="no such run folder"):
+        resume_source(tmp_path / "missing")
+    with pytest.raises(RunFolderError, match="not a run folder"):
+        resume_source(tmp_path)
+
+
+# ----------------------------------------------------------------------------------------------
+# hostile training state in state.json
+
+
+GOOD_STATE = {"step": 4, "train_config": {"steps": 12}, "data": {}, "best_val_loss": 2.5, "world_size": 1,
+              "global_batch": 8, "data_sha256": "ab", "kind": "last"}  # fmt: skip
+
+
+@pytest.mark.parametrize(("change", "fragment"), [
+    ({"step": -1}, "step is -1"), ({"step": "4"}, "step is '4'"), ({"step": True}, "step is True"),
+    ({"step": 13}, "at most the run's steps (12)"), ({"step": 10**30}, "an integer in [0,"),
+    ({"best_val_loss": "low"}, "best_val_loss is 'low'"), ({"best_val_loss": float("nan")}, "finite"),
+    ({"world_size": 0}, "world_size is 0"), ({"global_batch": 2.5}, "global_batch is 2.5"),
+    ({"data_sha256": 7}, "data_sha256 is 7"), ({"kind": "first"}, "'last' or 'best'"),
+    ({"train_config": []}, "train_config is []"), ({"data": 3}, "data is 3"),
+])  # fmt: skip
+def test_hostile_training_state_is_one_checkpoint_error(tmp_path, change, fragment):
+    from arraygpt.errors import CheckpointError
+    from arraygpt.runfolder import check_training_state
+
+    check_training_state(GOOD_STATE, tmp_path)
+    with pytest.raises(CheckpointError) as info:
+        check_training_state({**GOOD_STATE, **change}, tmp_path)
+    assert str(tmp_path / "state.json") in str(info.value) and fragment in str(info.value)
+
+
+def test_training_state_without_the_training_parts_is_refused(tmp_path):
+    from arraygpt.errors import CheckpointError
+    from arraygpt.runfolder import check_training_state
+
+    with pytest.raises(CheckpointError, match="not a training checkpoint"):
+        check_training_state({"step": 1}, tmp_path)
+    with pytest.raises(CheckpointError, match="must be a JSON object"):
+        check_training_state([1], tmp_path)
