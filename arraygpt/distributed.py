@@ -30,7 +30,7 @@ import hashlib
 import os
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -138,6 +138,56 @@ class World:
         self._wait(self.comm.Iallgather(value, out), what)
         return out
 
+    def reduce_scatter_sum(self, send: np.ndarray, recv: np.ndarray, counts: Sequence[int],
+                           what: str = "the gradient reduce-scatter") -> np.ndarray:  # fmt: skip
+        """Add ``send`` over the ranks and keep this rank's block of the sum in ``recv``.
+
+        Args:
+            send: a contiguous host buffer, the same length on every rank (``sum(counts)``).
+            recv: this rank's block: ``counts[rank]`` elements, ``send``'s dtype.
+            counts: the length of each rank's block; rank r's block follows rank r-1's.
+
+        Returns:
+            ``recv``.
+        """
+        _check_buffer(send)
+        _check_buffer(recv)
+        if recv.size != counts[self.rank] or send.size != sum(counts):
+            raise ValueError(f"reduce-scatter of {send.size} elements into blocks of {list(counts)}: "
+                             f"rank {self.rank} holds {recv.size}")  # fmt: skip
+        if self.comm is None:
+            recv[...] = send
+            return recv
+        from mpi4py import MPI
+
+        self._wait(self.comm.Ireduce_scatter(send, recv, [int(c) for c in counts], MPI.SUM), what)
+        return recv
+
+    def allgatherv_(self, buffer: np.ndarray, counts: Sequence[int], what: str = "the parameter all-gather") -> np.ndarray:
+        """Every rank's block of ``buffer`` onto every rank, in place: rank r contributes (and
+        everyone receives) the ``counts[r]`` elements after ``sum(counts[:r])``."""
+        _check_buffer(buffer)
+        if self.comm is None:
+            return buffer
+        from mpi4py import MPI
+
+        counts = [int(c) for c in counts]
+        self._wait(self.comm.Iallgatherv(MPI.IN_PLACE, [buffer, (counts, _displacements(counts))]), what)
+        return buffer
+
+    def gatherv(self, block: np.ndarray, counts: Sequence[int], root: int = 0,
+                what: str = "a gather") -> np.ndarray | None:  # fmt: skip
+        """The ranks' blocks (rank r's of ``counts[r]`` elements), concatenated in rank order, on
+        ``root``; None on the other ranks."""
+        block = np.ascontiguousarray(block)
+        if self.comm is None:
+            return block.copy()
+        counts = [int(c) for c in counts]
+        out = np.empty(sum(counts), dtype=block.dtype) if self.rank == root else None
+        spec = [out, (counts, _displacements(counts))] if out is not None else None
+        self._wait(self.comm.Igatherv(block, spec, root=root), what)
+        return out
+
     def _allreduce(self, buffer: np.ndarray, op: str, what: str) -> np.ndarray:
         if self.comm is None:
             return buffer
@@ -219,6 +269,10 @@ def array_digest(arrays: Mapping[str, Any]) -> int:
     return int.from_bytes(h.digest()[:8], "little") >> 1
 
 
+def _displacements(counts: Sequence[int]) -> list[int]:
+    return [int(d) for d in np.concatenate([[0], np.cumsum(counts)[:-1]])] if len(counts) else []
+
+
 def _check_buffer(buffer: Any) -> None:
     if not isinstance(buffer, np.ndarray) or not buffer.flags.c_contiguous:
         raise TypeError("a collective needs one contiguous host NumPy buffer")
@@ -273,3 +327,242 @@ def get_world() -> World:
             comm = MPI.COMM_WORLD
             _WORLD = World(comm) if comm.Get_size() > 1 else World()
     return _WORLD
+
+
+# ----------------------------------------------------------------------------------------------
+# sharded optimizer state (ZeRO stage 1)
+
+
+class ShardLayout:
+    """Which part of the flat parameter buffer each rank owns under ``zero``.
+
+    The flat buffer is every parameter raveled, in the order of ``shapes`` (the model's state
+    dict), as the gradient all-reduce packs it. Rank r owns the contiguous range
+    ``[cuts[r], cuts[r+1])``: R balanced ranges, each cut moved to the nearest row boundary
+    (``by_rows``: along axis 0 of the parameter the cut falls in, so a rank's part of a parameter
+    is ``p[r0:r1]``, a sub-array with the parameter's own ndim) or the nearest parameter boundary
+    (not ``by_rows``: every parameter whole on one rank, for optimizers whose update of an element
+    needs the rest of its parameter).
+
+    Args:
+        shapes: (name, shape) of every parameter, in the flat buffer's order.
+        ranks: R.
+        by_rows: cut at rows (True) or between whole parameters (False).
+
+    Attributes:
+        offsets: name -> where the parameter starts in the flat buffer.
+        cuts: R + 1 positions, 0 to the number of elements N.
+        counts: ``cuts[r+1] - cuts[r]``, the elements of each rank.
+        pieces: per rank, a list of (name, r0, r1): rows ``[r0, r1)`` of the parameter are the rank's.
+
+    Raises:
+        ValueError: a rank would own nothing (more ranks than rows, or than parameters).
+
+    Example:
+        >>> ShardLayout([("w", (4, 3)), ("b", (3,))], 2).pieces
+        [[('w', 0, 2)], [('w', 2, 4), ('b', 0, 3)]]
+    """
+
+    def __init__(self, shapes: Sequence[tuple[str, tuple[int, ...]]], ranks: int, by_rows: bool = True):
+        self.shapes = {name: tuple(int(d) for d in shape) for name, shape in shapes}
+        self.offsets: dict[str, int] = {}
+        rows: list[tuple[str, int, int, int]] = []  # name, offset, rows, elements per row
+        n = 0
+        for name, shape in self.shapes.items():
+            size = int(np.prod(shape, dtype=np.int64))
+            count = shape[0] if shape else 1
+            if not by_rows:
+                count = 1
+            self.offsets[name] = n
+            rows.append((name, n, count, size // count if count else 0))
+            n += size
+        self.size, self.ranks, self.by_rows = n, ranks, by_rows
+        cuts = [0]
+        for r in range(1, ranks):
+            ideal = n * r / ranks
+            cut = n
+            for name, offset, count, per in rows:  # the parameter the ideal cut falls in
+                if offset <= ideal < offset + count * per:
+                    cut = offset + per * min(count, max(0, int(round((ideal - offset) / per))))
+                    break
+            cuts.append(max(cut, cuts[-1]))
+        cuts.append(n)
+        self.cuts = cuts
+        self.counts = [cuts[r + 1] - cuts[r] for r in range(ranks)]
+        if min(self.counts) <= 0:
+            granules = sum(c for _, _, c, per in rows if per) if by_rows else len(rows)
+            raise ValueError(f"cannot shard the optimizer state of {len(rows)} parameters ({granules} "
+                             f"{'rows' if by_rows else 'parameters'}) over {ranks} ranks: "
+                             "a rank would own nothing")  # fmt: skip
+        self.row_size = {name: per for name, _, _, per in rows}  # elements per piece row
+        self.pieces: list[list[tuple[str, int, int]]] = []
+        for r in range(ranks):
+            lo, hi, mine = cuts[r], cuts[r + 1], []
+            for name, offset, count, per in rows:
+                r0, r1 = (max(0, (lo - offset) // per), min(count, (hi - offset) // per)) if per else (0, 0)
+                if r1 > r0:
+                    shape = self.shapes[name]
+                    if not by_rows:  # the whole parameter: its own rows
+                        r0, r1 = 0, shape[0] if shape else 1
+                        self.row_size[name] = per // r1
+                    mine.append((name, r0, r1))
+            self.pieces.append(mine)
+
+    def start(self, name: str, r0: int) -> int:
+        """Where row ``r0`` of parameter ``name`` starts in the flat buffer."""
+        return self.offsets[name] + r0 * self.row_size[name]
+
+
+def _rows(p: Any, r0: int, r1: int) -> Any:
+    """Rows ``[r0, r1)`` of ``p`` (a view on NumPy, CuPy and torch); a 0-d array whole."""
+    return p if p.ndim == 0 or (r0 == 0 and r1 == p.shape[0]) else p[r0:r1]
+
+
+class ShardedOptimizer:
+    """ZeRO stage 1: the optimizer state of 1/R of the parameters on each rank.
+
+    Wraps an optimizer plugin: rank r builds it (``factory(pieces, **options)``) on its pieces of
+    the parameters, the rows ``[r0, r1)`` that :class:`ShardLayout` gives it, which are views of
+    the model's own arrays. Elementwise optimizers (the factory's ``elementwise`` attribute is
+    true: SGD, Adam, AdamW) are split at rows, so the shares are equal to within one row; any
+    other optimizer gets whole parameters. A piece keeps its parameter's name and ndim, so a
+    weight-decay mask on names or ``ndim`` (AdamW's) is the same as unsharded.
+
+    One step: :meth:`reduce_gradients` adds the ranks' gradients with one reduce-scatter of the
+    one contiguous gradient buffer (each rank receives the sum for its own range only), the
+    training loop clips with the all-reduced squared norm, :meth:`step` updates this rank's
+    pieces with the wrapped optimizer, and one in-place all-gather of the flat parameter buffer
+    brings every rank's updated range to every rank. The parameters stay identical on all ranks.
+
+    :meth:`state_dict` is a collective (every rank calls it): the full state, as the unsharded
+    optimizer would write it, is gathered onto rank 0; the other ranks get ``{}``.
+    :meth:`load_state_dict` takes a full state (any rank count wrote it, sharded or not) and keeps
+    this rank's rows.
+
+    Args:
+        factory: an optimizer plugin's factory.
+        params: the model's name -> array dict (updated in place).
+        world: the ranks.
+        **options: passed to the factory.
+    """
+
+    def __init__(self, factory: Callable[..., Any], params: Mapping[str, Any], world: World, **options: Any):
+        self.params, self.world = params, world
+        self.elementwise = bool(getattr(factory, "elementwise", False))
+        shapes = [(name, tuple(p.shape)) for name, p in params.items()]
+        self.layout = ShardLayout(shapes, world.size, by_rows=self.elementwise)
+        self.mine = self.layout.pieces[world.rank]
+        self.pieces = {name: _rows(params[name], r0, r1) for name, r0, r1 in self.mine}
+        self.inner = factory(self.pieces, **options)
+        self._grad_buffer: np.ndarray | None = None
+        self._shard: np.ndarray | None = None
+        self._flat: np.ndarray | None = None
+
+    def __repr__(self) -> str:
+        return (f"ShardedOptimizer({type(self.inner).__name__}, rank {self.world.rank} of {self.world.size}, "
+                f"{self.count:,} elements)")  # fmt: skip
+
+    @property
+    def count(self) -> int:
+        """Elements of the parameters this rank's optimizer state covers."""
+        return self.layout.counts[self.world.rank]
+
+    @property
+    def range(self) -> tuple[int, int]:
+        """This rank's range of the flat parameter buffer."""
+        return self.layout.cuts[self.world.rank], self.layout.cuts[self.world.rank + 1]
+
+    def reduce_gradients(self, grads: Mapping[str, Any], what: str = "the gradient reduce-scatter") -> dict[str, Any]:
+        """The sum over ranks of ``grads`` (every parameter's, full size), this rank's pieces only:
+        name -> array of the piece's shape on the parameters' backend."""
+        from arraygpt.optim import _like
+
+        host = {name: to_numpy(grads[name]) for name in self.params}
+        dtype = np.result_type(*host.values())
+        if self._grad_buffer is None or self._grad_buffer.dtype != dtype:
+            self._grad_buffer = np.empty(self.layout.size, dtype=dtype)  # (N,): every gradient, flat
+            self._shard = np.empty(self.count, dtype=dtype)  # (N / R,): this rank's block of the sum
+        send, recv = self._grad_buffer, self._shard
+        assert recv is not None
+        for name, h in host.items():
+            start = self.layout.offsets[name]
+            send[start : start + h.size] = h.ravel()
+        self.world.reduce_scatter_sum(send, recv, self.layout.counts, what=what)
+        out, lo = {}, self.range[0]
+        for name, r0, r1 in self.mine:
+            piece = self.pieces[name]
+            start = self.layout.start(name, r0) - lo
+            out[name] = _like(recv[start : start + piece.size].reshape(piece.shape), piece)
+        return out
+
+    def step(self, grads: Mapping[str, Any], lr: float) -> None:
+        """Update this rank's pieces from their summed gradients (``reduce_gradients``), then
+        all-gather the parameters so that every rank holds every updated value."""
+        from arraygpt.optim import _like
+
+        self.inner.step(grads, lr)
+        lo, hi = self.range
+        if self._flat is None:
+            dtype = np.result_type(*(to_numpy(p).dtype for p in self.pieces.values()))
+            self._flat = np.empty(self.layout.size, dtype=dtype)  # (N,): every parameter, flat
+        flat = self._flat
+        for name, r0, r1 in self.mine:  # this rank's range, from its updated pieces
+            piece = to_numpy(self.pieces[name])
+            start = self.layout.start(name, r0)
+            flat[start : start + piece.size] = piece.ravel()
+        self.world.allgatherv_(flat, self.layout.counts, what="the parameter all-gather")
+        for name, p in self.params.items():  # every parameter not wholly this rank's, from the flat buffer
+            start, size = self.layout.offsets[name], int(np.prod(p.shape, dtype=np.int64))
+            if not lo <= start <= start + size <= hi:
+                p[...] = _like(flat[start : start + size].reshape(p.shape), p)
+
+    # -- state -----------------------------------------------------------------------------------
+
+    def _split_state(self, state: Mapping[str, Any]) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+        """(buffer -> name -> array, numbers) of a state dict whose arrays are ``<buffer>.<name>``."""
+        arrays: dict[str, dict[str, Any]] = {}
+        numbers: dict[str, Any] = {}
+        for key, value in state.items():
+            buffer, _, name = key.partition(".")
+            if name in self.params and hasattr(value, "shape"):
+                arrays.setdefault(buffer, {})[name] = value
+            elif hasattr(value, "shape") and getattr(value, "ndim", 0) > 0:
+                raise ValueError(f"cannot shard the state of {type(self.inner).__name__}: its array {key!r} is not "
+                                 f"'<buffer>.<parameter name>'")  # fmt: skip
+            else:
+                numbers[key] = value
+        return arrays, numbers
+
+    def state_dict(self) -> dict[str, Any]:
+        """The full state (what the unsharded optimizer's ``state_dict`` holds), gathered onto rank 0;
+        ``{}`` on the other ranks. A collective: every rank must call it."""
+        arrays, numbers = self._split_state(self.inner.state_dict())
+        full: dict[str, Any] = dict(numbers)
+        for buffer in sorted(arrays):
+            local = arrays[buffer]
+            if set(local) != set(self.pieces):
+                raise ValueError(f"cannot gather the state of {type(self.inner).__name__}: its buffer {buffer!r} "
+                                 "does not cover every parameter")  # fmt: skip
+            block = np.concatenate([np.ravel(to_numpy(local[name])) for name, _, _ in self.mine])
+            flat = self.world.gatherv(block, self.layout.counts, what=f"the optimizer state gather ({buffer})")
+            if flat is not None:
+                for name, shape in self.layout.shapes.items():
+                    start = self.layout.offsets[name]
+                    full[f"{buffer}.{name}"] = flat[start : start + int(np.prod(shape, dtype=np.int64))].reshape(shape)
+        return full if self.world.is_root else {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Keep this rank's rows of a full state (from ``state_dict`` of any optimizer of the same
+        kind, sharded over any number of ranks or not)."""
+        arrays, numbers = self._split_state(state)
+        mine: dict[str, Any] = dict(numbers)
+        for buffer, by_name in arrays.items():
+            for name, r0, r1 in self.mine:
+                if name in by_name:
+                    host = to_numpy(by_name[name])
+                    mine[f"{buffer}.{name}"] = host if host.ndim == 0 else host[r0:r1]
+        self.inner.load_state_dict(mine)
+
+    def local_state_nbytes(self) -> int:
+        """Bytes of optimizer state this rank holds (its arrays; numbers not counted)."""
+        return sum(to_numpy(v).nbytes for v in self.inner.state_dict().values() if hasattr(v, "shape"))

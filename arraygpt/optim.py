@@ -8,6 +8,12 @@ The optimizer contract (what a plugin's factory returns):
     opt.step(grads, lr)                 # update every params[name] IN PLACE from grads[name]
     opt.state_dict() -> dict            # name -> host NumPy array, or a plain number
     opt.load_state_dict(d)              # the inverse; continues bit-identically
+    factory.elementwise                 # optional: True lets ``zero`` split parameters by rows
+
+With ``TrainConfig(zero=True)`` on R ranks each rank builds its optimizer on its own pieces of the
+parameters (rows of them, or whole ones), views with the parameters' names and ndim; the state
+arrays must be named ``<buffer>.<parameter name>`` (as :class:`Optimizer` names them) for the
+checkpoint's gather (docs/distributed.md).
 
 Updates run on the parameters' own backend (``p -= ...``), with no round trip to the host.
 
@@ -17,7 +23,7 @@ Not here: the training loop (``arraygpt.training``), parameter groups beyond a w
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -50,6 +56,10 @@ class Optimizer:
     """
 
     buffer_names: tuple[str, ...] = ()
+    # True when the update of each element depends only on that element's parameter, gradient and
+    # buffers (and on the parameter's name and ndim): then ``zero`` may split a parameter's rows
+    # between ranks (arraygpt.distributed.ShardedOptimizer); False gives each rank whole parameters
+    elementwise: bool = False
 
     def __init__(self, params: Mapping[str, Array]):
         if not isinstance(params, Mapping) or not params:
@@ -189,25 +199,34 @@ class Schedule:
 # global-norm gradient clipping
 
 
-def global_norm(grads: Mapping[str, Array]) -> float:
-    """sqrt(sum over every gradient of sum(g**2)), as one Python float."""
+def global_norm(grads: Mapping[str, Array], reduce: Callable[[float], float] | None = None) -> float:
+    """sqrt(sum over every gradient of sum(g**2)), as one Python float.
+
+    ``reduce`` adds the sum of squares over the ranks that each hold a part of the gradients
+    (sharded optimizer state), so that every rank finds the same global norm.
+    """
     total = None
     for g in grads.values():
         s = namespace(g).sum(g * g)
         total = s if total is None else total + s
-    return math.sqrt(float(total)) if total is not None else 0.0
+    squares = float(total) if total is not None else 0.0
+    if reduce is not None:
+        squares = float(reduce(squares))
+    return math.sqrt(squares)
 
 
-def clip_grad_norm(grads: Mapping[str, Array], max_norm: float) -> float:
+def clip_grad_norm(grads: Mapping[str, Array], max_norm: float,
+                   reduce: Callable[[float], float] | None = None) -> float:  # fmt: skip
     """Scale every gradient in place so that their global norm is at most ``max_norm``.
 
     Follows ``torch.nn.utils.clip_grad_norm_``: ``coef = max_norm / (norm + 1e-6)``, applied when
     it is below 1. Returns the norm before clipping (inf or nan when a gradient is not finite; the
-    gradients are then left as they are).
+    gradients are then left as they are). ``reduce``: as in :func:`global_norm`, for gradients
+    split over ranks; every rank then scales its part by the same ``coef``.
     """
     if not max_norm > 0:
         raise ValueError(f"max_norm must be > 0, got {max_norm!r}")
-    norm = global_norm(grads)
+    norm = global_norm(grads, reduce)
     if not math.isfinite(norm):
         return norm
     coef = max_norm / (norm + 1e-6)
@@ -215,3 +234,12 @@ def clip_grad_norm(grads: Mapping[str, Array], max_norm: float) -> float:
         for g in grads.values():
             g *= coef
     return norm
+
+
+def state_nbytes(optimizer: Any) -> int:
+    """Bytes of the optimizer state this process holds: its arrays (moments, momentum), numbers
+    not counted. A sharded optimizer (``zero``) counts this rank's share alone."""
+    local = getattr(optimizer, "local_state_nbytes", None)
+    if local is not None:
+        return int(local())
+    return sum(to_numpy(v).nbytes for v in optimizer.state_dict().values() if hasattr(v, "shape"))

@@ -18,6 +18,10 @@ count, the batcher's generator and epoch position, the dropout generator and the
 ends with the same bits as a run never stopped (on NumPy). The schedule is a pure function of the
 step; evaluations and samples draw from their own generators and change nothing.
 
+With ``zero`` on several ranks the optimizer state is sharded (ZeRO stage 1,
+``arraygpt.distributed.ShardedOptimizer``): the gradients are reduce-scattered instead of
+all-reduced, each rank updates its share of the parameters and an all-gather brings the rest.
+
 Under MPI (``mpiexec -n R``) rank r takes rows ``[r P, (r+1) P)`` of every global batch
 (P = batch_size x grad_accum), so which rows a rank computes depends on the global row index
 only; with more than one micro-batch in the global batch, dropout coins are seeded from
@@ -50,7 +54,7 @@ from typing import Any, TextIO
 import numpy as np
 
 from arraygpt.data import MODES, Batcher, Dataset, DataError, default_tokenizer, fingerprint, make_dataset, read_source
-from arraygpt.distributed import CollectiveTimeout, World, get_world
+from arraygpt.distributed import CollectiveTimeout, ShardedOptimizer, World, get_world
 from arraygpt.model import DTYPES, GPT, GPTConfig, check_fields
 from arraygpt.optim import SCHEDULES, Schedule, clip_grad_norm, create_optimizer
 from arraygpt.tokenizer import ByteTokenizer, CharTokenizer, Tokenizer, read_tokenizer_file
@@ -92,6 +96,10 @@ class TrainConfig:
         beta1, beta2, eps, weight_decay, momentum: optimizer options, passed to the factory
             when it accepts them (None: the factory's default).
         grad_clip: clip the global gradient norm to this (0: off).
+        zero: shard the optimizer state over the ranks (ZeRO stage 1, ``ShardedOptimizer``): each
+            rank keeps the state of its 1/R of the parameters, gradients are reduce-scattered and
+            the updated parameters all-gathered; the same run as without (docs/distributed.md).
+            One process: no effect.
         eval_interval: steps between evaluations (and the default checkpoint interval).
         eval_batches: batches per split per evaluation (0: the whole split).
         log_interval: steps between progress lines and metrics records.
@@ -126,6 +134,9 @@ class TrainConfig:
     weight_decay: float | None = field(default=None, metadata={"help": "weight decay; unset: the optimizer's"})
     momentum: float | None = field(default=None, metadata={"help": "SGD momentum; unset: the optimizer's (0)"})
     grad_clip: float = field(default=0.0, metadata={"help": "clip the global gradient norm to this (0: off)"})
+    zero: bool = field(default=False, metadata={
+        "help": "with several ranks, shard the optimizer state over them (ZeRO stage 1): each rank keeps the "
+                "moments of 1/R of the parameters; the same run as unsharded"})  # fmt: skip
     eval_interval: int = field(default=500, metadata={"help": "steps between evaluations"})
     eval_batches: int = field(default=20, metadata={"help": "batches per split per evaluation, 0 for the whole split"})
     log_interval: int = field(default=250, metadata={"help": "steps between progress lines"})
@@ -168,6 +179,8 @@ class TrainConfig:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if not self.temperature > 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature!r}")
+        if not isinstance(self.zero, bool):
+            raise ValueError(f"zero must be True or False, got {self.zero!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -193,7 +206,7 @@ class TrainConfig:
 
 
 # options a resumed run may change: they do not alter the computation
-RESUME_OVERRIDABLE = ("backend", "log_interval", "samples", "sample_length", "temperature")
+RESUME_OVERRIDABLE = ("backend", "log_interval", "samples", "sample_length", "temperature", "zero")
 
 
 class Run:
@@ -396,9 +409,12 @@ class Run:
                 self._diverged(f"parameter {name} holds NaN or inf")
         if which == "last":
             self._last_saved = self.step
+        optimizer = self.optimizer
+        if isinstance(optimizer, ShardedOptimizer):  # gather the full state onto rank 0: every rank takes part
+            optimizer = _StateOnly(optimizer.state_dict())
         if not self.world.is_root:
             return None
-        path = save_checkpoint(self.out_dir / which, self.model, self.tokenizer, self.optimizer,
+        path = save_checkpoint(self.out_dir / which, self.model, self.tokenizer, optimizer,
                                extra={**self.state(), "kind": which})  # fmt: skip
         self._record({"event": "checkpoint", "step": self.step, "kind": which, "path": str(path)})
         self._call_hook("arraygpt_on_checkpoint", run=self, step=self.step, path=str(path))
@@ -457,7 +473,7 @@ class Run:
             grads, loss, n_tokens = self.gradients(x, y)
             metrics: dict[str, float] = {"loss": loss, "lr": lr}
             if cfg.grad_clip:
-                norm = clip_grad_norm(grads, cfg.grad_clip)
+                norm = clip_grad_norm(grads, cfg.grad_clip, self._sum_over_shards)
                 if not math.isfinite(norm):
                     self._diverged(f"the gradient norm is {norm}")
                 metrics["grad_norm"] = norm
@@ -508,7 +524,9 @@ class Run:
 
         Returns:
             ``(grads, loss, n)``: name -> gradient on the model's backend, the mean loss, and the
-            number of targets of the global batch.
+            number of targets of the global batch. With the optimizer state sharded (``zero``)
+            the ranks' gradients are reduce-scattered instead, and ``grads`` holds this rank's
+            pieces of the parameters only (``ShardedOptimizer.reduce_gradients``).
 
         Raises:
             TrainingDiverged: the loss is NaN or infinite.
@@ -543,7 +561,11 @@ class Run:
                 name: grads[name] + g[name] * weight for name in grads}  # fmt: skip
         if grads is None:  # every target of this rank's rows is ignored
             grads = {name: model.xp.zeros_like(p) for name, p in model.params.items()}
-        if world.size > 1:
+        if isinstance(self.optimizer, ShardedOptimizer):
+            grads = self.optimizer.reduce_gradients(grads, what=f"the gradient reduce-scatter of step {self.step + 1}")
+            what = f"the loss all-reduce of step {self.step + 1}"
+            loss_sum = float(world.allreduce_sum_(np.array([loss_sum]), what=what)[0])
+        elif world.size > 1:
             grads, loss_sum = self._allreduce(grads, loss_sum)
         loss = loss_sum / n_total if n_total else math.nan
         if not math.isfinite(loss):
@@ -570,6 +592,14 @@ class Run:
             out[name] = self.model.backend.asarray(buffer[start : start + h.size].reshape(h.shape))
             start += h.size
         return out, float(buffer[-1])
+
+    @property
+    def _sum_over_shards(self) -> Any:
+        """For clipping: adds a squared norm over the ranks when each holds a part of the gradients."""
+        if not isinstance(self.optimizer, ShardedOptimizer):
+            return None
+        what = f"the gradient norm all-reduce of step {self.step + 1}"
+        return lambda s: float(self.world.allreduce_sum_(np.array([s]), what=what)[0])
 
     def _agree_on_stop(self) -> None:
         """With several ranks, a stop asked for on any rank (rank 0's plugins, a Ctrl-C) stops all."""
@@ -604,6 +634,16 @@ class Run:
         self._record({"event": "diverged", "step": step, "message": message})
         self.stop_reason = "diverged"
         raise TrainingDiverged(message, self)
+
+
+class _StateOnly:
+    """An optimizer state already gathered, for ``save_checkpoint`` (which calls ``state_dict()``)."""
+
+    def __init__(self, state: dict[str, Any]):
+        self._state = state
+
+    def state_dict(self) -> dict[str, Any]:
+        return self._state
 
 
 @contextlib.contextmanager
@@ -713,18 +753,22 @@ def _new_run(data: str, config: GPTConfig | str, options: dict[str, Any], out_di
         if world.is_root:
             run_dir.mkdir(parents=True, exist_ok=True)
     model = GPT(model_config, seed=tc.seed, dtype=tc.dtype, backend=tc.backend)
-    optimizer = _make_optimizer(tc, model, pm)
+    optimizer = _make_optimizer(tc, model, pm, world)
     return Run(tc, model, tok, dataset, batcher, optimizer, run_dir, pm, data_sha256=fingerprint(text),
                progress=progress, world=world)  # fmt: skip
 
 
-def _make_optimizer(tc: TrainConfig, model: GPT, pm: Any) -> Any:
+def _make_optimizer(tc: TrainConfig, model: GPT, pm: Any, world: World) -> Any:
+    """The run's optimizer plugin on the model's parameters; with ``zero`` on several ranks, a
+    ShardedOptimizer that builds it on this rank's share of them."""
     from arraygpt.manager import registry
 
     factories = registry("optimizers", pm)
     if tc.optimizer not in factories:
         raise ValueError(f"unknown optimizer {tc.optimizer!r}; registered optimizers: {', '.join(sorted(factories))}")
     factory = factories[tc.optimizer]
+    if tc.zero and world.size > 1:
+        return ShardedOptimizer(factory, model.params, world, **tc.optimizer_options(factory))
     return create_optimizer(tc.optimizer, model.params, pm, **tc.optimizer_options(factory))
 
 
@@ -759,7 +803,7 @@ def _resumed_run(resume: str | Path, options: dict[str, Any], pm: Any, progress:
     batcher = Batcher(dataset, world.size * tc.batch_size * tc.grad_accum, seed=tc.seed)  # the global batch
     batcher.load_state_dict(extra["data"])
     model = ckpt.model
-    optimizer = _make_optimizer(tc, model, pm)
+    optimizer = _make_optimizer(tc, model, pm, world)
     if ckpt.optimizer_state is None:
         raise ValueError(f"{ckpt.path} has no optimizer state; cannot resume exactly")
     optimizer.load_state_dict(ckpt.optimizer_state)
@@ -886,5 +930,7 @@ def _print_header(run: Run, resumed: bool) -> None:
     if cfg.grad_accum > 1 or run.world.size > 1:
         batch = (f"global batch {run.global_batch} = {run.world.size} rank(s) x {cfg.batch_size} rows x "
                  f"{cfg.grad_accum} micro-batch(es)")  # fmt: skip
+    if isinstance(run.optimizer, ShardedOptimizer):
+        batch += f", optimizer state sharded over {run.world.size} ranks (zero)"
     run._print(f"data: {cfg.data} ({cfg.mode}, {split} {unit}); {cfg.optimizer} lr {cfg.lr:g} {cfg.schedule}, "
                f"{batch}, {cfg.steps} steps" + (f"; run folder {run.out_dir}" if run.out_dir else ""))  # fmt: skip

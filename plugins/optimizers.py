@@ -52,6 +52,8 @@ class SGD(Optimizer):
         dampening, nesterov, weight_decay: as in torch.optim.SGD (L2 added to the gradient).
     """
 
+    elementwise = True  # zero may split a parameter's rows between ranks
+
     def __init__(self, params: Mapping[str, Array], momentum: float = 0.0, dampening: float = 0.0,
                  nesterov: bool = False, weight_decay: float = 0.0):  # fmt: skip
         if not momentum >= 0.0:
@@ -96,6 +98,7 @@ class Adam(Optimizer):
 
     buffer_names = ("m", "v")
     decoupled = False
+    elementwise = True  # zero may split a parameter's rows between ranks (the decay mask sees the rows' ndim)
 
     def __init__(self, params: Mapping[str, Array], betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, decay_filter: Callable[[str, Array], bool] | None = None):  # fmt: skip
