@@ -1,0 +1,309 @@
+"""Sharded optimizer state (ZeRO stage 1, ``TrainConfig(zero=True)`` / ``--zero true``): the same
+run as unsharded (float64, 1e-10 relative on the final weights after 20 steps, R = 2 and 4, with
+and without gradient clipping), optimizer state per rank in proportion to 1/R, and checkpoints that
+hold the full state, loadable by one process and resumable on any number of ranks, sharded or not.
+
+In this process: the layout (balanced, every element once), the sharded update simulated rank by
+rank (bit-identical to the unsharded optimizer, AdamW's decay mask included) and one process with
+``zero`` (equal to without). The multi-rank tests launch real ``mpiexec`` jobs in subprocesses with
+timeouts and skip, saying why, without mpi4py or mpiexec.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import arraygpt
+from arraygpt import distributed
+from arraygpt.checkpoint import load_checkpoint
+from arraygpt.distributed import ShardedOptimizer, ShardLayout, World
+from arraygpt.manager import get_plugin_manager
+from arraygpt.optim import Optimizer, create_optimizer, state_nbytes
+from arraygpt.shim import to_numpy
+
+SYLLABLES = ["an", "el", "ma", "ri", "jo", "sa", "li", "na", "ka", "th", "er", "on", "ia", "be", "da", "ly"]
+TINY = ["--n-embd", "16", "--n-head", "2", "--block-size", "8", "--eval-batches", "2", "--samples", "0",
+        "--log-interval", "5", "--eval-interval", "10", "--dtype", "float64", "--lr", "0.01"]  # fmt: skip
+TIMEOUT_S = 180
+
+
+def _mpiexec() -> str | None:
+    beside = Path(sys.executable).parent / "mpiexec"
+    return str(beside) if beside.exists() else shutil.which("mpiexec")
+
+
+MPIEXEC = _mpiexec()
+needs_mpi = pytest.mark.skipif(
+    importlib.util.find_spec("mpi4py") is None or MPIEXEC is None,
+    reason=f"needs mpi4py and mpiexec ({distributed.MPI_INSTALL_HINT})",
+)
+
+
+@pytest.fixture
+def names_file(tmp_path):
+    rng = np.random.default_rng(0)
+    path = tmp_path / "names.txt"
+    path.write_text("\n".join("".join(rng.choice(SYLLABLES, rng.integers(1, 9))) for _ in range(300)) + "\n")
+    return path
+
+
+def _env():
+    env = dict(os.environ)
+    for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "ARRAYGPT_NUM_THREADS"):
+        env[name] = "1"
+    env["ARRAYGPT_MPI_TIMEOUT"] = "60"
+    env.pop("ARRAYGPT_BACKEND", None)
+    return env
+
+
+def _launch(ranks, args, cwd):
+    """``mpiexec -n ranks python ...args`` (ranks 0: no launcher), finished within TIMEOUT_S."""
+    command = [sys.executable, *args]
+    if ranks:
+        command = [MPIEXEC, "-n", str(ranks), *command]
+    result = subprocess.run(command, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def _train(ranks, out_dir, names_file, *extra):
+    return _launch(ranks, ["-m", "arraygpt.cli", "train", "--data", str(names_file), "--out-dir", str(out_dir),
+                           *TINY, *extra], names_file.parent)  # fmt: skip
+
+
+def _resume(ranks, run_dir, *extra):
+    return _launch(ranks, ["-m", "arraygpt.cli", "train", "--resume", str(run_dir), *extra], run_dir.parent)
+
+
+def _max_rel_diff(a, b):
+    scale = max(float(np.abs(v).max()) for v in b.values()) or 1.0
+    return max(float(np.abs(np.asarray(a[k]) - np.asarray(b[k])).max()) for k in b) / scale
+
+
+def _weights(run_dir):
+    return {k: to_numpy(v) for k, v in load_checkpoint(run_dir).model.params.items()}
+
+
+def _optimizer_arrays(run_dir):
+    state = load_checkpoint(run_dir).optimizer_state
+    return {k: to_numpy(v) for k, v in state.items() if hasattr(v, "shape") and np.ndim(v)}
+
+
+def _metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _params(seed=0):
+    rng = np.random.default_rng(seed)
+    shapes = {"wte": (13, 6), "ln_g": (6,), "w1": (6, 10), "b1": (10,), "w2": (10, 6), "scale": ()}
+    return {name: rng.standard_normal(shape) for name, shape in shapes.items()}
+
+
+# -- the layout -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ranks", [1, 2, 3, 4, 7])
+@pytest.mark.parametrize("by_rows", [True, False])
+def test_the_layout_covers_every_element_once_in_balanced_contiguous_ranges(ranks, by_rows):
+    if ranks == 7 and not by_rows:
+        pytest.skip("6 whole parameters cannot fill 7 ranks (the next test)")
+    params = _params()
+    layout = ShardLayout([(n, p.shape) for n, p in params.items()], ranks, by_rows=by_rows)
+    n = sum(p.size for p in params.values())
+    assert layout.cuts[0] == 0 and layout.cuts[-1] == n == sum(layout.counts)
+    owner = np.full(n, -1)
+    for rank, pieces in enumerate(layout.pieces):
+        for name, r0, r1 in pieces:
+            p = params[name]
+            rows = p.shape[0] if p.ndim else 1
+            assert 0 <= r0 < r1 <= rows
+            if not by_rows:
+                assert (r0, r1) == (0, rows)  # whole parameters
+            start = layout.start(name, r0)
+            size = p.size // rows * (r1 - r0)
+            assert (owner[start : start + size] == -1).all()
+            owner[start : start + size] = rank
+    assert (owner == np.repeat(np.arange(ranks), layout.counts)).all()  # rank r owns [cuts[r], cuts[r+1])
+    if by_rows:  # balanced to within the longest row
+        longest_row = max(p.size // (p.shape[0] if p.ndim else 1) for p in params.values())
+        assert max(layout.counts) - n / ranks <= longest_row
+
+
+def test_more_ranks_than_parameters_cannot_shard_whole_parameters():
+    with pytest.raises(ValueError, match="a rank would own nothing"):
+        ShardLayout([("w", (4, 3)), ("b", (3,))], 3, by_rows=False)
+
+
+def test_the_builtin_optimizers_are_elementwise_and_the_base_class_is_not():
+    from plugins.optimizers import SGD, Adam, AdamW
+
+    assert SGD.elementwise and Adam.elementwise and AdamW.elementwise
+    assert not Optimizer.elementwise
+
+
+# -- the sharded update, rank by rank, in this process ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "options"),
+    [("adamw", {"weight_decay": 0.1, "betas": (0.9, 0.95)}), ("adam", {"weight_decay": 0.01}),
+     ("sgd", {"momentum": 0.9, "nesterov": True}), ("sgd", {"momentum": 0.9, "dampening": 0.1})],
+)  # fmt: skip
+@pytest.mark.parametrize("ranks", [2, 3, 4])
+def test_updating_each_ranks_rows_is_the_unsharded_update_bit_for_bit(name, options, ranks):
+    pm = get_plugin_manager(autoload=False)
+    full = _params()
+    whole = create_optimizer(name, full, pm, **options)
+    layout = ShardLayout([(n, p.shape) for n, p in full.items()], ranks)
+    copies = [{n: p.copy() for n, p in _params().items()} for _ in range(ranks)]  # each rank's parameters
+    shards = []
+    for rank, pieces in enumerate(layout.pieces):
+        views = {n: distributed._rows(copies[rank][n], r0, r1) for n, r0, r1 in pieces}
+        shards.append((views, create_optimizer(name, views, pm, **options)))
+    if name == "adamw":  # the decay mask sees each piece's ndim, the same as its parameter's
+        for views, opt in shards:
+            assert all(opt.decays[n] == whole.decays[n] for n in views)
+    rng = np.random.default_rng(1)
+    for step in range(5):
+        grads = {n: rng.standard_normal(p.shape) for n, p in full.items()}
+        whole.step(grads, 0.01)
+        for rank, (views, opt) in enumerate(shards):
+            opt.step({n: distributed._rows(grads[n], r0, r1) for n, r0, r1 in layout.pieces[rank]}, 0.01)
+    for rank, pieces in enumerate(layout.pieces):
+        for n, r0, r1 in pieces:
+            np.testing.assert_array_equal(distributed._rows(copies[rank][n], r0, r1), distributed._rows(full[n], r0, r1))
+
+
+def test_a_sharded_optimizer_of_one_rank_equals_the_optimizer_and_keeps_its_state_format():
+    from plugins.optimizers import AdamW
+
+    a, b = _params(), _params()
+    plain = AdamW(a, weight_decay=0.1)
+    sharded = ShardedOptimizer(AdamW, b, World(), weight_decay=0.1)
+    rng = np.random.default_rng(2)
+    for _ in range(3):
+        grads = {n: rng.standard_normal(p.shape) for n, p in a.items()}
+        plain.step(grads, 0.01)
+        sharded.step(sharded.reduce_gradients(grads), 0.01)
+    for n in a:
+        np.testing.assert_array_equal(a[n], b[n])
+    state = sharded.state_dict()
+    assert sorted(state) == sorted(plain.state_dict()) and state["step"] == 3
+    for key, value in plain.state_dict().items():
+        np.testing.assert_array_equal(state[key], value)
+    assert state_nbytes(sharded) == state_nbytes(plain) == 2 * 8 * sum(p.size for p in a.values())
+    again = ShardedOptimizer(AdamW, _params(), World(), weight_decay=0.1)
+    again.load_state_dict(plain.state_dict())  # an unsharded state loads into a sharded optimizer
+    assert again.inner.t == 3
+
+
+def test_one_process_with_zero_is_the_same_run(tmp_path, names_file):
+    pm = get_plugin_manager(autoload=False)
+    common = dict(steps=6, batch_size=3, grad_accum=2, n_embd=16, n_head=2, block_size=8, samples=0, dtype="float64",
+                  optimizer="adamw", grad_clip=0.05, eval_interval=3, progress=False, plugin_manager=pm)  # fmt: skip
+    a = arraygpt.train(str(names_file), out_dir=tmp_path / "a", zero=True, **common)
+    b = arraygpt.train(str(names_file), out_dir=tmp_path / "b", **common)
+    assert not isinstance(a.optimizer, ShardedOptimizer)  # nothing to shard over
+    for n, p in b.model.params.items():
+        np.testing.assert_array_equal(to_numpy(a.model.params[n]), to_numpy(p))
+    assert load_checkpoint(tmp_path / "a").extra["train_config"]["zero"] is True
+
+
+def test_zero_must_be_a_bool():
+    with pytest.raises(ValueError, match="zero must be True or False"):
+        arraygpt.TrainConfig(zero="yes")
+
+
+# -- several ranks ------------------------------------------------------------------------------------
+
+
+@needs_mpi
+@pytest.mark.parametrize(
+    ("ranks", "clip", "optimizer"),
+    [(2, "0", ["--optimizer", "adamw", "--weight-decay", "0.1"]), (2, "0.05", ["--optimizer", "adam"]),
+     (4, "0", ["--optimizer", "sgd", "--momentum", "0.9", "--lr", "0.1"]),
+     (4, "0.05", ["--optimizer", "adamw", "--weight-decay", "0.1"])],
+    ids=["R2-adamw", "R2-adam-clip", "R4-sgd-momentum", "R4-adamw-clip"],
+)  # fmt: skip
+def test_sharded_ranks_equal_one_process_with_the_same_global_batch(tmp_path, names_file, ranks, clip, optimizer):
+    common = ["--steps", "20", "--batch-size", "2", "--grad-clip", clip, *optimizer]
+    result = _train(ranks, tmp_path / "zero", names_file, *common, "--zero", "true")
+    assert f"optimizer state sharded over {ranks} ranks (zero)" in result.stdout
+    _train(0, tmp_path / "one", names_file, *common, "--grad-accum", str(ranks))
+    assert _max_rel_diff(_weights(tmp_path / "zero"), _weights(tmp_path / "one")) < 1e-10
+    # the checkpoint holds the full state, as one process writes it
+    zero_state, one_state = _optimizer_arrays(tmp_path / "zero"), _optimizer_arrays(tmp_path / "one")
+    assert sorted(zero_state) == sorted(one_state) and zero_state
+    assert all(zero_state[k].shape == one_state[k].shape for k in one_state)
+    assert _max_rel_diff(zero_state, one_state) < 1e-10
+    a, b = _metrics(tmp_path / "zero"), _metrics(tmp_path / "one")
+    for event, key in (("train", "loss"), ("eval", "val_loss"), *((("train", "grad_norm"),) if clip != "0" else ())):
+        np.testing.assert_allclose([r[key] for r in a if r["event"] == event],
+                                   [r[key] for r in b if r["event"] == event], rtol=1e-10)  # fmt: skip
+    if clip != "0":  # the clip is active: the norms are above it
+        assert all(r["grad_norm"] > float(clip) for r in a if r["event"] == "train")
+
+
+_MEMORY = textwrap.dedent(
+    """
+    import json, sys
+    import arraygpt
+    from arraygpt.distributed import get_world
+    from arraygpt.manager import get_plugin_manager
+    from arraygpt.optim import state_nbytes
+
+    run = arraygpt.train(sys.argv[1], steps=2, batch_size=1, n_embd=16, n_head=2, block_size=8, samples=0,
+                         optimizer="adamw", zero=True, progress=False, plugin_manager=get_plugin_manager(autoload=False))
+    world = get_world()
+    print(json.dumps({"rank": world.rank, "bytes": state_nbytes(run.optimizer),
+                      "params": sum(int(p.size) for p in run.model.params.values()),
+                      "row": max(int(p.size) // (p.shape[0] if p.ndim else 1) for p in run.model.params.values())}))
+    """
+)
+
+
+@needs_mpi
+def test_optimizer_state_per_rank_is_one_rth_of_the_whole(tmp_path, names_file):
+    script = tmp_path / "memory.py"
+    script.write_text(_MEMORY)
+    per_rank = {}
+    for ranks in (1, 2, 4):
+        out = _launch(0 if ranks == 1 else ranks, [str(script), str(names_file)], tmp_path).stdout
+        per_rank[ranks] = sorted((json.loads(line) for line in out.splitlines() if line.startswith("{")),
+                                 key=lambda r: r["rank"])  # fmt: skip
+        assert len(per_rank[ranks]) == ranks
+    whole = per_rank[1][0]["bytes"]
+    assert whole == 2 * 4 * per_rank[1][0]["params"]  # AdamW: m and v, float32
+    row_bytes = 2 * 4 * per_rank[1][0]["row"]
+    for ranks in (2, 4):
+        sizes = [r["bytes"] for r in per_rank[ranks]]
+        assert sum(sizes) == whole  # every element's moments on exactly one rank
+        assert max(sizes) <= whole / ranks + row_bytes  # balanced to within one row
+
+
+@needs_mpi
+def test_a_sharded_checkpoint_resumes_in_one_process_and_a_plain_one_on_sharded_ranks(tmp_path, names_file):
+    common = ["--steps", "20", "--batch-size", "2", "--optimizer", "adamw", "--grad-clip", "0.05"]
+    _train(0, tmp_path / "one", names_file, *common, "--grad-accum", "4")
+    # 4 sharded ranks stop at 10; one process without zero finishes
+    _train(4, tmp_path / "a", names_file, *common, "--zero", "true", "--stop-after", "10")
+    assert load_checkpoint(tmp_path / "a").optimizer_state["step"] == 10
+    result = _resume(0, tmp_path / "a", "--zero", "false")
+    assert "global batch 8 = 1 rank(s) x 2 rows x 4 micro-batch(es)" in result.stdout
+    assert _max_rel_diff(_weights(tmp_path / "a"), _weights(tmp_path / "one")) < 1e-10
+    # one process stops at 10; 2 sharded ranks finish
+    _train(0, tmp_path / "b", names_file, *common, "--grad-accum", "4", "--stop-after", "10")
+    result = _resume(2, tmp_path / "b", "--zero", "true")
+    assert "optimizer state sharded over 2 ranks (zero)" in result.stdout
+    assert _max_rel_diff(_weights(tmp_path / "b"), _weights(tmp_path / "one")) < 1e-10
+    assert _max_rel_diff(_optimizer_arrays(tmp_path / "b"), _optimizer_arrays(tmp_path / "one")) < 1e-10
