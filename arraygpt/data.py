@@ -16,7 +16,10 @@ Two ways to feed text to a GPT:
   windows of ``block_size + 1`` tokens.
 
 Sources: a text file path, or ``names``: the US Census first names of the ``names`` PyPI package
-(the optional extra ``arraygpt[names]``), lowercased, one per line, duplicates dropped.
+(the optional extra ``arraygpt[names]``), lowercased, one per line, duplicates dropped. A text file
+must be a regular file (not a FIFO, a device or a folder) of UTF-8 text without NUL bytes, of at
+most :data:`MAX_TEXT_BYTES` (256 MiB; ``ARRAYGPT_MAX_DATA_BYTES`` raises it); anything else is a
+:class:`DataError` before anything large is read (docs/reliability.md).
 
 Everything here is host NumPy (int64 ids); the model moves batches to its backend. All
 randomness comes from a :class:`Batcher`'s own generator, whose state is saved with checkpoints.
@@ -27,6 +30,9 @@ Not here: tokenizers (``arraygpt.tokenizer``), the training loop.
 from __future__ import annotations
 
 import hashlib
+import numbers
+import os
+import stat
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,10 +45,16 @@ from arraygpt.tokenizer import ByteTokenizer, CharTokenizer, Tokenizer
 MODES = ("documents", "stream")
 BUILTIN_SOURCES = ("names",)
 NAMES_INSTALL_HINT = "pip install 'arraygpt[names]'  (or: pip install names)"
+MAX_TEXT_BYTES = 256 * 1024 * 1024  # bytes of training text read; a char-tokenized token takes ~16 bytes of memory
+MAX_TEXT_ENV = "ARRAYGPT_MAX_DATA_BYTES"  # raises (or lowers) that limit
+_KINDS = {stat.S_IFDIR: "folder", stat.S_IFIFO: "FIFO (named pipe)", stat.S_IFCHR: "character device",
+          stat.S_IFBLK: "block device", stat.S_IFSOCK: "socket"}  # fmt: skip
 
 
 class DataError(ValueError):
-    """The data cannot be used for training as asked (empty, too short, unknown characters...)."""
+    """The data cannot be used for training as asked (not a regular file, too large, not UTF-8 text,
+    empty, too short, unknown characters...); the message names the file or value, what is wrong
+    and what is allowed."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -70,24 +82,84 @@ def names_documents() -> list[str]:
     return list(seen)
 
 
+def max_text_bytes() -> int:
+    """The most bytes of training text :func:`read_source` reads: ``ARRAYGPT_MAX_DATA_BYTES`` when
+    set, else :data:`MAX_TEXT_BYTES`."""
+    value = os.environ.get(MAX_TEXT_ENV)
+    if value is None:
+        return MAX_TEXT_BYTES
+    try:
+        limit = int(value)
+    except ValueError:
+        limit = 0
+    if limit < 1:
+        raise DataError(f"{MAX_TEXT_ENV}={value!r} must be a positive number of bytes")
+    return limit
+
+
 def read_source(source: str | Path) -> str:
     """The text of a source: ``names`` (one name per line) or a UTF-8 text file path.
 
+    The file is checked before it is read: a regular file (a symlink to one counts), never a FIFO,
+    a device or a folder (opened without blocking, so a FIFO never hangs), of at most
+    :func:`max_text_bytes` bytes; then read with that bound, decoded as strict UTF-8, and refused if
+    it holds NUL bytes (a binary file) or nothing but whitespace.
+
     Raises:
         FileNotFoundError: the path does not exist (the message names the built-in sources).
-        DataError: the file is not UTF-8 text.
+        DataError: naming the file, what is wrong and what is allowed.
     """
     if isinstance(source, str) and source in BUILTIN_SOURCES:
         return "\n".join(names_documents()) + "\n"
     path = Path(source)
-    if not path.is_file():
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
         raise FileNotFoundError(
             f"data source {str(source)!r} is neither a file nor a built-in data set ({', '.join(BUILTIN_SOURCES)})"
-        )
+        ) from None
+    except IsADirectoryError:
+        raise DataError(f"training text {path} is a folder; give a UTF-8 text file") from None
+    except OSError as e:
+        raise DataError(f"training text {path} cannot be opened: {e.strerror}") from None
     try:
-        return path.read_text(encoding="utf-8")
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise DataError(f"training text {path} is a folder; give a UTF-8 text file")
+        if not stat.S_ISREG(st.st_mode):
+            kind = _KINDS.get(stat.S_IFMT(st.st_mode), "special file")
+            raise DataError(f"training text {path} is a {kind}, not a regular file; give a UTF-8 text file")
+        limit = max_text_bytes()
+        if st.st_size > limit:
+            raise DataError(
+                f"training text {path} is {st.st_size:,} bytes; at most {limit:,} bytes are read "
+                f"(set {MAX_TEXT_ENV} to raise the limit, or train on a part of the file)"
+            )
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    with open(fd, "rb", closefd=True) as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise DataError(f"training text {path} grew past {limit:,} bytes while it was read; at most {limit:,} are read")
+    try:
+        text = data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise DataError(f"{path} is not UTF-8 text: {e}") from None
+        line = data.count(b"\n", 0, e.start) + 1
+        raise DataError(
+            f"training text {path} is not UTF-8: byte 0x{data[e.start]:02x} at offset {e.start} (line {line}) "
+            f"{e.reason}; convert the file to UTF-8 (e.g. iconv -f latin1 -t utf-8 FILE)"
+        ) from None
+    if "\x00" in text:
+        raise DataError(
+            f"training text {path} holds NUL bytes (first at offset {data.index(0)}): it looks like a binary file; "
+            "give a UTF-8 text file"
+        )
+    if not text.strip():
+        what = "empty" if not text else "only whitespace"
+        raise DataError(f"training text {path} is {what}; give a file with at least one line of text")
+    return text
 
 
 def split_documents(text: str) -> list[str]:
@@ -167,11 +239,18 @@ class DocumentDataset:
         self.block_size = block_size
         self.documents = docs
         bos = tokenizer.bos_id
-        lengths = np.array([len(e) + 2 for e in encoded], dtype=np.int64)
-        table = np.full((len(docs), int(lengths.max())), -1, dtype=np.int64)  # -1 pads
+        lengths = np.array([len(e) + 2 for e in encoded], dtype=np.int64)  # (N,)
+        # every document's [BOS, ids, BOS], one after another: memory follows the tokens, not
+        # documents x the longest document
+        flat = np.empty(int(lengths.sum()), dtype=np.int64)  # (sum of lengths,)
+        offsets = np.zeros(len(docs), dtype=np.int64)  # (N,) where each document starts in flat
+        offsets[1:] = np.cumsum(lengths)[:-1]
         for i, ids in enumerate(encoded):
-            table[i, : len(ids) + 2] = [bos, *ids, bos]
-        self._table, self._lengths = table, lengths
+            o = int(offsets[i])
+            flat[o] = bos
+            flat[o + 1 : o + 1 + len(ids)] = ids
+            flat[o + 1 + len(ids)] = bos
+        self._ids, self._offsets, self._lengths = flat, offsets, lengths
         self.splits = {"train": np.arange(n_train), "val": np.arange(n_train, len(docs))}
         self._eval_rows: dict[tuple[str, int], _Rows] = {}
 
@@ -187,11 +266,14 @@ class DocumentDataset:
         return int((self._lengths[self.splits[split]] - 1).sum())
 
     def _rows(self, doc: np.ndarray, start: np.ndarray, width: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Rows ``table[doc, start : start + width]``, padded to the widest -> (x, y), each (B, T)."""
+        """Rows ``document[doc][start : start + width]``, padded with -1 to the widest -> (x, y),
+        each (B, T)."""
         T = int(width.max()) - 1
         pos = start[:, None] + np.arange(T + 1)[None, :]  # (B, T+1)
-        valid = np.arange(T + 1)[None, :] < width[:, None]
-        rows = np.where(valid, self._table[doc[:, None], np.minimum(pos, self._table.shape[1] - 1)], -1)
+        valid = np.arange(T + 1)[None, :] < width[:, None]  # (B, T+1)
+        last = (self._lengths[doc] - 1)[:, None]  # (B, 1)
+        index = self._offsets[doc][:, None] + np.minimum(pos, last)  # (B, T+1), inside each document
+        rows = np.where(valid, self._ids[index], -1)  # (B, T+1)
         x = np.where(rows[:, :-1] < 0, self.tokenizer.bos_id, rows[:, :-1])  # pads are never attended to
         return x, rows[:, 1:]
 
@@ -377,9 +459,49 @@ class Batcher:
         return {"rng": self.rng.bit_generator.state, "epoch": self.epoch, "position": self.position}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s state, checked first: a checkpoint's saved state (which may
+        be damaged or hostile) is one clear error, never a traceback or a wrong batch later.
+
+        Checked: ``rng`` is the state of this generator's bit generator (its name, integer state
+        fields); ``epoch`` an integer in [0, 10**15]; ``position`` an integer in [0, the number of
+        training documents) in documents mode, 0 in stream mode.
+
+        Raises:
+            DataError: naming the field, its value and what is allowed; the batcher is unchanged.
+        """
+        where = "the checkpoint's batcher state (state.json, extra.data)"
+
+        def bad(field: str, value: Any, allowed: str) -> DataError:
+            shown = repr(value)
+            return DataError(f"{where}: {field} is {shown if len(shown) <= 80 else shown[:77] + '...'}; "
+                             f"it must be {allowed}")  # fmt: skip
+
+        if not isinstance(state, Mapping):
+            raise bad("the state", state, "an object with rng, epoch and position")
+        for key in ("rng", "epoch", "position"):
+            if key not in state:
+                raise DataError(f"{where} has no {key!r}; it must hold rng, epoch and position")
+        rng, epoch, position = state["rng"], state["epoch"], state["position"]
+        name = type(self.rng.bit_generator).__name__
+        if not (isinstance(rng, Mapping) and rng.get("bit_generator") == name and isinstance(rng.get("state"), Mapping)):
+            raise bad("rng", rng, f"the state of a {name} generator (bit_generator {name!r} and its state)")
+        fields = [*rng["state"].values(), *(v for k, v in rng.items() if k not in ("bit_generator", "state"))]
+        if not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 0 for v in fields):
+            raise bad("rng", rng, f"the state of a {name} generator (non-negative integers)")
+        if not isinstance(epoch, numbers.Integral) or isinstance(epoch, bool) or not 0 <= epoch <= 10**15:
+            raise bad("epoch", epoch, "an integer in [0, 10**15]")
+        if isinstance(self.dataset, DocumentDataset):
+            n = self.dataset.split_size("train")
+            what = f"an integer in [0, {n}) (the number of training documents)"
+        else:
+            n, what = 1, "0 (stream mode keeps no position)"
+        if not isinstance(position, numbers.Integral) or isinstance(position, bool) or not 0 <= position < n:
+            raise bad("position", position, what)
+        saved = self.rng.bit_generator.state
         try:
-            self.rng.bit_generator.state = dict(state["rng"])
-            self.epoch, self.position = int(state["epoch"]), int(state["position"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"batcher state is not valid: {e!r}") from None
+            self.rng.bit_generator.state = dict(rng)
+        except (TypeError, ValueError, OverflowError, KeyError) as e:
+            self.rng.bit_generator.state = saved
+            raise bad("rng", rng, f"the state of a {name} generator ({type(e).__name__}: {e})") from None
+        self.epoch, self.position = int(epoch), int(position)
         self._order = None

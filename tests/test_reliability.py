@@ -48,7 +48,8 @@ else:
 
 def command(*args: str, timeout: float = 60, limit: bool = True) -> subprocess.CompletedProcess[str]:
     """``arraygpt ARGS`` in a subprocess (with the memory limit), its output captured."""
-    prefix = f"import resource; resource.setrlimit(resource.RLIMIT_AS, ({MEMORY_LIMIT}, {MEMORY_LIMIT})); " if limit else ""
+    rlimit = f"import resource; resource.setrlimit(resource.RLIMIT_AS, ({MEMORY_LIMIT}, {MEMORY_LIMIT})); "
+    prefix = rlimit if limit else ""
     code = prefix + "import sys; from arraygpt.cli import main; sys.exit(main(sys.argv[1:]))"
     return subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, env=ENV, capture_output=True, text=True,
                           timeout=timeout)  # fmt: skip
@@ -332,3 +333,143 @@ def test_training_state_without_the_training_parts_is_refused(tmp_path):
         check_training_state({"step": 1}, tmp_path)
     with pytest.raises(CheckpointError, match="must be a JSON object"):
         check_training_state([1], tmp_path)
+
+
+# ----------------------------------------------------------------------------------------------
+# training text
+
+
+def assert_data_error(path: Path | str, *fragments: str) -> str:
+    kind, message = attempt(f"from arraygpt.data import read_source\nread_source({str(path)!r})")
+    assert kind == "arraygpt.data.DataError", (kind, message)
+    assert str(path) in message, message
+    for fragment in fragments:
+        assert fragment in message, (fragment, message)
+    return message
+
+
+def test_a_fifo_is_refused_at_once(tmp_path):
+    fifo = tmp_path / "text.fifo"
+    os.mkfifo(fifo)
+    assert_data_error(fifo, "FIFO (named pipe), not a regular file", "UTF-8 text file")
+
+
+@pytest.mark.parametrize("device", ["/dev/zero", "/dev/urandom"])
+def test_a_device_or_a_symlink_to_one_is_refused_at_once(tmp_path, device):
+    assert_data_error(device, "character device, not a regular file")
+    (tmp_path / "text.txt").symlink_to(device)
+    assert_data_error(tmp_path / "text.txt", "character device")
+
+
+def test_a_folder_is_refused(tmp_path):
+    assert_data_error(tmp_path, "is a folder", "UTF-8 text file")
+
+
+def test_a_huge_file_is_refused_before_it_is_read(tmp_path):
+    from arraygpt.data import MAX_TEXT_BYTES
+
+    huge = tmp_path / "huge.txt"
+    with open(huge, "wb") as f:
+        f.truncate(MAX_TEXT_BYTES + 1)  # sparse: nothing on the disk
+    assert_data_error(huge, f"{MAX_TEXT_BYTES + 1:,} bytes", f"at most {MAX_TEXT_BYTES:,}", "ARRAYGPT_MAX_DATA_BYTES")
+
+
+def test_the_size_limit_can_be_set(tmp_path, monkeypatch):
+    from arraygpt.data import DataError, read_source
+
+    path = tmp_path / "t.txt"
+    path.write_text("hello world\n")
+    monkeypatch.setenv("ARRAYGPT_MAX_DATA_BYTES", "5")
+    with pytest.raises(DataError, match="at most 5 bytes"):
+        read_source(path)
+    monkeypatch.setenv("ARRAYGPT_MAX_DATA_BYTES", "lots")
+    with pytest.raises(DataError, match="must be a positive number of bytes"):
+        read_source(path)
+    monkeypatch.setenv("ARRAYGPT_MAX_DATA_BYTES", "100")
+    assert read_source(path) == "hello world\n"
+
+
+@pytest.mark.parametrize(("content", "fragments"), [
+    (b"caf\xe9\nok\n", ("not UTF-8", "byte 0xe9 at offset 3 (line 1)", "iconv")),
+    (b"ok\n\xff\xfe\x00\x01", ("not UTF-8", "byte 0xff at offset 3 (line 2)")),
+    (b"\x7fELF\x02\x01\x01\x00\x00", ("NUL bytes", "binary file")),
+    (b"", ("is empty", "at least one line")),
+    (b" \n\t\n", ("only whitespace",)),
+], ids=["latin1", "invalid-utf8", "binary", "empty", "whitespace"])  # fmt: skip
+def test_text_that_is_not_usable_is_one_data_error(tmp_path, content, fragments):
+    path = tmp_path / "text.txt"
+    path.write_bytes(content)
+    assert_data_error(path, *fragments)
+
+
+def test_a_stream_shorter_than_a_window_is_a_data_error():
+    from arraygpt.data import DataError, default_tokenizer, make_dataset
+
+    tok = default_tokenizer("char", "abcdef", "stream")
+    with pytest.raises(DataError, match=r"it has \d+ tokens, and a window needs block_size \+ 1 = 65"):
+        make_dataset("abcdefabcdef", tok, "stream", 64)
+
+
+def test_documents_memory_follows_the_tokens_not_the_longest_document():
+    # 20,000 short documents and one of 2,000,000 characters: a documents x longest table would
+    # be 320 GB; ids plus offsets are 17 MB
+    kind, message = attempt(
+        "from arraygpt.data import make_dataset, default_tokenizer, Batcher\n"
+        "text = 'ab\\n' * 20000 + 'ab' * 1000000 + '\\n'\n"
+        "ds = make_dataset(text, default_tokenizer('char', text, 'documents'), 'documents', 16)\n"
+        "x, y = Batcher(ds, 64, seed=0).next()\n"
+        "assert x.shape[0] == 64 and x.shape[1] <= 16, x.shape\n"
+        "assert sum(len(b[0]) for b in ds.eval_batches('val', 256)) > 0\n", timeout=120)  # fmt: skip
+    assert (kind, message) == ("ok", "")
+
+
+# ----------------------------------------------------------------------------------------------
+# hostile batcher state
+
+
+@pytest.fixture(params=["documents", "stream"])
+def batcher(request):
+    from arraygpt.data import Batcher, default_tokenizer, make_dataset
+
+    text = "".join(f"name{i}\n" for i in range(40))
+    ds = make_dataset(text, default_tokenizer("char", text, request.param), request.param, 8)
+    b = Batcher(ds, 4, seed=1)
+    b.next()
+    return b
+
+
+def _hostile_states(b):
+    good = b.state_dict()
+    rng = good["rng"]
+    documents = b.dataset.mode == "documents"
+    n = b.dataset.split_size("train")
+    cases = [
+        ({**good, "position": -3}, "position is -3"),
+        ({**good, "position": n if documents else 1}, "position is"),
+        ({**good, "position": "2"}, "position is '2'"),
+        ({**good, "position": 2.5}, "position is 2.5"),
+        ({**good, "epoch": -1}, "epoch is -1"),
+        ({**good, "epoch": 10**30}, "epoch is"),
+        ({**good, "epoch": True}, "epoch is True"),
+        ({**good, "rng": "seed"}, "rng is 'seed'"),
+        ({**good, "rng": {**rng, "bit_generator": "MT19937"}}, "PCG64"),
+        ({**good, "rng": {**rng, "state": {"state": -1, "inc": 1}}}, "non-negative integers"),
+        ({**good, "rng": {**rng, "state": {"state": "x", "inc": 1}}}, "non-negative integers"),
+        ({**good, "rng": {**rng, "state": {"inc": 1}}}, "rng is"),
+        ({"epoch": 0, "position": 0}, "has no 'rng'"),
+        ([1, 2], "the state is [1, 2]"),
+    ]
+    return good, cases
+
+
+def test_hostile_batcher_state_is_one_data_error_and_changes_nothing(batcher):
+    from arraygpt.data import DataError
+
+    good, cases = _hostile_states(batcher)
+    for state, fragment in cases:
+        with pytest.raises(DataError) as info:
+            batcher.load_state_dict(state)
+        assert "batcher state" in str(info.value) and fragment in str(info.value), (state, str(info.value))
+        assert batcher.state_dict() == good
+    batcher.load_state_dict(good)
+    assert batcher.state_dict() == good
