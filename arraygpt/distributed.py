@@ -482,6 +482,7 @@ class ShardedOptimizer:
         if self._grad_buffer is None or self._grad_buffer.dtype != dtype:
             self._grad_buffer = np.empty(self.layout.size, dtype=dtype)  # (N,): every gradient, flat
             self._shard = np.empty(self.count, dtype=dtype)  # (N / R,): this rank's block of the sum
+            self._flat = None
         send, recv = self._grad_buffer, self._shard
         assert recv is not None
         for name, h in host.items():
@@ -504,7 +505,10 @@ class ShardedOptimizer:
         lo, hi = self.range
         if self._flat is None:
             dtype = np.result_type(*(to_numpy(p).dtype for p in self.pieces.values()))
-            self._flat = np.empty(self.layout.size, dtype=dtype)  # (N,): every parameter, flat
+            reuse = self._grad_buffer is not None and self._grad_buffer.dtype == dtype
+            # (N,): every parameter, flat; the gradient buffer's memory when it has their dtype (it is
+            # free until the next step's reduce-scatter)
+            self._flat = self._grad_buffer if reuse else np.empty(self.layout.size, dtype=dtype)
         flat = self._flat
         for name, r0, r1 in self.mine:  # this rank's range, from its updated pieces
             piece = to_numpy(self.pieces[name])

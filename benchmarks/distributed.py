@@ -4,13 +4,15 @@ Shakespeare, float32. Run by hand on a quiet machine (timings are not tests):
 
     .venv/bin/python benchmarks/distributed.py                  # R=1 with 2 threads, R=1 with 1, R=2 with 1 each
     .venv/bin/python benchmarks/distributed.py --steps 40 --ranks 2 4
+    .venv/bin/python benchmarks/distributed.py --zero --ranks 2 4   # and each R again with zero (ZeRO-1)
 
 Each case is a fresh job (``mpiexec -n R python benchmarks/distributed.py --worker ...``) that
 trains ``warmup + steps`` steps through ``arraygpt.train`` and reports, from rank 0: the median
 and mean ms per step (from the step hook's timestamps, warmup left out), tokens/s of the whole
 job, the bytes one all-reduce adds per step, and the median ms spent in it (timed around
-``World.allreduce_sum_`` on rank 0, including the wait for the slower rank). Prints one JSON line
-per case, then a table.
+``World.allreduce_sum_`` on rank 0, including the wait for the slower rank; with ``--zero``, the
+reduce-scatter and the all-gather instead) and the bytes of optimizer state on each rank
+(``arraygpt.optim.state_nbytes``). Prints one JSON line per case, then a table.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ def worker(args: argparse.Namespace) -> None:
     from arraygpt import GPTConfig, hookimpl
     from arraygpt.distributed import World, get_world
     from arraygpt.manager import get_plugin_manager
+    from arraygpt.optim import state_nbytes
 
     world = get_world()
     reduce_times: list[float] = []
@@ -53,6 +56,24 @@ def worker(args: argparse.Namespace) -> None:
         return out
 
     World.allreduce_sum_ = timed  # type: ignore[method-assign]
+    plain_scatter, plain_gather = World.reduce_scatter_sum, World.allgatherv_
+
+    def timed_scatter(self, send, recv, counts, what="the gradient reduce-scatter"):
+        t0 = time.perf_counter()
+        out = plain_scatter(self, send, recv, counts, what)
+        reduce_times.append(time.perf_counter() - t0)
+        reduced_bytes.append(send.nbytes)
+        return out
+
+    def timed_gather(self, buffer, counts, what="the parameter all-gather"):
+        t0 = time.perf_counter()
+        out = plain_gather(self, buffer, counts, what)
+        reduce_times[-1] += time.perf_counter() - t0  # with the step's reduce-scatter
+        reduced_bytes[-1] += buffer.nbytes
+        return out
+
+    World.reduce_scatter_sum = timed_scatter  # type: ignore[method-assign]
+    World.allgatherv_ = timed_gather  # type: ignore[method-assign]
     stamps: list[float] = []
 
     class Clock:
@@ -65,18 +86,20 @@ def worker(args: argparse.Namespace) -> None:
     data = str(SHAKESPEARE) if SHAKESPEARE.is_file() else _fallback_text()
     per_rank = GLOBAL_BATCH // world.size
     steps = args.warmup + args.steps
-    arraygpt.train(data, config=GPTConfig(**NANOGPT_CPU), steps=steps, batch_size=per_rank, lr=1e-3,
-                   eval_interval=10**6, eval_batches=1, log_interval=10**6, samples=0, progress=False,
-                   plugin_manager=pm, seed=0)  # fmt: skip
+    run = arraygpt.train(data, config=GPTConfig(**NANOGPT_CPU), steps=steps, batch_size=per_rank, lr=1e-3,
+                         optimizer="adamw", zero=args.zero, eval_interval=10**6, eval_batches=1,
+                         log_interval=10**6, samples=0, progress=False, plugin_manager=pm, seed=0)  # fmt: skip
+    optimizer_bytes = world.allgather(np.array([state_nbytes(run.optimizer)], dtype=np.int64))[:, 0]
     if world.is_root:
         dts = np.diff(stamps)[args.warmup - 1 :] * 1e3  # ms between step hooks, after the warmup
         tokens = GLOBAL_BATCH * NANOGPT_CPU["block_size"]
         print(json.dumps({
-            "ranks": world.size, "threads_per_rank": int(os.environ.get("ARRAYGPT_NUM_THREADS", "0")),
+            "ranks": world.size, "zero": bool(args.zero and world.size > 1), "threads_per_rank": int(os.environ.get("ARRAYGPT_NUM_THREADS", "0")),
             "ms_per_step_median": float(np.median(dts)), "ms_per_step_mean": float(np.mean(dts)),
             "tokens_per_s": tokens / (float(np.median(dts)) / 1e3),
             "allreduce_bytes_per_step": reduced_bytes[0] if reduced_bytes else 0,
             "allreduce_ms_median": float(np.median(reduce_times[args.warmup :]) * 1e3) if reduce_times else 0.0,
+            "optimizer_bytes_per_rank": [int(b) for b in optimizer_bytes],
         }), flush=True)  # fmt: skip
 
 
@@ -96,6 +119,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30, help="timed steps per case")
     parser.add_argument("--warmup", type=int, default=5, help="steps left out of the timing")
     parser.add_argument("--ranks", type=int, nargs="+", default=[2], help="rank counts to run with one thread each")
+    parser.add_argument("--zero", action="store_true", help="run each rank count again with zero (sharded optimizer state)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -104,14 +128,17 @@ def main() -> None:
     mpiexec = Path(sys.executable).parent / "mpiexec"
     mpiexec = str(mpiexec) if mpiexec.exists() else shutil.which("mpiexec")
     cores = os.cpu_count() or 1
-    cases = [(1, cores), (1, 1)] + [(r, max(1, cores // r)) for r in args.ranks]
+    cases = [(1, cores, False), (1, 1, False)] + [(r, max(1, cores // r), False) for r in args.ranks]
+    if args.zero:
+        cases += [(r, max(1, cores // r), True) for r in args.ranks]
     print(f"# {platform.processor() or platform.machine()}, {cores} cores; {_cpu_model()}", flush=True)
     results = []
-    for ranks, threads in cases:
+    for ranks, threads, zero in cases:
         env = dict(os.environ)
         for name in ("ARRAYGPT_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
             env[name] = str(threads)
         command = [sys.executable, __file__, "--worker", "--steps", str(args.steps), "--warmup", str(args.warmup)]
+        command += ["--zero"] if zero else []
         if ranks > 1:
             if mpiexec is None:
                 print(f"# skipping {ranks} ranks: no mpiexec (pip install 'arraygpt[mpi]')")
@@ -121,11 +148,13 @@ def main() -> None:
         result = json.loads(out.strip().splitlines()[-1])
         print(json.dumps(result), flush=True)
         results.append(result)
-    print("\n| ranks x threads | ms/step (median) | tokens/s | all-reduce bytes/step | all-reduce ms (median) |")
-    print("|---|---|---|---|---|")
+    print("\n| ranks x threads | zero | ms/step (median) | tokens/s | collective bytes/step | collective ms (median) "
+          "| optimizer bytes per rank (max) |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|")
     for r in results:
-        print(f"| {r['ranks']} x {r['threads_per_rank']} | {r['ms_per_step_median']:.1f} | {r['tokens_per_s']:,.0f} | "
-              f"{r['allreduce_bytes_per_step']:,} | {r['allreduce_ms_median']:.2f} |")  # fmt: skip
+        print(f"| {r['ranks']} x {r['threads_per_rank']} | {'yes' if r['zero'] else 'no'} | "
+              f"{r['ms_per_step_median']:.1f} | {r['tokens_per_s']:,.0f} | {r['allreduce_bytes_per_step']:,} | "
+              f"{r['allreduce_ms_median']:.2f} | {max(r['optimizer_bytes_per_rank']):,} |")  # fmt: skip
 
 
 def _cpu_model() -> str:
