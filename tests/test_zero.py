@@ -307,3 +307,35 @@ def test_a_sharded_checkpoint_resumes_in_one_process_and_a_plain_one_on_sharded_
     assert "optimizer state sharded over 2 ranks (zero)" in result.stdout
     assert _max_rel_diff(_weights(tmp_path / "b"), _weights(tmp_path / "one")) < 1e-10
     assert _max_rel_diff(_optimizer_arrays(tmp_path / "b"), _optimizer_arrays(tmp_path / "one")) < 1e-10
+
+
+_HANGING = textwrap.dedent(
+    """
+    import sys, time
+    import arraygpt
+    from arraygpt import training
+    from arraygpt.distributed import get_world
+
+    original = training.Run.gradients
+
+    def hanging(self, x, y):
+        if get_world().rank == 1 and self.step == 3:
+            time.sleep(600)
+        return original(self, x, y)
+
+    training.Run.gradients = hanging
+    arraygpt.train(sys.argv[1], steps=10, batch_size=2, n_embd=16, n_head=2, block_size=8, zero=True,
+                   eval_interval=100, samples=0, progress=False)
+    """
+)
+
+
+@needs_mpi
+def test_a_hung_rank_ends_a_sharded_job_from_the_reduce_scatter(tmp_path, names_file):
+    script = tmp_path / "hanging.py"
+    script.write_text(_HANGING)
+    env = {**_env(), "ARRAYGPT_MPI_TIMEOUT": "5"}
+    result = subprocess.run([MPIEXEC, "-n", "2", sys.executable, str(script), str(names_file)], cwd=tmp_path,
+                            env=env, capture_output=True, text=True, timeout=TIMEOUT_S)  # fmt: skip
+    assert result.returncode != 0
+    assert "rank 0 of 2" in result.stderr and "the gradient reduce-scatter of step 4 waited 5 s" in result.stderr

@@ -4,7 +4,8 @@ run folder, or continue a run with ``--resume``.
 Every TrainConfig field is an option (``--batch-size``, ``--lr``, ...), and every GPTConfig field
 overrides the preset (``--n-layer``, ``--dropout``, ...); their defaults and help come from the
 dataclass fields. ``--grad-accum N`` sums N micro-batches per step; ``mpiexec -n R arraygpt train
-...`` runs R data-parallel ranks (docs/distributed.md), of which rank 0 alone prints.
+...`` runs R data-parallel ranks (docs/distributed.md), of which rank 0 alone prints; with
+``--zero true`` they share out the optimizer state (ZeRO stage 1).
 
 Exit codes: 0 done or stopped cleanly (Ctrl-C once, ``--stop-after``, a plugin); 1 the run
 diverged; 2 bad input or a failing plugin; 130 a second Ctrl-C (the last checkpoint is intact).
