@@ -35,7 +35,7 @@ import math
 import os
 import sys
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -350,27 +350,38 @@ class MixedPrecision:
             out[name] = g32
         return out
 
-    def all_finite(self, grads: Mapping[str, Array]) -> bool:
-        """Whether every gradient is finite (one host sync for all of them)."""
+    def all_finite(self, grads: Mapping[str, Array], reduce: Callable[[float], float] | None = None) -> bool:
+        """Whether every gradient is finite (one host sync for all of them). ``reduce`` adds a
+        number over the ranks when each holds a part of the gradients (sharded optimizer state,
+        as for ``arraygpt.optim.clip_grad_norm``), so that every rank decides the same."""
         xp = self.xp
-        flags = xp.stack([xp.all(xp.isfinite(g)) for g in grads.values()])
-        return bool(xp.all(flags))
+        flags = xp.stack([xp.all(xp.isfinite(g)) for g in grads.values()]) if grads else xp.ones((1,), dtype=bool)
+        bad = float(xp.sum(xp.astype(xp.logical_not(flags), xp.float32)))  # tensors holding an inf or nan
+        return (bad if reduce is None else reduce(bad)) == 0
 
-    def apply(self, grads: Mapping[str, Array], optimizer: Any, lr: float, *,
-              grad_clip: float = 0.0) -> tuple[bool, float | None]:  # fmt: skip
+    def apply(self, grads: Mapping[str, Array], optimizer: Any, lr: float, *, grad_clip: float = 0.0,
+              reduce: Callable[[float], float] | None = None) -> tuple[bool, float | None]:  # fmt: skip
         """Finish a step from float32 gradients (:meth:`backward`'s, possibly accumulated): skip
         it if any is not finite, else clip (``grad_clip`` > 0), update the master weights and
         refresh the compute copy; then update the loss scale.
+
+        Args:
+            grads: name -> float32 gradient (this rank's pieces, with sharded optimizer state).
+            optimizer: built on :attr:`params`.
+            lr: the learning rate.
+            grad_clip: clip the global norm to this (0: off).
+            reduce: sums a number over the ranks that each hold a part of the gradients (the
+                finiteness check and the clipping norm); None when every rank holds them all.
 
         Returns:
             ``(skipped, grad_norm)``: grad_norm is the norm before clipping (None unless clipping
             ran; not computed for a skipped step).
         """
-        finite = self.all_finite(grads)
+        finite = self.all_finite(grads, reduce)
         norm = None
         if finite:
             if grad_clip:
-                norm = clip_grad_norm(grads, grad_clip)
+                norm = clip_grad_norm(grads, grad_clip, reduce)
             optimizer.step(grads, lr)
             self.refresh()
         self.scaler.update(found_inf=not finite)
