@@ -228,7 +228,11 @@ def generate(
         the first token.
 
     Raises:
-        ValueError: invalid options (see :func:`make_sampler`), prompt or counts.
+        ValueError: invalid options (see :func:`make_sampler`), prompt or counts; while iterating,
+            logits that hold NaN or inf (naming the step), or a sampler that left no token.
+
+    Memory follows what is generated: a huge ``max_new_tokens`` for a model that stops at an end
+    token allocates nothing large (the host copy of the tokens grows as they come).
 
     Example:
         >>> from arraygpt import GPT, GPTConfig
@@ -263,13 +267,16 @@ def _loop(
     backend, xp = model.backend, model.xp
     B, T0 = prompt.shape
     V = model.config.vocab_size
-    context = np.empty((B, T0 + n_new), dtype=np.int64)  # host copy of every row's tokens
+    # host copy of every row's tokens, grown by doubling: memory follows what is generated, not
+    # max_new_tokens (which may be huge for a model that stops at an end token)
+    context = np.empty((B, T0 + min(n_new, _FIRST_GROWTH)), dtype=np.int64)  # (B, capacity)
     context[:, :T0] = prompt
     length = T0
     done = np.zeros(B, dtype=bool)
     generated: list[list[int]] = [[] for _ in range(B)]
     logits = decoder.start(context[:, :length])  # (B, V)
     for step in range(n_new):
+        _check_finite(xp, logits, step)
         coins = backend.asarray(rng.random(B))  # (B,) float64, drawn on the host
         probs = chain(logits)  # (B, V)
         tokens_dev = draw(probs, coins)  # (B,)
@@ -292,12 +299,33 @@ def _loop(
             items.append(infos[b] if infos is not None else t)
             if t in ends or any(len(generated[b]) >= len(s) and tuple(generated[b][-len(s) :]) == s for s in stops):
                 done[b] = True
+        if length == context.shape[1]:
+            grown = np.empty((B, T0 + min(n_new, 2 * (length - T0))), dtype=np.int64)  # (B, new capacity)
+            grown[:, :length] = context
+            context = grown
         context[:, length] = tokens
         length += 1
         yield items[0] if single else tuple(items)
         if done.all() or step == n_new - 1:
             return
         logits = decoder.step(context[:, :length])  # (B, V)
+
+
+_FIRST_GROWTH = 256  # new tokens the host context first has room for; it doubles when full
+
+
+def _check_finite(xp: Any, logits: Array, step: int) -> None:
+    """Refuse logits that hold NaN or inf: no sampler can draw a meaningful token from them (greedy
+    would silently pick an arbitrary one)."""
+    finite = xp.isfinite(logits)  # (B, V)
+    if bool(xp.all(finite)):
+        return
+    rows = to_numpy(xp.all(finite, axis=-1))  # (B,)
+    row = int(rows.tolist().index(False))
+    raise ValueError(
+        f"the model's logits hold NaN or inf at step {step} (row {row}), so no token can be drawn: its weights "
+        "hold NaN or inf, or overflow in this dtype (check the checkpoint, or load it in float64)"
+    )
 
 
 def _candidates(xp: Any, logits: Array, probs: Array, tokens: Array, k: int) -> list[Candidates]:

@@ -473,3 +473,188 @@ def test_hostile_batcher_state_is_one_data_error_and_changes_nothing(batcher):
         assert batcher.state_dict() == good
     batcher.load_state_dict(good)
     assert batcher.state_dict() == good
+
+
+# ----------------------------------------------------------------------------------------------
+# generation
+
+
+TINY_GEN = dict(vocab_size=12, block_size=8, n_layer=1, n_head=2, n_embd=8)
+
+
+def _nan_after(model, calls: int):
+    """Make the model's logits NaN from its ``calls``-th forward on (0: at once)."""
+    forward = model.forward
+    count = {"n": 0}
+
+    def broken(*args, **kwargs):
+        logits, loss = forward(*args, **kwargs)
+        count["n"] += 1
+        if count["n"] > calls:
+            logits = logits * float("nan")
+        return logits, loss
+
+    model.forward = broken
+    return model
+
+
+@pytest.mark.parametrize(("sampler", "options"), [
+    ("greedy", {}), ("temperature", {"temperature": 0.0}), ("temperature", {}), ("top_k", {"top_k": 3}),
+    ("top_p", {"top_p": 0.9}), ("min_p", {"min_p": 0.1}),
+], ids=["greedy", "temperature-0", "temperature", "top_k", "top_p", "min_p"])  # fmt: skip
+@pytest.mark.parametrize("at", [0, 3])
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_nan_logits_are_a_clear_error_naming_the_step_under_every_sampler(sampler, options, at, use_cache):
+    from arraygpt import GPT, GPTConfig
+    from arraygpt.generation import generate
+
+    model = _nan_after(GPT(GPTConfig(**TINY_GEN), seed=0), at)
+    steps = generate(model, [[1, 2], [3, 4]], 10, sampler, seed=0, use_cache=use_cache, **options)
+    with pytest.raises(ValueError, match=rf"logits hold NaN or inf at step {at} \(row 0\)"):
+        list(steps)
+
+
+def test_inf_logits_are_refused_too():
+    from arraygpt import GPT, GPTConfig
+    from arraygpt.generation import generate
+
+    model = GPT(GPTConfig(**TINY_GEN), seed=0)
+    forward = model.forward
+
+    def broken(*args, **kwargs):
+        logits, loss = forward(*args, **kwargs)
+        return logits + model.xp.asarray([float("inf")] + [0.0] * 11, dtype=logits.dtype), loss
+
+    model.forward = broken
+    with pytest.raises(ValueError, match="NaN or inf at step 0"):
+        list(generate(model, [1], 4, "greedy"))
+
+
+def test_a_huge_max_new_tokens_allocates_nothing_large_when_the_model_stops():
+    kind, message = attempt(
+        "from arraygpt import GPT, GPTConfig\n"
+        "from arraygpt.generation import generate\n"
+        "model = GPT(GPTConfig(vocab_size=12, block_size=8, n_layer=1, n_head=2, n_embd=8), seed=0)\n"
+        "def stop_soon(probs):\n"
+        "    xp = model.xp\n"
+        "    return xp.where(xp.arange(12) == 0, 1.0, 0.0) * xp.ones_like(probs)\n"
+        "out = list(generate(model, [[1, 2]] * 4, 10**12, stop_soon, eos_id=0, seed=0))\n"
+        "assert out == [(0, 0, 0, 0)], out\n")  # fmt: skip
+    assert (kind, message) == ("ok", "")
+
+
+def test_the_host_context_grows_past_its_first_capacity():
+    from arraygpt import GPT, GPTConfig
+    from arraygpt.generation import _FIRST_GROWTH, generate
+
+    model = GPT(GPTConfig(**TINY_GEN), seed=0)
+    n = 2 * _FIRST_GROWTH + 37
+    tokens = list(generate(model, [1, 2, 3], n, "temperature", seed=5))
+    assert len(tokens) == n
+    again = list(generate(model, [1, 2, 3], n, "temperature", seed=5, use_cache=False))
+    assert tokens == again
+
+
+@pytest.mark.parametrize("count", [-1, 1.5, True, "3"])
+def test_bad_max_new_tokens_is_a_clear_error(count):
+    from arraygpt import GPT, GPTConfig
+    from arraygpt.generation import generate
+
+    with pytest.raises(ValueError, match="max_new_tokens must be an integer >= 0"):
+        generate(GPT(GPTConfig(**TINY_GEN), seed=0), [1], count)
+
+
+def test_the_held_back_text_is_flushed_at_the_end_of_a_sample():
+    import io
+
+    from arraygpt.cli.sample import TextStream
+    from arraygpt.tokenizer import ByteTokenizer
+
+    out = io.StringIO()
+    stream = TextStream(ByteTokenizer(bos=True), out)
+    for token in "hé".encode():
+        stream.push(token)
+    stream.push("é".encode()[0])  # an incomplete character at the end
+    assert out.getvalue() == "hé"
+    stream.finish()
+    assert out.getvalue() == "hé\ufffd"
+    stream.finish()
+    assert out.getvalue() == "hé\ufffd"
+
+
+@pytest.fixture
+def byte_checkpoint(tmp_path):
+    from arraygpt import GPT, GPTConfig
+    from arraygpt.checkpoint import save_checkpoint
+    from arraygpt.tokenizer import ByteTokenizer
+
+    tokenizer = ByteTokenizer(bos=True)
+    model = GPT(GPTConfig(**{**TINY_GEN, "vocab_size": tokenizer.vocab_size}), seed=0)
+    save_checkpoint(tmp_path / "ckpt", model, tokenizer)
+    return str(tmp_path / "ckpt")
+
+
+def test_sample_prints_the_incomplete_character_at_the_end(byte_checkpoint, capsys, monkeypatch):
+    import arraygpt.generation
+
+    def generate(model, prompt, max_new_tokens, sampler="temperature", *, temperature=1.0, **options):
+        return iter([104, 0xC3])  # "h" and the first byte of a two-byte character
+
+    monkeypatch.setattr(arraygpt.generation, "generate", generate)
+    assert main(["sample", "--checkpoint", byte_checkpoint, "--num-samples", "2"]) == 0
+    assert capsys.readouterr().out == "h\ufffd\n---------------\nh\ufffd\n"
+
+
+@pytest.mark.parametrize(("args", "fragment"), [
+    (["--max-new-tokens", "-1"], "--max-new-tokens must be an integer >= 0, got -1"),
+    (["--num-samples", "0"], "--num-samples must be an integer in [1,"),
+    (["--num-samples", "1000000000000"], "--num-samples must be an integer in [1,"),
+    (["--show-probs", "-2"], "--show-probs must be an integer >= 0"),
+    (["--temperature", "nan"], "argument --temperature: expected a finite number, got 'nan'"),
+    (["--top-p", "inf"], "argument --top-p: expected a finite number, got 'inf'"),
+    (["--max-new-tokens", "1e12"], "argument --max-new-tokens: invalid int value: '1e12'"),
+], ids=lambda a: " ".join(a) if isinstance(a, list) else None)  # fmt: skip
+def test_bad_sample_counts_are_one_line_and_exit_2(byte_checkpoint, args, fragment):
+    assert_one_line_error(command("sample", "--checkpoint", byte_checkpoint, *args), "arraygpt sample: error:", fragment)
+
+
+# ----------------------------------------------------------------------------------------------
+# command options
+
+
+@pytest.mark.parametrize(("args", "fragment"), [
+    (["train", "--lr", "nan"], "argument --lr: expected a finite number, got 'nan'"),
+    (["train", "--dropout", "inf"], "argument --dropout: expected a finite number, got 'inf'"),
+    (["train", "--rope-scaling", "8,nan,4,8192"], "is not a number"),
+    (["train", "--batch-size", "x"], "invalid int value: 'x'"),
+    (["params", "--n-layer", "-1"], "n_layer must be a positive integer, got -1"),
+    (["params", "--n-embd", "0"], "n_embd must be a positive integer, got 0"),
+    (["bogus"], "invalid choice: 'bogus'"),
+], ids=lambda a: " ".join(a) if isinstance(a, list) else None)  # fmt: skip
+def test_bad_options_are_one_line_and_exit_2(args, fragment):
+    assert_one_line_error(command(*args), "error:", fragment)
+
+
+def test_params_of_an_absurd_depth_answers_at_once():
+    proc = command("params", "--n-layer", "1000000000", "--block-size", "1000000000", "--vocab-size", "1000000000",
+                   "--json", timeout=60)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    counts = json.loads(proc.stdout)
+    L, C, H = 10**9, 12288, 4 * 12288
+    assert counts["by_category"]["key"] == L * C * C and counts["by_category"]["up_projection"] == L * H * C
+    assert counts["by_name"]["layer*.attn_wq"] == C * C and "layer0.attn_wq" not in counts["by_name"]
+
+
+def test_params_closed_form_equals_the_count_of_every_layer():
+    import dataclasses
+
+    from arraygpt.cli.params import MAX_NAMED_LAYERS, counts_of
+    from arraygpt.model import PRESETS, GPTConfig, count_params
+
+    for preset in PRESETS:
+        config = dataclasses.replace(GPTConfig.preset(preset), n_layer=MAX_NAMED_LAYERS + 3)
+        total, by_category, by_name = counts_of(config)
+        reference = count_params(config)
+        assert (total, by_category) == (reference.total, reference.by_category), preset
+        assert sum(n for name, n in by_name.items() if name.startswith("layer*.")) * config.n_layer == sum(
+            n for name, n in reference.by_name.items() if name.startswith("layer"))  # fmt: skip

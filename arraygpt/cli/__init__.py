@@ -32,7 +32,7 @@ import argparse
 import importlib
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from arraygpt.cli.options import add_config_arguments, config_from_args
 
@@ -62,9 +62,17 @@ def _module(command: str) -> Any:
     return importlib.import_module(SUBCOMMANDS[command][0])
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse's parser whose usage errors are one line on stderr and exit 2, like every other
+    expected error (argparse's own prints the usage first)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``arraygpt`` parser with one subparser per entry of :data:`SUBCOMMANDS`."""
-    parser = argparse.ArgumentParser(prog="arraygpt", description="A GPT on the Python array API.")
+    parser = Parser(prog="arraygpt", description="A GPT on the Python array API.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for command, (_, help_text) in SUBCOMMANDS.items():
         sub_parser = sub.add_parser(command, help=help_text, description=help_text)

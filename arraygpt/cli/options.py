@@ -2,7 +2,8 @@
 
 A ``--<field>`` option is derived from each field of a dataclass (``TrainConfig``,
 ``GPTConfig``): its type from the field's type hint (a tuple, such as ``rope_scaling``, is given as
-comma-separated values: ``--rope-scaling 8,1,4,8192``), its help from ``field.metadata["help"]``,
+comma-separated values: ``--rope-scaling 8,1,4,8192``; a float is finite, ``nan`` and ``inf`` are
+refused), its help from ``field.metadata["help"]``,
 its choices from ``field.metadata["choices"]``, and the default shown in the help from the
 field's own default, so every default is written once, on the dataclass. The options themselves
 default to None ("not given"), so that the library, not argparse, fills in the defaults.
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Iterable
@@ -38,6 +40,20 @@ def parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
+def parse_finite(text: str) -> float:
+    """An argparse type for a float option: any finite number (``nan`` and ``inf`` are refused)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+parse_finite.__name__ = "number"  # argparse names the type in some messages
+
+
 def parse_tuple(elements: tuple[Any, ...], name: str) -> Any:
     """An argparse type for a tuple-typed field: comma-separated values, each converted to its
     element type (``tuple[float, float, float, int]``: ``"8,1,4,8192"`` -> ``(8.0, 1.0, 4.0, 8192)``;
@@ -55,7 +71,10 @@ def parse_tuple(elements: tuple[Any, ...], name: str) -> Any:
                 raise ValueError(text)
             return int(value)
         if kind is float:
-            return float(text)
+            value = float(text)
+            if not math.isfinite(value):
+                raise ValueError(text)
+            return value
         return kind(text)
 
     def parse(text: str) -> tuple[Any, ...]:
@@ -133,7 +152,7 @@ def add_field_arguments(group: Any, cls: type, *, skip: Iterable[str] = (), only
             parse = parse_tuple(typing.get_args(kind), field.name)
             kwargs.update(type=parse, metavar=field.metadata.get("metavar") or parse.__name__.split(" ", 1)[1][1:-1])
         else:
-            kwargs.update(type=kind, choices=field.metadata.get("choices"))
+            kwargs.update(type=parse_finite if kind is float else kind, choices=field.metadata.get("choices"))
         group.add_argument(option_name(field.name), **kwargs)
         added.append(field.name)
     return added

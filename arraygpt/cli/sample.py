@@ -17,6 +17,10 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from arraygpt.cli.options import parse_finite
+
+MAX_SAMPLES = 1_000_000  # --num-samples above this is refused as a typo rather than run for days
+
 
 def _generate_default(name: str) -> Any:
     """The default of ``generate``'s keyword argument ``name`` (written once, there)."""
@@ -30,8 +34,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, metavar="DIR",
                         help="any model directory arraygpt.load opens: an arraygpt checkpoint or run folder, or a Hugging Face directory")  # fmt: skip
     parser.add_argument("--prompt", default="", metavar="TEXT", help="text to continue (default: the BOS token)")
-    parser.add_argument("--num-samples", type=int, default=1, metavar="N", help="samples to generate (default 1)")
-    parser.add_argument("--max-new-tokens", type=int, default=200, metavar="M", help="tokens per sample (default 200)")
+    parser.add_argument("--num-samples", type=int, default=1, metavar="N",
+                        help=f"samples to generate, 1 to {MAX_SAMPLES:,} (default 1)")  # fmt: skip
+    parser.add_argument("--max-new-tokens", type=int, default=200, metavar="M",
+                        help="most tokens per sample, >= 0; a sample also ends at an end token (default 200)")  # fmt: skip
     add_sampler_arguments(parser)
     parser.add_argument("--show-probs", type=int, default=0, metavar="K",
                         help="for each token, print the K most likely candidates before and after the sampler")  # fmt: skip
@@ -52,12 +58,12 @@ def add_sampler_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--sampler", default=DEFAULT_SAMPLER, metavar="NAME[,NAME...]",
                        help="registered sampler(s), applied in order after the temperature (built-in: greedy, "
                             f"temperature, top_k, top_p, min_p; `arraygpt plugins` lists all; default {DEFAULT_SAMPLER})")  # fmt: skip
-    group.add_argument("--temperature", type=float, default=temperature, metavar="T",
+    group.add_argument("--temperature", type=parse_finite, default=temperature, metavar="T",
                        help=f"softmax temperature T >= 0 (0 = greedy; no upper cap; default {temperature:g})")  # fmt: skip
     group.add_argument("--top-k", type=int, default=None, metavar="K", help="top_k: keep the K most likely tokens")
-    group.add_argument("--top-p", type=float, default=None, metavar="P",
+    group.add_argument("--top-p", type=parse_finite, default=None, metavar="P",
                        help="top_p: keep the smallest set of most likely tokens whose mass reaches P")  # fmt: skip
-    group.add_argument("--min-p", type=float, default=None, metavar="P",
+    group.add_argument("--min-p", type=parse_finite, default=None, metavar="P",
                        help="min_p: keep tokens with probability >= P times the most likely one's")  # fmt: skip
     group.add_argument("--option", action="append", default=[], metavar="NAME=VALUE",
                        help="an option of a plugin's sampler (repeatable), e.g. --option epsilon=0.02")  # fmt: skip
@@ -102,6 +108,15 @@ class TextStream:
         self.out.flush()
         self.printed = len(text)
 
+    def finish(self) -> None:
+        """Print what is still held back at the end of a sample (an incomplete character is
+        printed as the decoder renders it, U+FFFD), so no generated text is lost."""
+        text = self.tokenizer.decode(self.ids)
+        if len(text) > self.printed:
+            self.out.write(text[self.printed :])
+            self.out.flush()
+            self.printed = len(text)
+
     def text(self) -> str:
         return self.tokenizer.decode(self.ids)
 
@@ -134,7 +149,9 @@ def run(args: argparse.Namespace) -> int:
 
     options = sampler_options(args)
     sampler = [s.strip() for s in args.sampler.split(",")] if "," in args.sampler else args.sampler.strip()
-    check_number("--num-samples", args.num_samples, 1, integer=True)
+    check_number("--num-samples", args.num_samples, 1, MAX_SAMPLES, integer=True)
+    check_number("--max-new-tokens", args.max_new_tokens, 0, integer=True)
+    check_number("--show-probs", args.show_probs, 0, integer=True)
     make_sampler(sampler, temperature=args.temperature, **options)  # report bad options before loading
     model, tokenizer, prefix = _load(args.checkpoint)
     specials = [getattr(tokenizer, "bos_id", None), getattr(tokenizer, "eos_id", None), *getattr(tokenizer, "eos_ids", ())]
@@ -165,6 +182,7 @@ def run(args: argparse.Namespace) -> int:
             if token in ends:
                 break
             stream.push(token)
+        stream.finish()
         if args.show_probs:
             out.write(f"=> {args.prompt}{stream.text()}")
     out.write("\n")
