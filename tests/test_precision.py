@@ -245,6 +245,21 @@ def test_an_injected_inf_gradient_skips_the_step(names_data):
     assert any(not np.array_equal(p, before[n]) for n, p in _host(mp.params).items())
 
 
+def test_an_overflow_on_another_rank_skips_the_step_here(names_data):
+    """With sharded gradients, ``reduce`` adds the count of non-finite tensors over the ranks:
+    an inf on another rank skips this rank's step too."""
+    tok, _ = names_data
+    mp = MixedPrecision(GPT(_config(tok.vocab_size), seed=0), "float16")
+    opt = create_optimizer("adamw", mp.params)
+    mp.forward(*_batch(names_data))
+    grads = mp.backward()
+    before = _host(mp.params)
+    skipped, _ = mp.apply(grads, opt, 1e-2, grad_clip=1.0, reduce=lambda bad: bad + 1.0)
+    assert skipped and mp.skipped_steps == 1 and opt.state_dict()["step"] == 0
+    for name, p in _host(mp.params).items():
+        np.testing.assert_array_equal(p, before[name], name)
+
+
 def test_a_huge_scale_overflows_then_backs_off_and_recovers(names_data):
     tok, _ = names_data
     scaler = LossScaler(init_scale=2.0**40, growth_interval=1000)
