@@ -315,6 +315,10 @@ class MixedPrecision:
     def set_rng_state(self, state: Mapping[str, Any]) -> None:
         self.master.set_rng_state(state)
 
+    def close(self) -> None:
+        """Shut down the compute model's thread pool (the master is the caller's to close)."""
+        self.compute.close()
+
     def refresh(self) -> None:
         """Copy the master weights into the compute model, rounded to its dtype."""
         self.compute.load_state_dict(self.master.params)

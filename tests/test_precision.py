@@ -386,6 +386,8 @@ def test_mixed_precision_across_threads_matches_one_thread(names_data):
         mp = MixedPrecision(GPT(config, seed=0, threads=threads), "float16")
         mp.forward(x, y)
         grads.append(mp.backward())
+        mp.close()
+        mp.master.close()
     _assert_grads_close(grads[1], grads[0])
 
 
@@ -419,8 +421,10 @@ def test_bfloat16_where_the_backend_has_it(names_data):
 
 
 def test_tf32_switch(monkeypatch):
-    monkeypatch.delenv("CUPY_TF32", raising=False)
+    monkeypatch.setenv("CUPY_TF32", "0")  # recorded first, so the test leaves the variable as it found it
     assert not tf32_enabled()
+    monkeypatch.delenv("CUPY_TF32")
+    assert not tf32_enabled()  # off by default
     import sys
 
     if "cupy" not in sys.modules:
