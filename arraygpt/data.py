@@ -162,6 +162,19 @@ def read_source(source: str | Path) -> str:
     return text
 
 
+def resolve_source(source: str | Path) -> str:
+    """The source as a run records it: a built-in name as is, a file as its absolute path, so that
+    ``--resume`` reads the same file from any working directory.
+
+    Example:
+        >>> resolve_source("names")
+        'names'
+    """
+    if isinstance(source, str) and source in BUILTIN_SOURCES:
+        return source
+    return str(Path(source).absolute())
+
+
 def split_documents(text: str) -> list[str]:
     """One document per line (line endings removed); empty lines are dropped."""
     return [line for line in (raw.rstrip("\r") for raw in text.split("\n")) if line]
@@ -390,13 +403,24 @@ def _check_known(tokenizer: Tokenizer, text: str) -> None:
 
 
 def make_dataset(text: str, tokenizer: Tokenizer, mode: str, block_size: int, val_fraction: float = 0.1,
-                 split_seed: int = 42) -> Dataset:  # fmt: skip
-    """The data set of ``mode`` (``documents`` or ``stream``) over ``text``."""
-    if mode == "documents":
-        return DocumentDataset(text, tokenizer, block_size, val_fraction, split_seed)
-    if mode == "stream":
-        return StreamDataset(text, tokenizer, block_size, val_fraction, split_seed)
-    raise ValueError(f"unknown data mode {mode!r}; choose one of {', '.join(MODES)}")
+                 split_seed: int = 42, *, source: str | Path | None = None) -> Dataset:  # fmt: skip
+    """The data set of ``mode`` (``documents`` or ``stream``) over ``text``.
+
+    Args:
+        source: where the text came from (a file or ``names``); a DataError's message then names it.
+
+    Raises:
+        DataError: the text cannot make this data set (see the two classes).
+    """
+    if mode not in MODES:
+        raise ValueError(f"unknown data mode {mode!r}; choose one of {', '.join(MODES)}")
+    cls = DocumentDataset if mode == "documents" else StreamDataset
+    try:
+        return cls(text, tokenizer, block_size, val_fraction, split_seed)
+    except DataError as e:
+        if source is None:
+            raise
+        raise DataError(f"training text {source}: {e}") from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -483,7 +507,8 @@ class Batcher:
                 raise DataError(f"{where} has no {key!r}; it must hold rng, epoch and position")
         rng, epoch, position = state["rng"], state["epoch"], state["position"]
         name = type(self.rng.bit_generator).__name__
-        if not (isinstance(rng, Mapping) and rng.get("bit_generator") == name and isinstance(rng.get("state"), Mapping)):
+        is_state = isinstance(rng, Mapping) and rng.get("bit_generator") == name
+        if not (is_state and isinstance(rng.get("state"), Mapping)):
             raise bad("rng", rng, f"the state of a {name} generator (bit_generator {name!r} and its state)")
         fields = [*rng["state"].values(), *(v for k, v in rng.items() if k not in ("bit_generator", "state"))]
         if not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 0 for v in fields):

@@ -410,6 +410,27 @@ def test_a_stream_shorter_than_a_window_is_a_data_error():
         make_dataset("abcdefabcdef", tok, "stream", 64)
 
 
+def test_a_recorded_source_is_absolute(tmp_path, monkeypatch):
+    from arraygpt.data import read_source, resolve_source
+
+    (tmp_path / "t.txt").write_text("hello\n")
+    monkeypatch.chdir(tmp_path)
+    recorded = resolve_source("t.txt")
+    assert recorded == str(tmp_path / "t.txt") and resolve_source("names") == "names"
+    monkeypatch.chdir("/")
+    assert read_source(recorded) == "hello\n"
+
+
+def test_a_data_set_error_names_the_source_when_given():
+    from arraygpt.data import DataError, default_tokenizer, make_dataset
+
+    tok = default_tokenizer("char", "abcdef", "stream")
+    with pytest.raises(DataError, match=r"^training text data/short.txt: block_size 64 is larger"):
+        make_dataset("abcdef" * 3, tok, "stream", 64, source="data/short.txt")
+    with pytest.raises(DataError, match=r"^training text one.txt: 1 document\(s\) are too few"):
+        make_dataset("abc\n", default_tokenizer("char", "abc", "documents"), "documents", 8, source="one.txt")
+
+
 def test_documents_memory_follows_the_tokens_not_the_longest_document():
     # 20,000 short documents and one of 2,000,000 characters: a documents x longest table would
     # be 320 GB; ids plus offsets are 17 MB
