@@ -634,6 +634,7 @@ def test_sample_prints_the_incomplete_character_at_the_end(byte_checkpoint, caps
     (["--temperature", "nan"], "argument --temperature: expected a finite number, got 'nan'"),
     (["--top-p", "inf"], "argument --top-p: expected a finite number, got 'inf'"),
     (["--max-new-tokens", "1e12"], "argument --max-new-tokens: invalid int value: '1e12'"),
+    (["--stop", ""], "--stop takes a non-empty text"),
 ], ids=lambda a: " ".join(a) if isinstance(a, list) else None)  # fmt: skip
 def test_bad_sample_counts_are_one_line_and_exit_2(byte_checkpoint, args, fragment):
     assert_one_line_error(command("sample", "--checkpoint", byte_checkpoint, *args), "arraygpt sample: error:", fragment)
@@ -654,6 +655,16 @@ def test_bad_sample_counts_are_one_line_and_exit_2(byte_checkpoint, args, fragme
 ], ids=lambda a: " ".join(a) if isinstance(a, list) else None)  # fmt: skip
 def test_bad_options_are_one_line_and_exit_2(args, fragment):
     assert_one_line_error(command(*args), "error:", fragment)
+
+
+@pytest.mark.parametrize(("args", "fragment"), [
+    (["plot", "probs", "--dpi", "100000"], "--dpi must be an integer in [1, 1200], got 100000"),
+    (["plot", "probs", "--max-new-tokens", "10000000000"], "--max-new-tokens must be an integer in [0, 1000]"),
+    (["explain", "--max-new-tokens", "-1"], "--max-new-tokens must be an integer in [0, 1000]"),
+    (["explain", "--candidates", "0"], "--candidates must be an integer >= 1"),
+], ids=lambda a: " ".join(a) if isinstance(a, list) else None)  # fmt: skip
+def test_absurd_picture_sizes_are_one_line_and_exit_2(byte_checkpoint, args, fragment):
+    assert_one_line_error(command(*args, "--checkpoint", byte_checkpoint), "error:", fragment)
 
 
 def test_params_of_an_absurd_depth_answers_at_once():

@@ -25,6 +25,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+MAX_DPI = 1200  # a PNG's resolution; --dpi 100000 would ask matplotlib for terabytes
+MAX_PICTURE_TOKENS = 1000  # tokens a picture or page shows; more is unreadable and only costs memory
 KINDS = ("probs", "attention", "lens", "embeddings", "loss", "params")
 MODEL_KINDS = ("probs", "attention", "lens", "embeddings")
 SUFFIXES = (".png", ".svg")
@@ -40,7 +42,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, max_new_tokens: int)
                              "or a Hugging Face directory)")  # fmt: skip
     parser.add_argument("--prompt", default="", metavar="TEXT", help="text to look at / continue (default: the BOS token)")
     parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens, metavar="N",
-                        help=f"tokens to generate (default {max_new_tokens})")  # fmt: skip
+                        help=f"tokens to generate, 0 to {MAX_PICTURE_TOKENS} (default {max_new_tokens})")  # fmt: skip
     parser.add_argument("--candidates", type=int, default=8, metavar="K",
                         help="candidates shown for each generated token (default 8)")  # fmt: skip
     from arraygpt.cli.sample import add_sampler_arguments
@@ -56,7 +58,7 @@ def generation_options(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
 
     options = sampler_options(args)
     sampler: Any = [s.strip() for s in args.sampler.split(",")] if "," in args.sampler else args.sampler.strip()
-    check_number("--max-new-tokens", args.max_new_tokens, 0, integer=True)
+    check_number("--max-new-tokens", args.max_new_tokens, 0, MAX_PICTURE_TOKENS, integer=True)
     check_number("--candidates", args.candidates, 1, integer=True)
     make_sampler(sampler, temperature=args.temperature, **options)
     return sampler, dict(temperature=args.temperature, seed=args.seed, k=args.candidates, **options)
@@ -91,7 +93,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", metavar="NAME", help="params: a GPTConfig preset, e.g. gpt3-175b")
     parser.add_argument("--token", default=None, metavar="TEXT",
                         help="embeddings: mark this token's nearest neighbours (default: the prompt's last token)")  # fmt: skip
-    parser.add_argument("--dpi", type=int, default=100, help="PNG resolution (default 100)")
+    parser.add_argument("--dpi", type=int, default=100, help=f"PNG resolution, 1 to {MAX_DPI} (default 100)")
     parser.add_argument("-o", "--output", default=None, metavar="FILE",
                         help="the file to write, .png or .svg (default KIND.png)")  # fmt: skip
 
@@ -112,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
 
     kind = _check_kind(args.kind)
     out = output_path(args.output, f"{kind}.png", SUFFIXES)
-    check_number("--dpi", args.dpi, 1, integer=True)
+    check_number("--dpi", args.dpi, 1, MAX_DPI, integer=True)
     sampler, options = generation_options(args)
     if kind == "loss":
         run_dir = args.run

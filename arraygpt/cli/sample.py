@@ -162,6 +162,8 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError("--prompt is empty and the tokenizer has no BOS token to start from; give --prompt")
         prompt = [getattr(tokenizer, "bos_id", None) if getattr(tokenizer, "bos_id", None) is not None else ends[0]]
     stop = [list(tokenizer.encode(s)) for s in args.stop]
+    if any(not ids for ids in stop):
+        raise ValueError("--stop takes a non-empty text (one that encodes to at least one token)")
     rng = host_rng(args.seed)
     out = sys.stdout
     for i in range(args.num_samples):
