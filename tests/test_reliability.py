@@ -667,6 +667,16 @@ def test_absurd_picture_sizes_are_one_line_and_exit_2(byte_checkpoint, args, fra
     assert_one_line_error(command(*args, "--checkpoint", byte_checkpoint), "error:", fragment)
 
 
+@pytest.mark.parametrize("args", [["sample"], ["plot", "probs"], ["explain"]], ids=lambda a: a[0])
+def test_a_checkpoint_without_a_tokenizer_is_one_line_for_the_commands_that_show_text(tmp_path, args):
+    from arraygpt import GPT, GPTConfig
+    from arraygpt.checkpoint import save_checkpoint
+
+    save_checkpoint(tmp_path / "ckpt", GPT(GPTConfig(**TINY_GEN), seed=0))
+    out = ["-o", str(tmp_path / ("x.html" if args[0] == "explain" else "x.png"))] if args[0] != "sample" else []
+    assert_one_line_error(command(*args, "--checkpoint", str(tmp_path / "ckpt"), *out), "has no tokenizer")
+
+
 def test_params_of_an_absurd_depth_answers_at_once():
     proc = command("params", "--n-layer", "1000000000", "--block-size", "1000000000", "--vocab-size", "1000000000",
                    "--json", timeout=60)  # fmt: skip

@@ -64,13 +64,16 @@ def generation_options(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
     return sampler, dict(temperature=args.temperature, seed=args.seed, k=args.candidates, **options)
 
 
-def load_model(directory: str | None, needed_by: str) -> tuple[Any, Any, list[int]]:
-    """(model, tokenizer, prompt prefix) of ``arraygpt.load(directory)``."""
+def load_model(directory: str | None, needed_by: str, *, tokenizer: bool = True) -> tuple[Any, Any, list[int]]:
+    """(model, tokenizer, prompt prefix) of ``arraygpt.load(directory)``; ``tokenizer``: refuse a
+    checkpoint without one (its tokens cannot be shown as text)."""
     if not directory:
         raise ValueError(f"{needed_by} needs --checkpoint DIR (a checkpoint or run folder)")
     from arraygpt.formats import load
 
     ckpt = load(directory)
+    if tokenizer and ckpt.tokenizer is None:
+        raise ValueError(f"checkpoint {directory} has no tokenizer, so {needed_by} cannot show its tokens as text")
     return ckpt.model, ckpt.tokenizer, list(ckpt.prompt_prefix)
 
 
@@ -127,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
         if args.preset:
             picture = viz.plot_param_tally(args.preset)
         elif args.checkpoint:
-            model, _, _ = load_model(args.checkpoint, kind)
+            model, _, _ = load_model(args.checkpoint, kind, tokenizer=False)
             picture = viz.plot_param_tally(model.config, name=Path(args.checkpoint).name)
         else:
             raise ValueError("params needs --preset NAME (e.g. gpt3-175b) or --checkpoint DIR")
