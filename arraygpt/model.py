@@ -404,8 +404,8 @@ class GPT:
         self.backend: Backend = load_backend(backend) if isinstance(backend, str) else backend or get_backend()
         self.xp = self.backend.xp
         if not hasattr(self.xp, dtype):
-            raise ValueError(f"the {self.backend.name} backend has no {dtype}; choose one of "
-                             f"{', '.join(d for d in DTYPES + COMPUTE_DTYPES if hasattr(self.xp, d))}")  # fmt: skip
+            has = ", ".join(d for d in DTYPES + COMPUTE_DTYPES if hasattr(self.xp, d))
+            raise ValueError(f"dtype must be one of {has}: the {self.backend.name} backend has no {dtype}")
         self.dtype = dtype
         self.training = False
         self.params: dict[str, Array] = self._init_params(seed) if init else self._zero_params()
