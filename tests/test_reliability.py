@@ -129,6 +129,16 @@ def test_a_bug_shows_its_traceback_from_the_command(tmp_path):
     assert "Traceback" in proc.stderr and "TypeError: a genuine bug" in proc.stderr
 
 
+def test_output_cut_short_by_its_reader_ends_quietly():
+    code = "import sys; from arraygpt.cli import main; sys.exit(main(sys.argv[1:]))"
+    proc = subprocess.Popen([sys.executable, "-c", code, "params", "--n-layer", "1024", "--json"], cwd=ROOT, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    assert proc.stdout.readline().strip() == "{"
+    proc.stdout.close()  # as `| head -1` does
+    err = proc.stderr.read()
+    assert proc.wait(60) == 0 and err == "", err
+
+
 # ----------------------------------------------------------------------------------------------
 # run folders: the lock
 

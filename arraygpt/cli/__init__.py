@@ -18,7 +18,8 @@ line ``arraygpt <command>: error: ...`` on stderr; 130 an interrupt. Bad input i
 :data:`EXPECTED_ERRORS`: a ``ValueError`` (arraygpt's ``CheckpointError``, ``DataError`` and
 ``RunFolderError`` are ValueErrors, and so are its argument checks), an ``OSError`` about a path, a
 missing optional dependency (``ImportError``), a failing plugin (``PluginError``) or a backend that
-cannot run here (``BackendUnavailable``). Any other exception (a ``TypeError``, ``KeyError``,
+cannot run here (``BackendUnavailable``). Output cut short by its reader (``| head``) ends the
+command quietly with 0. Any other exception (a ``TypeError``, ``KeyError``,
 ``IndexError``...) is a bug and keeps its traceback (docs/reliability.md).
 
 Not here: any training, sampling or loading logic (``arraygpt.training``, ``arraygpt.generation``,
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
@@ -96,6 +98,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"arraygpt {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader of the output stopped (| head): not an error of the command
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so that the final flush at exit does not fail again
+        return 0
     except expected as e:
         print(f"arraygpt {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
