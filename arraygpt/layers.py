@@ -499,8 +499,12 @@ def gelu_tanh_forward(x: Array) -> tuple[Array, ActivationCache]:
 
 def gelu_tanh_backward(dout: Array, cache: ActivationCache) -> Array:
     """forward: out = x s, s = sigmoid(2u), u = c (x + a x^3), i.e. 0.5 x (1 + tanh u).
-    dx = dout * (s + x s (1 - s) 2c (1 + 3a x^2))."""
+    dx = dout * (s + x s (1 - s) 2c (1 + 3a x^2)).
+    Past |x| = 16, s (1 - s) < 1e-130 and the second term is nothing, so the polynomial takes x
+    capped there: x^3 would overflow float16 (at |x| >= 40) and turn 0 * inf into NaN."""
     x, s = cache
+    xp = namespace(x)
+    x = xp.clip(x, min=-16.0, max=16.0)
     g = x * x
     g *= 6.0 * _GELU_C * _GELU_A
     g += 2.0 * _GELU_C  # 2 du/dx = 2c (1 + 3a x^2)

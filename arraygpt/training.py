@@ -57,6 +57,7 @@ from arraygpt.data import MODES, Batcher, Dataset, DataError, default_tokenizer,
 from arraygpt.distributed import CollectiveTimeout, ShardedOptimizer, World, get_world
 from arraygpt.model import DTYPES, GPT, GPTConfig, check_fields
 from arraygpt.optim import SCHEDULES, Schedule, clip_grad_norm, create_optimizer
+from arraygpt.precision import PRECISIONS, mixed_precision
 from arraygpt.tokenizer import ByteTokenizer, CharTokenizer, Tokenizer, read_tokenizer_file
 
 METRICS_FILE = "metrics.jsonl"
@@ -145,6 +146,9 @@ class TrainConfig:
     backend: str | None = field(default=None, metadata={
         "help": "numpy, cupy, array_api_strict, torch...; unset: $ARRAYGPT_BACKEND or numpy"})  # fmt: skip
     dtype: str = field(default="float32", metadata={"help": "precision of the model", "choices": DTYPES})
+    precision: str = field(default="full", metadata={
+        "help": "full: compute in --dtype; mixed-float16: float32 master weights and optimizer state, float16 "
+                "compute, dynamic loss scaling (docs/precision.md)", "choices": PRECISIONS})  # fmt: skip
     samples: int = field(default=10, metadata={"help": "samples printed at the end"})
     sample_length: int = field(default=32, metadata={"help": "tokens per sample at most"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature of the samples"})
@@ -167,6 +171,10 @@ class TrainConfig:
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 label = "learning rate (lr)" if name == "lr" else name
                 raise ValueError(f"{label} must be a finite number >= 0, got {value!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.precision != "full" and self.dtype != "float32":
+            raise ValueError(f"precision {self.precision} keeps float32 master weights; dtype must be float32")
         if self.min_lr > self.lr:
             raise ValueError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
         if self.warmup_steps > self.steps:
@@ -231,6 +239,7 @@ class Run:
         self.world = world or World()
         self.config = config
         self.model = model
+        self.mixed = mixed_precision(model, config.precision)  # None for "full"
         self.tokenizer = tokenizer
         self.dataset = dataset
         self.batcher = batcher
@@ -394,6 +403,7 @@ class Run:
             "best_val_loss": self.best_val_loss if math.isfinite(self.best_val_loss) else None,
             "world_size": self.world.size,
             "global_batch": self.global_batch,
+            **({"precision": self.mixed.state_dict()} if self.mixed is not None else {}),
         }
 
     def save(self, which: str = "last") -> Path | None:
@@ -472,12 +482,19 @@ class Run:
             lr = self.schedule(self.step)
             grads, loss, n_tokens = self.gradients(x, y)
             metrics: dict[str, float] = {"loss": loss, "lr": lr}
-            if cfg.grad_clip:
-                norm = clip_grad_norm(grads, cfg.grad_clip, self._sum_over_shards)
-                if not math.isfinite(norm):
-                    self._diverged(f"the gradient norm is {norm}")
-                metrics["grad_norm"] = norm
-            self.optimizer.step(grads, lr)
+            if self.mixed is not None:  # an inf/nan gradient skips the update and lowers the loss scale
+                skipped, norm = self.mixed.apply(grads, self.optimizer, lr, grad_clip=cfg.grad_clip,
+                                                 reduce=self._sum_over_shards)  # fmt: skip
+                metrics.update(skipped=float(skipped), loss_scale=self.mixed.scaler.scale)
+                if norm is not None:
+                    metrics["grad_norm"] = norm
+            else:
+                if cfg.grad_clip:
+                    norm = clip_grad_norm(grads, cfg.grad_clip, self._sum_over_shards)
+                    if not math.isfinite(norm):
+                        self._diverged(f"the gradient norm is {norm}")
+                    metrics["grad_norm"] = norm
+                self.optimizer.step(grads, lr)
             self.step += 1
             dt = time.perf_counter() - t0
             metrics["tokens_per_s"] = n_tokens / dt if dt > 0 else 0.0
@@ -531,7 +548,7 @@ class Run:
         Raises:
             TrainingDiverged: the loss is NaN or infinite.
         """
-        cfg, model, world = self.config, self.model, self.world
+        cfg, model, world = self.config, self.mixed or self.model, self.world
         B, P = cfg.batch_size, cfg.batch_size * cfg.grad_accum
         n_total = int((y >= 0).sum())
         if world.size == 1 and cfg.grad_accum == 1:  # one micro-batch: the plain step
@@ -811,6 +828,8 @@ def _resumed_run(resume: str | Path, options: dict[str, Any], pm: Any, progress:
     run = Run(tc, model, ckpt.tokenizer, dataset, batcher, optimizer, run_dir, pm, step=int(extra["step"]),
               best_val_loss=math.inf if best is None else float(best), data_sha256=extra.get("data_sha256", ""),
               progress=progress, world=world)  # fmt: skip
+    if run.mixed is not None:
+        run.mixed.load_state_dict(extra["precision"])
     run._last_saved = run.step
     return run
 

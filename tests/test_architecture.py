@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LEVELS = {
     "cli": 6,
     "training": 5, "generation": 5, "interop": 5, "interop_llama": 5, "formats": 5, "checkpoint": 5,
-    "data": 5, "viz": 5, "distributed": 5,
+    "data": 5, "viz": 5, "distributed": 5, "precision": 5, "runfolder": 5,
     "model": 4,
     "kernels": 3,
     "core": 2, "runner": 2, "optim": 2, "sampling": 2,

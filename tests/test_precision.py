@@ -475,3 +475,41 @@ def test_gpu_gradients_equal_float32_and_overflow_is_skipped(cupy_backend, names
     assert skipped and mp.scaler.scale == 2.0**39 and mp.skipped_steps == 1
     for name, p in _host(mp.params).items():
         np.testing.assert_array_equal(p, before[name], name)
+
+
+def test_train_with_mixed_float16_records_the_scale_and_resumes_exactly(tmp_path):
+    """arraygpt.train(precision="mixed-float16"): the loop runs the mixed step, records the loss
+    scale, checkpoints the scaler and master weights, and a stopped run resumes bit-identically."""
+    import json
+
+    import arraygpt
+
+    text = tmp_path / "names.txt"
+    text.write_text("\n".join(_names(200)) + "\n")
+    options = dict(mode="documents", steps=12, batch_size=8, eval_interval=6, eval_batches=1, samples=0,
+                   precision="mixed-float16", progress=False)  # fmt: skip
+    straight = arraygpt.train(str(text), out_dir=tmp_path / "a", **options)
+    records = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert straight.mixed is not None and straight.model.dtype == "float32"
+    assert any(r.get("event") == "train" for r in records)
+    arraygpt.train(str(text), out_dir=tmp_path / "b", stop_after=6, **options)
+    resumed = arraygpt.train(resume=tmp_path / "b", progress=False)
+    assert resumed.mixed.scaler.state_dict() == straight.mixed.scaler.state_dict()
+    for name, p in straight.model.params.items():
+        np.testing.assert_array_equal(to_numpy(resumed.model.params[name]), to_numpy(p), err_msg=name)
+    with pytest.raises(ValueError, match="precision"):
+        arraygpt.TrainConfig(precision="mixed-float8")
+
+
+def test_gelu_backward_is_finite_in_float16_for_large_inputs():
+    """The polynomial of GELU's backward would overflow float16 (x^3 at |x| >= 40): past |x| = 16
+    the derivative is 1 (x > 0) or 0 (x < 0) to float16 precision, and it stays finite."""
+    from arraygpt import layers
+
+    x = np.array([-300.0, -40.0, -16.0, -1.0, 0.0, 1.0, 16.0, 40.0, 300.0], dtype=np.float16)
+    _, cache = layers.gelu_tanh_forward(x)
+    dx = layers.gelu_tanh_backward(np.ones_like(x), cache)
+    wide = layers.gelu_tanh_backward(np.ones(9), layers.gelu_tanh_forward(x.astype(np.float64))[1])
+    assert np.all(np.isfinite(dx))
+    np.testing.assert_allclose(dx.astype(np.float64), wide, atol=2e-3)
+    np.testing.assert_array_equal(dx[[0, 1, 7, 8]], [0.0, 0.0, 1.0, 1.0])
