@@ -488,9 +488,9 @@ def gelu_tanh_forward(x: Array) -> tuple[Array, ActivationCache]:
     minus_2u *= -2.0 * _GELU_C * _GELU_A
     minus_2u -= 2.0 * _GELU_C
     minus_2u *= x
-    # Capped so that exp stays finite (sigmoid is 0 there anyway); NumPy takes the minimum with a
-    # row of caps about twice as fast as with a scalar.
-    cap = xp.full((x.shape[-1],), 80.0, dtype=x.dtype, device=x.device)
+    # Capped so that exp stays finite (sigmoid is 0 there anyway; float16 overflows past 11); NumPy
+    # takes the minimum with a row of caps about twice as fast as with a scalar.
+    cap = xp.full((x.shape[-1],), min(80.0, math.log(float(xp.finfo(x.dtype).max))), dtype=x.dtype, device=x.device)
     s = xp.exp(xp.minimum(minus_2u, cap))
     s += 1.0
     s = 1.0 / s  # sigmoid(2u)

@@ -58,6 +58,7 @@ from arraygpt.distributed import CollectiveTimeout, ShardedOptimizer, World, get
 from arraygpt.model import DTYPES, GPT, GPTConfig, check_fields
 from arraygpt.optim import SCHEDULES, Schedule, clip_grad_norm, create_optimizer
 from arraygpt.precision import PRECISIONS, mixed_precision
+from arraygpt.runfolder import check_new_run_folder, check_run_folder, check_training_state, lock_run_folder, resume_source
 from arraygpt.tokenizer import ByteTokenizer, CharTokenizer, Tokenizer, read_tokenizer_file
 
 METRICS_FILE = "metrics.jsonl"
@@ -723,17 +724,6 @@ def _make_tokenizer(config: TrainConfig, text: str, given: Tokenizer | None) -> 
     return read_tokenizer_file(path)
 
 
-def _run_dir(resume: str | Path) -> Path:
-    path = Path(resume)
-    if (path / "last").is_dir() or (path / ".last.old").is_dir():
-        return path
-    if (path / "config.json").is_file() and path.name in ("last", "best", ".last.old"):
-        return path.parent
-    if not path.exists():
-        raise FileNotFoundError(f"--resume {resume}: no such run folder")
-    raise FileNotFoundError(f"--resume {resume}: not a run folder (it has no last/ checkpoint)")
-
-
 def _new_run(data: str, config: GPTConfig | str, options: dict[str, Any], out_dir: str | Path | None,
              tokenizer: Tokenizer | None, pm: Any, progress: bool, world: World) -> Run:  # fmt: skip
     model_overrides, train_options = _split_options(options)
@@ -760,13 +750,12 @@ def _new_run(data: str, config: GPTConfig | str, options: dict[str, Any], out_di
             f"vocab_size {model_config.vocab_size} is smaller than the tokenizer's {tok.vocab_size} tokens; "
             f"leave vocab_size unset to take the tokenizer's"
         )
-    dataset = make_dataset(text, tok, tc.mode, model_config.block_size, tc.val_fraction, tc.split_seed)  # type: ignore[arg-type]
+    dataset = make_dataset(text, tok, tc.mode, model_config.block_size, tc.val_fraction, tc.split_seed,
+                           source=tc.data)  # type: ignore[arg-type]
     batcher = Batcher(dataset, world.size * tc.batch_size * tc.grad_accum, seed=tc.seed)  # the global batch
     run_dir = None
     if out_dir is not None:
         run_dir = Path(out_dir)
-        if (run_dir / "last").exists() or (run_dir / ".last.old").exists():
-            raise ValueError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or choose another --out-dir")
         if world.is_root:
             run_dir.mkdir(parents=True, exist_ok=True)
     model = GPT(model_config, seed=tc.seed, dtype=tc.dtype, backend=tc.backend)
@@ -792,13 +781,11 @@ def _make_optimizer(tc: TrainConfig, model: GPT, pm: Any, world: World) -> Any:
 def _resumed_run(resume: str | Path, options: dict[str, Any], pm: Any, progress: bool, world: World) -> Run:
     from arraygpt.checkpoint import load_checkpoint
 
-    run_dir = _run_dir(resume)
+    run_dir, source = resume_source(resume)  # the run folder, and its last/ (or the best/ given)
     model_overrides, train_options = _split_options(options)
-    source = Path(resume) if (Path(resume) / "config.json").is_file() else run_dir  # a run folder, or its best/
     ckpt = load_checkpoint(source, backend=train_options.get("backend"))
     extra = ckpt.extra
-    if "train_config" not in extra or "data" not in extra:
-        raise ValueError(f"{ckpt.path} is not a training checkpoint (its state.json has no training state)")
+    check_training_state(extra, ckpt.path)
     saved = TrainConfig.from_dict(extra["train_config"])
     batch = _split_global_batch(saved, extra, world.size, train_options)
     may_change = (*RESUME_OVERRIDABLE, *batch)  # batch_size and grad_accum: checked to keep the global batch
@@ -812,11 +799,12 @@ def _resumed_run(resume: str | Path, options: dict[str, Any], pm: Any, progress:
         )
     tc = dataclasses.replace(saved, **{k: v for k, v in train_options.items() if k in RESUME_OVERRIDABLE}, **batch)
     if ckpt.tokenizer is None:
-        raise ValueError(f"{ckpt.path} has no tokenizer.json; a training checkpoint needs one")
+        raise ValueError(f"{ckpt.path} has no tokenizer; a training checkpoint needs one")
     text = read_source(tc.data)
     if extra.get("data_sha256") and fingerprint(text) != extra["data_sha256"]:
         raise DataError(f"the data {tc.data!r} changed since the run started (its sha256 differs); cannot resume exactly")
-    dataset = make_dataset(text, ckpt.tokenizer, tc.mode, ckpt.config.block_size, tc.val_fraction, tc.split_seed)  # type: ignore[arg-type]
+    dataset = make_dataset(text, ckpt.tokenizer, tc.mode, ckpt.config.block_size, tc.val_fraction, tc.split_seed,
+                           source=tc.data)  # type: ignore[arg-type]
     batcher = Batcher(dataset, world.size * tc.batch_size * tc.grad_accum, seed=tc.seed)  # the global batch
     batcher.load_state_dict(extra["data"])
     model = ckpt.model
@@ -915,18 +903,28 @@ def train(data: str = "names", *, config: GPTConfig | str = "microgpt", out_dir:
         options["tokenizer"], tokenizer = str(tokenizer), None
     if stop_after is not None and (isinstance(stop_after, bool) or not isinstance(stop_after, int) or stop_after < 0):
         raise ValueError(f"stop_after must be an integer >= 0, got {stop_after!r}")
+    folder = Path(out_dir) if out_dir is not None else None
     if resume is not None:
-        if out_dir is not None and Path(out_dir).resolve() != _run_dir(resume).resolve():
+        folder = resume_source(resume)[0]
+        if out_dir is not None and Path(out_dir).resolve() != folder.resolve():
             raise ValueError("a resumed run writes into its own folder; do not pass out_dir with resume")
-        run = _resumed_run(resume, options, pm, progress, world)
-    else:
-        run = _new_run(data, config, options, out_dir, tokenizer, pm, progress, world)
-    if world.size > 1:
-        with _ending_all_ranks_on_error(world), world.starting():  # the same weights everywhere: rank 0's
-            run.model.load_state_dict(world.broadcast_arrays_(run.model.params))
-            world.check_identical(run.model.params)
-    _print_header(run, resumed=resume is not None)
-    run.train(stop_after=stop_after)
+    # One run per folder: rank 0 holds the folder's lock from the first check to the last write.
+    holds_folder = folder is not None and world.is_root
+    with lock_run_folder(folder) if holds_folder else contextlib.nullcontext():
+        if holds_folder:
+            if resume is None:
+                check_new_run_folder(folder)
+            check_run_folder(folder)
+        if resume is not None:
+            run = _resumed_run(resume, options, pm, progress, world)
+        else:
+            run = _new_run(data, config, options, out_dir, tokenizer, pm, progress, world)
+        if world.size > 1:
+            with _ending_all_ranks_on_error(world), world.starting():  # the same weights everywhere: rank 0's
+                run.model.load_state_dict(world.broadcast_arrays_(run.model.params))
+                world.check_identical(run.model.params)
+        _print_header(run, resumed=resume is not None)
+        run.train(stop_after=stop_after)
     if run.stop_reason == "done" and run.config.samples and world.is_root:
         run.samples = run.sample()
         run._print(f"{len(run.samples)} samples:")

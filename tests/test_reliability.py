@@ -727,7 +727,6 @@ def _wait_for(condition, timeout: float = 120) -> bool:
     return False
 
 
-@pytest.mark.xfail(strict=True, reason="arraygpt.training does not take arraygpt.runfolder's lock yet")
 def test_a_second_train_into_a_live_run_folder_is_refused_and_the_first_finishes_and_resumes(tmp_path):
     import signal
 

@@ -1,0 +1,51 @@
+"""The README and docs/ say true things: the quick start runs, every relative link and picture
+exists, the layout lists every module, and nothing names a path outside the repository."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+LINK = re.compile(r"\]\(([^)#\s]+)(?:#[^)]*)?\)")
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_relative_links_and_pictures_exist(page):
+    text = page.read_text(encoding="utf-8")
+    missing = [
+        target for target in LINK.findall(text)
+        if "://" not in target and not target.startswith("mailto:") and not (page.parent / target).exists()
+    ]  # fmt: skip
+    assert not missing, f"{page.name} links to files that do not exist: {missing}"
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_pages_name_no_path_outside_the_repository(page):
+    text = page.read_text(encoding="utf-8")
+    outside = re.findall(r"(?:\.\./shared|/work/|/root/|/tmp/\S+\.py|STYLE\.md)", text)
+    assert not outside, f"{page.name} names paths outside the repository: {sorted(set(outside))}"
+
+
+def test_the_readme_layout_lists_every_module():
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    layout = text[text.index("## Layout") :]
+    modules = [p.name for p in (ROOT / "arraygpt").glob("*.py") if p.name != "__init__.py"]
+    modules += [p.name for p in (ROOT / "backends").glob("*.py") if p.name != "__init__.py"]
+    modules += [p.name for p in (ROOT / "plugins").glob("*.py") if p.name != "__init__.py"]
+    unlisted = sorted(name for name in modules if name not in layout)
+    assert not unlisted, f"README's layout does not list {unlisted}"
+
+
+def test_the_readme_quick_start_runs(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("names", reason="the quick start trains on the names data: pip install 'arraygpt[names]'")
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    start = text.index("## Quick start")
+    (code,) = re.findall(r"```python\n(.*?)```", text[start : text.index("\n## ", start + 1)], re.S)[:1]
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "README.md (quick start)", "exec"), {})
+    printed = capsys.readouterr().out
+    assert "embedding" in printed  # the tally by category was printed
