@@ -183,7 +183,7 @@ def test_rank_0_alone_prints_and_writes(tmp_path, names_file):
     records = _metrics(tmp_path / "r")
     assert [r["step"] for r in records if r["event"] == "train"] == [5, 10]  # once each, not once per rank
     assert sum(r["event"] == "start" for r in records) == 1
-    assert sorted(p.name for p in (tmp_path / "r").iterdir()) == ["best", "last", "metrics.jsonl"]
+    assert sorted(p.name for p in (tmp_path / "r").iterdir()) == [".arraygpt.lock", "best", "last", "metrics.jsonl"]
     extra = load_checkpoint(tmp_path / "r").extra
     assert (extra["world_size"], extra["global_batch"], extra["step"]) == (2, 4, 10)
 
