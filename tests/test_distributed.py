@@ -9,14 +9,8 @@ why, when mpi4py or mpiexec is missing. The single-process World is tested in th
 
 from __future__ import annotations
 
-import importlib.util
-import json
-import os
-import shutil
-import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,75 +20,12 @@ from arraygpt import distributed
 from arraygpt.checkpoint import load_checkpoint
 from arraygpt.distributed import World
 from arraygpt.manager import get_plugin_manager
-from arraygpt.shim import to_numpy
-
-SYLLABLES = ["an", "el", "ma", "ri", "jo", "sa", "li", "na", "ka", "th", "er", "on", "ia", "be", "da", "ly"]
-TINY = ["--n-embd", "16", "--n-head", "2", "--block-size", "8", "--eval-batches", "2", "--samples", "0",
-        "--log-interval", "5", "--eval-interval", "10", "--dtype", "float64", "--lr", "0.01"]  # fmt: skip
-TIMEOUT_S = 180
-
-
-def _mpiexec() -> str | None:
-    beside = Path(sys.executable).parent / "mpiexec"
-    return str(beside) if beside.exists() else shutil.which("mpiexec")
-
-
-MPIEXEC = _mpiexec()
-needs_mpi = pytest.mark.skipif(
-    importlib.util.find_spec("mpi4py") is None or MPIEXEC is None,
-    reason=f"needs mpi4py and mpiexec ({distributed.MPI_INSTALL_HINT})",
-)
+from mpi_jobs import TINY, job_env, launch, max_rel_diff, metrics, needs_mpi, resume, train, weights, write_names
 
 
 @pytest.fixture
 def names_file(tmp_path):
-    rng = np.random.default_rng(0)
-    path = tmp_path / "names.txt"
-    path.write_text("\n".join("".join(rng.choice(SYLLABLES, rng.integers(1, 9))) for _ in range(300)) + "\n")
-    return path
-
-
-def _env():
-    env = dict(os.environ)
-    for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "ARRAYGPT_NUM_THREADS"):
-        env[name] = "1"  # one thread per rank on this small machine, and the same chunks in every run
-    env["ARRAYGPT_MPI_TIMEOUT"] = "60"
-    env.pop("ARRAYGPT_BACKEND", None)
-    return env
-
-
-def _launch(ranks, args, cwd, env=None):
-    """``mpiexec -n ranks python ...args`` (ranks 0: no launcher), finished within TIMEOUT_S."""
-    command = [sys.executable, *args]
-    if ranks:
-        command = [MPIEXEC, "-n", str(ranks), *command]
-    return subprocess.run(command, cwd=cwd, env=env or _env(), capture_output=True, text=True, timeout=TIMEOUT_S)
-
-
-def _train(ranks, out_dir, names_file, *extra):
-    result = _launch(ranks, ["-m", "arraygpt.cli", "train", "--data", str(names_file), "--out-dir", str(out_dir),
-                             *TINY, *extra], names_file.parent)  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
-
-
-def _resume(ranks, run_dir, *extra):
-    result = _launch(ranks, ["-m", "arraygpt.cli", "train", "--resume", str(run_dir), *extra], run_dir.parent)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
-
-
-def _weights(run_dir):
-    return {k: to_numpy(v) for k, v in load_checkpoint(run_dir).model.params.items()}
-
-
-def _max_rel_diff(a, b):
-    scale = max(float(np.abs(v).max()) for v in b.values())
-    return max(float(np.abs(a[k] - b[k]).max()) for k in b) / scale
-
-
-def _metrics(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return write_names(tmp_path / "names.txt")
 
 
 # -- one process: the World of a normal run ---------------------------------------------------------
@@ -164,11 +95,11 @@ def test_a_run_in_one_process_records_its_world_in_the_checkpoint(tmp_path, name
 )
 def test_ranks_equal_one_process_with_the_same_global_batch(tmp_path, names_file, ranks, batch, accum, dropout):
     common = ["--steps", "20", "--batch-size", str(batch), "--dropout", str(dropout)]
-    _train(ranks, tmp_path / "ranks", names_file, *common, "--grad-accum", str(accum))
+    train(ranks, tmp_path / "ranks", names_file, *common, "--grad-accum", str(accum))
     # one process, the same micro-batches of the same global batch, one after another
-    _train(0, tmp_path / "one", names_file, *common, "--grad-accum", str(ranks * accum))
-    assert _max_rel_diff(_weights(tmp_path / "ranks"), _weights(tmp_path / "one")) < 1e-10
-    a, b = _metrics(tmp_path / "ranks"), _metrics(tmp_path / "one")
+    train(0, tmp_path / "one", names_file, *common, "--grad-accum", str(ranks * accum))
+    assert max_rel_diff(weights(tmp_path / "ranks"), weights(tmp_path / "one")) < 1e-10
+    a, b = metrics(tmp_path / "ranks"), metrics(tmp_path / "one")
     for event, key in (("train", "loss"), ("eval", "val_loss")):
         np.testing.assert_allclose([r[key] for r in a if r["event"] == event],
                                    [r[key] for r in b if r["event"] == event], rtol=1e-10)  # fmt: skip
@@ -176,11 +107,11 @@ def test_ranks_equal_one_process_with_the_same_global_batch(tmp_path, names_file
 
 @needs_mpi
 def test_rank_0_alone_prints_and_writes(tmp_path, names_file):
-    result = _train(2, tmp_path / "r", names_file, "--steps", "10", "--batch-size", "2", "--samples", "3")
+    result = train(2, tmp_path / "r", names_file, "--steps", "10", "--batch-size", "2", "--samples", "3")
     assert result.stdout.count("training: ") == 1  # one header
     assert "global batch 4 = 2 rank(s) x 2 rows x 1 micro-batch(es)" in result.stdout
     assert result.stdout.count("3 samples:") == 1
-    records = _metrics(tmp_path / "r")
+    records = metrics(tmp_path / "r")
     assert [r["step"] for r in records if r["event"] == "train"] == [5, 10]  # once each, not once per rank
     assert sum(r["event"] == "start" for r in records) == 1
     assert sorted(p.name for p in (tmp_path / "r").iterdir()) == [".arraygpt.lock", "best", "last", "metrics.jsonl"]
@@ -191,30 +122,30 @@ def test_rank_0_alone_prints_and_writes(tmp_path, names_file):
 @needs_mpi
 def test_a_checkpoint_of_two_ranks_resumes_in_one_process_and_continues_the_same(tmp_path, names_file):
     common = ["--steps", "20", "--batch-size", "3", "--dropout", "0.1"]
-    _train(0, tmp_path / "one", names_file, *common, "--grad-accum", "2")
-    _train(2, tmp_path / "two", names_file, *common, "--stop-after", "10")
+    train(0, tmp_path / "one", names_file, *common, "--grad-accum", "2")
+    train(2, tmp_path / "two", names_file, *common, "--stop-after", "10")
     assert load_checkpoint(tmp_path / "two").extra["step"] == 10
-    result = _resume(0, tmp_path / "two")
+    result = resume(0, tmp_path / "two")
     assert "global batch 6 = 1 rank(s) x 3 rows x 2 micro-batch(es)" in result.stdout
     assert load_checkpoint(tmp_path / "two").extra["step"] == 20
-    assert _max_rel_diff(_weights(tmp_path / "two"), _weights(tmp_path / "one")) < 1e-10
-    steps = [r["step"] for r in _metrics(tmp_path / "two") if r["event"] == "train"]
+    assert max_rel_diff(weights(tmp_path / "two"), weights(tmp_path / "one")) < 1e-10
+    steps = [r["step"] for r in metrics(tmp_path / "two") if r["event"] == "train"]
     assert steps == [5, 10, 15, 20]
 
 
 @needs_mpi
 def test_a_one_process_checkpoint_resumes_on_two_ranks(tmp_path, names_file):
     common = ["--steps", "20", "--batch-size", "2", "--grad-accum", "2"]
-    _train(0, tmp_path / "one", names_file, *common)
-    _train(0, tmp_path / "split", names_file, *common, "--stop-after", "10")
-    _resume(2, tmp_path / "split")
-    assert _max_rel_diff(_weights(tmp_path / "split"), _weights(tmp_path / "one")) < 1e-10
+    train(0, tmp_path / "one", names_file, *common)
+    train(0, tmp_path / "split", names_file, *common, "--stop-after", "10")
+    resume(2, tmp_path / "split")
+    assert max_rel_diff(weights(tmp_path / "split"), weights(tmp_path / "one")) < 1e-10
 
 
 @needs_mpi
 def test_resuming_on_ranks_that_do_not_divide_the_global_batch_is_refused(tmp_path, names_file):
-    _train(0, tmp_path / "r", names_file, "--steps", "4", "--batch-size", "3", "--stop-after", "2")
-    result = _launch(2, ["-m", "arraygpt.cli", "train", "--resume", str(tmp_path / "r")], tmp_path)
+    train(0, tmp_path / "r", names_file, "--steps", "4", "--batch-size", "3", "--stop-after", "2")
+    result = launch(2, ["-m", "arraygpt.cli", "train", "--resume", str(tmp_path / "r")], tmp_path)
     assert result.returncode == 2
     assert "global batch of 3 rows cannot be split over 2 ranks" in result.stderr
 
@@ -253,8 +184,8 @@ def test_a_rank_that_raises_dies_or_hangs_ends_the_job_and_the_checkpoint_surviv
     script.write_text(_FAULTY)
     # 15 s: more than rank 0 may take to write a checkpoint on a loaded machine (rank 1 waits for it);
     # the start-up waits up to ARRAYGPT_MPI_START_TIMEOUT (600 s) whatever this says
-    env = {**_env(), "ARRAYGPT_MPI_TIMEOUT": "15" if fault == "hang" else "120"}
-    result = _launch(2, [str(script), fault, str(tmp_path / "r"), str(names_file)], tmp_path, env=env)
+    env = {**job_env(), "ARRAYGPT_MPI_TIMEOUT": "15" if fault == "hang" else "120"}
+    result = launch(2, [str(script), fault, str(tmp_path / "r"), str(names_file)], tmp_path, env=env)
     assert result.returncode != 0
     if fault == "raise":
         assert "rank 1 of 2: RuntimeError: injected failure; ending all 2 ranks" in result.stderr
@@ -301,21 +232,21 @@ _STOPPING = textwrap.dedent(
 def test_a_stop_on_one_rank_stops_every_rank_after_the_same_step(tmp_path, names_file, how):
     script = tmp_path / "stopping.py"
     script.write_text(_STOPPING)
-    result = _launch(2, [str(script), how, str(tmp_path / "r"), str(names_file)], tmp_path)
+    result = launch(2, [str(script), how, str(tmp_path / "r"), str(names_file)], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     reason = "plugin" if how == "plugin" else "interrupted"
     assert f"rank 0 stopped at 6: {reason}" in result.stdout and "rank 1 stopped at 6:" in result.stdout
     assert load_checkpoint(tmp_path / "r").extra["step"] == 6
-    _resume(2, tmp_path / "r")
-    _train(0, tmp_path / "one", names_file, "--steps", "12", "--batch-size", "2", "--grad-accum", "2",
+    resume(2, tmp_path / "r")
+    train(0, tmp_path / "one", names_file, "--steps", "12", "--batch-size", "2", "--grad-accum", "2",
            "--eval-interval", "100")  # fmt: skip
-    assert _max_rel_diff(_weights(tmp_path / "r"), _weights(tmp_path / "one")) < 1e-10
+    assert max_rel_diff(weights(tmp_path / "r"), weights(tmp_path / "one")) < 1e-10
 
 
 @needs_mpi
 def test_a_diverged_run_stops_every_rank_at_the_same_step_and_says_so_once(tmp_path, names_file):
     diverging = ["--steps", "50", "--batch-size", "2", "--lr", "1e9", "--dtype", "float32", "--checkpoint-interval", "2"]
-    result = _launch(2, ["-m", "arraygpt.cli", "train", "--data", str(names_file), "--out-dir", str(tmp_path / "r"),
+    result = launch(2, ["-m", "arraygpt.cli", "train", "--data", str(names_file), "--out-dir", str(tmp_path / "r"),
                          *TINY, *diverging], tmp_path)  # fmt: skip
     assert result.returncode == 1, result.stderr[-3000:]
     assert result.stderr.count("training diverged at step") == 1

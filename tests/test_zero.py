@@ -11,14 +11,10 @@ timeouts and skip, saying why, without mpi4py or mpiexec.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
-import shutil
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -30,77 +26,17 @@ from arraygpt.distributed import ShardedOptimizer, ShardLayout, World
 from arraygpt.manager import get_plugin_manager
 from arraygpt.optim import Optimizer, create_optimizer, state_nbytes
 from arraygpt.shim import to_numpy
-
-SYLLABLES = ["an", "el", "ma", "ri", "jo", "sa", "li", "na", "ka", "th", "er", "on", "ia", "be", "da", "ly"]
-TINY = ["--n-embd", "16", "--n-head", "2", "--block-size", "8", "--eval-batches", "2", "--samples", "0",
-        "--log-interval", "5", "--eval-interval", "10", "--dtype", "float64", "--lr", "0.01"]  # fmt: skip
-TIMEOUT_S = 180
-
-
-def _mpiexec() -> str | None:
-    beside = Path(sys.executable).parent / "mpiexec"
-    return str(beside) if beside.exists() else shutil.which("mpiexec")
-
-
-MPIEXEC = _mpiexec()
-needs_mpi = pytest.mark.skipif(
-    importlib.util.find_spec("mpi4py") is None or MPIEXEC is None,
-    reason=f"needs mpi4py and mpiexec ({distributed.MPI_INSTALL_HINT})",
-)
+from mpi_jobs import MPIEXEC, TIMEOUT_S, job_env, launch_ok, max_rel_diff, metrics, needs_mpi, resume, train, weights, write_names
 
 
 @pytest.fixture
 def names_file(tmp_path):
-    rng = np.random.default_rng(0)
-    path = tmp_path / "names.txt"
-    path.write_text("\n".join("".join(rng.choice(SYLLABLES, rng.integers(1, 9))) for _ in range(300)) + "\n")
-    return path
-
-
-def _env():
-    env = dict(os.environ)
-    for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "ARRAYGPT_NUM_THREADS"):
-        env[name] = "1"
-    env["ARRAYGPT_MPI_TIMEOUT"] = "60"
-    env.pop("ARRAYGPT_BACKEND", None)
-    return env
-
-
-def _launch(ranks, args, cwd):
-    """``mpiexec -n ranks python ...args`` (ranks 0: no launcher), finished within TIMEOUT_S."""
-    command = [sys.executable, *args]
-    if ranks:
-        command = [MPIEXEC, "-n", str(ranks), *command]
-    result = subprocess.run(command, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=TIMEOUT_S)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
-
-
-def _train(ranks, out_dir, names_file, *extra):
-    return _launch(ranks, ["-m", "arraygpt.cli", "train", "--data", str(names_file), "--out-dir", str(out_dir),
-                           *TINY, *extra], names_file.parent)  # fmt: skip
-
-
-def _resume(ranks, run_dir, *extra):
-    return _launch(ranks, ["-m", "arraygpt.cli", "train", "--resume", str(run_dir), *extra], run_dir.parent)
-
-
-def _max_rel_diff(a, b):
-    scale = max(float(np.abs(v).max()) for v in b.values()) or 1.0
-    return max(float(np.abs(np.asarray(a[k]) - np.asarray(b[k])).max()) for k in b) / scale
-
-
-def _weights(run_dir):
-    return {k: to_numpy(v) for k, v in load_checkpoint(run_dir).model.params.items()}
+    return write_names(tmp_path / "names.txt")
 
 
 def _optimizer_arrays(run_dir):
     state = load_checkpoint(run_dir).optimizer_state
     return {k: to_numpy(v) for k, v in state.items() if hasattr(v, "shape") and np.ndim(v)}
-
-
-def _metrics(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def _params(seed=0):
@@ -237,16 +173,16 @@ def test_zero_must_be_a_bool():
 )  # fmt: skip
 def test_sharded_ranks_equal_one_process_with_the_same_global_batch(tmp_path, names_file, ranks, clip, optimizer):
     common = ["--steps", "20", "--batch-size", "2", "--grad-clip", clip, *optimizer]
-    result = _train(ranks, tmp_path / "zero", names_file, *common, "--zero", "true")
+    result = train(ranks, tmp_path / "zero", names_file, *common, "--zero", "true")
     assert f"optimizer state sharded over {ranks} ranks (zero)" in result.stdout
-    _train(0, tmp_path / "one", names_file, *common, "--grad-accum", str(ranks))
-    assert _max_rel_diff(_weights(tmp_path / "zero"), _weights(tmp_path / "one")) < 1e-10
+    train(0, tmp_path / "one", names_file, *common, "--grad-accum", str(ranks))
+    assert max_rel_diff(weights(tmp_path / "zero"), weights(tmp_path / "one")) < 1e-10
     # the checkpoint holds the full state, as one process writes it
     zero_state, one_state = _optimizer_arrays(tmp_path / "zero"), _optimizer_arrays(tmp_path / "one")
     assert sorted(zero_state) == sorted(one_state) and zero_state
     assert all(zero_state[k].shape == one_state[k].shape for k in one_state)
-    assert _max_rel_diff(zero_state, one_state) < 1e-10
-    a, b = _metrics(tmp_path / "zero"), _metrics(tmp_path / "one")
+    assert max_rel_diff(zero_state, one_state) < 1e-10
+    a, b = metrics(tmp_path / "zero"), metrics(tmp_path / "one")
     for event, key in (("train", "loss"), ("eval", "val_loss"), *((("train", "grad_norm"),) if clip != "0" else ())):
         np.testing.assert_allclose([r[key] for r in a if r["event"] == event],
                                    [r[key] for r in b if r["event"] == event], rtol=1e-10)  # fmt: skip
@@ -278,7 +214,7 @@ def test_optimizer_state_per_rank_is_one_rth_of_the_whole(tmp_path, names_file):
     script.write_text(_MEMORY)
     per_rank = {}
     for ranks in (1, 2, 4):
-        out = _launch(0 if ranks == 1 else ranks, [str(script), str(names_file)], tmp_path).stdout
+        out = launch_ok(0 if ranks == 1 else ranks, [str(script), str(names_file)], tmp_path).stdout
         per_rank[ranks] = sorted((json.loads(line) for line in out.splitlines() if line.startswith("{")),
                                  key=lambda r: r["rank"])  # fmt: skip
         assert len(per_rank[ranks]) == ranks
@@ -294,19 +230,19 @@ def test_optimizer_state_per_rank_is_one_rth_of_the_whole(tmp_path, names_file):
 @needs_mpi
 def test_a_sharded_checkpoint_resumes_in_one_process_and_a_plain_one_on_sharded_ranks(tmp_path, names_file):
     common = ["--steps", "20", "--batch-size", "2", "--optimizer", "adamw", "--grad-clip", "0.05"]
-    _train(0, tmp_path / "one", names_file, *common, "--grad-accum", "4")
+    train(0, tmp_path / "one", names_file, *common, "--grad-accum", "4")
     # 4 sharded ranks stop at 10; one process without zero finishes
-    _train(4, tmp_path / "a", names_file, *common, "--zero", "true", "--stop-after", "10")
+    train(4, tmp_path / "a", names_file, *common, "--zero", "true", "--stop-after", "10")
     assert load_checkpoint(tmp_path / "a").optimizer_state["step"] == 10
-    result = _resume(0, tmp_path / "a", "--zero", "false")
+    result = resume(0, tmp_path / "a", "--zero", "false")
     assert "global batch 8 = 1 rank(s) x 2 rows x 4 micro-batch(es)" in result.stdout
-    assert _max_rel_diff(_weights(tmp_path / "a"), _weights(tmp_path / "one")) < 1e-10
+    assert max_rel_diff(weights(tmp_path / "a"), weights(tmp_path / "one")) < 1e-10
     # one process stops at 10; 2 sharded ranks finish
-    _train(0, tmp_path / "b", names_file, *common, "--grad-accum", "4", "--stop-after", "10")
-    result = _resume(2, tmp_path / "b", "--zero", "true")
+    train(0, tmp_path / "b", names_file, *common, "--grad-accum", "4", "--stop-after", "10")
+    result = resume(2, tmp_path / "b", "--zero", "true")
     assert "optimizer state sharded over 2 ranks (zero)" in result.stdout
-    assert _max_rel_diff(_weights(tmp_path / "b"), _weights(tmp_path / "one")) < 1e-10
-    assert _max_rel_diff(_optimizer_arrays(tmp_path / "b"), _optimizer_arrays(tmp_path / "one")) < 1e-10
+    assert max_rel_diff(weights(tmp_path / "b"), weights(tmp_path / "one")) < 1e-10
+    assert max_rel_diff(_optimizer_arrays(tmp_path / "b"), _optimizer_arrays(tmp_path / "one")) < 1e-10
 
 
 _HANGING = textwrap.dedent(
@@ -334,7 +270,7 @@ _HANGING = textwrap.dedent(
 def test_a_hung_rank_ends_a_sharded_job_from_the_reduce_scatter(tmp_path, names_file):
     script = tmp_path / "hanging.py"
     script.write_text(_HANGING)
-    env = {**_env(), "ARRAYGPT_MPI_TIMEOUT": "5"}
+    env = {**job_env(), "ARRAYGPT_MPI_TIMEOUT": "5"}
     result = subprocess.run([MPIEXEC, "-n", "2", sys.executable, str(script), str(names_file)], cwd=tmp_path,
                             env=env, capture_output=True, text=True, timeout=TIMEOUT_S)  # fmt: skip
     assert result.returncode != 0

@@ -1,0 +1,88 @@
+"""Launching small ``arraygpt train`` jobs under ``mpiexec`` for the multi-rank tests
+(test_distributed.py, test_zero.py): a tiny config, one thread per rank, a deadline per job."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from arraygpt import distributed
+from arraygpt.checkpoint import load_checkpoint
+from arraygpt.shim import to_numpy
+
+SYLLABLES = ["an", "el", "ma", "ri", "jo", "sa", "li", "na", "ka", "th", "er", "on", "ia", "be", "da", "ly"]
+TINY = ["--n-embd", "16", "--n-head", "2", "--block-size", "8", "--eval-batches", "2", "--samples", "0",
+        "--log-interval", "5", "--eval-interval", "10", "--dtype", "float64", "--lr", "0.01"]  # fmt: skip
+TIMEOUT_S = 180
+
+
+def _mpiexec() -> str | None:
+    beside = Path(sys.executable).parent / "mpiexec"
+    return str(beside) if beside.exists() else shutil.which("mpiexec")
+
+
+MPIEXEC = _mpiexec()
+needs_mpi = pytest.mark.skipif(
+    importlib.util.find_spec("mpi4py") is None or MPIEXEC is None,
+    reason=f"needs mpi4py and mpiexec ({distributed.MPI_INSTALL_HINT})",
+)
+
+
+def write_names(path):
+    """300 made-up names of 1 to 8 syllables, one per line (the data of every MPI test)."""
+    rng = np.random.default_rng(0)
+    path.write_text("\n".join("".join(rng.choice(SYLLABLES, rng.integers(1, 9))) for _ in range(300)) + "\n")
+    return path
+
+
+def job_env():
+    env = dict(os.environ)
+    for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "ARRAYGPT_NUM_THREADS"):
+        env[name] = "1"  # one thread per rank on this small machine, and the same chunks in every run
+    env["ARRAYGPT_MPI_TIMEOUT"] = "60"
+    env.pop("ARRAYGPT_BACKEND", None)
+    return env
+
+
+def launch(ranks, args, cwd, env=None):
+    """``mpiexec -n ranks python ...args`` (ranks 0: no launcher), finished within TIMEOUT_S."""
+    command = [sys.executable, *args]
+    if ranks:
+        command = [MPIEXEC, "-n", str(ranks), *command]
+    return subprocess.run(command, cwd=cwd, env=env or job_env(), capture_output=True, text=True, timeout=TIMEOUT_S)
+
+
+def launch_ok(ranks, args, cwd):
+    result = launch(ranks, args, cwd)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def train(ranks, out_dir, names_file, *extra):
+    return launch_ok(ranks, ["-m", "arraygpt.cli", "train", "--data", str(names_file), "--out-dir", str(out_dir),
+                             *TINY, *extra], names_file.parent)  # fmt: skip
+
+
+def resume(ranks, run_dir, *extra):
+    return launch_ok(ranks, ["-m", "arraygpt.cli", "train", "--resume", str(run_dir), *extra], run_dir.parent)
+
+
+def weights(run_dir):
+    return {k: to_numpy(v) for k, v in load_checkpoint(run_dir).model.params.items()}
+
+
+def max_rel_diff(a, b):
+    scale = max(float(np.abs(v).max()) for v in b.values()) or 1.0
+    return max(float(np.abs(np.asarray(a[k]) - np.asarray(b[k])).max()) for k in b) / scale
+
+
+def metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
