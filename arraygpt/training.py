@@ -57,6 +57,7 @@ from arraygpt.data import MODES, Batcher, Dataset, DataError, default_tokenizer,
 from arraygpt.distributed import CollectiveTimeout, ShardedOptimizer, World, get_world
 from arraygpt.model import DTYPES, GPT, GPTConfig, check_fields
 from arraygpt.optim import SCHEDULES, Schedule, clip_grad_norm, create_optimizer
+from arraygpt.errors import CheckpointError
 from arraygpt.precision import PRECISIONS, mixed_precision
 from arraygpt.runfolder import check_new_run_folder, check_run_folder, check_training_state, lock_run_folder, resume_source
 from arraygpt.tokenizer import ByteTokenizer, CharTokenizer, Tokenizer, read_tokenizer_file
@@ -811,7 +812,11 @@ def _resumed_run(resume: str | Path, options: dict[str, Any], pm: Any, progress:
     optimizer = _make_optimizer(tc, model, pm, world)
     if ckpt.optimizer_state is None:
         raise ValueError(f"{ckpt.path} has no optimizer state; cannot resume exactly")
-    optimizer.load_state_dict(ckpt.optimizer_state)
+    try:
+        optimizer.load_state_dict(ckpt.optimizer_state)
+    except (KeyError, ValueError, TypeError) as e:  # a tampered or foreign optimizer.safetensors
+        raise CheckpointError(f"{ckpt.path}: the optimizer state does not fit the {tc.optimizer} optimizer of this "
+                              f"model: {e}") from None  # fmt: skip
     best = extra.get("best_val_loss")
     run = Run(tc, model, ckpt.tokenizer, dataset, batcher, optimizer, run_dir, pm, step=int(extra["step"]),
               best_val_loss=math.inf if best is None else float(best), data_sha256=extra.get("data_sha256", ""),

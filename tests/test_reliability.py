@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+import arraygpt
 from arraygpt.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -753,3 +754,18 @@ def test_a_second_train_into_a_live_run_folder_is_refused_and_the_first_finishes
     again = command("train", "--resume", str(run), "--stop-after", str(step + 3), "--quiet", limit=False, timeout=120)
     assert again.returncode == 0, again.stderr
     assert json.loads((run / "last" / "state.json").read_text())["extra"]["step"] == step + 3
+
+
+def test_a_tampered_optimizer_state_is_one_checkpoint_error_at_resume(tmp_path):
+    from arraygpt.safetensors import load_file, save_file
+
+    data = tmp_path / "names.txt"
+    data.write_text("".join(f"{a}{b}\n" for a in ("an", "bo", "ca", "di", "el") for b in ("na", "ro", "ly", "x")))
+    arraygpt.train(str(data), mode="documents", steps=4, batch_size=4, eval_interval=2, samples=0,
+                   out_dir=tmp_path / "run", stop_after=2, progress=False)  # fmt: skip
+    path = tmp_path / "run" / "last" / "optimizer.safetensors"
+    tensors = load_file(path)
+    tensors.pop(sorted(tensors)[0])  # one moment missing
+    save_file(tensors, path)
+    with pytest.raises(arraygpt.CheckpointError, match="optimizer state does not fit the adam optimizer"):
+        arraygpt.train(resume=tmp_path / "run", progress=False)
