@@ -256,6 +256,9 @@ class World:
         (``MPI_Abort``). A single process only prints; the caller raises."""
         print(f"arraygpt: rank {self.rank} of {self.size}: {message}", file=sys.stderr, flush=True)
         if self.comm is not None:
+            # MPI_Abort tears the job down at once, and the launcher may drop output it has not yet
+            # forwarded: give it a moment to pass the traceback and this line on.
+            time.sleep(0.5)
             self.comm.Abort(code)
 
 
