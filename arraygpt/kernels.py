@@ -10,7 +10,12 @@ dtype), and the reference where none does. A loaded kernel may still decline a c
 take (dropout, a KV cache, grouped-query attention, an unknown argument) by calling the reference
 itself; its backward then receives the reference's cache and calls the reference's backward.
 
-``ARRAYGPT_KERNELS=reference`` (or ``GPT(kernels="reference")``) runs the pure reference.
+An optimizer's update may have a kernel too: a spec for ``"update:adam"`` replaces the update of
+the Adam and AdamW plugins (``plugins/optimizers.py``) by one pass over each parameter, and must
+give the same numbers (:func:`select_update`).
+
+``ARRAYGPT_KERNELS=reference`` (or ``GPT(kernels="reference")``, ``adam(..., kernels="reference")``)
+runs the pure reference.
 
 Not here: the kernels themselves (``arraygpt.backends.numpy_kernels`` and third-party plugins),
 the math (``layers.py``), the wiring (``core.py``).
@@ -28,6 +33,8 @@ from arraygpt import core
 ENV_VAR = "ARRAYGPT_KERNELS"
 HOOK = "arraygpt_register_kernels"
 CHOICES = ("", "auto", "reference")  # the values ENV_VAR takes (empty or unset: auto)
+UPDATE = "update"  # the kind of an optimizer's update kernel: "update:<optimizer>"
+UPDATES = ("adam",)  # the optimizer updates a kernel may replace (adam: Adam's and AdamW's)
 
 
 class KernelUnavailable(RuntimeError):
@@ -42,8 +49,10 @@ class KernelSpec:
         layer: the :class:`arraygpt.core.Kernels` field it replaces, with the config's variant
             after a colon where the field has several (``"norm:layernorm"`` matches
             ``config.norm == "layernorm"``, ``"activation:gelu_tanh"`` ``config.activation``);
-            ``"attention"``, ``"crossentropy"`` and ``"linear"`` have none.
-        load: ``load() -> (forward, backward)``, called once when the kernel is first selected
+            ``"attention"``, ``"crossentropy"`` and ``"linear"`` have none; or
+            ``"update:adam"``, an optimizer's update (:data:`UPDATES`).
+        load: ``load() -> (forward, backward)`` (for an update: ``load() -> update``, the
+            contract of :func:`select_update`), called once when the kernel is first selected
             (so registering imports and compiles nothing); raises :class:`KernelUnavailable`
             saying what is missing.
         backends: the backend names it runs on (``"numpy"``).
@@ -51,7 +60,8 @@ class KernelSpec:
             third-party backend that wraps NumPy gets the NumPy kernels).
         dtypes: the dtypes it runs on.
         supports: optional ``supports(config, backend, dtype) -> str | None``: None when it takes
-            this model, else the reason it does not.
+            this model, else the reason it does not (for an update ``config`` is the optimizer's
+            name).
         priority: the highest priority among the specs that take a model wins (ties: the
             last registered, i.e. a third-party plugin before a built-in).
         description: one line for ``arraygpt backends``.
@@ -72,24 +82,32 @@ class KernelSpec:
         """The Kernels field: ``"norm"`` for ``"norm:layernorm"``."""
         return self.layer.partition(":")[0]
 
-    def pair(self) -> tuple[Callable[..., Any], Callable[..., Any]]:
-        """The loaded (forward, backward), loaded on first use; raises KernelUnavailable."""
-        if "pair" not in self._loaded:
+    def kernel(self) -> Any:
+        """What ``load`` returns, loaded on first use: (forward, backward), or an update; raises
+        KernelUnavailable."""
+        if "kernel" not in self._loaded:
             if "error" in self._loaded:
                 raise self._loaded["error"]
             try:
-                self._loaded["pair"] = tuple(self.load())
+                loaded = self.load()
+                self._loaded["kernel"] = loaded if self.kind == UPDATE else tuple(loaded)
             except KernelUnavailable as e:
                 self._loaded["error"] = e
                 raise
-        return self._loaded["pair"]
+        return self._loaded["kernel"]
 
     def declines(self, config: Any, backend: Any, dtype: str) -> str | None:
-        """Why this spec does not take the model (None: it does). Loads the kernel."""
+        """Why this spec does not take the model (None: it does); for an update, ``config`` is the
+        optimizer's name. Loads the kernel."""
         kind, _, variant = self.layer.partition(":")
-        if kind not in core.Kernels._fields:
+        if kind == UPDATE:
+            if variant not in UPDATES:
+                return f"no optimizer update {variant!r} in this arraygpt (known: {', '.join(UPDATES)})"
+            if config != variant:
+                return f"for the {variant} update, not {config}"
+        elif kind not in core.Kernels._fields:
             return f"no layer kind {kind!r} in this arraygpt (known: {', '.join(core.Kernels._fields)})"
-        if variant and getattr(config, kind, None) != variant:
+        elif variant and getattr(config, kind, None) != variant:
             return f"for {kind} {variant!r}; the model uses {getattr(config, kind, None)!r}"
         backend_name = getattr(backend, "name", backend)
         if backend_name not in self.backends and getattr(backend, "array_type", None) not in self.array_types:
@@ -101,7 +119,7 @@ class KernelSpec:
             if reason:
                 return reason
         try:
-            self.pair()
+            self.kernel()
         except KernelUnavailable as e:
             return str(e)
         return None
@@ -132,8 +150,10 @@ def _env_choice() -> str:
     return value
 
 
-def _resolve(config: Any, backend: Any, dtype: str, pm: Any = None) -> dict[str, tuple[str, KernelSpec | None, str]]:
-    """Per Kernels field: (kernel name or "reference", spec or None, why)."""
+def _resolve(config: Any, backend: Any, dtype: str, pm: Any = None,
+             kinds: tuple[str, ...] = core.Kernels._fields) -> dict[str, tuple[str, KernelSpec | None, str]]:  # fmt: skip
+    """Per kind (the Kernels fields, or ``(UPDATE,)`` with ``config`` an optimizer's name):
+    (kernel name or "reference", spec or None, why)."""
     if isinstance(backend, str):
         from arraygpt.shim import BackendUnavailable, load_backend
 
@@ -141,13 +161,10 @@ def _resolve(config: Any, backend: Any, dtype: str, pm: Any = None) -> dict[str,
             backend = load_backend(backend)
         except (BackendUnavailable, ValueError):
             pass  # matched by name only
-    candidates: dict[str, list[tuple[str, KernelSpec]]] = {kind: [] for kind in core.Kernels._fields}
-    unknown = []
+    candidates: dict[str, list[tuple[str, KernelSpec]]] = {kind: [] for kind in kinds}
     for name, spec, _ in registered_kernels(pm):
         if spec.kind in candidates:
             candidates[spec.kind].append((name, spec))
-        else:
-            unknown.append(name)
     rows: dict[str, tuple[str, KernelSpec | None, str]] = {}
     for kind, specs in candidates.items():
         specs.sort(key=lambda item: -item[1].priority)  # stable: last registered first among equals
@@ -190,8 +207,37 @@ def select_kernels(config: Any, backend: Any, dtype: str, choice: core.Kernels |
     reference = core.reference_kernels(config)
     if choice == "reference" or (choice is None and _env_choice() == "reference"):
         return reference
-    chosen = {kind: spec.pair() for kind, (_, spec, _) in _resolve(config, backend, dtype, pm).items() if spec}
+    chosen = {kind: spec.kernel() for kind, (_, spec, _) in _resolve(config, backend, dtype, pm).items() if spec}
     return reference._replace(**chosen)
+
+
+def select_update(optimizer: str, backend: Any, dtype: str, choice: str | None = None,
+                  pm: Any = None) -> Callable[..., bool] | None:  # fmt: skip
+    """The registered update kernel of ``optimizer`` (one of :data:`UPDATES`) for parameters on
+    ``backend`` in ``dtype``, or None: the optimizer then runs its reference update.
+
+    The ``adam`` update's contract, for one parameter, in place, the same numbers as the
+    reference update of ``plugins.optimizers.Adam`` (docs/kernels.md)::
+
+        update(p, g, m, v, *, lr, beta1, beta2, eps, weight_decay, decoupled, step) -> bool
+
+    It returns False, changing nothing, for arrays it does not take (then the caller runs the
+    reference). ``choice``: None or ``"auto"`` (the best registered one, unless
+    ``ARRAYGPT_KERNELS=reference``), or ``"reference"`` (None).
+
+    Example:
+        >>> from arraygpt import kernels
+        >>> kernels.select_update("adam", "numpy", "float32", "reference") is None
+        True
+    """
+    if choice not in (None, "auto", "reference"):
+        raise ValueError(f"kernels must be None, 'auto' or 'reference', got {choice!r}")
+    if optimizer not in UPDATES:
+        raise ValueError(f"no optimizer update {optimizer!r} takes kernels; known: {', '.join(UPDATES)}")
+    if choice == "reference" or (choice is None and _env_choice() == "reference"):
+        return None
+    _, spec, _ = _resolve(optimizer, backend, dtype, pm, kinds=(UPDATE,))[UPDATE]
+    return spec.kernel() if spec else None
 
 
 def describe_kernels(config: Any, backend: Any, dtype: str, choice: core.Kernels | str | None = None,
@@ -205,11 +251,15 @@ def describe_kernels(config: Any, backend: Any, dtype: str, choice: core.Kernels
         ('norm:layernorm', 'reference', 'kernels="reference"')
     """
     kinds = [kind + (f":{getattr(config, kind)}" if kind in ("norm", "activation") else "") for kind in core.Kernels._fields]
+    updates = [f"{UPDATE}:{name}" for name in UPDATES]
     if isinstance(choice, core.Kernels):
         return [(k, "custom", "a Kernels record passed by the caller") for k in kinds]
     if choice == "reference":
-        return [(k, "reference", 'kernels="reference"') for k in kinds]
+        return [(k, "reference", 'kernels="reference"') for k in kinds + updates]
     if choice is None and _env_choice() == "reference":
-        return [(k, "reference", f"{ENV_VAR}=reference") for k in kinds]
+        return [(k, "reference", f"{ENV_VAR}=reference") for k in kinds + updates]
     rows = _resolve(config, backend, dtype, pm)
-    return [(label, rows[kind][0], rows[kind][2]) for label, kind in zip(kinds, core.Kernels._fields)]
+    update_rows = [_resolve(name, backend, dtype, pm, kinds=(UPDATE,))[UPDATE] for name in UPDATES]
+    return [(label, rows[kind][0], rows[kind][2]) for label, kind in zip(kinds, core.Kernels._fields)] + [
+        (label, name, why) for label, (name, _, why) in zip(updates, update_rows)
+    ]

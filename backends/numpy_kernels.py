@@ -1,5 +1,6 @@
 """Fused kernels for the numpy backend, compiled with numba: GELU (tanh), LayerNorm, RMSNorm,
-causal attention and softmax + cross-entropy, each a forward/backward pair equal to its reference in ``arraygpt.layers``.
+causal attention and softmax + cross-entropy, each a forward/backward pair equal to its reference in ``arraygpt.layers``,
+and the Adam/AdamW update, bit-identical to the optimizer plugin's reference update.
 
 Why they pay: NumPy runs each elementwise operation as its own pass over memory on one core; a
 kernel here makes one pass (GELU, the norms' rows) or computes only the causal half of attention
@@ -80,49 +81,38 @@ def _f64_from_bits(i):
     raise NotImplementedError("compiled by numba only")
 
 
+def _tanh32(u, clamp):  # numba only (inlined): tanh of float32 u, |u| <= clamp
+    # a rational function (Eigen's generic_fast_tanh_float, accurate to a few ulp in float32): it
+    # vectorizes, libm's tanh and exp do not without Intel's SVML
+    u2 = u * u
+    p = u2 * np.float32(-2.76076847742355e-16) + np.float32(2.00018790482477e-13)
+    p = p * u2 + np.float32(-8.60467152213735e-11)
+    p = p * u2 + np.float32(5.12229709037114e-08)
+    p = p * u2 + np.float32(1.48572235717979e-05)
+    p = p * u2 + np.float32(6.37261928875436e-04)
+    p = p * u2 + np.float32(4.89352455891786e-03)
+    q = u2 * np.float32(1.19825839466702e-06) + np.float32(1.18534705686654e-04)
+    q = q * u2 + np.float32(2.26843463243900e-03)
+    q = q * u2 + np.float32(4.89352518554385e-03)
+    if u >= clamp or u <= -clamp:  # exactly +-1 out there (p/q is 1 only to a few ulp)
+        return u / clamp
+    return u * p / q
+
+
 def _gelu32_forward(x, out, half, one, c, a, clamp):  # x, out (n,) float32
-    # out = 0.5 x (1 + tanh(u)), u = c (x + a x^3). tanh is a rational function (Eigen's
-    # generic_fast_tanh_float, accurate to a few ulp in float32): it vectorizes, libm's tanh
-    # and exp do not without Intel's SVML.
+    # out = 0.5 x (1 + tanh(u)), u = c (x + a x^3)
     for i in range(x.size):
         v = x[i]
-        u = c * v * (one + a * v * v)
-        u = min(max(u, -clamp), clamp)
-        u2 = u * u
-        p = u2 * np.float32(-2.76076847742355e-16) + np.float32(2.00018790482477e-13)
-        p = p * u2 + np.float32(-8.60467152213735e-11)
-        p = p * u2 + np.float32(5.12229709037114e-08)
-        p = p * u2 + np.float32(1.48572235717979e-05)
-        p = p * u2 + np.float32(6.37261928875436e-04)
-        p = p * u2 + np.float32(4.89352455891786e-03)
-        q = u2 * np.float32(1.19825839466702e-06) + np.float32(1.18534705686654e-04)
-        q = q * u2 + np.float32(2.26843463243900e-03)
-        q = q * u2 + np.float32(4.89352518554385e-03)
-        t = u * p / q
-        if u >= clamp or u <= -clamp:  # exactly +-1 out there (p/q is 1 only to a few ulp)
-            t = u / clamp
-        out[i] = half * v * (one + t)
+        u = min(max(c * v * (one + a * v * v), -clamp), clamp)
+        out[i] = half * v * (one + _tanh32(u, clamp))
 
 
 def _gelu32_backward(x, dout, dx, half, one, c, a, clamp):
     # dx = dout * (0.5 (1 + t) + 0.5 x (1 - t^2) c (1 + 3a x^2)), t = tanh(u), recomputed from x
     for i in range(x.size):
         v = x[i]
-        u = c * v * (one + a * v * v)
-        u = min(max(u, -clamp), clamp)
-        u2 = u * u
-        p = u2 * np.float32(-2.76076847742355e-16) + np.float32(2.00018790482477e-13)
-        p = p * u2 + np.float32(-8.60467152213735e-11)
-        p = p * u2 + np.float32(5.12229709037114e-08)
-        p = p * u2 + np.float32(1.48572235717979e-05)
-        p = p * u2 + np.float32(6.37261928875436e-04)
-        p = p * u2 + np.float32(4.89352455891786e-03)
-        q = u2 * np.float32(1.19825839466702e-06) + np.float32(1.18534705686654e-04)
-        q = q * u2 + np.float32(2.26843463243900e-03)
-        q = q * u2 + np.float32(4.89352518554385e-03)
-        t = u * p / q
-        if u >= clamp or u <= -clamp:
-            t = u / clamp
+        u = min(max(c * v * (one + a * v * v), -clamp), clamp)
+        t = _tanh32(u, clamp)
         dx[i] = dout[i] * (half * (one + t) + half * v * (one - t * t) * c * (one + (a + a + a) * v * v))
 
 
@@ -298,12 +288,29 @@ def _crossentropy_backward(probs, targets, weights, scale, dlogits):
         d[targets[n]] -= r
 
 
+def _adam_update(p, g, m, v, decay, wd, beta1, one_minus_beta1, beta2, one_minus_beta2, bc2_sqrt, eps,
+                 step_size, decoupled, coupled):  # fmt: skip
+    # plugins.optimizers.Adam.update, the same operations in the same order, each rounded as NumPy
+    # rounds it (compiled without fastmath: no reassociation, no fused multiply-add)
+    for i in range(p.size):
+        pi, gi = p[i], g[i]
+        if decoupled:
+            pi = pi * decay  # AdamW: p *= 1 - lr wd
+        if coupled:
+            gi = gi + wd * pi  # Adam's L2: g = g + wd p
+        mi = m[i] * beta1 + one_minus_beta1 * gi
+        vi = v[i] * beta2 + gi * gi * one_minus_beta2
+        m[i], v[i] = mi, vi
+        p[i] = pi - mi / (np.sqrt(vi) / bc2_sqrt + eps) * step_size
+
+
 # ----------------------------------------------------------------------------------------------
 # compiling
 
 _SOURCES = (_gelu32_forward, _gelu32_backward, _gelu64_forward, _gelu64_backward, _norm_forward,
             _norm_backward, _causal_softmax, _causal_softmax_backward, _crossentropy_forward,
             _crossentropy_backward)  # fmt: skip
+_EXACT_SOURCES = (_adam_update,)  # compiled without fastmath: bit-identical to the NumPy reference
 _jit: dict[str, Any] = {}
 _jit_lock = threading.Lock()
 
@@ -313,7 +320,8 @@ def _compile() -> dict[str, Any]:
 
     fastmath lets LLVM reassociate sums (vectorized reductions) and use reciprocals; it keeps
     NaN and inf semantics, so a diverging run still shows nan. ``error_model="numpy"`` drops the
-    ZeroDivisionError check that otherwise keeps every division loop scalar."""
+    ZeroDivisionError check that otherwise keeps every division loop scalar. The optimizer update
+    goes without fastmath: its elementwise loop vectorizes anyway, and it stays bit-identical."""
     with _jit_lock:
         if not _jit:
             try:
@@ -323,11 +331,13 @@ def _compile() -> dict[str, Any]:
             options = dict(nogil=True, cache=True, error_model="numpy",
                            fastmath={"nsz", "arcp", "contract", "reassoc"})  # fmt: skip
             _define_exp(numba)
-            for fn in _SOURCES:
+            globals()["_tanh32"] = numba.njit(inline="always", **options)(_tanh32)
+            exact = dict(options, fastmath=False)
+            for fn, opts in [(fn, options) for fn in _SOURCES] + [(fn, exact) for fn in _EXACT_SOURCES]:
                 try:
-                    _jit[fn.__name__] = numba.njit(**options)(fn)
+                    _jit[fn.__name__] = numba.njit(**opts)(fn)
                 except RuntimeError:  # no writable cache folder (numba: "no locator available")
-                    _jit[fn.__name__] = numba.njit(**dict(options, cache=False))(fn)
+                    _jit[fn.__name__] = numba.njit(**dict(opts, cache=False))(fn)
     return _jit
 
 
@@ -598,13 +608,34 @@ def crossentropy_backward(dloss: float, cache: layers.CrossEntropyCache) -> Any:
 
 
 # ----------------------------------------------------------------------------------------------
+# the Adam/AdamW update: plugins.optimizers.Adam.update (arraygpt.kernels.select_update's contract)
+
+
+def adam_update(p: Any, g: Any, m: Any, v: Any, *, lr: float, beta1: float, beta2: float, eps: float,
+                weight_decay: float, decoupled: bool, step: int) -> bool:  # fmt: skip
+    """One Adam (``decoupled``: AdamW) step of parameter ``p`` in place, with its moments ``m``
+    and ``v``, in one pass instead of the reference's dozen; the same numbers to the last bit.
+    False (nothing changed) unless all four are C-contiguous NumPy arrays of one shape and dtype."""
+    if not (_takes(p, g, m, v) and p.shape == g.shape == m.shape == v.shape):
+        return False
+    jit = _jit or _compile()
+    f = p.dtype.type  # every scalar rounded to the arrays' dtype first, as NumPy does with a Python float
+    decay = f(1.0 - lr * weight_decay)
+    bc2_sqrt, step_size = math.sqrt(1.0 - beta2**step), lr / (1.0 - beta1**step)
+    jit["_adam_update"](p.reshape(-1), g.reshape(-1), m.reshape(-1), v.reshape(-1), decay, f(weight_decay),
+                        f(beta1), f(1.0 - beta1), f(beta2), f(1.0 - beta2), f(bc2_sqrt), f(eps), f(step_size),
+                        bool(decoupled and weight_decay), bool(not decoupled and weight_decay))  # fmt: skip
+    return True
+
+
+# ----------------------------------------------------------------------------------------------
 # registration (backends/__init__.py offers KERNELS through arraygpt_register_kernels)
 
 
-def _loader(forward: Any, backward: Any) -> Any:
-    def load() -> tuple[Any, Any]:
+def _loader(*kernel: Any) -> Any:
+    def load() -> Any:
         _compile()  # imports numba, or raises KernelUnavailable saying it is missing
-        return forward, backward
+        return kernel if len(kernel) > 1 else kernel[0]
 
     return load
 
@@ -628,4 +659,7 @@ KERNELS = {
         "attention", _loader(attention_forward, attention_backward), **_ON,
         description=f"masked blocks skipped (BLAS on the rest), masked softmax fused; dropout and "
                     f"grouped-query attention run the reference ({_NUMBA})"),
+    "numba_adam": KernelSpec(
+        "update:adam", _loader(adam_update), **_ON,
+        description=f"Adam and AdamW in one pass per parameter, bit-identical to the reference ({_NUMBA})"),
 }  # fmt: skip

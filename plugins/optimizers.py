@@ -15,8 +15,9 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from arraygpt.hookspecs import hookimpl
+from arraygpt.kernels import select_update
 from arraygpt.optim import Optimizer
-from arraygpt.shim import namespace
+from arraygpt.shim import backend_of, namespace
 
 Array = Any
 
@@ -94,6 +95,9 @@ class Adam(Optimizer):
         betas: (beta1, beta2); microgpt and GPT-3 use (0.9, 0.95), PyTorch defaults to (0.9, 0.999).
         eps: added to the denominator.
         weight_decay: L2 penalty added to the gradient (use AdamW for decoupled decay).
+        decay_filter: ``(name, array) -> bool``, which parameters decay (default: all for Adam).
+        kernels: None or ``"auto"``: a backend's one-pass update where one is registered
+            (``arraygpt.kernels.select_update``; the same numbers), ``"reference"``: the code below.
     """
 
     buffer_names = ("m", "v")
@@ -101,21 +105,29 @@ class Adam(Optimizer):
     elementwise = True  # zero may split a parameter's rows between ranks (the decay mask sees the rows' ndim)
 
     def __init__(self, params: Mapping[str, Array], betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0, decay_filter: Callable[[str, Array], bool] | None = None):  # fmt: skip
+                 weight_decay: float = 0.0, decay_filter: Callable[[str, Array], bool] | None = None,
+                 kernels: str | None = None):  # fmt: skip
         self.beta1, self.beta2 = _check_betas(betas, eps, weight_decay)
         self.eps, self.weight_decay = float(eps), float(weight_decay)
         super().__init__(params)
         decay_filter = decay_filter or (decay_2d if self.decoupled else (lambda name, p: True))
         self.decays = {name: bool(decay_filter(name, p)) for name, p in params.items()}
+        self.fused = {  # dtype -> the backend's one-pass update, or None
+            str(p.dtype): select_update("adam", backend_of(p), str(p.dtype), kernels) for p in params.values()
+        }
 
     def update(self, name: str, p: Array, g: Array, lr: float) -> None:
         wd = self.weight_decay if self.decays[name] else 0.0
+        m, v = self.buffers["m"][name], self.buffers["v"][name]
+        fused = self.fused[str(p.dtype)]
+        if fused is not None and fused(p, g, m, v, lr=lr, beta1=self.beta1, beta2=self.beta2, eps=self.eps,
+                                       weight_decay=wd, decoupled=self.decoupled, step=self.t):  # fmt: skip
+            return
         if wd:
             if self.decoupled:
                 p *= 1.0 - lr * wd  # AdamW: decay the weights themselves, before the Adam step
             else:
                 g = g + wd * p
-        m, v = self.buffers["m"][name], self.buffers["v"][name]
         m *= self.beta1
         m += (1.0 - self.beta1) * g
         v *= self.beta2
@@ -138,7 +150,7 @@ class AdamW(Adam):
     (weights and embeddings, not gains and biases), as GPT-2 and nanoGPT do.
 
     Args:
-        params, betas, eps: as Adam.
+        params, betas, eps, kernels: as Adam.
         weight_decay: decoupled decay (PyTorch's default 0.01; nanoGPT uses 0.1).
         decay_filter: ``(name, array) -> bool``, which parameters decay; default 2-D ones.
     """
@@ -146,8 +158,10 @@ class AdamW(Adam):
     decoupled = True
 
     def __init__(self, params: Mapping[str, Array], betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.01, decay_filter: Callable[[str, Array], bool] | None = None):  # fmt: skip
-        super().__init__(params, betas=betas, eps=eps, weight_decay=weight_decay, decay_filter=decay_filter)
+                 weight_decay: float = 0.01, decay_filter: Callable[[str, Array], bool] | None = None,
+                 kernels: str | None = None):  # fmt: skip
+        super().__init__(params, betas=betas, eps=eps, weight_decay=weight_decay, decay_filter=decay_filter,
+                         kernels=kernels)
 
 
 @hookimpl

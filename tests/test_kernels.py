@@ -474,7 +474,111 @@ def test_arraygpt_backends_lists_the_kernel_of_each_layer_kind(capsys, monkeypat
     assert main(["backends"]) == 0
     rows = {line.split()[0]: line.split()[1] for line in capsys.readouterr().out.split("kernels on numpy")[1].splitlines()[1:]}
     assert rows["activation:gelu_tanh"] == "numba_gelu_tanh" and rows["linear"] == "reference"
+    assert rows["update:adam"] == "numba_adam"
     monkeypatch.setenv(kernels.ENV_VAR, "reference")
     assert main(["backends"]) == 0
     rows = [line.split() for line in capsys.readouterr().out.split("kernels on numpy")[1].splitlines()[1:]]
     assert rows and all(row[1] == "reference" for row in rows)
+
+
+# ----------------------------------------------------------------------------------------------
+# the optimizer update kernel: bit-identical to the Adam/AdamW plugins' reference update
+
+
+def _adam_pair(name, shapes, dtype, seed, **options):
+    """Two optimizers ``name`` on equal parameters: with the kernels, and with the reference."""
+    from arraygpt.optim import create_optimizer
+
+    rng = np.random.default_rng(seed)
+    fast = {f"p{i}": rng.standard_normal(shape).astype(dtype) for i, shape in enumerate(shapes)}
+    ref = {k: v.copy() for k, v in fast.items()}
+    return fast, ref, create_optimizer(name, fast, **options), create_optimizer(name, ref, kernels="reference", **options)
+
+
+@needs_numba
+@settings(max_examples=60, deadline=None)
+@given(name=st.sampled_from(["adam", "adamw"]), shapes=st.sampled_from([[(1,)], [(7,)], [(3, 5), (5,)], [(17, 33), (1, 1), (4, 2, 3)]]),
+       dtype=st.sampled_from(DTYPES), beta1=st.sampled_from([0.0, 0.9]), beta2=st.sampled_from([0.95, 0.999]),
+       eps=st.sampled_from([1e-8, 1e-3]), weight_decay=st.sampled_from([0.0, 0.1]),
+       lrs=st.lists(st.sampled_from([0.0, 1e-3, 3e-2]), min_size=1, max_size=4), seed=st.integers(0, 99))  # fmt: skip
+def test_adam_update_kernel_is_bit_identical_to_reference(name, shapes, dtype, beta1, beta2, eps, weight_decay, lrs, seed):
+    fast, ref, opt_fast, opt_ref = _adam_pair(name, shapes, dtype, seed, betas=(beta1, beta2), eps=eps,
+                                              weight_decay=weight_decay)  # fmt: skip
+    assert opt_fast.fused[dtype] is nk.adam_update and opt_ref.fused[dtype] is None
+    rng = np.random.default_rng(seed + 1)
+    for lr in lrs:
+        grads = {k: rng.standard_normal(v.shape).astype(dtype) for k, v in fast.items()}
+        opt_fast.step(grads, lr)
+        opt_ref.step({k: g.copy() for k, g in grads.items()}, lr)
+    for k in fast:  # the same numbers to the last bit, parameters and both moments
+        np.testing.assert_array_equal(fast[k], ref[k], err_msg=k)
+        for buffer in ("m", "v"):
+            np.testing.assert_array_equal(opt_fast.buffers[buffer][k], opt_ref.buffers[buffer][k], err_msg=f"{buffer}.{k}")
+    assert opt_fast.state_dict().keys() == opt_ref.state_dict().keys()
+
+
+@needs_numba
+def test_adam_update_kernel_declines_what_it_does_not_take():
+    p = np.ones((4, 6), np.float32)
+    g = np.ones((4, 6), np.float32)
+    m, v = np.zeros_like(p), np.zeros_like(p)
+    args = dict(lr=1e-3, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.0, decoupled=True, step=1)
+    assert not nk.adam_update(p[:, ::2], g[:, ::2], m[:, ::2], v[:, ::2], **args)  # strided views
+    assert not nk.adam_update(p, g.astype(np.float64), m, v, **args)  # mixed dtypes
+    assert not nk.adam_update(p, g[:2], m, v, **args)  # shapes differ
+    assert not nk.adam_update(p.astype(np.float16), g.astype(np.float16), m.astype(np.float16), v.astype(np.float16), **args)
+    np.testing.assert_array_equal(p, 1.0)  # nothing changed
+    assert nk.adam_update(p, g, m, v, **args) and not np.array_equal(p, 1.0)
+    # a strided parameter (a ZeRO shard could be one) runs the reference update inside the optimizer
+    wide, wide_ref = np.ones((4, 12), np.float64), np.ones((4, 12), np.float64)
+    from arraygpt.optim import create_optimizer
+
+    fast = create_optimizer("adamw", {"w": wide[:, ::2]})
+    ref = create_optimizer("adamw", {"w": wide_ref[:, ::2]}, kernels="reference")
+    grad = np.random.default_rng(0).standard_normal((4, 6))
+    fast.step({"w": grad}, 1e-2)
+    ref.step({"w": grad.copy()}, 1e-2)
+    np.testing.assert_array_equal(wide, wide_ref)
+
+
+def test_update_kernel_selection(monkeypatch, pm):
+    assert kernels.select_update("adam", NUMPY, "float32", "reference") is None
+    assert kernels.select_update("adam", load_backend("array_api_strict"), "float32") is None
+    assert kernels.select_update("adam", NUMPY, "float16") is None
+    with pytest.raises(ValueError, match="known: adam"):
+        kernels.select_update("lion", NUMPY, "float32")
+    assert (kernels.select_update("adam", NUMPY, "float32") is nk.adam_update) == HAS_NUMBA
+    monkeypatch.setenv(kernels.ENV_VAR, "reference")
+    assert kernels.select_update("adam", NUMPY, "float32") is None
+    from arraygpt.optim import create_optimizer
+
+    assert create_optimizer("adamw", {"w": np.ones(3, np.float32)}).fused == {"float32": None}
+    monkeypatch.delenv(kernels.ENV_VAR)
+
+    calls = []
+
+    def acme_adam(p, g, m, v, **hyper):
+        calls.append(hyper["step"])
+        return False  # declines: the optimizer runs its reference update
+
+    class AcmeUpdate:
+        @hookimpl
+        def arraygpt_register_kernels(self):
+            return [{"acme_adam": KernelSpec("update:adam", lambda: acme_adam, priority=5, description="acme"),
+                     "acme_lion": KernelSpec("update:lion", lambda: acme_adam)}]  # fmt: skip
+
+    plugin = AcmeUpdate()
+    pm.register(plugin, name="acme-update")
+    try:
+        assert kernels.select_update("adam", NUMPY, "float64", pm=pm) is acme_adam
+        rows = {row[0]: row for row in kernels.describe_kernels(SMALL, NUMPY, "float64", pm=pm)}
+        assert rows["update:adam"][1:] == ("acme_adam", "acme")
+        params, ref = {"w": np.ones((2, 3))}, {"w": np.ones((2, 3))}
+        opt = create_optimizer("adam", params)
+        grad = np.full((2, 3), 0.5)
+        opt.step({"w": grad}, 1e-2)
+        create_optimizer("adam", ref, kernels="reference").step({"w": grad}, 1e-2)
+        assert calls == [1]
+        np.testing.assert_array_equal(params["w"], ref["w"])
+    finally:
+        pm.unregister(plugin)
