@@ -2,40 +2,62 @@
 
 Run by hand on a quiet machine (timings are not tests):
 
-    .venv/bin/python benchmarks/generate_bench.py                 # numpy (or $ARRAYGPT_BACKEND)
-    .venv/bin/python benchmarks/generate_bench.py --repeats 5 --json
+    .venv/bin/python benchmarks/generate_bench.py                 # numpy (or $ARRAYGPT_BACKEND), 3 rounds
+    .venv/bin/python benchmarks/generate_bench.py --threads 1 --repeats 5 --json
+    .venv/bin/python benchmarks/generate_bench.py --rounds 1 --repeats 1 --new-tokens 32   # a quick check
     ARRAYGPT_BACKEND=cupy python benchmarks/generate_bench.py      # on a GPU machine
 
-Measures, as the median over ``--repeats`` runs, the tokens per second of:
+Measures the tokens per second of:
 
-- arraygpt with the KV cache (``generate(..., use_cache=True)``, the default);
-- arraygpt without it (``use_cache=False``: the whole context rerun for every token);
-- when PyTorch is installed, the same network with the same weights in a plain PyTorch loop with
-  a KV cache (eager, ``torch.no_grad``, the same thread count as BLAS), checked to give the same
-  logits as arraygpt;
-- when transformers is installed too, ``GPT2LMHeadModel.generate(use_cache=True, do_sample=True)``
-  on a GPT2Config of the same size (GPT-2 has biases, so it has slightly more parameters).
+- ``cache``: arraygpt with the KV cache (``generate(..., use_cache=True)``, the default);
+- ``nocache``: arraygpt without it (``use_cache=False``: the whole context rerun for every token);
+- ``torch``, when PyTorch is installed: the same network with the same weights (arraygpt's seeded
+  init, built in that process) in a plain PyTorch loop with a KV cache (eager, ``torch.no_grad``),
+  checked to give the same logits as arraygpt on a fixed prompt (the arraygpt processes save theirs
+  to a temporary .npy file, which the PyTorch process compares against);
+- ``hf``, when transformers is installed too: ``GPT2LMHeadModel.generate(use_cache=True,
+  do_sample=True)`` on a GPT2Config of the same size (GPT-2 has biases, so slightly more parameters).
 
-All runs sample at temperature 1 from a one-token prompt, so the 256 tokens fill the 256-position
-block exactly. Prints the medians and the ratios; targets: cache / no cache >= 5, and arraygpt
-with the cache no slower than the PyTorch loop on the CPU (ratio arraygpt / torch >= 1).
+Each variant runs in its own process (two libraries in one process let one's idle thread pool spin
+beside the other's), the variants alternate, ``--rounds`` rounds (default 3); in each process one
+warm-up run of 16 tokens, then the median of ``--repeats`` timed runs (default 3). Shown: the median
+of the rounds (min-max), the ratios of the medians, and the CPU model. ``--threads N`` (default:
+the cores this process may use) sets ARRAYGPT_NUM_THREADS=N, OMP/MKL/OPENBLAS_NUM_THREADS=N and
+torch.set_num_threads(N). All runs sample at temperature 1 from a one-token prompt, so the 256
+tokens fill the 256-position block exactly. Targets: cache / no cache >= 5, and arraygpt with the
+cache no slower than the PyTorch loop on the CPU (ratio arraygpt / torch >= 1). The frame
+(processes, rounds, medians) is benchmarks/harness.py.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
-import statistics
+import platform
+import sys
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-import arraygpt
-from arraygpt import GPT, GPTConfig
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import (  # noqa: E402
+    alternate, cpu_model, default_threads, median, run_worker, set_torch_threads, spread, thread_env,
+)
+
+if TYPE_CHECKING:
+    from arraygpt import GPT, GPTConfig
 
 NEW_TOKENS = 256
+VARIANTS = {"cache": "arraygpt (KV cache)", "nocache": "arraygpt (no cache)", "torch": "PyTorch loop (KV cache)",
+            "hf": "transformers generate"}  # fmt: skip
+PROMPT = [[0, 5, 7]]  # the logits check's prompt
+LOGITS_TOLERANCE = {"float32": 1e-3, "float64": 1e-9}
 
 
 def time_runs(fn: Callable[[int], int], n_new: int, repeats: int) -> list[float]:
@@ -49,6 +71,8 @@ def time_runs(fn: Callable[[int], int], n_new: int, repeats: int) -> list[float]
 
 
 def arraygpt_runner(model: GPT, use_cache: bool) -> Callable[[int], int]:
+    import arraygpt
+
     def run(n_new: int) -> int:
         n = sum(1 for _ in arraygpt.generate(model, [0], n_new, seed=0, use_cache=use_cache))
         model.backend.synchronize()
@@ -138,67 +162,125 @@ def hf_runner(config: GPTConfig) -> Callable[[int], int]:
     return run
 
 
+def worker(variant: str, dtype: str, n_new: int, repeats: int, threads: int, logits_file: str) -> dict:
+    """One variant's round in this process: a warm-up, then ``repeats`` timed runs."""
+    from arraygpt import GPT, GPTConfig
+
+    config = GPTConfig.preset("shakespeare-char")
+    info: dict = {}
+    if variant in ("cache", "nocache"):
+        model = GPT(config, seed=0, dtype=dtype)
+        np.save(logits_file, model.backend.to_numpy(model.forward(PROMPT)[0])[:, -1])  # (1, V) for the torch check
+        run = arraygpt_runner(model, variant == "cache")
+        info = {"backend": model.backend.name, "threads": threads}
+    else:
+        import torch
+
+        info = {"threads": set_torch_threads(threads), "torch": torch.__version__}
+        if variant == "torch":
+            model = GPT(config, seed=0, dtype=dtype)  # the weights only: the same seeded init as the arraygpt side
+            state = {k: model.backend.to_numpy(v) for k, v in model.state_dict().items()}
+            del model
+            forward = torch_kv_model(config, state)
+            if os.path.exists(logits_file):
+                diff = forward(torch.tensor(PROMPT), []).numpy() - np.load(logits_file)  # (1, V)
+                info["logits_max_diff"] = float(np.abs(diff).max())
+            run = torch_runner(forward)
+        else:
+            import transformers
+
+            info["transformers"] = transformers.__version__
+            run = hf_runner(config)
+    run(16)  # warm-up: first calls import, allocate and pick kernels
+    rates = time_runs(run, n_new, repeats)
+    return {"variant": variant, "tokens_per_s": median(rates), "runs": rates, **info}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per variant (default 3)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds, each variant in its own process (default 3)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per process (default 3)")
     parser.add_argument("--new-tokens", type=int, default=NEW_TOKENS, help="tokens per run (default 256)")
+    parser.add_argument("--threads", type=int, default=None, help="threads per variant (default: the cores available)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch comparisons")
     parser.add_argument("--no-hf", action="store_true", help="skip transformers' generate")
     parser.add_argument("--json", action="store_true", help="also print the results as JSON")
+    parser.add_argument("--worker", choices=list(VARIANTS), help=argparse.SUPPRESS)
+    parser.add_argument("--logits-file", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    from arraygpt import GPTConfig, count_params
 
     config = GPTConfig.preset("shakespeare-char")
-    model = GPT(config, seed=0, dtype=args.dtype)
     n_new = min(args.new_tokens, config.block_size)
-    runners: dict[str, Callable[[int], int]] = {
-        "arraygpt (KV cache)": arraygpt_runner(model, True),
-        "arraygpt (no cache)": arraygpt_runner(model, False),
-    }
-    threads = None
+    threads = args.threads or default_threads()
+    if args.worker:
+        print(json.dumps(worker(args.worker, args.dtype, n_new, args.repeats, threads, args.logits_file)))
+        return
+
+    variants = ["cache", "nocache"]
     if not args.no_torch:
-        try:
-            import torch
-        except ImportError:
+        if importlib.util.find_spec("torch") is None:
             print("PyTorch is not installed: no PyTorch comparison")
         else:
-            threads = int(os.environ.get("OPENBLAS_NUM_THREADS") or os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1)
-            torch.set_num_threads(threads)
-            state = {k: model.backend.to_numpy(v) for k, v in model.state_dict().items()}
-            forward = torch_kv_model(config, state)
-            check = np.abs(forward(torch.tensor([[0, 5, 7]]), []).numpy()
-                           - model.backend.to_numpy(model.forward([[0, 5, 7]])[0])[:, -1]).max()  # fmt: skip
-            print(f"PyTorch loop vs arraygpt logits: max |diff| = {check:.2e}")
-            runners["PyTorch loop (KV cache)"] = torch_runner(forward)
+            variants.append("torch")
             if not args.no_hf:
-                try:
-                    runners["transformers generate"] = hf_runner(config)
-                except ImportError:
+                if importlib.util.find_spec("transformers") is None:
                     print("transformers is not installed: no GPT2LMHeadModel.generate comparison")
+                else:
+                    variants.append("hf")
+    cpu = cpu_model()
+    print(f"CPU: {cpu}; Python {platform.python_version()}")
+    print(f"shakespeare-char ({count_params(config).total:,} parameters, {args.dtype}), batch 1, {n_new} new tokens, "
+          f"backend {os.environ.get('ARRAYGPT_BACKEND') or 'numpy'}, {threads} threads; {args.rounds} rounds, each "
+          f"variant in its own process, alternating; per round the median of {args.repeats} runs after a warm-up")
 
-    print(f"shakespeare-char ({model.num_params():,} parameters, {args.dtype}), batch 1, {n_new} new tokens, "
-          f"backend {model.backend.name}, {args.repeats} runs each" + (f", torch threads {threads}" if threads else ""))  # fmt: skip
-    for run in runners.values():  # warm up: first calls import, allocate and pick kernels
-        run(16)
-    results = {}
-    for name, run in runners.items():
-        rates = time_runs(run, n_new, args.repeats)
-        results[name] = statistics.median(rates)
-        print(f"  {name:<26} {results[name]:9.1f} tokens/s   (runs: {', '.join(f'{r:.1f}' for r in rates)})")
-    cached, uncached = results["arraygpt (KV cache)"], results["arraygpt (no cache)"]
-    ratios = {"cache / no cache": cached / uncached}
-    for name in ("PyTorch loop (KV cache)", "transformers generate"):
-        if name in results:
-            ratios[f"arraygpt cache / {name}"] = cached / results[name]
-    print("ratios (>= 1 means arraygpt with the cache is faster):")
+    with tempfile.TemporaryDirectory() as tmp:
+        logits_file = str(Path(tmp) / "arraygpt-logits.npy")
+
+        def run_one(variant: str, _: int) -> dict:
+            env = thread_env(threads)
+            if variant in ("torch", "hf"):
+                env["ARRAYGPT_MALLOC_TUNING"] = "0"  # PyTorch keeps its own allocator's behaviour
+            return run_worker(__file__, variant, ["--dtype", args.dtype, "--new-tokens", str(n_new), "--repeats",
+                                                  str(args.repeats), "--threads", str(threads),
+                                                  "--logits-file", logits_file], env)  # fmt: skip
+
+        def show(variant: str, r: int, result: dict) -> None:
+            diff = result.get("logits_max_diff")
+            check = "" if diff is None else f"  logits max |diff| vs arraygpt {diff:.2e}"
+            print(f"  round {r + 1}: {VARIANTS[variant]:<24} {result['tokens_per_s']:8.1f} tokens/s "
+                  f"(runs: {', '.join(f'{x:.1f}' for x in result['runs'])}){check}", flush=True)  # fmt: skip
+
+        results = alternate(variants, args.rounds, run_one, show)
+
+    rates = {v: [r["tokens_per_s"] for r in results[v]] for v in variants}
+    med = {v: median(x) for v, x in rates.items()}
+    print(f"medians of the rounds (min-max) | CPU: {cpu}")
+    for v in variants:
+        print(f"  {VARIANTS[v]:<26} {spread(rates[v], unit=' tokens/s')}")
+    diffs = [r["logits_max_diff"] for r in results.get("torch", []) if "logits_max_diff" in r]
+    if diffs:
+        same = max(diffs) <= LOGITS_TOLERANCE[args.dtype]
+        print(f"PyTorch loop vs arraygpt logits: max |diff| = {max(diffs):.2e}"
+              + ("" if same else f" > {LOGITS_TOLERANCE[args.dtype]:g}: NOT the same network"))  # fmt: skip
+    ratios = {"cache / no cache": med["cache"] / med["nocache"]}
+    for v in ("torch", "hf"):
+        if v in med:
+            ratios[f"arraygpt cache / {VARIANTS[v]}"] = med["cache"] / med[v]
+    print("ratios of the medians (>= 1 means arraygpt with the cache is faster):")
     for name, value in ratios.items():
         print(f"  {name:<45} {value:6.2f}x")
+    torch_key = f"arraygpt cache / {VARIANTS['torch']}"
     print(f"targets: cache / no cache >= 5: {'met' if ratios['cache / no cache'] >= 5 else 'NOT met'}"
-          + (f"; no slower than the PyTorch loop: {'met' if ratios['arraygpt cache / PyTorch loop (KV cache)'] >= 1 else 'NOT met'}"
-             if "arraygpt cache / PyTorch loop (KV cache)" in ratios else ""))  # fmt: skip
+          + (f"; no slower than the PyTorch loop: {'met' if ratios[torch_key] >= 1 else 'NOT met'}"
+             if torch_key in ratios else ""))  # fmt: skip
     if args.json:
-        print(json.dumps({"tokens_per_s": results, "ratios": ratios, "dtype": args.dtype, "new_tokens": n_new,
-                          "backend": model.backend.name, "torch_threads": threads}))  # fmt: skip
+        print(json.dumps({"tokens_per_s": {VARIANTS[v]: x for v, x in rates.items()},
+                          "median_tokens_per_s": {VARIANTS[v]: x for v, x in med.items()}, "ratios": ratios,
+                          "dtype": args.dtype, "new_tokens": n_new, "threads": threads, "cpu": cpu,
+                          "backend": results["cache"][0].get("backend"), "logits_max_diff": max(diffs, default=None),
+                          "workers": results}))  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -21,43 +21,31 @@ process checks that its loss equals arraygpt's on the first batch (float32, 1e-4
 compute the same network. PyTorch's grouped attention uses ``enable_gqa=True`` where SDPA has it
 (torch >= 2.5), else repeat_interleave of the key/value heads.
 
-Not here: GPU runs (benchmarks/step.py covers CuPy), other configs, plots. Helpers are written
-out rather than imported from benchmarks/step.py, which is a script, not a module.
+``--threads N`` sets ARRAYGPT_NUM_THREADS=N for arraygpt, OMP/MKL/OPENBLAS_NUM_THREADS=N for
+both, and torch.set_num_threads(N) for PyTorch. The frame (processes, rounds, medians) is
+benchmarks/harness.py, shared with step.py, generate_bench.py and nanogpt_recipe.py.
+
+Not here: GPU runs (benchmarks/step.py covers CuPy), other configs, plots.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import alternate, cpu_model, median, ratio, run_worker, set_torch_threads, spread, thread_env  # noqa: E402
 
 CONFIG = dict(vocab_size=65, block_size=64, n_layer=4, n_head=4, n_kv_head=2, n_embd=128, mlp_hidden=352,
               position="rope", rope_theta=10000.0, mlp="swiglu", norm="rmsnorm", norm_eps=1e-5, bias=False,
               tie_embeddings=True)  # fmt: skip
 BATCH = 12
 SIDES = ("kernels", "reference", "torch")
-
-
-def cpu_model() -> str:
-    """lscpu's model name (``/proc/cpuinfo`` where lscpu is missing) and the logical core count."""
-    name = ""
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        name = next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")), "")
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    if not name:
-        try:
-            with open("/proc/cpuinfo") as f:
-                name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
-        except OSError:
-            pass
-    return f"{name or platform.processor() or platform.machine()}, {os.cpu_count()} logical cores"
 
 
 def flops_per_step(config, B: int) -> float:
@@ -133,7 +121,7 @@ def worker(side: str, steps: int, warmup: int, threads: int) -> dict:
     if side == "torch":
         import torch
 
-        torch.set_num_threads(threads)
+        set_torch_threads(threads)
         _, expected = model.forward(batches[0][:, :-1], batches[0][:, 1:])
         state = {k: np.asarray(v) for k, v in model.state_dict().items()}
         del model
@@ -166,13 +154,10 @@ def worker(side: str, steps: int, warmup: int, threads: int) -> dict:
 
 
 def run_side(side: str, steps: int, warmup: int, threads: int) -> dict:
-    env = dict(os.environ, ARRAYGPT_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads))
+    env = thread_env(threads)
     env.pop("ARRAYGPT_KERNELS", None)
     env.pop("ARRAYGPT_BACKEND", None)  # CPU: NumPy
-    args = [sys.executable, __file__, "--worker", side, "--steps", str(steps), "--warmup", str(warmup),
-            "--threads", str(threads)]  # fmt: skip
-    out = subprocess.run(args, env=env, check=True, capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    return run_worker(__file__, side, ["--steps", str(steps), "--warmup", str(warmup), "--threads", str(threads)], env)
 
 
 def main() -> None:
@@ -205,28 +190,22 @@ def main() -> None:
     print(f"{args.rounds} rounds, each side in its own process, alternating; per round the median of "
           f"{args.steps} steps after {args.warmup} warm-up; shown: median of the rounds (min-max)")  # fmt: skip
     for threads in args.threads or [2, 1]:
-        rounds: dict[str, list[float]] = {s: [] for s in sides}
-        cpu_ms: dict[str, list[float]] = {s: [] for s in sides}
-        info = {}
-        for _ in range(args.rounds):
-            for side in sides:
-                r = run_side(side, args.steps, args.warmup, threads)
-                rounds[side].append(r["ms"])
-                cpu_ms[side].append(r["cpu_ms"])
-                info.update({k: r[k] for k in ("gqa", "torch") if k in r})
-        med = {s: statistics.median(v) for s, v in rounds.items()}
+        results = alternate(sides, args.rounds, lambda side, _: run_side(side, args.steps, args.warmup, threads))
+        rounds = {s: [r["ms"] for r in results[s]] for s in sides}
+        cpu_ms = {s: [r["cpu_ms"] for r in results[s]] for s in sides}
+        info = {k: r[k] for rs in results.values() for r in rs for k in ("gqa", "torch") if k in r}
+        med = {s: median(v) for s, v in rounds.items()}
         cells = []
         for s in sides:
-            cell = f"{s} {med[s]:6.1f} ms ({min(rounds[s]):.1f}-{max(rounds[s]):.1f}; cpu {statistics.median(cpu_ms[s]):.1f})"
+            cell = f"{s} {spread(rounds[s], unit=' ms')}, cpu {median(cpu_ms[s]):.1f} ms"
             if "torch" in med and s != "torch":
-                cell += f" ratio {med[s] / med['torch']:.2f}"
+                cell += f" ratio {ratio(med[s], med['torch'])}"
             cells.append(cell)
         torch_note = f" [torch {info['torch']}, SDPA {info['gqa']}]" if "torch" in info else ""
         print(f"threads={threads} | " + " | ".join(cells) + f" | CPU: {cpu}{torch_note}", flush=True)
         if args.json:
             print(json.dumps({"config": CONFIG, "batch": BATCH, "threads": threads, "cpu": cpu, "rounds": rounds,
                               "cpu_ms": cpu_ms, "median_ms": med, **info}))  # fmt: skip
-
 
 if __name__ == "__main__":
     main()

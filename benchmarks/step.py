@@ -14,7 +14,9 @@ steps after a warm-up, and the table shows the median of the three rounds per si
 to PyTorch (< 1: arraygpt is faster), with the range over the rounds and the median process CPU
 time per step (less sensitive than wall time to other load on the machine, but it counts spinning
 threads too). The CPU model and thread counts are printed with the figures.
-``--threads N`` sets ARRAYGPT_NUM_THREADS=N for arraygpt and torch.set_num_threads(N) for PyTorch.
+``--threads N`` sets ARRAYGPT_NUM_THREADS=N for arraygpt, OMP/MKL/OPENBLAS_NUM_THREADS=N for
+both, and torch.set_num_threads(N) for PyTorch. The frame (processes, rounds, medians) is
+benchmarks/harness.py, shared with llama_step.py, generate_bench.py and nanogpt_recipe.py.
 """
 
 from __future__ import annotations
@@ -22,12 +24,14 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import alternate, cpu_model, median, ratio, run_worker, set_torch_threads, spread, thread_env  # noqa: E402
 
 CONFIGS = {
     # nanoGPT's documented CPU recipe (GPT-2 style with biases, as ../shared/bench/torch_gpt_step.py)
@@ -39,17 +43,6 @@ CONFIGS = {
     "microgpt-b32": ("microgpt", 32),
 }
 SIDES = ("kernels", "reference", "torch")
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def config_of(name: str):
@@ -125,7 +118,7 @@ def worker(side: str, name: str, steps: int, warmup: int, threads: int) -> dict:
     if side == "torch":
         import torch
 
-        torch.set_num_threads(threads)
+        set_torch_threads(threads)
         device = "cpu" if backend.device == "cpu" else "cuda"
         state = {k: backend.to_numpy(v) for k, v in model.state_dict().items()}
         del model
@@ -157,14 +150,12 @@ def worker(side: str, name: str, steps: int, warmup: int, threads: int) -> dict:
 
 
 def run_side(side: str, name: str, steps: int, warmup: int, threads: int) -> dict:
-    env = dict(os.environ, ARRAYGPT_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads))
+    env = thread_env(threads)
     env.pop("ARRAYGPT_KERNELS", None)
     if side == "torch":
         env["ARRAYGPT_MALLOC_TUNING"] = "0"  # PyTorch keeps its own allocator's behaviour (arraygpt only builds the weights)
-    args = [sys.executable, __file__, "--worker", side, "--config", name, "--steps", str(steps),
-            "--warmup", str(warmup), "--threads", str(threads)]  # fmt: skip
-    out = subprocess.run(args, env=env, check=True, capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    args = ["--config", name, "--steps", str(steps), "--warmup", str(warmup), "--threads", str(threads)]
+    return run_worker(__file__, side, args, env)
 
 
 def main() -> None:
@@ -184,32 +175,29 @@ def main() -> None:
     sides = [s for s in args.sides.split(",") if s]
     if "torch" in sides and importlib.util.find_spec("torch") is None:
         sides.remove("torch")
-    print(f"CPU: {cpu_model()} ({os.cpu_count()} logical cores); Python {platform.python_version()}")
+    cpu = cpu_model()
+    print(f"CPU: {cpu}; Python {platform.python_version()}")
     print(f"{args.rounds} rounds, each side in its own process, alternating; per round the median of "
           f"{args.steps} steps after {args.warmup} warm-up; shown: median of the rounds (min-max)")  # fmt: skip
     for name in args.config or ["nanogpt-cpu", "shakespeare-char"]:
         config, B = config_of(name)
         flops = flops_per_step(config, B)
         for threads in args.threads or [2, 1]:
-            rounds: dict[str, list[float]] = {s: [] for s in sides}
-            cpu: dict[str, list[float]] = {s: [] for s in sides}
-            for _ in range(args.rounds):
-                for side in sides:
-                    r = run_side(side, name, args.steps, args.warmup, threads)
-                    rounds[side].append(r["ms"])
-                    cpu[side].append(r["cpu_ms"])
-            med = {s: statistics.median(v) for s, v in rounds.items()}
+            results = alternate(sides, args.rounds, lambda side, _: run_side(side, name, args.steps, args.warmup, threads))
+            rounds = {s: [r["ms"] for r in results[s]] for s in sides}
+            cpu_ms = {s: [r["cpu_ms"] for r in results[s]] for s in sides}
+            med = {s: median(v) for s, v in rounds.items()}
             cells = []
             for s in sides:
-                cell = (f"{s} {med[s]:7.1f} ms ({min(rounds[s]):.1f}-{max(rounds[s]):.1f}; "
-                        f"cpu {statistics.median(cpu[s]):.1f})")  # fmt: skip
+                cell = f"{s} {spread(rounds[s], unit=' ms')}, cpu {median(cpu_ms[s]):.1f} ms"
                 if "torch" in med and s != "torch":
-                    cell += f" ratio {med[s] / med['torch']:.2f}"
+                    cell += f" ratio {ratio(med[s], med['torch'])}"
                 cells.append(cell)
-            print(f"{name:<17} B={B:<3} threads={threads} {flops / 1e9:.1f} GFLOP | " + " | ".join(cells), flush=True)
+            print(f"{name:<17} B={B:<3} threads={threads} {flops / 1e9:.1f} GFLOP | " + " | ".join(cells)
+                  + f" | CPU: {cpu}", flush=True)  # fmt: skip
             if args.json:
-                print(json.dumps({"config": name, "batch": B, "threads": threads, "cpu": cpu_model(), "rounds": rounds,
-                                  "cpu_ms": cpu, "median_ms": med}))  # fmt: skip
+                print(json.dumps({"config": name, "batch": B, "threads": threads, "cpu": cpu, "rounds": rounds,
+                                  "cpu_ms": cpu_ms, "median_ms": med}))  # fmt: skip
 
 
 if __name__ == "__main__":
