@@ -576,8 +576,8 @@ class GPT:
         dropout = cfg.dropout if self.training else 0.0
         chunks = self.runner.chunks(B, T * cfg.n_embd) if kv_cache is None else [slice(0, B)]
         if len(chunks) == 1:
-            logits, loss, cache = core.gpt_forward(
-                self._core_params, cfg, idx, targets, kernels=self.kernels, dropout=dropout,
+            logits, loss, cache = self.runner.run(
+                core.gpt_forward, self._core_params, cfg, idx, targets, kernels=self.kernels, dropout=dropout,
                 coins=self._coins(self._dropout_rng), kv_cache=kv_cache, last_only=last_only,
             )  # fmt: skip
             self._caches = [cache]
@@ -617,7 +617,7 @@ class GPT:
             raise RuntimeError("backward() needs a forward(idx, targets) with targets first")
         self._caches = None
         if len(caches) == 1:
-            grads = core.gpt_backward(loss_scale, caches[0], self.config, kernels=self.kernels)
+            grads = self.runner.run(core.gpt_backward, loss_scale, caches[0], self.config, kernels=self.kernels)
         else:  # loss = (sum over chunks of each chunk's summed loss) / (valid positions in the batch)
             count = sum(core.valid_positions(cache) for cache in caches)
             dloss = loss_scale / count if count else math.nan

@@ -52,11 +52,17 @@ class BatchRunner:
         bounds = [B * i // n for i in range(n + 1)]
         return [slice(lo, hi) for lo, hi in zip(bounds, bounds[1:])]
 
+    def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``fn(*args, **kwargs)`` on this thread, BLAS held to this runner's threads (so that
+        ``threads=1`` or ``ARRAYGPT_NUM_THREADS=1`` means one thread, BLAS included)."""
+        with self.backend.blas_threads(self.threads):
+            return fn(*args, **kwargs)
+
     def map(self, fn: Callable[..., Any], calls: Sequence[tuple[Any, ...]]) -> list[Any]:
         """``[fn(*args) for args in calls]``, the first on this thread and the rest on the pool.
         BLAS gets the cores that the chunks leave (one each when there is a chunk per thread)."""
         if len(calls) == 1:
-            return [fn(*calls[0])]
+            return [self.run(fn, *calls[0])]
         pool = self._ensure_pool()
         with self.backend.blas_threads(max(1, self.threads // len(calls))):
             futures = [pool.submit(fn, *args) for args in calls[1:]]

@@ -16,7 +16,7 @@ import warnings
 import numpy as np
 import pytest
 
-from arraygpt import GPT, GPTConfig, core, runner as runner_module
+from arraygpt import GPT, GPTConfig, core, generate, runner as runner_module
 from arraygpt.runner import BatchRunner
 from arraygpt.shim import load_backend, to_numpy
 
@@ -201,6 +201,33 @@ def test_models_stepping_in_two_threads_restore_blas(split_every_batch, openblas
         t.join()
     assert not errors
     assert openblas_at_two() == 2
+
+
+def test_one_thread_means_one_blas_thread_too(openblas_at_two, monkeypatch):
+    """threads=1 (or ARRAYGPT_NUM_THREADS=1) holds BLAS to one thread while the model computes,
+    for the unsplit batch of a forward, its backward and a decoding step; BLAS is given back after."""
+    seen = []
+    forward, backward = core.gpt_forward, core.gpt_backward
+
+    def watch(fn):
+        def run(*args, **kwargs):
+            seen.append((fn.__name__, openblas_at_two()))
+            return fn(*args, **kwargs)
+
+        return run
+
+    monkeypatch.setattr(core, "gpt_forward", watch(forward))
+    monkeypatch.setattr(core, "gpt_backward", watch(backward))
+    idx = np.random.default_rng(0).integers(0, 23, (1, 9))
+    for threads, blas in ((1, 1), (2, 2)):
+        seen.clear()
+        model = _model(threads)
+        model.forward(idx[:, :-1], idx[:, 1:])
+        model.backward()
+        list(generate(model, [1, 2], 2, seed=0))
+        assert seen and {b for _, b in seen} == {blas}, seen
+        assert {name for name, _ in seen} == {"gpt_forward", "gpt_backward"}
+        assert openblas_at_two() == 2
 
 
 def test_an_error_in_a_chunk_reaches_the_caller_after_the_others_end(split_every_batch, openblas_at_two, monkeypatch):
