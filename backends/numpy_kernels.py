@@ -1,17 +1,18 @@
-"""Fused kernels for the numpy backend, compiled with numba: GELU (tanh), LayerNorm, RMSNorm,
-causal attention and softmax + cross-entropy, each a forward/backward pair equal to its reference in ``arraygpt.layers``,
-and the Adam/AdamW update, bit-identical to the optimizer plugin's reference update.
+"""Fused kernels for the numpy backend, compiled with numba: GELU (tanh), SwiGLU, RoPE, LayerNorm,
+RMSNorm, causal (and grouped-query) attention and softmax + cross-entropy, each a forward/backward
+pair equal to its reference in ``arraygpt.layers``, and the Adam/AdamW update, bit-identical to
+the optimizer plugin's reference update.
 
 Why they pay: NumPy runs each elementwise operation as its own pass over memory on one core; a
-kernel here makes one pass (GELU, the norms' rows) or computes only the causal half of attention
-and fuses its masked softmax. Each kernel is serial and releases the GIL (``nogil``): the model
-already splits a batch across threads (``arraygpt.runner``), so the chunks' kernels run side by
-side, and a parallel numba kernel beside them would oversubscribe the cores (and numba's default
-``workqueue`` threading layer may not be entered from two threads at once). docs/kernels.md and
-docs/performance.md give the measurements behind these choices.
+kernel here makes one pass (GELU, SwiGLU, RoPE, the norms' rows) or computes only the causal half
+of attention and fuses its masked softmax. Each kernel is serial and releases the GIL (``nogil``):
+the model already splits a batch across threads (``arraygpt.runner``), so the chunks' kernels run
+side by side, and a parallel numba kernel beside them would oversubscribe the cores (and numba's
+default ``workqueue`` threading layer may not be entered from two threads at once).
+docs/kernels.md and docs/performance.md give the measurements behind these choices.
 
-A kernel takes what it knows (NumPy arrays of float32/float64, C-contiguous where it matters) and
-hands everything else to the reference: dropout in attention, grouped-query attention, a keyword it
+A kernel takes what it knows (NumPy arrays of float32/float64, C-contiguous or evenly strided rows
+where it matters) and hands everything else to the reference: dropout in attention, a keyword it
 does not know. Its backward recognizes its own forward's cache by type (a subclass of the
 reference's NamedTuple, so ``cache.probs`` still reads the attention patterns) and calls the
 reference's backward for a reference cache.
@@ -130,6 +131,56 @@ def _gelu64_backward(x, dout, dx):  # dx = dout (s + x s (1 - s) 2c (1 + 3a x^2)
         s = 1.0 / (1.0 + _fast_exp(min(minus_2u, 80.0)))
         g = v * (v * v * (6.0 * 0.7978845608028654 * 0.044715) + 2.0 * 0.7978845608028654)
         dx[i] = dout[i] * (s + g * s * (1.0 - s))
+
+
+def _swiglu_forward(g, gs, u, us, out, one, cap):
+    # layers.swiglu_forward: out = g sigmoid(g) u; g, u flat C views whose row n starts at n gs
+    # (n us), out (N, H)
+    N, H = out.shape
+    for n in range(N):
+        gn, un, o = g[n * gs : n * gs + H], u[n * us : n * us + H], out[n]
+        for j in range(H):
+            x = gn[j]
+            s = one / (one + _fast_exp(min(-x, cap)))
+            o[j] = x * s * un[j]
+
+
+def _swiglu_backward(g, gs, u, us, dout, dg, du, one, cap):
+    # layers.swiglu_backward with s = sigmoid(g) recomputed: du = dout g s, dg = dout u (g s - g s s + s)
+    N, H = dout.shape
+    for n in range(N):
+        gn, un, d, dgn, dun = g[n * gs : n * gs + H], u[n * us : n * us + H], dout[n], dg[n], du[n]
+        for j in range(H):
+            x = gn[j]
+            s = one / (one + _fast_exp(min(-x, cap)))
+            silu = x * s
+            dun[j] = d[j] * silu
+            dgn[j] = (silu - silu * s + s) * un[j] * d[j]
+
+
+def _rope(x, xs, cos, sin, out, T, hs, backward):
+    # layers.rope_forward / rope_backward for one (row, position, head) at a time; x a flat C view
+    # whose row n (position n % T) starts at n xs, out (N, NH * hs), cos and sin (T, hs). Forward:
+    # out1 = x1 c1 - x2 s1, out2 = x2 c2 + x1 s2; backward (the transposed rotation): dx1 = d1 c1 +
+    # d2 s2, dx2 = d2 c2 - d1 s1, where c1 = cos[t, :hs/2], c2 = cos[t, hs/2:] (equal in
+    # layers.rope_tables' layout, kept apart here as the reference keeps them)
+    N, D = out.shape
+    half = hs // 2
+    for n in range(N):
+        t = n % T
+        c1, c2, s1, s2 = cos[t, :half], cos[t, half:], sin[t, :half], sin[t, half:]
+        for h0 in range(0, D, hs):
+            a = n * xs + h0
+            x1, x2 = x[a : a + half], x[a + half : a + hs]  # slices: their indices need no wraparound
+            o1, o2 = out[n, h0 : h0 + half], out[n, h0 + half : h0 + hs]
+            if backward:
+                for j in range(half):
+                    o1[j] = x1[j] * c1[j] + x2[j] * s2[j]
+                    o2[j] = x2[j] * c2[j] - x1[j] * s1[j]
+            else:
+                for j in range(half):
+                    o1[j] = x1[j] * c1[j] - x2[j] * s1[j]
+                    o2[j] = x2[j] * c2[j] + x1[j] * s2[j]
 
 
 def _norm_forward(x, w, b, has_w, has_b, centered, eps, out, xhat, rstd):
@@ -307,9 +358,9 @@ def _adam_update(p, g, m, v, decay, wd, beta1, one_minus_beta1, beta2, one_minus
 # ----------------------------------------------------------------------------------------------
 # compiling
 
-_SOURCES = (_gelu32_forward, _gelu32_backward, _gelu64_forward, _gelu64_backward, _norm_forward,
-            _norm_backward, _causal_softmax, _causal_softmax_backward, _crossentropy_forward,
-            _crossentropy_backward)  # fmt: skip
+_SOURCES = (_gelu32_forward, _gelu32_backward, _gelu64_forward, _gelu64_backward, _swiglu_forward,
+            _swiglu_backward, _rope, _norm_forward, _norm_backward, _causal_softmax, _causal_softmax_backward,
+            _crossentropy_forward, _crossentropy_backward)  # fmt: skip
 _EXACT_SOURCES = (_adam_update,)  # compiled without fastmath: bit-identical to the NumPy reference
 _jit: dict[str, Any] = {}
 _jit_lock = threading.Lock()
@@ -421,6 +472,102 @@ def gelu_tanh_backward(dout: Any, cache: layers.ActivationCache) -> Any:
     return dx
 
 
+def _rows(a: Any) -> tuple[Any, int, int] | None:
+    """A (..., W) array whose rows are W contiguous values at a fixed stride (a slice of the last
+    axis, such as the model's q of its qkv projection or the gate half of its gate_up): (a flat
+    C-contiguous view starting at its first value, the row stride in values, the number of rows),
+    without a copy; None for any other layout (the reference takes it)."""
+    if type(a) is not np.ndarray or a.ndim < 1 or a.size == 0:
+        return None
+    W, item = a.shape[-1], a.itemsize
+    try:
+        a2 = np.reshape(a, (-1, W), copy=False)  # raises where the rows are not evenly spaced
+    except ValueError:
+        return None
+    (s0, s1), N = a2.strides, a2.shape[0]
+    if (W > 1 and s1 != item) or s0 % item or (N > 1 and s0 < 0):
+        return None
+    stride = s0 // item if N > 1 else W
+    return np.lib.stride_tricks.as_strided(a2, ((N - 1) * stride + W,), (item,)), stride, N
+
+
+# ----------------------------------------------------------------------------------------------
+# SwiGLU: layers.swiglu_forward / swiglu_backward
+
+
+class FusedSwiGLUCache(layers.SwiGLUCache):
+    """The fused SwiGLU's cache: ``sig`` is None, the backward recomputes it from ``gate``."""
+
+    __slots__ = ()
+
+
+def swiglu_forward(gate: Any, up: Any) -> tuple[Any, layers.SwiGLUCache]:
+    """layers.swiglu_forward in one pass; gate and up may be strided rows (the halves of one
+    projection's output)."""
+    g, u = _rows(gate), _rows(up)
+    if g is None or u is None or not _floats(gate, up) or gate.shape != up.shape:
+        return layers.swiglu_forward(gate, up)
+    jit = _jit or _compile()
+    f = gate.dtype.type
+    out = np.empty(gate.shape, dtype=gate.dtype)
+    jit["_swiglu_forward"](g[0], g[1], u[0], u[1], out.reshape(g[2], -1), f(1.0), f(80.0))
+    return out, FusedSwiGLUCache(gate, up, None)
+
+
+def swiglu_backward(dout: Any, cache: layers.SwiGLUCache) -> tuple[Any, Any]:
+    """layers.swiglu_backward in one pass, recomputing sigmoid(gate)."""
+    if type(cache) is not FusedSwiGLUCache:
+        return layers.swiglu_backward(dout, cache)
+    gate, up, _ = cache
+    g, u = _rows(gate), _rows(up)
+    jit = _jit or _compile()
+    f = gate.dtype.type
+    dout = np.ascontiguousarray(dout, dtype=gate.dtype).reshape(g[2], -1)
+    dg, du = np.empty_like(dout), np.empty_like(dout)
+    jit["_swiglu_backward"](g[0], g[1], u[0], u[1], dout, dg, du, f(1.0), f(80.0))
+    return dg.reshape(gate.shape), du.reshape(gate.shape)
+
+
+# ----------------------------------------------------------------------------------------------
+# rotary position embeddings: layers.rope_forward / rope_backward
+
+
+class FusedRopeCache(layers.RopeCache):
+    """The fused RoPE's cache: the reference's fields (cos, sin)."""
+
+    __slots__ = ()
+
+
+def _rope_call(x: Any, cos: Any, sin: Any, backward: bool) -> Any:
+    """out (B, T, D) rotated per (row, position, head), or None where the kernel does not take it."""
+    rows = _rows(x)
+    if (rows is None or x.ndim != 3 or not _floats(x, cos, sin) or cos.ndim != 2 or sin.shape != cos.shape
+            or cos.shape[0] != x.shape[1] or cos.shape[1] % 2 or cos.shape[1] == 0
+            or x.shape[2] % cos.shape[1]):  # fmt: skip
+        return None
+    jit = _jit or _compile()
+    out = np.empty(x.shape, dtype=x.dtype)
+    jit["_rope"](rows[0], rows[1], np.ascontiguousarray(cos), np.ascontiguousarray(sin), out.reshape(rows[2], -1),
+                 x.shape[1], cos.shape[1], backward)  # fmt: skip
+    return out
+
+
+def rope_forward(x: Any, cos: Any, sin: Any) -> tuple[Any, layers.RopeCache]:
+    """layers.rope_forward in one pass per (row, position, head), without rotate_half's
+    temporaries; x may be strided rows (q or k of the qkv projection). The positions are those
+    of the tables (offset by a KV cache's length), as in the reference."""
+    out = _rope_call(x, cos, sin, False)
+    if out is None:
+        return layers.rope_forward(x, cos, sin)
+    return out, FusedRopeCache(cos, sin)
+
+
+def rope_backward(dout: Any, cache: layers.RopeCache) -> Any:
+    """layers.rope_backward in one pass: the transposed rotation."""
+    dx = _rope_call(dout, *cache, True) if type(cache) is FusedRopeCache else None
+    return layers.rope_backward(dout, cache) if dx is None else dx
+
+
 # ----------------------------------------------------------------------------------------------
 # LayerNorm and RMSNorm: layers.layernorm_forward / rmsnorm_forward and their backward
 
@@ -505,64 +652,85 @@ def _merge(x: Any) -> Any:  # (B, NH, T, hs) -> C-contiguous (B, T, D)
     return np.ascontiguousarray(x.transpose(0, 2, 1, 3)).reshape(B, T, NH * hs)
 
 
+def _mT(x: Any) -> Any:  # the last two axes swapped (a view)
+    return np.swapaxes(x, -1, -2)
+
+
 def attention_forward(q: Any, k: Any, v: Any, n_head: int, dropout_p: float = 0.0, coins: Any = None,
                       **more: Any) -> tuple[Any, layers.AttentionCache]:  # fmt: skip
     """layers.attention_forward, skipping the masked blocks: queries in blocks of TILE rows, each
     block's scores and output against only the keys it sees (BLAS matmuls), and the masked
-    softmax in one fused pass. Dropout, grouped-query attention and any argument it does not know
-    go to the reference."""
+    softmax in one fused pass. Grouped-query attention (``n_kv_head`` < n_head): the queries are
+    viewed as (B, NKV, G, T, hs) and the key/value heads as (B, NKV, 1, Tk, hs), so each matmul
+    broadcasts one key/value head over its G query heads (no repeated copies) and the causal
+    blocks stay those of the plain case. Dropout and any argument it does not know go to the
+    reference (which also raises on an n_kv_head that does not divide n_head)."""
     n_kv_head = more.pop("n_kv_head", None)
     B, T, D = q.shape
-    if (dropout_p > 0.0 or more or n_kv_head not in (None, n_head) or k.ndim != 3 or k.shape != v.shape
-            or k.shape[0] != B or k.shape[2] != D or k.shape[1] < T or D % n_head
+    NKV = n_head if n_kv_head is None else n_kv_head
+    if (dropout_p > 0.0 or more or n_head < 1 or D % n_head or NKV < 1 or n_head % NKV or k.ndim != 3
+            or k.shape != v.shape or k.shape[0] != B or k.shape[2] != NKV * (D // n_head) or k.shape[1] < T
             or type(q) is not np.ndarray or not _floats(q, k, v)):  # fmt: skip
         if n_kv_head is not None:
             more["n_kv_head"] = n_kv_head
         return layers.attention_forward(q, k, v, n_head, dropout_p, coins, **more)
     jit = _jit or _compile()
-    Tk, hs = k.shape[1], D // n_head
+    Tk, hs, G = k.shape[1], D // n_head, n_head // NKV
     past = Tk - T  # keys before the first query (a KV cache)
     scale = 1.0 / math.sqrt(hs)
     qh = _split(q * q.dtype.type(scale), n_head)  # (B, NH, T, hs), scaled as the reference does
-    kh, vh = _split(k, n_head), _split(v, n_head)  # (B, NH, Tk, hs)
+    kh, vh = _split(k, NKV), _split(v, NKV)  # (B, NKV, Tk, hs)
     probs = np.empty((B, n_head, T, Tk), dtype=q.dtype)
-    kT = kh.transpose(0, 1, 3, 2)
+    # query head h = j G + g uses key/value head j (transformers' repeat_kv order): views with a
+    # group axis, the key/value heads broadcast over it
+    q5, p5 = qh.reshape(B, NKV, G, T, hs), probs.reshape(B, NKV, G, T, Tk)
+    k5T, v5 = _mT(kh)[:, :, None], vh[:, :, None]  # (B, NKV, 1, hs, Tk), (B, NKV, 1, Tk, hs)
     for i0, i1 in _blocks(T):  # scores of queries i0..i1-1 against keys 0..past+i1-1
-        np.matmul(qh[:, :, i0:i1], kT[..., : past + i1], out=probs[:, :, i0:i1, : past + i1])
+        np.matmul(q5[..., i0:i1, :], k5T[..., : past + i1], out=p5[..., i0:i1, : past + i1])
     jit["_causal_softmax"](probs, past)
     yh = np.empty((B, n_head, T, hs), dtype=q.dtype)
+    y5 = yh.reshape(B, NKV, G, T, hs)
     for i0, i1 in _blocks(T):
-        np.matmul(probs[:, :, i0:i1, : past + i1], vh[:, :, : past + i1], out=yh[:, :, i0:i1])
+        np.matmul(p5[..., i0:i1, : past + i1], v5[..., : past + i1, :], out=y5[..., i0:i1, :])
     y = _merge(yh)  # (B, T, D)
     return y, FusedAttentionCache(qh, kh, vh, y, probs, None, scale)
 
 
 def attention_backward(dout: Any, cache: layers.AttentionCache) -> tuple[Any, Any, Any]:
     """layers.attention_backward over the blocks the forward computed, the softmax's backward
-    fused into one pass."""
+    fused into one pass. With grouped key/value heads, dk and dv of a key/value head sum over its
+    G query heads: one matmul over the G*T stacked rows where a key block is seen by every query
+    (as the reference's grouped matmuls), else per query head and summed."""
     if type(cache) is not FusedAttentionCache:
         return layers.attention_backward(dout, cache)
     qh, kh, vh, y, probs, _, scale = cache
     jit = _jit or _compile()
     B, NH, T, hs = qh.shape
-    Tk = kh.shape[2]
-    past = Tk - T
+    NKV, Tk = kh.shape[1], kh.shape[2]
+    G, past = NH // NKV, Tk - T
     dout = np.ascontiguousarray(dout, dtype=qh.dtype)
     dyh = _split(dout, NH)  # (B, NH, T, hs)
     ds = np.empty_like(probs)  # da = dy v^T, then ds in place
-    vT = vh.transpose(0, 1, 3, 2)
+    dy5, ds5, p5, q5 = (a.reshape(B, NKV, G, T, a.shape[-1]) for a in (dyh, ds, probs, qh))
+    k5, v5T = kh[:, :, None], _mT(vh)[:, :, None]
     for i0, i1 in _blocks(T):
-        np.matmul(dyh[:, :, i0:i1], vT[..., : past + i1], out=ds[:, :, i0:i1, : past + i1])
+        np.matmul(dy5[..., i0:i1, :], v5T[..., : past + i1], out=ds5[..., i0:i1, : past + i1])
     jit["_causal_softmax_backward"](ds, probs, dout, y, past)
     dq = np.empty_like(qh)
+    dq5 = dq.reshape(B, NKV, G, T, hs)
     for i0, i1 in _blocks(T):  # dq = ds k * scale
-        np.matmul(ds[:, :, i0:i1, : past + i1], kh[:, :, : past + i1], out=dq[:, :, i0:i1])
+        np.matmul(ds5[..., i0:i1, : past + i1], k5[..., : past + i1, :], out=dq5[..., i0:i1, :])
     dq *= dq.dtype.type(scale)
     dk, dv = np.empty_like(kh), np.empty_like(vh)
+    dsg, pg, qg, dyg = (a.reshape(B, NKV, G * T, a.shape[-1]) for a in (ds, probs, qh, dyh))  # (B, NKV, G*T, .)
     for j0, j1 in _blocks(Tk):  # keys j0..j1-1 are seen by queries from j0 - past on
         r = max(0, j0 - past)
-        np.matmul(ds[:, :, r:, j0:j1].transpose(0, 1, 3, 2), qh[:, :, r:], out=dk[:, :, j0:j1])  # ds^T q
-        np.matmul(probs[:, :, r:, j0:j1].transpose(0, 1, 3, 2), dyh[:, :, r:], out=dv[:, :, j0:j1])  # a^T dy
+        if r == 0 or G == 1:  # the rows r.. of every query head are contiguous in the stacked view
+            np.matmul(_mT(dsg[:, :, r:, j0:j1]), qg[:, :, r:], out=dk[:, :, j0:j1])  # ds^T q
+            np.matmul(_mT(pg[:, :, r:, j0:j1]), dyg[:, :, r:], out=dv[:, :, j0:j1])  # a^T dy
+        else:
+            np.sum(np.matmul(_mT(ds5[..., r:, j0:j1]), q5[..., r:, :]), axis=2, out=dk[:, :, j0:j1])
+            np.sum(np.matmul(_mT(p5[..., r:, j0:j1]), dy5[..., r:, :]), axis=2, out=dv[:, :, j0:j1])
     return _merge(dq), _merge(dk), _merge(dv)
 
 
@@ -646,6 +814,12 @@ KERNELS = {
     "numba_gelu_tanh": KernelSpec(
         "activation:gelu_tanh", _loader(gelu_tanh_forward, gelu_tanh_backward), **_ON,
         description=f"one pass forward and backward, tanh recomputed in the backward ({_NUMBA})"),
+    "numba_swiglu": KernelSpec(
+        "swiglu", _loader(swiglu_forward, swiglu_backward), **_ON,
+        description=f"one pass forward and backward, sigmoid recomputed in the backward ({_NUMBA})"),
+    "numba_rope": KernelSpec(
+        "rope", _loader(rope_forward, rope_backward), **_ON,
+        description=f"one pass per row, position and head, forward and backward ({_NUMBA})"),
     "numba_layernorm": KernelSpec(
         "norm:layernorm", _loader(layernorm_forward, layernorm_backward), **_ON,
         description=f"one pass per row, forward and backward ({_NUMBA})"),
@@ -657,8 +831,8 @@ KERNELS = {
         description=f"softmax, loss and backward in one pass per row ({_NUMBA})"),
     "numba_causal_attention": KernelSpec(
         "attention", _loader(attention_forward, attention_backward), **_ON,
-        description=f"masked blocks skipped (BLAS on the rest), masked softmax fused; dropout and "
-                    f"grouped-query attention run the reference ({_NUMBA})"),
+        description=f"masked blocks skipped (BLAS on the rest), masked softmax fused, grouped-query "
+                    f"attention without repeated keys; dropout runs the reference ({_NUMBA})"),
     "numba_adam": KernelSpec(
         "update:adam", _loader(adam_update), **_ON,
         description=f"Adam and AdamW in one pass per parameter, bit-identical to the reference ({_NUMBA})"),

@@ -8,13 +8,14 @@ rest of the suite tests); the selection tests run everywhere.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import subprocess
 import sys
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from arraygpt import GPT, GPTConfig, core, hookimpl, kernels, layers, manager
@@ -102,31 +103,39 @@ def test_norm_kernels_equal_reference(norm, shape, dtype, gain, bias, contiguous
         assert_close(got, want, dtype, f"{norm} backward {name}")
 
 
-def _attention_inputs(rng, B, T, past, NH, hs, dtype):
-    """q, k, v as the model passes them: views of one (B, T, 3D) projection; with ``past`` > 0,
-    k and v are views of a longer buffer, as a KV cache returns them."""
-    D = NH * hs
-    qkv = rng.standard_normal((B, T, 3 * D)).astype(dtype)
+def _attention_inputs(rng, B, T, past, NH, hs, dtype, NKV=None):
+    """q, k, v as the model passes them: views of one (B, T, D + 2 Dkv) projection (Dkv = NKV hs,
+    NKV = NH unless grouped); with ``past`` > 0, k and v are views of a longer buffer, as a KV
+    cache returns them."""
+    D, Dkv = NH * hs, (NKV or NH) * hs
+    qkv = rng.standard_normal((B, T, D + 2 * Dkv)).astype(dtype)
     q = qkv[..., :D]
     if past == 0:
-        return q, qkv[..., D : 2 * D], qkv[..., 2 * D :]
-    buffer = rng.standard_normal((2, B, past + T + 3, D)).astype(dtype)  # spare positions after the end
+        return q, qkv[..., D : D + Dkv], qkv[..., D + Dkv :]
+    buffer = rng.standard_normal((2, B, past + T + 3, Dkv)).astype(dtype)  # spare positions after the end
     return q, buffer[0, :, : past + T], buffer[1, :, : past + T]
 
 
 @needs_numba
 @settings(max_examples=60, deadline=None)
-@given(B=st.integers(1, 3), T=st.sampled_from([1, 2, 5, 8, 13, 64, 70]), past=st.sampled_from([0, 0, 1, 4]),
-       NH=st.integers(1, 3), hs=st.sampled_from([1, 3, 8]), dtype=st.sampled_from(DTYPES),
-       seed=st.integers(0, 2**16))  # fmt: skip
-def test_attention_kernel_equals_reference(B, T, past, NH, hs, dtype, seed):
-    """T = 1 (a decode step), odd sizes, more than one query block (T > TILE), a KV cache (past > 0)."""
+@given(B=st.integers(1, 3), T=st.sampled_from([1, 2, 5, 8, 13, 64, 70]), past=st.sampled_from([0, 0, 1, 4, 67]),
+       NKV=st.integers(1, 3), G=st.sampled_from([1, 1, 2, 3]), hs=st.sampled_from([1, 3, 8]),
+       dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**16))  # fmt: skip
+@example(B=2, T=70, past=0, NKV=2, G=3, hs=3, dtype="float64", seed=1)  # a key block seen by some queries only
+@example(B=1, T=70, past=67, NKV=1, G=2, hs=8, dtype="float32", seed=2)  # the same, after a KV cache
+def test_attention_kernel_equals_reference(B, T, past, NKV, G, hs, dtype, seed):
+    """T = 1 (a decode step), odd sizes, more than one query block (T > TILE), a KV cache (past > 0;
+    67 puts a key block boundary inside the queries), grouped-query attention (G query heads per
+    key/value head)."""
     rng = np.random.default_rng(seed)
-    q, k, v = _attention_inputs(rng, B, T, past, NH, hs, dtype)
+    NH = NKV * G
+    q, k, v = _attention_inputs(rng, B, T, past, NH, hs, dtype, NKV)
     dout = rng.standard_normal((B, T, NH * hs)).astype(dtype)
-    y, cache = nk.attention_forward(q, k, v, NH)
-    ref_y, ref_cache = layers.attention_forward(q, k, v, NH)
+    grouped = {} if G == 1 else {"n_kv_head": NKV}
+    y, cache = nk.attention_forward(q, k, v, NH, **grouped)
+    ref_y, ref_cache = layers.attention_forward(q, k, v, NH, **grouped)
     assert type(cache) is nk.FusedAttentionCache and isinstance(cache, layers.AttentionCache)
+    assert cache.k.shape == ref_cache.k.shape == (B, NKV, past + T, hs)
     assert_close(y, ref_y, dtype, "attention forward")
     assert_close(cache.probs, ref_cache.probs, dtype, "attention probs")
     for got, want, name in zip(nk.attention_backward(dout, cache), layers.attention_backward(dout, ref_cache), "qkv"):
@@ -136,7 +145,8 @@ def test_attention_kernel_equals_reference(B, T, past, NH, hs, dtype, seed):
 @needs_numba
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_attention_kernel_declines_dropout_and_unknown_arguments(dtype):
-    """Dropout, grouped-query attention and unknown keywords run the reference, forward and backward."""
+    """Dropout (with and without grouped keys) and unknown keywords run the reference, forward and
+    backward; grouped-query attention runs the kernel."""
     rng = np.random.default_rng(0)
     B, T, NH, hs = 2, 5, 2, 4
     q, k, v = _attention_inputs(rng, B, T, 0, NH, hs, dtype)
@@ -150,13 +160,108 @@ def test_attention_kernel_declines_dropout_and_unknown_arguments(dtype):
         assert_close(got, want, dtype)
     with pytest.raises(TypeError, match="unexpected keyword"):  # passed on to the reference, which rejects it
         nk.attention_forward(q, k, v, NH, window=3)
-    if "n_kv_head" in inspect.signature(layers.attention_forward).parameters:
-        kv = rng.standard_normal((2, B, T, hs)).astype(dtype)  # one key/value head for two query heads
-        y, cache = nk.attention_forward(q, kv[0], kv[1], NH, n_kv_head=1)
-        assert type(cache) is layers.AttentionCache
-        assert_close(y, layers.attention_forward(q, kv[0], kv[1], NH, n_kv_head=1)[0], dtype)
-        _, cache = nk.attention_forward(q, k, v, NH, n_kv_head=NH)  # the plain call spelled out
-        assert type(cache) is nk.FusedAttentionCache
+    kv = rng.standard_normal((2, B, T, hs)).astype(dtype)  # one key/value head for two query heads
+    y, cache = nk.attention_forward(q, kv[0], kv[1], NH, n_kv_head=1)
+    assert type(cache) is nk.FusedAttentionCache
+    assert_close(y, layers.attention_forward(q, kv[0], kv[1], NH, n_kv_head=1)[0], dtype)
+    y, cache = nk.attention_forward(q, kv[0], kv[1], NH, 0.25, coins, n_kv_head=1)  # grouped, with dropout
+    assert type(cache) is layers.AttentionCache
+    assert_close(y, layers.attention_forward(q, kv[0], kv[1], NH, 0.25, coins, n_kv_head=1)[0], dtype)
+    _, cache = nk.attention_forward(q, k, v, NH, n_kv_head=NH)  # the plain call spelled out
+    assert type(cache) is nk.FusedAttentionCache
+    for n_kv_head in (0, 3):  # not a divisor of n_head: the reference's error
+        with pytest.raises(ValueError, match="n_kv_head must divide n_head"):
+            nk.attention_forward(q, kv[0], kv[1], NH, n_kv_head=n_kv_head)
+
+
+def _pair(rng, shape, dtype, layout):
+    """gate and up (or any two (..., H) inputs): ``halves`` of one (..., 2H) array, as the model's
+    fused gate_up projection gives them; ``contiguous``; ``strided`` (every other value of wider
+    rows, which the kernels hand to the reference)."""
+    if layout == "halves":
+        both = rng.standard_normal((*shape[:-1], 2 * shape[-1])).astype(dtype)
+        return both[..., : shape[-1]], both[..., shape[-1] :]
+    return _array(rng, shape, dtype, layout == "contiguous"), _array(rng, shape, dtype, layout == "contiguous")
+
+
+@needs_numba
+@settings(max_examples=60, deadline=None)
+@given(B=st.integers(1, 3), T=st.sampled_from([1, 2, 5, 8]), H=st.sampled_from([1, 2, 7, 33, 352]),
+       dtype=st.sampled_from(DTYPES), layout=st.sampled_from(["halves", "contiguous", "strided"]),
+       seed=st.integers(0, 2**16), scale=st.sampled_from([1.0, 8.0, 100.0]))  # fmt: skip
+def test_swiglu_kernel_equals_reference(B, T, H, dtype, layout, seed, scale):
+    """T = 1, odd H, the gate and up halves of one projection (strided rows), large |gate|
+    (sigmoid saturates: the exp cap)."""
+    rng = np.random.default_rng(seed)
+    gate, up = _pair(rng, (B, T, H), dtype, layout)
+    gate *= np.asarray(scale, dtype=dtype)  # in place: gate stays a view
+    dout = _array(rng, (B, T, H), dtype)
+    out, cache = nk.swiglu_forward(gate, up)
+    ref_out, ref_cache = layers.swiglu_forward(gate, up)
+    assert_close(out, ref_out, dtype, "swiglu forward")
+    assert isinstance(cache, layers.SwiGLUCache)
+    assert type(cache) is (layers.SwiGLUCache if layout == "strided" and H > 1 else nk.FusedSwiGLUCache)
+    grads = zip(nk.swiglu_backward(dout, cache), layers.swiglu_backward(dout, ref_cache), ("dgate", "dup"))
+    for got, want, name in grads:
+        assert_close(got, want, dtype, f"swiglu backward {name}")
+    dg, du = nk.swiglu_backward(dout.T.copy().T, cache)  # a non-contiguous dout
+    assert_close(dg, layers.swiglu_backward(dout, ref_cache)[0], dtype)
+
+
+def _random_tables(rng, T, hs, dtype):
+    """cos and sin tables whose two halves differ: the kernel must read them as the reference does."""
+    return rng.standard_normal((T, hs)).astype(dtype), rng.standard_normal((T, hs)).astype(dtype)
+
+
+@needs_numba
+@settings(max_examples=60, deadline=None)
+@given(B=st.integers(1, 3), T=st.sampled_from([1, 2, 5, 16]), past=st.sampled_from([0, 1, 7]),
+       NH=st.integers(1, 3), hs=st.sampled_from([2, 4, 6, 32]), dtype=st.sampled_from(DTYPES),
+       layout=st.sampled_from(["qkv", "contiguous", "strided"]), tables=st.sampled_from(["rope", "scaled", "random"]),
+       seed=st.integers(0, 2**16))  # fmt: skip
+def test_rope_kernel_equals_reference(B, T, past, NH, hs, dtype, layout, tables, seed):
+    """T = 1 (a decode step), odd head halves (hs = 6), positions offset by a KV cache's past
+    (the tables of core.rope_tables at past .. past + T - 1), q as a view of the qkv projection,
+    Llama 3.1's scaled frequencies, and tables whose halves differ."""
+    rng = np.random.default_rng(seed)
+    D = NH * hs
+    if layout == "qkv":
+        x = rng.standard_normal((B, T, 3 * D)).astype(dtype)[..., D : 2 * D]  # k of a qkv projection
+    else:
+        x = _array(rng, (B, T, D), dtype, layout == "contiguous")
+    if tables == "random":
+        cos, sin = _random_tables(rng, T, hs, dtype)
+    else:
+        inv_freq = layers.rope_frequencies(hs, 500.0, (8.0, 1.0, 4.0, 8) if tables == "scaled" else None)
+        cos, sin = layers.rope_tables(np, T, past, inv_freq, np.dtype(dtype))
+    dout = _array(rng, (B, T, D), dtype)
+    out, cache = nk.rope_forward(x, cos, sin)
+    ref_out, ref_cache = layers.rope_forward(x, cos, sin)
+    assert_close(out, ref_out, dtype, "rope forward")
+    assert type(cache) is (layers.RopeCache if layout == "strided" else nk.FusedRopeCache)
+    assert_close(nk.rope_backward(dout, cache), layers.rope_backward(dout, ref_cache), dtype, "rope backward")
+    assert_close(nk.rope_backward(dout.T.copy().T, cache), layers.rope_backward(dout, ref_cache), dtype)
+    strided_dout = _array(rng, (B, T, D), dtype, contiguous=False)  # the backward declines it too
+    assert_close(nk.rope_backward(strided_dout, cache), layers.rope_backward(strided_dout, ref_cache), dtype)
+
+
+@needs_numba
+def test_rope_and_swiglu_kernels_decline_what_they_do_not_take():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 3, 10))
+    cos, sin = _random_tables(rng, 3, 5, "float64")  # an odd head size: the reference's rotate_half
+    out, cache = nk.rope_forward(x, cos, sin)
+    assert type(cache) is layers.RopeCache
+    np.testing.assert_array_equal(out, layers.rope_forward(x, cos, sin)[0])
+    with pytest.raises(AssertionError, match="rope tables have"):  # the reference's check
+        nk.rope_forward(x, *_random_tables(rng, 4, 2, "float64"))
+    _, cache = nk.rope_forward(x.astype(np.float32), cos, sin)  # mixed dtypes
+    assert type(cache) is layers.RopeCache
+    gate = np.linspace(-3, 3, 12, dtype=np.float16).reshape(3, 4)
+    out, cache = nk.swiglu_forward(gate, gate)
+    assert type(cache) is layers.SwiGLUCache and out.dtype == np.float16
+    _, cache = nk.swiglu_forward(rng.standard_normal((3, 4)), rng.standard_normal((4,)))  # broadcast: the reference
+    assert type(cache) is layers.SwiGLUCache
 
 
 @needs_numba
@@ -212,19 +317,24 @@ def test_kernels_hand_other_arrays_to_the_reference():
 
 
 SMALL = GPTConfig(vocab_size=19, block_size=16, n_layer=2, n_head=2, n_embd=12)
+# Llama-style: RoPE, SwiGLU, grouped-query attention (2 key/value heads of 4), RMSNorm, no biases;
+# odd sizes (head halves of 3, a SwiGLU hidden size of 21)
+LLAMA = GPTConfig(vocab_size=19, block_size=16, n_layer=2, n_head=4, n_kv_head=2, n_embd=24, position="rope",
+                  mlp="swiglu", mlp_hidden=21, norm="rmsnorm", bias=False)  # fmt: skip
 
 
 @needs_numba
 @pytest.mark.parametrize(
     "config",
     [SMALL, GPTConfig(vocab_size=19, block_size=16, n_layer=2, n_head=3, n_embd=15, norm="rmsnorm", bias=False),
-     GPTConfig(vocab_size=19, block_size=16, n_layer=1, n_head=2, n_embd=8, norm_affine=False)],
-    ids=["layernorm", "rmsnorm-nobias", "no-affine"],
+     GPTConfig(vocab_size=19, block_size=16, n_layer=1, n_head=2, n_embd=8, norm_affine=False), LLAMA,
+     dataclasses.replace(LLAMA, n_kv_head=4, qkv_bias=True, rope_scaling=(8.0, 1.0, 4.0, 8))],
+    ids=["layernorm", "rmsnorm-nobias", "no-affine", "llama-gqa", "qwen2-mha"],
 )  # fmt: skip
 def test_model_gradients_with_kernels_equal_reference(config):
     fast = GPT(config, seed=3, dtype="float64", kernels=None)
     ref = GPT(config, seed=3, dtype="float64", kernels="reference")
-    kinds = ("norm", "attention", "activation", "crossentropy")
+    kinds = ("norm", "attention", "activation", "crossentropy", "rope", "swiglu")
     used = {kind for kind in kinds if getattr(fast.kernels, kind)[0].__module__ == "arraygpt.backends.numpy_kernels"}
     assert used == set(kinds)
     rng = np.random.default_rng(0)
@@ -265,8 +375,22 @@ def test_model_with_kernels_under_dropout_and_a_kv_cache():
 
 
 @needs_numba
-def test_model_float32_with_kernels_is_close_to_reference():
-    config = GPTConfig(vocab_size=19, block_size=16, n_layer=2, n_head=2, n_embd=12)
+def test_llama_model_with_kernels_decodes_with_a_kv_cache():
+    """RoPE at positions offset by the cache and grouped attention against cached keys: the
+    kernels' logits equal the reference's at every step (a prompt, then one token at a time)."""
+    fast, ref = GPT(LLAMA, seed=5, dtype="float64"), GPT(LLAMA, seed=5, dtype="float64", kernels="reference")
+    assert fast.kernels.rope[0] is nk.rope_forward and fast.kernels.attention[0] is nk.attention_forward
+    caches = core.KVCache(LLAMA), core.KVCache(LLAMA)
+    prompt = np.random.default_rng(3).integers(0, 19, (2, 6))
+    for step in range(5):
+        out = [m.forward(prompt if step == 0 else prompt[:, -1:], kv_cache=c)[0] for m, c in zip((fast, ref), caches)]
+        np.testing.assert_allclose(out[0], out[1], rtol=0, atol=1e-10)
+        prompt = np.concatenate([prompt, np.argmax(np.asarray(out[1])[:, -1:], axis=-1)], axis=1)
+
+
+@needs_numba
+@pytest.mark.parametrize("config", [SMALL, LLAMA], ids=["gpt2", "llama"])
+def test_model_float32_with_kernels_is_close_to_reference(config):
     fast, ref = GPT(config, seed=2), GPT(config, seed=2, kernels="reference")
     batch = np.random.default_rng(1).integers(0, 19, (4, 17))
     _, loss = fast.forward(batch[:, :-1], batch[:, 1:])
@@ -307,6 +431,9 @@ def test_describe_kernels_rows():
     if HAS_NUMBA:
         assert table["attention"][1] == "numba_causal_attention"
         assert table["activation:gelu_tanh"][1] == "numba_gelu_tanh"
+        assert table["rope"][1] == "numba_rope" and table["swiglu"][1] == "numba_swiglu"
+    else:
+        assert table["rope"][1] == table["swiglu"][1] == "reference"
     strict = kernels.describe_kernels(SMALL, load_backend("array_api_strict"), "float32")
     assert {row[1] for row in strict} == {"reference"}
     assert "not array_api_strict" in {row[0]: row for row in strict}["attention"][2]
