@@ -14,10 +14,11 @@ do nothing, and mpi4py is never imported: nothing changes for a normal run.
 Faults: every collective is non-blocking underneath and waited for with a deadline
 (``ARRAYGPT_MPI_TIMEOUT`` seconds, default 600; 0 waits forever; the collectives of the start-up,
 while ranks may still be importing and reading data, wait at least ``ARRAYGPT_MPI_START_TIMEOUT``,
-default 600). A rank whose wait runs past it,
-or that raises, prints one line naming itself and calls ``MPI_Abort``, which ends every rank of the
-job; a rank killed outright is noticed by the launcher (MPICH's hydra, Open MPI's prte), which ends
-the others. Checkpoints are written atomically by rank 0 alone, so the last one stays intact.
+default 600). A rank whose wait runs past it, or that raises, prints one line naming itself,
+waits until the launcher has read its output (the launcher drops what it has not read once it
+handles the abort) and calls ``MPI_Abort``, which ends every rank of the job; a rank killed
+outright is noticed by the launcher (MPICH's hydra, Open MPI's prte), which ends the others.
+Checkpoints are written atomically by rank 0 alone, so the last one stays intact.
 
 Not here: which rows a rank takes and how gradients are weighted (``arraygpt.training``); NCCL
 on GPUs (future work: the buffer here is host NumPy, so a GPU backend pays one copy each way).
@@ -40,6 +41,7 @@ from arraygpt.shim import to_numpy
 TIMEOUT_ENV = "ARRAYGPT_MPI_TIMEOUT"
 START_TIMEOUT_ENV = "ARRAYGPT_MPI_START_TIMEOUT"
 DEFAULT_TIMEOUT_S = 600.0
+ABORT_DRAIN_S = 10.0  # how long an aborting rank waits for the launcher to read its last output
 # what MPI launchers put in each rank's environment: MPICH/hydra and Intel MPI, Open MPI, PMIx
 LAUNCHER_SIZE_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE")
 LAUNCHER_VARIABLES = (*LAUNCHER_SIZE_VARIABLES, "PMIX_RANK")
@@ -253,13 +255,49 @@ class World:
 
     def abort(self, message: str, code: int = 1) -> None:
         """Print ``message`` on stderr (prefixed with this rank) and end every rank of the job
-        (``MPI_Abort``). A single process only prints; the caller raises."""
+        (``MPI_Abort``). A single process only prints; the caller raises.
+
+        Before ``MPI_Abort``, wait (at most ``ABORT_DRAIN_S`` seconds) until the launcher has read
+        everything this rank wrote to stdout and stderr: the launcher stops forwarding output once
+        it handles the abort, so a line still in the pipe would be lost (MPICH's hydra)."""
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
         print(f"arraygpt: rank {self.rank} of {self.size}: {message}", file=sys.stderr, flush=True)
         if self.comm is not None:
-            # MPI_Abort tears the job down at once, and the launcher may drop output it has not yet
-            # forwarded: give it a moment to pass the traceback and this line on.
-            time.sleep(0.5)
+            wait_until_output_is_read(ABORT_DRAIN_S)
             self.comm.Abort(code)
+
+
+def _unread_bytes(fd: int) -> int | None:
+    """Bytes written to ``fd`` that its reader has not read yet, when ``fd`` is a pipe (None for a
+    terminal, a file, a socket: no way to tell)."""
+    import stat
+
+    try:
+        import fcntl
+        import termios
+
+        if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+            return None
+        return int.from_bytes(fcntl.ioctl(fd, termios.FIONREAD, b"\0" * 4), sys.byteorder, signed=True)
+    except (ImportError, OSError, ValueError):  # no fcntl (Windows), or a closed fd
+        return None
+
+
+def wait_until_output_is_read(timeout: float) -> bool:
+    """Wait until the reader of this process's stdout and stderr pipes (an MPI launcher) has read
+    all that was written to them, at most ``timeout`` seconds. One that is not a pipe (a
+    terminal, a file) cannot be asked: then wait a fixed half second more. True when every pipe
+    was emptied in time."""
+    pipes = [fd for fd in (1, 2) if _unread_bytes(fd) is not None]
+    deadline = time.monotonic() + timeout
+    while any(_unread_bytes(fd) for fd in pipes):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(1e-3)
+    if len(pipes) < 2:
+        time.sleep(min(0.5, timeout))
+    return True
 
 
 def array_digest(arrays: Mapping[str, Any]) -> int:

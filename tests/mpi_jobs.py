@@ -53,11 +53,39 @@ def job_env():
 
 
 def launch(ranks, args, cwd, env=None):
-    """``mpiexec -n ranks python ...args`` (ranks 0: no launcher), finished within TIMEOUT_S."""
+    """``mpiexec -n ranks python ...args`` (ranks 0: no launcher), finished within TIMEOUT_S.
+
+    A job still running then fails the test with what it printed so far. It is stopped with
+    SIGTERM first, which mpiexec passes on to every rank (a SIGKILL would leave the ranks, each in
+    its own session, running on), then killed."""
     command = [sys.executable, *args]
     if ranks:
         command = [MPIEXEC, "-n", str(ranks), *command]
-    return subprocess.run(command, cwd=cwd, env=env or job_env(), capture_output=True, text=True, timeout=TIMEOUT_S)
+    with subprocess.Popen(command, cwd=cwd, env=env or job_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True) as job:  # fmt: skip
+        try:
+            stdout, stderr = job.communicate(timeout=TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            stdout, stderr = _stop(job)
+            pytest.fail(f"{' '.join(command)} ran past {TIMEOUT_S} s; its stdout ends:\n{stdout[-3000:]}\n"
+                        f"its stderr ends:\n{stderr[-3000:]}")  # fmt: skip
+    return subprocess.CompletedProcess(command, job.returncode, stdout, stderr)
+
+
+def _stop(job):
+    """SIGTERM, then SIGKILL, a job past its deadline; (stdout, stderr) as far as they came."""
+    partial = None
+    for stop in (job.terminate, job.kill):
+        stop()
+        try:
+            return job.communicate(timeout=30)  # retrying after a timeout loses no output
+        except subprocess.TimeoutExpired as e:
+            partial = e
+    return _text(partial.stdout), _text(partial.stderr)
+
+
+def _text(output):
+    return output.decode(errors="replace") if isinstance(output, bytes) else output or ""
 
 
 def launch_ok(ranks, args, cwd):
@@ -86,3 +114,15 @@ def max_rel_diff(a, b):
 
 def metrics(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def printed_records(stdout):
+    """The JSON objects the ranks printed, however the launcher interleaved their output (it
+    forwards each rank's writes as they come, so two ranks' lines can share one line)."""
+    decoder, records = json.JSONDecoder(), []
+    start = stdout.find("{")
+    while start != -1:
+        record, end = decoder.raw_decode(stdout, start)
+        records.append(record)
+        start = stdout.find("{", end)
+    return records

@@ -9,8 +9,10 @@ why, when mpi4py or mpiexec is missing. The single-process World is tested in th
 
 from __future__ import annotations
 
+import subprocess
 import sys
 import textwrap
+import time
 
 import numpy as np
 import pytest
@@ -75,6 +77,36 @@ def test_the_digest_sees_one_changed_bit():
     assert distributed.array_digest(a) == distributed.array_digest(b)
     b["w"][3] = np.nextafter(1.0, 2.0)
     assert distributed.array_digest(a) != distributed.array_digest(b)
+
+
+_DRAINING = textwrap.dedent(
+    """
+    import pathlib, sys
+    from arraygpt.distributed import wait_until_output_is_read
+
+    written, drained = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
+    sys.stderr.write("x" * 5000)
+    sys.stderr.flush()
+    written.touch()
+    drained.write_text(str(wait_until_output_is_read(120)))
+    """
+)
+
+
+def test_an_aborting_rank_waits_until_its_output_is_read(tmp_path):
+    written, drained = tmp_path / "written", tmp_path / "drained"
+    child = subprocess.Popen([sys.executable, "-c", _DRAINING, str(written), str(drained)], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not written.exists() and child.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.5)
+        assert not drained.exists()  # its stderr is still unread in the pipe
+        out, err = child.communicate(timeout=120)
+    finally:
+        child.kill()
+    assert err == "x" * 5000 and drained.read_text() == "True"
 
 
 def test_a_run_in_one_process_records_its_world_in_the_checkpoint(tmp_path, names_file):
@@ -171,6 +203,8 @@ _FAULTY = textwrap.dedent(
         return original(self, x, y)
 
     training.Run.gradients = faulty
+    if get_world().rank == 1:  # rank 1 waits for rank 0's checkpoints: only rank 0's wait is timed here
+        get_world().timeout = 600
     arraygpt.train(data, out_dir=out_dir, steps=20, batch_size=2, n_embd=16, n_head=2, block_size=8,
                    checkpoint_interval=5, eval_interval=100, samples=0, progress=False)
     """
@@ -182,7 +216,7 @@ _FAULTY = textwrap.dedent(
 def test_a_rank_that_raises_dies_or_hangs_ends_the_job_and_the_checkpoint_survives(tmp_path, names_file, fault):
     script = tmp_path / "faulty.py"
     script.write_text(_FAULTY)
-    # 15 s: more than rank 0 may take to write a checkpoint on a loaded machine (rank 1 waits for it);
+    # rank 0's wait for rank 1 (hang): 15 s, more than rank 1 falls behind on a loaded machine;
     # the start-up waits up to ARRAYGPT_MPI_START_TIMEOUT (600 s) whatever this says
     env = {**job_env(), "ARRAYGPT_MPI_TIMEOUT": "15" if fault == "hang" else "120"}
     result = launch(2, [str(script), fault, str(tmp_path / "r"), str(names_file)], tmp_path, env=env)
