@@ -130,6 +130,22 @@ class World:
         self._wait(self.comm.Ibcast(buffer, root=root), what)
         return buffer
 
+    def broadcast_text(self, text: str, root: int = 0, what: str = "the broadcast") -> str:
+        """Rank ``root``'s ``text`` on every rank (its length, then its UTF-8 bytes).
+
+        Example:
+            >>> World().broadcast_text("ok")
+            'ok'
+        """
+        if self.comm is None:
+            return text
+        data = np.frombuffer(text.encode(), dtype=np.uint8) if self.rank == root else np.empty(0, dtype=np.uint8)
+        length = self.broadcast_(np.array([data.size], dtype=np.int64), root=root, what=what)
+        buffer = data.copy() if self.rank == root else np.empty(int(length[0]), dtype=np.uint8)
+        if buffer.size:
+            self.broadcast_(buffer, root=root, what=what)
+        return buffer.tobytes().decode()
+
     def allgather(self, value: np.ndarray, what: str = "an all-gather") -> np.ndarray:
         """Every rank's ``value`` (same shape and dtype everywhere), stacked: (size, *value.shape)."""
         value = np.ascontiguousarray(value)

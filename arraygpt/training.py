@@ -25,9 +25,10 @@ all-reduced, each rank updates its share of the parameters and an all-gather bri
 Under MPI (``mpiexec -n R``) rank r takes rows ``[r P, (r+1) P)`` of every global batch
 (P = batch_size x grad_accum), so which rows a rank computes depends on the global row index
 only; with more than one micro-batch in the global batch, dropout coins are seeded from
-(seed, step, global micro-batch index), never from the rank. Rank 0 alone prints, writes metrics
-and checkpoints and calls the event hooks; a stop (Ctrl-C, a plugin) is agreed by all ranks
-before each step. A checkpoint resumes on any number of ranks that divides its global batch.
+(seed, step, global micro-batch index), never from the rank. Rank 0 alone takes the run folder's
+lock (and tells the other ranks, in the first collective, when it is refused), prints, writes
+metrics and checkpoints and calls the event hooks; a stop (Ctrl-C, a plugin) is agreed by all
+ranks before each step. A checkpoint resumes on any number of ranks that divides its global batch.
 
 The samples printed at the end come from ``arraygpt.generation.generate`` with the plain
 ``temperature`` sampler. Not here: the ``arraygpt train`` command, its options and exit codes
@@ -59,7 +60,8 @@ from arraygpt.model import DTYPES, GPT, GPTConfig, check_fields
 from arraygpt.optim import SCHEDULES, Schedule, clip_grad_norm, create_optimizer
 from arraygpt.errors import CheckpointError
 from arraygpt.precision import PRECISIONS, mixed_precision
-from arraygpt.runfolder import check_new_run_folder, check_run_folder, check_training_state, lock_run_folder, resume_source
+from arraygpt.runfolder import (RunFolderError, check_new_run_folder, check_run_folder, check_training_state, lock_run_folder,
+                                resume_source)  # fmt: skip
 from arraygpt.tokenizer import ByteTokenizer, CharTokenizer, Tokenizer, read_tokenizer_file
 
 METRICS_FILE = "metrics.jsonl"
@@ -684,6 +686,36 @@ def _ending_all_ranks_on_error(world: World) -> Iterator[None]:
         raise
 
 
+@contextlib.contextmanager
+def _holding_run_folder(folder: Path | None, world: World, fresh: bool) -> Iterator[None]:
+    """One run per folder: rank 0 takes the folder's lock and checks the folder (a fresh run's
+    must hold no run), and holds the lock for the block. With several ranks, rank 0 then tells
+    the others the outcome, in the run's first collective, so that a refused folder ends every
+    rank at once with rank 0's error instead of leaving them waiting for it."""
+    if folder is None:
+        yield
+        return
+    with contextlib.ExitStack() as held:
+        error: Exception | None = None
+        if world.is_root:
+            try:
+                held.enter_context(lock_run_folder(folder))
+                if fresh:
+                    check_new_run_folder(folder)
+                check_run_folder(folder)
+            except Exception as e:
+                error = e
+        if world.size > 1:
+            with _ending_all_ranks_on_error(world), world.starting():
+                refusal = world.broadcast_text("" if error is None else str(error) or type(error).__name__,
+                                               what="the run folder check")  # fmt: skip
+            if refusal and error is None:
+                raise RunFolderError(refusal)
+        if error is not None:
+            raise error
+        yield
+
+
 def _tokenizer_vocabulary(V: int) -> Any:
     """A sampler filter that keeps the first ``V`` ids: a model whose vocab_size was set larger
     than its tokenizer's never samples an id the tokenizer cannot decode."""
@@ -913,13 +945,7 @@ def train(data: str = "names", *, config: GPTConfig | str = "microgpt", out_dir:
         folder = resume_source(resume)[0]
         if out_dir is not None and Path(out_dir).resolve() != folder.resolve():
             raise ValueError("a resumed run writes into its own folder; do not pass out_dir with resume")
-    # One run per folder: rank 0 holds the folder's lock from the first check to the last write.
-    holds_folder = folder is not None and world.is_root
-    with lock_run_folder(folder) if holds_folder else contextlib.nullcontext():
-        if holds_folder:
-            if resume is None:
-                check_new_run_folder(folder)
-            check_run_folder(folder)
+    with _holding_run_folder(folder, world, fresh=resume is None):
         if resume is not None:
             run = _resumed_run(resume, options, pm, progress, world)
         else:

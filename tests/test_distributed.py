@@ -9,6 +9,8 @@ why, when mpi4py or mpiexec is missing. The single-process World is tested in th
 
 from __future__ import annotations
 
+import contextlib
+import os
 import subprocess
 import sys
 import textwrap
@@ -22,6 +24,7 @@ from arraygpt import distributed
 from arraygpt.checkpoint import load_checkpoint
 from arraygpt.distributed import World
 from arraygpt.manager import get_plugin_manager
+from arraygpt.runfolder import lock_run_folder
 from mpi_jobs import TINY, job_env, launch, max_rel_diff, metrics, needs_mpi, resume, train, weights, write_names
 
 
@@ -180,6 +183,25 @@ def test_resuming_on_ranks_that_do_not_divide_the_global_batch_is_refused(tmp_pa
     result = launch(2, ["-m", "arraygpt.cli", "train", "--resume", str(tmp_path / "r")], tmp_path)
     assert result.returncode == 2
     assert "global batch of 3 rows cannot be split over 2 ranks" in result.stderr
+
+
+@needs_mpi
+@pytest.mark.parametrize("refusal", ["locked", "holds a run"])
+def test_a_run_folder_refused_to_rank_0_ends_every_rank_at_once_with_its_error(tmp_path, names_file, refusal):
+    folder = tmp_path / "r"
+    if refusal == "holds a run":
+        folder.mkdir()
+        (folder / "metrics.jsonl").write_text("")
+        message = f"{folder} already holds a run (metrics.jsonl)"
+    else:
+        message = f"run folder {folder} is in use by another arraygpt run (PID {os.getpid()})"
+    args = ["-m", "arraygpt.cli", "train", "--data", str(names_file), "--out-dir", str(folder), *TINY, "--steps", "2"]
+    # without the news from rank 0, rank 1 would wait for the start-up broadcast until the launch times out
+    with lock_run_folder(folder) if refusal == "locked" else contextlib.nullcontext():
+        result = launch(2, args, tmp_path)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.count(f"arraygpt train: error: {message}") == 2, result.stderr[-3000:]  # each rank says it
+    assert "waited" not in result.stderr and "Abort" not in result.stderr
 
 
 _FAULTY = textwrap.dedent(
