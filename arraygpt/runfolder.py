@@ -13,11 +13,13 @@ crashing it later:
 - :func:`check_run_folder`: a ``last/`` or ``best/`` that is a symbolic link or not a folder is
   refused (a save would replace the link and then fail on every later save); ``best/`` without
   ``last/`` says how to resume from it; the temporary folders of a save that was killed
-  (``.last.tmp-*``, ``.best.tmp-*``) are removed, never loaded (only with the lock held, so a
-  live save is never touched).
+  (``.last.tmp-*``, ``.best.tmp-*``) and the temporary file of a killed :func:`trim_metrics`
+  are removed, never loaded (only with the lock held, so a live save is never touched).
 - :func:`resume_source`: what ``--resume PATH`` continues, and refusing ``--resume DIR/best`` when
   ``DIR/last`` holds a later step (it would overwrite that checkpoint and repeat steps in the
   metrics).
+- :func:`trim_metrics`: a resume removes the ``metrics.jsonl`` records after the step it
+  continues from (steps it does again), so the file holds each step once.
 - :func:`check_training_state`: the training state in ``state.json``'s ``extra`` (step, best loss,
   batch sizes...) has the types and ranges a real run writes, so a hostile value is one clear
   ``CheckpointError`` at resume rather than a traceback later. The batcher's own state is checked
@@ -32,6 +34,7 @@ its return value. A lock on a network file system is as reliable as that system'
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import numbers
 import os
@@ -54,6 +57,7 @@ __all__ = [
     "check_training_state",
     "lock_run_folder",
     "resume_source",
+    "trim_metrics",
 ]
 
 LOCK_FILE = ".arraygpt.lock"
@@ -179,7 +183,8 @@ def check_run_folder(path: str | os.PathLike[str], *, clean: bool = True) -> lis
     Args:
         path: the run folder.
         clean: remove the temporary folders ``.last.tmp-*`` and ``.best.tmp-*`` a killed save left
-            (a symbolic link among them is unlinked, never followed).
+            (a symbolic link among them is unlinked, never followed), and the file
+            ``.metrics.jsonl.*.tmp`` a killed :func:`trim_metrics` left.
 
     Returns:
         The leftover paths removed (or found, with ``clean=False``).
@@ -201,6 +206,7 @@ def check_run_folder(path: str | os.PathLike[str], *, clean: bool = True) -> lis
                     f"{candidate} is not a folder; a run's {name}/ is a checkpoint folder: move it away"
                 )
     leftovers = sorted(p for name in CHECKPOINTS for p in folder.glob(f".{name}.tmp-*"))
+    leftovers += sorted(folder.glob(f".{METRICS_FILE}.*.tmp"))  # of a killed trim_metrics
     if clean:
         for p in leftovers:
             if p.is_symlink() or not p.is_dir():
@@ -265,6 +271,58 @@ def resume_source(resume: str | os.PathLike[str]) -> tuple[Path, Path]:
                 f"or copy {source} into a new folder and resume that"
             )
     return run_dir, source
+
+
+# ----------------------------------------------------------------------------------------------
+# the metrics of a resumed run
+
+
+def _record_step(line: bytes) -> int | None:
+    """The integer ``step`` of one metrics.jsonl line (None when it is not a record with one)."""
+    try:
+        record = json.loads(line)
+    except (ValueError, RecursionError):
+        return None
+    step = record.get("step") if isinstance(record, dict) else None
+    return step if _integer(step) else None
+
+
+def trim_metrics(path: str | os.PathLike[str], step: int) -> int:
+    """Make a run folder's ``metrics.jsonl`` end at ``step``, the step a resumed run continues
+    from: remove the records of later steps (the resumed run does those steps again and records
+    them anew) and an unfinished last line (a write cut off by a kill). The file is replaced
+    atomically, and only when something is removed; lines that are not records with a step are
+    kept as they are.
+
+    Call it with the folder's lock held (:func:`lock_run_folder`).
+
+    Args:
+        path: the run folder.
+        step: the step of the checkpoint being resumed.
+
+    Returns:
+        The number of lines removed (0 when there is no metrics.jsonl).
+
+    Example:
+        >>> import pathlib, tempfile
+        >>> folder = pathlib.Path(tempfile.mkdtemp())
+        >>> _ = (folder / "metrics.jsonl").write_text('{"step": 5}\\n{"step": 10}\\n{"step": 15}\\n')
+        >>> trim_metrics(folder, 10), (folder / "metrics.jsonl").read_text()
+        (1, '{"step": 5}\\n{"step": 10}\\n')
+    """
+    from arraygpt.safetensors import write_atomic
+
+    metrics = Path(path) / METRICS_FILE
+    try:
+        data = metrics.read_bytes()
+    except FileNotFoundError:
+        return 0
+    *lines, unfinished = data.split(b"\n")  # "" after a final newline
+    kept = [line for line in lines if (s := _record_step(line)) is None or s <= step]
+    removed = len(lines) - len(kept) + bool(unfinished)
+    if removed:
+        write_atomic(metrics, [line + b"\n" for line in kept])
+    return removed
 
 
 # ----------------------------------------------------------------------------------------------

@@ -9,7 +9,8 @@ optionally clip the global gradient norm, and let the optimizer plugin update th
 place at the schedule's learning rate. Every ``eval_interval`` steps the mean
 loss on the train and val splits is measured; metrics go to ``metrics.jsonl`` in the run folder,
 checkpoints to ``last/`` (every ``checkpoint_interval`` steps and at the end) and ``best/`` (the
-lowest val loss so far). Plugins see every step, eval and checkpoint through the
+lowest val loss so far); a resume first removes the metrics records after the step it continues
+from (``arraygpt.runfolder.trim_metrics``). Plugins see every step, eval and checkpoint through the
 ``arraygpt_on_step`` / ``arraygpt_on_eval`` / ``arraygpt_on_checkpoint`` hooks and may stop the run.
 
 A run is exactly resumable: a checkpoint holds the parameters, the optimizer's buffers and step
@@ -61,7 +62,7 @@ from arraygpt.optim import SCHEDULES, Schedule, clip_grad_norm, create_optimizer
 from arraygpt.errors import CheckpointError
 from arraygpt.precision import PRECISIONS, mixed_precision
 from arraygpt.runfolder import (RunFolderError, check_new_run_folder, check_run_folder, check_training_state, lock_run_folder,
-                                resume_source)  # fmt: skip
+                                resume_source, trim_metrics)  # fmt: skip
 from arraygpt.tokenizer import ByteTokenizer, CharTokenizer, Tokenizer, read_tokenizer_file
 
 METRICS_FILE = "metrics.jsonl"
@@ -231,6 +232,8 @@ class Run:
         step: optimizer steps done.
         best_val_loss: the lowest val loss of an evaluation so far (inf before the first).
         history: every metrics record of this process, as written to metrics.jsonl.
+        dropped_records: on resume, the lines of metrics.jsonl after the resumed step that were
+            removed (that run's later steps, done again now); 0 otherwise and on ranks other than 0.
         samples: the texts sampled at the end.
         stop_reason: why the loop ended: ``done``, ``stop_after``, ``interrupted``, ``plugin``.
         world: the ranks of the run (``arraygpt.distributed.World``; one process by default).
@@ -264,6 +267,7 @@ class Run:
         self._last_saved = -1
         self._bar_open = False
         self._buffer: np.ndarray | None = None  # the all-reduce buffer, kept between steps
+        self.dropped_records = 0  # metrics.jsonl lines after the resumed step, removed (rank 0)
 
     # -- events, metrics, output -------------------------------------------------------------
 
@@ -474,7 +478,8 @@ class Run:
         checkpoint_every = cfg.checkpoint_interval or cfg.eval_interval
         t_start = time.perf_counter()
         t_log, tokens_log, losses = t_start, 0, []
-        self._record({"event": "start", "step": self.step, "steps": cfg.steps, "time": time.time()})
+        start = {"event": "start", "step": self.step, "steps": cfg.steps, "time": time.time()}
+        self._record({**start, "dropped": self.dropped_records} if self.dropped_records else start)
         while self.step < cfg.steps:
             if stop_after is not None and self.step >= stop_after:
                 self.request_stop("stop_after")
@@ -856,6 +861,8 @@ def _resumed_run(resume: str | Path, options: dict[str, Any], pm: Any, progress:
     if run.mixed is not None:
         run.mixed.load_state_dict(extra["precision"])
     run._last_saved = run.step
+    if world.is_root:  # the run does the steps after its checkpoint again: their old records go
+        run.dropped_records = trim_metrics(run_dir, run.step)
     return run
 
 
@@ -982,3 +989,6 @@ def _print_header(run: Run, resumed: bool) -> None:
         batch += f", optimizer state sharded over {run.world.size} ranks (zero)"
     run._print(f"data: {cfg.data} ({cfg.mode}, {split} {unit}); {cfg.optimizer} lr {cfg.lr:g} {cfg.schedule}, "
                f"{batch}, {cfg.steps} steps" + (f"; run folder {run.out_dir}" if run.out_dir else ""))  # fmt: skip
+    if run.dropped_records:
+        run._print(f"{METRICS_FILE}: removed {run.dropped_records} line(s) after step {run.step}, the steps this "
+                   "run does again")  # fmt: skip

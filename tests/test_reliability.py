@@ -769,3 +769,71 @@ def test_a_tampered_optimizer_state_is_one_checkpoint_error_at_resume(tmp_path):
     save_file(tensors, path)
     with pytest.raises(arraygpt.CheckpointError, match="optimizer state does not fit the adam optimizer"):
         arraygpt.train(resume=tmp_path / "run", progress=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# the metrics of a resumed run
+
+
+class _CrashAtStep:
+    """A plugin that raises at one step, as a crash between two checkpoints (nothing is saved)."""
+
+    def __init__(self, step):
+        self.step = step
+
+    @arraygpt.hookimpl
+    def arraygpt_on_step(self, step):
+        if step == self.step:
+            raise RuntimeError("crash")
+
+
+def _records(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("source", ["last", "best"])
+def test_a_resumed_run_replaces_the_metrics_after_its_checkpoint_so_no_step_repeats(tmp_path, source):
+    import shutil
+
+    from arraygpt.manager import PluginError, get_plugin_manager
+
+    data = tmp_path / "names.txt"
+    data.write_text("".join(f"{a}{b}\n" for a in ("an", "bo", "ca", "di", "el") for b in ("na", "ro", "ly", "x")))
+    options = dict(mode="documents", steps=12, batch_size=4, n_embd=8, n_head=2, block_size=8, log_interval=2,
+                   eval_interval=4, checkpoint_interval=4, eval_batches=1, samples=0, progress=False)  # fmt: skip
+    arraygpt.train(str(data), out_dir=tmp_path / "straight", plugin_manager=get_plugin_manager(autoload=False),
+                   **options)  # fmt: skip
+    run, pm = tmp_path / "run", get_plugin_manager(autoload=False)
+    pm.register(_CrashAtStep(7))
+    with pytest.raises(PluginError, match="crash"):
+        arraygpt.train(str(data), out_dir=run, plugin_manager=pm, **options)
+    assert max(r["step"] for r in _records(run)) == 6  # recorded after the checkpoint of step 4
+    if source == "best":
+        shutil.rmtree(run / "last")  # only best/ (step 4) is left to resume from
+    resumed = arraygpt.train(resume=run / source, plugin_manager=get_plugin_manager(autoload=False), progress=False)
+    assert resumed.dropped_records == 1  # the train record of step 6
+    records, straight = _records(run), _records(tmp_path / "straight")
+    starts = [r for r in records if r["event"] == "start"]
+    assert [(r["step"], r.get("dropped")) for r in starts] == [(0, None), (4, 1)]
+    for event, key in (("train", "loss"), ("eval", "val_loss")):  # one consistent run, as the straight one
+        ours, theirs = [r for r in records if r["event"] == event], [r for r in straight if r["event"] == event]
+        assert [r["step"] for r in ours] == [r["step"] for r in theirs]
+        assert [r[key] for r in ours] == [r[key] for r in theirs]
+
+
+def test_trimming_the_metrics_removes_later_steps_and_a_cut_off_line_and_keeps_the_rest(tmp_path):
+    from arraygpt.runfolder import check_run_folder, trim_metrics
+
+    metrics = tmp_path / "metrics.jsonl"
+    assert trim_metrics(tmp_path, 4) == 0  # no metrics yet: nothing written
+    assert not metrics.exists()
+    lines = ['{"event": "start", "step": 0}', "not json", '{"event": "train", "step": 4}', "[1, 2]",
+             '{"event": "end", "step": 4}', '{"event": "train", "step": 6}', '{"event": "train", "step": true}']  # fmt: skip
+    metrics.write_text("\n".join(lines) + '\n{"event": "tr')  # the last line cut off by a kill
+    assert trim_metrics(tmp_path, 4) == 2
+    assert metrics.read_text().splitlines() == [*lines[:5], lines[6]]
+    inode = metrics.stat().st_ino
+    assert trim_metrics(tmp_path, 4) == 0 and metrics.stat().st_ino == inode  # nothing to remove: untouched
+    (tmp_path / ".metrics.jsonl.abc123.tmp").write_text("{")  # a trim killed before its rename
+    check_run_folder(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]
