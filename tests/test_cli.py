@@ -255,6 +255,20 @@ def test_sample_option_reaches_a_plugin_sampler(char_checkpoint, capsys):
         set_plugin_manager(None)
 
 
+@pytest.mark.parametrize(("flag", "value", "allowed"), [("--top-p", "1.5", "top_p must be a number in (0, 1], got 1.5"),
+                                                     ("--top-k", "0", "top_k must be an integer >= 1, got 0"),
+                                                     ("--min-p", "2", "min_p must be a number in [0, 1], got 2.0")])  # fmt: skip
+def test_sample_reports_an_out_of_range_sampler_option_before_the_sampler_that_does_not_take_it(
+    char_checkpoint, capsys, flag, value, allowed
+):
+    assert main(["sample", "--checkpoint", char_checkpoint, flag, value]) == 2  # the default sampler: temperature
+    assert capsys.readouterr().err.strip() == f"arraygpt sample: error: {allowed}"
+    name = flag[2:].replace("-", "_")
+    in_range = "0.5" if name != "top_k" else "3"
+    assert main(["sample", "--checkpoint", char_checkpoint, flag, in_range]) == 2
+    assert f"option '{name}' is not used by sampler temperature" in capsys.readouterr().err
+
+
 # -- arraygpt train ------------------------------------------------------------------------------
 
 

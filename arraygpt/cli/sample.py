@@ -80,8 +80,19 @@ def _parse_value(text: str) -> Any:
 
 
 def sampler_options(args: argparse.Namespace) -> dict[str, Any]:
-    """``--top-k/--top-p/--min-p`` and every ``--option NAME=VALUE`` (ints and floats parsed)."""
+    """``--top-k/--top-p/--min-p`` and every ``--option NAME=VALUE`` (ints and floats parsed).
+
+    Each of ``--top-k/--top-p/--min-p`` is checked first by the registered sampler of its name, so
+    that an out-of-range value is reported as such (``top_p must be a number in (0, 1], got 1.5``)
+    even when the chosen ``--sampler`` does not take the option (reported next, by
+    ``make_sampler``)."""
+    from arraygpt.sampling import available_samplers
+
     options = {name: getattr(args, name) for name in ("top_k", "top_p", "min_p") if getattr(args, name) is not None}
+    factories = available_samplers()
+    for name, value in options.items():
+        if name in factories:
+            factories[name](**{name: value})  # raises ValueError naming the allowed range
     for item in args.option:
         name, sep, value = item.partition("=")
         if not sep or not name:
