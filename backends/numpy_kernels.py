@@ -480,9 +480,8 @@ def _rows(a: Any) -> tuple[Any, int, int] | None:
     if type(a) is not np.ndarray or a.ndim < 1 or a.size == 0:
         return None
     W, item = a.shape[-1], a.itemsize
-    try:
-        a2 = np.reshape(a, (-1, W), copy=False)  # raises where the rows are not evenly spaced
-    except ValueError:
+    a2 = a.reshape(-1, W)
+    if not np.may_share_memory(a2, a):  # reshape copied: the rows are not evenly spaced
         return None
     (s0, s1), N = a2.strides, a2.shape[0]
     if (W > 1 and s1 != item) or s0 % item or (N > 1 and s0 < 0):
