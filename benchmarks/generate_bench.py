@@ -25,7 +25,7 @@ of the rounds (min-max), the ratios of the medians, and the CPU model. ``--threa
 the cores this process may use) sets ARRAYGPT_NUM_THREADS=N, OMP/MKL/OPENBLAS_NUM_THREADS=N and
 torch.set_num_threads(N). All runs sample at temperature 1 from a one-token prompt, so the 256
 tokens fill the 256-position block exactly. Targets: cache / no cache >= 5, and arraygpt with the
-cache no slower than the PyTorch loop on the CPU (ratio arraygpt / torch >= 1). The frame
+cache at least 1.2x the PyTorch loop's tokens/s on the CPU (issue 11). The frame
 (processes, rounds, medians) is benchmarks/harness.py.
 """
 
@@ -273,7 +273,7 @@ def main() -> None:
         print(f"  {name:<45} {value:6.2f}x")
     torch_key = f"arraygpt cache / {VARIANTS['torch']}"
     print(f"targets: cache / no cache >= 5: {'met' if ratios['cache / no cache'] >= 5 else 'NOT met'}"
-          + (f"; no slower than the PyTorch loop: {'met' if ratios[torch_key] >= 1 else 'NOT met'}"
+          + (f"; at least 1.2x the PyTorch loop: {'met' if ratios[torch_key] >= 1.2 else 'NOT met'}"
              if torch_key in ratios else ""))  # fmt: skip
     if args.json:
         print(json.dumps({"tokens_per_s": {VARIANTS[v]: x for v, x in rates.items()},
