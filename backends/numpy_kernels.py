@@ -678,7 +678,10 @@ def attention_forward(q: Any, k: Any, v: Any, n_head: int, dropout_p: float = 0.
     past = Tk - T  # keys before the first query (a KV cache)
     scale = 1.0 / math.sqrt(hs)
     qh = _split(q * q.dtype.type(scale), n_head)  # (B, NH, T, hs), scaled as the reference does
-    kh, vh = _split(k, NKV), _split(v, NKV)  # (B, NKV, Tk, hs)
+    if past:  # decoding: the keys and values as views of the KV cache, read in place by BLAS
+        kh, vh = (x.reshape(B, Tk, NKV, hs).transpose(0, 2, 1, 3) for x in (k, v))  # (B, NKV, Tk, hs)
+    else:  # training: C-contiguous heads, which BLAS's batched products take faster
+        kh, vh = _split(k, NKV), _split(v, NKV)
     probs = np.empty((B, n_head, T, Tk), dtype=q.dtype)
     # query head h = j G + g uses key/value head j (transformers' repeat_kv order): views with a
     # group axis, the key/value heads broadcast over it
