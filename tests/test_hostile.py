@@ -23,6 +23,7 @@ import safetensors.numpy as reference  # the reference implementation: a runtime
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import capped
 from arraygpt import safetensors as ag_safetensors
 from arraygpt.checkpoint import load_checkpoint, save_checkpoint
 from arraygpt.errors import CheckpointError
@@ -33,7 +34,6 @@ from arraygpt.tokenizer import CharTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = GPTConfig(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=16)
-MEMORY_LIMIT = 3 * 1024**3  # bytes of address space for a case: far below what any claimed size would take
 ERROR = "arraygpt.errors.CheckpointError"
 
 
@@ -43,26 +43,9 @@ def st_bytes(header: dict, data: bytes = b"") -> bytes:
     return struct.pack("<Q", len(encoded)) + encoded + data
 
 
-def attempt(call: str, timeout: float = 20) -> tuple[str, str]:
-    """Run ``call`` in a fresh interpreter with limited memory; return (exception type, message),
-    or ("ok", "") when it returned."""
-    script = f"""
-import json, resource
-resource.setrlimit(resource.RLIMIT_AS, ({MEMORY_LIMIT}, {MEMORY_LIMIT}))
-from arraygpt import formats, safetensors, checkpoint, interop, tokenizer
-try:
-    {call}
-except BaseException as e:
-    print(json.dumps([type(e).__module__ + "." + type(e).__qualname__, str(e)]))
-else:
-    print(json.dumps(["ok", ""]))
-"""
-    env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=timeout)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    kind, message = json.loads(proc.stdout.strip().splitlines()[-1])
-    return kind, message
+def attempt(call: str) -> tuple[str, str]:
+    """``call`` in a fresh interpreter with bounded memory (capped.attempt), the readers imported."""
+    return capped.attempt(call, timeout=20, prelude="from arraygpt import formats, safetensors, checkpoint, interop, tokenizer")
 
 
 def assert_refused(call: str, *fragments: str) -> str:

@@ -20,31 +20,9 @@ import pytest
 
 import arraygpt
 from arraygpt.cli import main
+from capped import ENV, MEMORY_LIMIT, attempt
 
 ROOT = Path(__file__).resolve().parents[1]
-MEMORY_LIMIT = 3 * 1024**3  # bytes of address space for a case: far below what an unbounded read takes
-ENV = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-
-
-def attempt(call: str, timeout: float = 30) -> tuple[str, str]:
-    """Run ``call`` (Python statements) in a fresh interpreter with limited memory; return
-    (exception type, message), or ("ok", "") when it returned."""
-    body = "\n".join("    " + line for line in call.splitlines())
-    script = f"""
-import json, resource
-resource.setrlimit(resource.RLIMIT_AS, ({MEMORY_LIMIT}, {MEMORY_LIMIT}))
-try:
-{body}
-except BaseException as e:
-    print(json.dumps([type(e).__module__ + "." + type(e).__qualname__, str(e)]))
-else:
-    print(json.dumps(["ok", ""]))
-"""
-    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=ENV, capture_output=True, text=True,
-                          timeout=timeout)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    kind, message = json.loads(proc.stdout.strip().splitlines()[-1])
-    return kind, message
 
 
 def command(*args: str, timeout: float = 60, limit: bool = True) -> subprocess.CompletedProcess[str]:
