@@ -239,6 +239,28 @@ def _norm_backward(dout, xhat, rstd, w, has_w, centered, dx, dw, db):
             db[j] += do[j]
 
 
+def _softmax_into(x, out, n, zero):  # numba only (inlined): out[:n] = softmax(x[:n]), out may be x
+    # returns (max, sum of exp(x - max)) for a log-sum-exp. The row max runs in 8 independent
+    # chains: a max reduction does not vectorize without assuming no NaN, and one chain waits on
+    # each compare
+    m0 = m1 = m2 = m3 = m4 = m5 = m6 = m7 = x[0]
+    for j in range(0, n - 7, 8):
+        m0, m1, m2, m3 = max(m0, x[j]), max(m1, x[j + 1]), max(m2, x[j + 2]), max(m3, x[j + 3])
+        m4, m5, m6, m7 = max(m4, x[j + 4]), max(m5, x[j + 5]), max(m6, x[j + 6]), max(m7, x[j + 7])
+    for j in range(n - n % 8, n):
+        m0 = max(m0, x[j])
+    top = max(max(max(m0, m1), max(m2, m3)), max(max(m4, m5), max(m6, m7)))
+    total = zero
+    for j in range(n):
+        e = _fast_exp(x[j] - top)
+        out[j] = e
+        total += e
+    inv = 1.0 / total
+    for j in range(n):
+        out[j] *= inv
+    return top, total
+
+
 def _causal_softmax(probs, past):
     # probs (B, NH, T, Tk) holds the scores q k^T where computed; in place, each row becomes
     # softmax over the keys query i sees (0 .. past + i, past = Tk - T) and 0 after them: the
@@ -250,23 +272,7 @@ def _causal_softmax(probs, past):
             for i in range(T):
                 n = past + i + 1
                 p = probs[b, h, i]
-                # the row max in 8 independent chains: a max reduction does not vectorize
-                # without assuming no NaN, and one chain waits on each compare
-                m0 = m1 = m2 = m3 = m4 = m5 = m6 = m7 = p[0]
-                for j in range(0, n - 7, 8):
-                    m0, m1, m2, m3 = max(m0, p[j]), max(m1, p[j + 1]), max(m2, p[j + 2]), max(m3, p[j + 3])
-                    m4, m5, m6, m7 = max(m4, p[j + 4]), max(m5, p[j + 5]), max(m6, p[j + 6]), max(m7, p[j + 7])
-                for j in range(n - n % 8, n):
-                    m0 = max(m0, p[j])
-                top = max(max(max(m0, m1), max(m2, m3)), max(max(m4, m5), max(m6, m7)))
-                total = zero
-                for j in range(n):
-                    e = _fast_exp(p[j] - top)
-                    p[j] = e
-                    total += e
-                inv = 1.0 / total
-                for j in range(n):
-                    p[j] *= inv
+                _softmax_into(p, p, n, zero)
                 for j in range(n, Tk):
                     p[j] = zero
 
@@ -301,21 +307,8 @@ def _crossentropy_forward(logits, targets, ignore_index, probs, weights, safe_ta
     total = 0.0
     count = 0.0
     for n in range(N):
-        row, p = logits[n], probs[n]
-        m0 = m1 = m2 = m3 = row[0]
-        for j in range(0, V - 3, 4):
-            m0, m1, m2, m3 = max(m0, row[j]), max(m1, row[j + 1]), max(m2, row[j + 2]), max(m3, row[j + 3])
-        for j in range(V - V % 4, V):
-            m0 = max(m0, row[j])
-        top = max(max(m0, m1), max(m2, m3))
-        s = zero
-        for j in range(V):
-            e = _fast_exp(row[j] - top)
-            p[j] = e
-            s += e
-        inv = 1.0 / s
-        for j in range(V):
-            p[j] *= inv
+        row = logits[n]
+        top, s = _softmax_into(row, probs[n], V, zero)
         t = targets[n]
         if t == ignore_index:
             weights[n] = zero
@@ -382,7 +375,8 @@ def _compile() -> dict[str, Any]:
             options = dict(nogil=True, cache=True, error_model="numpy",
                            fastmath={"nsz", "arcp", "contract", "reassoc"})  # fmt: skip
             _define_exp(numba)
-            globals()["_tanh32"] = numba.njit(inline="always", **options)(_tanh32)
+            for helper in (_tanh32, _softmax_into):  # inlined into the sources that call them
+                globals()[helper.__name__] = numba.njit(inline="always", **options)(helper)
             exact = dict(options, fastmath=False)
             for fn, opts in [(fn, options) for fn in _SOURCES] + [(fn, exact) for fn in _EXACT_SOURCES]:
                 try:
