@@ -112,14 +112,16 @@ class Adam(Optimizer):
         super().__init__(params)
         decay_filter = decay_filter or (decay_2d if self.decoupled else (lambda name, p: True))
         self.decays = {name: bool(decay_filter(name, p)) for name, p in params.items()}
-        self.fused = {  # dtype -> the backend's one-pass update, or None
-            str(p.dtype): select_update("adam", backend_of(p), str(p.dtype), kernels) for p in params.values()
-        }
+        by_dtype: dict[str, Any] = {}  # the backend's one-pass update per dtype, or None
+        for p in params.values():
+            if str(p.dtype) not in by_dtype:
+                by_dtype[str(p.dtype)] = select_update("adam", backend_of(p), str(p.dtype), kernels)
+        self.fused = {name: by_dtype[str(p.dtype)] for name, p in params.items()}  # name -> update or None
 
     def update(self, name: str, p: Array, g: Array, lr: float) -> None:
         wd = self.weight_decay if self.decays[name] else 0.0
         m, v = self.buffers["m"][name], self.buffers["v"][name]
-        fused = self.fused[str(p.dtype)]
+        fused = self.fused[name]
         if fused is not None and fused(p, g, m, v, lr=lr, beta1=self.beta1, beta2=self.beta2, eps=self.eps,
                                        weight_decay=wd, decoupled=self.decoupled, step=self.t):  # fmt: skip
             return
