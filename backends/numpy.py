@@ -80,6 +80,12 @@ _wanted = _threads_wanted()  # read even when unused, so that a bad value is an 
 threads = _wanted if _openblas is not None else 1
 
 
+def blas_thread_count():
+    """The threads NumPy's OpenBLAS runs now (inside ``blas_threads``: what it holds), or None
+    where that is not known."""
+    return None if _openblas is None else _openblas[0]()
+
+
 _blas_lock = threading.Lock()
 _blas_users = 0  # blocks inside blas_threads, across all threads
 _blas_before = 0

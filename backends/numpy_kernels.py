@@ -332,6 +332,21 @@ def _crossentropy_backward(probs, targets, weights, scale, dlogits):
         d[targets[n]] -= r
 
 
+def _linear_rows(x, w, b, has_b, out):
+    # out (N, Cout) = x (N, Cin) @ w.T (+ b) for a few rows N: each row of w is read from memory
+    # once for all N rows of x (a decode step is memory-bound on the weights); BLAS's M = 1..4
+    # products read w in its transposed order, and slower (docs/kernels.md)
+    N, K = x.shape
+    zero = np.zeros(1, out.dtype)[0]
+    for i in range(w.shape[0]):
+        wi = w[i]
+        for n in range(N):
+            s = zero
+            for j in range(K):
+                s += wi[j] * x[n, j]
+            out[n, i] = s + b[i] if has_b else s
+
+
 def _adam_update(p, g, m, v, decay, wd, beta1, one_minus_beta1, beta2, one_minus_beta2, bc2_sqrt, eps,
                  step_size, decoupled, coupled):  # fmt: skip
     # plugins.optimizers.Adam.update, the same operations in the same order, each rounded as NumPy
@@ -353,7 +368,7 @@ def _adam_update(p, g, m, v, decay, wd, beta1, one_minus_beta1, beta2, one_minus
 
 _SOURCES = (_gelu32_forward, _gelu32_backward, _gelu64_forward, _gelu64_backward, _swiglu_forward,
             _swiglu_backward, _rope, _norm_forward, _norm_backward, _causal_softmax, _causal_softmax_backward,
-            _crossentropy_forward, _crossentropy_backward)  # fmt: skip
+            _crossentropy_forward, _crossentropy_backward, _linear_rows)  # fmt: skip
 _EXACT_SOURCES = (_adam_update,)  # compiled without fastmath: bit-identical to the NumPy reference
 _jit: dict[str, Any] = {}
 _jit_lock = threading.Lock()
@@ -619,6 +634,36 @@ rmsnorm_backward = _norm_backward_of(False, layers.rmsnorm_backward)
 
 
 # ----------------------------------------------------------------------------------------------
+# linear for a few rows (a decode step): layers.linear_forward; the backward is the reference's
+
+LINEAR_MAX_ROWS = 4  # up to here the kernel beat OpenBLAS's products on every size measured
+LINEAR_MAX_BLAS_THREADS = 2  # measured against OpenBLAS at 1 and 2 threads; with more, BLAS's
+# threads may read the weights faster than one core does (not measured), so BLAS runs
+
+
+def linear_forward(x: Any, w: Any, b: Any = None) -> tuple[Any, layers.LinearCache]:
+    """layers.linear_forward for at most LINEAR_MAX_ROWS rows of x (the batch's positions): one
+    pass over w's rows in their stored order. More rows (BLAS is faster there), more than
+    LINEAR_MAX_BLAS_THREADS BLAS threads or an unknown count, and other arrays: the reference.
+    Its cache is the reference's, so the backward is ``layers.linear_backward``."""
+    rows = x.size // x.shape[-1] if x.ndim and x.shape[-1] else 0
+    if not (1 <= rows <= LINEAR_MAX_ROWS and w.ndim == 2 and x.shape[-1] == w.shape[1] and _takes(w)
+            and type(x) is np.ndarray and _floats(x, w, *(() if b is None else (b,)))
+            and (b is None or b.shape == w.shape[:1])):  # fmt: skip
+        return layers.linear_forward(x, w, b)
+    from arraygpt.backends.numpy import blas_thread_count  # imported with the numpy backend already
+
+    threads = blas_thread_count()
+    if threads is None or threads > LINEAR_MAX_BLAS_THREADS:
+        return layers.linear_forward(x, w, b)
+    jit = _jit or _compile()
+    out = np.empty((rows, w.shape[0]), dtype=w.dtype)
+    jit["_linear_rows"](np.ascontiguousarray(x).reshape(rows, -1), w, w[0, :1] if b is None else b,
+                        b is not None, out)  # fmt: skip
+    return out.reshape(*x.shape[:-1], w.shape[0]), layers.LinearCache(x, w, b is not None)
+
+
+# ----------------------------------------------------------------------------------------------
 # causal attention: layers.attention_forward / attention_backward over the causal half only
 
 
@@ -825,6 +870,10 @@ KERNELS = {
     "numba_crossentropy": KernelSpec(
         "crossentropy", _loader(crossentropy_forward, crossentropy_backward), **_ON,
         description=f"softmax, loss and backward in one pass per row ({_NUMBA})"),
+    "numba_linear_rows": KernelSpec(
+        "linear", _loader(linear_forward, layers.linear_backward), **_ON,
+        description=f"up to {LINEAR_MAX_ROWS} rows (decoding) in one pass over the weights, beside BLAS at "
+                    f"<= {LINEAR_MAX_BLAS_THREADS} threads; more rows: BLAS ({_NUMBA})"),
     "numba_causal_attention": KernelSpec(
         "attention", _loader(attention_forward, attention_backward), **_ON,
         description=f"masked blocks skipped (BLAS on the rest), masked softmax fused, grouped-query "

@@ -266,6 +266,61 @@ def test_rope_and_swiglu_kernels_decline_what_they_do_not_take():
     assert type(cache) is layers.SwiGLUCache
 
 
+REFERENCE_LINEAR = layers.linear_forward  # the tests below spy on calls of it
+
+
+@needs_numba
+@settings(max_examples=60, deadline=None)
+@given(lead=st.sampled_from([(1,), (1, 1), (2, 1), (1, 3), (4,), (5,), (2, 3)]), Cin=st.sampled_from([1, 3, 8, 37]),
+       Cout=st.sampled_from([1, 2, 11, 65]), bias=st.booleans(), dtype=st.sampled_from(DTYPES),
+       contiguous=st.booleans(), blas=st.sampled_from([1, 2]), seed=st.integers(0, 2**16))  # fmt: skip
+def test_linear_rows_kernel_equals_reference(lead, Cin, Cout, bias, dtype, contiguous, blas, seed):
+    """Up to LINEAR_MAX_ROWS rows (a decode step, or a small batch of them) the kernel computes,
+    beyond that the reference does; both give the reference's output and its cache, so the
+    backward is the reference's."""
+    rng = np.random.default_rng(seed)
+    x, w = _array(rng, (*lead, Cin), dtype, contiguous), _array(rng, (Cout, Cin), dtype)
+    b = _array(rng, (Cout,), dtype) if bias else None
+    calls = []
+    with pytest.MonkeyPatch.context() as mp, NUMPY.blas_threads(blas):
+        mp.setattr(nk.layers, "linear_forward", lambda *a: calls.append(a) or REFERENCE_LINEAR(*a))
+        out, cache = nk.linear_forward(x, w, b)
+    ref_out, ref_cache = layers.linear_forward(x, w, b)
+    rows = int(np.prod(lead))
+    assert len(calls) == (rows > nk.LINEAR_MAX_ROWS)
+    assert_close(out, ref_out, dtype, "linear forward")
+    assert type(cache) is layers.LinearCache and cache.x is x and cache.w is w and cache.has_bias == bias
+    dout = _array(rng, (*lead, Cout), dtype)
+    for got, want, name in zip(layers.linear_backward(dout, cache), layers.linear_backward(dout, ref_cache), "dx dw db".split()):
+        assert_close(got, want, dtype, f"linear backward {name}")
+
+
+@needs_numba
+def test_linear_rows_kernel_declines_what_it_does_not_take(monkeypatch):
+    """More BLAS threads than measured, an unknown count, a strided weight, mixed dtypes, a
+    broadcast bias, float16, mismatched sizes: the reference, with its result and errors."""
+    from arraygpt.backends import numpy as numpy_backend
+
+    rng = np.random.default_rng(0)
+    x, w, b = rng.standard_normal((1, 1, 6)), rng.standard_normal((5, 6)), rng.standard_normal((5,))
+    calls = []
+    monkeypatch.setattr(nk.layers, "linear_forward", lambda *a: calls.append(a) or REFERENCE_LINEAR(*a))
+    with NUMPY.blas_threads(1):
+        nk.linear_forward(x, w, b)
+        assert calls == []  # taken
+        for args in [(x, np.asfortranarray(w), b), (x.astype(np.float32), w, b), (x, w, b[:1]),
+                     (x.astype(np.float16), w.astype(np.float16), None)]:  # fmt: skip
+            np.testing.assert_array_equal(nk.linear_forward(*args)[0], REFERENCE_LINEAR(*args)[0])
+        with pytest.raises(ValueError):  # the reference's matmul error
+            nk.linear_forward(x, w[:, :5], None)
+        assert len(calls) == 5
+    with NUMPY.blas_threads(nk.LINEAR_MAX_BLAS_THREADS + 1):
+        nk.linear_forward(x, w, b)
+    monkeypatch.setattr(numpy_backend, "blas_thread_count", lambda: None)
+    nk.linear_forward(x, w, b)
+    assert len(calls) == 7
+
+
 @needs_numba
 @settings(max_examples=60, deadline=None)
 @given(N=st.integers(1, 20), V=st.sampled_from([1, 2, 3, 7, 65, 70]), dtype=st.sampled_from(DTYPES),
@@ -357,8 +412,9 @@ def test_model_gradients_with_kernels_equal_reference(config):
 def test_model_with_kernels_under_dropout_and_a_kv_cache():
     """Dropout (attention declines, the rest runs fused) and decoding with a KV cache."""
     config = GPTConfig(vocab_size=19, block_size=16, n_layer=2, n_head=2, n_embd=12, dropout=0.1)
-    fast = GPT(config, seed=1, dtype="float64")
+    fast = GPT(config, seed=1, dtype="float64", threads=1)  # one BLAS thread: the linear kernel takes the decode steps
     ref = GPT(config, seed=1, dtype="float64", kernels="reference")
+    assert fast.kernels.linear[0] is nk.linear_forward
     fast.train(), ref.train()
     batch = np.random.default_rng(0).integers(0, 19, (3, 17))
     _, loss = fast.forward(batch[:, :-1], batch[:, 1:])
@@ -380,8 +436,9 @@ def test_model_with_kernels_under_dropout_and_a_kv_cache():
 def test_llama_model_with_kernels_decodes_with_a_kv_cache():
     """RoPE at positions offset by the cache and grouped attention against cached keys: the
     kernels' logits equal the reference's at every step (a prompt, then one token at a time)."""
-    fast, ref = GPT(LLAMA, seed=5, dtype="float64"), GPT(LLAMA, seed=5, dtype="float64", kernels="reference")
+    fast, ref = GPT(LLAMA, seed=5, dtype="float64", threads=1), GPT(LLAMA, seed=5, dtype="float64", kernels="reference")
     assert fast.kernels.rope[0] is nk.rope_forward and fast.kernels.attention[0] is nk.attention_forward
+    assert fast.kernels.linear[0] is nk.linear_forward
     caches = core.KVCache(LLAMA), core.KVCache(LLAMA)
     prompt = np.random.default_rng(3).integers(0, 19, (2, 6))
     for step in range(5):
@@ -429,8 +486,8 @@ def test_describe_kernels_rows():
     rows = kernels.describe_kernels(SMALL, NUMPY, "float32")
     assert [row[0] for row in rows][:5] == ["norm:layernorm", "linear", "attention", "activation:gelu_tanh", "crossentropy"]
     table = {row[0]: row for row in rows}
-    assert table["linear"][1:] == ("reference", "no kernel registered")
     if HAS_NUMBA:
+        assert table["linear"][1] == "numba_linear_rows"
         assert table["attention"][1] == "numba_causal_attention"
         assert table["activation:gelu_tanh"][1] == "numba_gelu_tanh"
         assert table["rope"][1] == "numba_rope" and table["swiglu"][1] == "numba_swiglu"
@@ -602,7 +659,7 @@ def test_arraygpt_backends_lists_the_kernel_of_each_layer_kind(capsys, monkeypat
     monkeypatch.delenv(kernels.ENV_VAR, raising=False)
     assert main(["backends"]) == 0
     rows = {line.split()[0]: line.split()[1] for line in capsys.readouterr().out.split("kernels on numpy")[1].splitlines()[1:]}
-    assert rows["activation:gelu_tanh"] == "numba_gelu_tanh" and rows["linear"] == "reference"
+    assert rows["activation:gelu_tanh"] == "numba_gelu_tanh" and rows["linear"] == "numba_linear_rows"
     assert rows["update:adam"] == "numba_adam"
     monkeypatch.setenv(kernels.ENV_VAR, "reference")
     assert main(["backends"]) == 0
