@@ -1,11 +1,12 @@
 """Fused kernels for the numpy backend, compiled with numba: GELU (tanh), SwiGLU, RoPE, LayerNorm,
-RMSNorm, causal (and grouped-query) attention and softmax + cross-entropy, each a forward/backward
-pair equal to its reference in ``arraygpt.layers``, and the Adam/AdamW update, bit-identical to
-the optimizer plugin's reference update.
+RMSNorm, the linear layer for a few rows, causal (and grouped-query) attention and softmax +
+cross-entropy, each a forward/backward pair equal to its reference in ``arraygpt.layers``, and the
+Adam/AdamW update, bit-identical to the optimizer plugin's reference update.
 
 Why they pay: NumPy runs each elementwise operation as its own pass over memory on one core; a
 kernel here makes one pass (GELU, SwiGLU, RoPE, the norms' rows) or computes only the causal half
-of attention and fuses its masked softmax. Each kernel is serial and releases the GIL (``nogil``):
+of attention and fuses its masked softmax. A decode step's linear layers read every weight for
+one row of input, which OpenBLAS does slower than one core streams memory. Each kernel is serial and releases the GIL (``nogil``):
 the model already splits a batch across threads (``arraygpt.runner``), so the chunks' kernels run
 side by side, and a parallel numba kernel beside them would oversubscribe the cores (and numba's
 default ``workqueue`` threading layer may not be entered from two threads at once).
