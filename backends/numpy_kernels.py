@@ -6,10 +6,11 @@ Adam/AdamW update, bit-identical to the optimizer plugin's reference update.
 Why they pay: NumPy runs each elementwise operation as its own pass over memory on one core; a
 kernel here makes one pass (GELU, SwiGLU, RoPE, the norms' rows) or computes only the causal half
 of attention and fuses its masked softmax. A decode step's linear layers read every weight for
-one row of input, which OpenBLAS does slower than one core streams memory. Each kernel is serial and releases the GIL (``nogil``):
-the model already splits a batch across threads (``arraygpt.runner``), so the chunks' kernels run
-side by side, and a parallel numba kernel beside them would oversubscribe the cores (and numba's
-default ``workqueue`` threading layer may not be entered from two threads at once).
+one row of input, which OpenBLAS does slower than one core streams memory. Each kernel is serial
+and releases the GIL (``nogil``): the model already splits a batch across threads
+(``arraygpt.runner``), so the chunks' kernels run side by side, and a parallel numba kernel
+beside them would oversubscribe the cores (and numba's default ``workqueue`` threading layer may
+not be entered from two threads at once).
 docs/kernels.md and docs/performance.md give the measurements behind these choices.
 
 A kernel takes what it knows (NumPy arrays of float32/float64, C-contiguous or evenly strided rows
@@ -335,8 +336,8 @@ def _crossentropy_backward(probs, targets, weights, scale, dlogits):
 
 def _linear_rows(x, w, b, has_b, out):
     # out (N, Cout) = x (N, Cin) @ w.T (+ b) for a few rows N: each row of w is read from memory
-    # once for all N rows of x (a decode step is memory-bound on the weights); BLAS's M = 1..4
-    # products read w in its transposed order, and slower (docs/kernels.md)
+    # once for all N rows of x (a decode step is memory-bound on the weights); OpenBLAS's
+    # M = 1..4 products are slower at this (docs/kernels.md)
     N, K = x.shape
     zero = np.zeros(1, out.dtype)[0]
     for i in range(w.shape[0]):
@@ -647,10 +648,9 @@ def linear_forward(x: Any, w: Any, b: Any = None) -> tuple[Any, layers.LinearCac
     pass over w's rows in their stored order. More rows (BLAS is faster there), more than
     LINEAR_MAX_BLAS_THREADS BLAS threads or an unknown count, and other arrays: the reference.
     Its cache is the reference's, so the backward is ``layers.linear_backward``."""
-    rows = x.size // x.shape[-1] if x.ndim and x.shape[-1] else 0
-    if not (1 <= rows <= LINEAR_MAX_ROWS and w.ndim == 2 and x.shape[-1] == w.shape[1] and _takes(w)
-            and type(x) is np.ndarray and _floats(x, w, *(() if b is None else (b,)))
-            and (b is None or b.shape == w.shape[:1])):  # fmt: skip
+    rows = x.size // x.shape[-1] if type(x) is np.ndarray and x.ndim and x.shape[-1] else 0
+    if not (1 <= rows <= LINEAR_MAX_ROWS and _takes(w) and w.ndim == 2 and x.shape[-1] == w.shape[1]
+            and _floats(x, w, *(() if b is None else (b,))) and (b is None or b.shape == w.shape[:1])):  # fmt: skip
         return layers.linear_forward(x, w, b)
     from arraygpt.backends.numpy import blas_thread_count  # imported with the numpy backend already
 
@@ -659,7 +659,7 @@ def linear_forward(x: Any, w: Any, b: Any = None) -> tuple[Any, layers.LinearCac
         return layers.linear_forward(x, w, b)
     jit = _jit or _compile()
     out = np.empty((rows, w.shape[0]), dtype=w.dtype)
-    jit["_linear_rows"](np.ascontiguousarray(x).reshape(rows, -1), w, w[0, :1] if b is None else b,
+    jit["_linear_rows"](np.ascontiguousarray(x).reshape(rows, -1), w, w.reshape(-1)[:1] if b is None else b,
                         b is not None, out)  # fmt: skip
     return out.reshape(*x.shape[:-1], w.shape[0]), layers.LinearCache(x, w, b is not None)
 
