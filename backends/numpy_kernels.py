@@ -336,17 +336,32 @@ def _crossentropy_backward(probs, targets, weights, scale, dlogits):
 
 def _linear_rows(x, w, b, has_b, out):
     # out (N, Cout) = x (N, Cin) @ w.T (+ b) for a few rows N: each row of w is read from memory
-    # once for all N rows of x (a decode step is memory-bound on the weights); OpenBLAS's
-    # M = 1..4 products are slower at this (docs/kernels.md)
+    # once for all N rows of x (a decode step is memory-bound on the weights), four rows of x at a
+    # time so that each value of w loaded serves four sums; OpenBLAS's M = 1..4 products are slower
+    # at this (docs/kernels.md)
     N, K = x.shape
     zero = np.zeros(1, out.dtype)[0]
     for i in range(w.shape[0]):
         wi = w[i]
-        for n in range(N):
+        bi = b[i] if has_b else zero
+        n = 0
+        while n + 4 <= N:
+            x0, x1, x2, x3 = x[n], x[n + 1], x[n + 2], x[n + 3]
+            s0 = s1 = s2 = s3 = zero
+            for j in range(K):
+                wj = wi[j]
+                s0 += wj * x0[j]
+                s1 += wj * x1[j]
+                s2 += wj * x2[j]
+                s3 += wj * x3[j]
+            out[n, i], out[n + 1, i], out[n + 2, i], out[n + 3, i] = s0 + bi, s1 + bi, s2 + bi, s3 + bi
+            n += 4
+        for n in range(n, N):
+            xn = x[n]
             s = zero
             for j in range(K):
-                s += wi[j] * x[n, j]
-            out[n, i] = s + b[i] if has_b else s
+                s += wi[j] * xn[j]
+            out[n, i] = s + bi
 
 
 def _adam_update(p, g, m, v, decay, wd, beta1, one_minus_beta1, beta2, one_minus_beta2, bc2_sqrt, eps,
@@ -638,7 +653,7 @@ rmsnorm_backward = _norm_backward_of(False, layers.rmsnorm_backward)
 # ----------------------------------------------------------------------------------------------
 # linear for a few rows (a decode step): layers.linear_forward; the backward is the reference's
 
-LINEAR_MAX_ROWS = 4  # up to here the kernel beat OpenBLAS's products on every size measured
+LINEAR_MAX_ROWS = 8  # up to here the kernel beat or tied OpenBLAS's products on every size measured
 LINEAR_MAX_BLAS_THREADS = 2  # measured against OpenBLAS at 1 and 2 threads; with more, BLAS's
 # threads may read the weights faster than one core does (not measured), so BLAS runs
 

@@ -277,7 +277,7 @@ needs_blas_control = pytest.mark.skipif(
 @needs_numba
 @needs_blas_control
 @settings(max_examples=60, deadline=None)
-@given(lead=st.sampled_from([(1,), (1, 1), (2, 1), (1, 3), (4,), (5,), (2, 3)]), Cin=st.sampled_from([1, 3, 8, 37]),
+@given(lead=st.sampled_from([(1,), (1, 1), (2, 1), (1, 3), (4,), (5,), (2, 3), (8,), (3, 3)]), Cin=st.sampled_from([1, 3, 8, 37]),
        Cout=st.sampled_from([1, 2, 11, 65]), bias=st.booleans(), dtype=st.sampled_from(DTYPES),
        contiguous=st.booleans(), blas=st.sampled_from([1, 2]), seed=st.integers(0, 2**16))  # fmt: skip
 def test_linear_rows_kernel_equals_reference(lead, Cin, Cout, bias, dtype, contiguous, blas, seed):
