@@ -337,8 +337,8 @@ def _crossentropy_backward(probs, targets, weights, scale, dlogits):
 def _linear_rows(x, w, b, has_b, out):
     # out (N, Cout) = x (N, Cin) @ w.T (+ b) for a few rows N: each row of w is read from memory
     # once for all N rows of x (a decode step is memory-bound on the weights), four rows of x at a
-    # time so that each value of w loaded serves four sums; OpenBLAS's M = 1..4 products are slower
-    # at this (docs/kernels.md)
+    # time so that each value of w loaded serves four sums; OpenBLAS's products with M = 1..8 rows
+    # are slower at this (docs/kernels.md)
     N, K = x.shape
     zero = np.zeros(1, out.dtype)[0]
     for i in range(w.shape[0]):
@@ -664,8 +664,8 @@ def linear_forward(x: Any, w: Any, b: Any = None) -> tuple[Any, layers.LinearCac
     LINEAR_MAX_BLAS_THREADS BLAS threads or an unknown count, and other arrays: the reference.
     Its cache is the reference's, so the backward is ``layers.linear_backward``."""
     rows = x.size // x.shape[-1] if type(x) is np.ndarray and x.ndim and x.shape[-1] else 0
-    if not (1 <= rows <= LINEAR_MAX_ROWS and _takes(w) and w.ndim == 2 and x.shape[-1] == w.shape[1]
-            and _floats(x, w, *(() if b is None else (b,))) and (b is None or b.shape == w.shape[:1])):  # fmt: skip
+    if not (1 <= rows <= LINEAR_MAX_ROWS and _floats(x, w, *(() if b is None else (b,))) and w.ndim == 2
+            and w.flags.c_contiguous and x.shape[-1] == w.shape[1] and (b is None or b.shape == w.shape[:1])):  # fmt: skip
         return layers.linear_forward(x, w, b)
     from arraygpt.backends.numpy import blas_thread_count  # imported with the numpy backend already
 

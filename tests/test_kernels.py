@@ -268,6 +268,13 @@ def test_rope_and_swiglu_kernels_decline_what_they_do_not_take():
 
 
 REFERENCE_LINEAR = layers.linear_forward  # the tests below spy on calls of it
+
+
+def _spy_on_reference_linear(mp, calls):
+    """Make the reference linear forward record its calls in ``calls`` (the kernel's declines)."""
+    mp.setattr(nk.layers, "linear_forward", lambda *a: calls.append(a) or REFERENCE_LINEAR(*a))
+
+
 needs_blas_control = pytest.mark.skipif(
     numpy_backend.blas_thread_count() is None,
     reason="NumPy's BLAS is not an OpenBLAS whose threads arraygpt can read: the linear kernel declines every call",
@@ -289,7 +296,7 @@ def test_linear_rows_kernel_equals_reference(lead, Cin, Cout, bias, dtype, conti
     b = _array(rng, (Cout,), dtype) if bias else None
     calls = []
     with pytest.MonkeyPatch.context() as mp, NUMPY.blas_threads(blas):
-        mp.setattr(nk.layers, "linear_forward", lambda *a: calls.append(a) or REFERENCE_LINEAR(*a))
+        _spy_on_reference_linear(mp, calls)
         out, cache = nk.linear_forward(x, w, b)
     ref_out, ref_cache = layers.linear_forward(x, w, b)
     rows = int(np.prod(lead))
@@ -309,7 +316,7 @@ def test_linear_rows_kernel_declines_what_it_does_not_take(monkeypatch):
     rng = np.random.default_rng(0)
     x, w, b = rng.standard_normal((1, 1, 6)), rng.standard_normal((5, 6)), rng.standard_normal((5,))
     calls = []
-    monkeypatch.setattr(nk.layers, "linear_forward", lambda *a: calls.append(a) or REFERENCE_LINEAR(*a))
+    _spy_on_reference_linear(monkeypatch, calls)
     with NUMPY.blas_threads(1):
         nk.linear_forward(x, w, b)
         assert calls == []  # taken
