@@ -26,6 +26,8 @@ demo: $(VENV)/.installed
 	$(BIN)/arraygpt train
 
 test: $(VENV)/.installed-test
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q
 
 clean:

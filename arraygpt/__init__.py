@@ -18,54 +18,73 @@ from typing import TYPE_CHECKING, Any
 
 from arraygpt.errors import CheckpointError
 from arraygpt.hookspecs import hookimpl
-from arraygpt.shim import BackendUnavailable, get_backend, set_backend, use_backend
+from arraygpt.xp import BackendUnavailable, get_backend, set_backend, use_backend
 
 __version__ = "0.1.0"
 
 # name -> the module that defines it, imported on first access
 _LAZY = {
-    "GPT": "arraygpt.model",
-    "GPTConfig": "arraygpt.model",
-    "KVCache": "arraygpt.model",
-    "ParamCount": "arraygpt.model",
-    "count_params": "arraygpt.model",
-    "TrainConfig": "arraygpt.training",
-    "Run": "arraygpt.training",
-    "train": "arraygpt.training",
-    "TrainingDiverged": "arraygpt.training",
-    "DataError": "arraygpt.data",
-    "generate": "arraygpt.generation",
-    "make_sampler": "arraygpt.sampling",
-    "load": "arraygpt.formats",
-    "save": "arraygpt.formats",
+    "GPT": "arraygpt.nn.model",
+    "GPTConfig": "arraygpt.config",
+    "KVCache": "arraygpt.nn.core",
+    "ParamCount": "arraygpt.nn.params",
+    "count_params": "arraygpt.nn.params",
+    "TrainConfig": "arraygpt.training.loop",
+    "Run": "arraygpt.training.loop",
+    "train": "arraygpt.training.loop",
+    "TrainingDiverged": "arraygpt.training.loop",
+    "DataError": "arraygpt.training.data",
+    "generate": "arraygpt.generation.generation",
+    "make_sampler": "arraygpt.generation.sampling",
+    "load": "arraygpt.io.formats",
+    "save": "arraygpt.io.formats",
     "PluginError": "arraygpt.manager",
     "explain": "arraygpt.viz",
 }
 
 __all__ = [
     # the model
-    "GPT", "GPTConfig", "KVCache", "ParamCount", "count_params",
+    "GPT",
+    "GPTConfig",
+    "KVCache",
+    "ParamCount",
+    "count_params",
     # training and generation
-    "TrainConfig", "Run", "train", "generate", "make_sampler",
+    "TrainConfig",
+    "Run",
+    "train",
+    "generate",
+    "make_sampler",
     # one way to load, one way to save
-    "load", "save",
+    "load",
+    "save",
     # seeing inside
     "explain",
     # errors
-    "CheckpointError", "DataError", "TrainingDiverged", "PluginError", "BackendUnavailable",
+    "CheckpointError",
+    "DataError",
+    "TrainingDiverged",
+    "PluginError",
+    "BackendUnavailable",
     # plugins and backends
-    "hookimpl", "get_backend", "set_backend", "use_backend",
-]  # fmt: skip
+    "hookimpl",
+    "get_backend",
+    "set_backend",
+    "use_backend",
+]
 
 if TYPE_CHECKING:
-    from arraygpt.data import DataError
-    from arraygpt.formats import load, save
-    from arraygpt.generation import generate
+    from arraygpt.config import GPTConfig
+    from arraygpt.generation.generation import generate
+    from arraygpt.generation.sampling import make_sampler
+    from arraygpt.io.formats import load, save
     from arraygpt.manager import PluginError
-    from arraygpt.model import GPT, GPTConfig, KVCache, ParamCount, count_params
-    from arraygpt.sampling import make_sampler
-    from arraygpt.training import Run, TrainConfig, TrainingDiverged, train
-    from arraygpt.viz import explain
+    from arraygpt.nn.core import KVCache
+    from arraygpt.nn.model import GPT
+    from arraygpt.nn.params import ParamCount, count_params
+    from arraygpt.training.data import DataError
+    from arraygpt.training.loop import Run, TrainConfig, TrainingDiverged, train
+    from arraygpt.viz.figures import explain
 
 
 def __getattr__(name: str) -> Any:

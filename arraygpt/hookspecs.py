@@ -24,8 +24,8 @@ def arraygpt_register_backends() -> list[dict[str, Any]]:
     """Offer array backends.
 
     Returns:
-        A list of ``{name: factory}``; ``factory()`` returns an ``arraygpt.shim.Backend`` or raises
-        ``arraygpt.shim.BackendUnavailable`` saying what is missing. It is called on first use
+        A list of ``{name: factory}``; ``factory()`` returns an ``arraygpt.xp.Backend`` or raises
+        ``arraygpt.xp.BackendUnavailable`` saying what is missing. It is called on first use
         only, so registering a backend imports nothing heavy.
     """
 
@@ -36,7 +36,7 @@ def arraygpt_register_optimizers() -> list[dict[str, Any]]:
 
     Returns:
         A list of ``{name: factory}``; ``factory(params, **options)`` returns an optimizer (see
-        ``arraygpt.optim``).
+        ``arraygpt.training.optim``).
     """
 
 
@@ -45,17 +45,17 @@ def arraygpt_register_samplers() -> list[dict[str, Any]]:
     """Offer samplers for generation.
 
     Returns:
-        A list of ``{name: sampler}`` (see ``arraygpt.generation`` for the sampler contract).
+        A list of ``{name: sampler}`` (see ``arraygpt.generation.generation`` for the sampler contract).
     """
 
 
 @hookspec
 def arraygpt_register_kernels() -> list[dict[str, Any]]:
     """Offer fused kernels: forward/backward pairs that replace a layer's reference pair of
-    ``arraygpt.layers`` on some backends and dtypes (see ``arraygpt.kernels``).
+    ``arraygpt.nn.layers`` on some backends and dtypes (see ``arraygpt.nn.kernels``).
 
     Returns:
-        A list of ``{name: arraygpt.kernels.KernelSpec}``. A spec loads its kernel (imports and
+        A list of ``{name: arraygpt.nn.kernels.KernelSpec}``. A spec loads its kernel (imports and
         compiles) only when a model first selects it, so registering imports nothing heavy.
         For each layer kind the model runs the highest-priority spec that takes its config,
         backend and dtype (among equals, the last registered plugin's), else the reference.
@@ -68,7 +68,7 @@ def arraygpt_on_step(run: Any, step: int, metrics: dict[str, float]) -> bool | N
     (last registered first); a plugin that raises stops the run with an error naming it.
 
     Args:
-        run: the running ``arraygpt.training.Run`` (config, model, optimizer, tokenizer, out_dir;
+        run: the running ``arraygpt.training.loop.Run`` (config, model, optimizer, tokenizer, out_dir;
             ``run.request_stop()`` also stops it).
         step: the number of steps done so far (1 after the first step).
         metrics: ``loss`` (of this step's batch), ``lr`` (the rate this step used),
@@ -86,7 +86,7 @@ def arraygpt_on_eval(run: Any, step: int, metrics: dict[str, float]) -> bool | N
     when the val loss improved).
 
     Args:
-        run: the running ``arraygpt.training.Run``.
+        run: the running ``arraygpt.training.loop.Run``.
         step: the number of steps done so far.
         metrics: ``train_loss`` and ``val_loss`` (mean loss per predicted token; ``val_loss`` is
             absent when the run has no validation split).
@@ -101,7 +101,7 @@ def arraygpt_on_checkpoint(run: Any, step: int, path: str) -> None:
     """Called after a checkpoint has been written completely (atomically).
 
     Args:
-        run: the running ``arraygpt.training.Run``.
+        run: the running ``arraygpt.training.loop.Run``.
         step: the step the checkpoint holds.
         path: the checkpoint folder (the run's ``last`` or ``best``); ``load_checkpoint(path)``
             reads it.

@@ -165,15 +165,13 @@ def registry_with_owners(kind: str, pm: pluggy.PluginManager | None = None) -> d
             raise PluginError(f"plugin {impl.plugin_name!r} raised in {hook_name}: {e!r}") from e
         if not isinstance(offered, list) or not all(isinstance(d, dict) for d in offered):
             raise PluginError(
-                f"plugin {impl.plugin_name!r}: {hook_name} must return a list of dicts, "
-                f"got {type(offered).__name__}"
+                f"plugin {impl.plugin_name!r}: {hook_name} must return a list of dicts, got {type(offered).__name__}"
             )
         for entries in offered:
             for name, obj in entries.items():
                 if name in found:
                     raise PluginError(
-                        f"{kind[:-1]} {name!r} is offered by two plugins: "
-                        f"{found[name][1]!r} and {impl.plugin_name!r}"
+                        f"{kind[:-1]} {name!r} is offered by two plugins: {found[name][1]!r} and {impl.plugin_name!r}"
                     )
                 found[name] = (obj, impl.plugin_name)
     return found

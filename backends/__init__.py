@@ -1,6 +1,6 @@
 """Built-in backends, registered through the same plugin hook a third-party backend uses.
 
-Each module defines the fields of :class:`arraygpt.shim.Backend`: the array namespace plus what
+Each module defines the fields of :class:`arraygpt.xp.Backend`: the array namespace plus what
 the array API standard lacks. Importing this package imports no array library; a backend's
 module is imported when the backend is first loaded.
 
@@ -14,7 +14,7 @@ import importlib
 from collections.abc import Callable
 
 from arraygpt.hookspecs import hookimpl
-from arraygpt.shim import Backend
+from arraygpt.xp import Backend
 
 BUILTIN_BACKENDS = ("numpy", "array_api_strict", "cupy", "torch")
 

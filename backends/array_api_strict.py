@@ -3,14 +3,12 @@ CPU. It is slow and exists to prove that the model math uses nothing beyond the 
 
 import numpy as np
 
-from arraygpt.shim import BackendUnavailable
+from arraygpt.xp import BackendUnavailable
 
 try:
     import array_api_strict as xp
 except ImportError as e:
-    raise BackendUnavailable(
-        "the array_api_strict backend needs array-api-strict: pip install array-api-strict"
-    ) from e
+    raise BackendUnavailable("the array_api_strict backend needs array-api-strict: pip install array-api-strict") from e
 
 name = "array_api_strict"
 array_type = type(xp.asarray(0))

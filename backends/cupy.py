@@ -1,14 +1,12 @@
 """CuPy backend: NumPy's API on an NVIDIA GPU. Differs from the NumPy backend only in the imports
 and in moving arrays between host and device."""
 
-from arraygpt.shim import BackendUnavailable
+from arraygpt.xp import BackendUnavailable
 
 try:
     import cupy
 except ImportError as e:
-    raise BackendUnavailable(
-        "the cupy backend needs CuPy, which is not installed: pip install 'arraygpt[cupy]'"
-    ) from e
+    raise BackendUnavailable("the cupy backend needs CuPy, which is not installed: pip install 'arraygpt[cupy]'") from e
 try:
     _n_devices = cupy.cuda.runtime.getDeviceCount()
 except Exception as e:  # CUDARuntimeError when the driver is missing
@@ -16,7 +14,7 @@ except Exception as e:  # CUDARuntimeError when the driver is missing
 if _n_devices == 0:
     raise BackendUnavailable("the cupy backend needs a CUDA device, and there is none")
 
-import array_api_compat.cupy as xp  # noqa: E402
+import array_api_compat.cupy as xp  # noqa: F401  (the Backend field)
 
 name = "cupy"
 array_type = cupy.ndarray

@@ -5,7 +5,7 @@ import ctypes
 import os
 import threading
 
-import array_api_compat.numpy as xp
+import array_api_compat.numpy as xp  # noqa: F401  (the Backend field)
 import numpy as np
 
 name = "numpy"
@@ -54,7 +54,12 @@ def _openblas_thread_control():
             lib = ctypes.CDLL(path)
         except OSError:
             continue
-        for prefix, suffix in (("scipy_openblas", "64_"), ("scipy_openblas", ""), ("openblas", "64_"), ("openblas", "")):
+        for prefix, suffix in (
+            ("scipy_openblas", "64_"),
+            ("scipy_openblas", ""),
+            ("openblas", "64_"),
+            ("openblas", ""),
+        ):
             get = getattr(lib, f"{prefix}_get_num_threads{suffix}", None)
             set_ = getattr(lib, f"{prefix}_set_num_threads{suffix}", None)
             if get is not None and set_ is not None:

@@ -1,6 +1,6 @@
 """Fused kernels for the numpy backend, compiled with numba: GELU (tanh), SwiGLU, RoPE, LayerNorm,
 RMSNorm, the linear layer for a few rows, causal (and grouped-query) attention and softmax +
-cross-entropy, each a forward/backward pair equal to its reference in ``arraygpt.layers``, and the
+cross-entropy, each a forward/backward pair equal to its reference in ``arraygpt.nn.layers``, and the
 Adam/AdamW update, bit-identical to the optimizer plugin's reference update.
 
 Why they pay: NumPy runs each elementwise operation as its own pass over memory on one core; a
@@ -8,7 +8,7 @@ kernel here makes one pass (GELU, SwiGLU, RoPE, the norms' rows) or computes onl
 of attention and fuses its masked softmax. A decode step's linear layers read every weight for
 one row of input, which OpenBLAS does slower than one core streams memory. Each kernel is serial
 and releases the GIL (``nogil``): the model already splits a batch across threads
-(``arraygpt.runner``), so the chunks' kernels run side by side, and a parallel numba kernel
+(``arraygpt.nn.runner``), so the chunks' kernels run side by side, and a parallel numba kernel
 beside them would oversubscribe the cores (and numba's default ``workqueue`` threading layer may
 not be entered from two threads at once).
 docs/kernels.md and docs/performance.md give the measurements behind these choices.
@@ -23,7 +23,7 @@ numba is imported only when a model first selects one of these kernels (``import
 about half a second); without numba the kernels are unavailable and the reference runs.
 Compiled code is cached on disk (numba's ``cache=True``), so later processes skip compilation.
 
-Not here: the math's definition (``arraygpt.layers``), choosing kernels (``arraygpt.kernels``).
+Not here: the math's definition (``arraygpt.nn.layers``), choosing kernels (``arraygpt.nn.kernels``).
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ from typing import Any
 
 import numpy as np
 
-from arraygpt import layers
-from arraygpt.kernels import KernelSpec, KernelUnavailable
+from arraygpt.nn import layers
+from arraygpt.nn.kernels import KernelSpec, KernelUnavailable
 
 _GELU_C = math.sqrt(2.0 / math.pi)  # layers.gelu_tanh_forward's constants
 _GELU_A = 0.044715
@@ -364,8 +364,9 @@ def _linear_rows(x, w, b, has_b, out):
             out[n, i] = s + bi
 
 
-def _adam_update(p, g, m, v, decay, wd, beta1, one_minus_beta1, beta2, one_minus_beta2, bc2_sqrt, eps,
-                 step_size, decoupled, coupled):  # fmt: skip
+def _adam_update(
+    p, g, m, v, decay, wd, beta1, one_minus_beta1, beta2, one_minus_beta2, bc2_sqrt, eps, step_size, decoupled, coupled
+):
     # plugins.optimizers.Adam.update, the same operations in the same order, each rounded as NumPy
     # rounds it (compiled without fastmath: no reassociation, no fused multiply-add)
     for i in range(p.size):
@@ -383,9 +384,22 @@ def _adam_update(p, g, m, v, decay, wd, beta1, one_minus_beta1, beta2, one_minus
 # ----------------------------------------------------------------------------------------------
 # compiling
 
-_SOURCES = (_gelu32_forward, _gelu32_backward, _gelu64_forward, _gelu64_backward, _swiglu_forward,
-            _swiglu_backward, _rope, _norm_forward, _norm_backward, _causal_softmax, _causal_softmax_backward,
-            _crossentropy_forward, _crossentropy_backward, _linear_rows)  # fmt: skip
+_SOURCES = (
+    _gelu32_forward,
+    _gelu32_backward,
+    _gelu64_forward,
+    _gelu64_backward,
+    _swiglu_forward,
+    _swiglu_backward,
+    _rope,
+    _norm_forward,
+    _norm_backward,
+    _causal_softmax,
+    _causal_softmax_backward,
+    _crossentropy_forward,
+    _crossentropy_backward,
+    _linear_rows,
+)
 _EXACT_SOURCES = (_adam_update,)  # compiled without fastmath: bit-identical to the NumPy reference
 _jit: dict[str, Any] = {}
 _jit_lock = threading.Lock()
@@ -404,8 +418,7 @@ def _compile() -> dict[str, Any]:
                 import numba
             except ImportError as e:
                 raise KernelUnavailable(f"numba is not installed ({e}); pip install numba") from e
-            options = dict(nogil=True, cache=True, error_model="numpy",
-                           fastmath={"nsz", "arcp", "contract", "reassoc"})  # fmt: skip
+            options = dict(nogil=True, cache=True, error_model="numpy", fastmath={"nsz", "arcp", "contract", "reassoc"})
             _define_exp(numba)
             for helper in (_tanh32, _softmax_into):  # inlined into the sources that call them
                 globals()[helper.__name__] = numba.njit(inline="always", **options)(helper)
@@ -491,8 +504,9 @@ def gelu_tanh_backward(dout: Any, cache: layers.ActivationCache) -> Any:
     dx = np.empty_like(x)
     if x.dtype == np.float32:
         f = np.float32
-        jit["_gelu32_backward"](x.reshape(-1), dout.reshape(-1), dx.reshape(-1), f(0.5), f(1.0), f(_GELU_C),
-                                f(_GELU_A), f(_TANH_CLAMP))  # fmt: skip
+        jit["_gelu32_backward"](
+            x.reshape(-1), dout.reshape(-1), dx.reshape(-1), f(0.5), f(1.0), f(_GELU_C), f(_GELU_A), f(_TANH_CLAMP)
+        )
     else:
         jit["_gelu64_backward"](x.reshape(-1), dout.reshape(-1), dx.reshape(-1))
     return dx
@@ -566,14 +580,30 @@ class FusedRopeCache(layers.RopeCache):
 def _rope_call(x: Any, cos: Any, sin: Any, backward: bool) -> Any:
     """out (B, T, D) rotated per (row, position, head), or None where the kernel does not take it."""
     rows = _rows(x)
-    if (rows is None or x.ndim != 3 or not _floats(x, cos, sin) or cos.ndim != 2 or sin.shape != cos.shape
-            or cos.shape[0] != x.shape[1] or cos.shape[1] % 2 or cos.shape[1] == 0
-            or x.shape[2] % cos.shape[1]):  # fmt: skip
+    if (
+        rows is None
+        or x.ndim != 3
+        or not _floats(x, cos, sin)
+        or cos.ndim != 2
+        or sin.shape != cos.shape
+        or cos.shape[0] != x.shape[1]
+        or cos.shape[1] % 2
+        or cos.shape[1] == 0
+        or x.shape[2] % cos.shape[1]
+    ):
         return None
     jit = _jit or _compile()
     out = np.empty(x.shape, dtype=x.dtype)
-    jit["_rope"](rows[0], rows[1], np.ascontiguousarray(cos), np.ascontiguousarray(sin), out.reshape(rows[2], -1),
-                 x.shape[1], cos.shape[1], backward)  # fmt: skip
+    jit["_rope"](
+        rows[0],
+        rows[1],
+        np.ascontiguousarray(cos),
+        np.ascontiguousarray(sin),
+        out.reshape(rows[2], -1),
+        x.shape[1],
+        cos.shape[1],
+        backward,
+    )
     return out
 
 
@@ -614,8 +644,18 @@ def _norm_forward_of(centered: bool, reference: Any) -> Any:
         out, xhat = np.empty_like(x2), np.empty_like(x2)
         rstd = np.empty((x2.shape[0],), dtype=x.dtype)
         dummy = np.empty((C,), dtype=x.dtype)
-        jit["_norm_forward"](x2, dummy if w is None else w, dummy if b is None else b, w is not None, b is not None,
-                             centered, float(eps), out, xhat, rstd)  # fmt: skip
+        jit["_norm_forward"](
+            x2,
+            dummy if w is None else w,
+            dummy if b is None else b,
+            w is not None,
+            b is not None,
+            centered,
+            float(eps),
+            out,
+            xhat,
+            rstd,
+        )
         shape = x.shape
         return out.reshape(shape), FusedNormCache(xhat.reshape(shape), rstd.reshape(*shape[:-1], 1), w, b is not None)
 
@@ -634,10 +674,22 @@ def _norm_backward_of(centered: bool, reference: Any) -> Any:
         dout2 = np.ascontiguousarray(dout, dtype=xhat.dtype).reshape(-1, C)
         dx = np.empty_like(dout2)
         dw, db = np.zeros((C,)), np.zeros((C,))  # float64 accumulators
-        jit["_norm_backward"](dout2, xhat.reshape(-1, C), rstd.reshape(-1),
-                              np.empty((C,), dtype=xhat.dtype) if w is None else w, w is not None, centered, dx, dw, db)  # fmt: skip
-        return (dx.reshape(xhat.shape), None if w is None else dw.astype(xhat.dtype),
-                db.astype(xhat.dtype) if has_bias else None)  # fmt: skip
+        jit["_norm_backward"](
+            dout2,
+            xhat.reshape(-1, C),
+            rstd.reshape(-1),
+            np.empty((C,), dtype=xhat.dtype) if w is None else w,
+            w is not None,
+            centered,
+            dx,
+            dw,
+            db,
+        )
+        return (
+            dx.reshape(xhat.shape),
+            None if w is None else dw.astype(xhat.dtype),
+            db.astype(xhat.dtype) if has_bias else None,
+        )
 
     backward.__name__ = reference.__name__
     backward.__doc__ = f"{reference.__module__}.{reference.__name__}, one row at a time."
@@ -664,8 +716,14 @@ def linear_forward(x: Any, w: Any, b: Any = None) -> tuple[Any, layers.LinearCac
     LINEAR_MAX_BLAS_THREADS BLAS threads or an unknown count, and other arrays: the reference.
     Its cache is the reference's, so the backward is ``layers.linear_backward``."""
     rows = x.size // x.shape[-1] if type(x) is np.ndarray and x.ndim and x.shape[-1] else 0
-    if not (1 <= rows <= LINEAR_MAX_ROWS and _floats(x, w, *(() if b is None else (b,))) and w.ndim == 2
-            and w.flags.c_contiguous and x.shape[-1] == w.shape[1] and (b is None or b.shape == w.shape[:1])):  # fmt: skip
+    if not (
+        1 <= rows <= LINEAR_MAX_ROWS
+        and _floats(x, w, *(() if b is None else (b,)))
+        and w.ndim == 2
+        and w.flags.c_contiguous
+        and x.shape[-1] == w.shape[1]
+        and (b is None or b.shape == w.shape[:1])
+    ):
         return layers.linear_forward(x, w, b)
     from arraygpt.backends.numpy import blas_thread_count  # imported with the numpy backend already
 
@@ -674,8 +732,9 @@ def linear_forward(x: Any, w: Any, b: Any = None) -> tuple[Any, layers.LinearCac
         return layers.linear_forward(x, w, b)
     jit = _jit or _compile()
     out = np.empty((rows, w.shape[0]), dtype=w.dtype)
-    jit["_linear_rows"](np.ascontiguousarray(x).reshape(rows, -1), w, w.reshape(-1)[:1] if b is None else b,
-                        b is not None, out)  # fmt: skip
+    jit["_linear_rows"](
+        np.ascontiguousarray(x).reshape(rows, -1), w, w.reshape(-1)[:1] if b is None else b, b is not None, out
+    )
     return out.reshape(*x.shape[:-1], w.shape[0]), layers.LinearCache(x, w, b is not None)
 
 
@@ -710,8 +769,9 @@ def _mT(x: Any) -> Any:  # the last two axes swapped (a view)
     return np.swapaxes(x, -1, -2)
 
 
-def attention_forward(q: Any, k: Any, v: Any, n_head: int, dropout_p: float = 0.0, coins: Any = None,
-                      **more: Any) -> tuple[Any, layers.AttentionCache]:  # fmt: skip
+def attention_forward(
+    q: Any, k: Any, v: Any, n_head: int, dropout_p: float = 0.0, coins: Any = None, **more: Any
+) -> tuple[Any, layers.AttentionCache]:
     """layers.attention_forward, skipping the masked blocks: queries in blocks of TILE rows, each
     block's scores and output against only the keys it sees (BLAS matmuls), and the masked
     softmax in one fused pass. Grouped-query attention (``n_kv_head`` < n_head): the queries are
@@ -722,9 +782,21 @@ def attention_forward(q: Any, k: Any, v: Any, n_head: int, dropout_p: float = 0.
     n_kv_head = more.pop("n_kv_head", None)
     B, T, D = q.shape
     NKV = n_head if n_kv_head is None else n_kv_head
-    if (dropout_p > 0.0 or more or n_head < 1 or D % n_head or NKV < 1 or n_head % NKV or k.ndim != 3
-            or k.shape != v.shape or k.shape[0] != B or k.shape[2] != NKV * (D // n_head) or k.shape[1] < T
-            or type(q) is not np.ndarray or not _floats(q, k, v)):  # fmt: skip
+    if (
+        dropout_p > 0.0
+        or more
+        or n_head < 1
+        or D % n_head
+        or NKV < 1
+        or n_head % NKV
+        or k.ndim != 3
+        or k.shape != v.shape
+        or k.shape[0] != B
+        or k.shape[2] != NKV * (D // n_head)
+        or k.shape[1] < T
+        or type(q) is not np.ndarray
+        or not _floats(q, k, v)
+    ):
         if n_kv_head is not None:
             more["n_kv_head"] = n_kv_head
         return layers.attention_forward(q, k, v, n_head, dropout_p, coins, **more)
@@ -801,13 +873,21 @@ class FusedCrossEntropyCache(layers.CrossEntropyCache):
     __slots__ = ()
 
 
-def crossentropy_forward(logits: Any, targets: Any, ignore_index: int = -1, reduction: str = "mean",
-                         **more: Any) -> tuple[Any, layers.CrossEntropyCache]:  # fmt: skip
+def crossentropy_forward(
+    logits: Any, targets: Any, ignore_index: int = -1, reduction: str = "mean", **more: Any
+) -> tuple[Any, layers.CrossEntropyCache]:
     """layers.crossentropy_forward with the softmax, the picked logit and the loss in one pass per
     row. Anything it does not know goes to the reference (which raises on a bad reduction)."""
-    if (more or reduction not in ("mean", "sum") or not _takes(logits) or logits.ndim != 2
-            or type(targets) is not np.ndarray or targets.shape != logits.shape[:1] or targets.dtype.kind not in "iu"
-            or not 0 <= int(targets.max(initial=0)) < logits.shape[1]):  # fmt: skip
+    if (
+        more
+        or reduction not in ("mean", "sum")
+        or not _takes(logits)
+        or logits.ndim != 2
+        or type(targets) is not np.ndarray
+        or targets.shape != logits.shape[:1]
+        or targets.dtype.kind not in "iu"
+        or not 0 <= int(targets.max(initial=0)) < logits.shape[1]
+    ):
         return layers.crossentropy_forward(logits, targets, ignore_index, reduction, **more)
     jit = _jit or _compile()
     N, V = logits.shape
@@ -833,11 +913,23 @@ def crossentropy_backward(dloss: float, cache: layers.CrossEntropyCache) -> Any:
 
 
 # ----------------------------------------------------------------------------------------------
-# the Adam/AdamW update: plugins.optimizers.Adam.update (arraygpt.kernels.select_update's contract)
+# the Adam/AdamW update: plugins.optimizers.Adam.update (arraygpt.nn.kernels.select_update's contract)
 
 
-def adam_update(p: Any, g: Any, m: Any, v: Any, *, lr: float, beta1: float, beta2: float, eps: float,
-                weight_decay: float, decoupled: bool, step: int) -> bool:  # fmt: skip
+def adam_update(
+    p: Any,
+    g: Any,
+    m: Any,
+    v: Any,
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    decoupled: bool,
+    step: int,
+) -> bool:
     """One Adam (``decoupled``: AdamW) step of parameter ``p`` in place, with its moments ``m``
     and ``v``, in one pass instead of the reference's dozen; the same numbers to the last bit.
     False (nothing changed) unless all four are C-contiguous NumPy arrays of one shape and dtype."""
@@ -847,9 +939,23 @@ def adam_update(p: Any, g: Any, m: Any, v: Any, *, lr: float, beta1: float, beta
     f = p.dtype.type  # every scalar rounded to the arrays' dtype first, as NumPy does with a Python float
     decay = f(1.0 - lr * weight_decay)
     bc2_sqrt, step_size = math.sqrt(1.0 - beta2**step), lr / (1.0 - beta1**step)
-    jit["_adam_update"](p.reshape(-1), g.reshape(-1), m.reshape(-1), v.reshape(-1), decay, f(weight_decay),
-                        f(beta1), f(1.0 - beta1), f(beta2), f(1.0 - beta2), f(bc2_sqrt), f(eps), f(step_size),
-                        bool(decoupled and weight_decay), bool(not decoupled and weight_decay))  # fmt: skip
+    jit["_adam_update"](
+        p.reshape(-1),
+        g.reshape(-1),
+        m.reshape(-1),
+        v.reshape(-1),
+        decay,
+        f(weight_decay),
+        f(beta1),
+        f(1.0 - beta1),
+        f(beta2),
+        f(1.0 - beta2),
+        f(bc2_sqrt),
+        f(eps),
+        f(step_size),
+        bool(decoupled and weight_decay),
+        bool(not decoupled and weight_decay),
+    )
     return True
 
 
@@ -869,32 +975,59 @@ _NUMBA = "numba, serial, nogil"
 _ON = dict(backends=("numpy",), array_types=(np.ndarray,))
 KERNELS = {
     "numba_gelu_tanh": KernelSpec(
-        "activation:gelu_tanh", _loader(gelu_tanh_forward, gelu_tanh_backward), **_ON,
-        description=f"one pass forward and backward, tanh recomputed in the backward ({_NUMBA})"),
+        "activation:gelu_tanh",
+        _loader(gelu_tanh_forward, gelu_tanh_backward),
+        **_ON,
+        description=f"one pass forward and backward, tanh recomputed in the backward ({_NUMBA})",
+    ),
     "numba_swiglu": KernelSpec(
-        "swiglu", _loader(swiglu_forward, swiglu_backward), **_ON,
-        description=f"one pass forward and backward, sigmoid recomputed in the backward ({_NUMBA})"),
+        "swiglu",
+        _loader(swiglu_forward, swiglu_backward),
+        **_ON,
+        description=f"one pass forward and backward, sigmoid recomputed in the backward ({_NUMBA})",
+    ),
     "numba_rope": KernelSpec(
-        "rope", _loader(rope_forward, rope_backward), **_ON,
-        description=f"one pass per row, position and head, forward and backward ({_NUMBA})"),
+        "rope",
+        _loader(rope_forward, rope_backward),
+        **_ON,
+        description=f"one pass per row, position and head, forward and backward ({_NUMBA})",
+    ),
     "numba_layernorm": KernelSpec(
-        "norm:layernorm", _loader(layernorm_forward, layernorm_backward), **_ON,
-        description=f"one pass per row, forward and backward ({_NUMBA})"),
+        "norm:layernorm",
+        _loader(layernorm_forward, layernorm_backward),
+        **_ON,
+        description=f"one pass per row, forward and backward ({_NUMBA})",
+    ),
     "numba_rmsnorm": KernelSpec(
-        "norm:rmsnorm", _loader(rmsnorm_forward, rmsnorm_backward), **_ON,
-        description=f"one pass per row, forward and backward ({_NUMBA})"),
+        "norm:rmsnorm",
+        _loader(rmsnorm_forward, rmsnorm_backward),
+        **_ON,
+        description=f"one pass per row, forward and backward ({_NUMBA})",
+    ),
     "numba_crossentropy": KernelSpec(
-        "crossentropy", _loader(crossentropy_forward, crossentropy_backward), **_ON,
-        description=f"softmax, loss and backward in one pass per row ({_NUMBA})"),
+        "crossentropy",
+        _loader(crossentropy_forward, crossentropy_backward),
+        **_ON,
+        description=f"softmax, loss and backward in one pass per row ({_NUMBA})",
+    ),
     "numba_linear_rows": KernelSpec(
-        "linear", _loader(linear_forward, layers.linear_backward), **_ON,
+        "linear",
+        _loader(linear_forward, layers.linear_backward),
+        **_ON,
         description=f"up to {LINEAR_MAX_ROWS} rows (decoding) in one pass over the weights, beside BLAS at "
-                    f"<= {LINEAR_MAX_BLAS_THREADS} threads; more rows: BLAS ({_NUMBA})"),
+        f"<= {LINEAR_MAX_BLAS_THREADS} threads; more rows: BLAS ({_NUMBA})",
+    ),
     "numba_causal_attention": KernelSpec(
-        "attention", _loader(attention_forward, attention_backward), **_ON,
+        "attention",
+        _loader(attention_forward, attention_backward),
+        **_ON,
         description=f"masked blocks skipped (BLAS on the rest), masked softmax fused, grouped-query "
-                    f"attention without repeated keys; dropout runs the reference ({_NUMBA})"),
+        f"attention without repeated keys; dropout runs the reference ({_NUMBA})",
+    ),
     "numba_adam": KernelSpec(
-        "update:adam", _loader(adam_update), **_ON,
-        description=f"Adam and AdamW in one pass per parameter, bit-identical to the reference ({_NUMBA})"),
-}  # fmt: skip
+        "update:adam",
+        _loader(adam_update),
+        **_ON,
+        description=f"Adam and AdamW in one pass per parameter, bit-identical to the reference ({_NUMBA})",
+    ),
+}

@@ -1,13 +1,13 @@
 """PyTorch backend (CPU, through array-api-compat): proves the math on a second real library."""
 
-from arraygpt.shim import BackendUnavailable
+from arraygpt.xp import BackendUnavailable
 
 try:
     import torch
 except ImportError as e:
     raise BackendUnavailable("the torch backend needs PyTorch: pip install torch") from e
 
-import array_api_compat.torch as xp  # noqa: E402
+import array_api_compat.torch as xp  # noqa: F401  (the Backend field)
 
 name = "torch"
 array_type = torch.Tensor

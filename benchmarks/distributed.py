@@ -12,7 +12,7 @@ and mean ms per step (from the step hook's timestamps, warmup left out), tokens/
 job, the bytes one all-reduce adds per step, and the median ms spent in it (timed around
 ``World.allreduce_sum_`` on rank 0, including the wait for the slower rank; with ``--zero``, the
 reduce-scatter and the all-gather instead) and the bytes of optimizer state on each rank
-(``arraygpt.optim.state_nbytes``). Prints one JSON line per case, then a table.
+(``arraygpt.training.optim.state_nbytes``). Prints one JSON line per case, then a table.
 """
 
 from __future__ import annotations
@@ -38,9 +38,9 @@ def worker(args: argparse.Namespace) -> None:
 
     import arraygpt
     from arraygpt import GPTConfig, hookimpl
-    from arraygpt.distributed import World, get_world
     from arraygpt.manager import get_plugin_manager
-    from arraygpt.optim import state_nbytes
+    from arraygpt.training.distributed import World, get_world
+    from arraygpt.training.optim import state_nbytes
 
     world = get_world()
     reduce_times: list[float] = []
@@ -86,21 +86,42 @@ def worker(args: argparse.Namespace) -> None:
     data = str(SHAKESPEARE) if SHAKESPEARE.is_file() else _fallback_text()
     per_rank = GLOBAL_BATCH // world.size
     steps = args.warmup + args.steps
-    run = arraygpt.train(data, config=GPTConfig(**NANOGPT_CPU), steps=steps, batch_size=per_rank, lr=1e-3,
-                         optimizer="adamw", zero=args.zero, eval_interval=10**6, eval_batches=1,
-                         log_interval=10**6, samples=0, progress=False, plugin_manager=pm, seed=0)  # fmt: skip
+    run = arraygpt.train(
+        data,
+        config=GPTConfig(**NANOGPT_CPU),
+        steps=steps,
+        batch_size=per_rank,
+        lr=1e-3,
+        optimizer="adamw",
+        zero=args.zero,
+        eval_interval=10**6,
+        eval_batches=1,
+        log_interval=10**6,
+        samples=0,
+        progress=False,
+        plugin_manager=pm,
+        seed=0,
+    )
     optimizer_bytes = world.allgather(np.array([state_nbytes(run.optimizer)], dtype=np.int64))[:, 0]
     if world.is_root:
         dts = np.diff(stamps)[args.warmup - 1 :] * 1e3  # ms between step hooks, after the warmup
         tokens = GLOBAL_BATCH * NANOGPT_CPU["block_size"]
-        print(json.dumps({
-            "ranks": world.size, "zero": bool(args.zero and world.size > 1), "threads_per_rank": int(os.environ.get("ARRAYGPT_NUM_THREADS", "0")),
-            "ms_per_step_median": float(np.median(dts)), "ms_per_step_mean": float(np.mean(dts)),
-            "tokens_per_s": tokens / (float(np.median(dts)) / 1e3),
-            "allreduce_bytes_per_step": reduced_bytes[0] if reduced_bytes else 0,
-            "allreduce_ms_median": float(np.median(reduce_times[args.warmup :]) * 1e3) if reduce_times else 0.0,
-            "optimizer_bytes_per_rank": [int(b) for b in optimizer_bytes],
-        }), flush=True)  # fmt: skip
+        print(
+            json.dumps(
+                {
+                    "ranks": world.size,
+                    "zero": bool(args.zero and world.size > 1),
+                    "threads_per_rank": int(os.environ.get("ARRAYGPT_NUM_THREADS", "0")),
+                    "ms_per_step_median": float(np.median(dts)),
+                    "ms_per_step_mean": float(np.mean(dts)),
+                    "tokens_per_s": tokens / (float(np.median(dts)) / 1e3),
+                    "allreduce_bytes_per_step": reduced_bytes[0] if reduced_bytes else 0,
+                    "allreduce_ms_median": float(np.median(reduce_times[args.warmup :]) * 1e3) if reduce_times else 0.0,
+                    "optimizer_bytes_per_rank": [int(b) for b in optimizer_bytes],
+                }
+            ),
+            flush=True,
+        )
 
 
 def _fallback_text() -> str:
@@ -119,7 +140,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30, help="timed steps per case")
     parser.add_argument("--warmup", type=int, default=5, help="steps left out of the timing")
     parser.add_argument("--ranks", type=int, nargs="+", default=[2], help="rank counts to run with one thread each")
-    parser.add_argument("--zero", action="store_true", help="run each rank count again with zero (sharded optimizer state)")
+    parser.add_argument(
+        "--zero", action="store_true", help="run each rank count again with zero (sharded optimizer state)"
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -148,13 +171,17 @@ def main() -> None:
         result = json.loads(out.strip().splitlines()[-1])
         print(json.dumps(result), flush=True)
         results.append(result)
-    print("\n| ranks x threads | zero | ms/step (median) | tokens/s | collective bytes/step | collective ms (median) "
-          "| optimizer bytes per rank (max) |")  # fmt: skip
+    print(
+        "\n| ranks x threads | zero | ms/step (median) | tokens/s | collective bytes/step | collective ms (median) "
+        "| optimizer bytes per rank (max) |"
+    )
     print("|---|---|---|---|---|---|---|")
     for r in results:
-        print(f"| {r['ranks']} x {r['threads_per_rank']} | {'yes' if r['zero'] else 'no'} | "
-              f"{r['ms_per_step_median']:.1f} | {r['tokens_per_s']:,.0f} | {r['allreduce_bytes_per_step']:,} | "
-              f"{r['allreduce_ms_median']:.2f} | {max(r['optimizer_bytes_per_rank']):,} |")  # fmt: skip
+        print(
+            f"| {r['ranks']} x {r['threads_per_rank']} | {'yes' if r['zero'] else 'no'} | "
+            f"{r['ms_per_step_median']:.1f} | {r['tokens_per_s']:,.0f} | {r['allreduce_bytes_per_step']:,} | "
+            f"{r['allreduce_ms_median']:.2f} | {max(r['optimizer_bytes_per_rank']):,} |"
+        )
 
 
 def _cpu_model() -> str:

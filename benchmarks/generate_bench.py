@@ -46,16 +46,27 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import (  # noqa: E402
-    alternate, cpu_model, default_threads, median, run_worker, set_torch_threads, spread, thread_env,
+from harness import (
+    alternate,
+    cpu_model,
+    default_threads,
+    median,
+    run_worker,
+    set_torch_threads,
+    spread,
+    thread_env,
 )
 
 if TYPE_CHECKING:
     from arraygpt import GPT, GPTConfig
 
 NEW_TOKENS = 256
-VARIANTS = {"cache": "arraygpt (KV cache)", "nocache": "arraygpt (no cache)", "torch": "PyTorch loop (KV cache)",
-            "hf": "transformers generate"}  # fmt: skip
+VARIANTS = {
+    "cache": "arraygpt (KV cache)",
+    "nocache": "arraygpt (no cache)",
+    "torch": "PyTorch loop (KV cache)",
+    "hf": "transformers generate",
+}
 PROMPT = [[0, 5, 7]]  # the logits check's prompt
 LOGITS_TOLERANCE = {"float32": 1e-3, "float64": 1e-9}
 
@@ -90,8 +101,12 @@ def torch_kv_model(config: GPTConfig, state: dict[str, np.ndarray]) -> Callable:
     p = {k: torch.from_numpy(np.array(v)) for k, v in state.items()}
     L, NH, D, C = config.n_layer, config.n_head, config.attn_dim, config.n_embd
     w_qkv = [torch.cat([p[f"layer{i}.attn_wq"], p[f"layer{i}.attn_wk"], p[f"layer{i}.attn_wv"]]) for i in range(L)]
-    b_qkv = [torch.cat([p[f"layer{i}.attn_wq_b"], p[f"layer{i}.attn_wk_b"], p[f"layer{i}.attn_wv_b"]])
-             if config.bias else None for i in range(L)]  # fmt: skip
+    b_qkv = [
+        torch.cat([p[f"layer{i}.attn_wq_b"], p[f"layer{i}.attn_wk_b"], p[f"layer{i}.attn_wv_b"]])
+        if config.bias
+        else None
+        for i in range(L)
+    ]
     unembed = p["wte"] if config.tie_embeddings else p["lm_head"]
 
     def norm(x, name):
@@ -145,18 +160,32 @@ def hf_runner(config: GPTConfig) -> Callable[[int], int]:
     import transformers
 
     transformers.logging.set_verbosity_error()
-    hf_config = transformers.GPT2Config(vocab_size=config.vocab_size, n_positions=config.block_size,
-                                        n_embd=config.n_embd, n_layer=config.n_layer, n_head=config.n_head,
-                                        activation_function="gelu_new", bos_token_id=0, eos_token_id=None)  # fmt: skip
+    hf_config = transformers.GPT2Config(
+        vocab_size=config.vocab_size,
+        n_positions=config.block_size,
+        n_embd=config.n_embd,
+        n_layer=config.n_layer,
+        n_head=config.n_head,
+        activation_function="gelu_new",
+        bos_token_id=0,
+        eos_token_id=None,
+    )
     model = transformers.GPT2LMHeadModel(hf_config).eval()
     prompt = torch.zeros((1, 1), dtype=torch.int64)
 
     def run(n_new: int) -> int:
         torch.manual_seed(0)
         with torch.no_grad():
-            out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n_new,
-                                 min_new_tokens=n_new, do_sample=True, top_k=0, use_cache=True,
-                                 pad_token_id=0)  # fmt: skip
+            out = model.generate(
+                prompt,
+                attention_mask=torch.ones_like(prompt),
+                max_new_tokens=n_new,
+                min_new_tokens=n_new,
+                do_sample=True,
+                top_k=0,
+                use_cache=True,
+                pad_token_id=0,
+            )
         return out.shape[1] - 1
 
     return run
@@ -231,9 +260,11 @@ def main() -> None:
                     variants.append("hf")
     cpu = cpu_model()
     print(f"CPU: {cpu}; Python {platform.python_version()}")
-    print(f"shakespeare-char ({count_params(config).total:,} parameters, {args.dtype}), batch 1, {n_new} new tokens, "
-          f"backend {os.environ.get('ARRAYGPT_BACKEND') or 'numpy'}, {threads} threads; {args.rounds} rounds, each "
-          f"variant in its own process, alternating; per round the median of {args.repeats} runs after a warm-up")
+    print(
+        f"shakespeare-char ({count_params(config).total:,} parameters, {args.dtype}), batch 1, {n_new} new tokens, "
+        f"backend {os.environ.get('ARRAYGPT_BACKEND') or 'numpy'}, {threads} threads; {args.rounds} rounds, each "
+        f"variant in its own process, alternating; per round the median of {args.repeats} runs after a warm-up"
+    )
 
     with tempfile.TemporaryDirectory() as tmp:
         logits_file = str(Path(tmp) / "arraygpt-logits.npy")
@@ -242,15 +273,32 @@ def main() -> None:
             env = thread_env(threads)
             if variant in ("torch", "hf"):
                 env["ARRAYGPT_MALLOC_TUNING"] = "0"  # PyTorch keeps its own allocator's behaviour
-            return run_worker(__file__, variant, ["--dtype", args.dtype, "--new-tokens", str(n_new), "--repeats",
-                                                  str(args.repeats), "--threads", str(threads),
-                                                  "--logits-file", logits_file], env)  # fmt: skip
+            return run_worker(
+                __file__,
+                variant,
+                [
+                    "--dtype",
+                    args.dtype,
+                    "--new-tokens",
+                    str(n_new),
+                    "--repeats",
+                    str(args.repeats),
+                    "--threads",
+                    str(threads),
+                    "--logits-file",
+                    logits_file,
+                ],
+                env,
+            )
 
         def show(variant: str, r: int, result: dict) -> None:
             diff = result.get("logits_max_diff")
             check = "" if diff is None else f"  logits max |diff| vs arraygpt {diff:.2e}"
-            print(f"  round {r + 1}: {VARIANTS[variant]:<24} {result['tokens_per_s']:8.1f} tokens/s "
-                  f"(runs: {', '.join(f'{x:.1f}' for x in result['runs'])}){check}", flush=True)  # fmt: skip
+            print(
+                f"  round {r + 1}: {VARIANTS[variant]:<24} {result['tokens_per_s']:8.1f} tokens/s "
+                f"(runs: {', '.join(f'{x:.1f}' for x in result['runs'])}){check}",
+                flush=True,
+            )
 
         results = alternate(variants, args.rounds, run_one, show)
 
@@ -262,8 +310,10 @@ def main() -> None:
     diffs = [r["logits_max_diff"] for r in results.get("torch", []) if "logits_max_diff" in r]
     if diffs:
         same = max(diffs) <= LOGITS_TOLERANCE[args.dtype]
-        print(f"PyTorch loop vs arraygpt logits: max |diff| = {max(diffs):.2e}"
-              + ("" if same else f" > {LOGITS_TOLERANCE[args.dtype]:g}: NOT the same network"))  # fmt: skip
+        print(
+            f"PyTorch loop vs arraygpt logits: max |diff| = {max(diffs):.2e}"
+            + ("" if same else f" > {LOGITS_TOLERANCE[args.dtype]:g}: NOT the same network")
+        )
     ratios = {"cache / no cache": med["cache"] / med["nocache"]}
     for v in ("torch", "hf"):
         if v in med:
@@ -272,15 +322,31 @@ def main() -> None:
     for name, value in ratios.items():
         print(f"  {name:<45} {value:6.2f}x")
     torch_key = f"arraygpt cache / {VARIANTS['torch']}"
-    print(f"targets: cache / no cache >= 5: {'met' if ratios['cache / no cache'] >= 5 else 'NOT met'}"
-          + (f"; at least 1.2x the PyTorch loop: {'met' if ratios[torch_key] >= 1.2 else 'NOT met'}"
-             if torch_key in ratios else ""))  # fmt: skip
+    print(
+        f"targets: cache / no cache >= 5: {'met' if ratios['cache / no cache'] >= 5 else 'NOT met'}"
+        + (
+            f"; at least 1.2x the PyTorch loop: {'met' if ratios[torch_key] >= 1.2 else 'NOT met'}"
+            if torch_key in ratios
+            else ""
+        )
+    )
     if args.json:
-        print(json.dumps({"tokens_per_s": {VARIANTS[v]: x for v, x in rates.items()},
-                          "median_tokens_per_s": {VARIANTS[v]: x for v, x in med.items()}, "ratios": ratios,
-                          "dtype": args.dtype, "new_tokens": n_new, "threads": threads, "cpu": cpu,
-                          "backend": results["cache"][0].get("backend"), "logits_max_diff": max(diffs, default=None),
-                          "workers": results}))  # fmt: skip
+        print(
+            json.dumps(
+                {
+                    "tokens_per_s": {VARIANTS[v]: x for v, x in rates.items()},
+                    "median_tokens_per_s": {VARIANTS[v]: x for v, x in med.items()},
+                    "ratios": ratios,
+                    "dtype": args.dtype,
+                    "new_tokens": n_new,
+                    "threads": threads,
+                    "cpu": cpu,
+                    "backend": results["cache"][0].get("backend"),
+                    "logits_max_diff": max(diffs, default=None),
+                    "workers": results,
+                }
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -102,16 +102,21 @@ def last_json(stdout: str) -> dict[str, Any]:
     raise SystemExit(f"no JSON line in the output:\n{stdout[-2000:]}")
 
 
-def run_worker(script: str, side: str, args: Sequence[str] = (),
-               env: Mapping[str, str] | None = None) -> dict[str, Any]:  # fmt: skip
+def run_worker(
+    script: str, side: str, args: Sequence[str] = (), env: Mapping[str, str] | None = None
+) -> dict[str, Any]:
     """``python script --worker side *args`` in its own process; its last JSON line, plus
     ``process_wall_s`` and ``process_cpu_s`` (the whole process: start-up and imports too)."""
     done = run_process([sys.executable, script, "--worker", side, *args], env=env)
     return {**last_json(done.stdout), "process_wall_s": done.wall_s, "process_cpu_s": done.cpu_s}
 
 
-def alternate(sides: Iterable[str], rounds: int, run_one: Callable[[str, int], Any],
-              on_result: Callable[[str, int, Any], None] | None = None) -> dict[str, list[Any]]:  # fmt: skip
+def alternate(
+    sides: Iterable[str],
+    rounds: int,
+    run_one: Callable[[str, int], Any],
+    on_result: Callable[[str, int, Any], None] | None = None,
+) -> dict[str, list[Any]]:
     """``rounds`` rounds of ``run_one(side, round)`` over ``sides`` in order (A, B, A, B, ...);
     ``on_result(side, round, result)`` sees each result as it comes. Returns side -> results."""
     sides = list(sides)

@@ -20,19 +20,20 @@ import os
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # before NumPy loads OpenBLAS
 os.environ.setdefault("ARRAYGPT_NUM_THREADS", "1")
 
-import argparse  # noqa: E402
-import collections  # noqa: E402
-import statistics  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
+import argparse
+import collections
+import statistics
+import sys
+import time
+from pathlib import Path
 
-import numpy as np  # noqa: E402
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from step import CONFIGS, config_of, cpu_model  # noqa: E402
+from step import CONFIGS, config_of, cpu_model
 
-from arraygpt import GPT, layers  # noqa: E402
+from arraygpt import GPT
+from arraygpt.nn import layers
 
 
 def profile(name: str, kernels: str | None, steps: int) -> tuple[float, dict[str, float]]:
@@ -89,13 +90,20 @@ def micro(name: str, repeats: int) -> None:
             "gelu_tanh": ((nk.gelu_tanh_forward, nk.gelu_tanh_backward), layers.ACTIVATIONS["gelu_tanh"], (x_mlp,)),
             "layernorm": ((nk.layernorm_forward, nk.layernorm_backward), layers.NORMS["layernorm"], (x, w, b, 1e-5)),
             "rmsnorm": ((nk.rmsnorm_forward, nk.rmsnorm_backward), layers.NORMS["rmsnorm"], (x, w, None, 1e-5)),
-            "attention": ((nk.attention_forward, nk.attention_backward),
-                          (layers.attention_forward, layers.attention_backward), (q, k, v, NH)),
-            "crossentropy": ((nk.crossentropy_forward, nk.crossentropy_backward),
-                             (layers.crossentropy_forward, layers.crossentropy_backward),
-                             (rng.standard_normal((B * T, config.vocab_size)).astype(dtype),
-                              rng.integers(0, config.vocab_size, B * T))),
-        }  # fmt: skip
+            "attention": (
+                (nk.attention_forward, nk.attention_backward),
+                (layers.attention_forward, layers.attention_backward),
+                (q, k, v, NH),
+            ),
+            "crossentropy": (
+                (nk.crossentropy_forward, nk.crossentropy_backward),
+                (layers.crossentropy_forward, layers.crossentropy_backward),
+                (
+                    rng.standard_normal((B * T, config.vocab_size)).astype(dtype),
+                    rng.integers(0, config.vocab_size, B * T),
+                ),
+            ),
+        }
         for case, (fused, ref, args) in cases.items():
             row = []
             for label, (forward, backward) in (("kernel", fused), ("reference", ref)):
@@ -113,8 +121,10 @@ def micro(name: str, repeats: int) -> None:
                     b_ms.append((t2 - t1) * 1e3)
                 row.append((label, statistics.median(f_ms), statistics.median(b_ms)))
             (_, kf, kb), (_, rf, rb) = row
-            print(f"{name:<17} {dtype:<8} {case:<12} kernel {kf:7.2f} + {kb:7.2f} ms | reference {rf:7.2f} + "
-                  f"{rb:7.2f} ms | {(rf + rb) / (kf + kb):5.1f}x")  # fmt: skip
+            print(
+                f"{name:<17} {dtype:<8} {case:<12} kernel {kf:7.2f} + {kb:7.2f} ms | reference {rf:7.2f} + "
+                f"{rb:7.2f} ms | {(rf + rb) / (kf + kb):5.1f}x"
+            )
 
 
 def main() -> None:
@@ -128,8 +138,10 @@ def main() -> None:
         if args.micro:
             micro(name, 2 * args.steps + 1)
             continue
-        results = {label: profile(name, choice, args.steps) for label, choice in (("reference", "reference"),
-                                                                                  ("kernels", None))}  # fmt: skip
+        results = {
+            label: profile(name, choice, args.steps)
+            for label, choice in (("reference", "reference"), ("kernels", None))
+        }
         keys = sorted({k for _, parts in results.values() for k in parts})
         print(f"{name}: CPU ms per forward+backward step, one thread")
         print(f"{'part':<24}" + "".join(f"{label:>12}" for label in results))

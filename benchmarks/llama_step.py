@@ -39,11 +39,24 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import alternate, cpu_model, median, ratio, run_worker, set_torch_threads, spread, thread_env  # noqa: E402
+from harness import alternate, cpu_model, median, ratio, run_worker, set_torch_threads, spread, thread_env
 
-CONFIG = dict(vocab_size=65, block_size=64, n_layer=4, n_head=4, n_kv_head=2, n_embd=128, mlp_hidden=352,
-              position="rope", rope_theta=10000.0, mlp="swiglu", norm="rmsnorm", norm_eps=1e-5, bias=False,
-              tie_embeddings=True)  # fmt: skip
+CONFIG = dict(
+    vocab_size=65,
+    block_size=64,
+    n_layer=4,
+    n_head=4,
+    n_kv_head=2,
+    n_embd=128,
+    mlp_hidden=352,
+    position="rope",
+    rope_theta=10000.0,
+    mlp="swiglu",
+    norm="rmsnorm",
+    norm_eps=1e-5,
+    bias=False,
+    tie_embeddings=True,
+)
 BATCH = 12
 SIDES = ("kernels", "reference", "torch")
 
@@ -184,11 +197,15 @@ def main() -> None:
     config = GPTConfig(**CONFIG)
     cpu = cpu_model()
     print(f"CPU: {cpu}; Python {platform.python_version()}")
-    print(f"llama-style L{config.n_layer} H{config.n_head}/{config.n_kv_head}kv C{config.n_embd} "
-          f"T{config.block_size} B{BATCH} swiglu H={config.mlp_hidden} rope rmsnorm, "
-          f"{flops_per_step(config, BATCH) / 1e9:.2f} GFLOP/step")  # fmt: skip
-    print(f"{args.rounds} rounds, each side in its own process, alternating; per round the median of "
-          f"{args.steps} steps after {args.warmup} warm-up; shown: median of the rounds (min-max)")  # fmt: skip
+    print(
+        f"llama-style L{config.n_layer} H{config.n_head}/{config.n_kv_head}kv C{config.n_embd} "
+        f"T{config.block_size} B{BATCH} swiglu H={config.mlp_hidden} rope rmsnorm, "
+        f"{flops_per_step(config, BATCH) / 1e9:.2f} GFLOP/step"
+    )
+    print(
+        f"{args.rounds} rounds, each side in its own process, alternating; per round the median of "
+        f"{args.steps} steps after {args.warmup} warm-up; shown: median of the rounds (min-max)"
+    )
     for threads in args.threads or [2, 1]:
         results = alternate(sides, args.rounds, lambda side, _: run_side(side, args.steps, args.warmup, threads))
         rounds = {s: [r["ms"] for r in results[s]] for s in sides}
@@ -204,8 +221,21 @@ def main() -> None:
         torch_note = f" [torch {info['torch']}, SDPA {info['gqa']}]" if "torch" in info else ""
         print(f"threads={threads} | " + " | ".join(cells) + f" | CPU: {cpu}{torch_note}", flush=True)
         if args.json:
-            print(json.dumps({"config": CONFIG, "batch": BATCH, "threads": threads, "cpu": cpu, "rounds": rounds,
-                              "cpu_ms": cpu_ms, "median_ms": med, **info}))  # fmt: skip
+            print(
+                json.dumps(
+                    {
+                        "config": CONFIG,
+                        "batch": BATCH,
+                        "threads": threads,
+                        "cpu": cpu,
+                        "rounds": rounds,
+                        "cpu_ms": cpu_ms,
+                        "median_ms": med,
+                        **info,
+                    }
+                )
+            )
+
 
 if __name__ == "__main__":
     main()

@@ -69,7 +69,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import alternate, cpu_model, median, ratio, run_process, spread, thread_env  # noqa: E402
+from harness import alternate, cpu_model, median, ratio, run_process, spread, thread_env
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 DATA = SHARED / "data" / "tinyshakespeare.txt"
@@ -91,22 +91,81 @@ def arraygpt_command() -> list[str]:
 
 def arraygpt_args(max_iters: int, out_dir: Path, activation: str, seed: int = SEED) -> list[str]:
     warmup, eval_interval = schedule(max_iters)
-    return ["train", "--data", str(DATA), "--mode", "stream", "--tokenizer", "char", "--val-fraction", "0.1",
-            "--preset", "shakespeare-char", "--n-layer", "4", "--n-head", "4", "--n-embd", "128", "--block-size", "64",
-            "--bias", "false", "--dropout", "0", "--activation", activation, "--batch-size", "12",
-            "--steps", str(max_iters), "--optimizer", "adamw", "--lr", "1e-3", "--schedule", "cosine",
-            "--warmup-steps", str(warmup), "--min-lr", "1e-4", "--beta1", "0.9", "--beta2", "0.99",
-            "--weight-decay", "0.1", "--grad-clip", "1.0", "--eval-interval", str(eval_interval),
-            "--eval-batches", str(EVAL_BATCHES), "--log-interval", "1", "--samples", "0", "--seed", str(seed),
-            "--backend", "numpy", "--out-dir", str(out_dir)]  # fmt: skip
+    return [
+        "train",
+        "--data",
+        str(DATA),
+        "--mode",
+        "stream",
+        "--tokenizer",
+        "char",
+        "--val-fraction",
+        "0.1",
+        "--preset",
+        "shakespeare-char",
+        "--n-layer",
+        "4",
+        "--n-head",
+        "4",
+        "--n-embd",
+        "128",
+        "--block-size",
+        "64",
+        "--bias",
+        "false",
+        "--dropout",
+        "0",
+        "--activation",
+        activation,
+        "--batch-size",
+        "12",
+        "--steps",
+        str(max_iters),
+        "--optimizer",
+        "adamw",
+        "--lr",
+        "1e-3",
+        "--schedule",
+        "cosine",
+        "--warmup-steps",
+        str(warmup),
+        "--min-lr",
+        "1e-4",
+        "--beta1",
+        "0.9",
+        "--beta2",
+        "0.99",
+        "--weight-decay",
+        "0.1",
+        "--grad-clip",
+        "1.0",
+        "--eval-interval",
+        str(eval_interval),
+        "--eval-batches",
+        str(EVAL_BATCHES),
+        "--log-interval",
+        "1",
+        "--samples",
+        "0",
+        "--seed",
+        str(seed),
+        "--backend",
+        "numpy",
+        "--out-dir",
+        str(out_dir),
+    ]
 
 
 def nanogpt_args(max_iters: int) -> list[str]:
     if max_iters == MAX_ITERS:
         return []
     warmup, eval_interval = schedule(max_iters)
-    return [f"--max_iters={max_iters}", f"--lr_decay_iters={max_iters}", f"--warmup_iters={warmup}",
-            f"--eval_interval={eval_interval}"]  # fmt: skip
+    return [
+        f"--max_iters={max_iters}",
+        f"--lr_decay_iters={max_iters}",
+        f"--warmup_iters={warmup}",
+        f"--eval_interval={eval_interval}",
+    ]
 
 
 def run_arraygpt(max_iters: int, threads: int | None, activation: str, seed: int) -> dict:
@@ -120,22 +179,37 @@ def run_arraygpt(max_iters: int, threads: int | None, activation: str, seed: int
     evals = [r for r in records if r["event"] == "eval"]
     step_ms = [1e3 * (b["elapsed"] - a["elapsed"]) for a, b in zip(steps, steps[1:])]
     last = evals[-1]
-    return {"wall_s": done.wall_s, "cpu_s": done.cpu_s, "ms_per_iter": median(step_ms[SKIP_ITERS:] or step_ms),
-            "val_loss": last["val_loss"], "train_loss": last["train_loss"], "last_eval_step": last["step"],
-            "steps": steps[-1]["step"]}  # fmt: skip
+    return {
+        "wall_s": done.wall_s,
+        "cpu_s": done.cpu_s,
+        "ms_per_iter": median(step_ms[SKIP_ITERS:] or step_ms),
+        "val_loss": last["val_loss"],
+        "train_loss": last["train_loss"],
+        "last_eval_step": last["step"],
+        "steps": steps[-1]["step"],
+    }
 
 
 def run_nanogpt(max_iters: int, threads: int | None) -> dict:
     done = run_process([sys.executable, str(RUN_RECIPE), "cpu", *nanogpt_args(max_iters)], env=thread_env(threads))
     out = json.loads(done.stdout.strip().splitlines()[-1])
-    return {"wall_s": out["wall_s"], "cpu_s": done.cpu_s, "ms_per_iter": out["ms_per_iter"],
-            "val_loss": out["val_loss"], "train_loss": out["train_loss"], "outer_wall_s": done.wall_s}  # fmt: skip
+    return {
+        "wall_s": out["wall_s"],
+        "cpu_s": done.cpu_s,
+        "ms_per_iter": out["ms_per_iter"],
+        "val_loss": out["val_loss"],
+        "train_loss": out["train_loss"],
+        "outer_wall_s": done.wall_s,
+    }
 
 
 def threads_in_force(side: str, threads: int | None) -> int:
     """The thread count a fresh process of ``side`` gets in this environment."""
-    probe = ("import arraygpt.backends.numpy as b; print(b.threads)" if side == "arraygpt"
-             else "import torch; print(torch.get_num_threads())")  # fmt: skip
+    probe = (
+        "import arraygpt.backends.numpy as b; print(b.threads)"
+        if side == "arraygpt"
+        else "import torch; print(torch.get_num_threads())"
+    )
     return int(run_process([sys.executable, "-c", probe], env=thread_env(threads)).stdout.split()[-1])
 
 
@@ -144,8 +218,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="rounds, A then B in each (default 3)")
     parser.add_argument("--max-iters", type=int, default=MAX_ITERS, help="iterations of both runs (default 2000)")
     parser.add_argument("--threads", type=int, default=None, help="threads of both sides (default: each library's)")
-    parser.add_argument("--activation", default="gelu_tanh", choices=["gelu_tanh", "gelu"],
-                        help="arraygpt's GELU: gelu_tanh (GPT-2's, default) or gelu (exact, nanoGPT's)")  # fmt: skip
+    parser.add_argument(
+        "--activation",
+        default="gelu_tanh",
+        choices=["gelu_tanh", "gelu"],
+        help="arraygpt's GELU: gelu_tanh (GPT-2's, default) or gelu (exact, nanoGPT's)",
+    )
     parser.add_argument("--seed", type=int, default=SEED, help="arraygpt's seed (default 1337, nanoGPT's fixed one)")
     parser.add_argument("--sides", default=",".join(SIDES), help=f"comma-separated, from {', '.join(SIDES)}")
     parser.add_argument("--json", action="store_true", help="also print the results as JSON")
@@ -170,8 +248,10 @@ def main() -> None:
         counts[side] = threads_in_force(side, args.threads)
         if args.threads is not None and counts[side] != args.threads:
             raise SystemExit(f"{side} runs {counts[side]} threads, not the {args.threads} asked for")
-    print(f"nanoGPT's CPU recipe, {args.max_iters} iterations, {args.rounds} rounds, each side in its own process, "
-          f"alternating; threads: " + ", ".join(f"{s} {n}" for s, n in counts.items()))  # fmt: skip
+    print(
+        f"nanoGPT's CPU recipe, {args.max_iters} iterations, {args.rounds} rounds, each side in its own process, "
+        f"alternating; threads: " + ", ".join(f"{s} {n}" for s, n in counts.items())
+    )
     if "arraygpt" in sides:
         shown = [*arraygpt_command(), *arraygpt_args(args.max_iters, Path("<tmp>"), args.activation, args.seed)]
         print("arraygpt: " + " ".join(shown))
@@ -184,34 +264,56 @@ def main() -> None:
         return run_nanogpt(args.max_iters, args.threads)
 
     def show(side: str, r: int, res: dict) -> None:
-        print(f"  round {r + 1} {side:<8} wall {res['wall_s']:7.1f} s  {res['ms_per_iter']:6.1f} ms/iter  "
-              f"val {res['val_loss']:.4f}  train {res['train_loss']:.4f}  cpu {res['cpu_s']:7.1f} s | CPU: {cpu}",
-              flush=True)  # fmt: skip
+        print(
+            f"  round {r + 1} {side:<8} wall {res['wall_s']:7.1f} s  {res['ms_per_iter']:6.1f} ms/iter  "
+            f"val {res['val_loss']:.4f}  train {res['train_loss']:.4f}  cpu {res['cpu_s']:7.1f} s | CPU: {cpu}",
+            flush=True,
+        )
 
     results = alternate(sides, args.rounds, run_one, show)
     print(f"medians of {args.rounds} rounds (min-max) | CPU: {cpu}")
-    fig = {s: {k: [r[k] for r in results[s]] for k in ("wall_s", "ms_per_iter", "val_loss", "train_loss", "cpu_s")}
-           for s in sides}  # fmt: skip
+    fig = {
+        s: {k: [r[k] for r in results[s]] for k in ("wall_s", "ms_per_iter", "val_loss", "train_loss", "cpu_s")}
+        for s in sides
+    }
     for s in sides:
         f = fig[s]
-        print(f"  {s:<8} wall {spread(f['wall_s'], unit=' s')}  {spread(f['ms_per_iter'], unit=' ms/iter')}  "
-              f"val {spread(f['val_loss'], '.4f')}  train {spread(f['train_loss'], '.4f')}  "
-              f"cpu {spread(f['cpu_s'], unit=' s')}")  # fmt: skip
+        print(
+            f"  {s:<8} wall {spread(f['wall_s'], unit=' s')}  {spread(f['ms_per_iter'], unit=' ms/iter')}  "
+            f"val {spread(f['val_loss'], '.4f')}  train {spread(f['train_loss'], '.4f')}  "
+            f"cpu {spread(f['cpu_s'], unit=' s')}"
+        )
     summary = {}
     if len(sides) == 2:
         wall = {s: median(fig[s]["wall_s"]) for s in sides}
         val = {s: median(fig[s]["val_loss"]) for s in sides}
         ms = {s: median(fig[s]["ms_per_iter"]) for s in sides}
-        summary = {"wall_ratio": wall["arraygpt"] / wall["nanogpt"], "val_loss_diff": val["arraygpt"] - val["nanogpt"],
-                   "ms_per_iter_ratio": ms["arraygpt"] / ms["nanogpt"]}  # fmt: skip
-        print(f"wall arraygpt / nanoGPT {ratio(wall['arraygpt'], wall['nanogpt'])} (target <= 0.9: "
-              f"{'met' if summary['wall_ratio'] <= 0.9 else 'NOT met'}); "
-              f"ms/iter ratio {ratio(ms['arraygpt'], ms['nanogpt'])}; "
-              f"val loss arraygpt - nanoGPT {summary['val_loss_diff']:+.4f} (target within 0.02: "
-              f"{'met' if abs(summary['val_loss_diff']) <= 0.02 else 'NOT met'}) | CPU: {cpu}")  # fmt: skip
+        summary = {
+            "wall_ratio": wall["arraygpt"] / wall["nanogpt"],
+            "val_loss_diff": val["arraygpt"] - val["nanogpt"],
+            "ms_per_iter_ratio": ms["arraygpt"] / ms["nanogpt"],
+        }
+        print(
+            f"wall arraygpt / nanoGPT {ratio(wall['arraygpt'], wall['nanogpt'])} (target <= 0.9: "
+            f"{'met' if summary['wall_ratio'] <= 0.9 else 'NOT met'}); "
+            f"ms/iter ratio {ratio(ms['arraygpt'], ms['nanogpt'])}; "
+            f"val loss arraygpt - nanoGPT {summary['val_loss_diff']:+.4f} (target within 0.02: "
+            f"{'met' if abs(summary['val_loss_diff']) <= 0.02 else 'NOT met'}) | CPU: {cpu}"
+        )
     if args.json:
-        print(json.dumps({"cpu": cpu, "max_iters": args.max_iters, "threads": counts, "activation": args.activation,
-                          "seed": args.seed, "rounds": results, **summary}))  # fmt: skip
+        print(
+            json.dumps(
+                {
+                    "cpu": cpu,
+                    "max_iters": args.max_iters,
+                    "threads": counts,
+                    "activation": args.activation,
+                    "seed": args.seed,
+                    "rounds": results,
+                    **summary,
+                }
+            )
+        )
 
 
 if __name__ == "__main__":

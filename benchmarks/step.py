@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import alternate, cpu_model, median, ratio, run_worker, set_torch_threads, spread, thread_env  # noqa: E402
+from harness import alternate, cpu_model, median, ratio, run_worker, set_torch_threads, spread, thread_env
 
 CONFIGS = {
     # nanoGPT's documented CPU recipe (GPT-2 style with biases, as ../shared/bench/torch_gpt_step.py)
@@ -57,7 +57,11 @@ def flops_per_step(config, B: int) -> float:
     from arraygpt import count_params
 
     counts = count_params(config)
-    n = counts.total - counts.by_name.get("wpe", 0) + (config.vocab_size * config.n_embd if config.tie_embeddings else 0)
+    n = (
+        counts.total
+        - counts.by_name.get("wpe", 0)
+        + (config.vocab_size * config.n_embd if config.tie_embeddings else 0)
+    )
     T = config.block_size
     return B * T * (6 * n + 12 * config.n_layer * config.attn_dim * T)
 
@@ -70,8 +74,12 @@ def torch_model(config, state: dict, device: str = "cpu"):
 
     p = {k: torch.nn.Parameter(torch.from_numpy(np.array(v)).to(device)) for k, v in state.items()}
     L, NH, D = config.n_layer, config.n_head, config.attn_dim
-    act = {"gelu_tanh": lambda x: F.gelu(x, approximate="tanh"), "gelu": F.gelu, "relu": F.relu,
-           "relu2": lambda x: F.relu(x).square()}[config.activation]  # fmt: skip
+    act = {
+        "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+        "gelu": F.gelu,
+        "relu": F.relu,
+        "relu2": lambda x: F.relu(x).square(),
+    }[config.activation]
 
     def norm(x, name):
         w, b = p.get(name), p.get(name + "_b")
@@ -145,22 +153,31 @@ def worker(side: str, name: str, steps: int, warmup: int, threads: int) -> dict:
         if i >= warmup:
             times.append((time.perf_counter() - t0) * 1e3)
             cpu.append((time.process_time() - c0) * 1e3)
-    return {"side": side, "config": name, "threads": threads, "ms": statistics.median(times),
-            "cpu_ms": statistics.median(cpu)}  # fmt: skip
+    return {
+        "side": side,
+        "config": name,
+        "threads": threads,
+        "ms": statistics.median(times),
+        "cpu_ms": statistics.median(cpu),
+    }
 
 
 def run_side(side: str, name: str, steps: int, warmup: int, threads: int) -> dict:
     env = thread_env(threads)
     env.pop("ARRAYGPT_KERNELS", None)
     if side == "torch":
-        env["ARRAYGPT_MALLOC_TUNING"] = "0"  # PyTorch keeps its own allocator's behaviour (arraygpt only builds the weights)
+        env["ARRAYGPT_MALLOC_TUNING"] = (
+            "0"  # PyTorch keeps its own allocator's behaviour (arraygpt only builds the weights)
+        )
     args = ["--config", name, "--steps", str(steps), "--warmup", str(warmup), "--threads", str(threads)]
     return run_worker(__file__, side, args, env)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", action="append", choices=list(CONFIGS), help="repeatable; default nanogpt-cpu and shakespeare-char")
+    parser.add_argument(
+        "--config", action="append", choices=list(CONFIGS), help="repeatable; default nanogpt-cpu and shakespeare-char"
+    )
     parser.add_argument("--sides", default=",".join(SIDES), help=f"comma-separated, from {', '.join(SIDES)}")
     parser.add_argument("--threads", type=int, action="append", help="repeatable; default 2 and 1")
     parser.add_argument("--rounds", type=int, default=3)
@@ -177,13 +194,17 @@ def main() -> None:
         sides.remove("torch")
     cpu = cpu_model()
     print(f"CPU: {cpu}; Python {platform.python_version()}")
-    print(f"{args.rounds} rounds, each side in its own process, alternating; per round the median of "
-          f"{args.steps} steps after {args.warmup} warm-up; shown: median of the rounds (min-max)")  # fmt: skip
+    print(
+        f"{args.rounds} rounds, each side in its own process, alternating; per round the median of "
+        f"{args.steps} steps after {args.warmup} warm-up; shown: median of the rounds (min-max)"
+    )
     for name in args.config or ["nanogpt-cpu", "shakespeare-char"]:
         config, B = config_of(name)
         flops = flops_per_step(config, B)
         for threads in args.threads or [2, 1]:
-            results = alternate(sides, args.rounds, lambda side, _: run_side(side, name, args.steps, args.warmup, threads))
+            results = alternate(
+                sides, args.rounds, lambda side, _: run_side(side, name, args.steps, args.warmup, threads)
+            )
             rounds = {s: [r["ms"] for r in results[s]] for s in sides}
             cpu_ms = {s: [r["cpu_ms"] for r in results[s]] for s in sides}
             med = {s: median(v) for s, v in rounds.items()}
@@ -193,11 +214,26 @@ def main() -> None:
                 if "torch" in med and s != "torch":
                     cell += f" ratio {ratio(med[s], med['torch'])}"
                 cells.append(cell)
-            print(f"{name:<17} B={B:<3} threads={threads} {flops / 1e9:.1f} GFLOP | " + " | ".join(cells)
-                  + f" | CPU: {cpu}", flush=True)  # fmt: skip
+            print(
+                f"{name:<17} B={B:<3} threads={threads} {flops / 1e9:.1f} GFLOP | "
+                + " | ".join(cells)
+                + f" | CPU: {cpu}",
+                flush=True,
+            )
             if args.json:
-                print(json.dumps({"config": name, "batch": B, "threads": threads, "cpu": cpu, "rounds": rounds,
-                                  "cpu_ms": cpu_ms, "median_ms": med}))  # fmt: skip
+                print(
+                    json.dumps(
+                        {
+                            "config": name,
+                            "batch": B,
+                            "threads": threads,
+                            "cpu": cpu,
+                            "rounds": rounds,
+                            "cpu_ms": cpu_ms,
+                            "median_ms": med,
+                        }
+                    )
+                )
 
 
 if __name__ == "__main__":

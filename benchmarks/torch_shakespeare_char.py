@@ -23,11 +23,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from step import torch_model
 
 from arraygpt import GPT, GPTConfig
-from arraygpt.data import Batcher, default_tokenizer, make_dataset, read_source
-from arraygpt.optim import Schedule
-from step import torch_model
+from arraygpt.training.data import Batcher, default_tokenizer, make_dataset, read_source
+from arraygpt.training.optim import Schedule
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 STEPS, BATCH, WARMUP, LR, MIN_LR = 2000, 12, 100, 1e-3, 1e-4
@@ -44,16 +44,21 @@ def main() -> None:
     text = read_source(args.data)
     tokenizer = default_tokenizer("char", text, "stream")
     lr_at = Schedule("cosine", LR, STEPS, WARMUP, MIN_LR)  # the arraygpt run's (nanoGPT's get_lr)
-    config = GPTConfig.preset("shakespeare-char", vocab_size=tokenizer.vocab_size, n_layer=4, n_head=4,
-                              n_embd=128, block_size=64, bias=False)  # fmt: skip
+    config = GPTConfig.preset(
+        "shakespeare-char", vocab_size=tokenizer.vocab_size, n_layer=4, n_head=4, n_embd=128, block_size=64, bias=False
+    )
     dataset = make_dataset(text, tokenizer, "stream", config.block_size, 0.1)
     batcher = Batcher(dataset, BATCH, seed=args.seed)
     state = {k: np.asarray(v) for k, v in GPT(config, seed=args.seed).state_dict().items()}
     forward, params = torch_model(config, state)
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=LR, betas=(0.9, 0.99), eps=1e-8)  # fmt: skip
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=LR,
+        betas=(0.9, 0.99),
+        eps=1e-8,
+    )
 
     times = []
     t0 = time.perf_counter()
@@ -77,8 +82,10 @@ def main() -> None:
             n = int((y >= 0).sum())
             total += float(forward(x, y)) * n  # forward gives the mean over the batch's positions
             count += n
-    print(f"seed {args.seed}: val loss {total / count:.4f} (the whole val split), "
-          f"wall {wall:.1f} s, median {1e3 * statistics.median(times):.1f} ms/iter")  # fmt: skip
+    print(
+        f"seed {args.seed}: val loss {total / count:.4f} (the whole val split), "
+        f"wall {wall:.1f} s, median {1e3 * statistics.median(times):.1f} ms/iter"
+    )
 
 
 if __name__ == "__main__":

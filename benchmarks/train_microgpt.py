@@ -30,7 +30,7 @@ import numpy as np
 import arraygpt
 from arraygpt import hookimpl
 from arraygpt.manager import get_plugin_manager
-from arraygpt.optim import create_optimizer
+from arraygpt.training.optim import create_optimizer
 
 
 class LossCurve:
@@ -76,20 +76,33 @@ def main() -> None:
     pm = get_plugin_manager(autoload=False)
     pm.register(curve, name="loss-curve")
     t0 = time.perf_counter()
-    run = arraygpt.train(args.data, mode="documents", config="microgpt", steps=args.steps, batch_size=args.batch_size,
-                         eval_interval=args.steps, log_interval=args.steps, eval_batches=0, progress=False,
-                         plugin_manager=pm)  # fmt: skip
+    run = arraygpt.train(
+        args.data,
+        mode="documents",
+        config="microgpt",
+        steps=args.steps,
+        batch_size=args.batch_size,
+        eval_interval=args.steps,
+        log_interval=args.steps,
+        eval_batches=0,
+        progress=False,
+        plugin_manager=pm,
+    )
     wall = time.perf_counter() - t0
     final = [r for r in run.history if r["event"] == "eval"][-1]
-    print(f"\nfinal: train loss {final['train_loss']:.4f}  val loss {final['val_loss']:.4f} (whole splits)  "
-          f"wall {wall:.1f} s for {run.step} steps of batch {args.batch_size}")  # fmt: skip
+    print(
+        f"\nfinal: train loss {final['train_loss']:.4f}  val loss {final['val_loss']:.4f} (whole splits)  "
+        f"wall {wall:.1f} s for {run.step} steps of batch {args.batch_size}"
+    )
     print("samples:", ", ".join(run.samples))
 
     for batch in (1, args.batch_size):
         model = arraygpt.GPT(run.model.config, seed=0)
         median = time_model_step(model, batch, args.repeats)
-        print(f"model time of one training step, batch {batch} x {model.config.block_size} positions: "
-              f"{median * 1e3:.3f} ms (median of {args.repeats})")  # fmt: skip
+        print(
+            f"model time of one training step, batch {batch} x {model.config.block_size} positions: "
+            f"{median * 1e3:.3f} ms (median of {args.repeats})"
+        )
 
 
 if __name__ == "__main__":

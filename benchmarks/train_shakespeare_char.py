@@ -41,7 +41,7 @@ from pathlib import Path
 
 import arraygpt
 from arraygpt import hookimpl
-from arraygpt.checkpoint import load_checkpoint
+from arraygpt.io.checkpoint import load_checkpoint
 from arraygpt.manager import get_plugin_manager
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
@@ -63,18 +63,28 @@ class StepTimer:
 
 
 RECIPES = {
-    "cpu": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, dropout=0.0, steps=2000, batch_size=12, eval_batches=20),
-    "gpu": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.2, steps=5000, batch_size=64, eval_batches=200),
-}  # fmt: skip
+    "cpu": dict(
+        n_layer=4, n_head=4, n_embd=128, block_size=64, dropout=0.0, steps=2000, batch_size=12, eval_batches=20
+    ),
+    "gpu": dict(
+        n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.2, steps=5000, batch_size=64, eval_batches=200
+    ),
+}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", default=str(DEFAULT_DATA), help="tinyshakespeare.txt")
-    parser.add_argument("--recipe", choices=sorted(RECIPES), default="cpu", help="nanoGPT's CPU (default) or GPU recipe")
-    parser.add_argument("--max-iters", type=int, default=None, help="iterations (the schedule's length; default the recipe's)")
+    parser.add_argument(
+        "--recipe", choices=sorted(RECIPES), default="cpu", help="nanoGPT's CPU (default) or GPU recipe"
+    )
+    parser.add_argument(
+        "--max-iters", type=int, default=None, help="iterations (the schedule's length; default the recipe's)"
+    )
     parser.add_argument("--stop-after", type=int, default=None, help="stop early, keeping the schedule")
-    parser.add_argument("--activation", default="gelu_tanh", help="gelu_tanh (GPT-2's, default) or gelu (exact, nanoGPT's)")
+    parser.add_argument(
+        "--activation", default="gelu_tanh", help="gelu_tanh (GPT-2's, default) or gelu (exact, nanoGPT's)"
+    )
     parser.add_argument("--eval-batches", type=int, default=200, help="random batches for the final estimate")
     parser.add_argument("--eval-iters", type=int, default=None, help="batches per periodic eval (default the recipe's)")
     parser.add_argument("--seed", type=int, default=1337, help="nanoGPT's seed")
@@ -94,12 +104,32 @@ def main() -> None:
     if args.eval_iters is not None:
         recipe["eval_batches"] = args.eval_iters
     run = arraygpt.train(
-        args.data, mode="stream", tokenizer="char", val_fraction=0.1, config="shakespeare-char", bias=False,
-        activation=args.activation, optimizer="adamw", lr=1e-3, schedule="cosine", warmup_steps=100,
-        min_lr=1e-4, beta1=0.9, beta2=0.99, weight_decay=0.1, grad_clip=1.0, eval_interval=250,
-        log_interval=100, seed=args.seed, samples=1, sample_length=300, out_dir=args.out_dir,
-        stop_after=args.stop_after, plugin_manager=pm, **recipe,
-    )  # fmt: skip
+        args.data,
+        mode="stream",
+        tokenizer="char",
+        val_fraction=0.1,
+        config="shakespeare-char",
+        bias=False,
+        activation=args.activation,
+        optimizer="adamw",
+        lr=1e-3,
+        schedule="cosine",
+        warmup_steps=100,
+        min_lr=1e-4,
+        beta1=0.9,
+        beta2=0.99,
+        weight_decay=0.1,
+        grad_clip=1.0,
+        eval_interval=250,
+        log_interval=100,
+        seed=args.seed,
+        samples=1,
+        sample_length=300,
+        out_dir=args.out_dir,
+        stop_after=args.stop_after,
+        plugin_manager=pm,
+        **recipe,
+    )
     wall = time.perf_counter() - t0
 
     t1 = time.perf_counter()

@@ -3,9 +3,9 @@
 
 Each follows the update rule of its PyTorch namesake (torch.optim docs; Kingma & Ba 2015 for Adam,
 Loshchilov & Hutter 2019 for AdamW's decoupled weight decay) step for step, and updates the
-parameters in place on their own backend. See ``arraygpt.optim`` for the contract.
+parameters in place on their own backend. See ``arraygpt.training.optim`` for the contract.
 
-Not here: schedules and clipping (``arraygpt.optim``), the training loop.
+Not here: schedules and clipping (``arraygpt.training.optim``), the training loop.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from arraygpt.hookspecs import hookimpl
-from arraygpt.kernels import select_update
-from arraygpt.optim import Optimizer
-from arraygpt.shim import backend_of, namespace
+from arraygpt.nn.kernels import select_update
+from arraygpt.training.optim import Optimizer
+from arraygpt.xp import backend_of, namespace
 
 Array = Any
 
@@ -55,8 +55,14 @@ class SGD(Optimizer):
 
     elementwise = True  # zero may split a parameter's rows between ranks
 
-    def __init__(self, params: Mapping[str, Array], momentum: float = 0.0, dampening: float = 0.0,
-                 nesterov: bool = False, weight_decay: float = 0.0):  # fmt: skip
+    def __init__(
+        self,
+        params: Mapping[str, Array],
+        momentum: float = 0.0,
+        dampening: float = 0.0,
+        nesterov: bool = False,
+        weight_decay: float = 0.0,
+    ):
         if not momentum >= 0.0:
             raise ValueError(f"momentum must be >= 0, got {momentum!r}")
         if not weight_decay >= 0.0:
@@ -97,16 +103,22 @@ class Adam(Optimizer):
         weight_decay: L2 penalty added to the gradient (use AdamW for decoupled decay).
         decay_filter: ``(name, array) -> bool``, which parameters decay (default: all for Adam).
         kernels: None or ``"auto"``: a backend's one-pass update where one is registered
-            (``arraygpt.kernels.select_update``; the same numbers), ``"reference"``: the code below.
+            (``arraygpt.nn.kernels.select_update``; the same numbers), ``"reference"``: the code below.
     """
 
     buffer_names = ("m", "v")
     decoupled = False
     elementwise = True  # zero may split a parameter's rows between ranks (the decay mask sees the rows' ndim)
 
-    def __init__(self, params: Mapping[str, Array], betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0, decay_filter: Callable[[str, Array], bool] | None = None,
-                 kernels: str | None = None):  # fmt: skip
+    def __init__(
+        self,
+        params: Mapping[str, Array],
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        decay_filter: Callable[[str, Array], bool] | None = None,
+        kernels: str | None = None,
+    ):
         self.beta1, self.beta2 = _check_betas(betas, eps, weight_decay)
         self.eps, self.weight_decay = float(eps), float(weight_decay)
         super().__init__(params)
@@ -122,8 +134,19 @@ class Adam(Optimizer):
         wd = self.weight_decay if self.decays[name] else 0.0
         m, v = self.buffers["m"][name], self.buffers["v"][name]
         fused = self.fused[name]
-        if fused is not None and fused(p, g, m, v, lr=lr, beta1=self.beta1, beta2=self.beta2, eps=self.eps,
-                                       weight_decay=wd, decoupled=self.decoupled, step=self.t):  # fmt: skip
+        if fused is not None and fused(
+            p,
+            g,
+            m,
+            v,
+            lr=lr,
+            beta1=self.beta1,
+            beta2=self.beta2,
+            eps=self.eps,
+            weight_decay=wd,
+            decoupled=self.decoupled,
+            step=self.t,
+        ):
             return
         if wd:
             if self.decoupled:
@@ -159,11 +182,18 @@ class AdamW(Adam):
 
     decoupled = True
 
-    def __init__(self, params: Mapping[str, Array], betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.01, decay_filter: Callable[[str, Array], bool] | None = None,
-                 kernels: str | None = None):  # fmt: skip
-        super().__init__(params, betas=betas, eps=eps, weight_decay=weight_decay, decay_filter=decay_filter,
-                         kernels=kernels)
+    def __init__(
+        self,
+        params: Mapping[str, Array],
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.01,
+        decay_filter: Callable[[str, Array], bool] | None = None,
+        kernels: str | None = None,
+    ):
+        super().__init__(
+            params, betas=betas, eps=eps, weight_decay=weight_decay, decay_filter=decay_filter, kernels=kernels
+        )
 
 
 @hookimpl

@@ -2,7 +2,7 @@
 ``arraygpt_register_samplers`` hook a third-party plugin uses.
 
 Each name maps to a factory ``factory(*, option=...) -> filter`` (the contract is in
-``arraygpt.sampling``): the factory checks its options and returns a pure filter from (B, V)
+``arraygpt.generation.sampling``): the factory checks its options and returns a pure filter from (B, V)
 probabilities, after the temperature, to (B, V) weights, zero for the tokens it removes. The
 loop renormalizes and draws. Everything here is array API standard: no top-k in the standard,
 so the k-th largest value is found with ``sort`` and used as a threshold.
@@ -16,10 +16,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from arraygpt.generation.sampling import check_number, one_hot_argmax
 from arraygpt.hookspecs import hookimpl
-from arraygpt.sampling import check_number, one_hot_argmax
-from arraygpt.shim import Array, namespace
-
+from arraygpt.xp import Array, namespace
 
 # ----------------------------------------------------------------------------------------------
 # filters: (B, V) probabilities -> (B, V) weights

@@ -30,8 +30,9 @@ except BaseException as e:
 else:
     print(json.dumps(["ok", ""]))
 """
-    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=ENV, capture_output=True, text=True,
-                          timeout=timeout)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     kind, message = json.loads(proc.stdout.strip().splitlines()[-1])
     return kind, message

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from hypothesis import settings
 
-from arraygpt.shim import BackendUnavailable, load_backend
+from arraygpt.xp import BackendUnavailable, load_backend
 
 settings.register_profile("ci", deadline=None, max_examples=60, print_blob=True)
 settings.register_profile("dev", deadline=None, max_examples=25)

@@ -14,13 +14,31 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from arraygpt import distributed
-from arraygpt.checkpoint import load_checkpoint
-from arraygpt.shim import to_numpy
+from arraygpt.io.checkpoint import load_checkpoint
+from arraygpt.training import distributed
+from arraygpt.xp import to_numpy
 
 SYLLABLES = ["an", "el", "ma", "ri", "jo", "sa", "li", "na", "ka", "th", "er", "on", "ia", "be", "da", "ly"]
-TINY = ["--n-embd", "16", "--n-head", "2", "--block-size", "8", "--eval-batches", "2", "--samples", "0",
-        "--log-interval", "5", "--eval-interval", "10", "--dtype", "float64", "--lr", "0.01"]  # fmt: skip
+TINY = [
+    "--n-embd",
+    "16",
+    "--n-head",
+    "2",
+    "--block-size",
+    "8",
+    "--eval-batches",
+    "2",
+    "--samples",
+    "0",
+    "--log-interval",
+    "5",
+    "--eval-interval",
+    "10",
+    "--dtype",
+    "float64",
+    "--lr",
+    "0.01",
+]
 TIMEOUT_S = 180
 
 
@@ -61,14 +79,17 @@ def launch(ranks, args, cwd, env=None):
     command = [sys.executable, *args]
     if ranks:
         command = [MPIEXEC, "-n", str(ranks), *command]
-    with subprocess.Popen(command, cwd=cwd, env=env or job_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True) as job:  # fmt: skip
+    with subprocess.Popen(
+        command, cwd=cwd, env=env or job_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    ) as job:
         try:
             stdout, stderr = job.communicate(timeout=TIMEOUT_S)
         except subprocess.TimeoutExpired:
             stdout, stderr = _stop(job)
-            pytest.fail(f"{' '.join(command)} ran past {TIMEOUT_S} s; its stdout ends:\n{stdout[-3000:]}\n"
-                        f"its stderr ends:\n{stderr[-3000:]}")  # fmt: skip
+            pytest.fail(
+                f"{' '.join(command)} ran past {TIMEOUT_S} s; its stdout ends:\n{stdout[-3000:]}\n"
+                f"its stderr ends:\n{stderr[-3000:]}"
+            )
     return subprocess.CompletedProcess(command, job.returncode, stdout, stderr)
 
 
@@ -95,8 +116,11 @@ def launch_ok(ranks, args, cwd):
 
 
 def train(ranks, out_dir, names_file, *extra):
-    return launch_ok(ranks, ["-m", "arraygpt.cli", "train", "--data", str(names_file), "--out-dir", str(out_dir),
-                             *TINY, *extra], names_file.parent)  # fmt: skip
+    return launch_ok(
+        ranks,
+        ["-m", "arraygpt.cli", "train", "--data", str(names_file), "--out-dir", str(out_dir), *TINY, *extra],
+        names_file.parent,
+    )
 
 
 def resume(ranks, run_dir, *extra):

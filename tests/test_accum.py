@@ -10,8 +10,8 @@ import pytest
 import arraygpt
 from arraygpt import cli
 from arraygpt.manager import get_plugin_manager
-from arraygpt.shim import to_numpy
-from arraygpt.training import TrainConfig
+from arraygpt.training.loop import TrainConfig
+from arraygpt.xp import to_numpy
 
 SYLLABLES = ["an", "el", "ma", "ri", "jo", "sa", "li", "na", "ka", "th", "er", "on", "ia", "be", "da", "ly"]
 TINY = dict(n_embd=16, n_head=2, block_size=8, eval_batches=2, samples=0, log_interval=1, progress=False)
@@ -92,8 +92,9 @@ def test_a_run_with_accumulation_equals_the_run_with_one_big_batch(names_file, p
 
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 def test_resume_in_the_middle_of_a_run_with_accumulation_is_bit_identical(tmp_path, names_file, pm, dropout):
-    opts = dict(steps=8, batch_size=4, grad_accum=3, lr=1e-2, eval_interval=3, dropout=dropout, plugin_manager=pm,
-                **TINY)  # fmt: skip
+    opts = dict(
+        steps=8, batch_size=4, grad_accum=3, lr=1e-2, eval_interval=3, dropout=dropout, plugin_manager=pm, **TINY
+    )
     straight = arraygpt.train(str(names_file), out_dir=tmp_path / "a", **opts)
     half = arraygpt.train(str(names_file), out_dir=tmp_path / "b", stop_after=5, **opts)
     assert half.step == 5
@@ -126,8 +127,9 @@ def test_grad_accum_is_validated_and_is_a_cli_option(capsys):
 
 
 def test_the_header_names_the_global_batch(names_file, pm, capsys):
-    arraygpt.train(str(names_file), **{**TINY, "progress": True}, steps=1, batch_size=2, grad_accum=3,
-                   plugin_manager=pm)  # fmt: skip
+    arraygpt.train(
+        str(names_file), **{**TINY, "progress": True}, steps=1, batch_size=2, grad_accum=3, plugin_manager=pm
+    )
     assert "global batch 6 = 1 rank(s) x 2 rows x 3 micro-batch(es)" in capsys.readouterr().out
 
 

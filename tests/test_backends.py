@@ -12,11 +12,13 @@ import types
 
 import numpy as np
 import pytest
+from conftest import available_backends
 
 import arraygpt
-from arraygpt import GPT, GPTConfig, layers, shim
-from arraygpt.shim import BackendUnavailable, load_backend, to_numpy
-from conftest import available_backends
+from arraygpt import GPT, GPTConfig
+from arraygpt import xp as shim
+from arraygpt.nn import layers
+from arraygpt.xp import BackendUnavailable, load_backend, to_numpy
 
 CONFIG = GPTConfig.preset("microgpt")
 
@@ -54,9 +56,8 @@ def test_use_backend_is_scoped_and_restores_on_error(fresh_selection):
             assert arraygpt.get_backend().name == "numpy"
         assert arraygpt.get_backend() is backend
     assert arraygpt.get_backend().name == "numpy"
-    with pytest.raises(RuntimeError, match="boom"):
-        with arraygpt.use_backend("array_api_strict"):
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), arraygpt.use_backend("array_api_strict"):
+        raise RuntimeError("boom")
     assert arraygpt.get_backend().name == "numpy"
 
 
@@ -67,9 +68,8 @@ def test_unknown_backend_lists_the_names(fresh_selection):
     assert "tensorflow" in message and "ARRAYGPT_BACKEND" in message
     for name in ("numpy", "cupy", "array_api_strict", "torch"):
         assert name in message
-    with pytest.raises(ValueError, match="available backends"):
-        with arraygpt.use_backend("jax"):
-            pass
+    with pytest.raises(ValueError, match="available backends"), arraygpt.use_backend("jax"):
+        pass
     assert shim._active is None  # a failed selection changes nothing
 
 
@@ -151,14 +151,16 @@ def test_malloc_tuning_env_var(value, tuned):
     calls = json.loads(out.stdout.strip().splitlines()[-1])
     M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3  # glibc's malloc.h
     if tuned:
-        assert sorted(calls) == sorted([[M_MMAP_THRESHOLD, 32 * 2**20], [M_TRIM_THRESHOLD, 2**30], [M_TOP_PAD, 64 * 2**20]])
+        assert sorted(calls) == sorted(
+            [[M_MMAP_THRESHOLD, 32 * 2**20], [M_TRIM_THRESHOLD, 2**30], [M_TOP_PAD, 64 * 2**20]]
+        )
     else:
         assert calls == []
 
 
 def test_importing_arraygpt_selects_nothing():
     # an invalid value must not break `import arraygpt`: the variable is read on first use only
-    code = "import json, arraygpt, arraygpt.model; from arraygpt import shim; print(json.dumps(shim._active))"
+    code = "import json, arraygpt, arraygpt.nn.model; from arraygpt import xp; print(json.dumps(xp._active))"
     assert _run(code, "no-such-backend") is None
 
 
@@ -271,6 +273,7 @@ def test_layers_take_the_namespace_of_their_inputs(fresh_selection):
 
 def test_mixing_array_libraries_is_a_type_error():
     import array_api_strict as strict
+
     with pytest.raises(TypeError):
         shim.namespace(np.zeros(3), strict.zeros(3))
 

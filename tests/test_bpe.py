@@ -1,4 +1,4 @@
-"""GPT-2's byte-level BPE (arraygpt.interop.load_hf_tokenizer): any text and any byte string
+"""GPT-2's byte-level BPE (arraygpt.io.bpe.load_hf_tokenizer): any text and any byte string
 round-trips, both file layouts (vocab.json + merges.txt, tokenizer.json) agree with each other and
 with the ``tokenizers`` library, other tokenizer.json layouts load too, and bad directories are
 clear errors. Llama 3, Qwen2 and SmolLM2 tokenizers: tests/test_llama_tokenizers.py.
@@ -19,10 +19,13 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
+import arraygpt
+
 tokenizers = pytest.importorskip("tokenizers", reason="the BPE tokenizer needs the extra: pip install 'arraygpt[hf]'")
 
-from arraygpt import GPT, GPTConfig  # noqa: E402
-from arraygpt.interop import BYTE_TO_CHAR, BPETokenizer, load_gpt2, load_hf_tokenizer, load_tokenizer  # noqa: E402
+from arraygpt import GPT, GPTConfig
+from arraygpt.io.bpe import BYTE_TO_CHAR, BPETokenizer, load_hf_tokenizer, load_tokenizer
+from arraygpt.io.hf.gpt2 import load_gpt2
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -172,7 +175,7 @@ def test_missing_directory_or_files(trained, tmp_path):
 
 def test_other_tokenizer_json_layouts_load_and_agree_with_the_tokenizers_library(trained, tmp_path):
     """Not only GPT-2's layout: a normalizer, a prefix space, another pre-tokenizer, another model."""
-    from arraygpt.interop import HFTokenizer
+    from arraygpt.io.bpe import HFTokenizer
 
     spec = json.loads((trained[1] / "tokenizer.json").read_text(encoding="utf-8"))
     text = "Hello world, Ünïcödé 日本語 🙂"
@@ -180,8 +183,15 @@ def test_other_tokenizer_json_layouts_load_and_agree_with_the_tokenizers_library
         ({"pre_tokenizer": {"type": "Whitespace"}}, BPETokenizer),
         ({"normalizer": {"type": "NFC"}}, BPETokenizer),
         ({"pre_tokenizer": {**spec["pre_tokenizer"], "add_prefix_space": True}}, BPETokenizer),
-        ({"model": {"type": "WordLevel", "vocab": {"[UNK]": 0, "Hello": 1, "world": 2}, "unk_token": "[UNK]"},
-          "pre_tokenizer": {"type": "Whitespace"}, "decoder": None, "added_tokens": []}, HFTokenizer),
+        (
+            {
+                "model": {"type": "WordLevel", "vocab": {"[UNK]": 0, "Hello": 1, "world": 2}, "unk_token": "[UNK]"},
+                "pre_tokenizer": {"type": "Whitespace"},
+                "decoder": None,
+                "added_tokens": [],
+            },
+            HFTokenizer,
+        ),
     ]:
         (tmp_path / "tokenizer.json").write_text(json.dumps({**spec, **change}), encoding="utf-8")
         tok = load_hf_tokenizer(tmp_path)
@@ -230,7 +240,7 @@ def test_missing_extra_says_how_to_install(trained, monkeypatch):
 @pytest.fixture
 def gpt2_dir(tok_json, tmp_path):
     config = GPTConfig(vocab_size=tok_json.vocab_size, block_size=32, n_layer=1, n_head=2, n_embd=16)
-    GPT(config, seed=0).save_pretrained(tmp_path)
+    arraygpt.save(GPT(config, seed=0), tmp_path, format="gpt2")
     tok_json.save(tmp_path)
     return tmp_path
 
@@ -249,7 +259,7 @@ def test_load_tokenizer_is_a_deprecated_delegate(gpt2_dir):
 
 
 def test_formats_load_reads_the_gpt2_directory_with_its_tokenizer(gpt2_dir):
-    from arraygpt.formats import load
+    from arraygpt.io.formats import load
 
     ckpt = load(gpt2_dir)
     assert ckpt.format == "gpt2" and ckpt.prompt_prefix == [] and isinstance(ckpt.tokenizer, BPETokenizer)
@@ -257,7 +267,7 @@ def test_formats_load_reads_the_gpt2_directory_with_its_tokenizer(gpt2_dir):
 
 
 def test_formats_save_gpt2_writes_the_tokenizer(gpt2_dir, tmp_path):
-    from arraygpt.formats import load, save
+    from arraygpt.io.formats import load, save
 
     ckpt = load(gpt2_dir)
     out = save(ckpt.model, tmp_path / "again", format="gpt2", tokenizer=ckpt.tokenizer)
@@ -272,7 +282,18 @@ def test_sample_command_reads_a_gpt2_directory(gpt2_dir):
 
     out = io.StringIO()
     with redirect_stdout(out):
-        rc = cli.main(["sample", "--checkpoint", str(gpt2_dir), "--prompt", "Hello", "--max-new-tokens", "4",
-                       "--sampler", "greedy"])  # fmt: skip
+        rc = cli.main(
+            [
+                "sample",
+                "--checkpoint",
+                str(gpt2_dir),
+                "--prompt",
+                "Hello",
+                "--max-new-tokens",
+                "4",
+                "--sampler",
+                "greedy",
+            ]
+        )
     assert rc == 0
     assert out.getvalue().startswith("Hello")

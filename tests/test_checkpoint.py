@@ -9,13 +9,14 @@ import pickle
 import numpy as np
 import pytest
 
-from arraygpt import checkpoint as ckpt_mod
-from arraygpt import safetensors
-from arraygpt.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from arraygpt.model import GPT, GPTConfig
+from arraygpt.config import GPTConfig
+from arraygpt.io import checkpoint as ckpt_mod
+from arraygpt.io import safetensors
+from arraygpt.io.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from arraygpt.io.tokenizers import CharTokenizer
+from arraygpt.nn.model import GPT
 from arraygpt.plugins.optimizers import AdamW
-from arraygpt.shim import to_numpy
-from arraygpt.tokenizer import CharTokenizer
+from arraygpt.xp import to_numpy
 
 CONFIG = GPTConfig.preset("microgpt", vocab_size=6, block_size=4, dropout=0.1)
 
@@ -40,8 +41,13 @@ def test_layout_and_round_trip(tmp_path):
     model, opt = _trained()
     tok = CharTokenizer("abcde")
     out = save_checkpoint(tmp_path / "ck", model, tok, opt, extra={"step": 2, "note": "hi"})
-    assert sorted(os.listdir(out)) == ["arraygpt-tokenizer.json", "config.json", "model.safetensors",
-                                       "optimizer.safetensors", "state.json"]  # fmt: skip
+    assert sorted(os.listdir(out)) == [
+        "arraygpt-tokenizer.json",
+        "config.json",
+        "model.safetensors",
+        "optimizer.safetensors",
+        "state.json",
+    ]
     config = json.loads((out / "config.json").read_text())
     assert config.pop("arraygpt_format") == 1 and config == CONFIG.to_dict()
     assert sorted(os.listdir(tmp_path)) == ["ck"]  # no temporary folders left behind
@@ -75,7 +81,7 @@ def test_a_crash_while_writing_leaves_the_previous_checkpoint_loadable(tmp_path,
     def crash_after_partial_output(tensors, path, metadata=None):
         if "optimizer" in str(path):  # the model file is written; the optimizer file half-way
             with open(path, "wb") as f:
-                f.write(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\":")
+                f.write(b'\x10\x00\x00\x00\x00\x00\x00\x00{"a":')
             raise OSError("disk full (simulated)")
         real_save(tensors, path, metadata)
 
@@ -128,12 +134,15 @@ def test_truncated_model_file_is_a_clear_error(tmp_path):
         load_checkpoint(out)
 
 
-@pytest.mark.parametrize("name, content, match", [
-    ("config.json", '{"vocab_size": 6, ', r"config\.json: the checkpoint config is truncated or corrupted"),
-    ("config.json", '{"vocab_size": 6}', "not an arraygpt checkpoint config"),
-    ("state.json", "[]", r"state\.json: the checkpoint state must hold a JSON object, not list"),
-    ("arraygpt-tokenizer.json", '{"type": "bpe"}', "unknown tokenizer type"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "name, content, match",
+    [
+        ("config.json", '{"vocab_size": 6, ', r"config\.json: the checkpoint config is truncated or corrupted"),
+        ("config.json", '{"vocab_size": 6}', "not an arraygpt checkpoint config"),
+        ("state.json", "[]", r"state\.json: the checkpoint state must hold a JSON object, not list"),
+        ("arraygpt-tokenizer.json", '{"type": "bpe"}', "unknown tokenizer type"),
+    ],
+)
 def test_corrupted_json_files_are_clear_errors(tmp_path, name, content, match):
     model, _ = _trained()
     out = save_checkpoint(tmp_path / "ck", model, CharTokenizer("abcde"))

@@ -12,16 +12,27 @@ import signal
 
 import numpy as np
 import pytest
-
-from arraygpt import GPT, GPTConfig, hookimpl, shim
-from arraygpt.checkpoint import load_checkpoint, save_checkpoint
-from arraygpt.cli import SUBCOMMANDS, build_parser, main
-from arraygpt.manager import get_plugin_manager, set_plugin_manager
-from arraygpt.shim import load_backend, to_numpy
-from arraygpt.tokenizer import CharTokenizer, save_tokenizer
 from conftest import has_gpu
 
-CATEGORIES = ["embedding", "key", "query", "value", "output", "up_projection", "down_projection", "unembedding", "other"]
+from arraygpt import GPT, GPTConfig, hookimpl
+from arraygpt import xp as shim
+from arraygpt.cli import SUBCOMMANDS, build_parser, main
+from arraygpt.io.checkpoint import load_checkpoint, save_checkpoint
+from arraygpt.io.tokenizers import CharTokenizer, save_tokenizer
+from arraygpt.manager import get_plugin_manager, set_plugin_manager
+from arraygpt.xp import load_backend, to_numpy
+
+CATEGORIES = [
+    "embedding",
+    "key",
+    "query",
+    "value",
+    "output",
+    "up_projection",
+    "down_projection",
+    "unembedding",
+    "other",
+]
 
 # Hand-derived from the shapes. GPT-2 small: V=50257, T=1024, L=12, C=768, H=4C=3072, biases,
 # LayerNorm with gain and bias, tied unembedding (reported in its category, counted once in the total).
@@ -40,9 +51,16 @@ GPT2 = {
 }
 # microgpt: V=27, T=8, L=1, C=16, H=64, no biases, RMSNorm without gain, separate lm_head.
 MICROGPT = {
-    "embedding": 27 * 16, "key": 16 * 16, "query": 16 * 16, "value": 16 * 16, "output": 16 * 16,
-    "up_projection": 64 * 16, "down_projection": 16 * 64, "unembedding": 27 * 16, "other": 8 * 16,
-}  # fmt: skip
+    "embedding": 27 * 16,
+    "key": 16 * 16,
+    "query": 16 * 16,
+    "value": 16 * 16,
+    "output": 16 * 16,
+    "up_projection": 64 * 16,
+    "down_projection": 16 * 64,
+    "unembedding": 27 * 16,
+    "other": 8 * 16,
+}
 
 
 def test_params_json_gpt2_matches_the_hand_derived_counts(capsys):
@@ -66,9 +84,16 @@ def test_params_json_applies_overrides(capsys):
     assert main(["params", "--preset", "gpt2", "--n-layer", "2", "--tie-embeddings", "false", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     L = 2
-    expected = {**GPT2, "key": L * _C * _C, "query": L * _C * _C, "value": L * _C * _C, "output": L * _C * _C,
-                "up_projection": L * _H * _C, "down_projection": L * _C * _H,
-                "other": _T * _C + L * _GPT2_LAYER_OTHER + 2 * _C}  # fmt: skip
+    expected = {
+        **GPT2,
+        "key": L * _C * _C,
+        "query": L * _C * _C,
+        "value": L * _C * _C,
+        "output": L * _C * _C,
+        "up_projection": L * _H * _C,
+        "down_projection": L * _C * _H,
+        "other": _T * _C + L * _GPT2_LAYER_OTHER + 2 * _C,
+    }
     assert data["preset"] == "gpt2" and data["by_category"] == expected
     assert data["total"] == sum(expected.values()) == 92_158_464  # the untied lm_head counts now
     assert data["by_name"]["lm_head"] == 50257 * 768
@@ -79,9 +104,17 @@ def test_params_table_gpt3_175b(capsys):
     out = capsys.readouterr().out
     # GPT-3 paper, Table 2.1: L=96, d_model=12288, 96 heads of 128, context 2048, vocabulary 50257
     V, T, L, C, H = 50257, 2048, 96, 12288, 4 * 12288
-    expected = {"embedding": V * C, "key": L * C * C, "query": L * C * C, "value": L * C * C, "output": L * C * C,
-                "up_projection": L * H * C, "down_projection": L * C * H, "unembedding": V * C,
-                "other": T * C + L * (2 * 2 * C + 3 * C + C + H + C) + 2 * C}  # fmt: skip
+    expected = {
+        "embedding": V * C,
+        "key": L * C * C,
+        "query": L * C * C,
+        "value": L * C * C,
+        "output": L * C * C,
+        "up_projection": L * H * C,
+        "down_projection": L * C * H,
+        "unembedding": V * C,
+        "other": T * C + L * (2 * 2 * C + 3 * C + C + H + C) + 2 * C,
+    }
     total = sum(expected.values()) - V * C
     assert total == 174_604_259_328 and round(total / 1e9) == 175  # "175B"
     lines = out.splitlines()
@@ -132,14 +165,15 @@ def test_every_subcommand_module_has_add_arguments_and_run():
     parser = build_parser()
     assert set(SUBCOMMANDS) == {"params", "backends", "plugins", "train", "sample", "plot", "explain"}
     for command in SUBCOMMANDS:
-        assert isinstance(parser.parse_args([command, *(["--checkpoint", "x"] if command == "sample" else [])]),
-                          argparse.Namespace)  # fmt: skip
+        assert isinstance(
+            parser.parse_args([command, *(["--checkpoint", "x"] if command == "sample" else [])]), argparse.Namespace
+        )
 
 
 def test_train_options_and_their_defaults_come_from_the_dataclass_fields():
-    from arraygpt.training import TrainConfig
+    from arraygpt.training.loop import TrainConfig
 
-    sub = build_parser()._subparsers._group_actions[0].choices["train"]  # noqa: SLF001
+    sub = build_parser()._subparsers._group_actions[0].choices["train"]
     actions = {a.dest: a for a in sub._actions}
     for field in dataclasses.fields(TrainConfig):
         action = actions[field.name]
@@ -172,8 +206,9 @@ def test_plugins_lists_the_built_ins_with_their_plugin(capsys, monkeypatch):
             name, _, plugin = line.split()
             current[name] = plugin
     assert set(sections) == {"backends", "kernels", "optimizers", "samplers"}
-    assert sections["samplers"] == dict.fromkeys(["greedy", "temperature", "top_k", "top_p", "min_p"],
-                                                 "arraygpt.plugins.samplers")  # fmt: skip
+    assert sections["samplers"] == dict.fromkeys(
+        ["greedy", "temperature", "top_k", "top_p", "min_p"], "arraygpt.plugins.samplers"
+    )
     assert sections["optimizers"] == dict.fromkeys(["sgd", "adam", "adamw"], "arraygpt.plugins.optimizers")
     assert {"numpy", "array_api_strict", "cupy", "torch"} <= set(sections["backends"])
     assert sections["backends"]["numpy"] == "arraygpt.backends"
@@ -213,8 +248,9 @@ def test_sample_stop_ends_a_sample_at_the_text(char_checkpoint, capsys):
     stop = generated[1:3]
     cut = generated.index(stop) + len(stop)
     assert cut < len(generated)  # the stop really shortens the sample
-    stopped = _sample(capsys, char_checkpoint, "--prompt", "a", "--max-new-tokens", "12", "--sampler", "greedy",
-                      "--stop", stop)  # fmt: skip
+    stopped = _sample(
+        capsys, char_checkpoint, "--prompt", "a", "--max-new-tokens", "12", "--sampler", "greedy", "--stop", stop
+    )
     assert stopped == "a" + generated[:cut] + "\n"
 
 
@@ -242,8 +278,18 @@ def test_sample_option_reaches_a_plugin_sampler(char_checkpoint, capsys):
     pm.register(_OnlyToken(), name="only-token")
     set_plugin_manager(pm)
     try:
-        out = _sample(capsys, char_checkpoint, "--prompt", "ab", "--max-new-tokens", "7", "--sampler", "only_token",
-                      "--option", "token=3")  # fmt: skip
+        out = _sample(
+            capsys,
+            char_checkpoint,
+            "--prompt",
+            "ab",
+            "--max-new-tokens",
+            "7",
+            "--sampler",
+            "only_token",
+            "--option",
+            "token=3",
+        )
         assert out == "ab" + "d" * 7 + "\n"
         assert main(["sample", "--checkpoint", char_checkpoint, "--sampler", "only_token", "--option", "token=-1"]) == 2
         assert "token must be an integer >= 0, got -1" in capsys.readouterr().err
@@ -255,9 +301,14 @@ def test_sample_option_reaches_a_plugin_sampler(char_checkpoint, capsys):
         set_plugin_manager(None)
 
 
-@pytest.mark.parametrize(("flag", "value", "allowed"), [("--top-p", "1.5", "top_p must be a number in (0, 1], got 1.5"),
-                                                     ("--top-k", "0", "top_k must be an integer >= 1, got 0"),
-                                                     ("--min-p", "2", "min_p must be a number in [0, 1], got 2.0")])  # fmt: skip
+@pytest.mark.parametrize(
+    ("flag", "value", "allowed"),
+    [
+        ("--top-p", "1.5", "top_p must be a number in (0, 1], got 1.5"),
+        ("--top-k", "0", "top_k must be an integer >= 1, got 0"),
+        ("--min-p", "2", "min_p must be a number in [0, 1], got 2.0"),
+    ],
+)
 def test_sample_reports_an_out_of_range_sampler_option_before_the_sampler_that_does_not_take_it(
     char_checkpoint, capsys, flag, value, allowed
 ):
@@ -293,10 +344,35 @@ def fresh_pm(monkeypatch):
 
 
 def _train_args(names_file, out_dir, *extra):
-    return ["train", "--data", str(names_file), "--mode", "documents", "--steps", "12", "--batch-size", "8",
-            "--n-embd", "16", "--n-head", "2", "--block-size", "8", "--eval-interval", "4",
-            "--checkpoint-interval", "4", "--eval-batches", "1", "--samples", "0", "--quiet",
-            "--out-dir", str(out_dir), *extra]  # fmt: skip
+    return [
+        "train",
+        "--data",
+        str(names_file),
+        "--mode",
+        "documents",
+        "--steps",
+        "12",
+        "--batch-size",
+        "8",
+        "--n-embd",
+        "16",
+        "--n-head",
+        "2",
+        "--block-size",
+        "8",
+        "--eval-interval",
+        "4",
+        "--checkpoint-interval",
+        "4",
+        "--eval-batches",
+        "1",
+        "--samples",
+        "0",
+        "--quiet",
+        "--out-dir",
+        str(out_dir),
+        *extra,
+    ]
 
 
 def _params(directory):

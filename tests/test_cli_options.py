@@ -25,11 +25,14 @@ def run(argv):
     return rc, out.getvalue(), err.getvalue()
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("8,1,4,8192", (8.0, 1.0, 4.0, 8192)),
-    ("32, 1.0, 4 ,8192.0", (32.0, 1.0, 4.0, 8192)),
-    ("1e1,0.5,2,1", (10.0, 0.5, 2.0, 1)),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("8,1,4,8192", (8.0, 1.0, 4.0, 8192)),
+        ("32, 1.0, 4 ,8192.0", (32.0, 1.0, 4.0, 8192)),
+        ("1e1,0.5,2,1", (10.0, 0.5, 2.0, 1)),
+    ],
+)
 def test_rope_scaling_parses_to_gptconfigs_tuple(text, expected):
     args = cli.build_parser().parse_args(["params", "--preset", "llama-3.2-1b", "--rope-scaling", text])
     assert args.rope_scaling == expected
@@ -49,13 +52,16 @@ def test_train_parses_rope_scaling():
     assert config_from_args(args).rope_scaling == (2.0, 1.0, 4.0, 16)
 
 
-@pytest.mark.parametrize("text, message", [
-    ("8,1,4", r"expected 4 comma-separated values \(FLOAT,FLOAT,FLOAT,INT\), got '8,1,4'"),
-    ("8,1,4,8192,5", r"expected 4 comma-separated values"),
-    ("", r"expected 4 comma-separated values"),
-    ("8,x,4,8192", r"value 2 of '8,x,4,8192' \('x'\) is not a number"),
-    ("8,1,4,8192.5", r"value 4 of '8,1,4,8192.5' \('8192.5'\) is not an integer"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("8,1,4", r"expected 4 comma-separated values \(FLOAT,FLOAT,FLOAT,INT\), got '8,1,4'"),
+        ("8,1,4,8192,5", r"expected 4 comma-separated values"),
+        ("", r"expected 4 comma-separated values"),
+        ("8,x,4,8192", r"value 2 of '8,x,4,8192' \('x'\) is not a number"),
+        ("8,1,4,8192.5", r"value 4 of '8,1,4,8192.5' \('8192.5'\) is not an integer"),
+    ],
+)
 def test_malformed_rope_scaling_is_one_line_and_exit_2(text, message):
     rc, out, err = run(["params", "--preset", "llama-3.2-1b", "--rope-scaling", text])
     assert rc == 2 and out == ""

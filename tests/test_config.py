@@ -5,13 +5,24 @@ against hand-derived arithmetic, transformers and the GPT-3 paper's sizes."""
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 
 from arraygpt import GPTConfig, count_params
-from arraygpt.model import PRESETS
+from arraygpt.config import PRESETS
 
-CATEGORIES = ["embedding", "key", "query", "value", "output", "up_projection", "down_projection", "unembedding", "other"]
+CATEGORIES = [
+    "embedding",
+    "key",
+    "query",
+    "value",
+    "output",
+    "up_projection",
+    "down_projection",
+    "unembedding",
+    "other",
+]
 SEED_CATEGORIES = CATEGORIES[:-1]  # the eight matrix categories of the GPT-3 tallies
 
 
@@ -33,12 +44,24 @@ def test_microgpt_count_is_its_table_tally():
     counts = count_params(GPTConfig.preset("microgpt"))
     assert counts.total == 432 + 128 + 768 + 256 + 1024 + 1024 + 432
     assert counts.by_name == {
-        "wte": 432, "wpe": 128, "lm_head": 432, "layer0.attn_wq": 256, "layer0.attn_wk": 256,
-        "layer0.attn_wv": 256, "layer0.attn_wo": 256, "layer0.mlp_fc1": 1024, "layer0.mlp_fc2": 1024,
-    }  # fmt: skip
+        "wte": 432,
+        "wpe": 128,
+        "lm_head": 432,
+        "layer0.attn_wq": 256,
+        "layer0.attn_wk": 256,
+        "layer0.attn_wv": 256,
+        "layer0.attn_wo": 256,
+        "layer0.mlp_fc1": 1024,
+        "layer0.mlp_fc2": 1024,
+    }
 
 
-GPT2_FAMILY = {"gpt2": (12, 12, 768), "gpt2-medium": (24, 16, 1024), "gpt2-large": (36, 20, 1280), "gpt2-xl": (48, 25, 1600)}
+GPT2_FAMILY = {
+    "gpt2": (12, 12, 768),
+    "gpt2-medium": (24, 16, 1024),
+    "gpt2-large": (36, 20, 1280),
+    "gpt2-xl": (48, 25, 1600),
+}
 
 
 @pytest.mark.parametrize("name", sorted(GPT2_FAMILY))
@@ -146,3 +169,38 @@ def test_gpt3_175b_matches_the_published_tally():
     assert sum(cat[k] for k in SEED_CATEGORIES) == 175_181_291_520
     assert counts.total == sum(counts.by_name.values())
     assert counts.total == 175_181_291_520 - V * C + cat["other"]  # tied: the unembedding is wte
+
+
+# ---------------------------------------------------------------------------------------------
+# derived fields follow the fields they derive from, on every path that builds a config from another
+
+
+@pytest.mark.parametrize(
+    ("changes", "expected"),
+    [
+        ({"n_embd": 128, "n_head": 4}, {"head_dim": 32, "mlp_hidden": 512, "n_kv_head": 4}),
+        ({"n_head": 6}, {"head_dim": 128, "n_kv_head": 6}),
+        ({"n_embd": 96}, {"head_dim": 8, "mlp_hidden": 384}),
+    ],
+)
+def test_replace_derives_head_dim_mlp_hidden_and_n_kv_head_again(changes, expected):
+    base = GPTConfig.preset("gpt2")
+    for start in (base, GPTConfig.from_dict(json.loads(json.dumps(base.to_dict())))):
+        changed = dataclasses.replace(start, **changes)
+        assert {name: getattr(changed, name) for name in expected} == expected
+
+
+def test_a_field_that_was_set_stays_set_through_replace():
+    grouped = GPTConfig(n_head=8, n_embd=64, n_kv_head=2, head_dim=16, mlp_hidden=100)
+    changed = dataclasses.replace(grouped, n_layer=3)
+    assert (changed.n_kv_head, changed.head_dim, changed.mlp_hidden) == (2, 16, 100)
+    with pytest.raises(ValueError, match="n_kv_head must be a positive integer that divides n_head \\(9\\), got 2"):
+        dataclasses.replace(grouped, n_head=9)  # 2 was given, so it does not follow n_head
+    loaded = GPTConfig.from_dict(json.loads(json.dumps(grouped.to_dict())))
+    assert loaded == grouped and dataclasses.replace(loaded, n_layer=3).n_kv_head == 2
+
+
+def test_preset_overrides_and_the_smollm_preset_derive_the_same_way():
+    smol = GPTConfig.preset("smollm2-135m")
+    assert dataclasses.replace(smol, n_head=4, n_kv_head=None).n_kv_head == 4
+    assert GPTConfig.preset("gpt2", n_head=4).n_kv_head == 4

@@ -21,9 +21,16 @@ def test_microgpt_by_hand():
     mlp = 2 * 16 * 64  # fc1 + fc2: 2,048
     assert counts.total == wte + wpe + lm_head + attn + mlp == 4_064
     assert counts.by_category == {
-        "embedding": 432, "key": 256, "query": 256, "value": 256, "output": 256,
-        "up_projection": 1_024, "down_projection": 1_024, "unembedding": 432, "other": 128,
-    }  # fmt: skip
+        "embedding": 432,
+        "key": 256,
+        "query": 256,
+        "value": 256,
+        "output": 256,
+        "up_projection": 1_024,
+        "down_projection": 1_024,
+        "unembedding": 432,
+        "other": 128,
+    }
 
 
 def test_gpt2_124m_by_hand():
@@ -35,18 +42,25 @@ def test_gpt2_124m_by_hand():
     assert counts.total == 50_257 * 768 + 1_024 * 768 + 12 * block + 2 * 768 == 124_439_808
     assert counts.by_category == {
         "embedding": 38_597_376,  # 50,257 x 768
-        "key": 7_077_888, "query": 7_077_888, "value": 7_077_888, "output": 7_077_888,  # 12 x 768^2
-        "up_projection": 28_311_552, "down_projection": 28_311_552,  # 12 x 4 x 768^2
+        "key": 7_077_888,
+        "query": 7_077_888,
+        "value": 7_077_888,
+        "output": 7_077_888,  # 12 x 768^2
+        "up_projection": 28_311_552,
+        "down_projection": 28_311_552,  # 12 x 4 x 768^2
         "unembedding": 38_597_376,  # tied: wte's size, not counted again in the total
         "other": 907_776,  # wpe 786,432 + 12 x (4C norms + 9C biases) 119,808 + ln_f 1,536
-    }  # fmt: skip
+    }
 
 
-@pytest.mark.parametrize("name, total", [
-    ("gpt2-medium", 354_823_168),  # 24 layers, C=1,024: 50,257C + 1,024C + 24(12C^2 + 13C) + 2C
-    ("gpt2-large", 774_030_080),  # 36 layers, C=1,280
-    ("gpt2-xl", 1_557_611_200),  # 48 layers, C=1,600
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "name, total",
+    [
+        ("gpt2-medium", 354_823_168),  # 24 layers, C=1,024: 50,257C + 1,024C + 24(12C^2 + 13C) + 2C
+        ("gpt2-large", 774_030_080),  # 36 layers, C=1,280
+        ("gpt2-xl", 1_557_611_200),  # 48 layers, C=1,600
+    ],
+)
 def test_gpt2_family_by_hand(name, total):
     assert count_params(GPTConfig.preset(name)).total == total
 
@@ -54,16 +68,29 @@ def test_gpt2_family_by_hand(name, total):
 def test_shakespeare_char_by_hand():
     # V=65, block 256, 6 layers, C=384, no biases (norms keep their gains): a block is 12C^2 + 2C
     C = 384
-    assert count_params(GPTConfig.preset("shakespeare-char")).total == (
-        65 * C + 256 * C + 6 * (12 * C * C + 2 * C) + C
-    ) == 10_745_088  # nanoGPT prints 10.65M: it leaves out wpe (98,304)
+    assert (
+        count_params(GPTConfig.preset("shakespeare-char")).total
+        == (65 * C + 256 * C + 6 * (12 * C * C + 2 * C) + C)
+        == 10_745_088
+    )  # nanoGPT prints 10.65M: it leaves out wpe (98,304)
 
 
 def test_untied_rmsnorm_odd_widths_by_hand():
     # V=9, block 6, 3 layers, C=8, 3 heads of 2 (D=6), MLP 12, RMSNorm gains + linear biases,
     # a norm after the embedding and a final norm, separate lm_head
-    config = GPTConfig(vocab_size=9, block_size=6, n_layer=3, n_head=3, n_embd=8, head_dim=2, mlp_hidden=12,
-                       norm="rmsnorm", norm_emb=True, activation="relu2", tie_embeddings=False)  # fmt: skip
+    config = GPTConfig(
+        vocab_size=9,
+        block_size=6,
+        n_layer=3,
+        n_head=3,
+        n_embd=8,
+        head_dim=2,
+        mlp_hidden=12,
+        norm="rmsnorm",
+        norm_emb=True,
+        activation="relu2",
+        tie_embeddings=False,
+    )
     counts = count_params(config)
     qkv = 3 * (6 * 8 + 6)  # 162
     wo = 8 * 6 + 8  # 56
@@ -97,9 +124,15 @@ def test_counts_match_transformers_gpt2(hf):
         model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**hf))
     expected = sum(p.numel() for p in model.parameters())  # parameters() yields a tied tensor once
     config = GPTConfig.preset(
-        "gpt2", n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"], vocab_size=hf["vocab_size"],
-        block_size=hf["n_positions"], mlp_hidden=hf.get("n_inner"), tie_embeddings=hf.get("tie_word_embeddings", True),
-    )  # fmt: skip
+        "gpt2",
+        n_layer=hf["n_layer"],
+        n_head=hf["n_head"],
+        n_embd=hf["n_embd"],
+        vocab_size=hf["vocab_size"],
+        block_size=hf["n_positions"],
+        mlp_hidden=hf.get("n_inner"),
+        tie_embeddings=hf.get("tie_word_embeddings", True),
+    )
     assert count_params(config).total == expected
 
 

@@ -7,9 +7,18 @@ import sys
 import numpy as np
 import pytest
 
-from arraygpt.data import (Batcher, DataError, DocumentDataset, StreamDataset, default_tokenizer, make_dataset,
-                           names_documents, read_source, split_documents)  # fmt: skip
-from arraygpt.tokenizer import ByteTokenizer, CharTokenizer
+from arraygpt.io.tokenizers import ByteTokenizer, CharTokenizer
+from arraygpt.training.data import (
+    Batcher,
+    DataError,
+    DocumentDataset,
+    StreamDataset,
+    default_tokenizer,
+    make_dataset,
+    names_documents,
+    read_source,
+    split_documents,
+)
 
 DOCS = ["anna", "bob", "christopher", "di", "eve", "frederica", "gus", "hal", "ines", "jo", "kazimierz", "lu"]
 TEXT = "\n".join(DOCS) + "\n"

@@ -18,14 +18,14 @@ import time
 
 import numpy as np
 import pytest
+from mpi_jobs import TINY, job_env, launch, max_rel_diff, metrics, needs_mpi, resume, train, weights, write_names
 
 import arraygpt
-from arraygpt import distributed
-from arraygpt.checkpoint import load_checkpoint
-from arraygpt.distributed import World
+from arraygpt.io.checkpoint import load_checkpoint
 from arraygpt.manager import get_plugin_manager
-from arraygpt.runfolder import lock_run_folder
-from mpi_jobs import TINY, job_env, launch, max_rel_diff, metrics, needs_mpi, resume, train, weights, write_names
+from arraygpt.training import distributed
+from arraygpt.training.distributed import World
+from arraygpt.training.runfolder import lock_run_folder
 
 
 @pytest.fixture
@@ -85,7 +85,7 @@ def test_the_digest_sees_one_changed_bit():
 _DRAINING = textwrap.dedent(
     """
     import pathlib, sys
-    from arraygpt.distributed import wait_until_output_is_read
+    from arraygpt.training.distributed import wait_until_output_is_read
 
     written, drained = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
     sys.stderr.write("x" * 5000)
@@ -98,8 +98,12 @@ _DRAINING = textwrap.dedent(
 
 def test_an_aborting_rank_waits_until_its_output_is_read(tmp_path):
     written, drained = tmp_path / "written", tmp_path / "drained"
-    child = subprocess.Popen([sys.executable, "-c", _DRAINING, str(written), str(drained)], stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)  # fmt: skip
+    child = subprocess.Popen(
+        [sys.executable, "-c", _DRAINING, str(written), str(drained)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 120
         while not written.exists() and child.poll() is None and time.monotonic() < deadline:
@@ -113,8 +117,19 @@ def test_an_aborting_rank_waits_until_its_output_is_read(tmp_path):
 
 
 def test_a_run_in_one_process_records_its_world_in_the_checkpoint(tmp_path, names_file):
-    arraygpt.train(str(names_file), out_dir=tmp_path / "r", steps=2, batch_size=3, grad_accum=2, n_embd=16,
-                   n_head=2, block_size=8, samples=0, progress=False, plugin_manager=get_plugin_manager(autoload=False))  # fmt: skip
+    arraygpt.train(
+        str(names_file),
+        out_dir=tmp_path / "r",
+        steps=2,
+        batch_size=3,
+        grad_accum=2,
+        n_embd=16,
+        n_head=2,
+        block_size=8,
+        samples=0,
+        progress=False,
+        plugin_manager=get_plugin_manager(autoload=False),
+    )
     extra = load_checkpoint(tmp_path / "r").extra
     assert (extra["world_size"], extra["global_batch"]) == (1, 6)
 
@@ -136,8 +151,9 @@ def test_ranks_equal_one_process_with_the_same_global_batch(tmp_path, names_file
     assert max_rel_diff(weights(tmp_path / "ranks"), weights(tmp_path / "one")) < 1e-10
     a, b = metrics(tmp_path / "ranks"), metrics(tmp_path / "one")
     for event, key in (("train", "loss"), ("eval", "val_loss")):
-        np.testing.assert_allclose([r[key] for r in a if r["event"] == event],
-                                   [r[key] for r in b if r["event"] == event], rtol=1e-10)  # fmt: skip
+        np.testing.assert_allclose(
+            [r[key] for r in a if r["event"] == event], [r[key] for r in b if r["event"] == event], rtol=1e-10
+        )
 
 
 @needs_mpi
@@ -208,8 +224,8 @@ _FAULTY = textwrap.dedent(
     """
     import os, signal, sys, time
     import arraygpt
-    from arraygpt import training
-    from arraygpt.distributed import get_world
+    from arraygpt.training import loop as training
+    from arraygpt.training.distributed import get_world
 
     fault, out_dir, data = sys.argv[1], sys.argv[2], sys.argv[3]
     original = training.Run.gradients
@@ -255,8 +271,9 @@ _STOPPING = textwrap.dedent(
     """
     import os, signal, sys
     import arraygpt
-    from arraygpt import hookimpl, training
-    from arraygpt.distributed import get_world
+    from arraygpt import hookimpl
+    from arraygpt.training import loop as training
+    from arraygpt.training.distributed import get_world
     from arraygpt.manager import get_plugin_manager
 
     how, out_dir, data = sys.argv[1], sys.argv[2], sys.argv[3]
@@ -294,16 +311,41 @@ def test_a_stop_on_one_rank_stops_every_rank_after_the_same_step(tmp_path, names
     assert f"rank 0 stopped at 6: {reason}" in result.stdout and "rank 1 stopped at 6:" in result.stdout
     assert load_checkpoint(tmp_path / "r").extra["step"] == 6
     resume(2, tmp_path / "r")
-    train(0, tmp_path / "one", names_file, "--steps", "12", "--batch-size", "2", "--grad-accum", "2",
-           "--eval-interval", "100")  # fmt: skip
+    train(
+        0,
+        tmp_path / "one",
+        names_file,
+        "--steps",
+        "12",
+        "--batch-size",
+        "2",
+        "--grad-accum",
+        "2",
+        "--eval-interval",
+        "100",
+    )
     assert max_rel_diff(weights(tmp_path / "r"), weights(tmp_path / "one")) < 1e-10
 
 
 @needs_mpi
 def test_a_diverged_run_stops_every_rank_at_the_same_step_and_says_so_once(tmp_path, names_file):
-    diverging = ["--steps", "50", "--batch-size", "2", "--lr", "1e9", "--dtype", "float32", "--checkpoint-interval", "2"]
-    result = launch(2, ["-m", "arraygpt.cli", "train", "--data", str(names_file), "--out-dir", str(tmp_path / "r"),
-                         *TINY, *diverging], tmp_path)  # fmt: skip
+    diverging = [
+        "--steps",
+        "50",
+        "--batch-size",
+        "2",
+        "--lr",
+        "1e9",
+        "--dtype",
+        "float32",
+        "--checkpoint-interval",
+        "2",
+    ]
+    result = launch(
+        2,
+        ["-m", "arraygpt.cli", "train", "--data", str(names_file), "--out-dir", str(tmp_path / "r"), *TINY, *diverging],
+        tmp_path,
+    )
     assert result.returncode == 1, result.stderr[-3000:]
     assert result.stderr.count("training diverged at step") == 1
     step = load_checkpoint(tmp_path / "r").extra["step"]  # the last good checkpoint, intact

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from arraygpt import GPT, GPTConfig, set_backend
-from arraygpt.model import PRESETS
+from arraygpt.config import PRESETS
 
 CONFIG = GPTConfig.preset("microgpt")  # vocab 27, block_size 8
 

@@ -1,4 +1,4 @@
-"""arraygpt.formats: ``load`` opens a training run folder (last/, .last.old, best/), a checkpoint
+"""arraygpt.io.formats: ``load`` opens a training run folder (last/, .last.old, best/), a checkpoint
 folder and a GPT-2 directory written by arraygpt; ``save`` round-trips in both formats; old
 checkpoints (tokenizer.json) still load; unknown formats are clear errors; there is one
 CheckpointError. Directories written by transformers itself are tested in test_interop.py (torch).
@@ -14,12 +14,15 @@ import numpy as np
 import pytest
 
 import arraygpt
-from arraygpt import checkpoint, errors, interop, safetensors
-from arraygpt.checkpoint import load_checkpoint, save_checkpoint
-from arraygpt.formats import detect, load, save
-from arraygpt.model import GPT, GPTConfig
-from arraygpt.shim import to_numpy
-from arraygpt.tokenizer import CharTokenizer
+from arraygpt import errors
+from arraygpt.config import GPTConfig
+from arraygpt.io import checkpoint, safetensors
+from arraygpt.io.checkpoint import load_checkpoint, save_checkpoint
+from arraygpt.io.formats import detect, load, save
+from arraygpt.io.hf import gpt2 as interop
+from arraygpt.io.tokenizers import CharTokenizer
+from arraygpt.nn.model import GPT
+from arraygpt.xp import to_numpy
 
 TINY = GPTConfig(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=16)  # GPT-2's architecture
 GPT2_TINY = TINY

@@ -9,12 +9,12 @@ import json
 
 import numpy as np
 import pytest
+from conftest import available_backends
 
 import arraygpt
 from arraygpt import GPT, GPTConfig
-from arraygpt.generation import Candidates, _Decoder, generate
-from arraygpt.shim import load_backend, to_numpy
-from conftest import available_backends
+from arraygpt.generation.generation import Candidates, _Decoder, generate
+from arraygpt.xp import load_backend, to_numpy
 
 TINY = GPTConfig(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=8)
 
@@ -86,8 +86,10 @@ def test_cache_feeds_one_position_per_step_until_the_window_slides():
     assert [s for s, _ in model.calls] == [(1, 3), (1, 4), (1, 5), (1, 6), (1, 7), (1, 8), (1, 8), (1, 8)]
 
 
-@pytest.mark.parametrize(("sampler", "options"), [("temperature", {}), ("top_k", {"top_k": 3}),
-                                                  ("top_p", {"top_p": 0.8}), ("min_p", {"min_p": 0.2})])  # fmt: skip
+@pytest.mark.parametrize(
+    ("sampler", "options"),
+    [("temperature", {}), ("top_k", {"top_k": 3}), ("top_p", {"top_p": 0.8}), ("min_p", {"min_p": 0.2})],
+)
 def test_cache_and_no_cache_give_the_same_tokens(sampler, options):
     model = tiny()
     prompt = [[1, 2, 3], [4, 5, 6]]
@@ -122,8 +124,9 @@ def test_one_seed_gives_the_same_tokens_on_every_backend(dtype):
     results = {}
     for backend in available_backends():
         model = tiny(dtype, backend.name)
-        results[backend.name] = list(generate(model, [[1, 2], [3, 4]], 12, "top_p", top_p=0.9, temperature=1.3,
-                                              seed=42))  # fmt: skip
+        results[backend.name] = list(
+            generate(model, [[1, 2], [3, 4]], 12, "top_p", top_p=0.9, temperature=1.3, seed=42)
+        )
     assert len(results) >= 2
     first = next(iter(results.values()))
     assert all(r == first for r in results.values()), results
@@ -158,8 +161,8 @@ def force(schedule):
     target = np.asarray(schedule)
 
     def forced(probs):
-        xp = arraygpt.shim.namespace(probs)
-        want = arraygpt.shim.backend_of(probs).asarray(target)[:, None]
+        xp = arraygpt.xp.namespace(probs)
+        want = arraygpt.xp.backend_of(probs).asarray(target)[:, None]
         return xp.astype(xp.arange(probs.shape[-1])[None, :] == want, probs.dtype)
 
     return forced
@@ -268,8 +271,8 @@ def test_prompt_forms():
 
 @pytest.fixture
 def char_checkpoint(tmp_path):
-    checkpoint = pytest.importorskip("arraygpt.checkpoint")
-    from arraygpt.tokenizer import CharTokenizer
+    checkpoint = pytest.importorskip("arraygpt.io.checkpoint")
+    from arraygpt.io.tokenizers import CharTokenizer
 
     tokenizer = CharTokenizer("abcdefghij")  # 10 characters + BOS = 11 ids
     model = GPT(GPTConfig(**{**TINY.to_dict(), "vocab_size": tokenizer.vocab_size}), seed=0)
@@ -281,8 +284,25 @@ def test_sample_command_prints_the_samples(char_checkpoint, capsys):
     from arraygpt.cli import main
 
     directory, model, tokenizer = char_checkpoint
-    argv = ["sample", "--checkpoint", str(directory), "--prompt", "abc", "--num-samples", "2", "--max-new-tokens", "12",
-            "--sampler", "top_p", "--top-p", "0.9", "--temperature", "2.5", "--seed", "7"]  # fmt: skip
+    argv = [
+        "sample",
+        "--checkpoint",
+        str(directory),
+        "--prompt",
+        "abc",
+        "--num-samples",
+        "2",
+        "--max-new-tokens",
+        "12",
+        "--sampler",
+        "top_p",
+        "--top-p",
+        "0.9",
+        "--temperature",
+        "2.5",
+        "--seed",
+        "7",
+    ]
     assert main(argv) == 0
     out = capsys.readouterr().out
     samples = out.rstrip("\n").split("\n---------------\n")
@@ -291,8 +311,9 @@ def test_sample_command_prints_the_samples(char_checkpoint, capsys):
     rng = np.random.default_rng(7)
     for text in samples:
         ids = []
-        for t in generate(model, tokenizer.encode("abc"), 12, "top_p", top_p=0.9, temperature=2.5, seed=rng,
-                          eos_id=tokenizer.bos_id):  # fmt: skip
+        for t in generate(
+            model, tokenizer.encode("abc"), 12, "top_p", top_p=0.9, temperature=2.5, seed=rng, eos_id=tokenizer.bos_id
+        ):
             if t == tokenizer.bos_id:
                 break
             ids.append(t)
@@ -303,8 +324,26 @@ def test_sample_command_show_probs_and_errors(char_checkpoint, capsys):
     from arraygpt.cli import main
 
     directory, _, _ = char_checkpoint
-    assert main(["sample", "--checkpoint", str(directory), "--max-new-tokens", "3", "--show-probs", "3",
-                 "--sampler", "top_k,min_p", "--top-k", "4", "--min-p", "0.05"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "sample",
+                "--checkpoint",
+                str(directory),
+                "--max-new-tokens",
+                "3",
+                "--show-probs",
+                "3",
+                "--sampler",
+                "top_k,min_p",
+                "--top-k",
+                "4",
+                "--min-p",
+                "0.05",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert out.count("model: ") >= 1 and "sampler: " in out and "=> " in out
     assert main(["sample", "--checkpoint", str(directory), "--sampler", "top_p", "--top-p", "1.5"]) == 2
@@ -324,18 +363,24 @@ def test_sample_command_reads_a_hugging_face_gpt2_directory(tmp_path, capsys):
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)  # fmt: skip
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     bpe.train_from_iterator(["the cat sat on the mat. " * 20, "a dog ran. " * 20], trainer)
     directory = tmp_path / "hf"
     directory.mkdir()
     config = GPTConfig(vocab_size=bpe.get_vocab_size(), block_size=16, n_layer=1, n_head=2, n_embd=8)
-    GPT(config, seed=0).save_pretrained(str(directory))
+    arraygpt.save(GPT(config, seed=0), directory, format="gpt2")
     bpe.save(str(directory / "tokenizer.json"))
     assert "arraygpt_format" not in json.loads((directory / "config.json").read_text())
     tokenizer = interop.load_hf_tokenizer(str(directory))
-    assert main(["sample", "--checkpoint", str(directory), "--prompt", "the cat", "--max-new-tokens", "5",
-                 "--seed", "1"]) == 0  # fmt: skip
+    assert (
+        main(["sample", "--checkpoint", str(directory), "--prompt", "the cat", "--max-new-tokens", "5", "--seed", "1"])
+        == 0
+    )
     out = capsys.readouterr().out
     assert out.startswith("the cat")
     model = GPT.from_pretrained(str(directory))
@@ -349,7 +394,7 @@ def test_sample_command_reads_a_hugging_face_gpt2_directory(tmp_path, capsys):
 
 def test_show_probs_labels_end_tokens_instead_of_printing_their_empty_text():
     from arraygpt.cli.sample import show
-    from arraygpt.tokenizer import CharTokenizer
+    from arraygpt.io.tokenizers import CharTokenizer
 
     tokenizer = CharTokenizer.from_text("abc")
     end = tokenizer.bos_id
@@ -358,15 +403,26 @@ def test_show_probs_labels_end_tokens_instead_of_printing_their_empty_text():
 
 
 def test_sample_command_opens_prompts_with_bos_for_models_trained_on_bos_wrapped_documents(tmp_path, capsys):
-    from arraygpt.checkpoint import save_checkpoint
     from arraygpt.cli import main
-    from arraygpt.tokenizer import CharTokenizer
+    from arraygpt.io.checkpoint import save_checkpoint
+    from arraygpt.io.tokenizers import CharTokenizer
 
     tokenizer = CharTokenizer("abcdefghij")
     model = GPT(GPTConfig(**{**TINY.to_dict(), "vocab_size": tokenizer.vocab_size, "init_std": 1.0}), seed=3)
     save_checkpoint(tmp_path / "ckpt", model, tokenizer, extra={"train_config": {"mode": "documents"}})
-    argv = ["sample", "--checkpoint", str(tmp_path / "ckpt"), "--prompt", "ab", "--max-new-tokens", "6",
-            "--sampler", "greedy", "--seed", "1"]  # fmt: skip
+    argv = [
+        "sample",
+        "--checkpoint",
+        str(tmp_path / "ckpt"),
+        "--prompt",
+        "ab",
+        "--max-new-tokens",
+        "6",
+        "--sampler",
+        "greedy",
+        "--seed",
+        "1",
+    ]
     assert main(argv) == 0
     text = capsys.readouterr().out.rstrip("\n")
     ids = []

@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 
 from arraygpt import GPT, GPTConfig
-from arraygpt.optim import create_optimizer
-from arraygpt.safetensors import load_file, read_metadata
-from arraygpt.shim import to_numpy
+from arraygpt.io.safetensors import load_file, read_metadata
+from arraygpt.training.optim import create_optimizer
+from arraygpt.xp import to_numpy
 
 REFERENCE = Path(__file__).resolve().parent / "golden" / "reference.safetensors"
 CONFIGS = ("gpt2", "microgpt")
@@ -33,9 +33,15 @@ CONFIGS = ("gpt2", "microgpt")
 EPS32 = float(np.finfo(np.float32).eps)
 TOLERANCE = {
     "float64": {"logits": 1e-10, "loss": 1e-10, "grad": 1e-10, "losses": 1e-10, "final": 1e-10, "final_wk_b": 1e-10},
-    "float32": {"logits": 20 * EPS32, "loss": 20 * EPS32, "grad": 10 * EPS32, "losses": 100 * EPS32,
-                "final": 100 * EPS32, "final_wk_b": None},  # None: lr * steps
-}  # fmt: skip
+    "float32": {
+        "logits": 20 * EPS32,
+        "loss": 20 * EPS32,
+        "grad": 10 * EPS32,
+        "losses": 100 * EPS32,
+        "final": 100 * EPS32,
+        "final_wk_b": None,
+    },  # None: lr * steps
+}
 
 
 def load_reference(name: str) -> tuple[GPTConfig, dict, dict[str, np.ndarray]]:
@@ -43,9 +49,11 @@ def load_reference(name: str) -> tuple[GPTConfig, dict, dict[str, np.ndarray]]:
     meta = read_metadata(REFERENCE)
     prefix = name + "/"
     ref = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-    return GPTConfig.from_dict(json.loads(meta[name])), {**json.loads(meta["optimizer"]), "steps": int(meta["steps"])}, ref
-
-
+    return (
+        GPTConfig.from_dict(json.loads(meta[name])),
+        {**json.loads(meta["optimizer"]), "steps": int(meta["steps"])},
+        ref,
+    )
 
 
 def run_arraygpt(name: str, dtype: str, perturb=None) -> list[tuple[str, float, float]]:
@@ -60,16 +68,21 @@ def run_arraygpt(name: str, dtype: str, perturb=None) -> list[tuple[str, float, 
     grads = {k: to_numpy(g).astype(np.float64) for k, g in model.backward().items()}
     if perturb is not None:
         perturb(grads)
-    rows = [("logits", _diff(to_numpy(logits), ref["logits"]), tol["logits"]),
-            ("loss", abs(loss - float(ref["loss"][0])), tol["loss"])]  # fmt: skip
+    rows = [
+        ("logits", _diff(to_numpy(logits), ref["logits"]), tol["logits"]),
+        ("loss", abs(loss - float(ref["loss"][0])), tol["loss"]),
+    ]
     if sorted(grads) != sorted(names):
         rows.append((f"grad names {sorted(set(grads) ^ set(names))}", float("inf"), 0.0))
-    rows += [("grad/" + k, _diff(grads[k], ref["grad/" + k]) if k in grads else float("inf"), tol["grad"]) for k in names]
+    rows += [
+        ("grad/" + k, _diff(grads[k], ref["grad/" + k]) if k in grads else float("inf"), tol["grad"]) for k in names
+    ]
 
     model = GPT(config, seed=0, dtype=dtype)
     model.load_state_dict({k: ref["param/" + k] for k in names})
-    opt = create_optimizer("adamw", model.params, betas=tuple(opt_cfg["betas"]), eps=opt_cfg["eps"],
-                           weight_decay=opt_cfg["weight_decay"])  # fmt: skip
+    opt = create_optimizer(
+        "adamw", model.params, betas=tuple(opt_cfg["betas"]), eps=opt_cfg["eps"], weight_decay=opt_cfg["weight_decay"]
+    )
     losses = []
     for _ in range(opt_cfg["steps"]):
         _, step_loss = model.forward(idx, targets)
@@ -77,8 +90,14 @@ def run_arraygpt(name: str, dtype: str, perturb=None) -> list[tuple[str, float, 
         opt.step(model.backward(), opt_cfg["lr"])
     rows.append(("losses", _diff(np.array(losses), ref["losses"]), tol["losses"]))
     drift = tol["final_wk_b"] if tol["final_wk_b"] is not None else opt_cfg["lr"] * opt_cfg["steps"]
-    rows += [("final/" + k, _diff(to_numpy(model.params[k]), ref["final/" + k]),
-              drift if k.endswith("attn_wk_b") else tol["final"]) for k in names]  # fmt: skip
+    rows += [
+        (
+            "final/" + k,
+            _diff(to_numpy(model.params[k]), ref["final/" + k]),
+            drift if k.endswith("attn_wk_b") else tol["final"],
+        )
+        for k in names
+    ]
     return rows
 
 

@@ -8,8 +8,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from arraygpt import GPT, GPTConfig, layers
-from arraygpt.shim import load_backend, to_numpy
+from arraygpt import GPT, GPTConfig
+from arraygpt.nn import layers
+from arraygpt.xp import load_backend, to_numpy
 
 pytestmark = pytest.mark.gpu
 
@@ -36,32 +37,78 @@ def _layer_cases(rng, dtype):
     B, T, C, V, NH = 2, 5, 8, 11, 2
     coins = rng.random((B, NH, T, T)).astype(dtype)
     cases = [
-        ("encoder", lambda idx, wte, wpe: layers.encoder_forward(idx, wte, wpe, 1), layers.encoder_backward,
-         dict(wte=f(V, C), wpe=f(8, C)), dict(idx=np.array([[1, 3, 1, 1, 0], [10, 3, 5, 1, 1]]))),
-        ("dropout", lambda x, coins: layers.dropout_forward(x, 0.3, coins),
-         lambda d, c: (layers.dropout_backward(d, c),), dict(x=f(B, T, C), coins=rng.random((B, T, C)).astype(dtype)),
-         {}),
-        ("layernorm", lambda x, w, b: layers.layernorm_forward(x, w, b, 1e-5), layers.layernorm_backward,
-         dict(x=f(B, T, C), w=f(C), b=f(C)), {}),
-        ("rmsnorm", lambda x, w: layers.rmsnorm_forward(x, w, None, 1e-5),
-         lambda d, c: layers.rmsnorm_backward(d, c)[:2], dict(x=f(B, T, C), w=f(C)), {}),
+        (
+            "encoder",
+            lambda idx, wte, wpe: layers.encoder_forward(idx, wte, wpe, 1),
+            layers.encoder_backward,
+            dict(wte=f(V, C), wpe=f(8, C)),
+            dict(idx=np.array([[1, 3, 1, 1, 0], [10, 3, 5, 1, 1]])),
+        ),
+        (
+            "dropout",
+            lambda x, coins: layers.dropout_forward(x, 0.3, coins),
+            lambda d, c: (layers.dropout_backward(d, c),),
+            dict(x=f(B, T, C), coins=rng.random((B, T, C)).astype(dtype)),
+            {},
+        ),
+        (
+            "layernorm",
+            lambda x, w, b: layers.layernorm_forward(x, w, b, 1e-5),
+            layers.layernorm_backward,
+            dict(x=f(B, T, C), w=f(C), b=f(C)),
+            {},
+        ),
+        (
+            "rmsnorm",
+            lambda x, w: layers.rmsnorm_forward(x, w, None, 1e-5),
+            lambda d, c: layers.rmsnorm_backward(d, c)[:2],
+            dict(x=f(B, T, C), w=f(C)),
+            {},
+        ),
         ("linear", layers.linear_forward, layers.linear_backward, dict(x=f(B, T, C), w=f(3 * C, C), b=f(3 * C)), {}),
-        ("softmax", lambda x: (lambda p: (p, p))(layers.softmax_forward(x, 0.7)),
-         lambda d, p: (layers.softmax_backward(d, p, 0.7),), dict(x=f(B, T, V)), {}),
-        ("attention", lambda q, k, v: layers.attention_forward(q, k, v, NH), layers.attention_backward,
-         dict(q=f(B, T, C), k=f(B, T, C), v=f(B, T, C)), {}),
-        ("attention-kv", lambda q, k, v: layers.attention_forward(q, k, v, NH), layers.attention_backward,
-         dict(q=f(B, 2, C), k=f(B, T, C), v=f(B, T, C)), {}),
-        ("attention-dropout", lambda q, k, v, coins: layers.attention_forward(q, k, v, NH, 0.2, coins),
-         layers.attention_backward, dict(q=f(B, T, C), k=f(B, T, C), v=f(B, T, C), coins=coins), {}),
+        (
+            "softmax",
+            lambda x: (lambda p: (p, p))(layers.softmax_forward(x, 0.7)),
+            lambda d, p: (layers.softmax_backward(d, p, 0.7),),
+            dict(x=f(B, T, V)),
+            {},
+        ),
+        (
+            "attention",
+            lambda q, k, v: layers.attention_forward(q, k, v, NH),
+            layers.attention_backward,
+            dict(q=f(B, T, C), k=f(B, T, C), v=f(B, T, C)),
+            {},
+        ),
+        (
+            "attention-kv",
+            lambda q, k, v: layers.attention_forward(q, k, v, NH),
+            layers.attention_backward,
+            dict(q=f(B, 2, C), k=f(B, T, C), v=f(B, T, C)),
+            {},
+        ),
+        (
+            "attention-dropout",
+            lambda q, k, v, coins: layers.attention_forward(q, k, v, NH, 0.2, coins),
+            layers.attention_backward,
+            dict(q=f(B, T, C), k=f(B, T, C), v=f(B, T, C), coins=coins),
+            {},
+        ),
         ("residual", layers.residual_forward, layers.residual_backward, dict(a=f(B, T, C), b=f(B, T, C)), {}),
-    ]  # fmt: skip
+    ]
     for act, (fwd, bwd) in layers.ACTIVATIONS.items():
         cases.append((act, fwd, lambda d, c, bwd=bwd: (bwd(d, c),), dict(x=f(B, T, C) * 3), {}))
     targets = rng.integers(0, V, B * T)
     targets[[1, 6]] = -1
-    cases.append(("crossentropy", layers.crossentropy_forward, lambda d, c: (layers.crossentropy_backward(1.0, c),),
-                  dict(logits=f(B * T, V) * 2), dict(targets=targets)))  # fmt: skip
+    cases.append(
+        (
+            "crossentropy",
+            layers.crossentropy_forward,
+            lambda d, c: (layers.crossentropy_backward(1.0, c),),
+            dict(logits=f(B * T, V) * 2),
+            dict(targets=targets),
+        )
+    )
     return cases
 
 
@@ -89,9 +136,18 @@ def compare_layers(dev, ref, dtype):
 CONFIGS = {
     "microgpt": GPTConfig.preset("microgpt", init_output="normal"),
     "gpt2-small": GPTConfig.preset("gpt2", vocab_size=97, block_size=16, n_layer=2, n_head=4, n_embd=32),
-    "gpt3-style": GPTConfig.preset("gpt3-xl", vocab_size=64, block_size=16, n_layer=2, n_embd=24, n_head=4,
-                                   head_dim=8, activation="gelu", tie_embeddings=False),
-}  # fmt: skip
+    "gpt3-style": GPTConfig.preset(
+        "gpt3-xl",
+        vocab_size=64,
+        block_size=16,
+        n_layer=2,
+        n_embd=24,
+        n_head=4,
+        head_dim=8,
+        activation="gelu",
+        tie_embeddings=False,
+    ),
+}
 
 
 def compare_models(dev, ref, config, dtype):
@@ -144,7 +200,7 @@ def test_cupy_dropout_draws_its_coins_on_the_device(cupy_backend):
 
     coins = cupy_backend.uniform(np.random.default_rng(0), (4, 6, 64, 64), "float32")
     assert isinstance(coins, cupy.ndarray) and coins.dtype == cupy.float32
-    assert 0.0 <= float(coins.min()) and float(coins.max()) < 1.0
+    assert float(coins.min()) >= 0.0 and float(coins.max()) < 1.0
     assert abs(float((coins < 0.2).mean()) - 0.2) < 0.01
     config = GPTConfig.preset("gpt2", vocab_size=97, block_size=16, n_layer=2, n_head=4, n_embd=32, dropout=0.2)
     idx = np.random.default_rng(3).integers(0, 97, (3, 17))

@@ -17,20 +17,21 @@ import sys
 import tempfile
 from pathlib import Path
 
+import capped
 import numpy as np
 import pytest
 import safetensors.numpy as reference  # the reference implementation: a runtime dependency
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import capped
-from arraygpt import safetensors as ag_safetensors
-from arraygpt.checkpoint import load_checkpoint, save_checkpoint
+from arraygpt.config import GPTConfig
 from arraygpt.errors import CheckpointError
-from arraygpt.interop import save_gpt2
-from arraygpt.model import GPT, GPTConfig
+from arraygpt.io import safetensors as ag_safetensors
+from arraygpt.io.checkpoint import load_checkpoint, save_checkpoint
+from arraygpt.io.hf.gpt2 import save_gpt2
+from arraygpt.io.tokenizers import CharTokenizer
+from arraygpt.nn.model import GPT
 from arraygpt.plugins.optimizers import AdamW
-from arraygpt.tokenizer import CharTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = GPTConfig(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=16)
@@ -45,12 +46,16 @@ def st_bytes(header: dict, data: bytes = b"") -> bytes:
 
 def attempt(call: str) -> tuple[str, str]:
     """``call`` in a fresh interpreter with bounded memory (capped.attempt), the readers imported."""
-    return capped.attempt(call, timeout=20, prelude="from arraygpt import formats, safetensors, checkpoint, interop, tokenizer")
+    return capped.attempt(
+        call,
+        timeout=20,
+        prelude="from arraygpt.io import formats, safetensors, checkpoint, bpe, tokenizers as tokenizer; from arraygpt.io.hf import gpt2 as interop",
+    )
 
 
 def assert_refused(call: str, *fragments: str) -> str:
     kind, message = attempt(call)
-    assert kind in (ERROR, "arraygpt.safetensors.SafetensorsError"), (kind, message)
+    assert kind in (ERROR, "arraygpt.io.safetensors.SafetensorsError"), (kind, message)
     for fragment in fragments:
         assert fragment in message, (fragment, message)
     return message
@@ -88,12 +93,17 @@ def replace_with(path: Path, kind: str) -> None:
 # special files in place of any checkpoint file
 
 
-SPECIAL = [("fifo", "FIFO"), ("/dev/zero", "character device"), ("/dev/urandom", "character device"),
-           ("dir", "directory")]  # fmt: skip
+SPECIAL = [
+    ("fifo", "FIFO"),
+    ("/dev/zero", "character device"),
+    ("/dev/urandom", "character device"),
+    ("dir", "directory"),
+]
 
 
-@pytest.mark.parametrize("name", ["model.safetensors", "config.json", "state.json", "arraygpt-tokenizer.json",
-                                  "optimizer.safetensors"])  # fmt: skip
+@pytest.mark.parametrize(
+    "name", ["model.safetensors", "config.json", "state.json", "arraygpt-tokenizer.json", "optimizer.safetensors"]
+)
 @pytest.mark.parametrize("kind, said", SPECIAL, ids=[k for k, _ in SPECIAL])
 def test_special_file_in_an_arraygpt_checkpoint(ckpt, name, kind, said):
     replace_with(ckpt / name, kind)
@@ -115,7 +125,7 @@ def test_special_file_as_a_tokenizer_file(tmp_path):
 def test_special_file_as_a_hugging_face_tokenizer(gpt2):
     pytest.importorskip("tokenizers", reason="the GPT-2 tokenizer needs the optional tokenizers library")
     os.mkfifo(gpt2 / "tokenizer.json")
-    assert_refused(f"interop.load_hf_tokenizer({str(gpt2)!r})", "tokenizer.json", "FIFO")
+    assert_refused(f"bpe.load_hf_tokenizer({str(gpt2)!r})", "tokenizer.json", "FIFO")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -123,29 +133,53 @@ def test_special_file_as_a_hugging_face_tokenizer(gpt2):
 
 F32 = {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}
 HOSTILE = {
-    "huge header size": (struct.pack("<Q", 2**63) + b"{}", ["header of 9223372036854775808 bytes", "at most 100000000"]),
+    "huge header size": (
+        struct.pack("<Q", 2**63) + b"{}",
+        ["header of 9223372036854775808 bytes", "at most 100000000"],
+    ),
     "header past the end": (struct.pack("<Q", 10_000) + b"{}", ["truncated or corrupted", "header of 10000 bytes"]),
     "no header size": (b"\x01\x02", ["truncated", "8-byte header size"]),
     "header not JSON": (struct.pack("<Q", 3) + b"{{{", ["not valid JSON"]),
     "header not UTF-8": (struct.pack("<Q", 4) + b'{"\xff"', ["not UTF-8"]),
     "header a list": (st_bytes([]), ["a JSON object is required, not list"]),  # type: ignore[arg-type]
     "deep nesting": (struct.pack("<Q", 200_000) + b"[" * 100_000 + b"]" * 100_000, ["nested too deeply"]),
-    "overlapping": (st_bytes({"a": F32, "b": {**F32, "data_offsets": [4, 12]}}, bytes(12)),
-                    ["'b' at data offset 4 overlaps", "must not share bytes"]),
+    "overlapping": (
+        st_bytes({"a": F32, "b": {**F32, "data_offsets": [4, 12]}}, bytes(12)),
+        ["'b' at data offset 4 overlaps", "must not share bytes"],
+    ),
     "gap": (st_bytes({"a": F32, "b": {**F32, "data_offsets": [12, 20]}}, bytes(20)), ["leaves a gap of 4 bytes"]),
     "trailing bytes": (st_bytes({"a": F32}, bytes(12)), ["4 bytes after the last tensor", "cover the data exactly"]),
     "past the end": (st_bytes({"a": {**F32, "shape": [4], "data_offsets": [0, 16]}}, bytes(8)), ["only 8 data bytes"]),
     "duplicate names": (b"", ["'a' appears twice", "names must be unique"]),
-    "absurd shape": (st_bytes({"a": {"dtype": "F32", "shape": [10**6, 10**6], "data_offsets": [0, 8]}}, bytes(8)),
-                     ["needs 4000000000000 bytes", "truncated or corrupted"]),
-    "shape overflowing 64 bits": (st_bytes({"a": {"dtype": "F64", "shape": [2**62, 2**62, 0], "data_offsets": [0, 0]},
-                                            "b": F32}, bytes(8)), ["overflows a 64-bit element count"]),
-    "empty tensors": (st_bytes({"a": {"dtype": "F64", "shape": [0, 2**40], "data_offsets": [0, 0]},
-                                "z": {"dtype": "I8", "shape": [0], "data_offsets": [0, 0]}, "b": F32}, bytes(8)), []),
+    "absurd shape": (
+        st_bytes({"a": {"dtype": "F32", "shape": [10**6, 10**6], "data_offsets": [0, 8]}}, bytes(8)),
+        ["needs 4000000000000 bytes", "truncated or corrupted"],
+    ),
+    "shape overflowing 64 bits": (
+        st_bytes({"a": {"dtype": "F64", "shape": [2**62, 2**62, 0], "data_offsets": [0, 0]}, "b": F32}, bytes(8)),
+        ["overflows a 64-bit element count"],
+    ),
+    "empty tensors": (
+        st_bytes(
+            {
+                "a": {"dtype": "F64", "shape": [0, 2**40], "data_offsets": [0, 0]},
+                "z": {"dtype": "I8", "shape": [0], "data_offsets": [0, 0]},
+                "b": F32,
+            },
+            bytes(8),
+        ),
+        [],
+    ),
     "negative shape": (st_bytes({"a": {**F32, "shape": [-2]}}, bytes(8)), ["non-negative integers"]),
     "float shape": (st_bytes({"a": {**F32, "shape": [2.0]}}, bytes(8)), ["non-negative integers"]),
-    "offsets not integers": (st_bytes({"a": {**F32, "data_offsets": ["0", "8"]}}, bytes(8)), ["two non-negative integers"]),
-    "unknown dtype": (st_bytes({"a": {**F32, "dtype": "F128"}}, bytes(8)), ["unsupported dtype 'F128'", "allowed: BF16"]),
+    "offsets not integers": (
+        st_bytes({"a": {**F32, "data_offsets": ["0", "8"]}}, bytes(8)),
+        ["two non-negative integers"],
+    ),
+    "unknown dtype": (
+        st_bytes({"a": {**F32, "dtype": "F128"}}, bytes(8)),
+        ["unsupported dtype 'F128'", "allowed: BF16"],
+    ),
     "metadata not strings": (st_bytes({"__metadata__": {"k": 1}, "a": F32}, bytes(8)), ["__metadata__", "strings"]),
     "entry not an object": (st_bytes({"a": [1, 2]}, bytes(8)), ["needs dtype, shape and data_offsets"]),
 }
@@ -179,7 +213,7 @@ def test_the_reference_library_rejects_them_too(tmp_path):
             continue  # the reference library keeps the last of two entries with one name; arraygpt refuses both
         path = tmp_path / f"{len(os.listdir(tmp_path))}.safetensors"
         path.write_bytes(data)
-        with pytest.raises(Exception):  # noqa: B017 - the reference library's own error types
+        with pytest.raises(Exception):
             reference.load_file(str(path))
 
 
@@ -198,29 +232,36 @@ def test_huge_and_deep_json_files(ckpt):
 
 def test_hostile_state_json(ckpt):
     state = json.loads((ckpt / "state.json").read_text())
-    for change, fragments in [({"extra": [1]}, ["'extra' must be a JSON object"]),
-                              ({"optimizer": {"step": "1"}}, ["optimizer value 'step' must be a number"]),
-                              ({"arraygpt_format": 99}, ["format 1", "is 99"])]:  # fmt: skip
+    for change, fragments in [
+        ({"extra": [1]}, ["'extra' must be a JSON object"]),
+        ({"optimizer": {"step": "1"}}, ["optimizer value 'step' must be a number"]),
+        ({"arraygpt_format": 99}, ["format 1", "is 99"]),
+    ]:
         (ckpt / "state.json").write_text(json.dumps({**state, **change}))
         assert_refused(f"formats.load({str(ckpt)!r})", "state.json", *fragments)
 
 
 def test_an_arraygpt_config_claiming_a_billion_layers(ckpt):
     config = json.loads((ckpt / "config.json").read_text())
-    for field, fragment in [("n_layer", "claims n_layer=1000000000"), ("vocab_size", "'wte' has shape (11, 16)"),
-                            ("block_size", "'wpe' has shape (8, 16)")]:  # fmt: skip
+    for field, fragment in [
+        ("n_layer", "claims n_layer=1000000000"),
+        ("vocab_size", "'wte' has shape (11, 16)"),
+        ("block_size", "'wpe' has shape (8, 16)"),
+    ]:
         (ckpt / "config.json").write_text(json.dumps({**config, field: 10**9}))
         assert_refused(f"formats.load({str(ckpt)!r})", "config.json", fragment)
 
 
 def test_a_gpt2_config_claiming_huge_sizes_or_with_wrong_types(gpt2):
     config = json.loads((gpt2 / "config.json").read_text())
-    for change, fragment in [({"n_layer": 10**9}, "claims n_layer=1000000000, the file holds 2"),
-                             ({"vocab_size": 10**9}, "config.json implies (1000000000, 16)"),
-                             ({"n_positions": 10**9}, "config.json implies (1000000000, 16)"),
-                             ({"tie_word_embeddings": "false"}, "tie_word_embeddings must be true or false"),
-                             ({"n_layer": [2]}, "n_layer must be a positive integer"),
-                             ({"activation_function": ["gelu"]}, "activation_function must be one of")]:  # fmt: skip
+    for change, fragment in [
+        ({"n_layer": 10**9}, "claims n_layer=1000000000, the file holds 2"),
+        ({"vocab_size": 10**9}, "config.json implies (1000000000, 16)"),
+        ({"n_positions": 10**9}, "config.json implies (1000000000, 16)"),
+        ({"tie_word_embeddings": "false"}, "tie_word_embeddings must be true or false"),
+        ({"n_layer": [2]}, "n_layer must be a positive integer"),
+        ({"activation_function": ["gelu"]}, "activation_function must be one of"),
+    ]:
         (gpt2 / "config.json").write_text(json.dumps({**config, **change}))
         assert_refused(f"formats.load({str(gpt2)!r})", fragment)
 
@@ -248,7 +289,7 @@ def write_index(gpt2: Path, weight_map) -> None:
 
 
 def test_a_sharded_directory_loads_and_equals_the_single_file(gpt2):
-    from arraygpt.formats import load
+    from arraygpt.io.formats import load
 
     single = load(gpt2)
     sharded(gpt2)
@@ -282,8 +323,10 @@ def test_hostile_shard_indexes(gpt2, tmp_path):
 def test_a_tensor_in_two_shards_is_refused(gpt2):
     weight_map = sharded(gpt2)
     first = next(iter(weight_map))
-    other = {"model-00001-of-00002.safetensors": "model-00002-of-00002.safetensors",
-             "model-00002-of-00002.safetensors": "model-00001-of-00002.safetensors"}[weight_map[first]]  # fmt: skip
+    other = {
+        "model-00001-of-00002.safetensors": "model-00002-of-00002.safetensors",
+        "model-00002-of-00002.safetensors": "model-00001-of-00002.safetensors",
+    }[weight_map[first]]
     tensors = ag_safetensors.load_file(gpt2 / other)
     tensors[first] = ag_safetensors.load_file(gpt2 / weight_map[first])[first]
     ag_safetensors.save_file(tensors, gpt2 / other)
@@ -297,9 +340,15 @@ def test_a_tensor_in_two_shards_is_refused(gpt2):
 
 def test_reader_equals_the_reference_library_and_tensors_own_their_memory(tmp_path):
     rng = np.random.default_rng(0)
-    tensors = {"f64": rng.normal(size=(3, 4)), "f32": rng.normal(size=(5,)).astype(np.float32),
-               "f16": rng.normal(size=(2, 2)).astype(np.float16), "i64": np.arange(6).reshape(2, 3),
-               "u8": np.arange(7, dtype=np.uint8), "b": np.array([True, False]), "empty": np.zeros((0, 3))}  # fmt: skip
+    tensors = {
+        "f64": rng.normal(size=(3, 4)),
+        "f32": rng.normal(size=(5,)).astype(np.float32),
+        "f16": rng.normal(size=(2, 2)).astype(np.float16),
+        "i64": np.arange(6).reshape(2, 3),
+        "u8": np.arange(7, dtype=np.uint8),
+        "b": np.array([True, False]),
+        "empty": np.zeros((0, 3)),
+    }
     reference.save_file(tensors, str(tmp_path / "ref.safetensors"), metadata={"k": "v"})
     ours = ag_safetensors.load_file(tmp_path / "ref.safetensors")
     theirs = reference.load_file(str(tmp_path / "ref.safetensors"))
@@ -328,7 +377,7 @@ def test_optimizer_state_is_copies_that_share_nothing(ckpt):
 
 
 def test_gpt2_state_dict_tensors_share_nothing(gpt2):
-    from arraygpt.interop import config_from_gpt2, state_dict_from_gpt2
+    from arraygpt.io.hf.gpt2 import config_from_gpt2, state_dict_from_gpt2
 
     config = config_from_gpt2(json.loads((gpt2 / "config.json").read_text()))
     state = state_dict_from_gpt2(ag_safetensors.load_file(gpt2 / "model.safetensors"), config)
@@ -343,8 +392,10 @@ def test_bfloat16_is_widened_exactly_to_float32(tmp_path):
     values = np.array([1.0, -2.5, 3.140625, 0.0, -0.0, np.inf, 2.0**-130, 65280.0], dtype=np.float32)
     bits = (values.view(np.uint32) >> 16).astype("<u2")
     assert np.array_equal((bits.astype(np.uint32) << 16).view(np.float32), values)  # all exact in bfloat16
-    header = {"w": {"dtype": "BF16", "shape": [2, 4], "data_offsets": [0, 16]},
-              "b": {"dtype": "F32", "shape": [1], "data_offsets": [16, 20]}}  # fmt: skip
+    header = {
+        "w": {"dtype": "BF16", "shape": [2, 4], "data_offsets": [0, 16]},
+        "b": {"dtype": "F32", "shape": [1], "data_offsets": [16, 20]},
+    }
     (tmp_path / "bf16.safetensors").write_bytes(st_bytes(header, bits.tobytes() + np.float32(7).tobytes()))
     out = ag_safetensors.load_file(tmp_path / "bf16.safetensors")
     assert out["w"].dtype == np.float32 and out["w"].shape == (2, 4)
@@ -361,8 +412,11 @@ def test_bfloat16_is_widened_exactly_to_float32(tmp_path):
 
 def _valid_file() -> bytes:
     with tempfile.TemporaryDirectory() as d:
-        tensors = {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.arange(4, dtype=np.int64),
-                   "c": np.ones((2, 2), dtype=np.float16)}  # fmt: skip
+        tensors = {
+            "a": np.arange(6, dtype=np.float32).reshape(2, 3),
+            "b": np.arange(4, dtype=np.int64),
+            "c": np.ones((2, 2), dtype=np.float16),
+        }
         ag_safetensors.save_file(tensors, Path(d) / "v.safetensors", metadata={"k": "v"})
         return (Path(d) / "v.safetensors").read_bytes()
 
@@ -371,8 +425,10 @@ VALID = _valid_file()
 
 
 @settings(max_examples=150, deadline=None)
-@given(st.lists(st.tuples(st.integers(0, len(VALID) - 1), st.integers(0, 255)), min_size=1, max_size=4),
-       st.integers(0, len(VALID)))  # fmt: skip
+@given(
+    st.lists(st.tuples(st.integers(0, len(VALID) - 1), st.integers(0, 255)), min_size=1, max_size=4),
+    st.integers(0, len(VALID)),
+)
 def test_fuzz_mutated_files(mutations, cut):
     data = bytearray(VALID)
     for position, value in mutations:
@@ -423,15 +479,27 @@ def break_run(run_folder: Path, tmp_path: Path, how: str) -> Path:
     return run
 
 
-@pytest.mark.parametrize("how, said", [("fifo config", "FIFO"), ("/dev/zero weights", "character device"),
-                                       ("huge header", "at most 100000000"), ("billion layers", "n_layer=1000000000")])  # fmt: skip
+@pytest.mark.parametrize(
+    "how, said",
+    [
+        ("fifo config", "FIFO"),
+        ("/dev/zero weights", "character device"),
+        ("huge header", "at most 100000000"),
+        ("billion layers", "n_layer=1000000000"),
+    ],
+)
 @pytest.mark.parametrize("command", ["sample", "train"])
 def test_the_commands_refuse_hostile_checkpoints_with_exit_status_2(run_folder, tmp_path, how, said, command):
     run = break_run(run_folder, tmp_path, how)
-    args = ["sample", "--checkpoint", str(run), "--max-new-tokens", "2"] if command == "sample" else ["train", "--resume", str(run)]
+    args = (
+        ["sample", "--checkpoint", str(run), "--max-new-tokens", "2"]
+        if command == "sample"
+        else ["train", "--resume", str(run)]
+    )
     env = {**os.environ, "OPENBLAS_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "arraygpt.cli", *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=60)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "arraygpt.cli", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and said in lines[0] and f"arraygpt {command}: error:" in lines[0], proc.stderr

@@ -15,6 +15,8 @@ import shutil
 import numpy as np
 import pytest
 
+import arraygpt
+
 try:
     import torch
     import transformers
@@ -25,8 +27,8 @@ needs_torch = pytest.mark.skipif(
     torch is None, reason="compares against PyTorch and transformers (pip install torch transformers)"
 )
 
-from arraygpt import GPT, GPTConfig, count_params  # noqa: E402
-from arraygpt.interop import (  # noqa: E402
+from arraygpt import GPT, GPTConfig, count_params
+from arraygpt.io.hf.gpt2 import (
     GPT2_DEFAULTS,
     CheckpointError,
     config_from_gpt2,
@@ -35,8 +37,8 @@ from arraygpt.interop import (  # noqa: E402
     save_gpt2,
     state_dict_from_gpt2,
 )
-from arraygpt.safetensors import load_file, save_file  # noqa: E402
-from arraygpt.shim import BackendUnavailable, load_backend, to_numpy  # noqa: E402
+from arraygpt.io.safetensors import load_file, save_file
+from arraygpt.xp import BackendUnavailable, load_backend, to_numpy
 
 if transformers is not None:
     GPT2Config, GPT2LMHeadModel = transformers.GPT2Config, transformers.GPT2LMHeadModel
@@ -140,10 +142,10 @@ def test_load_onto_each_backend(hf_dir, backend):
 
 
 @needs_torch
-def test_from_pretrained_and_save_pretrained_delegate(hf_dir, tmp_path):
-    model = GPT.from_pretrained(hf_dir, dtype="float64")
+def test_load_and_save_a_transformers_directory(hf_dir, tmp_path):
+    model = arraygpt.load(hf_dir, dtype="float64").model
     assert isinstance(model, GPT) and model.dtype == "float64"
-    model.save_pretrained(tmp_path / "out")
+    arraygpt.save(model, tmp_path / "out", format="gpt2")
     again = load_gpt2(tmp_path / "out", dtype="float64")
     for name, value in state_numpy(model).items():
         assert np.array_equal(value, to_numpy(again.state_dict()[name])), name
@@ -247,7 +249,7 @@ def test_model_trained_a_step_in_arraygpt_loads_in_transformers_with_identical_l
     model.load_state_dict({n: to_numpy(p) - 0.5 * to_numpy(grads[n]) for n, p in model.state_dict().items()})
     logits, loss1 = model.forward(idx[:, :-1], targets=idx[:, 1:])
     assert loss1 < loss0
-    model.save_pretrained(tmp_path / "trained")
+    arraygpt.save(model, tmp_path / "trained", format="gpt2")
     hf = GPT2LMHeadModel.from_pretrained(tmp_path / "trained").eval()
     assert max_diff(logits, hf_logits(hf, idx[:, :-1])) <= TOL["float64"]
     assert max_diff(logits, hf_logits(hf.float(), idx[:, :-1])) <= TOL["float32"]
@@ -260,8 +262,17 @@ def test_config_round_trip_and_defaults_match_transformers():
     reference = GPT2Config().to_dict()
     assert {k: reference[k] for k in GPT2_DEFAULTS} == GPT2_DEFAULTS
     # the real GPT-2's config.json (written by old transformers: n_ctx, no tie_word_embeddings)
-    old = {"model_type": "gpt2", "n_ctx": 1024, "n_positions": 1024, "n_embd": 768, "n_head": 12, "n_layer": 12,
-           "vocab_size": 50257, "activation_function": "gelu_new", "architectures": ["GPT2LMHeadModel"]}  # fmt: skip
+    old = {
+        "model_type": "gpt2",
+        "n_ctx": 1024,
+        "n_positions": 1024,
+        "n_embd": 768,
+        "n_head": 12,
+        "n_layer": 12,
+        "vocab_size": 50257,
+        "activation_function": "gelu_new",
+        "architectures": ["GPT2LMHeadModel"],
+    }
     assert config_from_gpt2(old) == GPTConfig.preset("gpt2", dropout=0.1)
 
 
@@ -313,7 +324,7 @@ def test_bfloat16_weights_written_by_transformers_are_widened_exactly(tmp_path):
 
 @needs_torch
 def test_formats_load_opens_a_directory_written_by_transformers(hf_dir, tmp_path):
-    from arraygpt.formats import load
+    from arraygpt.io.formats import load
 
     ckpt = load(hf_dir)
     assert ckpt.format == "gpt2" and ckpt.tokenizer is None and ckpt.prompt_prefix == []
@@ -473,7 +484,7 @@ def test_save_refuses_configs_gpt2_cannot_express(tmp_path, overrides, field):
     ],
 )
 def test_llama_style_configs_are_refused_with_a_pointer_to_format_llama(tmp_path, overrides, field):
-    from arraygpt.interop import state_dict_to_gpt2
+    from arraygpt.io.hf.gpt2 import state_dict_to_gpt2
 
     model = GPT(tiny_config(**overrides), seed=0)
     match = rf"cannot write a GPT-2 checkpoint: GPTConfig\.{field} is .*format='llama'"
@@ -509,8 +520,13 @@ def hf_count(config: GPT2Config) -> int:
 @pytest.mark.parametrize("name", ["gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"])
 def test_gpt2_preset_counts_equal_transformers(name):
     config = GPTConfig.preset(name)
-    hf = GPT2Config(vocab_size=config.vocab_size, n_positions=config.block_size, n_layer=config.n_layer,
-                    n_head=config.n_head, n_embd=config.n_embd)
+    hf = GPT2Config(
+        vocab_size=config.vocab_size,
+        n_positions=config.block_size,
+        n_layer=config.n_layer,
+        n_head=config.n_head,
+        n_embd=config.n_embd,
+    )
     assert count_params(config).total == hf_count(hf)
     if name == "gpt2":
         assert count_params(config).total == 124_439_808

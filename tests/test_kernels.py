@@ -1,5 +1,5 @@
-"""Fused kernels against the reference of ``arraygpt.layers`` (STYLE.md section 9), and how
-``arraygpt.kernels`` chooses them: registration through the plugin hook, declining, the
+"""Fused kernels against the reference of ``arraygpt.nn.layers`` (STYLE.md section 9), and how
+``arraygpt.nn.kernels`` chooses them: registration through the plugin hook, declining, the
 reference switch, and a whole model's gradients with and without kernels.
 
 The numba kernels' tests skip where numba is not installed (then the reference runs, which the
@@ -18,12 +18,12 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from arraygpt import GPT, GPTConfig, core, hookimpl, kernels, layers, manager
-from arraygpt.kernels import KernelSpec, KernelUnavailable
-from arraygpt.shim import load_backend
-
+from arraygpt import GPT, GPTConfig, hookimpl, manager
 from arraygpt.backends import numpy as numpy_backend
-from arraygpt.backends import numpy_kernels as nk  # noqa: E402  (imports numba only when compiling)
+from arraygpt.backends import numpy_kernels as nk
+from arraygpt.nn import core, kernels, layers
+from arraygpt.nn.kernels import KernelSpec, KernelUnavailable
+from arraygpt.xp import load_backend
 
 try:
     nk._compile()
@@ -64,8 +64,15 @@ def _array(rng, shape, dtype, contiguous=True):
 
 @needs_numba
 @settings(max_examples=40, deadline=None)
-@given(B=st.integers(1, 3), T=st.integers(1, 9), H=st.integers(1, 37), dtype=st.sampled_from(DTYPES),
-       contiguous=st.booleans(), seed=st.integers(0, 2**16), scale=st.sampled_from([1.0, 6.0]))  # fmt: skip
+@given(
+    B=st.integers(1, 3),
+    T=st.integers(1, 9),
+    H=st.integers(1, 37),
+    dtype=st.sampled_from(DTYPES),
+    contiguous=st.booleans(),
+    seed=st.integers(0, 2**16),
+    scale=st.sampled_from([1.0, 6.0]),
+)
 def test_gelu_tanh_kernel_equals_reference(B, T, H, dtype, contiguous, seed, scale):
     rng = np.random.default_rng(seed)
     x = _array(rng, (B, T, H), dtype, contiguous)
@@ -84,9 +91,15 @@ def test_gelu_tanh_kernel_equals_reference(B, T, H, dtype, contiguous, seed, sca
 
 @needs_numba
 @settings(max_examples=60, deadline=None)
-@given(norm=st.sampled_from(["layernorm", "rmsnorm"]), shape=st.sampled_from([(1, 1, 1), (1, 1, 7), (2, 5, 3),
-       (3, 1, 16), (2, 9, 33), (13, 5), (4,)]), dtype=st.sampled_from(DTYPES), gain=st.booleans(), bias=st.booleans(),
-       contiguous=st.booleans(), seed=st.integers(0, 2**16))  # fmt: skip
+@given(
+    norm=st.sampled_from(["layernorm", "rmsnorm"]),
+    shape=st.sampled_from([(1, 1, 1), (1, 1, 7), (2, 5, 3), (3, 1, 16), (2, 9, 33), (13, 5), (4,)]),
+    dtype=st.sampled_from(DTYPES),
+    gain=st.booleans(),
+    bias=st.booleans(),
+    contiguous=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
 def test_norm_kernels_equal_reference(norm, shape, dtype, gain, bias, contiguous, seed):
     rng = np.random.default_rng(seed)
     C = shape[-1]
@@ -121,9 +134,16 @@ def _attention_inputs(rng, B, T, past, NH, hs, dtype, NKV=None):
 
 @needs_numba
 @settings(max_examples=60, deadline=None)
-@given(B=st.integers(1, 3), T=st.sampled_from([1, 2, 5, 8, 13, 64, 70]), past=st.sampled_from([0, 0, 1, 4, 67]),
-       NKV=st.integers(1, 3), G=st.sampled_from([1, 1, 2, 3]), hs=st.sampled_from([1, 3, 8]),
-       dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**16))  # fmt: skip
+@given(
+    B=st.integers(1, 3),
+    T=st.sampled_from([1, 2, 5, 8, 13, 64, 70]),
+    past=st.sampled_from([0, 0, 1, 4, 67]),
+    NKV=st.integers(1, 3),
+    G=st.sampled_from([1, 1, 2, 3]),
+    hs=st.sampled_from([1, 3, 8]),
+    dtype=st.sampled_from(DTYPES),
+    seed=st.integers(0, 2**16),
+)
 @example(B=2, T=70, past=0, NKV=2, G=3, hs=3, dtype="float64", seed=1)  # a key block seen by some queries only
 @example(B=1, T=70, past=67, NKV=1, G=2, hs=8, dtype="float32", seed=2)  # the same, after a KV cache
 def test_attention_kernel_equals_reference(B, T, past, NKV, G, hs, dtype, seed):
@@ -189,9 +209,15 @@ def _pair(rng, shape, dtype, layout):
 
 @needs_numba
 @settings(max_examples=60, deadline=None)
-@given(B=st.integers(1, 3), T=st.sampled_from([1, 2, 5, 8]), H=st.sampled_from([1, 2, 7, 33, 352]),
-       dtype=st.sampled_from(DTYPES), layout=st.sampled_from(["halves", "contiguous", "strided"]),
-       seed=st.integers(0, 2**16), scale=st.sampled_from([1.0, 8.0, 100.0]))  # fmt: skip
+@given(
+    B=st.integers(1, 3),
+    T=st.sampled_from([1, 2, 5, 8]),
+    H=st.sampled_from([1, 2, 7, 33, 352]),
+    dtype=st.sampled_from(DTYPES),
+    layout=st.sampled_from(["halves", "contiguous", "strided"]),
+    seed=st.integers(0, 2**16),
+    scale=st.sampled_from([1.0, 8.0, 100.0]),
+)
 def test_swiglu_kernel_equals_reference(B, T, H, dtype, layout, seed, scale):
     """T = 1, odd H, the gate and up halves of one projection (strided rows), large |gate|
     (sigmoid saturates: the exp cap)."""
@@ -218,10 +244,17 @@ def _random_tables(rng, T, hs, dtype):
 
 @needs_numba
 @settings(max_examples=60, deadline=None)
-@given(B=st.integers(1, 3), T=st.sampled_from([1, 2, 5, 16]), past=st.sampled_from([0, 1, 7]),
-       NH=st.integers(1, 3), hs=st.sampled_from([2, 4, 6, 32]), dtype=st.sampled_from(DTYPES),
-       layout=st.sampled_from(["qkv", "contiguous", "strided"]), tables=st.sampled_from(["rope", "scaled", "random"]),
-       seed=st.integers(0, 2**16))  # fmt: skip
+@given(
+    B=st.integers(1, 3),
+    T=st.sampled_from([1, 2, 5, 16]),
+    past=st.sampled_from([0, 1, 7]),
+    NH=st.integers(1, 3),
+    hs=st.sampled_from([2, 4, 6, 32]),
+    dtype=st.sampled_from(DTYPES),
+    layout=st.sampled_from(["qkv", "contiguous", "strided"]),
+    tables=st.sampled_from(["rope", "scaled", "random"]),
+    seed=st.integers(0, 2**16),
+)
 def test_rope_kernel_equals_reference(B, T, past, NH, hs, dtype, layout, tables, seed):
     """T = 1 (a decode step), odd head halves (hs = 6), positions offset by a KV cache's past
     (the tables of core.rope_tables at past .. past + T - 1), q as a view of the qkv projection,
@@ -284,9 +317,16 @@ needs_blas_control = pytest.mark.skipif(
 @needs_numba
 @needs_blas_control
 @settings(max_examples=60, deadline=None)
-@given(lead=st.sampled_from([(1,), (1, 1), (2, 1), (1, 3), (4,), (5,), (2, 3), (8,), (3, 3)]), Cin=st.sampled_from([1, 3, 8, 37]),
-       Cout=st.sampled_from([1, 2, 11, 65]), bias=st.booleans(), dtype=st.sampled_from(DTYPES),
-       contiguous=st.booleans(), blas=st.sampled_from([1, 2]), seed=st.integers(0, 2**16))  # fmt: skip
+@given(
+    lead=st.sampled_from([(1,), (1, 1), (2, 1), (1, 3), (4,), (5,), (2, 3), (8,), (3, 3)]),
+    Cin=st.sampled_from([1, 3, 8, 37]),
+    Cout=st.sampled_from([1, 2, 11, 65]),
+    bias=st.booleans(),
+    dtype=st.sampled_from(DTYPES),
+    contiguous=st.booleans(),
+    blas=st.sampled_from([1, 2]),
+    seed=st.integers(0, 2**16),
+)
 def test_linear_rows_kernel_equals_reference(lead, Cin, Cout, bias, dtype, contiguous, blas, seed):
     """Up to LINEAR_MAX_ROWS rows (a decode step, or a small batch of them) the kernel computes,
     beyond that the reference does; both give the reference's output and its cache, so the
@@ -304,7 +344,9 @@ def test_linear_rows_kernel_equals_reference(lead, Cin, Cout, bias, dtype, conti
     assert_close(out, ref_out, dtype, "linear forward")
     assert type(cache) is layers.LinearCache and cache.x is x and cache.w is w and cache.has_bias == bias
     dout = _array(rng, (*lead, Cout), dtype)
-    for got, want, name in zip(layers.linear_backward(dout, cache), layers.linear_backward(dout, ref_cache), "dx dw db".split()):
+    for got, want, name in zip(
+        layers.linear_backward(dout, cache), layers.linear_backward(dout, ref_cache), ["dx", "dw", "db"]
+    ):
         assert_close(got, want, dtype, f"linear backward {name}")
 
 
@@ -320,8 +362,12 @@ def test_linear_rows_kernel_declines_what_it_does_not_take(monkeypatch):
     with NUMPY.blas_threads(1):
         nk.linear_forward(x, w, b)
         assert calls == []  # taken
-        for args in [(x, np.asfortranarray(w), b), (x.astype(np.float32), w, b), (x, w, b[:1]),
-                     (x.astype(np.float16), w.astype(np.float16), None)]:  # fmt: skip
+        for args in [
+            (x, np.asfortranarray(w), b),
+            (x.astype(np.float32), w, b),
+            (x, w, b[:1]),
+            (x.astype(np.float16), w.astype(np.float16), None),
+        ]:
             np.testing.assert_array_equal(nk.linear_forward(*args)[0], REFERENCE_LINEAR(*args)[0])
         with pytest.raises(ValueError):  # the reference's matmul error
             nk.linear_forward(x, w[:, :5], None)
@@ -335,9 +381,17 @@ def test_linear_rows_kernel_declines_what_it_does_not_take(monkeypatch):
 
 @needs_numba
 @settings(max_examples=60, deadline=None)
-@given(N=st.integers(1, 20), V=st.sampled_from([1, 2, 3, 7, 65, 70]), dtype=st.sampled_from(DTYPES),
-       reduction=st.sampled_from(["mean", "sum"]), ignored=st.floats(0.0, 1.0), scale=st.sampled_from([1.0, 30.0]),
-       contiguous=st.booleans(), int32=st.booleans(), seed=st.integers(0, 2**16))  # fmt: skip
+@given(
+    N=st.integers(1, 20),
+    V=st.sampled_from([1, 2, 3, 7, 65, 70]),
+    dtype=st.sampled_from(DTYPES),
+    reduction=st.sampled_from(["mean", "sum"]),
+    ignored=st.floats(0.0, 1.0),
+    scale=st.sampled_from([1.0, 30.0]),
+    contiguous=st.booleans(),
+    int32=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
 def test_crossentropy_kernel_equals_reference(N, V, dtype, reduction, ignored, scale, contiguous, int32, seed):
     rng = np.random.default_rng(seed)
     logits = _array(rng, (N, V), dtype, contiguous) * np.asarray(scale, dtype=dtype)
@@ -388,18 +442,33 @@ def test_kernels_hand_other_arrays_to_the_reference():
 SMALL = GPTConfig(vocab_size=19, block_size=16, n_layer=2, n_head=2, n_embd=12)
 # Llama-style: RoPE, SwiGLU, grouped-query attention (2 key/value heads of 4), RMSNorm, no biases;
 # odd sizes (head halves of 3, a SwiGLU hidden size of 21)
-LLAMA = GPTConfig(vocab_size=19, block_size=16, n_layer=2, n_head=4, n_kv_head=2, n_embd=24, position="rope",
-                  mlp="swiglu", mlp_hidden=21, norm="rmsnorm", bias=False)  # fmt: skip
+LLAMA = GPTConfig(
+    vocab_size=19,
+    block_size=16,
+    n_layer=2,
+    n_head=4,
+    n_kv_head=2,
+    n_embd=24,
+    position="rope",
+    mlp="swiglu",
+    mlp_hidden=21,
+    norm="rmsnorm",
+    bias=False,
+)
 
 
 @needs_numba
 @pytest.mark.parametrize(
     "config",
-    [SMALL, GPTConfig(vocab_size=19, block_size=16, n_layer=2, n_head=3, n_embd=15, norm="rmsnorm", bias=False),
-     GPTConfig(vocab_size=19, block_size=16, n_layer=1, n_head=2, n_embd=8, norm_affine=False), LLAMA,
-     dataclasses.replace(LLAMA, n_kv_head=4, qkv_bias=True, rope_scaling=(8.0, 1.0, 4.0, 8))],
+    [
+        SMALL,
+        GPTConfig(vocab_size=19, block_size=16, n_layer=2, n_head=3, n_embd=15, norm="rmsnorm", bias=False),
+        GPTConfig(vocab_size=19, block_size=16, n_layer=1, n_head=2, n_embd=8, norm_affine=False),
+        LLAMA,
+        dataclasses.replace(LLAMA, n_kv_head=4, qkv_bias=True, rope_scaling=(8.0, 1.0, 4.0, 8)),
+    ],
     ids=["layernorm", "rmsnorm-nobias", "no-affine", "llama-gqa", "qwen2-mha"],
-)  # fmt: skip
+)
 def test_model_gradients_with_kernels_equal_reference(config):
     fast = GPT(config, seed=3, dtype="float64", kernels=None)
     ref = GPT(config, seed=3, dtype="float64", kernels="reference")
@@ -496,7 +565,13 @@ def test_reference_switch(monkeypatch):
 
 def test_describe_kernels_rows():
     rows = kernels.describe_kernels(SMALL, NUMPY, "float32")
-    assert [row[0] for row in rows][:5] == ["norm:layernorm", "linear", "attention", "activation:gelu_tanh", "crossentropy"]
+    assert [row[0] for row in rows][:5] == [
+        "norm:layernorm",
+        "linear",
+        "attention",
+        "activation:gelu_tanh",
+        "crossentropy",
+    ]
     table = {row[0]: row for row in rows}
     if HAS_NUMBA:
         assert table["linear"][1] == "numba_linear_rows"
@@ -533,13 +608,19 @@ class _AcmeKernels:
         def unavailable():
             raise KernelUnavailable("acme-fastlib is not installed")
 
-        return [{
-            "acme_gelu": KernelSpec("activation:gelu_tanh", self._load, priority=self.priority, description="acme"),
-            "acme_norm": KernelSpec("norm:layernorm", self._load, priority=99,
-                                    supports=lambda config, backend, dtype: "only for n_embd >= 4096"),
-            "acme_attention": KernelSpec("attention", unavailable, priority=99),
-            "acme_future": KernelSpec("conv:depthwise", self._load),
-        }]  # fmt: skip
+        return [
+            {
+                "acme_gelu": KernelSpec("activation:gelu_tanh", self._load, priority=self.priority, description="acme"),
+                "acme_norm": KernelSpec(
+                    "norm:layernorm",
+                    self._load,
+                    priority=99,
+                    supports=lambda config, backend, dtype: "only for n_embd >= 4096",
+                ),
+                "acme_attention": KernelSpec("attention", unavailable, priority=99),
+                "acme_future": KernelSpec("conv:depthwise", self._load),
+            }
+        ]
 
 
 @pytest.fixture
@@ -603,7 +684,10 @@ def test_a_kernel_offered_twice_or_malformed_is_an_error(pm):
         def arraygpt_register_kernels(self):
             return [{"acme": (layers.gelu_tanh_forward, layers.gelu_tanh_backward)}]
 
-    for plugin, match in ((Twice(), "offered by two plugins"), (NotASpec(), "must be an arraygpt.kernels.KernelSpec")):
+    for plugin, match in (
+        (Twice(), "offered by two plugins"),
+        (NotASpec(), "must be an arraygpt.nn.kernels.KernelSpec"),
+    ):
         pm.register(plugin, name="bad")
         try:
             with pytest.raises(manager.PluginError, match=match):
@@ -630,7 +714,7 @@ def _run(code: str) -> str:
 def test_without_numba_the_reference_runs_and_says_why():
     out = _run(
         "import sys; sys.modules['numba'] = None\n"  # import numba raises ImportError
-        "from arraygpt import GPT, GPTConfig, core, kernels\n"
+        "from arraygpt import GPT, GPTConfig; from arraygpt.nn import core; from arraygpt.nn import kernels\n"
         "c = GPTConfig(vocab_size=11, block_size=8, n_layer=1, n_head=2, n_embd=8)\n"
         "assert GPT(c).kernels == core.reference_kernels(c)\n"
         "rows = {r[0]: r for r in kernels.describe_kernels(c, 'numpy', 'float32')}\n"
@@ -641,12 +725,15 @@ def test_without_numba_the_reference_runs_and_says_why():
 
 
 def test_import_arraygpt_does_not_import_numba():
-    assert _run("import sys, arraygpt, arraygpt.kernels, arraygpt.backends; print('numba' in sys.modules)").strip() == "False"
+    assert (
+        _run("import sys, arraygpt, arraygpt.nn.kernels, arraygpt.backends; print('numba' in sys.modules)").strip()
+        == "False"
+    )
 
 
 @needs_numba
 def test_kernels_in_the_batch_threads_equal_reference():
-    """A batch large enough to be split across two threads (arraygpt.runner): the kernels run in
+    """A batch large enough to be split across two threads (arraygpt.nn.runner): the kernels run in
     both at once (numba code releases the GIL) and give the reference's gradients."""
     config = GPTConfig(vocab_size=23, block_size=128, n_layer=1, n_head=2, n_embd=128)
     fast = GPT(config, seed=4, dtype="float64", threads=2)
@@ -663,14 +750,17 @@ def test_kernels_in_the_batch_threads_equal_reference():
 
 @needs_numba
 def test_arraygpt_backends_lists_the_kernel_of_each_layer_kind(capsys, monkeypatch):
-    from arraygpt import shim
+    from arraygpt import xp as shim
     from arraygpt.cli import main
 
     monkeypatch.setattr(shim, "_active", None)
     monkeypatch.delenv("ARRAYGPT_BACKEND", raising=False)
     monkeypatch.delenv(kernels.ENV_VAR, raising=False)
     assert main(["backends"]) == 0
-    rows = {line.split()[0]: line.split()[1] for line in capsys.readouterr().out.split("kernels on numpy")[1].splitlines()[1:]}
+    rows = {
+        line.split()[0]: line.split()[1]
+        for line in capsys.readouterr().out.split("kernels on numpy")[1].splitlines()[1:]
+    }
     assert rows["activation:gelu_tanh"] == "numba_gelu_tanh" and rows["linear"] == "numba_linear_rows"
     assert rows["update:adam"] == "numba_adam"
     monkeypatch.setenv(kernels.ENV_VAR, "reference")
@@ -685,23 +775,38 @@ def test_arraygpt_backends_lists_the_kernel_of_each_layer_kind(capsys, monkeypat
 
 def _adam_pair(name, shapes, dtype, seed, **options):
     """Two optimizers ``name`` on equal parameters: with the kernels, and with the reference."""
-    from arraygpt.optim import create_optimizer
+    from arraygpt.training.optim import create_optimizer
 
     rng = np.random.default_rng(seed)
     fast = {f"p{i}": rng.standard_normal(shape).astype(dtype) for i, shape in enumerate(shapes)}
     ref = {k: v.copy() for k, v in fast.items()}
-    return fast, ref, create_optimizer(name, fast, **options), create_optimizer(name, ref, kernels="reference", **options)
+    return (
+        fast,
+        ref,
+        create_optimizer(name, fast, **options),
+        create_optimizer(name, ref, kernels="reference", **options),
+    )
 
 
 @needs_numba
 @settings(max_examples=60, deadline=None)
-@given(name=st.sampled_from(["adam", "adamw"]), shapes=st.sampled_from([[(1,)], [(7,)], [(3, 5), (5,)], [(17, 33), (1, 1), (4, 2, 3)]]),
-       dtype=st.sampled_from(DTYPES), beta1=st.sampled_from([0.0, 0.9]), beta2=st.sampled_from([0.95, 0.999]),
-       eps=st.sampled_from([1e-8, 1e-3]), weight_decay=st.sampled_from([0.0, 0.1]),
-       lrs=st.lists(st.sampled_from([0.0, 1e-3, 3e-2]), min_size=1, max_size=4), seed=st.integers(0, 99))  # fmt: skip
-def test_adam_update_kernel_is_bit_identical_to_reference(name, shapes, dtype, beta1, beta2, eps, weight_decay, lrs, seed):
-    fast, ref, opt_fast, opt_ref = _adam_pair(name, shapes, dtype, seed, betas=(beta1, beta2), eps=eps,
-                                              weight_decay=weight_decay)  # fmt: skip
+@given(
+    name=st.sampled_from(["adam", "adamw"]),
+    shapes=st.sampled_from([[(1,)], [(7,)], [(3, 5), (5,)], [(17, 33), (1, 1), (4, 2, 3)]]),
+    dtype=st.sampled_from(DTYPES),
+    beta1=st.sampled_from([0.0, 0.9]),
+    beta2=st.sampled_from([0.95, 0.999]),
+    eps=st.sampled_from([1e-8, 1e-3]),
+    weight_decay=st.sampled_from([0.0, 0.1]),
+    lrs=st.lists(st.sampled_from([0.0, 1e-3, 3e-2]), min_size=1, max_size=4),
+    seed=st.integers(0, 99),
+)
+def test_adam_update_kernel_is_bit_identical_to_reference(
+    name, shapes, dtype, beta1, beta2, eps, weight_decay, lrs, seed
+):
+    fast, ref, opt_fast, opt_ref = _adam_pair(
+        name, shapes, dtype, seed, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay
+    )
     assert all(f is nk.adam_update for f in opt_fast.fused.values()) and set(opt_ref.fused.values()) == {None}
     rng = np.random.default_rng(seed + 1)
     for lr in lrs:
@@ -711,7 +816,9 @@ def test_adam_update_kernel_is_bit_identical_to_reference(name, shapes, dtype, b
     for k in fast:  # the same numbers to the last bit, parameters and both moments
         np.testing.assert_array_equal(fast[k], ref[k], err_msg=k)
         for buffer in ("m", "v"):
-            np.testing.assert_array_equal(opt_fast.buffers[buffer][k], opt_ref.buffers[buffer][k], err_msg=f"{buffer}.{k}")
+            np.testing.assert_array_equal(
+                opt_fast.buffers[buffer][k], opt_ref.buffers[buffer][k], err_msg=f"{buffer}.{k}"
+            )
     assert opt_fast.state_dict().keys() == opt_ref.state_dict().keys()
 
 
@@ -724,12 +831,14 @@ def test_adam_update_kernel_declines_what_it_does_not_take():
     assert not nk.adam_update(p[:, ::2], g[:, ::2], m[:, ::2], v[:, ::2], **args)  # strided views
     assert not nk.adam_update(p, g.astype(np.float64), m, v, **args)  # mixed dtypes
     assert not nk.adam_update(p, g[:2], m, v, **args)  # shapes differ
-    assert not nk.adam_update(p.astype(np.float16), g.astype(np.float16), m.astype(np.float16), v.astype(np.float16), **args)
+    assert not nk.adam_update(
+        p.astype(np.float16), g.astype(np.float16), m.astype(np.float16), v.astype(np.float16), **args
+    )
     np.testing.assert_array_equal(p, 1.0)  # nothing changed
     assert nk.adam_update(p, g, m, v, **args) and not np.array_equal(p, 1.0)
     # a strided parameter (a ZeRO shard could be one) runs the reference update inside the optimizer
     wide, wide_ref = np.ones((4, 12), np.float64), np.ones((4, 12), np.float64)
-    from arraygpt.optim import create_optimizer
+    from arraygpt.training.optim import create_optimizer
 
     fast = create_optimizer("adamw", {"w": wide[:, ::2]})
     ref = create_optimizer("adamw", {"w": wide_ref[:, ::2]}, kernels="reference")
@@ -748,7 +857,7 @@ def test_update_kernel_selection(monkeypatch, pm):
     assert (kernels.select_update("adam", NUMPY, "float32") is nk.adam_update) == HAS_NUMBA
     monkeypatch.setenv(kernels.ENV_VAR, "reference")
     assert kernels.select_update("adam", NUMPY, "float32") is None
-    from arraygpt.optim import create_optimizer
+    from arraygpt.training.optim import create_optimizer
 
     assert create_optimizer("adamw", {"w": np.ones(3, np.float32)}).fused == {"w": None}
     monkeypatch.delenv(kernels.ENV_VAR)
@@ -762,8 +871,12 @@ def test_update_kernel_selection(monkeypatch, pm):
     class AcmeUpdate:
         @hookimpl
         def arraygpt_register_kernels(self):
-            return [{"acme_adam": KernelSpec("update:adam", lambda: acme_adam, priority=5, description="acme"),
-                     "acme_lion": KernelSpec("update:lion", lambda: acme_adam)}]  # fmt: skip
+            return [
+                {
+                    "acme_adam": KernelSpec("update:adam", lambda: acme_adam, priority=5, description="acme"),
+                    "acme_lion": KernelSpec("update:lion", lambda: acme_adam),
+                }
+            ]
 
     plugin = AcmeUpdate()
     pm.register(plugin, name="acme-update")

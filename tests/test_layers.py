@@ -1,4 +1,4 @@
-"""Every forward/backward pair of arraygpt.layers against central finite differences (float64), on
+"""Every forward/backward pair of arraygpt.nn.layers against central finite differences (float64), on
 array-api-strict (which proves the layer code uses only the standard) and the other CPU backends;
 layer outputs against PyTorch's own functions where one exists; our erfc against math.erfc.
 
@@ -13,10 +13,10 @@ import math
 
 import numpy as np
 import pytest
-
-from arraygpt import layers
-from arraygpt.shim import load_backend, to_numpy
 from conftest import available_backends
+
+from arraygpt.nn import layers
+from arraygpt.xp import load_backend, to_numpy
 
 GRAD_BACKENDS = [b.name for b in available_backends() if b.name in ("numpy", "array_api_strict", "torch")]
 EPS = 1e-6
@@ -271,7 +271,7 @@ def _torch_attention(torch, q, k, v, n_head):
     def heads(a):
         return torch.from_numpy(a).view(B, a.shape[1], n_head, D // n_head).transpose(1, 2)
 
-    if T == Tk:
+    if Tk == T:
         y = torch.nn.functional.scaled_dot_product_attention(heads(q), heads(k), heads(v), is_causal=True)
     else:  # torch's is_causal aligns the mask top-left; a KV cache needs it bottom-right
         allowed = torch.ones(T, Tk, dtype=torch.bool).tril(diagonal=Tk - T)
@@ -333,6 +333,7 @@ def test_erfc_matches_math_erfc_in_the_far_tail():
 
 def test_erfc_on_strict_backend_matches_numpy():
     import array_api_strict as strict
+
     x = np.linspace(-8, 8, 101)
     out = layers.erfc(strict.asarray(x))
     np.testing.assert_allclose(to_numpy(out), layers.erfc(x), rtol=1e-15, atol=0)

@@ -4,11 +4,11 @@ attention and q/k/v-only biases (Qwen2), from the layer pairs up to whole models
 - each new pair against central differences in float64 on numpy and array-api-strict, and
   against PyTorch autograd;
 - whole models against transformers' LlamaForCausalLM / Qwen2ForCausalLM built from random tiny
-  configs with the same weights (names mapped here, independently of arraygpt.interop_llama):
+  configs with the same weights (names mapped here, independently of arraygpt.io.hf.llama):
   logits (float64 1e-10, float32 1e-4), the loss and every gradient (PyTorch autograd);
 - the KV cache (n_kv_head heads; cached generation equals recompute, past block_size too),
   parameter counts against transformers', training and exact resume of llama-tiny on names;
-- arraygpt.interop_llama: arraygpt -> transformers -> arraygpt round trips, sharded files.
+- arraygpt.io.hf.llama: arraygpt -> transformers -> arraygpt round trips, sharded files.
 
 transformers computes RMSNorm and the rotary tables in float32 whatever the model's dtype
 (LlamaRMSNorm upcasts to float32; the rotary embedding uses float32 inverse frequencies and
@@ -25,13 +25,16 @@ import math
 
 import numpy as np
 import pytest
+from test_layers import gradcheck
 
 import arraygpt
-from arraygpt import core, layers
+from arraygpt.config import PRESETS, GPTConfig
 from arraygpt.errors import CheckpointError
-from arraygpt.model import GPT, PRESETS, GPTConfig, KVCache, count_params, param_shapes
-from arraygpt.shim import load_backend, to_numpy
-from test_layers import gradcheck
+from arraygpt.nn import core, layers
+from arraygpt.nn.core import KVCache
+from arraygpt.nn.model import GPT
+from arraygpt.nn.params import count_params, param_shapes
+from arraygpt.xp import load_backend, to_numpy
 
 GRAD_BACKENDS = ["numpy", "array_api_strict"]
 
@@ -58,8 +61,11 @@ def test_defaults_leave_existing_configs_unchanged():
     config = GPTConfig()
     assert (config.position, config.mlp, config.qkv_bias, config.rope_scaling) == ("learned", "standard", False, None)
     assert config.n_kv_head == config.n_head and config.kv_dim == config.attn_dim
-    old = {k: v for k, v in config.to_dict().items() if k not in ("position", "rope_theta", "rope_scaling",
-                                                                   "n_kv_head", "mlp", "qkv_bias")}  # fmt: skip
+    old = {
+        k: v
+        for k, v in config.to_dict().items()
+        if k not in ("position", "rope_theta", "rope_scaling", "n_kv_head", "mlp", "qkv_bias")
+    }
     assert GPTConfig.from_dict(old) == config  # a config.json written before these fields loads
     for name in ("gpt2", "microgpt", "shakespeare-char"):
         shapes = param_shapes(GPTConfig.preset(name))
@@ -74,28 +80,36 @@ def test_llama_configs_round_trip_through_json_and_hash(name):
 
 
 def test_rope_scaling_accepts_transformers_dict_and_stores_a_tuple():
-    d = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-         "original_max_position_embeddings": 8192}  # fmt: skip
+    d = {
+        "rope_type": "llama3",
+        "factor": 32.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }
     config = GPTConfig.preset("llama-tiny", rope_scaling=d)
     assert config.rope_scaling == (32.0, 1.0, 4.0, 8192)
     assert config == GPTConfig.preset("llama-tiny", rope_scaling=[32, 1, 4, 8192])
 
 
-@pytest.mark.parametrize("overrides, field", [
-    (dict(n_kv_head=3), "n_kv_head"),  # does not divide n_head=4
-    (dict(n_kv_head=0), "n_kv_head"),
-    (dict(n_kv_head=8), "n_kv_head"),
-    (dict(position="alibi"), "position"),
-    (dict(mlp="geglu"), "mlp"),
-    (dict(rope_theta=0.0), "rope_theta"),
-    (dict(rope_scaling=(8.0, 4.0, 1.0, 8192)), "rope_scaling"),  # low >= high
-    (dict(rope_scaling=(8.0, 1.0)), "rope_scaling"),
-    (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0}), "rope_scaling"),
-    (dict(position="learned", rope_scaling=(8.0, 1.0, 4.0, 8192)), "rope_scaling"),
-    (dict(qkv_bias=True, bias=True), "qkv_bias"),
-    (dict(qkv_bias=1), "qkv_bias"),
-    (dict(head_dim=7), "head_dim"),  # odd head size with RoPE
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        (dict(n_kv_head=3), "n_kv_head"),  # does not divide n_head=4
+        (dict(n_kv_head=0), "n_kv_head"),
+        (dict(n_kv_head=8), "n_kv_head"),
+        (dict(position="alibi"), "position"),
+        (dict(mlp="geglu"), "mlp"),
+        (dict(rope_theta=0.0), "rope_theta"),
+        (dict(rope_scaling=(8.0, 4.0, 1.0, 8192)), "rope_scaling"),  # low >= high
+        (dict(rope_scaling=(8.0, 1.0)), "rope_scaling"),
+        (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0}), "rope_scaling"),
+        (dict(position="learned", rope_scaling=(8.0, 1.0, 4.0, 8192)), "rope_scaling"),
+        (dict(qkv_bias=True, bias=True), "qkv_bias"),
+        (dict(qkv_bias=1), "qkv_bias"),
+        (dict(head_dim=7), "head_dim"),  # odd head size with RoPE
+    ],
+)
 def test_invalid_combinations_name_the_field(overrides, field):
     with pytest.raises((ValueError, TypeError), match=field):
         GPTConfig.preset("llama-tiny", **overrides)
@@ -105,12 +119,22 @@ def test_param_shapes_of_grouped_attention_swiglu_and_qkv_bias():
     config = GPTConfig.preset("llama-tiny", n_layer=1, qkv_bias=True, tie_embeddings=False)
     C, hs, H = 32, 8, 96
     assert param_shapes(config) == {
-        "wte": (27, C), "lm_head": (27, C), "layer0.norm1": (C,),
-        "layer0.attn_wq": (4 * hs, C), "layer0.attn_wq_b": (4 * hs,), "layer0.attn_wk": (2 * hs, C),
-        "layer0.attn_wk_b": (2 * hs,), "layer0.attn_wv": (2 * hs, C), "layer0.attn_wv_b": (2 * hs,),
-        "layer0.attn_wo": (C, 4 * hs), "layer0.norm2": (C,), "layer0.mlp_gate": (H, C), "layer0.mlp_up": (H, C),
-        "layer0.mlp_down": (C, H), "normf": (C,),
-    }  # fmt: skip
+        "wte": (27, C),
+        "lm_head": (27, C),
+        "layer0.norm1": (C,),
+        "layer0.attn_wq": (4 * hs, C),
+        "layer0.attn_wq_b": (4 * hs,),
+        "layer0.attn_wk": (2 * hs, C),
+        "layer0.attn_wk_b": (2 * hs,),
+        "layer0.attn_wv": (2 * hs, C),
+        "layer0.attn_wv_b": (2 * hs,),
+        "layer0.attn_wo": (C, 4 * hs),
+        "layer0.norm2": (C,),
+        "layer0.mlp_gate": (H, C),
+        "layer0.mlp_up": (H, C),
+        "layer0.mlp_down": (C, H),
+        "normf": (C,),
+    }
     counts = count_params(config).by_category
     assert counts["up_projection"] == 2 * H * C and counts["down_projection"] == C * H
     assert counts["key"] == counts["value"] == 2 * hs * C
@@ -131,9 +155,13 @@ def test_rope_gradients(gbackend, offset, scaling):
     rng = np.random.default_rng(3)
     B, T, NH, hs = 2, 5, 3, 8
     cos, sin = _tables(gbackend, T, offset, hs, scaling, theta=100.0)
-    gradcheck(gbackend, lambda x: layers.rope_forward(x, cos, sin),
-              lambda dout, cache: {"x": layers.rope_backward(dout, cache)},
-              dict(x=rng.standard_normal((B, T, NH * hs))), ["x"])  # fmt: skip
+    gradcheck(
+        gbackend,
+        lambda x: layers.rope_forward(x, cos, sin),
+        lambda dout, cache: {"x": layers.rope_backward(dout, cache)},
+        dict(x=rng.standard_normal((B, T, NH * hs))),
+        ["x"],
+    )
 
 
 def test_rope_is_a_rotation_that_keeps_relative_positions(gbackend):
@@ -154,9 +182,13 @@ def test_rope_is_a_rotation_that_keeps_relative_positions(gbackend):
 def test_swiglu_gradients(gbackend):
     rng = np.random.default_rng(5)
     args = dict(gate=rng.standard_normal((2, 3, 7)) * 3, up=rng.standard_normal((2, 3, 7)))
-    gradcheck(gbackend, layers.swiglu_forward,
-              lambda dout, cache: dict(zip(("gate", "up"), layers.swiglu_backward(dout, cache))),
-              args, ["gate", "up"])  # fmt: skip
+    gradcheck(
+        gbackend,
+        layers.swiglu_forward,
+        lambda dout, cache: dict(zip(("gate", "up"), layers.swiglu_backward(dout, cache))),
+        args,
+        ["gate", "up"],
+    )
 
 
 @pytest.mark.parametrize("n_head, n_kv_head", [(4, 1), (4, 2), (6, 3), (4, 4)])
@@ -166,8 +198,11 @@ def test_grouped_attention_gradients(gbackend, n_head, n_kv_head, T, Tk, dropout
     rng = np.random.default_rng(6)
     B, hs = 2, 3
     coins = gbackend.asarray(rng.uniform(size=(B, n_head, T, Tk)))
-    args = dict(q=rng.standard_normal((B, T, n_head * hs)), k=rng.standard_normal((B, Tk, n_kv_head * hs)),
-                v=rng.standard_normal((B, Tk, n_kv_head * hs)))  # fmt: skip
+    args = dict(
+        q=rng.standard_normal((B, T, n_head * hs)),
+        k=rng.standard_normal((B, Tk, n_kv_head * hs)),
+        v=rng.standard_normal((B, Tk, n_kv_head * hs)),
+    )
 
     def forward(q, k, v):
         return layers.attention_forward(q, k, v, n_head, dropout_p, coins, n_kv_head=n_kv_head)
@@ -205,9 +240,13 @@ def test_encoder_without_position_table_gradients(gbackend):
     out, cache = layers.encoder_forward(idx, gbackend.asarray(rng.standard_normal((5, 4))), None, 2)
     dwte, dwpe = layers.encoder_backward(out, cache)
     assert dwpe is None
-    gradcheck(gbackend, lambda wte: layers.encoder_forward(idx, wte, None),
-              lambda dout, cache: {"wte": layers.encoder_backward(dout, cache)[0]},
-              dict(wte=rng.standard_normal((5, 4))), ["wte"])  # fmt: skip
+    gradcheck(
+        gbackend,
+        lambda wte: layers.encoder_forward(idx, wte, None),
+        lambda dout, cache: {"wte": layers.encoder_backward(dout, cache)[0]},
+        dict(wte=rng.standard_normal((5, 4))),
+        ["wte"],
+    )
 
 
 def test_reference_kernels_hold_the_new_pairs():
@@ -250,20 +289,38 @@ def test_rope_matches_transformers_apply_rotary_pos_emb():
     np.testing.assert_allclose(np.asarray(layers.rope_backward(xp.asarray(dout), cache)), dx_want, rtol=0, atol=1e-14)
 
 
-@pytest.mark.parametrize("scaling", [None, {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                            "high_freq_factor": 4.0, "original_max_position_embeddings": 64}])
+@pytest.mark.parametrize(
+    "scaling",
+    [
+        None,
+        {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        },
+    ],
+)
 def test_rope_frequencies_match_transformers(scaling):
     transformers = _transformers()
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     hs, theta = 64, 500000.0
-    cfg = transformers.LlamaConfig(hidden_size=hs * 2, num_attention_heads=2, head_dim=hs, rope_theta=theta,
-                                   rope_scaling=scaling, max_position_embeddings=256)  # fmt: skip
+    cfg = transformers.LlamaConfig(
+        hidden_size=hs * 2,
+        num_attention_heads=2,
+        head_dim=hs,
+        rope_theta=theta,
+        rope_scaling=scaling,
+        max_position_embeddings=256,
+    )
     kind = cfg.rope_parameters["rope_type"]
     init = transformers.models.llama.modeling_llama.LlamaRotaryEmbedding.compute_default_rope_parameters
     inv_hf, _ = (init if kind == "default" else ROPE_INIT_FUNCTIONS[kind])(cfg)
-    ours = layers.rope_frequencies(hs, theta, None if scaling is None else GPTConfig.preset(
-        "llama-tiny", rope_scaling=scaling).rope_scaling)  # fmt: skip
+    ours = layers.rope_frequencies(
+        hs, theta, None if scaling is None else GPTConfig.preset("llama-tiny", rope_scaling=scaling).rope_scaling
+    )
     np.testing.assert_allclose(np.array(ours), inv_hf.double().numpy(), rtol=2e-6, atol=0)  # transformers: float32
 
 
@@ -308,20 +365,61 @@ def test_grouped_attention_matches_torch_sdpa_autograd(T, Tk):
 
 HF_CONFIGS = {
     # GQA (6 heads, 2 key/value heads), tied embeddings
-    "llama-gqa-tied": dict(kind="llama", vocab_size=37, hidden_size=24, intermediate_size=40, num_hidden_layers=2,
-                           num_attention_heads=6, num_key_value_heads=2, tie_word_embeddings=True, rope_theta=100.0),
+    "llama-gqa-tied": dict(
+        kind="llama",
+        vocab_size=37,
+        hidden_size=24,
+        intermediate_size=40,
+        num_hidden_layers=2,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+        rope_theta=100.0,
+    ),
     # multi-head (n_kv_head = n_head), untied lm_head, head_dim != hidden/heads
-    "llama-mha-untied": dict(kind="llama", vocab_size=29, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
-                             num_attention_heads=4, num_key_value_heads=4, head_dim=6, tie_word_embeddings=False),
+    "llama-mha-untied": dict(
+        kind="llama",
+        vocab_size=29,
+        hidden_size=16,
+        intermediate_size=24,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        head_dim=6,
+        tie_word_embeddings=False,
+    ),
     # Qwen2: q/k/v biases, GQA with one key/value head
-    "qwen2-bias": dict(kind="qwen2", vocab_size=31, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=1, tie_word_embeddings=True, rope_theta=1e6),
+    "qwen2-bias": dict(
+        kind="qwen2",
+        vocab_size=31,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        tie_word_embeddings=True,
+        rope_theta=1e6,
+    ),
     # Llama 3.1 frequency scaling, untied
-    "llama3-scaling": dict(kind="llama", vocab_size=33, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False, rope_theta=5e5,
-                           rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                         "high_freq_factor": 4.0, "original_max_position_embeddings": 4}),
-}  # fmt: skip
+    "llama3-scaling": dict(
+        kind="llama",
+        vocab_size=33,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+        rope_theta=5e5,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 4,
+        },
+    ),
+}
 BLOCK = 12
 
 
@@ -330,13 +428,24 @@ def _gpt_config(spec):
     kind = spec.pop("kind")
     n_head = spec["num_attention_heads"]
     return GPTConfig(
-        vocab_size=spec["vocab_size"], block_size=BLOCK, n_layer=spec["num_hidden_layers"], n_head=n_head,
-        n_kv_head=spec["num_key_value_heads"], n_embd=spec["hidden_size"],
-        head_dim=spec.get("head_dim", spec["hidden_size"] // n_head), mlp_hidden=spec["intermediate_size"],
-        norm="rmsnorm", norm_eps=1e-5, bias=False, qkv_bias=kind == "qwen2",
-        tie_embeddings=spec["tie_word_embeddings"], position="rope", rope_theta=spec.get("rope_theta", 10000.0),
-        rope_scaling=spec.get("rope_scaling"), mlp="swiglu",
-    )  # fmt: skip
+        vocab_size=spec["vocab_size"],
+        block_size=BLOCK,
+        n_layer=spec["num_hidden_layers"],
+        n_head=n_head,
+        n_kv_head=spec["num_key_value_heads"],
+        n_embd=spec["hidden_size"],
+        head_dim=spec.get("head_dim", spec["hidden_size"] // n_head),
+        mlp_hidden=spec["intermediate_size"],
+        norm="rmsnorm",
+        norm_eps=1e-5,
+        bias=False,
+        qkv_bias=kind == "qwen2",
+        tie_embeddings=spec["tie_word_embeddings"],
+        position="rope",
+        rope_theta=spec.get("rope_theta", 10000.0),
+        rope_scaling=spec.get("rope_scaling"),
+        mlp="swiglu",
+    )
 
 
 def _hf_model(spec, seed=0):
@@ -344,8 +453,10 @@ def _hf_model(spec, seed=0):
     torch, transformers = _torch(), _transformers()
     spec = dict(spec)
     kind = spec.pop("kind")
-    cls = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
-           "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM)}[kind]  # fmt: skip
+    cls = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+    }[kind]
     config = cls[0](**spec, max_position_embeddings=BLOCK, rms_norm_eps=1e-5, attn_implementation="sdpa")
     torch.manual_seed(seed)
     model = cls[1](config).to(torch.float64).eval()
@@ -353,8 +464,11 @@ def _hf_model(spec, seed=0):
     with torch.no_grad():
         for name, p in model.named_parameters():
             noise = torch.randn(p.shape, generator=gen, dtype=torch.float64)
-            p.copy_(1.0 + 0.1 * noise if name.endswith("layernorm.weight") or name == "model.norm.weight"
-                    else noise * (0.3 if p.ndim == 1 else 1.0 / math.sqrt(p.shape[-1])))  # fmt: skip
+            p.copy_(
+                1.0 + 0.1 * noise
+                if name.endswith("layernorm.weight") or name == "model.norm.weight"
+                else noise * (0.3 if p.ndim == 1 else 1.0 / math.sqrt(p.shape[-1]))
+            )
     return model
 
 
@@ -366,9 +480,17 @@ def _hf_name(name):
     layer, short = name.split(".")
     bias = short.endswith("_b")
     short = short[:-2] if bias else short
-    hf = {"norm1": "input_layernorm", "norm2": "post_attention_layernorm", "attn_wq": "self_attn.q_proj",
-          "attn_wk": "self_attn.k_proj", "attn_wv": "self_attn.v_proj", "attn_wo": "self_attn.o_proj",
-          "mlp_gate": "mlp.gate_proj", "mlp_up": "mlp.up_proj", "mlp_down": "mlp.down_proj"}[short]  # fmt: skip
+    hf = {
+        "norm1": "input_layernorm",
+        "norm2": "post_attention_layernorm",
+        "attn_wq": "self_attn.q_proj",
+        "attn_wk": "self_attn.k_proj",
+        "attn_wv": "self_attn.v_proj",
+        "attn_wo": "self_attn.o_proj",
+        "mlp_gate": "mlp.gate_proj",
+        "mlp_up": "mlp.up_proj",
+        "mlp_down": "mlp.down_proj",
+    }[short]
     suffix = ".bias" if bias else ".weight"
     return f"model.layers.{layer[5:]}.{hf}{suffix}"
 
@@ -433,7 +555,8 @@ def test_logits_loss_and_every_gradient_equal_transformers_float64(name, _float6
     idx, targets = _tokens(config)
     logits_hf = hf(torch.tensor(idx)).logits
     loss_hf = torch.nn.functional.cross_entropy(
-        logits_hf.reshape(-1, config.vocab_size), torch.tensor(targets).reshape(-1), ignore_index=-1)
+        logits_hf.reshape(-1, config.vocab_size), torch.tensor(targets).reshape(-1), ignore_index=-1
+    )
     loss_hf.backward()
     logits, loss = model.forward(idx, targets)
     grads = model.backward()
@@ -524,7 +647,7 @@ def test_kv_cache_token_by_token_equals_full_forward(overrides):
 def test_cached_generation_equals_recompute_past_block_size_with_rope():
     """generation.py's decoder: with a cache, once the context outgrows block_size the window is
     rebuilt at positions 0 .. block_size-1, exactly the recompute of that window."""
-    from arraygpt.generation import _Decoder
+    from arraygpt.generation.generation import _Decoder
 
     config = GPTConfig.preset("llama-tiny", block_size=6)
     model = GPT(config, seed=4, dtype="float64")
@@ -549,11 +672,21 @@ def test_cached_generation_equals_recompute_past_block_size_with_rope():
 def test_preset_counts_equal_transformers_numel(name):
     torch, transformers = _torch(), _transformers()
     c = GPTConfig.preset(name)
-    kw = dict(vocab_size=c.vocab_size, hidden_size=c.n_embd, intermediate_size=c.mlp_hidden,
-              num_hidden_layers=c.n_layer, num_attention_heads=c.n_head, num_key_value_heads=c.n_kv_head,
-              tie_word_embeddings=c.tie_embeddings, max_position_embeddings=c.block_size)  # fmt: skip
-    cls = (transformers.Qwen2Config, transformers.Qwen2ForCausalLM) if c.qkv_bias else (
-        transformers.LlamaConfig, transformers.LlamaForCausalLM)  # fmt: skip
+    kw = dict(
+        vocab_size=c.vocab_size,
+        hidden_size=c.n_embd,
+        intermediate_size=c.mlp_hidden,
+        num_hidden_layers=c.n_layer,
+        num_attention_heads=c.n_head,
+        num_key_value_heads=c.n_kv_head,
+        tie_word_embeddings=c.tie_embeddings,
+        max_position_embeddings=c.block_size,
+    )
+    cls = (
+        (transformers.Qwen2Config, transformers.Qwen2ForCausalLM)
+        if c.qkv_bias
+        else (transformers.LlamaConfig, transformers.LlamaForCausalLM)
+    )
     with torch.device("meta"):  # shapes only, nothing allocated
         hf = cls[1](cls[0](**kw))
     assert count_params(c).total == sum(p.numel() for p in hf.parameters())
@@ -561,8 +694,12 @@ def test_preset_counts_equal_transformers_numel(name):
 
 def test_published_sizes_of_the_presets():
     # the sizes these models are known by (their safetensors files' parameter counts)
-    sizes = {"smollm2-135m": 134_515_008, "smollm2-360m": 361_821_120, "qwen2.5-0.5b": 494_032_768,
-             "llama-3.2-1b": 1_235_814_400}  # fmt: skip
+    sizes = {
+        "smollm2-135m": 134_515_008,
+        "smollm2-360m": 361_821_120,
+        "qwen2.5-0.5b": 494_032_768,
+        "llama-3.2-1b": 1_235_814_400,
+    }
     assert {name: count_params(GPTConfig.preset(name)).total for name in sizes} == sizes
     assert all(name in PRESETS for name in sizes)
 
@@ -581,8 +718,19 @@ def test_llama_tiny_trains_on_names_and_resumes_bit_identically(tmp_path):
     from arraygpt.manager import get_plugin_manager
 
     pm = get_plugin_manager(autoload=False)
-    opts = dict(data="names", config="llama-tiny", steps=8, batch_size=8, eval_interval=4, eval_batches=1,
-                samples=0, log_interval=1, dropout=0.1, progress=False, plugin_manager=pm)  # fmt: skip
+    opts = dict(
+        data="names",
+        config="llama-tiny",
+        steps=8,
+        batch_size=8,
+        eval_interval=4,
+        eval_batches=1,
+        samples=0,
+        log_interval=1,
+        dropout=0.1,
+        progress=False,
+        plugin_manager=pm,
+    )
     straight = arraygpt.train(out_dir=tmp_path / "a", **opts)
     assert straight.model.config.vocab_size == straight.tokenizer.vocab_size  # the preset's 27 replaced
     assert straight.model.config.position == "rope" and "wpe" not in straight.model.params
@@ -598,8 +746,24 @@ def test_llama_tiny_trains_on_names_and_resumes_bit_identically(tmp_path):
 def test_cli_trains_the_llama_tiny_preset(tmp_path):
     from arraygpt import cli
 
-    args = ["train", "--preset", "llama-tiny", "--steps", "3", "--batch-size", "4", "--eval-interval", "3",
-            "--eval-batches", "1", "--samples", "0", "--out-dir", str(tmp_path / "r"), "--quiet"]  # fmt: skip
+    args = [
+        "train",
+        "--preset",
+        "llama-tiny",
+        "--steps",
+        "3",
+        "--batch-size",
+        "4",
+        "--eval-interval",
+        "3",
+        "--eval-batches",
+        "1",
+        "--samples",
+        "0",
+        "--out-dir",
+        str(tmp_path / "r"),
+        "--quiet",
+    ]
     assert cli.main(args) == 0
     config = json.loads((tmp_path / "r" / "last" / "config.json").read_text())
     assert config["position"] == "rope" and config["mlp"] == "swiglu" and config["n_kv_head"] == 2
@@ -628,7 +792,7 @@ INTEROP_CONFIGS = {
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_arraygpt_to_transformers_to_arraygpt_is_bit_identical(tmp_path, name, dtype):
     torch, transformers = _torch(), _transformers()
-    from arraygpt.interop_llama import load_llama, save_llama
+    from arraygpt.io.hf.llama import load_llama, save_llama
 
     config = GPTConfig.preset("llama-tiny", **INTEROP_CONFIGS[name])
     model = _random_model(config, dtype=dtype)
@@ -637,8 +801,9 @@ def test_arraygpt_to_transformers_to_arraygpt_is_bit_identical(tmp_path, name, d
     assert type(hf).__name__ == ("Qwen2ForCausalLM" if config.qkv_bias else "LlamaForCausalLM")
     idx, _ = _tokens(config, T=config.block_size)
     if dtype == "float32":  # transformers unpatched (its float32 norms and tables)
-        np.testing.assert_allclose(hf(torch.tensor(idx)).logits.detach().numpy(), to_numpy(model.forward(idx)[0]),
-                                   rtol=0, atol=1e-4)  # fmt: skip
+        np.testing.assert_allclose(
+            hf(torch.tensor(idx)).logits.detach().numpy(), to_numpy(model.forward(idx)[0]), rtol=0, atol=1e-4
+        )
     hf.save_pretrained(tmp_path / "again")
     back = load_llama(tmp_path / "again", dtype=dtype)
     assert back.config == config
@@ -648,8 +813,8 @@ def test_arraygpt_to_transformers_to_arraygpt_is_bit_identical(tmp_path, name, d
 
 
 def test_load_llama_reads_sharded_files_and_ignores_a_tied_copy_of_lm_head(tmp_path):
-    from arraygpt.interop_llama import config_to_llama, load_llama, state_dict_to_llama
-    from arraygpt.safetensors import save_file
+    from arraygpt.io.hf.llama import config_to_llama, load_llama, state_dict_to_llama
+    from arraygpt.io.safetensors import save_file
 
     config = GPTConfig.preset("llama-tiny")
     model = _random_model(config, dtype="float64")
@@ -657,8 +822,10 @@ def test_load_llama_reads_sharded_files_and_ignores_a_tied_copy_of_lm_head(tmp_p
     tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"]  # some tied files store it twice
     tensors["model.layers.0.self_attn.rotary_emb.inv_freq"] = np.ones(4)  # old files' buffers
     names = sorted(tensors)
-    shards = {"model-00001-of-00002.safetensors": names[: len(names) // 2],
-              "model-00002-of-00002.safetensors": names[len(names) // 2 :]}  # fmt: skip
+    shards = {
+        "model-00001-of-00002.safetensors": names[: len(names) // 2],
+        "model-00002-of-00002.safetensors": names[len(names) // 2 :],
+    }
     (tmp_path / "config.json").write_text(json.dumps(config_to_llama(config, "float64")))
     for shard, keys in shards.items():
         save_file({k: tensors[k] for k in keys}, tmp_path / shard)
@@ -670,54 +837,111 @@ def test_load_llama_reads_sharded_files_and_ignores_a_tied_copy_of_lm_head(tmp_p
 
 
 def test_config_from_llama_reads_published_configs():
-    from arraygpt.interop_llama import config_from_llama
+    from arraygpt.io.hf.llama import config_from_llama
 
-    llama32 = {"architectures": ["LlamaForCausalLM"], "attention_bias": False, "bos_token_id": 128000,
-               "eos_token_id": 128001, "head_dim": 64, "hidden_act": "silu", "hidden_size": 2048,
-               "initializer_range": 0.02, "intermediate_size": 8192, "max_position_embeddings": 131072,
-               "mlp_bias": False, "model_type": "llama", "num_attention_heads": 32, "num_hidden_layers": 16,
-               "num_key_value_heads": 8, "pretraining_tp": 1, "rms_norm_eps": 1e-05,
-               "rope_scaling": {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
-                                "original_max_position_embeddings": 8192, "rope_type": "llama3"},
-               "rope_theta": 500000.0, "tie_word_embeddings": True, "torch_dtype": "bfloat16",
-               "use_cache": True, "vocab_size": 128256}  # fmt: skip
+    llama32 = {
+        "architectures": ["LlamaForCausalLM"],
+        "attention_bias": False,
+        "bos_token_id": 128000,
+        "eos_token_id": 128001,
+        "head_dim": 64,
+        "hidden_act": "silu",
+        "hidden_size": 2048,
+        "initializer_range": 0.02,
+        "intermediate_size": 8192,
+        "max_position_embeddings": 131072,
+        "mlp_bias": False,
+        "model_type": "llama",
+        "num_attention_heads": 32,
+        "num_hidden_layers": 16,
+        "num_key_value_heads": 8,
+        "pretraining_tp": 1,
+        "rms_norm_eps": 1e-05,
+        "rope_scaling": {
+            "factor": 32.0,
+            "high_freq_factor": 4.0,
+            "low_freq_factor": 1.0,
+            "original_max_position_embeddings": 8192,
+            "rope_type": "llama3",
+        },
+        "rope_theta": 500000.0,
+        "tie_word_embeddings": True,
+        "torch_dtype": "bfloat16",
+        "use_cache": True,
+        "vocab_size": 128256,
+    }
     assert config_from_llama(llama32) == GPTConfig.preset("llama-3.2-1b")
-    qwen = {"architectures": ["Qwen2ForCausalLM"], "hidden_act": "silu", "hidden_size": 896,
-            "initializer_range": 0.02, "intermediate_size": 4864, "max_position_embeddings": 32768,
-            "max_window_layers": 24, "model_type": "qwen2", "num_attention_heads": 14, "num_hidden_layers": 24,
-            "num_key_value_heads": 2, "rms_norm_eps": 1e-06, "rope_theta": 1000000.0, "sliding_window": 32768,
-            "tie_word_embeddings": True, "torch_dtype": "bfloat16", "use_sliding_window": False,
-            "vocab_size": 151936}  # fmt: skip
+    qwen = {
+        "architectures": ["Qwen2ForCausalLM"],
+        "hidden_act": "silu",
+        "hidden_size": 896,
+        "initializer_range": 0.02,
+        "intermediate_size": 4864,
+        "max_position_embeddings": 32768,
+        "max_window_layers": 24,
+        "model_type": "qwen2",
+        "num_attention_heads": 14,
+        "num_hidden_layers": 24,
+        "num_key_value_heads": 2,
+        "rms_norm_eps": 1e-06,
+        "rope_theta": 1000000.0,
+        "sliding_window": 32768,
+        "tie_word_embeddings": True,
+        "torch_dtype": "bfloat16",
+        "use_sliding_window": False,
+        "vocab_size": 151936,
+    }
     assert config_from_llama(qwen) == GPTConfig.preset("qwen2.5-0.5b")
-    smollm = {"model_type": "llama", "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
-              "num_attention_heads": 9, "num_key_value_heads": 3, "max_position_embeddings": 8192,
-              "rms_norm_eps": 1e-05, "rope_theta": 100000, "tie_word_embeddings": True, "vocab_size": 49152,
-              "hidden_act": "silu", "rope_scaling": None}  # fmt: skip
+    smollm = {
+        "model_type": "llama",
+        "hidden_size": 576,
+        "intermediate_size": 1536,
+        "num_hidden_layers": 30,
+        "num_attention_heads": 9,
+        "num_key_value_heads": 3,
+        "max_position_embeddings": 8192,
+        "rms_norm_eps": 1e-05,
+        "rope_theta": 100000,
+        "tie_word_embeddings": True,
+        "vocab_size": 49152,
+        "hidden_act": "silu",
+        "rope_scaling": None,
+    }
     assert config_from_llama(smollm) == GPTConfig.preset("smollm2-135m")
     v5 = {**smollm, "rope_parameters": {"rope_type": "default", "rope_theta": 100000.0}}
     del v5["rope_theta"]
     assert config_from_llama(v5) == GPTConfig.preset("smollm2-135m")  # transformers 5's spelling
 
 
-@pytest.mark.parametrize("change, message", [
-    (dict(model_type="gpt2"), "model_type"),
-    (dict(hidden_act="gelu"), "hidden_act"),
-    (dict(attention_bias=True), "attention_bias"),
-    (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0}), "yarn"),
-    (dict(model_type="mistral", sliding_window=4), "sliding_window"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(model_type="gpt2"), "model_type"),
+        (dict(hidden_act="gelu"), "hidden_act"),
+        (dict(attention_bias=True), "attention_bias"),
+        (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0}), "yarn"),
+        (dict(model_type="mistral", sliding_window=4), "sliding_window"),
+    ],
+)
 def test_config_from_llama_refuses_what_arraygpt_does_not_implement(change, message):
-    from arraygpt.interop_llama import config_from_llama
+    from arraygpt.io.hf.llama import config_from_llama
 
-    base = {"model_type": "llama", "hidden_size": 16, "intermediate_size": 24, "num_hidden_layers": 1,
-            "num_attention_heads": 2, "max_position_embeddings": 8, "vocab_size": 11}  # fmt: skip
+    base = {
+        "model_type": "llama",
+        "hidden_size": 16,
+        "intermediate_size": 24,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "max_position_embeddings": 8,
+        "vocab_size": 11,
+    }
     with pytest.raises(CheckpointError, match=message):
         config_from_llama({**base, **change})
 
 
 def test_mistral_directories_load(tmp_path):
     torch, transformers = _torch(), _transformers()
-    from arraygpt.interop_llama import load_llama, save_llama
+    from arraygpt.io.hf.llama import load_llama, save_llama
 
     config = GPTConfig.preset("llama-tiny", tie_embeddings=False)
     model = _random_model(config)
@@ -725,16 +949,22 @@ def test_mistral_directories_load(tmp_path):
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
     assert type(hf).__name__ == "MistralForCausalLM"
     idx, _ = _tokens(config, T=config.block_size)
-    np.testing.assert_allclose(hf(torch.tensor(idx)).logits.detach().numpy(), to_numpy(model.forward(idx)[0]),
-                               rtol=0, atol=1e-4)  # fmt: skip
+    np.testing.assert_allclose(
+        hf(torch.tensor(idx)).logits.detach().numpy(), to_numpy(model.forward(idx)[0]), rtol=0, atol=1e-4
+    )
     assert load_llama(tmp_path).config == config
 
 
-@pytest.mark.parametrize("overrides, field", [
-    (dict(position="learned"), "position"), (dict(mlp="standard"), "mlp"), (dict(norm="layernorm"), "norm"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        (dict(position="learned"), "position"),
+        (dict(mlp="standard"), "mlp"),
+        (dict(norm="layernorm"), "norm"),
+    ],
+)
 def test_save_llama_names_the_field_it_cannot_hold(tmp_path, overrides, field):
-    from arraygpt.interop_llama import save_llama
+    from arraygpt.io.hf.llama import save_llama
 
     config = dataclasses.replace(GPTConfig.preset("llama-tiny"), **overrides)
     with pytest.raises(ValueError, match=field):
@@ -744,7 +974,7 @@ def test_save_llama_names_the_field_it_cannot_hold(tmp_path, overrides, field):
 
 def test_a_bfloat16_directory_written_by_transformers_loads_widened(tmp_path):
     torch = _torch()
-    from arraygpt.interop_llama import load_llama
+    from arraygpt.io.hf.llama import load_llama
 
     spec = HF_CONFIGS["qwen2-bias"]
     hf = _hf_model(spec).to(torch.bfloat16)
@@ -768,10 +998,10 @@ def test_causal_outputs_ignore_later_tokens_with_rope_and_grouped_heads():
     assert np.abs(a[:, 9:] - b[:, 9:]).max() > 1e-6
 
 
-def test_save_pretrained_writes_a_llama_directory_for_a_rotary_config(tmp_path):
+def test_save_as_llama_writes_a_llama_directory_for_a_rotary_config(tmp_path):
     model = GPT(GPTConfig.preset("llama-tiny"), seed=1, dtype="float64")
-    model.save_pretrained(str(tmp_path))
+    arraygpt.save(model, tmp_path, format="llama")
     assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "llama"
-    again = GPT.from_pretrained(str(tmp_path), dtype="float64")
+    again = arraygpt.load(tmp_path, dtype="float64").model
     idx = np.array([[1, 2, 3, 4]])
     np.testing.assert_array_equal(to_numpy(again.forward(idx)[0]), to_numpy(model.forward(idx)[0]))

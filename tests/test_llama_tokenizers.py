@@ -26,41 +26,81 @@ from contextlib import redirect_stdout
 import numpy as np
 import pytest
 
-tokenizers = pytest.importorskip("tokenizers", reason="Hugging Face tokenizers need the extra: pip install 'arraygpt[hf]'")
+tokenizers = pytest.importorskip(
+    "tokenizers", reason="Hugging Face tokenizers need the extra: pip install 'arraygpt[hf]'"
+)
 
-import arraygpt  # noqa: E402
-from arraygpt import GPT, GPTConfig  # noqa: E402
-from arraygpt.errors import CheckpointError  # noqa: E402
-from arraygpt.interop import BPETokenizer, load_hf_tokenizer  # noqa: E402
+import arraygpt
+from arraygpt import GPT, GPTConfig
+from arraygpt.errors import CheckpointError
+from arraygpt.io.bpe import BPETokenizer, load_hf_tokenizer
 
-LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                r"|\s*[\r\n]+|\s+(?!\S)|\s+")  # fmt: skip
-QWEN2_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-               r"|\s*[\r\n]+|\s+(?!\S)|\s+")  # fmt: skip
+LLAMA3_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+QWEN2_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 
-MIXED = ("Hello, World! I'm here; they'll see it's 2024-12-01 at 13:45:07.\n"
-         "Ünïcödé café naïve façade — “quotes” «guillemets»\n"
-         "日本語のテキストと中文文本，还有한국어.\n"
-         "emoji 🙂👍🏽👩‍👩‍👧 and flags 🇫🇷\n"
-         "مرحبا بالعالم، هذا نص عربي ١٢٣\n"
-         "digits 1234567890 3.14159 -42 1e10\n"
-         "   spaces\t\ttabs\n\n\n  newlines \r\n trailing   ")  # fmt: skip
-CORPUS = [MIXED, "The quick brown fox jumps over the lazy dog. " * 3, "hello hello world world 123 456",
-          "日本語 日本語 中文 中文 🙂 🙂", "مرحبا مرحبا"]  # fmt: skip
+MIXED = (
+    "Hello, World! I'm here; they'll see it's 2024-12-01 at 13:45:07.\n"
+    "Ünïcödé café naïve façade — “quotes” «guillemets»\n"
+    "日本語のテキストと中文文本，还有한국어.\n"
+    "emoji 🙂👍🏽👩‍👩‍👧 and flags 🇫🇷\n"
+    "مرحبا بالعالم، هذا نص عربي ١٢٣\n"
+    "digits 1234567890 3.14159 -42 1e10\n"
+    "   spaces\t\ttabs\n\n\n  newlines \r\n trailing   "
+)
+CORPUS = [
+    MIXED,
+    "The quick brown fox jumps over the lazy dog. " * 3,
+    "hello hello world world 123 456",
+    "日本語 日本語 中文 中文 🙂 🙂",
+    "مرحبا مرحبا",
+]
 
 FAMILIES = {
     # name: (pre-tokenizer regex or None for GPT-2's, normalizer, special tokens after the vocabulary
     #        (None: before, ids 0..), tokenizer_config's bos/eos, config.json's bos/eos ids (names))
-    "llama3": dict(regex=LLAMA3_REGEX, nfc=False, specials=["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"],
-                   first=False, bos="<|begin_of_text|>", eos="<|eot_id|>", add_bos=True,
-                   config_bos="<|begin_of_text|>", config_eos=["<|end_of_text|>", "<|eot_id|>"], clean_up=True),
-    "qwen2": dict(regex=QWEN2_REGEX, nfc=True, specials=["<|endoftext|>", "<|im_start|>", "<|im_end|>"], first=False,
-                  bos=None, eos="<|endoftext|>", add_bos=False, config_bos="<|endoftext|>",
-                  config_eos="<|endoftext|>", clean_up=False),
-    "smollm2": dict(regex=None, nfc=False, specials=["<|endoftext|>", "<|im_start|>", "<|im_end|>"], first=True,
-                    bos="<|endoftext|>", eos="<|endoftext|>", add_bos=False, config_bos="<|endoftext|>",
-                    config_eos="<|endoftext|>", clean_up=False),
-}  # fmt: skip
+    "llama3": dict(
+        regex=LLAMA3_REGEX,
+        nfc=False,
+        specials=["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"],
+        first=False,
+        bos="<|begin_of_text|>",
+        eos="<|eot_id|>",
+        add_bos=True,
+        config_bos="<|begin_of_text|>",
+        config_eos=["<|end_of_text|>", "<|eot_id|>"],
+        clean_up=True,
+    ),
+    "qwen2": dict(
+        regex=QWEN2_REGEX,
+        nfc=True,
+        specials=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        first=False,
+        bos=None,
+        eos="<|endoftext|>",
+        add_bos=False,
+        config_bos="<|endoftext|>",
+        config_eos="<|endoftext|>",
+        clean_up=False,
+    ),
+    "smollm2": dict(
+        regex=None,
+        nfc=False,
+        specials=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        first=True,
+        bos="<|endoftext|>",
+        eos="<|endoftext|>",
+        add_bos=False,
+        config_bos="<|endoftext|>",
+        config_eos="<|endoftext|>",
+        clean_up=False,
+    ),
+}
 
 
 def build_tokenizer(family: str, directory, *, vocab_size: int = 600, config: bool = True):
@@ -72,35 +112,52 @@ def build_tokenizer(family: str, directory, *, vocab_size: int = 600, config: bo
     if f["regex"] is None:
         tok.pre_tokenizer = pre.ByteLevel(add_prefix_space=False)
     else:
-        tok.pre_tokenizer = pre.Sequence([pre.Split(tokenizers.Regex(f["regex"]), behavior="isolated"),
-                                          pre.ByteLevel(add_prefix_space=False, use_regex=False)])  # fmt: skip
+        tok.pre_tokenizer = pre.Sequence(
+            [
+                pre.Split(tokenizers.Regex(f["regex"]), behavior="isolated"),
+                pre.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
     if f["nfc"]:
         tok.normalizer = tokenizers.normalizers.NFC()
     tok.decoder = dec.ByteLevel()
-    trainer = tokenizers.trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=1, show_progress=False,
-                                             initial_alphabet=pre.ByteLevel.alphabet(),
-                                             special_tokens=f["specials"] if f["first"] else [])  # fmt: skip
+    trainer = tokenizers.trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=1,
+        show_progress=False,
+        initial_alphabet=pre.ByteLevel.alphabet(),
+        special_tokens=f["specials"] if f["first"] else [],
+    )
     tok.train_from_iterator(CORPUS, trainer=trainer)
     if not f["first"]:
         tok.add_special_tokens([tokenizers.AddedToken(s, special=True, normalized=False) for s in f["specials"]])
     if f["add_bos"]:
         bos = f["bos"]
-        tok.post_processor = tokenizers.processors.Sequence([
-            tokenizers.processors.ByteLevel(trim_offsets=False),
-            tokenizers.processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
-                                                     special_tokens=[(bos, tok.token_to_id(bos))]),
-        ])  # fmt: skip
+        tok.post_processor = tokenizers.processors.Sequence(
+            [
+                tokenizers.processors.ByteLevel(trim_offsets=False),
+                tokenizers.processors.TemplateProcessing(
+                    single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.token_to_id(bos))]
+                ),
+            ]
+        )
     else:
         tok.post_processor = tokenizers.processors.ByteLevel(trim_offsets=False)
     directory.mkdir(parents=True, exist_ok=True)
     tok.save(str(directory / "tokenizer.json"))
-    tok_config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": f["bos"], "eos_token": f["eos"],
-                  "clean_up_tokenization_spaces": f["clean_up"], "model_max_length": 131072}  # fmt: skip
+    tok_config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": f["bos"],
+        "eos_token": f["eos"],
+        "clean_up_tokenization_spaces": f["clean_up"],
+        "model_max_length": 131072,
+    }
     (directory / "tokenizer_config.json").write_text(json.dumps(tok_config), encoding="utf-8")
     if config:
         ids = lambda v: [tok.token_to_id(s) for s in v] if isinstance(v, list) else tok.token_to_id(v)  # noqa: E731
-        (directory / "config.json").write_text(json.dumps({"bos_token_id": ids(f["config_bos"]),
-                                                           "eos_token_id": ids(f["config_eos"])}))  # fmt: skip
+        (directory / "config.json").write_text(
+            json.dumps({"bos_token_id": ids(f["config_bos"]), "eos_token_id": ids(f["config_eos"])})
+        )
     return tok
 
 
@@ -119,8 +176,21 @@ def transformers_tokenizer(directory):
 # encode/decode equal transformers'
 
 
-@pytest.mark.parametrize("text", [MIXED, "", " ", "a", "\n\n", "x<|im_end|>y <|endoftext|>", "<|eot_id|>",
-                                  "ÅÅ Å Å", "12345678901234567890", "don't   stop ...!!!"])  # fmt: skip
+@pytest.mark.parametrize(
+    "text",
+    [
+        MIXED,
+        "",
+        " ",
+        "a",
+        "\n\n",
+        "x<|im_end|>y <|endoftext|>",
+        "<|eot_id|>",
+        "ÅÅ Å Å",
+        "12345678901234567890",
+        "don't   stop ...!!!",
+    ],
+)
 def test_encode_and_decode_equal_transformers(family, text):
     name, directory, _ = family
     ours, theirs = load_hf_tokenizer(directory), transformers_tokenizer(directory)
@@ -198,13 +268,14 @@ def test_save_writes_a_directory_transformers_and_arraygpt_read_back(family, tmp
 
 def test_a_sentencepiece_style_tokenizer_loads_too(tmp_path):
     """Not byte-level (Llama 2 / Mistral style: Metaspace, no ByteLevel decoder): the library decodes."""
-    from arraygpt.interop import HFTokenizer
+    from arraygpt.io.bpe import HFTokenizer
 
     tok = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = tokenizers.pre_tokenizers.Metaspace()
     tok.decoder = tokenizers.decoders.Metaspace()
-    trainer = tokenizers.trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"],
-                                             show_progress=False)  # fmt: skip
+    trainer = tokenizers.trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False
+    )
     tok.train_from_iterator(CORPUS, trainer=trainer)
     tok.save(str(tmp_path / "tokenizer.json"))
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
@@ -239,8 +310,19 @@ def test_arraygpt_save_then_load_and_sample(name, tmp_path):
     assert (ckpt.tokenizer.bos_id, ckpt.tokenizer.eos_id) == (tok.bos_id, tok.eos_id)
     stdout = io.StringIO()
     with redirect_stdout(stdout):
-        rc = cli.main(["sample", "--checkpoint", str(out), "--prompt", "Hello, 日本語 🙂", "--max-new-tokens", "8",
-                       "--sampler", "greedy"])  # fmt: skip
+        rc = cli.main(
+            [
+                "sample",
+                "--checkpoint",
+                str(out),
+                "--prompt",
+                "Hello, 日本語 🙂",
+                "--max-new-tokens",
+                "8",
+                "--sampler",
+                "greedy",
+            ]
+        )
     assert rc == 0 and stdout.getvalue().startswith("Hello, 日本語 🙂")
 
 
@@ -256,10 +338,18 @@ def test_sample_a_directory_written_by_transformers_save_pretrained(tmp_path):
 
     build_tokenizer("llama3", tmp_path / "tok", config=False)
     hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "tok")
-    config = transformers.LlamaConfig(vocab_size=len(hf_tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                      bos_token_id=hf_tok.bos_token_id, eos_token_id=[hf_tok.eos_token_id, 1],
-                                      tie_word_embeddings=True)  # fmt: skip
+    config = transformers.LlamaConfig(
+        vocab_size=len(hf_tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        bos_token_id=hf_tok.bos_token_id,
+        eos_token_id=[hf_tok.eos_token_id, 1],
+        tie_word_embeddings=True,
+    )
     torch.manual_seed(0)
     transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "model")
     hf_tok.save_pretrained(tmp_path / "model")
@@ -275,8 +365,19 @@ def test_sample_a_directory_written_by_transformers_save_pretrained(tmp_path):
     np.testing.assert_allclose(np.asarray(ours), theirs, atol=1e-4)
     stdout = io.StringIO()
     with redirect_stdout(stdout):
-        rc = cli.main(["sample", "--checkpoint", str(tmp_path / "model"), "--prompt", prompt, "--max-new-tokens", "5",
-                       "--sampler", "greedy"])  # fmt: skip
+        rc = cli.main(
+            [
+                "sample",
+                "--checkpoint",
+                str(tmp_path / "model"),
+                "--prompt",
+                prompt,
+                "--max-new-tokens",
+                "5",
+                "--sampler",
+                "greedy",
+            ]
+        )
     assert rc == 0 and stdout.getvalue().startswith(prompt)
 
 
@@ -289,13 +390,24 @@ def _llama_dir(tmp_path):
     return arraygpt.save(tiny_llama(tok.vocab_size), tmp_path / "model", format="llama", tokenizer=tok)
 
 
-@pytest.mark.parametrize("file, content, match", [
-    ("tokenizer.json", "{truncated", r"tokenizer\.json: the tokenizer file is not valid JSON"),
-    ("tokenizer.json", json.dumps({"model": {"type": "Nope"}}), r"tokenizer\.json: the tokenizers library cannot read it"),
-    ("tokenizer_config.json", "[]", r"tokenizer_config\.json: the tokenizer config must hold a JSON object"),
-    ("tokenizer_config.json", json.dumps({"eos_token": "<|nope|>"}), r"tokenizer_config\.json: eos_token '<\|nope\|>' is not a token"),
-    ("tokenizer_config.json", json.dumps({"bos_token": 7}), r"tokenizer_config\.json: bos_token must be a string"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "file, content, match",
+    [
+        ("tokenizer.json", "{truncated", r"tokenizer\.json: the tokenizer file is not valid JSON"),
+        (
+            "tokenizer.json",
+            json.dumps({"model": {"type": "Nope"}}),
+            r"tokenizer\.json: the tokenizers library cannot read it",
+        ),
+        ("tokenizer_config.json", "[]", r"tokenizer_config\.json: the tokenizer config must hold a JSON object"),
+        (
+            "tokenizer_config.json",
+            json.dumps({"eos_token": "<|nope|>"}),
+            r"tokenizer_config\.json: eos_token '<\|nope\|>' is not a token",
+        ),
+        ("tokenizer_config.json", json.dumps({"bos_token": 7}), r"tokenizer_config\.json: bos_token must be a string"),
+    ],
+)
 def test_load_fails_with_one_checkpoint_error_naming_the_file(tmp_path, file, content, match):
     out = _llama_dir(tmp_path)
     (out / file).write_text(content, encoding="utf-8")
@@ -311,7 +423,9 @@ def test_bad_special_ids_in_config_json_are_one_checkpoint_error(tmp_path):
     with pytest.raises(CheckpointError, match=r"config\.json: eos_token_id must be a token id"):
         arraygpt.load(out)
     (out / "config.json").write_text(json.dumps({**config, "eos_token_id": 10**6}))
-    with pytest.raises(CheckpointError, match=r"config\.json: eos_token_id 1000000 is not in the tokenizer's vocabulary"):
+    with pytest.raises(
+        CheckpointError, match=r"config\.json: eos_token_id 1000000 is not in the tokenizer's vocabulary"
+    ):
         arraygpt.load(out)
 
 
@@ -320,7 +434,8 @@ def test_sample_stops_at_every_end_token_and_starts_where_the_tokenizer_does(tmp
     first: arraygpt sample passes every end token to generate and starts the prompt with BOS."""
     import functools
 
-    from arraygpt import cli, generation
+    from arraygpt import cli
+    from arraygpt.generation import generation
 
     tok = load_hf_tokenizer(_built("llama3", tmp_path / "tok"))
     model_dir = arraygpt.save(tiny_llama(tok.vocab_size), tmp_path / "model", format="llama", tokenizer=tok)

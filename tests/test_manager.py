@@ -14,8 +14,16 @@ import pluggy
 import pytest
 
 import arraygpt
-from arraygpt import GPT, GPTConfig, hookimpl, hookspecs, manager, shim
-from arraygpt.manager import PluginError, UnknownHookError, get_plugin_manager, register_plugin, registry, registry_with_owners
+from arraygpt import GPT, GPTConfig, hookimpl, hookspecs, manager
+from arraygpt import xp as shim
+from arraygpt.manager import (
+    PluginError,
+    UnknownHookError,
+    get_plugin_manager,
+    register_plugin,
+    registry,
+    registry_with_owners,
+)
 
 CONFIG = GPTConfig.preset("microgpt")
 
@@ -41,9 +49,16 @@ def _numpy_alias(name, calls):
         return np.asarray(host)
 
     def factory():
-        return shim.Backend(name=name, xp=np_backend.xp, array_type=np.ndarray, device="cpu", asarray=asarray,
-                            to_numpy=np_backend.to_numpy, scatter_add=np_backend.scatter_add,
-                            synchronize=np_backend.synchronize)  # fmt: skip
+        return shim.Backend(
+            name=name,
+            xp=np_backend.xp,
+            array_type=np.ndarray,
+            device="cpu",
+            asarray=asarray,
+            to_numpy=np_backend.to_numpy,
+            scatter_add=np_backend.scatter_add,
+            synchronize=np_backend.synchronize,
+        )
 
     return factory
 
@@ -221,7 +236,9 @@ def test_disable_autoload_skips_entry_points(monkeypatch, fake_entry_point, valu
 def test_a_misspelled_hook_from_an_entry_point_is_rejected(monkeypatch, fake_entry_point):
     monkeypatch.delenv("ARRAYGPT_DISABLE_PLUGIN_AUTOLOAD", raising=False)
     fake_entry_point.arraygpt_register_backend = hookimpl(lambda: [])  # missing the final "s"
-    with pytest.raises(UnknownHookError, match="'arraygpt_register_backend' .did you mean 'arraygpt_register_backends'"):
+    with pytest.raises(
+        UnknownHookError, match="'arraygpt_register_backend' .did you mean 'arraygpt_register_backends'"
+    ):
         get_plugin_manager()
 
 
@@ -267,7 +284,9 @@ def test_an_unmarked_misspelled_hook_is_rejected_too():
     # without @hookimpl pluggy would ignore the function silently
     module = types.ModuleType("unmarked_plugin")
     module.arraygpt_register_sampler = lambda: [{"x": None}]  # missing the final "s", and unmarked
-    with pytest.raises(UnknownHookError, match="'arraygpt_register_sampler' .did you mean 'arraygpt_register_samplers'"):
+    with pytest.raises(
+        UnknownHookError, match="'arraygpt_register_sampler' .did you mean 'arraygpt_register_samplers'"
+    ):
         get_plugin_manager(autoload=False).register(module, name="unmarked")
 
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import available_backends
 
 from arraygpt import GPT, GPTConfig, KVCache
-from arraygpt.shim import to_numpy
-from conftest import available_backends
+from arraygpt.xp import to_numpy
 
 BACKENDS = [b.name for b in available_backends()]
 
@@ -19,15 +19,32 @@ CONFIGS = {
     "gpt2-small": GPTConfig.preset("gpt2", vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=8),
     # attention width != n_embd (as gpt3-xl/13b), untied, RMSNorm with gain, norm_emb, exact GELU
     "odd": GPTConfig(
-        vocab_size=9, block_size=6, n_layer=2, n_head=3, n_embd=8, head_dim=2, mlp_hidden=12, norm="rmsnorm",
-        norm_emb=True, bias=True, activation="gelu", tie_embeddings=False,
+        vocab_size=9,
+        block_size=6,
+        n_layer=2,
+        n_head=3,
+        n_embd=8,
+        head_dim=2,
+        mlp_hidden=12,
+        norm="rmsnorm",
+        norm_emb=True,
+        bias=True,
+        activation="gelu",
+        tie_embeddings=False,
     ),
     # squared ReLU, LayerNorm without affine, no final norm
     "relu2": GPTConfig(
-        vocab_size=7, block_size=5, n_layer=1, n_head=2, n_embd=6, norm_affine=False, norm_final=False,
-        activation="relu2", bias=False,
+        vocab_size=7,
+        block_size=5,
+        n_layer=1,
+        n_head=2,
+        n_embd=6,
+        norm_affine=False,
+        norm_final=False,
+        activation="relu2",
+        bias=False,
     ),
-}  # fmt: skip
+}
 
 
 def _batch(config, B=2, T=None, seed=0, ignore=True):
@@ -300,22 +317,42 @@ def test_state_dict_names_and_shapes_gpt2_style():
     expected = {"wte": (11, 8), "wpe": (8, 8), "normf": (8,), "normf_b": (8,)}
     for i in range(2):
         L = f"layer{i}."
-        expected.update({
-            L + "norm1": (8,), L + "norm1_b": (8,), L + "norm2": (8,), L + "norm2_b": (8,),
-            L + "attn_wq": (8, 8), L + "attn_wk": (8, 8), L + "attn_wv": (8, 8), L + "attn_wo": (8, 8),
-            L + "attn_wq_b": (8,), L + "attn_wk_b": (8,), L + "attn_wv_b": (8,), L + "attn_wo_b": (8,),
-            L + "mlp_fc1": (32, 8), L + "mlp_fc1_b": (32,), L + "mlp_fc2": (8, 32), L + "mlp_fc2_b": (8,),
-        })  # fmt: skip
+        expected.update(
+            {
+                L + "norm1": (8,),
+                L + "norm1_b": (8,),
+                L + "norm2": (8,),
+                L + "norm2_b": (8,),
+                L + "attn_wq": (8, 8),
+                L + "attn_wk": (8, 8),
+                L + "attn_wv": (8, 8),
+                L + "attn_wo": (8, 8),
+                L + "attn_wq_b": (8,),
+                L + "attn_wk_b": (8,),
+                L + "attn_wv_b": (8,),
+                L + "attn_wo_b": (8,),
+                L + "mlp_fc1": (32, 8),
+                L + "mlp_fc1_b": (32,),
+                L + "mlp_fc2": (8, 32),
+                L + "mlp_fc2_b": (8,),
+            }
+        )
     assert shapes == expected  # tied: no lm_head
 
 
 def test_state_dict_names_and_shapes_microgpt():
     shapes = {k: tuple(v.shape) for k, v in GPT(GPTConfig.preset("microgpt")).state_dict().items()}
     assert shapes == {
-        "wte": (27, 16), "wpe": (8, 16), "lm_head": (27, 16),
-        "layer0.attn_wq": (16, 16), "layer0.attn_wk": (16, 16), "layer0.attn_wv": (16, 16),
-        "layer0.attn_wo": (16, 16), "layer0.mlp_fc1": (64, 16), "layer0.mlp_fc2": (16, 64),
-    }  # fmt: skip
+        "wte": (27, 16),
+        "wpe": (8, 16),
+        "lm_head": (27, 16),
+        "layer0.attn_wq": (16, 16),
+        "layer0.attn_wk": (16, 16),
+        "layer0.attn_wv": (16, 16),
+        "layer0.attn_wo": (16, 16),
+        "layer0.mlp_fc1": (64, 16),
+        "layer0.mlp_fc2": (16, 64),
+    }
 
 
 def test_state_dict_names_and_shapes_with_separate_head_width():

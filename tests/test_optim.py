@@ -11,9 +11,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from arraygpt.optim import Schedule, clip_grad_norm, create_optimizer, global_norm
-from arraygpt.shim import to_numpy
 from arraygpt.plugins.optimizers import SGD, Adam, AdamW
+from arraygpt.training.optim import Schedule, clip_grad_norm, create_optimizer, global_norm
+from arraygpt.xp import to_numpy
 
 try:
     import torch
@@ -103,14 +103,21 @@ def test_adamw_matches_torch_with_decay_only_on_2d_weights(backend):
 
 @needs_torch
 def test_adamw_float32_matches_torch():
-    from arraygpt.shim import load_backend
+    from arraygpt.xp import load_backend
 
     backend = load_backend("numpy")
     host, grads = _host_params(dtype="float32"), _host_grads(len(LRS), dtype="float32")
     ours = _run_ours(AdamW, backend, host, grads, LRS, weight_decay=0.1)
-    ref = _run_torch(lambda p: torch.optim.AdamW(p, lr=1.0, weight_decay=0.1), host, grads, LRS,
-                     lambda t: [{"params": [p for p in t.values() if p.dim() >= 2]},
-                                {"params": [p for p in t.values() if p.dim() < 2], "weight_decay": 0.0}])  # fmt: skip
+    ref = _run_torch(
+        lambda p: torch.optim.AdamW(p, lr=1.0, weight_decay=0.1),
+        host,
+        grads,
+        LRS,
+        lambda t: [
+            {"params": [p for p in t.values() if p.dim() >= 2]},
+            {"params": [p for p in t.values() if p.dim() < 2], "weight_decay": 0.0},
+        ],
+    )
     for k in ref:
         assert ours[k].dtype == np.float32
     _assert_close(ours, ref, 2e-6)
@@ -175,19 +182,24 @@ def test_step_rejects_missing_gradients_and_negative_lr():
         opt.step(grads, 1e-3)
 
 
-@pytest.mark.parametrize("options, match", [({"betas": (1.0, 0.9)}, "betas"), ({"eps": 0.0}, "eps"),
-                                            ({"weight_decay": -1.0}, "weight_decay")])  # fmt: skip
+@pytest.mark.parametrize(
+    "options, match",
+    [({"betas": (1.0, 0.9)}, "betas"), ({"eps": 0.0}, "eps"), ({"weight_decay": -1.0}, "weight_decay")],
+)
 def test_bad_adam_options(options, match):
     with pytest.raises(ValueError, match=match):
         AdamW(_host_params(), **options)
 
 
 @given(
-    hnp.arrays(np.float32, hnp.array_shapes(min_dims=1, max_dims=2, max_side=6),
-               elements=st.floats(-1e3, 1e3, allow_nan=False, allow_subnormal=False, width=32)),
+    hnp.arrays(
+        np.float32,
+        hnp.array_shapes(min_dims=1, max_dims=2, max_side=6),
+        elements=st.floats(-1e3, 1e3, allow_nan=False, allow_subnormal=False, width=32),
+    ),
     st.floats(1e-5, 1.0),
     st.integers(1, 4),
-)  # fmt: skip
+)
 def test_adamw_zero_gradient_no_weight_decay_leaves_params_unchanged(p, lr, steps):
     params = {"p": p.copy(), "q": p.reshape(-1).copy()}
     opt = AdamW(params, weight_decay=0.0)
@@ -203,9 +215,12 @@ def test_adamw_zero_gradient_no_weight_decay_leaves_params_unchanged(p, lr, step
 def _decay_params():
     # a matrix, an embedding-like matrix, a 3-D tensor, a gain and a bias: the filter looks at ndim
     return {
-        "layer0.attn_wq": np.full((2, 3), 2.0), "wte": np.full((4, 2), -1.0), "cube": np.full((2, 2, 2), 4.0),
-        "layer0.norm1": np.full((3,), 1.5), "layer0.attn_wq_b": np.full((2,), 0.5),
-    }  # fmt: skip
+        "layer0.attn_wq": np.full((2, 3), 2.0),
+        "wte": np.full((4, 2), -1.0),
+        "cube": np.full((2, 2, 2), 4.0),
+        "layer0.norm1": np.full((3,), 1.5),
+        "layer0.attn_wq_b": np.full((2,), 0.5),
+    }
 
 
 def test_adamw_decays_matrices_but_not_gains_and_biases():
@@ -219,8 +234,13 @@ def test_adamw_decays_matrices_but_not_gains_and_biases():
     np.testing.assert_array_equal(params["cube"], np.full((2, 2, 2), 3.8))
     np.testing.assert_array_equal(params["layer0.norm1"], np.full((3,), 1.5))  # gain: not decayed
     np.testing.assert_array_equal(params["layer0.attn_wq_b"], np.full((2,), 0.5))  # bias: not decayed
-    assert opt.decays == {"layer0.attn_wq": True, "wte": True, "cube": True,
-                          "layer0.norm1": False, "layer0.attn_wq_b": False}  # fmt: skip
+    assert opt.decays == {
+        "layer0.attn_wq": True,
+        "wte": True,
+        "cube": True,
+        "layer0.norm1": False,
+        "layer0.attn_wq_b": False,
+    }
 
 
 def test_adamw_first_step_by_hand_with_and_without_decay():

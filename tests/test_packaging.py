@@ -14,7 +14,19 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-OPTIONAL = ["cupy", "torch", "array_api_strict", "transformers", "tokenizers", "safetensors", "hypothesis", "scipy", "numba", "matplotlib", "mpi4py"]
+OPTIONAL = [
+    "cupy",
+    "torch",
+    "array_api_strict",
+    "transformers",
+    "tokenizers",
+    "safetensors",
+    "hypothesis",
+    "scipy",
+    "numba",
+    "matplotlib",
+    "mpi4py",
+]
 
 
 def _python(code: str, cwd: Path | None = None) -> str:
@@ -32,7 +44,7 @@ def test_import_is_light(tmp_path):
         f"{OPTIONAL!r})))"
     )
     loaded = json.loads(_python(code, cwd=tmp_path))
-    assert loaded == ["arraygpt", "arraygpt.errors", "arraygpt.hookspecs", "arraygpt.shim"]
+    assert loaded == ["arraygpt", "arraygpt.errors", "arraygpt.hookspecs", "arraygpt.xp"]
 
 
 def test_dir_lists_the_lazy_public_names(tmp_path):
@@ -52,7 +64,7 @@ def test_public_names_resolve_without_optional_libraries(tmp_path):
     assert json.loads(_python(code, cwd=tmp_path)) == [[], []]
 
 
-@pytest.mark.parametrize("module", ["layers.py", "model.py"])
+@pytest.mark.parametrize("module", ["nn/layers.py", "nn/core.py", "nn/model.py", "config.py"])
 def test_model_math_imports_no_array_library(module):
     tree = ast.parse((ROOT / "arraygpt" / module).read_text())
     imported = set()
@@ -88,9 +100,22 @@ def wheel(tmp_path_factory):
     for name in ("arraygpt", "backends", "plugins"):
         shutil.copytree(ROOT / name, src / name, ignore=ignore)
     out = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(tmp / "dist"), str(src)],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(tmp / "dist"),
+            str(src),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr
     (path,) = (tmp / "dist").glob("arraygpt-*.whl")
     return path
@@ -100,13 +125,28 @@ def test_wheel_contents(wheel):
     names = zipfile.ZipFile(wheel).namelist()
     top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith((".dist-info", ".data"))}
     assert top == {"arraygpt"}, f"top-level entries besides arraygpt: {top}"
-    for required in ("arraygpt/py.typed", "arraygpt/__init__.py", "arraygpt/layers.py", "arraygpt/model.py",
-                     "arraygpt/shim.py", "arraygpt/hookspecs.py", "arraygpt/manager.py", "arraygpt/core.py",
-                     "arraygpt/cli/__init__.py", "arraygpt/cli/train.py"):  # fmt: skip
+    for required in (
+        "arraygpt/py.typed",
+        "arraygpt/__init__.py",
+        "arraygpt/config.py",
+        "arraygpt/xp.py",
+        "arraygpt/hookspecs.py",
+        "arraygpt/manager.py",
+        "arraygpt/nn/layers.py",
+        "arraygpt/nn/core.py",
+        "arraygpt/nn/model.py",
+        "arraygpt/io/hf/llama.py",
+        "arraygpt/training/loop.py",
+        "arraygpt/generation/generation.py",
+        "arraygpt/viz/figures.py",
+        "arraygpt/cli/__init__.py",
+        "arraygpt/cli/train.py",
+    ):
         assert required in names
     for folder in ("backends", "plugins"):
-        sources = sorted(p.name for p in (ROOT / folder).glob("*.py"))
-        packed = sorted(n.rsplit("/", 1)[1] for n in names if n.startswith(f"arraygpt/{folder}/") and n.endswith(".py"))
+        sources = sorted(str(p.relative_to(ROOT / folder)) for p in (ROOT / folder).rglob("*.py"))
+        prefix = f"arraygpt/{folder}/"
+        packed = sorted(n[len(prefix) :] for n in names if n.startswith(prefix) and n.endswith(".py"))
         assert packed == sources, folder
     assert {"numpy.py", "cupy.py", "array_api_strict.py"} <= {n.rsplit("/", 1)[1] for n in names if "/backends/" in n}
 

@@ -12,8 +12,9 @@ from arraygpt import hookimpl, hookspecs
 from arraygpt.manager import PluginError, get_plugin_manager, registry_with_owners, set_plugin_manager
 from arraygpt.plugins.optimizers import SGD
 
-TINY = dict(mode="documents", n_embd=16, n_head=2, block_size=8, batch_size=8, eval_batches=2, samples=0,
-            progress=False)  # fmt: skip
+TINY = dict(
+    mode="documents", n_embd=16, n_head=2, block_size=8, batch_size=8, eval_batches=2, samples=0, progress=False
+)
 TRAINING_HOOKS = ("arraygpt_on_step", "arraygpt_on_eval", "arraygpt_on_checkpoint")
 
 
@@ -21,8 +22,10 @@ TRAINING_HOOKS = ("arraygpt_on_step", "arraygpt_on_eval", "arraygpt_on_checkpoin
 def data(tmp_path):
     path = tmp_path / "names.txt"
     rng = np.random.default_rng(0)
-    path.write_text("\n".join("".join(rng.choice(list("aeiou"), 2)) + "".join(rng.choice(list("nrst"), 2))
-                              for _ in range(200)) + "\n")  # fmt: skip
+    path.write_text(
+        "\n".join("".join(rng.choice(list("aeiou"), 2)) + "".join(rng.choice(list("nrst"), 2)) for _ in range(200))
+        + "\n"
+    )
     return str(path)
 
 
@@ -33,8 +36,11 @@ def pm():
 
 def test_built_in_optimizers_are_ordinary_plugins(pm):
     owners = {name: plugin for name, (_, plugin) in registry_with_owners("optimizers", pm).items()}
-    assert owners == {"sgd": "arraygpt.plugins.optimizers", "adam": "arraygpt.plugins.optimizers",
-                      "adamw": "arraygpt.plugins.optimizers"}  # fmt: skip
+    assert owners == {
+        "sgd": "arraygpt.plugins.optimizers",
+        "adam": "arraygpt.plugins.optimizers",
+        "adamw": "arraygpt.plugins.optimizers",
+    }
 
 
 class HalfSGD(SGD):
@@ -83,7 +89,9 @@ def test_a_second_plugin_offering_the_same_name_is_an_error(pm, data):
             return [{"adam": SGD}]
 
     pm.register(Clash(), name="clash-plugin")
-    with pytest.raises(PluginError, match="'adam' is offered by two plugins: 'arraygpt.plugins.optimizers' and 'clash-plugin'"):
+    with pytest.raises(
+        PluginError, match="'adam' is offered by two plugins: 'arraygpt.plugins.optimizers' and 'clash-plugin'"
+    ):
         arraygpt.train(data, steps=2, plugin_manager=pm, **TINY)
 
 
@@ -146,7 +154,9 @@ def test_a_raising_event_plugin_is_named(pm, data):
                 raise RuntimeError("boom")
 
     pm.register(Broken(), name="broken-logger")
-    with pytest.raises(PluginError, match=r"plugin 'broken-logger' raised in arraygpt_on_step at step 2: RuntimeError\('boom'\)"):
+    with pytest.raises(
+        PluginError, match=r"plugin 'broken-logger' raised in arraygpt_on_step at step 2: RuntimeError\('boom'\)"
+    ):
         arraygpt.train(data, steps=5, plugin_manager=pm, **TINY)
 
 
@@ -169,7 +179,9 @@ def _docs_lion_module():
     from pathlib import Path
 
     doc = (Path(__file__).resolve().parents[1] / "docs" / "training.md").read_text()
-    code = next(block for block in re.findall(r"```python\n(.*?)```", doc, re.S) if "# arraygpt_lion/__init__.py" in block)
+    code = next(
+        block for block in re.findall(r"```python\n(.*?)```", doc, re.S) if "# arraygpt_lion/__init__.py" in block
+    )
     module = types.ModuleType("arraygpt_lion")
     exec(compile(code, "docs/training.md", "exec"), module.__dict__)
     return module
@@ -187,11 +199,21 @@ def test_the_documented_optimizer_plugin_works(pm, data, tmp_path):
     np.testing.assert_array_equal(p["w"], [[0.9, -1.9], [0.5, -0.1]])
     np.testing.assert_allclose(opt.state_dict()["m.w"], 0.01 * g["w"])
     # and it trains a run, with checkpoints and exact resume like any optimizer
-    run = arraygpt.train(data, optimizer="lion", lr=1e-3, beta2=0.99, steps=6, out_dir=tmp_path / "a",
-                         plugin_manager=pm, **TINY)  # fmt: skip
+    run = arraygpt.train(
+        data, optimizer="lion", lr=1e-3, beta2=0.99, steps=6, out_dir=tmp_path / "a", plugin_manager=pm, **TINY
+    )
     assert isinstance(run.optimizer, lion.Lion) and run.optimizer.beta2 == 0.99
-    arraygpt.train(data, optimizer="lion", lr=1e-3, beta2=0.99, steps=6, out_dir=tmp_path / "b", stop_after=3,
-                   plugin_manager=pm, **TINY)  # fmt: skip
+    arraygpt.train(
+        data,
+        optimizer="lion",
+        lr=1e-3,
+        beta2=0.99,
+        steps=6,
+        out_dir=tmp_path / "b",
+        stop_after=3,
+        plugin_manager=pm,
+        **TINY,
+    )
     resumed = arraygpt.train(resume=tmp_path / "b", plugin_manager=pm, progress=False)
     for name, value in run.model.params.items():
         np.testing.assert_array_equal(resumed.model.params[name], value)

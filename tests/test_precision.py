@@ -1,4 +1,4 @@
-"""Mixed precision (arraygpt.precision, docs/precision.md): float32 master weights, a float16 compute
+"""Mixed precision (arraygpt.training.precision, docs/precision.md): float32 master weights, a float16 compute
 model on numpy, dynamic loss scaling with skipped overflow steps, checkpoints that resume exactly.
 The ``gpu`` tests repeat the central checks on CuPy (conftest skips them, with the reason, without
 a CUDA device)."""
@@ -11,12 +11,19 @@ import numpy as np
 import pytest
 
 from arraygpt import GPT, GPTConfig
-from arraygpt.checkpoint import load_checkpoint, save_checkpoint
-from arraygpt.data import Batcher, default_tokenizer, make_dataset
-from arraygpt.optim import create_optimizer
-from arraygpt.precision import (PRECISIONS, LossScaler, MixedPrecision, mixed_kernels, mixed_precision, set_tf32,
-                                tf32_enabled)  # fmt: skip
-from arraygpt.shim import load_backend, to_numpy
+from arraygpt.io.checkpoint import load_checkpoint, save_checkpoint
+from arraygpt.training.data import Batcher, default_tokenizer, make_dataset
+from arraygpt.training.optim import create_optimizer
+from arraygpt.training.precision import (
+    PRECISIONS,
+    LossScaler,
+    MixedPrecision,
+    mixed_kernels,
+    mixed_precision,
+    set_tf32,
+    tf32_enabled,
+)
+from arraygpt.xp import load_backend, to_numpy
 
 SYLLABLES = ["an", "el", "ma", "ri", "jo", "sa", "li", "na", "ka", "th", "er", "on", "ia", "be", "da", "ly"]
 EPS16 = float(np.finfo(np.float16).eps)  # 2**-10
@@ -64,8 +71,7 @@ def names_data():
 
 
 def _config(vocab_size, **overrides):
-    return GPTConfig.preset("gpt2", vocab_size=vocab_size, block_size=16, n_layer=2, n_head=4, n_embd=32,
-                            **overrides)  # fmt: skip
+    return GPTConfig.preset("gpt2", vocab_size=vocab_size, block_size=16, n_layer=2, n_head=4, n_embd=32, **overrides)
 
 
 def _batch(names_data, batch_size=16, seed=0):
@@ -170,7 +176,7 @@ def test_the_loss_and_norms_run_in_float32(names_data):
     mp = MixedPrecision(GPT(config, seed=0), "float16", kernels="reference")
     x, y = _batch(names_data)
     logits, loss = mp.forward(x, y)
-    from arraygpt import layers
+    from arraygpt.nn import layers
 
     V = config.vocab_size
     want, _ = layers.crossentropy_forward(to_numpy(logits).astype(np.float32).reshape(-1, V), y.reshape(-1))
@@ -285,8 +291,9 @@ def test_a_huge_scale_overflows_then_backs_off_and_recovers(names_data):
 
 def test_the_scale_grows_after_clean_steps(names_data):
     tok, _ = names_data
-    mp = MixedPrecision(GPT(_config(tok.vocab_size), seed=0), "float16",
-                        scaler=LossScaler(init_scale=256.0, growth_interval=3))  # fmt: skip
+    mp = MixedPrecision(
+        GPT(_config(tok.vocab_size), seed=0), "float16", scaler=LossScaler(init_scale=256.0, growth_interval=3)
+    )
     opt = create_optimizer("sgd", mp.params)
     x, y = _batch(names_data)
     scales = []
@@ -320,8 +327,9 @@ def test_checkpoint_round_trip_resumes_exactly(tmp_path, names_data):
     config = _config(tok.vocab_size, dropout=0.1)
 
     def make():
-        mp = MixedPrecision(GPT(config, seed=0).train(), "float16",
-                            scaler=LossScaler(init_scale=2.0**20, growth_interval=2))  # fmt: skip
+        mp = MixedPrecision(
+            GPT(config, seed=0).train(), "float16", scaler=LossScaler(init_scale=2.0**20, growth_interval=2)
+        )
         return mp, create_optimizer("adamw", mp.params)
 
     mp, opt = make()
@@ -329,8 +337,9 @@ def test_checkpoint_round_trip_resumes_exactly(tmp_path, names_data):
     for _ in range(4):  # the first steps overflow (2**20 is too large), then the scale grows
         mp.step(*batcher.next(), opt, 1e-2)
     assert mp.skipped_steps >= 1
-    save_checkpoint(tmp_path / "ckpt", mp.master, tok, opt, extra={"precision": mp.state_dict(),
-                                                                   "data": batcher.state_dict()})  # fmt: skip
+    save_checkpoint(
+        tmp_path / "ckpt", mp.master, tok, opt, extra={"precision": mp.state_dict(), "data": batcher.state_dict()}
+    )
     ckpt = load_checkpoint(tmp_path / "ckpt")
     assert ckpt.model.dtype == "float32"
     resumed = MixedPrecision(ckpt.model.train(), "float16")
@@ -486,8 +495,16 @@ def test_train_with_mixed_float16_records_the_scale_and_resumes_exactly(tmp_path
 
     text = tmp_path / "names.txt"
     text.write_text("\n".join(_names(200)) + "\n")
-    options = dict(mode="documents", steps=12, batch_size=8, eval_interval=6, eval_batches=1, samples=0,
-                   precision="mixed-float16", progress=False)  # fmt: skip
+    options = dict(
+        mode="documents",
+        steps=12,
+        batch_size=8,
+        eval_interval=6,
+        eval_batches=1,
+        samples=0,
+        precision="mixed-float16",
+        progress=False,
+    )
     straight = arraygpt.train(str(text), out_dir=tmp_path / "a", **options)
     records = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     assert straight.mixed is not None and straight.model.dtype == "float32"
@@ -504,7 +521,7 @@ def test_train_with_mixed_float16_records_the_scale_and_resumes_exactly(tmp_path
 def test_gelu_backward_is_finite_in_float16_for_large_inputs():
     """The polynomial of GELU's backward would overflow float16 (x^3 at |x| >= 40): past |x| = 16
     the derivative is 1 (x > 0) or 0 (x < 0) to float16 precision, and it stays finite."""
-    from arraygpt import layers
+    from arraygpt.nn import layers
 
     x = np.array([-300.0, -40.0, -16.0, -1.0, 0.0, 1.0, 16.0, 40.0, 300.0], dtype=np.float16)
     _, cache = layers.gelu_tanh_forward(x)

@@ -7,18 +7,21 @@ import math
 import warnings
 
 import numpy as np
+from conftest import tolerance
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.errors import HypothesisWarning
 from hypothesis.extra.array_api import make_strategies_namespace
 
-from arraygpt import GPT, GPTConfig, layers
-from arraygpt.shim import scatter_add, to_numpy
-from conftest import tolerance
+from arraygpt import GPT, GPTConfig
+from arraygpt.nn import layers
+from arraygpt.xp import scatter_add, to_numpy
+
 
 # The xp/backend fixtures return cached objects, so reusing them across examples is safe.
 def prop(**kwargs):
     return settings(suppress_health_check=[HealthCheck.function_scoped_fixture], **kwargs)
+
 
 DTYPES = st.sampled_from(["float32", "float64"])
 

@@ -17,10 +17,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from capped import ENV, MEMORY_LIMIT, attempt
 
 import arraygpt
 from arraygpt.cli import main
-from capped import ENV, MEMORY_LIMIT, attempt
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,8 +30,9 @@ def command(*args: str, timeout: float = 60, limit: bool = True) -> subprocess.C
     rlimit = f"import resource; resource.setrlimit(resource.RLIMIT_AS, ({MEMORY_LIMIT}, {MEMORY_LIMIT})); "
     prefix = rlimit if limit else ""
     code = prefix + "import sys; from arraygpt.cli import main; sys.exit(main(sys.argv[1:]))"
-    return subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, env=ENV, capture_output=True, text=True,
-                          timeout=timeout)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-c", code, *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def assert_one_line_error(proc: subprocess.CompletedProcess[str], *fragments: str) -> str:
@@ -61,9 +62,15 @@ def failing_params(monkeypatch):
     return make
 
 
-@pytest.mark.parametrize("error", [
-    ValueError("bad value"), FileNotFoundError("no such file: x"), ImportError("pip install y"),
-], ids=lambda e: type(e).__name__)  # fmt: skip
+@pytest.mark.parametrize(
+    "error",
+    [
+        ValueError("bad value"),
+        FileNotFoundError("no such file: x"),
+        ImportError("pip install y"),
+    ],
+    ids=lambda e: type(e).__name__,
+)
 def test_an_expected_error_is_one_line_and_exit_2(failing_params, capsys, error):
     failing_params(error)
     assert main(["params"]) == 2
@@ -72,11 +79,11 @@ def test_an_expected_error_is_one_line_and_exit_2(failing_params, capsys, error)
 
 
 def test_arraygpts_own_errors_are_expected(failing_params, capsys):
-    from arraygpt.data import DataError
     from arraygpt.errors import CheckpointError
     from arraygpt.manager import PluginError
-    from arraygpt.runfolder import RunFolderError
-    from arraygpt.shim import BackendUnavailable
+    from arraygpt.training.data import DataError
+    from arraygpt.training.runfolder import RunFolderError
+    from arraygpt.xp import BackendUnavailable
 
     for error in (CheckpointError("c"), DataError("d"), PluginError("p"), BackendUnavailable("b"), RunFolderError("r")):
         failing_params(error)
@@ -90,8 +97,11 @@ def test_a_multi_line_message_is_printed_on_one_line(failing_params, capsys):
     assert capsys.readouterr().err == "arraygpt params: error: first second\n"
 
 
-@pytest.mark.parametrize("error", [TypeError("a bug"), KeyError("a bug"), IndexError("a bug"), AttributeError("x")],
-                         ids=lambda e: type(e).__name__)  # fmt: skip
+@pytest.mark.parametrize(
+    "error",
+    [TypeError("a bug"), KeyError("a bug"), IndexError("a bug"), AttributeError("x")],
+    ids=lambda e: type(e).__name__,
+)
 def test_a_bug_keeps_its_traceback(failing_params, error):
     failing_params(error)
     with pytest.raises(type(error)):
@@ -99,10 +109,12 @@ def test_a_bug_keeps_its_traceback(failing_params, error):
 
 
 def test_a_bug_shows_its_traceback_from_the_command(tmp_path):
-    code = ("import sys, arraygpt.cli.params as p\n"
-            "def run(args): raise TypeError('a genuine bug')\n"
-            "p.run = run\n"
-            "from arraygpt.cli import main\nsys.exit(main(['params']))\n")  # fmt: skip
+    code = (
+        "import sys, arraygpt.cli.params as p\n"
+        "def run(args): raise TypeError('a genuine bug')\n"
+        "p.run = run\n"
+        "from arraygpt.cli import main\nsys.exit(main(['params']))\n"
+    )
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1
     assert "Traceback" in proc.stderr and "TypeError: a genuine bug" in proc.stderr
@@ -110,8 +122,14 @@ def test_a_bug_shows_its_traceback_from_the_command(tmp_path):
 
 def test_output_cut_short_by_its_reader_ends_quietly():
     code = "import sys; from arraygpt.cli import main; sys.exit(main(sys.argv[1:]))"
-    proc = subprocess.Popen([sys.executable, "-c", code, "params", "--n-layer", "1024", "--json"], cwd=ROOT, env=ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, "params", "--n-layer", "1024", "--json"],
+        cwd=ROOT,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     assert proc.stdout.readline().strip() == "{"
     proc.stdout.close()  # as `| head -1` does
     err = proc.stderr.read()
@@ -124,7 +142,7 @@ def test_output_cut_short_by_its_reader_ends_quietly():
 
 HOLD = """
 import sys, time
-from arraygpt.runfolder import lock_run_folder, RunFolderError
+from arraygpt.training.runfolder import lock_run_folder, RunFolderError
 try:
     with lock_run_folder(sys.argv[1]):
         print("locked", flush=True)
@@ -135,20 +153,22 @@ except RunFolderError as e:
 
 
 def _holder(folder: Path, seconds: float) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, "-c", HOLD, str(folder), str(seconds)], cwd=ROOT, env=ENV,
-                            stdout=subprocess.PIPE, text=True)  # fmt: skip
+    return subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(folder), str(seconds)], cwd=ROOT, env=ENV, stdout=subprocess.PIPE, text=True
+    )
 
 
 def test_a_locked_run_folder_refuses_a_second_run_naming_the_folder_and_the_pid(tmp_path):
-    from arraygpt.runfolder import RunFolderError, lock_run_folder
+    from arraygpt.training.runfolder import RunFolderError, lock_run_folder
 
     folder = tmp_path / "run"
     holder = _holder(folder, 600)
     try:
         assert holder.stdout.readline().strip() == "locked"
-        kind, message = attempt(f"from arraygpt.runfolder import lock_run_folder\n"
-                                f"with lock_run_folder({str(folder)!r}): pass")  # fmt: skip
-        assert kind == "arraygpt.runfolder.RunFolderError"
+        kind, message = attempt(
+            f"from arraygpt.training.runfolder import lock_run_folder\nwith lock_run_folder({str(folder)!r}): pass"
+        )
+        assert kind == "arraygpt.training.runfolder.RunFolderError"
         assert str(folder) in message and f"PID {holder.pid}" in message and "--out-dir" in message
         with pytest.raises(RunFolderError, match=f"PID {holder.pid}"), lock_run_folder(folder):
             pass
@@ -163,7 +183,7 @@ def test_a_locked_run_folder_refuses_a_second_run_naming_the_folder_and_the_pid(
 
 
 def test_the_lock_is_per_open_file_so_the_same_process_cannot_take_it_twice(tmp_path):
-    from arraygpt.runfolder import RunFolderError, lock_run_folder
+    from arraygpt.training.runfolder import RunFolderError, lock_run_folder
 
     with lock_run_folder(tmp_path):
         with pytest.raises(RunFolderError, match=f"PID {os.getpid()}"), lock_run_folder(tmp_path):
@@ -184,7 +204,7 @@ def test_processes_racing_for_one_folder_get_exactly_one_lock(tmp_path):
 
 
 def test_a_file_in_place_of_the_run_folder_is_refused(tmp_path):
-    from arraygpt.runfolder import RunFolderError, check_new_run_folder, lock_run_folder
+    from arraygpt.training.runfolder import RunFolderError, check_new_run_folder, lock_run_folder
 
     (tmp_path / "f").write_text("x")
     with pytest.raises(RunFolderError, match="is a file, not a folder"), lock_run_folder(tmp_path / "f"):
@@ -207,7 +227,7 @@ def _checkpoint(folder: Path, step: int, **extra) -> Path:
 
 @pytest.mark.parametrize("name", ["last", "best", ".last.old", "metrics.jsonl"])
 def test_a_fresh_run_refuses_a_folder_that_holds_a_run(tmp_path, name):
-    from arraygpt.runfolder import RunFolderError, check_new_run_folder
+    from arraygpt.training.runfolder import RunFolderError, check_new_run_folder
 
     check_new_run_folder(tmp_path)  # empty: fine
     check_new_run_folder(tmp_path / "missing")
@@ -221,7 +241,7 @@ def test_a_fresh_run_refuses_a_folder_that_holds_a_run(tmp_path, name):
 
 @pytest.mark.parametrize("name", ["last", "best", ".last.old"])
 def test_a_symlinked_or_non_folder_checkpoint_is_refused(tmp_path, name):
-    from arraygpt.runfolder import RunFolderError, check_run_folder
+    from arraygpt.training.runfolder import RunFolderError, check_run_folder
 
     target = _checkpoint(tmp_path / "elsewhere", 3)
     run = tmp_path / "run"
@@ -237,7 +257,7 @@ def test_a_symlinked_or_non_folder_checkpoint_is_refused(tmp_path, name):
 
 
 def test_leftovers_of_a_killed_save_are_removed_and_never_followed(tmp_path):
-    from arraygpt.runfolder import check_run_folder
+    from arraygpt.training.runfolder import check_run_folder
 
     run = tmp_path / "run"
     _checkpoint(run / "last", 4)
@@ -253,7 +273,7 @@ def test_leftovers_of_a_killed_save_are_removed_and_never_followed(tmp_path):
 
 
 def test_resume_source_of_a_run_folder_and_of_its_checkpoints(tmp_path):
-    from arraygpt.runfolder import resume_source
+    from arraygpt.training.runfolder import resume_source
 
     run = tmp_path / "run"
     _checkpoint(run / "last", 8)
@@ -264,7 +284,7 @@ def test_resume_source_of_a_run_folder_and_of_its_checkpoints(tmp_path):
 
 
 def test_resume_from_best_behind_last_is_refused(tmp_path):
-    from arraygpt.runfolder import RunFolderError, resume_source
+    from arraygpt.training.runfolder import RunFolderError, resume_source
 
     run = tmp_path / "run"
     _checkpoint(run / "last", 8)
@@ -275,7 +295,7 @@ def test_resume_from_best_behind_last_is_refused(tmp_path):
 
 
 def test_resume_of_a_folder_with_best_but_no_last_says_how(tmp_path):
-    from arraygpt.runfolder import RunFolderError, resume_source
+    from arraygpt.training.runfolder import RunFolderError, resume_source
 
     run = tmp_path / "run"
     _checkpoint(run / "best", 4)
@@ -292,21 +312,39 @@ def test_resume_of_a_folder_with_best_but_no_last_says_how(tmp_path):
 # hostile training state in state.json
 
 
-GOOD_STATE = {"step": 4, "train_config": {"steps": 12}, "data": {}, "best_val_loss": 2.5, "world_size": 1,
-              "global_batch": 8, "data_sha256": "ab", "kind": "last"}  # fmt: skip
+GOOD_STATE = {
+    "step": 4,
+    "train_config": {"steps": 12},
+    "data": {},
+    "best_val_loss": 2.5,
+    "world_size": 1,
+    "global_batch": 8,
+    "data_sha256": "ab",
+    "kind": "last",
+}
 
 
-@pytest.mark.parametrize(("change", "fragment"), [
-    ({"step": -1}, "step is -1"), ({"step": "4"}, "step is '4'"), ({"step": True}, "step is True"),
-    ({"step": 13}, "at most the run's steps (12)"), ({"step": 10**30}, "an integer in [0,"),
-    ({"best_val_loss": "low"}, "best_val_loss is 'low'"), ({"best_val_loss": float("nan")}, "finite"),
-    ({"world_size": 0}, "world_size is 0"), ({"global_batch": 2.5}, "global_batch is 2.5"),
-    ({"data_sha256": 7}, "data_sha256 is 7"), ({"kind": "first"}, "'last' or 'best'"),
-    ({"train_config": []}, "train_config is []"), ({"data": 3}, "data is 3"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("change", "fragment"),
+    [
+        ({"step": -1}, "step is -1"),
+        ({"step": "4"}, "step is '4'"),
+        ({"step": True}, "step is True"),
+        ({"step": 13}, "at most the run's steps (12)"),
+        ({"step": 10**30}, "an integer in [0,"),
+        ({"best_val_loss": "low"}, "best_val_loss is 'low'"),
+        ({"best_val_loss": float("nan")}, "finite"),
+        ({"world_size": 0}, "world_size is 0"),
+        ({"global_batch": 2.5}, "global_batch is 2.5"),
+        ({"data_sha256": 7}, "data_sha256 is 7"),
+        ({"kind": "first"}, "'last' or 'best'"),
+        ({"train_config": []}, "train_config is []"),
+        ({"data": 3}, "data is 3"),
+    ],
+)
 def test_hostile_training_state_is_one_checkpoint_error(tmp_path, change, fragment):
     from arraygpt.errors import CheckpointError
-    from arraygpt.runfolder import check_training_state
+    from arraygpt.training.runfolder import check_training_state
 
     check_training_state(GOOD_STATE, tmp_path)
     with pytest.raises(CheckpointError) as info:
@@ -316,7 +354,7 @@ def test_hostile_training_state_is_one_checkpoint_error(tmp_path, change, fragme
 
 def test_training_state_without_the_training_parts_is_refused(tmp_path):
     from arraygpt.errors import CheckpointError
-    from arraygpt.runfolder import check_training_state
+    from arraygpt.training.runfolder import check_training_state
 
     with pytest.raises(CheckpointError, match="not a training checkpoint"):
         check_training_state({"step": 1}, tmp_path)
@@ -329,8 +367,8 @@ def test_training_state_without_the_training_parts_is_refused(tmp_path):
 
 
 def assert_data_error(path: Path | str, *fragments: str) -> str:
-    kind, message = attempt(f"from arraygpt.data import read_source\nread_source({str(path)!r})")
-    assert kind == "arraygpt.data.DataError", (kind, message)
+    kind, message = attempt(f"from arraygpt.training.data import read_source\nread_source({str(path)!r})")
+    assert kind == "arraygpt.training.data.DataError", (kind, message)
     assert str(path) in message, message
     for fragment in fragments:
         assert fragment in message, (fragment, message)
@@ -355,7 +393,7 @@ def test_a_folder_is_refused(tmp_path):
 
 
 def test_a_huge_file_is_refused_before_it_is_read(tmp_path):
-    from arraygpt.data import MAX_TEXT_BYTES
+    from arraygpt.training.data import MAX_TEXT_BYTES
 
     huge = tmp_path / "huge.txt"
     with open(huge, "wb") as f:
@@ -364,7 +402,7 @@ def test_a_huge_file_is_refused_before_it_is_read(tmp_path):
 
 
 def test_the_size_limit_can_be_set(tmp_path, monkeypatch):
-    from arraygpt.data import DataError, read_source
+    from arraygpt.training.data import DataError, read_source
 
     path = tmp_path / "t.txt"
     path.write_text("hello world\n")
@@ -378,13 +416,17 @@ def test_the_size_limit_can_be_set(tmp_path, monkeypatch):
     assert read_source(path) == "hello world\n"
 
 
-@pytest.mark.parametrize(("content", "fragments"), [
-    (b"caf\xe9\nok\n", ("not UTF-8", "byte 0xe9 at offset 3 (line 1)", "iconv")),
-    (b"ok\n\xff\xfe\x00\x01", ("not UTF-8", "byte 0xff at offset 3 (line 2)")),
-    (b"\x7fELF\x02\x01\x01\x00\x00", ("NUL bytes", "binary file")),
-    (b"", ("is empty", "at least one line")),
-    (b" \n\t\n", ("only whitespace",)),
-], ids=["latin1", "invalid-utf8", "binary", "empty", "whitespace"])  # fmt: skip
+@pytest.mark.parametrize(
+    ("content", "fragments"),
+    [
+        (b"caf\xe9\nok\n", ("not UTF-8", "byte 0xe9 at offset 3 (line 1)", "iconv")),
+        (b"ok\n\xff\xfe\x00\x01", ("not UTF-8", "byte 0xff at offset 3 (line 2)")),
+        (b"\x7fELF\x02\x01\x01\x00\x00", ("NUL bytes", "binary file")),
+        (b"", ("is empty", "at least one line")),
+        (b" \n\t\n", ("only whitespace",)),
+    ],
+    ids=["latin1", "invalid-utf8", "binary", "empty", "whitespace"],
+)
 def test_text_that_is_not_usable_is_one_data_error(tmp_path, content, fragments):
     path = tmp_path / "text.txt"
     path.write_bytes(content)
@@ -392,7 +434,7 @@ def test_text_that_is_not_usable_is_one_data_error(tmp_path, content, fragments)
 
 
 def test_a_stream_shorter_than_a_window_is_a_data_error():
-    from arraygpt.data import DataError, default_tokenizer, make_dataset
+    from arraygpt.training.data import DataError, default_tokenizer, make_dataset
 
     tok = default_tokenizer("char", "abcdef", "stream")
     with pytest.raises(DataError, match=r"it has \d+ tokens, and a window needs block_size \+ 1 = 65"):
@@ -400,7 +442,7 @@ def test_a_stream_shorter_than_a_window_is_a_data_error():
 
 
 def test_a_recorded_source_is_absolute(tmp_path, monkeypatch):
-    from arraygpt.data import read_source, resolve_source
+    from arraygpt.training.data import read_source, resolve_source
 
     (tmp_path / "t.txt").write_text("hello\n")
     monkeypatch.chdir(tmp_path)
@@ -411,7 +453,7 @@ def test_a_recorded_source_is_absolute(tmp_path, monkeypatch):
 
 
 def test_a_data_set_error_names_the_source_when_given():
-    from arraygpt.data import DataError, default_tokenizer, make_dataset
+    from arraygpt.training.data import DataError, default_tokenizer, make_dataset
 
     tok = default_tokenizer("char", "abcdef", "stream")
     with pytest.raises(DataError, match=r"^training text data/short.txt: block_size 64 is larger"):
@@ -424,12 +466,14 @@ def test_documents_memory_follows_the_tokens_not_the_longest_document():
     # 20,000 short documents and one of 2,000,000 characters: a documents x longest table would
     # be 320 GB; ids plus offsets are 17 MB
     kind, message = attempt(
-        "from arraygpt.data import make_dataset, default_tokenizer, Batcher\n"
+        "from arraygpt.training.data import make_dataset, default_tokenizer, Batcher\n"
         "text = 'ab\\n' * 20000 + 'ab' * 1000000 + '\\n'\n"
         "ds = make_dataset(text, default_tokenizer('char', text, 'documents'), 'documents', 16)\n"
         "x, y = Batcher(ds, 64, seed=0).next()\n"
         "assert x.shape[0] == 64 and x.shape[1] <= 16, x.shape\n"
-        "assert sum(len(b[0]) for b in ds.eval_batches('val', 256)) > 0\n", timeout=120)  # fmt: skip
+        "assert sum(len(b[0]) for b in ds.eval_batches('val', 256)) > 0\n",
+        timeout=120,
+    )
     assert (kind, message) == ("ok", "")
 
 
@@ -439,7 +483,7 @@ def test_documents_memory_follows_the_tokens_not_the_longest_document():
 
 @pytest.fixture(params=["documents", "stream"])
 def batcher(request):
-    from arraygpt.data import Batcher, default_tokenizer, make_dataset
+    from arraygpt.training.data import Batcher, default_tokenizer, make_dataset
 
     text = "".join(f"name{i}\n" for i in range(40))
     ds = make_dataset(text, default_tokenizer("char", text, request.param), request.param, 8)
@@ -473,7 +517,7 @@ def _hostile_states(b):
 
 
 def test_hostile_batcher_state_is_one_data_error_and_changes_nothing(batcher):
-    from arraygpt.data import DataError
+    from arraygpt.training.data import DataError
 
     good, cases = _hostile_states(batcher)
     for state, fragment in cases:
@@ -508,15 +552,23 @@ def _nan_after(model, calls: int):
     return model
 
 
-@pytest.mark.parametrize(("sampler", "options"), [
-    ("greedy", {}), ("temperature", {"temperature": 0.0}), ("temperature", {}), ("top_k", {"top_k": 3}),
-    ("top_p", {"top_p": 0.9}), ("min_p", {"min_p": 0.1}),
-], ids=["greedy", "temperature-0", "temperature", "top_k", "top_p", "min_p"])  # fmt: skip
+@pytest.mark.parametrize(
+    ("sampler", "options"),
+    [
+        ("greedy", {}),
+        ("temperature", {"temperature": 0.0}),
+        ("temperature", {}),
+        ("top_k", {"top_k": 3}),
+        ("top_p", {"top_p": 0.9}),
+        ("min_p", {"min_p": 0.1}),
+    ],
+    ids=["greedy", "temperature-0", "temperature", "top_k", "top_p", "min_p"],
+)
 @pytest.mark.parametrize("at", [0, 3])
 @pytest.mark.parametrize("use_cache", [True, False])
 def test_nan_logits_are_a_clear_error_naming_the_step_under_every_sampler(sampler, options, at, use_cache):
     from arraygpt import GPT, GPTConfig
-    from arraygpt.generation import generate
+    from arraygpt.generation.generation import generate
 
     model = _nan_after(GPT(GPTConfig(**TINY_GEN), seed=0), at)
     steps = generate(model, [[1, 2], [3, 4]], 10, sampler, seed=0, use_cache=use_cache, **options)
@@ -526,7 +578,7 @@ def test_nan_logits_are_a_clear_error_naming_the_step_under_every_sampler(sample
 
 def test_inf_logits_are_refused_too():
     from arraygpt import GPT, GPTConfig
-    from arraygpt.generation import generate
+    from arraygpt.generation.generation import generate
 
     model = GPT(GPTConfig(**TINY_GEN), seed=0)
     forward = model.forward
@@ -543,19 +595,20 @@ def test_inf_logits_are_refused_too():
 def test_a_huge_max_new_tokens_allocates_nothing_large_when_the_model_stops():
     kind, message = attempt(
         "from arraygpt import GPT, GPTConfig\n"
-        "from arraygpt.generation import generate\n"
+        "from arraygpt.generation.generation import generate\n"
         "model = GPT(GPTConfig(vocab_size=12, block_size=8, n_layer=1, n_head=2, n_embd=8), seed=0)\n"
         "def stop_soon(probs):\n"
         "    xp = model.xp\n"
         "    return xp.where(xp.arange(12) == 0, 1.0, 0.0) * xp.ones_like(probs)\n"
         "out = list(generate(model, [[1, 2]] * 4, 10**12, stop_soon, eos_id=0, seed=0))\n"
-        "assert out == [(0, 0, 0, 0)], out\n")  # fmt: skip
+        "assert out == [(0, 0, 0, 0)], out\n"
+    )
     assert (kind, message) == ("ok", "")
 
 
 def test_the_host_context_grows_past_its_first_capacity():
     from arraygpt import GPT, GPTConfig
-    from arraygpt.generation import _FIRST_GROWTH, generate
+    from arraygpt.generation.generation import _FIRST_GROWTH, generate
 
     model = GPT(GPTConfig(**TINY_GEN), seed=0)
     n = 2 * _FIRST_GROWTH + 37
@@ -568,7 +621,7 @@ def test_the_host_context_grows_past_its_first_capacity():
 @pytest.mark.parametrize("count", [-1, 1.5, True, "3"])
 def test_bad_max_new_tokens_is_a_clear_error(count):
     from arraygpt import GPT, GPTConfig
-    from arraygpt.generation import generate
+    from arraygpt.generation.generation import generate
 
     with pytest.raises(ValueError, match="max_new_tokens must be an integer >= 0"):
         generate(GPT(GPTConfig(**TINY_GEN), seed=0), [1], count)
@@ -578,7 +631,7 @@ def test_the_held_back_text_is_flushed_at_the_end_of_a_sample():
     import io
 
     from arraygpt.cli.sample import TextStream
-    from arraygpt.tokenizer import ByteTokenizer
+    from arraygpt.io.tokenizers import ByteTokenizer
 
     out = io.StringIO()
     stream = TextStream(ByteTokenizer(bos=True), out)
@@ -595,8 +648,8 @@ def test_the_held_back_text_is_flushed_at_the_end_of_a_sample():
 @pytest.fixture
 def byte_checkpoint(tmp_path):
     from arraygpt import GPT, GPTConfig
-    from arraygpt.checkpoint import save_checkpoint
-    from arraygpt.tokenizer import ByteTokenizer
+    from arraygpt.io.checkpoint import save_checkpoint
+    from arraygpt.io.tokenizers import ByteTokenizer
 
     tokenizer = ByteTokenizer(bos=True)
     model = GPT(GPTConfig(**{**TINY_GEN, "vocab_size": tokenizer.vocab_size}), seed=0)
@@ -605,53 +658,67 @@ def byte_checkpoint(tmp_path):
 
 
 def test_sample_prints_the_incomplete_character_at_the_end(byte_checkpoint, capsys, monkeypatch):
-    import arraygpt.generation
+    import arraygpt.generation.generation
 
     def generate(model, prompt, max_new_tokens, sampler="temperature", *, temperature=1.0, **options):
         return iter([104, 0xC3])  # "h" and the first byte of a two-byte character
 
-    monkeypatch.setattr(arraygpt.generation, "generate", generate)
+    monkeypatch.setattr(arraygpt.generation.generation, "generate", generate)
     assert main(["sample", "--checkpoint", byte_checkpoint, "--num-samples", "2"]) == 0
     assert capsys.readouterr().out == "h\ufffd\n---------------\nh\ufffd\n"
 
 
-@pytest.mark.parametrize(("args", "fragment"), [
-    (["--max-new-tokens", "-1"], "--max-new-tokens must be an integer >= 0, got -1"),
-    (["--num-samples", "0"], "--num-samples must be an integer in [1,"),
-    (["--num-samples", "1000000000000"], "--num-samples must be an integer in [1,"),
-    (["--show-probs", "-2"], "--show-probs must be an integer >= 0"),
-    (["--temperature", "nan"], "argument --temperature: expected a finite number, got 'nan'"),
-    (["--top-p", "inf"], "argument --top-p: expected a finite number, got 'inf'"),
-    (["--max-new-tokens", "1e12"], "argument --max-new-tokens: invalid int value: '1e12'"),
-    (["--stop", ""], "--stop takes a non-empty text"),
-], ids=lambda a: " ".join(a) if isinstance(a, list) else None)  # fmt: skip
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["--max-new-tokens", "-1"], "--max-new-tokens must be an integer >= 0, got -1"),
+        (["--num-samples", "0"], "--num-samples must be an integer in [1,"),
+        (["--num-samples", "1000000000000"], "--num-samples must be an integer in [1,"),
+        (["--show-probs", "-2"], "--show-probs must be an integer >= 0"),
+        (["--temperature", "nan"], "argument --temperature: expected a finite number, got 'nan'"),
+        (["--top-p", "inf"], "argument --top-p: expected a finite number, got 'inf'"),
+        (["--max-new-tokens", "1e12"], "argument --max-new-tokens: invalid int value: '1e12'"),
+        (["--stop", ""], "--stop takes a non-empty text"),
+    ],
+    ids=lambda a: " ".join(a) if isinstance(a, list) else None,
+)
 def test_bad_sample_counts_are_one_line_and_exit_2(byte_checkpoint, args, fragment):
-    assert_one_line_error(command("sample", "--checkpoint", byte_checkpoint, *args), "arraygpt sample: error:", fragment)
+    assert_one_line_error(
+        command("sample", "--checkpoint", byte_checkpoint, *args), "arraygpt sample: error:", fragment
+    )
 
 
 # ----------------------------------------------------------------------------------------------
 # command options
 
 
-@pytest.mark.parametrize(("args", "fragment"), [
-    (["train", "--lr", "nan"], "argument --lr: expected a finite number, got 'nan'"),
-    (["train", "--dropout", "inf"], "argument --dropout: expected a finite number, got 'inf'"),
-    (["train", "--rope-scaling", "8,nan,4,8192"], "is not a number"),
-    (["train", "--batch-size", "x"], "invalid int value: 'x'"),
-    (["params", "--n-layer", "-1"], "n_layer must be a positive integer, got -1"),
-    (["params", "--n-embd", "0"], "n_embd must be a positive integer, got 0"),
-    (["bogus"], "invalid choice: 'bogus'"),
-], ids=lambda a: " ".join(a) if isinstance(a, list) else None)  # fmt: skip
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["train", "--lr", "nan"], "argument --lr: expected a finite number, got 'nan'"),
+        (["train", "--dropout", "inf"], "argument --dropout: expected a finite number, got 'inf'"),
+        (["train", "--rope-scaling", "8,nan,4,8192"], "is not a number"),
+        (["train", "--batch-size", "x"], "invalid int value: 'x'"),
+        (["params", "--n-layer", "-1"], "n_layer must be a positive integer, got -1"),
+        (["params", "--n-embd", "0"], "n_embd must be a positive integer, got 0"),
+        (["bogus"], "invalid choice: 'bogus'"),
+    ],
+    ids=lambda a: " ".join(a) if isinstance(a, list) else None,
+)
 def test_bad_options_are_one_line_and_exit_2(args, fragment):
     assert_one_line_error(command(*args), "error:", fragment)
 
 
-@pytest.mark.parametrize(("args", "fragment"), [
-    (["plot", "probs", "--dpi", "100000"], "--dpi must be an integer in [1, 1200], got 100000"),
-    (["plot", "probs", "--max-new-tokens", "10000000000"], "--max-new-tokens must be an integer in [0, 1000]"),
-    (["explain", "--max-new-tokens", "-1"], "--max-new-tokens must be an integer in [0, 1000]"),
-    (["explain", "--candidates", "0"], "--candidates must be an integer >= 1"),
-], ids=lambda a: " ".join(a) if isinstance(a, list) else None)  # fmt: skip
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["plot", "probs", "--dpi", "100000"], "--dpi must be an integer in [1, 1200], got 100000"),
+        (["plot", "probs", "--max-new-tokens", "10000000000"], "--max-new-tokens must be an integer in [0, 1000]"),
+        (["explain", "--max-new-tokens", "-1"], "--max-new-tokens must be an integer in [0, 1000]"),
+        (["explain", "--candidates", "0"], "--candidates must be an integer >= 1"),
+    ],
+    ids=lambda a: " ".join(a) if isinstance(a, list) else None,
+)
 def test_absurd_picture_sizes_are_one_line_and_exit_2(byte_checkpoint, args, fragment):
     assert_one_line_error(command(*args, "--checkpoint", byte_checkpoint), "error:", fragment)
 
@@ -659,7 +726,7 @@ def test_absurd_picture_sizes_are_one_line_and_exit_2(byte_checkpoint, args, fra
 @pytest.mark.parametrize("args", [["sample"], ["plot", "probs"], ["explain"]], ids=lambda a: a[0])
 def test_a_checkpoint_without_a_tokenizer_is_one_line_for_the_commands_that_show_text(tmp_path, args):
     from arraygpt import GPT, GPTConfig
-    from arraygpt.checkpoint import save_checkpoint
+    from arraygpt.io.checkpoint import save_checkpoint
 
     save_checkpoint(tmp_path / "ckpt", GPT(GPTConfig(**TINY_GEN), seed=0))
     out = ["-o", str(tmp_path / ("x.html" if args[0] == "explain" else "x.png"))] if args[0] != "sample" else []
@@ -667,8 +734,17 @@ def test_a_checkpoint_without_a_tokenizer_is_one_line_for_the_commands_that_show
 
 
 def test_params_of_an_absurd_depth_answers_at_once():
-    proc = command("params", "--n-layer", "1000000000", "--block-size", "1000000000", "--vocab-size", "1000000000",
-                   "--json", timeout=60)  # fmt: skip
+    proc = command(
+        "params",
+        "--n-layer",
+        "1000000000",
+        "--block-size",
+        "1000000000",
+        "--vocab-size",
+        "1000000000",
+        "--json",
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
     counts = json.loads(proc.stdout)
     L, C, H = 10**9, 12288, 4 * 12288
@@ -680,7 +756,8 @@ def test_params_closed_form_equals_the_count_of_every_layer():
     import dataclasses
 
     from arraygpt.cli.params import MAX_NAMED_LAYERS, counts_of
-    from arraygpt.model import PRESETS, GPTConfig, count_params
+    from arraygpt.config import PRESETS, GPTConfig
+    from arraygpt.nn.params import count_params
 
     for preset in PRESETS:
         config = dataclasses.replace(GPTConfig.preset(preset), n_layer=MAX_NAMED_LAYERS + 3)
@@ -688,11 +765,12 @@ def test_params_closed_form_equals_the_count_of_every_layer():
         reference = count_params(config)
         assert (total, by_category) == (reference.total, reference.by_category), preset
         assert sum(n for name, n in by_name.items() if name.startswith("layer*.")) * config.n_layer == sum(
-            n for name, n in reference.by_name.items() if name.startswith("layer"))  # fmt: skip
+            n for name, n in reference.by_name.items() if name.startswith("layer")
+        )
 
 
 # ----------------------------------------------------------------------------------------------
-# two `arraygpt train` into one folder (needs arraygpt.training to hold the run folder's lock)
+# two `arraygpt train` into one folder (needs arraygpt.training.loop to hold the run folder's lock)
 
 
 def _wait_for(condition, timeout: float = 120) -> bool:
@@ -712,11 +790,42 @@ def test_a_second_train_into_a_live_run_folder_is_refused_and_the_first_finishes
     data = tmp_path / "names.txt"
     data.write_text("".join(f"{a}{b}\n" for a in ("an", "bo", "ca", "di", "el") for b in ("na", "ro", "ly", "x")))
     run = tmp_path / "run"
-    common = ["--data", str(data), "--batch-size", "4", "--n-embd", "8", "--n-head", "2", "--block-size", "8",
-              "--eval-batches", "1", "--samples", "0", "--quiet"]  # fmt: skip
-    first = subprocess.Popen([sys.executable, "-m", "arraygpt.cli", "train", *common, "--steps", "1000000",
-                              "--eval-interval", "20", "--out-dir", str(run)], cwd=ROOT, env=ENV,
-                             stderr=subprocess.PIPE, text=True)  # fmt: skip
+    common = [
+        "--data",
+        str(data),
+        "--batch-size",
+        "4",
+        "--n-embd",
+        "8",
+        "--n-head",
+        "2",
+        "--block-size",
+        "8",
+        "--eval-batches",
+        "1",
+        "--samples",
+        "0",
+        "--quiet",
+    ]
+    first = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "arraygpt.cli",
+            "train",
+            *common,
+            "--steps",
+            "1000000",
+            "--eval-interval",
+            "20",
+            "--out-dir",
+            str(run),
+        ],
+        cwd=ROOT,
+        env=ENV,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert _wait_for(lambda: (run / "last").is_dir() or first.poll() is not None), first.stderr
         assert first.poll() is None
@@ -735,12 +844,21 @@ def test_a_second_train_into_a_live_run_folder_is_refused_and_the_first_finishes
 
 
 def test_a_tampered_optimizer_state_is_one_checkpoint_error_at_resume(tmp_path):
-    from arraygpt.safetensors import load_file, save_file
+    from arraygpt.io.safetensors import load_file, save_file
 
     data = tmp_path / "names.txt"
     data.write_text("".join(f"{a}{b}\n" for a in ("an", "bo", "ca", "di", "el") for b in ("na", "ro", "ly", "x")))
-    arraygpt.train(str(data), mode="documents", steps=4, batch_size=4, eval_interval=2, samples=0,
-                   out_dir=tmp_path / "run", stop_after=2, progress=False)  # fmt: skip
+    arraygpt.train(
+        str(data),
+        mode="documents",
+        steps=4,
+        batch_size=4,
+        eval_interval=2,
+        samples=0,
+        out_dir=tmp_path / "run",
+        stop_after=2,
+        progress=False,
+    )
     path = tmp_path / "run" / "last" / "optimizer.safetensors"
     tensors = load_file(path)
     tensors.pop(sorted(tensors)[0])  # one moment missing
@@ -777,10 +895,23 @@ def test_a_resumed_run_replaces_the_metrics_after_its_checkpoint_so_no_step_repe
 
     data = tmp_path / "names.txt"
     data.write_text("".join(f"{a}{b}\n" for a in ("an", "bo", "ca", "di", "el") for b in ("na", "ro", "ly", "x")))
-    options = dict(mode="documents", steps=12, batch_size=4, n_embd=8, n_head=2, block_size=8, log_interval=2,
-                   eval_interval=4, checkpoint_interval=4, eval_batches=1, samples=0, progress=False)  # fmt: skip
-    arraygpt.train(str(data), out_dir=tmp_path / "straight", plugin_manager=get_plugin_manager(autoload=False),
-                   **options)  # fmt: skip
+    options = dict(
+        mode="documents",
+        steps=12,
+        batch_size=4,
+        n_embd=8,
+        n_head=2,
+        block_size=8,
+        log_interval=2,
+        eval_interval=4,
+        checkpoint_interval=4,
+        eval_batches=1,
+        samples=0,
+        progress=False,
+    )
+    arraygpt.train(
+        str(data), out_dir=tmp_path / "straight", plugin_manager=get_plugin_manager(autoload=False), **options
+    )
     run, pm = tmp_path / "run", get_plugin_manager(autoload=False)
     pm.register(_CrashAtStep(7))
     with pytest.raises(PluginError, match="crash"):
@@ -800,13 +931,20 @@ def test_a_resumed_run_replaces_the_metrics_after_its_checkpoint_so_no_step_repe
 
 
 def test_trimming_the_metrics_removes_later_steps_and_a_cut_off_line_and_keeps_the_rest(tmp_path):
-    from arraygpt.runfolder import check_run_folder, trim_metrics
+    from arraygpt.training.runfolder import check_run_folder, trim_metrics
 
     metrics = tmp_path / "metrics.jsonl"
     assert trim_metrics(tmp_path, 4) == 0  # no metrics yet: nothing written
     assert not metrics.exists()
-    lines = ['{"event": "start", "step": 0}', "not json", '{"event": "train", "step": 4}', "[1, 2]",
-             '{"event": "end", "step": 4}', '{"event": "train", "step": 6}', '{"event": "train", "step": true}']  # fmt: skip
+    lines = [
+        '{"event": "start", "step": 0}',
+        "not json",
+        '{"event": "train", "step": 4}',
+        "[1, 2]",
+        '{"event": "end", "step": 4}',
+        '{"event": "train", "step": 6}',
+        '{"event": "train", "step": true}',
+    ]
     metrics.write_text("\n".join(lines) + '\n{"event": "tr')  # the last line cut off by a kill
     assert trim_metrics(tmp_path, 4) == 2
     assert metrics.read_text().splitlines() == [*lines[:5], lines[6]]

@@ -16,9 +16,9 @@ import pytest
 
 import arraygpt
 from arraygpt import GPT, GPTConfig
-from arraygpt.generation import available_samplers, generate, make_sampler
+from arraygpt.generation.generation import available_samplers, generate, make_sampler
 from arraygpt.manager import PluginError, get_plugin_manager, registry_with_owners, set_plugin_manager
-from arraygpt.shim import namespace
+from arraygpt.xp import namespace
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "arraygpt-sampler-example"
@@ -81,7 +81,9 @@ def test_a_sampler_name_offered_twice_is_an_error():
 
     pm = get_plugin_manager(autoload=False)
     pm.register(Clash(), name="clash")
-    with pytest.raises(PluginError, match="sampler 'top_k' is offered by two plugins: 'arraygpt.plugins.samplers' and 'clash'"):
+    with pytest.raises(
+        PluginError, match="sampler 'top_k' is offered by two plugins: 'arraygpt.plugins.samplers' and 'clash'"
+    ):
         make_sampler("top_k", top_k=3, pm=pm)
 
 
@@ -113,15 +115,29 @@ def test_the_example_package_installs_and_generates(tmp_path):
     source = tmp_path / "src"
     shutil.copytree(EXAMPLE, source)  # build in a copy: the shared tree stays clean
     install = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--no-index",
-         "--target", str(target), str(source)],  # fmt: skip
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "--target",
+            str(target),
+            str(source),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert install.returncode == 0, install.stderr
     env = {k: v for k, v in os.environ.items() if k != "ARRAYGPT_DISABLE_PLUGIN_AUTOLOAD"}
     env["PYTHONPATH"] = os.pathsep.join([str(target), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    result = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=120,
-                            cwd=tmp_path)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=120, cwd=tmp_path
+    )
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["owner"] == "epsilon"  # the entry-point name

@@ -15,10 +15,10 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from arraygpt import layers
-from arraygpt.generation import draw, make_sampler, one_hot_argmax
+from arraygpt.generation.generation import draw, make_sampler, one_hot_argmax
+from arraygpt.nn import layers
 from arraygpt.plugins import samplers as builtin
-from arraygpt.shim import load_backend, to_numpy
+from arraygpt.xp import load_backend, to_numpy
 
 PROPERTY_BACKENDS = ["numpy", "array_api_strict"]
 
@@ -43,10 +43,16 @@ SAMPLER_SPECS = st.one_of(
     st.builds(lambda k: ("top_k", {"top_k": k}), st.integers(1, 20)),
     st.builds(lambda p: ("top_p", {"top_p": p}), st.floats(0.0, 1.0, exclude_min=True)),
     st.builds(lambda m: ("min_p", {"min_p": m}), st.floats(0.0, 1.0)),
-    st.builds(lambda k, p: (["top_k", "top_p"], {"top_k": k, "top_p": p}),
-              st.integers(1, 20), st.floats(0.0, 1.0, exclude_min=True)),  # fmt: skip
-    st.builds(lambda p, m: (["min_p", "top_p"], {"min_p": m, "top_p": p}),
-              st.floats(0.0, 1.0, exclude_min=True), st.floats(0.0, 1.0)),  # fmt: skip
+    st.builds(
+        lambda k, p: (["top_k", "top_p"], {"top_k": k, "top_p": p}),
+        st.integers(1, 20),
+        st.floats(0.0, 1.0, exclude_min=True),
+    ),
+    st.builds(
+        lambda p, m: (["min_p", "top_p"], {"min_p": m, "top_p": p}),
+        st.floats(0.0, 1.0, exclude_min=True),
+        st.floats(0.0, 1.0),
+    ),
 )
 
 
@@ -136,8 +142,14 @@ def test_greedy_equals_argmax(name, data, logits, temperature):
 
 
 @pytest.mark.parametrize("name", PROPERTY_BACKENDS)
-@given(data=st.data(), weights=hnp.arrays(np.float64, st.tuples(st.integers(1, 3), st.integers(1, 12)),
-                                          elements=st.sampled_from([0.0, 0.0, 0.5, 1.0, 2.0, 1e-3])))  # fmt: skip
+@given(
+    data=st.data(),
+    weights=hnp.arrays(
+        np.float64,
+        st.tuples(st.integers(1, 3), st.integers(1, 12)),
+        elements=st.sampled_from([0.0, 0.0, 0.5, 1.0, 2.0, 1e-3]),
+    ),
+)
 def test_draw_picks_only_positive_weights(name, data, weights):
     backend = load_backend(name)
     B, V = weights.shape
@@ -168,7 +180,9 @@ def test_draw_follows_the_cumulative_distribution(name):
 
 def test_draw_marks_nan_rows():
     backend = load_backend("numpy")
-    tokens = to_numpy(draw(backend.asarray(np.array([[np.nan, 1.0], [1.0, 1.0]])), backend.asarray(np.array([0.3, 0.3]))))
+    tokens = to_numpy(
+        draw(backend.asarray(np.array([[np.nan, 1.0], [1.0, 1.0]])), backend.asarray(np.array([0.3, 0.3])))
+    )
     assert tokens[0] == 2 and tokens[1] == 0
 
 
@@ -213,7 +227,10 @@ def test_samplers_compose_in_the_order_given():
         ({"sampler": "top_p", "top_p": -0.1}, "top_p must be a number in (0, 1], got -0.1"),
         ({"sampler": "min_p", "min_p": -0.1}, "min_p must be a number in [0, 1], got -0.1"),
         ({"sampler": "min_p", "min_p": 1.01}, "min_p must be a number in [0, 1], got 1.01"),
-        ({"sampler": "nucleus"}, "unknown sampler 'nucleus'; registered samplers: greedy, min_p, temperature, top_k, top_p"),
+        (
+            {"sampler": "nucleus"},
+            "unknown sampler 'nucleus'; registered samplers: greedy, min_p, temperature, top_k, top_p",
+        ),
         ({"sampler": "top_k"}, "sampler 'top_k' needs the option top_k"),
         ({"sampler": "top_k", "top_k": 5, "top_p": 0.9}, "option 'top_p' is not used by sampler top_k"),
         ({"sampler": "temperature", "top_k": 5}, "option 'top_k' is not used by sampler temperature"),
@@ -238,12 +255,21 @@ def test_the_built_in_samplers_use_the_sampling_module_not_generation():
     import ast
     import inspect
 
-    from arraygpt import generation, sampling
+    from arraygpt.generation import generation, sampling
 
     tree = ast.parse(inspect.getsource(builtin))
     imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
     imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
-    assert "arraygpt.sampling" in imported and "arraygpt.generation" not in imported
-    for name in ("check_number", "check_temperature", "draw", "make_sampler", "normalize", "one_hot_argmax",
-                 "top_candidates", "available_samplers", "Sampler"):  # fmt: skip
+    assert "arraygpt.generation.sampling" in imported and "arraygpt.generation.generation" not in imported
+    for name in (
+        "check_number",
+        "check_temperature",
+        "draw",
+        "make_sampler",
+        "normalize",
+        "one_hot_argmax",
+        "top_candidates",
+        "available_samplers",
+        "Sampler",
+    ):
         assert getattr(generation, name) is getattr(sampling, name), name  # re-exported, one object

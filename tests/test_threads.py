@@ -16,9 +16,11 @@ import warnings
 import numpy as np
 import pytest
 
-from arraygpt import GPT, GPTConfig, core, generate, runner as runner_module
-from arraygpt.runner import BatchRunner
-from arraygpt.shim import load_backend, to_numpy
+from arraygpt import GPT, GPTConfig, generate
+from arraygpt.nn import core
+from arraygpt.nn import runner as runner_module
+from arraygpt.nn.runner import BatchRunner
+from arraygpt.xp import load_backend, to_numpy
 
 CONFIG = GPTConfig.preset("gpt2", vocab_size=23, block_size=8, n_layer=2, n_head=2, n_embd=12)
 
@@ -144,7 +146,7 @@ def _openblas_control():
 
 def _numpy_backend_threads(env_value):
     env = {**os.environ, "ARRAYGPT_NUM_THREADS": env_value}
-    code = "from arraygpt.shim import load_backend; print(load_backend('numpy').threads)"
+    code = "from arraygpt.xp import load_backend; print(load_backend('numpy').threads)"
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
 
 

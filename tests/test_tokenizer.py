@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from arraygpt.errors import CheckpointError
-from arraygpt.tokenizer import (
+from arraygpt.io.tokenizers import (
     ByteTokenizer,
     CharTokenizer,
     load_tokenizer,
@@ -74,8 +74,9 @@ def test_byte_tokenizer_sizes_and_partial_utf8():
     assert ByteTokenizer().decode(list("é".encode())[:1]) == "\ufffd"
 
 
-@pytest.mark.parametrize("tok", [CharTokenizer("abc\n", bos=True), CharTokenizer("xy", bos=False), ByteTokenizer(),
-                                 ByteTokenizer(bos=False)])  # fmt: skip
+@pytest.mark.parametrize(
+    "tok", [CharTokenizer("abc\n", bos=True), CharTokenizer("xy", bos=False), ByteTokenizer(), ByteTokenizer(bos=False)]
+)
 def test_to_dict_round_trip_and_json_files(tok, tmp_path):
     d = tok.to_dict()
     assert json.loads(json.dumps(d)) == d
@@ -92,8 +93,15 @@ def test_load_tokenizer_is_a_deprecated_delegate(tmp_path):
         assert load_tokenizer(tmp_path / "t.json") == ByteTokenizer()
 
 
-@pytest.mark.parametrize("d, match", [({}, "type"), ({"type": "bpe"}, "unknown tokenizer type"),
-                                      ({"type": "char"}, "chars"), ({"type": "byte", "format": 9}, "format")])  # fmt: skip
+@pytest.mark.parametrize(
+    "d, match",
+    [
+        ({}, "type"),
+        ({"type": "bpe"}, "unknown tokenizer type"),
+        ({"type": "char"}, "chars"),
+        ({"type": "byte", "format": 9}, "format"),
+    ],
+)
 def test_tokenizer_from_dict_errors(d, match):
     with pytest.raises(ValueError, match=match):
         tokenizer_from_dict(d)
@@ -101,7 +109,9 @@ def test_tokenizer_from_dict_errors(d, match):
 
 def test_read_tokenizer_file_rejects_broken_json(tmp_path):
     (tmp_path / "t.json").write_text('{"type": "ch')
-    with pytest.raises(CheckpointError, match=r"t\.json: the tokenizer file is truncated or corrupted \(not valid JSON"):
+    with pytest.raises(
+        CheckpointError, match=r"t\.json: the tokenizer file is truncated or corrupted \(not valid JSON"
+    ):
         read_tokenizer_file(tmp_path / "t.json")
 
 

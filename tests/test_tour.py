@@ -27,9 +27,15 @@ def blocks() -> list[str]:
 def test_the_tour_has_the_documents_story():
     text = TOUR.read_text(encoding="utf-8")
     headings = re.findall(r"^## \d+\. (.+)$", text, re.M)
-    assert headings == ["Tokens and embeddings", "One attention head", "Masking", "Softmax with temperature",
-                        "Predicting and sampling", "Counting GPT-3's parameters",
-                        "Training microgpt and looking at its distribution"]  # fmt: skip
+    assert headings == [
+        "Tokens and embeddings",
+        "One attention head",
+        "Masking",
+        "Softmax with temperature",
+        "Predicting and sampling",
+        "Counting GPT-3's parameters",
+        "Training microgpt and looking at its distribution",
+    ]
     assert len(blocks()) >= 10
 
 

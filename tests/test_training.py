@@ -17,12 +17,13 @@ import numpy as np
 import pytest
 
 import arraygpt
-from arraygpt import cli, hookimpl, shim
-from arraygpt.checkpoint import load_checkpoint
+from arraygpt import cli, hookimpl
+from arraygpt import xp as shim
+from arraygpt.io.checkpoint import load_checkpoint
+from arraygpt.io.tokenizers import CharTokenizer
 from arraygpt.manager import get_plugin_manager
-from arraygpt.shim import to_numpy
-from arraygpt.tokenizer import CharTokenizer
-from arraygpt.training import TrainingDiverged
+from arraygpt.training.loop import TrainingDiverged
+from arraygpt.xp import to_numpy
 
 SYLLABLES = ["an", "el", "ma", "ri", "jo", "sa", "li", "na", "ka", "th", "er", "on", "ia", "be", "da", "ly"]
 TINY = dict(n_embd=16, n_head=2, block_size=8, eval_batches=2, samples=0, log_interval=1)
@@ -72,8 +73,16 @@ def read_metrics(run_dir):
 
 
 def test_training_lowers_the_loss(names_file, pm):
-    run = arraygpt.train(str(names_file), steps=40, batch_size=16, lr=1e-2, eval_interval=40, progress=False,
-                         plugin_manager=pm, **{**TINY, "eval_batches": 0})  # fmt: skip
+    run = arraygpt.train(
+        str(names_file),
+        steps=40,
+        batch_size=16,
+        lr=1e-2,
+        eval_interval=40,
+        progress=False,
+        plugin_manager=pm,
+        **{**TINY, "eval_batches": 0},
+    )
     losses = [r["loss"] for r in run.history if r["event"] == "train"]
     assert len(losses) == 40
     assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.4
@@ -83,9 +92,23 @@ def test_training_lowers_the_loss(names_file, pm):
 
 
 def test_stream_mode_with_adamw_cosine_clipping_and_samples(stream_file, pm):
-    run = arraygpt.train(str(stream_file), steps=30, batch_size=8, optimizer="adamw", lr=3e-3, schedule="cosine",
-                         warmup_steps=5, min_lr=3e-4, weight_decay=0.1, beta2=0.99, grad_clip=1.0, eval_interval=15,
-                         progress=False, plugin_manager=pm, **{**TINY, "samples": 2, "sample_length": 20})  # fmt: skip
+    run = arraygpt.train(
+        str(stream_file),
+        steps=30,
+        batch_size=8,
+        optimizer="adamw",
+        lr=3e-3,
+        schedule="cosine",
+        warmup_steps=5,
+        min_lr=3e-4,
+        weight_decay=0.1,
+        beta2=0.99,
+        grad_clip=1.0,
+        eval_interval=15,
+        progress=False,
+        plugin_manager=pm,
+        **{**TINY, "samples": 2, "sample_length": 20},
+    )
     assert run.config.mode == "stream" and run.tokenizer.bos_id is None
     train_records = [r for r in run.history if r["event"] == "train"]
     assert all("grad_norm" in r for r in train_records)
@@ -97,23 +120,39 @@ def test_stream_mode_with_adamw_cosine_clipping_and_samples(stream_file, pm):
 
 
 def test_samples_in_documents_mode_are_documents(names_file, pm):
-    run = arraygpt.train(str(names_file), mode="documents", steps=30, batch_size=16, progress=False,
-                         plugin_manager=pm, **{**TINY, "samples": 5})  # fmt: skip
+    run = arraygpt.train(
+        str(names_file),
+        mode="documents",
+        steps=30,
+        batch_size=16,
+        progress=False,
+        plugin_manager=pm,
+        **{**TINY, "samples": 5},
+    )
     assert len(run.samples) == 5
     assert all("\n" not in s and set(s) <= set(run.tokenizer.chars) for s in run.samples)
 
 
 def test_run_sample_is_generate_with_the_temperature_sampler(names_file, pm):
-    from arraygpt.generation import generate
+    from arraygpt.generation.generation import generate
 
-    run = arraygpt.train(str(names_file), mode="documents", steps=10, batch_size=16, progress=False,
-                         plugin_manager=pm, **TINY)  # fmt: skip
+    run = arraygpt.train(
+        str(names_file), mode="documents", steps=10, batch_size=16, progress=False, plugin_manager=pm, **TINY
+    )
     tok = run.tokenizer
     texts = run.sample(n=4, length=12, temperature=0.8, seed=5)
     rows = [[] for _ in range(4)]
     prompt = np.full((4, 1), tok.bos_id)
-    for step in generate(run.model, prompt, 12, "temperature", temperature=0.8, seed=np.random.default_rng([3, 5]),
-                         eos_id=tok.eos_id, use_cache=False):  # fmt: skip
+    for step in generate(
+        run.model,
+        prompt,
+        12,
+        "temperature",
+        temperature=0.8,
+        seed=np.random.default_rng([3, 5]),
+        eos_id=tok.eos_id,
+        use_cache=False,
+    ):
         for row, t in zip(rows, step):
             if t is not None and t != tok.eos_id:
                 row.append(t)
@@ -126,14 +165,30 @@ def test_run_sample_is_generate_with_the_temperature_sampler(names_file, pm):
 def test_training_on_other_backends(names_file, pm, backend):
     if backend == "torch":
         pytest.importorskip("torch")
-    run = arraygpt.train(str(names_file), mode="documents", steps=5, batch_size=4, backend=backend, progress=False,
-                         plugin_manager=pm, **TINY)  # fmt: skip
+    run = arraygpt.train(
+        str(names_file),
+        mode="documents",
+        steps=5,
+        batch_size=4,
+        backend=backend,
+        progress=False,
+        plugin_manager=pm,
+        **TINY,
+    )
     assert run.model.backend.name == backend and run.step == 5
 
 
 def test_byte_tokenizer_and_float64_through_a_resume(tmp_path, names_file, pm):
-    opts = dict(mode="documents", tokenizer="byte", dtype="float64", steps=6, batch_size=4, progress=False,
-                plugin_manager=pm, **TINY)  # fmt: skip
+    opts = dict(
+        mode="documents",
+        tokenizer="byte",
+        dtype="float64",
+        steps=6,
+        batch_size=4,
+        progress=False,
+        plugin_manager=pm,
+        **TINY,
+    )
     straight = arraygpt.train(str(names_file), **opts)
     arraygpt.train(str(names_file), out_dir=tmp_path / "b", stop_after=3, **opts)
     resumed = arraygpt.train(resume=tmp_path / "b", progress=False, plugin_manager=pm)
@@ -147,8 +202,17 @@ def test_byte_tokenizer_and_float64_through_a_resume(tmp_path, names_file, pm):
 
 def _opts(data, pm, **extra):
     # dropout > 0 so that the dropout generator's state matters too
-    base = dict(data=str(data), steps=20, batch_size=8, lr=1e-2, eval_interval=5, dropout=0.1, progress=False,
-                plugin_manager=pm, **TINY)  # fmt: skip
+    base = dict(
+        data=str(data),
+        steps=20,
+        batch_size=8,
+        lr=1e-2,
+        eval_interval=5,
+        dropout=0.1,
+        progress=False,
+        plugin_manager=pm,
+        **TINY,
+    )
     return {**base, **extra}
 
 
@@ -165,14 +229,16 @@ def test_resume_after_stop_after_is_bit_identical(tmp_path, names_file, pm, mode
     assert a["step"] == b["step"] == 20
     assert_bit_identical({k: v for k, v in a.items() if k != "step"}, {k: v for k, v in b.items() if k != "step"})
     # the checkpoints on disk agree as well, and the resumed metrics continue the file
-    assert_bit_identical(params_of(load_checkpoint(tmp_path / "a").model), params_of(load_checkpoint(tmp_path / "b").model))
+    assert_bit_identical(
+        params_of(load_checkpoint(tmp_path / "a").model), params_of(load_checkpoint(tmp_path / "b").model)
+    )
     steps = [r["step"] for r in read_metrics(tmp_path / "b") if r["event"] == "train"]
     assert steps == list(range(1, 21))
     assert load_checkpoint(tmp_path / "b" / "best").extra["best_val_loss"] == pytest.approx(straight.best_val_loss)
 
 
 def test_resume_is_bit_identical_with_the_batch_split_across_threads(tmp_path, names_file, pm, monkeypatch):
-    from arraygpt import runner
+    from arraygpt.nn import runner
 
     monkeypatch.setattr(runner, "MIN_WORK_PER_THREAD", 1)  # split even this tiny batch
     two_threads = dataclasses.replace(shim.load_backend("numpy"), threads=2)  # whatever the cores here
@@ -232,9 +298,32 @@ def test_crash_after_a_checkpoint_then_resume_is_bit_identical(tmp_path, names_f
 
 
 def test_sigkill_of_a_real_process_then_resume_is_bit_identical(tmp_path, names_file, pm):
-    args = ["train", "--data", str(names_file), "--mode", "documents", "--steps", "400", "--batch-size", "8",
-            "--n-embd", "16", "--n-head", "2", "--eval-interval", "400", "--checkpoint-interval", "2",
-            "--eval-batches", "1", "--samples", "0", "--dropout", "0.1", "--quiet"]  # fmt: skip
+    args = [
+        "train",
+        "--data",
+        str(names_file),
+        "--mode",
+        "documents",
+        "--steps",
+        "400",
+        "--batch-size",
+        "8",
+        "--n-embd",
+        "16",
+        "--n-head",
+        "2",
+        "--eval-interval",
+        "400",
+        "--checkpoint-interval",
+        "2",
+        "--eval-batches",
+        "1",
+        "--samples",
+        "0",
+        "--dropout",
+        "0.1",
+        "--quiet",
+    ]
     env = {**os.environ, "ARRAYGPT_DISABLE_PLUGIN_AUTOLOAD": "1"}
     code = "import sys; from arraygpt.cli import main; sys.exit(main(sys.argv[1:]))"
     proc = subprocess.Popen([sys.executable, "-c", code, *args, "--out-dir", str(tmp_path / "b")], env=env)
@@ -250,7 +339,9 @@ def test_sigkill_of_a_real_process_then_resume_is_bit_identical(tmp_path, names_
     assert 0 < ck.extra["step"] < 400, "the process was killed before finishing"
     assert cli.main(["train", "--resume", str(tmp_path / "b"), "--quiet"]) == 0
     assert cli.main([*args, "--out-dir", str(tmp_path / "a")]) == 0
-    assert_bit_identical(params_of(load_checkpoint(tmp_path / "b").model), params_of(load_checkpoint(tmp_path / "a").model))
+    assert_bit_identical(
+        params_of(load_checkpoint(tmp_path / "b").model), params_of(load_checkpoint(tmp_path / "a").model)
+    )
 
 
 def test_resume_refuses_changed_options_and_changed_data(tmp_path, names_file, pm):
@@ -272,7 +363,12 @@ def test_resume_refuses_changed_options_and_changed_data(tmp_path, names_file, p
 def test_metrics_jsonl_and_last_and_best(tmp_path, names_file, pm):
     run = arraygpt.train(out_dir=tmp_path / "r", **_opts(names_file, pm, log_interval=4))
     records = read_metrics(tmp_path / "r")
-    assert records[0]["event"] == "start" and records[-1] == {**records[-1], "event": "end", "step": 20, "reason": "done"}
+    assert records[0]["event"] == "start" and records[-1] == {
+        **records[-1],
+        "event": "end",
+        "step": 20,
+        "reason": "done",
+    }
     train = [r for r in records if r["event"] == "train"]
     assert [r["step"] for r in train] == [4, 8, 12, 16, 20]
     assert all(r["loss"] > 0 and r["lr"] >= 0 and r["tokens_per_s"] > 0 for r in train)
@@ -326,16 +422,19 @@ def test_non_finite_parameters_are_never_checkpointed(tmp_path, names_file, pm):
 # -- bad input -----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("options, error, match", [
-    ({"batch_size": 0}, ValueError, "batch_size must be a positive integer"),
-    ({"lr": -1e-3}, ValueError, r"learning rate \(lr\) must be a finite number >= 0"),
-    ({"steps": 0}, ValueError, "steps must be a positive integer"),
-    ({"mode": "stream", "block_size": 4096}, ValueError, "block_size 4096 is larger than the train split allows"),
-    ({"tokenizer": CharTokenizer("abc")}, ValueError, "does not know"),
-    ({"optimizer": "lion"}, ValueError, "unknown optimizer 'lion'"),
-    ({"vocab_size": 3}, ValueError, "smaller than the tokenizer"),
-    ({"bogus": 1}, TypeError, "unknown option"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "options, error, match",
+    [
+        ({"batch_size": 0}, ValueError, "batch_size must be a positive integer"),
+        ({"lr": -1e-3}, ValueError, r"learning rate \(lr\) must be a finite number >= 0"),
+        ({"steps": 0}, ValueError, "steps must be a positive integer"),
+        ({"mode": "stream", "block_size": 4096}, ValueError, "block_size 4096 is larger than the train split allows"),
+        ({"tokenizer": CharTokenizer("abc")}, ValueError, "does not know"),
+        ({"optimizer": "lion"}, ValueError, "unknown optimizer 'lion'"),
+        ({"vocab_size": 3}, ValueError, "smaller than the tokenizer"),
+        ({"bogus": 1}, TypeError, "unknown option"),
+    ],
+)
 def test_bad_input_is_a_clear_error_before_training(tmp_path, names_file, pm, options, error, match):
     with pytest.raises(error, match=match):
         arraygpt.train(str(names_file), out_dir=tmp_path / "r", progress=False, plugin_manager=pm, **options)
@@ -356,8 +455,27 @@ def test_empty_and_missing_data(tmp_path, pm):
 
 
 def test_cli_train_then_resume(tmp_path, names_file, capsys):
-    base = ["train", "--data", str(names_file), "--mode", "documents", "--steps", "12", "--batch-size", "8",
-            "--n-embd", "16", "--n-head", "2", "--eval-interval", "6", "--log-interval", "4", "--samples", "3"]  # fmt: skip
+    base = [
+        "train",
+        "--data",
+        str(names_file),
+        "--mode",
+        "documents",
+        "--steps",
+        "12",
+        "--batch-size",
+        "8",
+        "--n-embd",
+        "16",
+        "--n-head",
+        "2",
+        "--eval-interval",
+        "6",
+        "--log-interval",
+        "4",
+        "--samples",
+        "3",
+    ]
     assert cli.main([*base, "--out-dir", str(tmp_path / "r"), "--stop-after", "6"]) == 0
     out = capsys.readouterr().out
     assert re.search(r"step +4/12 +loss \d\.\d{4} +lr \S+ +[\d,]+ tok/s", out), out
@@ -378,10 +496,10 @@ def test_cli_bad_input_exits_2_with_a_message(tmp_path, names_file, capsys):
 
 def test_cli_without_arguments_trains_microgpt_on_names(monkeypatch, tmp_path):
     calls = []
-    monkeypatch.setattr("arraygpt.training.train", lambda *a, **k: calls.append((a, k)))
+    monkeypatch.setattr("arraygpt.training.loop.train", lambda *a, **k: calls.append((a, k)))
     monkeypatch.chdir(tmp_path)
     assert cli.main([]) == 0
-    (args, kwargs), = calls
+    ((args, kwargs),) = calls
     assert args == ("names",) and kwargs["config"] == "microgpt" and str(kwargs["out_dir"]).startswith("runs/names-")
     assert kwargs["stop_after"] is None and kwargs["progress"] is True
 

@@ -1,4 +1,4 @@
-"""arraygpt.viz, ``arraygpt plot`` and ``arraygpt explain``: the data behind each picture equals what
+"""arraygpt.viz.figures, ``arraygpt plot`` and ``arraygpt explain``: the data behind each picture equals what
 the model computes, the figures draw it (the masked future left empty), each command writes valid
 PNG, SVG and HTML files, bad input exits 2 with one line.
 
@@ -14,9 +14,10 @@ import pytest
 
 import arraygpt
 from arraygpt import viz
-from arraygpt.generation import generate, make_sampler
-from arraygpt.model import GPTConfig, count_params
-from arraygpt.shim import to_numpy
+from arraygpt.config import GPTConfig
+from arraygpt.generation.generation import generate, make_sampler
+from arraygpt.nn.params import count_params
+from arraygpt.xp import to_numpy
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -29,7 +30,9 @@ def _has_matplotlib() -> bool:
     return True
 
 
-needs_mpl = pytest.mark.skipif(not _has_matplotlib(), reason="matplotlib is not installed (pip install 'arraygpt[viz]')")
+needs_mpl = pytest.mark.skipif(
+    not _has_matplotlib(), reason="matplotlib is not installed (pip install 'arraygpt[viz]')"
+)
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +45,7 @@ def run_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def loaded(run_dir):
-    from arraygpt.formats import load
+    from arraygpt.io.formats import load
 
     return load(run_dir)
 
@@ -74,7 +77,7 @@ def test_prompt_ids(tok):
 
 
 def test_prompt_without_bos_is_refused():
-    from arraygpt.tokenizer import CharTokenizer
+    from arraygpt.io.tokenizers import CharTokenizer
 
     with pytest.raises(ValueError, match="no BOS token"):
         viz.prompt_ids(CharTokenizer("ab", bos=False), "")
@@ -166,11 +169,13 @@ def test_embeddings_bad_token(model, tok):
 
 def test_distributions_equal_generate_and_the_sampler(model, tok, loaded):
     options = dict(temperature=0.8, top_k=5)
-    d = viz.plot_distributions(model, tok, "em", 6, "top_k", k=6, seed=3, prefix=loaded.prompt_prefix,
-                               draw=False, **options)  # fmt: skip
+    d = viz.plot_distributions(
+        model, tok, "em", 6, "top_k", k=6, seed=3, prefix=loaded.prompt_prefix, draw=False, **options
+    )
     ends = [tok.bos_id]
-    expected = list(generate(model, d.prompt, 6, "top_k", seed=3, use_cache=False, eos_id=ends, show_probs=6,
-                             **options))  # fmt: skip
+    expected = list(
+        generate(model, d.prompt, 6, "top_k", seed=3, use_cache=False, eos_id=ends, show_probs=6, **options)
+    )
     assert d.candidates == expected
     assert d.tokens == [c.token for c in expected] and d.labels == [viz.token_label(tok, t) for t in d.tokens]
     chain = make_sampler("top_k", **options)
@@ -180,8 +185,9 @@ def test_distributions_equal_generate_and_the_sampler(model, tok, loaded):
         top = np.argsort(-model_p, kind="stable")[:6]
         assert [i for i, _ in c.model] == top.tolist()
         np.testing.assert_allclose([p for _, p in c.model], model_p[top], atol=1e-6)
-        np.testing.assert_allclose(probs, host(chain(model.xp.asarray(logits[None, :].astype(np.float32))))[0],
-                                   atol=1e-7)  # fmt: skip
+        np.testing.assert_allclose(
+            probs, host(chain(model.xp.asarray(logits[None, :].astype(np.float32))))[0], atol=1e-7
+        )
         assert (probs > 0).sum() <= 5  # top-5 (ties aside)
         assert probs[c.token] == pytest.approx(c.p_sampler, abs=1e-7)
     for c, panel in zip(d.candidates, d.panels):
@@ -312,8 +318,9 @@ def test_logit_lens_figure_writes_the_top_guesses(model, tok):
     lens = viz.plot_logit_lens(model, tok, "emma")
     ax = lens.figure.axes[0]
     texts = [t.get_text() for t in ax.texts]
-    assert texts == [lens.top_labels[layer][t][0] for layer in range(len(lens.layer_names))
-                     for t in range(len(lens.tokens))]  # fmt: skip
+    assert texts == [
+        lens.top_labels[layer][t][0] for layer in range(len(lens.layer_names)) for t in range(len(lens.tokens))
+    ]
     np.testing.assert_array_equal(ax.get_images()[0].get_array(), lens.top_probs[:, :, 0])
 
 
@@ -464,8 +471,26 @@ def test_plot_defaults_to_kind_png_and_reads_a_run_folder_as_checkpoint(run_dir,
 def test_explain_writes_the_page_without_matplotlib(run_dir, loaded, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     out = tmp_path / "page.html"
-    code, printed, err = _main(["explain", "--checkpoint", str(run_dir), "--prompt", "em", "--max-new-tokens", "5",
-                                "--sampler", "top_k", "--top-k", "4", "--temperature", "0.9", "-o", str(out)], capsys)  # fmt: skip
+    code, printed, err = _main(
+        [
+            "explain",
+            "--checkpoint",
+            str(run_dir),
+            "--prompt",
+            "em",
+            "--max-new-tokens",
+            "5",
+            "--sampler",
+            "top_k",
+            "--top-k",
+            "4",
+            "--temperature",
+            "0.9",
+            "-o",
+            str(out),
+        ],
+        capsys,
+    )
     assert (code, printed, err) == (0, [str(out)], [])
     text = out.read_text(encoding="utf-8")
     assert text.startswith("<!DOCTYPE html>") and "<script src" not in text
@@ -483,24 +508,27 @@ def test_arraygpt_explain_is_the_library_function(model, tok, tmp_path):
     assert page._repr_html_().startswith("<iframe srcdoc=")
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["plot"], "say what to draw: arraygpt plot KIND"),
-    (["plot", "pictures-of-cats", "--preset", "gpt2"], "unknown KIND 'pictures-of-cats'; choose from probs,"),
-    (["plot", "attention"], "attention needs --checkpoint DIR"),
-    (["plot", "loss"], "loss needs --run DIR"),
-    (["plot", "loss", "--run", "{tmp}"], "no metrics.jsonl at"),
-    (["plot", "params"], "params needs --preset NAME"),
-    (["plot", "params", "--preset", "gpt-5"], "unknown preset"),
-    (["plot", "params", "--preset", "gpt2", "-o", "{tmp}/x.jpg"], "must end in .png or .svg"),
-    (["plot", "probs", "--checkpoint", "{tmp}/nope"], "no model at"),
-    (["plot", "probs", "--checkpoint", "x", "--top-p", "1.5", "--sampler", "top_p"], "top_p must be"),
-    (["plot", "probs", "--checkpoint", "x", "--max-new-tokens", "-1"], "--max-new-tokens must be"),
-    (["plot", "embeddings", "--checkpoint", "{run}", "--token", "ab"], "is 2 tokens, not one"),
-    (["explain"], "explain needs --checkpoint DIR"),
-    (["explain", "--checkpoint", "{run}", "-o", "{tmp}/page.png"], "must end in .html"),
-    (["explain", "--checkpoint", "{run}", "--sampler", "no_such_sampler"], "no_such_sampler"),
-    (["explain", "--checkpoint", "{tmp}/nope"], "no model at"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["plot"], "say what to draw: arraygpt plot KIND"),
+        (["plot", "pictures-of-cats", "--preset", "gpt2"], "unknown KIND 'pictures-of-cats'; choose from probs,"),
+        (["plot", "attention"], "attention needs --checkpoint DIR"),
+        (["plot", "loss"], "loss needs --run DIR"),
+        (["plot", "loss", "--run", "{tmp}"], "no metrics.jsonl at"),
+        (["plot", "params"], "params needs --preset NAME"),
+        (["plot", "params", "--preset", "gpt-5"], "unknown preset"),
+        (["plot", "params", "--preset", "gpt2", "-o", "{tmp}/x.jpg"], "must end in .png or .svg"),
+        (["plot", "probs", "--checkpoint", "{tmp}/nope"], "no model at"),
+        (["plot", "probs", "--checkpoint", "x", "--top-p", "1.5", "--sampler", "top_p"], "top_p must be"),
+        (["plot", "probs", "--checkpoint", "x", "--max-new-tokens", "-1"], "--max-new-tokens must be"),
+        (["plot", "embeddings", "--checkpoint", "{run}", "--token", "ab"], "is 2 tokens, not one"),
+        (["explain"], "explain needs --checkpoint DIR"),
+        (["explain", "--checkpoint", "{run}", "-o", "{tmp}/page.png"], "must end in .html"),
+        (["explain", "--checkpoint", "{run}", "--sampler", "no_such_sampler"], "no_such_sampler"),
+        (["explain", "--checkpoint", "{tmp}/nope"], "no model at"),
+    ],
+)
 def test_bad_input_exits_2_with_one_line(argv, message, run_dir, tmp_path, capsys):
     argv = [a.format(tmp=tmp_path, run=run_dir) for a in argv]
     code, printed, err = _main(argv, capsys)

@@ -17,18 +17,26 @@ import pytest
 
 import arraygpt
 from arraygpt import viz
-from arraygpt.generation import make_sampler
+from arraygpt.generation.generation import make_sampler
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright is not installed (pip install playwright)")
 
 CHROMIUM = os.environ.get("ARRAYGPT_CHROMIUM", "/usr/bin/chromium")
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync", "--no-first-run"]  # fmt: skip
+ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 TOL = 1e-6
 
 if not Path(CHROMIUM).is_file():
-    pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install -y chromium, or set ARRAYGPT_CHROMIUM)",
-                allow_module_level=True)  # fmt: skip
+    pytest.skip(
+        f"no Chromium at {CHROMIUM} (apt-get install -y chromium, or set ARRAYGPT_CHROMIUM)", allow_module_level=True
+    )
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +44,9 @@ def explained(tmp_path_factory):
     """A two-layer model trained briefly on names, and its page saved to a file."""
     out = tmp_path_factory.mktemp("page")
     run = arraygpt.train("names", steps=40, n_layer=2, progress=False, samples=0)
-    page = viz.explain(run.model, run.tokenizer, "em", 8, "top_k", top_k=6, temperature=0.9, seed=5,
-                       prefix=[run.tokenizer.bos_id])  # fmt: skip
+    page = viz.explain(
+        run.model, run.tokenizer, "em", 8, "top_k", top_k=6, temperature=0.9, seed=5, prefix=[run.tokenizer.bos_id]
+    )
     assert len(page.data["generated"]) >= 2, "the fixture needs at least two generated tokens"
     return page, page.save(out / "page.html")
 
@@ -71,8 +80,9 @@ def page(browser, explained):
 def python_probs(logits, temperature, top_k=0, top_p=1.0, min_p=0.0):
     """What arraygpt's samplers give: the page's pipeline, make_sampler(["top_k", "top_p", "min_p"])."""
     V = len(logits)
-    chain = make_sampler(["top_k", "top_p", "min_p"], temperature=temperature, top_k=top_k or V, top_p=top_p,
-                         min_p=min_p)  # fmt: skip
+    chain = make_sampler(
+        ["top_k", "top_p", "min_p"], temperature=temperature, top_k=top_k or V, top_p=top_p, min_p=min_p
+    )
     return np.asarray(chain(np.asarray(logits, dtype=np.float64)[None, :]))[0]
 
 
@@ -91,8 +101,12 @@ SETTINGS = [
 
 
 def settings(s):
-    return {"temperature": s["temperature"], "top_k": s.get("top_k", 0), "top_p": s.get("top_p", 1.0),
-            "min_p": s.get("min_p", 0.0)}  # fmt: skip
+    return {
+        "temperature": s["temperature"],
+        "top_k": s.get("top_k", 0),
+        "top_p": s.get("top_p", 1.0),
+        "min_p": s.get("min_p", 0.0),
+    }
 
 
 def test_page_loads_and_shows_the_generation(page, explained):
@@ -118,9 +132,13 @@ def test_js_single_samplers_equal_the_python_ones(page, explained):
     """One filter at a time: the page's extra renormalizations change nothing beyond rounding."""
     exp, _ = explained
     logits = exp.data["steps"][0]["logits"]
-    cases = [("temperature", dict(temperature=0.9), {}), ("top_k", dict(temperature=1.0, top_k=4), {"top_k": 4}),
-             ("top_p", dict(temperature=0.7, top_p=0.8), {"top_p": 0.8}),
-             ("min_p", dict(temperature=1.3, min_p=0.2), {"min_p": 0.2}), ("greedy", dict(temperature=1.0, top_k=1), {})]  # fmt: skip
+    cases = [
+        ("temperature", dict(temperature=0.9), {}),
+        ("top_k", dict(temperature=1.0, top_k=4), {"top_k": 4}),
+        ("top_p", dict(temperature=0.7, top_p=0.8), {"top_p": 0.8}),
+        ("min_p", dict(temperature=1.3, min_p=0.2), {"min_p": 0.2}),
+        ("greedy", dict(temperature=1.0, top_k=1), {}),
+    ]
     for name, s, options in cases:
         py = np.asarray(make_sampler(name, temperature=s["temperature"], **options)(np.asarray(logits)[None, :]))[0]
         js = np.array(page.evaluate("([l, s]) => window.arraygpt.distribution(l, s)", [logits, settings(s)]))
@@ -131,19 +149,26 @@ def test_js_math_on_ties_and_boundaries(page):
     """Ties at the k-th value and at the nucleus' edge are kept, as the Python filters keep them."""
     rows = [[1.0, 1.0, 1.0, 0.0, 0.0, -1.0], [0.0, 0.0, 0.0, 0.0], [3.0, 2.0, 2.0, 2.0, -5.0], [5.0, -5.0, -5.0]]
     for logits in rows:
-        for s in [dict(temperature=1.0, top_k=2), dict(temperature=1.0, top_p=0.5), dict(temperature=1.0, top_p=0.25),
-                  dict(temperature=0.0), dict(temperature=1.0, min_p=1.0), dict(temperature=0.3, top_k=3, top_p=0.6)]:  # fmt: skip
+        for s in [
+            dict(temperature=1.0, top_k=2),
+            dict(temperature=1.0, top_p=0.5),
+            dict(temperature=1.0, top_p=0.25),
+            dict(temperature=0.0),
+            dict(temperature=1.0, min_p=1.0),
+            dict(temperature=0.3, top_k=3, top_p=0.6),
+        ]:
             js = np.array(page.evaluate("([l, s]) => window.arraygpt.distribution(l, s)", [logits, settings(s)]))
             np.testing.assert_allclose(js, python_probs(logits, **s), rtol=0, atol=TOL, err_msg=f"{logits} {s}")
 
 
 def _set(page, name, value):
-    page.eval_on_selector(f"#{name}", "(el, v) => { el.value = v; el.dispatchEvent(new Event('input')); }",
-                          str(value))  # fmt: skip
+    page.eval_on_selector(f"#{name}", "(el, v) => { el.value = v; el.dispatchEvent(new Event('input')); }", str(value))
 
 
 def _shown(page):
-    return page.eval_on_selector_all("#bars .bar.prob", "els => els.map(e => [Number(e.dataset.id), Number(e.dataset.p)])")
+    return page.eval_on_selector_all(
+        "#bars .bar.prob", "els => els.map(e => [Number(e.dataset.id), Number(e.dataset.p)])"
+    )
 
 
 def test_sliders_recompute_the_shown_distribution(page, explained):
@@ -152,9 +177,13 @@ def test_sliders_recompute_the_shown_distribution(page, explained):
         page.click(f"#text .gen >> nth={step}")
         assert page.get_attribute(f"#text .gen >> nth={step}", "class") == "gen sel"
         logits = exp.data["steps"][step]["logits"]
-        for s in [dict(temperature=0.5, top_k=0, top_p=1.0, min_p=0.0), dict(temperature=1.5, top_k=4, top_p=1.0, min_p=0.0),
-                  dict(temperature=1.0, top_k=0, top_p=0.6, min_p=0.0), dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.2),
-                  dict(temperature=0.0, top_k=0, top_p=1.0, min_p=0.0)]:  # fmt: skip
+        for s in [
+            dict(temperature=0.5, top_k=0, top_p=1.0, min_p=0.0),
+            dict(temperature=1.5, top_k=4, top_p=1.0, min_p=0.0),
+            dict(temperature=1.0, top_k=0, top_p=0.6, min_p=0.0),
+            dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.2),
+            dict(temperature=0.0, top_k=0, top_p=1.0, min_p=0.0),
+        ]:
             for name, value in s.items():
                 _set(page, name, value)
             py = python_probs(logits, **s)
@@ -198,9 +227,10 @@ def test_layer_and_head_selection_shows_that_pattern(page, explained):
         for t, s, v in cells:
             assert s <= t and abs(v - patterns[layer, head, t, s]) <= TOL
         masked = page.eval_on_selector_all(
-            "#grid .masked", "els => els.map(e => [Number(e.dataset.t), Number(e.dataset.s), e.dataset.v === undefined,"
+            "#grid .masked",
+            "els => els.map(e => [Number(e.dataset.t), Number(e.dataset.s), e.dataset.v === undefined,"
             " getComputedStyle(e).backgroundColor])",
-        )  # fmt: skip
+        )
         assert len(masked) == T * (T - 1) // 2
         for t, s, no_value, colour in masked:  # the future: no value, nothing painted
             assert s > t and no_value and colour in ("rgba(0, 0, 0, 0)", "transparent")

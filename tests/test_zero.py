@@ -15,16 +15,27 @@ import textwrap
 
 import numpy as np
 import pytest
+from mpi_jobs import (
+    job_env,
+    launch,
+    launch_ok,
+    max_rel_diff,
+    metrics,
+    needs_mpi,
+    printed_records,
+    resume,
+    train,
+    weights,
+    write_names,
+)
 
 import arraygpt
-from arraygpt import distributed
-from arraygpt.checkpoint import load_checkpoint
-from arraygpt.distributed import ShardedOptimizer, ShardLayout, World
+from arraygpt.io.checkpoint import load_checkpoint
 from arraygpt.manager import get_plugin_manager
-from arraygpt.optim import Optimizer, create_optimizer, state_nbytes
-from arraygpt.shim import to_numpy
-from mpi_jobs import (job_env, launch, launch_ok, max_rel_diff, metrics, needs_mpi, printed_records, resume, train, weights,
-                      write_names)  # fmt: skip
+from arraygpt.training import distributed
+from arraygpt.training.distributed import ShardedOptimizer, ShardLayout, World
+from arraygpt.training.optim import Optimizer, create_optimizer, state_nbytes
+from arraygpt.xp import to_numpy
 
 
 @pytest.fixture
@@ -90,9 +101,13 @@ def test_the_builtin_optimizers_are_elementwise_and_the_base_class_is_not():
 
 @pytest.mark.parametrize(
     ("name", "options"),
-    [("adamw", {"weight_decay": 0.1, "betas": (0.9, 0.95)}), ("adam", {"weight_decay": 0.01}),
-     ("sgd", {"momentum": 0.9, "nesterov": True}), ("sgd", {"momentum": 0.9, "dampening": 0.1})],
-)  # fmt: skip
+    [
+        ("adamw", {"weight_decay": 0.1, "betas": (0.9, 0.95)}),
+        ("adam", {"weight_decay": 0.01}),
+        ("sgd", {"momentum": 0.9, "nesterov": True}),
+        ("sgd", {"momentum": 0.9, "dampening": 0.1}),
+    ],
+)
 @pytest.mark.parametrize("ranks", [2, 3, 4])
 def test_updating_each_ranks_rows_is_the_unsharded_update_bit_for_bit(name, options, ranks):
     pm = get_plugin_manager(autoload=False)
@@ -115,7 +130,9 @@ def test_updating_each_ranks_rows_is_the_unsharded_update_bit_for_bit(name, opti
             opt.step({n: distributed._rows(grads[n], r0, r1) for n, r0, r1 in layout.pieces[rank]}, 0.01)
     for rank, pieces in enumerate(layout.pieces):
         for n, r0, r1 in pieces:
-            np.testing.assert_array_equal(distributed._rows(copies[rank][n], r0, r1), distributed._rows(full[n], r0, r1))
+            np.testing.assert_array_equal(
+                distributed._rows(copies[rank][n], r0, r1), distributed._rows(full[n], r0, r1)
+            )
 
 
 def test_a_sharded_optimizer_of_one_rank_equals_the_optimizer_and_keeps_its_state_format():
@@ -143,8 +160,21 @@ def test_a_sharded_optimizer_of_one_rank_equals_the_optimizer_and_keeps_its_stat
 
 def test_one_process_with_zero_is_the_same_run(tmp_path, names_file):
     pm = get_plugin_manager(autoload=False)
-    common = dict(steps=6, batch_size=3, grad_accum=2, n_embd=16, n_head=2, block_size=8, samples=0, dtype="float64",
-                  optimizer="adamw", grad_clip=0.05, eval_interval=3, progress=False, plugin_manager=pm)  # fmt: skip
+    common = dict(
+        steps=6,
+        batch_size=3,
+        grad_accum=2,
+        n_embd=16,
+        n_head=2,
+        block_size=8,
+        samples=0,
+        dtype="float64",
+        optimizer="adamw",
+        grad_clip=0.05,
+        eval_interval=3,
+        progress=False,
+        plugin_manager=pm,
+    )
     a = arraygpt.train(str(names_file), out_dir=tmp_path / "a", zero=True, **common)
     b = arraygpt.train(str(names_file), out_dir=tmp_path / "b", **common)
     assert not isinstance(a.optimizer, ShardedOptimizer)  # nothing to shard over
@@ -164,11 +194,14 @@ def test_zero_must_be_a_bool():
 @needs_mpi
 @pytest.mark.parametrize(
     ("ranks", "clip", "optimizer"),
-    [(2, "0", ["--optimizer", "adamw", "--weight-decay", "0.1"]), (2, "0.05", ["--optimizer", "adam"]),
-     (4, "0", ["--optimizer", "sgd", "--momentum", "0.9", "--lr", "0.1"]),
-     (4, "0.05", ["--optimizer", "adamw", "--weight-decay", "0.1"])],
+    [
+        (2, "0", ["--optimizer", "adamw", "--weight-decay", "0.1"]),
+        (2, "0.05", ["--optimizer", "adam"]),
+        (4, "0", ["--optimizer", "sgd", "--momentum", "0.9", "--lr", "0.1"]),
+        (4, "0.05", ["--optimizer", "adamw", "--weight-decay", "0.1"]),
+    ],
     ids=["R2-adamw", "R2-adam-clip", "R4-sgd-momentum", "R4-adamw-clip"],
-)  # fmt: skip
+)
 def test_sharded_ranks_equal_one_process_with_the_same_global_batch(tmp_path, names_file, ranks, clip, optimizer):
     common = ["--steps", "20", "--batch-size", "2", "--grad-clip", clip, *optimizer]
     result = train(ranks, tmp_path / "zero", names_file, *common, "--zero", "true")
@@ -182,8 +215,9 @@ def test_sharded_ranks_equal_one_process_with_the_same_global_batch(tmp_path, na
     assert max_rel_diff(zero_state, one_state) < 1e-10
     a, b = metrics(tmp_path / "zero"), metrics(tmp_path / "one")
     for event, key in (("train", "loss"), ("eval", "val_loss"), *((("train", "grad_norm"),) if clip != "0" else ())):
-        np.testing.assert_allclose([r[key] for r in a if r["event"] == event],
-                                   [r[key] for r in b if r["event"] == event], rtol=1e-10)  # fmt: skip
+        np.testing.assert_allclose(
+            [r[key] for r in a if r["event"] == event], [r[key] for r in b if r["event"] == event], rtol=1e-10
+        )
     if clip != "0":  # the clip is active: the norms are above it
         assert all(r["grad_norm"] > float(clip) for r in a if r["event"] == "train")
 
@@ -192,9 +226,9 @@ _MEMORY = textwrap.dedent(
     """
     import json, sys
     import arraygpt
-    from arraygpt.distributed import get_world
+    from arraygpt.training.distributed import get_world
     from arraygpt.manager import get_plugin_manager
-    from arraygpt.optim import state_nbytes
+    from arraygpt.training.optim import state_nbytes
 
     run = arraygpt.train(sys.argv[1], steps=2, batch_size=1, n_embd=16, n_head=2, block_size=8, samples=0,
                          optimizer="adamw", zero=True, progress=False, plugin_manager=get_plugin_manager(autoload=False))
@@ -247,8 +281,8 @@ _HANGING = textwrap.dedent(
     """
     import sys, time
     import arraygpt
-    from arraygpt import training
-    from arraygpt.distributed import get_world
+    from arraygpt.training import loop as training
+    from arraygpt.training.distributed import get_world
 
     original = training.Run.gradients
 

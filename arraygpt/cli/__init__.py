@@ -22,8 +22,8 @@ cannot run here (``BackendUnavailable``). Output cut short by its reader (``| he
 command quietly with 0. Any other exception (a ``TypeError``, ``KeyError``,
 ``IndexError``...) is a bug and keeps its traceback (docs/reliability.md).
 
-Not here: any training, sampling or loading logic (``arraygpt.training``, ``arraygpt.generation``,
-``arraygpt.checkpoint``): a subcommand only turns options into a library call and its outcome
+Not here: any training, sampling or loading logic (``arraygpt.training.loop``, ``arraygpt.generation.generation``,
+``arraygpt.io.checkpoint``): a subcommand only turns options into a library call and its outcome
 into output and an exit code.
 """
 
@@ -55,7 +55,7 @@ SUBCOMMANDS = {
 def expected_errors() -> tuple[type[BaseException], ...]:
     """The exceptions that mean bad input (exit 2, one line), not a bug (a traceback)."""
     from arraygpt.manager import PluginError
-    from arraygpt.shim import BackendUnavailable
+    from arraygpt.xp import BackendUnavailable
 
     return (ValueError, OSError, ImportError, PluginError, BackendUnavailable)
 

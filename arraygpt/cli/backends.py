@@ -11,7 +11,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from arraygpt.shim import ENV_VAR, BackendUnavailable, backend_factories, get_backend, load_backend
+    from arraygpt.xp import ENV_VAR, BackendUnavailable, backend_factories, get_backend, load_backend
 
     try:
         active = get_backend().name
@@ -26,8 +26,9 @@ def run(args: argparse.Namespace) -> int:
             status = f"unavailable: {e}"
         print(f"  {name:<18} {status}")
     if not active.startswith("none"):
-        from arraygpt.kernels import ENV_VAR as KERNELS_ENV, describe_kernels
-        from arraygpt.model import GPTConfig
+        from arraygpt.config import GPTConfig
+        from arraygpt.nn.kernels import ENV_VAR as KERNELS_ENV
+        from arraygpt.nn.kernels import describe_kernels
 
         print(f"kernels on {active}, float32 ({KERNELS_ENV}=reference runs the reference everywhere):")
         for kind, kernel, why in describe_kernels(GPTConfig(), get_backend(), "float32"):

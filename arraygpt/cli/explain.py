@@ -3,7 +3,7 @@
     arraygpt explain --checkpoint runs/names --prompt em --max-new-tokens 8 -o page.html
     arraygpt explain --checkpoint runs/names --sampler top_k --top-k 5 --temperature 0.8 -o page.html
 
-The page (``arraygpt.viz.explain``) shows the prompt and the generated tokens; clicking a token
+The page (``arraygpt.viz.figures.explain``) shows the prompt and the generated tokens; clicking a token
 shows its distribution, with sliders for temperature, top-k, top-p and min-p that recompute it in
 the page as arraygpt's samplers do; the attention pattern of a chosen layer and head; and the logit
 lens. Everything is inline (no network), so the file opens anywhere and can be mailed. The page
@@ -12,7 +12,7 @@ are those of ``arraygpt sample``; ``-o`` ends in ``.html`` (default ``page.html`
 written is printed.
 
 This module only parses options (with the helpers of ``arraygpt.cli.plot``) and calls
-``arraygpt.viz.explain``. Bad input exits 2 with one line on stderr.
+``arraygpt.viz.figures.explain``. Bad input exits 2 with one line on stderr.
 """
 
 from __future__ import annotations
@@ -25,8 +25,9 @@ from arraygpt.cli.plot import add_model_arguments, generation_options, load_mode
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``arraygpt explain``."""
     add_model_arguments(parser, max_new_tokens=20)
-    parser.add_argument("-o", "--output", default=None, metavar="FILE",
-                        help="the page to write, .html (default page.html)")  # fmt: skip
+    parser.add_argument(
+        "-o", "--output", default=None, metavar="FILE", help="the page to write, .html (default page.html)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:

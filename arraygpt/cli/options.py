@@ -90,7 +90,7 @@ def parse_tuple(elements: tuple[Any, ...], name: str) -> Any:
             except ValueError:
                 raise argparse.ArgumentTypeError(
                     f"value {k} of {text!r} ({part.strip()!r}) is not "
-                    f"{ {int: 'an integer', float: 'a number'}.get(kind, _type_name(kind).lower())}; expected {shown}"
+                    f"{ {int: 'an integer', float: 'a number'}.get(kind, _type_name(kind).lower()) }; expected {shown}"
                 ) from None
         return tuple(values)
 
@@ -117,8 +117,14 @@ def option_name(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def add_field_arguments(group: Any, cls: type, *, skip: Iterable[str] = (), only: Iterable[str] | None = None,
-                        default_text: str | None = None) -> list[str]:  # fmt: skip
+def add_field_arguments(
+    group: Any,
+    cls: type,
+    *,
+    skip: Iterable[str] = (),
+    only: Iterable[str] | None = None,
+    default_text: str | None = None,
+) -> list[str]:
     """Add one ``--<field>`` option per field of the dataclass ``cls`` to ``group``.
 
     Args:
@@ -166,29 +172,34 @@ def given(args: argparse.Namespace, names: Iterable[str]) -> dict[str, Any]:
 # -- a model: a preset and GPTConfig overrides, shared by the subcommands that build one ---------
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, default_preset: str = "microgpt", *,
-                         preset_unset: bool = False) -> None:  # fmt: skip
+def add_config_arguments(
+    parser: argparse.ArgumentParser, default_preset: str = "microgpt", *, preset_unset: bool = False
+) -> None:
     """``--preset NAME`` plus one typed ``--<field>`` option per GPTConfig field.
 
     ``preset_unset``: ``args.preset`` stays None when ``--preset`` is not given (the subcommand
     then uses ``default_preset`` itself, and can tell whether the option was given).
     """
-    from arraygpt.model import PRESETS, GPTConfig
+    from arraygpt.config import PRESETS, GPTConfig
 
     group = parser.add_argument_group("model", "a preset and any GPTConfig field to override")
-    group.add_argument("--preset", default=None if preset_unset else default_preset, choices=list(PRESETS),
-                       help=f"named configuration (default {default_preset})")  # fmt: skip
+    group.add_argument(
+        "--preset",
+        default=None if preset_unset else default_preset,
+        choices=list(PRESETS),
+        help=f"named configuration (default {default_preset})",
+    )
     add_field_arguments(group, GPTConfig, default_text="the preset's")
 
 
 def config_fields() -> list[str]:
-    from arraygpt.model import GPTConfig
+    from arraygpt.config import GPTConfig
 
     return [f.name for f in dataclasses.fields(GPTConfig)]
 
 
 def config_from_args(args: argparse.Namespace) -> Any:
     """The GPTConfig named by ``--preset`` with every given field override applied."""
-    from arraygpt.model import GPTConfig
+    from arraygpt.config import GPTConfig
 
     return GPTConfig.preset(args.preset, **given(args, config_fields()))

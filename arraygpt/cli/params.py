@@ -32,7 +32,7 @@ def counts_of(config: Any) -> tuple[int, dict[str, int], dict[str, int]]:
     Returns ``arraygpt.count_params``'s counts; above :data:`MAX_NAMED_LAYERS` layers they are
     extended linearly from one and two layers, and ``by_name`` names one layer's tensors
     ``layer*.NAME``."""
-    from arraygpt.model import count_params
+    from arraygpt.nn.params import count_params
 
     if config.n_layer <= MAX_NAMED_LAYERS:
         c = count_params(config)
@@ -42,8 +42,10 @@ def counts_of(config: Any) -> tuple[int, dict[str, int], dict[str, int]]:
     extra = config.n_layer - 1
     total = one.total + extra * (two.total - one.total)
     by_category = {k: one.by_category[k] + extra * (two.by_category[k] - one.by_category[k]) for k in one.by_category}
-    by_name = {(f"layer*.{name.split('.', 1)[1]}" if name.startswith("layer0.") else name): n
-               for name, n in one.by_name.items()}  # fmt: skip
+    by_name = {
+        (f"layer*.{name.split('.', 1)[1]}" if name.startswith("layer0.") else name): n
+        for name, n in one.by_name.items()
+    }
     return total, by_category, by_name
 
 
@@ -51,8 +53,11 @@ def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     total, by_category, by_name = counts_of(config)
     if args.json:
-        print(json.dumps({"preset": args.preset, "total": total, "by_category": by_category, "by_name": by_name},
-                         indent=2))  # fmt: skip
+        print(
+            json.dumps(
+                {"preset": args.preset, "total": total, "by_category": by_category, "by_name": by_name}, indent=2
+            )
+        )
         return 0
     L, C, D, H, V = config.n_layer, config.n_embd, config.attn_dim, config.mlp_hidden, config.vocab_size
     formulas = {
@@ -66,8 +71,10 @@ def run(args: argparse.Namespace) -> int:
         "unembedding": f"{V:,} x {C:,}" + (" (tied to embedding)" if config.tie_embeddings else ""),
         "other": "positions, norms, biases",
     }
-    print(f"{args.preset}: n_layer={L} n_embd={C} n_head={config.n_head} head_dim={config.head_dim} "
-          f"block_size={config.block_size} vocab_size={V}")  # fmt: skip
+    print(
+        f"{args.preset}: n_layer={L} n_embd={C} n_head={config.n_head} head_dim={config.head_dim} "
+        f"block_size={config.block_size} vocab_size={V}"
+    )
     print(f"{'category':<16} {'shape':<36} {'parameters':>18}")
     for category, n in by_category.items():
         print(f"{category:<16} {formulas[category]:<36} {n:>18,}")

@@ -13,7 +13,7 @@ works too) and params (``--preset NAME``, or the ``--checkpoint``'s configuratio
 in ``.png`` or ``.svg`` (default ``KIND.png``); the path written is printed. The sampler options are
 those of ``arraygpt sample``, taken from its parser.
 
-This module only parses options and calls ``arraygpt.viz`` (which draws with matplotlib,
+This module only parses options and calls ``arraygpt.viz.figures`` (which draws with matplotlib,
 ``pip install 'arraygpt[viz]'``). Its option helpers are shared with ``arraygpt explain``. Bad input
 exits 2 with one line on stderr (``arraygpt.cli.main``); every check is made here, in ``run``,
 rather than by argparse, so that the message is that one line.
@@ -37,14 +37,25 @@ SUFFIXES = (".png", ".svg")
 
 def add_model_arguments(parser: argparse.ArgumentParser, *, max_new_tokens: int) -> None:
     """``--checkpoint``, ``--prompt``, ``--max-new-tokens``, ``--candidates`` and the sampler options."""
-    parser.add_argument("--checkpoint", metavar="DIR",
-                        help="a model directory arraygpt.load opens (an arraygpt checkpoint or run folder, "
-                             "or a Hugging Face directory)")  # fmt: skip
-    parser.add_argument("--prompt", default="", metavar="TEXT", help="text to look at / continue (default: the BOS token)")
-    parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens, metavar="N",
-                        help=f"tokens to generate, 0 to {MAX_PICTURE_TOKENS} (default {max_new_tokens})")  # fmt: skip
-    parser.add_argument("--candidates", type=int, default=8, metavar="K",
-                        help="candidates shown for each generated token (default 8)")  # fmt: skip
+    parser.add_argument(
+        "--checkpoint",
+        metavar="DIR",
+        help="a model directory arraygpt.load opens (an arraygpt checkpoint or run folder, "
+        "or a Hugging Face directory)",
+    )
+    parser.add_argument(
+        "--prompt", default="", metavar="TEXT", help="text to look at / continue (default: the BOS token)"
+    )
+    parser.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=max_new_tokens,
+        metavar="N",
+        help=f"tokens to generate, 0 to {MAX_PICTURE_TOKENS} (default {max_new_tokens})",
+    )
+    parser.add_argument(
+        "--candidates", type=int, default=8, metavar="K", help="candidates shown for each generated token (default 8)"
+    )
     from arraygpt.cli.sample import add_sampler_arguments
 
     add_sampler_arguments(parser)
@@ -54,7 +65,7 @@ def generation_options(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
     """(sampler, keyword options for ``viz.plot_distributions`` / ``viz.explain``) from the
     options, checked before any model is loaded (a bad option raises ValueError)."""
     from arraygpt.cli.sample import sampler_options
-    from arraygpt.sampling import check_number, make_sampler
+    from arraygpt.generation.sampling import check_number, make_sampler
 
     options = sampler_options(args)
     sampler: Any = [s.strip() for s in args.sampler.split(",")] if "," in args.sampler else args.sampler.strip()
@@ -69,7 +80,7 @@ def load_model(directory: str | None, needed_by: str, *, tokenizer: bool = True)
     checkpoint without one (its tokens cannot be shown as text)."""
     if not directory:
         raise ValueError(f"{needed_by} needs --checkpoint DIR (a checkpoint or run folder)")
-    from arraygpt.formats import load
+    from arraygpt.io.formats import load
 
     ckpt = load(directory)
     if tokenizer and ckpt.tokenizer is None:
@@ -94,11 +105,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser, max_new_tokens=12)
     parser.add_argument("--run", metavar="DIR", help="loss: a training run folder with metrics.jsonl")
     parser.add_argument("--preset", metavar="NAME", help="params: a GPTConfig preset, e.g. gpt3-175b")
-    parser.add_argument("--token", default=None, metavar="TEXT",
-                        help="embeddings: mark this token's nearest neighbours (default: the prompt's last token)")  # fmt: skip
+    parser.add_argument(
+        "--token",
+        default=None,
+        metavar="TEXT",
+        help="embeddings: mark this token's nearest neighbours (default: the prompt's last token)",
+    )
     parser.add_argument("--dpi", type=int, default=100, help=f"PNG resolution, 1 to {MAX_DPI} (default 100)")
-    parser.add_argument("-o", "--output", default=None, metavar="FILE",
-                        help="the file to write, .png or .svg (default KIND.png)")  # fmt: skip
+    parser.add_argument(
+        "-o", "--output", default=None, metavar="FILE", help="the file to write, .png or .svg (default KIND.png)"
+    )
 
 
 def _check_kind(kind: str | None) -> str:
@@ -112,8 +128,8 @@ def _check_kind(kind: str | None) -> str:
 def run(args: argparse.Namespace) -> int:
     """Draw the picture and print the path of the file written."""
     from arraygpt import viz
-    from arraygpt.sampling import check_number
-    from arraygpt.training import METRICS_FILE
+    from arraygpt.generation.sampling import check_number
+    from arraygpt.training.loop import METRICS_FILE
 
     kind = _check_kind(args.kind)
     out = output_path(args.output, f"{kind}.png", SUFFIXES)
@@ -137,8 +153,9 @@ def run(args: argparse.Namespace) -> int:
     else:
         model, tokenizer, prefix = load_model(args.checkpoint, kind)
         if kind == "probs":
-            picture = viz.plot_distributions(model, tokenizer, args.prompt, args.max_new_tokens, sampler,
-                                             prefix=prefix, **options)  # fmt: skip
+            picture = viz.plot_distributions(
+                model, tokenizer, args.prompt, args.max_new_tokens, sampler, prefix=prefix, **options
+            )
         elif kind == "attention":
             picture = viz.plot_attention(model, tokenizer, args.prompt, prefix=prefix)
         elif kind == "lens":

@@ -4,7 +4,7 @@ directory) and print samples as they are generated.
 The sampler options ``--top-k``, ``--top-p`` and ``--min-p`` go to the samplers that take them
 (they have no default: each sampler's factory requires its own); ``--option NAME=VALUE`` passes
 any option of a plugin's sampler. The temperature, prompt and counts default to those of
-``arraygpt.generation.generate``. Exit code 2 and one line on stderr for a bad option or a
+``arraygpt.generation.generation.generate``. Exit code 2 and one line on stderr for a bad option or a
 checkpoint that cannot be read.
 """
 
@@ -24,49 +24,97 @@ MAX_SAMPLES = 1_000_000  # --num-samples above this is refused as a typo rather 
 
 def _generate_default(name: str) -> Any:
     """The default of ``generate``'s keyword argument ``name`` (written once, there)."""
-    from arraygpt.generation import generate
+    from arraygpt.generation.generation import generate
 
     return inspect.signature(generate).parameters[name].default
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``arraygpt sample``."""
-    parser.add_argument("--checkpoint", required=True, metavar="DIR",
-                        help="any model directory arraygpt.load opens: an arraygpt checkpoint or run folder, or a Hugging Face directory")  # fmt: skip
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        metavar="DIR",
+        help="any model directory arraygpt.load opens: an arraygpt checkpoint or run folder, or a Hugging Face directory",
+    )
     parser.add_argument("--prompt", default="", metavar="TEXT", help="text to continue (default: the BOS token)")
-    parser.add_argument("--num-samples", type=int, default=1, metavar="N",
-                        help=f"samples to generate, 1 to {MAX_SAMPLES:,} (default 1)")  # fmt: skip
-    parser.add_argument("--max-new-tokens", type=int, default=200, metavar="M",
-                        help="most tokens per sample, >= 0; a sample also ends at an end token (default 200)")  # fmt: skip
+    parser.add_argument(
+        "--num-samples", type=int, default=1, metavar="N", help=f"samples to generate, 1 to {MAX_SAMPLES:,} (default 1)"
+    )
+    parser.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=200,
+        metavar="M",
+        help="most tokens per sample, >= 0; a sample also ends at an end token (default 200)",
+    )
     add_sampler_arguments(parser)
-    parser.add_argument("--show-probs", type=int, default=0, metavar="K",
-                        help="for each token, print the K most likely candidates before and after the sampler")  # fmt: skip
-    parser.add_argument("--stop", action="append", default=[], metavar="TEXT",
-                        help="stop a sample when it ends with TEXT (repeatable); BOS/EOS always stop")  # fmt: skip
-    parser.add_argument("--no-cache", dest="use_cache", action="store_false",
-                        help="rerun the whole context for every token instead of using the KV cache")  # fmt: skip
+    parser.add_argument(
+        "--show-probs",
+        type=int,
+        default=0,
+        metavar="K",
+        help="for each token, print the K most likely candidates before and after the sampler",
+    )
+    parser.add_argument(
+        "--stop",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="stop a sample when it ends with TEXT (repeatable); BOS/EOS always stop",
+    )
+    parser.add_argument(
+        "--no-cache",
+        dest="use_cache",
+        action="store_false",
+        help="rerun the whole context for every token instead of using the KV cache",
+    )
 
 
 def add_sampler_arguments(parser: argparse.ArgumentParser) -> None:
     """The options that choose and configure the sampler, shared by ``sample``, ``plot`` and
     ``explain``: ``--sampler``, ``--temperature``, ``--top-k``, ``--top-p``, ``--min-p``,
     ``--option`` and ``--seed``."""
-    from arraygpt.sampling import DEFAULT_SAMPLER
+    from arraygpt.generation.sampling import DEFAULT_SAMPLER
 
     temperature = _generate_default("temperature")
     group = parser.add_argument_group("sampler")
-    group.add_argument("--sampler", default=DEFAULT_SAMPLER, metavar="NAME[,NAME...]",
-                       help="registered sampler(s), applied in order after the temperature (built-in: greedy, "
-                            f"temperature, top_k, top_p, min_p; `arraygpt plugins` lists all; default {DEFAULT_SAMPLER})")  # fmt: skip
-    group.add_argument("--temperature", type=parse_finite, default=temperature, metavar="T",
-                       help=f"softmax temperature T >= 0 (0 = greedy; no upper cap; default {temperature:g})")  # fmt: skip
+    group.add_argument(
+        "--sampler",
+        default=DEFAULT_SAMPLER,
+        metavar="NAME[,NAME...]",
+        help="registered sampler(s), applied in order after the temperature (built-in: greedy, "
+        f"temperature, top_k, top_p, min_p; `arraygpt plugins` lists all; default {DEFAULT_SAMPLER})",
+    )
+    group.add_argument(
+        "--temperature",
+        type=parse_finite,
+        default=temperature,
+        metavar="T",
+        help=f"softmax temperature T >= 0 (0 = greedy; no upper cap; default {temperature:g})",
+    )
     group.add_argument("--top-k", type=int, default=None, metavar="K", help="top_k: keep the K most likely tokens")
-    group.add_argument("--top-p", type=parse_finite, default=None, metavar="P",
-                       help="top_p: keep the smallest set of most likely tokens whose mass reaches P")  # fmt: skip
-    group.add_argument("--min-p", type=parse_finite, default=None, metavar="P",
-                       help="min_p: keep tokens with probability >= P times the most likely one's")  # fmt: skip
-    group.add_argument("--option", action="append", default=[], metavar="NAME=VALUE",
-                       help="an option of a plugin's sampler (repeatable), e.g. --option epsilon=0.02")  # fmt: skip
+    group.add_argument(
+        "--top-p",
+        type=parse_finite,
+        default=None,
+        metavar="P",
+        help="top_p: keep the smallest set of most likely tokens whose mass reaches P",
+    )
+    group.add_argument(
+        "--min-p",
+        type=parse_finite,
+        default=None,
+        metavar="P",
+        help="min_p: keep tokens with probability >= P times the most likely one's",
+    )
+    group.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="an option of a plugin's sampler (repeatable), e.g. --option epsilon=0.02",
+    )
     group.add_argument("--seed", type=int, default=1337, help="seed of the sampling coins (default 1337)")
 
 
@@ -86,7 +134,7 @@ def sampler_options(args: argparse.Namespace) -> dict[str, Any]:
     that an out-of-range value is reported as such (``top_p must be a number in (0, 1], got 1.5``)
     even when the chosen ``--sampler`` does not take the option (reported next, by
     ``make_sampler``)."""
-    from arraygpt.sampling import available_samplers
+    from arraygpt.generation.sampling import available_samplers
 
     options = {name: getattr(args, name) for name in ("top_k", "top_p", "min_p") if getattr(args, name) is not None}
     factories = available_samplers()
@@ -143,8 +191,8 @@ def show(tokenizer: Any, pairs: Sequence[tuple[int, float]], ends: Sequence[int]
 
 
 def _load(directory: str) -> tuple[Any, Any, list[int]]:
-    """(model, tokenizer, prompt prefix) of the model in ``directory`` (``arraygpt.formats.load``)."""
-    from arraygpt.formats import load
+    """(model, tokenizer, prompt prefix) of the model in ``directory`` (``arraygpt.io.formats.load``)."""
+    from arraygpt.io.formats import load
 
     ckpt = load(directory)
     if ckpt.tokenizer is None:
@@ -154,9 +202,9 @@ def _load(directory: str) -> tuple[Any, Any, list[int]]:
 
 def run(args: argparse.Namespace) -> int:
     """Load the checkpoint and print the samples as they are generated."""
-    from arraygpt.generation import generate
-    from arraygpt.sampling import check_number, make_sampler
-    from arraygpt.shim import host_rng
+    from arraygpt.generation.generation import generate
+    from arraygpt.generation.sampling import check_number, make_sampler
+    from arraygpt.xp import host_rng
 
     options = sampler_options(args)
     sampler = [s.strip() for s in args.sampler.split(",")] if "," in args.sampler else args.sampler.strip()
@@ -165,7 +213,11 @@ def run(args: argparse.Namespace) -> int:
     check_number("--show-probs", args.show_probs, 0, integer=True)
     make_sampler(sampler, temperature=args.temperature, **options)  # report bad options before loading
     model, tokenizer, prefix = _load(args.checkpoint)
-    specials = [getattr(tokenizer, "bos_id", None), getattr(tokenizer, "eos_id", None), *getattr(tokenizer, "eos_ids", ())]
+    specials = [
+        getattr(tokenizer, "bos_id", None),
+        getattr(tokenizer, "eos_id", None),
+        *getattr(tokenizer, "eos_ids", ()),
+    ]
     ends = sorted({int(i) for i in specials if i is not None})
     prompt = prefix + (list(tokenizer.encode(args.prompt)) if args.prompt else [])
     if not prompt:
@@ -183,14 +235,26 @@ def run(args: argparse.Namespace) -> int:
         if not args.show_probs:
             out.write(args.prompt)
         stream = TextStream(tokenizer, io.StringIO() if args.show_probs else out)
-        steps = generate(model, prompt, args.max_new_tokens, sampler, temperature=args.temperature, seed=rng,
-                         use_cache=args.use_cache, eos_id=ends, stop=stop or None, show_probs=args.show_probs,
-                         **options)  # fmt: skip
+        steps = generate(
+            model,
+            prompt,
+            args.max_new_tokens,
+            sampler,
+            temperature=args.temperature,
+            seed=rng,
+            use_cache=args.use_cache,
+            eos_id=ends,
+            stop=stop or None,
+            show_probs=args.show_probs,
+            **options,
+        )
         for item in steps:
             token = item.token if args.show_probs else item
             if args.show_probs:
-                out.write(f"[{label(tokenizer, token, ends)} p={item.p_sampler:.3f} (model {item.p_model:.3f})]"
-                          f"  model: {show(tokenizer, item.model, ends)}  |  sampler: {show(tokenizer, item.sampler, ends)}\n")  # fmt: skip
+                out.write(
+                    f"[{label(tokenizer, token, ends)} p={item.p_sampler:.3f} (model {item.p_model:.3f})]"
+                    f"  model: {show(tokenizer, item.model, ends)}  |  sampler: {show(tokenizer, item.sampler, ends)}\n"
+                )
                 out.flush()
             if token in ends:
                 break

@@ -26,7 +26,7 @@ DEFAULT_PRESET = "microgpt"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``arraygpt train`` options: data, training (TrainConfig), run folder, model (GPTConfig)."""
-    from arraygpt.training import TrainConfig
+    from arraygpt.training.loop import TrainConfig
 
     add_field_arguments(parser, TrainConfig, only=("data",))
     group = parser.add_argument_group("training")
@@ -34,8 +34,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run_group = parser.add_argument_group("run folder")
     run_group.add_argument("--out-dir", default=None, help="run folder (default runs/<data>-<time>)")
     run_group.add_argument("--resume", default=None, metavar="DIR", help="continue the run in DIR exactly")
-    run_group.add_argument("--stop-after", type=int, default=None, metavar="N",
-                           help="stop (with a checkpoint) after N steps; resume later with --resume")  # fmt: skip
+    run_group.add_argument(
+        "--stop-after",
+        type=int,
+        default=None,
+        metavar="N",
+        help="stop (with a checkpoint) after N steps; resume later with --resume",
+    )
     run_group.add_argument("--quiet", action="store_true", help="print nothing but errors")
     add_config_arguments(parser, default_preset=DEFAULT_PRESET, preset_unset=True)
 
@@ -43,7 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _train_fields() -> list[str]:
     import dataclasses
 
-    from arraygpt.training import TrainConfig
+    from arraygpt.training.loop import TrainConfig
 
     return [f.name for f in dataclasses.fields(TrainConfig)]
 
@@ -52,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     """Returns 0 when done or stopped cleanly, 1 when training diverged, 2 on bad input or a
     failing plugin, 130 when aborted by a second Ctrl-C."""
     from arraygpt.manager import PluginError
-    from arraygpt.training import TrainingDiverged, train
+    from arraygpt.training.loop import TrainingDiverged, train
 
     options = given(args, [f for f in _train_fields() if f != "data"] + config_fields())
     try:
@@ -66,8 +71,14 @@ def run(args: argparse.Namespace) -> int:
         if out_dir is None:
             stem = Path(data).stem if data != "names" else "names"
             out_dir = Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-        train(data, config=args.preset or DEFAULT_PRESET, out_dir=out_dir, stop_after=args.stop_after,
-              progress=not args.quiet, **options)  # fmt: skip
+        train(
+            data,
+            config=args.preset or DEFAULT_PRESET,
+            out_dir=out_dir,
+            stop_after=args.stop_after,
+            progress=not args.quiet,
+            **options,
+        )
     except TrainingDiverged as e:  # every rank of an MPI job raises it at the same step; rank 0 says so
         if _is_root():
             print(f"arraygpt train: {e}", file=sys.stderr)
@@ -82,6 +93,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _is_root() -> bool:
-    from arraygpt.distributed import get_world
+    from arraygpt.training.distributed import get_world
 
     return get_world().is_root

@@ -27,8 +27,8 @@ from __future__ import annotations
 from typing import Any
 
 import arraygpt
-from arraygpt.generation import check_number
-from arraygpt.shim import namespace
+from arraygpt.generation.generation import check_number
+from arraygpt.xp import namespace
 
 
 def epsilon_filter(probs: Any, epsilon: float) -> Any:

@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 
 from arraygpt import GPT, GPTConfig
-from arraygpt.safetensors import save_file
-from arraygpt.shim import to_numpy
+from arraygpt.io.safetensors import save_file
+from arraygpt.xp import to_numpy
 
 OUT = Path(__file__).resolve().parent / "reference.safetensors"
 STEPS = 10
@@ -100,7 +100,9 @@ def forward(cfg: GPTConfig, W: dict[str, torch.Tensor], idx: torch.Tensor, targe
 
 
 def reference(name: str, cfg: GPTConfig, init_cfg: GPTConfig, seed: int) -> dict[str, np.ndarray]:
-    weights = {k: to_numpy(v).astype(np.float64) for k, v in GPT(init_cfg, seed=seed, dtype="float64").state_dict().items()}
+    weights = {
+        k: to_numpy(v).astype(np.float64) for k, v in GPT(init_cfg, seed=seed, dtype="float64").state_dict().items()
+    }
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, cfg.vocab_size, size=(B, cfg.block_size), dtype=np.int64)
     targets = np.concatenate([idx[:, 1:], rng.integers(0, cfg.vocab_size, size=(B, 1))], axis=1).astype(np.int64)
@@ -111,8 +113,12 @@ def reference(name: str, cfg: GPTConfig, init_cfg: GPTConfig, seed: int) -> dict
     idx_t, targets_t = torch.tensor(idx), torch.tensor(targets)
     logits, loss = forward(cfg, W, idx_t, targets_t)
     loss.backward()
-    out = {f"{name}/inputs": idx, f"{name}/targets": targets, f"{name}/logits": logits.detach().numpy(),
-           f"{name}/loss": np.array([loss.item()])}  # fmt: skip
+    out = {
+        f"{name}/inputs": idx,
+        f"{name}/targets": targets,
+        f"{name}/logits": logits.detach().numpy(),
+        f"{name}/loss": np.array([loss.item()]),
+    }
     out.update({f"{name}/param/{k}": v for k, v in weights.items()})
     out.update({f"{name}/grad/{k}": W[k].grad.numpy().copy() for k in weights})
 
@@ -121,8 +127,11 @@ def reference(name: str, cfg: GPTConfig, init_cfg: GPTConfig, seed: int) -> dict
     no_decay = [t for t in W.values() if t.ndim < 2]
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": OPTIMIZER["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=OPTIMIZER["lr"], betas=tuple(OPTIMIZER["betas"]), eps=OPTIMIZER["eps"], foreach=False,
-    )  # fmt: skip
+        lr=OPTIMIZER["lr"],
+        betas=tuple(OPTIMIZER["betas"]),
+        eps=OPTIMIZER["eps"],
+        foreach=False,
+    )
     losses = []
     for _ in range(STEPS):
         opt.zero_grad()
@@ -142,7 +151,9 @@ def main() -> None:
     for name, (cfg, init_cfg, seed) in configs().items():
         tensors.update(reference(name, cfg, init_cfg, seed))
         metadata[name] = json.dumps(cfg.to_dict())
-        print(f"{name}: loss {tensors[name + '/loss'][0]:.6f}, losses {np.round(tensors[name + '/losses'], 4).tolist()}")
+        print(
+            f"{name}: loss {tensors[name + '/loss'][0]:.6f}, losses {np.round(tensors[name + '/losses'], 4).tolist()}"
+        )
     save_file(tensors, OUT, metadata=metadata)
     print(f"wrote {OUT} ({OUT.stat().st_size:,} bytes, {len(tensors)} tensors)")
 

@@ -3,15 +3,15 @@
 A GPT makes text one token at a time: predict the distribution of the next token, sample from
 it, append the sample, repeat. ``generate`` runs that loop and yields each new token as soon as
 it is drawn (streaming), for one prompt or for a batch of equal-length prompts together. Each
-step turns the (B, V) logits into a distribution with a :class:`~arraygpt.sampling.Sampler`
+step turns the (B, V) logits into a distribution with a :class:`~arraygpt.generation.sampling.Sampler`
 (temperature, then the sampler plugins' filters) and draws one token per row with a coin drawn
 on the host (``shim.host_rng``), so one seed gives the same tokens on every backend.
 
 The sampler contract, the pipeline and the shared helpers (``make_sampler``, ``check_number``,
-``draw``, ...) live in ``arraygpt.sampling``; they are re-exported here.
+``draw``, ...) live in ``arraygpt.generation.sampling``; they are re-exported here.
 
-Not here: the model (``model.py``), the samplers (``arraygpt.sampling``,
-``arraygpt.plugins.samplers``), checkpoint formats (``arraygpt.checkpoint``, ``arraygpt.interop``)
+Not here: the model (``model.py``), the samplers (``arraygpt.generation.sampling``,
+``arraygpt.plugins.samplers``), checkpoint formats (``arraygpt.io.checkpoint``, ``arraygpt.io.hf``)
 and the ``arraygpt sample`` command (``arraygpt.cli.sample``).
 
 Shape legend: B batch (sequences generated together), T positions, V vocabulary, K candidates.
@@ -24,8 +24,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from arraygpt import layers
-from arraygpt.sampling import (
+from arraygpt.generation.sampling import (
     DEFAULT_SAMPLER,
     Filter,
     Sampler,
@@ -38,7 +37,8 @@ from arraygpt.sampling import (
     one_hot_argmax,
     top_candidates,
 )
-from arraygpt.shim import Array, host_rng, to_numpy
+from arraygpt.nn import layers
+from arraygpt.xp import Array, host_rng, to_numpy
 
 if TYPE_CHECKING:
     import numpy as np
@@ -75,7 +75,7 @@ class _Decoder:
     """
 
     def __init__(self, model: Any, use_cache: bool):
-        from arraygpt.model import KVCache
+        from arraygpt.nn.core import KVCache
 
         self.model = model
         self.use_cache = use_cache
@@ -206,7 +206,7 @@ def generate(
             lists, a NumPy array or a backend array. Longer than block_size: the last block_size.
         max_new_tokens: the most tokens to generate per sequence (>= 0).
         sampler: a sampler name, a list of names that compose in order, or a filter function
-            (see ``arraygpt.sampling``); default ``temperature`` (plain softmax sampling).
+            (see ``arraygpt.generation.sampling``); default ``temperature`` (plain softmax sampling).
         temperature: T of softmax(logits / T), applied before every sampler; 0 means greedy.
         seed: seed of the host generator of the coins (one per sequence per step), or a NumPy
             ``Generator`` to draw from; None draws a fresh seed. One seed gives the same tokens on
@@ -257,8 +257,16 @@ def generate(
 
 
 def _loop(
-    model: Any, decoder: _Decoder, chain: Sampler, prompt: Any, single: bool, n_new: int, k: int,
-    ends: frozenset[int], stops: tuple[tuple[int, ...], ...], rng: Any,
+    model: Any,
+    decoder: _Decoder,
+    chain: Sampler,
+    prompt: Any,
+    single: bool,
+    n_new: int,
+    k: int,
+    ends: frozenset[int],
+    stops: tuple[tuple[int, ...], ...],
+    rng: Any,
 ) -> Iterator[Any]:
     import numpy as np
 
@@ -339,9 +347,13 @@ def _candidates(xp: Any, logits: Array, probs: Array, tokens: Array, k: int) -> 
     chosen_host = to_numpy(chosen)[:, 0]  # (B,)
     out = []
     for b in range(probs.shape[0]):
-        out.append(Candidates(
-            token=int(chosen_host[b]), p_model=float(p_model[b]), p_sampler=float(p_sampler[b]),
-            model=tuple((int(i), float(p)) for i, p in zip(m_ids[b], m_p[b])),
-            sampler=tuple((int(i), float(p)) for i, p in zip(s_ids[b], s_p[b]) if p > 0),
-        ))  # fmt: skip
+        out.append(
+            Candidates(
+                token=int(chosen_host[b]),
+                p_model=float(p_model[b]),
+                p_sampler=float(p_sampler[b]),
+                model=tuple((int(i), float(p)) for i, p in zip(m_ids[b], m_p[b])),
+                sampler=tuple((int(i), float(p)) for i, p in zip(s_ids[b], s_p[b]) if p > 0),
+            )
+        )
     return out

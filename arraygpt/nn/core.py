@@ -20,7 +20,7 @@ Read it as picoGPT's ``gpt2()`` and llm.c's ``gpt2_forward``/``gpt2_backward``. 
 as one flat dict, name -> array (weights stored (out, in)). Which forward/backward pair runs for
 each layer is a :class:`Kernels` record: the reference pairs of ``layers.py`` by default, or a
 backend's fused kernels that must equal them. No threads, no random generators (dropout takes a
-function that returns uniform coins), no I/O, no input checks: ``arraygpt.model.GPT`` does those.
+function that returns uniform coins), no I/O, no input checks: ``arraygpt.nn.model.GPT`` does those.
 
 Not here: parameter storage and initialization, the thread runner, checkpoints.
 """
@@ -30,11 +30,11 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from arraygpt import layers
-from arraygpt.shim import Array, namespace
+from arraygpt.nn import layers
+from arraygpt.xp import Array, namespace
 
 if TYPE_CHECKING:
-    from arraygpt.model import GPTConfig
+    from arraygpt.config import GPTConfig
 
 Pair = tuple[Callable[..., Any], Callable[..., Any]]  # (forward, backward)
 Coins = Callable[[tuple[int, ...]], Array]  # shape -> uniform [0, 1) numbers, for dropout
@@ -153,8 +153,9 @@ def _dropout(x: Array, p: float, coins: Coins | None) -> tuple[Array, Array | No
     return layers.dropout_forward(x, p, coins(tuple(x.shape)))
 
 
-def _fused_weight(params: Mapping[str, Array], prefix: str, fused: str, parts: tuple[str, ...],
-                  suffix: str) -> Array | None:  # fmt: skip
+def _fused_weight(
+    params: Mapping[str, Array], prefix: str, fused: str, parts: tuple[str, ...], suffix: str
+) -> Array | None:
     """The weights ``parts`` stacked along their output axis (or their biases, ``suffix`` "_b"):
     the caller's stored fused buffer ``prefix + fused + suffix`` when it keeps one (GPT does),
     else stacked here."""
@@ -184,9 +185,18 @@ def rope_tables(config: GPTConfig, xp: Any, T: int, past: int, dtype: Any, devic
 # forward
 
 
-def block_forward(params: Mapping[str, Array], config: GPTConfig, i: int, x: Array, kernels: Kernels, *,
-                  dropout: float = 0.0, coins: Coins | None = None, kv_cache: KVCache | None = None,
-                  rope: tuple[Array, Array] | None = None) -> tuple[Array, BlockCache]:  # fmt: skip
+def block_forward(
+    params: Mapping[str, Array],
+    config: GPTConfig,
+    i: int,
+    x: Array,
+    kernels: Kernels,
+    *,
+    dropout: float = 0.0,
+    coins: Coins | None = None,
+    kv_cache: KVCache | None = None,
+    rope: tuple[Array, Array] | None = None,
+) -> tuple[Array, BlockCache]:
     """Block ``i``: x (B, T, C) -> x (B, T, C) and its cache. ``rope``: the (cos, sin) tables of
     this forward's positions (computed here when None and the config uses RoPE)."""
     p, name, D, Dkv = params, f"layer{i}.", config.attn_dim, config.kv_dim
@@ -230,8 +240,16 @@ def block_forward(params: Mapping[str, Array], config: GPTConfig, i: int, x: Arr
     return x, BlockCache(norm1, qkv_lin, attn, attn_out, attn_drop, norm2, fc1, act, fc2, mlp_drop, rope_q, rope_k)
 
 
-def embed(params: Mapping[str, Array], config: GPTConfig, idx: Array, kernels: Kernels, *, past: int = 0,
-          dropout: float = 0.0, coins: Coins | None = None) -> tuple[Array, tuple[Any, Any, Any]]:  # fmt: skip
+def embed(
+    params: Mapping[str, Array],
+    config: GPTConfig,
+    idx: Array,
+    kernels: Kernels,
+    *,
+    past: int = 0,
+    dropout: float = 0.0,
+    coins: Coins | None = None,
+) -> tuple[Array, tuple[Any, Any, Any]]:
     """The residual stream's start: idx (B, T) -> x (B, T, C), positions offset by ``past``
     (no position table with RoPE: attention rotates q and k instead)."""
     wpe = params["wpe"] if config.position == "learned" else None
@@ -253,10 +271,19 @@ def unembed(params: Mapping[str, Array], config: GPTConfig, x: Array, kernels: K
     return logits, normf, unembed_cache
 
 
-def gpt_forward(params: Mapping[str, Array], config: GPTConfig, idx: Array, targets: Array | None = None, *,
-                kernels: Kernels | None = None, dropout: float = 0.0, coins: Coins | None = None,
-                kv_cache: KVCache | None = None, last_only: bool = False,
-                reduction: str = "mean") -> tuple[Array, Array | None, GPTCache]:  # fmt: skip
+def gpt_forward(
+    params: Mapping[str, Array],
+    config: GPTConfig,
+    idx: Array,
+    targets: Array | None = None,
+    *,
+    kernels: Kernels | None = None,
+    dropout: float = 0.0,
+    coins: Coins | None = None,
+    kv_cache: KVCache | None = None,
+    last_only: bool = False,
+    reduction: str = "mean",
+) -> tuple[Array, Array | None, GPTCache]:
     """Logits, the loss and the caches of one forward pass.
 
     Args:
@@ -279,8 +306,9 @@ def gpt_forward(params: Mapping[str, Array], config: GPTConfig, idx: Array, targ
     rope = rope_tables(config, namespace(x), T, past, x.dtype, x.device) if config.position == "rope" else None
     blocks = []
     for i in range(config.n_layer):
-        x, block = block_forward(params, config, i, x, kernels, dropout=dropout, coins=coins, kv_cache=kv_cache,
-                                 rope=rope)  # fmt: skip
+        x, block = block_forward(
+            params, config, i, x, kernels, dropout=dropout, coins=coins, kv_cache=kv_cache, rope=rope
+        )
         blocks.append(block)
     if kv_cache is not None:
         kv_cache.advance(T)
@@ -297,8 +325,9 @@ def gpt_forward(params: Mapping[str, Array], config: GPTConfig, idx: Array, targ
     return logits, loss, GPTCache(encoder, emb_drop, norm_emb, blocks, normf, unembed_cache, loss_cache)
 
 
-def residual_stream(params: Mapping[str, Array], config: GPTConfig, idx: Array,
-                    kernels: Kernels | None = None) -> list[Array]:  # fmt: skip
+def residual_stream(
+    params: Mapping[str, Array], config: GPTConfig, idx: Array, kernels: Kernels | None = None
+) -> list[Array]:
     """The residual stream (B, T, C) after the embedding and after each block (n_layer + 1
     arrays), for looking inside: ``unembed`` of entry i is the logit lens after block i."""
     kernels = kernels or reference_kernels(config)
@@ -320,8 +349,9 @@ def valid_positions(cache: GPTCache) -> int:
 # backward
 
 
-def gpt_backward(dloss: float, cache: GPTCache, config: GPTConfig, *,
-                 kernels: Kernels | None = None) -> dict[str, Array]:  # fmt: skip
+def gpt_backward(
+    dloss: float, cache: GPTCache, config: GPTConfig, *, kernels: Kernels | None = None
+) -> dict[str, Array]:
     """Gradients of ``dloss`` times the forward's loss, name -> array (the parameter names).
 
     ``dloss`` is 1.0 for the loss itself; a caller that splits a batch and sums the chunks' losses
@@ -357,8 +387,9 @@ def gpt_backward(dloss: float, cache: GPTCache, config: GPTConfig, *,
     return grads
 
 
-def block_backward(config: GPTConfig, i: int, dx: Array, cache: BlockCache, kernels: Kernels,
-                   grads: dict[str, Array]) -> Array:  # fmt: skip
+def block_backward(
+    config: GPTConfig, i: int, dx: Array, cache: BlockCache, kernels: Kernels, grads: dict[str, Array]
+) -> Array:
     """Block ``i`` in reverse: dx (B, T, C) of its output -> dx of its input; fills ``grads``."""
     name = f"layer{i}."
     xp = namespace(dx)
@@ -369,8 +400,9 @@ def block_backward(config: GPTConfig, i: int, dx: Array, cache: BlockCache, kern
         # x = x + dropout(down(silu(gate(h)) * up(h))), h = norm2(x); gate and up are one fused linear
         dh = _linear_backward(kernels, dh, cache.fc2, name + "mlp_down", grads)
         dgate, dup = kernels.swiglu[1](dh, cache.act)  # (B, T, H) each
-        dh = _split_linear_backward(kernels, xp.concat([dgate, dup], axis=-1), cache.fc1, name, GATE_UP,
-                                    (config.mlp_hidden,) * 2, grads)  # fmt: skip
+        dh = _split_linear_backward(
+            kernels, xp.concat([dgate, dup], axis=-1), cache.fc1, name, GATE_UP, (config.mlp_hidden,) * 2, grads
+        )
     else:
         # x = x + dropout(fc2(act(fc1(norm2(x)))))
         dh = _linear_backward(kernels, dh, cache.fc2, name + "mlp_fc2", grads)
@@ -394,8 +426,15 @@ def block_backward(config: GPTConfig, i: int, dx: Array, cache: BlockCache, kern
     return dx
 
 
-def _split_linear_backward(kernels: Kernels, dout: Array, cache: Any, prefix: str, parts: tuple[str, ...],
-                           widths: tuple[int, ...], grads: dict[str, Array]) -> Array:  # fmt: skip
+def _split_linear_backward(
+    kernels: Kernels,
+    dout: Array,
+    cache: Any,
+    prefix: str,
+    parts: tuple[str, ...],
+    widths: tuple[int, ...],
+    grads: dict[str, Array],
+) -> Array:
     """The backward of a fused linear whose output stacks ``parts`` of ``widths`` rows: the
     gradients of each part's weight (and bias) are row slices of the fused one."""
     dx, dw, db = kernels.linear[1](dout, cache)

@@ -27,7 +27,7 @@ functions. Figures are ``matplotlib.figure.Figure`` objects on the Agg canvas: n
 no global state. Every record has ``save(path)`` (``.png``, ``.svg``, ``.pdf``) and ``_repr_html_``
 (Jupyter shows the picture).
 
-Not here: the model's math (``arraygpt.model``), sampling (``arraygpt.sampling``), the
+Not here: the model's math (``arraygpt.model``), sampling (``arraygpt.generation.sampling``), the
 ``arraygpt plot`` and ``arraygpt explain`` commands (``arraygpt.cli.plot``, ``arraygpt.cli.explain``:
 they only parse options and save).
 
@@ -88,7 +88,7 @@ def _figure(width: float, height: float) -> Any:
         from matplotlib.figure import Figure
     except ImportError as e:
         raise ImportError(
-            f"arraygpt.viz needs matplotlib to draw ({INSTALL_HINT}); pass draw=False for the data alone"
+            f"arraygpt.viz.figures needs matplotlib to draw ({INSTALL_HINT}); pass draw=False for the data alone"
         ) from e
     fig = Figure(figsize=(width, height), layout="constrained")
     FigureCanvasAgg(fig)
@@ -183,7 +183,7 @@ def _eval_mode(model: Any) -> Iterator[None]:
 
 
 def _host(x: Any) -> np.ndarray:
-    from arraygpt.shim import to_numpy
+    from arraygpt.xp import to_numpy
 
     return np.asarray(to_numpy(x))
 
@@ -213,7 +213,7 @@ class Distributions(Picture):
         prompt: the prompt's token ids.
         tokens: the N generated token ids (the chosen ones).
         labels: their labels (:func:`token_label`).
-        candidates: one ``arraygpt.generation.Candidates`` per generated token, as ``generate``
+        candidates: one ``arraygpt.generation.generation.Candidates`` per generated token, as ``generate``
             yields them with ``show_probs=k``: the top-k under the model's softmax and after the sampler.
         logits: (N, V) float64, the model's logits before each generated token.
         sampler_probs: (N, V) float64, the distribution each token was drawn from.
@@ -235,9 +235,19 @@ class Distributions(Picture):
 
 
 def plot_distributions(
-    model: Any, tokenizer: Any, prompt: str | Sequence[int], max_new_tokens: int = 8,
-    sampler: str | Sequence[str] = "temperature", *, temperature: float = 1.0, k: int = 8, seed: int = 1337,
-    prefix: Sequence[int] = (), eos_id: Any = "tokenizer", max_panels: int = 12, draw: bool = True,
+    model: Any,
+    tokenizer: Any,
+    prompt: str | Sequence[int],
+    max_new_tokens: int = 8,
+    sampler: str | Sequence[str] = "temperature",
+    *,
+    temperature: float = 1.0,
+    k: int = 8,
+    seed: int = 1337,
+    prefix: Sequence[int] = (),
+    eos_id: Any = "tokenizer",
+    max_panels: int = 12,
+    draw: bool = True,
     **sampler_options: Any,
 ) -> Distributions:
     """Generate after ``prompt`` and show the distribution behind every new token.
@@ -255,7 +265,7 @@ def plot_distributions(
         :class:`Distributions`. Each panel shows the model's top-k (grey bars) and the sampler's
         probability of the same tokens (blue bars); the chosen token's label is red, with a ◀.
     """
-    from arraygpt.generation import generate, make_sampler
+    from arraygpt.generation.generation import generate, make_sampler
 
     ids = prompt_ids(tokenizer, prompt, prefix)
     if eos_id == "tokenizer":
@@ -263,8 +273,20 @@ def plot_distributions(
         eos_id = sorted(int(i) for i in specials) or None
     chain = make_sampler(sampler, temperature=temperature, **sampler_options)
     with _eval_mode(model):
-        steps = list(generate(model, ids, max_new_tokens, sampler, temperature=temperature, seed=seed,
-                              use_cache=False, eos_id=eos_id, show_probs=k, **sampler_options))  # fmt: skip
+        steps = list(
+            generate(
+                model,
+                ids,
+                max_new_tokens,
+                sampler,
+                temperature=temperature,
+                seed=seed,
+                use_cache=False,
+                eos_id=eos_id,
+                show_probs=k,
+                **sampler_options,
+            )
+        )
         context = list(ids)
         logits_rows, probs_rows = [], []
         for c in steps:  # the same forward generate(use_cache=False) ran, so the same logits bit for bit
@@ -275,10 +297,15 @@ def plot_distributions(
     V = model.config.vocab_size
     tokens = [c.token for c in steps]
     out = Distributions(
-        prompt=ids, tokens=tokens, labels=_labels(tokenizer, tokens), candidates=steps,
-        logits=np.array(logits_rows).reshape(-1, V), sampler_probs=np.array(probs_rows).reshape(-1, V),
-        vocab=_labels(tokenizer, range(V)), sampler=repr(chain),
-    )  # fmt: skip
+        prompt=ids,
+        tokens=tokens,
+        labels=_labels(tokenizer, tokens),
+        candidates=steps,
+        logits=np.array(logits_rows).reshape(-1, V),
+        sampler_probs=np.array(probs_rows).reshape(-1, V),
+        vocab=_labels(tokenizer, range(V)),
+        sampler=repr(chain),
+    )
     for c, probs in zip(steps[:max_panels], out.sampler_probs):
         rows = [(i, out.vocab[i], p, float(probs[i]), i == c.token) for i, p in c.model]
         if c.token not in {i for i, _ in c.model}:  # drawn from outside the model's top-k: show it too
@@ -295,8 +322,9 @@ def _draw_distributions(d: Distributions) -> Any:
     rows = math.ceil(n / cols)
     height = max((len(p) for p in d.panels), default=4) * 0.22 + 0.9
     fig = _figure(3.1 * cols, height * rows + 0.5)
-    fig.suptitle(f"next-token distributions  ·  grey: the model's softmax  ·  blue: after the sampler ({d.sampler})",
-                 fontsize=9)  # fmt: skip
+    fig.suptitle(
+        f"next-token distributions  ·  grey: the model's softmax  ·  blue: after the sampler ({d.sampler})", fontsize=9
+    )
     if not d.panels:
         fig.text(0.5, 0.5, "no token was generated", ha="center")
         return fig
@@ -313,8 +341,10 @@ def _draw_distributions(d: Distributions) -> Any:
         ax.set_xlim(0, 1)
         ax.tick_params(axis="x", labelsize=7)
         chosen = d.candidates[n_panel]
-        ax.set_title(f"token {n_panel + 1}: {d.labels[n_panel]}  (p={chosen.p_sampler:.2f}, model {chosen.p_model:.2f})",
-                     fontsize=8)  # fmt: skip
+        ax.set_title(
+            f"token {n_panel + 1}: {d.labels[n_panel]}  (p={chosen.p_sampler:.2f}, model {chosen.p_model:.2f})",
+            fontsize=8,
+        )
     return fig
 
 
@@ -340,8 +370,15 @@ class AttentionPatterns(Picture):
     mask: np.ndarray
 
 
-def plot_attention(model: Any, tokenizer: Any, prompt: str | Sequence[int], *, prefix: Sequence[int] = (),
-                   layers: Sequence[int] | None = None, draw: bool = True) -> AttentionPatterns:  # fmt: skip
+def plot_attention(
+    model: Any,
+    tokenizer: Any,
+    prompt: str | Sequence[int],
+    *,
+    prefix: Sequence[int] = (),
+    layers: Sequence[int] | None = None,
+    draw: bool = True,
+) -> AttentionPatterns:
     """Each layer x head as a heatmap of queries (rows) against keys (columns), with token labels;
     the masked future is left empty (not drawn), so the causal triangle shows.
 
@@ -370,8 +407,9 @@ def _draw_attention(a: AttentionPatterns, layers: Sequence[int]) -> Any:
     cell_points = 72 * 0.8 * size / max(T, 1)  # a column's width, to fit the key labels
     rotation = 90 if 3.9 * max((len(s) for s in a.labels), default=0) > cell_points else 0
     fig = _figure(size * NH + 1.0, size * L + 0.8)
-    fig.suptitle("attention: each query (row) attends to earlier keys (columns); the masked future is empty",
-                 fontsize=9)  # fmt: skip
+    fig.suptitle(
+        "attention: each query (row) attends to earlier keys (columns); the masked future is empty", fontsize=9
+    )
     cmap = mpl.colormaps["viridis"].with_extremes(bad="white")  # masked cells are not painted
     grid = fig.subplots(L, NH, squeeze=False)
     show_labels = T <= 24
@@ -436,8 +474,15 @@ def _top(probs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return order, np.take_along_axis(probs, order, axis=-1)
 
 
-def plot_logit_lens(model: Any, tokenizer: Any, prompt: str | Sequence[int], *, k: int = 5,
-                    prefix: Sequence[int] = (), draw: bool = True) -> LogitLens:  # fmt: skip
+def plot_logit_lens(
+    model: Any,
+    tokenizer: Any,
+    prompt: str | Sequence[int],
+    *,
+    k: int = 5,
+    prefix: Sequence[int] = (),
+    draw: bool = True,
+) -> LogitLens:
     """The top next-token guesses read from the residual stream after the embedding and after each
     block (through the final norm and the unembedding), position by position.
 
@@ -451,8 +496,15 @@ def plot_logit_lens(model: Any, tokenizer: Any, prompt: str | Sequence[int], *, 
     top_ids, top_probs = _top(_softmax64(logits), min(k, logits.shape[-1]))
     names = ["embedding"] + [f"block {i + 1}" for i in range(len(stream) - 1)]
     top_labels = [[_labels(tokenizer, row) for row in layer] for layer in top_ids]
-    out = LogitLens(tokens=ids, labels=_labels(tokenizer, ids), layer_names=names, logits=logits, top_ids=top_ids,
-                    top_probs=top_probs, top_labels=top_labels)  # fmt: skip
+    out = LogitLens(
+        tokens=ids,
+        labels=_labels(tokenizer, ids),
+        layer_names=names,
+        logits=logits,
+        top_ids=top_ids,
+        top_probs=top_probs,
+        top_labels=top_labels,
+    )
     if draw:
         out.figure = _draw_logit_lens(out)
     return out
@@ -466,8 +518,15 @@ def _draw_logit_lens(lens: LogitLens) -> Any:
     for layer in range(n_layers):
         for t in range(T):
             p = lens.top_probs[layer, t, 0]
-            ax.text(t, layer, lens.top_labels[layer][t][0], ha="center", va="center", fontsize=8,
-                    color="white" if p > 0.6 else "black")  # fmt: skip
+            ax.text(
+                t,
+                layer,
+                lens.top_labels[layer][t][0],
+                ha="center",
+                va="center",
+                fontsize=8,
+                color="white" if p > 0.6 else "black",
+            )
     ax.set_xticks(range(T), lens.labels, fontsize=8)
     ax.set_yticks(range(n_layers), lens.layer_names, fontsize=8)
     ax.set_xlabel("input token at each position (the cell is the guess for the token after it)", fontsize=8)
@@ -538,8 +597,9 @@ class EmbeddingMap(Picture):
     neighbours: list[tuple[int, str, float]] = field(default_factory=list)
 
 
-def plot_embeddings(model: Any, tokenizer: Any, token: int | str | None = None, *, k: int = 5,
-                    max_labels: int = 300, draw: bool = True) -> EmbeddingMap:  # fmt: skip
+def plot_embeddings(
+    model: Any, tokenizer: Any, token: int | str | None = None, *, k: int = 5, max_labels: int = 300, draw: bool = True
+) -> EmbeddingMap:
     """The token embedding matrix ``wte`` (V, C) projected on its two principal components, each
     point labelled; with ``token`` (an id, or text that is one token) its k nearest neighbours by
     cosine similarity in the full C dimensions are marked and listed."""
@@ -552,8 +612,13 @@ def plot_embeddings(model: Any, tokenizer: Any, token: int | str | None = None, 
         if len(ids) != 1:
             raise ValueError(f"token {token!r} is {len(ids)} tokens, not one; give a single token or its id")
         token = int(ids[0])
-    out = EmbeddingMap(labels=labels, points=points, components=components, variance=variance,
-                       variance_ratio=variance / total if total > 0 else np.zeros_like(variance))  # fmt: skip
+    out = EmbeddingMap(
+        labels=labels,
+        points=points,
+        components=components,
+        variance=variance,
+        variance_ratio=variance / total if total > 0 else np.zeros_like(variance),
+    )
     if token is not None:
         out.token = int(token)
         out.neighbours = [(i, labels[i], c) for i, c in nearest_neighbours(wte, int(token), k)]
@@ -574,9 +639,15 @@ def _draw_embeddings(e: EmbeddingMap, max_labels: int) -> Any:
     near = {i for i, _, _ in e.neighbours}
     for i in range(min(len(e.labels), max_labels)):
         special = i == e.token or i in near
-        ax.annotate(e.labels[i], (x[i], y[i]), fontsize=9 if special else 7,
-                    color="#c0392b" if i == e.token else "#d35400" if i in near else "#2c3e50",
-                    fontweight="bold" if special else "normal", xytext=(2, 2), textcoords="offset points")  # fmt: skip
+        ax.annotate(
+            e.labels[i],
+            (x[i], y[i]),
+            fontsize=9 if special else 7,
+            color="#c0392b" if i == e.token else "#d35400" if i in near else "#2c3e50",
+            fontweight="bold" if special else "normal",
+            xytext=(2, 2),
+            textcoords="offset points",
+        )
     if e.token is not None:
         t = e.token
         for i, _, _ in e.neighbours:
@@ -625,7 +696,7 @@ def read_metrics(run_dir: str | os.PathLike[str]) -> tuple[Path, list[dict[str, 
         FileNotFoundError: no metrics file there.
         ValueError: a line that is not a JSON object (the message names the line).
     """
-    from arraygpt.training import METRICS_FILE
+    from arraygpt.training.loop import METRICS_FILE
 
     path = Path(run_dir)
     if path.is_dir():
@@ -663,9 +734,15 @@ def plot_training_curves(run_dir: str | os.PathLike[str], *, draw: bool = True) 
     def column(rows: list[dict[str, Any]], key: str) -> np.ndarray:
         return np.array([float(r[key]) if r.get(key) is not None else math.nan for r in rows], dtype=np.float64)
 
-    out = TrainingCurves(path=path, steps=column(train, "step"), loss=column(train, "loss"), lr=column(train, "lr"),
-                         eval_steps=column(evals, "step"), train_loss=column(evals, "train_loss"),
-                         val_loss=column(evals, "val_loss"))  # fmt: skip
+    out = TrainingCurves(
+        path=path,
+        steps=column(train, "step"),
+        loss=column(train, "loss"),
+        lr=column(train, "lr"),
+        eval_steps=column(evals, "step"),
+        train_loss=column(evals, "train_loss"),
+        val_loss=column(evals, "val_loss"),
+    )
     if draw:
         out.figure = _draw_training_curves(out)
     return out
@@ -721,11 +798,13 @@ class ParamTally(Picture):
     matrices: int
 
 
-def plot_param_tally(preset: Any = "gpt3-175b", *, name: str | None = None, draw: bool = True,
-                     **overrides: Any) -> ParamTally:  # fmt: skip
+def plot_param_tally(
+    preset: Any = "gpt3-175b", *, name: str | None = None, draw: bool = True, **overrides: Any
+) -> ParamTally:
     """The parameter count of a preset (or a ``GPTConfig``, with any field overridden) by kind of
     matrix, as a bar chart; ``name`` titles it (default the preset's name, or ``custom``)."""
-    from arraygpt.model import GPTConfig, count_params
+    from arraygpt.config import GPTConfig
+    from arraygpt.nn.params import count_params
 
     if isinstance(preset, GPTConfig):
         config = GPTConfig.from_dict({**preset.to_dict(), **overrides}) if overrides else preset
@@ -735,9 +814,14 @@ def plot_param_tally(preset: Any = "gpt3-175b", *, name: str | None = None, draw
     counts = count_params(config)
     tied = config.vocab_size * config.n_embd if config.tie_embeddings else 0
     cats = list(counts.by_category)
-    out = ParamTally(name=name, categories=cats, counts=[int(counts.by_category[c]) for c in cats],
-                     total=int(counts.total), tied=int(tied),
-                     matrices=int(sum(n for c, n in counts.by_category.items() if c != "other")))  # fmt: skip
+    out = ParamTally(
+        name=name,
+        categories=cats,
+        counts=[int(counts.by_category[c]) for c in cats],
+        total=int(counts.total),
+        tied=int(tied),
+        matrices=int(sum(n for c, n in counts.by_category.items() if c != "other")),
+    )
     if draw:
         out.figure = _draw_param_tally(out)
     return out
@@ -747,8 +831,14 @@ def _draw_param_tally(t: ParamTally) -> Any:
     fig = _figure(7.2, 4.2)
     ax = fig.add_subplot()
     y = np.arange(len(t.categories))[::-1]
-    colours = ["#7f8c8d" if c in ("embedding", "unembedding", "other") else "#2f6fb5" if c in
-               ("key", "query", "value", "output") else "#d35400" for c in t.categories]  # fmt: skip
+    colours = [
+        "#7f8c8d"
+        if c in ("embedding", "unembedding", "other")
+        else "#2f6fb5"
+        if c in ("key", "query", "value", "output")
+        else "#d35400"
+        for c in t.categories
+    ]
     bars = ax.barh(y, t.counts, color=colours)
     shown = sum(t.counts)
     for bar, cat, n in zip(bars, t.categories, t.counts):
@@ -757,7 +847,9 @@ def _draw_param_tally(t: ParamTally) -> Any:
             bar.set_facecolor("white")
             bar.set_edgecolor("#7f8c8d")
         share = f"{n / shown:.1%}" if n >= shown / 1000 or n == 0 else "<0.1%"
-        note = f"  {_short(n)}  ({share})" + ("  tied to the embedding: counted once" if cat == "unembedding" and t.tied else "")
+        note = f"  {_short(n)}  ({share})" + (
+            "  tied to the embedding: counted once" if cat == "unembedding" and t.tied else ""
+        )
         ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, note, va="center", fontsize=8)
     ax.set_yticks(y, [c.replace("_", " ") for c in t.categories], fontsize=8)
     ax.set_xlim(0, max(t.counts) * 1.55 if t.counts else 1)
@@ -800,15 +892,27 @@ class Explanation:
 
     def _repr_html_(self) -> str:
         # an iframe keeps the page's script and style apart from the notebook's
-        return (f'<iframe srcdoc="{html.escape(self.html, quote=True)}" style="width:100%;height:760px;border:0" '
-                'sandbox="allow-scripts"></iframe>')  # fmt: skip
+        return (
+            f'<iframe srcdoc="{html.escape(self.html, quote=True)}" style="width:100%;height:760px;border:0" '
+            'sandbox="allow-scripts"></iframe>'
+        )
 
 
 def explain(
-    model: Any, tokenizer: Any, prompt: str | Sequence[int], max_new_tokens: int = 20,
-    sampler: str | Sequence[str] = "temperature", *, temperature: float = 1.0, seed: int = 1337,
-    prefix: Sequence[int] = (), k: int = 10, max_vocab: int = 4096, max_positions: int = 48,
-    title: str = "arraygpt: inside one generation", **sampler_options: Any,
+    model: Any,
+    tokenizer: Any,
+    prompt: str | Sequence[int],
+    max_new_tokens: int = 20,
+    sampler: str | Sequence[str] = "temperature",
+    *,
+    temperature: float = 1.0,
+    seed: int = 1337,
+    prefix: Sequence[int] = (),
+    k: int = 10,
+    max_vocab: int = 4096,
+    max_positions: int = 48,
+    title: str = "arraygpt: inside one generation",
+    **sampler_options: Any,
 ) -> Explanation:
     """Generate after ``prompt`` and build the interactive page.
 
@@ -825,30 +929,57 @@ def explain(
     top-p and min-p in that order (``make_sampler(["top_k", "top_p", "min_p"], ...)``); for a
     plugin's sampler or another order it says that its recomputation differs.
     """
-    dist = plot_distributions(model, tokenizer, prompt, max_new_tokens, sampler, temperature=temperature, k=k,
-                              seed=seed, prefix=prefix, draw=False, **sampler_options)  # fmt: skip
+    dist = plot_distributions(
+        model,
+        tokenizer,
+        prompt,
+        max_new_tokens,
+        sampler,
+        temperature=temperature,
+        k=k,
+        seed=seed,
+        prefix=prefix,
+        draw=False,
+        **sampler_options,
+    )
     context = _window(model, dist.prompt + dist.tokens)[-max_positions:]
     att = plot_attention(model, tokenizer, context, draw=False)
     lens = plot_logit_lens(model, tokenizer, context, k=5, draw=False)
     V = model.config.vocab_size
     steps = []
     for c, logits in zip(dist.candidates, dist.logits):
-        if V > max_vocab:
+        if max_vocab < V:
             keep = np.sort(np.argsort(-logits, kind="stable")[:max_vocab])
             if c.token not in keep:
                 keep = np.sort(np.append(keep[:-1], c.token))
         else:
             keep = np.arange(V)
-        steps.append({"token": c.token, "p_model": c.p_model, "p_sampler": c.p_sampler,
-                      "ids": keep.tolist(), "logits": logits[keep].tolist()})  # fmt: skip
-    shown_ids = sorted({i for s in steps for i in s["ids"]} | set(dist.prompt) | set(context)
-                       | {int(i) for i in lens.top_ids.ravel()})  # fmt: skip
+        steps.append(
+            {
+                "token": c.token,
+                "p_model": c.p_model,
+                "p_sampler": c.p_sampler,
+                "ids": keep.tolist(),
+                "logits": logits[keep].tolist(),
+            }
+        )
+    shown_ids = sorted(
+        {i for s in steps for i in s["ids"]} | set(dist.prompt) | set(context) | {int(i) for i in lens.top_ids.ravel()}
+    )
     n_generated = len(dist.tokens)
-    names = ([sampler] if isinstance(sampler, str) else list(sampler) if isinstance(sampler, (list, tuple))
-             else [getattr(sampler, "__name__", "filter")])  # fmt: skip
-    settings = {"temperature": 0.0 if "greedy" in names else float(temperature),
-                "top_k": int(sampler_options.get("top_k", 0) or 0),
-                "top_p": float(sampler_options.get("top_p", 1.0)), "min_p": float(sampler_options.get("min_p", 0.0))}  # fmt: skip
+    names = (
+        [sampler]
+        if isinstance(sampler, str)
+        else list(sampler)
+        if isinstance(sampler, (list, tuple))
+        else [getattr(sampler, "__name__", "filter")]
+    )
+    settings = {
+        "temperature": 0.0 if "greedy" in names else float(temperature),
+        "top_k": int(sampler_options.get("top_k", 0) or 0),
+        "top_p": float(sampler_options.get("top_p", 1.0)),
+        "min_p": float(sampler_options.get("min_p", 0.0)),
+    }
     known = {"temperature", "greedy", *PAGE_SAMPLERS}
     in_order = [n for n in names if n in PAGE_SAMPLERS] == [n for n in PAGE_SAMPLERS if n in names]
     data = {
@@ -857,7 +988,7 @@ def explain(
         "settings": settings,
         "page_settings_exact": set(names) <= known and in_order,
         "vocab_size": V,
-        "truncated": V > max_vocab,
+        "truncated": max_vocab < V,
         "labels": {str(i): dist.vocab[i] for i in shown_ids},
         "prompt": dist.prompt,
         "generated": dist.tokens,
@@ -865,16 +996,18 @@ def explain(
         "k": k,
         "window": {"tokens": context, "start": len(dist.prompt) + n_generated - len(context)},
         "attention": np.round(att.patterns, 6).tolist(),
-        "lens": {"layers": lens.layer_names, "ids": lens.top_ids.tolist(),
-                 "probs": np.round(lens.top_probs, 6).tolist()},
-    }  # fmt: skip
+        "lens": {
+            "layers": lens.layer_names,
+            "ids": lens.top_ids.tolist(),
+            "probs": np.round(lens.top_probs, 6).tolist(),
+        },
+    }
     return Explanation(data=data, html=_page(data), distributions=dist, attention=att, lens=lens)
 
 
 def _page(data: dict[str, Any]) -> str:
     payload = json.dumps(data, allow_nan=False, separators=(",", ":")).replace("</", "<\\/")
-    return (_PAGE.replace("__TITLE__", html.escape(data["title"]))
-            .replace("__DATA__", payload))  # fmt: skip
+    return _PAGE.replace("__TITLE__", html.escape(data["title"])).replace("__DATA__", payload)
 
 
 _PAGE = r"""<!DOCTYPE html>
@@ -943,7 +1076,7 @@ block (final norm, then unembedding). Hover a cell for the top 5.</p>
 const D = JSON.parse(document.getElementById("data").textContent);
 const label = (id) => (D.labels[String(id)] !== undefined ? D.labels[String(id)] : "#" + id);
 
-// ---- the sampler math: mirrors arraygpt.sampling.Sampler and arraygpt.plugins.samplers ----
+// ---- the sampler math: mirrors arraygpt.generation.sampling.Sampler and arraygpt.plugins.samplers ----
 function softmaxT(logits, T) {            // layers.softmax_forward; T = 0: one-hot at the first max
   const n = logits.length;
   let m = -Infinity, best = 0;

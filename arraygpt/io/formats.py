@@ -3,22 +3,22 @@
 
 Formats:
 
-    "arraygpt"  a checkpoint folder of ``arraygpt.checkpoint`` (model.safetensors, config.json with
+    "arraygpt"  a checkpoint folder of ``arraygpt.io.checkpoint`` (model.safetensors, config.json with
                 an ``arraygpt_format`` marker, state.json, arraygpt-tokenizer.json, optimizer...);
                 also a training run's folder (its ``last/``, or ``.last.old`` after a save was
                 interrupted) and its ``best/``.
     "gpt2"      a Hugging Face transformers GPT-2 directory (config.json with ``model_type``
                 ``gpt2``; model.safetensors or a sharded model.safetensors.index.json; the
                 tokenizer files tokenizer.json or vocab.json + merges.txt when present), see
-                ``arraygpt.interop``.
+                ``arraygpt.io.hf``.
     "llama"     a transformers Llama, Qwen2 or Mistral directory (``model_type`` ``llama``,
-                ``qwen2``, ``mistral``; same files), see ``arraygpt.interop_llama``.
+                ``qwen2``, ``mistral``; same files), see ``arraygpt.io.hf.llama``.
 
 The format of a directory is decided by its config.json: the arraygpt marker means "arraygpt",
 a Llama-family ``model_type`` "llama", any other "gpt2" (whose reader names a model type it does
 not know); a folder without config.json is tried as a training run.
 
-Not here: the file layouts themselves (``arraygpt.checkpoint``, ``arraygpt.interop``), downloads,
+Not here: the file layouts themselves (``arraygpt.io.checkpoint``, ``arraygpt.io.hf``), downloads,
 pickle files (refused by interop with the command that converts them).
 """
 
@@ -29,10 +29,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from arraygpt import checkpoint, interop
-from arraygpt.checkpoint import Checkpoint
 from arraygpt.errors import CheckpointError
-from arraygpt.safetensors import read_json
+from arraygpt.io import bpe, checkpoint
+from arraygpt.io.checkpoint import Checkpoint
+from arraygpt.io.files import read_json
+from arraygpt.io.hf import gpt2
 
 __all__ = ["FORMATS", "detect", "load", "save"]
 
@@ -64,9 +65,13 @@ def detect(path: str | os.PathLike[str]) -> tuple[str, Path]:
             return "arraygpt", path
         if isinstance(config.get("model_type"), str) and config["model_type"] in _llama().MODEL_TYPES:
             return "llama", path
-        if "model_type" in config or any(os.path.lexists(path / f) for f in (interop.WEIGHTS_FILE, interop.WEIGHTS_INDEX_FILE)):
+        if "model_type" in config or any(
+            os.path.lexists(path / f) for f in (gpt2.WEIGHTS_FILE, gpt2.WEIGHTS_INDEX_FILE)
+        ):
             return "gpt2", path
-        raise CheckpointError(f"{config_file} has neither 'arraygpt_format' nor 'model_type'; arraygpt.load opens {_ALLOWED}")
+        raise CheckpointError(
+            f"{config_file} has neither 'arraygpt_format' nor 'model_type'; arraygpt.load opens {_ALLOWED}"
+        )
     try:
         return "arraygpt", checkpoint.resolve_checkpoint(path)
     except FileNotFoundError:
@@ -74,7 +79,7 @@ def detect(path: str | os.PathLike[str]) -> tuple[str, Path]:
 
 
 def _llama() -> Any:
-    from arraygpt import interop_llama
+    from arraygpt.io.hf import llama as interop_llama
 
     return interop_llama
 
@@ -90,7 +95,7 @@ def load(path: str | os.PathLike[str], *, backend: Any = None, dtype: str | None
             (GPT-2; float16/bfloat16 files are widened).
 
     Returns:
-        A :class:`arraygpt.checkpoint.Checkpoint`: ``model``, ``tokenizer`` (None when the
+        A :class:`arraygpt.io.checkpoint.Checkpoint`: ``model``, ``tokenizer`` (None when the
         directory has none), ``optimizer_state`` and ``extra`` (arraygpt only), ``path`` (the
         folder actually read), ``format`` ("arraygpt", "gpt2" or "llama") and ``prompt_prefix`` (the ids
         every training document started with; a prompt goes after them).
@@ -107,10 +112,10 @@ def load(path: str | os.PathLike[str], *, backend: Any = None, dtype: str | None
     fmt, folder = detect(path)
     if fmt == "arraygpt":
         return checkpoint.load_checkpoint(folder, backend=backend, dtype=dtype)
-    reader = interop.load_gpt2 if fmt == "gpt2" else _llama().load_llama
+    reader = gpt2.load_gpt2 if fmt == "gpt2" else _llama().load_llama
     model = reader(folder, dtype=dtype or "float32", backend=backend)
     has_tokenizer = any((folder / f).is_file() for f in ("tokenizer.json", "vocab.json", "merges.txt"))
-    tokenizer = interop.load_hf_tokenizer(folder) if has_tokenizer else None
+    tokenizer = bpe.load_hf_tokenizer(folder) if has_tokenizer else None
     if tokenizer is not None and tokenizer.vocab_size > model.config.vocab_size:
         raise CheckpointError(
             f"{folder}: the tokenizer has {tokenizer.vocab_size} tokens but the model only {model.config.vocab_size}"
@@ -118,8 +123,15 @@ def load(path: str | os.PathLike[str], *, backend: Any = None, dtype: str | None
     return Checkpoint(model=model, tokenizer=tokenizer, optimizer_state=None, extra={}, path=folder, format=fmt)
 
 
-def save(model: Any, path: str | os.PathLike[str], *, format: str = "arraygpt", tokenizer: Any = None,
-         optimizer: Any = None, extra: Mapping[str, Any] | None = None) -> Path:  # fmt: skip
+def save(
+    model: Any,
+    path: str | os.PathLike[str],
+    *,
+    format: str = "arraygpt",
+    tokenizer: Any = None,
+    optimizer: Any = None,
+    extra: Mapping[str, Any] | None = None,
+) -> Path:
     """Write ``model`` (and what goes with it) as a directory :func:`load` reads back.
 
     Args:
@@ -130,7 +142,7 @@ def save(model: Any, path: str | os.PathLike[str], *, format: str = "arraygpt", 
             that ``GPT2LMHeadModel.from_pretrained`` loads; the config must be expressible as
             GPT-2) or "llama" (a transformers Llama/Qwen2 directory, ``interop_llama.save_llama``).
         tokenizer: saved with the model. The "gpt2" format takes only a GPT-2 BPE tokenizer
-            (``interop.BPETokenizer``), written as tokenizer.json.
+            (``bpe.BPETokenizer``), written as tokenizer.json.
         optimizer: anything with ``state_dict()`` ("arraygpt" only).
         extra: JSON-serializable data returned as ``Checkpoint.extra`` ("arraygpt" only).
 
@@ -149,13 +161,13 @@ def save(model: Any, path: str | os.PathLike[str], *, format: str = "arraygpt", 
         return checkpoint.save_checkpoint(path, model, tokenizer=tokenizer, optimizer=optimizer, extra=extra)
     if optimizer is not None or extra:
         raise ValueError(f"the {format} format holds no optimizer state or extra data; save with format='arraygpt'")
-    if tokenizer is not None and not isinstance(tokenizer, interop.HFTokenizer):
+    if tokenizer is not None and not isinstance(tokenizer, bpe.HFTokenizer):
         raise ValueError(
-            f"the {format} format holds only a Hugging Face tokenizer (arraygpt.interop.HFTokenizer), "
+            f"the {format} format holds only a Hugging Face tokenizer (arraygpt.io.bpe.HFTokenizer), "
             f"not {type(tokenizer).__name__}; save with format='arraygpt'"
         )
     if format == "gpt2":
-        interop.save_gpt2(model, path)
+        gpt2.save_gpt2(model, path)
     else:
         _llama().save_llama(model, path)
     if tokenizer is not None:

@@ -24,7 +24,7 @@ most :data:`MAX_TEXT_BYTES` (256 MiB; ``ARRAYGPT_MAX_DATA_BYTES`` raises it); an
 Everything here is host NumPy (int64 ids); the model moves batches to its backend. All
 randomness comes from a :class:`Batcher`'s own generator, whose state is saved with checkpoints.
 
-Not here: tokenizers (``arraygpt.tokenizer``), the training loop.
+Not here: tokenizers (``arraygpt.io.tokenizers``), the training loop.
 """
 
 from __future__ import annotations
@@ -40,15 +40,20 @@ from typing import Any
 
 import numpy as np
 
-from arraygpt.tokenizer import ByteTokenizer, CharTokenizer, Tokenizer
+from arraygpt.io.tokenizers import ByteTokenizer, CharTokenizer, Tokenizer
 
 MODES = ("documents", "stream")
 BUILTIN_SOURCES = ("names",)
 NAMES_INSTALL_HINT = "pip install 'arraygpt[names]'  (or: pip install names)"
 MAX_TEXT_BYTES = 256 * 1024 * 1024  # bytes of training text read; a char-tokenized token takes ~16 bytes of memory
 MAX_TEXT_ENV = "ARRAYGPT_MAX_DATA_BYTES"  # raises (or lowers) that limit
-_KINDS = {stat.S_IFDIR: "folder", stat.S_IFIFO: "FIFO (named pipe)", stat.S_IFCHR: "character device",
-          stat.S_IFBLK: "block device", stat.S_IFSOCK: "socket"}  # fmt: skip
+_KINDS = {
+    stat.S_IFDIR: "folder",
+    stat.S_IFIFO: "FIFO (named pipe)",
+    stat.S_IFCHR: "character device",
+    stat.S_IFBLK: "block device",
+    stat.S_IFSOCK: "socket",
+}
 
 
 class DataError(ValueError):
@@ -230,8 +235,9 @@ class DocumentDataset:
 
     mode = "documents"
 
-    def __init__(self, text: str, tokenizer: Tokenizer, block_size: int, val_fraction: float = 0.1,
-                 split_seed: int = 42):  # fmt: skip
+    def __init__(
+        self, text: str, tokenizer: Tokenizer, block_size: int, val_fraction: float = 0.1, split_seed: int = 42
+    ):
         _check_common(tokenizer, block_size, val_fraction)
         if tokenizer.bos_id is None:
             raise DataError("documents mode needs a tokenizer with a BOS token (build it with bos=True)")
@@ -297,8 +303,9 @@ class DocumentDataset:
         start = rng.integers(0, lengths - width + 1)  # (B,)
         return self._rows(doc, start, width)
 
-    def eval_batches(self, split: str, batch_size: int, max_batches: int | None = None,
-                     seed: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:  # fmt: skip
+    def eval_batches(
+        self, split: str, batch_size: int, max_batches: int | None = None, seed: int = 0
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Batches of one row per document of the split, as training draws them: the whole
         document, or (longer than ``block_size + 1`` tokens) one window whose start is fixed by
         ``seed``, so the loss estimates the training objective on the split and is the same at
@@ -329,8 +336,9 @@ class StreamDataset:
 
     mode = "stream"
 
-    def __init__(self, text: str, tokenizer: Tokenizer, block_size: int, val_fraction: float = 0.1,
-                 split_seed: int = 42):  # fmt: skip
+    def __init__(
+        self, text: str, tokenizer: Tokenizer, block_size: int, val_fraction: float = 0.1, split_seed: int = 42
+    ):
         _check_common(tokenizer, block_size, val_fraction)
         if not text.strip():
             raise DataError("the data set is empty (it holds no text but whitespace)")
@@ -367,8 +375,9 @@ class StreamDataset:
     def train_batch(self, starts: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         return self._windows("train", starts)
 
-    def eval_batches(self, split: str, batch_size: int, max_batches: int | None = None,
-                     seed: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:  # fmt: skip
+    def eval_batches(
+        self, split: str, batch_size: int, max_batches: int | None = None, seed: int = 0
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Consecutive non-overlapping windows covering the split (all but a tail shorter than a
         window), or ``max_batches`` batches of random windows drawn with a fixed ``seed``."""
         n = len(self.data[split]) - self.block_size  # number of possible window starts
@@ -402,8 +411,16 @@ def _check_known(tokenizer: Tokenizer, text: str) -> None:
             )
 
 
-def make_dataset(text: str, tokenizer: Tokenizer, mode: str, block_size: int, val_fraction: float = 0.1,
-                 split_seed: int = 42, *, source: str | Path | None = None) -> Dataset:  # fmt: skip
+def make_dataset(
+    text: str,
+    tokenizer: Tokenizer,
+    mode: str,
+    block_size: int,
+    val_fraction: float = 0.1,
+    split_seed: int = 42,
+    *,
+    source: str | Path | None = None,
+) -> Dataset:
     """The data set of ``mode`` (``documents`` or ``stream``) over ``text``.
 
     Args:
@@ -497,8 +514,9 @@ class Batcher:
 
         def bad(field: str, value: Any, allowed: str) -> DataError:
             shown = repr(value)
-            return DataError(f"{where}: {field} is {shown if len(shown) <= 80 else shown[:77] + '...'}; "
-                             f"it must be {allowed}")  # fmt: skip
+            return DataError(
+                f"{where}: {field} is {shown if len(shown) <= 80 else shown[:77] + '...'}; it must be {allowed}"
+            )
 
         if not isinstance(state, Mapping):
             raise bad("the state", state, "an object with rng, epoch and position")

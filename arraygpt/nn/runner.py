@@ -7,7 +7,7 @@ single-threaded BLAS (more BLAS threads beside them would oversubscribe the core
 asks the runner how to chunk a batch (:meth:`BatchRunner.chunks`) and runs the chunks with
 :meth:`BatchRunner.map`. Results equal one thread's up to rounding.
 
-Not here: what a chunk computes (``arraygpt.core``), how the chunks' losses and gradients are
+Not here: what a chunk computes (``arraygpt.nn.core``), how the chunks' losses and gradients are
 combined (``arraygpt.model``).
 """
 
@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Any
 
-from arraygpt.shim import Backend
+from arraygpt.xp import Backend
 
 # Measured on 2 cores: a chunk of fewer positions x channels runs slower in a thread than inline
 # (16,384: 5-9% slower; 32,768: 0-12% faster; the nanoGPT CPU config's 49,152: 11-15% faster).

@@ -23,7 +23,7 @@ variance over C channels, lose most of their digits in float16 (a float16 sum of
 has a resolution of 1). Everything else, attention's softmax included, runs in the compute dtype.
 
 Built on GPT's public API only (``GPT(config, dtype=...)``, ``params``, ``load_state_dict``,
-``forward``, ``backward(loss_scale=...)``). Not here: the training loop (``arraygpt.training``
+``forward``, ``backward(loss_scale=...)``). Not here: the training loop (``arraygpt.training.loop``
 calls :meth:`MixedPrecision.step`, or :meth:`~MixedPrecision.backward` and
 :meth:`~MixedPrecision.apply` around its own accumulation), fused GPU kernels, CUDA graphs.
 """
@@ -39,14 +39,23 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from arraygpt import core
-from arraygpt.kernels import select_kernels
-from arraygpt.model import COMPUTE_DTYPES, GPT
-from arraygpt.optim import clip_grad_norm
-from arraygpt.shim import Array, namespace
+from arraygpt.config import COMPUTE_DTYPES
+from arraygpt.nn import core
+from arraygpt.nn.kernels import select_kernels
+from arraygpt.nn.model import GPT
+from arraygpt.training.optim import clip_grad_norm
+from arraygpt.xp import Array, namespace
 
-__all__ = ["PRECISIONS", "LossScaler", "MixedPrecision", "StepResult", "mixed_kernels", "mixed_precision",
-           "set_tf32", "tf32_enabled"]  # fmt: skip
+__all__ = [
+    "PRECISIONS",
+    "LossScaler",
+    "MixedPrecision",
+    "StepResult",
+    "mixed_kernels",
+    "mixed_precision",
+    "set_tf32",
+    "tf32_enabled",
+]
 
 # What TrainConfig(precision=...) may say: "full" computes in the model's own dtype.
 PRECISIONS = ("full", "mixed-float16", "mixed-bfloat16")
@@ -121,8 +130,17 @@ class LossScaler:
                 self.scale = grown
             self.growth_tracker = 0
 
-    _KEYS = ("init_scale", "growth_factor", "backoff_factor", "growth_interval", "enabled", "scale",
-             "growth_tracker", "skipped", "steps")  # fmt: skip
+    _KEYS = (
+        "init_scale",
+        "growth_factor",
+        "backoff_factor",
+        "growth_interval",
+        "enabled",
+        "scale",
+        "growth_tracker",
+        "skipped",
+        "steps",
+    )
 
     def state_dict(self) -> dict[str, Any]:
         """Every field, JSON-serializable (numbers and a bool), for a checkpoint's ``extra``."""
@@ -197,17 +215,18 @@ class _LowCache(NamedTuple):
         return self.inner.probs
 
 
-def mixed_kernels(config: Any, backend: Any, compute_dtype: str, choice: core.Kernels | str | None = None,
-                  pm: Any = None) -> core.Kernels:  # fmt: skip
+def mixed_kernels(
+    config: Any, backend: Any, compute_dtype: str, choice: core.Kernels | str | None = None, pm: Any = None
+) -> core.Kernels:
     """The kernels of a mixed-precision compute model: those selected for ``compute_dtype``
     (linear, attention, activations), with the norm and the cross-entropy replaced by the
-    float32 ones wrapped in casts (``arraygpt.kernels.select_kernels`` for each dtype).
+    float32 ones wrapped in casts (``arraygpt.nn.kernels.select_kernels`` for each dtype).
 
     Example:
         >>> from arraygpt import GPTConfig
         >>> k = mixed_kernels(GPTConfig.preset("microgpt"), "numpy", "float16", "reference")
         >>> k.norm[0].__name__, k.linear[0].__module__
-        ('norm_forward', 'arraygpt.layers')
+        ('norm_forward', 'arraygpt.nn.layers')
     """
     low = select_kernels(config, backend, compute_dtype, choice, pm)
     high = select_kernels(config, backend, "float32", choice, pm)
@@ -242,7 +261,7 @@ class MixedPrecision:
     in ``extra``. The dropout generator is the master's: each forward reads and writes it back,
     so ``master.rng_state()`` is what a checkpoint saves and resume continues exactly.
 
-    It offers what ``arraygpt.training``'s gradient code reads from a model (``config``,
+    It offers what ``arraygpt.training.loop``'s gradient code reads from a model (``config``,
     ``params``, ``xp``, ``training``, ``forward``, ``backward``, ``set_rng_state``) with float32
     gradients from :meth:`backward`, so the same accumulation code serves both.
 
@@ -250,11 +269,11 @@ class MixedPrecision:
         model: the float32 GPT whose parameters are the master weights.
         compute_dtype: ``float16``, or ``bfloat16`` on a backend that has it.
         scaler: the loss scaler (default ``LossScaler()``, disabled for bfloat16).
-        kernels: the kernel choice for both dtypes (``arraygpt.kernels.select_kernels``).
+        kernels: the kernel choice for both dtypes (``arraygpt.nn.kernels.select_kernels``).
 
     Example:
         >>> from arraygpt import GPT, GPTConfig
-        >>> from arraygpt.optim import create_optimizer
+        >>> from arraygpt.training.optim import create_optimizer
         >>> mp = MixedPrecision(GPT(GPTConfig.preset("microgpt"), seed=0), "float16")
         >>> opt = create_optimizer("adamw", mp.params)
         >>> loss, skipped, _ = mp.step([[0, 5, 3]], [[5, 3, 0]], opt, lr=1e-3)
@@ -262,8 +281,13 @@ class MixedPrecision:
         (False, 'float16', 'float32')
     """
 
-    def __init__(self, model: GPT, compute_dtype: str = "float16", scaler: LossScaler | None = None,
-                 kernels: core.Kernels | str | None = None):  # fmt: skip
+    def __init__(
+        self,
+        model: GPT,
+        compute_dtype: str = "float16",
+        scaler: LossScaler | None = None,
+        kernels: core.Kernels | str | None = None,
+    ):
         if not isinstance(model, GPT):
             raise TypeError(f"model must be an arraygpt GPT, got {type(model).__name__}")
         if model.dtype != "float32":
@@ -271,8 +295,14 @@ class MixedPrecision:
         if compute_dtype not in COMPUTE_DTYPES:
             raise ValueError(f"compute_dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {compute_dtype!r}")
         self.master = model
-        self.compute = GPT(model.config, dtype=compute_dtype, backend=model.backend, init=False, threads=model.threads,
-                           kernels=mixed_kernels(model.config, model.backend, compute_dtype, kernels))  # fmt: skip
+        self.compute = GPT(
+            model.config,
+            dtype=compute_dtype,
+            backend=model.backend,
+            init=False,
+            threads=model.threads,
+            kernels=mixed_kernels(model.config, model.backend, compute_dtype, kernels),
+        )
         self.scaler = scaler if scaler is not None else LossScaler(enabled=compute_dtype == "float16")
         self.refresh()
 
@@ -357,14 +387,21 @@ class MixedPrecision:
     def all_finite(self, grads: Mapping[str, Array], reduce: Callable[[float], float] | None = None) -> bool:
         """Whether every gradient is finite (one host sync for all of them). ``reduce`` adds a
         number over the ranks when each holds a part of the gradients (sharded optimizer state,
-        as for ``arraygpt.optim.clip_grad_norm``), so that every rank decides the same."""
+        as for ``arraygpt.training.optim.clip_grad_norm``), so that every rank decides the same."""
         xp = self.xp
         flags = xp.stack([xp.all(xp.isfinite(g)) for g in grads.values()]) if grads else xp.ones((1,), dtype=bool)
         bad = float(xp.sum(xp.astype(xp.logical_not(flags), xp.float32)))  # tensors holding an inf or nan
         return (bad if reduce is None else reduce(bad)) == 0
 
-    def apply(self, grads: Mapping[str, Array], optimizer: Any, lr: float, *, grad_clip: float = 0.0,
-              reduce: Callable[[float], float] | None = None) -> tuple[bool, float | None]:  # fmt: skip
+    def apply(
+        self,
+        grads: Mapping[str, Array],
+        optimizer: Any,
+        lr: float,
+        *,
+        grad_clip: float = 0.0,
+        reduce: Callable[[float], float] | None = None,
+    ) -> tuple[bool, float | None]:
         """Finish a step from float32 gradients (:meth:`backward`'s, possibly accumulated): skip
         it if any is not finite, else clip (``grad_clip`` > 0), update the master weights and
         refresh the compute copy; then update the loss scale.
@@ -416,8 +453,9 @@ class MixedPrecision:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if state.get("compute_dtype") != self.compute.dtype:
-            raise ValueError(f"the state is of a {state.get('compute_dtype')!r} run; this one computes in "
-                             f"{self.compute.dtype}")  # fmt: skip
+            raise ValueError(
+                f"the state is of a {state.get('compute_dtype')!r} run; this one computes in {self.compute.dtype}"
+            )
         self.scaler.load_state_dict(state["scaler"])
         self.refresh()
 
@@ -454,6 +492,8 @@ def set_tf32(enabled: bool) -> None:
         RuntimeError: CuPy is already imported and the setting would change.
     """
     if "cupy" in sys.modules and tf32_enabled() != bool(enabled):
-        raise RuntimeError("CuPy is already imported and reads CUPY_TF32 once: set CUPY_TF32 (or call "
-                           "set_tf32) before the cupy backend loads")  # fmt: skip
+        raise RuntimeError(
+            "CuPy is already imported and reads CUPY_TF32 once: set CUPY_TF32 (or call "
+            "set_tf32) before the cupy backend loads"
+        )
     os.environ["CUPY_TF32"] = "1" if enabled else "0"

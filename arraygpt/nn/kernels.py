@@ -3,7 +3,7 @@ kernel registered through the plugin system that must equal it (STYLE.md section
 
 A plugin offers kernels with the ``arraygpt_register_kernels`` hook: a list of
 ``{name: KernelSpec}``. Each spec says which layer kind it implements (a field of
-:class:`arraygpt.core.Kernels`, optionally narrowed to one variant of the config, as in
+:class:`arraygpt.nn.core.Kernels`, optionally narrowed to one variant of the config, as in
 ``"norm:layernorm"`` or ``"activation:gelu_tanh"``), the backends and dtypes it runs on, and how
 to load it. For every layer kind the model runs the best spec that takes its (config, backend,
 dtype), and the reference where none does. A loaded kernel may still decline a call it cannot
@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from arraygpt import core
+from arraygpt.nn import core
 
 ENV_VAR = "ARRAYGPT_KERNELS"
 HOOK = "arraygpt_register_kernels"
@@ -46,7 +46,7 @@ class KernelSpec:
     """A registered kernel: a forward/backward pair for one layer kind.
 
     Args:
-        layer: the :class:`arraygpt.core.Kernels` field it replaces, with the config's variant
+        layer: the :class:`arraygpt.nn.core.Kernels` field it replaces, with the config's variant
             after a colon where the field has several (``"norm:layernorm"`` matches
             ``config.norm == "layernorm"``, ``"activation:gelu_tanh"`` ``config.activation``);
             ``"attention"``, ``"crossentropy"`` and ``"linear"`` have none; or
@@ -138,7 +138,7 @@ def registered_kernels(pm: Any = None) -> list[tuple[str, KernelSpec, str]]:
     for name, (spec, owner) in found.items():
         if not isinstance(spec, KernelSpec):
             raise manager.PluginError(
-                f"plugin {owner!r}: kernel {name!r} must be an arraygpt.kernels.KernelSpec, got {type(spec).__name__}"
+                f"plugin {owner!r}: kernel {name!r} must be an arraygpt.nn.kernels.KernelSpec, got {type(spec).__name__}"
             )
     return [(name, spec, owner) for name, (spec, owner) in reversed(found.items())]
 
@@ -150,12 +150,13 @@ def _env_choice() -> str:
     return value
 
 
-def _resolve(config: Any, backend: Any, dtype: str, pm: Any = None,
-             kinds: tuple[str, ...] = core.Kernels._fields) -> dict[str, tuple[str, KernelSpec | None, str]]:  # fmt: skip
+def _resolve(
+    config: Any, backend: Any, dtype: str, pm: Any = None, kinds: tuple[str, ...] = core.Kernels._fields
+) -> dict[str, tuple[str, KernelSpec | None, str]]:
     """Per kind (the Kernels fields, or ``(UPDATE,)`` with ``config`` an optimizer's name):
     (kernel name or "reference", spec or None, why)."""
     if isinstance(backend, str):
-        from arraygpt.shim import BackendUnavailable, load_backend
+        from arraygpt.xp import BackendUnavailable, load_backend
 
         try:
             backend = load_backend(backend)
@@ -181,13 +182,14 @@ def _resolve(config: Any, backend: Any, dtype: str, pm: Any = None,
     return rows
 
 
-def select_kernels(config: Any, backend: Any, dtype: str, choice: core.Kernels | str | None = None,
-                   pm: Any = None) -> core.Kernels:  # fmt: skip
-    """The :class:`arraygpt.core.Kernels` a model of ``config`` on ``backend`` in ``dtype`` runs.
+def select_kernels(
+    config: Any, backend: Any, dtype: str, choice: core.Kernels | str | None = None, pm: Any = None
+) -> core.Kernels:
+    """The :class:`arraygpt.nn.core.Kernels` a model of ``config`` on ``backend`` in ``dtype`` runs.
 
     Args:
         config: the GPTConfig.
-        backend: an ``arraygpt.shim.Backend`` (or its name).
+        backend: an ``arraygpt.xp.Backend`` (or its name).
         dtype: ``"float32"``, ``"float64"``, ...
         choice: None or ``"auto"``: the best registered kernel for each layer kind, unless
             ``ARRAYGPT_KERNELS=reference``; ``"reference"``: the pairs of ``layers.py``; a Kernels
@@ -195,15 +197,16 @@ def select_kernels(config: Any, backend: Any, dtype: str, choice: core.Kernels |
         pm: the plugin manager (default ``arraygpt.manager.default_plugin_manager()``).
 
     Example:
-        >>> from arraygpt import GPTConfig, kernels
+        >>> from arraygpt import GPTConfig
+        >>> from arraygpt.nn import kernels
         >>> k = kernels.select_kernels(GPTConfig(), "numpy", "float32", "reference")
         >>> k.norm[0].__module__
-        'arraygpt.layers'
+        'arraygpt.nn.layers'
     """
     if isinstance(choice, core.Kernels):
         return choice
     if choice not in (None, "auto", "reference"):
-        raise ValueError(f"kernels must be None, 'auto', 'reference' or an arraygpt.core.Kernels, got {choice!r}")
+        raise ValueError(f"kernels must be None, 'auto', 'reference' or an arraygpt.nn.core.Kernels, got {choice!r}")
     reference = core.reference_kernels(config)
     if choice == "reference" or (choice is None and _env_choice() == "reference"):
         return reference
@@ -211,8 +214,9 @@ def select_kernels(config: Any, backend: Any, dtype: str, choice: core.Kernels |
     return reference._replace(**chosen)
 
 
-def select_update(optimizer: str, backend: Any, dtype: str, choice: str | None = None,
-                  pm: Any = None) -> Callable[..., bool] | None:  # fmt: skip
+def select_update(
+    optimizer: str, backend: Any, dtype: str, choice: str | None = None, pm: Any = None
+) -> Callable[..., bool] | None:
     """The registered update kernel of ``optimizer`` (one of :data:`UPDATES`) for parameters on
     ``backend`` in ``dtype``, or None: the optimizer then runs its reference update.
 
@@ -226,7 +230,7 @@ def select_update(optimizer: str, backend: Any, dtype: str, choice: str | None =
     ``ARRAYGPT_KERNELS=reference``), or ``"reference"`` (None).
 
     Example:
-        >>> from arraygpt import kernels
+        >>> from arraygpt.nn import kernels
         >>> kernels.select_update("adam", "numpy", "float32", "reference") is None
         True
     """
@@ -240,17 +244,21 @@ def select_update(optimizer: str, backend: Any, dtype: str, choice: str | None =
     return spec.kernel() if spec else None
 
 
-def describe_kernels(config: Any, backend: Any, dtype: str, choice: core.Kernels | str | None = None,
-                     pm: Any = None) -> list[tuple[str, str, str]]:  # fmt: skip
+def describe_kernels(
+    config: Any, backend: Any, dtype: str, choice: core.Kernels | str | None = None, pm: Any = None
+) -> list[tuple[str, str, str]]:
     """What :func:`select_kernels` picks, as rows ``(layer kind, kernel name or "reference", why)``
     for ``arraygpt backends``; the layer kind carries the config's variant (``norm:layernorm``).
 
     Example:
-        >>> from arraygpt import GPTConfig, kernels
+        >>> from arraygpt import GPTConfig
+        >>> from arraygpt.nn import kernels
         >>> kernels.describe_kernels(GPTConfig(), "numpy", "float32", "reference")[0]
         ('norm:layernorm', 'reference', 'kernels="reference"')
     """
-    kinds = [kind + (f":{getattr(config, kind)}" if kind in ("norm", "activation") else "") for kind in core.Kernels._fields]
+    kinds = [
+        kind + (f":{getattr(config, kind)}" if kind in ("norm", "activation") else "") for kind in core.Kernels._fields
+    ]
     updates = [f"{UPDATE}:{name}" for name in UPDATES]
     if isinstance(choice, core.Kernels):
         return [(k, "custom", "a Kernels record passed by the caller") for k in kinds]

@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 from typing import Any, NamedTuple
 
-from arraygpt.shim import Array, namespace, scatter_add
+from arraygpt.xp import Array, namespace, scatter_add
 
 
 def _flat(x: Array) -> Array:  # (..., C) -> (N, C)
@@ -213,8 +213,9 @@ def linear_backward(dout: Array, cache: LinearCache) -> tuple[Array, Array, Arra
 # rotary position embeddings (RoPE, Su et al. 2021), on the queries and keys of every head
 
 
-def rope_frequencies(head_dim: int, theta: float = 10000.0,
-                     scaling: tuple[float, float, float, int] | None = None) -> tuple[float, ...]:  # fmt: skip
+def rope_frequencies(
+    head_dim: int, theta: float = 10000.0, scaling: tuple[float, float, float, int] | None = None
+) -> tuple[float, ...]:
     """The hs/2 inverse frequencies inv_freq[i] = theta^(-2i/hs), as Python floats.
 
     ``scaling`` = (factor, low_freq_factor, high_freq_factor, original_max_position_embeddings)
@@ -243,8 +244,9 @@ def rope_frequencies(head_dim: int, theta: float = 10000.0,
     return tuple(out)
 
 
-def rope_tables(xp: Any, T: int, offset: int, inv_freq: tuple[float, ...], dtype: Any,
-                device: Any = None) -> tuple[Array, Array]:  # fmt: skip
+def rope_tables(
+    xp: Any, T: int, offset: int, inv_freq: tuple[float, ...], dtype: Any, device: Any = None
+) -> tuple[Array, Array]:
     """cos and sin (T, hs) of the angles (offset + t) * inv_freq[i], each frequency twice
     ([f_0 .. f_{hs/2-1}, f_0 .. f_{hs/2-1}]: transformers' rotate_half layout). The angles are
     computed in float64 and rounded once to ``dtype``. The last few tables are kept."""
@@ -377,12 +379,12 @@ def _group(xp: Any, x: Array, n_kv_head: int) -> Array:  # (B, NH, T, n) -> (B, 
     """The G = NH/NKV query heads that share key/value head j (heads j*G .. j*G+G-1, transformers'
     repeat_kv order) stacked along time, so that one matmul per key/value head serves them all."""
     B, NH, T, n = x.shape
-    return x if NH == n_kv_head else xp.reshape(x, (B, n_kv_head, (NH // n_kv_head) * T, n))
+    return x if n_kv_head == NH else xp.reshape(x, (B, n_kv_head, (NH // n_kv_head) * T, n))
 
 
 def _ungroup(xp: Any, x: Array, n_head: int) -> Array:  # (B, NKV, G*T, n) -> (B, NH, T, n)
     B, NKV, GT, n = x.shape
-    return x if NKV == n_head else xp.reshape(x, (B, n_head, GT // (n_head // NKV), n))
+    return x if n_head == NKV else xp.reshape(x, (B, n_head, GT // (n_head // NKV), n))
 
 
 class AttentionCache(NamedTuple):
@@ -396,7 +398,12 @@ class AttentionCache(NamedTuple):
 
 
 def attention_forward(
-    q: Array, k: Array, v: Array, n_head: int, dropout_p: float = 0.0, coins: Array | None = None,
+    q: Array,
+    k: Array,
+    v: Array,
+    n_head: int,
+    dropout_p: float = 0.0,
+    coins: Array | None = None,
     n_kv_head: int | None = None,
 ) -> tuple[Array, AttentionCache]:
     """y = softmax(q k^T / sqrt(hs) + mask) v per head; q (B,T,D), k and v (B,Tk,Dkv) -> y (B,T,D).
@@ -522,14 +529,32 @@ def gelu_tanh_backward(dout: Array, cache: ActivationCache) -> Array:
 # least squares to math.erfc; the relative error is below 2e-13 over the range, beyond which erfc
 # underflows in float64. The standard has no erf.
 _ERFC_CHEB = (
-    -0.6100171641512795, 0.6046992435245917, 0.013806059441532148, -0.008241647854603623,
-    -0.0005358987303490975, 0.0002871762764558937, 1.5290826417884454e-05, -1.3695068787707311e-05,
-    1.27939303662219e-08, 7.073872472796905e-07, -5.811129715364716e-08, -3.3721224934211113e-08,
-    6.711600875402241e-09, 1.1776236906039817e-09, -5.265762613442423e-10, -6.944599569897131e-13,
-    3.039663117119618e-11, -4.282786661707062e-12, -1.0848406279765628e-12, 4.0901146034150064e-13,
-    -7.03940033398677e-15, -2.0623591536531626e-14, 3.946619386496667e-15, 4.221617263557713e-16,
+    -0.6100171641512795,
+    0.6046992435245917,
+    0.013806059441532148,
+    -0.008241647854603623,
+    -0.0005358987303490975,
+    0.0002871762764558937,
+    1.5290826417884454e-05,
+    -1.3695068787707311e-05,
+    1.27939303662219e-08,
+    7.073872472796905e-07,
+    -5.811129715364716e-08,
+    -3.3721224934211113e-08,
+    6.711600875402241e-09,
+    1.1776236906039817e-09,
+    -5.265762613442423e-10,
+    -6.944599569897131e-13,
+    3.039663117119618e-11,
+    -4.282786661707062e-12,
+    -1.0848406279765628e-12,
+    4.0901146034150064e-13,
+    -7.03940033398677e-15,
+    -2.0623591536531626e-14,
+    3.946619386496667e-15,
+    4.221617263557713e-16,
     -1.1003622866110156e-16,
-)  # fmt: skip
+)
 _ERFC_ZMAX = 26.5
 _ERFC_LO, _ERFC_HI = 4.0 * 2.0 / (2.0 + _ERFC_ZMAX) - 2.0, 2.0  # 4t - 2 over z in [0, 26.5]
 

@@ -23,7 +23,7 @@ The draw is not part of a sampler: :func:`draw` picks the tokens, as llm.c's
 ``sample_mult(probs, n, coin)`` does, from one uniform coin per row drawn on the host, with
 ``cumulative_sum`` and a count of the entries below the coin (the standard has no multinomial).
 
-Not here: the generation loop and the KV cache (``arraygpt.generation``), the built-in samplers
+Not here: the generation loop and the KV cache (``arraygpt.generation.generation``), the built-in samplers
 (``arraygpt.plugins.samplers``). This module imports only the shim and the layers (and the
 plugin manager when a sampler is looked up by name), so sampler plugins can import it.
 
@@ -38,8 +38,8 @@ import numbers
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from arraygpt import layers
-from arraygpt.shim import Array, namespace, to_numpy
+from arraygpt.nn import layers
+from arraygpt.xp import Array, namespace, to_numpy
 
 Filter = Callable[[Array], Array]
 
@@ -51,7 +51,13 @@ DEFAULT_SAMPLER = "temperature"
 
 
 def check_number(
-    name: str, value: Any, low: float, high: float = math.inf, *, low_open: bool = False, high_open: bool = False,
+    name: str,
+    value: Any,
+    low: float,
+    high: float = math.inf,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
     integer: bool = False,
 ) -> Any:
     """Return ``value`` if it is a number in the given range, else raise a ``ValueError`` that names
@@ -195,7 +201,10 @@ class Sampler:
 
 
 def make_sampler(
-    sampler: str | Sequence[str] | Filter = DEFAULT_SAMPLER, *, temperature: float = 1.0, pm: Any = None,
+    sampler: str | Sequence[str] | Filter = DEFAULT_SAMPLER,
+    *,
+    temperature: float = 1.0,
+    pm: Any = None,
     **options: Any,
 ) -> Sampler:
     """Build the sampling pipeline: temperature first, then each named sampler's filter, in order.
@@ -228,9 +237,7 @@ def make_sampler(
     factories = available_samplers(pm)
     unknown = [n for n in names if n not in factories]
     if unknown:
-        raise ValueError(
-            f"unknown sampler {unknown[0]!r}; registered samplers: {', '.join(sorted(factories))}"
-        )
+        raise ValueError(f"unknown sampler {unknown[0]!r}; registered samplers: {', '.join(sorted(factories))}")
     used: set[str] = set()
     filters = []
     for name in names:
@@ -250,5 +257,3 @@ def make_sampler(
             f"{', '.join(takes) or 'none'}); to combine samplers pass a list, e.g. sampler=['top_k', 'top_p']"
         )
     return Sampler(names, filters, temperature)
-
-

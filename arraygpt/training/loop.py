@@ -1,16 +1,16 @@
 """Training: ``arraygpt.train(...)``, the :class:`TrainConfig` of a run, and the :class:`Run` that
 holds a training run's state and walks its loop.
 
-One step: draw the global batch on the host (``arraygpt.data.Batcher``), forward and backward
+One step: draw the global batch on the host (``arraygpt.training.data.Batcher``), forward and backward
 through the hand-written GPT one micro-batch of ``batch_size`` rows at a time (``grad_accum`` of
 them per rank), weight each micro-batch's mean-loss gradient by its share of the batch's targets,
-add the ranks' gradients (one all-reduce, ``arraygpt.distributed``; nothing with one process),
+add the ranks' gradients (one all-reduce, ``arraygpt.training.distributed``; nothing with one process),
 optionally clip the global gradient norm, and let the optimizer plugin update the parameters in
 place at the schedule's learning rate. Every ``eval_interval`` steps the mean
 loss on the train and val splits is measured; metrics go to ``metrics.jsonl`` in the run folder,
 checkpoints to ``last/`` (every ``checkpoint_interval`` steps and at the end) and ``best/`` (the
 lowest val loss so far); a resume first removes the metrics records after the step it continues
-from (``arraygpt.runfolder.trim_metrics``). Plugins see every step, eval and checkpoint through the
+from (``arraygpt.training.runfolder.trim_metrics``). Plugins see every step, eval and checkpoint through the
 ``arraygpt_on_step`` / ``arraygpt_on_eval`` / ``arraygpt_on_checkpoint`` hooks and may stop the run.
 
 A run is exactly resumable: a checkpoint holds the parameters, the optimizer's buffers and step
@@ -20,7 +20,7 @@ ends with the same bits as a run never stopped (on NumPy). The schedule is a pur
 step; evaluations and samples draw from their own generators and change nothing.
 
 With ``zero`` on several ranks the optimizer state is sharded (ZeRO stage 1,
-``arraygpt.distributed.ShardedOptimizer``): the gradients are reduce-scattered instead of
+``arraygpt.training.distributed.ShardedOptimizer``): the gradients are reduce-scattered instead of
 all-reduced, each rank updates its share of the parameters and an all-gather brings the rest.
 
 Under MPI (``mpiexec -n R``) rank r takes rows ``[r P, (r+1) P)`` of every global batch
@@ -31,7 +31,7 @@ lock (and tells the other ranks, in the first collective, when it is refused), p
 metrics and checkpoints and calls the event hooks; a stop (Ctrl-C, a plugin) is agreed by all
 ranks before each step. A checkpoint resumes on any number of ranks that divides its global batch.
 
-The samples printed at the end come from ``arraygpt.generation.generate`` with the plain
+The samples printed at the end come from ``arraygpt.generation.generation.generate`` with the plain
 ``temperature`` sampler. Not here: the ``arraygpt train`` command, its options and exit codes
 (``arraygpt.cli.train``, which derives the options from TrainConfig's fields and their help).
 """
@@ -55,15 +55,32 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from arraygpt.data import MODES, Batcher, Dataset, DataError, default_tokenizer, fingerprint, make_dataset, read_source
-from arraygpt.distributed import CollectiveTimeout, ShardedOptimizer, World, get_world
-from arraygpt.model import DTYPES, GPT, GPTConfig, check_fields
-from arraygpt.optim import SCHEDULES, Schedule, clip_grad_norm, create_optimizer
+from arraygpt.config import DTYPES, GPTConfig, check_fields
 from arraygpt.errors import CheckpointError
-from arraygpt.precision import PRECISIONS, mixed_precision
-from arraygpt.runfolder import (RunFolderError, check_new_run_folder, check_run_folder, check_training_state, lock_run_folder,
-                                resume_source, trim_metrics)  # fmt: skip
-from arraygpt.tokenizer import ByteTokenizer, CharTokenizer, Tokenizer, read_tokenizer_file
+from arraygpt.io.tokenizers import ByteTokenizer, CharTokenizer, Tokenizer, read_tokenizer_file
+from arraygpt.nn.model import GPT
+from arraygpt.training.data import (
+    MODES,
+    Batcher,
+    DataError,
+    Dataset,
+    default_tokenizer,
+    fingerprint,
+    make_dataset,
+    read_source,
+)
+from arraygpt.training.distributed import CollectiveTimeout, ShardedOptimizer, World, get_world
+from arraygpt.training.optim import SCHEDULES, Schedule, clip_grad_norm, create_optimizer
+from arraygpt.training.precision import PRECISIONS, mixed_precision
+from arraygpt.training.runfolder import (
+    RunFolderError,
+    check_new_run_folder,
+    check_run_folder,
+    check_training_state,
+    lock_run_folder,
+    resume_source,
+    trim_metrics,
+)
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -117,21 +134,31 @@ class TrainConfig:
     """
 
     data: str = field(default="names", metadata={"help": "names (built in) or a text file path"})
-    mode: str | None = field(default=None, metadata={
-        "help": "documents (one per line, wrapped in BOS) or stream (random windows); unset: documents for "
-                "names, stream for a file", "choices": MODES})  # fmt: skip
+    mode: str | None = field(
+        default=None,
+        metadata={
+            "help": "documents (one per line, wrapped in BOS) or stream (random windows); unset: documents for "
+            "names, stream for a file",
+            "choices": MODES,
+        },
+    )
     tokenizer: str = field(default="char", metadata={"help": "char, byte or a tokenizer JSON file"})
     val_fraction: float = field(default=0.1, metadata={"help": "share of the data held out for validation"})
     split_seed: int = field(default=42, metadata={"help": "seed of the one shuffle of documents before the split"})
     steps: int = field(default=5000, metadata={"help": "optimizer steps in the whole run"})
     batch_size: int = field(default=64, metadata={"help": "rows per micro-batch (per rank)"})
-    grad_accum: int = field(default=1, metadata={
-        "help": "micro-batches whose gradients one optimizer step sums (per rank); the global batch is "
-                "ranks x batch_size x grad_accum rows"})  # fmt: skip
+    grad_accum: int = field(
+        default=1,
+        metadata={
+            "help": "micro-batches whose gradients one optimizer step sums (per rank); the global batch is "
+            "ranks x batch_size x grad_accum rows"
+        },
+    )
     optimizer: str = field(default="adam", metadata={"help": "adam, adamw, sgd or a plugin's optimizer"})
     lr: float = field(default=1e-2, metadata={"help": "peak learning rate"})
-    schedule: str = field(default="linear", metadata={
-        "help": "constant, linear (to zero) or cosine (to --min-lr)", "choices": SCHEDULES})  # fmt: skip
+    schedule: str = field(
+        default="linear", metadata={"help": "constant, linear (to zero) or cosine (to --min-lr)", "choices": SCHEDULES}
+    )
     warmup_steps: int = field(default=0, metadata={"help": "linear warmup steps"})
     min_lr: float = field(default=0.0, metadata={"help": "floor of the cosine schedule"})
     beta1: float | None = field(default=0.9, metadata={"help": "Adam beta1"})
@@ -140,20 +167,32 @@ class TrainConfig:
     weight_decay: float | None = field(default=None, metadata={"help": "weight decay; unset: the optimizer's"})
     momentum: float | None = field(default=None, metadata={"help": "SGD momentum; unset: the optimizer's (0)"})
     grad_clip: float = field(default=0.0, metadata={"help": "clip the global gradient norm to this (0: off)"})
-    zero: bool = field(default=False, metadata={
-        "help": "with several ranks, shard the optimizer state over them (ZeRO stage 1): each rank keeps the "
-                "moments of 1/R of the parameters; the same run as unsharded"})  # fmt: skip
+    zero: bool = field(
+        default=False,
+        metadata={
+            "help": "with several ranks, shard the optimizer state over them (ZeRO stage 1): each rank keeps the "
+            "moments of 1/R of the parameters; the same run as unsharded"
+        },
+    )
     eval_interval: int = field(default=500, metadata={"help": "steps between evaluations"})
     eval_batches: int = field(default=20, metadata={"help": "batches per split per evaluation, 0 for the whole split"})
     log_interval: int = field(default=250, metadata={"help": "steps between progress lines"})
-    checkpoint_interval: int = field(default=0, metadata={"help": "steps between last/ checkpoints (0: the eval interval)"})
+    checkpoint_interval: int = field(
+        default=0, metadata={"help": "steps between last/ checkpoints (0: the eval interval)"}
+    )
     seed: int = field(default=0, metadata={"help": "seeds the weights, dropout and batches"})
-    backend: str | None = field(default=None, metadata={
-        "help": "numpy, cupy, array_api_strict, torch...; unset: $ARRAYGPT_BACKEND or numpy"})  # fmt: skip
+    backend: str | None = field(
+        default=None, metadata={"help": "numpy, cupy, array_api_strict, torch...; unset: $ARRAYGPT_BACKEND or numpy"}
+    )
     dtype: str = field(default="float32", metadata={"help": "precision of the model", "choices": DTYPES})
-    precision: str = field(default="full", metadata={
-        "help": "full: compute in --dtype; mixed-float16: float32 master weights and optimizer state, float16 "
-                "compute, dynamic loss scaling (docs/precision.md)", "choices": PRECISIONS})  # fmt: skip
+    precision: str = field(
+        default="full",
+        metadata={
+            "help": "full: compute in --dtype; mixed-float16: float32 master weights and optimizer state, float16 "
+            "compute, dynamic loss scaling (docs/precision.md)",
+            "choices": PRECISIONS,
+        },
+    )
     samples: int = field(default=10, metadata={"help": "samples printed at the end"})
     sample_length: int = field(default=32, metadata={"help": "tokens per sample at most"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature of the samples"})
@@ -207,7 +246,10 @@ class TrainConfig:
         """The optimizer options that are set and that ``factory`` accepts by name."""
         candidates: dict[str, Any] = {}
         if self.beta1 is not None or self.beta2 is not None:
-            candidates["betas"] = (0.9 if self.beta1 is None else self.beta1, 0.999 if self.beta2 is None else self.beta2)
+            candidates["betas"] = (
+                0.9 if self.beta1 is None else self.beta1,
+                0.999 if self.beta2 is None else self.beta2,
+            )
         for name in ("eps", "weight_decay", "momentum"):
             if getattr(self, name) is not None:
                 candidates[name] = getattr(self, name)
@@ -236,13 +278,27 @@ class Run:
             removed (that run's later steps, done again now); 0 otherwise and on ranks other than 0.
         samples: the texts sampled at the end.
         stop_reason: why the loop ended: ``done``, ``stop_after``, ``interrupted``, ``plugin``.
-        world: the ranks of the run (``arraygpt.distributed.World``; one process by default).
+        world: the ranks of the run (``arraygpt.training.distributed.World``; one process by default).
     """
 
-    def __init__(self, config: TrainConfig, model: GPT, tokenizer: Tokenizer, dataset: Dataset, batcher: Batcher,
-                 optimizer: Any, out_dir: Path | None, pm: Any, *, step: int = 0, best_val_loss: float = math.inf,
-                 data_sha256: str = "", progress: bool = True, stream: TextIO | None = None,
-                 world: World | None = None):  # fmt: skip
+    def __init__(
+        self,
+        config: TrainConfig,
+        model: GPT,
+        tokenizer: Tokenizer,
+        dataset: Dataset,
+        batcher: Batcher,
+        optimizer: Any,
+        out_dir: Path | None,
+        pm: Any,
+        *,
+        step: int = 0,
+        best_val_loss: float = math.inf,
+        data_sha256: str = "",
+        progress: bool = True,
+        stream: TextIO | None = None,
+        world: World | None = None,
+    ):
         self.world = world or World()
         self.config = config
         self.model = model
@@ -315,8 +371,10 @@ class Run:
         total = self.config.steps
         width = 20
         filled = int(width * self.step / total)
-        line = (f"[{'#' * filled}{'.' * (width - filled)}] step {self.step:>{len(str(total))}}/{total}  "
-                f"loss {loss:.4f}  lr {lr:.2e}  {tokens_per_s:,.0f} tok/s")  # fmt: skip
+        line = (
+            f"[{'#' * filled}{'.' * (width - filled)}] step {self.step:>{len(str(total))}}/{total}  "
+            f"loss {loss:.4f}  lr {lr:.2e}  {tokens_per_s:,.0f} tok/s"
+        )
         if self.stream.isatty():
             print("\r" + line, end="", file=self.stream, flush=True)
             self._bar_open = True
@@ -345,8 +403,9 @@ class Run:
         self.model.eval()
         try:
             for i, split in enumerate(splits):
-                for x, y in self.dataset.eval_batches(split, self.global_batch, max_batches or None,
-                                                      seed=self.config.seed):  # fmt: skip
+                for x, y in self.dataset.eval_batches(
+                    split, self.global_batch, max_batches or None, seed=self.config.seed
+                ):
                     lo, hi = len(x) * world.rank // world.size, len(x) * (world.rank + 1) // world.size
                     for start in range(lo, hi, B):
                         xb, yb = x[start : min(start + B, hi)], y[start : min(start + B, hi)]  # (b, T)
@@ -364,8 +423,9 @@ class Run:
         """Rows per optimizer step over all ranks: ranks x batch_size x grad_accum."""
         return self.world.size * self.config.batch_size * self.config.grad_accum
 
-    def sample(self, n: int | None = None, length: int | None = None, temperature: float | None = None,
-               seed: int | None = None) -> list[str]:  # fmt: skip
+    def sample(
+        self, n: int | None = None, length: int | None = None, temperature: float | None = None, seed: int | None = None
+    ) -> list[str]:
         """Texts sampled from the model with ``generate`` (the KV cache, plain ``temperature``
         sampling of softmax(logits / T)), all ``n`` rows as one batch.
 
@@ -374,7 +434,7 @@ class Run:
         The coins come from their own generator, seeded with ``[3, seed]`` (default seed:
         ``config.seed``), so sampling changes nothing in the run and one seed gives the same texts.
         """
-        from arraygpt.generation import generate
+        from arraygpt.generation.generation import generate
 
         cfg = self.config
         n = cfg.samples if n is None else n
@@ -417,7 +477,7 @@ class Run:
     def save(self, which: str = "last") -> Path | None:
         """Write the ``last`` or ``best`` checkpoint atomically; tell the plugins. Every rank checks
         that the parameters are finite (they are the same everywhere); rank 0 alone writes."""
-        from arraygpt.checkpoint import save_checkpoint
+        from arraygpt.io.checkpoint import save_checkpoint
 
         if self.out_dir is None:
             return None
@@ -432,8 +492,9 @@ class Run:
             optimizer = _StateOnly(optimizer.state_dict())
         if not self.world.is_root:
             return None
-        path = save_checkpoint(self.out_dir / which, self.model, self.tokenizer, optimizer,
-                               extra={**self.state(), "kind": which})  # fmt: skip
+        path = save_checkpoint(
+            self.out_dir / which, self.model, self.tokenizer, optimizer, extra={**self.state(), "kind": which}
+        )
         self._record({"event": "checkpoint", "step": self.step, "kind": which, "path": str(path)})
         self._call_hook("arraygpt_on_checkpoint", run=self, step=self.step, path=str(path))
         return path
@@ -492,8 +553,9 @@ class Run:
             grads, loss, n_tokens = self.gradients(x, y)
             metrics: dict[str, float] = {"loss": loss, "lr": lr}
             if self.mixed is not None:  # an inf/nan gradient skips the update and lowers the loss scale
-                skipped, norm = self.mixed.apply(grads, self.optimizer, lr, grad_clip=cfg.grad_clip,
-                                                 reduce=self._sum_over_shards)  # fmt: skip
+                skipped, norm = self.mixed.apply(
+                    grads, self.optimizer, lr, grad_clip=cfg.grad_clip, reduce=self._sum_over_shards
+                )
                 metrics.update(skipped=float(skipped), loss_scale=self.mixed.scaler.scale)
                 if norm is not None:
                     metrics["grad_norm"] = norm
@@ -514,8 +576,14 @@ class Run:
             if self.step % cfg.log_interval == 0 or self.step == cfg.steps:
                 now = time.perf_counter()
                 tokens_per_s = tokens_log / (now - t_log) if now > t_log else 0.0
-                record = {"event": "train", "step": self.step, "loss": float(np.mean(losses)), "lr": lr,
-                          "tokens_per_s": tokens_per_s, "elapsed": now - t_start}  # fmt: skip
+                record = {
+                    "event": "train",
+                    "step": self.step,
+                    "loss": float(np.mean(losses)),
+                    "lr": lr,
+                    "tokens_per_s": tokens_per_s,
+                    "elapsed": now - t_start,
+                }
                 if "grad_norm" in metrics:
                     record["grad_norm"] = metrics["grad_norm"]
                 self._record(record)
@@ -528,8 +596,9 @@ class Run:
         self.stop_reason = self._stop_requested or "done"
         if self.out_dir is not None and self._last_saved != self.step:
             self.save("last")
-        self._record({"event": "end", "step": self.step, "reason": self.stop_reason,
-                      "elapsed": time.perf_counter() - t_start})  # fmt: skip
+        self._record(
+            {"event": "end", "step": self.step, "reason": self.stop_reason, "elapsed": time.perf_counter() - t_start}
+        )
         if self.stop_reason != "done":
             where = f"; resume with: arraygpt train --resume {self.out_dir}" if self.out_dir else ""
             self._print(f"stopped at step {self.step}/{cfg.steps} ({self.stop_reason}){where}")
@@ -583,8 +652,11 @@ class Run:
             weight = n_k / n_total
             loss_sum += loss_k * n_k
             g = model.backward()
-            grads = {name: gi * weight for name, gi in g.items()} if grads is None else {
-                name: grads[name] + g[name] * weight for name in grads}  # fmt: skip
+            grads = (
+                {name: gi * weight for name, gi in g.items()}
+                if grads is None
+                else {name: grads[name] + g[name] * weight for name in grads}
+            )
         if grads is None:  # every target of this rank's rows is ignored
             grads = {name: model.xp.zeros_like(p) for name, p in model.params.items()}
         if isinstance(self.optimizer, ShardedOptimizer):
@@ -600,7 +672,7 @@ class Run:
 
     def _allreduce(self, grads: dict[str, Any], loss_sum: float) -> tuple[dict[str, Any], float]:
         """Add every rank's gradients and loss sum: one contiguous host buffer, one all-reduce."""
-        from arraygpt.shim import to_numpy
+        from arraygpt.xp import to_numpy
 
         host = {name: to_numpy(g) for name, g in grads.items()}
         size = sum(h.size for h in host.values()) + 1
@@ -632,8 +704,14 @@ class Run:
         if self.world.size == 1:
             return
         reasons = ("", "stop_after", "plugin", "interrupted")
-        flag = np.array([reasons.index(self._stop_requested) if self._stop_requested in reasons else
-                         (2 if self._stop_requested else 0)], dtype=np.int64)  # fmt: skip
+        flag = np.array(
+            [
+                reasons.index(self._stop_requested)
+                if self._stop_requested in reasons
+                else (2 if self._stop_requested else 0)
+            ],
+            dtype=np.int64,
+        )
         self.world.allreduce_max_(flag, what=f"the stop check before step {self.step + 1}")
         if flag[0]:
             self.request_stop(reasons[int(flag[0])])
@@ -652,11 +730,16 @@ class Run:
             self.request_stop("plugin")
 
     def _diverged(self, what: str) -> None:
-        last = f"; the last good checkpoint is {self.out_dir / 'last'} (step {self._last_saved})" if (
-            self.out_dir is not None and self._last_saved >= 0) else ""  # fmt: skip
+        last = (
+            f"; the last good checkpoint is {self.out_dir / 'last'} (step {self._last_saved})"
+            if (self.out_dir is not None and self._last_saved >= 0)
+            else ""
+        )
         step = self.step if "parameter" in what else self.step + 1  # the step that broke the parameters is done
-        message = (f"training diverged at step {step}: {what}. Stopped without saving{last}. "
-                   "Try a lower learning rate (--lr) or gradient clipping (--grad-clip 1.0).")  # fmt: skip
+        message = (
+            f"training diverged at step {step}: {what}. Stopped without saving{last}. "
+            "Try a lower learning rate (--lr) or gradient clipping (--grad-clip 1.0)."
+        )
         self._record({"event": "diverged", "step": step, "message": message})
         self.stop_reason = "diverged"
         raise TrainingDiverged(message, self)
@@ -712,8 +795,9 @@ def _holding_run_folder(folder: Path | None, world: World, fresh: bool) -> Itera
                 error = e
         if world.size > 1:
             with _ending_all_ranks_on_error(world), world.starting():
-                refusal = world.broadcast_text("" if error is None else str(error) or type(error).__name__,
-                                               what="the run folder check")  # fmt: skip
+                refusal = world.broadcast_text(
+                    "" if error is None else str(error) or type(error).__name__, what="the run folder check"
+                )
             if refusal and error is None:
                 raise RunFolderError(refusal)
         if error is not None:
@@ -724,7 +808,7 @@ def _holding_run_folder(folder: Path | None, world: World, fresh: bool) -> Itera
 def _tokenizer_vocabulary(V: int) -> Any:
     """A sampler filter that keeps the first ``V`` ids: a model whose vocab_size was set larger
     than its tokenizer's never samples an id the tokenizer cannot decode."""
-    from arraygpt.shim import namespace
+    from arraygpt.xp import namespace
 
     def keep_tokenizer_ids(probs: Any) -> Any:
         xp = namespace(probs)
@@ -762,8 +846,16 @@ def _make_tokenizer(config: TrainConfig, text: str, given: Tokenizer | None) -> 
     return read_tokenizer_file(path)
 
 
-def _new_run(data: str, config: GPTConfig | str, options: dict[str, Any], out_dir: str | Path | None,
-             tokenizer: Tokenizer | None, pm: Any, progress: bool, world: World) -> Run:  # fmt: skip
+def _new_run(
+    data: str,
+    config: GPTConfig | str,
+    options: dict[str, Any],
+    out_dir: str | Path | None,
+    tokenizer: Tokenizer | None,
+    pm: Any,
+    progress: bool,
+    world: World,
+) -> Run:
     model_overrides, train_options = _split_options(options)
     if tokenizer is not None:
         if not isinstance(tokenizer, (CharTokenizer, ByteTokenizer)):
@@ -788,8 +880,7 @@ def _new_run(data: str, config: GPTConfig | str, options: dict[str, Any], out_di
             f"vocab_size {model_config.vocab_size} is smaller than the tokenizer's {tok.vocab_size} tokens; "
             f"leave vocab_size unset to take the tokenizer's"
         )
-    dataset = make_dataset(text, tok, tc.mode, model_config.block_size, tc.val_fraction, tc.split_seed,
-                           source=tc.data)  # type: ignore[arg-type]
+    dataset = make_dataset(text, tok, tc.mode, model_config.block_size, tc.val_fraction, tc.split_seed, source=tc.data)  # type: ignore[arg-type]
     batcher = Batcher(dataset, world.size * tc.batch_size * tc.grad_accum, seed=tc.seed)  # the global batch
     run_dir = None
     if out_dir is not None:
@@ -798,8 +889,19 @@ def _new_run(data: str, config: GPTConfig | str, options: dict[str, Any], out_di
             run_dir.mkdir(parents=True, exist_ok=True)
     model = GPT(model_config, seed=tc.seed, dtype=tc.dtype, backend=tc.backend)
     optimizer = _make_optimizer(tc, model, pm, world)
-    return Run(tc, model, tok, dataset, batcher, optimizer, run_dir, pm, data_sha256=fingerprint(text),
-               progress=progress, world=world)  # fmt: skip
+    return Run(
+        tc,
+        model,
+        tok,
+        dataset,
+        batcher,
+        optimizer,
+        run_dir,
+        pm,
+        data_sha256=fingerprint(text),
+        progress=progress,
+        world=world,
+    )
 
 
 def _make_optimizer(tc: TrainConfig, model: GPT, pm: Any, world: World) -> Any:
@@ -817,7 +919,7 @@ def _make_optimizer(tc: TrainConfig, model: GPT, pm: Any, world: World) -> Any:
 
 
 def _resumed_run(resume: str | Path, options: dict[str, Any], pm: Any, progress: bool, world: World) -> Run:
-    from arraygpt.checkpoint import load_checkpoint
+    from arraygpt.io.checkpoint import load_checkpoint
 
     run_dir, source = resume_source(resume)  # the run folder, and its last/ (or the best/ given)
     model_overrides, train_options = _split_options(options)
@@ -840,9 +942,12 @@ def _resumed_run(resume: str | Path, options: dict[str, Any], pm: Any, progress:
         raise ValueError(f"{ckpt.path} has no tokenizer; a training checkpoint needs one")
     text = read_source(tc.data)
     if extra.get("data_sha256") and fingerprint(text) != extra["data_sha256"]:
-        raise DataError(f"the data {tc.data!r} changed since the run started (its sha256 differs); cannot resume exactly")
-    dataset = make_dataset(text, ckpt.tokenizer, tc.mode, ckpt.config.block_size, tc.val_fraction, tc.split_seed,
-                           source=tc.data)  # type: ignore[arg-type]
+        raise DataError(
+            f"the data {tc.data!r} changed since the run started (its sha256 differs); cannot resume exactly"
+        )
+    dataset = make_dataset(
+        text, ckpt.tokenizer, tc.mode, ckpt.config.block_size, tc.val_fraction, tc.split_seed, source=tc.data
+    )  # type: ignore[arg-type]
     batcher = Batcher(dataset, world.size * tc.batch_size * tc.grad_accum, seed=tc.seed)  # the global batch
     batcher.load_state_dict(extra["data"])
     model = ckpt.model
@@ -852,12 +957,25 @@ def _resumed_run(resume: str | Path, options: dict[str, Any], pm: Any, progress:
     try:
         optimizer.load_state_dict(ckpt.optimizer_state)
     except (KeyError, ValueError, TypeError) as e:  # a tampered or foreign optimizer.safetensors
-        raise CheckpointError(f"{ckpt.path}: the optimizer state does not fit the {tc.optimizer} optimizer of this "
-                              f"model: {e}") from None  # fmt: skip
+        raise CheckpointError(
+            f"{ckpt.path}: the optimizer state does not fit the {tc.optimizer} optimizer of this model: {e}"
+        ) from None
     best = extra.get("best_val_loss")
-    run = Run(tc, model, ckpt.tokenizer, dataset, batcher, optimizer, run_dir, pm, step=int(extra["step"]),
-              best_val_loss=math.inf if best is None else float(best), data_sha256=extra.get("data_sha256", ""),
-              progress=progress, world=world)  # fmt: skip
+    run = Run(
+        tc,
+        model,
+        ckpt.tokenizer,
+        dataset,
+        batcher,
+        optimizer,
+        run_dir,
+        pm,
+        step=int(extra["step"]),
+        best_val_loss=math.inf if best is None else float(best),
+        data_sha256=extra.get("data_sha256", ""),
+        progress=progress,
+        world=world,
+    )
     if run.mixed is not None:
         run.mixed.load_state_dict(extra["precision"])
     run._last_saved = run.step
@@ -866,8 +984,9 @@ def _resumed_run(resume: str | Path, options: dict[str, Any], pm: Any, progress:
     return run
 
 
-def _split_global_batch(saved: TrainConfig, extra: Mapping[str, Any], ranks: int,
-                        given: Mapping[str, Any]) -> dict[str, int]:  # fmt: skip
+def _split_global_batch(
+    saved: TrainConfig, extra: Mapping[str, Any], ranks: int, given: Mapping[str, Any]
+) -> dict[str, int]:
     """batch_size and grad_accum for resuming on ``ranks`` ranks with the saved global batch G.
 
     Each rank takes P = G / ranks rows. Given options are kept if they multiply to P; otherwise
@@ -880,23 +999,30 @@ def _split_global_batch(saved: TrainConfig, extra: Mapping[str, Any], ranks: int
     G = int(extra.get("global_batch") or saved.batch_size * saved.grad_accum * int(extra.get("world_size", 1)))
     if G % ranks:
         divisors = [r for r in range(1, G + 1) if G % r == 0]
-        raise ValueError(f"the run's global batch of {G} rows cannot be split over {ranks} ranks; "
-                         f"resume it on a number of ranks that divides {G} ({', '.join(map(str, divisors))})")  # fmt: skip
+        raise ValueError(
+            f"the run's global batch of {G} rows cannot be split over {ranks} ranks; "
+            f"resume it on a number of ranks that divides {G} ({', '.join(map(str, divisors))})"
+        )
     P = G // ranks
     B, N = given.get("batch_size"), given.get("grad_accum")
     if B is not None and N is not None:
         if B * N != P:
-            raise ValueError(f"batch_size {B} x grad_accum {N} x {ranks} ranks must make the run's global batch "
-                             f"of {G} rows")  # fmt: skip
+            raise ValueError(
+                f"batch_size {B} x grad_accum {N} x {ranks} ranks must make the run's global batch of {G} rows"
+            )
     elif N is not None:
         if P % N:
-            raise ValueError(f"grad_accum {N} does not divide the {P} rows per rank of the run's global batch "
-                             f"({G} rows over {ranks} ranks)")  # fmt: skip
+            raise ValueError(
+                f"grad_accum {N} does not divide the {P} rows per rank of the run's global batch "
+                f"({G} rows over {ranks} ranks)"
+            )
         B = P // N
     elif B is not None:
         if P % B:
-            raise ValueError(f"batch_size {B} does not divide the {P} rows per rank of the run's global batch "
-                             f"({G} rows over {ranks} ranks)")  # fmt: skip
+            raise ValueError(
+                f"batch_size {B} does not divide the {P} rows per rank of the run's global batch "
+                f"({G} rows over {ranks} ranks)"
+            )
         N = P // B
     else:
         B = max(d for d in range(1, min(saved.batch_size, P) + 1) if P % d == 0)
@@ -904,9 +1030,19 @@ def _split_global_batch(saved: TrainConfig, extra: Mapping[str, Any], ranks: int
     return {"batch_size": B, "grad_accum": N}
 
 
-def train(data: str = "names", *, config: GPTConfig | str = "microgpt", out_dir: str | Path | None = None,
-          resume: str | Path | None = None, stop_after: int | None = None, tokenizer: Tokenizer | str | None = None,
-          progress: bool = True, plugin_manager: Any = None, world: World | None = None, **options: Any) -> Run:  # fmt: skip
+def train(
+    data: str = "names",
+    *,
+    config: GPTConfig | str = "microgpt",
+    out_dir: str | Path | None = None,
+    resume: str | Path | None = None,
+    stop_after: int | None = None,
+    tokenizer: Tokenizer | str | None = None,
+    progress: bool = True,
+    plugin_manager: Any = None,
+    world: World | None = None,
+    **options: Any,
+) -> Run:
     """Train a GPT on text and return the finished :class:`Run`.
 
     Inside an MPI job (``mpiexec -n R``), every rank calls this with the same arguments; the run
@@ -925,8 +1061,8 @@ def train(data: str = "names", *, config: GPTConfig | str = "microgpt", out_dir:
             to use instead of building one from the data.
         progress: print progress, evaluations and samples.
         plugin_manager: the pluggy manager for optimizers and event hooks; default the process's.
-        world: the ranks to span (``arraygpt.distributed.World``); default
-            ``arraygpt.distributed.get_world()``: MPI's COMM_WORLD under an MPI launcher, else one
+        world: the ranks to span (``arraygpt.training.distributed.World``); default
+            ``arraygpt.training.distributed.get_world()``: MPI's COMM_WORLD under an MPI launcher, else one
             process.
         **options: TrainConfig fields (steps, batch_size, lr, ...) and GPTConfig fields
             (n_layer, block_size, dropout, ...).
@@ -983,12 +1119,18 @@ def _print_header(run: Run, resumed: bool) -> None:
     unit = "documents" if cfg.mode == "documents" else "tokens"
     batch = f"batch {cfg.batch_size}"
     if cfg.grad_accum > 1 or run.world.size > 1:
-        batch = (f"global batch {run.global_batch} = {run.world.size} rank(s) x {cfg.batch_size} rows x "
-                 f"{cfg.grad_accum} micro-batch(es)")  # fmt: skip
+        batch = (
+            f"global batch {run.global_batch} = {run.world.size} rank(s) x {cfg.batch_size} rows x "
+            f"{cfg.grad_accum} micro-batch(es)"
+        )
     if isinstance(run.optimizer, ShardedOptimizer):
         batch += f", optimizer state sharded over {run.world.size} ranks (zero)"
-    run._print(f"data: {cfg.data} ({cfg.mode}, {split} {unit}); {cfg.optimizer} lr {cfg.lr:g} {cfg.schedule}, "
-               f"{batch}, {cfg.steps} steps" + (f"; run folder {run.out_dir}" if run.out_dir else ""))  # fmt: skip
+    run._print(
+        f"data: {cfg.data} ({cfg.mode}, {split} {unit}); {cfg.optimizer} lr {cfg.lr:g} {cfg.schedule}, "
+        f"{batch}, {cfg.steps} steps" + (f"; run folder {run.out_dir}" if run.out_dir else "")
+    )
     if run.dropped_records:
-        run._print(f"{METRICS_FILE}: removed {run.dropped_records} line(s) after step {run.step}, the steps this "
-                   "run does again")  # fmt: skip
+        run._print(
+            f"{METRICS_FILE}: removed {run.dropped_records} line(s) after step {run.step}, the steps this "
+            "run does again"
+        )

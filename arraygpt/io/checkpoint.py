@@ -19,7 +19,7 @@ deleted. A kill at any moment leaves either DIR complete, or (between the two re
 and ``.DIR.old`` complete, which :func:`load_checkpoint` and the next save fall back to. The
 previous checkpoint stays loadable throughout.
 
-Not here: what a training run keeps in ``extra`` (``arraygpt.training``), GPT-2 interop.
+Not here: what a training run keeps in ``extra`` (``arraygpt.training.loop``), GPT-2 interop.
 """
 
 from __future__ import annotations
@@ -35,11 +35,13 @@ from typing import Any
 
 import numpy as np
 
-from arraygpt import safetensors
+from arraygpt.config import GPTConfig
 from arraygpt.errors import CheckpointError
-from arraygpt.model import GPT, GPTConfig, param_shapes
-from arraygpt.shim import Backend, to_numpy
-from arraygpt.tokenizer import Tokenizer, tokenizer_from_dict
+from arraygpt.io import files, safetensors
+from arraygpt.io.tokenizers import Tokenizer, tokenizer_from_dict
+from arraygpt.nn.model import GPT
+from arraygpt.nn.params import param_shapes
+from arraygpt.xp import Backend, to_numpy
 
 __all__ = ["Checkpoint", "CheckpointError", "load_checkpoint", "resolve_checkpoint", "save_checkpoint"]
 
@@ -64,7 +66,7 @@ class Checkpoint:
         extra: the caller's JSON saved with it (empty dict if none).
         path: the folder actually read (``.DIR.old`` after an interrupted save).
         format: "arraygpt" for this module's folders, "gpt2" for a transformers GPT-2 directory
-            (read by ``arraygpt.formats.load``).
+            (read by ``arraygpt.io.formats.load``).
     """
 
     model: GPT
@@ -96,11 +98,16 @@ def _old(target: Path) -> Path:
 
 
 def _dump_json(obj: Any, path: Path) -> None:
-    safetensors.write_atomic(path, (json.dumps(obj, indent=1) + "\n").encode())
+    files.write_atomic(path, (json.dumps(obj, indent=1) + "\n").encode())
 
 
-def save_checkpoint(directory: str | os.PathLike[str], model: GPT, tokenizer: Tokenizer | None = None,
-                    optimizer: Any = None, extra: Mapping[str, Any] | None = None) -> Path:  # fmt: skip
+def save_checkpoint(
+    directory: str | os.PathLike[str],
+    model: GPT,
+    tokenizer: Tokenizer | None = None,
+    optimizer: Any = None,
+    extra: Mapping[str, Any] | None = None,
+) -> Path:
     """Write a checkpoint folder atomically (see the module docstring) and return its path.
 
     Args:
@@ -115,8 +122,11 @@ def save_checkpoint(directory: str | os.PathLike[str], model: GPT, tokenizer: To
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
     try:
-        safetensors.save_file({name: to_numpy(p) for name, p in model.params.items()}, tmp / MODEL_FILE,
-                              metadata={"format": "arraygpt", MARKER: str(FORMAT)})  # fmt: skip
+        safetensors.save_file(
+            {name: to_numpy(p) for name, p in model.params.items()},
+            tmp / MODEL_FILE,
+            metadata={"format": "arraygpt", MARKER: str(FORMAT)},
+        )
         _dump_json({**model.config.to_dict(), MARKER: FORMAT}, tmp / CONFIG_FILE)
         if tokenizer is not None:
             _dump_json(tokenizer.to_dict(), tmp / TOKENIZER_FILE)
@@ -129,8 +139,7 @@ def save_checkpoint(directory: str | os.PathLike[str], model: GPT, tokenizer: To
                 else:
                     arrays[key] = to_numpy(value)
             safetensors.save_file(arrays, tmp / OPTIMIZER_FILE, metadata={"format": "arraygpt-optimizer"})
-        state = {MARKER: FORMAT, "model_rng": model.rng_state(), "optimizer": numbers,
-                 "extra": dict(extra or {})}  # fmt: skip
+        state = {MARKER: FORMAT, "model_rng": model.rng_state(), "optimizer": numbers, "extra": dict(extra or {})}
         _dump_json(state, tmp / STATE_FILE)  # the last file written
         _make_readable(tmp)
         _swap_in(tmp, target)
@@ -160,7 +169,7 @@ def _swap_in(new: Path, target: Path) -> None:
     if target.exists():
         os.replace(target, old)
     os.replace(new, target)
-    safetensors._fsync_dir(target.parent)
+    files._fsync_dir(target.parent)
     shutil.rmtree(old, ignore_errors=True)
 
 
@@ -180,8 +189,8 @@ def resolve_checkpoint(directory: str | os.PathLike[str]) -> Path:
     raise FileNotFoundError(f"no checkpoint at {path}")
 
 
-def _read_json(path: Path, what: str, limit: int = safetensors.JSON_LIMIT) -> dict[str, Any]:
-    return safetensors.read_json(path, what=f"checkpoint {what}", limit=limit)
+def _read_json(path: Path, what: str, limit: int = files.JSON_LIMIT) -> dict[str, Any]:
+    return files.read_json(path, what=f"checkpoint {what}", limit=limit)
 
 
 def _read_tensors(path: Path) -> dict[str, np.ndarray]:
@@ -191,8 +200,9 @@ def _read_tensors(path: Path) -> dict[str, np.ndarray]:
         raise CheckpointError(f"{path}: the checkpoint file is missing") from None
 
 
-def load_checkpoint(directory: str | os.PathLike[str], backend: str | Backend | None = None,
-                    dtype: str | None = None) -> Checkpoint:  # fmt: skip
+def load_checkpoint(
+    directory: str | os.PathLike[str], backend: str | Backend | None = None, dtype: str | None = None
+) -> Checkpoint:
     """Read a checkpoint folder (or a run folder's ``last/``); never unpickles anything.
 
     Args:
@@ -234,7 +244,9 @@ def load_checkpoint(directory: str | os.PathLike[str], backend: str | Backend | 
     numbers = state.get("optimizer") or {}
     bad = [k for k, v in numbers.items() if not isinstance(v, (int, float))]  # bool is an int
     if bad:
-        raise CheckpointError(f"{path / STATE_FILE}: optimizer value {bad[0]!r} must be a number, not {numbers[bad[0]]!r:.60}")
+        raise CheckpointError(
+            f"{path / STATE_FILE}: optimizer value {bad[0]!r} must be a number, not {numbers[bad[0]]!r:.60}"
+        )
     tokenizer = _read_tokenizer(path, config)
     tensors = _read_tensors(path / MODEL_FILE)
     _check_shapes(tensors, config, path)
@@ -259,8 +271,13 @@ def load_checkpoint(directory: str | os.PathLike[str], backend: str | Backend | 
     optimizer_state = None
     if (path / OPTIMIZER_FILE).exists() or state.get("optimizer") is not None:
         optimizer_state = {**(state.get("optimizer") or {}), **_read_tensors(path / OPTIMIZER_FILE)}
-    return Checkpoint(model=model, tokenizer=tokenizer, optimizer_state=optimizer_state,
-                      extra=dict(state.get("extra") or {}), path=path)  # fmt: skip
+    return Checkpoint(
+        model=model,
+        tokenizer=tokenizer,
+        optimizer_state=optimizer_state,
+        extra=dict(state.get("extra") or {}),
+        path=path,
+    )
 
 
 _CONFIG_LIMIT = 1024 * 1024  # bytes; a GPTConfig is well under 1 KB

@@ -20,7 +20,7 @@ handles the abort) and calls ``MPI_Abort``, which ends every rank of the job; a 
 outright is noticed by the launcher (MPICH's hydra, Open MPI's prte), which ends the others.
 Checkpoints are written atomically by rank 0 alone, so the last one stays intact.
 
-Not here: which rows a rank takes and how gradients are weighted (``arraygpt.training``); NCCL
+Not here: which rows a rank takes and how gradients are weighted (``arraygpt.training.loop``); NCCL
 on GPUs (future work: the buffer here is host NumPy, so a GPU backend pays one copy each way).
 """
 
@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from arraygpt.shim import to_numpy
+from arraygpt.xp import to_numpy
 
 TIMEOUT_ENV = "ARRAYGPT_MPI_TIMEOUT"
 START_TIMEOUT_ENV = "ARRAYGPT_MPI_START_TIMEOUT"
@@ -156,8 +156,9 @@ class World:
         self._wait(self.comm.Iallgather(value, out), what)
         return out
 
-    def reduce_scatter_sum(self, send: np.ndarray, recv: np.ndarray, counts: Sequence[int],
-                           what: str = "the gradient reduce-scatter") -> np.ndarray:  # fmt: skip
+    def reduce_scatter_sum(
+        self, send: np.ndarray, recv: np.ndarray, counts: Sequence[int], what: str = "the gradient reduce-scatter"
+    ) -> np.ndarray:
         """Add ``send`` over the ranks and keep this rank's block of the sum in ``recv``.
 
         Args:
@@ -171,8 +172,10 @@ class World:
         _check_buffer(send)
         _check_buffer(recv)
         if recv.size != counts[self.rank] or send.size != sum(counts):
-            raise ValueError(f"reduce-scatter of {send.size} elements into blocks of {list(counts)}: "
-                             f"rank {self.rank} holds {recv.size}")  # fmt: skip
+            raise ValueError(
+                f"reduce-scatter of {send.size} elements into blocks of {list(counts)}: "
+                f"rank {self.rank} holds {recv.size}"
+            )
         if self.comm is None:
             recv[...] = send
             return recv
@@ -181,7 +184,9 @@ class World:
         self._wait(self.comm.Ireduce_scatter(send, recv, [int(c) for c in counts], MPI.SUM), what)
         return recv
 
-    def allgatherv_(self, buffer: np.ndarray, counts: Sequence[int], what: str = "the parameter all-gather") -> np.ndarray:
+    def allgatherv_(
+        self, buffer: np.ndarray, counts: Sequence[int], what: str = "the parameter all-gather"
+    ) -> np.ndarray:
         """Every rank's block of ``buffer`` onto every rank, in place: rank r contributes (and
         everyone receives) the ``counts[r]`` elements after ``sum(counts[:r])``."""
         _check_buffer(buffer)
@@ -193,8 +198,9 @@ class World:
         self._wait(self.comm.Iallgatherv(MPI.IN_PLACE, [buffer, (counts, _displacements(counts))]), what)
         return buffer
 
-    def gatherv(self, block: np.ndarray, counts: Sequence[int], root: int = 0,
-                what: str = "a gather") -> np.ndarray | None:  # fmt: skip
+    def gatherv(
+        self, block: np.ndarray, counts: Sequence[int], root: int = 0, what: str = "a gather"
+    ) -> np.ndarray | None:
         """The ranks' blocks (rank r's of ``counts[r]`` elements), concatenated in rank order, on
         ``root``; None on the other ranks."""
         block = np.ascontiguousarray(block)
@@ -234,7 +240,9 @@ class World:
 
     # -- parameters ------------------------------------------------------------------------------
 
-    def broadcast_arrays_(self, arrays: Mapping[str, Any], what: str = "the parameter broadcast") -> dict[str, np.ndarray]:
+    def broadcast_arrays_(
+        self, arrays: Mapping[str, Any], what: str = "the parameter broadcast"
+    ) -> dict[str, np.ndarray]:
         """Rank 0's values of ``arrays`` (name -> array, the same names and shapes everywhere), as
         host NumPy arrays, through one contiguous buffer per dtype."""
         host = {name: np.ascontiguousarray(to_numpy(a)) for name, a in arrays.items()}
@@ -448,9 +456,11 @@ class ShardLayout:
         self.counts = [cuts[r + 1] - cuts[r] for r in range(ranks)]
         if min(self.counts) <= 0:
             granules = sum(c for _, _, c, per in rows if per) if by_rows else len(rows)
-            raise ValueError(f"cannot shard the optimizer state of {len(rows)} parameters ({granules} "
-                             f"{'rows' if by_rows else 'parameters'}) over {ranks} ranks: "
-                             "a rank would own nothing")  # fmt: skip
+            raise ValueError(
+                f"cannot shard the optimizer state of {len(rows)} parameters ({granules} "
+                f"{'rows' if by_rows else 'parameters'}) over {ranks} ranks: "
+                "a rank would own nothing"
+            )
         self.row_size = {name: per for name, _, _, per in rows}  # elements per piece row
         self.pieces: list[list[tuple[str, int, int]]] = []
         for r in range(ranks):
@@ -516,8 +526,10 @@ class ShardedOptimizer:
         self._flat: np.ndarray | None = None
 
     def __repr__(self) -> str:
-        return (f"ShardedOptimizer({type(self.inner).__name__}, rank {self.world.rank} of {self.world.size}, "
-                f"{self.count:,} elements)")  # fmt: skip
+        return (
+            f"ShardedOptimizer({type(self.inner).__name__}, rank {self.world.rank} of {self.world.size}, "
+            f"{self.count:,} elements)"
+        )
 
     @property
     def count(self) -> int:
@@ -532,7 +544,7 @@ class ShardedOptimizer:
     def reduce_gradients(self, grads: Mapping[str, Any], what: str = "the gradient reduce-scatter") -> dict[str, Any]:
         """The sum over ranks of ``grads`` (every parameter's, full size), this rank's pieces only:
         name -> array of the piece's shape on the parameters' backend."""
-        from arraygpt.optim import _like
+        from arraygpt.training.optim import _like
 
         host = {name: to_numpy(grads[name]) for name in self.params}
         dtype = np.result_type(*host.values())
@@ -556,7 +568,7 @@ class ShardedOptimizer:
     def step(self, grads: Mapping[str, Any], lr: float) -> None:
         """Update this rank's pieces from their summed gradients (``reduce_gradients``), then
         all-gather the parameters so that every rank holds every updated value."""
-        from arraygpt.optim import _like
+        from arraygpt.training.optim import _like
 
         self.inner.step(grads, lr)
         lo, hi = self.range
@@ -588,8 +600,10 @@ class ShardedOptimizer:
             if name in self.params and hasattr(value, "shape"):
                 arrays.setdefault(buffer, {})[name] = value
             elif hasattr(value, "shape") and getattr(value, "ndim", 0) > 0:
-                raise ValueError(f"cannot shard the state of {type(self.inner).__name__}: its array {key!r} is not "
-                                 f"'<buffer>.<parameter name>'")  # fmt: skip
+                raise ValueError(
+                    f"cannot shard the state of {type(self.inner).__name__}: its array {key!r} is not "
+                    f"'<buffer>.<parameter name>'"
+                )
             else:
                 numbers[key] = value
         return arrays, numbers
@@ -602,8 +616,10 @@ class ShardedOptimizer:
         for buffer in sorted(arrays):
             local = arrays[buffer]
             if set(local) != set(self.pieces):
-                raise ValueError(f"cannot gather the state of {type(self.inner).__name__}: its buffer {buffer!r} "
-                                 "does not cover every parameter")  # fmt: skip
+                raise ValueError(
+                    f"cannot gather the state of {type(self.inner).__name__}: its buffer {buffer!r} "
+                    "does not cover every parameter"
+                )
             block = np.concatenate([np.ravel(to_numpy(local[name])) for name, _, _ in self.mine])
             flat = self.world.gatherv(block, self.layout.counts, what=f"the optimizer state gather ({buffer})")
             if flat is not None:

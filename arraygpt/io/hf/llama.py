@@ -5,7 +5,7 @@ A transformers directory holds ``config.json`` (``model_type`` ``llama``, ``qwen
 and ``model.safetensors`` or a sharded ``model.safetensors.index.json``. Its tensors map onto
 arraygpt's names one to one; every weight is already stored (out, in) as an ``nn.Linear``, and
 the rotary embedding uses transformers' rotate_half layout, which is the layout of
-``arraygpt.layers.rope_forward``, so nothing is transposed or permuted:
+``arraygpt.nn.layers.rope_forward``, so nothing is transposed or permuted:
 
     transformers (LlamaForCausalLM, Qwen2ForCausalLM, MistralForCausalLM)   arraygpt
     model.embed_tokens.weight                       (V, C)                  wte
@@ -38,7 +38,7 @@ Deliberately not here: pickle weights (refused), downloads, sliding-window atten
 v0.1's 4096 window is refused unless it covers block_size), RoPE scalings other than Llama 3.1's,
 and any runtime dependency on transformers or torch. Tokenizers (the directory's
 ``tokenizer.json``, with BOS/EOS from ``tokenizer_config.json`` and ``config.json``):
-``arraygpt.interop.load_hf_tokenizer``, which ``arraygpt.load`` calls.
+``arraygpt.io.bpe.load_hf_tokenizer``, which ``arraygpt.load`` calls.
 """
 
 from __future__ import annotations
@@ -52,10 +52,13 @@ from typing import Any
 
 import numpy as np
 
+from arraygpt.config import ROPE_SCALING_KEYS, GPTConfig
 from arraygpt.errors import CheckpointError
-from arraygpt.model import GPT, ROPE_SCALING_KEYS, GPTConfig, param_shapes
-from arraygpt.safetensors import load_file, read_json, save_file, write_atomic
-from arraygpt.shim import to_numpy
+from arraygpt.io.files import read_json, write_atomic
+from arraygpt.io.safetensors import load_file, save_file
+from arraygpt.nn.model import GPT
+from arraygpt.nn.params import param_shapes
+from arraygpt.xp import to_numpy
 
 __all__ = [
     "MODEL_TYPES",
@@ -76,19 +79,52 @@ _CONFIG_LIMIT = 1024 * 1024  # bytes
 
 # transformers' defaults (LlamaConfig, Qwen2Config, MistralConfig) for keys a config.json may omit
 _DEFAULTS: dict[str, dict[str, Any]] = {
-    "llama": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                  num_attention_heads=32, hidden_act="silu", max_position_embeddings=2048, initializer_range=0.02,
-                  rms_norm_eps=1e-6, tie_word_embeddings=False, rope_theta=10000.0, attention_bias=False,
-                  mlp_bias=False),
-    "qwen2": dict(vocab_size=151936, hidden_size=4096, intermediate_size=22016, num_hidden_layers=32,
-                  num_attention_heads=32, num_key_value_heads=32, hidden_act="silu", max_position_embeddings=32768,
-                  initializer_range=0.02, rms_norm_eps=1e-6, tie_word_embeddings=False, rope_theta=10000.0,
-                  use_sliding_window=False),
-    "mistral": dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                    num_attention_heads=32, num_key_value_heads=8, hidden_act="silu",
-                    max_position_embeddings=4096 * 32, initializer_range=0.02, rms_norm_eps=1e-6,
-                    tie_word_embeddings=False, rope_theta=10000.0, sliding_window=4096),
-}  # fmt: skip
+    "llama": dict(
+        vocab_size=32000,
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        hidden_act="silu",
+        max_position_embeddings=2048,
+        initializer_range=0.02,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+        rope_theta=10000.0,
+        attention_bias=False,
+        mlp_bias=False,
+    ),
+    "qwen2": dict(
+        vocab_size=151936,
+        hidden_size=4096,
+        intermediate_size=22016,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        hidden_act="silu",
+        max_position_embeddings=32768,
+        initializer_range=0.02,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+        rope_theta=10000.0,
+        use_sliding_window=False,
+    ),
+    "mistral": dict(
+        vocab_size=32000,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        hidden_act="silu",
+        max_position_embeddings=4096 * 32,
+        initializer_range=0.02,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+        rope_theta=10000.0,
+        sliding_window=4096,
+    ),
+}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -154,14 +190,30 @@ def config_from_llama(hf: Mapping[str, Any], source: str = CONFIG_FILE) -> GPTCo
     theta, scaling = _rope_settings(c, source)
     try:
         return GPTConfig(
-            vocab_size=c["vocab_size"], block_size=block_size, n_layer=c["num_hidden_layers"], n_head=n_head,
-            n_embd=c["hidden_size"], head_dim=c.get("head_dim") or c["hidden_size"] // n_head,
-            mlp_hidden=c["intermediate_size"], norm="rmsnorm", norm_eps=float(c["rms_norm_eps"]), norm_affine=True,
-            norm_emb=False, norm_final=True, bias=bias, tie_embeddings=bool(c["tie_word_embeddings"]),
-            init_std=float(c["initializer_range"]), init_output="normal", dropout=0.0, position="rope",
-            rope_theta=theta, rope_scaling=scaling, n_kv_head=c.get("num_key_value_heads") or n_head, mlp="swiglu",
+            vocab_size=c["vocab_size"],
+            block_size=block_size,
+            n_layer=c["num_hidden_layers"],
+            n_head=n_head,
+            n_embd=c["hidden_size"],
+            head_dim=c.get("head_dim") or c["hidden_size"] // n_head,
+            mlp_hidden=c["intermediate_size"],
+            norm="rmsnorm",
+            norm_eps=float(c["rms_norm_eps"]),
+            norm_affine=True,
+            norm_emb=False,
+            norm_final=True,
+            bias=bias,
+            tie_embeddings=bool(c["tie_word_embeddings"]),
+            init_std=float(c["initializer_range"]),
+            init_output="normal",
+            dropout=0.0,
+            position="rope",
+            rope_theta=theta,
+            rope_scaling=scaling,
+            n_kv_head=c.get("num_key_value_heads") or n_head,
+            mlp="swiglu",
             qkv_bias=qkv_bias,
-        )  # fmt: skip
+        )
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{source}: invalid config: {e}") from None
 
@@ -172,8 +224,14 @@ def _default_model_type(config: GPTConfig) -> str:
 
 def _check_expressible(config: GPTConfig, model_type: str) -> None:
     """Raise ValueError naming the first GPTConfig field the format cannot hold."""
-    required = {"position": "rope", "mlp": "swiglu", "norm": "rmsnorm", "norm_affine": True, "norm_emb": False,
-                "norm_final": True}  # fmt: skip
+    required = {
+        "position": "rope",
+        "mlp": "swiglu",
+        "norm": "rmsnorm",
+        "norm_affine": True,
+        "norm_emb": False,
+        "norm_final": True,
+    }
     if model_type not in MODEL_TYPES:
         raise ValueError(f"model_type must be one of {', '.join(MODEL_TYPES)}, got {model_type!r}")
     for name, value in required.items():
@@ -198,14 +256,26 @@ def config_to_llama(config: GPTConfig, dtype: str = "float32", model_type: str |
     model_type = model_type or _default_model_type(config)
     _check_expressible(config, model_type)
     hf: dict[str, Any] = {
-        "architectures": [ARCHITECTURES[model_type]], "model_type": model_type, "vocab_size": config.vocab_size,
-        "hidden_size": config.n_embd, "intermediate_size": config.mlp_hidden, "num_hidden_layers": config.n_layer,
-        "num_attention_heads": config.n_head, "num_key_value_heads": config.n_kv_head, "head_dim": config.head_dim,
-        "hidden_act": "silu", "max_position_embeddings": config.block_size, "initializer_range": config.init_std,
-        "rms_norm_eps": config.norm_eps, "tie_word_embeddings": config.tie_embeddings,
-        "rope_theta": config.rope_theta, "rope_scaling": None, "attention_dropout": 0.0, "torch_dtype": dtype,
+        "architectures": [ARCHITECTURES[model_type]],
+        "model_type": model_type,
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.n_embd,
+        "intermediate_size": config.mlp_hidden,
+        "num_hidden_layers": config.n_layer,
+        "num_attention_heads": config.n_head,
+        "num_key_value_heads": config.n_kv_head,
+        "head_dim": config.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": config.block_size,
+        "initializer_range": config.init_std,
+        "rms_norm_eps": config.norm_eps,
+        "tie_word_embeddings": config.tie_embeddings,
+        "rope_theta": config.rope_theta,
+        "rope_scaling": None,
+        "attention_dropout": 0.0,
+        "torch_dtype": dtype,
         "use_cache": True,
-    }  # fmt: skip
+    }
     if config.rope_scaling is not None:
         hf["rope_scaling"] = {"rope_type": "llama3", **dict(zip(ROPE_SCALING_KEYS, config.rope_scaling))}
     if model_type == "llama":
@@ -221,15 +291,23 @@ def config_to_llama(config: GPTConfig, dtype: str = "float32", model_type: str |
 # tensors <-> state dict
 
 _LAYER = {
-    "input_layernorm.weight": "norm1", "post_attention_layernorm.weight": "norm2",
-    "self_attn.q_proj.weight": "attn_wq", "self_attn.q_proj.bias": "attn_wq_b",
-    "self_attn.k_proj.weight": "attn_wk", "self_attn.k_proj.bias": "attn_wk_b",
-    "self_attn.v_proj.weight": "attn_wv", "self_attn.v_proj.bias": "attn_wv_b",
-    "self_attn.o_proj.weight": "attn_wo", "self_attn.o_proj.bias": "attn_wo_b",
-    "mlp.gate_proj.weight": "mlp_gate", "mlp.gate_proj.bias": "mlp_gate_b",
-    "mlp.up_proj.weight": "mlp_up", "mlp.up_proj.bias": "mlp_up_b",
-    "mlp.down_proj.weight": "mlp_down", "mlp.down_proj.bias": "mlp_down_b",
-}  # fmt: skip
+    "input_layernorm.weight": "norm1",
+    "post_attention_layernorm.weight": "norm2",
+    "self_attn.q_proj.weight": "attn_wq",
+    "self_attn.q_proj.bias": "attn_wq_b",
+    "self_attn.k_proj.weight": "attn_wk",
+    "self_attn.k_proj.bias": "attn_wk_b",
+    "self_attn.v_proj.weight": "attn_wv",
+    "self_attn.v_proj.bias": "attn_wv_b",
+    "self_attn.o_proj.weight": "attn_wo",
+    "self_attn.o_proj.bias": "attn_wo_b",
+    "mlp.gate_proj.weight": "mlp_gate",
+    "mlp.gate_proj.bias": "mlp_gate_b",
+    "mlp.up_proj.weight": "mlp_up",
+    "mlp.up_proj.bias": "mlp_up_b",
+    "mlp.down_proj.weight": "mlp_down",
+    "mlp.down_proj.bias": "mlp_down_b",
+}
 _TOP = {"model.embed_tokens.weight": "wte", "model.norm.weight": "normf", "lm_head.weight": "lm_head"}
 _LAYER_KEY = re.compile(r"model\.layers\.(\d+)\.(.+)")
 _IGNORED = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
@@ -250,11 +328,12 @@ def _hf_name(name: str) -> str:
             return key
     layer, short = name.split(".", 1)
     hf = {v: k for k, v in _LAYER.items()}[short]
-    return f"model.layers.{layer[len('layer'):]}.{hf}"
+    return f"model.layers.{layer[len('layer') :]}.{hf}"
 
 
-def state_dict_from_llama(tensors: Mapping[str, Any], config: GPTConfig,
-                          source: str = WEIGHTS_FILE) -> dict[str, np.ndarray]:  # fmt: skip
+def state_dict_from_llama(
+    tensors: Mapping[str, Any], config: GPTConfig, source: str = WEIGHTS_FILE
+) -> dict[str, np.ndarray]:
     """arraygpt's state dict (name -> host array) from transformers' tensors (name -> array).
 
     Raises:

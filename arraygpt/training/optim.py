@@ -17,7 +17,7 @@ checkpoint's gather (docs/distributed.md).
 
 Updates run on the parameters' own backend (``p -= ...``), with no round trip to the host.
 
-Not here: the training loop (``arraygpt.training``), parameter groups beyond a weight-decay mask.
+Not here: the training loop (``arraygpt.training.loop``), parameter groups beyond a weight-decay mask.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
-from arraygpt.shim import backend_of, namespace, to_numpy
+from arraygpt.xp import backend_of, namespace, to_numpy
 
 Array = Any
 
@@ -58,7 +58,7 @@ class Optimizer:
     buffer_names: tuple[str, ...] = ()
     # True when the update of each element depends only on that element's parameter, gradient and
     # buffers (and on the parameter's name and ndim): then ``zero`` may split a parameter's rows
-    # between ranks (arraygpt.distributed.ShardedOptimizer); False gives each rank whole parameters
+    # between ranks (arraygpt.training.distributed.ShardedOptimizer); False gives each rank whole parameters
     elementwise: bool = False
 
     def __init__(self, params: Mapping[str, Array]):
@@ -107,7 +107,9 @@ class Optimizer:
             for name, p in self.params.items():
                 host = to_numpy(state[f"{b}.{name}"])
                 if tuple(host.shape) != tuple(p.shape):
-                    raise ValueError(f"optimizer buffer {b}.{name} has shape {host.shape}, parameter has {tuple(p.shape)}")
+                    raise ValueError(
+                        f"optimizer buffer {b}.{name} has shape {host.shape}, parameter has {tuple(p.shape)}"
+                    )
                 loaded[b][name] = _like(host, p)
         self.buffers = loaded
         self.t = int(state["step"])
@@ -191,8 +193,13 @@ class Schedule:
         return self.min_lr + coeff * (lr - self.min_lr)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "lr": self.lr, "total_steps": self.total_steps,
-                "warmup_steps": self.warmup_steps, "min_lr": self.min_lr}  # fmt: skip
+        return {
+            "kind": self.kind,
+            "lr": self.lr,
+            "total_steps": self.total_steps,
+            "warmup_steps": self.warmup_steps,
+            "min_lr": self.min_lr,
+        }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -217,8 +224,9 @@ def global_norm(grads: Mapping[str, Array], reduce: Callable[[float], float] | N
     return math.sqrt(squares)
 
 
-def clip_grad_norm(grads: Mapping[str, Array], max_norm: float,
-                   reduce: Callable[[float], float] | None = None) -> float:  # fmt: skip
+def clip_grad_norm(
+    grads: Mapping[str, Array], max_norm: float, reduce: Callable[[float], float] | None = None
+) -> float:
     """Scale every gradient in place so that their global norm is at most ``max_norm``.
 
     Follows ``torch.nn.utils.clip_grad_norm_``: ``coef = max_norm / (norm + 1e-6)``, applied when

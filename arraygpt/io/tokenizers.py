@@ -167,7 +167,7 @@ def tokenizer_from_dict(d: Mapping[str, Any]) -> Tokenizer:
 
 def save_tokenizer(tokenizer: Tokenizer, path: str | os.PathLike[str]) -> None:
     """Write ``tokenizer.to_dict()`` as JSON, atomically."""
-    from arraygpt.safetensors import write_atomic
+    from arraygpt.io.files import write_atomic
 
     write_atomic(path, (json.dumps(tokenizer.to_dict(), indent=1) + "\n").encode())
 
@@ -175,20 +175,20 @@ def save_tokenizer(tokenizer: Tokenizer, path: str | os.PathLike[str]) -> None:
 def read_tokenizer_file(path: str | os.PathLike[str]) -> Tokenizer:
     """Read arraygpt's own tokenizer file (written by :func:`save_tokenizer`; in a checkpoint
     folder it is ``arraygpt-tokenizer.json``). A Hugging Face tokenizer directory is read by
-    ``arraygpt.interop.load_hf_tokenizer`` instead.
+    ``arraygpt.io.bpe.load_hf_tokenizer`` instead.
 
     Raises:
         CheckpointError: (a ValueError) the file is missing, not a regular file, too large, not
             valid JSON, or not a tokenizer description this version reads.
     """
     from arraygpt.errors import CheckpointError
-    from arraygpt.safetensors import read_json
+    from arraygpt.io.files import read_json
 
     d = read_json(path, what="tokenizer file", limit=TOKENIZER_FILE_LIMIT)
     if "type" not in d and "model" in d:
         raise CheckpointError(
             f"{path} is a Hugging Face tokenizer.json, not arraygpt's tokenizer file; "
-            "read its directory with arraygpt.interop.load_hf_tokenizer"
+            "read its directory with arraygpt.io.bpe.load_hf_tokenizer"
         )
     try:
         return tokenizer_from_dict(d)
@@ -202,8 +202,8 @@ TOKENIZER_FILE_LIMIT = 64 * 1024 * 1024  # bytes; a character tokenizer of every
 def load_tokenizer(path: str | os.PathLike[str]) -> Tokenizer:
     """Deprecated name of :func:`read_tokenizer_file` (kept for one release)."""
     warnings.warn(
-        "arraygpt.tokenizer.load_tokenizer is deprecated: use arraygpt.tokenizer.read_tokenizer_file "
-        "(arraygpt's own file) or arraygpt.interop.load_hf_tokenizer (a Hugging Face tokenizer directory)",
+        "arraygpt.io.tokenizers.load_tokenizer is deprecated: use arraygpt.io.tokenizers.read_tokenizer_file "
+        "(arraygpt's own file) or arraygpt.io.bpe.load_hf_tokenizer (a Hugging Face tokenizer directory)",
         DeprecationWarning,
         stacklevel=2,
     )

@@ -1,6 +1,6 @@
 """Run folders: one training run per folder, its lock, its health checks, and its saved training state.
 
-A run folder holds ``last/`` and ``best/`` (checkpoints written by ``arraygpt.checkpoint``),
+A run folder holds ``last/`` and ``best/`` (checkpoints written by ``arraygpt.io.checkpoint``),
 ``metrics.jsonl`` and, while a run is live, the lock file ``.arraygpt.lock``. This module gives the
 training loop the checks that keep one folder to one run and keep hostile or damaged folders from
 crashing it later:
@@ -23,10 +23,10 @@ crashing it later:
 - :func:`check_training_state`: the training state in ``state.json``'s ``extra`` (step, best loss,
   batch sizes...) has the types and ranges a real run writes, so a hostile value is one clear
   ``CheckpointError`` at resume rather than a traceback later. The batcher's own state is checked
-  by ``arraygpt.data.Batcher.load_state_dict``.
+  by ``arraygpt.training.data.Batcher.load_state_dict``.
 
-Not here: writing checkpoints (``arraygpt.checkpoint``, whose saves are atomic on their own), the
-training loop (``arraygpt.training``, which calls these functions). The lock needs ``fcntl``
+Not here: writing checkpoints (``arraygpt.io.checkpoint``, whose saves are atomic on their own), the
+training loop (``arraygpt.training.loop``, which calls these functions). The lock needs ``fcntl``
 (Linux, macOS); where it is missing (Windows) :func:`lock_run_folder` locks nothing and says so in
 its return value. A lock on a network file system is as reliable as that system's ``flock``.
 """
@@ -127,8 +127,9 @@ def lock_run_folder(path: str | os.PathLike[str]) -> Iterator[bool]:
         return
     lock_path = folder / LOCK_FILE
     try:
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0),
-                     0o644)  # fmt: skip
+        fd = os.open(
+            lock_path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0), 0o644
+        )
     except OSError as e:
         raise RunFolderError(f"cannot open the lock file {lock_path} of run folder {folder}: {e.strerror}") from None
     try:
@@ -218,8 +219,8 @@ def check_run_folder(path: str | os.PathLike[str], *, clean: bool = True) -> lis
 
 def _saved_step(checkpoint: Path) -> int | None:
     """The training step saved in ``checkpoint/state.json`` (None when there is none to read)."""
-    from arraygpt.checkpoint import STATE_FILE
-    from arraygpt.safetensors import read_json
+    from arraygpt.io.checkpoint import STATE_FILE
+    from arraygpt.io.files import read_json
 
     state_path = checkpoint / STATE_FILE
     if not state_path.is_file():
@@ -242,7 +243,7 @@ def resume_source(resume: str | os.PathLike[str]) -> tuple[Path, Path]:
         RunFolderError: PATH is not a run folder or checkpoint, has ``best/`` but no ``last/`` (the
             message says to resume ``DIR/best``), or is ``DIR/best`` behind ``DIR/last``.
     """
-    from arraygpt.checkpoint import CONFIG_FILE
+    from arraygpt.io.checkpoint import CONFIG_FILE
 
     path = Path(resume)
     if not path.exists():
@@ -310,7 +311,7 @@ def trim_metrics(path: str | os.PathLike[str], step: int) -> int:
         >>> trim_metrics(folder, 10), (folder / "metrics.jsonl").read_text()
         (1, '{"step": 5}\\n{"step": 10}\\n')
     """
-    from arraygpt.safetensors import write_atomic
+    from arraygpt.io.files import write_atomic
 
     metrics = Path(path) / METRICS_FILE
     try:

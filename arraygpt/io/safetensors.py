@@ -13,16 +13,14 @@ messages that name the file and the rule, then reads the tensors with that libra
 bfloat16, which NumPy lacks, is widened to float32 here. :func:`open_regular` and
 :func:`read_json` are the checked openers every arraygpt reader uses for its files.
 
-Not here: what the tensors mean (``arraygpt.checkpoint``, ``arraygpt.interop``).
+Not here: what the tensors mean (``arraygpt.io.checkpoint``, ``arraygpt.io.hf``).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import stat
 import struct
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -30,12 +28,22 @@ from typing import Any
 import numpy as np
 
 from arraygpt.errors import CheckpointError
+from arraygpt.io.files import open_regular, write_atomic
 
 _DTYPES = {
-    "F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32,
-    "I16": np.int16, "I8": np.int8, "U8": np.uint8, "U16": np.uint16, "U32": np.uint32,
-    "U64": np.uint64, "BOOL": np.bool_,
-}  # fmt: skip
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U8": np.uint8,
+    "U16": np.uint16,
+    "U32": np.uint32,
+    "U64": np.uint64,
+    "BOOL": np.bool_,
+}
 _NAMES = {np.dtype(v): k for k, v in _DTYPES.items()}
 _MAX_HEADER = 100_000_000  # bytes: the reference library's limit
 
@@ -44,107 +52,9 @@ class SafetensorsError(CheckpointError):
     """The file is not a valid safetensors file (truncated, corrupted, hostile, or an unsupported dtype)."""
 
 
-JSON_LIMIT = 16 * 1024 * 1024  # bytes: far above any config.json, state.json or index file
-_KINDS = {stat.S_IFDIR: "directory", stat.S_IFIFO: "FIFO (named pipe)", stat.S_IFCHR: "character device",
-          stat.S_IFBLK: "block device", stat.S_IFSOCK: "socket"}  # fmt: skip
-
-
-def open_regular(path: str | os.PathLike[str], what: str = "file") -> tuple[Any, int]:
-    """Open ``path`` for reading if it is a regular file (a symlink to one counts); return the open
-    binary file and its size. Never blocks: a FIFO is opened non-blocking and refused.
-
-    Raises:
-        CheckpointError: missing, unreadable, or not a regular file (a FIFO, a device, a directory).
-    """
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: the {what} is missing") from None
-    except IsADirectoryError:
-        raise CheckpointError(f"{path}: the {what} is a directory; only regular files are read") from None
-    except OSError as e:
-        raise CheckpointError(f"{path}: cannot open the {what}: {e.strerror}") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            kind = _KINDS.get(stat.S_IFMT(st.st_mode), "special file")
-            raise CheckpointError(f"{path}: the {what} is a {kind}, not a regular file; only regular files are read")
-        if hasattr(os, "set_blocking"):
-            os.set_blocking(fd, True)
-        return os.fdopen(fd, "rb"), st.st_size
-    except BaseException:
-        os.close(fd)
-        raise
-
-
-def read_json(path: str | os.PathLike[str], what: str = "JSON file", limit: int = JSON_LIMIT,
-              kind: type = dict) -> Any:  # fmt: skip
-    """Parse a small JSON file safely: a regular file of at most ``limit`` bytes, UTF-8, nesting
-    within Python's recursion limit, whose top level is a ``kind`` (a JSON object by default).
-
-    Raises:
-        CheckpointError: naming the file, what is wrong and what is allowed.
-    """
-    f, size = open_regular(path, what)
-    with f:
-        if size > limit:
-            raise CheckpointError(f"{path}: the {what} is {size} bytes; at most {limit} bytes are read")
-        data = f.read(limit + 1)
-    if len(data) > limit:
-        raise CheckpointError(f"{path}: the {what} is over {limit} bytes; at most {limit} bytes are read")
-    try:
-        value = json.loads(data.decode("utf-8"))
-    except UnicodeDecodeError as e:
-        raise CheckpointError(f"{path}: the {what} is not UTF-8 text ({e.reason} at byte {e.start})") from None
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: the {what} is truncated or corrupted (not valid JSON: {e})") from None
-    except RecursionError:
-        raise CheckpointError(f"{path}: the {what} is nested too deeply to be a real {what}") from None
-    if not isinstance(value, kind):
-        expected = "a JSON object" if kind is dict else f"JSON {kind.__name__}"
-        raise CheckpointError(f"{path}: the {what} must hold {expected}, not {type(value).__name__}")
-    return value
-
-
-def write_atomic(path: str | os.PathLike[str], data: bytes | list[bytes]) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the whole new one, never a part."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            for chunk in [data] if isinstance(data, bytes) else data:
-                f.write(chunk)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual mode
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def save_file(tensors: Mapping[str, Any], path: str | os.PathLike[str], metadata: Mapping[str, str] | None = None) -> None:
+def save_file(
+    tensors: Mapping[str, Any], path: str | os.PathLike[str], metadata: Mapping[str, str] | None = None
+) -> None:
     """Write name -> host array (anything ``np.asarray`` takes) to ``path`` atomically."""
     header: dict[str, Any] = {}
     if metadata:
@@ -157,7 +67,11 @@ def save_file(tensors: Mapping[str, Any], path: str | os.PathLike[str], metadata
         if array.dtype not in _NAMES:
             raise TypeError(f"tensor {name!r}: dtype {array.dtype} cannot be stored; allowed: {sorted(_DTYPES)}")
         raw = array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
-        header[name] = {"dtype": _NAMES[array.dtype], "shape": list(array.shape), "data_offsets": [offset, offset + len(raw)]}
+        header[name] = {
+            "dtype": _NAMES[array.dtype],
+            "shape": list(array.shape),
+            "data_offsets": [offset, offset + len(raw)],
+        }
         chunks.append(raw)
         offset += len(raw)
     encoded = json.dumps(header, separators=(",", ":")).encode()
@@ -193,7 +107,9 @@ def _is_int(x: Any) -> bool:
 def _read_header(f: Any, path: Path, size: int) -> tuple[dict[str, Any], int]:
     """The parsed header (duplicates refused) and where the data starts; reads at most the header."""
     if size < 8:
-        raise SafetensorsError(f"{path}: truncated safetensors file ({size} bytes; at least the 8-byte header size is needed)")
+        raise SafetensorsError(
+            f"{path}: truncated safetensors file ({size} bytes; at least the 8-byte header size is needed)"
+        )
     (n,) = struct.unpack("<Q", f.read(8))
     if n > _MAX_HEADER:
         raise SafetensorsError(
@@ -209,15 +125,21 @@ def _read_header(f: Any, path: Path, size: int) -> tuple[dict[str, Any], int]:
     try:
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
     except _Duplicate as e:
-        raise SafetensorsError(f"{path}: corrupted safetensors header: the name {e.args[0]!r} appears twice; names must be unique") from None
+        raise SafetensorsError(
+            f"{path}: corrupted safetensors header: the name {e.args[0]!r} appears twice; names must be unique"
+        ) from None
     except UnicodeDecodeError as e:
-        raise SafetensorsError(f"{path}: corrupted safetensors header: not UTF-8 ({e.reason} at byte {8 + e.start})") from None
+        raise SafetensorsError(
+            f"{path}: corrupted safetensors header: not UTF-8 ({e.reason} at byte {8 + e.start})"
+        ) from None
     except json.JSONDecodeError as e:
         raise SafetensorsError(f"{path}: corrupted safetensors header (not valid JSON: {e})") from None
     except RecursionError:
         raise SafetensorsError(f"{path}: corrupted safetensors header: JSON nested too deeply") from None
     if not isinstance(header, dict):
-        raise SafetensorsError(f"{path}: corrupted safetensors header (a JSON object is required, not {type(header).__name__})")
+        raise SafetensorsError(
+            f"{path}: corrupted safetensors header (a JSON object is required, not {type(header).__name__})"
+        )
     return header, 8 + n
 
 
@@ -230,7 +152,9 @@ def _check_metadata(header: Mapping[str, Any], path: Path) -> dict[str, str]:
     return dict(metadata)
 
 
-def _check_entries(header: Mapping[str, Any], path: Path, data_size: int) -> list[tuple[str, str, tuple[int, ...], int, int]]:
+def _check_entries(
+    header: Mapping[str, Any], path: Path, data_size: int
+) -> list[tuple[str, str, tuple[int, ...], int, int]]:
     """(name, dtype, shape, begin, end) of every tensor, in data order, after the reference
     library's rules: known dtype, non-negative integer shape, byte size = product of the shape x
     item size, offsets sorted, contiguous from 0, non-overlapping, covering the data exactly."""
@@ -243,7 +167,9 @@ def _check_entries(header: Mapping[str, Any], path: Path, data_size: int) -> lis
             raise SafetensorsError(f"{what}: corrupted entry (needs dtype, shape and data_offsets): {info!r:.200}")
         dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
         if not isinstance(dtype, str) or dtype not in _ITEMSIZE:
-            raise SafetensorsError(f"{what} has unsupported dtype {dtype!r:.40}; allowed: {', '.join(sorted(_ITEMSIZE))}")
+            raise SafetensorsError(
+                f"{what} has unsupported dtype {dtype!r:.40}; allowed: {', '.join(sorted(_ITEMSIZE))}"
+            )
         if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
             raise SafetensorsError(f"{what}: shape must be a list of non-negative integers, not {shape!r:.200}")
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) and o >= 0 for o in offsets)):
@@ -267,14 +193,20 @@ def _check_entries(header: Mapping[str, Any], path: Path, data_size: int) -> lis
     position = 0
     for name, _, _, begin, end in entries:
         if begin != position:
-            problem = "overlaps the previous tensor" if begin < position else f"leaves a gap of {begin - position} bytes"
+            problem = (
+                "overlaps the previous tensor" if begin < position else f"leaves a gap of {begin - position} bytes"
+            )
             raise SafetensorsError(
                 f"{path}: tensor {name!r} at data offset {begin} {problem}; tensors must be contiguous and "
                 "must not share bytes (corrupted or hostile file)"
             )
         position = end
     if position != data_size:
-        problem = f"{data_size - position} bytes after the last tensor" if position < data_size else f"only {data_size} data bytes"
+        problem = (
+            f"{data_size - position} bytes after the last tensor"
+            if position < data_size
+            else f"only {data_size} data bytes"
+        )
         raise SafetensorsError(
             f"{path}: the tensors cover {position} bytes but the file has {problem}; they must cover the data exactly "
             "(truncated or corrupted file)"
@@ -286,7 +218,9 @@ def _reference() -> Any:
     try:
         import safetensors as reference
     except ImportError as e:  # a runtime dependency: this is a broken installation
-        raise ImportError("arraygpt reads safetensors files with the 'safetensors' library: pip install safetensors") from e
+        raise ImportError(
+            "arraygpt reads safetensors files with the 'safetensors' library: pip install safetensors"
+        ) from e
     return reference
 
 
@@ -316,7 +250,9 @@ def load_file(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
         try:
             with reference.safe_open(str(path), framework="np") as st:
                 if set(st.keys()) != {e[0] for e in entries}:
-                    raise SafetensorsError(f"{path}: the safetensors library reads other tensor names than the header lists")
+                    raise SafetensorsError(
+                        f"{path}: the safetensors library reads other tensor names than the header lists"
+                    )
                 for name, dtype, shape, begin, end in entries:
                     if dtype == "BF16":
                         f.seek(data_start + begin)

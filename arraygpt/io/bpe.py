@@ -1,0 +1,442 @@
+"""Hugging Face tokenizers: GPT-2's byte-level BPE (vocab.json + merges.txt or tokenizer.json),
+and any other tokenizer.json (Llama 3, Qwen2, SmolLM2, Mistral), through the ``tokenizers``
+library.
+"""
+
+from __future__ import annotations
+
+import json
+import operator
+import os
+import re
+import warnings
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from arraygpt.errors import CheckpointError
+from arraygpt.io.files import CONFIG_FILE, CONFIG_LIMIT, open_regular, read_json, write_atomic
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character table (openai/gpt-2 src/encoder.py, bytes_to_unicode):
+    printable Latin-1 bytes map to themselves, the other 68 to chr(256 + n) in byte order."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table, n = {}, 0
+    for b in range(256):
+        if b in keep:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + n)
+            n += 1
+    return table
+
+
+BYTE_TO_CHAR = _bytes_to_unicode()
+CHAR_TO_BYTE = {c: b for b, c in BYTE_TO_CHAR.items()}
+ENDOFTEXT = "<|endoftext|>"
+TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+_INVALID_RUN = re.compile("([\udc80-\udcff]+)")  # bytes that surrogateescape could not decode
+_GPT2_DEFAULT: Any = object()  # "not given": the id of <|endoftext|>, GPT-2's BOS and EOS
+
+
+def _import_tokenizers() -> Any:
+    try:
+        import tokenizers
+    except ImportError as e:
+        raise ImportError(
+            "Hugging Face tokenizers (tokenizer.json, vocab.json + merges.txt) need the optional 'tokenizers' "
+            "library: pip install 'arraygpt[hf]'"
+        ) from e
+    return tokenizers
+
+
+def _clean_up_tokenization(text: str) -> str:
+    """transformers' ``clean_up_tokenization`` (PreTrainedTokenizerBase), which it applies after
+    decoding when ``clean_up_tokenization_spaces`` is set, except for BPE models."""
+    for old, new in (
+        (" .", "."),
+        (" ?", "?"),
+        (" !", "!"),
+        (" ,", ","),
+        (" ' ", "'"),
+        (" n't", "n't"),
+        (" 'm", "'m"),
+        (" 's", "'s"),
+        (" 've", "'ve"),
+        (" 're", "'re"),
+    ):
+        text = text.replace(old, new)
+    return text
+
+
+class HFTokenizer:
+    """Any ``tokenizer.json`` the ``tokenizers`` library reads, with the interface of arraygpt's
+    other tokenizers: ``encode(text) -> list[int]``, ``decode(ids) -> str``, ``vocab_size``,
+    ``bos_id``, ``eos_id``. Byte-level BPEs (GPT-2, Llama 3, Qwen2, SmolLM2) get the subclass
+    :class:`BPETokenizer`; this class serves the others (SentencePiece-style BPE with byte
+    fallback, as Llama 2 and Mistral ship, WordPiece, Unigram). Build one with
+    ``load_hf_tokenizer(directory)``.
+
+    ``encode`` adds no special tokens (callers put BOS where they want it) but does turn the
+    text of a special token (``<|eot_id|>``) into that token, as transformers'
+    ``encode(text, add_special_tokens=False)`` does; ``decode`` keeps special tokens, as
+    transformers' ``decode(ids)`` does (including its ``clean_up_tokenization_spaces``, which
+    transformers, and so arraygpt, skips for BPE models).
+
+    Attributes:
+        vocab_size: number of token ids (added tokens included).
+        bos_id: the beginning-of-text token, or None.
+        eos_id: the end-of-text token (the first of ``eos_ids``), or None.
+        eos_ids: every token that ends a generation (tokenizer_config.json's ``eos_token``, then
+            config.json's ``eos_token_id``, which may be a list), in that order, without repeats.
+        add_bos: the tokenizer.json's post-processor puts ``bos_id`` first (Llama 3's does), so a
+            prompt for this model should start with it.
+        source: the file it was read from.
+    """
+
+    byte_level = False
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        source: str = "<memory>",
+        *,
+        bos_id: Any = _GPT2_DEFAULT,
+        eos_ids: Any = _GPT2_DEFAULT,
+        clean_up_spaces: bool = False,
+    ):
+        self._tokenizer = tokenizer
+        self.source = source
+        vocab: dict[str, int] = tokenizer.get_vocab(with_added_tokens=True)
+        self.vocab_size = max(vocab.values()) + 1 if vocab else 0
+        default = tokenizer.token_to_id(ENDOFTEXT)
+        bos = default if bos_id is _GPT2_DEFAULT else bos_id
+        eos = ([] if default is None else [default]) if eos_ids is _GPT2_DEFAULT else list(eos_ids)
+        for i in ([] if bos is None else [bos]) + eos:
+            if not (isinstance(i, int) and not isinstance(i, bool) and 0 <= i < self.vocab_size):
+                raise ValueError(
+                    f"{source}: special token id {i!r} is not in the vocabulary (0 <= id < {self.vocab_size})"
+                )
+        self.bos_id: int | None = bos
+        self.eos_ids: tuple[int, ...] = tuple(dict.fromkeys(eos))
+        self.eos_id: int | None = self.eos_ids[0] if self.eos_ids else None
+        self.clean_up_spaces = bool(clean_up_spaces) and type(tokenizer.model).__name__ != "BPE"
+        self.add_bos = bos is not None and tokenizer.encode("", add_special_tokens=True).ids[:1] == [bos]
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(vocab_size={self.vocab_size}, bos_id={self.bos_id}, eos_id={self.eos_id}, "
+            f"source={self.source!r})"
+        )
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text`` (no BOS/EOS added).
+
+        Raises:
+            TypeError: ``text`` is not a str (bytes go to ``encode_bytes`` of a byte-level BPE).
+            ValueError: ``text`` holds a lone surrogate, which UTF-8 cannot encode.
+
+        Example:
+            >>> tok.encode("Hello world")  # doctest: +SKIP
+            [15496, 995]
+        """
+        if not isinstance(text, str):
+            raise TypeError(f"encode takes a str, got {type(text).__name__}; use encode_bytes for bytes")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(
+                f"text holds a lone surrogate at index {e.start}, which UTF-8 cannot encode; pass the bytes to "
+                "encode_bytes (e.g. text.encode('utf-8', 'surrogateescape'))"
+            ) from None
+        return list(self._tokenizer.encode(text, add_special_tokens=False).ids)
+
+    def _checked(self, ids: Iterable[Any]) -> list[int]:
+        out = []
+        for i in ids:
+            i = operator.index(i)
+            if not 0 <= i < self.vocab_size:
+                raise ValueError(f"token id {i} is not in the vocabulary (0 <= id < {self.vocab_size})")
+            out.append(i)
+        return out
+
+    def decode(self, ids: Iterable[Any]) -> str:
+        """The text behind ``ids``, special tokens included, as transformers' ``decode(ids)``.
+
+        Raises:
+            ValueError: an id outside [0, vocab_size).
+        """
+        text = self._tokenizer.decode(self._checked(ids), skip_special_tokens=False)
+        return _clean_up_tokenization(text) if self.clean_up_spaces else text
+
+    def config(self) -> dict[str, Any]:
+        """The ``tokenizer_config.json`` object that makes transformers read this tokenizer the same way."""
+
+        def content(i: int | None) -> str | None:
+            return None if i is None else self._tokenizer.id_to_token(i)
+
+        return {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": content(self.bos_id),
+            "eos_token": content(self.eos_id),
+            "clean_up_tokenization_spaces": self.clean_up_spaces,
+        }
+
+    def save(self, directory: str | os.PathLike[str]) -> None:
+        """Write ``tokenizer.json`` and ``tokenizer_config.json`` (its BOS and EOS tokens) into
+        ``directory``, each atomically; ``load_hf_tokenizer`` and transformers' ``AutoTokenizer``
+        read them. Further end tokens of ``eos_ids`` (from a config.json) are not written."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        write_atomic(directory / TOKENIZER_FILE, self._tokenizer.to_str().encode("utf-8"))
+        write_atomic(directory / TOKENIZER_CONFIG_FILE, (json.dumps(self.config(), indent=2) + "\n").encode())
+
+
+class BPETokenizer(HFTokenizer):
+    """A byte-level BPE (GPT-2, Llama 3, Qwen2, SmolLM2), run by the ``tokenizers`` library,
+    with ``encode_bytes``/``decode_bytes`` for byte strings that are not valid UTF-8 beside the
+    interface of :class:`HFTokenizer`.
+
+    Every byte string round-trips, ``decode_bytes(encode_bytes(b)) == b``, and so does every text,
+    ``decode(encode(s)) == s``, unless the tokenizer.json normalizes text first (Qwen2's NFC
+    composes characters) or adds a prefix space. ``<|endoftext|>`` in a text is the special token,
+    as in transformers. Without a tokenizer_config.json or config.json that says otherwise,
+    ``bos_id`` and ``eos_id`` are both ``<|endoftext|>`` (GPT-2's convention), or None without it.
+    Build one with ``load_hf_tokenizer(directory)``.
+    """
+
+    byte_level = True
+
+    def __init__(self, tokenizer: Any, source: str = "<memory>", **specials: Any):
+        super().__init__(tokenizer, source, **specials)
+        vocab: dict[str, int] = tokenizer.get_vocab(with_added_tokens=True)
+        added = {i: t.content for i, t in tokenizer.get_added_tokens_decoder().items()}
+        table: list[bytes | None] = [None] * self.vocab_size
+        for token, i in vocab.items():
+            if i in added:
+                table[i] = added[i].encode("utf-8")
+                continue
+            try:
+                table[i] = bytes(CHAR_TO_BYTE[c] for c in token)
+            except KeyError:
+                raise ValueError(
+                    f"{source}: token {token!r} (id {i}) is not made of GPT-2 byte-level characters"
+                ) from None
+        missing = [b for b, c in BYTE_TO_CHAR.items() if c not in vocab or vocab[c] in added]
+        if missing:
+            raise ValueError(
+                f"{source}: not a byte-level BPE: the vocabulary has no token for byte(s) "
+                f"{', '.join(f'0x{b:02x}' for b in missing[:8])}{' ...' if len(missing) > 8 else ''}"
+            )
+        self._table = table
+
+    def encode_bytes(self, data: bytes) -> list[int]:
+        """Token ids of a byte string, valid UTF-8 or not: valid runs are encoded as text, the
+        bytes in between by the BPE model alone (every byte has a token in a byte-level BPE)."""
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise TypeError(f"encode_bytes takes bytes, got {type(data).__name__}")
+        text = bytes(data).decode("utf-8", errors="surrogateescape")
+        ids: list[int] = []
+        for k, piece in enumerate(_INVALID_RUN.split(text)):
+            if not piece:
+                continue
+            if k % 2 == 0:  # valid UTF-8
+                ids += self._tokenizer.encode(piece, add_special_tokens=False).ids
+            else:  # bytes that are not UTF-8: their byte-level characters, merged by the BPE model
+                chars = "".join(BYTE_TO_CHAR[ord(c) - 0xDC00] for c in piece)
+                ids += [token.id for token in self._tokenizer.model.tokenize(chars)]
+        return ids
+
+    def decode_bytes(self, ids: Iterable[Any]) -> bytes:
+        """The exact bytes behind ``ids``.
+
+        Raises:
+            ValueError: an id outside [0, vocab_size).
+        """
+        table, out = self._table, []
+        for i in ids:
+            i = operator.index(i)
+            piece = table[i] if 0 <= i < self.vocab_size else None
+            if piece is None:
+                raise ValueError(f"token id {i} is not in the vocabulary (0 <= id < {self.vocab_size})")
+            out.append(piece)
+        return b"".join(out)
+
+    def decode(self, ids: Iterable[Any]) -> str:
+        """The text behind ``ids``; bytes that are not valid UTF-8 (a partial character) become U+FFFD."""
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+
+_TOKENIZER_LIMIT = 256 * 1024 * 1024  # bytes; GPT-2's tokenizer.json is 1.4 MB, the largest real ones ~30 MB
+
+
+def _read_text(path: Path, what: str) -> str:
+    """A regular file of at most _TOKENIZER_LIMIT bytes, as UTF-8 text."""
+    f, size = open_regular(path, what)
+    with f:
+        if size > _TOKENIZER_LIMIT:
+            raise CheckpointError(f"{path}: the {what} is {size} bytes; at most {_TOKENIZER_LIMIT} bytes are read")
+        data = f.read(_TOKENIZER_LIMIT + 1)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{path}: the {what} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def _is_byte_level(spec: Mapping[str, Any]) -> bool:
+    """A BPE model whose decoder maps GPT-2's byte characters back to bytes: GPT-2's layout (a
+    ByteLevel pre-tokenizer) and Llama 3's and Qwen2's (a Split regex, then ByteLevel)."""
+    model = spec.get("model") if isinstance(spec.get("model"), dict) else {}
+    decoder = spec.get("decoder") if isinstance(spec.get("decoder"), dict) else {}
+    return (
+        model.get("type") == "BPE"
+        and decoder.get("type") == "ByteLevel"
+        and not (model.get("continuing_subword_prefix") or model.get("end_of_word_suffix"))
+    )
+
+
+def _token_id(tokenizer: Any, value: Any, key: str, path: Path) -> int | None:
+    """The id of tokenizer_config.json's ``bos_token``/``eos_token`` (a string, an AddedToken
+    object with ``content``, or null)."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise CheckpointError(f"{path}: {key} must be a string, an object with 'content' or null, not {value!r:.80}")
+    i = tokenizer.token_to_id(value)
+    if i is None:
+        raise CheckpointError(f"{path}: {key} {value!r:.80} is not a token of {TOKENIZER_FILE}")
+    return i
+
+
+def _config_ids(value: Any, key: str, path: Path, vocab_size: int) -> list[int]:
+    """config.json's ``bos_token_id``/``eos_token_id``: an id, a list of ids (Llama 3.1), or null."""
+    ids = [] if value is None else value if isinstance(value, list) else [value]
+    if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+        raise CheckpointError(f"{path}: {key} must be a token id, a list of them or null, not {value!r:.80}")
+    for i in ids:
+        if i >= vocab_size:
+            raise CheckpointError(f"{path}: {key} {i} is not in the tokenizer's vocabulary (0 <= id < {vocab_size})")
+    return ids
+
+
+def _special_tokens(tokenizer: Any, directory: Path) -> dict[str, Any]:
+    """BOS, EOS and the clean-up setting: tokenizer_config.json's ``bos_token``/``eos_token`` where
+    it names them (null included, as transformers reads them), config.json's ``bos_token_id`` and
+    ``eos_token_id`` for what it leaves out and as further end tokens, else GPT-2's
+    ``<|endoftext|>`` for both."""
+    tok_config_path, config_path = directory / TOKENIZER_CONFIG_FILE, directory / CONFIG_FILE
+    tok_config = (
+        read_json(tok_config_path, what="tokenizer config", limit=_TOKENIZER_LIMIT)
+        if os.path.lexists(tok_config_path)
+        else {}
+    )
+    config = read_json(config_path, what="model config", limit=CONFIG_LIMIT) if os.path.lexists(config_path) else {}
+    vocab_size = max(tokenizer.get_vocab(with_added_tokens=True).values(), default=-1) + 1
+    bos_config = _config_ids(config.get("bos_token_id"), "bos_token_id", config_path, vocab_size)
+    eos_config = _config_ids(config.get("eos_token_id"), "eos_token_id", config_path, vocab_size)
+    out: dict[str, Any] = {"clean_up_spaces": tok_config.get("clean_up_tokenization_spaces") is True}
+    if "bos_token" in tok_config:
+        out["bos_id"] = _token_id(tokenizer, tok_config["bos_token"], "bos_token", tok_config_path)
+    elif bos_config:
+        out["bos_id"] = bos_config[0]
+    eos = (
+        _token_id(tokenizer, tok_config["eos_token"], "eos_token", tok_config_path)
+        if "eos_token" in tok_config
+        else None
+    )
+    if eos is not None or eos_config or "eos_token" in tok_config:
+        out["eos_ids"] = ([] if eos is None else [eos]) + eos_config
+    return out
+
+
+def load_tokenizer(directory: str | os.PathLike[str]) -> HFTokenizer:
+    """Deprecated name of :func:`load_hf_tokenizer` (kept for one release)."""
+    warnings.warn(
+        "arraygpt.io.bpe.load_tokenizer is deprecated: use arraygpt.io.bpe.load_hf_tokenizer "
+        "(a Hugging Face tokenizer directory) or arraygpt.io.tokenizers.read_tokenizer_file (arraygpt's own file)",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return load_hf_tokenizer(directory)
+
+
+def load_hf_tokenizer(directory: str | os.PathLike[str]) -> HFTokenizer:
+    """The tokenizer of a Hugging Face model directory: ``tokenizer.json`` (any the ``tokenizers``
+    library reads: GPT-2, Llama 3, Qwen2, SmolLM2, Mistral...), or GPT-2's ``vocab.json`` +
+    ``merges.txt`` (tokenizer.json wins when both are there). BOS and EOS come from
+    ``tokenizer_config.json`` and ``config.json`` when the directory has them.
+
+    Returns:
+        A :class:`BPETokenizer` for a byte-level BPE (with ``encode_bytes``/``decode_bytes``),
+        else an :class:`HFTokenizer`.
+
+    Raises:
+        ImportError: the ``tokenizers`` library is missing (``pip install 'arraygpt[hf]'``).
+        FileNotFoundError: the directory or the tokenizer files are missing.
+        CheckpointError: (a ValueError) a file is not valid JSON, the ``tokenizers`` library cannot
+            read it, a byte-level BPE lacks a byte, or a special token is not in the vocabulary;
+            the message names the file.
+
+    Example:
+        >>> tok = load_hf_tokenizer("SmolLM2-135M")  # doctest: +SKIP
+        >>> tok.decode(tok.encode("Hello world"))  # doctest: +SKIP
+        'Hello world'
+    """
+    tokenizers = _import_tokenizers()
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(
+            f"{directory}: no such directory (expected tokenizer.json, or vocab.json and merges.txt)"
+        )
+    tokenizer_json, vocab, merges = directory / TOKENIZER_FILE, directory / "vocab.json", directory / "merges.txt"
+    if os.path.lexists(tokenizer_json):
+        text = _read_text(tokenizer_json, "tokenizer file")
+        try:
+            spec = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{tokenizer_json}: the tokenizer file is not valid JSON: {e}") from None
+        except RecursionError:
+            raise CheckpointError(f"{tokenizer_json}: the tokenizer file is nested too deeply") from None
+        if not isinstance(spec, dict):
+            raise CheckpointError(
+                f"{tokenizer_json}: the tokenizer file must hold a JSON object, not {type(spec).__name__}"
+            )
+        try:
+            tokenizer = tokenizers.Tokenizer.from_str(text)
+        except Exception as e:  # the tokenizers library raises its own exception types
+            raise CheckpointError(f"{tokenizer_json}: the tokenizers library cannot read it: {e}") from None
+        cls = BPETokenizer if _is_byte_level(spec) else HFTokenizer
+        specials = _special_tokens(tokenizer, directory)
+        try:
+            return cls(tokenizer, str(tokenizer_json), **specials)
+        except CheckpointError:
+            raise
+        except ValueError as e:
+            raise CheckpointError(str(e)) from None
+    if os.path.lexists(vocab) and os.path.lexists(merges):
+        read_json(vocab, what="tokenizer vocabulary", limit=_TOKENIZER_LIMIT)  # a JSON object, in a regular file
+        _read_text(merges, "tokenizer merges file")
+        try:
+            model = tokenizers.models.BPE.from_file(str(vocab), str(merges))
+        except Exception as e:  # the tokenizers library raises its own exception types
+            raise CheckpointError(f"{vocab} + {merges.name}: the tokenizers library cannot read them: {e}") from None
+        tokenizer = tokenizers.Tokenizer(model)
+        tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tokenizer.decoder = tokenizers.decoders.ByteLevel()
+        if model.token_to_id(ENDOFTEXT) is not None:  # special, as transformers' GPT2Tokenizer treats it
+            tokenizer.add_special_tokens([tokenizers.AddedToken(ENDOFTEXT, special=True, normalized=False)])
+        try:
+            return BPETokenizer(tokenizer, str(vocab), **_special_tokens(tokenizer, directory))
+        except CheckpointError:
+            raise
+        except ValueError as e:
+            raise CheckpointError(str(e)) from None
+    present = [p.name for p in (vocab, merges) if p.is_file()]
+    raise FileNotFoundError(
+        f"{directory} has no tokenizer.json and no vocab.json + merges.txt pair"
+        + (f" (found only {', '.join(present)})" if present else "")
+    )

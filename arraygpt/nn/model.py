@@ -1,0 +1,369 @@
+"""The GPT: configuration, presets, parameter shapes and counts, and :class:`GPT`, the thin
+stateful model that holds the parameters, the dropout generator and the last forward's caches,
+and calls the pure core (``arraygpt.nn.core``) for the math.
+
+Parameters live in one flat dict, name -> array, with the names of the microgpt table (weights
+stored (out, in)).
+
+Not here: the forward and backward themselves (``core.py``, ``layers.py``), splitting a batch
+across threads (``runner.py``), optimizers, training loops, sampling, checkpoint formats.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from arraygpt.config import COMPUTE_DTYPES, DTYPES, GPTConfig
+from arraygpt.nn import core
+from arraygpt.nn.core import GPTCache, KVCache
+from arraygpt.nn.kernels import select_kernels
+from arraygpt.nn.params import count_params, param_shapes
+from arraygpt.nn.runner import BatchRunner
+from arraygpt.xp import Array, Backend, get_backend, host_full, host_namespace, host_rng, load_backend, to_numpy
+
+__all__ = ["GPT"]
+
+
+class GPT:
+    """A GPT whose parameters live on a backend, with a hand-written forward and backward.
+
+    The math is in ``arraygpt.nn.core`` (pure functions over parameters, config and named caches);
+    this class holds the state around it: the parameters, the dropout generator, the last
+    forward's caches, the kernels and the thread runner.
+
+    Args:
+        config: the hyperparameters.
+        seed: seed of the host NumPy generator that draws the initial weights, so one seed gives
+            the same weights on every backend.
+        dtype: ``float32`` or ``float64``; or a low precision of ``COMPUTE_DTYPES`` (``float16``,
+            ``bfloat16`` where the backend has it) to compute in, for inference or as the compute
+            model of :class:`arraygpt.training.precision.MixedPrecision`, which keeps float32 master weights.
+        backend: a backend name or object; default the active one (``ARRAYGPT_BACKEND``).
+        init: draw the initial weights (default); ``False`` leaves every parameter at zero, for
+            callers that load a state dict next and need not pay for the draw.
+        threads: how many host threads a forward/backward may split its batch across (rows in
+            contiguous chunks; None: the backend's choice, e.g. ``ARRAYGPT_NUM_THREADS`` or the
+            cores on numpy with OpenBLAS, else 1). Results equal one thread's up to rounding;
+            dropout masks differ, but a fixed thread count stays exactly reproducible. Only the
+            numpy backend holds BLAS to one thread per chunk (docs/architecture.md, "Threads").
+        kernels: the layer pairs to run (``arraygpt.nn.kernels.select_kernels``): None for the
+            backend's choice, ``"reference"`` for the pairs of ``layers.py``, or a
+            :class:`arraygpt.nn.core.Kernels` record.
+
+    Example:
+        >>> model = GPT(GPTConfig.preset("microgpt"), seed=0)
+        >>> logits, loss = model.forward([[0, 5, 3]], targets=[[5, 3, 0]])
+        >>> grads = model.backward()  # name -> array, same names and shapes as state_dict()
+        >>> sorted(grads) == sorted(model.state_dict())
+        True
+    """
+
+    def __init__(
+        self,
+        config: GPTConfig,
+        seed: int = 0,
+        dtype: str = "float32",
+        backend: str | Backend | None = None,
+        *,
+        init: bool = True,
+        threads: int | None = None,
+        kernels: core.Kernels | str | None = None,
+    ):
+        if not isinstance(config, GPTConfig):
+            raise TypeError(f"config must be a GPTConfig, got {type(config).__name__}")
+        if dtype not in DTYPES + COMPUTE_DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES + COMPUTE_DTYPES)}, got {dtype!r}")
+        self.config = config
+        self.backend: Backend = load_backend(backend) if isinstance(backend, str) else backend or get_backend()
+        self.xp = self.backend.xp
+        if not hasattr(self.xp, dtype):
+            has = ", ".join(d for d in DTYPES + COMPUTE_DTYPES if hasattr(self.xp, d))
+            raise ValueError(f"dtype must be one of {has}: the {self.backend.name} backend has no {dtype}")
+        self.dtype = dtype
+        self.training = False
+        self.params: dict[str, Array] = self._init_params(seed) if init else self._zero_params()
+        self._core_params = self._fuse_qkv()
+        self.kernels = select_kernels(config, self.backend, dtype, kernels)
+        self.runner = BatchRunner(self.backend.threads if threads is None else threads, self.backend)
+        self._dropout_rng = host_rng(seed + 1)
+        self._caches: list[GPTCache] | None = None  # the last forward's, one per chunk of rows
+
+    @property
+    def threads(self) -> int:
+        return self.runner.threads
+
+    def close(self) -> None:
+        """Shut down the batch runner's thread pool (the model stays usable: a later split batch
+        starts a new one). ``with GPT(...) as model:`` closes it at the end of the block."""
+        self.runner.close()
+
+    def __enter__(self) -> GPT:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # -- parameters --------------------------------------------------------------------------
+
+    def _init_params(self, seed: int) -> dict[str, Array]:
+        cfg = self.config
+        rng = host_rng(seed)
+        out_std = {"scaled": cfg.init_std / math.sqrt(2 * cfg.n_layer), "normal": cfg.init_std, "zero": 0.0}
+        params = {}
+        for name, shape in param_shapes(cfg).items():
+            short = name.rsplit(".", 1)[-1]
+            if short.endswith("_b"):  # biases start at zero and draw nothing
+                host = host_full(shape, 0.0)
+            elif len(shape) == 1:  # norm gains start at one
+                host = host_full(shape, 1.0)
+            else:
+                std = out_std[cfg.init_output] if short in ("attn_wo", "mlp_fc2", "mlp_down") else cfg.init_std
+                host = rng.standard_normal(shape) * std  # drawn even when std is 0: same stream for every init
+            params[name] = self.backend.asarray(host.astype(self.dtype))
+        return params
+
+    def _zero_params(self) -> dict[str, Array]:
+        dtype = getattr(self.xp, self.dtype)
+        return {
+            name: self.xp.zeros(shape, dtype=dtype, device=self.backend.device)
+            for name, shape in param_shapes(self.config).items()
+        }
+
+    def _fuse_qkv(self) -> dict[str, Array]:
+        """Fused storage, the one place it is defined: each layer's query, key and value weights
+        live in one (D + 2 Dkv, C) buffer ``layer{i}.attn_wqkv`` (biases in one ``attn_wqkv_b``;
+        D = n_head * head_dim, Dkv = n_kv_head * head_dim, so the parts are unequal under
+        grouped-query attention), a SwiGLU MLP's gate and up weights in one (2H, C) buffer
+        ``layer{i}.mlp_gate_up``, and ``params[...attn_wq]`` etc. are views of them, so each
+        projection is one matmul with no per-step concatenation. The core finds the buffers by
+        those names; the state dict does not list them. Parameters must therefore be updated in
+        place (``p -= ...``, ``p[...] = ...``), as the optimizers and ``load_state_dict`` do.
+
+        Returns the dict the core reads: the parameters plus the fused buffers."""
+        xp = self.xp
+        core_params = dict(self.params)
+        for i in range(self.config.n_layer):
+            for fused, parts in (("attn_wqkv", core.QKV), ("mlp_gate_up", core.GATE_UP)):
+                for suffix in ("", "_b"):
+                    names = [f"layer{i}.{part}{suffix}" for part in parts]
+                    if names[0] not in self.params:
+                        continue
+                    buffer = xp.concat([self.params[name] for name in names])  # (sum of widths, C) or (sum,)
+                    start = 0
+                    for name in names:
+                        width = self.params[name].shape[0]
+                        self.params[name] = core_params[name] = buffer[start : start + width, ...]
+                        start += width
+                    core_params[f"layer{i}.{fused}{suffix}"] = buffer
+        return core_params
+
+    def state_dict(self) -> dict[str, Array]:
+        """Name -> the model's own parameter arrays (not copies), in a new dict."""
+        return dict(self.params)
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Copy ``state`` (NumPy or backend arrays) into the parameters, in place.
+
+        Raises:
+            KeyError: a parameter is missing from ``state``, or ``state`` has a name the model lacks.
+            ValueError: a tensor's shape differs from the parameter's.
+        """
+        missing = sorted(set(self.params) - set(state))
+        extra = sorted(set(state) - set(self.params))
+        if missing or extra:
+            raise KeyError(f"state dict does not match the model: missing {missing}, unexpected {extra}")
+        converted = {}
+        for name, value in state.items():
+            value = self._to_backend(value, self.dtype)
+            if tuple(value.shape) != tuple(self.params[name].shape):
+                raise ValueError(
+                    f"state dict tensor {name!r} has shape {tuple(value.shape)}, "
+                    f"the model expects {tuple(self.params[name].shape)}"
+                )
+            converted[name] = value
+        for name, value in converted.items():
+            self.params[name][...] = value
+
+    def num_params(self) -> int:
+        return count_params(self.config).total
+
+    def _to_backend(self, value: Any, dtype: str | None = None) -> Array:
+        """NumPy array, list or backend array -> array of this model's backend (and dtype)."""
+        if type(value) is self.backend.array_type:
+            return value if dtype is None else self.xp.astype(value, getattr(self.xp, dtype))
+        host = to_numpy(value)
+        return self.backend.asarray(host if dtype is None else host.astype(dtype))
+
+    # -- modes and the dropout generator ---------------------------------------------------------
+
+    def train(self, mode: bool = True) -> GPT:
+        """Training mode turns dropout on (when config.dropout > 0)."""
+        self.training = mode
+        return self
+
+    def eval(self) -> GPT:
+        return self.train(False)
+
+    def rng_state(self) -> dict[str, Any]:
+        """The state of the dropout generator (JSON-serializable), for exact resume."""
+        return self._dropout_rng.bit_generator.state
+
+    def set_rng_state(self, state: Mapping[str, Any]) -> None:
+        """Restore a state returned by :meth:`rng_state`."""
+        self._dropout_rng.bit_generator.state = dict(state)
+
+    def _coins(self, rng: Any) -> core.Coins:
+        # NumPy's Generator draws float32 or float64 only; dropout compares coins with p, so a
+        # 16-bit model draws float32 coins (the same stream as a float32 model's).
+        dtype = self.dtype if self.dtype in DTYPES else "float32"
+        return lambda shape: self.backend.uniform(rng, shape, dtype)
+
+    # -- forward and backward -------------------------------------------------------------------
+
+    def forward(
+        self, idx: Any, targets: Any = None, *, kv_cache: KVCache | None = None, last_only: bool = False
+    ) -> tuple[Array, float | None]:
+        """Logits for every position, and the mean cross-entropy when targets are given.
+
+        Args:
+            idx: integer token ids (B, T), T <= block_size; NumPy, backend array or nested lists.
+            targets: the next token at each position, same shape; -1 marks a position to ignore.
+            kv_cache: generation only: past keys and values; idx holds the next positions.
+            last_only: unembed only the last position (generation needs no more): logits (B, 1, V).
+
+        Returns:
+            ``(logits, loss)``: logits (B, T, V) on the backend, loss a Python float or None.
+        """
+        cfg = self.config
+        past = kv_cache.length if kv_cache is not None else 0
+        idx = self._check_tokens(idx, "idx", past)
+        B, T = idx.shape
+        if targets is not None:
+            if kv_cache is not None:
+                raise ValueError("targets cannot be combined with kv_cache (the cache is for generation)")
+            targets = self._check_tokens(targets, "targets", 0, allow_ignore=True)
+            if targets.shape != idx.shape:
+                raise ValueError(f"targets must have idx's shape {tuple(idx.shape)}, got {tuple(targets.shape)}")
+            if last_only:
+                raise ValueError("last_only=True gives no loss: the loss needs the logits of every position")
+        dropout = cfg.dropout if self.training else 0.0
+        chunks = self.runner.chunks(B, T * cfg.n_embd) if kv_cache is None else [slice(0, B)]
+        if len(chunks) == 1:
+            logits, loss, cache = self.runner.run(
+                core.gpt_forward,
+                self._core_params,
+                cfg,
+                idx,
+                targets,
+                kernels=self.kernels,
+                dropout=dropout,
+                coins=self._coins(self._dropout_rng),
+                kv_cache=kv_cache,
+                last_only=last_only,
+            )
+            self._caches = [cache]
+            return logits, None if loss is None else float(loss)
+        # One chunk of rows per thread. Each draws its dropout coins from its own generator, seeded
+        # from the model's, so that one thread count gives one result. Each chunk sums its losses;
+        # the mean divides by the whole batch's count of targets.
+        rngs = [host_rng(int(self._dropout_rng.integers(2**63))) if dropout > 0 else None for _ in chunks]
+        results = self.runner.map(
+            lambda rows, rng: core.gpt_forward(
+                self._core_params,
+                cfg,
+                idx[rows],
+                None if targets is None else targets[rows],
+                kernels=self.kernels,
+                dropout=dropout,
+                coins=self._coins(rng),
+                last_only=last_only,
+                reduction="sum",
+            ),
+            list(zip(chunks, rngs)),
+        )
+        self._caches = [cache for _, _, cache in results]
+        logits = self.xp.concat([logits for logits, _, _ in results], axis=0)  # (B, T, V)
+        if targets is None:
+            return logits, None
+        count = sum(core.valid_positions(cache) for cache in self._caches)
+        return logits, sum(float(loss) for _, loss, _ in results) / count if count else math.nan
+
+    __call__ = forward
+
+    def backward(self, loss_scale: float = 1.0) -> dict[str, Array]:
+        """Gradients of the last forward's loss, name -> array, the names and shapes of state_dict().
+
+        Args:
+            loss_scale: the gradients are those of ``loss_scale * loss`` (the chain rule starts at
+                dloss = loss_scale): loss scaling for float16 (``arraygpt.training.precision.LossScaler``).
+
+        Raises:
+            RuntimeError: there was no forward with targets since the last backward.
+        """
+        caches = self._caches
+        if caches is None or caches[0].loss is None:
+            raise RuntimeError("backward() needs a forward(idx, targets) with targets first")
+        self._caches = None
+        if len(caches) == 1:
+            grads = self.runner.run(core.gpt_backward, loss_scale, caches[0], self.config, kernels=self.kernels)
+        else:  # loss = (sum over chunks of each chunk's summed loss) / (valid positions in the batch)
+            count = sum(core.valid_positions(cache) for cache in caches)
+            dloss = loss_scale / count if count else math.nan
+            per_chunk = self.runner.map(
+                lambda cache: core.gpt_backward(dloss, cache, self.config, kernels=self.kernels), [(c,) for c in caches]
+            )
+            grads = per_chunk[0]
+            for other in per_chunk[1:]:
+                for name, g in other.items():
+                    grads[name] += g
+        return {name: grads[name] for name in self.params}
+
+    def attention_patterns(self) -> list[Array]:
+        """The attention probabilities of the last forward, one (B, NH, T, Tk) array per layer:
+        entry [b, h, t, s] is how much position t of row b attends to position s in head h."""
+        if self._caches is None:
+            raise RuntimeError("attention_patterns() needs a forward() first")
+        per_chunk = [[block.attn.probs for block in cache.blocks] for cache in self._caches]
+        if len(per_chunk) == 1:
+            return per_chunk[0]
+        return [self.xp.concat(layer, axis=0) for layer in zip(*per_chunk)]
+
+    def residual_stream(self, idx: Any) -> list[Array]:
+        """The residual stream (B, T, C) after the embedding and after each block, for ``idx``
+        (eval mode, no dropout): what the logit lens unembeds (``arraygpt.nn.core.unembed``)."""
+        return core.residual_stream(self._core_params, self.config, self._check_tokens(idx, "idx", 0), self.kernels)
+
+    def unembed(self, x: Array) -> Array:
+        """Logits (B, T, V) of a residual stream x (B, T, C): the final norm, then the unembedding."""
+        return core.unembed(self._core_params, self.config, x, self.kernels)[0]
+
+    # -- input checks ------------------------------------------------------------------------
+
+    def _check_tokens(self, tokens: Any, arg: str, past: int, allow_ignore: bool = False) -> Array:
+        """Validate a (B, T) integer array of token ids and move it to the backend. Host arrays are
+        checked on the host, before the transfer, so that no device sync is needed."""
+        on_backend = type(tokens) is self.backend.array_type
+        xp = self.xp if on_backend else host_namespace()
+        if not on_backend:
+            tokens = to_numpy(tokens)
+        if not xp.isdtype(tokens.dtype, "integral"):
+            raise TypeError(f"{arg} must be an integer array of token ids, got dtype {tokens.dtype}")
+        if tokens.ndim != 2:
+            raise ValueError(f"{arg} must be 2-D (B, T), got shape {tuple(tokens.shape)}")
+        B, T = tokens.shape
+        if B == 0 or T == 0:
+            raise ValueError(f"{arg} must have at least one row and one position, got shape {(B, T)}")
+        if past + T > self.config.block_size:
+            where = f" after {past} cached positions" if past else ""
+            raise ValueError(f"{arg} has {T} positions{where}; block_size is {self.config.block_size}")
+        low, high = int(xp.min(tokens)), int(xp.max(tokens))
+        lowest = -1 if allow_ignore else 0
+        if low < lowest or high >= self.config.vocab_size:
+            allowed = "-1 (ignore) or " if allow_ignore else ""
+            raise ValueError(
+                f"{arg} holds token id {low if low < lowest else high}; allowed: {allowed}0 <= id < vocab_size "
+                f"({self.config.vocab_size})"
+            )
+        return tokens if on_backend else self.backend.asarray(tokens.astype("int64", copy=False))
