@@ -16,9 +16,9 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from arraygpt.errors import CheckpointError
+from arraygpt.errors import BackendUnavailable, CheckpointError, PluginError
 from arraygpt.hookspecs import hookimpl
-from arraygpt.xp import BackendUnavailable, get_backend, set_backend, use_backend
+from arraygpt.xp import get_backend, set_backend, use_backend
 
 __version__ = "0.1.0"
 
@@ -38,8 +38,7 @@ _LAZY = {
     "make_sampler": "arraygpt.generation.sampling",
     "load": "arraygpt.io.formats",
     "save": "arraygpt.io.formats",
-    "PluginError": "arraygpt.manager",
-    "explain": "arraygpt.viz",
+        "explain": "arraygpt.viz",
 }
 
 __all__ = [
@@ -78,7 +77,6 @@ if TYPE_CHECKING:
     from arraygpt.generation.generation import generate
     from arraygpt.generation.sampling import make_sampler
     from arraygpt.io.formats import load, save
-    from arraygpt.manager import PluginError
     from arraygpt.nn.core import KVCache
     from arraygpt.nn.model import GPT
     from arraygpt.nn.params import ParamCount, count_params

@@ -1,17 +1,14 @@
-"""arraygpt's error for files it cannot read: one class, shared by every reader.
+"""Every exception class of arraygpt, in one place, so that any layer can raise one and a caller
+can catch one without importing the layer that raises it.
 
 A :class:`CheckpointError` says which file (or folder) is wrong, what is wrong with it and what
-would have been accepted. It is a ``ValueError``, so code that catches ``ValueError`` keeps
-working. The checkpoint, interop, safetensors and tokenizer readers all raise it (the safetensors
-reader's ``SafetensorsError`` is a subclass).
-
-Not here: errors of arguments (plain ``ValueError``/``TypeError``), of data (``training.DataError``)
-or of plugins (``manager.PluginError``).
+would have been accepted; it is a ``ValueError``, so code that catches ``ValueError`` keeps
+working. Errors of arguments stay plain ``ValueError``/``TypeError``.
 """
 
 from __future__ import annotations
 
-__all__ = ["CheckpointError"]
+__all__ = ["BackendUnavailable", "CheckpointError", "PluginError"]
 
 
 class CheckpointError(ValueError):
@@ -22,3 +19,12 @@ class CheckpointError(ValueError):
         >>> issubclass(CheckpointError, ValueError)
         True
     """
+
+
+class BackendUnavailable(RuntimeError):
+    """A backend that is registered but cannot run here (library or device missing)."""
+
+
+class PluginError(RuntimeError):
+    """A plugin misbehaved: it raised, offered a name another plugin already offers, or has a hook
+    that no spec declares."""

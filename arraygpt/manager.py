@@ -19,6 +19,7 @@ from typing import Any
 import pluggy
 
 from arraygpt import hookspecs
+from arraygpt.errors import PluginError
 
 DISABLE_AUTOLOAD_ENV = "ARRAYGPT_DISABLE_PLUGIN_AUTOLOAD"
 DEFAULT_PLUGINS = (
@@ -32,11 +33,6 @@ REGISTRY_HOOKS = {
     "samplers": "arraygpt_register_samplers",
     "kernels": "arraygpt_register_kernels",
 }
-
-
-class PluginError(RuntimeError):
-    """A plugin misbehaved: it raised, offered a name another plugin already offers, or has a hook
-    that no spec declares."""
 
 
 class UnknownHookError(PluginError, pluggy.PluginValidationError):

@@ -18,16 +18,14 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
+from arraygpt.errors import BackendUnavailable
+
 # An array of whichever backend (NumPy, CuPy, array-api-strict, ...): the standard has no static
 # array type, so this alias only documents intent. The one alias every module imports.
 Array = Any
 
 ENV_VAR = "ARRAYGPT_BACKEND"
 DEFAULT_BACKEND = "numpy"
-
-
-class BackendUnavailable(RuntimeError):
-    """A backend that is registered but cannot run here (library or device missing)."""
 
 
 @dataclass(frozen=True)
