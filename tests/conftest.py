@@ -16,6 +16,8 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 BACKENDS = ("numpy", "array_api_strict", "torch", "cupy")
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+# A script run by hand (it needs PyTorch), not a test module: doctest collection must not import it.
+collect_ignore = ["golden/make_reference.py"]
 
 
 def available_backends(names=BACKENDS):
