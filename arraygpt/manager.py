@@ -22,11 +22,17 @@ from arraygpt import hookspecs
 from arraygpt.errors import PluginError
 
 DISABLE_AUTOLOAD_ENV = "ARRAYGPT_DISABLE_PLUGIN_AUTOLOAD"
-DEFAULT_PLUGINS = (
-    "arraygpt.backends",
-    "arraygpt.plugins.optimizers",
-    "arraygpt.plugins.samplers",
-)
+# kind -> the built-in plugin module that offers it. The process-wide manager imports a module
+# only when its kind is first asked for, so that finding the numpy backend (which the layers do
+# through arraygpt.xp) never imports the optimizers or samplers: a broken plugin of one kind
+# cannot break another.
+BUILTIN_PLUGINS = {
+    "backends": "arraygpt.backends",
+    "kernels": "arraygpt.backends",
+    "optimizers": "arraygpt.plugins.optimizers",
+    "samplers": "arraygpt.plugins.samplers",
+}
+DEFAULT_PLUGINS = tuple(dict.fromkeys(BUILTIN_PLUGINS.values()))
 REGISTRY_HOOKS = {
     "backends": "arraygpt_register_backends",
     "optimizers": "arraygpt_register_optimizers",
@@ -102,15 +108,17 @@ class PluginManager(pluggy.PluginManager):
         return super().register(plugin, name=name)
 
 
-def get_plugin_manager(autoload: bool | None = None) -> pluggy.PluginManager:
-    """A new plugin manager with the hook specs, the built-in plugins and, unless disabled, the
-    plugins of the ``arraygpt`` entry-point group; every implementation is checked against a spec
-    when it is registered (:class:`PluginManager`), and ``pm.register`` on the result checks too.
+def get_plugin_manager(autoload: bool | None = None, builtins: bool = True) -> pluggy.PluginManager:
+    """A new plugin manager with the hook specs, the built-in plugins (all of them, or with
+    ``builtins=False`` each kind's when :func:`registry_with_owners` first asks for it) and, unless
+    disabled, the plugins of the ``arraygpt`` entry-point group; every implementation is checked
+    against a spec when it is registered (:class:`PluginManager`), and ``pm.register`` on the result
+    checks too.
     """
     pm = PluginManager(hookspecs.PROJECT_NAME)
     pm.add_hookspecs(hookspecs)
-    for module_name in DEFAULT_PLUGINS:
-        register_plugin(pm, importlib.import_module(module_name), name=module_name)
+    for module_name in DEFAULT_PLUGINS if builtins else ():
+        _register_builtin(pm, module_name)
     if autoload is None:
         autoload = not os.environ.get(DISABLE_AUTOLOAD_ENV)
     if autoload:
@@ -126,8 +134,13 @@ def default_plugin_manager() -> pluggy.PluginManager:
     """The process-wide plugin manager, created on first use."""
     global _default
     if _default is None:
-        _default = get_plugin_manager()
+        _default = get_plugin_manager(builtins=False)
     return _default
+
+
+def _register_builtin(pm: pluggy.PluginManager, module_name: str) -> None:
+    if pm.get_plugin(module_name) is None:
+        register_plugin(pm, importlib.import_module(module_name), name=module_name)
 
 
 def set_plugin_manager(pm: pluggy.PluginManager | None) -> None:
@@ -150,11 +163,13 @@ def registry_with_owners(kind: str, pm: pluggy.PluginManager | None = None) -> d
     if kind not in REGISTRY_HOOKS:
         raise ValueError(f"unknown plugin kind {kind!r}; expected one of {sorted(REGISTRY_HOOKS)}")
     pm = pm or default_plugin_manager()
+    _register_builtin(pm, BUILTIN_PLUGINS[kind])
     hook_name = REGISTRY_HOOKS[kind]
     found: dict[str, tuple[Any, str]] = {}
-    # get_hookimpls() is in call order reversed (first registered first): built-ins come first,
-    # so a clash names the built-in as the earlier owner.
-    for impl in getattr(pm.hook, hook_name).get_hookimpls():
+    # Built-ins first, then in registration order, so that a clash names the built-in as the
+    # earlier owner.
+    impls = sorted(getattr(pm.hook, hook_name).get_hookimpls(), key=lambda i: i.plugin_name not in DEFAULT_PLUGINS)
+    for impl in impls:
         try:
             offered = impl.function()
         except Exception as e:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import inspect
+import subprocess
 import sys
 import types
 
@@ -310,3 +311,20 @@ def test_set_plugin_manager_none_builds_a_fresh_one(monkeypatch):
     assert manager.default_plugin_manager() is first
     manager.set_plugin_manager(None)
     assert manager.default_plugin_manager() is not first
+
+
+def test_finding_the_numpy_backend_imports_no_optimizer_or_sampler_plugin():
+    """The layers find the numpy backend (scatter_add) through the plugin registry; that must not
+    import the other kinds' plugins, or a broken optimizer plugin could break the layers."""
+    code = (
+        "import sys\n"
+        "sys.modules['arraygpt.plugins.optimizers'] = None\n"  # importing it would now raise
+        "sys.modules['arraygpt.plugins.samplers'] = None\n"
+        "import numpy as np\n"
+        "from arraygpt import GPT, GPTConfig\n"
+        "model = GPT(GPTConfig.preset('microgpt'), seed=0)\n"
+        "model.forward(np.array([[1, 2, 3]]), targets=np.array([[2, 3, 4]]))\n"
+        "print(sorted(model.backward())[:1])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
