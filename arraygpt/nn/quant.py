@@ -1,0 +1,181 @@
+"""Quantized weights as GGUF stores them, and the reference quantized linear layer.
+
+A :class:`QuantizedWeight` keeps a weight matrix (out, in) as llama.cpp's blocks: each row is cut
+into blocks of 32 (or 256, the K-quants) values, each block stored as a few bytes of small
+integers with one or two float16 scales. The reference is the definition, written once against
+the array API so that every backend runs it:
+
+    linear(x, W) = x @ dequantize(W).T + b
+
+``dequantize`` decodes the bytes with integer and float arithmetic only (the standard has no
+bit-cast, so float16 scales are rebuilt from their sign, exponent and mantissa bits). The layouts
+follow ggml-quants.c; tests/test_quant.py checks each against the ``gguf`` library's dequantizer.
+A backend's kernel that works on the blocks directly must equal this reference.
+
+Not here: reading or writing files (``arraygpt.io``), quantizing (the ``gguf`` library's
+quantizers do that on the host), and training (quantized weights are frozen).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from arraygpt.xp import Array, namespace
+
+__all__ = ["BLOCKS", "QuantizedWeight", "dequantize", "quantized_linear_forward"]
+
+# kind -> (values per block, bytes per block), as GGML_QUANT_SIZES
+BLOCKS = {
+    "q8_0": (32, 34),
+    "q4_0": (32, 18),
+    "q4_1": (32, 20),
+    "q5_0": (32, 22),
+    "q5_1": (32, 24),
+    "q4_k": (256, 144),
+    "q5_k": (256, 176),
+    "q6_k": (256, 210),
+}
+
+
+@dataclass(frozen=True)
+class QuantizedWeight:
+    """A (out, in) weight kept as GGUF blocks.
+
+    Attributes:
+        kind: a key of ``BLOCKS`` (``q8_0``, ``q4_1``, ...).
+        blocks: uint8 array (out, in // values_per_block, bytes_per_block), for example a view of
+            a memory-mapped file.
+        shape: (out, in), the shape of the weight it stands for.
+    """
+
+    kind: str
+    blocks: Any
+    shape: tuple[int, int]
+
+    def __post_init__(self) -> None:
+        if self.kind not in BLOCKS:
+            raise ValueError(f"unknown quantization {self.kind!r}; supported: {', '.join(BLOCKS)}")
+        per_block, nbytes = BLOCKS[self.kind]
+        out, n_in = self.shape
+        expected = (out, n_in // per_block, nbytes)
+        if n_in % per_block or tuple(self.blocks.shape) != expected:
+            raise ValueError(
+                f"{self.kind} weight of shape {self.shape}: blocks must have shape {expected} "
+                f"(in = {n_in} must be a multiple of {per_block}), got {tuple(self.blocks.shape)}"
+            )
+
+    @property
+    def nbytes(self) -> int:
+        out, n_in = self.shape
+        per_block, nbytes = BLOCKS[self.kind]
+        return out * (n_in // per_block) * nbytes
+
+
+# ----------------------------------------------------------------------------------------------
+# decoding bytes with array-API arithmetic
+
+
+def _u(xp: Any, b: Array) -> Array:
+    """uint8 bytes as int32, so that shifts and sums do not overflow."""
+    return xp.astype(b, xp.int32)
+
+
+def _f16(xp: Any, lo: Array, hi: Array) -> Array:
+    """Little-endian float16 bytes -> float32 values (IEEE 754 binary16: sign, 5-bit exponent with
+    bias 15, 10-bit mantissa; exponent 0 is subnormal, 31 is inf/nan)."""
+    bits = _u(xp, lo) | (_u(xp, hi) << 8)
+    sign = 1.0 - 2.0 * xp.astype(bits >> 15, xp.float32)
+    exponent = xp.astype((bits >> 10) & 0x1F, xp.float32)
+    mantissa = xp.astype(bits & 0x3FF, xp.float32) / 1024.0
+    normal = (1.0 + mantissa) * xp.pow(xp.full_like(exponent, 2.0), exponent - 15.0)
+    subnormal = mantissa * 2.0**-14
+    value = xp.where(exponent == 0, subnormal, normal)
+    special = xp.where(mantissa == 0, xp.full_like(value, float("inf")), xp.full_like(value, float("nan")))
+    return sign * xp.where(exponent == 31, special, value)
+
+
+def _i8(xp: Any, b: Array) -> Array:
+    """uint8 bytes read as two's-complement int8, as int32."""
+    v = _u(xp, b)
+    return v - 256 * xp.astype(v >= 128, xp.int32)
+
+
+def _nibbles(xp: Any, qs: Array) -> Array:
+    """(..., n) packed bytes -> (..., 2n): the low nibbles of all bytes, then the high ones."""
+    v = _u(xp, qs)
+    return xp.concat([v & 0x0F, v >> 4], axis=-1)
+
+
+def _bits(xp: Any, qh: Array, count: int) -> Array:
+    """(..., count // 8) bytes -> (..., count) bits, bit j of the little-endian word first."""
+    v = _u(xp, qh)
+    return xp.concat([(v[..., j // 8 : j // 8 + 1] >> (j % 8)) & 1 for j in range(count)], axis=-1)
+
+
+def _scale_min_k4(xp: Any, scales: Array) -> tuple[Array, Array]:
+    """The 12 bytes of a Q4_K/Q5_K block -> 8 six-bit scales and 8 six-bit mins (get_scale_min_k4)."""
+    s = _u(xp, scales)
+    d, m, md = s[..., 0:4], s[..., 4:8], s[..., 8:12]
+    sc = xp.concat([d & 0x3F, (md & 0x0F) | ((d >> 2) & 0x30)], axis=-1)
+    mn = xp.concat([m & 0x3F, (md >> 4) | ((m >> 2) & 0x30)], axis=-1)
+    return xp.astype(sc, xp.float32), xp.astype(mn, xp.float32)
+
+
+def _dequantize_blocks(xp: Any, kind: str, b: Array) -> Array:
+    """(..., bytes_per_block) uint8 -> (..., values_per_block) float32."""
+    if kind == "q8_0":
+        return _f16(xp, b[..., 0:1], b[..., 1:2]) * xp.astype(_i8(xp, b[..., 2:]), xp.float32)
+    if kind in ("q4_0", "q4_1"):
+        d = _f16(xp, b[..., 0:1], b[..., 1:2])
+        if kind == "q4_0":
+            return d * xp.astype(_nibbles(xp, b[..., 2:]) - 8, xp.float32)
+        m = _f16(xp, b[..., 2:3], b[..., 3:4])
+        return d * xp.astype(_nibbles(xp, b[..., 4:]), xp.float32) + m
+    if kind in ("q5_0", "q5_1"):
+        d = _f16(xp, b[..., 0:1], b[..., 1:2])
+        start = 2 if kind == "q5_0" else 4
+        q = _nibbles(xp, b[..., start + 4 :]) | (_bits(xp, b[..., start : start + 4], 32) << 4)
+        if kind == "q5_0":
+            return d * xp.astype(q - 16, xp.float32)
+        return d * xp.astype(q, xp.float32) + _f16(xp, b[..., 2:3], b[..., 3:4])
+    if kind in ("q4_k", "q5_k"):
+        # d, dmin (float16), 12 bytes of scales/mins, [32 bytes of high bits,] 128 bytes of nibbles;
+        # 8 sub-blocks of 32: value = d * scale * q - dmin * min
+        d = _f16(xp, b[..., 0:1], b[..., 1:2])
+        dmin = _f16(xp, b[..., 2:3], b[..., 3:4])
+        sc, mn = _scale_min_k4(xp, b[..., 4:16])
+        qs = b[..., 16:] if kind == "q4_k" else b[..., 48:]
+        shape = (*qs.shape[:-1], 4, 32)
+        pairs = xp.reshape(_u(xp, qs), shape)  # each 32 bytes hold sub-blocks 2j (low) and 2j+1 (high)
+        q = xp.reshape(xp.stack([pairs & 0x0F, pairs >> 4], axis=-2), (*qs.shape[:-1], 8, 32))
+        if kind == "q5_k":
+            high = _u(xp, b[..., 16:48])  # bit j of byte l is the fifth bit of value l of sub-block j
+            q = q | xp.stack([((high >> j) & 1) << 4 for j in range(8)], axis=-2)
+        out = (d * sc)[..., None] * xp.astype(q, xp.float32) - (dmin * mn)[..., None]
+        return xp.reshape(out, (*b.shape[:-1], 256))
+    if kind == "q6_k":
+        # 128 bytes of low nibbles, 64 bytes of 2-bit highs, 16 int8 scales, d (float16)
+        ql = xp.reshape(_u(xp, b[..., 0:128]), (*b.shape[:-1], 2, 64))
+        qh = xp.reshape(_u(xp, b[..., 128:192]), (*b.shape[:-1], 2, 32))
+        low = xp.concat([ql & 0x0F, ql >> 4], axis=-1)  # (..., 2, 128)
+        high = xp.concat([(qh >> s) & 3 for s in (0, 2, 4, 6)], axis=-1)  # (..., 2, 128)
+        q = xp.reshape((low | (high << 4)) - 32, (*b.shape[:-1], 16, 16))
+        scales = xp.astype(_i8(xp, b[..., 192:208]), xp.float32)
+        d = _f16(xp, b[..., 208:209], b[..., 209:210])
+        return xp.reshape((d * scales)[..., None] * xp.astype(q, xp.float32), (*b.shape[:-1], 256))
+    raise ValueError(f"unknown quantization {kind!r}; supported: {', '.join(BLOCKS)}")
+
+
+def dequantize(w: QuantizedWeight) -> Array:
+    """The float32 (out, in) matrix that ``w``'s blocks stand for."""
+    xp = namespace(w.blocks)
+    return xp.reshape(_dequantize_blocks(xp, w.kind, w.blocks), w.shape)
+
+
+def quantized_linear_forward(x: Array, w: QuantizedWeight, b: Array | None = None) -> Array:
+    """forward: out = x @ dequantize(w).T + b; x (..., in) -> (..., out). The reference that every
+    quantized kernel must equal; frozen weights, so there is no backward for ``w``."""
+    xp = namespace(x)
+    out = x @ xp.astype(dequantize(w), x.dtype).T
+    return out if b is None else out + b
