@@ -92,3 +92,17 @@ def test_a_weight_whose_blocks_do_not_fit_its_shape_is_refused():
         QuantizedWeight("q4_0", np.zeros((2, 1, 18), np.uint8), (2, 48))
     with pytest.raises(ValueError, match="unknown quantization 'q3_k'"):
         QuantizedWeight("q3_k", np.zeros((2, 1, 18), np.uint8), (2, 32))
+
+
+@pytest.mark.parametrize("kind", list(BLOCKS))
+def test_quantize_is_the_gguf_quantizer(kind):
+    from arraygpt.nn.quant import quantize
+
+    w = np.random.default_rng(2).standard_normal((3, 256)).astype(np.float32)
+    try:
+        expected = quants.quantize(w, TYPES[kind])
+    except NotImplementedError:  # gguf has no Python quantizer for some K-quants
+        pytest.skip(f"gguf has no Python quantizer for {kind}")
+    q = quantize(w, kind)
+    assert q.shape == (3, 256)
+    np.testing.assert_array_equal(q.blocks.reshape(3, -1), expected)

@@ -12,8 +12,8 @@ bit-cast, so float16 scales are rebuilt from their sign, exponent and mantissa b
 follow ggml-quants.c; tests/test_quant.py checks each against the ``gguf`` library's dequantizer.
 A backend's kernel that works on the blocks directly must equal this reference.
 
-Not here: reading or writing files (``arraygpt.io``), quantizing (the ``gguf`` library's
-quantizers do that on the host), and training (quantized weights are frozen).
+Not here: reading or writing files (``arraygpt.io``) and training (quantized weights are
+frozen). Quantizing is the ``gguf`` library's (llama.cpp's own quantizers, on the host).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import Any
 
 from arraygpt.xp import Array, namespace
 
-__all__ = ["BLOCKS", "QuantizedWeight", "dequantize", "quantized_linear_forward"]
+__all__ = ["BLOCKS", "QuantizedWeight", "dequantize", "quantize", "quantized_linear_forward"]
 
 # kind -> (values per block, bytes per block), as GGML_QUANT_SIZES
 BLOCKS = {
@@ -179,3 +179,24 @@ def quantized_linear_forward(x: Array, w: QuantizedWeight, b: Array | None = Non
     xp = namespace(x)
     out = x @ xp.astype(dequantize(w), x.dtype).T
     return out if b is None else out + b
+
+
+def quantize(w: Any, kind: str) -> QuantizedWeight:
+    """A host (out, in) float weight quantized as ``kind`` by the ``gguf`` library's quantizer
+    (the optional dependency ``pip install 'arraygpt[gguf]'``); in must be a multiple of the block size."""
+    import numpy as np
+
+    try:
+        from gguf import GGMLQuantizationType, quants
+    except ImportError as e:
+        raise ImportError("quantizing needs the gguf package: pip install 'arraygpt[gguf]'") from e
+    if kind not in BLOCKS:
+        raise ValueError(f"unknown quantization {kind!r}; supported: {', '.join(BLOCKS)}")
+    w = np.asarray(w, dtype=np.float32)
+    per_block, nbytes = BLOCKS[kind]
+    if w.ndim != 2 or w.shape[1] % per_block:
+        raise ValueError(
+            f"{kind} quantizes (out, in) weights whose in is a multiple of {per_block}, got shape {w.shape}"
+        )
+    blocks = quants.quantize(w, GGMLQuantizationType[kind.upper()])  # (out, in // per_block * nbytes)
+    return QuantizedWeight(kind, blocks.reshape(w.shape[0], -1, nbytes), (int(w.shape[0]), int(w.shape[1])))
