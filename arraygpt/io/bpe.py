@@ -16,6 +16,8 @@ from typing import Any
 
 from arraygpt.errors import CheckpointError
 from arraygpt.io.files import CONFIG_FILE, CONFIG_LIMIT, open_regular, read_json, write_atomic
+from arraygpt.io.hf.chat_template import chat_template_from_config, render_chat_template
+from arraygpt.io.hf.reader import GENERATION_CONFIG_FILE, read_generation_config
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -39,6 +41,8 @@ TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 _INVALID_RUN = re.compile("([\udc80-\udcff]+)")  # bytes that surrogateescape could not decode
 _GPT2_DEFAULT: Any = object()  # "not given": the id of <|endoftext|>, GPT-2's BOS and EOS
+# tokens that end a chat turn (ChatML/Qwen2/SmolLM2, Llama 3, Phi-3, Gemma): a reply stops at them
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>")
 
 
 def _import_tokenizers() -> Any:
@@ -93,6 +97,11 @@ class HFTokenizer:
             config.json's ``eos_token_id``, which may be a list), in that order, without repeats.
         add_bos: the tokenizer.json's post-processor puts ``bos_id`` first (Llama 3's does), so a
             prompt for this model should start with it.
+        stop_ids: the ids that end a reply: ``eos_ids``, the end-of-turn tokens of the vocabulary
+            (``<|im_end|>``, ``<|eot_id|>``, ``<|end|>``, ``<end_of_turn>``) and the constructor's
+            ``stop_ids`` (generation_config.json's ``eos_token_id``).
+        chat_template: the Jinja chat template (tokenizer_config.json's ``chat_template`` or
+            chat_template.jinja), or None; :meth:`apply_chat_template` renders it.
         source: the file it was read from.
     """
 
@@ -106,6 +115,8 @@ class HFTokenizer:
         bos_id: Any = _GPT2_DEFAULT,
         eos_ids: Any = _GPT2_DEFAULT,
         clean_up_spaces: bool = False,
+        chat_template: str | None = None,
+        stop_ids: Iterable[int] = (),
     ):
         self._tokenizer = tokenizer
         self.source = source
@@ -124,12 +135,70 @@ class HFTokenizer:
         self.eos_id: int | None = self.eos_ids[0] if self.eos_ids else None
         self.clean_up_spaces = bool(clean_up_spaces) and type(tokenizer.model).__name__ != "BPE"
         self.add_bos = bos is not None and tokenizer.encode("", add_special_tokens=True).ids[:1] == [bos]
+        if chat_template is not None and not isinstance(chat_template, str):
+            raise TypeError(
+                f"{source}: a chat template is a string of Jinja source, not {type(chat_template).__name__}"
+            )
+        self.chat_template: str | None = chat_template
+        stops = list(stop_ids)
+        for i in stops:
+            if not (isinstance(i, int) and not isinstance(i, bool) and 0 <= i < self.vocab_size):
+                raise ValueError(
+                    f"{source}: stop token id {i!r} is not in the vocabulary (0 <= id < {self.vocab_size})"
+                )
+        turn_ends = [tokenizer.token_to_id(t) for t in END_OF_TURN_TOKENS]
+        self.stop_ids: frozenset[int] = frozenset([*self.eos_ids, *(i for i in turn_ends if i is not None), *stops])
 
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(vocab_size={self.vocab_size}, bos_id={self.bos_id}, eos_id={self.eos_id}, "
             f"source={self.source!r})"
         )
+
+    def _token(self, i: int | None) -> str | None:
+        return None if i is None else self._tokenizer.id_to_token(i)
+
+    def apply_chat_template(
+        self,
+        messages: list[Mapping[str, Any]],
+        add_generation_prompt: bool = True,
+        tokenize: bool = False,
+        **kwargs: Any,
+    ) -> str | list[int]:
+        """The conversation as the model was trained to see it, rendered with the tokenizer's chat
+        template as transformers' ``apply_chat_template`` renders it (same variables: ``messages``,
+        ``add_generation_prompt``, ``bos_token``, ``eos_token``, ``tools``/``documents`` (None
+        unless given), plus ``kwargs``). Unlike transformers, ``add_generation_prompt`` is on by
+        default: the text ends where the assistant's reply begins. The render is bounded in time
+        and size (``arraygpt.io.hf.chat_template``).
+
+        Args:
+            messages: ``[{"role": "system" | "user" | "assistant", "content": str}, ...]``.
+            add_generation_prompt: end with what opens the assistant's turn.
+            tokenize: return token ids (``encode`` of the text: no BOS added beyond what the
+                template writes) instead of the text.
+            **kwargs: more template variables.
+
+        Raises:
+            ValueError: the tokenizer has no chat template, or the template fails, does not
+                compile, or goes over a limit (the message says which).
+            ImportError: jinja2 is missing (``pip install 'arraygpt[hf]'``).
+
+        Example:
+            >>> tok.apply_chat_template([{"role": "user", "content": "Hi"}])  # doctest: +SKIP
+            '<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n'
+        """
+        if self.chat_template is None:
+            raise ValueError(
+                f"{self.source}: this tokenizer has no chat template (tokenizer_config.json's chat_template, or "
+                "chat_template.jinja); a base model takes plain text: use encode"
+            )
+        specials = {"bos_token": self._token(self.bos_id), "eos_token": self._token(self.eos_id)}
+        variables = {**{k: v for k, v in specials.items() if v is not None}, **kwargs}
+        text = render_chat_template(
+            self.chat_template, messages, add_generation_prompt=add_generation_prompt, **variables
+        )
+        return self.encode(text) if tokenize else text
 
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text`` (no BOS/EOS added).
@@ -173,21 +242,21 @@ class HFTokenizer:
 
     def config(self) -> dict[str, Any]:
         """The ``tokenizer_config.json`` object that makes transformers read this tokenizer the same way."""
-
-        def content(i: int | None) -> str | None:
-            return None if i is None else self._tokenizer.id_to_token(i)
-
-        return {
+        out = {
             "tokenizer_class": "PreTrainedTokenizerFast",
-            "bos_token": content(self.bos_id),
-            "eos_token": content(self.eos_id),
+            "bos_token": self._token(self.bos_id),
+            "eos_token": self._token(self.eos_id),
             "clean_up_tokenization_spaces": self.clean_up_spaces,
         }
+        if self.chat_template is not None:
+            out["chat_template"] = self.chat_template
+        return out
 
     def save(self, directory: str | os.PathLike[str]) -> None:
-        """Write ``tokenizer.json`` and ``tokenizer_config.json`` (its BOS and EOS tokens) into
-        ``directory``, each atomically; ``load_hf_tokenizer`` and transformers' ``AutoTokenizer``
-        read them. Further end tokens of ``eos_ids`` (from a config.json) are not written."""
+        """Write ``tokenizer.json`` and ``tokenizer_config.json`` (its BOS and EOS tokens and chat
+        template) into ``directory``, each atomically; ``load_hf_tokenizer`` and transformers'
+        ``AutoTokenizer`` read them. Further end tokens of ``eos_ids`` (from a config.json) and
+        ``stop_ids`` (from a generation_config.json) are not written."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         write_atomic(directory / TOKENIZER_FILE, self._tokenizer.to_str().encode("utf-8"))
@@ -324,10 +393,11 @@ def _config_ids(value: Any, key: str, path: Path, vocab_size: int) -> list[int]:
 
 
 def _special_tokens(tokenizer: Any, directory: Path) -> dict[str, Any]:
-    """BOS, EOS and the clean-up setting: tokenizer_config.json's ``bos_token``/``eos_token`` where
-    it names them (null included, as transformers reads them), config.json's ``bos_token_id`` and
-    ``eos_token_id`` for what it leaves out and as further end tokens, else GPT-2's
-    ``<|endoftext|>`` for both."""
+    """BOS, EOS, the clean-up setting, the chat template and the stop ids: tokenizer_config.json's
+    ``bos_token``/``eos_token`` where it names them (null included, as transformers reads them),
+    config.json's ``bos_token_id`` and ``eos_token_id`` for what it leaves out and as further end
+    tokens, else GPT-2's ``<|endoftext|>`` for both; the chat template of chat_template.jinja or
+    tokenizer_config.json; generation_config.json's ``eos_token_id`` as further stop ids."""
     tok_config_path, config_path = directory / TOKENIZER_CONFIG_FILE, directory / CONFIG_FILE
     tok_config = (
         read_json(tok_config_path, what="tokenizer config", limit=_TOKENIZER_LIMIT)
@@ -350,6 +420,10 @@ def _special_tokens(tokenizer: Any, directory: Path) -> dict[str, Any]:
     )
     if eos is not None or eos_config or "eos_token" in tok_config:
         out["eos_ids"] = ([] if eos is None else [eos]) + eos_config
+    out["chat_template"] = chat_template_from_config(tok_config, directory, str(tok_config_path))
+    stops = read_generation_config(directory).get("eos_token_id", [])
+    _config_ids(stops, "eos_token_id", directory / GENERATION_CONFIG_FILE, vocab_size)
+    out["stop_ids"] = stops
     return out
 
 

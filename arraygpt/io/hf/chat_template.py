@@ -1,0 +1,373 @@
+"""Chat templates: the Jinja template a Hugging Face tokenizer ships (``tokenizer_config.json``'s
+``chat_template``, or a ``chat_template.jinja`` file beside it), rendered as transformers renders it.
+
+transformers' ``apply_chat_template`` compiles the template in
+``jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)`` with the
+``loopcontrols`` extension, its own ``tojson`` filter (no HTML escaping), ``raise_exception`` and
+``strftime_now``, a plain ``dict`` and an underscore-refusing ``namespace``, and renders it with
+``messages``, ``tools``, ``documents``, ``add_generation_prompt`` and the tokenizer's special tokens
+(``bos_token``, ``eos_token``...) plus the caller's keyword arguments. This module does the same.
+
+A template comes from a download and is untrusted code, so a render is bounded: the sandbox keeps
+it from Python's internals, and on top of it every call, filter, ``~`` join, ``+``, ``*``, ``**``
+and ``%`` of the template is checked against a size limit before or right after it runs, the output
+is counted as it streams, and the template's own lines run under a deadline. A template that loops
+or explodes raises :class:`ValueError` saying which limit it hit.
+
+Deliberately not here: transformers' ``{% generation %}`` block (assistant masks),
+``continue_final_message``, tool schemas built from Python functions (pass JSON schemas as
+``tools``), and any dependency on transformers. Rendering needs ``jinja2`` (``pip install 'arraygpt[hf]'``).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+import json
+import math
+import os
+import re
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from arraygpt.errors import CheckpointError
+from arraygpt.io.files import CONFIG_LIMIT, open_regular
+
+__all__ = ["CHAT_TEMPLATE_FILE", "MAX_CHARS", "MAX_SECONDS", "chat_template_from_config", "render_chat_template"]
+
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+MAX_CHARS = 4 * 1024 * 1024  # characters of output (and of any string or list built on the way)
+MAX_SECONDS = 10.0  # wall-clock seconds one render may take
+_TEMPLATE_LIMIT = CONFIG_LIMIT  # bytes of chat_template.jinja; real templates are a few KB
+_INT_BITS = 4096  # the largest integer a template may build (`**`, `*`), in bits
+_WIDE = re.compile(r"\d{7,}")  # a format width or precision of a million or more
+_TEMPLATE_FILE = "<template>"  # the file name Jinja gives compiled template code
+
+# (deadline, max_chars) of the render running in this thread
+_LIMITS: contextvars.ContextVar[tuple[float, int]] = contextvars.ContextVar("arraygpt_chat_template_limits")
+
+
+class _Refused(Exception):
+    """A render over a limit; ``render_chat_template`` turns it into a ValueError."""
+
+
+def _import_jinja() -> Any:
+    try:
+        import jinja2
+        import jinja2.ext
+        import jinja2.sandbox
+    except ImportError as e:
+        raise ImportError("chat templates need the optional 'jinja2' library: pip install 'arraygpt[hf]'") from e
+    return jinja2
+
+
+def _limits() -> tuple[float, int]:
+    return _LIMITS.get((math.inf, MAX_CHARS))
+
+
+def _check_time() -> None:
+    if time.monotonic() > _limits()[0]:
+        raise _Refused("it ran past its time limit (a loop that does not end, or far too much work)")
+
+
+def _size(value: Any) -> int:
+    return len(value) if isinstance(value, (str, bytes, list, tuple, dict)) else 0
+
+
+def _check_result(value: Any, what: str) -> Any:
+    limit = _limits()[1]
+    if _size(value) > limit:
+        raise _Refused(f"{what} built a value of {_size(value)} items, over the limit of {limit}")
+    if isinstance(value, int) and value.bit_length() > _INT_BITS:
+        raise _Refused(f"{what} built an integer of {value.bit_length()} bits, over the limit of {_INT_BITS}")
+    return value
+
+
+def _check_args(args: Sequence[Any], kwargs: Mapping[str, Any], what: str) -> None:
+    """Refuse a size argument far beyond the limit before it allocates (``'x'.center(10**12)``)."""
+    _check_time()
+    limit = _limits()[1]
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) > limit:
+            raise _Refused(f"{what} was given {value}, over the size limit of {limit}")
+
+
+def _check_format(fmt: Any, what: str) -> None:
+    """Refuse a format string with a width or precision of a million or more (``'%999999999d'``)."""
+    if isinstance(fmt, str) and _WIDE.search(fmt):
+        raise _Refused(f"{what} has a width or precision over the size limit: {fmt!r:.60}")
+
+
+@functools.lru_cache(maxsize=16)
+def _environment() -> Any:
+    """transformers' chat-template environment (``_cached_compile_jinja_template``), with size and time checks."""
+    jinja2 = _import_jinja()
+    from jinja2.compiler import CodeGenerator
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class Generator(CodeGenerator):
+        def visit_Concat(self, node: Any, frame: Any) -> None:  # `a ~ b`: joined after a size check
+            self.write("environment.checked_concat((")
+            for arg in node.nodes:
+                self.visit(arg, frame)
+                self.write(", ")
+            self.write("))")
+
+    class Environment(ImmutableSandboxedEnvironment):
+        code_generator_class = Generator
+        intercepted_binops = frozenset({"*", "**", "+", "%"})
+
+        def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+            _check_time()
+            limit = _limits()[1]
+            if operator == "**" and isinstance(left, int) and isinstance(right, int):
+                if abs(left) > 1 and right > 0 and right * abs(left).bit_length() > _INT_BITS:
+                    raise _Refused(f"{left} ** {right} is over the limit of {_INT_BITS} bits")
+            if operator == "*":
+                for seq, n in ((left, right), (right, left)):
+                    if isinstance(n, int) and _size(seq) * max(n, 0) > limit:
+                        raise _Refused(f"a repetition of {_size(seq)} items {n} times is over the limit of {limit}")
+            if operator == "%":
+                _check_format(left, "the % format")
+            return _check_result(super().call_binop(context, operator, left, right), f"the {operator} operator")
+
+        def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:
+            _check_args(args, kwargs, "a call")
+            return _check_result(super().call(__context, __obj, *args, **kwargs), "a call")
+
+        def wrap_str_format(self, value: Any) -> Any:  # `'{:9}'.format`, looked up before it is called
+            _check_format(getattr(value, "__self__", None), "a format call")
+            return super().wrap_str_format(value)
+
+        def checked_concat(self, items: Sequence[Any]) -> str:
+            strings = [str(item) for item in items]
+            limit = _limits()[1]
+            if sum(map(len, strings)) > limit:
+                raise _Refused(f"a ~ join of {sum(map(len, strings))} characters is over the limit of {limit}")
+            return "".join(strings)
+
+    def raise_exception(message: str) -> None:
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x: Any, ensure_ascii: bool = False, indent: Any = None, separators: Any = None, sort_keys: bool = False):
+        # transformers' tojson: Jinja's own escapes HTML characters
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    def strftime_now(format: str) -> str:
+        return datetime.now().strftime(format)
+
+    class TemplateDict:  # `dict(...)` without the class's attributes
+        def __call__(self, *args: Any, **kwargs: Any) -> dict:
+            return dict(*args, **kwargs)
+
+        def fromkeys(self, *args: Any, **kwargs: Any) -> dict:
+            return dict.fromkeys(*args, **kwargs)
+
+    class TemplateNamespace(jinja2.utils.Namespace):  # refuses underscore names, as transformers' does
+        def __init__(*args: Any, **kwargs: Any) -> None:
+            self, args = args[0], args[1:]
+            attrs = dict(*args, **kwargs)
+            for name in attrs:
+                TemplateNamespace._check_name(name)
+                _check_result(attrs[name], "namespace()")
+            jinja2.utils.Namespace.__init__(self, attrs)
+
+        def __setitem__(self, name: str, value: Any) -> None:
+            TemplateNamespace._check_name(name)
+            jinja2.utils.Namespace.__setitem__(self, name, _check_result(value, f"setting {name}"))
+
+        @staticmethod
+        def _check_name(name: Any) -> None:
+            if isinstance(name, str) and name.startswith("_"):
+                raise jinja2.exceptions.SecurityError(
+                    f"chat templates cannot store underscore-prefixed attributes on a namespace, got {name!r}"
+                )
+
+    env = Environment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    env.filters["tojson"] = tojson
+    for name, f in list(env.filters.items()):
+        env.filters[name] = _checked_filter(name, f)
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = strftime_now
+    env.globals["dict"] = TemplateDict()
+    env.globals["namespace"] = TemplateNamespace
+    return env
+
+
+def _checked_filter(name: str, f: Any) -> Any:
+    @functools.wraps(f)  # keeps Jinja's pass_context/pass_environment mark
+    def checked(*args: Any, **kwargs: Any) -> Any:
+        _check_args(args[1:], kwargs, f"the {name} filter")
+        if name == "format":
+            _check_format(next((a for a in args if isinstance(a, str)), None), "the format filter")
+        return _check_result(f(*args, **kwargs), f"the {name} filter")
+
+    return checked
+
+
+@functools.lru_cache(maxsize=16)
+def _compile(template: str) -> Any:
+    return _environment().from_string(template)
+
+
+def _plain(value: Any, depth: int = 0) -> Any:
+    """What the template may see: JSON-like data rebuilt from plain types (transformers' ``_plain_template_data``)."""
+    if depth > 64:
+        raise ValueError("chat messages are nested more than 64 levels deep")
+    if value is None or type(value) in (str, int, float, bool):
+        return value
+    if isinstance(value, str):
+        return str.__str__(value)
+    if isinstance(value, bool):
+        return bool(value)
+    if isinstance(value, int):
+        return int.__int__(value)
+    if isinstance(value, float):
+        return float.__float__(value)
+    if isinstance(value, Mapping):
+        return {_plain(k, depth + 1): _plain(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v, depth + 1) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_plain(v, depth + 1) for v in value)
+    if hasattr(value, "item") and callable(value.item) and getattr(value, "shape", None) == ():
+        return _plain(value.item(), depth + 1)  # a NumPy scalar
+    return f"<{type(value).__name__}>"
+
+
+def _tracer(frame: Any, event: str, arg: Any) -> Any:
+    """Check the deadline on every line of template code (a loop with no call in it still ends)."""
+    if frame.f_code.co_filename != _TEMPLATE_FILE:
+        return None
+
+    def line(frame: Any, event: str, arg: Any) -> Any:
+        if event == "line":
+            _check_time()
+        return line
+
+    return line
+
+
+def render_chat_template(
+    template: str,
+    messages: Sequence[Mapping[str, Any]],
+    *,
+    add_generation_prompt: bool = False,
+    max_chars: int = MAX_CHARS,
+    seconds: float = MAX_SECONDS,
+    **variables: Any,
+) -> str:
+    """``template`` rendered with ``messages``, as transformers' ``apply_chat_template`` renders it.
+
+    Args:
+        template: the Jinja source.
+        messages: the conversation, a list of ``{"role": ..., "content": ...}`` objects.
+        add_generation_prompt: end with what opens the assistant's reply.
+        max_chars: the most characters the output (or any string or list the template builds) may hold.
+        seconds: the most wall-clock seconds the render may take.
+        **variables: more template variables (``bos_token``, ``eos_token``, ``tools``, ...).
+
+    Returns:
+        The rendered text.
+
+    Raises:
+        ImportError: jinja2 is missing.
+        TypeError: ``messages`` is not a list of objects.
+        ValueError: the template does not compile, fails (``raise_exception``, an undefined
+            method), or goes over a limit; the message says which.
+
+    Example:
+        >>> render_chat_template("{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}",
+        ...                      [{"role": "user", "content": "hi"}])
+        '<user>hi'
+    """
+    jinja2 = _import_jinja()
+    if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
+        raise TypeError(f"messages must be a list of {{'role': ..., 'content': ...}} objects, not {messages!r:.80}")
+    for m in messages:
+        if not isinstance(m, Mapping):
+            raise TypeError(f"each chat message must be a dict with 'role' and 'content', not {m!r:.80}")
+    if not isinstance(template, str):
+        raise TypeError(f"a chat template is a string of Jinja source, not {type(template).__name__}")
+    try:
+        compiled = _compile(template)
+    except jinja2.TemplateSyntaxError as e:
+        raise ValueError(f"the chat template does not compile: {e.message} (line {e.lineno})") from None
+    context = {"tools": None, "documents": None, **_plain(variables)}
+    context.update(messages=_plain(list(messages)), add_generation_prompt=bool(add_generation_prompt))
+    token = _LIMITS.set((time.monotonic() + seconds, max_chars))
+    previous = sys.gettrace()
+    sys.settrace(_tracer)
+    try:
+        out, size = [], 0
+        for chunk in compiled.generate(**context):
+            size += len(chunk)
+            if size > max_chars:
+                raise _Refused(f"its output passed the limit of {max_chars} characters")
+            out.append(chunk)
+        return "".join(out)
+    except _Refused as e:
+        raise ValueError(f"the chat template was stopped: {e}") from None
+    except jinja2.TemplateError as e:  # raise_exception, a sandbox refusal, an undefined value used
+        raise ValueError(f"the chat template failed: {e.message or type(e).__name__}") from None
+    except (TypeError, ValueError, ArithmeticError, LookupError, AttributeError, RecursionError) as e:
+        raise ValueError(f"the chat template failed: {type(e).__name__}: {e}") from None
+    finally:
+        sys.settrace(previous)
+        _LIMITS.reset(token)
+
+
+def chat_template_from_config(tok_config: Mapping[str, Any], directory: Path, source: str) -> str | None:
+    """The chat template of a tokenizer directory: ``chat_template.jinja`` when the directory has
+    one (transformers 4.43+ writes it there), else ``tokenizer_config.json``'s ``chat_template``
+    (a string, or a list of named templates of which "default" is taken), else None.
+
+    Raises:
+        CheckpointError: a template that is not a string, a list without "default", or an
+            unreadable chat_template.jinja; the message names the file.
+    """
+    path = directory / CHAT_TEMPLATE_FILE
+    if os.path.lexists(path):
+        f, size = open_regular(path, "chat template")
+        with f:
+            if size > _TEMPLATE_LIMIT:
+                raise CheckpointError(f"{path}: the chat template is {size} bytes; at most {_TEMPLATE_LIMIT} are read")
+            data = f.read(_TEMPLATE_LIMIT + 1)
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise CheckpointError(
+                f"{path}: the chat template is not UTF-8 text ({e.reason} at byte {e.start})"
+            ) from None
+    value = tok_config.get("chat_template")
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return _no_surrogates(value, source)
+    if isinstance(value, list):
+        named = {}
+        for entry in value:
+            if not (isinstance(entry, Mapping) and isinstance(entry.get("name"), str)):
+                raise CheckpointError(f"{source}: chat_template entries must be {{'name': ..., 'template': ...}}")
+            named[entry["name"]] = entry.get("template")
+        if "default" not in named:
+            raise CheckpointError(
+                f"{source}: chat_template is a list without a 'default' template (it has {sorted(named)!r:.200})"
+            )
+        if isinstance(named["default"], str):
+            return _no_surrogates(named["default"], source)
+    raise CheckpointError(f"{source}: chat_template must be a string or a list of named templates, not {value!r:.80}")
+
+
+def _no_surrogates(text: str, source: str) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise CheckpointError(
+            f"{source}: chat_template holds a lone surrogate (\\u{ord(text[e.start]):04x}), which is not text"
+        ) from None
+    return text
