@@ -1,11 +1,13 @@
-"""Built-in samplers: greedy, temperature, top_k, top_p and min_p, registered through the same
-``arraygpt_register_samplers`` hook a third-party plugin uses.
+"""Built-in samplers: greedy, temperature, top_k, top_p, min_p and repeat_penalty, registered
+through the same ``arraygpt_register_samplers`` hook a third-party plugin uses.
 
 Each name maps to a factory ``factory(*, option=...) -> filter`` (the contract is in
 ``arraygpt.generation.sampling``): the factory checks its options and returns a pure filter from (B, V)
 probabilities, after the temperature, to (B, V) weights, zero for the tokens it removes. The
-loop renormalizes and draws. Everything here is array API standard: no top-k in the standard,
-so the k-th largest value is found with ``sort`` and used as a threshold.
+loop renormalizes and draws. ``repeat_penalty`` is a logits filter (``stage = "logits"``) that
+reads the context: it runs on the logits, before the temperature. Everything here is array API
+standard: no top-k in the standard, so the k-th largest value is found with ``sort`` and used as a
+threshold; no scatter, so the tokens present in the context are found with ``searchsorted``.
 
 Not here: the temperature itself (the loop applies softmax(logits / T) before every sampler)
 and the random draw (the loop draws with pre-drawn coins).
@@ -13,6 +15,7 @@ and the random draw (the loop draws with pre-drawn coins).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,6 +63,33 @@ def min_p_filter(probs: Array, min_p: float) -> Array:
     return xp.where(probs >= cutoff, probs, xp.zeros_like(probs))
 
 
+def _present(context: Array, V: int) -> Array:
+    """(B, T) token ids -> (B, V) bool: which tokens occur in each row (sorted row, searchsorted)."""
+    xp = namespace(context)
+    vocab = xp.arange(V, dtype=context.dtype, device=context.device)  # (V,)
+    rows = []
+    for b in range(context.shape[0]):
+        seen = xp.sort(context[b, :])  # (T,)
+        at = xp.searchsorted(seen, vocab)  # (V,) where each id would go
+        at = xp.minimum(at, xp.asarray(seen.shape[0] - 1, dtype=at.dtype, device=context.device))
+        rows.append(xp.take(seen, at) == vocab)  # (V,)
+    return xp.stack(rows)  # (B, V)
+
+
+def repeat_penalty_filter(logits: Array, context: Array, penalty: float, last_n: int = -1) -> Array:
+    """CTRL's repetition penalty (Keskar et al. 2019), as transformers' RepetitionPenaltyLogitsProcessor
+    and llama.cpp apply it: the logit z of every token present in the last ``last_n`` tokens of the
+    context (all of them for -1) becomes z / penalty if z > 0, else z * penalty (once per token,
+    however often it occurs)."""
+    xp = namespace(logits)
+    if last_n == 0 or context.shape[-1] == 0:
+        return logits
+    window = context[:, -min(last_n, context.shape[-1]) :] if last_n > 0 else context  # (B, T')
+    present = _present(window, logits.shape[-1])  # (B, V)
+    penalized = xp.where(logits > 0, logits / penalty, logits * penalty)  # (B, V)
+    return xp.where(present, penalized, logits)
+
+
 # ----------------------------------------------------------------------------------------------
 # factories: check the options, return a filter
 
@@ -104,6 +134,16 @@ class MinP:
         return min_p_filter(probs, self.min_p)
 
 
+@dataclass(frozen=True)
+class RepeatPenalty:
+    repeat_penalty: float
+    repeat_last_n: int
+    stage = "logits"  # runs on the logits, before the temperature (it needs their sign)
+
+    def __call__(self, logits: Array, context: Array) -> Array:
+        return repeat_penalty_filter(logits, context, self.repeat_penalty, self.repeat_last_n)
+
+
 def greedy() -> Greedy:
     """``greedy``: no options."""
     return Greedy()
@@ -129,6 +169,25 @@ def min_p(*, min_p: float) -> MinP:
     return MinP(check_number("min_p", min_p, 0.0, 1.0))
 
 
+def repeat_penalty(*, repeat_penalty: float, repeat_last_n: int = 64) -> RepeatPenalty:
+    """``repeat_penalty``: repeat_penalty, a number > 0 (1 changes nothing, above 1 discourages
+    repeats); repeat_last_n, how many of the last tokens count, an integer >= -1 (-1: the whole
+    context, 0: none; default 64, as llama.cpp's)."""
+    penalty = check_number("repeat_penalty", repeat_penalty, 0.0, low_open=True)
+    if math.isinf(penalty):
+        raise ValueError(f"repeat_penalty must be a finite number > 0, got {repeat_penalty!r}")
+    return RepeatPenalty(penalty, check_number("repeat_last_n", repeat_last_n, -1, integer=True))
+
+
 @hookimpl
 def arraygpt_register_samplers() -> list[dict[str, Any]]:
-    return [{"greedy": greedy, "temperature": temperature, "top_k": top_k, "top_p": top_p, "min_p": min_p}]
+    return [
+        {
+            "greedy": greedy,
+            "temperature": temperature,
+            "top_k": top_k,
+            "top_p": top_p,
+            "min_p": min_p,
+            "repeat_penalty": repeat_penalty,
+        }
+    ]

@@ -229,11 +229,14 @@ def test_samplers_compose_in_the_order_given():
         ({"sampler": "min_p", "min_p": 1.01}, "min_p must be a number in [0, 1], got 1.01"),
         (
             {"sampler": "nucleus"},
-            "unknown sampler 'nucleus'; registered samplers: greedy, min_p, temperature, top_k, top_p",
+            "unknown sampler 'nucleus'; registered samplers: greedy, min_p, repeat_penalty, temperature, top_k, top_p",
         ),
         ({"sampler": "top_k"}, "sampler 'top_k' needs the option top_k"),
-        ({"sampler": "top_k", "top_k": 5, "top_p": 0.9}, "option 'top_p' is not used by sampler top_k"),
-        ({"sampler": "temperature", "top_k": 5}, "option 'top_k' is not used by sampler temperature"),
+        ({"sampler": "top_k", "top_k": 5, "top_q": 0.9}, "option 'top_q' is not used by sampler top_k"),
+        ({"sampler": "temperature", "topk": 5}, "option 'topk' is not used by sampler temperature"),
+        ({"temperature": 1e-320}, "temperature 1e-320 is too small: use 0 for greedy decoding or at least"),
+        ({"repeat_penalty": 0.0}, "repeat_penalty must be a number in (0, inf), got 0.0"),
+        ({"repeat_penalty": 1.1, "repeat_last_n": -2}, "repeat_last_n must be an integer >= -1, got -2"),
     ],
 )
 def test_invalid_options_are_clear_errors(kwargs, message, monkeypatch):
@@ -273,3 +276,97 @@ def test_the_built_in_samplers_use_the_sampling_module_not_generation():
         "Sampler",
     ):
         assert getattr(generation, name) is getattr(sampling, name), name  # re-exported, one object
+
+
+# ----------------------------------------------------------------------------------------------
+# the repetition penalty, the context, options that turn their sampler on, checked filter output
+
+
+@pytest.mark.parametrize("name", PROPERTY_BACKENDS)
+@given(data=st.data(), logits=logits_arrays(max_v=12), penalty=st.floats(0.2, 3.0), last_n=st.integers(-1, 6))
+def test_repeat_penalty_matches_transformers(name, data, logits, penalty, last_n):
+    import torch
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    backend = load_backend(name)
+    B, V = logits.shape
+    T = data.draw(st.integers(1, 9))
+    context = np.asarray(data.draw(hnp.arrays(np.int64, (B, T), elements=st.integers(0, V - 1))))
+    sampler = make_sampler("greedy", repeat_penalty=penalty, repeat_last_n=last_n)
+    assert sampler.names == ("greedy", "repeat_penalty") and sampler.reads_context
+    stage = sampler.filters[1]
+    out = to_numpy(stage(backend.asarray(logits), context=backend.asarray(context)))
+    window = context if last_n == -1 else context[:, T - min(last_n, T) :]
+    if last_n == 0:
+        expected = logits
+    else:
+        processor = RepetitionPenaltyLogitsProcessor(penalty)
+        expected = processor(torch.from_numpy(window), torch.from_numpy(logits.copy())).numpy()
+    np.testing.assert_allclose(out, expected, rtol=1e-12, atol=0)
+
+
+def test_the_repeat_penalty_runs_on_the_logits_before_the_temperature():
+    import torch
+    from transformers import RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper
+
+    logits = np.array([[2.0, -1.0, 0.5, 1.5]])
+    context = np.array([[0, 1, 1]])
+    sampler = make_sampler("temperature", temperature=0.7, repeat_penalty=1.5, repeat_last_n=-1)
+    got = to_numpy(sampler(load_backend("numpy").asarray(logits), np.asarray(context)))
+    z = RepetitionPenaltyLogitsProcessor(1.5)(torch.from_numpy(context), torch.from_numpy(logits.copy()))
+    z = TemperatureLogitsWarper(0.7)(torch.from_numpy(context), z)
+    np.testing.assert_allclose(got, torch.softmax(z, -1).numpy(), rtol=1e-12)
+    with pytest.raises(ValueError, match="reads the context: call the sampler as sampler"):
+        sampler(load_backend("numpy").asarray(logits))
+
+
+def test_an_option_named_like_a_sampler_turns_it_on_in_the_usual_order():
+    backend = load_backend("numpy")
+    logits = backend.asarray(np.random.default_rng(0).normal(size=(3, 20)))
+    implied = make_sampler(temperature=0.8, min_p=0.05, top_p=0.9, top_k=5)
+    assert implied.names == ("temperature", "top_k", "top_p", "min_p")
+    explicit = make_sampler(["temperature", "top_k", "top_p", "min_p"], temperature=0.8, min_p=0.05, top_p=0.9, top_k=5)
+    np.testing.assert_array_equal(to_numpy(implied(logits)), to_numpy(explicit(logits)))
+    # independent reference: transformers' warpers in the same order
+    import torch
+    from transformers import MinPLogitsWarper, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    z = torch.from_numpy(to_numpy(logits).copy())
+    for warper in (TemperatureLogitsWarper(0.8), TopKLogitsWarper(5), TopPLogitsWarper(0.9), MinPLogitsWarper(0.05)):
+        z = warper(None, z)
+    np.testing.assert_allclose(to_numpy(implied(logits)), torch.softmax(z, -1).numpy(), rtol=1e-9, atol=1e-12)
+    assert make_sampler("top_p", top_p=0.9, top_k=4).names == ("top_p", "top_k")  # after the chosen ones
+
+
+@pytest.mark.parametrize(
+    ("returned", "message"),
+    [
+        (lambda p: p[:, :-1], r"returned weights of shape \(1, 10\) for probabilities of shape \(1, 11\)"),
+        (lambda p: -p, "returned negative or NaN weights"),
+        (lambda p: p - 1.0 / p.shape[-1], "returned negative or NaN weights"),
+        (lambda p: p * float("nan"), "returned negative or NaN weights"),
+    ],
+    ids=["too-few-columns", "negative", "mixed-sign", "nan"],
+)
+def test_a_plugin_filter_that_breaks_the_contract_is_an_error_naming_it(returned, message):
+    import arraygpt
+    from arraygpt import GPT, GPTConfig
+    from arraygpt.generation.generation import generate
+    from arraygpt.manager import PluginError, get_plugin_manager, set_plugin_manager
+
+    class Broken:
+        @arraygpt.hookimpl
+        def arraygpt_register_samplers(self):
+            return [{"broken": lambda: returned}]
+
+    pm = get_plugin_manager(autoload=False)
+    pm.register(Broken(), name="broken-plugin")
+    set_plugin_manager(pm)
+    try:
+        model = GPT(GPTConfig(vocab_size=11, block_size=8, n_layer=1, n_head=2, n_embd=8), seed=0)
+        with pytest.raises(PluginError, match=rf"sampler 'broken' \(plugin 'broken-plugin'\) {message}"):
+            list(generate(model, [1, 2], 3, "broken", seed=0))
+    finally:
+        set_plugin_manager(None)
+    with pytest.raises(ValueError, match=rf"sampler '<lambda>' {message}"):  # a filter function: no plugin to name
+        list(generate(model, [1, 2], 3, returned, seed=0))

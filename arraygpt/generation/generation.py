@@ -19,6 +19,7 @@ Shape legend: B batch (sequences generated together), T positions, V vocabulary,
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ from arraygpt.generation.sampling import (
     one_hot_argmax,
     top_candidates,
 )
+from arraygpt.generation.text import TextStream, encode_prompt, end_ids
 from arraygpt.nn import layers
 from arraygpt.xp import Array, host_rng, to_numpy
 
@@ -56,6 +58,7 @@ __all__ = [
     "make_sampler",
     "normalize",
     "one_hot_argmax",
+    "resolve_model",
     "top_candidates",
 ]
 
@@ -74,15 +77,16 @@ class _Decoder:
     is exactly the full recompute of that window.
     """
 
-    def __init__(self, model: Any, use_cache: bool):
+    def __init__(self, model: Any, use_cache: bool, cache: Any = None):
         from arraygpt.nn.core import KVCache
 
         self.model = model
-        self.use_cache = use_cache
+        self.use_cache = use_cache or cache is not None
         self.block_size = model.config.block_size
         self._new_cache = lambda: KVCache(model.config)
-        self.cache = None
+        self.cache = cache  # a cache whose positions continue the context (a chat), or None
         self.forwards = 0  # number of model forwards (for tests and benchmarks)
+        self.positions = 0  # positions fed to the model in all
         self.rebuilds = 0  # KV cache rebuilds after the window slid
 
     def _forward(self, tokens: Any, kv_cache: Any = None) -> Array:
@@ -94,10 +98,19 @@ class _Decoder:
         finally:
             model.training = training
         self.forwards += 1
+        self.positions += tokens.shape[1]
         return logits[:, -1, :]  # (B, V)
 
     def start(self, context: Any) -> Array:
-        """The first logits, from the whole prompt (B, T) (cropped to the last block_size)."""
+        """The first logits, from the whole prompt (B, T) (cropped to the last block_size). A
+        cache given to the constructor already holds context[:, :cache.length]: only the rest is fed."""
+        if self.cache is not None:
+            if not 0 <= self.cache.length < context.shape[1] <= self.block_size:
+                raise ValueError(
+                    f"the context ({context.shape[1]} tokens) must extend the {self.cache.length} cached positions "
+                    f"and fit the model's block_size ({self.block_size})"
+                )
+            return self._forward(context[:, self.cache.length :], self.cache)
         window = context[:, -self.block_size :]
         if not self.use_cache:
             return self._forward(window)
@@ -150,7 +163,9 @@ def _prompt_array(prompt: Any) -> tuple[Any, bool]:
         if rows and all(isinstance(r, (list, tuple, np.ndarray)) for r in rows):
             lengths = {len(r) for r in rows}
             if len(lengths) > 1:
-                raise ValueError(f"the prompts of a batch must have equal lengths, got lengths {sorted(lengths)}")
+                raise ValueError(
+                    f"the prompts of a batch must have equal lengths in tokens, got lengths {sorted(lengths)}"
+                )
         host = np.asarray(rows)
     else:
         host = to_numpy(prompt)
@@ -173,15 +188,43 @@ def _end_ids(eos_id: Any) -> frozenset[int]:
     return frozenset(int(i) for i in ids if i is not None)
 
 
-def _stop_sequences(stop: Any) -> tuple[tuple[int, ...], ...]:
+def _stop_sequences(stop: Any, tokenizer: Any = None) -> tuple[tuple[int, ...], ...]:
     if stop is None:
         return ()
     seqs = []
     for s in stop:
-        if isinstance(s, numbers.Integral) or not all(isinstance(i, numbers.Integral) for i in s) or len(s) == 0:
-            raise TypeError(f"stop must be a list of non-empty token id sequences, e.g. [[13, 13]], got {stop!r}")
+        if isinstance(s, str) and tokenizer is not None:
+            s = tokenizer.encode(s)
+        if isinstance(s, (numbers.Integral, str)) or not all(isinstance(i, numbers.Integral) for i in s) or len(s) == 0:
+            raise TypeError(
+                f"stop must be a list of non-empty token id sequences, e.g. [[13, 13]] (or of texts, with a "
+                f"tokenizer), got {stop!r}"
+            )
         seqs.append(tuple(int(i) for i in s))
     return tuple(seqs)
+
+
+def _is_text(prompt: Any) -> bool:
+    return isinstance(prompt, str) or (
+        isinstance(prompt, (list, tuple)) and bool(prompt) and all(isinstance(p, str) for p in prompt)
+    )
+
+
+def resolve_model(model: Any, tokenizer: Any = None) -> tuple[Any, Any, list[int]]:
+    """(model, tokenizer, prompt prefix) from a GPT or a loaded checkpoint (``arraygpt.load``):
+    a checkpoint brings its own tokenizer (unless ``tokenizer`` is given) and prompt prefix.
+
+    Raises:
+        TypeError: ``model`` is neither.
+    """
+    if not callable(getattr(model, "forward", None)) and hasattr(model, "model") and hasattr(model, "tokenizer"):
+        prefix = [int(i) for i in getattr(model, "prompt_prefix", ()) or ()]
+        return model.model, tokenizer if tokenizer is not None else model.tokenizer, prefix
+    if not callable(getattr(model, "forward", None)) or not hasattr(model, "config"):
+        raise TypeError(
+            f"model must be an arraygpt GPT or a loaded checkpoint (arraygpt.load(path)), got {type(model).__name__}"
+        )
+    return model, tokenizer, []
 
 
 def generate(
@@ -190,44 +233,59 @@ def generate(
     max_new_tokens: int,
     sampler: str | Sequence[str] | Filter = DEFAULT_SAMPLER,
     *,
+    tokenizer: Any = None,
     temperature: float = 1.0,
     seed: int | np.random.Generator | None = None,
     use_cache: bool = True,
     eos_id: int | Iterable[int] | None = None,
-    stop: Sequence[Sequence[int]] | None = None,
+    stop: Sequence[Sequence[int] | str] | None = None,
     show_probs: int = 0,
     **sampler_options: Any,
 ) -> Iterator[Any]:
     """Generate tokens after ``prompt``, yielding each one as soon as it is drawn.
 
     Args:
-        model: an ``arraygpt.GPT`` (any backend, any dtype).
-        prompt: token ids: one sequence (T,) or a batch of equal-length sequences (B, T), as
-            lists, a NumPy array or a backend array. Longer than block_size: the last block_size.
+        model: an ``arraygpt.GPT`` (any backend, any dtype), or a checkpoint from
+            ``arraygpt.load(path)``, whose tokenizer and prompt prefix are then used.
+        prompt: text (a str, or a list of str for a batch; needs a tokenizer), or token ids: one
+            sequence (T,) or a batch of equal-length sequences (B, T), as lists, a NumPy array or a
+            backend array. Longer than block_size: the last block_size.
         max_new_tokens: the most tokens to generate per sequence (>= 0).
         sampler: a sampler name, a list of names that compose in order, or a filter function
             (see ``arraygpt.generation.sampling``); default ``temperature`` (plain softmax sampling).
-        temperature: T of softmax(logits / T), applied before every sampler; 0 means greedy.
+            A sampler option named like a sampler turns it on (``top_k=40`` alone is top-k).
+        tokenizer: the model's tokenizer: encodes a text prompt and text ``stop`` sequences,
+            decodes the text that is yielded, supplies the default end tokens, and limits the
+            draw to its vocabulary (a model whose vocabulary is padded past the tokenizer's never
+            draws a padding id). Default: the checkpoint's, when ``model`` is one.
+        temperature: T of softmax(logits / T), applied before every probability filter; 0 means greedy.
         seed: seed of the host generator of the coins (one per sequence per step), or a NumPy
             ``Generator`` to draw from; None draws a fresh seed. One seed gives the same tokens on
             every backend.
         use_cache: keep each layer's keys and values (one position of work per token). False
             reruns the whole context each step (for checks and benchmarks); the tokens are the same.
-        eos_id: end token(s): a sequence stops after generating one (e.g. the tokenizer's BOS/EOS).
-        stop: stop sequences of token ids: a sequence stops once its generated tokens end with one.
+        eos_id: end token(s): a sequence stops after generating one. Default: with a tokenizer,
+            its end tokens (``stop_ids``, BOS, EOS); else none (pass ``()`` for none with a tokenizer).
+        stop: stop sequences of token ids (or texts, with a tokenizer): a sequence stops once its
+            generated tokens end with one.
         show_probs: K > 0 yields :class:`Candidates` (the token and the K most likely candidates
-            before and after the sampler) instead of bare token ids.
-        **sampler_options: options of the chosen samplers, e.g. ``top_k=40``, ``top_p=0.9``.
+            before and after the sampler) instead of bare token ids or text.
+        **sampler_options: options of the chosen samplers, e.g. ``top_k=40``, ``top_p=0.9``,
+            ``repeat_penalty=1.1``.
 
     Returns:
-        An iterator with one item per step: for a single sequence the token id (an int), or a
-        :class:`Candidates` with ``show_probs``; for a batch a tuple with one such item per row,
-        ``None`` for a row that has already stopped. The end token or the last token of a stop
-        sequence is yielded, then that row stops; the iterator ends when every row has stopped or
-        after ``max_new_tokens`` steps. Arguments are checked when ``generate`` is called, before
-        the first token.
+        An iterator. For a text prompt: the new text, in pieces that never split a character (an
+        end token is not part of it); for a batch of texts, one tuple per step with a piece per
+        row ("" while a character is incomplete, None once the row has stopped), and a last tuple
+        with what was held back. For token ids, one item per step: for a single sequence the token
+        id (an int), or a :class:`Candidates` with ``show_probs``; for a batch a tuple with one
+        such item per row, ``None`` for a row that has already stopped. The end token or the last
+        token of a stop sequence is yielded, then that row stops; the iterator ends when every row
+        has stopped or after ``max_new_tokens`` steps. Arguments are checked when ``generate`` is
+        called, before the first token.
 
     Raises:
+        TypeError: a text prompt without a tokenizer, or a model that is neither a GPT nor a checkpoint.
         ValueError: invalid options (see :func:`make_sampler`), prompt or counts; while iterating,
             logits that hold NaN or inf (naming the step), or a sampler that left no token.
 
@@ -241,19 +299,68 @@ def generate(
         >>> len(tokens), all(0 <= t < model.config.vocab_size for t in tokens)
         (5, True)
     """
+    model, tokenizer, prefix = resolve_model(model, tokenizer)
     chain = make_sampler(sampler, temperature=temperature, **sampler_options)
+    text = _is_text(prompt)
+    if text:
+        if tokenizer is None:
+            raise TypeError(
+                "a text prompt needs the model's tokenizer: pass tokenizer=..., or pass the checkpoint from "
+                "arraygpt.load(path) as the model (or pass token ids)"
+            )
+        rows = [prompt] if isinstance(prompt, str) else list(prompt)
+        encoded = [encode_prompt(tokenizer, r, prefix) for r in rows]
+        prompt = encoded[0] if isinstance(prompt, str) else encoded
     context, single = _prompt_array(prompt)
     n_new = check_number("max_new_tokens", max_new_tokens, 0, integer=True)
     k = check_number("show_probs", show_probs, 0, integer=True)
-    ends, stops = _end_ids(eos_id), _stop_sequences(stop)
-    if seed is None or (isinstance(seed, numbers.Integral) and not isinstance(seed, bool)):
-        rng = host_rng(seed)
-    elif callable(getattr(seed, "random", None)):
-        rng = seed  # a numpy Generator, drawn from as is
-    else:
-        raise TypeError(f"seed must be an int, None or a numpy.random.Generator, got {seed!r}")
+    if eos_id is None and tokenizer is not None:
+        eos_id = end_ids(tokenizer)
+    ends, stops = _end_ids(eos_id), _stop_sequences(stop, tokenizer)
+    rng = _rng(seed)
+    n_valid = _tokenizer_vocab(model, tokenizer)
     decoder = _Decoder(model, bool(use_cache))
-    return _loop(model, decoder, chain, context, single, n_new, k, ends, stops, rng)
+    steps = _loop(model, decoder, chain, context, single, n_new, k, ends, stops, rng, n_valid)
+    if not text or k:
+        return steps
+    return _as_text(steps, tokenizer, context, single, ends)
+
+
+def _rng(seed: Any) -> Any:
+    if seed is None or (isinstance(seed, numbers.Integral) and not isinstance(seed, bool)):
+        return host_rng(seed)
+    if callable(getattr(seed, "random", None)):
+        return seed  # a numpy Generator, drawn from as is
+    raise TypeError(f"seed must be an int, None or a numpy.random.Generator, got {seed!r}")
+
+
+def _tokenizer_vocab(model: Any, tokenizer: Any) -> int | None:
+    """How many leading ids of the model's vocabulary the tokenizer has, when it has fewer
+    (Qwen2.5 ships 151,936 rows for 151,665 tokens): the rest are never drawn."""
+    n = getattr(tokenizer, "vocab_size", None)
+    V = model.config.vocab_size
+    return int(n) if isinstance(n, numbers.Integral) and 0 < n < V else None
+
+
+def _as_text(steps: Iterator[Any], tokenizer: Any, context: Any, single: bool, ends: frozenset[int]) -> Iterator[Any]:
+    """Token ids -> text pieces (one stream per row; end tokens are not text)."""
+    streams = [TextStream(tokenizer, row.tolist()) for row in context]
+    for item in steps:
+        row_items = (item,) if single else item
+        pieces = tuple(
+            None if t is None else "" if t in ends else stream.push(t) for stream, t in zip(streams, row_items)
+        )
+        if single:
+            if pieces[0]:
+                yield pieces[0]
+        else:
+            yield pieces
+    rest = tuple(stream.finish() for stream in streams)
+    if single:
+        if rest[0]:
+            yield rest[0]
+    elif any(rest):
+        yield rest
 
 
 def _loop(
@@ -267,6 +374,7 @@ def _loop(
     ends: frozenset[int],
     stops: tuple[tuple[int, ...], ...],
     rng: Any,
+    n_valid: int | None = None,
 ) -> Iterator[Any]:
     import numpy as np
 
@@ -283,10 +391,17 @@ def _loop(
     done = np.zeros(B, dtype=bool)
     generated: list[list[int]] = [[] for _ in range(B)]
     logits = decoder.start(context[:, :length])  # (B, V)
+    keep = None
+    if n_valid is not None:  # ids past the tokenizer's vocabulary (padding rows) get logit -inf
+        keep = xp.arange(V, device=logits.device) < n_valid  # (V,)
+        masked = xp.full((V,), -math.inf, dtype=logits.dtype, device=logits.device)  # (V,)
     for step in range(n_new):
         _check_finite(xp, logits, step)
+        if keep is not None:
+            logits = xp.where(keep, logits, masked)  # (B, V)
         coins = backend.asarray(rng.random(B))  # (B,) float64, drawn on the host
-        probs = chain(logits)  # (B, V)
+        seen = backend.asarray(context[:, :length]) if chain.reads_context else None  # (B, T)
+        probs = chain(logits, seen)  # (B, V)
         tokens_dev = draw(probs, coins)  # (B,)
         tokens = np.asarray(to_numpy(tokens_dev), dtype=np.int64)
         bad = np.flatnonzero((tokens >= V) & ~done)

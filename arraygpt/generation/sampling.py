@@ -3,9 +3,13 @@ array helpers that the generation loop and every sampler plugin share.
 
 The pipeline of one step, for a (B, V) row of logits per sequence:
 
-    logits -> softmax(logits / T)  (T = 0: one-hot at the argmax)        temperature first,
+    logits -> logits filters (e.g. repeat_penalty)                       on the logits first,
+           -> softmax(logits / T)  (T = 0: one-hot at the argmax)        then the temperature,
            -> filter_1 -> renormalize -> filter_2 -> renormalize ...    then the samplers' filters,
            -> draw with one pre-drawn coin per row                       then the draw.
+
+This is transformers' order (processors, temperature, top-k, top-p, min-p); llama.cpp's default
+chain applies the temperature after its filters instead.
 
 **The sampler contract.** A sampler is a plugin: a plugin's ``arraygpt_register_samplers()``
 returns ``[{name: factory}]``. ``factory(**options)`` validates its options (raising
@@ -17,7 +21,21 @@ weights need not sum to 1: the pipeline renormalizes. A filter uses only the arr
 (``xp = namespace(probs)``), draws no random numbers and keeps no state, so it runs unchanged on
 NumPy, CuPy, PyTorch and array-api-strict, and one seed gives the same tokens on all of them.
 The factory's keyword parameters are its options; :func:`make_sampler` hands each option to the
-samplers that name it.
+samplers that name it, and an option named like a registered sampler that is not chosen turns
+that sampler on (``top_k=5`` alone adds ``top_k``).
+
+Two optional parts of the contract:
+
+- **The context.** A filter that takes a keyword parameter ``context`` is called as
+  ``filter(probs, context=ids)``, with ``ids`` the (B, T) integer token ids so far (the prompt and
+  what was generated), on the logits' device. It may read them, never change them.
+- **The logits stage.** A filter whose attribute ``stage`` is ``"logits"`` maps (B, V) logits to
+  (B, V) logits (finite, or -inf for a removed token) and runs before the temperature, in the
+  order given (a repetition penalty needs the logits' sign, which probabilities have lost).
+
+The pipeline checks what every filter returns: the shape of its input, and non-negative weights
+(a logits filter: no NaN and no +inf). A filter that breaks this is an error naming its sampler
+and plugin (``PluginError`` for a registered one), never garbage tokens.
 
 The draw is not part of a sampler: :func:`draw` picks the tokens, as llm.c's
 ``sample_mult(probs, n, coin)`` does, from one uniform coin per row drawn on the host, with
@@ -27,7 +45,7 @@ Not here: the generation loop and the KV cache (``arraygpt.generation.generation
 (``arraygpt.plugins.samplers``). This module imports only the shim and the layers (and the
 plugin manager when a sampler is looked up by name), so sampler plugins can import it.
 
-Shape legend: B batch (sequences sampled together), V vocabulary, K candidates.
+Shape legend: B batch (sequences sampled together), V vocabulary, K candidates, T positions.
 """
 
 from __future__ import annotations
@@ -87,11 +105,20 @@ def _fmt(x: float) -> str:
     return "inf" if math.isinf(x) else f"{x:g}"
 
 
+MIN_TEMPERATURE = 1.1754943508222875e-38  # float32's smallest normal number: below it logits / T is NaN in float32
+
+
 def check_temperature(temperature: Any) -> float:
-    """T must be a finite number >= 0 (0 means greedy); there is no upper cap."""
+    """T must be 0 (greedy) or a finite number >= float32's smallest normal number (~1.18e-38);
+    there is no upper cap. A smaller positive T is 0 in float32, where logits / T gives NaN."""
     t = check_number("temperature", temperature, 0.0)
     if math.isinf(t):
         raise ValueError(f"temperature must be a finite number >= 0 (0 means greedy), got {temperature!r}")
+    if 0.0 < t < MIN_TEMPERATURE:
+        raise ValueError(
+            f"temperature {temperature!r} is too small: use 0 for greedy decoding or at least {MIN_TEMPERATURE:.3g} "
+            "(a smaller T rounds to 0 in float32, where logits / T is NaN)"
+        )
     return t
 
 
@@ -170,34 +197,103 @@ def _option_names(factory: Callable[..., Any]) -> tuple[set[str], set[str], bool
     return names, required, var_kw
 
 
-class Sampler:
-    """Temperature plus a chain of filters: (B, V) logits -> (B, V) distribution to draw from.
+def _reads_context(f: Callable[..., Any]) -> bool:
+    """Whether a filter takes the keyword parameter ``context`` (the token ids so far)."""
+    try:
+        params = inspect.signature(f).parameters
+    except (TypeError, ValueError):  # a builtin without a signature
+        return False
+    p = params.get("context")
+    return p is not None and p.kind in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
 
-    Build one with :func:`make_sampler`. ``sampler(logits)`` returns probabilities (rows sum to
-    1) in the logits' dtype; :func:`draw` then picks the tokens.
+
+class Sampler:
+    """Logits filters, temperature, then probability filters: (B, V) logits -> (B, V) distribution.
+
+    Build one with :func:`make_sampler`. ``sampler(logits, context)`` returns probabilities (rows
+    sum to 1) in the logits' dtype; :func:`draw` then picks the tokens. ``context`` is the (B, T)
+    token ids so far; it is needed only when a filter reads it (``reads_context``).
 
     Attributes:
         names: the sampler names in the order they apply.
         filters: the filters the factories returned, same order.
         temperature: T (0 means greedy).
+        owners: the plugin that registered each sampler ("" for a filter passed as a function).
+        reads_context: whether any filter takes ``context``.
     """
 
-    def __init__(self, names: Sequence[str], filters: Sequence[Filter], temperature: float):
+    def __init__(
+        self,
+        names: Sequence[str],
+        filters: Sequence[Filter],
+        temperature: float,
+        owners: Sequence[str] | None = None,
+    ):
         self.names = tuple(names)
         self.filters = tuple(filters)
         self.temperature = temperature
+        self.owners = tuple(owners) if owners is not None else ("",) * len(self.names)
+        stages = [getattr(f, "stage", "probs") for f in self.filters]
+        bad = [(n, s) for n, s in zip(self.names, stages) if s not in ("probs", "logits")]
+        if bad:
+            raise ValueError(f"sampler {bad[0][0]!r}: a filter's stage must be 'probs' or 'logits', got {bad[0][1]!r}")
+        takes = [_reads_context(f) for f in self.filters]
+        self._logits = [(i, takes[i]) for i, s in enumerate(stages) if s == "logits"]
+        self._probs = [(i, takes[i]) for i, s in enumerate(stages) if s == "probs"]
+        self.reads_context = any(takes)
 
     def __repr__(self) -> str:
         return f"Sampler({' -> '.join(self.names) or 'none'}, temperature={self.temperature:g})"
 
-    def __call__(self, logits: Array) -> Array:
+    def _who(self, i: int) -> str:
+        owner = self.owners[i]
+        return f"sampler {self.names[i]!r}" + (f" (plugin {owner!r})" if owner else "")
+
+    def _fail(self, i: int, message: str) -> None:
+        from arraygpt.errors import PluginError
+
+        raise (PluginError if self.owners[i] else ValueError)(f"{self._who(i)} {message}")
+
+    def _call(self, i: int, x: Array, reads: bool, context: Array | None) -> Array:
+        f = self.filters[i]
+        if not reads:
+            return f(x)
+        if context is None:
+            raise ValueError(f"{self._who(i)} reads the context: call the sampler as sampler(logits, context)")
+        return f(x, context=context)
+
+    def __call__(self, logits: Array, context: Array | None = None) -> Array:
+        xp = namespace(logits)
+        for i, reads in self._logits:
+            out = self._call(i, logits, reads, context)
+            if getattr(out, "shape", None) != logits.shape:
+                self._fail(i, f"returned logits of shape {_shape(out)} for logits of shape {tuple(logits.shape)}")
+            if not bool(xp.all(xp.isfinite(out) | (out == -math.inf))):
+                self._fail(i, "returned logits that hold NaN or +inf (a logits filter may only lower a logit to -inf)")
+            logits = out
         if self.temperature == 0.0:
             probs = one_hot_argmax(logits)  # (B, V): the limit of softmax(logits / T) as T -> 0
         else:
             probs = layers.softmax_forward(logits, self.temperature)  # (B, V)
-        for f in self.filters:
-            probs = normalize(f(probs))  # (B, V)
+        for i, reads in self._probs:
+            weights = self._call(i, probs, reads, context)
+            if getattr(weights, "shape", None) != probs.shape:
+                self._fail(
+                    i,
+                    f"returned weights of shape {_shape(weights)} for probabilities of shape {tuple(probs.shape)}: "
+                    "a filter returns one weight per token",
+                )
+            if not bool(xp.all(weights >= 0)):
+                self._fail(
+                    i, "returned negative or NaN weights: a filter returns weights >= 0, zero for a removed token"
+                )
+            probs = normalize(weights)  # (B, V)
         return probs
+
+
+def _shape(x: Any) -> Any:
+    shape = getattr(x, "shape", None)
+    return tuple(shape) if shape is not None else type(x).__name__
 
 
 def make_sampler(
@@ -207,25 +303,32 @@ def make_sampler(
     pm: Any = None,
     **options: Any,
 ) -> Sampler:
-    """Build the sampling pipeline: temperature first, then each named sampler's filter, in order.
+    """Build the sampling pipeline: logits filters, temperature, then each sampler's filter, in order.
 
     Args:
         sampler: a registered sampler name (``greedy``, ``temperature``, ``top_k``, ``top_p``,
-            ``min_p``, or a plugin's), a sequence of names applied in order (``["top_k", "top_p"]``),
-            or a filter function used as is.
-        temperature: T >= 0 (finite; no upper cap). 0 means greedy.
+            ``min_p``, ``repeat_penalty``, or a plugin's), a sequence of names applied in order
+            (``["top_k", "top_p"]``), or a filter function used as is.
+        temperature: 0 (greedy) or T >= ~1.18e-38 (finite; no upper cap).
         pm: the plugin manager to look names up in; default the process-wide one.
-        **options: sampler options (``top_k=40``, ``top_p=0.9``, ``min_p=0.05``, a plugin's own);
-            each goes to every chosen sampler whose factory takes it.
+        **options: sampler options (``top_k=40``, ``top_p=0.9``, ``min_p=0.05``,
+            ``repeat_penalty=1.1``, a plugin's own); each goes to every chosen sampler whose
+            factory takes it. An option that no chosen sampler takes but that names a registered
+            sampler turns that sampler on, after the chosen ones (the built-ins in the order
+            repeat_penalty, top_k, top_p, min_p): ``make_sampler(top_k=40, top_p=0.9)`` is
+            ``make_sampler(["temperature", "top_k", "top_p"], top_k=40, top_p=0.9)``.
 
     Raises:
         ValueError: an invalid temperature or option (the message names it and its allowed range),
             an unknown sampler name (the message lists the registered ones), an option that no
-            chosen sampler takes, or a sampler whose required option is missing.
+            chosen sampler takes and no sampler is named after, or a sampler whose required option
+            is missing.
 
     Example:
         >>> s = make_sampler("top_p", temperature=0.8, top_p=0.9)
     """
+    from arraygpt.manager import registry_with_owners
+
     temperature = check_temperature(temperature)
     if callable(sampler) and not isinstance(sampler, str):
         if options:
@@ -234,10 +337,14 @@ def make_sampler(
     names = [sampler] if isinstance(sampler, str) else list(sampler) if isinstance(sampler, (list, tuple)) else []
     if not names or not all(isinstance(n, str) for n in names):
         raise ValueError(f"sampler must be a name, a list of names or a filter function, got {sampler!r}")
-    factories = available_samplers(pm)
+    owned = registry_with_owners("samplers", pm)
+    factories = {name: factory for name, (factory, _) in owned.items()}
     unknown = [n for n in names if n not in factories]
     if unknown:
         raise ValueError(f"unknown sampler {unknown[0]!r}; registered samplers: {', '.join(sorted(factories))}")
+    taken = set().union(*(_option_names(factories[n])[0] for n in names))
+    implied = [o for o in options if o not in taken and o in factories and o not in names]
+    names += sorted(implied, key=lambda o: _IMPLIED_ORDER.index(o) if o in _IMPLIED_ORDER else len(_IMPLIED_ORDER))
     used: set[str] = set()
     filters = []
     for name in names:
@@ -254,6 +361,9 @@ def make_sampler(
         takes = sorted(set().union(*(_option_names(factories[n])[0] for n in names)))
         raise ValueError(
             f"option {unused[0]!r} is not used by sampler {' + '.join(names)} (its options: "
-            f"{', '.join(takes) or 'none'}); to combine samplers pass a list, e.g. sampler=['top_k', 'top_p']"
+            f"{', '.join(takes) or 'none'}) and names no registered sampler ({', '.join(sorted(factories))})"
         )
-    return Sampler(names, filters, temperature)
+    return Sampler(names, filters, temperature, [owned[n][1] for n in names])
+
+
+_IMPLIED_ORDER = ("repeat_penalty", "top_k", "top_p", "min_p")  # the order of options that turn their sampler on
