@@ -1005,3 +1005,148 @@ def test_save_as_llama_writes_a_llama_directory_for_a_rotary_config(tmp_path):
     again = arraygpt.load(tmp_path, dtype="float64").model
     idx = np.array([[1, 2, 3, 4]])
     np.testing.assert_array_equal(to_numpy(again.forward(idx)[0]), to_numpy(model.forward(idx)[0]))
+
+
+# ---------------------------------------------------------------------------------------------
+# hostile or malformed Llama-family directories (issue 21, finding 3): one CheckpointError naming
+# the file and the field, read by the same directory reader as GPT-2's
+
+_BASE = {
+    "model_type": "llama",
+    "hidden_size": 16,
+    "intermediate_size": 24,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "max_position_embeddings": 8,
+    "vocab_size": 11,
+}
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(tie_word_embeddings="false"), "tie_word_embeddings must be true or false"),
+        (dict(num_attention_heads=0), "num_attention_heads must be a positive integer"),
+        (dict(num_key_value_heads=0), "num_key_value_heads must be null or a positive integer"),
+        (dict(num_key_value_heads=3), r"num_attention_heads \(2\) is not a multiple of num_key_value_heads \(3\)"),
+        (dict(rope_scaling="llama3"), "rope_scaling must be null or a JSON object"),
+        (dict(rope_scaling=["llama3", 8.0]), "rope_scaling must be null or a JSON object"),
+        (dict(rope_parameters="default"), "rope_parameters must be null or a JSON object"),
+        (dict(rope_scaling={"rope_type": "llama3", "factor": 8.0}), "rope_scaling lacks 'low_freq_factor'"),
+        (
+            dict(
+                rope_scaling=dict(
+                    rope_type="llama3",
+                    factor="8",
+                    low_freq_factor=1,
+                    high_freq_factor=4,
+                    original_max_position_embeddings=4,
+                )
+            ),
+            "rope_scaling's factor must be a number",
+        ),
+        (dict(model_type="mistral", sliding_window="4096"), "sliding_window must be null or a positive integer"),
+        (dict(max_position_embeddings="8"), "max_position_embeddings must be a positive integer"),
+        (dict(rope_theta="abc"), "rope_theta must be a number > 0, not 'abc'"),
+        (dict(rope_theta=0), "rope_theta must be a number > 0"),
+        (dict(rms_norm_eps=None, hidden_size=1.5), "hidden_size must be a positive integer"),
+        (dict(num_hidden_layers=True), "num_hidden_layers must be a positive integer"),
+        (dict(attention_bias="no"), "attention_bias must be true or false"),
+        (dict(hidden_size=15), r"hidden_size \(15\) is not divisible by num_attention_heads \(2\)"),
+    ],
+)
+def test_config_fields_of_the_wrong_type_name_the_file_and_the_field(change, message):
+    from arraygpt.io.hf.llama import config_from_llama
+
+    with pytest.raises(CheckpointError, match=rf"^some/config\.json: {message}"):
+        config_from_llama({**_BASE, **change}, source="some/config.json")
+
+
+def _sharded_llama_dir(directory, split):
+    """A llama-tiny directory in two shards: ``split(names)`` -> the names each shard holds."""
+    from arraygpt.io.hf.llama import config_to_llama, state_dict_to_llama
+    from arraygpt.io.safetensors import save_file
+
+    config = GPTConfig.preset("llama-tiny")
+    rng = np.random.default_rng(0)
+    tensors = {k: rng.standard_normal(v).astype(np.float32) for k, v in param_shapes(config).items()}
+    tensors = state_dict_to_llama(tensors, config)
+    names = sorted(tensors)
+    first, second = split(names)
+    directory.mkdir()
+    (directory / "config.json").write_text(json.dumps(config_to_llama(config)))
+    save_file({k: tensors[k] for k in first}, directory / "a.safetensors")
+    save_file({k: tensors[k] for k in second}, directory / "b.safetensors")
+    weight_map = {**{k: "b.safetensors" for k in second}, **{k: "a.safetensors" for k in first}}  # first wins
+    (directory / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    return names
+
+
+def test_a_tensor_repeated_in_a_second_shard_is_refused_not_overwritten(tmp_path):
+    from arraygpt.io.hf.llama import load_llama
+
+    names = _sharded_llama_dir(tmp_path / "d", lambda n: (n[: len(n) // 2], n[len(n) // 2 - 1 :]))
+    repeated = names[len(names) // 2 - 1]
+    with pytest.raises(
+        CheckpointError, match=rf"tensor '{repeated}' is in two shards, a.safetensors and b.safetensors"
+    ):
+        load_llama(tmp_path / "d")
+
+
+@pytest.mark.parametrize(
+    "weight_map, message",
+    [
+        ({"model.norm.weight": 7}, r"weight_map maps tensor 'model.norm.weight' to 7; a shard must be a plain file"),
+        (["a.safetensors"], "'weight_map' must be a non-empty JSON object"),
+        ({"model.norm.weight": "../a.safetensors"}, "a shard must be a plain file name"),
+        ({}, "'weight_map' must be a non-empty JSON object"),
+    ],
+)
+def test_a_malformed_shard_index_is_one_error_naming_it(tmp_path, weight_map, message):
+    from arraygpt.io.hf.llama import load_llama
+
+    _sharded_llama_dir(tmp_path / "d", lambda n: (n[:3], n[3:]))
+    (tmp_path / "d" / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(CheckpointError, match=rf"model.safetensors.index.json: .*{message}"):
+        load_llama(tmp_path / "d")
+
+
+def test_a_fifo_in_place_of_the_weights_is_refused_without_blocking(tmp_path):
+    import os
+
+    from arraygpt.io.hf.llama import config_to_llama, load_llama
+
+    if not hasattr(os, "mkfifo"):
+        pytest.skip("no FIFOs on this platform")
+    (tmp_path / "config.json").write_text(json.dumps(config_to_llama(GPTConfig.preset("llama-tiny"))))
+    os.mkfifo(tmp_path / "model.safetensors")
+    with pytest.raises(
+        CheckpointError, match=r"model.safetensors: the .* is a FIFO \(named pipe\), not a regular file"
+    ):
+        load_llama(tmp_path)
+
+
+def test_pickle_weights_are_refused_with_the_command_that_converts_them(tmp_path):
+    from arraygpt.io.hf.llama import config_to_llama, load_llama
+
+    (tmp_path / "config.json").write_text(json.dumps(config_to_llama(GPTConfig.preset("llama-tiny"))))
+    (tmp_path / "pytorch_model.bin").write_bytes(b"\x80\x04not unpickled")
+    with pytest.raises(CheckpointError, match=r"(?s)pickle weights \(pytorch_model.bin\).*save_pretrained"):
+        load_llama(tmp_path)
+
+
+def test_a_config_claiming_a_billion_layers_is_refused_fast(tmp_path):
+    import time
+
+    from arraygpt.io.hf.llama import config_to_llama, load_llama, state_dict_to_llama
+    from arraygpt.io.safetensors import save_file
+
+    config = GPTConfig.preset("llama-tiny")
+    rng = np.random.default_rng(0)
+    tensors = {k: rng.standard_normal(v).astype(np.float32) for k, v in param_shapes(config).items()}
+    save_file(state_dict_to_llama(tensors, config), tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text(json.dumps({**config_to_llama(config), "num_hidden_layers": 10**9}))
+    start = time.monotonic()
+    with pytest.raises(CheckpointError, match=r"claims num_hidden_layers=1000000000, the file holds 2 layer"):
+        load_llama(tmp_path)
+    assert time.monotonic() - start < 5

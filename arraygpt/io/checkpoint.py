@@ -38,6 +38,7 @@ import numpy as np
 from arraygpt.config import GPTConfig
 from arraygpt.errors import CheckpointError
 from arraygpt.io import files, safetensors
+from arraygpt.io.files import CONFIG_FILE, CONFIG_LIMIT, WEIGHTS_FILE
 from arraygpt.io.tokenizers import Tokenizer, tokenizer_from_dict
 from arraygpt.nn.model import GPT
 from arraygpt.nn.params import param_shapes
@@ -47,8 +48,6 @@ __all__ = ["Checkpoint", "CheckpointError", "load_checkpoint", "resolve_checkpoi
 
 FORMAT = 1
 MARKER = "arraygpt_format"
-MODEL_FILE = "model.safetensors"
-CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "arraygpt-tokenizer.json"
 LEGACY_TOKENIZER_FILE = "tokenizer.json"  # the name before TOKENIZER_FILE; read, never written
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -124,7 +123,7 @@ def save_checkpoint(
     try:
         safetensors.save_file(
             {name: to_numpy(p) for name, p in model.params.items()},
-            tmp / MODEL_FILE,
+            tmp / WEIGHTS_FILE,
             metadata={"format": "arraygpt", MARKER: str(FORMAT)},
         )
         _dump_json({**model.config.to_dict(), MARKER: FORMAT}, tmp / CONFIG_FILE)
@@ -219,7 +218,7 @@ def load_checkpoint(
         >>> ckpt.model, ckpt.tokenizer.decode([0, 1])          # doctest: +SKIP
     """
     path = resolve_checkpoint(directory)
-    config_dict = _read_json(path / CONFIG_FILE, "config", limit=_CONFIG_LIMIT)
+    config_dict = _read_json(path / CONFIG_FILE, "config", limit=CONFIG_LIMIT)
     if config_dict.get(MARKER) != FORMAT:
         raise CheckpointError(
             f"{path / CONFIG_FILE}: not an arraygpt checkpoint config of format {FORMAT} "
@@ -248,12 +247,12 @@ def load_checkpoint(
             f"{path / STATE_FILE}: optimizer value {bad[0]!r} must be a number, not {numbers[bad[0]]!r:.60}"
         )
     tokenizer = _read_tokenizer(path, config)
-    tensors = _read_tensors(path / MODEL_FILE)
+    tensors = _read_tensors(path / WEIGHTS_FILE)
     _check_shapes(tensors, config, path)
     dtypes = {str(a.dtype) for a in tensors.values()}
     if len(dtypes) != 1 or not dtypes <= {"float32", "float64"}:
         raise CheckpointError(
-            f"{path / MODEL_FILE}: expected parameters all float32 or all float64, got {sorted(dtypes)}"
+            f"{path / WEIGHTS_FILE}: expected parameters all float32 or all float64, got {sorted(dtypes)}"
         )
     if dtype is not None and dtype not in ("float32", "float64"):
         raise ValueError(f"dtype must be 'float32' or 'float64' (or None for the saved dtype), not {dtype!r}")
@@ -261,7 +260,7 @@ def load_checkpoint(
     try:
         model.load_state_dict(tensors)
     except (KeyError, ValueError) as e:
-        raise CheckpointError(f"{path / MODEL_FILE} does not match {path / CONFIG_FILE}: {e}") from None
+        raise CheckpointError(f"{path / WEIGHTS_FILE} does not match {path / CONFIG_FILE}: {e}") from None
     del tensors
     if state.get("model_rng"):
         try:
@@ -280,7 +279,6 @@ def load_checkpoint(
     )
 
 
-_CONFIG_LIMIT = 1024 * 1024  # bytes; a GPTConfig is well under 1 KB
 _TOKENIZER_LIMIT = 64 * 1024 * 1024  # bytes; a character tokenizer of every Unicode character is ~4 MB
 
 
@@ -310,7 +308,7 @@ def _check_shapes(tensors: Mapping[str, np.ndarray], config: GPTConfig, path: Pa
     layers = {name.split(".", 1)[0] for name in tensors if name.startswith("layer")}
     if config.n_layer != len(layers):
         raise CheckpointError(
-            f"{path / CONFIG_FILE} claims n_layer={config.n_layer}, but {path / MODEL_FILE} holds "
+            f"{path / CONFIG_FILE} claims n_layer={config.n_layer}, but {path / WEIGHTS_FILE} holds "
             f"{len(layers)} layer(s)"
         )
     expected = param_shapes(config)
@@ -318,11 +316,11 @@ def _check_shapes(tensors: Mapping[str, np.ndarray], config: GPTConfig, path: Pa
     unexpected = sorted(set(tensors) - set(expected))
     if missing or unexpected:
         raise CheckpointError(
-            f"{path / MODEL_FILE} does not match {path / CONFIG_FILE}: missing {missing[:8]}, unexpected {unexpected[:8]}"
+            f"{path / WEIGHTS_FILE} does not match {path / CONFIG_FILE}: missing {missing[:8]}, unexpected {unexpected[:8]}"
         )
     for name, shape in expected.items():
         if tuple(tensors[name].shape) != tuple(shape):
             raise CheckpointError(
-                f"{path / MODEL_FILE} does not match {path / CONFIG_FILE}: tensor {name!r} has shape "
+                f"{path / WEIGHTS_FILE} does not match {path / CONFIG_FILE}: tensor {name!r} has shape "
                 f"{tuple(tensors[name].shape)}, the config implies {tuple(shape)}"
             )

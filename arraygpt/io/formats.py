@@ -32,8 +32,9 @@ from typing import Any
 from arraygpt.errors import CheckpointError
 from arraygpt.io import bpe, checkpoint
 from arraygpt.io.checkpoint import Checkpoint
-from arraygpt.io.files import read_json
+from arraygpt.io.files import WEIGHTS_FILE, read_json
 from arraygpt.io.hf import gpt2
+from arraygpt.io.hf.reader import WEIGHTS_INDEX_FILE
 
 __all__ = ["FORMATS", "detect", "load", "save"]
 
@@ -66,7 +67,7 @@ def detect(path: str | os.PathLike[str]) -> tuple[str, Path]:
         if isinstance(config.get("model_type"), str) and config["model_type"] in _llama().MODEL_TYPES:
             return "llama", path
         if "model_type" in config or any(
-            os.path.lexists(path / f) for f in (gpt2.WEIGHTS_FILE, gpt2.WEIGHTS_INDEX_FILE)
+            os.path.lexists(path / f) for f in (WEIGHTS_FILE, WEIGHTS_INDEX_FILE)
         ):
             return "gpt2", path
         raise CheckpointError(

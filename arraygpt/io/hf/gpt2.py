@@ -1,11 +1,8 @@
-"""GPT-2 checkpoints in the Hugging Face transformers layout, both ways, and the tokenizers of
-Hugging Face model directories (GPT-2's byte-level BPE, and any ``tokenizer.json``: Llama 3,
-Qwen2, SmolLM2, Mistral).
-
-A transformers GPT-2 directory holds ``config.json`` and ``model.safetensors`` (or a sharded
-``model.safetensors.index.json``); the tokenizer files ``vocab.json`` + ``merges.txt`` or
-``tokenizer.json`` may sit beside them. This module maps that layout onto arraygpt's names and
-back, with nothing lost:
+"""GPT-2 checkpoints in the Hugging Face transformers layout, both ways: the mapping of
+``config.json`` onto GPTConfig and the table of tensor names. The directory itself (config.json,
+``model.safetensors`` or a sharded ``model.safetensors.index.json``, pickle refusal) is read by
+``arraygpt.io.hf.reader``, as every architecture's is; its tokenizer files by ``arraygpt.io.bpe``.
+This module maps the layout onto arraygpt's names and back, with nothing lost:
 
     transformers (GPT2LMHeadModel)          shape (Conv1D: (in, out))   arraygpt (weights (out, in))
     transformer.wte.weight                  (V, C)                      wte
@@ -24,12 +21,9 @@ Keys are accepted with or without the ``transformer.`` prefix (GPT2LMHeadModel v
 files); the causal-mask buffers some versions stored (``attn.bias``, ``attn.masked_bias``) are
 ignored. Every tensor is read with arraygpt's own pickle-free safetensors reader.
 
-Deliberately not here: pickle checkpoints (``pytorch_model.bin`` is refused, with the command
-that converts it), downloads (point at a directory you already have), any model other than
-GPT-2 (``model_type`` must be ``gpt2``; the Llama family is ``arraygpt.io.hf.llama``), chat
-templates, and any runtime dependency on transformers or torch. Tokenizers need the optional
-``tokenizers`` library (``pip install 'arraygpt[hf]'``); ``load_hf_tokenizer`` reads BOS and EOS
-from ``tokenizer_config.json`` and ``config.json`` beside ``tokenizer.json``.
+Deliberately not here: downloads (point at a directory you already have), any model other than
+GPT-2 (``model_type`` must be ``gpt2``; the Llama family is ``arraygpt.io.hf.llama``), and any
+runtime dependency on transformers or torch.
 """
 
 from __future__ import annotations
@@ -45,8 +39,9 @@ import numpy as np
 
 from arraygpt.config import GPTConfig
 from arraygpt.errors import CheckpointError
-from arraygpt.io.files import read_json, write_atomic
-from arraygpt.io.safetensors import load_file, save_file
+from arraygpt.io.files import CONFIG_FILE, WEIGHTS_FILE, write_atomic
+from arraygpt.io.hf.reader import read_config, read_tensors
+from arraygpt.io.safetensors import save_file
 from arraygpt.nn.model import GPT
 from arraygpt.xp import to_numpy
 
@@ -60,10 +55,6 @@ __all__ = [
     "state_dict_to_gpt2",
 ]
 
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
-WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
-PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 PREFIX = "transformer."
 
 # transformers' GPT2Config defaults: a config.json may leave any of these out.
@@ -104,16 +95,6 @@ _UNSUPPORTED = {
     "reorder_and_upcast_attn": (False, "arraygpt does not reorder or upcast the attention product"),
     "add_cross_attention": (False, "arraygpt has no cross-attention (decoder-only GPT)"),
 }
-
-_CONVERT_HINT = (
-    "arraygpt never unpickles a checkpoint. Convert it to safetensors once, with transformers and a "
-    "file you trust:\n"
-    '    python -c "from transformers import GPT2LMHeadModel; '
-    "GPT2LMHeadModel.from_pretrained('{d}').save_pretrained('{d}', safe_serialization=True)\"\n"
-    "(transformers 5 writes safetensors by default and may not take safe_serialization), then load "
-    "{d}/model.safetensors."
-)
-
 
 # ----------------------------------------------------------------------------------------------
 # config.json <-> GPTConfig
@@ -480,100 +461,7 @@ def state_dict_to_gpt2(state: Mapping[str, Any], config: GPTConfig) -> dict[str,
 
 
 # ----------------------------------------------------------------------------------------------
-# directories
-
-
-def _check_directory(directory: Path) -> None:
-    if not directory.exists():
-        raise FileNotFoundError(
-            f"{directory}: no such directory "
-            f"(expected a transformers GPT-2 directory with {CONFIG_FILE} and {WEIGHTS_FILE})"
-        )
-    if not directory.is_dir():
-        raise NotADirectoryError(
-            f"{directory} is a file; pass the directory that holds {CONFIG_FILE} and {WEIGHTS_FILE}"
-        )
-
-
-def _read_config(directory: Path) -> dict[str, Any]:
-    path = directory / CONFIG_FILE
-    if not os.path.lexists(path):
-        raise FileNotFoundError(
-            f"{directory} has no {CONFIG_FILE} (a transformers GPT-2 directory has {CONFIG_FILE} and {WEIGHTS_FILE})"
-        )
-    return read_json(path, what="GPT-2 config", limit=_CONFIG_LIMIT)
-
-
-_CONFIG_LIMIT = 1024 * 1024  # bytes; GPT-2's config.json is under 1 KB
-
-
-def _read_tensors(directory: Path) -> tuple[dict[str, np.ndarray], str]:
-    """Every tensor of the directory's safetensors weights (one file or an index of shards)."""
-    single, index = directory / WEIGHTS_FILE, directory / WEIGHTS_INDEX_FILE
-    if os.path.lexists(single):
-        return load_file(single), str(single)
-    if os.path.lexists(index):
-        weight_map = _read_index(index)
-        tensors: dict[str, np.ndarray] = {}
-        where: dict[str, str] = {}
-        for shard in sorted(set(weight_map.values())):
-            path = directory / shard
-            if not os.path.lexists(path):
-                raise CheckpointError(f"{index} names shard {shard!r}, which is not a file in {directory}")
-            for name, value in load_file(path).items():
-                if name in where:
-                    raise CheckpointError(f"{directory}: tensor {name!r} is in two shards, {where[name]} and {shard}")
-                if weight_map.get(name) != shard:
-                    mapped = f"maps it to {weight_map[name]!r}" if name in weight_map else "does not list it"
-                    raise CheckpointError(f"{path} holds tensor {name!r}, but {index.name} {mapped}")
-                where[name] = shard
-                tensors[name] = value
-        absent = sorted(set(weight_map) - set(tensors))
-        if absent:
-            raise CheckpointError(
-                f"{index} maps tensor {absent[0]!r} to {weight_map[absent[0]]!r}, which does not hold it"
-                + (f" (and {len(absent) - 1} more)" if len(absent) > 1 else "")
-            )
-        return tensors, str(index)
-    pickles = [name for name in PICKLE_FILES if (directory / name).is_file()]
-    pickles += sorted(
-        p.name for p in directory.glob("*") if p.suffix in (".bin", ".pt", ".pth", ".ckpt") and p.name not in pickles
-    )
-    if pickles:
-        raise CheckpointError(
-            f"{directory} holds pickle weights ({', '.join(pickles)}) and no {WEIGHTS_FILE}. "
-            + _CONVERT_HINT.format(d=directory)
-        )
-    raise FileNotFoundError(f"{directory} has no {WEIGHTS_FILE} (nor a sharded {WEIGHTS_INDEX_FILE})")
-
-
-def _read_index(index: Path) -> dict[str, str]:
-    """The weight_map of a sharded checkpoint's index: tensor name -> a plain file name in the directory."""
-    weight_map = read_json(index, what="safetensors index", limit=_INDEX_LIMIT).get("weight_map")
-    if not isinstance(weight_map, dict) or not weight_map:
-        raise CheckpointError(f"{index}: not a safetensors index: 'weight_map' must be a non-empty JSON object")
-    for name, shard in weight_map.items():
-        if not isinstance(shard, str) or not _plain_file_name(shard):
-            raise CheckpointError(
-                f"{index}: tensor {name!r} maps to {shard!r:.100}; a shard must be a plain file name inside the "
-                "directory (no path separators, no '..', not absolute)"
-            )
-    return weight_map
-
-
-def _plain_file_name(name: str) -> bool:
-    return (
-        bool(name)
-        and name not in (".", "..")
-        and "/" not in name
-        and "\\" not in name
-        and "\0" not in name
-        and Path(name).name == name
-        and not os.path.isabs(name)
-    )
-
-
-_INDEX_LIMIT = 64 * 1024 * 1024  # bytes; the index of a 1000-layer model is a few MB
+# directories (read by arraygpt.io.hf.reader, as every architecture's are)
 
 
 def load_gpt2(directory: str | os.PathLike[str], dtype: str = "float32", backend: Any = None) -> GPT:
@@ -598,9 +486,8 @@ def load_gpt2(directory: str | os.PathLike[str], dtype: str = "float32", backend
         >>> logits, _ = model.forward([[15496, 11, 995]])  # doctest: +SKIP
     """
     directory = Path(directory)
-    _check_directory(directory)
-    config = config_from_gpt2(_read_config(directory), source=str(directory / CONFIG_FILE))
-    tensors, source = _read_tensors(directory)
+    config = config_from_gpt2(read_config(directory, "GPT-2"), source=str(directory / CONFIG_FILE))
+    tensors, source = read_tensors(directory)
     state = state_dict_from_gpt2(tensors, config, source=source)
     del tensors  # the transposed copies in ``state`` are all that is needed now
     model = GPT(config, dtype=dtype, backend=backend, init=False)  # every weight comes from the file

@@ -34,11 +34,15 @@ Biases: Qwen2 has them on q/k/v only (``GPTConfig.qkv_bias``); Llama's ``attenti
 ``lm_head.weight`` is accepted (the copy is ignored), and the ``rotary_emb.inv_freq`` buffers of
 old files are skipped.
 
-Deliberately not here: pickle weights (refused), downloads, sliding-window attention (Mistral
-v0.1's 4096 window is refused unless it covers block_size), RoPE scalings other than Llama 3.1's,
-and any runtime dependency on transformers or torch. Tokenizers (the directory's
-``tokenizer.json``, with BOS/EOS from ``tokenizer_config.json`` and ``config.json``):
-``arraygpt.io.bpe.load_hf_tokenizer``, which ``arraygpt.load`` calls.
+Every field is checked for its JSON type and range first ("false" is not false, 0 heads is not a
+head count), and the message names the file and the field. The directory (config.json, the
+weights or the shard index, pickle refusal) is read by ``arraygpt.io.hf.reader``, as GPT-2's is.
+
+Deliberately not here: downloads, sliding-window attention (Mistral v0.1's 4096 window is refused
+unless it covers block_size), RoPE scalings other than Llama 3.1's, and any runtime dependency on
+transformers or torch. Tokenizers (the directory's ``tokenizer.json``, with BOS/EOS from
+``tokenizer_config.json`` and ``config.json``): ``arraygpt.io.bpe.load_hf_tokenizer``, which
+``arraygpt.load`` calls.
 """
 
 from __future__ import annotations
@@ -54,8 +58,9 @@ import numpy as np
 
 from arraygpt.config import ROPE_SCALING_KEYS, GPTConfig
 from arraygpt.errors import CheckpointError
-from arraygpt.io.files import read_json, write_atomic
-from arraygpt.io.safetensors import load_file, save_file
+from arraygpt.io.files import CONFIG_FILE, WEIGHTS_FILE, write_atomic
+from arraygpt.io.hf.reader import read_config, read_tensors
+from arraygpt.io.safetensors import save_file
 from arraygpt.nn.model import GPT
 from arraygpt.nn.params import param_shapes
 from arraygpt.xp import to_numpy
@@ -72,10 +77,6 @@ __all__ = [
 
 MODEL_TYPES = ("llama", "qwen2", "mistral")
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
-WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
-_CONFIG_LIMIT = 1024 * 1024  # bytes
 
 # transformers' defaults (LlamaConfig, Qwen2Config, MistralConfig) for keys a config.json may omit
 _DEFAULTS: dict[str, dict[str, Any]] = {
@@ -136,7 +137,13 @@ def _rope_settings(hf: Mapping[str, Any], source: str) -> tuple[float, tuple[flo
     params = hf.get("rope_parameters")
     scaling = hf.get("rope_scaling")
     theta = hf.get("rope_theta")
-    if isinstance(params, Mapping):
+    for name, value in (("rope_parameters", params), ("rope_scaling", scaling)):
+        if value is not None and not isinstance(value, Mapping):
+            raise CheckpointError(
+                f"{source}: {name} must be null or a JSON object such as "
+                f'{{"rope_type": "llama3", "factor": 8.0, ...}}, not {value!r:.80}'
+            )
+    if params is not None:
         theta = params.get("rope_theta", theta)
         if params.get("rope_type", "default") != "default":
             scaling = params
@@ -146,29 +153,80 @@ def _rope_settings(hf: Mapping[str, Any], source: str) -> tuple[float, tuple[flo
         kind = scaling.get("rope_type", scaling.get("type"))
         if kind != "llama3":
             raise CheckpointError(
-                f"{source}: rope_scaling of type {kind!r} is not supported; arraygpt implements Llama 3.1's 'llama3'"
+                f"{source}: rope_scaling of type {kind!r:.60} is not supported; arraygpt implements Llama 3.1's 'llama3'"
             )
-        try:
-            scaling = tuple(scaling[key] for key in ROPE_SCALING_KEYS)
-        except KeyError as e:
-            raise CheckpointError(f"{source}: rope_scaling lacks {e.args[0]!r}") from None
-    return float(10000.0 if theta is None else theta), scaling
+        missing = [key for key in ROPE_SCALING_KEYS if key not in scaling]
+        if missing:
+            raise CheckpointError(f"{source}: rope_scaling lacks {', '.join(map(repr, missing))}")
+        for key in ROPE_SCALING_KEYS:
+            if not _is_number(scaling[key]):
+                raise CheckpointError(f"{source}: rope_scaling's {key} must be a number, not {scaling[key]!r:.80}")
+        scaling = tuple(scaling[key] for key in ROPE_SCALING_KEYS)
+    if theta is None:
+        theta = 10000.0
+    if not _is_number(theta) or not theta > 0:
+        raise CheckpointError(f"{source}: rope_theta must be a number > 0, not {theta!r:.80}")
+    return float(theta), scaling
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+_COUNTS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "max_position_embeddings",
+)
+_OPTIONAL_COUNTS = ("num_key_value_heads", "head_dim", "sliding_window")  # null: not set
+_BOOLS = ("tie_word_embeddings", "attention_bias", "mlp_bias", "use_sliding_window")
+_NUMBERS = ("rms_norm_eps", "initializer_range")
+
+
+def _check_types(c: Mapping[str, Any], source: str) -> None:
+    """Strict JSON types, as transformers' configs hold them: "false" is not false, 0 heads is not a
+    head count, "4096" is not a window."""
+
+    def bad(name: str, allowed: str) -> CheckpointError:
+        return CheckpointError(f"{source}: {name} must be {allowed}, not {c[name]!r:.80}")
+
+    for name in _COUNTS:
+        if not _is_count(c.get(name)):
+            raise bad(name, "a positive integer")
+    for name in _OPTIONAL_COUNTS:
+        if c.get(name) is not None and not _is_count(c[name]):
+            raise bad(name, "null or a positive integer")
+    for name in _BOOLS:
+        if name in c and not isinstance(c[name], bool):
+            raise bad(name, "true or false (a JSON boolean)")
+    for name in _NUMBERS:
+        if not _is_number(c.get(name)) or c[name] < 0:
+            raise bad(name, "a number >= 0")
+    if not isinstance(c.get("hidden_act"), str):
+        raise bad("hidden_act", "'silu'")
 
 
 def config_from_llama(hf: Mapping[str, Any], source: str = CONFIG_FILE) -> GPTConfig:
     """The GPTConfig of a transformers Llama, Qwen2 or Mistral ``config.json`` (as a dict).
 
     Raises:
-        CheckpointError: another model type, or an option arraygpt does not implement (the
-            message names it).
+        CheckpointError: another model type, a field of the wrong JSON type or out of range, or an
+            option arraygpt does not implement (the message names the file and the field).
     """
     model_type = hf.get("model_type")
     if model_type not in MODEL_TYPES:
-        raise CheckpointError(f"{source}: model_type {model_type!r} is not one of {', '.join(MODEL_TYPES)}")
+        raise CheckpointError(f"{source}: model_type {model_type!r:.80} is not one of {', '.join(MODEL_TYPES)}")
     c = {**_DEFAULTS[model_type], **{k: v for k, v in hf.items() if v is not None or k == "sliding_window"}}
-    if c.get("hidden_act") != "silu":
-        raise CheckpointError(f"{source}: hidden_act {c.get('hidden_act')!r}; arraygpt's SwiGLU uses 'silu'")
-    n_head = c["num_attention_heads"]
+    _check_types(c, source)
+    if c["hidden_act"] != "silu":
+        raise CheckpointError(f"{source}: hidden_act {c['hidden_act']!r:.80}; arraygpt's SwiGLU uses 'silu'")
     block_size = c["max_position_embeddings"]
     window = c.get("sliding_window")
     uses_window = c.get("use_sliding_window", True) if model_type == "qwen2" else model_type == "mistral"
@@ -177,8 +235,22 @@ def config_from_llama(hf: Mapping[str, Any], source: str = CONFIG_FILE) -> GPTCo
             f"{source}: sliding_window {window} < max_position_embeddings {block_size}; arraygpt has no "
             "sliding-window attention"
         )
+    n_head, n_embd = c["num_attention_heads"], c["hidden_size"]
+    n_kv_head = c.get("num_key_value_heads") or n_head  # LlamaConfig: null means as many as the query heads
+    if n_head % n_kv_head:
+        raise CheckpointError(
+            f"{source}: num_attention_heads ({n_head}) is not a multiple of num_key_value_heads ({n_kv_head})"
+        )
+    head_dim = c.get("head_dim")
+    if head_dim is None:
+        if n_embd % n_head:
+            raise CheckpointError(
+                f"{source}: hidden_size ({n_embd}) is not divisible by num_attention_heads ({n_head}) and there is "
+                "no head_dim"
+            )
+        head_dim = n_embd // n_head
     if model_type == "llama":
-        attention_bias, mlp_bias = bool(c.get("attention_bias")), bool(c.get("mlp_bias"))
+        attention_bias, mlp_bias = c.get("attention_bias", False), c.get("mlp_bias", False)
         if attention_bias != mlp_bias:
             raise CheckpointError(
                 f"{source}: attention_bias={attention_bias} with mlp_bias={mlp_bias}; arraygpt has biases on every "
@@ -194,8 +266,8 @@ def config_from_llama(hf: Mapping[str, Any], source: str = CONFIG_FILE) -> GPTCo
             block_size=block_size,
             n_layer=c["num_hidden_layers"],
             n_head=n_head,
-            n_embd=c["hidden_size"],
-            head_dim=c.get("head_dim") or c["hidden_size"] // n_head,
+            n_embd=n_embd,
+            head_dim=head_dim,
             mlp_hidden=c["intermediate_size"],
             norm="rmsnorm",
             norm_eps=float(c["rms_norm_eps"]),
@@ -203,14 +275,14 @@ def config_from_llama(hf: Mapping[str, Any], source: str = CONFIG_FILE) -> GPTCo
             norm_emb=False,
             norm_final=True,
             bias=bias,
-            tie_embeddings=bool(c["tie_word_embeddings"]),
+            tie_embeddings=c["tie_word_embeddings"],
             init_std=float(c["initializer_range"]),
             init_output="normal",
             dropout=0.0,
             position="rope",
             rope_theta=theta,
             rope_scaling=scaling,
-            n_kv_head=c.get("num_key_value_heads") or n_head,
+            n_kv_head=n_kv_head,
             mlp="swiglu",
             qkv_bias=qkv_bias,
         )
@@ -337,8 +409,13 @@ def state_dict_from_llama(
     """arraygpt's state dict (name -> host array) from transformers' tensors (name -> array).
 
     Raises:
-        CheckpointError: a tensor is missing, unexpected, or has the wrong shape.
+        CheckpointError: a tensor is missing, unexpected, or has the wrong shape or dtype.
     """
+    layers = {m.group(1) for key in tensors if (m := _LAYER_KEY.fullmatch(key))}
+    if len(layers) != config.n_layer:  # before param_shapes, which takes time in n_layer (a config may claim 10^9)
+        raise CheckpointError(
+            f"{source}: config.json claims num_hidden_layers={config.n_layer}, the file holds {len(layers)} layer(s)"
+        )
     shapes = param_shapes(config)
     state: dict[str, np.ndarray] = {}
     unexpected = []
@@ -353,6 +430,8 @@ def state_dict_from_llama(
         array = to_numpy(value)
         if tuple(array.shape) != shapes[name]:
             raise CheckpointError(f"{source}: tensor {key!r} has shape {tuple(array.shape)}, expected {shapes[name]}")
+        if array.dtype.kind != "f":
+            raise CheckpointError(f"{source}: tensor {key!r} has dtype {array.dtype}, expected floating point")
         state[name] = array
     missing = [_hf_name(name) for name in shapes if name not in state]
     if missing or unexpected:
@@ -366,30 +445,7 @@ def state_dict_to_llama(state: Mapping[str, Any], config: GPTConfig) -> dict[str
 
 
 # ----------------------------------------------------------------------------------------------
-# directories
-
-
-def _read_tensors(directory: Path) -> tuple[dict[str, np.ndarray], str]:
-    """Every tensor of the directory's safetensors weights (one file or an index of shards)."""
-    single, index = directory / WEIGHTS_FILE, directory / WEIGHTS_INDEX_FILE
-    if single.is_file():
-        return load_file(single), str(single)
-    if index.is_file():
-        try:
-            weight_map = read_json(index, what="safetensors index", limit=16 * 1024 * 1024)["weight_map"]
-            shards = sorted(set(weight_map.values()))
-        except (KeyError, TypeError, AttributeError) as e:
-            raise CheckpointError(f"{index}: not a safetensors index (no weight_map): {e}") from None
-        tensors: dict[str, np.ndarray] = {}
-        for shard in shards:
-            path = directory / shard
-            if not isinstance(shard, str) or Path(shard).name != shard or not path.is_file():
-                raise CheckpointError(f"{index} names shard {shard!r}, which is not a file in {directory}")
-            tensors.update(load_file(path))
-        return tensors, str(index)
-    raise FileNotFoundError(
-        f"{directory} has no {WEIGHTS_FILE} (nor a sharded {WEIGHTS_INDEX_FILE}); arraygpt reads safetensors only"
-    )
+# directories (read by arraygpt.io.hf.reader, as every architecture's are)
 
 
 def load_llama(directory: str | os.PathLike[str], dtype: str = "float32", backend: Any = None) -> GPT:
@@ -406,21 +462,17 @@ def load_llama(directory: str | os.PathLike[str], dtype: str = "float32", backen
 
     Raises:
         FileNotFoundError: the directory, its config.json or its weights are missing.
-        CheckpointError: an unsupported model type or option, a missing, extra or mis-shaped tensor.
+        CheckpointError: an unsupported model type or option, a config field of the wrong type, a
+            missing, extra or mis-shaped tensor, pickle weights only, or a hostile shard index
+            (``arraygpt.io.hf.reader.read_tensors``).
 
     Example:
         >>> model = load_llama("SmolLM2-135M")               # doctest: +SKIP
         >>> logits, _ = model.forward([[1, 504, 3458]])      # doctest: +SKIP
     """
     directory = Path(directory)
-    if not directory.is_dir():
-        raise FileNotFoundError(f"{directory}: no such directory (expected config.json and {WEIGHTS_FILE})")
-    config_path = directory / CONFIG_FILE
-    if not os.path.lexists(config_path):
-        raise FileNotFoundError(f"{directory} has no {CONFIG_FILE}")
-    hf_config = read_json(config_path, what="model config", limit=_CONFIG_LIMIT)
-    config = config_from_llama(hf_config, source=str(config_path))
-    tensors, source = _read_tensors(directory)
+    config = config_from_llama(read_config(directory, "Llama-family"), source=str(directory / CONFIG_FILE))
+    tensors, source = read_tensors(directory)
     state = state_dict_from_llama(tensors, config, source=source)
     model = GPT(config, dtype=dtype, backend=backend, init=False)  # every weight comes from the file
     model.load_state_dict(state)
