@@ -29,11 +29,11 @@ _LAZY = {
     "KVCache": "arraygpt.nn.core",
     "ParamCount": "arraygpt.nn.params",
     "count_params": "arraygpt.nn.params",
-    "TrainConfig": "arraygpt.training.loop",
-    "Run": "arraygpt.training.loop",
+    "TrainConfig": "arraygpt.training.config",
+    "Run": "arraygpt.training.run",
     "train": "arraygpt.training.loop",
-    "TrainingDiverged": "arraygpt.training.loop",
-    "DataError": "arraygpt.training.data",
+    "TrainingDiverged": "arraygpt.errors",
+    "DataError": "arraygpt.errors",
     "generate": "arraygpt.generation.generation",
     "make_sampler": "arraygpt.generation.sampling",
     "load": "arraygpt.io.formats",
@@ -74,14 +74,16 @@ __all__ = [
 
 if TYPE_CHECKING:
     from arraygpt.config import GPTConfig
+    from arraygpt.errors import DataError, TrainingDiverged
     from arraygpt.generation.generation import generate
     from arraygpt.generation.sampling import make_sampler
     from arraygpt.io.formats import load, save
     from arraygpt.nn.core import KVCache
     from arraygpt.nn.model import GPT
     from arraygpt.nn.params import ParamCount, count_params
-    from arraygpt.training.data import DataError
-    from arraygpt.training.loop import Run, TrainConfig, TrainingDiverged, train
+    from arraygpt.training.config import TrainConfig
+    from arraygpt.training.loop import train
+    from arraygpt.training.run import Run
     from arraygpt.viz.figures import explain
 
 

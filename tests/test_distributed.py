@@ -224,23 +224,23 @@ _FAULTY = textwrap.dedent(
     """
     import os, signal, sys, time
     import arraygpt
-    from arraygpt.training import loop as training
+    from arraygpt.training import step
     from arraygpt.training.distributed import get_world
 
     fault, out_dir, data = sys.argv[1], sys.argv[2], sys.argv[3]
-    original = training.Run.gradients
+    original = step.gradients
 
-    def faulty(self, x, y):
-        if get_world().rank == 1 and self.step == 7:
+    def faulty(run, x, y):
+        if get_world().rank == 1 and run.step == 7:
             if fault == "raise":
                 raise RuntimeError("injected failure")
             if fault == "kill":
                 os.kill(os.getpid(), signal.SIGKILL)
             if fault == "hang":
                 time.sleep(600)
-        return original(self, x, y)
+        return original(run, x, y)
 
-    training.Run.gradients = faulty
+    step.gradients = faulty
     if get_world().rank == 1:  # rank 1 waits for rank 0's checkpoints: only rank 0's wait is timed here
         get_world().timeout = 600
     arraygpt.train(data, out_dir=out_dir, steps=20, batch_size=2, n_embd=16, n_head=2, block_size=8,
@@ -272,7 +272,7 @@ _STOPPING = textwrap.dedent(
     import os, signal, sys
     import arraygpt
     from arraygpt import hookimpl
-    from arraygpt.training import loop as training
+    from arraygpt.training import step
     from arraygpt.training.distributed import get_world
     from arraygpt.manager import get_plugin_manager
 
@@ -283,14 +283,14 @@ _STOPPING = textwrap.dedent(
         def arraygpt_on_step(self, step):
             return how == "plugin" and step == 6  # called on rank 0 only
 
-    original = training.Run.gradients
+    original = step.gradients
 
-    def interrupted(self, x, y):
-        if how == "sigint" and get_world().rank == 1 and self.step == 5:
+    def interrupted(run, x, y):
+        if how == "sigint" and get_world().rank == 1 and run.step == 5:
             os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C reaching rank 1 alone, during step 6
-        return original(self, x, y)
+        return original(run, x, y)
 
-    training.Run.gradients = interrupted
+    step.gradients = interrupted
     pm = get_plugin_manager(autoload=False)
     pm.register(StopAtSix())
     run = arraygpt.train(data, out_dir=out_dir, steps=12, batch_size=2, n_embd=16, n_head=2, block_size=8,

@@ -19,10 +19,10 @@ import pytest
 import arraygpt
 from arraygpt import cli, hookimpl
 from arraygpt import xp as shim
+from arraygpt.errors import TrainingDiverged
 from arraygpt.io.checkpoint import load_checkpoint
 from arraygpt.io.tokenizers import CharTokenizer
 from arraygpt.manager import get_plugin_manager
-from arraygpt.training.loop import TrainingDiverged
 from arraygpt.xp import to_numpy
 
 SYLLABLES = ["an", "el", "ma", "ri", "jo", "sa", "li", "na", "ka", "th", "er", "on", "ia", "be", "da", "ly"]

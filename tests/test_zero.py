@@ -281,17 +281,17 @@ _HANGING = textwrap.dedent(
     """
     import sys, time
     import arraygpt
-    from arraygpt.training import loop as training
+    from arraygpt.training import step
     from arraygpt.training.distributed import get_world
 
-    original = training.Run.gradients
+    original = step.gradients
 
-    def hanging(self, x, y):
-        if get_world().rank == 1 and self.step == 3:
+    def hanging(run, x, y):
+        if get_world().rank == 1 and run.step == 3:
             time.sleep(600)
-        return original(self, x, y)
+        return original(run, x, y)
 
-    training.Run.gradients = hanging
+    step.gradients = hanging
     arraygpt.train(sys.argv[1], steps=10, batch_size=2, n_embd=16, n_head=2, block_size=8, zero=True,
                    eval_interval=100, samples=0, progress=False)
     """

@@ -26,7 +26,7 @@ DEFAULT_PRESET = "microgpt"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``arraygpt train`` options: data, training (TrainConfig), run folder, model (GPTConfig)."""
-    from arraygpt.training.loop import TrainConfig
+    from arraygpt.training.config import TrainConfig
 
     add_field_arguments(parser, TrainConfig, only=("data",))
     group = parser.add_argument_group("training")
@@ -48,7 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _train_fields() -> list[str]:
     import dataclasses
 
-    from arraygpt.training.loop import TrainConfig
+    from arraygpt.training.config import TrainConfig
 
     return [f.name for f in dataclasses.fields(TrainConfig)]
 
@@ -56,8 +56,9 @@ def _train_fields() -> list[str]:
 def run(args: argparse.Namespace) -> int:
     """Returns 0 when done or stopped cleanly, 1 when training diverged, 2 on bad input or a
     failing plugin, 130 when aborted by a second Ctrl-C."""
+    from arraygpt.errors import TrainingDiverged
     from arraygpt.manager import PluginError
-    from arraygpt.training.loop import TrainingDiverged, train
+    from arraygpt.training.loop import train
 
     options = given(args, [f for f in _train_fields() if f != "data"] + config_fields())
     try:

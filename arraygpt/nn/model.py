@@ -11,9 +11,12 @@ across threads (``runner.py``), optimizers, training loops, sampling, checkpoint
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Mapping
 from typing import Any
+
+import numpy as np
 
 from arraygpt.config import COMPUTE_DTYPES, DTYPES, GPTConfig
 from arraygpt.nn import core
@@ -23,7 +26,60 @@ from arraygpt.nn.params import count_params, param_shapes
 from arraygpt.nn.runner import BatchRunner
 from arraygpt.xp import Array, Backend, get_backend, host_full, host_namespace, host_rng, load_backend, to_numpy
 
-__all__ = ["GPT"]
+__all__ = ["GPT", "dropout_row_seeds"]
+
+# ----------------------------------------------------------------------------------------------
+# Dropout's coins: the one rule. The coins of a training forward depend on nothing but
+#   key      the caller's ``dropout_key`` (the training loop passes the run's (seed, step)), or,
+#            when none is given, one number drawn from the model's dropout generator per forward;
+#   site     which dropout call of the forward it is (the embedding's, then per block attention
+#            probabilities, attention output, MLP output), counted in the order the core calls them;
+#   row      ``first_row`` + the row's index in the batch: its index in the global batch;
+#   element  its flat index within the row.
+# Each row gets its own seed, SplitMix64(key, site, row), and its coins are the SplitMix64 stream
+# of that seed (numpy) or the backend's device generator seeded with it (GPU backends). So however
+# a batch is split (threads, --grad-accum micro-batches, MPI ranks), every row draws the same mask.
+
+_GOLDEN = 0x9E3779B97F4A7C15  # SplitMix64's increment
+_MASK64 = 2**64 - 1
+
+
+def _mix64(z: Any) -> Any:
+    """SplitMix64's output function on a uint64 array, in place (Steele, Lea & Flood 2014): a
+    bijection of 64-bit words whose every output bit depends on every input bit."""
+    z ^= z >> np.uint64(30)
+    z *= np.uint64(0xBF58476D1CE4E5B9)
+    z ^= z >> np.uint64(27)
+    z *= np.uint64(0x94D049BB133111EB)
+    z ^= z >> np.uint64(31)
+    return z
+
+
+def dropout_row_seeds(key: tuple[int, ...], site: int, first_row: int, rows: int) -> Any:
+    """The 64-bit seeds (uint64, (rows,)) of rows ``first_row ..`` at dropout call ``site`` of a
+    forward keyed ``key`` (the rule above).
+
+    Example:
+        >>> a = dropout_row_seeds((0, 7), site=1, first_row=0, rows=4)
+        >>> bool((a[2:] == dropout_row_seeds((0, 7), site=1, first_row=2, rows=2)).all())
+        True
+    """
+    h = np.zeros(1, dtype=np.uint64)
+    for part in (*key, site):
+        h ^= np.uint64(int(part) & _MASK64)
+        h = _mix64(h + np.uint64(_GOLDEN))
+    row = np.arange(first_row, first_row + rows, dtype=np.uint64)  # (rows,)
+    return _mix64(h ^ row)
+
+
+def _splitmix_uniform(seeds: Any, n: int, dtype: str) -> Any:
+    """Coins in [0, 1), (len(seeds), n): row r is the first n outputs of SplitMix64 seeded with
+    seeds[r], turned into floats by their top 53 (float64) or 24 (float32) bits."""
+    steps = np.arange(1, n + 1, dtype=np.uint64) * np.uint64(_GOLDEN)  # (n,), wraps mod 2**64
+    z = _mix64(seeds[:, None] + steps[None, :])  # (rows, n)
+    if dtype == "float64":
+        return (z >> np.uint64(11)).astype(np.float64) * 2.0**-53
+    return (z >> np.uint64(40)).astype(np.float32) * np.float32(2.0**-24)
 
 
 class GPT:
@@ -45,8 +101,8 @@ class GPT:
             callers that load a state dict next and need not pay for the draw.
         threads: how many host threads a forward/backward may split its batch across (rows in
             contiguous chunks; None: the backend's choice, e.g. ``ARRAYGPT_NUM_THREADS`` or the
-            cores on numpy with OpenBLAS, else 1). Results equal one thread's up to rounding;
-            dropout masks differ, but a fixed thread count stays exactly reproducible. Only the
+            cores on numpy with OpenBLAS, else 1). Results equal one thread's up to rounding,
+            dropout included (a row's coins depend on its index, not on its thread). Only the
             numpy backend holds BLAS to one thread per chunk (docs/architecture.md, "Threads").
         kernels: the layer pairs to run (``arraygpt.nn.kernels.select_kernels``): None for the
             backend's choice, ``"reference"`` for the pairs of ``layers.py``, or a
@@ -207,23 +263,52 @@ class GPT:
         return self.train(False)
 
     def rng_state(self) -> dict[str, Any]:
-        """The state of the dropout generator (JSON-serializable), for exact resume."""
+        """The state of the dropout generator (JSON-serializable), for exact resume: it keys the
+        training forwards that are given no ``dropout_key``."""
         return self._dropout_rng.bit_generator.state
 
     def set_rng_state(self, state: Mapping[str, Any]) -> None:
-        """Restore a state returned by :meth:`rng_state`."""
-        self._dropout_rng.bit_generator.state = dict(state)
+        """Restore a state returned by :meth:`rng_state`.
 
-    def _coins(self, rng: Any) -> core.Coins:
-        # NumPy's Generator draws float32 or float64 only; dropout compares coins with p, so a
-        # 16-bit model draws float32 coins (the same stream as a float32 model's).
+        Raises:
+            ValueError: ``state`` is not a state of this generator (a hostile or damaged file).
+        """
+        try:
+            self._dropout_rng.bit_generator.state = dict(state)
+        except (TypeError, ValueError, KeyError, OverflowError) as e:
+            raise ValueError(
+                f"not a dropout generator state of {type(self._dropout_rng.bit_generator).__name__}: {e}"
+            ) from None
+
+    def _coins(self, key: tuple[int, ...], first_row: int) -> core.Coins:
+        """The coins of one forward over rows ``first_row ..`` (the rule at the top of the module).
+        Each call is the next dropout site; a chunk of rows gets its own function, so every chunk
+        counts the sites from 0."""
+        # dropout compares coins with p: a 16-bit model draws float32 coins (a float32 model's)
         dtype = self.dtype if self.dtype in DTYPES else "float32"
-        return lambda shape: self.backend.uniform(rng, shape, dtype)
+        sites = itertools.count()
+
+        def coins(shape: tuple[int, ...]) -> Array:
+            seeds = dropout_row_seeds(key, next(sites), first_row, shape[0])  # (B,)
+            if self.backend.device_uniform is None:
+                host = _splitmix_uniform(seeds, math.prod(shape[1:]), dtype)  # (B, rest)
+                return self.backend.asarray(host.reshape(shape))
+            rows = [self.backend.device_uniform(int(seed), shape[1:], dtype) for seed in seeds]
+            return self.xp.stack(rows)  # (B, ...)
+
+        return coins
 
     # -- forward and backward -------------------------------------------------------------------
 
     def forward(
-        self, idx: Any, targets: Any = None, *, kv_cache: KVCache | None = None, last_only: bool = False
+        self,
+        idx: Any,
+        targets: Any = None,
+        *,
+        kv_cache: KVCache | None = None,
+        last_only: bool = False,
+        dropout_key: tuple[int, ...] | None = None,
+        first_row: int = 0,
     ) -> tuple[Array, float | None]:
         """Logits for every position, and the mean cross-entropy when targets are given.
 
@@ -232,6 +317,10 @@ class GPT:
             targets: the next token at each position, same shape; -1 marks a position to ignore.
             kv_cache: generation only: past keys and values; idx holds the next positions.
             last_only: unembed only the last position (generation needs no more): logits (B, 1, V).
+            dropout_key, first_row: in training mode with dropout, what the coins depend on (the
+                rule at the top of this module): a key of integers, such as the run's (seed,
+                step), and the global index of idx's first row. Without a key, the forward draws
+                one from the model's dropout generator.
 
         Returns:
             ``(logits, loss)``: logits (B, T, V) on the backend, loss a Python float or None.
@@ -249,6 +338,9 @@ class GPT:
             if last_only:
                 raise ValueError("last_only=True gives no loss: the loss needs the logits of every position")
         dropout = cfg.dropout if self.training else 0.0
+        if dropout > 0 and dropout_key is None:
+            dropout_key = (int(self._dropout_rng.integers(2**63)),)
+        key = dropout_key or ()
         chunks = self.runner.chunks(B, T * cfg.n_embd) if kv_cache is None else [slice(0, B)]
         if len(chunks) == 1:
             logits, loss, cache = self.runner.run(
@@ -259,29 +351,27 @@ class GPT:
                 targets,
                 kernels=self.kernels,
                 dropout=dropout,
-                coins=self._coins(self._dropout_rng),
+                coins=self._coins(key, first_row),
                 kv_cache=kv_cache,
                 last_only=last_only,
             )
             self._caches = [cache]
             return logits, None if loss is None else float(loss)
-        # One chunk of rows per thread. Each draws its dropout coins from its own generator, seeded
-        # from the model's, so that one thread count gives one result. Each chunk sums its losses;
-        # the mean divides by the whole batch's count of targets.
-        rngs = [host_rng(int(self._dropout_rng.integers(2**63))) if dropout > 0 else None for _ in chunks]
+        # One chunk of rows per thread, its coins those of its rows' global indices. Each chunk
+        # sums its losses; the mean divides by the whole batch's count of targets.
         results = self.runner.map(
-            lambda rows, rng: core.gpt_forward(
+            lambda rows: core.gpt_forward(
                 self._core_params,
                 cfg,
                 idx[rows],
                 None if targets is None else targets[rows],
                 kernels=self.kernels,
                 dropout=dropout,
-                coins=self._coins(rng),
+                coins=self._coins(key, first_row + rows.start),
                 last_only=last_only,
                 reduction="sum",
             ),
-            list(zip(chunks, rngs)),
+            [(rows,) for rows in chunks],
         )
         self._caches = [cache for _, _, cache in results]
         logits = self.xp.concat([logits for logits, _, _ in results], axis=0)  # (B, T, V)

@@ -40,6 +40,7 @@ from typing import Any
 
 import numpy as np
 
+from arraygpt.errors import DataError
 from arraygpt.io.tokenizers import ByteTokenizer, CharTokenizer, Tokenizer
 
 MODES = ("documents", "stream")
@@ -54,12 +55,6 @@ _KINDS = {
     stat.S_IFBLK: "block device",
     stat.S_IFSOCK: "socket",
 }
-
-
-class DataError(ValueError):
-    """The data cannot be used for training as asked (not a regular file, too large, not UTF-8 text,
-    empty, too short, unknown characters...); the message names the file or value, what is wrong
-    and what is allowed."""
 
 
 # ----------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ handles the abort) and calls ``MPI_Abort``, which ends every rank of the job; a 
 outright is noticed by the launcher (MPICH's hydra, Open MPI's prte), which ends the others.
 Checkpoints are written atomically by rank 0 alone, so the last one stays intact.
 
-Not here: which rows a rank takes and how gradients are weighted (``arraygpt.training.loop``); NCCL
+Not here: which rows a rank takes and how gradients are weighted (``arraygpt.training.step``); NCCL
 on GPUs (future work: the buffer here is host NumPy, so a GPU backend pays one copy each way).
 """
 
@@ -31,11 +31,13 @@ import hashlib
 import os
 import sys
 import time
+import traceback
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
+from arraygpt.errors import CollectiveTimeout, TrainingDiverged
 from arraygpt.xp import to_numpy
 
 TIMEOUT_ENV = "ARRAYGPT_MPI_TIMEOUT"
@@ -46,10 +48,6 @@ ABORT_DRAIN_S = 10.0  # how long an aborting rank waits for the launcher to read
 LAUNCHER_SIZE_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE")
 LAUNCHER_VARIABLES = (*LAUNCHER_SIZE_VARIABLES, "PMIX_RANK")
 MPI_INSTALL_HINT = "pip install 'arraygpt[mpi]'  (or: pip install mpi4py mpich)"
-
-
-class CollectiveTimeout(RuntimeError):
-    """A collective waited longer than the timeout for the other ranks."""
 
 
 class World:
@@ -290,6 +288,25 @@ class World:
         if self.comm is not None:
             wait_until_output_is_read(ABORT_DRAIN_S)
             self.comm.Abort(code)
+
+
+@contextlib.contextmanager
+def ending_all_ranks_on_error(world: World) -> Iterator[None]:
+    """With several ranks, turn an exception on one rank into the end of the job (MPI_Abort after
+    its traceback and a line naming the rank), so no other rank waits for it in a collective.
+    TrainingDiverged is left alone: every rank raises it at the same step."""
+    try:
+        yield
+    except TrainingDiverged:
+        raise
+    except BaseException as e:
+        if world.size == 1:
+            raise
+        traceback.print_exc()
+        code = 130 if isinstance(e, KeyboardInterrupt) else 1
+        what = str(e).split(": ", 1)[-1] if isinstance(e, CollectiveTimeout) else f"{type(e).__name__}: {e}"
+        world.abort(f"{what}; ending all {world.size} ranks", code)
+        raise
 
 
 def _unread_bytes(fd: int) -> int | None:

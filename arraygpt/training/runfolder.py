@@ -43,6 +43,8 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from arraygpt.errors import RunFolderError
+
 try:
     import fcntl
 except ImportError:  # Windows: no advisory locks here
@@ -51,7 +53,6 @@ except ImportError:  # Windows: no advisory locks here
 __all__ = [
     "LOCK_FILE",
     "RUN_FILES",
-    "RunFolderError",
     "check_new_run_folder",
     "check_run_folder",
     "check_training_state",
@@ -67,16 +68,6 @@ CHECKPOINTS = ("last", "best")
 # leaves, and the metrics
 RUN_FILES = ("last", ".last.old", "best", ".best.old", METRICS_FILE)
 MAX_STEPS = 10**15  # far above any real run; a larger saved step is refused as hostile
-
-
-class RunFolderError(ValueError):
-    """A run folder cannot be used as asked: another run holds it, it already holds a run, or its
-    ``last/`` or ``best/`` is damaged; the message names the folder, what is wrong and what to do.
-
-    Example:
-        >>> issubclass(RunFolderError, ValueError)
-        True
-    """
 
 
 # ----------------------------------------------------------------------------------------------

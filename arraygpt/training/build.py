@@ -1,0 +1,142 @@
+"""Building a fresh training run from ``train()``'s arguments: the options split into model and
+training options, the tokenizer, the dataset and batcher, the memory check, the model and the
+optimizer.
+
+The data source is recorded as ``arraygpt.training.data.resolve_source`` gives it (a file as its
+absolute path), so that ``--resume`` finds the same file from any working directory.
+
+Not here: continuing a run from a checkpoint (``arraygpt.training.resume``), the loop
+(``arraygpt.training.loop``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from arraygpt.config import GPTConfig
+from arraygpt.io.tokenizers import ByteTokenizer, CharTokenizer, Tokenizer, read_tokenizer_file
+from arraygpt.nn.model import GPT
+from arraygpt.training.config import TrainConfig
+from arraygpt.training.data import Batcher, default_tokenizer, fingerprint, make_dataset, read_source, resolve_source
+from arraygpt.training.distributed import ShardedOptimizer, World
+from arraygpt.training.memory import check_step_memory
+from arraygpt.training.optim import create_optimizer
+from arraygpt.training.run import Run
+
+__all__ = ["make_optimizer", "new_run", "split_options"]
+
+
+def split_options(options: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``train()``'s keyword options as (GPTConfig fields, TrainConfig fields).
+
+    Raises:
+        TypeError: an option is neither.
+    """
+    model_fields = {f.name for f in dataclasses.fields(GPTConfig)}
+    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(options) - model_fields - train_fields)
+    if unknown:
+        raise TypeError(
+            f"unknown option(s) {unknown}; training options: {', '.join(sorted(train_fields))}; "
+            f"model options: {', '.join(sorted(model_fields))}"
+        )
+    model = {k: v for k, v in options.items() if k in model_fields}
+    return model, {k: v for k, v in options.items() if k in train_fields}
+
+
+def _make_tokenizer(config: TrainConfig, text: str, given: Tokenizer | None) -> Tokenizer:
+    if given is not None:
+        return given
+    if config.tokenizer in ("char", "byte"):
+        return default_tokenizer(config.tokenizer, text, config.mode)  # type: ignore[arg-type]
+    path = Path(config.tokenizer)
+    if not path.is_file():
+        raise ValueError(f"tokenizer must be char, byte or a tokenizer JSON file; {config.tokenizer!r} is none of them")
+    return read_tokenizer_file(path)
+
+
+def _model_config(config: GPTConfig | str, overrides: dict[str, Any]) -> tuple[GPTConfig, bool]:
+    """The model's configuration, and whether its vocab_size was given (else the tokenizer's)."""
+    if isinstance(config, str):
+        return GPTConfig.preset(config, **overrides), "vocab_size" in overrides
+    if isinstance(config, GPTConfig):
+        return (dataclasses.replace(config, **overrides) if overrides else config), True
+    raise TypeError(f"config must be a preset name or a GPTConfig, got {type(config).__name__}")
+
+
+def new_run(
+    data: str,
+    config: GPTConfig | str,
+    options: dict[str, Any],
+    out_dir: str | Path | None,
+    tokenizer: Tokenizer | None,
+    pm: Any,
+    progress: bool,
+    world: World,
+) -> Run:
+    """A fresh Run at step 0 (nothing trained yet; rank 0 has created the run folder)."""
+    model_overrides, train_options = split_options(options)
+    if tokenizer is not None:
+        if not isinstance(tokenizer, (CharTokenizer, ByteTokenizer)):
+            raise TypeError(f"tokenizer must be a CharTokenizer or ByteTokenizer, got {type(tokenizer).__name__}")
+        train_options["tokenizer"] = tokenizer.kind
+    tc = TrainConfig(data=resolve_source(str(data)), **train_options)
+    model_config, explicit_vocab = _model_config(config, model_overrides)
+    text = read_source(tc.data)
+    tok = _make_tokenizer(tc, text, tokenizer)
+    if not explicit_vocab:
+        model_config = dataclasses.replace(model_config, vocab_size=tok.vocab_size)
+    elif model_config.vocab_size < tok.vocab_size:
+        raise ValueError(
+            f"vocab_size {model_config.vocab_size} is smaller than the tokenizer's {tok.vocab_size} tokens; "
+            f"leave vocab_size unset to take the tokenizer's"
+        )
+    dataset = make_dataset(text, tok, tc.mode, model_config.block_size, tc.val_fraction, tc.split_seed, source=tc.data)  # type: ignore[arg-type]
+    backend = _checked_backend(model_config, tc, world)
+    batcher = Batcher(dataset, world.size * tc.batch_size * tc.grad_accum, seed=tc.seed)  # the global batch
+    run_dir = None
+    if out_dir is not None:
+        run_dir = Path(out_dir)
+        if world.is_root:
+            run_dir.mkdir(parents=True, exist_ok=True)
+    model = GPT(model_config, seed=tc.seed, dtype=tc.dtype, backend=backend)
+    optimizer = make_optimizer(tc, model, pm, world)
+    return Run(
+        tc,
+        model,
+        tok,
+        dataset,
+        batcher,
+        optimizer,
+        run_dir,
+        pm,
+        data_sha256=fingerprint(text),
+        progress=progress,
+        world=world,
+    )
+
+
+def _checked_backend(model_config: GPTConfig, tc: TrainConfig, world: World) -> Any:
+    """The model's backend, once the memory check (which depends on it) has passed."""
+    from arraygpt.xp import get_backend, load_backend
+
+    backend = load_backend(tc.backend) if tc.backend else get_backend()
+    check_step_memory(model_config, tc, world.size, backend)
+    return backend
+
+
+def make_optimizer(tc: TrainConfig, model: GPT, pm: Any, world: World) -> Any:
+    """The run's optimizer plugin on the model's parameters; with ``zero`` on several ranks, a
+    ShardedOptimizer that builds it on this rank's share of them."""
+    from arraygpt.manager import registry
+
+    factories = registry("optimizers", pm)
+    if tc.optimizer not in factories:
+        raise ValueError(f"unknown optimizer {tc.optimizer!r}; registered optimizers: {', '.join(sorted(factories))}")
+    factory = factories[tc.optimizer]
+    if tc.zero and world.size > 1:
+        return ShardedOptimizer(factory, model.params, world, **tc.optimizer_options(factory))
+    return create_optimizer(tc.optimizer, model.params, pm, **tc.optimizer_options(factory))
