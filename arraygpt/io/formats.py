@@ -13,6 +13,8 @@ Formats:
                 ``arraygpt.io.hf``.
     "llama"     a transformers Llama, Qwen2 or Mistral directory (``model_type`` ``llama``,
                 ``qwen2``, ``mistral``; same files), see ``arraygpt.io.hf.llama``.
+    "gguf"      one llama.cpp ``.gguf`` file (a path ending in .gguf): model, tokenizer and chat
+                template, see ``arraygpt.io.gguf``.
 
 The format of a directory is decided by its config.json: the arraygpt marker means "arraygpt",
 a Llama-family ``model_type`` "llama", any other "gpt2" (whose reader names a model type it does
@@ -38,7 +40,7 @@ from arraygpt.io.hf.reader import WEIGHTS_INDEX_FILE
 
 __all__ = ["FORMATS", "detect", "load", "save"]
 
-FORMATS = ("arraygpt", "gpt2", "llama")
+FORMATS = ("arraygpt", "gpt2", "llama", "gguf")
 
 _ALLOWED = (
     "an arraygpt checkpoint folder (config.json with 'arraygpt_format'), a training run folder (with last/), "
@@ -55,6 +57,8 @@ def detect(path: str | os.PathLike[str]) -> tuple[str, Path]:
         CheckpointError: ``path`` is not a directory, or not one of the formats (the message lists them).
     """
     path = Path(path)
+    if path.suffix.lower() == ".gguf" and os.path.lexists(path):  # a file; anything else is refused when read
+        return "gguf", path
     if not path.exists():
         raise FileNotFoundError(f"no model at {path} (expected {_ALLOWED})")
     if not path.is_dir():
@@ -111,6 +115,10 @@ def load(path: str | os.PathLike[str], *, backend: Any = None, dtype: str | None
         >>> ckpt.format, ckpt.tokenizer.decode([0, 1])      # doctest: +SKIP
     """
     fmt, folder = detect(path)
+    if fmt == "gguf":  # a .gguf file, arraygpt.io.gguf
+        from arraygpt.io.gguf import load_gguf
+
+        return load_gguf(folder, dtype=dtype or "float32", backend=backend)
     if fmt == "arraygpt":
         return checkpoint.load_checkpoint(folder, backend=backend, dtype=dtype)
     reader = gpt2.load_gpt2 if fmt == "gpt2" else _llama().load_llama
@@ -132,6 +140,7 @@ def save(
     tokenizer: Any = None,
     optimizer: Any = None,
     extra: Mapping[str, Any] | None = None,
+    dtype: str | None = None,
 ) -> Path:
     """Write ``model`` (and what goes with it) as a directory :func:`load` reads back.
 
@@ -146,6 +155,8 @@ def save(
             (``bpe.BPETokenizer``), written as tokenizer.json.
         optimizer: anything with ``state_dict()`` ("arraygpt" only).
         extra: JSON-serializable data returned as ``Checkpoint.extra`` ("arraygpt" only).
+        dtype: "gguf" only: "f32" (default), "f16", "q8_0", "q4_0" or "q4_1" (``arraygpt.io.gguf.save_gguf``:
+            one .gguf file at ``path``, its tokenizer and chat template in the metadata).
 
     Returns:
         The directory written.
@@ -158,6 +169,14 @@ def save(
     """
     if format not in FORMATS:
         raise ValueError(f"unknown model format {format!r}; arraygpt.save writes {', '.join(map(repr, FORMATS))}")
+    if dtype is not None and format != "gguf":
+        raise ValueError(f"dtype= is for format='gguf'; the {format} format keeps the model's dtype")
+    if format == "gguf":
+        if optimizer is not None or extra:
+            raise ValueError("the gguf format holds no optimizer state or extra data; save with format='arraygpt'")
+        from arraygpt.io.gguf import save_gguf
+
+        return save_gguf(model, path, dtype=dtype or "f32", tokenizer=tokenizer)
     if format == "arraygpt":
         return checkpoint.save_checkpoint(path, model, tokenizer=tokenizer, optimizer=optimizer, extra=extra)
     if optimizer is not None or extra:

@@ -1,0 +1,324 @@
+"""The tokenizer of a GGUF file, both ways: llama.cpp's ``tokenizer.*`` metadata <-> a ``tokenizers``
+tokenizer wrapped as :class:`arraygpt.io.bpe.HFTokenizer`.
+
+A GGUF has no tokenizer.json. It stores the vocabulary (``tokenizer.ggml.tokens``, in id order),
+each token's type (``token_type``: 1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused,
+6 byte), the BPE merges, the special ids (``bos_token_id``, ``eos_token_id``, ``eot_token_id``...),
+whether BOS goes first (``add_bos_token``), the pre-tokenizer's llama.cpp name (``tokenizer.ggml.pre``)
+and the chat template (``tokenizer.chat_template``). Reading rebuilds the tokenizer transformers'
+GGUF loader builds (``transformers/integrations/gguf/gguf_tokenizer_mapping.py``), so the ids are
+transformers' ids:
+
+    tokenizer.ggml.model "gpt2"   byte-level BPE: GPT-2's ByteLevel pre-tokenizer, or for a known
+                                  ``pre`` (llama-bpe, qwen2, ...) that family's Split regex, then ByteLevel
+    tokenizer.ggml.model "llama"  SentencePiece-style BPE (Llama 2, Mistral): Metaspace "▁" before the
+                                  first word, byte fallback (<0x0A>), merges from the file or, when it has
+                                  none, derived from the vocabulary and scores as transformers does
+
+Control tokens become special added tokens, user-defined ones plain added tokens (matched whole).
+
+Writing stores an :class:`~arraygpt.io.bpe.HFTokenizer` that is a byte-level BPE (GPT-2, Llama 3,
+Qwen2, SmolLM2: its pre-tokenizer must be one llama.cpp names), or one of arraygpt's own
+``ByteTokenizer`` / ``CharTokenizer`` (ASCII), each as a "gpt2" vocabulary without merges whose ids are
+the tokenizer's ids.
+
+Not here: tokenizers of other kinds (WordPiece, Unigram/T5, RWKV), a normalizer (llama.cpp has
+none: Qwen2's NFC is dropped on writing), and any runtime dependency on transformers.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from arraygpt.errors import CheckpointError
+from arraygpt.io.bpe import BYTE_TO_CHAR, BPETokenizer, HFTokenizer, _import_tokenizers
+from arraygpt.io.tokenizers import ByteTokenizer, CharTokenizer
+
+__all__ = ["TOKEN_TYPES", "tokenizer_from_gguf", "tokenizer_to_gguf"]
+
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+TOKEN_TYPES = {NORMAL: "normal", UNKNOWN: "unknown", CONTROL: "control", USER_DEFINED: "user-defined"}
+TOKEN_TYPES.update({UNUSED: "unused", BYTE: "byte"})
+MODELS = ("gpt2", "llama")
+
+# llama.cpp's pre-tokenizer names whose split transformers knows (gguf_tokenizer_mapping.py's
+# GGUF_PRE_TOKENIZER_SPLITS, the families arraygpt reads); any other name keeps GPT-2's regex.
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+SPLITS = {
+    **dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "smaug-bpe", "dbrx", "falcon3"), _LLAMA3_SPLIT),
+    **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "megrez"), _QWEN2_SPLIT),
+}
+_WRITTEN_PRE = {_LLAMA3_SPLIT: "llama-bpe", _QWEN2_SPLIT: "qwen2"}  # the name each split is written under
+
+
+# ----------------------------------------------------------------------------------------------
+# GGUF metadata -> tokenizer
+
+
+def _strings(meta: Mapping[str, Any], key: str, source: str, required: bool = True) -> list[str] | None:
+    value = meta.get(key)
+    if value is None and not required:
+        return None
+    if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
+        raise CheckpointError(f"{source}: {key} must be an array of strings, not {type(value).__name__}")
+    return value
+
+
+def _numbers(meta: Mapping[str, Any], key: str, n: int, kind: type, source: str) -> list[Any] | None:
+    value = meta.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(v, kind) and not isinstance(v, bool) for v in value):
+        raise CheckpointError(f"{source}: {key} must be an array of {kind.__name__}s")
+    if len(value) != n:
+        raise CheckpointError(f"{source}: {key} has {len(value)} entries for {n} tokens; one per token is allowed")
+    return value
+
+
+def _token_id(meta: Mapping[str, Any], key: str, n: int, source: str) -> int | None:
+    value = meta.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < n:
+        raise CheckpointError(f"{source}: {key} is {value!r:.40}; a token id 0 <= id < {n} is allowed")
+    return value
+
+
+def _generate_merges(vocab: Mapping[str, int], scores: Mapping[str, float]) -> list[tuple[str, str]]:
+    """transformers' ``generate_merges(vocab, vocab_scores)`` (tokenization_utils_base.py): every
+    split of a token into two tokens, best score first, then shorter left and right pieces."""
+    merges = []
+    for merge, score in scores.items():
+        local = [
+            (merge[:k], merge[k:], score) for k in range(1, len(merge)) if merge[:k] in vocab and merge[k:] in vocab
+        ]
+        merges += sorted(local, key=lambda m: (vocab[m[0]], vocab[m[1]]))
+    merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)
+    return [(left, right) for left, right, _ in merges]
+
+
+def _check_merges(merges: Sequence[tuple[str, ...]], vocab: Mapping[str, int], source: str) -> None:
+    """Each merge joins two tokens into a token (the tokenizers library panics otherwise)."""
+    for left, right in merges:
+        if left not in vocab or right not in vocab or left + right not in vocab:
+            raise CheckpointError(
+                f"{source}: merge {left!r:.40} + {right!r:.40} is not made of tokens, or makes none; "
+                "each merge joins two tokens of the vocabulary into a third"
+            )
+
+
+def tokenizer_from_gguf(meta: Mapping[str, Any], source: str, vocab_size: int | None = None) -> HFTokenizer:
+    """The tokenizer a GGUF's ``tokenizer.*`` metadata describes (see the module docstring).
+
+    Args:
+        meta: the file's metadata, key -> value (arrays as lists).
+        source: the file, for messages.
+        vocab_size: the model's vocabulary; the tokenizer may not have more tokens.
+
+    Raises:
+        CheckpointError: an unknown ``tokenizer.ggml.model``, a malformed array, a special id out of range.
+        ImportError: the ``tokenizers`` library is missing.
+    """
+    tk = _import_tokenizers()
+    model = meta.get("tokenizer.ggml.model")
+    if model not in MODELS:
+        raise CheckpointError(
+            f"{source}: tokenizer.ggml.model is {model!r:.60}; arraygpt reads {', '.join(map(repr, MODELS))} "
+            "(byte-level BPE, SentencePiece-style BPE)"
+        )
+    tokens = _strings(meta, "tokenizer.ggml.tokens", source)
+    n = len(tokens)
+    if n == 0 or (vocab_size is not None and n > vocab_size):
+        raise CheckpointError(f"{source}: the tokenizer has {n} tokens; 1 to {vocab_size} (the model's) are allowed")
+    types = _numbers(meta, "tokenizer.ggml.token_type", n, int, source) or [NORMAL] * n
+    merge_lines = _strings(meta, "tokenizer.ggml.merges", source, required=False)
+    merges = None
+    if merge_lines is not None:
+        merges = [tuple(line.split(" ")) for line in merge_lines]
+        bad = next((line for line, m in zip(merge_lines, merges) if len(m) != 2), None)
+        if bad is not None:
+            raise CheckpointError(f"{source}: merge {bad!r:.60} is not two tokens separated by one space")
+    if merges is None:  # transformers derives them from the scores (SentencePiece files have no merges)
+        scores = _numbers(meta, "tokenizer.ggml.scores", n, float, source)
+        if scores is None:
+            raise CheckpointError(f"{source}: the tokenizer needs tokenizer.ggml.merges or tokenizer.ggml.scores")
+        merges = _generate_merges({t: i for i, t in enumerate(tokens)}, dict(zip(tokens, scores)))
+    if model == "gpt2":
+        spelled = set(BYTE_TO_CHAR.values())
+        vocab = {
+            t if set(t) <= spelled else "".join(BYTE_TO_CHAR[b] for b in t.encode("utf-8")): i
+            for i, t in enumerate(tokens)
+        }
+        _check_merges(merges, vocab, source)
+        bpe = tk.models.BPE(
+            vocab=vocab, merges=merges, continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False
+        )
+        tokenizer = tk.Tokenizer(bpe)
+        split = SPLITS.get(meta.get("tokenizer.ggml.pre"))
+        if split is None:
+            tokenizer.pre_tokenizer = tk.pre_tokenizers.ByteLevel(add_prefix_space=False)
+        else:
+            tokenizer.pre_tokenizer = tk.pre_tokenizers.Sequence(
+                [
+                    tk.pre_tokenizers.Split(tk.Regex(split), behavior="isolated"),
+                    tk.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+                ]
+            )
+        tokenizer.decoder = tk.decoders.ByteLevel()
+        control_ok = lambda t: set(t) <= spelled  # noqa: E731  (transformers skips mislabelled controls)
+    else:
+        vocab = {t: i for i, t in enumerate(tokens)}
+        _check_merges(merges, vocab, source)
+        tokenizer = tk.Tokenizer(tk.models.BPE(vocab=vocab, merges=merges, fuse_unk=True, byte_fallback=True))
+        tokenizer.pre_tokenizer = tk.pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+        tokenizer.decoder = tk.decoders.Sequence(
+            [
+                tk.decoders.Replace("▁", " "),
+                tk.decoders.ByteFallback(),
+                tk.decoders.Fuse(),
+                tk.decoders.Strip(content=" ", left=1),
+            ]
+        )
+        control_ok = lambda t: True  # noqa: E731
+    bos = _token_id(meta, "tokenizer.ggml.bos_token_id", n, source)
+    eos = [
+        i
+        for key in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")
+        if (i := _token_id(meta, key, n, source)) is not None
+    ]
+    for name in ("unknown", "padding"):  # checked only: they change no id
+        _token_id(meta, f"tokenizer.ggml.{name}_token_id", n, source)
+    control = [t for t, kind in zip(tokens, types) if kind == CONTROL and control_ok(t)]
+    if control:
+        tokenizer.add_special_tokens([tk.AddedToken(t, normalized=False, special=True) for t in control])
+    known = tokenizer.get_vocab(with_added_tokens=True)
+    user = [t for t, kind in zip(tokens, types) if kind == USER_DEFINED and t in known]
+    if user:
+        tokenizer.add_tokens([tk.AddedToken(t, normalized=False, special=False) for t in user])
+    add_bos = meta.get("tokenizer.ggml.add_bos_token", model == "llama")  # llama.cpp's default for SentencePiece
+    add_eos = meta.get("tokenizer.ggml.add_eos_token", False)
+    if not isinstance(add_bos, bool) or not isinstance(add_eos, bool):
+        raise CheckpointError(f"{source}: tokenizer.ggml.add_bos_token and add_eos_token must be booleans")
+    first = [tokens[bos]] if add_bos and bos is not None else []
+    last = [tokens[eos[0]]] if add_eos and eos else []
+    if first or last:
+        single = " ".join([*first, "$A", *last])
+        pair = " ".join([*first, "$A", *last, *first, "$B:1", *last])
+        ids = {tokens[bos]: bos} if first else {}
+        ids.update({tokens[eos[0]]: eos[0]} if last else {})
+        tokenizer.post_processor = tk.processors.TemplateProcessing(
+            single=single, pair=pair, special_tokens=list(ids.items())
+        )
+    template = meta.get("tokenizer.chat_template")
+    if template is not None and not isinstance(template, str):
+        raise CheckpointError(f"{source}: tokenizer.chat_template must be a string")
+    all_bytes = model == "gpt2" and all(c in vocab for c in BYTE_TO_CHAR.values())
+    cls = BPETokenizer if all_bytes else HFTokenizer
+    try:
+        return cls(tokenizer, source, bos_id=bos, eos_ids=eos, chat_template=template)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+
+
+# ----------------------------------------------------------------------------------------------
+# tokenizer -> GGUF metadata
+
+
+def _char_vocab(chars: Sequence[str], bos: int | None) -> tuple[list[str], list[int]]:
+    """A byte-level vocabulary whose ids are a CharTokenizer's: one token per (ASCII) character,
+    spelled in GPT-2's byte alphabet, and no merges, so each character stays one token."""
+    wide = [c for c in chars if ord(c) > 127]
+    if wide:
+        raise ValueError(
+            f"the gguf format writes a CharTokenizer of ASCII characters only (a byte-level vocabulary keeps "
+            f"its ids), not {''.join(wide[:8])!r}; train with a ByteTokenizer or a BPE tokenizer instead"
+        )
+    tokens = [BYTE_TO_CHAR[ord(c)] for c in chars]
+    types = [NORMAL] * len(tokens)
+    if bos is not None:
+        tokens.append("<|endoftext|>")
+        types.append(CONTROL)
+    return tokens, types
+
+
+def tokenizer_to_gguf(tokenizer: Any, vocab_size: int) -> dict[str, Any]:
+    """The ``tokenizer.*`` metadata (key -> value; the writer picks the GGUF types) of ``tokenizer``.
+
+    Raises:
+        ValueError: a tokenizer GGUF cannot hold (the message says which are allowed).
+    """
+    meta: dict[str, Any] = {"tokenizer.ggml.model": "gpt2"}
+    if isinstance(tokenizer, ByteTokenizer):
+        tokens = [BYTE_TO_CHAR[b] for b in range(256)]
+        types = [NORMAL] * 256
+        if tokenizer.bos_id is not None:
+            tokens.append("<|endoftext|>")
+            types.append(CONTROL)
+        merges: list[str] = []
+        meta["tokenizer.ggml.pre"] = "gpt-2"
+    elif isinstance(tokenizer, CharTokenizer):
+        tokens, types = _char_vocab(tokenizer.chars, tokenizer.bos_id)
+        merges = []
+        meta["tokenizer.ggml.pre"] = "gpt-2"
+    elif isinstance(tokenizer, HFTokenizer) and tokenizer.byte_level:
+        spec = json.loads(tokenizer._tokenizer.to_str())
+        meta["tokenizer.ggml.pre"] = _pre_name(spec.get("pre_tokenizer"))
+        vocab = tokenizer._tokenizer.get_vocab(with_added_tokens=True)
+        added = tokenizer._tokenizer.get_added_tokens_decoder()
+        tokens = [f"[PAD{i}]" for i in range(tokenizer.vocab_size)]
+        types = [UNUSED] * tokenizer.vocab_size
+        for token, i in vocab.items():
+            tokens[i] = token
+            types[i] = NORMAL if i not in added else CONTROL if added[i].special else USER_DEFINED
+        merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"].get("merges", [])]
+        meta["tokenizer.ggml.add_bos_token"] = bool(tokenizer.add_bos)
+        if tokenizer.chat_template is not None:
+            meta["tokenizer.chat_template"] = tokenizer.chat_template
+    else:
+        raise ValueError(
+            f"the gguf format writes a byte-level BPE tokenizer (arraygpt.io.bpe.BPETokenizer: GPT-2, Llama 3, "
+            f"Qwen2, SmolLM2), a ByteTokenizer or a CharTokenizer, not {tokenizer!r:.80}"
+        )
+    if len(tokens) > vocab_size:
+        raise ValueError(f"the tokenizer has {len(tokens)} tokens but the model only {vocab_size}")
+    tokens += [f"[PAD{i}]" for i in range(len(tokens), vocab_size)]  # llama.cpp wants one token per row
+    types += [UNUSED] * (vocab_size - len(types))
+    meta["tokenizer.ggml.tokens"] = tokens
+    meta["tokenizer.ggml.token_type"] = types
+    if merges:
+        meta["tokenizer.ggml.merges"] = merges
+    else:  # GGUFWriter writes no empty array; transformers then derives the (no) merges from scores
+        meta["tokenizer.ggml.scores"] = [0.0] * vocab_size
+    if tokenizer.bos_id is not None:
+        meta["tokenizer.ggml.bos_token_id"] = tokenizer.bos_id
+    eos_ids = getattr(tokenizer, "eos_ids", None) or ([] if tokenizer.eos_id is None else [tokenizer.eos_id])
+    if eos_ids:
+        meta["tokenizer.ggml.eos_token_id"] = eos_ids[0]
+    if len(eos_ids) > 1:
+        meta["tokenizer.ggml.eot_token_id"] = eos_ids[1]
+    meta.setdefault("tokenizer.ggml.add_bos_token", False)
+    return meta
+
+
+def _pre_name(pre: Any) -> str:
+    """llama.cpp's name of a byte-level pre-tokenizer (as tokenizer.json spells it)."""
+    if isinstance(pre, dict) and pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
+        return "gpt-2"
+    steps = pre.get("pretokenizers") if isinstance(pre, dict) and pre.get("type") == "Sequence" else None
+    if steps and len(steps) == 2 and steps[0].get("type") == "Split" and steps[1].get("type") == "ByteLevel":
+        name = _WRITTEN_PRE.get(steps[0].get("pattern", {}).get("Regex"))
+        if name is not None:
+            return name
+    raise ValueError(
+        "the tokenizer's pre-tokenizer has no llama.cpp name; the gguf format writes GPT-2's ByteLevel, "
+        "Llama 3's split (llama-bpe) and Qwen2's (qwen2)"
+    )
