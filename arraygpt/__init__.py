@@ -34,6 +34,7 @@ _LAZY = {
     "train": "arraygpt.training.loop",
     "TrainingDiverged": "arraygpt.errors",
     "DataError": "arraygpt.errors",
+    "evaluate": "arraygpt.training.evaluate",
     "generate": "arraygpt.generation.generation",
     "make_sampler": "arraygpt.generation.sampling",
     "load": "arraygpt.io.formats",
@@ -52,6 +53,7 @@ __all__ = [
     "TrainConfig",
     "Run",
     "train",
+    "evaluate",
     "generate",
     "make_sampler",
     # one way to load, one way to save
@@ -82,6 +84,7 @@ if TYPE_CHECKING:
     from arraygpt.nn.model import GPT
     from arraygpt.nn.params import ParamCount, count_params
     from arraygpt.training.config import TrainConfig
+    from arraygpt.training.evaluate import evaluate
     from arraygpt.training.loop import train
     from arraygpt.training.run import Run
     from arraygpt.viz.figures import explain

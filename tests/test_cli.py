@@ -163,11 +163,10 @@ def test_backends_lists_each_backend_with_availability(capsys, monkeypatch):
 
 def test_every_subcommand_module_has_add_arguments_and_run():
     parser = build_parser()
-    assert set(SUBCOMMANDS) == {"params", "backends", "plugins", "train", "sample", "plot", "explain"}
+    assert set(SUBCOMMANDS) == {"params", "backends", "plugins", "train", "sample", "eval", "plot", "explain"}
+    required = {"sample": ["--checkpoint", "x"], "eval": ["--checkpoint", "x", "--data", "y"]}
     for command in SUBCOMMANDS:
-        assert isinstance(
-            parser.parse_args([command, *(["--checkpoint", "x"] if command == "sample" else [])]), argparse.Namespace
-        )
+        assert isinstance(parser.parse_args([command, *required.get(command, [])]), argparse.Namespace)
 
 
 def test_train_options_and_their_defaults_come_from_the_dataclass_fields():
