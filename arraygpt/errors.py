@@ -13,6 +13,7 @@ __all__ = [
     "CheckpointError",
     "CollectiveTimeout",
     "DataError",
+    "KernelUnavailable",
     "PluginError",
     "RunFolderError",
     "TrainingDiverged",
@@ -69,3 +70,7 @@ class TrainingDiverged(RuntimeError):
         super().__init__(message)
         self.run = run
 
+
+class KernelUnavailable(RuntimeError):
+    """A registered kernel cannot run here: its ``load`` raises this with what is missing (e.g.
+    numba), and the reference layer runs instead (``arraygpt.nn.kernels``)."""

@@ -52,11 +52,12 @@ def arraygpt_register_samplers() -> list[dict[str, Any]]:
 @hookspec
 def arraygpt_register_kernels() -> list[dict[str, Any]]:
     """Offer fused kernels: forward/backward pairs that replace a layer's reference pair of
-    ``arraygpt.nn.layers`` on some backends and dtypes (see ``arraygpt.nn.kernels``).
+    ``arraygpt.nn.layers`` on some backends and dtypes, and optimizer updates that replace an
+    optimizer's reference update (see ``arraygpt.nn.kernels``).
 
     Returns:
-        A list of ``{name: arraygpt.nn.kernels.KernelSpec}``. A spec loads its kernel (imports and
-        compiles) only when a model first selects it, so registering imports nothing heavy.
+        A list of ``{name: arraygpt.nn.kernels.KernelSpec or UpdateSpec}``. A spec loads its kernel
+        (imports and compiles) only when it is first selected, so registering imports nothing heavy.
         For each layer kind the model runs the highest-priority spec that takes its config,
         backend and dtype (among equals, the last registered plugin's), else the reference.
     """

@@ -4,8 +4,9 @@ Each module defines the fields of :class:`arraygpt.xp.Backend`: the array namesp
 the array API standard lacks. Importing this package imports no array library; a backend's
 module is imported when the backend is first loaded.
 
-The numpy backend's fused kernels (``numpy_kernels``) are offered the same way, through
-``arraygpt_register_kernels``; numba is imported only when a model first selects one.
+The numpy backend's fused kernels (``numpy/kernels/``, one family per module) are offered the
+same way, through ``arraygpt_register_kernels``; numba is imported only when a model first
+selects one.
 """
 
 from __future__ import annotations
@@ -34,6 +35,6 @@ def arraygpt_register_backends() -> list[dict[str, Callable[[], Backend]]]:
 
 @hookimpl
 def arraygpt_register_kernels() -> list[dict[str, object]]:
-    from arraygpt.backends import numpy_kernels
+    from arraygpt.backends.numpy.kernels import KERNELS
 
-    return [numpy_kernels.KERNELS]
+    return [KERNELS]

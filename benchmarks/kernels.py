@@ -74,7 +74,7 @@ def profile(name: str, kernels: str | None, steps: int) -> tuple[float, dict[str
 
 
 def micro(name: str, repeats: int) -> None:
-    from arraygpt.backends import numpy_kernels as nk
+    from arraygpt.backends.numpy.kernels import attention, crossentropy, gelu, norm
 
     config, B = config_of(name)
     T, C, NH = config.block_size, config.n_embd, config.n_head
@@ -87,16 +87,16 @@ def micro(name: str, repeats: int) -> None:
         qkv = rng.standard_normal((B, T, 3 * C)).astype(dtype)
         q, k, v = qkv[..., :C], qkv[..., C : 2 * C], qkv[..., 2 * C :]
         cases = {
-            "gelu_tanh": ((nk.gelu_tanh_forward, nk.gelu_tanh_backward), layers.ACTIVATIONS["gelu_tanh"], (x_mlp,)),
-            "layernorm": ((nk.layernorm_forward, nk.layernorm_backward), layers.NORMS["layernorm"], (x, w, b, 1e-5)),
-            "rmsnorm": ((nk.rmsnorm_forward, nk.rmsnorm_backward), layers.NORMS["rmsnorm"], (x, w, None, 1e-5)),
+            "gelu_tanh": (gelu.SPECS["numba_gelu_tanh"].kernel(), layers.ACTIVATIONS["gelu_tanh"], (x_mlp,)),
+            "layernorm": (norm.SPECS["numba_layernorm"].kernel(), layers.NORMS["layernorm"], (x, w, b, 1e-5)),
+            "rmsnorm": (norm.SPECS["numba_rmsnorm"].kernel(), layers.NORMS["rmsnorm"], (x, w, None, 1e-5)),
             "attention": (
-                (nk.attention_forward, nk.attention_backward),
+                attention.SPECS["numba_causal_attention"].kernel(),
                 (layers.attention_forward, layers.attention_backward),
                 (q, k, v, NH),
             ),
             "crossentropy": (
-                (nk.crossentropy_forward, nk.crossentropy_backward),
+                crossentropy.SPECS["numba_crossentropy"].kernel(),
                 (layers.crossentropy_forward, layers.crossentropy_backward),
                 (
                     rng.standard_normal((B * T, config.vocab_size)).astype(dtype),

@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from arraygpt.hookspecs import hookimpl
-from arraygpt.nn.kernels import select_update
+from arraygpt.nn.kernels import AdamUpdate, select_update
 from arraygpt.training.optim import Optimizer
 from arraygpt.xp import backend_of, namespace
 
@@ -102,8 +102,9 @@ class Adam(Optimizer):
         eps: added to the denominator.
         weight_decay: L2 penalty added to the gradient (use AdamW for decoupled decay).
         decay_filter: ``(name, array) -> bool``, which parameters decay (default: all for Adam).
-        kernels: None or ``"auto"``: a backend's one-pass update where one is registered
-            (``arraygpt.nn.kernels.select_update``; the same numbers), ``"reference"``: the code below.
+        kernels: None or ``"auto"``: a backend's one-pass update where one is registered (an
+            ``arraygpt.nn.kernels.UpdateSpec`` for ``"adam"``, chosen by ``select_update``; the same
+            numbers), ``"reference"``: the code below.
     """
 
     buffer_names = ("m", "v")
@@ -124,11 +125,11 @@ class Adam(Optimizer):
         super().__init__(params)
         decay_filter = decay_filter or (decay_2d if self.decoupled else (lambda name, p: True))
         self.decays = {name: bool(decay_filter(name, p)) for name, p in params.items()}
-        by_dtype: dict[str, Any] = {}  # the backend's one-pass update per dtype, or None
+        by_dtype: dict[str, AdamUpdate | None] = {}  # the backend's one-pass update per dtype, or None
         for p in params.values():
             if str(p.dtype) not in by_dtype:
                 by_dtype[str(p.dtype)] = select_update("adam", backend_of(p), str(p.dtype), kernels)
-        self.fused = {name: by_dtype[str(p.dtype)] for name, p in params.items()}  # name -> update or None
+        self.fused: dict[str, AdamUpdate | None] = {name: by_dtype[str(p.dtype)] for name, p in params.items()}
 
     def update(self, name: str, p: Array, g: Array, lr: float) -> None:
         wd = self.weight_decay if self.decays[name] else 0.0

@@ -20,13 +20,14 @@ from hypothesis import strategies as st
 
 from arraygpt import GPT, GPTConfig, hookimpl, manager
 from arraygpt.backends import numpy as numpy_backend
-from arraygpt.backends import numpy_kernels as nk
+from arraygpt.backends.numpy.kernels import _jit, adam, attention, crossentropy, gelu, linear, norm, rope, swiglu
+from arraygpt.errors import KernelUnavailable, PluginError
 from arraygpt.nn import core, kernels, layers
-from arraygpt.nn.kernels import KernelSpec, KernelUnavailable
+from arraygpt.nn.kernels import KernelPair, KernelSpec, UpdateSpec
 from arraygpt.xp import load_backend
 
 try:
-    nk._compile()
+    _jit.numba()
     HAS_NUMBA = True
 except KernelUnavailable:
     HAS_NUMBA = False
@@ -79,20 +80,22 @@ def test_gelu_tanh_kernel_equals_reference(B, T, H, dtype, contiguous, seed, sca
     x *= np.asarray(scale, dtype=dtype)  # in place: a strided x stays strided
     assert x.flags.c_contiguous == contiguous or H == 1
     dout = _array(rng, (B, T, H), dtype)
-    out, cache = nk.gelu_tanh_forward(x)
+    out, cache = gelu.gelu_tanh_forward(x)
     ref_out, ref_cache = layers.gelu_tanh_forward(x)
     assert_close(out, ref_out, dtype, "gelu forward")
-    assert_close(nk.gelu_tanh_backward(dout, cache), layers.gelu_tanh_backward(dout, ref_cache), dtype, "gelu backward")
+    assert_close(
+        gelu.gelu_tanh_backward(dout, cache), layers.gelu_tanh_backward(dout, ref_cache), dtype, "gelu backward"
+    )
     if contiguous:
-        assert type(cache) is nk.GeluCache
+        assert type(cache) is gelu.GeluCache
     # a non-contiguous dout goes through the fused backward too
-    assert_close(nk.gelu_tanh_backward(dout.T.copy().T, cache), layers.gelu_tanh_backward(dout, ref_cache), dtype)
+    assert_close(gelu.gelu_tanh_backward(dout.T.copy().T, cache), layers.gelu_tanh_backward(dout, ref_cache), dtype)
 
 
 @needs_numba
 @settings(max_examples=60, deadline=None)
 @given(
-    norm=st.sampled_from(["layernorm", "rmsnorm"]),
+    kind=st.sampled_from(["layernorm", "rmsnorm"]),
     shape=st.sampled_from([(1, 1, 1), (1, 1, 7), (2, 5, 3), (3, 1, 16), (2, 9, 33), (13, 5), (4,)]),
     dtype=st.sampled_from(DTYPES),
     gain=st.booleans(),
@@ -100,23 +103,23 @@ def test_gelu_tanh_kernel_equals_reference(B, T, H, dtype, contiguous, seed, sca
     contiguous=st.booleans(),
     seed=st.integers(0, 2**16),
 )
-def test_norm_kernels_equal_reference(norm, shape, dtype, gain, bias, contiguous, seed):
+def test_norm_kernels_equal_reference(kind, shape, dtype, gain, bias, contiguous, seed):
     rng = np.random.default_rng(seed)
     C = shape[-1]
     x = _array(rng, shape, dtype, contiguous) * np.asarray(3.0, dtype=dtype) + np.asarray(1.5, dtype=dtype)
     w = _array(rng, (C,), dtype) if gain else None
     b = _array(rng, (C,), dtype) if bias else None
     dout = _array(rng, shape, dtype, contiguous)
-    forward, backward = getattr(nk, norm + "_forward"), getattr(nk, norm + "_backward")
-    ref_forward, ref_backward = layers.NORMS[norm]
+    forward, backward = getattr(norm, kind + "_forward"), getattr(norm, kind + "_backward")
+    ref_forward, ref_backward = layers.NORMS[kind]
     out, cache = forward(x, w, b, 1e-5)
     ref_out, ref_cache = ref_forward(x, w, b, 1e-5)
-    assert_close(out, ref_out, dtype, f"{norm} forward")
+    assert_close(out, ref_out, dtype, f"{kind} forward")
     assert isinstance(cache, layers.NormCache)
     for got, want, name in zip(cache[:2], ref_cache[:2], ("xhat", "rstd")):
-        assert_close(got, want, dtype, f"{norm} cache.{name}")
+        assert_close(got, want, dtype, f"{kind} cache.{name}")
     for got, want, name in zip(backward(dout, cache), ref_backward(dout, ref_cache), ("dx", "dw", "db")):
-        assert_close(got, want, dtype, f"{norm} backward {name}")
+        assert_close(got, want, dtype, f"{kind} backward {name}")
 
 
 def _attention_inputs(rng, B, T, past, NH, hs, dtype, NKV=None):
@@ -155,13 +158,15 @@ def test_attention_kernel_equals_reference(B, T, past, NKV, G, hs, dtype, seed):
     q, k, v = _attention_inputs(rng, B, T, past, NH, hs, dtype, NKV)
     dout = rng.standard_normal((B, T, NH * hs)).astype(dtype)
     grouped = {} if G == 1 else {"n_kv_head": NKV}
-    y, cache = nk.attention_forward(q, k, v, NH, **grouped)
+    y, cache = attention.attention_forward(q, k, v, NH, **grouped)
     ref_y, ref_cache = layers.attention_forward(q, k, v, NH, **grouped)
-    assert type(cache) is nk.FusedAttentionCache and isinstance(cache, layers.AttentionCache)
+    assert type(cache) is attention.FusedAttentionCache and isinstance(cache, layers.AttentionCache)
     assert cache.k.shape == ref_cache.k.shape == (B, NKV, past + T, hs)
     assert_close(y, ref_y, dtype, "attention forward")
     assert_close(cache.probs, ref_cache.probs, dtype, "attention probs")
-    for got, want, name in zip(nk.attention_backward(dout, cache), layers.attention_backward(dout, ref_cache), "qkv"):
+    for got, want, name in zip(
+        attention.attention_backward(dout, cache), layers.attention_backward(dout, ref_cache), "qkv"
+    ):
         assert_close(got, want, dtype, f"attention backward d{name}")
 
 
@@ -175,26 +180,26 @@ def test_attention_kernel_declines_dropout_and_unknown_arguments(dtype):
     q, k, v = _attention_inputs(rng, B, T, 0, NH, hs, dtype)
     dout = rng.standard_normal((B, T, NH * hs)).astype(dtype)
     coins = rng.random((B, NH, T, T))
-    y, cache = nk.attention_forward(q, k, v, NH, 0.25, coins)
+    y, cache = attention.attention_forward(q, k, v, NH, 0.25, coins)
     ref_y, ref_cache = layers.attention_forward(q, k, v, NH, 0.25, coins)
     assert type(cache) is layers.AttentionCache and cache.dropout_mask is not None
     assert_close(y, ref_y, dtype)
-    for got, want in zip(nk.attention_backward(dout, cache), layers.attention_backward(dout, ref_cache)):
+    for got, want in zip(attention.attention_backward(dout, cache), layers.attention_backward(dout, ref_cache)):
         assert_close(got, want, dtype)
     with pytest.raises(TypeError, match="unexpected keyword"):  # passed on to the reference, which rejects it
-        nk.attention_forward(q, k, v, NH, window=3)
+        attention.attention_forward(q, k, v, NH, window=3)
     kv = rng.standard_normal((2, B, T, hs)).astype(dtype)  # one key/value head for two query heads
-    y, cache = nk.attention_forward(q, kv[0], kv[1], NH, n_kv_head=1)
-    assert type(cache) is nk.FusedAttentionCache
+    y, cache = attention.attention_forward(q, kv[0], kv[1], NH, n_kv_head=1)
+    assert type(cache) is attention.FusedAttentionCache
     assert_close(y, layers.attention_forward(q, kv[0], kv[1], NH, n_kv_head=1)[0], dtype)
-    y, cache = nk.attention_forward(q, kv[0], kv[1], NH, 0.25, coins, n_kv_head=1)  # grouped, with dropout
+    y, cache = attention.attention_forward(q, kv[0], kv[1], NH, 0.25, coins, n_kv_head=1)  # grouped, with dropout
     assert type(cache) is layers.AttentionCache
     assert_close(y, layers.attention_forward(q, kv[0], kv[1], NH, 0.25, coins, n_kv_head=1)[0], dtype)
-    _, cache = nk.attention_forward(q, k, v, NH, n_kv_head=NH)  # the plain call spelled out
-    assert type(cache) is nk.FusedAttentionCache
+    _, cache = attention.attention_forward(q, k, v, NH, n_kv_head=NH)  # the plain call spelled out
+    assert type(cache) is attention.FusedAttentionCache
     for n_kv_head in (0, 3):  # not a divisor of n_head: the reference's error
         with pytest.raises(ValueError, match="n_kv_head must divide n_head"):
-            nk.attention_forward(q, kv[0], kv[1], NH, n_kv_head=n_kv_head)
+            attention.attention_forward(q, kv[0], kv[1], NH, n_kv_head=n_kv_head)
 
 
 def _pair(rng, shape, dtype, layout):
@@ -225,15 +230,15 @@ def test_swiglu_kernel_equals_reference(B, T, H, dtype, layout, seed, scale):
     gate, up = _pair(rng, (B, T, H), dtype, layout)
     gate *= np.asarray(scale, dtype=dtype)  # in place: gate stays a view
     dout = _array(rng, (B, T, H), dtype)
-    out, cache = nk.swiglu_forward(gate, up)
+    out, cache = swiglu.swiglu_forward(gate, up)
     ref_out, ref_cache = layers.swiglu_forward(gate, up)
     assert_close(out, ref_out, dtype, "swiglu forward")
     assert isinstance(cache, layers.SwiGLUCache)
-    assert type(cache) is (layers.SwiGLUCache if layout == "strided" and H > 1 else nk.FusedSwiGLUCache)
-    grads = zip(nk.swiglu_backward(dout, cache), layers.swiglu_backward(dout, ref_cache), ("dgate", "dup"))
+    assert type(cache) is (layers.SwiGLUCache if layout == "strided" and H > 1 else swiglu.FusedSwiGLUCache)
+    grads = zip(swiglu.swiglu_backward(dout, cache), layers.swiglu_backward(dout, ref_cache), ("dgate", "dup"))
     for got, want, name in grads:
         assert_close(got, want, dtype, f"swiglu backward {name}")
-    dg, du = nk.swiglu_backward(dout.T.copy().T, cache)  # a non-contiguous dout
+    dg, du = swiglu.swiglu_backward(dout.T.copy().T, cache)  # a non-contiguous dout
     assert_close(dg, layers.swiglu_backward(dout, ref_cache)[0], dtype)
 
 
@@ -271,14 +276,14 @@ def test_rope_kernel_equals_reference(B, T, past, NH, hs, dtype, layout, tables,
         inv_freq = layers.rope_frequencies(hs, 500.0, (8.0, 1.0, 4.0, 8) if tables == "scaled" else None)
         cos, sin = layers.rope_tables(np, T, past, inv_freq, np.dtype(dtype))
     dout = _array(rng, (B, T, D), dtype)
-    out, cache = nk.rope_forward(x, cos, sin)
+    out, cache = rope.rope_forward(x, cos, sin)
     ref_out, ref_cache = layers.rope_forward(x, cos, sin)
     assert_close(out, ref_out, dtype, "rope forward")
-    assert type(cache) is (layers.RopeCache if layout == "strided" else nk.FusedRopeCache)
-    assert_close(nk.rope_backward(dout, cache), layers.rope_backward(dout, ref_cache), dtype, "rope backward")
-    assert_close(nk.rope_backward(dout.T.copy().T, cache), layers.rope_backward(dout, ref_cache), dtype)
+    assert type(cache) is (layers.RopeCache if layout == "strided" else rope.FusedRopeCache)
+    assert_close(rope.rope_backward(dout, cache), layers.rope_backward(dout, ref_cache), dtype, "rope backward")
+    assert_close(rope.rope_backward(dout.T.copy().T, cache), layers.rope_backward(dout, ref_cache), dtype)
     strided_dout = _array(rng, (B, T, D), dtype, contiguous=False)  # the backward declines it too
-    assert_close(nk.rope_backward(strided_dout, cache), layers.rope_backward(strided_dout, ref_cache), dtype)
+    assert_close(rope.rope_backward(strided_dout, cache), layers.rope_backward(strided_dout, ref_cache), dtype)
 
 
 @needs_numba
@@ -286,17 +291,17 @@ def test_rope_and_swiglu_kernels_decline_what_they_do_not_take():
     rng = np.random.default_rng(0)
     x = rng.standard_normal((2, 3, 10))
     cos, sin = _random_tables(rng, 3, 5, "float64")  # an odd head size: the reference's rotate_half
-    out, cache = nk.rope_forward(x, cos, sin)
+    out, cache = rope.rope_forward(x, cos, sin)
     assert type(cache) is layers.RopeCache
     np.testing.assert_array_equal(out, layers.rope_forward(x, cos, sin)[0])
     with pytest.raises(AssertionError, match="rope tables have"):  # the reference's check
-        nk.rope_forward(x, *_random_tables(rng, 4, 2, "float64"))
-    _, cache = nk.rope_forward(x.astype(np.float32), cos, sin)  # mixed dtypes
+        rope.rope_forward(x, *_random_tables(rng, 4, 2, "float64"))
+    _, cache = rope.rope_forward(x.astype(np.float32), cos, sin)  # mixed dtypes
     assert type(cache) is layers.RopeCache
     gate = np.linspace(-3, 3, 12, dtype=np.float16).reshape(3, 4)
-    out, cache = nk.swiglu_forward(gate, gate)
+    out, cache = swiglu.swiglu_forward(gate, gate)
     assert type(cache) is layers.SwiGLUCache and out.dtype == np.float16
-    _, cache = nk.swiglu_forward(rng.standard_normal((3, 4)), rng.standard_normal((4,)))  # broadcast: the reference
+    _, cache = swiglu.swiglu_forward(rng.standard_normal((3, 4)), rng.standard_normal((4,)))  # broadcast: the reference
     assert type(cache) is layers.SwiGLUCache
 
 
@@ -305,7 +310,7 @@ REFERENCE_LINEAR = layers.linear_forward  # the tests below spy on calls of it
 
 def _spy_on_reference_linear(mp, calls):
     """Make the reference linear forward record its calls in ``calls`` (the kernel's declines)."""
-    mp.setattr(nk.layers, "linear_forward", lambda *a: calls.append(a) or REFERENCE_LINEAR(*a))
+    mp.setattr(linear.layers, "linear_forward", lambda *a: calls.append(a) or REFERENCE_LINEAR(*a))
 
 
 needs_blas_control = pytest.mark.skipif(
@@ -337,10 +342,10 @@ def test_linear_rows_kernel_equals_reference(lead, Cin, Cout, bias, dtype, conti
     calls = []
     with pytest.MonkeyPatch.context() as mp, NUMPY.blas_threads(blas):
         _spy_on_reference_linear(mp, calls)
-        out, cache = nk.linear_forward(x, w, b)
+        out, cache = linear.linear_forward(x, w, b)
     ref_out, ref_cache = layers.linear_forward(x, w, b)
     rows = int(np.prod(lead))
-    assert len(calls) == (rows > nk.LINEAR_MAX_ROWS)
+    assert len(calls) == (rows > linear.MAX_ROWS)
     assert_close(out, ref_out, dtype, "linear forward")
     assert type(cache) is layers.LinearCache and cache.x is x and cache.w is w and cache.has_bias == bias
     dout = _array(rng, (*lead, Cout), dtype)
@@ -360,7 +365,7 @@ def test_linear_rows_kernel_declines_what_it_does_not_take(monkeypatch):
     calls = []
     _spy_on_reference_linear(monkeypatch, calls)
     with NUMPY.blas_threads(1):
-        nk.linear_forward(x, w, b)
+        linear.linear_forward(x, w, b)
         assert calls == []  # taken
         for args in [
             (x, np.asfortranarray(w), b),
@@ -368,14 +373,14 @@ def test_linear_rows_kernel_declines_what_it_does_not_take(monkeypatch):
             (x, w, b[:1]),
             (x.astype(np.float16), w.astype(np.float16), None),
         ]:
-            np.testing.assert_array_equal(nk.linear_forward(*args)[0], REFERENCE_LINEAR(*args)[0])
+            np.testing.assert_array_equal(linear.linear_forward(*args)[0], REFERENCE_LINEAR(*args)[0])
         with pytest.raises(ValueError):  # the reference's matmul error
-            nk.linear_forward(x, w[:, :5], None)
+            linear.linear_forward(x, w[:, :5], None)
         assert len(calls) == 5
-    with NUMPY.blas_threads(nk.LINEAR_MAX_BLAS_THREADS + 1):
-        nk.linear_forward(x, w, b)
+    with NUMPY.blas_threads(linear.MAX_BLAS_THREADS + 1):
+        linear.linear_forward(x, w, b)
     monkeypatch.setattr(numpy_backend, "blas_thread_count", lambda: None)
-    nk.linear_forward(x, w, b)
+    linear.linear_forward(x, w, b)
     assert len(calls) == 7
 
 
@@ -399,39 +404,43 @@ def test_crossentropy_kernel_equals_reference(N, V, dtype, reduction, ignored, s
     targets[rng.random(N) < ignored] = -1
     if not (targets >= 0).any() and reduction == "mean":
         targets[0] = 0  # the all-ignored mean is nan on both sides (tested below)
-    loss, cache = nk.crossentropy_forward(logits, targets, reduction=reduction)
+    loss, cache = crossentropy.crossentropy_forward(logits, targets, reduction=reduction)
     ref_loss, ref_cache = layers.crossentropy_forward(logits, targets, reduction=reduction)
     assert_close(loss, ref_loss, dtype, "loss")
-    assert type(cache) is (nk.FusedCrossEntropyCache if logits.flags.c_contiguous else layers.CrossEntropyCache)
+    assert type(cache) is (
+        crossentropy.FusedCrossEntropyCache if logits.flags.c_contiguous else layers.CrossEntropyCache
+    )
     assert_close(cache.probs, ref_cache.probs, dtype, "probs")
     np.testing.assert_array_equal(cache.targets, ref_cache.targets)
     np.testing.assert_array_equal(cache.weights, ref_cache.weights)
     assert float(cache.divisor) == float(ref_cache.divisor)
     for dloss in (1.0, 0.25):
-        assert_close(nk.crossentropy_backward(dloss, cache), layers.crossentropy_backward(dloss, ref_cache), dtype)
+        assert_close(
+            crossentropy.crossentropy_backward(dloss, cache), layers.crossentropy_backward(dloss, ref_cache), dtype
+        )
 
 
 @needs_numba
 def test_crossentropy_kernel_edge_cases():
     logits = np.zeros((3, 4))
     with pytest.warns(RuntimeWarning):
-        loss, _ = nk.crossentropy_forward(logits, np.array([-1, -1, -1]))
+        loss, _ = crossentropy.crossentropy_forward(logits, np.array([-1, -1, -1]))
     assert np.isnan(loss)
     with pytest.raises(ValueError, match="reduction"):  # the reference's error
-        nk.crossentropy_forward(logits, np.array([0, 1, 2]), reduction="max")
+        crossentropy.crossentropy_forward(logits, np.array([0, 1, 2]), reduction="max")
     with pytest.raises(IndexError):  # a target out of range: the reference's error, not a wild write
-        nk.crossentropy_forward(logits, np.array([0, 1, 4]))
+        crossentropy.crossentropy_forward(logits, np.array([0, 1, 4]))
 
 
 @needs_numba
 def test_kernels_hand_other_arrays_to_the_reference():
     """float16 and array-api-strict arrays are not the kernels': the reference computes them."""
     x = np.linspace(-3, 3, 12, dtype=np.float16).reshape(3, 4)
-    out, cache = nk.gelu_tanh_forward(x)
+    out, cache = gelu.gelu_tanh_forward(x)
     assert type(cache) is layers.ActivationCache and out.dtype == np.float16
     strict = load_backend("array_api_strict").xp
     xs = strict.asarray(np.ones((2, 3)))
-    out, cache = nk.layernorm_forward(xs, None, None, 1e-5)
+    out, cache = norm.layernorm_forward(xs, None, None, 1e-5)
     assert type(cache) is layers.NormCache
 
 
@@ -473,7 +482,11 @@ def test_model_gradients_with_kernels_equal_reference(config):
     fast = GPT(config, seed=3, dtype="float64", kernels=None)
     ref = GPT(config, seed=3, dtype="float64", kernels="reference")
     kinds = ("norm", "attention", "activation", "crossentropy", "rope", "swiglu")
-    used = {kind for kind in kinds if getattr(fast.kernels, kind)[0].__module__ == "arraygpt.backends.numpy_kernels"}
+    used = {
+        kind
+        for kind in kinds
+        if getattr(fast.kernels, kind)[0].__module__.startswith("arraygpt.backends.numpy.kernels.")
+    }
     assert used == set(kinds)
     rng = np.random.default_rng(0)
     batch = rng.integers(0, config.vocab_size, (5, config.block_size + 1))
@@ -495,7 +508,7 @@ def test_model_with_kernels_under_dropout_and_a_kv_cache():
     config = GPTConfig(vocab_size=19, block_size=16, n_layer=2, n_head=2, n_embd=12, dropout=0.1)
     fast = GPT(config, seed=1, dtype="float64", threads=1)  # one BLAS thread: the linear kernel takes the decode steps
     ref = GPT(config, seed=1, dtype="float64", kernels="reference")
-    assert fast.kernels.linear[0] is nk.linear_forward
+    assert fast.kernels.linear[0] is linear.linear_forward
     fast.train(), ref.train()
     batch = np.random.default_rng(0).integers(0, 19, (3, 17))
     _, loss = fast.forward(batch[:, :-1], batch[:, 1:])
@@ -518,8 +531,8 @@ def test_llama_model_with_kernels_decodes_with_a_kv_cache():
     """RoPE at positions offset by the cache and grouped attention against cached keys: the
     kernels' logits equal the reference's at every step (a prompt, then one token at a time)."""
     fast, ref = GPT(LLAMA, seed=5, dtype="float64", threads=1), GPT(LLAMA, seed=5, dtype="float64", kernels="reference")
-    assert fast.kernels.rope[0] is nk.rope_forward and fast.kernels.attention[0] is nk.attention_forward
-    assert fast.kernels.linear[0] is nk.linear_forward
+    assert fast.kernels.rope[0] is rope.rope_forward and fast.kernels.attention[0] is attention.attention_forward
+    assert fast.kernels.linear[0] is linear.linear_forward
     caches = core.KVCache(LLAMA), core.KVCache(LLAMA)
     prompt = np.random.default_rng(3).integers(0, 19, (2, 6))
     for step in range(5):
@@ -601,7 +614,7 @@ class _AcmeKernels:
 
     def _load(self):
         self.loads += 1
-        return _acme_gelu_forward, layers.gelu_tanh_backward
+        return KernelPair(_acme_gelu_forward, layers.gelu_tanh_backward)
 
     @hookimpl
     def arraygpt_register_kernels(self):
@@ -666,7 +679,7 @@ def test_priority_and_registration_order(pm):
     try:
         chosen = kernels.select_kernels(SMALL, NUMPY, "float64", pm=pm).activation[0]
         if HAS_NUMBA:
-            assert chosen is nk.gelu_tanh_forward
+            assert chosen is gelu.gelu_tanh_forward
         else:
             assert chosen is _acme_gelu_forward  # the only one that loads
     finally:
@@ -729,6 +742,82 @@ def test_import_arraygpt_does_not_import_numba():
         _run("import sys, arraygpt, arraygpt.nn.kernels, arraygpt.backends; print('numba' in sys.modules)").strip()
         == "False"
     )
+
+
+@needs_numba
+def test_numba_is_imported_when_a_kernel_is_selected_and_a_source_compiled_on_its_first_call():
+    """Registering the kernels (which imports every family module) imports no numba; selecting
+    one does; its numba source gets a dispatcher only when it is first called."""
+    out = _run(
+        "import sys, numpy as np\n"
+        "from arraygpt.nn import kernels\n"
+        "names = [name for name, _, _ in kernels.registered_kernels()]\n"
+        "from arraygpt.backends.numpy.kernels import gelu\n"
+        "print('numba_gelu_tanh' in names, 'numba' in sys.modules)\n"
+        "pair = gelu.SPECS['numba_gelu_tanh'].kernel()\n"
+        "print('numba' in sys.modules, gelu._gelu64_forward._dispatcher is None)\n"
+        "pair.forward(np.ones(3))\n"
+        "print(gelu._gelu64_forward._dispatcher is None, gelu._gelu32_forward._dispatcher is None)\n"
+    )
+    assert out.split() == ["True", "False", "True", "True", "False", "True"]
+
+
+def _assigns_into_globals(source: str) -> list[int]:
+    """Lines of ``source`` that write into the module's namespace through ``globals()``:
+    ``globals()[k] = v``, ``globals().update(...)``, ``.setdefault``, ``.__setitem__``, ``del
+    globals()[k]``."""
+    import ast
+
+    def is_globals(node):
+        return isinstance(node, ast.Call) and getattr(node.func, "id", None) == "globals"
+
+    lines = []
+    for node in ast.walk(ast.parse(source)):
+        targets = []
+        if isinstance(node, (ast.Assign, ast.Delete)):
+            targets = node.targets
+        elif isinstance(node, (ast.AugAssign, ast.AnnAssign)):
+            targets = [node.target]
+        if any(isinstance(t, ast.Subscript) and is_globals(t.value) for t in targets):
+            lines.append(node.lineno)
+        elif (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and is_globals(node.func.value)
+            and node.func.attr in ("update", "setdefault", "__setitem__", "pop", "clear", "__delitem__")
+        ):
+            lines.append(node.lineno)
+    return sorted(lines)
+
+
+def test_no_module_under_backends_assigns_into_globals():
+    """What a reader sees is what runs (STYLE.md section 9): no kernel is swapped in through
+    ``globals()``."""
+    from pathlib import Path
+
+    caught = "globals()['f'] = 1\nglobals().update(g=2)\nx = globals()['f']\ndel globals()['g']\n"
+    assert _assigns_into_globals(caught) == [1, 2, 4]  # the check sees what it is meant to
+    root = Path(__file__).resolve().parents[1] / "backends"
+    modules = sorted(root.rglob("*.py"))
+    assert root / "numpy" / "kernels" / "gelu.py" in modules
+    found = {str(p.relative_to(root)): _assigns_into_globals(p.read_text(encoding="utf-8")) for p in modules}
+    assert {name: lines for name, lines in found.items() if lines} == {}
+
+
+def test_a_kernel_is_a_named_pair(pm):
+    """A spec's kernel is a KernelPair (.forward, .backward); a load that returns anything else is
+    a plugin error that says what to return."""
+    spec = KernelSpec("activation:gelu_tanh", lambda: KernelPair(layers.gelu_tanh_forward, layers.gelu_tanh_backward))
+    pair = spec.kernel()
+    assert pair.forward is layers.gelu_tanh_forward and pair.backward is layers.gelu_tanh_backward
+    loose = KernelSpec("activation:gelu_tanh", lambda: (layers.gelu_tanh_forward, layers.gelu_tanh_backward))
+    with pytest.raises(PluginError, match=r"load\(\) must return an arraygpt.nn.kernels.KernelPair"):
+        loose.kernel()
+    with pytest.raises(PluginError, match=r"update's load\(\) must return a function"):
+        UpdateSpec("adam", lambda: None).update()
+    if HAS_NUMBA:
+        chosen = kernels.select_kernels(SMALL, NUMPY, "float32", pm=pm)
+        assert type(chosen.activation) is KernelPair and chosen.activation.backward is gelu.gelu_tanh_backward
 
 
 @needs_numba
@@ -807,7 +896,7 @@ def test_adam_update_kernel_is_bit_identical_to_reference(
     fast, ref, opt_fast, opt_ref = _adam_pair(
         name, shapes, dtype, seed, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay
     )
-    assert all(f is nk.adam_update for f in opt_fast.fused.values()) and set(opt_ref.fused.values()) == {None}
+    assert all(f is adam.adam_update for f in opt_fast.fused.values()) and set(opt_ref.fused.values()) == {None}
     rng = np.random.default_rng(seed + 1)
     for lr in lrs:
         grads = {k: rng.standard_normal(v.shape).astype(dtype) for k, v in fast.items()}
@@ -828,14 +917,14 @@ def test_adam_update_kernel_declines_what_it_does_not_take():
     g = np.ones((4, 6), np.float32)
     m, v = np.zeros_like(p), np.zeros_like(p)
     args = dict(lr=1e-3, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.0, decoupled=True, step=1)
-    assert not nk.adam_update(p[:, ::2], g[:, ::2], m[:, ::2], v[:, ::2], **args)  # strided views
-    assert not nk.adam_update(p, g.astype(np.float64), m, v, **args)  # mixed dtypes
-    assert not nk.adam_update(p, g[:2], m, v, **args)  # shapes differ
-    assert not nk.adam_update(
+    assert not adam.adam_update(p[:, ::2], g[:, ::2], m[:, ::2], v[:, ::2], **args)  # strided views
+    assert not adam.adam_update(p, g.astype(np.float64), m, v, **args)  # mixed dtypes
+    assert not adam.adam_update(p, g[:2], m, v, **args)  # shapes differ
+    assert not adam.adam_update(
         p.astype(np.float16), g.astype(np.float16), m.astype(np.float16), v.astype(np.float16), **args
     )
     np.testing.assert_array_equal(p, 1.0)  # nothing changed
-    assert nk.adam_update(p, g, m, v, **args) and not np.array_equal(p, 1.0)
+    assert adam.adam_update(p, g, m, v, **args) and not np.array_equal(p, 1.0)
     # a strided parameter (a ZeRO shard could be one) runs the reference update inside the optimizer
     wide, wide_ref = np.ones((4, 12), np.float64), np.ones((4, 12), np.float64)
     from arraygpt.training.optim import create_optimizer
@@ -854,7 +943,7 @@ def test_update_kernel_selection(monkeypatch, pm):
     assert kernels.select_update("adam", NUMPY, "float16") is None
     with pytest.raises(ValueError, match="known: adam"):
         kernels.select_update("lion", NUMPY, "float32")
-    assert (kernels.select_update("adam", NUMPY, "float32") is nk.adam_update) == HAS_NUMBA
+    assert (kernels.select_update("adam", NUMPY, "float32") is adam.adam_update) == HAS_NUMBA
     monkeypatch.setenv(kernels.ENV_VAR, "reference")
     assert kernels.select_update("adam", NUMPY, "float32") is None
     from arraygpt.training.optim import create_optimizer
@@ -873,8 +962,8 @@ def test_update_kernel_selection(monkeypatch, pm):
         def arraygpt_register_kernels(self):
             return [
                 {
-                    "acme_adam": KernelSpec("update:adam", lambda: acme_adam, priority=5, description="acme"),
-                    "acme_lion": KernelSpec("update:lion", lambda: acme_adam),
+                    "acme_adam": UpdateSpec("adam", lambda: acme_adam, priority=5, description="acme"),
+                    "acme_lion": UpdateSpec("lion", lambda: acme_adam),
                 }
             ]
 
@@ -893,3 +982,6 @@ def test_update_kernel_selection(monkeypatch, pm):
         np.testing.assert_array_equal(params["w"], ref["w"])
     finally:
         pm.unregister(plugin)
+    assert "no optimizer update 'lion'" in UpdateSpec("lion", lambda: acme_adam).declines(NUMPY, "float64")
+    old_style = KernelSpec("update:adam", lambda: acme_adam).declines(SMALL, NUMPY, "float64")
+    assert "an optimizer's update is an arraygpt.nn.kernels.UpdateSpec" in old_style

@@ -1,23 +1,25 @@
 """Choosing the forward/backward pair each layer runs: the reference of ``layers.py``, or a fused
 kernel registered through the plugin system that must equal it (STYLE.md section 9).
 
-A plugin offers kernels with the ``arraygpt_register_kernels`` hook: a list of
-``{name: KernelSpec}``. Each spec says which layer kind it implements (a field of
-:class:`arraygpt.nn.core.Kernels`, optionally narrowed to one variant of the config, as in
-``"norm:layernorm"`` or ``"activation:gelu_tanh"``), the backends and dtypes it runs on, and how
-to load it. For every layer kind the model runs the best spec that takes its (config, backend,
-dtype), and the reference where none does. A loaded kernel may still decline a call it cannot
-take (dropout, a KV cache, grouped-query attention, an unknown argument) by calling the reference
-itself; its backward then receives the reference's cache and calls the reference's backward.
+A plugin offers kernels with the ``arraygpt_register_kernels`` hook: a list of ``{name: spec}``
+with two kinds of spec.
 
-An optimizer's update may have a kernel too: a spec for ``"update:adam"`` replaces the update of
-the Adam and AdamW plugins (``plugins/optimizers.py``) by one pass over each parameter, and must
-give the same numbers (:func:`select_update`).
+- :class:`KernelSpec`: a :class:`KernelPair` (``.forward``, ``.backward``) for one layer kind (a
+  field of :class:`arraygpt.nn.core.Kernels`, optionally narrowed to one variant of the config,
+  as in ``"norm:layernorm"`` or ``"activation:gelu_tanh"``), the backends and dtypes it runs on,
+  and how to load it. For every layer kind the model runs the best spec that takes its (config,
+  backend, dtype), and the reference where none does. A loaded kernel may still decline a call
+  it cannot take (dropout, grouped-query attention it does not know, an unknown argument) by
+  calling the reference itself; its backward then receives the reference's cache and calls the
+  reference's backward.
+- :class:`UpdateSpec`: an optimizer's update for one parameter (``"adam"``: the update of the
+  Adam and AdamW plugins in ``plugins/optimizers.py``), which must give the same numbers
+  (:func:`select_update`, :class:`AdamUpdate`).
 
 ``ARRAYGPT_KERNELS=reference`` (or ``GPT(kernels="reference")``, ``adam(..., kernels="reference")``)
 runs the pure reference.
 
-Not here: the kernels themselves (``arraygpt.backends.numpy_kernels`` and third-party plugins),
+Not here: the kernels themselves (``arraygpt.backends.numpy.kernels`` and third-party plugins),
 the math (``layers.py``), the wiring (``core.py``).
 """
 
@@ -26,49 +28,109 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple, Protocol
 
+from arraygpt.errors import KernelUnavailable, PluginError
 from arraygpt.nn import core
 
 ENV_VAR = "ARRAYGPT_KERNELS"
 HOOK = "arraygpt_register_kernels"
 CHOICES = ("", "auto", "reference")  # the values ENV_VAR takes (empty or unset: auto)
-UPDATE = "update"  # the kind of an optimizer's update kernel: "update:<optimizer>"
 UPDATES = ("adam",)  # the optimizer updates a kernel may replace (adam: Adam's and AdamW's)
 
 
-class KernelUnavailable(RuntimeError):
-    """A kernel cannot run here: its ``load`` raises this with what is missing (e.g. numba)."""
+class KernelPair(NamedTuple):
+    """A layer's forward and backward, as a kernel gives them (a tuple, so it stands wherever a
+    field of :class:`arraygpt.nn.core.Kernels` takes a ``(forward, backward)`` pair).
+
+    Example:
+        >>> from arraygpt.nn import layers
+        >>> pair = KernelPair(layers.gelu_tanh_forward, layers.gelu_tanh_backward)
+        >>> pair.backward.__name__, pair == layers.ACTIVATIONS["gelu_tanh"]
+        ('gelu_tanh_backward', True)
+    """
+
+    forward: Callable[..., Any]
+    backward: Callable[..., Any]
+
+
+class AdamUpdate(Protocol):
+    """The contract of an ``"adam"`` update kernel: one Adam (``decoupled``: AdamW) step of one
+    parameter ``p`` in place, with its moments ``m`` and ``v``, giving the numbers of the
+    reference update of ``plugins.optimizers.Adam``. It returns False, changing nothing, for arrays
+    it does not take (then the optimizer runs its reference update)."""
+
+    def __call__(
+        self,
+        p: Any,
+        g: Any,
+        m: Any,
+        v: Any,
+        *,
+        lr: float,
+        beta1: float,
+        beta2: float,
+        eps: float,
+        weight_decay: float,
+        decoupled: bool,
+        step: int,
+    ) -> bool: ...
+
+
+class _Loads:
+    """What both kinds of spec share: where they run, and loading once (an error is kept too)."""
+
+    load: Callable[[], Any]
+    backends: tuple[str, ...]
+    array_types: tuple[type, ...]
+    dtypes: tuple[str, ...]
+    _loaded: dict[str, Any]
+
+    def _load_once(self, check: Callable[[Any], Any]) -> Any:
+        if "kernel" not in self._loaded:
+            if "error" in self._loaded:
+                raise self._loaded["error"]
+            try:
+                self._loaded["kernel"] = check(self.load())
+            except KernelUnavailable as e:
+                self._loaded["error"] = e
+                raise
+        return self._loaded["kernel"]
+
+    def _declines_backend(self, backend: Any, dtype: str) -> str | None:
+        backend_name = getattr(backend, "name", backend)
+        if backend_name not in self.backends and getattr(backend, "array_type", None) not in self.array_types:
+            return f"for backend {'/'.join(self.backends)}, not {backend_name}"
+        if str(dtype) not in self.dtypes:
+            return f"for {'/'.join(self.dtypes)}, not {dtype}"
+        return None
 
 
 @dataclass(frozen=True, eq=False)
-class KernelSpec:
+class KernelSpec(_Loads):
     """A registered kernel: a forward/backward pair for one layer kind.
 
     Args:
         layer: the :class:`arraygpt.nn.core.Kernels` field it replaces, with the config's variant
             after a colon where the field has several (``"norm:layernorm"`` matches
             ``config.norm == "layernorm"``, ``"activation:gelu_tanh"`` ``config.activation``);
-            ``"attention"``, ``"crossentropy"`` and ``"linear"`` have none; or
-            ``"update:adam"``, an optimizer's update (:data:`UPDATES`).
-        load: ``load() -> (forward, backward)`` (for an update: ``load() -> update``, the
-            contract of :func:`select_update`), called once when the kernel is first selected
-            (so registering imports and compiles nothing); raises :class:`KernelUnavailable`
-            saying what is missing.
+            ``"attention"``, ``"crossentropy"``, ``"linear"``, ``"rope"`` and ``"swiglu"`` have none.
+        load: ``load() -> KernelPair(forward, backward)``, called once when the kernel is first
+            selected (so registering imports and compiles nothing); raises
+            :class:`arraygpt.errors.KernelUnavailable` saying what is missing.
         backends: the backend names it runs on (``"numpy"``).
         array_types: it also runs on any backend whose ``array_type`` is one of these (a
             third-party backend that wraps NumPy gets the NumPy kernels).
         dtypes: the dtypes it runs on.
         supports: optional ``supports(config, backend, dtype) -> str | None``: None when it takes
-            this model, else the reason it does not (for an update ``config`` is the optimizer's
-            name).
+            this model, else the reason it does not.
         priority: the highest priority among the specs that take a model wins (ties: the
             last registered, i.e. a third-party plugin before a built-in).
         description: one line for ``arraygpt backends``.
     """
 
     layer: str
-    load: Callable[[], tuple[Callable[..., Any], Callable[..., Any]]]
+    load: Callable[[], KernelPair]
     backends: tuple[str, ...] = ("numpy",)
     array_types: tuple[type, ...] = ()
     dtypes: tuple[str, ...] = ("float32", "float64")
@@ -82,42 +144,31 @@ class KernelSpec:
         """The Kernels field: ``"norm"`` for ``"norm:layernorm"``."""
         return self.layer.partition(":")[0]
 
-    def kernel(self) -> Any:
-        """What ``load`` returns, loaded on first use: (forward, backward), or an update; raises
-        KernelUnavailable."""
-        if "kernel" not in self._loaded:
-            if "error" in self._loaded:
-                raise self._loaded["error"]
-            try:
-                loaded = self.load()
-                self._loaded["kernel"] = loaded if self.kind == UPDATE else tuple(loaded)
-            except KernelUnavailable as e:
-                self._loaded["error"] = e
-                raise
-        return self._loaded["kernel"]
+    def kernel(self) -> KernelPair:
+        """The pair ``load`` returns, loaded on first use; raises KernelUnavailable."""
+        return self._load_once(self._checked)
+
+    def _checked(self, loaded: Any) -> KernelPair:
+        if isinstance(loaded, KernelPair) and callable(loaded.forward) and callable(loaded.backward):
+            return loaded
+        raise PluginError(
+            f"the {self.layer} kernel's load() must return an arraygpt.nn.kernels.KernelPair(forward, backward), "
+            f"got {type(loaded).__name__}"
+        )
 
     def declines(self, config: Any, backend: Any, dtype: str) -> str | None:
-        """Why this spec does not take the model (None: it does); for an update, ``config`` is the
-        optimizer's name. Loads the kernel."""
+        """Why this spec does not take the model (None: it does). Loads the kernel."""
         kind, _, variant = self.layer.partition(":")
-        if kind == UPDATE:
-            if variant not in UPDATES:
-                return f"no optimizer update {variant!r} in this arraygpt (known: {', '.join(UPDATES)})"
-            if config != variant:
-                return f"for the {variant} update, not {config}"
-        elif kind not in core.Kernels._fields:
-            return f"no layer kind {kind!r} in this arraygpt (known: {', '.join(core.Kernels._fields)})"
-        elif variant and getattr(config, kind, None) != variant:
+        if kind not in core.Kernels._fields:
+            hint = "; an optimizer's update is an arraygpt.nn.kernels.UpdateSpec" if kind == "update" else ""
+            return f"no layer kind {kind!r} in this arraygpt (known: {', '.join(core.Kernels._fields)}){hint}"
+        if variant and getattr(config, kind, None) != variant:
             return f"for {kind} {variant!r}; the model uses {getattr(config, kind, None)!r}"
-        backend_name = getattr(backend, "name", backend)
-        if backend_name not in self.backends and getattr(backend, "array_type", None) not in self.array_types:
-            return f"for backend {'/'.join(self.backends)}, not {backend_name}"
-        if str(dtype) not in self.dtypes:
-            return f"for {'/'.join(self.dtypes)}, not {dtype}"
-        if self.supports is not None:
+        reason = self._declines_backend(backend, dtype)
+        if reason is None and self.supports is not None:
             reason = self.supports(config, backend, str(dtype))
-            if reason:
-                return reason
+        if reason:
+            return reason
         try:
             self.kernel()
         except KernelUnavailable as e:
@@ -125,20 +176,76 @@ class KernelSpec:
         return None
 
 
-def registered_kernels(pm: Any = None) -> list[tuple[str, KernelSpec, str]]:
-    """Every registered kernel as ``(name, spec, plugin name)``, last-registered plugin first.
+@dataclass(frozen=True, eq=False)
+class UpdateSpec(_Loads):
+    """A registered optimizer update: one pass over one parameter that replaces an optimizer's
+    reference update and gives its numbers.
+
+    Args:
+        optimizer: the update it replaces, one of :data:`UPDATES` (``"adam"``: Adam's and AdamW's,
+            contract :class:`AdamUpdate`).
+        load: ``load() -> update``, called once when an optimizer first selects it; raises
+            :class:`arraygpt.errors.KernelUnavailable` saying what is missing.
+        backends, array_types, dtypes, priority, description: as for :class:`KernelSpec`.
+        supports: optional ``supports(backend, dtype) -> str | None``: None when it takes
+            parameters of this backend and dtype, else the reason it does not.
+    """
+
+    optimizer: str
+    load: Callable[[], Callable[..., bool]]
+    backends: tuple[str, ...] = ("numpy",)
+    array_types: tuple[type, ...] = ()
+    dtypes: tuple[str, ...] = ("float32", "float64")
+    supports: Callable[[Any, str], str | None] | None = None
+    priority: int = 0
+    description: str = ""
+    _loaded: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    def update(self) -> Callable[..., bool]:
+        """The update ``load`` returns, loaded on first use; raises KernelUnavailable."""
+        return self._load_once(self._checked)
+
+    def _checked(self, loaded: Any) -> Callable[..., bool]:
+        if callable(loaded):
+            return loaded
+        raise PluginError(f"the {self.optimizer} update's load() must return a function, got {type(loaded).__name__}")
+
+    def declines(self, backend: Any, dtype: str) -> str | None:
+        """Why this spec does not take parameters on ``backend`` in ``dtype`` (None: it does).
+        Loads the update."""
+        if self.optimizer not in UPDATES:
+            return f"no optimizer update {self.optimizer!r} in this arraygpt (known: {', '.join(UPDATES)})"
+        reason = self._declines_backend(backend, dtype)
+        if reason is None and self.supports is not None:
+            reason = self.supports(backend, str(dtype))
+        if reason:
+            return reason
+        try:
+            self.update()
+        except KernelUnavailable as e:
+            return str(e)
+        return None
+
+
+Spec = KernelSpec | UpdateSpec
+
+
+def registered_kernels(pm: Any = None) -> list[tuple[str, Spec, str]]:
+    """Every registered kernel and update as ``(name, spec, plugin name)``, last-registered plugin
+    first.
 
     Raises:
-        arraygpt.manager.PluginError: a plugin raised, returned something other than a list of
-            ``{name: KernelSpec}``, or offered a name another plugin offers too.
+        arraygpt.errors.PluginError: a plugin raised, returned something other than a list of
+            ``{name: KernelSpec | UpdateSpec}``, or offered a name another plugin offers too.
     """
     from arraygpt import manager
 
     found = manager.registry_with_owners("kernels", pm)
     for name, (spec, owner) in found.items():
-        if not isinstance(spec, KernelSpec):
-            raise manager.PluginError(
-                f"plugin {owner!r}: kernel {name!r} must be an arraygpt.nn.kernels.KernelSpec, got {type(spec).__name__}"
+        if not isinstance(spec, (KernelSpec, UpdateSpec)):
+            raise PluginError(
+                f"plugin {owner!r}: kernel {name!r} must be an arraygpt.nn.kernels.KernelSpec (a layer's pair) "
+                f"or an arraygpt.nn.kernels.UpdateSpec (an optimizer's update), got {type(spec).__name__}"
             )
     return [(name, spec, owner) for name, (spec, owner) in reversed(found.items())]
 
@@ -150,36 +257,50 @@ def _env_choice() -> str:
     return value
 
 
-def _resolve(
-    config: Any, backend: Any, dtype: str, pm: Any = None, kinds: tuple[str, ...] = core.Kernels._fields
-) -> dict[str, tuple[str, KernelSpec | None, str]]:
-    """Per kind (the Kernels fields, or ``(UPDATE,)`` with ``config`` an optimizer's name):
-    (kernel name or "reference", spec or None, why)."""
+def _backend(backend: Any) -> Any:
+    """The Backend of a name where it loads; else the name (specs then match by name only)."""
     if isinstance(backend, str):
         from arraygpt.xp import BackendUnavailable, load_backend
 
         try:
-            backend = load_backend(backend)
+            return load_backend(backend)
         except (BackendUnavailable, ValueError):
-            pass  # matched by name only
-    candidates: dict[str, list[tuple[str, KernelSpec]]] = {kind: [] for kind in kinds}
-    for name, spec, _ in registered_kernels(pm):
-        if spec.kind in candidates:
-            candidates[spec.kind].append((name, spec))
-    rows: dict[str, tuple[str, KernelSpec | None, str]] = {}
-    for kind, specs in candidates.items():
-        specs.sort(key=lambda item: -item[1].priority)  # stable: last registered first among equals
-        reasons = []
-        for name, spec in specs:
-            reason = spec.declines(config, backend, dtype)
-            if reason is None:
-                why = spec.description or "registered kernel"
-                rows[kind] = (name, spec, why + (f" (passed over: {'; '.join(reasons)})" if reasons else ""))
-                break
-            reasons.append(f"{name}: {reason}")
-        else:
-            rows[kind] = ("reference", None, "; ".join(reasons) if reasons else "no kernel registered")
-    return rows
+            pass
+    return backend
+
+
+def _best(specs: list[tuple[str, Any]], declines: Callable[[Any], str | None]) -> tuple[str, Any, str]:
+    """(name, spec, why) of the highest-priority spec that ``declines`` nothing (ties: the last
+    registered), or ("reference", None, the reasons of the others)."""
+    reasons = []
+    for name, spec in sorted(specs, key=lambda item: -item[1].priority):  # stable: last registered first
+        reason = declines(spec)
+        if reason is None:
+            why = spec.description or "registered kernel"
+            return name, spec, why + (f" (passed over: {'; '.join(reasons)})" if reasons else "")
+        reasons.append(f"{name}: {reason}")
+    return "reference", None, "; ".join(reasons) if reasons else "no kernel registered"
+
+
+def _resolve_layers(config: Any, backend: Any, dtype: str, pm: Any = None) -> dict[str, tuple[str, Any, str]]:
+    """Per Kernels field: (kernel name or "reference", KernelSpec or None, why)."""
+    backend = _backend(backend)
+    specs = [(name, spec) for name, spec, _ in registered_kernels(pm) if isinstance(spec, KernelSpec)]
+    return {
+        kind: _best([s for s in specs if s[1].kind == kind], lambda spec: spec.declines(config, backend, dtype))
+        for kind in core.Kernels._fields
+    }
+
+
+def _resolve_update(optimizer: str, backend: Any, dtype: str, pm: Any = None) -> tuple[str, Any, str]:
+    """(update name or "reference", UpdateSpec or None, why) for ``optimizer``."""
+    backend = _backend(backend)
+    specs = [
+        (name, spec)
+        for name, spec, _ in registered_kernels(pm)
+        if isinstance(spec, UpdateSpec) and spec.optimizer == optimizer
+    ]
+    return _best(specs, lambda spec: spec.declines(backend, dtype))
 
 
 def select_kernels(
@@ -210,24 +331,20 @@ def select_kernels(
     reference = core.reference_kernels(config)
     if choice == "reference" or (choice is None and _env_choice() == "reference"):
         return reference
-    chosen = {kind: spec.kernel() for kind, (_, spec, _) in _resolve(config, backend, dtype, pm).items() if spec}
+    chosen = {kind: spec.kernel() for kind, (_, spec, _) in _resolve_layers(config, backend, dtype, pm).items() if spec}
     return reference._replace(**chosen)
 
 
 def select_update(
     optimizer: str, backend: Any, dtype: str, choice: str | None = None, pm: Any = None
 ) -> Callable[..., bool] | None:
-    """The registered update kernel of ``optimizer`` (one of :data:`UPDATES`) for parameters on
+    """The registered update of ``optimizer`` (one of :data:`UPDATES`) for parameters on
     ``backend`` in ``dtype``, or None: the optimizer then runs its reference update.
 
-    The ``adam`` update's contract, for one parameter, in place, the same numbers as the
-    reference update of ``plugins.optimizers.Adam`` (docs/kernels.md)::
-
-        update(p, g, m, v, *, lr, beta1, beta2, eps, weight_decay, decoupled, step) -> bool
-
-    It returns False, changing nothing, for arrays it does not take (then the caller runs the
-    reference). ``choice``: None or ``"auto"`` (the best registered one, unless
-    ``ARRAYGPT_KERNELS=reference``), or ``"reference"`` (None).
+    The ``adam`` update follows :class:`AdamUpdate`: one parameter, in place, the same numbers as
+    the reference update of ``plugins.optimizers.Adam`` (docs/kernels.md), False (nothing
+    changed) for arrays it does not take. ``choice``: None or ``"auto"`` (the best registered one,
+    unless ``ARRAYGPT_KERNELS=reference``), or ``"reference"`` (None).
 
     Example:
         >>> from arraygpt.nn import kernels
@@ -240,15 +357,16 @@ def select_update(
         raise ValueError(f"no optimizer update {optimizer!r} takes kernels; known: {', '.join(UPDATES)}")
     if choice == "reference" or (choice is None and _env_choice() == "reference"):
         return None
-    _, spec, _ = _resolve(optimizer, backend, dtype, pm, kinds=(UPDATE,))[UPDATE]
-    return spec.kernel() if spec else None
+    _, spec, _ = _resolve_update(optimizer, backend, dtype, pm)
+    return spec.update() if spec else None
 
 
 def describe_kernels(
     config: Any, backend: Any, dtype: str, choice: core.Kernels | str | None = None, pm: Any = None
 ) -> list[tuple[str, str, str]]:
-    """What :func:`select_kernels` picks, as rows ``(layer kind, kernel name or "reference", why)``
-    for ``arraygpt backends``; the layer kind carries the config's variant (``norm:layernorm``).
+    """What :func:`select_kernels` and :func:`select_update` pick, as rows ``(kind, kernel name or
+    "reference", why)`` for ``arraygpt backends``; a layer kind carries the config's variant
+    (``norm:layernorm``), an update its optimizer (``update:adam``).
 
     Example:
         >>> from arraygpt import GPTConfig
@@ -259,15 +377,15 @@ def describe_kernels(
     kinds = [
         kind + (f":{getattr(config, kind)}" if kind in ("norm", "activation") else "") for kind in core.Kernels._fields
     ]
-    updates = [f"{UPDATE}:{name}" for name in UPDATES]
+    updates = [f"update:{name}" for name in UPDATES]
     if isinstance(choice, core.Kernels):
         return [(k, "custom", "a Kernels record passed by the caller") for k in kinds]
     if choice == "reference":
         return [(k, "reference", 'kernels="reference"') for k in kinds + updates]
     if choice is None and _env_choice() == "reference":
         return [(k, "reference", f"{ENV_VAR}=reference") for k in kinds + updates]
-    rows = _resolve(config, backend, dtype, pm)
-    update_rows = [_resolve(name, backend, dtype, pm, kinds=(UPDATE,))[UPDATE] for name in UPDATES]
+    rows = _resolve_layers(config, backend, dtype, pm)
+    update_rows = [_resolve_update(name, backend, dtype, pm) for name in UPDATES]
     return [(label, rows[kind][0], rows[kind][2]) for label, kind in zip(kinds, core.Kernels._fields)] + [
         (label, name, why) for label, (name, _, why) in zip(updates, update_rows)
     ]

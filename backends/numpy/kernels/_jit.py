@@ -1,0 +1,125 @@
+"""Compiling the numpy kernels' numba sources lazily, without replacing what a reader sees.
+
+- ``@lazy_njit`` wraps a kernel's numba source in a :class:`LazyJit`: numba is imported and the
+  source compiled on its first call (per argument types), then cached on disk.
+- ``@jitable`` marks a helper that the sources call (inlined into them). It stays the plain
+  Python function; numba learns to compile it (``numba.extending.register_jitable``) when numba is
+  first imported. ``when_numba_loads(register)`` does the same for any other registration (an
+  ``overload`` that picks an implementation by type).
+- :func:`loader` makes a spec's ``load``: it imports numba (or raises KernelUnavailable saying it
+  is missing) and returns the kernel; nothing is compiled before a call.
+
+Options, chosen by measurement (docs/kernels.md): serial and ``nogil`` (the model already splits a
+batch across threads, so the chunks' kernels run side by side); ``error_model="numpy"`` drops
+the ZeroDivisionError check that otherwise keeps every loop with a division scalar; fastmath lets
+LLVM reassociate sums (vectorized reductions) and use reciprocals, keeping NaN and inf semantics,
+so a diverging run still shows nan. ``exact=True`` compiles without fastmath, for code that must
+round as NumPy does (the optimizer update).
+
+numba's on-disk cache checks only the file of the source it compiled: after editing a helper in
+another file (``_vecmath.py``), delete ``backends/numpy/kernels/__pycache__``.
+
+Not here: the kernels (one family per module beside this one).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from arraygpt.errors import KernelUnavailable
+from arraygpt.nn.kernels import KernelPair
+
+FASTMATH = {"nsz", "arcp", "contract", "reassoc"}
+OPTIONS = dict(nogil=True, cache=True, error_model="numpy", fastmath=FASTMATH)
+EXACT = dict(OPTIONS, fastmath=False)
+
+_lock = threading.RLock()
+_numba: list[Any] = []  # the numba module, once imported
+_registrations: list[Callable[[Any], None]] = []  # run once numba is imported
+
+
+def numba() -> Any:
+    """The numba module, imported (and the helpers registered with it) on first use.
+
+    Raises:
+        KernelUnavailable: numba is not installed.
+    """
+    if _numba:
+        return _numba[0]
+    with _lock:
+        if not _numba:
+            try:
+                import numba as module
+            except ImportError as e:
+                raise KernelUnavailable(f"numba is not installed ({e}); pip install numba") from e
+            for register in _registrations:
+                register(module)
+            _numba.append(module)
+    return _numba[0]
+
+
+def when_numba_loads(register: Callable[[Any], None]) -> None:
+    """Run ``register(numba)`` when numba is imported (now, if it already is)."""
+    with _lock:
+        _registrations.append(register)
+        if _numba:
+            register(_numba[0])
+
+
+def jitable(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Let numba sources call ``fn``, inlined; ``fn`` itself is returned unchanged."""
+    when_numba_loads(lambda numba: numba.extending.register_jitable(inline="always", **OPTIONS)(fn))
+    return fn
+
+
+def _njit(numba: Any, fn: Callable[..., Any], options: dict[str, Any]) -> Any:
+    try:
+        return numba.njit(**options)(fn)
+    except RuntimeError:  # no writable cache folder (numba: "no locator available")
+        return numba.njit(**dict(options, cache=False))(fn)
+
+
+class LazyJit:
+    """A numba source (:attr:`py_func`), compiled with numba on its first call."""
+
+    def __init__(self, fn: Callable[..., Any], options: dict[str, Any]):
+        self.py_func = fn
+        self.options = options
+        self.__name__, self.__doc__, self.__module__ = fn.__name__, fn.__doc__, fn.__module__
+        self._dispatcher: Any = None
+
+    def dispatcher(self) -> Any:
+        """The numba dispatcher (created on first use; it compiles per argument types)."""
+        if self._dispatcher is None:
+            numba_module = numba()
+            with _lock:
+                if self._dispatcher is None:
+                    self._dispatcher = _njit(numba_module, self.py_func, self.options)
+        return self._dispatcher
+
+    def __call__(self, *args: Any) -> Any:
+        return (self._dispatcher or self.dispatcher())(*args)
+
+    def __repr__(self) -> str:
+        return f"<lazy numba kernel {self.__module__}.{self.__name__}>"
+
+
+def lazy_njit(fn: Callable[..., Any] | None = None, *, exact: bool = False) -> Any:
+    """``@lazy_njit`` or ``@lazy_njit(exact=True)`` (no fastmath): a :class:`LazyJit` of ``fn``."""
+    options = EXACT if exact else OPTIONS
+    if fn is None:
+        return lambda f: LazyJit(f, options)
+    return LazyJit(fn, options)
+
+
+def loader(*kernel: Callable[..., Any]) -> Callable[[], Any]:
+    """A spec's ``load``: numba imported (or KernelUnavailable), then ``KernelPair(forward,
+    backward)`` for two functions, the function itself for one (an update)."""
+
+    def load() -> Any:
+        numba()
+        return KernelPair(*kernel) if len(kernel) == 2 else kernel[0]
+
+    return load

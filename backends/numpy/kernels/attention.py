@@ -1,0 +1,194 @@
+"""Causal (and grouped-query) attention over the causal half only: ``layers.attention_forward`` /
+``attention_backward``.
+
+The formulas are the reference's (``arraygpt/nn/layers.py``: y = softmax(q k^T / sqrt(hs) +
+mask) v per head; the backward's ds = a (da - dy . y), as FlashAttention computes the row sums).
+Queries go in blocks of TILE rows, each block's scores and output against only the keys it sees
+(BLAS matmuls), so masked blocks are never computed; the masked softmax and its backward are one
+fused numba pass per row each. A KV cache (queries at the end of longer keys) and grouped-query
+attention are taken; dropout and any argument it does not know go to the reference.
+
+Checked by tests/test_kernels.py, section "attention.py".
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from arraygpt.backends.numpy.kernels._arrays import floats
+from arraygpt.backends.numpy.kernels._jit import lazy_njit, loader
+from arraygpt.backends.numpy.kernels._vecmath import softmax_into
+from arraygpt.nn import layers
+from arraygpt.nn.kernels import KernelSpec
+
+TILE = 64  # query rows per block: a block of queries needs the keys up to its last row only
+
+
+class FusedAttentionCache(layers.AttentionCache):
+    """The fused attention's cache: the reference's fields, with q, k, v C-contiguous (B, NH, T, hs)."""
+
+    __slots__ = ()
+
+
+def _blocks(T: int) -> list[tuple[int, int]]:
+    return [(i0, min(T, i0 + TILE)) for i0 in range(0, T, TILE)]
+
+
+def _split(x: Any, n_head: int) -> Any:  # (B, T, D) -> C-contiguous (B, NH, T, hs)
+    B, T, D = x.shape
+    return np.ascontiguousarray(x.reshape(B, T, n_head, D // n_head).transpose(0, 2, 1, 3))
+
+
+def _merge(x: Any) -> Any:  # (B, NH, T, hs) -> C-contiguous (B, T, D)
+    B, NH, T, hs = x.shape
+    return np.ascontiguousarray(x.transpose(0, 2, 1, 3)).reshape(B, T, NH * hs)
+
+
+def _mT(x: Any) -> Any:  # the last two axes swapped (a view)
+    return np.swapaxes(x, -1, -2)
+
+
+@lazy_njit
+def _causal_softmax(probs, past):
+    # probs (B, NH, T, Tk) holds the scores q k^T where computed; in place, each row becomes
+    # softmax over the keys query i sees (0 .. past + i, past = Tk - T) and 0 after them: the
+    # reference's "+ causal_mask, - max, exp, / sum" in one pass per row
+    B, NH, T, Tk = probs.shape
+    zero = np.zeros(1, probs.dtype)[0]
+    for b in range(B):
+        for h in range(NH):
+            for i in range(T):
+                n = past + i + 1
+                p = probs[b, h, i]
+                softmax_into(p, p, n, zero)
+                for j in range(n, Tk):
+                    p[j] = zero
+
+
+def attention_forward(
+    q: Any, k: Any, v: Any, n_head: int, dropout_p: float = 0.0, coins: Any = None, **more: Any
+) -> tuple[Any, layers.AttentionCache]:
+    """layers.attention_forward, skipping the masked blocks: queries in blocks of TILE rows, each
+    block's scores and output against only the keys it sees (BLAS matmuls), and the masked
+    softmax in one fused pass. Grouped-query attention (``n_kv_head`` < n_head): the queries are
+    viewed as (B, NKV, G, T, hs) and the key/value heads as (B, NKV, 1, Tk, hs), so each matmul
+    broadcasts one key/value head over its G query heads (no repeated copies) and the causal
+    blocks stay those of the plain case. Dropout and any argument it does not know go to the
+    reference (which also raises on an n_kv_head that does not divide n_head)."""
+    n_kv_head = more.pop("n_kv_head", None)
+    B, T, D = q.shape
+    NKV = n_head if n_kv_head is None else n_kv_head
+    if (
+        dropout_p > 0.0
+        or more
+        or n_head < 1
+        or D % n_head
+        or NKV < 1
+        or n_head % NKV
+        or k.ndim != 3
+        or k.shape != v.shape
+        or k.shape[0] != B
+        or k.shape[2] != NKV * (D // n_head)
+        or k.shape[1] < T
+        or type(q) is not np.ndarray
+        or not floats(q, k, v)
+    ):
+        if n_kv_head is not None:
+            more["n_kv_head"] = n_kv_head
+        return layers.attention_forward(q, k, v, n_head, dropout_p, coins, **more)
+    Tk, hs, G = k.shape[1], D // n_head, n_head // NKV
+    past = Tk - T  # keys before the first query (a KV cache)
+    scale = 1.0 / math.sqrt(hs)
+    qh = _split(q * q.dtype.type(scale), n_head)  # (B, NH, T, hs), scaled as the reference does
+    if past:  # decoding: the keys and values as views of the KV cache, read in place by BLAS
+        kh, vh = (x.reshape(B, Tk, NKV, hs).transpose(0, 2, 1, 3) for x in (k, v))  # (B, NKV, Tk, hs)
+    else:  # training: C-contiguous heads, which BLAS's batched products take faster
+        kh, vh = _split(k, NKV), _split(v, NKV)
+    probs = np.empty((B, n_head, T, Tk), dtype=q.dtype)
+    # query head h = j G + g uses key/value head j (transformers' repeat_kv order): views with a
+    # group axis, the key/value heads broadcast over it
+    q5, p5 = qh.reshape(B, NKV, G, T, hs), probs.reshape(B, NKV, G, T, Tk)
+    k5T, v5 = _mT(kh)[:, :, None], vh[:, :, None]  # (B, NKV, 1, hs, Tk), (B, NKV, 1, Tk, hs)
+    for i0, i1 in _blocks(T):  # scores of queries i0..i1-1 against keys 0..past+i1-1
+        np.matmul(q5[..., i0:i1, :], k5T[..., : past + i1], out=p5[..., i0:i1, : past + i1])
+    _causal_softmax(probs, past)
+    yh = np.empty((B, n_head, T, hs), dtype=q.dtype)
+    y5 = yh.reshape(B, NKV, G, T, hs)
+    for i0, i1 in _blocks(T):
+        np.matmul(p5[..., i0:i1, : past + i1], v5[..., : past + i1, :], out=y5[..., i0:i1, :])
+    y = _merge(yh)  # (B, T, D)
+    return y, FusedAttentionCache(qh, kh, vh, y, probs, None, scale)
+
+
+@lazy_njit
+def _causal_softmax_backward(da, probs, dout, y, past):
+    # da (B, NH, T, Tk) holds dy v^T where computed; in place it becomes ds = a (da - dy . y_i)
+    # on the keys query i sees and 0 after them; dout, y (B, T, D)
+    B, NH, T, Tk = probs.shape
+    hs = dout.shape[2] // NH
+    zero = np.zeros(1, probs.dtype)[0]
+    for b in range(B):
+        for h in range(NH):
+            for i in range(T):
+                n = past + i + 1
+                dy, yi = dout[b, i, h * hs : (h + 1) * hs], y[b, i, h * hs : (h + 1) * hs]
+                dy_dot_y = zero
+                for d in range(hs):
+                    dy_dot_y += dy[d] * yi[d]
+                g, p = da[b, h, i], probs[b, h, i]
+                for j in range(n):
+                    g[j] = p[j] * (g[j] - dy_dot_y)
+                for j in range(n, Tk):
+                    g[j] = zero
+
+
+def attention_backward(dout: Any, cache: layers.AttentionCache) -> tuple[Any, Any, Any]:
+    """layers.attention_backward over the blocks the forward computed, the softmax's backward
+    fused into one pass. With grouped key/value heads, dk and dv of a key/value head sum over its
+    G query heads: one matmul over the G*T stacked rows where a key block is seen by every query
+    (as the reference's grouped matmuls), else per query head and summed."""
+    if type(cache) is not FusedAttentionCache:
+        return layers.attention_backward(dout, cache)
+    qh, kh, vh, y, probs, _, scale = cache
+    B, NH, T, hs = qh.shape
+    NKV, Tk = kh.shape[1], kh.shape[2]
+    G, past = NH // NKV, Tk - T
+    dout = np.ascontiguousarray(dout, dtype=qh.dtype)
+    dyh = _split(dout, NH)  # (B, NH, T, hs)
+    ds = np.empty_like(probs)  # da = dy v^T, then ds in place
+    dy5, ds5, p5, q5 = (a.reshape(B, NKV, G, T, a.shape[-1]) for a in (dyh, ds, probs, qh))
+    k5, v5T = kh[:, :, None], _mT(vh)[:, :, None]
+    for i0, i1 in _blocks(T):
+        np.matmul(dy5[..., i0:i1, :], v5T[..., : past + i1], out=ds5[..., i0:i1, : past + i1])
+    _causal_softmax_backward(ds, probs, dout, y, past)
+    dq = np.empty_like(qh)
+    dq5 = dq.reshape(B, NKV, G, T, hs)
+    for i0, i1 in _blocks(T):  # dq = ds k * scale
+        np.matmul(ds5[..., i0:i1, : past + i1], k5[..., : past + i1, :], out=dq5[..., i0:i1, :])
+    dq *= dq.dtype.type(scale)
+    dk, dv = np.empty_like(kh), np.empty_like(vh)
+    dsg, pg, qg, dyg = (a.reshape(B, NKV, G * T, a.shape[-1]) for a in (ds, probs, qh, dyh))  # (B, NKV, G*T, .)
+    for j0, j1 in _blocks(Tk):  # keys j0..j1-1 are seen by queries from j0 - past on
+        r = max(0, j0 - past)
+        if r == 0 or G == 1:  # the rows r.. of every query head are contiguous in the stacked view
+            np.matmul(_mT(dsg[:, :, r:, j0:j1]), qg[:, :, r:], out=dk[:, :, j0:j1])  # ds^T q
+            np.matmul(_mT(pg[:, :, r:, j0:j1]), dyg[:, :, r:], out=dv[:, :, j0:j1])  # a^T dy
+        else:
+            np.sum(np.matmul(_mT(ds5[..., r:, j0:j1]), q5[..., r:, :]), axis=2, out=dk[:, :, j0:j1])
+            np.sum(np.matmul(_mT(p5[..., r:, j0:j1]), dy5[..., r:, :]), axis=2, out=dv[:, :, j0:j1])
+    return _merge(dq), _merge(dk), _merge(dv)
+
+
+SPECS = {
+    "numba_causal_attention": KernelSpec(
+        "attention",
+        loader(attention_forward, attention_backward),
+        backends=("numpy",),
+        array_types=(np.ndarray,),
+        description="masked blocks skipped (BLAS on the rest), masked softmax fused, grouped-query "
+        "attention without repeated keys; dropout runs the reference (numba, serial, nogil)",
+    ),
+}
