@@ -7,6 +7,9 @@ Data tests run with ``draw=False`` and need no matplotlib; drawing tests skip wi
 from __future__ import annotations
 
 import json
+import os
+import re
+import stat
 import sys
 
 import numpy as np
@@ -572,3 +575,294 @@ def test_explain_starts_the_sliders_at_the_generations_settings(model, tok):
     assert swapped.data["page_settings_exact"] is False  # the page applies top-k before top-p
     custom = viz.explain(model, tok, "em", 2, lambda probs: probs, seed=0)
     assert custom.data["page_settings_exact"] is False
+
+
+# ----------------------------------------------------------------------------------------------
+# the page's package data and escaping (issues 20, 21)
+
+
+def test_the_page_is_its_package_files_inlined(model, tok):
+    """page.html with page.css and page.js inlined verbatim, read from the source tree here, and
+    each file listed as package data in pyproject.toml so that a wheel carries it."""
+    from pathlib import Path
+
+    import tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    folder = root / "arraygpt" / "viz"
+    text = viz.explain(model, tok, "em", 2, seed=0).html
+    for name in ("page.css", "page.js"):
+        asset = (folder / name).read_text(encoding="utf-8")
+        assert asset in text, name
+        for unsafe in ("</script", "</style", "<!--", "<script"):  # would end or re-open its element
+            assert unsafe not in asset.lower(), (name, unsafe)
+    assert "__STYLE__" not in text and "__SCRIPT__" not in text and "__DATA__" not in text
+    assert text.count("<script") == 2 and text.count("<style>") == 1
+    data_files = tomllib.loads((root / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["setuptools"][
+        "package-data"
+    ]["arraygpt.viz"]
+    assert sorted(data_files) == sorted(p.name for p in folder.iterdir() if p.suffix in (".html", ".css", ".js"))
+
+
+class _Markup:
+    """A tokenizer whose tokens are markup, placeholders and mathtext (a vocabulary can hold any text)."""
+
+    TOKENS = ["<!--", "<script>", "</script>", "-->", "&amp;", "<b>x</b>", "__DATA__", "__SCRIPT__", "$}$", "a$^$b"]
+    bos_id = eos_id = None
+
+    def decode(self, ids):
+        return "".join(self.TOKENS[int(i) % len(self.TOKENS)] for i in ids)
+
+    def encode(self, text):
+        return [self.TOKENS.index(text)]
+
+
+def _data_block(text):
+    opening = '<script id="data" type="application/json">'
+    start = text.index(opening) + len(opening)
+    return text[start : text.index("</script>", start)]
+
+
+def test_page_data_escapes_lt_gt_and_amp(model):
+    """Every <, > and & of the data is a JSON escape (the parse, by the json module, gives the data
+    back), so no token can end the data's script element or open a comment in it; the title is
+    HTML-escaped and a placeholder in any text stays text."""
+    page = viz.explain(model, _Markup(), [0, 1, 2], 3, seed=0, title="__SCRIPT__ <i>t</i> & __DATA__")
+    block = _data_block(page.html)
+    assert not {"<", ">", "&"} & set(block)
+    assert json.loads(block) == json.loads(json.dumps(page.data))
+    assert set(_Markup.TOKENS) <= set(page.data["labels"].values())
+    assert page.html.count("<script") == 2 and page.html.count("</script>") == 2
+    assert "<title>__SCRIPT__ &lt;i&gt;t&lt;/i&gt; &amp; __DATA__</title>" in page.html
+    assert "<b>" not in page.html and "<!--" not in page.html
+
+
+# ----------------------------------------------------------------------------------------------
+# outputs are written atomically and errors name the path (issue 21)
+
+
+@pytest.fixture
+def full_disk(monkeypatch):
+    """Every file opened for writing by arraygpt.io.files takes 100 bytes, then fails with ENOSPC
+    (errno 28), as a write on a full disk does."""
+    import errno
+
+    import arraygpt.io.files as files
+
+    real_fdopen = os.fdopen
+
+    class Full:
+        def __init__(self, f):
+            self.f, self.written = f, 0
+
+        def write(self, data):
+            room = 100 - self.written
+            if len(data) > room:
+                self.f.write(data[: max(room, 0)])
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            self.written += len(data)
+            return self.f.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    def fdopen(fd, mode="r", *args, **kwargs):
+        f = real_fdopen(fd, mode, *args, **kwargs)
+        return Full(f) if "w" in mode else f
+
+    monkeypatch.setattr(files.os, "fdopen", fdopen)
+
+
+def _left_over(folder):
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
+
+
+def test_a_full_disk_leaves_the_old_picture_and_page(run_dir, tmp_path, capsys, full_disk):
+    old = b"the old file, which must survive\n" * 50
+    cases = [
+        (["plot", "params", "--preset", "gpt2"], tmp_path / "tally.png"),
+        (["explain", "--checkpoint", str(run_dir), "--prompt", "em", "--max-new-tokens", "3"], tmp_path / "p.html"),
+    ]
+    for argv, out in cases:
+        if argv[0] == "plot" and not _has_matplotlib():
+            continue
+        out.write_bytes(old)
+        code, printed, err = _main([*argv, "-o", str(out)], capsys)
+        assert (code, printed, len(err)) == (2, [], 1), err
+        assert str(out) in err[0] and "No space left on device" in err[0] and "unchanged" in err[0], err[0]
+        assert out.read_bytes() == old
+    assert _left_over(tmp_path) == []  # no temporary file left behind
+
+
+def test_a_full_disk_on_a_new_file_writes_nothing(model, tok, tmp_path, full_disk):
+    with pytest.raises(OSError, match=r"cannot write the page .*new\.html: No space left on device; nothing"):
+        viz.explain(model, tok, "em", 2, seed=0).save(tmp_path / "new.html")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this system")
+def test_a_folder_fifo_or_device_as_output_is_refused(run_dir, tmp_path, capsys):
+    folder = tmp_path / "page.html"
+    folder.mkdir()
+    fifo = tmp_path / "fifo.html"
+    os.mkfifo(fifo)
+    (tmp_path / "zero.html").symlink_to("/dev/zero")
+    cases = [
+        (folder, "is a folder"),
+        (fifo, "is a FIFO (named pipe)"),
+        (tmp_path / "zero.html", "is a character device"),
+    ]
+    for out, kind in cases:
+        code, printed, err = _main(["explain", "--checkpoint", str(run_dir), "-o", str(out)], capsys)
+        assert (code, printed, len(err)) == (2, [], 1), err
+        assert (
+            err[0]
+            == f"arraygpt explain: error: {out} {kind}; the page is written only to a regular file: give a file name"
+        )
+    assert folder.is_dir() and list(folder.iterdir()) == [] and stat.S_ISFIFO(os.stat(fifo).st_mode)
+    code, _, err = _main(["plot", "params", "--preset", "gpt2", "-o", str(tmp_path / "page.html" / "..")], capsys)
+    assert code == 2 and "must end in .png or .svg" in err[0]
+    (tmp_path / "d.png").mkdir()
+    code, _, err = _main(["plot", "params", "--preset", "gpt2", "-o", str(tmp_path / "d.png")], capsys)
+    assert code == 2 and err[0].endswith(
+        "d.png is a folder; the picture is written only to a regular file: give a file name"
+    )
+    assert _left_over(tmp_path) == []
+
+
+@needs_mpl
+def test_a_file_size_limit_leaves_the_old_picture(tmp_path):
+    """The kernel refuses the write (RLIMIT_FSIZE: EFBIG, no mocking) half-way through the new
+    PNG: the old file is intact, the message names it, no temporary file is left."""
+    import subprocess
+
+    out = tmp_path / "tally.png"
+    old = b"old" * 100
+    out.write_bytes(old)
+    code = (
+        "import resource, sys; resource.setrlimit(resource.RLIMIT_FSIZE, (4000, 4000)); "
+        "from arraygpt.cli import main; sys.exit(main(sys.argv[1:]))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, "plot", "params", "--preset", "gpt2", "-o", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith(f"arraygpt plot: error: cannot write the picture {out}: File too large"), line
+    assert out.read_bytes() == old and _left_over(tmp_path) == []
+
+
+# ----------------------------------------------------------------------------------------------
+# labels are plain text in every figure (issue 21)
+
+
+@needs_mpl
+def test_dollar_signs_in_labels_are_drawn_as_text(model, run_dir, tmp_path):
+    """Mathtext would raise on "$}$" when the figure is rendered; each figure renders and shows
+    the labels as written."""
+    import shutil
+
+    tok = _Markup()
+    ids = [8, 9, 0, 8]  # "$}$", "a$^$b", "<!--", "$}$"
+    pictures = [
+        viz.plot_attention(model, tok, ids),
+        viz.plot_logit_lens(model, tok, ids),
+        viz.plot_embeddings(model, tok, token=8),
+        viz.plot_distributions(model, tok, ids, 2, seed=0, eos_id=None),
+        viz.plot_param_tally("gpt2", name="$}$ dollars"),
+    ]
+    shutil.copytree(run_dir, tmp_path / "run $}$")
+    pictures.append(viz.plot_training_curves(tmp_path / "run $}$"))
+    for picture in pictures:
+        assert picture.png().startswith(PNG)  # rendering parses every text
+        assert picture.save(tmp_path / "x.svg") == tmp_path / "x.svg"
+    attention = pictures[0].figure.axes[0]
+    assert [t.get_text() for t in attention.get_xticklabels()] == ["$}$", "a$^$b", "<!--", "$}$"]
+    texts = [t.get_text() for ax in pictures[2].figure.axes for t in ax.texts]
+    assert "$}$" in texts and "a$^$b" in texts
+    assert pictures[4].figure.axes[0].get_title().startswith("$}$ dollars")
+    assert pictures[5].figure.axes[0].get_title() == "training curves: run $}$"
+
+
+# ----------------------------------------------------------------------------------------------
+# metrics.jsonl is read as a regular file, bounded, line by line (issue 21)
+
+GOOD = '{"event": "train", "step": 1, "loss": 3.5, "lr": 0.001}\n'
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        (
+            '{"event": "train", "step": [1], "loss": 3.0, "lr": 0.1}\n',
+            "line 2: the train record's 'step' is [1], not a number",
+        ),
+        (
+            '{"event": "eval", "step": 2, "val_loss": "low"}\n',
+            "line 2: the eval record's 'val_loss' is 'low', not a number",
+        ),
+        ('{"event": "train", "step": true, "loss": 1, "lr": 1}\n', "line 2: the train record's 'step' is True"),
+        ('{"event": "train", "step": 1' + "0" * 400 + ', "loss": 1, "lr": 1}\n', "not a number"),
+        ("[" * 100_000 + "]" * 100_000 + "\n", "line 2 is nested too deeply"),
+        ('{"event": "train", "step": 1, "note": "\xff"}\n'.encode("latin-1"), "line 2 is not UTF-8 text"),
+        ("not json\n", "line 2 is not JSON"),
+        ("[1, 2]\n", "line 2 is not a JSON object"),
+        ('{"pad": "' + "x" * (1024 * 1024) + '"}\n', "line 2 is over 1048576 bytes"),
+    ],
+    ids=["list-step", "text-loss", "bool-step", "huge-int", "deep", "latin-1", "not-json", "not-object", "long"],
+)
+def test_a_bad_metrics_line_names_the_file_and_line(tmp_path, capsys, line, message):
+    path = tmp_path / "metrics.jsonl"
+    path.write_bytes(GOOD.encode() + (line if isinstance(line, bytes) else line.encode()) + GOOD.encode())
+    with pytest.raises(ValueError, match=re.escape(f"{path} {message}" if "line 2 is" in message else message)):
+        viz.plot_training_curves(tmp_path, draw=False)
+    code, printed, err = _main(["plot", "loss", "--run", str(tmp_path), "-o", str(tmp_path / "l.png")], capsys)
+    assert (code, printed, len(err)) == (2, [], 1) and str(path) in err[0] and message in err[0], err
+
+
+def test_metrics_skip_a_cut_off_last_line_and_other_events(tmp_path):
+    records = [
+        {"event": "start", "step": 0, "config": {"n": [1, 2]}},
+        {"event": "train", "step": 1, "loss": 3.5, "lr": 0.001},
+        {"event": ["odd"], "step": "x"},
+        {"event": "eval", "step": 1, "train_loss": None, "val_loss": 3.25},
+        {"event": "train", "step": 2, "loss": float("nan"), "lr": 0.002},
+    ]
+    text = "".join(json.dumps(r) + "\n" for r in records) + "\n"
+    (tmp_path / "metrics.jsonl").write_bytes(text.encode() + b'{"event": "train", "step": 3, "lo\xc3')
+    c = viz.plot_training_curves(tmp_path, draw=False)
+    np.testing.assert_array_equal(c.steps, [1, 2])
+    np.testing.assert_array_equal(c.loss, [3.5, np.nan])
+    np.testing.assert_array_equal(c.lr, [0.001, 0.002])
+    np.testing.assert_array_equal(c.eval_steps, [1])
+    np.testing.assert_array_equal(c.train_loss, [np.nan])
+    np.testing.assert_array_equal(c.val_loss, [3.25])
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this system")
+def test_a_metrics_file_that_is_not_a_regular_file_is_refused_at_once(tmp_path, capsys, monkeypatch):
+    fifo_run, zero_run, big_run = tmp_path / "fifo", tmp_path / "zero", tmp_path / "big"
+    for folder in (fifo_run, zero_run, big_run):
+        folder.mkdir()
+    os.mkfifo(fifo_run / "metrics.jsonl")  # opened without blocking, so this cannot hang
+    (zero_run / "metrics.jsonl").symlink_to("/dev/zero")
+    with open(big_run / "metrics.jsonl", "wb") as f:  # sparse: refused from its size, never read
+        f.truncate(viz.figures.MAX_METRICS_BYTES + 1)
+    for argv, fragment in [
+        (["--run", str(fifo_run)], "the metrics file is a FIFO (named pipe), not a regular file"),
+        (["--checkpoint", str(fifo_run)], "the metrics file is a FIFO (named pipe), not a regular file"),
+        (["--run", str(zero_run)], "the metrics file is a character device, not a regular file"),
+        (["--run", str(big_run)], f"bytes; at most {viz.figures.MAX_METRICS_BYTES} are read"),
+    ]:
+        code, printed, err = _main(["plot", "loss", *argv, "-o", str(tmp_path / "l.png")], capsys)
+        assert (code, printed, len(err)) == (2, [], 1), err
+        assert f"{argv[1]}/metrics.jsonl: " in err[0] and fragment in err[0], err[0]

@@ -244,3 +244,62 @@ def test_logit_lens_table(page, explained):
     for layer, row in enumerate(rows[1:]):
         assert row[0] == lens.layer_names[layer]
         assert row[1:] == [lens.top_labels[layer][t][0] for t in range(len(lens.tokens))]
+
+
+# ----------------------------------------------------------------------------------------------
+# a vocabulary of markup (issue 21): the page renders and shows every token as text
+
+# "<!--" then "<script>" inside a script element hide its end tag (HTML's double-escaped script data
+# state) unless "<" is escaped; a "-->" after them would undo that, so it comes first.
+MARKUP = ["-->", "<!--", "<script>", "</script>", "&amp;", "<b>bold</b>", "__DATA__", "$}$", "a", "b"]
+
+
+@pytest.fixture(scope="module")
+def markup_page(tmp_path_factory):
+    """``arraygpt explain`` of a tiny GPT-2 directory whose tokenizer.json (a WordLevel model built
+    with the ``tokenizers`` library) holds markup as ordinary tokens."""
+    tokenizers = pytest.importorskip("tokenizers")
+    from arraygpt.cli import main
+    from arraygpt.config import GPTConfig
+    from arraygpt.nn.model import GPT
+
+    folder = tmp_path_factory.mktemp("markup")
+    vocab = {token: i for i, token in enumerate(["[UNK]", *MARKUP])}
+    reference = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
+    reference.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    model_dir = folder / "model"
+    config = GPTConfig(vocab_size=len(vocab), block_size=16, n_layer=1, n_head=2, n_embd=8)
+    arraygpt.save(GPT(config, seed=0), model_dir, format="gpt2")
+    reference.save(str(model_dir / "tokenizer.json"))
+    out = folder / "page.html"
+    prompt = "<!-- <script> &amp; </script> <b>bold</b> __DATA__"
+    code = main(
+        ["explain", "--checkpoint", str(model_dir), "--prompt", prompt, "--max-new-tokens", "6", "-o", str(out)]
+    )
+    assert code == 0
+    return reference, prompt, out
+
+
+def test_a_vocabulary_of_markup_renders_as_text(browser, markup_page):
+    reference, prompt, path = markup_page
+    context = browser.new_context()
+    tab = context.new_page()
+    errors = []
+    tab.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    tab.on("pageerror", lambda e: errors.append(str(e)))
+    try:
+        tab.goto(path.as_uri())
+        tab.wait_for_selector("#bars .bar", timeout=5_000)
+        assert tab.evaluate("document.scripts.length") == 2  # the data's and the code's
+        assert tab.locator("b").count() == 0  # no token became markup
+        shown = tab.eval_on_selector_all("#text span", "els => els.map(e => e.textContent)")
+        ids = reference.encode(prompt).ids
+        assert shown[: len(ids)] == prompt.split() == [reference.id_to_token(i) for i in ids]
+        generated = tab.evaluate("window.arraygpt.data.generated")
+        assert shown[len(ids) :] == [reference.id_to_token(i) for i in generated] and len(generated) == 6
+        labels = tab.evaluate("window.arraygpt.data.labels")
+        assert labels == {str(i): reference.id_to_token(i) for i in range(reference.get_vocab_size())}
+        assert tab.title() == "arraygpt: inside one generation"
+        assert errors == [], f"console errors: {errors}"
+    finally:
+        context.close()

@@ -14,14 +14,16 @@ in ``.png`` or ``.svg`` (default ``KIND.png``); the path written is printed. The
 those of ``arraygpt sample``, taken from its parser.
 
 This module only parses options and calls ``arraygpt.viz.figures`` (which draws with matplotlib,
-``pip install 'arraygpt[viz]'``). Its option helpers are shared with ``arraygpt explain``. Bad input
-exits 2 with one line on stderr (``arraygpt.cli.main``); every check is made here, in ``run``,
-rather than by argparse, so that the message is that one line.
+``pip install 'arraygpt[viz]'``, and writes the file atomically: a failed write leaves the file
+that was there unchanged, and the message names the path). Its option helpers are shared with
+``arraygpt explain``. Bad input exits 2 with one line on stderr (``arraygpt.cli.main``); every
+check is made here, in ``run``, rather than by argparse, so that the message is that one line.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 from typing import Any
 
@@ -88,12 +90,15 @@ def load_model(directory: str | None, needed_by: str, *, tokenizer: bool = True)
     return ckpt.model, ckpt.tokenizer, list(ckpt.prompt_prefix)
 
 
-def output_path(path: str | None, default: str, suffixes: tuple[str, ...]) -> Path:
-    """``-o``'s path (``default`` when not given), refused unless it ends in one of ``suffixes``."""
+def output_path(path: str | None, default: str, suffixes: tuple[str, ...], what: str) -> Path:
+    """``-o``'s path (``default`` when not given), refused unless it ends in one of ``suffixes``
+    and is a regular file or a new name (not a folder, FIFO or device), before any work is done."""
+    from arraygpt.viz.output import check_output
+
     out = Path(path if path else default)
     if out.suffix.lower() not in suffixes:
         raise ValueError(f"-o {out}: the file name must end in {' or '.join(suffixes)}")
-    return out
+    return check_output(out, what)
 
 
 # -- arraygpt plot ------------------------------------------------------------------------------
@@ -129,15 +134,15 @@ def run(args: argparse.Namespace) -> int:
     """Draw the picture and print the path of the file written."""
     from arraygpt import viz
     from arraygpt.generation.sampling import check_number
-    from arraygpt.training.loop import METRICS_FILE
+    from arraygpt.training.log import METRICS_FILE
 
     kind = _check_kind(args.kind)
-    out = output_path(args.output, f"{kind}.png", SUFFIXES)
+    out = output_path(args.output, f"{kind}.png", SUFFIXES, "picture")
     check_number("--dpi", args.dpi, 1, MAX_DPI, integer=True)
     sampler, options = generation_options(args)
     if kind == "loss":
         run_dir = args.run
-        if run_dir is None and args.checkpoint and (Path(args.checkpoint) / METRICS_FILE).is_file():
+        if run_dir is None and args.checkpoint and os.path.lexists(Path(args.checkpoint) / METRICS_FILE):
             run_dir = args.checkpoint
         if run_dir is None:
             raise ValueError("loss needs --run DIR (a training run folder with metrics.jsonl)")

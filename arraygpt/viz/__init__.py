@@ -1,8 +1,8 @@
-"""Pictures of a model (matplotlib, imported only inside the functions that draw) and the one
-self-contained interactive page."""
+"""Pictures of a model (``figures``: matplotlib, imported only inside the functions that draw) and
+the one self-contained interactive page (``page``: its HTML, style and script are package data).
+Every file is written atomically (``output``)."""
 
 from arraygpt.viz.figures import (
-    explain,
     nearest_neighbours,
     pca,
     plot_attention,
@@ -14,6 +14,7 @@ from arraygpt.viz.figures import (
     prompt_ids,
     token_label,
 )
+from arraygpt.viz.page import explain
 
 __all__ = [
     "explain",

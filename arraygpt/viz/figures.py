@@ -17,18 +17,15 @@ matplotlib.
     plot_training_curves(run_dir)            train/val loss and learning rate against the step
     plot_param_tally("gpt3-175b")            count_params's categories as bars
 
-``explain(model, tok, prompt)`` builds one self-contained HTML page (data as inline JSON, script and
-style inline, no network): the generated tokens, each one's distribution with sliders for
-temperature, top-k, top-p and min-p recomputed in the page exactly as ``make_sampler`` does, the
-attention pattern of a chosen layer and head, and the logit lens.
-
 matplotlib is an optional extra (``pip install 'arraygpt[viz]'``), imported only inside the drawing
 functions. Figures are ``matplotlib.figure.Figure`` objects on the Agg canvas: no pyplot, no display,
-no global state. Every record has ``save(path)`` (``.png``, ``.svg``, ``.pdf``) and ``_repr_html_``
-(Jupyter shows the picture).
+no global state. Every record has ``save(path)`` (``.png``, ``.svg``, ``.pdf``: rendered in memory,
+then written atomically by ``arraygpt.viz.output``) and ``_repr_html_`` (Jupyter shows the picture).
+Token labels and names are drawn as plain text (``parse_math=False``): a ``$`` in a token is a
+dollar sign, never mathtext.
 
-Not here: the model's math (``arraygpt.model``), sampling (``arraygpt.generation.sampling``), the
-``arraygpt plot`` and ``arraygpt explain`` commands (``arraygpt.cli.plot``, ``arraygpt.cli.explain``:
+Not here: the interactive page (``arraygpt.viz.page``), the model's math (``arraygpt.nn``), sampling
+(``arraygpt.generation.sampling``), the ``arraygpt plot`` and ``arraygpt explain`` commands (``arraygpt.cli.plot``, ``arraygpt.cli.explain``:
 they only parse options and save).
 
 Shape legend: L layers, NH heads, T positions, V vocabulary, C embedding width, K candidates,
@@ -37,6 +34,7 @@ N generated tokens.
 
 from __future__ import annotations
 
+import array
 import base64
 import contextlib
 import html
@@ -55,12 +53,10 @@ __all__ = [
     "AttentionPatterns",
     "Distributions",
     "EmbeddingMap",
-    "Explanation",
     "LogitLens",
     "ParamTally",
     "Picture",
     "TrainingCurves",
-    "explain",
     "nearest_neighbours",
     "pca",
     "plot_attention",
@@ -70,11 +66,13 @@ __all__ = [
     "plot_param_tally",
     "plot_training_curves",
     "prompt_ids",
+    "read_metrics",
     "token_label",
 ]
 
 INSTALL_HINT = "pip install 'arraygpt[viz]'"
-PAGE_SAMPLERS = ("top_k", "top_p", "min_p")  # the page applies these, in this order, after the temperature
+MAX_METRICS_BYTES = 256 * 1024 * 1024  # a metrics.jsonl of 1.7M logged steps; read as a regular file only
+MAX_METRICS_LINE = 1024 * 1024  # bytes in one record; a real one is a few hundred
 
 
 # ----------------------------------------------------------------------------------------------
@@ -105,12 +103,15 @@ class Picture:
         """Write the figure to ``path`` (format from the suffix: .png, .svg, .pdf); returns the path."""
         if self.figure is None:
             raise ValueError(f"this {type(self).__name__} was made with draw=False: there is no figure to save")
-        path = Path(path)
-        if path.suffix.lower() not in (".png", ".svg", ".pdf"):
+        from arraygpt.viz.output import check_output, write_output
+
+        path = check_output(path, "picture")
+        suffix = path.suffix.lower()
+        if suffix not in (".png", ".svg", ".pdf"):
             raise ValueError(f"cannot tell the image format of {path}: use a .png, .svg or .pdf name")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.figure.savefig(path, dpi=dpi)
-        return path
+        buf = io.BytesIO()  # rendered whole before the file is touched
+        self.figure.savefig(buf, format=suffix[1:], dpi=dpi)
+        return write_output(path, buf.getvalue(), "picture")
 
     def png(self, dpi: int = 100) -> bytes:
         """The figure as PNG bytes."""
@@ -323,7 +324,9 @@ def _draw_distributions(d: Distributions) -> Any:
     height = max((len(p) for p in d.panels), default=4) * 0.22 + 0.9
     fig = _figure(3.1 * cols, height * rows + 0.5)
     fig.suptitle(
-        f"next-token distributions  ·  grey: the model's softmax  ·  blue: after the sampler ({d.sampler})", fontsize=9
+        f"next-token distributions  ·  grey: the model's softmax  ·  blue: after the sampler ({d.sampler})",
+        fontsize=9,
+        parse_math=False,
     )
     if not d.panels:
         fig.text(0.5, 0.5, "no token was generated", ha="center")
@@ -333,7 +336,7 @@ def _draw_distributions(d: Distributions) -> Any:
         y = np.arange(len(rows_))[::-1]
         ax.barh(y, [r[2] for r in rows_], height=0.8, color="#c8c8c8", label="model")
         ax.barh(y, [r[3] for r in rows_], height=0.45, color="#2f6fb5", label="sampler")
-        ax.set_yticks(y, [r[1] + (" ◀" if r[4] else "") for r in rows_], fontsize=8)
+        ax.set_yticks(y, [r[1] + (" ◀" if r[4] else "") for r in rows_], fontsize=8, parse_math=False)
         for tick, r in zip(ax.get_yticklabels(), rows_):
             if r[4]:
                 tick.set_color("#c0392b")
@@ -344,6 +347,7 @@ def _draw_distributions(d: Distributions) -> Any:
         ax.set_title(
             f"token {n_panel + 1}: {d.labels[n_panel]}  (p={chosen.p_sampler:.2f}, model {chosen.p_model:.2f})",
             fontsize=8,
+            parse_math=False,
         )
     return fig
 
@@ -421,8 +425,8 @@ def _draw_attention(a: AttentionPatterns, layers: Sequence[int]) -> Any:
             image = ax.imshow(data, cmap=cmap, vmin=0.0, vmax=1.0, interpolation="nearest")
             ax.set_title(f"layer {layer + 1} · head {h + 1}", fontsize=8)
             if show_labels:
-                ax.set_xticks(range(T), a.labels, fontsize=7, rotation=rotation)
-                ax.set_yticks(range(T), a.labels if h == 0 else [""] * T, fontsize=7)
+                ax.set_xticks(range(T), a.labels, fontsize=7, rotation=rotation, parse_math=False)
+                ax.set_yticks(range(T), a.labels if h == 0 else [""] * T, fontsize=7, parse_math=False)
             else:
                 ax.tick_params(labelsize=6)
             if h == 0:
@@ -526,8 +530,9 @@ def _draw_logit_lens(lens: LogitLens) -> Any:
                 va="center",
                 fontsize=8,
                 color="white" if p > 0.6 else "black",
+                parse_math=False,
             )
-    ax.set_xticks(range(T), lens.labels, fontsize=8)
+    ax.set_xticks(range(T), lens.labels, fontsize=8, parse_math=False)
     ax.set_yticks(range(n_layers), lens.layer_names, fontsize=8)
     ax.set_xlabel("input token at each position (the cell is the guess for the token after it)", fontsize=8)
     ax.set_title("logit lens: the top next-token guess read after each block", fontsize=9)
@@ -647,6 +652,7 @@ def _draw_embeddings(e: EmbeddingMap, max_labels: int) -> Any:
             fontweight="bold" if special else "normal",
             xytext=(2, 2),
             textcoords="offset points",
+            parse_math=False,
         )
     if e.token is not None:
         t = e.token
@@ -656,7 +662,7 @@ def _draw_embeddings(e: EmbeddingMap, max_labels: int) -> Any:
         side.axis("off")
         lines = [f"nearest to {e.labels[t]!s}", "(cosine, all dims)", ""]
         lines += [f"{label:>6}  {c:+.3f}" for _, label, c in e.neighbours]
-        side.text(0.0, 1.0, "\n".join(lines), va="top", family="monospace", fontsize=9)
+        side.text(0.0, 1.0, "\n".join(lines), va="top", family="monospace", fontsize=9, parse_math=False)
     r = e.variance_ratio
     ax.set_xlabel(f"PC1 ({r[0]:.0%} of the variance)", fontsize=8)
     ax.set_ylabel(f"PC2 ({r[1]:.0%} of the variance)" if len(r) > 1 else "", fontsize=8)
@@ -689,59 +695,111 @@ class TrainingCurves(Picture):
     val_loss: np.ndarray
 
 
-def read_metrics(run_dir: str | os.PathLike[str]) -> tuple[Path, list[dict[str, Any]]]:
-    """(the metrics file, its records) of a run folder (or of a metrics.jsonl given directly).
+CURVES = {"train": ("step", "loss", "lr"), "eval": ("step", "train_loss", "val_loss")}  # event -> keys drawn
+
+
+def read_metrics(run_dir: str | os.PathLike[str]) -> tuple[Path, dict[str, dict[str, np.ndarray]]]:
+    """The metrics file of a run folder (or a metrics.jsonl given directly) and its curves: for
+    each event of :data:`CURVES`, each of its keys as a float64 column in file order (NaN where a
+    record holds null or lacks the key). Other records are checked to be JSON objects and skipped.
+
+    The file is read as a regular file of at most :data:`MAX_METRICS_BYTES`, line by line (each at
+    most :data:`MAX_METRICS_LINE`), keeping only the columns: memory follows the steps logged. A
+    last line without its newline that does not parse is skipped: a run killed mid-write, or one
+    still writing.
 
     Raises:
         FileNotFoundError: no metrics file there.
-        ValueError: a line that is not a JSON object (the message names the line).
+        ValueError: (``CheckpointError`` for the file itself) a FIFO, device or folder where the
+            file should be, a file over the limit, or a line that is not UTF-8, not a JSON object,
+            nested too deeply, or whose step, loss or lr is not a number: the message names the
+            file and the line.
     """
-    from arraygpt.training.loop import METRICS_FILE
+    from arraygpt.errors import CheckpointError
+    from arraygpt.io.files import open_regular
+    from arraygpt.training.log import METRICS_FILE
 
     path = Path(run_dir)
     if path.is_dir():
         path = path / METRICS_FILE
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise FileNotFoundError(f"no {METRICS_FILE} at {run_dir} (give a training run folder, e.g. runs/names)")
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
+    columns = {event: {key: array.array("d") for key in keys} for event, keys in CURVES.items()}
+    f, size = open_regular(path, "metrics file")
+    with f:
+        if size > MAX_METRICS_BYTES:
+            raise CheckpointError(f"{path}: the metrics file is {size} bytes; at most {MAX_METRICS_BYTES} are read")
+        read, n = 0, 0
+        while line := f.readline(MAX_METRICS_LINE + 1):
+            n += 1
+            read += len(line)
+            if read > MAX_METRICS_BYTES:
+                raise CheckpointError(f"{path}: the metrics file grew past {MAX_METRICS_BYTES} bytes while read")
+            if len(line) > MAX_METRICS_LINE:
+                raise ValueError(f"{path} line {n} is over {MAX_METRICS_LINE} bytes; a metrics record is a few hundred")
+            record = _metrics_record(path, n, line)
+            if record is None:
                 continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path} line {n} is not JSON: {e}") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{path} line {n} is not a JSON object")
-            records.append(record)
-    return path, records
+            event = record.get("event")
+            if isinstance(event, str) and event in columns:
+                for key, column in columns[event].items():
+                    column.append(_metrics_number(path, n, event, key, record.get(key)))
+    return path, {event: {k: np.array(c, dtype=np.float64) for k, c in cs.items()} for event, cs in columns.items()}
+
+
+def _metrics_record(path: Path, n: int, line: bytes) -> dict[str, Any] | None:
+    """Line ``n`` of a metrics file as a JSON object; None for a blank line or a cut-off last line."""
+    if not line.strip():
+        return None
+    cut_off = not line.endswith(b"\n")  # only the last line can lack its newline
+    try:
+        record = json.loads(line.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        if cut_off:
+            return None
+        raise ValueError(f"{path} line {n} is not UTF-8 text ({e.reason} at byte {e.start} of the line)") from None
+    except RecursionError:
+        raise ValueError(f"{path} line {n} is nested too deeply to be a metrics record") from None
+    except ValueError as e:  # JSONDecodeError, or an integer of more digits than Python converts
+        if cut_off:
+            return None
+        raise ValueError(f"{path} line {n} is not JSON: {e}") from None
+    if not isinstance(record, dict):
+        raise ValueError(f"{path} line {n} is not a JSON object")
+    return record
+
+
+def _metrics_number(path: Path, n: int, event: str, key: str, value: Any) -> float:
+    if value is None:
+        return math.nan
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        try:
+            return float(value)
+        except OverflowError:
+            pass
+    raise ValueError(f"{path} line {n}: the {event} record's {key!r} is {value!r:.60}, not a number")
 
 
 def plot_training_curves(run_dir: str | os.PathLike[str], *, draw: bool = True) -> TrainingCurves:
     """Train loss (each ``train`` record), train/val loss of each evaluation, and the learning
-    rate, against the step, from a run folder's metrics.jsonl.
+    rate, against the step, from a run folder's metrics.jsonl (read by :func:`read_metrics`).
 
     Raises:
-        FileNotFoundError: no metrics.jsonl; ValueError: it holds no ``train`` record.
+        FileNotFoundError: no metrics.jsonl; ValueError: a bad file or line (see
+            :func:`read_metrics`), or no ``train`` or ``eval`` record.
     """
-    path, records = read_metrics(run_dir)
-    train = [r for r in records if r.get("event") == "train"]
-    evals = [r for r in records if r.get("event") == "eval"]
-    if not train and not evals:
+    path, curves = read_metrics(run_dir)
+    train, evals = curves["train"], curves["eval"]
+    if not len(train["step"]) and not len(evals["step"]):
         raise ValueError(f"{path} holds no train or eval records (did the run log any step?)")
-
-    def column(rows: list[dict[str, Any]], key: str) -> np.ndarray:
-        return np.array([float(r[key]) if r.get(key) is not None else math.nan for r in rows], dtype=np.float64)
-
     out = TrainingCurves(
         path=path,
-        steps=column(train, "step"),
-        loss=column(train, "loss"),
-        lr=column(train, "lr"),
-        eval_steps=column(evals, "step"),
-        train_loss=column(evals, "train_loss"),
-        val_loss=column(evals, "val_loss"),
+        steps=train["step"],
+        loss=train["loss"],
+        lr=train["lr"],
+        eval_steps=evals["step"],
+        train_loss=evals["train_loss"],
+        val_loss=evals["val_loss"],
     )
     if draw:
         out.figure = _draw_training_curves(out)
@@ -759,7 +817,7 @@ def _draw_training_curves(c: TrainingCurves) -> Any:
     loss_ax.set_ylabel("cross-entropy (nats/token)", fontsize=8)
     loss_ax.legend(fontsize=8)
     loss_ax.grid(alpha=0.3)
-    loss_ax.set_title(f"training curves: {c.path.parent.name}", fontsize=9)
+    loss_ax.set_title(f"training curves: {c.path.parent.name}", fontsize=9, parse_math=False)
     lr_ax.plot(c.steps, c.lr, color="#27ae60", lw=1.2)
     lr_ax.set_ylabel("learning rate", fontsize=8)
     lr_ax.set_xlabel("step", fontsize=8)
@@ -858,400 +916,9 @@ def _draw_param_tally(t: ParamTally) -> Any:
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: _short(v) if v else "0"))
     ax.tick_params(axis="x", labelsize=7)
     ax.set_xlabel("parameters (each bar: one kind of matrix, all layers together)", fontsize=8)
-    ax.set_title(f"{t.name}: {t.total:,} parameters  ·  the eight matrix kinds sum to {t.matrices:,}", fontsize=9)
+    ax.set_title(
+        f"{t.name}: {t.total:,} parameters  ·  the eight matrix kinds sum to {t.matrices:,}",
+        fontsize=9,
+        parse_math=False,
+    )
     return fig
-
-
-# ----------------------------------------------------------------------------------------------
-# one self-contained interactive page
-
-
-@dataclass(eq=False)
-class Explanation:
-    """What :func:`explain` built: the page's data and the page itself.
-
-    Attributes:
-        data: the JSON-able dict inlined in the page (prompt, generated tokens, per-token logits,
-            attention patterns, logit lens).
-        html: the page: one file, data, script and style inline, no network.
-        distributions, attention, lens: the records the data came from (``draw=False``).
-    """
-
-    data: dict[str, Any]
-    html: str
-    distributions: Distributions
-    attention: AttentionPatterns
-    lens: LogitLens
-
-    def save(self, path: str | os.PathLike[str]) -> Path:
-        """Write the page to ``path`` (UTF-8); returns the path."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(self.html, encoding="utf-8")
-        return path
-
-    def _repr_html_(self) -> str:
-        # an iframe keeps the page's script and style apart from the notebook's
-        return (
-            f'<iframe srcdoc="{html.escape(self.html, quote=True)}" style="width:100%;height:760px;border:0" '
-            'sandbox="allow-scripts"></iframe>'
-        )
-
-
-def explain(
-    model: Any,
-    tokenizer: Any,
-    prompt: str | Sequence[int],
-    max_new_tokens: int = 20,
-    sampler: str | Sequence[str] = "temperature",
-    *,
-    temperature: float = 1.0,
-    seed: int = 1337,
-    prefix: Sequence[int] = (),
-    k: int = 10,
-    max_vocab: int = 4096,
-    max_positions: int = 48,
-    title: str = "arraygpt: inside one generation",
-    **sampler_options: Any,
-) -> Explanation:
-    """Generate after ``prompt`` and build the interactive page.
-
-    Args:
-        max_new_tokens, sampler, temperature, seed, **sampler_options: as ``generate``; the
-            sliders start at these settings.
-        k: candidates listed per token.
-        max_vocab: a larger vocabulary keeps only each step's ``max_vocab`` largest logits in the
-            page (its distributions are then over those tokens; the page says so).
-        max_positions: attention and lens show at most the last this many positions (a forward
-            over those positions alone).
-
-    The sliders start at the generation's settings. The page applies temperature, then top-k,
-    top-p and min-p in that order (``make_sampler(["top_k", "top_p", "min_p"], ...)``); for a
-    plugin's sampler or another order it says that its recomputation differs.
-    """
-    dist = plot_distributions(
-        model,
-        tokenizer,
-        prompt,
-        max_new_tokens,
-        sampler,
-        temperature=temperature,
-        k=k,
-        seed=seed,
-        prefix=prefix,
-        draw=False,
-        **sampler_options,
-    )
-    context = _window(model, dist.prompt + dist.tokens)[-max_positions:]
-    att = plot_attention(model, tokenizer, context, draw=False)
-    lens = plot_logit_lens(model, tokenizer, context, k=5, draw=False)
-    V = model.config.vocab_size
-    steps = []
-    for c, logits in zip(dist.candidates, dist.logits):
-        if max_vocab < V:
-            keep = np.sort(np.argsort(-logits, kind="stable")[:max_vocab])
-            if c.token not in keep:
-                keep = np.sort(np.append(keep[:-1], c.token))
-        else:
-            keep = np.arange(V)
-        steps.append(
-            {
-                "token": c.token,
-                "p_model": c.p_model,
-                "p_sampler": c.p_sampler,
-                "ids": keep.tolist(),
-                "logits": logits[keep].tolist(),
-            }
-        )
-    shown_ids = sorted(
-        {i for s in steps for i in s["ids"]} | set(dist.prompt) | set(context) | {int(i) for i in lens.top_ids.ravel()}
-    )
-    n_generated = len(dist.tokens)
-    names = (
-        [sampler]
-        if isinstance(sampler, str)
-        else list(sampler)
-        if isinstance(sampler, (list, tuple))
-        else [getattr(sampler, "__name__", "filter")]
-    )
-    settings = {
-        "temperature": 0.0 if "greedy" in names else float(temperature),
-        "top_k": int(sampler_options.get("top_k", 0) or 0),
-        "top_p": float(sampler_options.get("top_p", 1.0)),
-        "min_p": float(sampler_options.get("min_p", 0.0)),
-    }
-    known = {"temperature", "greedy", *PAGE_SAMPLERS}
-    in_order = [n for n in names if n in PAGE_SAMPLERS] == [n for n in PAGE_SAMPLERS if n in names]
-    data = {
-        "title": title,
-        "sampler": dist.sampler,
-        "settings": settings,
-        "page_settings_exact": set(names) <= known and in_order,
-        "vocab_size": V,
-        "truncated": max_vocab < V,
-        "labels": {str(i): dist.vocab[i] for i in shown_ids},
-        "prompt": dist.prompt,
-        "generated": dist.tokens,
-        "steps": steps,
-        "k": k,
-        "window": {"tokens": context, "start": len(dist.prompt) + n_generated - len(context)},
-        "attention": np.round(att.patterns, 6).tolist(),
-        "lens": {
-            "layers": lens.layer_names,
-            "ids": lens.top_ids.tolist(),
-            "probs": np.round(lens.top_probs, 6).tolist(),
-        },
-    }
-    return Explanation(data=data, html=_page(data), distributions=dist, attention=att, lens=lens)
-
-
-def _page(data: dict[str, Any]) -> str:
-    payload = json.dumps(data, allow_nan=False, separators=(",", ":")).replace("</", "<\\/")
-    return _PAGE.replace("__TITLE__", html.escape(data["title"])).replace("__DATA__", payload)
-
-
-_PAGE = r"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>__TITLE__</title>
-<style>
-body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",sans-serif;margin:1.2em 2em;color:#222;max-width:1100px}
-h1{font-size:1.25em;margin:.2em 0}h2{font-size:1.05em;margin:1.2em 0 .4em}
-.note{color:#666;font-size:.9em}
-#text{font:16px/2 ui-monospace,Menlo,Consolas,monospace;margin:.6em 0}
-#text span{padding:2px 3px;margin:0 1px;border-radius:3px}
-#text .prompt{color:#777}
-#text .gen{background:#e8f0fa;cursor:pointer}
-#text .gen.sel{background:#2f6fb5;color:#fff}
-.controls{display:grid;grid-template-columns:9em 16em 5em;gap:.3em 1em;align-items:center;margin:.5em 0}
-.controls output{font-family:ui-monospace,monospace}
-#bars{display:grid;grid-template-columns:7em 1fr 5.5em 5.5em;gap:2px 8px;align-items:center;max-width:760px}
-#bars .head{font-weight:600;font-size:.85em;color:#555}
-.bar{position:relative;height:16px;background:#f2f2f2}
-.bar .m{position:absolute;left:0;top:0;height:16px;background:#c8c8c8}
-.bar .s{position:absolute;left:0;top:4px;height:8px;background:#2f6fb5}
-.lab{font-family:ui-monospace,monospace;text-align:right}
-.lab.chosen{color:#c0392b;font-weight:700}
-.num{font-family:ui-monospace,monospace;font-size:.85em;text-align:right}
-#grid{display:inline-grid;gap:1px;margin-top:.4em}
-#grid div{width:22px;height:22px}
-#grid .cell{cursor:default}
-#grid .masked{background:transparent;outline:1px dotted #eee}
-#grid .lab{font-size:9px;width:auto;height:auto;line-height:22px;overflow:hidden;white-space:nowrap;padding-right:3px}
-#grid .row-sel{outline:2px solid #c0392b}
-table.lens{border-collapse:collapse;font-family:ui-monospace,monospace;font-size:12px}
-table.lens td,table.lens th{border:1px solid #ddd;padding:2px 5px;text-align:center}
-table.lens th{background:#fafafa;font-weight:600}
-table.lens td.sel{outline:2px solid #c0392b}
-select{font:inherit}
-</style></head>
-<body>
-<h1>__TITLE__</h1>
-<p class="note">Grey text is the prompt; blue tokens were generated. Click a generated token to see the distribution
-it was drawn from. The sliders recompute the distribution in this page exactly as arraygpt's samplers do:
-softmax(logits / T), then top-k, top-p and min-p, each followed by a renormalization.</p>
-<div id="text"></div>
-<h2>Next-token distribution <span id="step-title" class="note"></span></h2>
-<div class="controls">
-<label for="temperature">temperature T</label><input id="temperature" type="range" min="0" max="2" step="0.05"><output id="temperature-out"></output>
-<label for="top_k">top-k (0 = off)</label><input id="top_k" type="range" min="0" step="1"><output id="top_k-out"></output>
-<label for="top_p">top-p</label><input id="top_p" type="range" min="0.01" max="1" step="0.01"><output id="top_p-out"></output>
-<label for="min_p">min-p</label><input id="min_p" type="range" min="0" max="1" step="0.01"><output id="min_p-out"></output>
-</div>
-<p class="note" id="sampler"></p>
-<p class="note" id="kept"></p>
-<div id="bars"></div>
-<p class="note" id="trunc"></p>
-<h2>Attention</h2>
-<label>layer <select id="layer"></select></label> <label>head <select id="head"></select></label>
-<span class="note">rows: queries, columns: keys; the masked future is left empty; the red row is the selected token's context</span>
-<div id="grid"></div>
-<h2>Logit lens</h2>
-<p class="note">The top guess for the next token read from the residual stream after the embedding and after each
-block (final norm, then unembedding). Hover a cell for the top 5.</p>
-<div id="lens"></div>
-<script id="data" type="application/json">__DATA__</script>
-<script>
-"use strict";
-const D = JSON.parse(document.getElementById("data").textContent);
-const label = (id) => (D.labels[String(id)] !== undefined ? D.labels[String(id)] : "#" + id);
-
-// ---- the sampler math: mirrors arraygpt.generation.sampling.Sampler and arraygpt.plugins.samplers ----
-function softmaxT(logits, T) {            // layers.softmax_forward; T = 0: one-hot at the first max
-  const n = logits.length;
-  let m = -Infinity, best = 0;
-  for (let i = 0; i < n; i++) if (logits[i] > m) { m = logits[i]; best = i; }
-  const out = new Array(n).fill(0);
-  if (T === 0) { out[best] = 1; return out; }
-  let s = 0;
-  for (let i = 0; i < n; i++) { let z = logits[i] - m; if (T !== 1) z /= T; out[i] = Math.exp(z); s += out[i]; }
-  for (let i = 0; i < n; i++) out[i] /= s;
-  return out;
-}
-function normalize(w) {                  // sampling.normalize: a row of zeros stays zeros
-  let s = 0; for (const v of w) s += v;
-  return s > 0 ? w.map((v) => v / s) : w;
-}
-const desc = (p) => p.slice().sort((a, b) => b - a);
-function topK(p, k) {                    // keep p_i >= the k-th largest (ties kept)
-  if (k >= p.length) return p;
-  const kth = desc(p)[k - 1];
-  return p.map((v) => (v >= kth ? v : 0));
-}
-function topP(p, q) {                    // keep tokens whose mass before them (descending) is < q
-  if (q >= 1) return p;
-  const d = desc(p);
-  let before = 0, smallest = d[0];
-  for (let i = 0; i < d.length; i++) { if (before < q) smallest = d[i]; else break; before += d[i]; }
-  return p.map((v) => (v >= smallest ? v : 0));
-}
-function minP(p, mp) {                   // keep p_i >= min_p * max p
-  let m = -Infinity; for (const v of p) if (v > m) m = v;
-  const cut = mp * m;
-  return p.map((v) => (v >= cut ? v : 0));
-}
-// make_sampler(["top_k", "top_p", "min_p"], temperature=T, top_k=k or V, top_p=p, min_p=mp)
-function distribution(logits, s) {
-  let p = softmaxT(logits, s.temperature);
-  p = normalize(topK(p, s.top_k > 0 ? s.top_k : logits.length));
-  p = normalize(topP(p, s.top_p));
-  p = normalize(minP(p, s.min_p));
-  return p;
-}
-window.arraygpt = { data: D, softmaxT, topK, topP, minP, normalize, distribution,
-  probs: (step, s) => distribution(D.steps[step].logits, s) };
-
-// ---- state and controls ----
-const state = Object.assign({}, D.settings, { step: 0, layer: 0, head: 0 });
-const sliders = ["temperature", "top_k", "top_p", "min_p"];
-const shownVocab = D.steps.length ? D.steps[0].ids.length : 1;
-document.getElementById("top_k").max = String(Math.min(shownVocab, Math.max(200, state.top_k)));
-document.getElementById("temperature").max = String(Math.max(2, state.temperature));
-document.getElementById("sampler").textContent = "Generated with " + D.sampler + "; the sliders start at its settings" +
-  (D.page_settings_exact ? "." : ", but the page knows only temperature, top-k, top-p and min-p (in that order).");
-for (const name of sliders) {
-  const el = document.getElementById(name);
-  el.value = String(state[name]);
-  el.addEventListener("input", () => { state[name] = Number(el.value); render(); });
-}
-
-function renderText() {
-  const box = document.getElementById("text");
-  box.textContent = "";
-  for (const id of D.prompt) {
-    const sp = document.createElement("span"); sp.className = "prompt"; sp.textContent = label(id); box.appendChild(sp);
-  }
-  D.generated.forEach((id, i) => {
-    const sp = document.createElement("span");
-    sp.className = "gen" + (i === state.step ? " sel" : "");
-    sp.textContent = label(id); sp.dataset.step = String(i);
-    sp.addEventListener("click", () => { state.step = i; render(); });
-    box.appendChild(sp);
-  });
-}
-
-function renderBars() {
-  const bars = document.getElementById("bars");
-  bars.textContent = "";
-  if (!D.steps.length) { bars.textContent = "no token was generated"; return; }
-  const st = D.steps[state.step];
-  const pm = softmaxT(st.logits, 1), ps = distribution(st.logits, state);
-  document.getElementById("step-title").textContent =
-    "before token " + (state.step + 1) + " (" + label(st.token) + "; drawn with p=" + st.p_sampler.toFixed(3) + ")";
-  const kept = ps.filter((v) => v > 0).length;
-  document.getElementById("kept").textContent = kept + " of " + ps.length + " tokens kept by these settings";
-  const order = ps.map((v, i) => i).sort((a, b) => ps[b] - ps[a] || pm[b] - pm[a] || a - b).slice(0, D.k);
-  for (const h of ["token", "grey: model, blue: sampler", "model", "sampler"]) {
-    const el = document.createElement("div"); el.className = "head"; el.textContent = h; bars.appendChild(el);
-  }
-  for (const j of order) {
-    const id = st.ids[j];
-    const lab = document.createElement("div");
-    lab.className = "lab" + (id === st.token ? " chosen" : ""); lab.textContent = label(id) + (id === st.token ? " \u25c0" : "");
-    const bar = document.createElement("div"); bar.className = "bar prob";
-    bar.dataset.id = String(id); bar.dataset.p = String(ps[j]); bar.dataset.pm = String(pm[j]);
-    const m = document.createElement("div"); m.className = "m"; m.style.width = (100 * pm[j]) + "%";
-    const s = document.createElement("div"); s.className = "s"; s.style.width = (100 * ps[j]) + "%";
-    bar.append(m, s);
-    const n1 = document.createElement("div"); n1.className = "num"; n1.textContent = pm[j].toFixed(4);
-    const n2 = document.createElement("div"); n2.className = "num"; n2.textContent = ps[j].toFixed(4);
-    bars.append(lab, bar, n1, n2);
-  }
-  document.getElementById("trunc").textContent = D.truncated
-    ? "The vocabulary has " + D.vocab_size + " tokens; this page keeps each step's " + st.ids.length +
-      " largest logits, so its distributions are over those." : "";
-}
-
-function selectedRow() {                 // the query row of the selected token's prediction
-  const w = D.window, pos = D.prompt.length + state.step - 1 - w.start;
-  return pos >= 0 && pos < w.tokens.length ? pos : -1;
-}
-
-function renderAttention() {
-  const grid = document.getElementById("grid");
-  grid.textContent = "";
-  const pat = D.attention[state.layer][state.head], T = pat.length, row = selectedRow();
-  grid.style.gridTemplateColumns = "max-content repeat(" + T + ", 22px)";
-  for (let t = 0; t < T; t++) {
-    const lab = document.createElement("div"); lab.className = "lab"; lab.textContent = label(D.window.tokens[t]);
-    grid.appendChild(lab);
-    for (let s = 0; s < T; s++) {
-      const c = document.createElement("div");
-      if (s > t) { c.className = "masked"; }
-      else {
-        const v = pat[t][s];
-        c.className = "cell" + (t === row ? " row-sel" : "");
-        c.dataset.v = String(v);
-        c.style.background = "rgba(47,111,181," + Math.max(0.04, v) + ")";
-        c.title = label(D.window.tokens[t]) + " \u2192 " + label(D.window.tokens[s]) + ": " + v.toFixed(4);
-      }
-      c.dataset.t = String(t); c.dataset.s = String(s);
-      grid.appendChild(c);
-    }
-  }
-  const corner = document.createElement("div"); grid.appendChild(corner);
-  for (let s = 0; s < T; s++) {
-    const lab = document.createElement("div"); lab.className = "lab"; lab.style.textAlign = "center";
-    lab.textContent = label(D.window.tokens[s]); grid.appendChild(lab);
-  }
-}
-
-function renderLens() {
-  const box = document.getElementById("lens"), L = D.lens, row = selectedRow();
-  const table = document.createElement("table"); table.className = "lens";
-  const head = document.createElement("tr"); head.appendChild(document.createElement("th"));
-  for (const id of D.window.tokens) { const th = document.createElement("th"); th.textContent = label(id); head.appendChild(th); }
-  table.appendChild(head);
-  L.layers.forEach((name, l) => {
-    const tr = document.createElement("tr");
-    const th = document.createElement("th"); th.textContent = name; tr.appendChild(th);
-    L.ids[l].forEach((ids, t) => {
-      const td = document.createElement("td"), p = L.probs[l][t][0];
-      td.textContent = label(ids[0]);
-      td.style.background = "rgba(47,111,181," + (0.85 * p) + ")";
-      if (p > 0.6) td.style.color = "#fff";
-      if (t === row) td.className = "sel";
-      td.title = ids.map((id, j) => label(id) + " " + L.probs[l][t][j].toFixed(3)).join("\n");
-      tr.appendChild(td);
-    });
-    table.appendChild(tr);
-  });
-  box.textContent = ""; box.appendChild(table);
-}
-
-function fillSelect(id, n, prefix, key) {
-  const sel = document.getElementById(id);
-  for (let i = 0; i < n; i++) { const o = document.createElement("option"); o.value = String(i); o.textContent = prefix + (i + 1); sel.appendChild(o); }
-  sel.addEventListener("change", () => { state[key] = Number(sel.value); renderAttention(); });
-}
-fillSelect("layer", D.attention.length, "layer ", "layer");
-fillSelect("head", D.attention.length ? D.attention[0].length : 0, "head ", "head");
-
-function render() {
-  for (const name of sliders) document.getElementById(name + "-out").textContent = String(state[name]);
-  renderText(); renderBars(); renderAttention(); renderLens();
-}
-render();
-</script>
-</body></html>
-"""
