@@ -1,6 +1,11 @@
-"""Fused kernels against the reference of ``arraygpt.nn.layers`` (STYLE.md section 9), and how
-``arraygpt.nn.kernels`` chooses them: registration through the plugin hook, declining, the
-reference switch, and a whole model's gradients with and without kernels.
+"""The numpy backend's kernels against the reference of ``arraygpt.nn.layers`` (STYLE.md section 9),
+and how ``arraygpt.nn.kernels`` chooses them: registration through the plugin hook, declining,
+the reference switch, and a whole model's gradients with and without kernels.
+
+One section per module of ``backends/numpy/kernels/`` (headed by its path, in the order of that
+package's table): Hypothesis-drawn shapes, forward and backward against the reference at
+dtype-derived tolerances, and what each kernel hands to the reference. Then the whole model,
+choosing kernels, and how they are loaded and compiled.
 
 The numba kernels' tests skip where numba is not installed (then the reference runs, which the
 rest of the suite tests); the selection tests run everywhere.
@@ -60,36 +65,7 @@ def _array(rng, shape, dtype, contiguous=True):
 
 
 # ----------------------------------------------------------------------------------------------
-# every kernel against the reference, forward and backward
-
-
-@needs_numba
-@settings(max_examples=40, deadline=None)
-@given(
-    B=st.integers(1, 3),
-    T=st.integers(1, 9),
-    H=st.integers(1, 37),
-    dtype=st.sampled_from(DTYPES),
-    contiguous=st.booleans(),
-    seed=st.integers(0, 2**16),
-    scale=st.sampled_from([1.0, 6.0]),
-)
-def test_gelu_tanh_kernel_equals_reference(B, T, H, dtype, contiguous, seed, scale):
-    rng = np.random.default_rng(seed)
-    x = _array(rng, (B, T, H), dtype, contiguous)
-    x *= np.asarray(scale, dtype=dtype)  # in place: a strided x stays strided
-    assert x.flags.c_contiguous == contiguous or H == 1
-    dout = _array(rng, (B, T, H), dtype)
-    out, cache = gelu.gelu_tanh_forward(x)
-    ref_out, ref_cache = layers.gelu_tanh_forward(x)
-    assert_close(out, ref_out, dtype, "gelu forward")
-    assert_close(
-        gelu.gelu_tanh_backward(dout, cache), layers.gelu_tanh_backward(dout, ref_cache), dtype, "gelu backward"
-    )
-    if contiguous:
-        assert type(cache) is gelu.GeluCache
-    # a non-contiguous dout goes through the fused backward too
-    assert_close(gelu.gelu_tanh_backward(dout.T.copy().T, cache), layers.gelu_tanh_backward(dout, ref_cache), dtype)
+# backends/numpy/kernels/norm.py: LayerNorm and RMSNorm
 
 
 @needs_numba
@@ -120,6 +96,93 @@ def test_norm_kernels_equal_reference(kind, shape, dtype, gain, bias, contiguous
         assert_close(got, want, dtype, f"{kind} cache.{name}")
     for got, want, name in zip(backward(dout, cache), ref_backward(dout, ref_cache), ("dx", "dw", "db")):
         assert_close(got, want, dtype, f"{kind} backward {name}")
+
+
+# ----------------------------------------------------------------------------------------------
+# backends/numpy/kernels/linear.py: the linear layer for a few rows (decoding)
+
+
+REFERENCE_LINEAR = layers.linear_forward  # the tests below spy on calls of it
+
+
+def _spy_on_reference_linear(mp, calls):
+    """Make the reference linear forward record its calls in ``calls`` (the kernel's declines)."""
+    mp.setattr(linear.layers, "linear_forward", lambda *a: calls.append(a) or REFERENCE_LINEAR(*a))
+
+
+needs_blas_control = pytest.mark.skipif(
+    numpy_backend.blas_thread_count() is None,
+    reason="NumPy's BLAS is not an OpenBLAS whose threads arraygpt can read: the linear kernel declines every call",
+)
+
+
+@needs_numba
+@needs_blas_control
+@settings(max_examples=60, deadline=None)
+@given(
+    lead=st.sampled_from([(1,), (1, 1), (2, 1), (1, 3), (4,), (5,), (2, 3), (8,), (3, 3)]),
+    Cin=st.sampled_from([1, 3, 8, 37]),
+    Cout=st.sampled_from([1, 2, 11, 65]),
+    bias=st.booleans(),
+    dtype=st.sampled_from(DTYPES),
+    contiguous=st.booleans(),
+    blas=st.sampled_from([1, 2]),
+    seed=st.integers(0, 2**16),
+)
+def test_linear_rows_kernel_equals_reference(lead, Cin, Cout, bias, dtype, contiguous, blas, seed):
+    """Up to LINEAR_MAX_ROWS rows (a decode step, or a small batch of them) the kernel computes,
+    beyond that the reference does; both give the reference's output and its cache, so the
+    backward is the reference's."""
+    rng = np.random.default_rng(seed)
+    x, w = _array(rng, (*lead, Cin), dtype, contiguous), _array(rng, (Cout, Cin), dtype)
+    b = _array(rng, (Cout,), dtype) if bias else None
+    calls = []
+    with pytest.MonkeyPatch.context() as mp, NUMPY.blas_threads(blas):
+        _spy_on_reference_linear(mp, calls)
+        out, cache = linear.linear_forward(x, w, b)
+    ref_out, ref_cache = layers.linear_forward(x, w, b)
+    rows = int(np.prod(lead))
+    assert len(calls) == (rows > linear.MAX_ROWS)
+    assert_close(out, ref_out, dtype, "linear forward")
+    assert type(cache) is layers.LinearCache and cache.x is x and cache.w is w and cache.has_bias == bias
+    dout = _array(rng, (*lead, Cout), dtype)
+    for got, want, name in zip(
+        layers.linear_backward(dout, cache), layers.linear_backward(dout, ref_cache), ["dx", "dw", "db"]
+    ):
+        assert_close(got, want, dtype, f"linear backward {name}")
+
+
+@needs_numba
+@needs_blas_control
+def test_linear_rows_kernel_declines_what_it_does_not_take(monkeypatch):
+    """More BLAS threads than measured, an unknown count, a strided weight, mixed dtypes, a
+    broadcast bias, float16, mismatched sizes: the reference, with its result and errors."""
+    rng = np.random.default_rng(0)
+    x, w, b = rng.standard_normal((1, 1, 6)), rng.standard_normal((5, 6)), rng.standard_normal((5,))
+    calls = []
+    _spy_on_reference_linear(monkeypatch, calls)
+    with NUMPY.blas_threads(1):
+        linear.linear_forward(x, w, b)
+        assert calls == []  # taken
+        for args in [
+            (x, np.asfortranarray(w), b),
+            (x.astype(np.float32), w, b),
+            (x, w, b[:1]),
+            (x.astype(np.float16), w.astype(np.float16), None),
+        ]:
+            np.testing.assert_array_equal(linear.linear_forward(*args)[0], REFERENCE_LINEAR(*args)[0])
+        with pytest.raises(ValueError):  # the reference's matmul error
+            linear.linear_forward(x, w[:, :5], None)
+        assert len(calls) == 5
+    with NUMPY.blas_threads(linear.MAX_BLAS_THREADS + 1):
+        linear.linear_forward(x, w, b)
+    monkeypatch.setattr(numpy_backend, "blas_thread_count", lambda: None)
+    linear.linear_forward(x, w, b)
+    assert len(calls) == 7
+
+
+# ----------------------------------------------------------------------------------------------
+# backends/numpy/kernels/attention.py: causal and grouped-query attention
 
 
 def _attention_inputs(rng, B, T, past, NH, hs, dtype, NKV=None):
@@ -202,186 +265,41 @@ def test_attention_kernel_declines_dropout_and_unknown_arguments(dtype):
             attention.attention_forward(q, kv[0], kv[1], NH, n_kv_head=n_kv_head)
 
 
-def _pair(rng, shape, dtype, layout):
-    """gate and up (or any two (..., H) inputs): ``halves`` of one (..., 2H) array, as the model's
-    fused gate_up projection gives them; ``contiguous``; ``strided`` (every other value of wider
-    rows, which the kernels hand to the reference)."""
-    if layout == "halves":
-        both = rng.standard_normal((*shape[:-1], 2 * shape[-1])).astype(dtype)
-        return both[..., : shape[-1]], both[..., shape[-1] :]
-    return _array(rng, shape, dtype, layout == "contiguous"), _array(rng, shape, dtype, layout == "contiguous")
+# ----------------------------------------------------------------------------------------------
+# backends/numpy/kernels/gelu.py: GELU (tanh)
 
 
 @needs_numba
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(
     B=st.integers(1, 3),
-    T=st.sampled_from([1, 2, 5, 8]),
-    H=st.sampled_from([1, 2, 7, 33, 352]),
-    dtype=st.sampled_from(DTYPES),
-    layout=st.sampled_from(["halves", "contiguous", "strided"]),
-    seed=st.integers(0, 2**16),
-    scale=st.sampled_from([1.0, 8.0, 100.0]),
-)
-def test_swiglu_kernel_equals_reference(B, T, H, dtype, layout, seed, scale):
-    """T = 1, odd H, the gate and up halves of one projection (strided rows), large |gate|
-    (sigmoid saturates: the exp cap)."""
-    rng = np.random.default_rng(seed)
-    gate, up = _pair(rng, (B, T, H), dtype, layout)
-    gate *= np.asarray(scale, dtype=dtype)  # in place: gate stays a view
-    dout = _array(rng, (B, T, H), dtype)
-    out, cache = swiglu.swiglu_forward(gate, up)
-    ref_out, ref_cache = layers.swiglu_forward(gate, up)
-    assert_close(out, ref_out, dtype, "swiglu forward")
-    assert isinstance(cache, layers.SwiGLUCache)
-    assert type(cache) is (layers.SwiGLUCache if layout == "strided" and H > 1 else swiglu.FusedSwiGLUCache)
-    grads = zip(swiglu.swiglu_backward(dout, cache), layers.swiglu_backward(dout, ref_cache), ("dgate", "dup"))
-    for got, want, name in grads:
-        assert_close(got, want, dtype, f"swiglu backward {name}")
-    dg, du = swiglu.swiglu_backward(dout.T.copy().T, cache)  # a non-contiguous dout
-    assert_close(dg, layers.swiglu_backward(dout, ref_cache)[0], dtype)
-
-
-def _random_tables(rng, T, hs, dtype):
-    """cos and sin tables whose two halves differ: the kernel must read them as the reference does."""
-    return rng.standard_normal((T, hs)).astype(dtype), rng.standard_normal((T, hs)).astype(dtype)
-
-
-@needs_numba
-@settings(max_examples=60, deadline=None)
-@given(
-    B=st.integers(1, 3),
-    T=st.sampled_from([1, 2, 5, 16]),
-    past=st.sampled_from([0, 1, 7]),
-    NH=st.integers(1, 3),
-    hs=st.sampled_from([2, 4, 6, 32]),
-    dtype=st.sampled_from(DTYPES),
-    layout=st.sampled_from(["qkv", "contiguous", "strided"]),
-    tables=st.sampled_from(["rope", "scaled", "random"]),
-    seed=st.integers(0, 2**16),
-)
-def test_rope_kernel_equals_reference(B, T, past, NH, hs, dtype, layout, tables, seed):
-    """T = 1 (a decode step), odd head halves (hs = 6), positions offset by a KV cache's past
-    (the tables of core.rope_tables at past .. past + T - 1), q as a view of the qkv projection,
-    Llama 3.1's scaled frequencies, and tables whose halves differ."""
-    rng = np.random.default_rng(seed)
-    D = NH * hs
-    if layout == "qkv":
-        x = rng.standard_normal((B, T, 3 * D)).astype(dtype)[..., D : 2 * D]  # k of a qkv projection
-    else:
-        x = _array(rng, (B, T, D), dtype, layout == "contiguous")
-    if tables == "random":
-        cos, sin = _random_tables(rng, T, hs, dtype)
-    else:
-        inv_freq = layers.rope_frequencies(hs, 500.0, (8.0, 1.0, 4.0, 8) if tables == "scaled" else None)
-        cos, sin = layers.rope_tables(np, T, past, inv_freq, np.dtype(dtype))
-    dout = _array(rng, (B, T, D), dtype)
-    out, cache = rope.rope_forward(x, cos, sin)
-    ref_out, ref_cache = layers.rope_forward(x, cos, sin)
-    assert_close(out, ref_out, dtype, "rope forward")
-    assert type(cache) is (layers.RopeCache if layout == "strided" else rope.FusedRopeCache)
-    assert_close(rope.rope_backward(dout, cache), layers.rope_backward(dout, ref_cache), dtype, "rope backward")
-    assert_close(rope.rope_backward(dout.T.copy().T, cache), layers.rope_backward(dout, ref_cache), dtype)
-    strided_dout = _array(rng, (B, T, D), dtype, contiguous=False)  # the backward declines it too
-    assert_close(rope.rope_backward(strided_dout, cache), layers.rope_backward(strided_dout, ref_cache), dtype)
-
-
-@needs_numba
-def test_rope_and_swiglu_kernels_decline_what_they_do_not_take():
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((2, 3, 10))
-    cos, sin = _random_tables(rng, 3, 5, "float64")  # an odd head size: the reference's rotate_half
-    out, cache = rope.rope_forward(x, cos, sin)
-    assert type(cache) is layers.RopeCache
-    np.testing.assert_array_equal(out, layers.rope_forward(x, cos, sin)[0])
-    with pytest.raises(AssertionError, match="rope tables have"):  # the reference's check
-        rope.rope_forward(x, *_random_tables(rng, 4, 2, "float64"))
-    _, cache = rope.rope_forward(x.astype(np.float32), cos, sin)  # mixed dtypes
-    assert type(cache) is layers.RopeCache
-    gate = np.linspace(-3, 3, 12, dtype=np.float16).reshape(3, 4)
-    out, cache = swiglu.swiglu_forward(gate, gate)
-    assert type(cache) is layers.SwiGLUCache and out.dtype == np.float16
-    _, cache = swiglu.swiglu_forward(rng.standard_normal((3, 4)), rng.standard_normal((4,)))  # broadcast: the reference
-    assert type(cache) is layers.SwiGLUCache
-
-
-REFERENCE_LINEAR = layers.linear_forward  # the tests below spy on calls of it
-
-
-def _spy_on_reference_linear(mp, calls):
-    """Make the reference linear forward record its calls in ``calls`` (the kernel's declines)."""
-    mp.setattr(linear.layers, "linear_forward", lambda *a: calls.append(a) or REFERENCE_LINEAR(*a))
-
-
-needs_blas_control = pytest.mark.skipif(
-    numpy_backend.blas_thread_count() is None,
-    reason="NumPy's BLAS is not an OpenBLAS whose threads arraygpt can read: the linear kernel declines every call",
-)
-
-
-@needs_numba
-@needs_blas_control
-@settings(max_examples=60, deadline=None)
-@given(
-    lead=st.sampled_from([(1,), (1, 1), (2, 1), (1, 3), (4,), (5,), (2, 3), (8,), (3, 3)]),
-    Cin=st.sampled_from([1, 3, 8, 37]),
-    Cout=st.sampled_from([1, 2, 11, 65]),
-    bias=st.booleans(),
+    T=st.integers(1, 9),
+    H=st.integers(1, 37),
     dtype=st.sampled_from(DTYPES),
     contiguous=st.booleans(),
-    blas=st.sampled_from([1, 2]),
     seed=st.integers(0, 2**16),
+    scale=st.sampled_from([1.0, 6.0]),
 )
-def test_linear_rows_kernel_equals_reference(lead, Cin, Cout, bias, dtype, contiguous, blas, seed):
-    """Up to LINEAR_MAX_ROWS rows (a decode step, or a small batch of them) the kernel computes,
-    beyond that the reference does; both give the reference's output and its cache, so the
-    backward is the reference's."""
+def test_gelu_tanh_kernel_equals_reference(B, T, H, dtype, contiguous, seed, scale):
     rng = np.random.default_rng(seed)
-    x, w = _array(rng, (*lead, Cin), dtype, contiguous), _array(rng, (Cout, Cin), dtype)
-    b = _array(rng, (Cout,), dtype) if bias else None
-    calls = []
-    with pytest.MonkeyPatch.context() as mp, NUMPY.blas_threads(blas):
-        _spy_on_reference_linear(mp, calls)
-        out, cache = linear.linear_forward(x, w, b)
-    ref_out, ref_cache = layers.linear_forward(x, w, b)
-    rows = int(np.prod(lead))
-    assert len(calls) == (rows > linear.MAX_ROWS)
-    assert_close(out, ref_out, dtype, "linear forward")
-    assert type(cache) is layers.LinearCache and cache.x is x and cache.w is w and cache.has_bias == bias
-    dout = _array(rng, (*lead, Cout), dtype)
-    for got, want, name in zip(
-        layers.linear_backward(dout, cache), layers.linear_backward(dout, ref_cache), ["dx", "dw", "db"]
-    ):
-        assert_close(got, want, dtype, f"linear backward {name}")
+    x = _array(rng, (B, T, H), dtype, contiguous)
+    x *= np.asarray(scale, dtype=dtype)  # in place: a strided x stays strided
+    assert x.flags.c_contiguous == contiguous or H == 1
+    dout = _array(rng, (B, T, H), dtype)
+    out, cache = gelu.gelu_tanh_forward(x)
+    ref_out, ref_cache = layers.gelu_tanh_forward(x)
+    assert_close(out, ref_out, dtype, "gelu forward")
+    assert_close(
+        gelu.gelu_tanh_backward(dout, cache), layers.gelu_tanh_backward(dout, ref_cache), dtype, "gelu backward"
+    )
+    if contiguous:
+        assert type(cache) is gelu.GeluCache
+    # a non-contiguous dout goes through the fused backward too
+    assert_close(gelu.gelu_tanh_backward(dout.T.copy().T, cache), layers.gelu_tanh_backward(dout, ref_cache), dtype)
 
 
-@needs_numba
-@needs_blas_control
-def test_linear_rows_kernel_declines_what_it_does_not_take(monkeypatch):
-    """More BLAS threads than measured, an unknown count, a strided weight, mixed dtypes, a
-    broadcast bias, float16, mismatched sizes: the reference, with its result and errors."""
-    rng = np.random.default_rng(0)
-    x, w, b = rng.standard_normal((1, 1, 6)), rng.standard_normal((5, 6)), rng.standard_normal((5,))
-    calls = []
-    _spy_on_reference_linear(monkeypatch, calls)
-    with NUMPY.blas_threads(1):
-        linear.linear_forward(x, w, b)
-        assert calls == []  # taken
-        for args in [
-            (x, np.asfortranarray(w), b),
-            (x.astype(np.float32), w, b),
-            (x, w, b[:1]),
-            (x.astype(np.float16), w.astype(np.float16), None),
-        ]:
-            np.testing.assert_array_equal(linear.linear_forward(*args)[0], REFERENCE_LINEAR(*args)[0])
-        with pytest.raises(ValueError):  # the reference's matmul error
-            linear.linear_forward(x, w[:, :5], None)
-        assert len(calls) == 5
-    with NUMPY.blas_threads(linear.MAX_BLAS_THREADS + 1):
-        linear.linear_forward(x, w, b)
-    monkeypatch.setattr(numpy_backend, "blas_thread_count", lambda: None)
-    linear.linear_forward(x, w, b)
-    assert len(calls) == 7
+# ----------------------------------------------------------------------------------------------
+# backends/numpy/kernels/crossentropy.py: softmax + cross-entropy
 
 
 @needs_numba
@@ -432,6 +350,205 @@ def test_crossentropy_kernel_edge_cases():
         crossentropy.crossentropy_forward(logits, np.array([0, 1, 4]))
 
 
+# ----------------------------------------------------------------------------------------------
+# backends/numpy/kernels/rope.py: rotary position embeddings
+
+
+def _random_tables(rng, T, hs, dtype):
+    """cos and sin tables whose two halves differ: the kernel must read them as the reference does."""
+    return rng.standard_normal((T, hs)).astype(dtype), rng.standard_normal((T, hs)).astype(dtype)
+
+
+@needs_numba
+@settings(max_examples=60, deadline=None)
+@given(
+    B=st.integers(1, 3),
+    T=st.sampled_from([1, 2, 5, 16]),
+    past=st.sampled_from([0, 1, 7]),
+    NH=st.integers(1, 3),
+    hs=st.sampled_from([2, 4, 6, 32]),
+    dtype=st.sampled_from(DTYPES),
+    layout=st.sampled_from(["qkv", "contiguous", "strided"]),
+    tables=st.sampled_from(["rope", "scaled", "random"]),
+    seed=st.integers(0, 2**16),
+)
+def test_rope_kernel_equals_reference(B, T, past, NH, hs, dtype, layout, tables, seed):
+    """T = 1 (a decode step), odd head halves (hs = 6), positions offset by a KV cache's past
+    (the tables of core.rope_tables at past .. past + T - 1), q as a view of the qkv projection,
+    Llama 3.1's scaled frequencies, and tables whose halves differ."""
+    rng = np.random.default_rng(seed)
+    D = NH * hs
+    if layout == "qkv":
+        x = rng.standard_normal((B, T, 3 * D)).astype(dtype)[..., D : 2 * D]  # k of a qkv projection
+    else:
+        x = _array(rng, (B, T, D), dtype, layout == "contiguous")
+    if tables == "random":
+        cos, sin = _random_tables(rng, T, hs, dtype)
+    else:
+        inv_freq = layers.rope_frequencies(hs, 500.0, (8.0, 1.0, 4.0, 8) if tables == "scaled" else None)
+        cos, sin = layers.rope_tables(np, T, past, inv_freq, np.dtype(dtype))
+    dout = _array(rng, (B, T, D), dtype)
+    out, cache = rope.rope_forward(x, cos, sin)
+    ref_out, ref_cache = layers.rope_forward(x, cos, sin)
+    assert_close(out, ref_out, dtype, "rope forward")
+    assert type(cache) is (layers.RopeCache if layout == "strided" else rope.FusedRopeCache)
+    assert_close(rope.rope_backward(dout, cache), layers.rope_backward(dout, ref_cache), dtype, "rope backward")
+    assert_close(rope.rope_backward(dout.T.copy().T, cache), layers.rope_backward(dout, ref_cache), dtype)
+    strided_dout = _array(rng, (B, T, D), dtype, contiguous=False)  # the backward declines it too
+    assert_close(rope.rope_backward(strided_dout, cache), layers.rope_backward(strided_dout, ref_cache), dtype)
+
+
+@needs_numba
+def test_rope_kernel_declines_what_it_does_not_take():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 3, 10))
+    cos, sin = _random_tables(rng, 3, 5, "float64")  # an odd head size: the reference's rotate_half
+    out, cache = rope.rope_forward(x, cos, sin)
+    assert type(cache) is layers.RopeCache
+    np.testing.assert_array_equal(out, layers.rope_forward(x, cos, sin)[0])
+    with pytest.raises(AssertionError, match="rope tables have"):  # the reference's check
+        rope.rope_forward(x, *_random_tables(rng, 4, 2, "float64"))
+    _, cache = rope.rope_forward(x.astype(np.float32), cos, sin)  # mixed dtypes
+    assert type(cache) is layers.RopeCache
+
+
+# ----------------------------------------------------------------------------------------------
+# backends/numpy/kernels/swiglu.py: SwiGLU
+
+
+def _pair(rng, shape, dtype, layout):
+    """gate and up (or any two (..., H) inputs): ``halves`` of one (..., 2H) array, as the model's
+    fused gate_up projection gives them; ``contiguous``; ``strided`` (every other value of wider
+    rows, which the kernels hand to the reference)."""
+    if layout == "halves":
+        both = rng.standard_normal((*shape[:-1], 2 * shape[-1])).astype(dtype)
+        return both[..., : shape[-1]], both[..., shape[-1] :]
+    return _array(rng, shape, dtype, layout == "contiguous"), _array(rng, shape, dtype, layout == "contiguous")
+
+
+@needs_numba
+@settings(max_examples=60, deadline=None)
+@given(
+    B=st.integers(1, 3),
+    T=st.sampled_from([1, 2, 5, 8]),
+    H=st.sampled_from([1, 2, 7, 33, 352]),
+    dtype=st.sampled_from(DTYPES),
+    layout=st.sampled_from(["halves", "contiguous", "strided"]),
+    seed=st.integers(0, 2**16),
+    scale=st.sampled_from([1.0, 8.0, 100.0]),
+)
+def test_swiglu_kernel_equals_reference(B, T, H, dtype, layout, seed, scale):
+    """T = 1, odd H, the gate and up halves of one projection (strided rows), large |gate|
+    (sigmoid saturates: the exp cap)."""
+    rng = np.random.default_rng(seed)
+    gate, up = _pair(rng, (B, T, H), dtype, layout)
+    gate *= np.asarray(scale, dtype=dtype)  # in place: gate stays a view
+    dout = _array(rng, (B, T, H), dtype)
+    out, cache = swiglu.swiglu_forward(gate, up)
+    ref_out, ref_cache = layers.swiglu_forward(gate, up)
+    assert_close(out, ref_out, dtype, "swiglu forward")
+    assert isinstance(cache, layers.SwiGLUCache)
+    assert type(cache) is (layers.SwiGLUCache if layout == "strided" and H > 1 else swiglu.FusedSwiGLUCache)
+    grads = zip(swiglu.swiglu_backward(dout, cache), layers.swiglu_backward(dout, ref_cache), ("dgate", "dup"))
+    for got, want, name in grads:
+        assert_close(got, want, dtype, f"swiglu backward {name}")
+    dg, du = swiglu.swiglu_backward(dout.T.copy().T, cache)  # a non-contiguous dout
+    assert_close(dg, layers.swiglu_backward(dout, ref_cache)[0], dtype)
+
+
+@needs_numba
+def test_swiglu_kernel_declines_what_it_does_not_take():
+    rng = np.random.default_rng(0)
+    gate = np.linspace(-3, 3, 12, dtype=np.float16).reshape(3, 4)
+    out, cache = swiglu.swiglu_forward(gate, gate)
+    assert type(cache) is layers.SwiGLUCache and out.dtype == np.float16
+    _, cache = swiglu.swiglu_forward(rng.standard_normal((3, 4)), rng.standard_normal((4,)))  # broadcast: the reference
+    assert type(cache) is layers.SwiGLUCache
+
+
+# ----------------------------------------------------------------------------------------------
+# backends/numpy/kernels/adam.py: the Adam/AdamW update, bit-identical to the plugins' reference update
+
+
+def _adam_pair(name, shapes, dtype, seed, **options):
+    """Two optimizers ``name`` on equal parameters: with the kernels, and with the reference."""
+    from arraygpt.training.optim import create_optimizer
+
+    rng = np.random.default_rng(seed)
+    fast = {f"p{i}": rng.standard_normal(shape).astype(dtype) for i, shape in enumerate(shapes)}
+    ref = {k: v.copy() for k, v in fast.items()}
+    return (
+        fast,
+        ref,
+        create_optimizer(name, fast, **options),
+        create_optimizer(name, ref, kernels="reference", **options),
+    )
+
+
+@needs_numba
+@settings(max_examples=60, deadline=None)
+@given(
+    name=st.sampled_from(["adam", "adamw"]),
+    shapes=st.sampled_from([[(1,)], [(7,)], [(3, 5), (5,)], [(17, 33), (1, 1), (4, 2, 3)]]),
+    dtype=st.sampled_from(DTYPES),
+    beta1=st.sampled_from([0.0, 0.9]),
+    beta2=st.sampled_from([0.95, 0.999]),
+    eps=st.sampled_from([1e-8, 1e-3]),
+    weight_decay=st.sampled_from([0.0, 0.1]),
+    lrs=st.lists(st.sampled_from([0.0, 1e-3, 3e-2]), min_size=1, max_size=4),
+    seed=st.integers(0, 99),
+)
+def test_adam_update_kernel_is_bit_identical_to_reference(
+    name, shapes, dtype, beta1, beta2, eps, weight_decay, lrs, seed
+):
+    fast, ref, opt_fast, opt_ref = _adam_pair(
+        name, shapes, dtype, seed, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay
+    )
+    assert all(f is adam.adam_update for f in opt_fast.fused.values()) and set(opt_ref.fused.values()) == {None}
+    rng = np.random.default_rng(seed + 1)
+    for lr in lrs:
+        grads = {k: rng.standard_normal(v.shape).astype(dtype) for k, v in fast.items()}
+        opt_fast.step(grads, lr)
+        opt_ref.step({k: g.copy() for k, g in grads.items()}, lr)
+    for k in fast:  # the same numbers to the last bit, parameters and both moments
+        np.testing.assert_array_equal(fast[k], ref[k], err_msg=k)
+        for buffer in ("m", "v"):
+            np.testing.assert_array_equal(
+                opt_fast.buffers[buffer][k], opt_ref.buffers[buffer][k], err_msg=f"{buffer}.{k}"
+            )
+    assert opt_fast.state_dict().keys() == opt_ref.state_dict().keys()
+
+
+@needs_numba
+def test_adam_update_kernel_declines_what_it_does_not_take():
+    p = np.ones((4, 6), np.float32)
+    g = np.ones((4, 6), np.float32)
+    m, v = np.zeros_like(p), np.zeros_like(p)
+    args = dict(lr=1e-3, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.0, decoupled=True, step=1)
+    assert not adam.adam_update(p[:, ::2], g[:, ::2], m[:, ::2], v[:, ::2], **args)  # strided views
+    assert not adam.adam_update(p, g.astype(np.float64), m, v, **args)  # mixed dtypes
+    assert not adam.adam_update(p, g[:2], m, v, **args)  # shapes differ
+    assert not adam.adam_update(
+        p.astype(np.float16), g.astype(np.float16), m.astype(np.float16), v.astype(np.float16), **args
+    )
+    np.testing.assert_array_equal(p, 1.0)  # nothing changed
+    assert adam.adam_update(p, g, m, v, **args) and not np.array_equal(p, 1.0)
+    # a strided parameter (a ZeRO shard could be one) runs the reference update inside the optimizer
+    wide, wide_ref = np.ones((4, 12), np.float64), np.ones((4, 12), np.float64)
+    from arraygpt.training.optim import create_optimizer
+
+    fast = create_optimizer("adamw", {"w": wide[:, ::2]})
+    ref = create_optimizer("adamw", {"w": wide_ref[:, ::2]}, kernels="reference")
+    grad = np.random.default_rng(0).standard_normal((4, 6))
+    fast.step({"w": grad}, 1e-2)
+    ref.step({"w": grad.copy()}, 1e-2)
+    np.testing.assert_array_equal(wide, wide_ref)
+
+
+# ----------------------------------------------------------------------------------------------
+# every family: arrays that are not theirs go to the reference
+
+
 @needs_numba
 def test_kernels_hand_other_arrays_to_the_reference():
     """float16 and array-api-strict arrays are not the kernels': the reference computes them."""
@@ -449,6 +566,8 @@ def test_kernels_hand_other_arrays_to_the_reference():
 
 
 SMALL = GPTConfig(vocab_size=19, block_size=16, n_layer=2, n_head=2, n_embd=12)
+
+
 # Llama-style: RoPE, SwiGLU, grouped-query attention (2 key/value heads of 4), RMSNorm, no biases;
 # odd sizes (head halves of 3, a SwiGLU hidden size of 21)
 LLAMA = GPTConfig(
@@ -554,8 +673,25 @@ def test_model_float32_with_kernels_is_close_to_reference(config):
         assert_close(grads[name], ref_grads[name], "float32", name)
 
 
+@needs_numba
+def test_kernels_in_the_batch_threads_equal_reference():
+    """A batch large enough to be split across two threads (arraygpt.nn.runner): the kernels run in
+    both at once (numba code releases the GIL) and give the reference's gradients."""
+    config = GPTConfig(vocab_size=23, block_size=128, n_layer=1, n_head=2, n_embd=128)
+    fast = GPT(config, seed=4, dtype="float64", threads=2)
+    ref = GPT(config, seed=4, dtype="float64", threads=1, kernels="reference")
+    batch = np.random.default_rng(2).integers(0, 23, (4, 129))
+    assert len(fast.runner.chunks(4, 128 * 128)) == 2
+    _, loss = fast.forward(batch[:, :-1], batch[:, 1:])
+    _, ref_loss = ref.forward(batch[:, :-1], batch[:, 1:])
+    assert abs(loss - ref_loss) < 1e-10
+    grads, ref_grads = fast.backward(), ref.backward()
+    for name in ref_grads:
+        np.testing.assert_allclose(grads[name], ref_grads[name], rtol=0, atol=1e-10, err_msg=name)
+
+
 # ----------------------------------------------------------------------------------------------
-# choosing kernels
+# choosing kernels and updates (arraygpt.nn.kernels)
 
 
 def test_reference_switch(monkeypatch):
@@ -709,6 +845,72 @@ def test_a_kernel_offered_twice_or_malformed_is_an_error(pm):
             pm.unregister(plugin)
 
 
+def test_a_kernel_is_a_named_pair(pm):
+    """A spec's kernel is a KernelPair (.forward, .backward); a load that returns anything else is
+    a plugin error that says what to return."""
+    spec = KernelSpec("activation:gelu_tanh", lambda: KernelPair(layers.gelu_tanh_forward, layers.gelu_tanh_backward))
+    pair = spec.kernel()
+    assert pair.forward is layers.gelu_tanh_forward and pair.backward is layers.gelu_tanh_backward
+    loose = KernelSpec("activation:gelu_tanh", lambda: (layers.gelu_tanh_forward, layers.gelu_tanh_backward))
+    with pytest.raises(PluginError, match=r"load\(\) must return an arraygpt.nn.kernels.KernelPair"):
+        loose.kernel()
+    with pytest.raises(PluginError, match=r"update's load\(\) must return a function"):
+        UpdateSpec("adam", lambda: None).update()
+    if HAS_NUMBA:
+        chosen = kernels.select_kernels(SMALL, NUMPY, "float32", pm=pm)
+        assert type(chosen.activation) is KernelPair and chosen.activation.backward is gelu.gelu_tanh_backward
+
+
+def test_update_kernel_selection(monkeypatch, pm):
+    assert kernels.select_update("adam", NUMPY, "float32", "reference") is None
+    assert kernels.select_update("adam", load_backend("array_api_strict"), "float32") is None
+    assert kernels.select_update("adam", NUMPY, "float16") is None
+    with pytest.raises(ValueError, match="known: adam"):
+        kernels.select_update("lion", NUMPY, "float32")
+    assert (kernels.select_update("adam", NUMPY, "float32") is adam.adam_update) == HAS_NUMBA
+    monkeypatch.setenv(kernels.ENV_VAR, "reference")
+    assert kernels.select_update("adam", NUMPY, "float32") is None
+    from arraygpt.training.optim import create_optimizer
+
+    assert create_optimizer("adamw", {"w": np.ones(3, np.float32)}).fused == {"w": None}
+    monkeypatch.delenv(kernels.ENV_VAR)
+
+    calls = []
+
+    def acme_adam(p, g, m, v, **hyper):
+        calls.append(hyper["step"])
+        return False  # declines: the optimizer runs its reference update
+
+    class AcmeUpdate:
+        @hookimpl
+        def arraygpt_register_kernels(self):
+            return [
+                {
+                    "acme_adam": UpdateSpec("adam", lambda: acme_adam, priority=5, description="acme"),
+                    "acme_lion": UpdateSpec("lion", lambda: acme_adam),
+                }
+            ]
+
+    plugin = AcmeUpdate()
+    pm.register(plugin, name="acme-update")
+    try:
+        assert kernels.select_update("adam", NUMPY, "float64", pm=pm) is acme_adam
+        rows = {row[0]: row for row in kernels.describe_kernels(SMALL, NUMPY, "float64", pm=pm)}
+        assert rows["update:adam"][1:] == ("acme_adam", "acme")
+        params, ref = {"w": np.ones((2, 3))}, {"w": np.ones((2, 3))}
+        opt = create_optimizer("adam", params)
+        grad = np.full((2, 3), 0.5)
+        opt.step({"w": grad}, 1e-2)
+        create_optimizer("adam", ref, kernels="reference").step({"w": grad}, 1e-2)
+        assert calls == [1]
+        np.testing.assert_array_equal(params["w"], ref["w"])
+    finally:
+        pm.unregister(plugin)
+    assert "no optimizer update 'lion'" in UpdateSpec("lion", lambda: acme_adam).declines(NUMPY, "float64")
+    old_style = KernelSpec("update:adam", lambda: acme_adam).declines(SMALL, NUMPY, "float64")
+    assert "an optimizer's update is an arraygpt.nn.kernels.UpdateSpec" in old_style
+
+
 def test_hookspec_is_documented():
     from arraygpt import hookspecs
 
@@ -716,8 +918,29 @@ def test_hookspec_is_documented():
     assert "KernelSpec" in spec.__doc__ and inspect.signature(spec).return_annotation is not inspect.Signature.empty
 
 
+@needs_numba
+def test_arraygpt_backends_lists_the_kernel_of_each_layer_kind(capsys, monkeypatch):
+    from arraygpt import xp as shim
+    from arraygpt.cli import main
+
+    monkeypatch.setattr(shim, "_active", None)
+    monkeypatch.delenv("ARRAYGPT_BACKEND", raising=False)
+    monkeypatch.delenv(kernels.ENV_VAR, raising=False)
+    assert main(["backends"]) == 0
+    rows = {
+        line.split()[0]: line.split()[1]
+        for line in capsys.readouterr().out.split("kernels on numpy")[1].splitlines()[1:]
+    }
+    assert rows["activation:gelu_tanh"] == "numba_gelu_tanh" and rows["linear"] == "numba_linear_rows"
+    assert rows["update:adam"] == "numba_adam"
+    monkeypatch.setenv(kernels.ENV_VAR, "reference")
+    assert main(["backends"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.split("kernels on numpy")[1].splitlines()[1:]]
+    assert rows and all(row[1] == "reference" for row in rows)
+
+
 # ----------------------------------------------------------------------------------------------
-# without numba, and the import cost
+# loading and compiling: numba imported on selection, sources compiled on first call, no globals() writes
 
 
 def _run(code: str) -> str:
@@ -802,186 +1025,3 @@ def test_no_module_under_backends_assigns_into_globals():
     assert root / "numpy" / "kernels" / "gelu.py" in modules
     found = {str(p.relative_to(root)): _assigns_into_globals(p.read_text(encoding="utf-8")) for p in modules}
     assert {name: lines for name, lines in found.items() if lines} == {}
-
-
-def test_a_kernel_is_a_named_pair(pm):
-    """A spec's kernel is a KernelPair (.forward, .backward); a load that returns anything else is
-    a plugin error that says what to return."""
-    spec = KernelSpec("activation:gelu_tanh", lambda: KernelPair(layers.gelu_tanh_forward, layers.gelu_tanh_backward))
-    pair = spec.kernel()
-    assert pair.forward is layers.gelu_tanh_forward and pair.backward is layers.gelu_tanh_backward
-    loose = KernelSpec("activation:gelu_tanh", lambda: (layers.gelu_tanh_forward, layers.gelu_tanh_backward))
-    with pytest.raises(PluginError, match=r"load\(\) must return an arraygpt.nn.kernels.KernelPair"):
-        loose.kernel()
-    with pytest.raises(PluginError, match=r"update's load\(\) must return a function"):
-        UpdateSpec("adam", lambda: None).update()
-    if HAS_NUMBA:
-        chosen = kernels.select_kernels(SMALL, NUMPY, "float32", pm=pm)
-        assert type(chosen.activation) is KernelPair and chosen.activation.backward is gelu.gelu_tanh_backward
-
-
-@needs_numba
-def test_kernels_in_the_batch_threads_equal_reference():
-    """A batch large enough to be split across two threads (arraygpt.nn.runner): the kernels run in
-    both at once (numba code releases the GIL) and give the reference's gradients."""
-    config = GPTConfig(vocab_size=23, block_size=128, n_layer=1, n_head=2, n_embd=128)
-    fast = GPT(config, seed=4, dtype="float64", threads=2)
-    ref = GPT(config, seed=4, dtype="float64", threads=1, kernels="reference")
-    batch = np.random.default_rng(2).integers(0, 23, (4, 129))
-    assert len(fast.runner.chunks(4, 128 * 128)) == 2
-    _, loss = fast.forward(batch[:, :-1], batch[:, 1:])
-    _, ref_loss = ref.forward(batch[:, :-1], batch[:, 1:])
-    assert abs(loss - ref_loss) < 1e-10
-    grads, ref_grads = fast.backward(), ref.backward()
-    for name in ref_grads:
-        np.testing.assert_allclose(grads[name], ref_grads[name], rtol=0, atol=1e-10, err_msg=name)
-
-
-@needs_numba
-def test_arraygpt_backends_lists_the_kernel_of_each_layer_kind(capsys, monkeypatch):
-    from arraygpt import xp as shim
-    from arraygpt.cli import main
-
-    monkeypatch.setattr(shim, "_active", None)
-    monkeypatch.delenv("ARRAYGPT_BACKEND", raising=False)
-    monkeypatch.delenv(kernels.ENV_VAR, raising=False)
-    assert main(["backends"]) == 0
-    rows = {
-        line.split()[0]: line.split()[1]
-        for line in capsys.readouterr().out.split("kernels on numpy")[1].splitlines()[1:]
-    }
-    assert rows["activation:gelu_tanh"] == "numba_gelu_tanh" and rows["linear"] == "numba_linear_rows"
-    assert rows["update:adam"] == "numba_adam"
-    monkeypatch.setenv(kernels.ENV_VAR, "reference")
-    assert main(["backends"]) == 0
-    rows = [line.split() for line in capsys.readouterr().out.split("kernels on numpy")[1].splitlines()[1:]]
-    assert rows and all(row[1] == "reference" for row in rows)
-
-
-# ----------------------------------------------------------------------------------------------
-# the optimizer update kernel: bit-identical to the Adam/AdamW plugins' reference update
-
-
-def _adam_pair(name, shapes, dtype, seed, **options):
-    """Two optimizers ``name`` on equal parameters: with the kernels, and with the reference."""
-    from arraygpt.training.optim import create_optimizer
-
-    rng = np.random.default_rng(seed)
-    fast = {f"p{i}": rng.standard_normal(shape).astype(dtype) for i, shape in enumerate(shapes)}
-    ref = {k: v.copy() for k, v in fast.items()}
-    return (
-        fast,
-        ref,
-        create_optimizer(name, fast, **options),
-        create_optimizer(name, ref, kernels="reference", **options),
-    )
-
-
-@needs_numba
-@settings(max_examples=60, deadline=None)
-@given(
-    name=st.sampled_from(["adam", "adamw"]),
-    shapes=st.sampled_from([[(1,)], [(7,)], [(3, 5), (5,)], [(17, 33), (1, 1), (4, 2, 3)]]),
-    dtype=st.sampled_from(DTYPES),
-    beta1=st.sampled_from([0.0, 0.9]),
-    beta2=st.sampled_from([0.95, 0.999]),
-    eps=st.sampled_from([1e-8, 1e-3]),
-    weight_decay=st.sampled_from([0.0, 0.1]),
-    lrs=st.lists(st.sampled_from([0.0, 1e-3, 3e-2]), min_size=1, max_size=4),
-    seed=st.integers(0, 99),
-)
-def test_adam_update_kernel_is_bit_identical_to_reference(
-    name, shapes, dtype, beta1, beta2, eps, weight_decay, lrs, seed
-):
-    fast, ref, opt_fast, opt_ref = _adam_pair(
-        name, shapes, dtype, seed, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay
-    )
-    assert all(f is adam.adam_update for f in opt_fast.fused.values()) and set(opt_ref.fused.values()) == {None}
-    rng = np.random.default_rng(seed + 1)
-    for lr in lrs:
-        grads = {k: rng.standard_normal(v.shape).astype(dtype) for k, v in fast.items()}
-        opt_fast.step(grads, lr)
-        opt_ref.step({k: g.copy() for k, g in grads.items()}, lr)
-    for k in fast:  # the same numbers to the last bit, parameters and both moments
-        np.testing.assert_array_equal(fast[k], ref[k], err_msg=k)
-        for buffer in ("m", "v"):
-            np.testing.assert_array_equal(
-                opt_fast.buffers[buffer][k], opt_ref.buffers[buffer][k], err_msg=f"{buffer}.{k}"
-            )
-    assert opt_fast.state_dict().keys() == opt_ref.state_dict().keys()
-
-
-@needs_numba
-def test_adam_update_kernel_declines_what_it_does_not_take():
-    p = np.ones((4, 6), np.float32)
-    g = np.ones((4, 6), np.float32)
-    m, v = np.zeros_like(p), np.zeros_like(p)
-    args = dict(lr=1e-3, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.0, decoupled=True, step=1)
-    assert not adam.adam_update(p[:, ::2], g[:, ::2], m[:, ::2], v[:, ::2], **args)  # strided views
-    assert not adam.adam_update(p, g.astype(np.float64), m, v, **args)  # mixed dtypes
-    assert not adam.adam_update(p, g[:2], m, v, **args)  # shapes differ
-    assert not adam.adam_update(
-        p.astype(np.float16), g.astype(np.float16), m.astype(np.float16), v.astype(np.float16), **args
-    )
-    np.testing.assert_array_equal(p, 1.0)  # nothing changed
-    assert adam.adam_update(p, g, m, v, **args) and not np.array_equal(p, 1.0)
-    # a strided parameter (a ZeRO shard could be one) runs the reference update inside the optimizer
-    wide, wide_ref = np.ones((4, 12), np.float64), np.ones((4, 12), np.float64)
-    from arraygpt.training.optim import create_optimizer
-
-    fast = create_optimizer("adamw", {"w": wide[:, ::2]})
-    ref = create_optimizer("adamw", {"w": wide_ref[:, ::2]}, kernels="reference")
-    grad = np.random.default_rng(0).standard_normal((4, 6))
-    fast.step({"w": grad}, 1e-2)
-    ref.step({"w": grad.copy()}, 1e-2)
-    np.testing.assert_array_equal(wide, wide_ref)
-
-
-def test_update_kernel_selection(monkeypatch, pm):
-    assert kernels.select_update("adam", NUMPY, "float32", "reference") is None
-    assert kernels.select_update("adam", load_backend("array_api_strict"), "float32") is None
-    assert kernels.select_update("adam", NUMPY, "float16") is None
-    with pytest.raises(ValueError, match="known: adam"):
-        kernels.select_update("lion", NUMPY, "float32")
-    assert (kernels.select_update("adam", NUMPY, "float32") is adam.adam_update) == HAS_NUMBA
-    monkeypatch.setenv(kernels.ENV_VAR, "reference")
-    assert kernels.select_update("adam", NUMPY, "float32") is None
-    from arraygpt.training.optim import create_optimizer
-
-    assert create_optimizer("adamw", {"w": np.ones(3, np.float32)}).fused == {"w": None}
-    monkeypatch.delenv(kernels.ENV_VAR)
-
-    calls = []
-
-    def acme_adam(p, g, m, v, **hyper):
-        calls.append(hyper["step"])
-        return False  # declines: the optimizer runs its reference update
-
-    class AcmeUpdate:
-        @hookimpl
-        def arraygpt_register_kernels(self):
-            return [
-                {
-                    "acme_adam": UpdateSpec("adam", lambda: acme_adam, priority=5, description="acme"),
-                    "acme_lion": UpdateSpec("lion", lambda: acme_adam),
-                }
-            ]
-
-    plugin = AcmeUpdate()
-    pm.register(plugin, name="acme-update")
-    try:
-        assert kernels.select_update("adam", NUMPY, "float64", pm=pm) is acme_adam
-        rows = {row[0]: row for row in kernels.describe_kernels(SMALL, NUMPY, "float64", pm=pm)}
-        assert rows["update:adam"][1:] == ("acme_adam", "acme")
-        params, ref = {"w": np.ones((2, 3))}, {"w": np.ones((2, 3))}
-        opt = create_optimizer("adam", params)
-        grad = np.full((2, 3), 0.5)
-        opt.step({"w": grad}, 1e-2)
-        create_optimizer("adam", ref, kernels="reference").step({"w": grad}, 1e-2)
-        assert calls == [1]
-        np.testing.assert_array_equal(params["w"], ref["w"])
-    finally:
-        pm.unregister(plugin)
-    assert "no optimizer update 'lion'" in UpdateSpec("lion", lambda: acme_adam).declines(NUMPY, "float64")
-    old_style = KernelSpec("update:adam", lambda: acme_adam).declines(SMALL, NUMPY, "float64")
-    assert "an optimizer's update is an arraygpt.nn.kernels.UpdateSpec" in old_style
