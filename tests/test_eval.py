@@ -306,3 +306,15 @@ def test_a_file_that_is_not_utf8_is_refused(tmp_path, capsys):
     data.write_bytes("caf\u00e9".encode("latin-1"))
     rc, _, err = run_cli(capsys, "--checkpoint", tmp_path, "--data", data)
     assert rc == 2 and "not UTF-8 text" in err and err.count("\n") == 1
+
+
+def test_a_folder_or_an_oversized_file_is_refused_before_reading(tmp_path, capsys, monkeypatch):
+    from arraygpt.cli import eval as eval_command
+
+    rc, _, err = run_cli(capsys, "--checkpoint", tmp_path, "--data", tmp_path)
+    assert rc == 2 and "the text file is a directory" in err and err.count("\n") == 1
+    data = tmp_path / "big.txt"
+    data.write_text("x" * 101, encoding="utf-8")
+    monkeypatch.setattr(eval_command, "MAX_TEXT_BYTES", 100)
+    rc, _, err = run_cli(capsys, "--checkpoint", tmp_path, "--data", data)
+    assert rc == 2 and "the text file is 101 bytes; at most 100 are read" in err and err.count("\n") == 1

@@ -18,7 +18,7 @@ from typing import Any
 
 from arraygpt.io.files import open_regular
 
-MAX_TEXT_BYTES = 1024 * 1024 * 1024  # the text and its ids are held in memory; larger files are refused
+MAX_TEXT_BYTES = 256 * 1024 * 1024  # the text and its ids (~16 bytes each) are held in memory: larger files are refused
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
