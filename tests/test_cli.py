@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from conftest import has_gpu
 
+import arraygpt
 from arraygpt import GPT, GPTConfig, hookimpl
 from arraygpt import xp as shim
 from arraygpt.cli import SUBCOMMANDS, build_parser, main
@@ -163,8 +164,12 @@ def test_backends_lists_each_backend_with_availability(capsys, monkeypatch):
 
 def test_every_subcommand_module_has_add_arguments_and_run():
     parser = build_parser()
-    assert set(SUBCOMMANDS) == {"params", "backends", "plugins", "train", "sample", "eval", "plot", "explain"}
-    required = {"sample": ["--checkpoint", "x"], "eval": ["--checkpoint", "x", "--data", "y"]}
+    assert set(SUBCOMMANDS) == {"params", "backends", "plugins", "train", "sample", "chat", "eval", "plot", "explain"}
+    required = {
+        "sample": ["--checkpoint", "x"],
+        "chat": ["--checkpoint", "x"],
+        "eval": ["--checkpoint", "x", "--data", "y"],
+    }
     for command in SUBCOMMANDS:
         assert isinstance(parser.parse_args([command, *required.get(command, [])]), argparse.Namespace)
 
@@ -206,7 +211,7 @@ def test_plugins_lists_the_built_ins_with_their_plugin(capsys, monkeypatch):
             current[name] = plugin
     assert set(sections) == {"backends", "kernels", "optimizers", "samplers"}
     assert sections["samplers"] == dict.fromkeys(
-        ["greedy", "temperature", "top_k", "top_p", "min_p"], "arraygpt.plugins.samplers"
+        ["greedy", "temperature", "top_k", "top_p", "min_p", "repeat_penalty"], "arraygpt.plugins.samplers"
     )
     assert sections["optimizers"] == dict.fromkeys(["sgd", "adam", "adamw"], "arraygpt.plugins.optimizers")
     assert {"numpy", "array_api_strict", "cupy", "torch"} <= set(sections["backends"])
@@ -293,7 +298,7 @@ def test_sample_option_reaches_a_plugin_sampler(char_checkpoint, capsys):
         assert main(["sample", "--checkpoint", char_checkpoint, "--sampler", "only_token", "--option", "token=-1"]) == 2
         assert "token must be an integer >= 0, got -1" in capsys.readouterr().err
         assert main(["sample", "--checkpoint", char_checkpoint, "--sampler", "only_token", "--option", "tokn=1"]) == 2
-        assert "needs the option token" in capsys.readouterr().err
+        assert "sampler 'only_token' needs --option token=VALUE" in capsys.readouterr().err
         assert main(["sample", "--checkpoint", char_checkpoint, "--option", "token"]) == 2
         assert "--option expects NAME=VALUE" in capsys.readouterr().err
     finally:
@@ -303,20 +308,60 @@ def test_sample_option_reaches_a_plugin_sampler(char_checkpoint, capsys):
 @pytest.mark.parametrize(
     ("flag", "value", "allowed"),
     [
-        ("--top-p", "1.5", "top_p must be a number in (0, 1], got 1.5"),
-        ("--top-k", "0", "top_k must be an integer >= 1, got 0"),
-        ("--min-p", "2", "min_p must be a number in [0, 1], got 2.0"),
+        ("--top-p", "1.5", "--top-p must be a number in (0, 1], got 1.5"),
+        ("--top-k", "-1", "--top-k must be an integer >= 0 (0: off), got -1"),
+        ("--min-p", "2", "--min-p must be a number in [0, 1], got 2.0"),
+        ("--repeat-penalty", "0", "--repeat-penalty must be a number in (0, inf), got 0.0"),
+        ("--repeat-last-n", "-3", "--repeat-last-n must be an integer >= -1, got -3"),
+        ("--temperature", "1e-320", "--temperature 1e-320 is too small: use 0 for greedy decoding or at least"),
     ],
 )
-def test_sample_reports_an_out_of_range_sampler_option_before_the_sampler_that_does_not_take_it(
-    char_checkpoint, capsys, flag, value, allowed
-):
-    assert main(["sample", "--checkpoint", char_checkpoint, flag, value]) == 2  # the default sampler: temperature
-    assert capsys.readouterr().err.strip() == f"arraygpt sample: error: {allowed}"
-    name = flag[2:].replace("-", "_")
-    in_range = "0.5" if name != "top_k" else "3"
-    assert main(["sample", "--checkpoint", char_checkpoint, flag, in_range]) == 2
-    assert f"option '{name}' is not used by sampler temperature" in capsys.readouterr().err
+def test_sample_reports_a_bad_sampler_option_in_command_line_terms(char_checkpoint, capsys, flag, value, allowed):
+    assert main(["sample", "--checkpoint", char_checkpoint, flag, value]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"arraygpt sample: error: {allowed}") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    ("options", "chain"),
+    [
+        (["--top-k", "3"], "top_k"),
+        (["--top-p", "0.6", "--top-k", "3"], "top_k,top_p"),
+        (["--min-p", "0.2", "--top-k", "4"], "top_k,min_p"),
+        (["--repeat-penalty", "1.3"], "repeat_penalty"),
+    ],
+)
+def test_a_sampler_option_alone_turns_its_filter_on(char_checkpoint, capsys, options, chain):
+    common = ["--prompt", "ab", "--max-new-tokens", "12", "--num-samples", "3", "--seed", "2", "--temperature", "1.5"]
+    alone = _sample(capsys, char_checkpoint, *common, *options)
+    assert alone == _sample(capsys, char_checkpoint, *common, *options, "--sampler", f"temperature,{chain}")
+    assert alone != _sample(capsys, char_checkpoint, *common)  # the filter changed what was drawn
+
+
+def test_sample_takes_the_prompt_from_a_file_and_its_defaults_from_generation_config(char_checkpoint, capsys, tmp_path):
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("abc", encoding="utf-8")
+    common = ["--max-new-tokens", "6", "--seed", "3"]
+    assert _sample(capsys, char_checkpoint, "--prompt-file", str(prompt), *common) == _sample(
+        capsys, char_checkpoint, "--prompt", "abc", *common
+    )
+    assert main(["sample", "--checkpoint", char_checkpoint, "--prompt-file", str(tmp_path / "none.txt")]) == 2
+    assert "the prompt file is missing" in capsys.readouterr().err
+    (tmp_path / "generation_config.json").write_text(json.dumps({"do_sample": False, "max_new_tokens": 4}))
+    shutil.copytree(char_checkpoint, tmp_path / "with-config")
+    shutil.copy(tmp_path / "generation_config.json", tmp_path / "with-config")
+    directory = str(tmp_path / "with-config")
+    greedy = _sample(capsys, directory, "--prompt", "ab")  # do_sample false: greedy; max_new_tokens 4
+    assert greedy == _sample(capsys, char_checkpoint, "--prompt", "ab", "--max-new-tokens", "4", "--temperature", "0")
+    assert _sample(capsys, directory, "--prompt", "ab", "--temperature", "1.5", "--seed", "4") == _sample(
+        capsys, char_checkpoint, "--prompt", "ab", "--max-new-tokens", "4", "--temperature", "1.5", "--seed", "4"
+    )  # a flag overrides the file
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out == f"arraygpt {arraygpt.__version__}\n"
 
 
 # -- arraygpt train ------------------------------------------------------------------------------

@@ -347,9 +347,9 @@ def test_sample_command_show_probs_and_errors(char_checkpoint, capsys):
     out = capsys.readouterr().out
     assert out.count("model: ") >= 1 and "sampler: " in out and "=> " in out
     assert main(["sample", "--checkpoint", str(directory), "--sampler", "top_p", "--top-p", "1.5"]) == 2
-    assert "top_p must be a number in (0, 1], got 1.5" in capsys.readouterr().err
+    assert "--top-p must be a number in (0, 1], got 1.5" in capsys.readouterr().err
     assert main(["sample", "--checkpoint", str(directory), "--sampler", "top_k"]) == 2
-    assert "needs the option top_k" in capsys.readouterr().err
+    assert "sampler 'top_k' needs --top-k" in capsys.readouterr().err
     assert main(["sample", "--checkpoint", str(directory / "missing")]) == 2
 
 
@@ -435,3 +435,126 @@ def test_sample_command_opens_prompts_with_bos_for_models_trained_on_bos_wrapped
     assert list(generate(model, tokenizer.encode("ab"), 6, "greedy", eos_id=None)) != list(
         generate(model, [tokenizer.bos_id, *tokenizer.encode("ab")], 6, "greedy", eos_id=None)
     )
+
+
+# ----------------------------------------------------------------------------------------------
+# text in, text out; the context the samplers see
+
+
+def _char_checkpoint(tmp_path):
+    from arraygpt.io.checkpoint import save_checkpoint
+    from arraygpt.io.tokenizers import CharTokenizer
+
+    tokenizer = CharTokenizer("abcdefghij")  # ids 0..9, BOS 10
+    save_checkpoint(tmp_path / "ckpt", tiny(vocab_size=tokenizer.vocab_size), tokenizer)
+    return arraygpt.load(tmp_path / "ckpt")
+
+
+def test_a_text_prompt_gives_text_with_the_checkpoints_tokenizer(tmp_path):
+    ckpt = _char_checkpoint(tmp_path)
+    tok = ckpt.tokenizer
+    text = "".join(arraygpt.generate(ckpt, "abc", 12, temperature=1.5, seed=3))
+    ids = list(generate(ckpt.model, list(ckpt.prompt_prefix) + tok.encode("abc"), 12, temperature=1.5, seed=3))
+    ends = {tok.bos_id}
+    expected = tok.decode(ids[: ids.index(tok.bos_id)] if tok.bos_id in ids else ids)
+    assert text == expected
+    assert "".join(generate(ckpt.model, "abc", 12, tokenizer=tok, temperature=1.5, seed=3)) == tok.decode(
+        list(generate(ckpt.model, tok.encode("abc"), 12, temperature=1.5, seed=3, eos_id=ends))
+    )
+    rows = list(generate(ckpt, ["ab", "cd"], 5, temperature=1.5, seed=1))
+    assert all(isinstance(r, tuple) and len(r) == 2 for r in rows)
+    with pytest.raises(TypeError, match="a text prompt needs the model's tokenizer: pass tokenizer="):
+        generate(ckpt.model, "Hello", 3)
+    with pytest.raises(TypeError, match=r"model must be an arraygpt GPT or a loaded checkpoint \(arraygpt.load"):
+        generate("runs/names", [1], 3)
+
+
+def test_the_repeat_penalty_sees_the_whole_context_as_transformers_does():
+    import torch
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    model = tiny(block_size=32)
+    prompt = [1, 2, 3, 2, 1]
+    got = list(generate(model, prompt, 10, "greedy", repeat_penalty=1.8, repeat_last_n=-1))
+    context, penalty = list(prompt), RepetitionPenaltyLogitsProcessor(1.8)
+    for _ in range(10):
+        logits = torch.from_numpy(to_numpy(model.forward([context])[0])[:, -1, :].copy())  # full recompute
+        context.append(int(penalty(torch.tensor([context]), logits).argmax()))
+    assert got == context[len(prompt) :]
+    assert got != list(generate(model, prompt, 10, "greedy"))  # the penalty changed the tokens
+
+
+def _utf8_tokenizers():
+    from arraygpt.io.tokenizers import ByteTokenizer, CharTokenizer
+
+    return [ByteTokenizer(bos=True), CharTokenizer("cafeé 😀xyz")]
+
+
+@pytest.mark.parametrize("tokenizer", _utf8_tokenizers(), ids=["byte", "char"])
+def test_streamed_text_never_splits_a_character_and_equals_decode(tokenizer):
+    from arraygpt.generation.text import TextStream
+
+    ids = tokenizer.encode("café 😀 xyz é")
+    stream = TextStream(tokenizer)
+    pieces = [stream.push(i) for i in ids]
+    assert "".join(pieces) + stream.finish() == tokenizer.decode(ids) == "café 😀 xyz é"
+    assert not any("\ufffd" in p for p in pieces)
+    cut = TextStream(tokenizer)
+    head = "".join(cut.push(i) for i in ids[:-1])
+    assert head + cut.finish() == tokenizer.decode(ids[:-1])  # an incomplete character at the end: U+FFFD
+
+
+def test_streamed_text_of_a_hugging_face_tokenizer_equals_its_decode_and_decodestream():
+    pytest.importorskip("tokenizers")
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from tokenizers.decoders import DecodeStream
+
+    from arraygpt.generation.text import TextStream
+    from arraygpt.io.bpe import BPETokenizer, HFTokenizer
+
+    text = "café 😀 naïve résumé — ok"
+    # a byte-level BPE (GPT-2's layout) and a SentencePiece-style BPE with byte fallback
+    byte_level = Tokenizer(models.BPE())
+    byte_level.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    byte_level.decoder = decoders.ByteLevel()
+    byte_level.train_from_iterator(
+        [text] * 3,
+        trainers.BpeTrainer(
+            vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        ),
+    )
+    fallback = Tokenizer(models.BPE(byte_fallback=True, unk_token=None))
+    fallback.normalizer = normalizers.Replace(" ", "▁")
+    fallback.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    fallback.train_from_iterator(
+        ["cafe naive"] * 3, trainers.BpeTrainer(vocab_size=60, special_tokens=[f"<0x{b:02X}>" for b in range(256)])
+    )
+    for wrapped in (BPETokenizer(byte_level), HFTokenizer(fallback, bos_id=None, eos_ids=[])):
+        ids = wrapped.encode(text)
+        stream = TextStream(wrapped, [])
+        pieces = [stream.push(i) for i in ids]
+        assert "".join(pieces) + stream.finish() == wrapped.decode(ids) == text
+        reference, ref_pieces = DecodeStream(skip_special_tokens=False), []
+        for i in ids:
+            ref_pieces.append(reference.step(wrapped._tokenizer, i) or "")
+        assert "".join(ref_pieces) == text and not any("\ufffd" in p for p in pieces)
+
+
+def test_streaming_decodes_a_bounded_window_per_token():
+    from arraygpt.generation.text import TextStream
+    from arraygpt.io.tokenizers import CharTokenizer
+
+    class Counting(CharTokenizer):
+        decoded = 0
+
+        def decode(self, ids):
+            ids = list(ids)
+            Counting.decoded += len(ids)
+            return super().decode(ids)
+
+    tok = Counting("abé")
+    stream = TextStream(tok, tok.encode("ab" * 50))
+    n = 4000
+    text = "".join(stream.push(i % 3) for i in range(n)) + stream.finish()
+    assert text == CharTokenizer("abé").decode([i % 3 for i in range(n)])
+    assert Counting.decoded <= 8 * n  # linear: a few ids per token, never the whole text again

@@ -5,6 +5,7 @@
     arraygpt plugins
     arraygpt train ...
     arraygpt sample ...
+    arraygpt chat --checkpoint PATH [--system TEXT]
     arraygpt eval ...
     arraygpt plot KIND ...
     arraygpt explain ...
@@ -48,6 +49,7 @@ SUBCOMMANDS = {
     "plugins": ("arraygpt.cli.plugins", "list every registered backend, optimizer and sampler and its plugin"),
     "train": ("arraygpt.cli.train", "train a GPT (default: the microgpt preset on names)"),
     "sample": ("arraygpt.cli.sample", "generate text from a checkpoint"),
+    "chat": ("arraygpt.cli.chat", "chat with a model, using its chat template"),
     "eval": ("arraygpt.cli.eval", "perplexity and bits per byte of a model on a text file"),
     "plot": ("arraygpt.cli.plot", "draw one picture of a model: probs, attention, lens, embeddings, loss or params"),
     "explain": ("arraygpt.cli.explain", "write one self-contained HTML page that shows inside one generation"),
@@ -76,7 +78,10 @@ class Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``arraygpt`` parser with one subparser per entry of :data:`SUBCOMMANDS`."""
+    from arraygpt import __version__
+
     parser = Parser(prog="arraygpt", description="A GPT on the Python array API.")
+    parser.add_argument("--version", action="version", version=f"arraygpt {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for command, (_, help_text) in SUBCOMMANDS.items():
         sub_parser = sub.add_parser(command, help=help_text, description=help_text)

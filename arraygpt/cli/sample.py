@@ -1,11 +1,17 @@
-"""``arraygpt sample``: load a model (an arraygpt checkpoint or run folder, or a Hugging Face GPT-2
-directory) and print samples as they are generated.
+"""``arraygpt sample``: load a model (anything ``arraygpt.load`` opens: an arraygpt checkpoint or
+run folder, a Hugging Face directory) and print samples as they are generated.
 
-The sampler options ``--top-k``, ``--top-p`` and ``--min-p`` go to the samplers that take them
-(they have no default: each sampler's factory requires its own); ``--option NAME=VALUE`` passes
-any option of a plugin's sampler. The temperature, prompt and counts default to those of
-``arraygpt.generation.generation.generate``. Exit code 2 and one line on stderr for a bad option or a
-checkpoint that cannot be read.
+The sampler options follow llama.cpp's: ``--top-k``, ``--top-p``, ``--min-p`` and
+``--repeat-penalty`` each turn their filter on, and several compose (repeat penalty on the logits,
+then the temperature, then top-k, top-p, min-p); ``--option NAME=VALUE`` passes any option of a
+plugin's sampler. Where the checkpoint's directory has a ``generation_config.json``, its
+temperature, top_k, top_p, min_p, repetition_penalty, max_new_tokens, eos_token_id and do_sample
+are the defaults; the command line overrides them. The text is streamed with
+``arraygpt.generation.text.TextStream`` (never a split character, linear in the output). Exit
+code 2 and one line on stderr, in command-line terms, for a bad option or a checkpoint that
+cannot be read.
+
+The sampler options and their parsing are shared with ``arraygpt chat``, ``plot`` and ``explain``.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import io
+import re
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -20,6 +27,8 @@ from typing import Any
 from arraygpt.cli.options import parse_finite
 
 MAX_SAMPLES = 1_000_000  # --num-samples above this is refused as a typo rather than run for days
+DEFAULT_MAX_NEW_TOKENS = 200
+PROMPT_LIMIT = 64 * 1024 * 1024  # bytes of --prompt-file
 
 
 def _generate_default(name: str) -> Any:
@@ -34,19 +43,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--checkpoint",
         required=True,
-        metavar="DIR",
-        help="any model directory arraygpt.load opens: an arraygpt checkpoint or run folder, or a Hugging Face directory",
+        metavar="PATH",
+        help="any model arraygpt.load opens: an arraygpt checkpoint or run folder, or a Hugging Face directory",
     )
-    parser.add_argument("--prompt", default="", metavar="TEXT", help="text to continue (default: the BOS token)")
+    prompt = parser.add_mutually_exclusive_group()
+    prompt.add_argument("--prompt", default="", metavar="TEXT", help="text to continue (default: the BOS token)")
+    prompt.add_argument(
+        "--prompt-file",
+        default=None,
+        metavar="FILE",
+        help=f"read the prompt from FILE (UTF-8, at most {PROMPT_LIMIT:,} bytes)",
+    )
     parser.add_argument(
         "--num-samples", type=int, default=1, metavar="N", help=f"samples to generate, 1 to {MAX_SAMPLES:,} (default 1)"
     )
     parser.add_argument(
         "--max-new-tokens",
         type=int,
-        default=200,
+        default=None,
         metavar="M",
-        help="most tokens per sample, >= 0; a sample also ends at an end token (default 200)",
+        help="most tokens per sample, >= 0; a sample also ends at an end token (default: the checkpoint's "
+        f"generation_config.json, else {DEFAULT_MAX_NEW_TOKENS})",
     )
     add_sampler_arguments(parser)
     parser.add_argument(
@@ -61,7 +78,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="TEXT",
-        help="stop a sample when it ends with TEXT (repeatable); BOS/EOS always stop",
+        help="stop a sample when it ends with TEXT (repeatable); the tokenizer's end tokens always stop",
     )
     parser.add_argument(
         "--no-cache",
@@ -71,42 +88,77 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+class _Given(argparse.Action):
+    """Store the value and remember that the option was given (so that a checkpoint's
+    generation_config.json supplies only the options that were not)."""
+
+    def __call__(self, parser: Any, namespace: argparse.Namespace, values: Any, option_string: Any = None) -> None:
+        setattr(namespace, self.dest, values)
+        given = set(getattr(namespace, "given_sampler_options", None) or ())
+        setattr(namespace, "given_sampler_options", given | {self.dest})
+
+
 def add_sampler_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options that choose and configure the sampler, shared by ``sample``, ``plot`` and
-    ``explain``: ``--sampler``, ``--temperature``, ``--top-k``, ``--top-p``, ``--min-p``,
-    ``--option`` and ``--seed``."""
+    """The options that choose and configure the sampler, shared by ``sample``, ``chat``, ``plot``
+    and ``explain``: ``--sampler``, ``--temperature``, ``--top-k``, ``--top-p``, ``--min-p``,
+    ``--repeat-penalty``, ``--repeat-last-n``, ``--option`` and ``--seed``. Each of the filter
+    options turns its filter on; several compose (temperature, then top-k, top-p, min-p)."""
     from arraygpt.generation.sampling import DEFAULT_SAMPLER
 
     temperature = _generate_default("temperature")
-    group = parser.add_argument_group("sampler")
+    group = parser.add_argument_group("sampler", "each filter option turns its filter on; several compose")
     group.add_argument(
         "--sampler",
         default=DEFAULT_SAMPLER,
+        action=_Given,
         metavar="NAME[,NAME...]",
-        help="registered sampler(s), applied in order after the temperature (built-in: greedy, "
-        f"temperature, top_k, top_p, min_p; `arraygpt plugins` lists all; default {DEFAULT_SAMPLER})",
+        help="registered sampler(s), applied in order after the temperature, before the filters the options "
+        "below turn on (built-in: greedy, temperature, top_k, top_p, min_p, repeat_penalty; `arraygpt plugins` "
+        f"lists all; default {DEFAULT_SAMPLER})",
     )
     group.add_argument(
         "--temperature",
         type=parse_finite,
         default=temperature,
+        action=_Given,
         metavar="T",
         help=f"softmax temperature T >= 0 (0 = greedy; no upper cap; default {temperature:g})",
     )
-    group.add_argument("--top-k", type=int, default=None, metavar="K", help="top_k: keep the K most likely tokens")
+    group.add_argument(
+        "--top-k", type=int, default=None, action=_Given, metavar="K", help="keep the K most likely tokens (0: off)"
+    )
     group.add_argument(
         "--top-p",
         type=parse_finite,
         default=None,
+        action=_Given,
         metavar="P",
-        help="top_p: keep the smallest set of most likely tokens whose mass reaches P",
+        help="keep the smallest set of most likely tokens whose mass reaches P (1: off)",
     )
     group.add_argument(
         "--min-p",
         type=parse_finite,
         default=None,
+        action=_Given,
         metavar="P",
-        help="min_p: keep tokens with probability >= P times the most likely one's",
+        help="keep tokens with probability >= P times the most likely one's (0: off)",
+    )
+    group.add_argument(
+        "--repeat-penalty",
+        type=parse_finite,
+        default=None,
+        action=_Given,
+        metavar="X",
+        help="divide the positive logits of tokens in the last --repeat-last-n tokens by X, multiply the "
+        "negative ones (1: off)",
+    )
+    group.add_argument(
+        "--repeat-last-n",
+        type=int,
+        default=None,
+        action=_Given,
+        metavar="N",
+        help="how many of the last tokens the repeat penalty looks at (-1: all; default 64)",
     )
     group.add_argument(
         "--option",
@@ -118,6 +170,13 @@ def add_sampler_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--seed", type=int, default=1337, help="seed of the sampling coins (default 1337)")
 
 
+FLAGS = ("top_k", "top_p", "min_p", "repeat_penalty", "repeat_last_n")  # sampler options that have their own flag
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
 def _parse_value(text: str) -> Any:
     for kind in (int, float):
         try:
@@ -127,20 +186,47 @@ def _parse_value(text: str) -> Any:
     return text
 
 
-def sampler_options(args: argparse.Namespace) -> dict[str, Any]:
-    """``--top-k/--top-p/--min-p`` and every ``--option NAME=VALUE`` (ints and floats parsed).
+def cli_terms(message: str) -> str:
+    """A sampler error in command-line terms: ``top_p must ...`` -> ``--top-p must ...``, ``option
+    'eps'`` -> ``--option eps``, ``needs the option top_k (e.g. top_k=...)`` -> ``needs --top-k``."""
+    for name in (*FLAGS, "temperature"):
+        if message.startswith(f"{name} "):
+            return _flag(name) + message[len(name) :]
+        message = message.replace(f"needs the option {name} (e.g. {name}=...)", f"needs {_flag(name)}")
+    message = re.sub(r"needs the option (\w+) \(e\.g\. \w+=\.\.\.\)", r"needs --option \1=VALUE", message)
+    message = re.sub(r"^option '(\w+)'", r"--option \1", message)
+    message = message.replace("to combine samplers pass a list, e.g. sampler=", "to combine samplers: --sampler ")
+    return message
 
-    Each of ``--top-k/--top-p/--min-p`` is checked first by the registered sampler of its name, so
-    that an out-of-range value is reported as such (``top_p must be a number in (0, 1], got 1.5``)
-    even when the chosen ``--sampler`` does not take the option (reported next, by
-    ``make_sampler``)."""
+
+def sampler_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The sampler options given on the command line: ``--top-k/--top-p/--min-p/--repeat-penalty/
+    --repeat-last-n`` (``--top-k 0`` is left out: off) and every ``--option NAME=VALUE`` (ints and
+    floats parsed).
+
+    Each flag's value is checked first by the registered sampler of its name, so that an
+    out-of-range value is reported as such (``--top-p must be a number in (0, 1], got 1.5``)."""
     from arraygpt.generation.sampling import available_samplers
 
-    options = {name: getattr(args, name) for name in ("top_k", "top_p", "min_p") if getattr(args, name) is not None}
+    options = {name: getattr(args, name, None) for name in FLAGS if getattr(args, name, None) is not None}
+    if options.get("top_k") is not None and options["top_k"] < 0:
+        raise ValueError(f"--top-k must be an integer >= 0 (0: off), got {options['top_k']}")
+    if options.get("top_k") == 0:
+        del options["top_k"]
+    if "repeat_last_n" in options and "repeat_penalty" not in options:
+        options["repeat_penalty"] = 1.0
     factories = available_samplers()
-    for name, value in options.items():
-        if name in factories:
-            factories[name](**{name: value})  # raises ValueError naming the allowed range
+    for name in ("top_k", "top_p", "min_p", "repeat_penalty"):
+        if name in options and name in factories:
+            extra = (
+                {"repeat_last_n": options["repeat_last_n"]}
+                if name == "repeat_penalty" and "repeat_last_n" in options
+                else {}
+            )
+            try:
+                factories[name](**{name: options[name]}, **extra)  # raises ValueError naming the allowed range
+            except ValueError as e:
+                raise ValueError(cli_terms(str(e))) from None
     for item in args.option:
         name, sep, value = item.partition("=")
         if not sep or not name:
@@ -149,35 +235,89 @@ def sampler_options(args: argparse.Namespace) -> dict[str, Any]:
     return options
 
 
-class TextStream:
-    """Decode a growing list of ids and print only the new text, holding back an incomplete
-    multi-byte character (a byte-level BPE token can end mid-character)."""
+def sampler_names(args: argparse.Namespace) -> Any:
+    """``--sampler``: a name, or a list of names for a comma-separated chain."""
+    return [s.strip() for s in args.sampler.split(",")] if "," in args.sampler else args.sampler.strip()
 
-    def __init__(self, tokenizer: Any, out: Any):
-        self.tokenizer, self.out = tokenizer, out
-        self.ids: list[int] = []
-        self.printed = 0
+
+def sampling(args: argparse.Namespace, defaults: dict[str, Any]) -> tuple[Any, float, dict[str, Any]]:
+    """(sampler, temperature, options) from the command line over a checkpoint's
+    ``generation_config.json`` (``defaults``, as ``read_generation_config`` returns them): a value
+    given on the command line wins; ``do_sample: false`` there means greedy unless ``--temperature``
+    or ``--sampler`` is given; its ``repetition_penalty`` is ``--repeat-penalty``'s default.
+
+    Raises:
+        ValueError: an invalid option, in command-line terms.
+    """
+    from arraygpt.generation.sampling import make_sampler
+
+    given = set(getattr(args, "given_sampler_options", None) or ())
+    options = sampler_options(args)
+    temperature = args.temperature
+    sampling_on = defaults.get("do_sample") is not False
+    if "temperature" not in given and "sampler" not in given:
+        if not sampling_on:
+            temperature = 0.0
+        elif "temperature" in defaults:
+            temperature = float(defaults["temperature"])
+    if sampling_on:
+        for name in ("top_k", "top_p", "min_p"):
+            value = defaults.get(name)
+            if name not in given and value is not None and not (name == "top_k" and value == 0):
+                options[name] = value
+    penalty = defaults.get("repetition_penalty")
+    if "repeat_penalty" not in given and penalty is not None and penalty != 1.0:
+        options["repeat_penalty"] = float(penalty)
+    sampler = sampler_names(args)
+    try:
+        make_sampler(sampler, temperature=temperature, **options)
+    except ValueError as e:
+        raise ValueError(cli_terms(str(e))) from None
+    return sampler, temperature, options
+
+
+class TextStream:
+    """Print the text of a stream of token ids as it comes, never splitting a character
+    (``arraygpt.generation.text.TextStream``, linear in the output), to ``out``."""
+
+    def __init__(self, tokenizer: Any, out: Any, context: Sequence[int] = ()):
+        from arraygpt.generation.text import TextStream as Decoder
+
+        self.out = out
+        self._decoder = Decoder(tokenizer, context)
+        self._pieces: list[str] = []
+
+    def _write(self, text: str) -> None:
+        if text:
+            self._pieces.append(text)
+            self.out.write(text)
+            self.out.flush()
 
     def push(self, token: int) -> None:
-        self.ids.append(token)
-        text = self.tokenizer.decode(self.ids)
-        if text.endswith("\ufffd"):
-            return
-        self.out.write(text[self.printed :])
-        self.out.flush()
-        self.printed = len(text)
+        self._write(self._decoder.push(token))
 
     def finish(self) -> None:
         """Print what is still held back at the end of a sample (an incomplete character is
         printed as the decoder renders it, U+FFFD), so no generated text is lost."""
-        text = self.tokenizer.decode(self.ids)
-        if len(text) > self.printed:
-            self.out.write(text[self.printed :])
-            self.out.flush()
-            self.printed = len(text)
+        self._write(self._decoder.finish())
 
     def text(self) -> str:
-        return self.tokenizer.decode(self.ids)
+        return "".join(self._pieces)
+
+
+def read_prompt_file(path: str) -> str:
+    """The text of ``--prompt-file``: a regular file of UTF-8 text, at most PROMPT_LIMIT bytes."""
+    from arraygpt.io.files import open_regular
+
+    f, size = open_regular(path, "prompt file")
+    with f:
+        if size > PROMPT_LIMIT:
+            raise ValueError(f"--prompt-file {path}: {size:,} bytes; at most {PROMPT_LIMIT:,} are read")
+        data = f.read(PROMPT_LIMIT + 1)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"--prompt-file {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
 def label(tokenizer: Any, token: int, ends: Sequence[int]) -> str:
@@ -190,40 +330,53 @@ def show(tokenizer: Any, pairs: Sequence[tuple[int, float]], ends: Sequence[int]
     return "  ".join(f"{label(tokenizer, i, ends)} {p:.3f}" for i, p in pairs)
 
 
-def _load(directory: str) -> tuple[Any, Any, list[int]]:
-    """(model, tokenizer, prompt prefix) of the model in ``directory`` (``arraygpt.io.formats.load``)."""
+def _load(path: str) -> tuple[Any, Any, list[int], dict[str, Any]]:
+    """(model, tokenizer, prompt prefix, generation_config.json's defaults) of the model at ``path``
+    (``arraygpt.io.formats.load``)."""
+    ckpt = load_checkpoint_with_tokenizer(path)
+    return ckpt.model, ckpt.tokenizer, list(ckpt.prompt_prefix), generation_defaults(ckpt)
+
+
+def load_checkpoint_with_tokenizer(path: str) -> Any:
+    """``arraygpt.load(path)``, refused when it has no tokenizer (its tokens could not be shown)."""
     from arraygpt.io.formats import load
 
-    ckpt = load(directory)
+    ckpt = load(path)
     if ckpt.tokenizer is None:
-        raise ValueError(f"checkpoint {directory} has no tokenizer, so its tokens cannot be turned into text")
-    return ckpt.model, ckpt.tokenizer, list(ckpt.prompt_prefix)
+        raise ValueError(f"checkpoint {path} has no tokenizer, so its tokens cannot be turned into text")
+    return ckpt
+
+
+def generation_defaults(ckpt: Any) -> dict[str, Any]:
+    """The sampling defaults of the checkpoint's generation_config.json ({} when it has none)."""
+    from pathlib import Path
+
+    from arraygpt.io.hf.reader import read_generation_config
+
+    folder = Path(ckpt.path)
+    return read_generation_config(folder) if folder.is_dir() else {}
 
 
 def run(args: argparse.Namespace) -> int:
     """Load the checkpoint and print the samples as they are generated."""
     from arraygpt.generation.generation import generate
-    from arraygpt.generation.sampling import check_number, make_sampler
+    from arraygpt.generation.sampling import check_number
+    from arraygpt.generation.text import encode_prompt, end_ids
     from arraygpt.xp import host_rng
 
-    options = sampler_options(args)
-    sampler = [s.strip() for s in args.sampler.split(",")] if "," in args.sampler else args.sampler.strip()
     check_number("--num-samples", args.num_samples, 1, MAX_SAMPLES, integer=True)
-    check_number("--max-new-tokens", args.max_new_tokens, 0, integer=True)
+    if args.max_new_tokens is not None:
+        check_number("--max-new-tokens", args.max_new_tokens, 0, integer=True)
     check_number("--show-probs", args.show_probs, 0, integer=True)
-    make_sampler(sampler, temperature=args.temperature, **options)  # report bad options before loading
-    model, tokenizer, prefix = _load(args.checkpoint)
-    specials = [
-        getattr(tokenizer, "bos_id", None),
-        getattr(tokenizer, "eos_id", None),
-        *getattr(tokenizer, "eos_ids", ()),
-    ]
-    ends = sorted({int(i) for i in specials if i is not None})
-    prompt = prefix + (list(tokenizer.encode(args.prompt)) if args.prompt else [])
-    if not prompt:
-        if not ends:
-            raise ValueError("--prompt is empty and the tokenizer has no BOS token to start from; give --prompt")
-        prompt = [getattr(tokenizer, "bos_id", None) if getattr(tokenizer, "bos_id", None) is not None else ends[0]]
+    sampling(args, {})  # report bad options before loading
+    text = read_prompt_file(args.prompt_file) if args.prompt_file is not None else args.prompt
+    model, tokenizer, prefix, defaults = _load(args.checkpoint)
+    sampler, temperature, options = sampling(args, defaults)
+    max_new_tokens = args.max_new_tokens
+    if max_new_tokens is None:
+        max_new_tokens = defaults.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS)
+    ends = sorted(end_ids(tokenizer) | set(defaults.get("eos_token_id", ())))
+    prompt = encode_prompt(tokenizer, text, prefix)
     stop = [list(tokenizer.encode(s)) for s in args.stop]
     if any(not ids for ids in stop):
         raise ValueError("--stop takes a non-empty text (one that encodes to at least one token)")
@@ -233,14 +386,15 @@ def run(args: argparse.Namespace) -> int:
         if i:
             out.write("\n---------------\n")
         if not args.show_probs:
-            out.write(args.prompt)
-        stream = TextStream(tokenizer, io.StringIO() if args.show_probs else out)
+            out.write(text)
+        stream = TextStream(tokenizer, io.StringIO() if args.show_probs else out, prompt)
         steps = generate(
             model,
             prompt,
-            args.max_new_tokens,
+            max_new_tokens,
             sampler,
-            temperature=args.temperature,
+            tokenizer=tokenizer,
+            temperature=temperature,
             seed=rng,
             use_cache=args.use_cache,
             eos_id=ends,
@@ -251,17 +405,22 @@ def run(args: argparse.Namespace) -> int:
         for item in steps:
             token = item.token if args.show_probs else item
             if args.show_probs:
-                out.write(
-                    f"[{label(tokenizer, token, ends)} p={item.p_sampler:.3f} (model {item.p_model:.3f})]"
-                    f"  model: {show(tokenizer, item.model, ends)}  |  sampler: {show(tokenizer, item.sampler, ends)}\n"
-                )
+                out.write(show_step(tokenizer, item, ends))
                 out.flush()
             if token in ends:
                 break
             stream.push(token)
         stream.finish()
         if args.show_probs:
-            out.write(f"=> {args.prompt}{stream.text()}")
+            out.write(f"=> {text}{stream.text()}")
     out.write("\n")
     out.flush()
     return 0
+
+
+def show_step(tokenizer: Any, item: Any, ends: Sequence[int]) -> str:
+    """--show-probs's line for one token: the token, its probabilities, and both candidate lists."""
+    return (
+        f"[{label(tokenizer, item.token, ends)} p={item.p_sampler:.3f} (model {item.p_model:.3f})]"
+        f"  model: {show(tokenizer, item.model, ends)}  |  sampler: {show(tokenizer, item.sampler, ends)}\n"
+    )

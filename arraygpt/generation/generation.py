@@ -392,7 +392,7 @@ def _loop(
     generated: list[list[int]] = [[] for _ in range(B)]
     logits = decoder.start(context[:, :length])  # (B, V)
     keep = None
-    if n_valid is not None:  # ids past the tokenizer's vocabulary (padding rows) get logit -inf
+    if n_valid is not None:  # ids past the tokenizer's vocabulary (padding rows) get logit -inf, probability 0
         keep = xp.arange(V, device=logits.device) < n_valid  # (V,)
         masked = xp.full((V,), -math.inf, dtype=logits.dtype, device=logits.device)  # (V,)
     for step in range(n_new):
@@ -402,6 +402,8 @@ def _loop(
         coins = backend.asarray(rng.random(B))  # (B,) float64, drawn on the host
         seen = backend.asarray(context[:, :length]) if chain.reads_context else None  # (B, T)
         probs = chain(logits, seen)  # (B, V)
+        if keep is not None:  # nor may a filter give them weight
+            probs = normalize(xp.where(keep, probs, xp.zeros_like(probs)))  # (B, V)
         tokens_dev = draw(probs, coins)  # (B,)
         tokens = np.asarray(to_numpy(tokens_dev), dtype=np.int64)
         bad = np.flatnonzero((tokens >= V) & ~done)

@@ -1,0 +1,221 @@
+"""Chat: a tiny random Llama-style model with a tiny trained byte-level BPE and a ChatML template,
+saved as a transformers directory. The rendered conversation is checked against transformers'
+``apply_chat_template``, the second turn is checked to prefill only its own tokens (counting the
+positions fed to the model), a reply stops at ``<|im_end|>``, and ``arraygpt chat`` answers lines
+of standard input with and without ``--system``."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+
+import numpy as np
+import pytest
+
+pytest.importorskip("tokenizers")
+pytest.importorskip("jinja2")
+
+import arraygpt
+from arraygpt import GPT, GPTConfig
+from arraygpt.cli import main
+from arraygpt.generation.chat import Chat, render_chatml
+from arraygpt.manager import get_plugin_manager, set_plugin_manager
+from arraygpt.xp import namespace, to_numpy
+
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + "
+    "'\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+TEXT = [
+    "hello there, how are you today? I am fine, thank you.",
+    "the quick brown fox jumps over the lazy dog",
+    "what is the capital of france? paris is the capital.",
+    "user assistant system hello world",
+]
+REPLY = "hello world"  # what the forcing sampler makes the model say
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tokenizer.train_from_iterator(TEXT * 4, trainer)
+    directory = tmp_path_factory.mktemp("chat") / "tiny-chat"
+    config = dataclasses.replace(
+        GPTConfig.preset("llama-tiny"), vocab_size=tokenizer.get_vocab_size() + 5, block_size=256
+    )  # a vocabulary padded past the tokenizer's, as Qwen2.5's is
+    arraygpt.save(GPT(config, seed=0, dtype="float64"), directory, format="llama")
+    tokenizer.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "bos_token": None,
+                "eos_token": "<|im_end|>",
+                "pad_token": "<|endoftext|>",
+                "chat_template": CHATML,
+            }
+        )
+    )
+    return directory
+
+
+def _forced(reply_ids, im_start, header):
+    """A filter that makes the reply ``reply_ids`` (the last one <|im_end|>): the step is the number
+    of tokens after the last ``<|im_start|>`` and the assistant header."""
+
+    def forced(probs, context):
+        xp = namespace(probs)
+        ctx = to_numpy(context)[0]
+        start = int(np.flatnonzero(ctx == im_start)[-1])
+        step = len(ctx) - start - 1 - len(header)
+        token = reply_ids[min(step, len(reply_ids) - 1)]
+        ids = xp.arange(probs.shape[-1], device=probs.device)[None, :]
+        return xp.where(ids == token, xp.ones_like(probs), xp.zeros_like(probs))
+
+    return forced
+
+
+class _Forcing:
+    """A sampler plugin ``forced``: the model replies REPLY, then <|im_end|>."""
+
+    def __init__(self, tokenizer):
+        self.reply_ids = [*tokenizer.encode(REPLY), tokenizer.encode("<|im_end|>")[0]]
+        self.im_start = tokenizer.encode("<|im_start|>")[0]
+        self.header = tokenizer.encode("assistant\n")
+
+    @arraygpt.hookimpl
+    def arraygpt_register_samplers(self):
+        return [{"forced": lambda: _forced(self.reply_ids, self.im_start, self.header)}]
+
+
+@pytest.fixture
+def counted(model_dir):
+    """The loaded checkpoint, with a record of the positions each forward is fed."""
+    ckpt = arraygpt.load(model_dir)
+    fed: list[list[int]] = []
+    forward = ckpt.model.forward
+
+    def counting(idx, *args, **kwargs):
+        fed.append(np.asarray(to_numpy(ckpt.model.xp.asarray(idx)) if not isinstance(idx, list) else idx)[0].tolist())
+        return forward(idx, *args, **kwargs)
+
+    ckpt.model.forward = counting
+    return ckpt, fed
+
+
+def test_the_conversation_is_rendered_and_fed_as_transformers_renders_it(model_dir, counted):
+    from transformers import AutoTokenizer
+
+    ckpt, fed = counted
+    hf = AutoTokenizer.from_pretrained(model_dir)
+    plugin = _Forcing(ckpt.tokenizer)
+    pm = get_plugin_manager(autoload=False)
+    pm.register(plugin, name="forcing")
+    set_plugin_manager(pm)
+    try:
+        chat = Chat(ckpt, system="You are terse.", sampler="forced", seed=0)
+        first = "".join(chat.send("hello there"))
+        assert first == REPLY  # stopped at <|im_end|>, which is not part of the reply
+        after_first = len(fed)
+        second = "".join(chat.send("what is the capital of france?"))
+    finally:
+        set_plugin_manager(None)
+    assert second == REPLY
+    conversation = [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "hello there"},
+        {"role": "assistant", "content": REPLY},
+        {"role": "user", "content": "what is the capital of france?"},
+    ]
+    assert chat.render(conversation) == hf.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+    assert chat.messages == [*conversation, {"role": "assistant", "content": REPLY}]
+    # every position the model was fed, in order, is transformers' tokenization of the conversation
+    stream = [t for piece in fed for t in piece]
+    expected = hf.apply_chat_template(
+        [*conversation, {"role": "assistant", "content": REPLY}], add_generation_prompt=False, tokenize=True
+    )
+    expected = list(expected["input_ids"] if hasattr(expected, "keys") else expected)
+    assert stream == expected[: len(stream)] and len(stream) == len(expected) - 2  # all but <|im_end|>\n
+    # the second turn's prefill is only its own tokens: the end of the reply, the new user turn, the header
+    own = hf.encode("<|im_end|>\n<|im_start|>user\nwhat is the capital of france?<|im_end|>\n<|im_start|>assistant\n")
+    assert fed[after_first] == own and chat.prefilled == len(own)
+    assert all(len(piece) == 1 for piece in fed[1:after_first] + fed[after_first + 1 :])  # one token per step
+
+
+def test_a_cache_that_parts_from_the_new_rendering_is_cut_back(counted):
+    ckpt, fed = counted
+    chat = Chat(ckpt, temperature=0, max_new_tokens=4, seed=0)
+    list(chat.send("hello"))
+    chat.messages[-1]["content"] = "something else"  # as a template that rewrites the reply would
+    before = len(fed)
+    reply = "".join(chat.send("again"))
+    ids = ckpt.tokenizer.encode(chat.render(chat.messages[:-1]))
+    first_turn = ckpt.tokenizer.encode(render_chatml([{"role": "user", "content": "hello"}]))
+    assert chat.prefilled == len(ids) - len(first_turn) and fed[before] == ids[len(first_turn) :]
+    # the cut-back cache gives the reply of a full recompute of the whole conversation
+    tokens = list(arraygpt.generate(ckpt.model, ids, 4, temperature=0, use_cache=False, eos_id=chat.ends))
+    assert reply == ckpt.tokenizer.decode([t for t in tokens if t not in chat.ends])
+
+
+def test_a_reply_never_holds_an_id_past_the_tokenizer_vocabulary(counted):
+    ckpt, _ = counted
+    V_tok = ckpt.tokenizer.vocab_size
+    assert ckpt.model.config.vocab_size > V_tok
+
+    def favour_padding(probs):  # all weight on the padding ids, a little on one real token
+        xp = namespace(probs)
+        ids = xp.arange(probs.shape[-1], device=probs.device)[None, :]
+        return xp.where(ids >= V_tok, probs + 1.0, xp.where(ids == 5, probs, xp.zeros_like(probs)))
+
+    tokens = list(arraygpt.generate(ckpt, "hello", 6, favour_padding, seed=0, eos_id=()))
+    assert tokens and "".join(tokens) == ckpt.tokenizer.decode([5] * 6)
+
+
+def test_a_model_without_a_chat_template_is_a_clear_error(model_dir, tmp_path, capsys, monkeypatch):
+    import shutil
+
+    plain = tmp_path / "plain"
+    shutil.copytree(model_dir, plain)
+    config = json.loads((plain / "tokenizer_config.json").read_text())
+    del config["chat_template"]
+    (plain / "tokenizer_config.json").write_text(json.dumps(config))
+    monkeypatch.setattr("sys.stdin", io.StringIO("hi\n"))
+    assert main(["chat", "--checkpoint", str(plain)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "has no chat template" in err and "--template chatml" in err
+    monkeypatch.setattr("sys.stdin", io.StringIO("hi\n"))
+    assert main(["chat", "--checkpoint", str(plain), "--template", "chatml", "--max-new-tokens", "3"]) == 0
+    assert capsys.readouterr().out.count("\n") == 1
+
+
+@pytest.mark.parametrize("system", [None, "You are terse."])
+def test_arraygpt_chat_answers_each_line_of_standard_input(model_dir, capsys, monkeypatch, system):
+    ckpt = arraygpt.load(model_dir)
+    pm = get_plugin_manager(autoload=False)
+    pm.register(_Forcing(ckpt.tokenizer), name="forcing")
+    set_plugin_manager(pm)
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello there\n\nwhat is the capital of france?\n"))
+    try:
+        args = ["chat", "--checkpoint", str(model_dir), "--sampler", "forced"]
+        assert main(args + (["--system", system] if system else [])) == 0
+    finally:
+        set_plugin_manager(None)
+    assert capsys.readouterr().out == f"{REPLY}\n{REPLY}\n"  # one reply per non-blank line, stopped at <|im_end|>
+
+
+def test_arraygpt_chat_shows_the_distribution_behind_each_reply_token(model_dir, capsys, monkeypatch):
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello\n"))
+    args = ["chat", "--checkpoint", str(model_dir), "--max-new-tokens", "3", "--show-probs", "2", "--top-k", "4"]
+    assert main(args) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) >= 2 and all("model: " in line and "|  sampler: " in line for line in lines[:-1])
+    assert lines[-1].startswith("=> ")
