@@ -103,6 +103,7 @@ MAX_KEY = 65535  # bytes of a key (the GGUF spec's limit)
 MAX_NAME = 64  # bytes of a tensor name (GGML_MAX_NAME)
 MAX_TENSORS = 1 << 16
 MAX_DIMS = 4  # GGML_MAX_DIMS
+MAX_ELEMENTS = 1 << 48  # of one tensor; the file must hold its bytes anyway
 MAX_NESTING = 2  # arrays of arrays
 _MAGIC = b"GGUF"
 _VERSIONS = (2, 3)
@@ -231,8 +232,10 @@ def check_gguf(buf: Any, size: int, source: str) -> tuple[list[_TensorInfo], int
             supported = ", ".join(name for name, _, _ in READ_TYPES.values())
             raise w.fail(f"tensor {name!r} has ggml type {_type_name(ggml_type)}; arraygpt reads {supported}")
         type_name, block, block_bytes = READ_TYPES[ggml_type]
-        if min(dims) < 1 or math.prod(dims) > size * (block // block_bytes + 1):
-            raise w.fail(f"tensor {name!r} has dimensions {list(dims)}: each must be >= 1, and all fit in the file")
+        if min(dims) < 1 or math.prod(dims) > MAX_ELEMENTS:
+            raise w.fail(
+                f"tensor {name!r} has dimensions {list(dims)}: each must be >= 1, at most {MAX_ELEMENTS} in all"
+            )
         if dims[0] % block:
             raise w.fail(f"tensor {name!r} ({type_name}) has rows of {dims[0]} values, not whole blocks of {block}")
         infos.append(_TensorInfo(name, tuple(dims), ggml_type, offset, math.prod(dims) // block * block_bytes))
@@ -283,9 +286,15 @@ class _Metadata:
         self.values: dict[str, Any] = {}
         self.types: dict[str, list[int]] = {}
         for key, field in reader.fields.items():
-            if not key.startswith("GGUF."):
+            if key.startswith("GGUF."):
+                continue
+            try:
                 self.values[key] = field.contents()
-                self.types[key] = [int(t) for t in field.types]
+            except UnicodeDecodeError as e:
+                raise CheckpointError(
+                    f"{source}: metadata {key!r} holds a string that is not UTF-8 ({e.reason})"
+                ) from None
+            self.types[key] = [int(t) for t in field.types]
 
     def get(self, key: str, kinds: tuple[int, ...], what: str, default: Any = ..., array: bool = False) -> Any:
         if key not in self.values:
@@ -606,6 +615,11 @@ def load_gguf(path: str | os.PathLike[str], *, dtype: str = "float32", backend: 
         scaling = _rope_scaling(factors.reshape(-1), config.head_dim, config.rope_theta, old_len, source)
         if scaling is not None:
             config = GPTConfig.from_dict({**config.to_dict(), "rope_scaling": scaling})
+    layers = {name.split(".")[1] for name in dims if name.startswith("blk.")}
+    if len(layers) != config.n_layer:  # before the name table, whose size follows the claim
+        raise CheckpointError(
+            f"{source}: {arch}.block_count claims {config.n_layer} layers, the file holds tensors of {len(layers)}"
+        )
     expected = _gguf_shapes(config, arch)
     present = {name: tuple(reversed(d)) for name, d in dims.items() if name != "rope_freqs.weight"}
     missing = sorted(set(expected) - set(present))
