@@ -174,16 +174,18 @@ def _scored(batch: list[tuple[int, int, int]]) -> int:
 
 def _batch_nll(model: Any, ids: np.ndarray, batch: list[tuple[int, int, int]]) -> float:
     """Summed nats of the scored targets of equal-length windows."""
-    T = batch[0][1] - batch[0][0]
     idx = np.stack([ids[begin:end] for begin, end, _ in batch])  # (B, T)
     targets = np.stack([ids[begin + 1 : end + 1] for begin, end, _ in batch])  # (B, T)
     for row, (_, _, skip) in enumerate(batch):
         targets[row, :skip] = -1  # context: scored by an earlier window
     logits, _ = model.forward(idx)  # (B, T, V)
+    # positions that are context in every row need no softmax: with stride < context, most are
+    first = min(skip for _, _, skip in batch)
+    logits, targets = logits[:, first:, :], targets[:, first:]  # (B, S, V), (B, S) with S = T - first
     xp = namespace(logits)
-    B, V = len(batch), logits.shape[-1]
-    flat_targets = model.backend.asarray(targets.reshape(B * T))  # (B*T,)
-    loss, _ = layers.crossentropy_forward(xp.reshape(logits, (B * T, V)), flat_targets, -1, "sum")
+    B, S, V = logits.shape
+    flat_targets = model.backend.asarray(np.ascontiguousarray(targets).reshape(B * S))  # (B*S,)
+    loss, _ = layers.crossentropy_forward(xp.reshape(logits, (B * S, V)), flat_targets, -1, "sum")
     return float(loss)
 
 
