@@ -216,15 +216,25 @@ def test_unreadable_tokenizer_json_is_one_checkpoint_error_naming_the_file(train
             load_hf_tokenizer(tmp_path)
 
 
-def test_vocabulary_without_every_byte_is_refused(trained, tmp_path):
+def test_vocabulary_without_every_byte_loads_and_encodes_as_the_library_does(trained, tmp_path):
     vocab = json.loads((trained[0] / "vocab.json").read_text(encoding="utf-8"))
     merges = (trained[0] / "merges.txt").read_text(encoding="utf-8").splitlines()
     byte = BYTE_TO_CHAR[0xFF]
     kept = {t: i for t, i in vocab.items() if t != byte}
     (tmp_path / "vocab.json").write_text(json.dumps(kept), encoding="utf-8")
     (tmp_path / "merges.txt").write_text("\n".join(m for m in merges if byte not in m.split()) + "\n", encoding="utf-8")
-    with pytest.raises(ValueError, match="no token for byte.*0xff"):
-        load_hf_tokenizer(tmp_path)
+    tok = load_hf_tokenizer(tmp_path)
+    reference = tokenizers.Tokenizer(
+        tokenizers.models.BPE.from_file(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"))
+    )
+    reference.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    reference.decoder = tokenizers.decoders.ByteLevel()
+    text = "ÿes, ÿ is U+00FF: its UTF-8 is c3 bf, both bytes in the vocabulary"
+    assert tok.missing_bytes == (0xFF,)
+    assert tok.encode(text) == reference.encode(text).ids
+    assert tok.decode(tok.encode(text)) == reference.decode(reference.encode(text).ids) == text
+    with pytest.raises(ValueError, match=r"no token for byte\(s\) 0xff, so no ids encode them"):
+        tok.encode_bytes(b"ok \xff")
 
 
 def test_missing_extra_says_how_to_install(trained, monkeypatch):

@@ -6,6 +6,7 @@ CheckpointError. Directories written by transformers itself are tested in test_i
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -176,3 +177,50 @@ def test_there_is_one_checkpoint_error_class():
     assert checkpoint.CheckpointError is interop.CheckpointError is errors.CheckpointError
     assert issubclass(errors.CheckpointError, ValueError)
     assert issubclass(safetensors.SafetensorsError, errors.CheckpointError)
+
+
+def test_save_arraygpt_keeps_a_hugging_face_tokenizer_and_its_chat_template(tmp_path):
+    """Issue 23: arraygpt.save(model, d, tokenizer=<a BPE tokenizer>) raised AttributeError to_dict."""
+    tokenizers = pytest.importorskip("tokenizers")
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("jinja2")
+    from arraygpt.io.bpe import load_hf_tokenizer
+
+    raw = tokenizers.Tokenizer(tokenizers.models.BPE())
+    raw.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.decoder = tokenizers.decoders.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(
+        vocab_size=300,
+        show_progress=False,
+        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+    )
+    raw.train_from_iterator(["hello world, the cat sat"] * 3, trainer=trainer)
+    source = tmp_path / "hf-tok"
+    source.mkdir()
+    raw.save(str(source / "tokenizer.json"))
+    template = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+    template += "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    tok_config = {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "chat_template": template}
+    (source / "tokenizer_config.json").write_text(json.dumps(tok_config))
+    tok = load_hf_tokenizer(source)
+
+    model = GPT(dataclasses.replace(TINY, vocab_size=tok.vocab_size), seed=0)
+    out = save(model, tmp_path / "ckpt", tokenizer=tok)
+    assert (out / "tokenizer.json").is_file() and (out / "tokenizer_config.json").is_file()
+    back = load(out)
+    messages = [{"role": "user", "content": "hello cat"}]
+    theirs = transformers.AutoTokenizer.from_pretrained(out)  # the saved files are Hugging Face's own
+    assert back.tokenizer.encode("hello world") == raw.encode("hello world").ids
+    assert (back.tokenizer.bos_id, back.tokenizer.eos_id) == (tok.bos_id, tok.eos_id)
+    assert back.tokenizer.stop_ids == tok.stop_ids == {raw.token_to_id("<|im_end|>")}
+    assert back.tokenizer.apply_chat_template(messages) == theirs.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=False
+    )
+    assert_same_weights(back.model, model)
+
+
+def test_save_refuses_a_tokenizer_it_cannot_write(tmp_path):
+    with pytest.raises(TypeError, match="cannot save a object with a checkpoint"):
+        save(GPT(TINY, seed=0), tmp_path / "ckpt", tokenizer=object())
+    assert not (tmp_path / "ckpt").exists()

@@ -457,3 +457,114 @@ def test_sample_stops_at_every_end_token_and_starts_where_the_tokenizer_does(tmp
         assert cli.main(["sample", "--checkpoint", str(model_dir), "--prompt", "Hello", "--max-new-tokens", "3"]) == 0
     assert seen["prompt"] == [ckpt.tokenizer.bos_id] + ckpt.tokenizer.encode("Hello")
     assert set(extra_eos) <= set(ckpt.tokenizer.eos_ids) <= seen["eos_id"]
+
+
+# ----------------------------------------------------------------------------------------------
+# a byte-level BPE whose vocabulary lacks bytes (SmolLM2's has no token for 0x04, 0x06, ...)
+
+CHAT_MARKERS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+MISSING_TEXTS = [
+    "Ünïcödé café naïve façade — “quotes”",
+    "日本語のテキストと中文文本，还有한국어",
+    "emoji 🙂👍🏽👩‍👩‍👧 and flags 🇫🇷",
+    "def f(x):\n\treturn {'a': x ** 2}  # code\n",
+    "<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n",
+    "control \x04 and \x06 bytes, a NUL \x00 and DEL \x7f",
+]
+
+
+@pytest.fixture(scope="module")
+def gappy(tmp_path_factory):
+    """SmolLM2's layout trained without the 256-byte initial alphabet, as SmolLM2's was: the
+    vocabulary holds only the bytes of its corpus (ASCII letters, some UTF-8 lead bytes...)."""
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE())
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = tokenizers.decoders.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(vocab_size=300, show_progress=False, special_tokens=CHAT_MARKERS)
+    tok.train_from_iterator(["Hello world, the café is naïve. def f(x): return x"] * 3, trainer=trainer)
+    tok.post_processor = tokenizers.processors.ByteLevel(trim_offsets=False)
+    directory = tmp_path_factory.mktemp("gappy")
+    tok.save(str(directory / "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|im_start|>", "eos_token": "<|im_end|>"}
+    (directory / "tokenizer_config.json").write_text(json.dumps(config))
+    return directory, tok
+
+
+def test_a_byte_level_bpe_lacking_bytes_loads_and_gives_the_librarys_ids(gappy):
+    transformers = pytest.importorskip("transformers")
+    directory, reference = gappy
+    ours, theirs = load_hf_tokenizer(directory), transformers.AutoTokenizer.from_pretrained(directory)
+    assert isinstance(ours, BPETokenizer) and 0x04 in ours.missing_bytes and 0x06 in ours.missing_bytes
+    for text in MISSING_TEXTS:
+        ids = ours.encode(text)
+        assert ids == reference.encode(text, add_special_tokens=False).ids
+        assert ids == theirs.encode(text, add_special_tokens=False)
+        assert ours.decode(ids) == reference.decode(ids, skip_special_tokens=False) == theirs.decode(ids)
+    with pytest.raises(ValueError, match=r"no token for byte\(s\) 0x00, 0x04, 0x06, .*so no ids encode them"):
+        ours.encode_bytes(MISSING_TEXTS[-1].encode("utf-8"))
+    assert ours.decode_bytes(ours.encode_bytes(b"Hello world")) == b"Hello world"
+
+
+# ----------------------------------------------------------------------------------------------
+# sizes checked before anything is allocated
+
+
+def _spec_with(directory, change):
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE())
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = tokenizers.decoders.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(
+        vocab_size=300, show_progress=False, initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(["hello world"] * 3, trainer=trainer)
+    spec = json.loads(tok.to_str())
+    change(spec)
+    directory.mkdir(exist_ok=True)
+    (directory / "tokenizer.json").write_text(json.dumps(spec))
+    return directory
+
+
+@pytest.mark.parametrize("bad_id", [200_000_000, 4294967295, -1, "7", 1.5])
+def test_an_absurd_token_id_is_refused_fast_with_bounded_memory(tmp_path, bad_id):
+    import resource
+    import time
+
+    def change(spec):
+        vocab = spec["model"]["vocab"]
+        vocab[next(t for t in vocab if len(t) > 1)] = bad_id
+
+    directory = _spec_with(tmp_path / "tok", change)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.monotonic()
+    with pytest.raises(CheckpointError, match=rf"tokenizer.json: token '.*' has id {bad_id!r}; with \d+ tokens an id"):
+        load_hf_tokenizer(directory)
+    assert time.monotonic() - start < 2
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 100_000  # KB: no table was built
+
+
+def test_an_absurd_added_token_id_is_refused_too(tmp_path):
+    def change(spec):
+        spec["added_tokens"] = [
+            {
+                "id": 10**9,
+                "content": "<x>",
+                "special": True,
+                "single_word": False,
+                "lstrip": False,
+                "rstrip": False,
+                "normalized": False,
+            }
+        ]
+
+    with pytest.raises(CheckpointError, match=r"token '<x>' has id 1000000000"):
+        load_hf_tokenizer(_spec_with(tmp_path / "tok", change))
+
+
+def test_more_tokens_than_any_real_vocabulary_are_refused_before_the_library_reads_them(tmp_path, monkeypatch):
+    import arraygpt.io.bpe as bpe
+
+    directory = _spec_with(tmp_path / "tok", lambda spec: None)
+    monkeypatch.setattr(bpe, "MAX_TOKENS", 100)  # the real limit is 2^20; 300 tokens stand in for 2.5 million
+    monkeypatch.setattr(tokenizers.Tokenizer, "from_str", None)  # never reached
+    with pytest.raises(CheckpointError, match=r"tokenizer.json: \d+ tokens; arraygpt reads at most 100"):
+        load_hf_tokenizer(directory)

@@ -119,3 +119,15 @@ def test_read_tokenizer_file_names_the_right_reader_for_a_hugging_face_file(tmp_
     (tmp_path / "tokenizer.json").write_text('{"version": "1.0", "model": {"type": "BPE"}}')
     with pytest.raises(CheckpointError, match="load_hf_tokenizer"):
         read_tokenizer_file(tmp_path / "tokenizer.json")
+
+
+def test_a_lone_surrogate_in_a_tokenizer_file_is_refused_when_read(tmp_path):
+    # JSON may spell one (\ud800); no text holds one, and UTF-8 cannot encode it
+    (tmp_path / "arraygpt-tokenizer.json").write_text(
+        '{"type": "char", "format": 1, "chars": "ab\\ud800", "bos": true}'
+    )
+    assert "\ud800" in json.loads((tmp_path / "arraygpt-tokenizer.json").read_text())["chars"]
+    with pytest.raises(
+        CheckpointError, match=r"arraygpt-tokenizer\.json: .*'chars' holds a lone surrogate \(\\ud800\)"
+    ):
+        read_tokenizer_file(tmp_path / "arraygpt-tokenizer.json")

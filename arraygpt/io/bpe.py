@@ -117,11 +117,13 @@ class HFTokenizer:
         clean_up_spaces: bool = False,
         chat_template: str | None = None,
         stop_ids: Iterable[int] = (),
+        vocab_size: int | None = None,
     ):
         self._tokenizer = tokenizer
         self.source = source
-        vocab: dict[str, int] = tokenizer.get_vocab(with_added_tokens=True)
-        self.vocab_size = max(vocab.values()) + 1 if vocab else 0
+        if vocab_size is None:  # the largest id + 1 (ids may have gaps)
+            vocab_size = max(tokenizer.get_vocab(with_added_tokens=True).values(), default=-1) + 1
+        self.vocab_size: int = vocab_size
         default = tokenizer.token_to_id(ENDOFTEXT)
         bos = default if bos_id is _GPT2_DEFAULT else bos_id
         eos = ([] if default is None else [default]) if eos_ids is _GPT2_DEFAULT else list(eos_ids)
@@ -186,7 +188,7 @@ class HFTokenizer:
 
         Example:
             >>> tok.apply_chat_template([{"role": "user", "content": "Hi"}])  # doctest: +SKIP
-            '<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n'
+            '<|im_start|>user\\nHi<|im_end|>\\n<|im_start|>assistant\\n'
         """
         if self.chat_template is None:
             raise ValueError(
@@ -270,7 +272,10 @@ class BPETokenizer(HFTokenizer):
 
     Every byte string round-trips, ``decode_bytes(encode_bytes(b)) == b``, and so does every text,
     ``decode(encode(s)) == s``, unless the tokenizer.json normalizes text first (Qwen2's NFC
-    composes characters) or adds a prefix space. ``<|endoftext|>`` in a text is the special token,
+    composes characters) or adds a prefix space, or its vocabulary lacks a byte (``missing_bytes``:
+    SmolLM2's has no token for some control bytes; ``encode`` drops such a character, as the
+    ``tokenizers`` library and transformers do, and ``encode_bytes`` refuses it). ``decode`` is
+    the library's, as transformers' is. ``<|endoftext|>`` in a text is the special token,
     as in transformers. Without a tokenizer_config.json or config.json that says otherwise,
     ``bos_id`` and ``eos_id`` are both ``<|endoftext|>`` (GPT-2's convention), or None without it.
     Build one with ``load_hf_tokenizer(directory)``.
@@ -280,33 +285,43 @@ class BPETokenizer(HFTokenizer):
 
     def __init__(self, tokenizer: Any, source: str = "<memory>", **specials: Any):
         super().__init__(tokenizer, source, **specials)
-        vocab: dict[str, int] = tokenizer.get_vocab(with_added_tokens=True)
-        added = {i: t.content for i, t in tokenizer.get_added_tokens_decoder().items()}
-        table: list[bytes | None] = [None] * self.vocab_size
-        for token, i in vocab.items():
-            if i in added:
-                table[i] = added[i].encode("utf-8")
-                continue
-            try:
-                table[i] = bytes(CHAR_TO_BYTE[c] for c in token)
-            except KeyError:
-                raise ValueError(
-                    f"{source}: token {token!r} (id {i}) is not made of GPT-2 byte-level characters"
-                ) from None
-        missing = [b for b, c in BYTE_TO_CHAR.items() if c not in vocab or vocab[c] in added]
-        if missing:
-            raise ValueError(
-                f"{source}: not a byte-level BPE: the vocabulary has no token for byte(s) "
-                f"{', '.join(f'0x{b:02x}' for b in missing[:8])}{' ...' if len(missing) > 8 else ''}"
-            )
-        self._table = table
+        added = set(tokenizer.get_added_tokens_decoder())
+        ids = {b: tokenizer.token_to_id(c) for b, c in BYTE_TO_CHAR.items()}
+        self.missing_bytes: tuple[int, ...] = tuple(b for b, i in ids.items() if i is None or i in added)
+        self._table: list[bytes | None] | None = None  # id -> bytes, built on first use (a large vocabulary takes ~1 s)
+
+    def _byte_table(self) -> list[bytes | None]:
+        if self._table is None:
+            added = {i: t.content for i, t in self._tokenizer.get_added_tokens_decoder().items()}
+            table: list[bytes | None] = [None] * self.vocab_size
+            for token, i in self._tokenizer.get_vocab(with_added_tokens=True).items():
+                if i in added:
+                    table[i] = added[i].encode("utf-8")
+                elif all(c in CHAR_TO_BYTE for c in token):
+                    table[i] = bytes(CHAR_TO_BYTE[c] for c in token)
+            self._table = table
+        return self._table
 
     def encode_bytes(self, data: bytes) -> list[int]:
         """Token ids of a byte string, valid UTF-8 or not: valid runs are encoded as text, the
-        bytes in between by the BPE model alone (every byte has a token in a byte-level BPE)."""
+        bytes in between by the BPE model alone.
+
+        Raises:
+            ValueError: ``data`` holds a byte the vocabulary has no token for (``missing_bytes``;
+                SmolLM2's lacks some control bytes): the ``tokenizers`` library, and so
+                transformers and ``encode``, drop such a character from a text, so no ids give
+                these bytes back.
+        """
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise TypeError(f"encode_bytes takes bytes, got {type(data).__name__}")
-        text = bytes(data).decode("utf-8", errors="surrogateescape")
+        data = bytes(data)
+        lacking = sorted(set(data).intersection(self.missing_bytes))
+        if lacking:
+            raise ValueError(
+                f"{self.source}: the vocabulary has no token for byte(s) {', '.join(f'0x{b:02x}' for b in lacking)}, "
+                "so no ids encode them (encode drops such characters, as the tokenizers library does)"
+            )
+        text = data.decode("utf-8", errors="surrogateescape")
         ids: list[int] = []
         for k, piece in enumerate(_INVALID_RUN.split(text)):
             if not piece:
@@ -322,20 +337,22 @@ class BPETokenizer(HFTokenizer):
         """The exact bytes behind ``ids``.
 
         Raises:
-            ValueError: an id outside [0, vocab_size).
+            ValueError: an id outside [0, vocab_size), or one whose token is not made of GPT-2's
+                byte-level characters (it has no bytes of its own; ``decode`` gives its text).
         """
-        table, out = self._table, []
+        table, out = self._byte_table(), []
         for i in ids:
             i = operator.index(i)
-            piece = table[i] if 0 <= i < self.vocab_size else None
-            if piece is None:
+            if not 0 <= i < self.vocab_size:
                 raise ValueError(f"token id {i} is not in the vocabulary (0 <= id < {self.vocab_size})")
+            piece = table[i]
+            if piece is None:
+                raise ValueError(
+                    f"token id {i} ({self._tokenizer.id_to_token(i)!r:.60}) is not made of byte-level characters; "
+                    "decode gives its text"
+                )
             out.append(piece)
         return b"".join(out)
-
-    def decode(self, ids: Iterable[Any]) -> str:
-        """The text behind ``ids``; bytes that are not valid UTF-8 (a partial character) become U+FFFD."""
-        return self.decode_bytes(ids).decode("utf-8", errors="replace")
 
 
 _TOKENIZER_LIMIT = 256 * 1024 * 1024  # bytes; GPT-2's tokenizer.json is 1.4 MB, the largest real ones ~30 MB
@@ -352,6 +369,44 @@ def _read_text(path: Path, what: str) -> str:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise CheckpointError(f"{path}: the {what} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+MAX_TOKENS = 1 << 20  # four times the largest vocabulary in use (Gemma 3's 262,144)
+
+
+def _spec_ids(spec: Mapping[str, Any]) -> list[tuple[Any, Any]]:
+    """(token, id) of every entry of a tokenizer.json's model vocabulary and added tokens; a
+    Unigram vocabulary (a list of [piece, score]) numbers its pieces by position."""
+    model = spec.get("model")
+    vocab = model.get("vocab") if isinstance(model, dict) else None
+    pairs: list[tuple[Any, Any]] = []
+    if isinstance(vocab, dict):
+        pairs = list(vocab.items())
+    elif isinstance(vocab, list):
+        pairs = [(piece, i) for i, piece in enumerate(vocab)]
+    added = spec.get("added_tokens")
+    if isinstance(added, list):
+        pairs += [(t.get("content"), t.get("id")) for t in added if isinstance(t, dict)]
+    return pairs
+
+
+def _check_ids(pairs: Iterable[tuple[Any, Any]], path: Path) -> int:
+    """The vocabulary size (largest id + 1), after refusing, before anything is built from them,
+    more than MAX_TOKENS tokens and ids that are not integers or lie far beyond the number of
+    tokens (one id of 4294967295 in a 4 KB file would make a table of 4 billion entries)."""
+    pairs = pairs if isinstance(pairs, list) else list(pairs)
+    if len(pairs) > MAX_TOKENS:
+        raise CheckpointError(
+            f"{path}: {len(pairs)} tokens; arraygpt reads at most {MAX_TOKENS} (real vocabularies have up to ~262,000)"
+        )
+    bound = 2 * len(pairs) + 1024
+    for token, i in pairs:
+        if not (isinstance(i, int) and not isinstance(i, bool) and 0 <= i < bound):
+            raise CheckpointError(
+                f"{path}: token {token!r:.60} has id {i!r:.40}; with {len(pairs)} tokens an id must be an integer "
+                f"from 0 to {bound - 1}"
+            )
+    return max((i for _, i in pairs), default=-1) + 1
 
 
 def _is_byte_level(spec: Mapping[str, Any]) -> bool:
@@ -392,7 +447,7 @@ def _config_ids(value: Any, key: str, path: Path, vocab_size: int) -> list[int]:
     return ids
 
 
-def _special_tokens(tokenizer: Any, directory: Path) -> dict[str, Any]:
+def _special_tokens(tokenizer: Any, directory: Path, vocab_size: int) -> dict[str, Any]:
     """BOS, EOS, the clean-up setting, the chat template and the stop ids: tokenizer_config.json's
     ``bos_token``/``eos_token`` where it names them (null included, as transformers reads them),
     config.json's ``bos_token_id`` and ``eos_token_id`` for what it leaves out and as further end
@@ -405,7 +460,6 @@ def _special_tokens(tokenizer: Any, directory: Path) -> dict[str, Any]:
         else {}
     )
     config = read_json(config_path, what="model config", limit=CONFIG_LIMIT) if os.path.lexists(config_path) else {}
-    vocab_size = max(tokenizer.get_vocab(with_added_tokens=True).values(), default=-1) + 1
     bos_config = _config_ids(config.get("bos_token_id"), "bos_token_id", config_path, vocab_size)
     eos_config = _config_ids(config.get("eos_token_id"), "eos_token_id", config_path, vocab_size)
     out: dict[str, Any] = {"clean_up_spaces": tok_config.get("clean_up_tokenization_spaces") is True}
@@ -479,20 +533,21 @@ def load_hf_tokenizer(directory: str | os.PathLike[str]) -> HFTokenizer:
             raise CheckpointError(
                 f"{tokenizer_json}: the tokenizer file must hold a JSON object, not {type(spec).__name__}"
             )
+        vocab_size = _check_ids(_spec_ids(spec), tokenizer_json)
         try:
             tokenizer = tokenizers.Tokenizer.from_str(text)
         except Exception as e:  # the tokenizers library raises its own exception types
             raise CheckpointError(f"{tokenizer_json}: the tokenizers library cannot read it: {e}") from None
         cls = BPETokenizer if _is_byte_level(spec) else HFTokenizer
-        specials = _special_tokens(tokenizer, directory)
+        specials = _special_tokens(tokenizer, directory, vocab_size)
         try:
-            return cls(tokenizer, str(tokenizer_json), **specials)
+            return cls(tokenizer, str(tokenizer_json), vocab_size=vocab_size, **specials)
         except CheckpointError:
             raise
         except ValueError as e:
             raise CheckpointError(str(e)) from None
     if os.path.lexists(vocab) and os.path.lexists(merges):
-        read_json(vocab, what="tokenizer vocabulary", limit=_TOKENIZER_LIMIT)  # a JSON object, in a regular file
+        vocab_size = _check_ids(read_json(vocab, what="tokenizer vocabulary", limit=_TOKENIZER_LIMIT).items(), vocab)
         _read_text(merges, "tokenizer merges file")
         try:
             model = tokenizers.models.BPE.from_file(str(vocab), str(merges))
@@ -503,8 +558,9 @@ def load_hf_tokenizer(directory: str | os.PathLike[str]) -> HFTokenizer:
         tokenizer.decoder = tokenizers.decoders.ByteLevel()
         if model.token_to_id(ENDOFTEXT) is not None:  # special, as transformers' GPT2Tokenizer treats it
             tokenizer.add_special_tokens([tokenizers.AddedToken(ENDOFTEXT, special=True, normalized=False)])
+        specials = _special_tokens(tokenizer, directory, vocab_size)
         try:
-            return BPETokenizer(tokenizer, str(vocab), **_special_tokens(tokenizer, directory))
+            return BPETokenizer(tokenizer, str(vocab), vocab_size=vocab_size, **specials)
         except CheckpointError:
             raise
         except ValueError as e:

@@ -4,9 +4,11 @@ Layout of a checkpoint folder DIR:
 
     DIR/model.safetensors      the parameters (name -> array, weights stored (out, in))
     DIR/config.json            GPTConfig.to_dict() plus {"arraygpt_format": 1}
-    DIR/arraygpt-tokenizer.json  the tokenizer's to_dict(), when there is one (checkpoints written
-                               before it had this name call it tokenizer.json, which still loads;
-                               the name is Hugging Face's for a different format)
+    DIR/arraygpt-tokenizer.json  the tokenizer's to_dict(), when it is one of arraygpt's (checkpoints
+                               written before it had this name call it tokenizer.json, which still
+                               loads)
+    DIR/tokenizer.json         a Hugging Face tokenizer (arraygpt.io.bpe.HFTokenizer), in its own
+    DIR/tokenizer_config.json  files: BOS, EOS and the chat template beside it
     DIR/optimizer.safetensors  the optimizer's arrays (moments, momentum), when there is one
     DIR/state.json             {"arraygpt_format", "model_rng" (the dropout generator's state),
                                 "optimizer" (the optimizer's numbers: step count...), "extra"
@@ -38,6 +40,7 @@ import numpy as np
 from arraygpt.config import GPTConfig
 from arraygpt.errors import CheckpointError
 from arraygpt.io import files, safetensors
+from arraygpt.io.bpe import TOKENIZER_CONFIG_FILE, HFTokenizer, load_hf_tokenizer
 from arraygpt.io.files import CONFIG_FILE, CONFIG_LIMIT, WEIGHTS_FILE
 from arraygpt.io.tokenizers import Tokenizer, tokenizer_from_dict
 from arraygpt.nn.model import GPT
@@ -103,7 +106,7 @@ def _dump_json(obj: Any, path: Path) -> None:
 def save_checkpoint(
     directory: str | os.PathLike[str],
     model: GPT,
-    tokenizer: Tokenizer | None = None,
+    tokenizer: Tokenizer | HFTokenizer | None = None,
     optimizer: Any = None,
     extra: Mapping[str, Any] | None = None,
 ) -> Path:
@@ -112,7 +115,8 @@ def save_checkpoint(
     Args:
         directory: the checkpoint folder; its parent is created if needed.
         model: the GPT to save.
-        tokenizer: saved as arraygpt-tokenizer.json when given.
+        tokenizer: saved with the model: one of arraygpt's as arraygpt-tokenizer.json, a Hugging
+            Face one (``HFTokenizer``) as tokenizer.json + tokenizer_config.json.
         optimizer: anything with ``state_dict()``; arrays go to optimizer.safetensors, numbers to
             state.json.
         extra: JSON-serializable data saved in state.json and returned as ``Checkpoint.extra``.
@@ -127,7 +131,14 @@ def save_checkpoint(
             metadata={"format": "arraygpt", MARKER: str(FORMAT)},
         )
         _dump_json({**model.config.to_dict(), MARKER: FORMAT}, tmp / CONFIG_FILE)
-        if tokenizer is not None:
+        if isinstance(tokenizer, HFTokenizer):  # Hugging Face's own files, which transformers reads too
+            tokenizer.save(tmp)
+        elif tokenizer is not None:
+            if not callable(getattr(tokenizer, "to_dict", None)):
+                raise TypeError(
+                    f"cannot save a {type(tokenizer).__name__} with a checkpoint: arraygpt saves its own tokenizers "
+                    "(CharTokenizer, ByteTokenizer) and Hugging Face ones (arraygpt.io.bpe.HFTokenizer)"
+                )
             _dump_json(tokenizer.to_dict(), tmp / TOKENIZER_FILE)
         numbers = None
         if optimizer is not None:
@@ -282,20 +293,25 @@ def load_checkpoint(
 _TOKENIZER_LIMIT = 64 * 1024 * 1024  # bytes; a character tokenizer of every Unicode character is ~4 MB
 
 
-def _read_tokenizer(path: Path, config: GPTConfig) -> Tokenizer | None:
-    """The folder's arraygpt-tokenizer.json, or an old checkpoint's tokenizer.json, or None."""
+def _read_tokenizer(path: Path, config: GPTConfig) -> Tokenizer | HFTokenizer | None:
+    """The folder's arraygpt-tokenizer.json; or its Hugging Face tokenizer.json (with
+    tokenizer_config.json), saved from an HFTokenizer; or an old checkpoint's tokenizer.json in
+    arraygpt's format; or None."""
     for name in (TOKENIZER_FILE, LEGACY_TOKENIZER_FILE):
         if os.path.lexists(path / name):
             file = path / name
             break
     else:
         return None
-    try:
-        tokenizer = tokenizer_from_dict(_read_json(file, "tokenizer", limit=_TOKENIZER_LIMIT))
-    except CheckpointError:
-        raise
-    except ValueError as e:
-        raise CheckpointError(f"{file}: {e}") from None
+    if file.name == LEGACY_TOKENIZER_FILE and os.path.lexists(path / TOKENIZER_CONFIG_FILE):
+        tokenizer = load_hf_tokenizer(path)
+    else:
+        try:
+            tokenizer = tokenizer_from_dict(_read_json(file, "tokenizer", limit=_TOKENIZER_LIMIT))
+        except CheckpointError:
+            raise
+        except ValueError as e:
+            raise CheckpointError(f"{file}: {e}") from None
     if tokenizer.vocab_size > config.vocab_size:
         raise CheckpointError(
             f"{path}: the tokenizer has {tokenizer.vocab_size} tokens but the model only {config.vocab_size}"

@@ -159,6 +159,13 @@ def tokenizer_from_dict(d: Mapping[str, Any]) -> Tokenizer:
         chars = d.get("chars")
         if not isinstance(chars, str):
             raise ValueError("a char tokenizer description needs 'chars', a string")
+        try:
+            chars.encode("utf-8")
+        except UnicodeEncodeError as e:  # JSON's \ud800 escapes decode to one; no text holds it
+            raise ValueError(
+                f"a char tokenizer's 'chars' holds a lone surrogate (\\u{ord(chars[e.start]):04x}) at index {e.start}, "
+                "which is not a character of any text"
+            ) from None
         return CharTokenizer(chars, bos=bos)
     if kind == "byte":
         return ByteTokenizer(bos=bos)
