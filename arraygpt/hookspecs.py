@@ -42,10 +42,18 @@ def arraygpt_register_optimizers() -> list[dict[str, Any]]:
 
 @hookspec
 def arraygpt_register_samplers() -> list[dict[str, Any]]:
-    """Offer samplers for generation.
+    """Offer samplers for generation (the contract in full: ``arraygpt.generation.sampling``).
 
     Returns:
-        A list of ``{name: sampler}`` (see ``arraygpt.generation.generation`` for the sampler contract).
+        A list of ``{name: factory}``. ``factory(**options)`` checks its options (a ``ValueError``
+        naming the option and its allowed range) and returns a filter. A filter maps (B, V)
+        probabilities (after the temperature) to (B, V) non-negative weights, zero for a removed
+        token; or, with the attribute ``stage = "logits"``, (B, V) logits to (B, V) logits, before
+        the temperature. A filter that takes a keyword parameter ``context`` is given the (B, T)
+        token ids so far (the prompt and what was generated), read-only. Filters are pure (array
+        API standard only, no random numbers, no state); what a filter returns is checked (shape,
+        sign, NaN) and a violation is a ``PluginError`` naming the plugin. An option named like a
+        registered sampler turns that sampler on.
     """
 
 

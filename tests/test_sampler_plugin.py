@@ -105,7 +105,9 @@ SCRIPT = textwrap.dedent(
         error = None
     except ValueError as e:
         error = str(e)
-    json.dump({"owner": owners.get("epsilon"), "rows": rows, "error": error}, sys.stdout)
+    tabu = list(arraygpt.generate(model, [1, 2, 3], 20, tabu=4, seed=0))
+    json.dump({"owner": owners.get("epsilon"), "tabu_owner": owners.get("tabu"), "rows": rows, "error": error,
+               "tabu": tabu}, sys.stdout)
     """
 )
 
@@ -140,7 +142,10 @@ def test_the_example_package_installs_and_generates(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
-    assert report["owner"] == "epsilon"  # the entry-point name
+    assert report["owner"] == report["tabu_owner"] == "epsilon"  # the entry-point name
+    context = [1, 2, 3, *report["tabu"]]  # under tabu=4: no token among the 4 before it
+    assert len(report["tabu"]) == 20
+    assert all(context[t] not in context[t - 4 : t] for t in range(3, len(context)))
     assert report["error"] == "epsilon must be a number in [0, 1), got 1.5"
     assert len(report["rows"]) == 12
     for step in report["rows"]:
