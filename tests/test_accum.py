@@ -119,7 +119,7 @@ def test_resume_with_another_split_of_the_same_global_batch(tmp_path, names_file
 
 
 def test_grad_accum_is_validated_and_is_a_cli_option(capsys):
-    with pytest.raises(ValueError, match="grad_accum must be a positive integer"):
+    with pytest.raises(ValueError, match=r"grad_accum \(--grad-accum\) must be a positive integer"):
         TrainConfig(grad_accum=0)
     assert TrainConfig().grad_accum == 1
     with pytest.raises(SystemExit):

@@ -175,7 +175,7 @@ def test_every_subcommand_module_has_add_arguments_and_run():
 
 
 def test_train_options_and_their_defaults_come_from_the_dataclass_fields():
-    from arraygpt.training.loop import TrainConfig
+    from arraygpt.training.config import TrainConfig
 
     sub = build_parser()._subparsers._group_actions[0].choices["train"]
     actions = {a.dest: a for a in sub._actions}

@@ -168,7 +168,7 @@ def test_a_locked_run_folder_refuses_a_second_run_naming_the_folder_and_the_pid(
         kind, message = attempt(
             f"from arraygpt.training.runfolder import lock_run_folder\nwith lock_run_folder({str(folder)!r}): pass"
         )
-        assert kind == "arraygpt.training.runfolder.RunFolderError"
+        assert kind == "arraygpt.errors.RunFolderError"
         assert str(folder) in message and f"PID {holder.pid}" in message and "--out-dir" in message
         with pytest.raises(RunFolderError, match=f"PID {holder.pid}"), lock_run_folder(folder):
             pass
@@ -235,7 +235,13 @@ def test_a_fresh_run_refuses_a_folder_that_holds_a_run(tmp_path, name):
         (tmp_path / name).write_text("")
     else:
         (tmp_path / name).mkdir()
-    with pytest.raises(RunFolderError, match=rf"already holds a run \({name}\).*--resume"):
+    # metrics alone: a run that never saved, which a resume cannot continue either (issue 21)
+    held = (
+        "stopped before its first checkpoint"
+        if name == "metrics.jsonl"
+        else rf"already holds a run \({name}\).*--resume"
+    )
+    with pytest.raises(RunFolderError, match=held):
         check_new_run_folder(tmp_path)
 
 
@@ -368,7 +374,7 @@ def test_training_state_without_the_training_parts_is_refused(tmp_path):
 
 def assert_data_error(path: Path | str, *fragments: str) -> str:
     kind, message = attempt(f"from arraygpt.training.data import read_source\nread_source({str(path)!r})")
-    assert kind == "arraygpt.training.data.DataError", (kind, message)
+    assert kind == "arraygpt.errors.DataError", (kind, message)
     assert str(path) in message, message
     for fragment in fragments:
         assert fragment in message, (fragment, message)

@@ -425,9 +425,9 @@ def test_non_finite_parameters_are_never_checkpointed(tmp_path, names_file, pm):
 @pytest.mark.parametrize(
     "options, error, match",
     [
-        ({"batch_size": 0}, ValueError, "batch_size must be a positive integer"),
-        ({"lr": -1e-3}, ValueError, r"learning rate \(lr\) must be a finite number >= 0"),
-        ({"steps": 0}, ValueError, "steps must be a positive integer"),
+        ({"batch_size": 0}, ValueError, r"batch_size \(--batch-size\) must be a positive integer"),
+        ({"lr": -1e-3}, ValueError, r"learning rate \(lr, --lr\) must be a finite number >= 0"),
+        ({"steps": 0}, ValueError, r"steps \(--steps\) must be a positive integer"),
         ({"mode": "stream", "block_size": 4096}, ValueError, "block_size 4096 is larger than the train split allows"),
         ({"tokenizer": CharTokenizer("abc")}, ValueError, "does not know"),
         ({"optimizer": "lion"}, ValueError, "unknown optimizer 'lion'"),
@@ -489,7 +489,7 @@ def test_cli_train_then_resume(tmp_path, names_file, capsys):
 
 def test_cli_bad_input_exits_2_with_a_message(tmp_path, names_file, capsys):
     assert cli.main(["train", "--data", str(names_file), "--batch-size", "0", "--out-dir", str(tmp_path / "r")]) == 2
-    assert "batch_size must be a positive integer" in capsys.readouterr().err
+    assert r"batch_size \(--batch-size\) must be a positive integer" in capsys.readouterr().err
     assert cli.main(["train", "--data", str(tmp_path / "nope.txt"), "--out-dir", str(tmp_path / "r")]) == 2
     assert "neither a file nor a built-in data set" in capsys.readouterr().err
 

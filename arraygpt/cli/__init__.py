@@ -94,8 +94,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv:
         argv = ["train"]  # the main job: train the microgpt preset on names
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    try:  # building the parser imports every subcommand (~0.1 s): a Ctrl-C then is a quiet 130 too
+        parser = build_parser()
+        args = parser.parse_args(argv)
+    except KeyboardInterrupt:
+        print("arraygpt: interrupted", file=sys.stderr)
+        return 130
     if args.command is None:
         parser.print_usage(sys.stderr)
         return 2

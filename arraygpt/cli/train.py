@@ -8,7 +8,9 @@ dataclass fields. ``--grad-accum N`` sums N micro-batches per step; ``mpiexec -n
 ``--zero true`` they share out the optimizer state (ZeRO stage 1).
 
 Exit codes: 0 done or stopped cleanly (Ctrl-C once, ``--stop-after``, a plugin); 1 the run
-diverged; 2 bad input or a failing plugin; 130 a second Ctrl-C (the last checkpoint is intact).
+diverged; 2 bad input (sizes whose step cannot fit in memory included: one line naming them), or
+a failing plugin; 130 a Ctrl-C before the loop, or a second one in it (the last checkpoint is
+intact). Under MPI a refused run folder is said once, by rank 0.
 Under MPI, a rank that fails otherwise ends the whole job through ``MPI_Abort`` (exit 1).
 """
 
@@ -56,7 +58,7 @@ def _train_fields() -> list[str]:
 def run(args: argparse.Namespace) -> int:
     """Returns 0 when done or stopped cleanly, 1 when training diverged, 2 on bad input or a
     failing plugin, 130 when aborted by a second Ctrl-C."""
-    from arraygpt.errors import TrainingDiverged
+    from arraygpt.errors import RunFolderError, TrainingDiverged
     from arraygpt.manager import PluginError
     from arraygpt.training.loop import train
 
@@ -84,13 +86,37 @@ def run(args: argparse.Namespace) -> int:
         if _is_root():
             print(f"arraygpt train: {e}", file=sys.stderr)
         return 1
+    except RunFolderError as e:  # rank 0's refusal reaches every rank of an MPI job: rank 0 says it
+        if _is_root():
+            print(f"arraygpt train: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
     except (ImportError, PluginError) as e:
         print(f"arraygpt train: error: {e}", file=sys.stderr)
+        return 2
+    except MemoryError:  # the estimate before the first step (arraygpt.training.memory) let it through
+        print(f"arraygpt train: error: out of memory with {_sizes(args, options)}; lower one of them", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # a second Ctrl-C: the last checkpoint is intact
         print("\narraygpt train: aborted; the last checkpoint is intact", file=sys.stderr)
         return 130
     return 0
+
+
+def _sizes(args: argparse.Namespace, options: dict) -> str:
+    """The sizes that decide a step's memory, as options: those given, else the preset's."""
+    import dataclasses
+
+    from arraygpt.config import GPTConfig
+    from arraygpt.training.config import TrainConfig
+
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    preset = GPTConfig.preset(args.preset or DEFAULT_PRESET) if not args.resume else None
+    shown = []
+    for name in ("batch_size", "grad_accum", "block_size", "n_embd", "n_layer", "vocab_size"):
+        value = options.get(name, defaults.get(name, getattr(preset, name, None)))
+        if value is not None:
+            shown.append(f"--{name.replace('_', '-')} {value}")
+    return ", ".join(shown)
 
 
 def _is_root() -> bool:

@@ -137,11 +137,11 @@ class TrainConfig:
             low = 1 if name in positive else 0
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 what = "a positive integer" if low else "an integer >= 0"
-                raise ValueError(f"{name} must be {what}, got {value!r}")
+                raise ValueError(f"{_named(name)} must be {what}, got {value!r}")
         for name in ("lr", "min_lr", "grad_clip"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-                label = "learning rate (lr)" if name == "lr" else name
+                label = "learning rate (lr, --lr)" if name == "lr" else _named(name)
                 raise ValueError(f"{label} must be a finite number >= 0, got {value!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
@@ -186,6 +186,11 @@ class TrainConfig:
         except (TypeError, ValueError):
             return {}
         return {k: v for k, v in candidates.items() if k in accepted}
+
+
+def _named(field: str) -> str:
+    """A field as both callers know it: ``seed (--seed)``."""
+    return f"{field} (--{field.replace('_', '-')})"
 
 
 # options a resumed run may change: they do not alter the computation

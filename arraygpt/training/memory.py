@@ -30,7 +30,8 @@ _ITEMSIZE = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2}
 
 class StepMemory(dict):
     """Bytes per part of a step: ``parameters`` (with gradients and optimizer state),
-    ``activations`` (one micro-batch's), ``batch`` (the global batch's token ids)."""
+    ``activations`` (one micro-batch's, the logits apart), ``logits`` (with their softmax and
+    gradient), ``batch`` (the global batch's token ids)."""
 
     @property
     def total(self) -> int:
@@ -46,7 +47,7 @@ def step_memory(
         >>> from arraygpt.config import GPTConfig
         >>> m = step_memory(GPTConfig.preset("microgpt"), "float32", batch_size=64, global_batch=64)
         >>> sorted(m), m.total < 10**7
-        (['activations', 'batch', 'parameters'], True)
+        (['activations', 'batch', 'logits', 'parameters'], True)
     """
     size = _ITEMSIZE.get(dtype, 4)
     P = count_params(config).total
@@ -57,9 +58,9 @@ def step_memory(
     B, T, C, V = batch_size, config.block_size, config.n_embd, config.vocab_size
     H, NH = config.mlp_hidden, config.n_head
     per_layer = B * T * (10 * C + 3 * H) + 2 * B * NH * T * T  # inputs, q/k/v, norms; MLP units; probs
-    logits = 3 * B * T * V  # logits, softmax, their gradient
-    activations = (config.n_layer * per_layer + 2 * B * T * C + logits) * size
-    return StepMemory(parameters=params, activations=activations, batch=2 * global_batch * T * 8)
+    activations = (config.n_layer * per_layer + 2 * B * T * C) * size
+    logits = 3 * B * T * V * size  # logits, softmax, their gradient
+    return StepMemory(parameters=params, activations=activations, logits=logits, batch=2 * global_batch * T * 8)
 
 
 def available_memory() -> int | None:
@@ -119,6 +120,8 @@ def check_step_memory(config: GPTConfig, train: Any, ranks: int, backend: Any) -
     lower = {
         "parameters": f"--n-embd ({config.n_embd}), --n-layer ({config.n_layer}) or --vocab-size ({config.vocab_size})",
         "activations": f"--batch-size ({train.batch_size}) or --block-size ({config.block_size})",
+        "logits": f"--vocab-size ({config.vocab_size}), --batch-size ({train.batch_size}) or --block-size "
+        f"({config.block_size})",
         "batch": f"--batch-size ({train.batch_size}) or --grad-accum ({train.grad_accum})",
     }
     part = max(need, key=need.get)

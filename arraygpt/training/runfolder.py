@@ -19,7 +19,10 @@ crashing it later:
   ``DIR/last`` holds a later step (it would overwrite that checkpoint and repeat steps in the
   metrics).
 - :func:`trim_metrics`: a resume removes the ``metrics.jsonl`` records after the step it
-  continues from (steps it does again), so the file holds each step once.
+  continues from (steps it does again), so the file holds each step once. It reads a regular file
+  of at most ``MAX_METRICS_BYTES`` only (a FIFO would block, ``/dev/zero`` fill the memory).
+- A folder whose run stopped before its first checkpoint (``metrics.jsonl`` and nothing else) is
+  refused with the same message by a fresh run and by a resume: there is nothing to resume.
 - :func:`check_training_state`: the training state in ``state.json``'s ``extra`` (step, best loss,
   batch sizes...) has the types and ranges a real run writes, so a hostile value is one clear
   ``CheckpointError`` at resume rather than a traceback later. The batcher's own state is checked
@@ -68,6 +71,7 @@ CHECKPOINTS = ("last", "best")
 # leaves, and the metrics
 RUN_FILES = ("last", ".last.old", "best", ".best.old", METRICS_FILE)
 MAX_STEPS = 10**15  # far above any real run; a larger saved step is refused as hostile
+MAX_METRICS_BYTES = 2**30  # about 7 million records: far above a real run's metrics file
 
 
 # ----------------------------------------------------------------------------------------------
@@ -158,6 +162,8 @@ def check_new_run_folder(path: str | os.PathLike[str]) -> None:
     if folder.exists() and not folder.is_dir():
         raise RunFolderError(f"run folder {folder} is a file, not a folder; choose another --out-dir")
     found = [name for name in RUN_FILES if os.path.lexists(folder / name)]
+    if found == [METRICS_FILE]:
+        raise RunFolderError(_never_saved(folder, f"{folder} holds"))
     if found:
         raise RunFolderError(
             f"{folder} already holds a run ({', '.join(found)}); continue it with --resume {folder} "
@@ -221,6 +227,15 @@ def _saved_step(checkpoint: Path) -> int | None:
     return step if isinstance(step, int) and not isinstance(step, bool) else None
 
 
+def _never_saved(folder: Path, start: str) -> str:
+    """The one message for a folder whose run stopped before its first checkpoint (a fresh run
+    into it and a resume of it both get it)."""
+    return (
+        f"{start} the {METRICS_FILE} of a run that stopped before its first checkpoint, so there is nothing to "
+        f"resume; to start a new run there, remove {folder / METRICS_FILE} (or choose another --out-dir)"
+    )
+
+
 def resume_source(resume: str | os.PathLike[str]) -> tuple[Path, Path]:
     """What ``--resume PATH`` continues: (the run folder, the checkpoint folder to load).
 
@@ -251,6 +266,8 @@ def resume_source(resume: str | os.PathLike[str]) -> tuple[Path, Path]:
                     f"--resume {resume}: the run folder has best/ but no last/; resume from the best checkpoint "
                     f"with --resume {path / 'best'}"
                 )
+            if os.path.lexists(path / METRICS_FILE):
+                raise RunFolderError(_never_saved(path, f"--resume {resume}: the folder holds"))
             raise RunFolderError(f"--resume {resume}: not a run folder (it has no last/ checkpoint)")
         return run_dir, source
     if source.name.lstrip(".").startswith("best"):
@@ -295,6 +312,10 @@ def trim_metrics(path: str | os.PathLike[str], step: int) -> int:
     Returns:
         The number of lines removed (0 when there is no metrics.jsonl).
 
+    Raises:
+        RunFolderError: metrics.jsonl is not a regular file (a FIFO, a device, a link to one) or
+            is larger than ``MAX_METRICS_BYTES``.
+
     Example:
         >>> import pathlib, tempfile
         >>> folder = pathlib.Path(tempfile.mkdtemp())
@@ -305,16 +326,33 @@ def trim_metrics(path: str | os.PathLike[str], step: int) -> int:
     from arraygpt.io.files import write_atomic
 
     metrics = Path(path) / METRICS_FILE
-    try:
-        data = metrics.read_bytes()
-    except FileNotFoundError:
+    if not os.path.lexists(metrics):
         return 0
+    data = _read_metrics(metrics)
     *lines, unfinished = data.split(b"\n")  # "" after a final newline
     kept = [line for line in lines if (s := _record_step(line)) is None or s <= step]
     removed = len(lines) - len(kept) + bool(unfinished)
     if removed:
         write_atomic(metrics, [line + b"\n" for line in kept])
     return removed
+
+
+def _read_metrics(metrics: Path) -> bytes:
+    """The bytes of a run's metrics file: a regular file of at most MAX_METRICS_BYTES, never a
+    FIFO (which would block) or a device (``/dev/zero`` would fill the memory)."""
+    from arraygpt.io.files import open_regular
+
+    try:
+        f, size = open_regular(metrics, "run's metrics file")
+    except ValueError as e:
+        raise RunFolderError(f"{e}; move it away to resume the run") from None
+    with f:
+        if size > MAX_METRICS_BYTES:
+            raise RunFolderError(
+                f"{metrics} is {size:,} bytes, more than the {MAX_METRICS_BYTES:,} a run's metrics file may hold; "
+                "move it away to resume the run"
+            )
+        return f.read(MAX_METRICS_BYTES + 1)[:MAX_METRICS_BYTES]
 
 
 # ----------------------------------------------------------------------------------------------
