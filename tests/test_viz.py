@@ -523,7 +523,10 @@ def test_arraygpt_explain_is_the_library_function(model, tok, tmp_path):
         (["plot", "params", "--preset", "gpt-5"], "unknown preset"),
         (["plot", "params", "--preset", "gpt2", "-o", "{tmp}/x.jpg"], "must end in .png or .svg"),
         (["plot", "probs", "--checkpoint", "{tmp}/nope"], "no model at"),
-        (["plot", "probs", "--checkpoint", "x", "--top-p", "1.5", "--sampler", "top_p"], "top_p must be"),
+        (
+            ["plot", "probs", "--checkpoint", "x", "--top-p", "1.5", "--sampler", "top_p"],
+            "--top-p must be a number in (0, 1]",
+        ),
         (["plot", "probs", "--checkpoint", "x", "--max-new-tokens", "-1"], "--max-new-tokens must be"),
         (["plot", "embeddings", "--checkpoint", "{run}", "--token", "ab"], "is 2 tokens, not one"),
         (["explain"], "explain needs --checkpoint DIR"),
@@ -784,7 +787,6 @@ def test_dollar_signs_in_labels_are_drawn_as_text(model, run_dir, tmp_path):
     pictures.append(viz.plot_training_curves(tmp_path / "run $}$"))
     for picture in pictures:
         assert picture.png().startswith(PNG)  # rendering parses every text
-        assert picture.save(tmp_path / "x.svg") == tmp_path / "x.svg"
     attention = pictures[0].figure.axes[0]
     assert [t.get_text() for t in attention.get_xticklabels()] == ["$}$", "a$^$b", "<!--", "$}$"]
     texts = [t.get_text() for ax in pictures[2].figure.axes for t in ax.texts]

@@ -25,8 +25,8 @@ Token labels and names are drawn as plain text (``parse_math=False``): a ``$`` i
 dollar sign, never mathtext.
 
 Not here: the interactive page (``arraygpt.viz.page``), the model's math (``arraygpt.nn``), sampling
-(``arraygpt.generation.sampling``), the ``arraygpt plot`` and ``arraygpt explain`` commands (``arraygpt.cli.plot``, ``arraygpt.cli.explain``:
-they only parse options and save).
+(``arraygpt.generation.sampling``), the ``arraygpt plot`` and ``arraygpt explain`` commands
+(``arraygpt.cli.plot``, ``arraygpt.cli.explain``: they only parse options and save).
 
 Shape legend: L layers, NH heads, T positions, V vocabulary, C embedding width, K candidates,
 N generated tokens.
