@@ -87,7 +87,7 @@ if TYPE_CHECKING:
     from arraygpt.training.evaluate import evaluate
     from arraygpt.training.loop import train
     from arraygpt.training.run import Run
-    from arraygpt.viz.figures import explain
+    from arraygpt.viz.page import explain
 
 
 def __getattr__(name: str) -> Any:
