@@ -729,8 +729,6 @@ def test_a_folder_fifo_or_device_as_output_is_refused(run_dir, tmp_path, capsys)
             == f"arraygpt explain: error: {out} {kind}; the page is written only to a regular file: give a file name"
         )
     assert folder.is_dir() and list(folder.iterdir()) == [] and stat.S_ISFIFO(os.stat(fifo).st_mode)
-    code, _, err = _main(["plot", "params", "--preset", "gpt2", "-o", str(tmp_path / "page.html" / "..")], capsys)
-    assert code == 2 and "must end in .png or .svg" in err[0]
     (tmp_path / "d.png").mkdir()
     code, _, err = _main(["plot", "params", "--preset", "gpt2", "-o", str(tmp_path / "d.png")], capsys)
     assert code == 2 and err[0].endswith(
