@@ -503,3 +503,26 @@ def test_the_commands_refuse_hostile_checkpoints_with_exit_status_2(run_folder, 
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and said in lines[0] and f"arraygpt {command}: error:" in lines[0], proc.stderr
+
+
+@pytest.mark.parametrize("bad_id", [200_000_000, 4294967295])
+def test_a_small_tokenizer_json_with_an_absurd_id_is_refused_in_bounded_memory(tmp_path, bad_id):
+    """Issue 21: a 4 KB tokenizer.json whose one id is 200,000,000 took 1.6 GB before it was refused
+    (4294967295: a MemoryError traceback). Here the case runs under a 1 GiB address-space limit."""
+    tokenizers = pytest.importorskip(
+        "tokenizers", reason="Hugging Face tokenizers need the optional tokenizers library"
+    )
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE())
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = tokenizers.decoders.ByteLevel()
+    alphabet = tokenizers.pre_tokenizers.ByteLevel.alphabet()
+    tok.train_from_iterator(
+        ["hello world"] * 3,
+        tokenizers.trainers.BpeTrainer(vocab_size=270, show_progress=False, initial_alphabet=alphabet),
+    )
+    spec = json.loads(tok.to_str())
+    spec["model"]["vocab"]["he"] = bad_id
+    (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
+    assert (tmp_path / "tokenizer.json").stat().st_size < 8192
+    limit = "import resource; resource.setrlimit(resource.RLIMIT_AS, (2**30, 2**30))\n"
+    assert_refused(limit + f"bpe.load_hf_tokenizer({str(tmp_path)!r})", "tokenizer.json", f"has id {bad_id}")
