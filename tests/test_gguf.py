@@ -481,6 +481,10 @@ def test_tokenizer_gives_transformers_ids(name, tmp_path):
         assert [ours.bos_id] * ours.add_bos + ids == theirs.encode(text), text
         assert ours.decode(ids) == theirs.decode(ids), text
     assert ours.chat_template == theirs.chat_template == CHAT
+    chat = [{"role": "user", "content": "Ça va? 日本語 🙂"}]
+    assert ours.apply_chat_template(chat) == theirs.apply_chat_template(
+        chat, tokenize=False, add_generation_prompt=True
+    )
     assert ours.bos_id == theirs.bos_token_id and ours.eos_id == theirs.eos_token_id
 
 
@@ -590,3 +594,13 @@ def test_unsupported_architecture_is_named(tmp_path):
     w.close()
     with pytest.raises(CheckpointError, match="'gemma3'.*'llama', 'qwen2', 'gpt2'"):
         arraygpt.load(tmp_path / "m.gguf")
+
+
+def test_sample_command_runs_a_gguf(bpe, tmp_path, capsys):
+    from arraygpt import cli
+
+    tok = BPETokenizer(bpe, bos_id=bpe.token_to_id("<|endoftext|>"), eos_ids=[bpe.token_to_id("<|im_end|>")])
+    path = save_gguf(tiny_model("llama", tok.vocab_size), tmp_path / "m.gguf", dtype="q8_0", tokenizer=tok)
+    args = ["sample", "--checkpoint", str(path), "--prompt", "Héllo 日本語", "--max-new-tokens", "4", "--seed", "0"]
+    assert cli.main(args) == 0
+    assert "Héllo 日本語" in capsys.readouterr().out

@@ -109,7 +109,7 @@ _MAGIC = b"GGUF"
 _VERSIONS = (2, 3)
 _FIXED = {0: 1, 1: 1, 7: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 10: 8, 11: 8, 12: 8}  # value type -> bytes
 _STRING, _ARRAY = 8, 9
-_INTS, _FLOATS, _BOOL = (0, 1, 2, 3, 4, 5, 10, 11), (6, 12), 7
+_INTS, _FLOATS = (0, 1, 2, 3, 4, 5, 10, 11), (6, 12)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -296,14 +296,13 @@ class _Metadata:
                 ) from None
             self.types[key] = [int(t) for t in field.types]
 
-    def get(self, key: str, kinds: tuple[int, ...], what: str, default: Any = ..., array: bool = False) -> Any:
+    def get(self, key: str, kinds: tuple[int, ...], what: str, default: Any = ...) -> Any:
         if key not in self.values:
             if default is ...:
                 raise CheckpointError(f"{self.source}: the metadata lacks {key!r} ({what})")
             return default
         types = self.types[key]
-        ok = (types[:1] == [_ARRAY] and types[-1:][0] in kinds) if array else types == [types[0]] and types[0] in kinds
-        if not ok:
+        if len(types) != 1 or types[0] not in kinds:
             raise CheckpointError(f"{self.source}: metadata {key!r} must be {what}, not GGUF type {types}")
         return self.values[key]
 
@@ -601,6 +600,8 @@ def load_gguf(path: str | os.PathLike[str], *, dtype: str = "float32", backend: 
         >>> ckpt = load_gguf("SmolLM2-135M-Instruct-Q8_0.gguf")   # doctest: +SKIP
         >>> ckpt.tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}])  # doctest: +SKIP
     """
+    if dtype not in ("float32", "float64"):
+        raise ValueError(f"dtype must be 'float32' or 'float64', not {dtype!r}")
     path = Path(path)
     if not os.path.lexists(path):
         raise FileNotFoundError(f"no GGUF file at {path}")
@@ -639,8 +640,6 @@ def load_gguf(path: str | os.PathLike[str], *, dtype: str = "float32", backend: 
         from arraygpt.io.gguf_tokenizer import tokenizer_from_gguf
 
         tokenizer = tokenizer_from_gguf(meta.tokenizer_values(), source, vocab_size=config.vocab_size)
-    if dtype not in ("float32", "float64"):
-        raise ValueError(f"dtype must be 'float32' or 'float64', not {dtype!r}")
     model = GPT(config, dtype=dtype, backend=backend, init=False)
     model.load_state_dict(_state_dict(reader, config, arch))
     extra = {
