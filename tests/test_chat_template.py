@@ -274,3 +274,16 @@ def test_messages_must_be_a_list_of_objects():
         render_chat_template(SMOLLM2, "hello")
     with pytest.raises(TypeError, match="each chat message must be a dict"):
         render_chat_template(SMOLLM2, ["hello"])
+
+
+def test_keyword_arguments_become_template_variables_as_in_transformers(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    template = (
+        "{{ bos_token }}[{{ date_string | default('no date') }}]{% for m in messages %}{{ m.content }}{% endfor %}"
+    )
+    directory = build(tmp_path / "tok", template, bos="<|begin_of_text|>")
+    ours, theirs = load_hf_tokenizer(directory), transformers.AutoTokenizer.from_pretrained(directory)
+    for kwargs in ({}, {"date_string": "26 Jul 2024"}, {"bos_token": "<s>"}):
+        expected = theirs.apply_chat_template(CONVERSATIONS[0], tokenize=False, **kwargs)
+        assert ours.apply_chat_template(CONVERSATIONS[0], add_generation_prompt=False, **kwargs) == expected
+    assert ours.apply_chat_template(CONVERSATIONS[0], date_string="x").startswith("<|begin_of_text|>[x]")

@@ -198,7 +198,7 @@ class HFTokenizer:
         specials = {"bos_token": self._token(self.bos_id), "eos_token": self._token(self.eos_id)}
         variables = {**{k: v for k, v in specials.items() if v is not None}, **kwargs}
         text = render_chat_template(
-            self.chat_template, messages, add_generation_prompt=add_generation_prompt, **variables
+            self.chat_template, messages, add_generation_prompt=add_generation_prompt, variables=variables
         )
         return self.encode(text) if tokenize else text
 

@@ -257,9 +257,9 @@ def render_chat_template(
     messages: Sequence[Mapping[str, Any]],
     *,
     add_generation_prompt: bool = False,
+    variables: Mapping[str, Any] | None = None,
     max_chars: int = MAX_CHARS,
     seconds: float = MAX_SECONDS,
-    **variables: Any,
 ) -> str:
     """``template`` rendered with ``messages``, as transformers' ``apply_chat_template`` renders it.
 
@@ -267,9 +267,9 @@ def render_chat_template(
         template: the Jinja source.
         messages: the conversation, a list of ``{"role": ..., "content": ...}`` objects.
         add_generation_prompt: end with what opens the assistant's reply.
+        variables: more template variables (``bos_token``, ``eos_token``, ``tools``, ...).
         max_chars: the most characters the output (or any string or list the template builds) may hold.
         seconds: the most wall-clock seconds the render may take.
-        **variables: more template variables (``bos_token``, ``eos_token``, ``tools``, ...).
 
     Returns:
         The rendered text.
@@ -297,7 +297,7 @@ def render_chat_template(
         compiled = _compile(template)
     except jinja2.TemplateSyntaxError as e:
         raise ValueError(f"the chat template does not compile: {e.message} (line {e.lineno})") from None
-    context = {"tools": None, "documents": None, **_plain(variables)}
+    context = {"tools": None, "documents": None, **_plain(dict(variables or {}))}
     context.update(messages=_plain(list(messages)), add_generation_prompt=bool(add_generation_prompt))
     token = _LIMITS.set((time.monotonic() + seconds, max_chars))
     previous = sys.gettrace()
