@@ -25,7 +25,9 @@ GPT-2's MLP matrix (3072 x 768) and GPT-2's unembedding (50257 x 768). Sides: ``
 (``torch.nn.functional.linear`` under ``no_grad``), each in its own process with the same seeded
 weights, alternating, ``--rounds`` rounds (default 3) of the median of ``--repeats`` timed calls
 after a warm-up, at each ``--threads`` count (default 1 and 2; the kernel declines past 2 BLAS
-threads). The sides' outputs are compared before any time is shown. The frame is
+threads); wall time, and the process's CPU time (all its threads, spinning ones too; at one
+thread the less disturbed figure on a loaded machine). The sides' outputs are compared before
+any time is shown. The frame is
 benchmarks/harness.py.
 """
 
@@ -239,12 +241,14 @@ def linear_worker(side: str, threads: int, repeats: int) -> dict:
                 return [call(rows[w.shape[1]], w, b) for w, b in matrices]
 
             run_case()  # warm-up (the kernel compiles, or loads from numba's cache)
-            ms = []
+            ms, cpu_ms = [], []
             for _ in range(repeats):
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 outs = run_case()
                 ms.append((time.perf_counter() - t0) * 1e3)
+                cpu_ms.append((time.process_time() - c0) * 1e3)
             result[case] = statistics.median(ms)
+            result[case + " cpu"] = statistics.median(cpu_ms)
             flat = np.concatenate([np.asarray(o, dtype=np.float64).reshape(-1) for o in outs])
             result[case + " sample"] = flat[:: max(1, flat.size // 256)].tolist()
     return result
@@ -266,16 +270,18 @@ def decode_linear(threads_list: list[int], rounds: int, repeats: int) -> None:
                 got = np.asarray(results[side][0][case + " sample"])
                 scale = max(1.0, float(np.abs(ref).max()))
                 assert np.allclose(got, ref, rtol=0, atol=1e-4 * scale), f"{side} differs from blas on {case}"
-        print(
-            f"a decode step's one-row linear layers, float32, {threads} thread(s): median ms of {rounds} rounds (min-max)"
-        )
-        print(f"{'case':<18}" + "".join(f"{side:>22}" for side in sides) + "   kernel/torch")
-        for case in cases:
-            times = {side: [r[case] for r in results[side]] for side in sides}
-            line = f"{case:<18}" + "".join(f"{spread(times[side], '.3f'):>22}" for side in sides)
-            if "torch" in sides:
-                line += f"   {ratio(median(times['kernel']), median(times['torch']))}"
-            print(line)
+        for clock, suffix in (("wall", ""), ("process CPU", " cpu")):
+            print(
+                f"a decode step's one-row linear layers, float32, {threads} thread(s): {clock} ms per call, "
+                f"median of {rounds} rounds (min-max)"
+            )
+            print(f"{'case':<18}" + "".join(f"{side:>26}" for side in sides) + "   kernel/torch")
+            for case in cases:
+                times = {side: [r[case + suffix] for r in results[side]] for side in sides}
+                line = f"{case:<18}" + "".join(f"{spread(times[side], '.3f'):>26}" for side in sides)
+                if "torch" in sides:
+                    line += f"   {ratio(median(times['kernel']), median(times['torch']))}"
+                print(line)
 
 
 def main() -> None:
