@@ -219,3 +219,52 @@ def test_arraygpt_chat_shows_the_distribution_behind_each_reply_token(model_dir,
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) >= 2 and all("model: " in line and "|  sampler: " in line for line in lines[:-1])
     assert lines[-1].startswith("=> ")
+
+
+def _read_until(fd, marker, timeout=60.0):
+    import os
+    import select
+    import time
+
+    seen, deadline = b"", time.monotonic() + timeout
+    while marker not in seen:
+        ready, _, _ = select.select([fd], [], [], max(deadline - time.monotonic(), 0))
+        if not ready:
+            raise AssertionError(f"no {marker!r} in {seen[-300:]!r}")
+        try:
+            chunk = os.read(fd, 4096)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        seen += chunk
+    return seen
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs a pseudo-terminal (POSIX)")
+@pytest.mark.parametrize("key", [b"\x04", b"\x03"], ids=["ctrl-d", "ctrl-c"])
+def test_on_a_terminal_chat_prompts_and_ctrl_d_or_ctrl_c_end_it_cleanly(model_dir, key):
+    import os
+    import pty
+    import sys
+
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: arraygpt chat on the terminal
+        args = ["chat", "--checkpoint", str(model_dir), "--temperature", "0", "--max-new-tokens", "3"]
+        os.execv(sys.executable, [sys.executable, "-m", "arraygpt.cli", *args])
+    try:
+        _read_until(fd, b"> ")
+        os.write(fd, b"hello there\r")
+        answer = _read_until(fd, b"> ")  # the reply, then the prompt again
+        assert answer.count(b"> ") == 1
+        os.write(fd, key)
+        rest = _read_until(fd, b"\x00", timeout=30)  # until the child closes the terminal
+        _, status = os.waitpid(pid, 0)
+    except BaseException:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        raise
+    finally:
+        os.close(fd)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, rest
+    assert b"Traceback" not in rest and b"error" not in rest
