@@ -68,6 +68,8 @@ def byte_level(split: str | None) -> tokenizers.Tokenizer:
     tok = tokenizers.Tokenizer(tokenizers.models.BPE())
     if split is None:
         tok.pre_tokenizer = pre.ByteLevel(add_prefix_space=False)
+    elif split == "digits":  # SmolLM2's tokenizer.json
+        tok.pre_tokenizer = pre.Sequence([pre.Digits(individual_digits=True), pre.ByteLevel(add_prefix_space=False)])
     else:
         tok.pre_tokenizer = pre.Sequence(
             [
@@ -97,7 +99,9 @@ def sentencepiece_style() -> tokenizers.Tokenizer:
     return tok
 
 
-def tokenizer_metadata(tok: tokenizers.Tokenizer, model: str, pre: str | None, *, merges: bool = True) -> dict:
+def tokenizer_metadata(
+    tok: tokenizers.Tokenizer, model: str, pre: str | None, *, merges: bool = True, add_bos: bool = False
+) -> dict:
     """The tokenizer.* keys llama.cpp's converter writes for ``tok``."""
     spec = json.loads(tok.to_str())
     vocab = tok.get_vocab(with_added_tokens=True)
@@ -133,17 +137,17 @@ def tokenizer_metadata(tok: tokenizers.Tokenizer, model: str, pre: str | None, *
         meta.update(
             {"tokenizer.ggml.bos_token_id": vocab["<|endoftext|>"], "tokenizer.ggml.eos_token_id": vocab["<|im_end|>"]}
         )
-        meta["tokenizer.ggml.add_bos_token"] = False
+        meta["tokenizer.ggml.add_bos_token"] = add_bos
     return meta
 
 
-TOKENIZERS = {  # name: (build, ggml model, pre, merges in the file)
-    "gpt2-default": (lambda: byte_level(None), "gpt2", "gpt-2", True),
-    "gpt2-smollm": (lambda: byte_level(None), "gpt2", "smollm", True),
-    "llama-bpe": (lambda: byte_level(LLAMA3_SPLIT), "gpt2", "llama-bpe", True),
-    "qwen2": (lambda: byte_level(QWEN2_SPLIT), "gpt2", "qwen2", True),
-    "sentencepiece": (sentencepiece_style, "llama", "default", True),
-    "sentencepiece-scores-only": (sentencepiece_style, "llama", None, False),
+TOKENIZERS = {  # name: (build, ggml model, pre, merges in the file, add_bos_token)
+    "gpt2-default": (lambda: byte_level(None), "gpt2", "gpt-2", True, False),
+    "gpt2-smollm": (lambda: byte_level(None), "gpt2", "smollm", True, False),
+    "llama-bpe": (lambda: byte_level(LLAMA3_SPLIT), "gpt2", "llama-bpe", True, True),
+    "qwen2": (lambda: byte_level(QWEN2_SPLIT), "gpt2", "qwen2", True, False),
+    "sentencepiece": (sentencepiece_style, "llama", "default", True, None),
+    "sentencepiece-scores-only": (sentencepiece_style, "llama", None, False, None),
 }
 
 
@@ -466,15 +470,16 @@ def test_every_tensor_type_dequantizes_as_the_gguf_library_and_runs_as_transform
 
 @pytest.mark.parametrize("name", list(TOKENIZERS))
 def test_tokenizer_gives_transformers_ids(name, tmp_path):
-    build, model, pre, merges = TOKENIZERS[name]
+    build, model, pre, merges, add_bos = TOKENIZERS[name]
     tok = build()
-    meta = tokenizer_metadata(tok, model, pre, merges=merges)
+    meta = tokenizer_metadata(tok, model, pre, merges=merges, add_bos=add_bos)
     hf = tiny_hf("llama", tok.get_vocab_size(with_added_tokens=True))
     path = tmp_path / "m.gguf"
     write_gguf(path, "llama", hf, meta)
     ours = load_gguf(path).tokenizer
     theirs = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=path.name)
     assert isinstance(ours, BPETokenizer if model == "gpt2" else HFTokenizer)
+    assert ours.add_bos == (add_bos is not False)  # SentencePiece files without the key: BOS first
     for text in TEXTS + ["<think> then <s> and </s>"]:
         ids = ours.encode(text)
         assert ids == theirs.encode(text, add_special_tokens=False), text
@@ -604,3 +609,29 @@ def test_sample_command_runs_a_gguf(bpe, tmp_path, capsys):
     args = ["sample", "--checkpoint", str(path), "--prompt", "Héllo 日本語", "--max-new-tokens", "4", "--seed", "0"]
     assert cli.main(args) == 0
     assert "Héllo 日本語" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("family", ["gpt-2", "llama-bpe", "qwen2", "smollm"])
+def test_written_tokenizer_families_read_as_transformers_reads_them(family, tmp_path):
+    split = {"gpt-2": None, "llama-bpe": LLAMA3_SPLIT, "qwen2": QWEN2_SPLIT, "smollm": "digits"}[family]
+    raw = byte_level(split)
+    bos = raw.token_to_id("<|endoftext|>")
+    if family == "llama-bpe":  # Llama 3's post-processor puts BOS first
+        raw.post_processor = tokenizers.processors.Sequence(
+            [
+                tokenizers.processors.ByteLevel(trim_offsets=False),
+                tokenizers.processors.TemplateProcessing(
+                    single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", bos)]
+                ),
+            ]
+        )
+    tok = BPETokenizer(raw, bos_id=bos, eos_ids=[raw.token_to_id("<|im_end|>")], chat_template=CHAT)
+    path = save_gguf(tiny_model("llama", tok.vocab_size), tmp_path / "t.gguf", tokenizer=tok)
+    back = load_gguf(path).tokenizer
+    theirs = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=path.name)
+    assert back.add_bos == tok.add_bos == (family == "llama-bpe")
+    for text in TEXTS:
+        assert back.encode(text) == theirs.encode(text, add_special_tokens=False), text
+        assert [bos] * back.add_bos + back.encode(text) == theirs.encode(text), text
+        if family != "smollm" or not any(c.isdigit() for c in text):  # transformers splits no digits there
+            assert back.encode(text) == tok.encode(text), text

@@ -314,11 +314,14 @@ def _pre_name(pre: Any) -> str:
     if isinstance(pre, dict) and pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
         return "gpt-2"
     steps = pre.get("pretokenizers") if isinstance(pre, dict) and pre.get("type") == "Sequence" else None
-    if steps and len(steps) == 2 and steps[0].get("type") == "Split" and steps[1].get("type") == "ByteLevel":
+    kinds = [step.get("type") for step in steps or []]
+    if kinds == ["Split", "ByteLevel"]:
         name = _WRITTEN_PRE.get(steps[0].get("pattern", {}).get("Regex"))
         if name is not None:
             return name
+    if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex", True):
+        return "smollm"  # SmolLM's: llama.cpp splits digits; transformers' GGUF loader splits as GPT-2
     raise ValueError(
         "the tokenizer's pre-tokenizer has no llama.cpp name; the gguf format writes GPT-2's ByteLevel, "
-        "Llama 3's split (llama-bpe) and Qwen2's (qwen2)"
+        "Llama 3's split (llama-bpe), Qwen2's (qwen2) and SmolLM's single digits then ByteLevel (smollm)"
     )
