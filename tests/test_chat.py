@@ -197,15 +197,26 @@ def test_a_model_without_a_chat_template_is_a_clear_error(model_dir, tmp_path, c
     assert capsys.readouterr().out.count("\n") == 1
 
 
-@pytest.mark.parametrize("system", [None, "You are terse."])
-def test_arraygpt_chat_answers_each_line_of_standard_input(model_dir, capsys, monkeypatch, system):
+@pytest.fixture(scope="module")
+def gguf_file(model_dir):
+    pytest.importorskip("gguf")
     ckpt = arraygpt.load(model_dir)
+    path = model_dir.parent / "tiny-chat.gguf"
+    arraygpt.save(ckpt.model, path, format="gguf", tokenizer=ckpt.tokenizer)
+    return path
+
+
+@pytest.mark.parametrize("system", [None, "You are terse."])
+@pytest.mark.parametrize("kind", ["directory", "gguf"])
+def test_arraygpt_chat_answers_each_line_of_standard_input(model_dir, request, capsys, monkeypatch, system, kind):
+    path = model_dir if kind == "directory" else request.getfixturevalue("gguf_file")
+    ckpt = arraygpt.load(path)
     pm = get_plugin_manager(autoload=False)
     pm.register(_Forcing(ckpt.tokenizer), name="forcing")
     set_plugin_manager(pm)
     monkeypatch.setattr("sys.stdin", io.StringIO("hello there\n\nwhat is the capital of france?\n"))
     try:
-        args = ["chat", "--checkpoint", str(model_dir), "--sampler", "forced"]
+        args = ["chat", "--checkpoint", str(path), "--sampler", "forced"]
         assert main(args + (["--system", system] if system else [])) == 0
     finally:
         set_plugin_manager(None)
