@@ -1,4 +1,7 @@
-"""NumPy backend: the default, on the CPU."""
+"""NumPy backend: the default, on the CPU. This module holds the fields of
+``arraygpt.xp.Backend`` (the namespace, the extras the standard lacks, the BLAS thread control);
+its fused kernels are the ``kernels`` subpackage, imported only when the kernels are registered
+(``backends/__init__.py``), and numba only when a model first selects one."""
 
 import contextlib
 import ctypes
