@@ -358,6 +358,28 @@ def test_sample_takes_the_prompt_from_a_file_and_its_defaults_from_generation_co
     )  # a flag overrides the file
 
 
+class _Negative:
+    """A sampler plugin whose filter breaks the contract: negative weights."""
+
+    @hookimpl
+    def arraygpt_register_samplers(self):
+        return [{"negative": lambda: lambda probs: probs - 1.0}]
+
+
+def test_a_plugin_filter_with_negative_weights_is_exit_2_naming_the_plugin(char_checkpoint, capsys):
+    pm = get_plugin_manager(autoload=False)
+    pm.register(_Negative(), name="negative-plugin")
+    set_plugin_manager(pm)
+    try:
+        assert main(["sample", "--checkpoint", char_checkpoint, "--sampler", "negative"]) == 2
+    finally:
+        set_plugin_manager(None)
+    captured = capsys.readouterr()
+    assert captured.err.count("\n") == 1 and "sampler 'negative' (plugin 'negative-plugin') returned negative" in (
+        captured.err
+    )
+
+
 def test_version(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["--version"])
