@@ -1,6 +1,11 @@
 """Hugging Face tokenizers: GPT-2's byte-level BPE (vocab.json + merges.txt or tokenizer.json),
 and any other tokenizer.json (Llama 3, Qwen2, SmolLM2, Mistral), through the ``tokenizers``
-library.
+library; with each, what a chat needs from the directory: the chat template
+(``apply_chat_template``, rendered by ``arraygpt.io.hf.chat_template``) and the ids that end a
+reply (``stop_ids``, with generation_config.json's).
+
+Token ids and counts are checked before anything is built from a file. Not here: arraygpt's own
+character and byte tokenizers (``arraygpt.io.tokenizers``), training a tokenizer, downloads.
 """
 
 from __future__ import annotations
