@@ -293,7 +293,8 @@ def plot_distributions(
         for c in steps:  # the same forward generate(use_cache=False) ran, so the same logits bit for bit
             logits, _ = model.forward([_window(model, context)], last_only=True)  # (1, 1, V)
             logits_rows.append(_host(logits[:, -1, :])[0].astype(np.float64))
-            probs_rows.append(_host(chain(logits[:, -1, :]))[0].astype(np.float64))
+            seen = model.backend.asarray(np.asarray([context], dtype=np.int64))  # what a context-reading filter sees
+            probs_rows.append(_host(chain(logits[:, -1, :], seen))[0].astype(np.float64))
             context.append(c.token)
     V = model.config.vocab_size
     tokens = [c.token for c in steps]
