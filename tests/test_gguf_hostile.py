@@ -113,11 +113,11 @@ CASES = {
         ["over 1048576 elements"],
     ),
     "2^62-byte string": (
-        assemble([s("general.architecture") + struct.pack("<IQ", 8, 1 << 62)], [], b""),
+        assemble([ARCH, s("general.name") + struct.pack("<IQ", 8, 1 << 62)], [], b""),
         ["at most 16777216"],
     ),
     "string past the end": (
-        assemble([s("general.architecture") + struct.pack("<IQ", 8, 5000) + b"llama"], [], b""),
+        assemble([ARCH, s("general.name") + struct.pack("<IQ", 8, 5000) + b"tiny"], [], b""),
         ["truncated"],
     ),
     "nested arrays": (
@@ -156,6 +156,7 @@ CASES = {
         assemble([kv_u32("general.architecture", 7)], [EMB], DATA),
         ["general.architecture", "must be a string"],
     ),
+    "no architecture": (assemble([kv_string("general.name", "x")], [EMB], DATA), ["lacks 'general.architecture'"]),
     "no config": (assemble([ARCH], [EMB], DATA), ["lacks 'llama.embedding_length'"]),
 }
 

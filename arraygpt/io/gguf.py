@@ -202,19 +202,29 @@ def check_gguf(buf: Any, size: int, source: str) -> tuple[list[_TensorInfo], int
         raise w.fail(f"claims {n_tensors} tensors; at most {min(MAX_TENSORS, size // 24)} fit the limit and the file")
     if n_kv > size // 13:
         raise w.fail(f"claims {n_kv} metadata entries, more than the file can hold")
-    pos, keys, alignment = 24, set(), 32
+    pos, keys, alignment = 24, set(), 32  # llama.cpp's default alignment
     for _ in range(n_kv):
         key, pos = w.string(pos, MAX_KEY, "a metadata key", keep=True)
         if key in keys:
             raise w.fail(f"metadata key {key!r} appears twice; each key once is allowed")
         keys.add(key)
         vtype, pos = w.unpack("<I", pos, f"the type of {key!r}")
+        if key == "general.architecture":  # refused before GGUFReader spends time on the vocabulary
+            if vtype != _STRING:
+                raise w.fail(f"metadata 'general.architecture' must be a string, not GGUF type {vtype}")
+            arch = w.string(pos, MAX_KEY, "general.architecture", keep=True)[0]
+            if arch not in ARCHITECTURES:
+                raise w.fail(
+                    f"general.architecture is {arch!r:.60}; arraygpt reads {', '.join(map(repr, ARCHITECTURES))}"
+                )
         if key == "general.alignment":
             value, _ = w.unpack("<I", pos, "general.alignment")
             if vtype != 4 or value == 0 or value & (value - 1):
                 raise w.fail(f"general.alignment must be a uint32 power of two, got type {vtype}, value {value}")
             alignment = value
         pos = w.value(pos, vtype, key)
+    if "general.architecture" not in keys:
+        raise w.fail("the metadata lacks 'general.architecture'; every GGUF names its architecture")
     infos, names = [], set()
     for _ in range(n_tensors):
         name, pos = w.string(pos, MAX_NAME, "a tensor name", keep=True)
