@@ -8,7 +8,7 @@ asks the runner how to chunk a batch (:meth:`BatchRunner.chunks`) and runs the c
 :meth:`BatchRunner.map`. Results equal one thread's up to rounding.
 
 Not here: what a chunk computes (``arraygpt.nn.core``), how the chunks' losses and gradients are
-combined (``arraygpt.model``).
+combined, and which dropout coins a chunk draws (``arraygpt.nn.model``).
 """
 
 from __future__ import annotations

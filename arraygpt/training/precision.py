@@ -258,12 +258,13 @@ class MixedPrecision:
 
     The optimizer is built on :attr:`params` (the master's float32 arrays) and so keeps its state
     in float32; checkpoints save :attr:`master` (float32) and :meth:`state_dict` (the loss scaler)
-    in ``extra``. The dropout generator is the master's: each forward reads and writes it back,
-    so ``master.rng_state()`` is what a checkpoint saves and resume continues exactly.
+    in ``extra``. A training step keys dropout by (seed, step) and the rows' global indices
+    (``GPT.forward``'s ``dropout_key`` and ``first_row``, passed through); a forward given no key
+    draws one from the master's dropout generator, which each forward reads and writes back.
 
-    It offers what ``arraygpt.training.loop``'s gradient code reads from a model (``config``,
-    ``params``, ``xp``, ``training``, ``forward``, ``backward``, ``set_rng_state``) with float32
-    gradients from :meth:`backward`, so the same accumulation code serves both.
+    It offers what ``arraygpt.training.step``'s gradient code reads from a model (``config``,
+    ``params``, ``xp``, ``training``, ``forward``, ``backward``) with float32 gradients from
+    :meth:`backward`, so the same accumulation code serves both.
 
     Args:
         model: the float32 GPT whose parameters are the master weights.
