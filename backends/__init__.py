@@ -5,8 +5,9 @@ the array API standard lacks. Importing this package imports no array library; a
 module is imported when the backend is first loaded.
 
 The numpy backend's fused kernels (``numpy/kernels/``, one family per module) are offered the
-same way, through ``arraygpt_register_kernels``; numba is imported only when a model first
-selects one.
+same way, through ``arraygpt_register_kernels``. Registering them imports their modules and so
+the numpy backend's module, whose package holds them (NumPy is imported by then anyway); numba is
+imported only when a model first selects one.
 """
 
 from __future__ import annotations
