@@ -279,3 +279,22 @@ def test_on_a_terminal_chat_prompts_and_ctrl_d_or_ctrl_c_end_it_cleanly(model_di
         os.close(fd)
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, rest
     assert b"Traceback" not in rest and b"error" not in rest
+
+
+def test_a_conversation_that_outgrows_the_context_drops_its_oldest_exchanges(counted):
+    ckpt, fed = counted
+    chat = Chat(ckpt, system="You are terse.", temperature=0, max_new_tokens=6, seed=0)
+    message = "the quick brown fox jumps over the lazy dog " * 3
+    for _ in range(8):
+        before = len(fed)
+        reply = "".join(chat.send(message))
+        after = len(fed)
+        ids = ckpt.tokenizer.encode(chat.render(chat.messages[:-1]))
+        assert len(ids) + 6 <= ckpt.model.config.block_size
+        tokens = list(arraygpt.generate(ckpt.model, ids, 6, temperature=0, use_cache=False, eos_id=chat.ends))
+        assert reply == ckpt.tokenizer.decode([t for t in tokens if t not in chat.ends])  # as a full recompute
+    assert chat.dropped > 0 and chat.dropped % 2 == 0  # whole exchanges
+    roles = [m["role"] for m in chat.messages]
+    assert roles[0] == "system" and roles[1:] == ["user", "assistant"] * ((len(roles) - 1) // 2)
+    assert sum(len(piece) for piece in fed[before:after]) <= 6 + chat.prefilled
+    assert chat.prefilled < len(ids)

@@ -78,7 +78,8 @@ class Chat:
         messages: the conversation so far, ``[{"role": ..., "content": ...}]``.
         cache: the KV cache, holding the positions of ``cached`` (the tokens fed so far).
         prefilled: the positions fed before the last reply's first token (its prompt's new part).
-        dropped: how many of the oldest messages were left out to fit the model's context.
+        dropped: how many of the oldest messages were left out to fit the model's context (whole
+            exchanges, never the system prompt); ``messages`` keeps only what the model still sees.
 
     Raises:
         ValueError: no tokenizer, no chat template (and no ``template``), or an invalid option.
@@ -165,8 +166,13 @@ class Chat:
             ids = [int(i) for i in self.tokenizer.encode(self.render(messages))]
             if len(ids) + room <= self.block_size or len(messages) - head <= 1:
                 break
-            messages = messages[:head] + messages[head + 1 :]
-            self.dropped += 1
+            # drop the oldest exchange whole (a user message and the replies after it), so that the
+            # roles still alternate as templates that check it (raise_exception) require
+            cut = head + 1
+            while cut < len(messages) - 1 and messages[cut]["role"] != "user":
+                cut += 1
+            self.dropped += cut - head
+            messages = messages[:head] + messages[cut:]
         if len(ids) >= self.block_size:
             raise ValueError(
                 f"the message and the system prompt are {len(ids)} tokens, and the model's context holds "
