@@ -635,3 +635,15 @@ def test_written_tokenizer_families_read_as_transformers_reads_them(family, tmp_
         assert [bos] * back.add_bos + back.encode(text) == theirs.encode(text), text
         if family != "smollm" or not any(c.isdigit() for c in text):  # transformers splits no digits there
             assert back.encode(text) == tok.encode(text), text
+
+
+def test_written_sentencepiece_tokenizer_reads_as_transformers_reads_it(tmp_path):
+    raw = sentencepiece_style()
+    tok = HFTokenizer(raw, bos_id=raw.token_to_id("<s>"), eos_ids=[raw.token_to_id("</s>")], chat_template=CHAT)
+    path = save_gguf(tiny_model("llama", tok.vocab_size), tmp_path / "t.gguf", tokenizer=tok)
+    back = load_gguf(path).tokenizer
+    theirs = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=path.name)
+    assert not back.add_bos and back.bos_id == tok.bos_id and back.eos_id == tok.eos_id
+    for text in TEXTS:
+        assert back.encode(text) == tok.encode(text) == theirs.encode(text, add_special_tokens=False), text
+        assert back.decode(back.encode(text)) == theirs.decode(back.encode(text)), text

@@ -18,7 +18,8 @@ transformers' ids:
 Control tokens become special added tokens, user-defined ones plain added tokens (matched whole).
 
 Writing stores an :class:`~arraygpt.io.bpe.HFTokenizer` that is a byte-level BPE (GPT-2, Llama 3,
-Qwen2, SmolLM2: its pre-tokenizer must be one llama.cpp names), or one of arraygpt's own
+Qwen2, SmolLM2: its pre-tokenizer must be one llama.cpp names) or a SentencePiece-style BPE (Llama 2,
+Mistral: a "llama" vocabulary, scores ranking merged tokens by their merge), or one of arraygpt's own
 ``ByteTokenizer`` / ``CharTokenizer`` (ASCII), each as a "gpt2" vocabulary without merges whose ids are
 the tokenizer's ids.
 
@@ -269,9 +270,8 @@ def tokenizer_to_gguf(tokenizer: Any, vocab_size: int) -> dict[str, Any]:
         tokens, types = _char_vocab(tokenizer.chars, tokenizer.bos_id)
         merges = []
         meta["tokenizer.ggml.pre"] = "gpt-2"
-    elif isinstance(tokenizer, HFTokenizer) and tokenizer.byte_level:
+    elif isinstance(tokenizer, HFTokenizer) and (tokenizer.byte_level or _sentencepiece_style(tokenizer)):
         spec = json.loads(tokenizer._tokenizer.to_str())
-        meta["tokenizer.ggml.pre"] = _pre_name(spec.get("pre_tokenizer"))
         vocab = tokenizer._tokenizer.get_vocab(with_added_tokens=True)
         added = tokenizer._tokenizer.get_added_tokens_decoder()
         tokens = [f"[PAD{i}]" for i in range(tokenizer.vocab_size)]
@@ -280,13 +280,32 @@ def tokenizer_to_gguf(tokenizer: Any, vocab_size: int) -> dict[str, Any]:
             tokens[i] = token
             types[i] = NORMAL if i not in added else CONTROL if added[i].special else USER_DEFINED
         merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"].get("merges", [])]
+        if tokenizer.byte_level:
+            meta["tokenizer.ggml.pre"] = _pre_name(spec.get("pre_tokenizer"))
+        else:  # llama.cpp's SentencePiece tokenizer merges by score: a merge's result scores above later ones'
+            meta["tokenizer.ggml.model"] = "llama"
+            scores, scored = [0.0] * vocab_size, set()
+            for rank, merge in enumerate(merges):
+                i = vocab[merge.replace(" ", "", 1)]
+                if i not in scored:  # the first merge that makes a token ranks it
+                    scored.add(i)
+                    scores[i] = -float(rank + 1)
+            unk = spec["model"].get("unk_token")
+            for token, i in vocab.items():
+                if len(token) == 6 and token.startswith("<0x") and token.endswith(">") and i not in added:
+                    types[i] = BYTE
+                elif token == unk:
+                    types[i] = UNKNOWN
+                    meta["tokenizer.ggml.unknown_token_id"] = i
+            meta["tokenizer.ggml.scores"] = scores
         meta["tokenizer.ggml.add_bos_token"] = bool(tokenizer.add_bos)
         if tokenizer.chat_template is not None:
             meta["tokenizer.chat_template"] = tokenizer.chat_template
     else:
         raise ValueError(
             f"the gguf format writes a byte-level BPE tokenizer (arraygpt.io.bpe.BPETokenizer: GPT-2, Llama 3, "
-            f"Qwen2, SmolLM2), a ByteTokenizer or a CharTokenizer, not {tokenizer!r:.80}"
+            f"Qwen2, SmolLM2), a SentencePiece-style BPE (Llama 2, Mistral: Metaspace, byte fallback), a "
+            f"ByteTokenizer or a CharTokenizer, not {tokenizer!r:.80}"
         )
     if len(tokens) > vocab_size:
         raise ValueError(f"the tokenizer has {len(tokens)} tokens but the model only {vocab_size}")
@@ -296,8 +315,8 @@ def tokenizer_to_gguf(tokenizer: Any, vocab_size: int) -> dict[str, Any]:
     meta["tokenizer.ggml.token_type"] = types
     if merges:
         meta["tokenizer.ggml.merges"] = merges
-    else:  # GGUFWriter writes no empty array; transformers then derives the (no) merges from scores
-        meta["tokenizer.ggml.scores"] = [0.0] * vocab_size
+    elif "tokenizer.ggml.scores" not in meta:  # GGUFWriter writes no empty array; transformers then
+        meta["tokenizer.ggml.scores"] = [0.0] * vocab_size  # derives the (no) merges from the scores
     if tokenizer.bos_id is not None:
         meta["tokenizer.ggml.bos_token_id"] = tokenizer.bos_id
     eos_ids = getattr(tokenizer, "eos_ids", None) or ([] if tokenizer.eos_id is None else [tokenizer.eos_id])
@@ -307,6 +326,20 @@ def tokenizer_to_gguf(tokenizer: Any, vocab_size: int) -> dict[str, Any]:
         meta["tokenizer.ggml.eot_token_id"] = eos_ids[1]
     meta.setdefault("tokenizer.ggml.add_bos_token", False)
     return meta
+
+
+def _sentencepiece_style(tokenizer: HFTokenizer) -> bool:
+    """A BPE with byte fallback that marks spaces with "▁" through a Metaspace pre-tokenizer, the
+    layout transformers rebuilds for a GGUF's "llama" vocabulary."""
+    spec = json.loads(tokenizer._tokenizer.to_str())
+    model, pre = spec.get("model") or {}, spec.get("pre_tokenizer") or {}
+    return (
+        model.get("type") == "BPE"
+        and bool(model.get("byte_fallback"))
+        and pre.get("type") == "Metaspace"
+        and pre.get("replacement") == "▁"
+        and spec.get("normalizer") is None
+    )
 
 
 def _pre_name(pre: Any) -> str:
