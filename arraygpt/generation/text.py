@@ -6,11 +6,10 @@ Decoding each new token on its own is wrong (a byte-level BPE token can end in t
 character, and a SentencePiece token's leading space depends on what came before), and decoding
 every id again for every new token is quadratic. :class:`TextStream` does neither:
 
-- byte-level tokenizers (GPT-2's BPE, Llama 3's, Qwen2's; arraygpt's byte tokenizer): the bytes of
-  each token go through Python's incremental UTF-8 decoder, which holds back an incomplete
-  character; the result equals ``tokenizer.decode(ids)``;
-- other Hugging Face tokenizers (SentencePiece-style with byte fallback, WordPiece):
-  ``tokenizers.decoders.DecodeStream``, seeded with the prompt's last ids;
+- Hugging Face tokenizers (GPT-2's, Llama 3's and Qwen2's byte-level BPE, SentencePiece-style BPE
+  with byte fallback, WordPiece): ``tokenizers.decoders.DecodeStream``, seeded with the prompt's
+  last ids, which holds back an incomplete character;
+- arraygpt's byte tokenizer: the bytes go through Python's incremental UTF-8 decoder;
 - anything else with ``decode`` (arraygpt's character tokenizer): DecodeStream's algorithm in
   Python, decoding only a short window of ids each time.
 
@@ -90,13 +89,13 @@ class TextStream:
         seed = [int(i) for i in context][-_SEED:]
         self._bytes = None
         self._hf = None
-        if callable(getattr(tokenizer, "decode_bytes", None)) or getattr(tokenizer, "kind", None) == "byte":
-            self._bytes = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        elif _hf_tokenizer(tokenizer) is not None:
+        if _hf_tokenizer(tokenizer) is not None:
             from tokenizers.decoders import DecodeStream
 
             self._hf = DecodeStream(ids=seed, skip_special_tokens=False)
             self._pending: list[int] = []  # ids pushed since the last text came out
+        elif getattr(tokenizer, "kind", None) == "byte":
+            self._bytes = codecs.getincrementaldecoder("utf-8")(errors="replace")
         else:
             self._window = seed  # DecodeStream's state, in Python: ids from the prefix's start
             self._start = len(seed)  # where the ids not yet turned into text begin
@@ -139,8 +138,6 @@ class TextStream:
 
     def _token_bytes(self, token: int) -> bytes:
         tok = self.tokenizer
-        if callable(getattr(tok, "decode_bytes", None)):
-            return tok.decode_bytes([token])
         if token == getattr(tok, "bos_id", None):
             return b""
         if not 0 <= token < 256:
