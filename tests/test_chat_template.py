@@ -250,6 +250,12 @@ def test_read_generation_config(tmp_path):
         ("{% set ns = namespace(s='ab') %}{% for i in range(64) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}", "join"),
         ("{% macro f(s, n) %}{{ f(s ~ s, n - 1) if n else s }}{% endmacro %}{{ f('ab', 60) }}", "join"),
         ("{% for i in range(100000) %}{{ 'x' * 1000 }}{% endfor %}", "output passed the limit"),
+        (  # a list holding the last one twice: 2^30 items to tojson, which runs in C past any deadline
+            "{% set ns = namespace(l=[1]) %}{% for i in range(30) %}{% set ns.l = [ns.l, ns.l] %}{% endfor %}"
+            "{{ ns.l | tojson }}",
+            "setting l built a value of over 100000",
+        ),
+        ("{% macro f(l, n) %}{{ f([l, l], n - 1) if n else l | tojson }}{% endmacro %}{{ f([1], 40) }}", "a call"),
         ("{{ raise_exception('Conversation roles must alternate') }}", "failed: Conversation roles must alternate"),
         ("{% for m in messages %}", "does not compile"),
         ("{{ messages.pop() }}", "failed"),

@@ -75,13 +75,33 @@ def _check_time() -> None:
 
 
 def _size(value: Any) -> int:
-    return len(value) if isinstance(value, (str, bytes, list, tuple, dict)) else 0
+    """Characters and items in ``value`` as a serializer would write them: a list that holds
+    another twice counts it twice (30 such levels are 2^30 items to ``tojson``), computed once
+    per distinct list or dict."""
+    if isinstance(value, (str, bytes)):
+        return len(value)
+    if not isinstance(value, (list, tuple, dict)):
+        return 0
+    sizes: dict[int, int] = {}
+    stack: list[tuple[Any, bool]] = [(value, False)]
+    while stack:
+        node, children_done = stack.pop()
+        parts = [x for kv in node.items() for x in kv] if isinstance(node, dict) else list(node)
+        nested = [x for x in parts if isinstance(x, (list, tuple, dict))]
+        if children_done:
+            flat = sum(len(x) for x in parts if isinstance(x, (str, bytes)))
+            sizes[id(node)] = 1 + len(parts) + flat + sum(sizes.get(id(x), 0) for x in nested)
+        elif id(node) not in sizes:
+            sizes[id(node)] = 0  # in progress: a structure that holds itself counts it once
+            stack.append((node, True))
+            stack.extend((x, False) for x in nested if id(x) not in sizes)
+    return sizes[id(value)]
 
 
 def _check_result(value: Any, what: str) -> Any:
     limit = _limits()[1]
     if _size(value) > limit:
-        raise _Refused(f"{what} built a value of {_size(value)} items, over the limit of {limit}")
+        raise _Refused(f"{what} built a value of over {limit} characters and items, the limit")
     if isinstance(value, int) and value.bit_length() > _INT_BITS:
         raise _Refused(f"{what} built an integer of {value.bit_length()} bits, over the limit of {_INT_BITS}")
     return value
@@ -94,6 +114,8 @@ def _check_args(args: Sequence[Any], kwargs: Mapping[str, Any], what: str) -> No
     for value in (*args, *kwargs.values()):
         if isinstance(value, int) and not isinstance(value, bool) and abs(value) > limit:
             raise _Refused(f"{what} was given {value}, over the size limit of {limit}")
+        if isinstance(value, (list, tuple, dict)) and _size(value) > limit:
+            raise _Refused(f"{what} was given a value of over {limit} characters and items, the limit")
 
 
 def _check_format(fmt: Any, what: str) -> None:
