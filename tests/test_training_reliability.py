@@ -133,6 +133,25 @@ def test_a_rows_dropout_mask_does_not_depend_on_the_rows_around_it():
     assert not np.allclose(to_numpy(other_step), to_numpy(whole))  # new masks each step
 
 
+def test_a_device_generator_draws_each_rows_coins_from_the_rows_seed():
+    """The GPU path (a backend with ``device_uniform``), on the host: one generator per row, seeded
+    with the row's seed, so a row's mask again does not depend on the rows around it."""
+    calls = []
+
+    def device_uniform(seed, shape, dtype):
+        calls.append(seed)
+        return np.random.default_rng(seed).random(shape, dtype=dtype)
+
+    backend = dataclasses.replace(shim.load_backend("numpy"), device_uniform=device_uniform)
+    cfg = arraygpt.GPTConfig.preset("gpt2", vocab_size=23, block_size=8, n_layer=1, n_head=2, n_embd=16, dropout=0.3)
+    model = arraygpt.GPT(cfg, seed=3, dtype="float64", backend=backend).train()
+    idx = np.random.default_rng(1).integers(0, 23, (4, 8))
+    whole, _ = model.forward(idx, dropout_key=(0, 4))
+    rows = [model.forward(idx[r : r + 1], dropout_key=(0, 4), first_row=r)[0] for r in range(4)]
+    np.testing.assert_allclose(np.concatenate(rows), whole, rtol=1e-13, atol=1e-13)
+    assert all(0 <= seed < 2**63 for seed in calls) and len(set(calls)) == len(calls) // 2  # each row twice
+
+
 @pytest.fixture
 def numpy_threads(monkeypatch):
     """Set the numpy backend's thread count (whatever the cores here) and split even small batches."""

@@ -293,7 +293,8 @@ class GPT:
             if self.backend.device_uniform is None:
                 host = _splitmix_uniform(seeds, math.prod(shape[1:]), dtype)  # (B, rest)
                 return self.backend.asarray(host.reshape(shape))
-            rows = [self.backend.device_uniform(int(seed), shape[1:], dtype) for seed in seeds]
+            # a GPU generator per row, seeded with the row's seed (its low 63 bits: any int64 seed fits)
+            rows = [self.backend.device_uniform(int(seed) & (2**63 - 1), shape[1:], dtype) for seed in seeds]
             return self.xp.stack(rows)  # (B, ...)
 
         return coins
