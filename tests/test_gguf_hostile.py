@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 import capped
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -311,3 +312,19 @@ def test_flipped_header_bytes_give_only_checkpoint_errors(valid, tmp_path_factor
     except CheckpointError:
         return
     assert ckpt.format == "gguf" and ckpt.config.n_layer == 2  # a flip the checks allow (a weight, a name's letter)
+
+
+def test_rope_freqs_that_follow_no_rule_are_refused(tmp_path):
+    import gguf
+
+    config = GPTConfig.preset("llama-tiny", vocab_size=257, rope_scaling=(8.0, 1.0, 4.0, 16))
+    path = ag_gguf.save_gguf(GPT(config, seed=0), tmp_path / "m.gguf", tokenizer=ByteTokenizer())
+    assert ag_gguf.load_gguf(path).config.rope_scaling is not None
+    tensor = next(t for t in gguf.GGUFReader(path).tensors if t.name == "rope_freqs.weight")
+    data = bytearray(path.read_bytes())
+    data[tensor.data_offset : tensor.data_offset + tensor.n_bytes] = np.linspace(
+        1, 3, tensor.n_elements, dtype=np.float32
+    ).tobytes()
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="rope_freqs.weight does not follow Llama 3.1's rope scaling"):
+        ag_gguf.load_gguf(path)

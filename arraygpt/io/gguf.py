@@ -388,6 +388,21 @@ def _rope_scaling(factors: np.ndarray, head_dim: int, theta: float, old_len: int
         raise CheckpointError(f"{source}: rope_freqs.weight must hold {head_dim // 2} positive divisors")
     if np.allclose(factors, 1.0, rtol=0, atol=1e-6):
         return None
+    try:
+        with np.errstate(all="ignore"):
+            scaling = _fit_llama3(factors.astype(np.float64), head_dim, theta, old_len)
+        ok = 0 < scaling[1] < scaling[2] and np.allclose(_llama3_factors(head_dim, theta, scaling), factors, rtol=1e-4)
+    except (ValueError, ZeroDivisionError, FloatingPointError, np.linalg.LinAlgError):
+        ok = False
+    if not ok:
+        raise CheckpointError(
+            f"{source}: rope_freqs.weight does not follow Llama 3.1's rope scaling, the only one arraygpt implements"
+        )
+    return scaling
+
+
+def _fit_llama3(factors: np.ndarray, head_dim: int, theta: float, old_len: int) -> tuple[float, float, float, int]:
+    """Llama 3.1 scaling parameters whose divisors are ``factors`` (checked by the caller)."""
     factor = float(factors.max())
     u = old_len * (1.0 / theta ** (np.arange(0, head_dim, 2) / head_dim)) / (2 * math.pi)  # old_len / wavelength
     ones, full = np.isclose(factors, 1.0, rtol=1e-6), np.isclose(factors, factor, rtol=1e-6)
@@ -405,16 +420,7 @@ def _rope_scaling(factors: np.ndarray, head_dim: int, theta: float, old_len: int
             low = (u0 - s0 * high) / (1 - s0) if s0 < 1 else lo
         else:
             low, high = lo + (hi - lo) / 3, lo + 2 * (hi - lo) / 3
-    scaling = (factor, float(low), float(high), int(old_len))
-    try:
-        ok = 0 < low < high and np.allclose(_llama3_factors(head_dim, theta, scaling), factors, rtol=1e-4)
-    except (ValueError, ZeroDivisionError, FloatingPointError):
-        ok = False
-    if not ok:
-        raise CheckpointError(
-            f"{source}: rope_freqs.weight does not follow Llama 3.1's rope scaling, the only one arraygpt implements"
-        )
-    return scaling
+    return (factor, float(low), float(high), int(old_len))
 
 
 def config_from_gguf(meta: _Metadata, tensors: Mapping[str, Any], source: str) -> tuple[str, GPTConfig]:
