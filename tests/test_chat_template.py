@@ -256,6 +256,10 @@ def test_read_generation_config(tmp_path):
             "setting l built a value of over 100000",
         ),
         ("{% macro f(l, n) %}{{ f([l, l], n - 1) if n else l | tojson }}{% endmacro %}{{ f([1], 40) }}", "a call"),
+        # C code whose result is the product of its inputs: checked before it runs
+        ("{% set s = 'ab' * 40000 %}{{ [s, s, s] | join(s) }}", "the join filter could build"),
+        ("{% set s = 'ab' * 40000 %}{{ s.replace('', s) }}", "a call of replace could build"),
+        ("{% set s = '\\n' * 90000 %}{{ s | indent(90000) }}", "the indent filter could build"),
         ("{{ raise_exception('Conversation roles must alternate') }}", "failed: Conversation roles must alternate"),
         ("{% for m in messages %}", "does not compile"),
         ("{{ messages.pop() }}", "failed"),

@@ -118,6 +118,29 @@ def _check_args(args: Sequence[Any], kwargs: Mapping[str, Any], what: str) -> No
             raise _Refused(f"{what} was given a value of over {limit} characters and items, the limit")
 
 
+# filters and str methods whose result can be far larger than their inputs; the others (split,
+# strip, startswith, ...) give back at most what they were given
+_GROWING = frozenset({"join", "replace", "center", "ljust", "rjust", "zfill", "indent", "expandtabs", "wordwrap"})
+_PER = {"indent": "\n", "expandtabs": "\t"}  # an integer argument repeated per line / per tab
+
+
+def _check_growth(name: str, base: Any, args: Sequence[Any], kwargs: Mapping[str, Any], what: str) -> None:
+    """Refuse ``base.<name>(*args)`` whose result could pass the limit before C code builds it:
+    ``sep.join(items)``, ``s.replace('', t)`` and ``indent`` grow as the product of their inputs."""
+    if name not in _GROWING or not isinstance(base, (str, bytes, list, tuple, dict)):
+        return
+    limit, n = _limits()[1], _size(base)
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, (str, bytes, list, tuple, dict)):
+            grown = n * max(1, _size(value))
+        elif name in _PER and isinstance(value, int) and isinstance(base, str):
+            grown = base.count(_PER[name]) * abs(value)
+        else:
+            continue
+        if grown > limit:
+            raise _Refused(f"{what} could build {grown} characters and items, over the limit of {limit}")
+
+
 def _check_format(fmt: Any, what: str) -> None:
     """Refuse a format string with a width or precision of a million or more (``'%999999999d'``)."""
     if isinstance(fmt, str) and _WIDE.search(fmt):
@@ -159,6 +182,8 @@ def _environment() -> Any:
 
         def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:
             _check_args(args, kwargs, "a call")
+            name = getattr(__obj, "__name__", "")
+            _check_growth(name, getattr(__obj, "__self__", None), args, kwargs, f"a call of {name}")
             return _check_result(super().call(__context, __obj, *args, **kwargs), "a call")
 
         def wrap_str_format(self, value: Any) -> Any:  # `'{:9}'.format`, looked up before it is called
@@ -221,11 +246,17 @@ def _environment() -> Any:
 
 
 def _checked_filter(name: str, f: Any) -> Any:
+    from jinja2.utils import _PassArg
+
+    skip = 0 if _PassArg.from_obj(f) is None else 1  # the context or environment Jinja passes first
+
     @functools.wraps(f)  # keeps Jinja's pass_context/pass_environment mark
     def checked(*args: Any, **kwargs: Any) -> Any:
-        _check_args(args[1:], kwargs, f"the {name} filter")
+        value, rest = (args[skip], args[skip + 1 :]) if len(args) > skip else (None, ())
+        _check_args(rest, kwargs, f"the {name} filter")
+        _check_growth(name, value, rest, kwargs, f"the {name} filter")
         if name == "format":
-            _check_format(next((a for a in args if isinstance(a, str)), None), "the format filter")
+            _check_format(value, "the format filter")
         return _check_result(f(*args, **kwargs), f"the {name} filter")
 
     return checked
