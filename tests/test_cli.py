@@ -338,6 +338,17 @@ def test_a_sampler_option_alone_turns_its_filter_on(char_checkpoint, capsys, opt
     assert alone != _sample(capsys, char_checkpoint, *common)  # the filter changed what was drawn
 
 
+def test_llama_cpp_spellings_of_the_options(char_checkpoint, capsys, tmp_path):
+    (tmp_path / "prompt.txt").write_text("ab", encoding="utf-8")
+    short = _sample(
+        capsys, char_checkpoint, "-f", str(tmp_path / "prompt.txt"), "-n", "6", "--temp", "1.5", "--seed", "2"
+    )
+    assert short == _sample(
+        capsys, char_checkpoint, "--prompt", "ab", "--max-new-tokens", "6", "--temperature", "1.5", "--seed", "2"
+    )
+    assert short == _sample(capsys, char_checkpoint, "-p", "ab", "-n", "6", "--temp", "1.5", "--seed", "2")
+
+
 def test_sample_takes_the_prompt_from_a_file_and_its_defaults_from_generation_config(char_checkpoint, capsys, tmp_path):
     prompt = tmp_path / "prompt.txt"
     prompt.write_text("abc", encoding="utf-8")

@@ -35,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="PATH",
         help="any model arraygpt.load opens (a Hugging Face directory with a chat template, an arraygpt checkpoint...)",
     )
-    parser.add_argument("--system", default=None, metavar="TEXT", help="the system prompt")
+    parser.add_argument("--system", "--system-prompt", default=None, metavar="TEXT", help="the system prompt")
     parser.add_argument(
         "--template",
         default=None,
@@ -44,6 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--max-new-tokens",
+        "-n",
         type=int,
         default=None,
         metavar="M",

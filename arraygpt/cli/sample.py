@@ -47,9 +47,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="any model arraygpt.load opens: an arraygpt checkpoint or run folder, or a Hugging Face directory",
     )
     prompt = parser.add_mutually_exclusive_group()
-    prompt.add_argument("--prompt", default="", metavar="TEXT", help="text to continue (default: the BOS token)")
+    prompt.add_argument("--prompt", "-p", default="", metavar="TEXT", help="text to continue (default: the BOS token)")
     prompt.add_argument(
         "--prompt-file",
+        "-f",
         default=None,
         metavar="FILE",
         help=f"read the prompt from FILE (UTF-8, at most {PROMPT_LIMIT:,} bytes)",
@@ -59,6 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--max-new-tokens",
+        "-n",
         type=int,
         default=None,
         metavar="M",
@@ -118,6 +120,7 @@ def add_sampler_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--temperature",
+        "--temp",
         type=parse_finite,
         default=temperature,
         action=_Given,
