@@ -260,12 +260,19 @@ def test_metadata_that_lies(valid, tmp_path, key, vtype, value, said):
         assert fragment in message, (fragment, message)
 
 
-def test_merges_that_make_no_token_are_refused_not_a_panic():
+def test_tokenizer_metadata_that_would_panic_or_hang_is_refused():
     meta = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": ["a", "b"], "tokenizer.ggml.merges": ["a b"]}
     with pytest.raises(CheckpointError, match="merge 'a' \\+ 'b'"):
         tokenizer_from_gguf(meta, "x.gguf")
     with pytest.raises(CheckpointError, match="two tokens separated by one space"):
         tokenizer_from_gguf({**meta, "tokenizer.ggml.merges": ["a b c"]}, "x.gguf")
+    long = {
+        "tokenizer.ggml.model": "llama",
+        "tokenizer.ggml.tokens": ["a", "a" * 40_000],
+        "tokenizer.ggml.scores": [0.0, 0.0],
+    }
+    with pytest.raises(CheckpointError, match="too long to derive merges"):
+        tokenizer_from_gguf(long, "x.gguf")  # at once: never 40,000 slices of up to 40,000 characters
     with pytest.raises(CheckpointError, match="'bert'"):
         tokenizer_from_gguf({**meta, "tokenizer.ggml.model": "bert"}, "x.gguf")
 

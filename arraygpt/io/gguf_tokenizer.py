@@ -43,6 +43,7 @@ NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 TOKEN_TYPES = {NORMAL: "normal", UNKNOWN: "unknown", CONTROL: "control", USER_DEFINED: "user-defined"}
 TOKEN_TYPES.update({UNUSED: "unused", BYTE: "byte"})
 MODELS = ("gpt2", "llama")
+_SPLIT_BUDGET = 10**9  # characters sliced while deriving merges (Llama 2's 32,000 tokens: ~10^6)
 
 # llama.cpp's pre-tokenizer names whose split transformers knows (gguf_tokenizer_mapping.py's
 # GGUF_PRE_TOKENIZER_SPLITS, the families arraygpt reads); any other name keeps GPT-2's regex.
@@ -152,6 +153,11 @@ def tokenizer_from_gguf(meta: Mapping[str, Any], source: str, vocab_size: int | 
         scores = _numbers(meta, "tokenizer.ggml.scores", n, float, source)
         if scores is None:
             raise CheckpointError(f"{source}: the tokenizer needs tokenizer.ggml.merges or tokenizer.ggml.scores")
+        if sum(len(t) ** 2 for t in tokens) > _SPLIT_BUDGET:  # each token is cut at every position
+            raise CheckpointError(
+                f"{source}: the tokens are too long to derive merges from (sum of squared lengths over "
+                f"{_SPLIT_BUDGET}); a real vocabulary is far below it"
+            )
         merges = _generate_merges({t: i for i, t in enumerate(tokens)}, dict(zip(tokens, scores)))
     if model == "gpt2":
         spelled = set(BYTE_TO_CHAR.values())
