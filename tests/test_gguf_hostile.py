@@ -335,3 +335,32 @@ def test_rope_freqs_that_follow_no_rule_are_refused(tmp_path):
     path.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match="rope_freqs.weight does not follow Llama 3.1's rope scaling"):
         ag_gguf.load_gguf(path)
+
+
+PIECE = st.text(alphabet="ab <>|:$ĠĊ▁s0x", max_size=5)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    model=st.sampled_from(["gpt2", "llama"]),
+    tokens=st.lists(PIECE, min_size=1, max_size=12),
+    merges=st.one_of(st.none(), st.lists(PIECE, max_size=6)),
+    types=st.lists(st.integers(0, 7), max_size=12),
+    ids=st.lists(st.integers(-1, 13), min_size=2, max_size=2),
+    add=st.lists(st.booleans(), min_size=2, max_size=2),
+)
+def test_random_tokenizer_metadata_builds_or_is_one_checkpoint_error(model, tokens, merges, types, ids, add):
+    meta = {"tokenizer.ggml.model": model, "tokenizer.ggml.tokens": tokens}
+    if merges is None:
+        meta["tokenizer.ggml.scores"] = [float(-i) for i in range(len(tokens))]
+    else:
+        meta["tokenizer.ggml.merges"] = merges
+    if len(types) == len(tokens):
+        meta["tokenizer.ggml.token_type"] = types
+    meta.update({"tokenizer.ggml.bos_token_id": ids[0], "tokenizer.ggml.eos_token_id": ids[1]})
+    meta.update({"tokenizer.ggml.add_bos_token": add[0], "tokenizer.ggml.add_eos_token": add[1]})
+    try:
+        tok = tokenizer_from_gguf(meta, "x.gguf")
+    except CheckpointError:
+        return
+    assert isinstance(tok.decode(tok.encode("ab <s> a:b")), str)  # built: it encodes and decodes

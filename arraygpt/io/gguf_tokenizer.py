@@ -222,9 +222,12 @@ def tokenizer_from_gguf(meta: Mapping[str, Any], source: str, vocab_size: int | 
         pair = " ".join([*first, "$A", *last, *first, "$B:1", *last])
         ids = {tokens[bos]: bos} if first else {}
         ids.update({tokens[eos[0]]: eos[0]} if last else {})
-        tokenizer.post_processor = tk.processors.TemplateProcessing(
-            single=single, pair=pair, special_tokens=list(ids.items())
-        )
+        try:
+            tokenizer.post_processor = tk.processors.TemplateProcessing(
+                single=single, pair=pair, special_tokens=list(ids.items())
+            )
+        except Exception as e:  # the library's own errors: a token with a space or ':' is no template piece
+            raise CheckpointError(f"{source}: the BOS/EOS token cannot go in a tokenizers template: {e}") from None
     template = meta.get("tokenizer.chat_template")
     if template is not None and not isinstance(template, str):
         raise CheckpointError(f"{source}: tokenizer.chat_template must be a string")
