@@ -13,6 +13,7 @@ and a SentencePiece-style one (Metaspace, byte fallback, as Llama 2's).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -647,3 +648,16 @@ def test_written_sentencepiece_tokenizer_reads_as_transformers_reads_it(tmp_path
     for text in TEXTS:
         assert back.encode(text) == tok.encode(text) == theirs.encode(text, add_special_tokens=False), text
         assert back.decode(back.encode(text)) == theirs.decode(back.encode(text)), text
+
+
+def test_llama_with_biases_round_trips(tmp_path):
+    """transformers' GGUF loader ignores llama biases; the reference is the model written."""
+    config = GPTConfig.preset("llama-tiny", vocab_size=60, block_size=64, bias=True)
+    model = GPT(config, seed=0)
+    rng = np.random.default_rng(2)
+    model.load_state_dict(
+        {k: np.asarray(v) + rng.normal(0, 0.1, size=np.shape(v)) for k, v in model.state_dict().items()}
+    )
+    back = load_gguf(save_gguf(model, tmp_path / "b.gguf"))
+    assert back.config.bias and back.config == dataclasses.replace(config, norm_eps=back.config.norm_eps)
+    assert_close_logits(logits_of(back.model, IDS % 60), logits_of(model, IDS % 60))
