@@ -35,7 +35,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_field_arguments(group, TrainConfig, skip=("data",))
     run_group = parser.add_argument_group("run folder")
     run_group.add_argument("--out-dir", default=None, help="run folder (default runs/<data>-<time>)")
-    run_group.add_argument("--resume", default=None, metavar="DIR", help="continue the run in DIR exactly")
+    run_group.add_argument(
+        "--resume",
+        default=None,
+        metavar="DIR",
+        help="continue the run in DIR exactly (with --steps N: extend it to N steps, the schedule of an N-step run)",
+    )
     run_group.add_argument(
         "--stop-after",
         type=int,

@@ -73,7 +73,9 @@ class TrainConfig:
     tokenizer: str = field(default="char", metadata={"help": "char, byte or a tokenizer JSON file"})
     val_fraction: float = field(default=0.1, metadata={"help": "share of the data held out for validation"})
     split_seed: int = field(default=42, metadata={"help": "seed of the one shuffle of documents before the split"})
-    steps: int = field(default=5000, metadata={"help": "optimizer steps in the whole run"})
+    steps: int = field(
+        default=5000, metadata={"help": "optimizer steps in the whole run (with --resume: extend the run to this many)"}
+    )
     batch_size: int = field(default=64, metadata={"help": "rows per micro-batch (per rank)"})
     grad_accum: int = field(
         default=1,
