@@ -235,11 +235,13 @@ def test_the_command_json_agrees_with_the_function(hf_dir, tmp_path, capsys):
     assert rc == 0 and "perplexity" in out and f"{want.tokens:,}/{want.tokens:,} tokens (100%)" in err
 
 
-def test_an_arraygpt_checkpoint_trained_briefly_evaluates(tmp_path, capsys):
+@pytest.mark.parametrize("mode", ["stream", "documents"])
+def test_an_arraygpt_checkpoint_trained_briefly_evaluates(tmp_path, capsys, mode):
     data = tmp_path / "tiny.txt"
     data.write_text("to be or not to be, that is the question\n" * 20, encoding="utf-8")
     arraygpt.train(
         str(data),
+        mode=mode,
         steps=5,
         out_dir=tmp_path / "run",
         n_layer=1,
@@ -250,24 +252,25 @@ def test_an_arraygpt_checkpoint_trained_briefly_evaluates(tmp_path, capsys):
         progress=False,
         samples=0,
     )
+    text = "not to be, or to be, that is the question" + ("\nto be or not" if mode == "stream" else "")
     held_out = tmp_path / "held_out.txt"
-    held_out.write_text("not to be, or to be, that is the question\nto be or not", encoding="utf-8")
+    held_out.write_text(text, encoding="utf-8")
     rc, out, err = run_cli(capsys, "--checkpoint", tmp_path / "run", "--data", held_out, "--json", "--stride", 4)
     assert rc == 0, err
     got = json.loads(out)
     ckpt = arraygpt.load(tmp_path / "run")
-    text = held_out.read_text(encoding="utf-8")
-    ids = ckpt.tokenizer.encode(text)
+    # documents were BOS-wrapped in training, so the text starts at BOS as each document did
+    ids = ([ckpt.tokenizer.bos_id] if mode == "documents" else []) + ckpt.tokenizer.encode(text)
     assert got["tokens"] == len(ids) - 1
-    # an independent reference: every token's log-probability from its own forward pass over
-    # exactly the ids the rule gives it (the window of stride 4 and context 12 it falls in)
+    # an independent reference: token t is scored by the first window that reaches it, the one
+    # starting at k * 4 with k = max(0, ceil((t - 12) / 4)); its log-probability comes from a
+    # forward pass over exactly the ids of that window before it
     model, nll = ckpt.model, 0.0
-    for begin, end, skip in windows(len(ids), 12, 4):
-        logits, _ = model.forward(np.array([ids[begin:end]]))
-        logits = np.asarray(logits, dtype=np.float64)[0]
-        for t in range(skip, end - begin):
-            row = logits[t]
-            nll += np.log(np.exp(row - row.max()).sum()) + row.max() - row[ids[begin + t + 1]]
+    for t in range(1, len(ids)):
+        begin = max(0, -(-(t - 12) // 4)) * 4
+        logits, _ = model.forward(np.array([ids[begin:t]]))
+        row = np.asarray(logits, dtype=np.float64)[0, -1]
+        nll += np.log(np.exp(row - row.max()).sum()) + row.max() - row[ids[t]]
     np.testing.assert_allclose(got["loss"], nll / (len(ids) - 1), rtol=1e-5)
     np.testing.assert_allclose(got["bits_per_byte"], nll / math.log(2) / len(text.encode()), rtol=1e-5)
 
