@@ -82,44 +82,43 @@ def one_line_error(proc: subprocess.CompletedProcess[str], *fragments: str) -> s
 # dropout: a row's coins depend on (seed, step, its global row), never on the split
 
 
-def _splitmix64(state: int) -> tuple[int, int]:
-    """SplitMix64 (Steele, Lea & Flood 2014) in plain Python: (next state, output)."""
-    mask = 2**64 - 1
-    state = (state + 0x9E3779B97F4A7C15) & mask
-    z = state
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
-    return state, z ^ (z >> 31)
-
-
 def _mix(z: int) -> int:
+    """SplitMix64's output function (Steele, Lea & Flood 2014) in plain Python integers."""
     mask = 2**64 - 1
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
     return z ^ (z >> 31)
 
 
-def test_dropout_coins_follow_the_documented_rule():
-    """The rule of arraygpt/nn/model.py, written again in plain Python integers."""
+def test_host_dropout_coins_follow_the_documented_rule():
+    """The rule of arraygpt/nn/model.py: site s's coins are one PCG64 stream seeded with
+    SeedSequence([*key, s]), row r taking outputs [r n, (r+1) n); drawn here from the start of the
+    stream, without the jump to the first row, and turned into floats by hand."""
+    key, site, first_row, n = (7, 123), 2, 5, 4
+    model = arraygpt.GPT(arraygpt.GPTConfig.preset("microgpt"), dtype="float64")
+    coins = model._coins(key, first_row)
+    for _ in range(site):  # the sites before
+        coins((3, 4))
+    got = to_numpy(coins((3, 2, 2)))  # (rows, 2, 2)
+    stream = np.random.PCG64(np.random.SeedSequence([*key, site])).random_raw((first_row + 3) * n)
+    want = [int(out) >> 11 for out in stream[first_row * n :]]  # the top 53 bits
+    np.testing.assert_array_equal(got.ravel(), np.array(want, dtype=np.float64) / 2.0**53)
+    float32 = arraygpt.GPT(arraygpt.GPTConfig.preset("microgpt"), dtype="float32")._coins(key, first_row)
+    for _ in range(site):
+        float32((3, 4))
+    want32 = [int(out) >> 40 for out in stream[first_row * n :]]  # the top 24 bits
+    np.testing.assert_array_equal(to_numpy(float32((3, 4))).ravel(), np.array(want32, dtype=np.float64) / 2.0**24)
+
+
+def test_gpu_row_seeds_follow_the_documented_rule():
     from arraygpt.nn.model import dropout_row_seeds
 
     key, site, first_row = (7, 123), 2, 5
     h = 0
     for part in (*key, site):
         h = _mix(((h ^ part) + 0x9E3779B97F4A7C15) & (2**64 - 1))
-    want_seeds = [_mix(h ^ row) for row in range(first_row, first_row + 3)]
-    assert [int(s) for s in dropout_row_seeds(key, site, first_row, 3)] == want_seeds
-    model = arraygpt.GPT(arraygpt.GPTConfig.preset("microgpt"), dtype="float64")
-    coins = model._coins(key, first_row)
-    for _ in range(site):  # the sites before
-        coins((3, 4))
-    got = to_numpy(coins((3, 2, 2)))  # (rows, 2, 2)
-    for r, seed in enumerate(want_seeds):
-        state, want = seed, []
-        for _ in range(4):
-            state, out = _splitmix64(state)
-            want.append((out >> 11) * 2.0**-53)
-        np.testing.assert_array_equal(got[r].ravel(), want)
+    want = [_mix(h ^ row) for row in range(first_row, first_row + 3)]
+    assert [int(s) for s in dropout_row_seeds(key, site, first_row, 3)] == want
 
 
 def test_a_rows_dropout_mask_does_not_depend_on_the_rows_around_it():

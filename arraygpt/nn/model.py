@@ -26,7 +26,7 @@ from arraygpt.nn.params import count_params, param_shapes
 from arraygpt.nn.runner import BatchRunner
 from arraygpt.xp import Array, Backend, get_backend, host_full, host_namespace, host_rng, load_backend, to_numpy
 
-__all__ = ["GPT", "dropout_row_seeds"]
+__all__ = ["GPT", "dropout_coins", "dropout_row_seeds"]
 
 # ----------------------------------------------------------------------------------------------
 # Dropout's coins: the one rule. The coins of a training forward depend on nothing but
@@ -35,13 +35,38 @@ __all__ = ["GPT", "dropout_row_seeds"]
 #   site     which dropout call of the forward it is (the embedding's, then per block attention
 #            probabilities, attention output, MLP output), counted in the order the core calls them;
 #   row      ``first_row`` + the row's index in the batch: its index in the global batch;
-#   element  its flat index within the row.
-# Each row gets its own seed, SplitMix64(key, site, row), and its coins are the SplitMix64 stream
-# of that seed (numpy) or the backend's device generator seeded with it (GPU backends). So however
-# a batch is split (threads, --grad-accum micro-batches, MPI ranks), every row draws the same mask.
+#   element  its flat index within the row (n coins per row at a site).
+# On the host, the coins of one site are one PCG64 stream seeded with SeedSequence([*key, site]),
+# and element j of row r is its output r n + j (its top 53 or 24 bits as a float in [0, 1)), so a
+# chunk of rows jumps to its first row (PCG64.advance) and draws only its own. A GPU backend
+# (``device_uniform``) draws each row on the device from the row's seed, SplitMix64 of (key, site,
+# row). So however a batch is split (threads, --grad-accum micro-batches, MPI ranks), every row
+# draws the same mask.
 
-_GOLDEN = 0x9E3779B97F4A7C15  # SplitMix64's increment
 _MASK64 = 2**64 - 1
+
+
+def dropout_coins(key: tuple[int, ...], site: int, first_row: int, rows: int, n: int, dtype: str) -> Any:
+    """The host coins (rows, n) of rows ``first_row ..`` at dropout call ``site`` of a forward keyed
+    ``key`` (the rule above), float32 or float64.
+
+    Example:
+        >>> a = dropout_coins((0, 7), site=1, first_row=0, rows=4, n=3, dtype="float64")
+        >>> bool((a[2:] == dropout_coins((0, 7), site=1, first_row=2, rows=2, n=3, dtype="float64")).all())
+        True
+    """
+    stream = np.random.PCG64(np.random.SeedSequence([int(part) & _MASK64 for part in (*key, site)]))
+    stream.advance(first_row * n)
+    raw = stream.random_raw(rows * n)  # (rows n,) uint64
+    if dtype == "float64":
+        raw >>= np.uint64(11)
+        coins = raw.astype(np.float64)
+        coins *= 2.0**-53
+    else:
+        raw >>= np.uint64(40)
+        coins = raw.astype(np.float32)
+        coins *= np.float32(2.0**-24)
+    return coins.reshape(rows, n)
 
 
 def _mix64(z: Any) -> Any:
@@ -56,8 +81,8 @@ def _mix64(z: Any) -> Any:
 
 
 def dropout_row_seeds(key: tuple[int, ...], site: int, first_row: int, rows: int) -> Any:
-    """The 64-bit seeds (uint64, (rows,)) of rows ``first_row ..`` at dropout call ``site`` of a
-    forward keyed ``key`` (the rule above).
+    """The 64-bit seeds (uint64, (rows,)) from which a GPU backend draws the coins of rows
+    ``first_row ..`` at dropout call ``site`` of a forward keyed ``key`` (the rule above).
 
     Example:
         >>> a = dropout_row_seeds((0, 7), site=1, first_row=0, rows=4)
@@ -67,19 +92,9 @@ def dropout_row_seeds(key: tuple[int, ...], site: int, first_row: int, rows: int
     h = np.zeros(1, dtype=np.uint64)
     for part in (*key, site):
         h ^= np.uint64(int(part) & _MASK64)
-        h = _mix64(h + np.uint64(_GOLDEN))
+        h = _mix64(h + np.uint64(0x9E3779B97F4A7C15))  # SplitMix64's increment
     row = np.arange(first_row, first_row + rows, dtype=np.uint64)  # (rows,)
     return _mix64(h ^ row)
-
-
-def _splitmix_uniform(seeds: Any, n: int, dtype: str) -> Any:
-    """Coins in [0, 1), (len(seeds), n): row r is the first n outputs of SplitMix64 seeded with
-    seeds[r], turned into floats by their top 53 (float64) or 24 (float32) bits."""
-    steps = np.arange(1, n + 1, dtype=np.uint64) * np.uint64(_GOLDEN)  # (n,), wraps mod 2**64
-    z = _mix64(seeds[:, None] + steps[None, :])  # (rows, n)
-    if dtype == "float64":
-        return (z >> np.uint64(11)).astype(np.float64) * 2.0**-53
-    return (z >> np.uint64(40)).astype(np.float32) * np.float32(2.0**-24)
 
 
 class GPT:
@@ -289,10 +304,11 @@ class GPT:
         sites = itertools.count()
 
         def coins(shape: tuple[int, ...]) -> Array:
-            seeds = dropout_row_seeds(key, next(sites), first_row, shape[0])  # (B,)
+            site = next(sites)
             if self.backend.device_uniform is None:
-                host = _splitmix_uniform(seeds, math.prod(shape[1:]), dtype)  # (B, rest)
+                host = dropout_coins(key, site, first_row, shape[0], math.prod(shape[1:]), dtype)  # (B, rest)
                 return self.backend.asarray(host.reshape(shape))
+            seeds = dropout_row_seeds(key, site, first_row, shape[0])  # (B,)
             # a GPU generator per row, seeded with the row's seed (its low 63 bits: any int64 seed fits)
             rows = [self.backend.device_uniform(int(seed) & (2**63 - 1), shape[1:], dtype) for seed in seeds]
             return self.xp.stack(rows)  # (B, ...)
