@@ -77,7 +77,7 @@ def arraygpt_on_step(run: Any, step: int, metrics: dict[str, float]) -> bool | N
     (last registered first); a plugin that raises stops the run with an error naming it.
 
     Args:
-        run: the running ``arraygpt.training.loop.Run`` (config, model, optimizer, tokenizer, out_dir;
+        run: the running ``arraygpt.training.run.Run`` (config, model, optimizer, tokenizer, out_dir;
             ``run.request_stop()`` also stops it).
         step: the number of steps done so far (1 after the first step).
         metrics: ``loss`` (of this step's batch), ``lr`` (the rate this step used),
@@ -95,7 +95,7 @@ def arraygpt_on_eval(run: Any, step: int, metrics: dict[str, float]) -> bool | N
     when the val loss improved).
 
     Args:
-        run: the running ``arraygpt.training.loop.Run``.
+        run: the running ``arraygpt.training.run.Run``.
         step: the number of steps done so far.
         metrics: ``train_loss`` and ``val_loss`` (mean loss per predicted token; ``val_loss`` is
             absent when the run has no validation split).
@@ -110,7 +110,7 @@ def arraygpt_on_checkpoint(run: Any, step: int, path: str) -> None:
     """Called after a checkpoint has been written completely (atomically).
 
     Args:
-        run: the running ``arraygpt.training.loop.Run``.
+        run: the running ``arraygpt.training.run.Run``.
         step: the step the checkpoint holds.
         path: the checkpoint folder (the run's ``last`` or ``best``); ``load_checkpoint(path)``
             reads it.
