@@ -111,7 +111,7 @@ def test_host_dropout_coins_follow_the_documented_rule():
 
 
 def test_gpu_row_seeds_follow_the_documented_rule():
-    from arraygpt.nn.model import dropout_row_seeds
+    from arraygpt.nn.dropout import dropout_row_seeds
 
     key, site, first_row = (7, 123), 2, 5
     h = 0
