@@ -30,7 +30,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from arraygpt.nn import layers
+from arraygpt.nn import layers, quant
 from arraygpt.xp import Array, namespace
 
 if TYPE_CHECKING:
@@ -51,6 +51,7 @@ class Kernels(NamedTuple):
     crossentropy: Pair
     rope: Pair = (layers.rope_forward, layers.rope_backward)
     swiglu: Pair = (layers.swiglu_forward, layers.swiglu_backward)
+    quantized_linear: Pair = (quant.quantized_linear_pair_forward, quant.quantized_linear_backward)
 
 
 def reference_kernels(config: GPTConfig) -> Kernels:
@@ -63,7 +64,19 @@ def reference_kernels(config: GPTConfig) -> Kernels:
         crossentropy=(layers.crossentropy_forward, layers.crossentropy_backward),
         rope=(layers.rope_forward, layers.rope_backward),
         swiglu=(layers.swiglu_forward, layers.swiglu_backward),
+        quantized_linear=(quant.quantized_linear_pair_forward, quant.quantized_linear_backward),
     )
+
+
+def _linear_forward(kernels: Kernels) -> Callable[..., Any]:
+    """The linear forward for a weight: ``kernels.quantized_linear``'s for a
+    :class:`arraygpt.nn.quant.QuantizedWeight` (GGUF blocks, inference only), else ``kernels.linear``'s."""
+    linear, quantized = kernels.linear[0], kernels.quantized_linear[0]
+
+    def forward(x: Array, w: Any, b: Array | None = None) -> tuple[Array, Any]:
+        return (quantized if isinstance(w, quant.QuantizedWeight) else linear)(x, w, b)
+
+    return forward
 
 
 # ----------------------------------------------------------------------------------------------
@@ -135,6 +148,7 @@ class BlockCache(NamedTuple):
     mlp_drop: Array | None
     rope_q: Any = None  # the rotary embedding's caches of the queries and keys (RoPE only)
     rope_k: Any = None
+    lora: dict[str, layers.LoRACache] | None = None  # LoRA only: adapted weight's short name -> its cache
 
 
 class GPTCache(NamedTuple):
@@ -175,6 +189,28 @@ def _qkv_weight(params: Mapping[str, Array], prefix: str, suffix: str) -> Array 
     return _fused_weight(params, prefix, "attn_wqkv", QKV, suffix)
 
 
+def _add_lora(
+    params: Mapping[str, Array],
+    prefix: str,
+    parts: tuple[str, ...],
+    widths: tuple[int, ...],
+    x: Array,
+    out: Array,
+    scale: float | None,
+    caches: dict[str, Any],
+) -> Array:
+    """LoRA: add each adapted part's ``scale (x A^T) B^T`` to its slice of ``out`` (a linear over x
+    whose output stacks ``parts`` of ``widths`` columns; the adapters ``<name>.lora_a``/``.lora_b``)."""
+    start = 0
+    for part, width in zip(parts, widths):
+        a = None if scale is None else params.get(prefix + part + ".lora_a")
+        if a is not None:
+            delta, caches[part] = layers.lora_forward(x, a, params[prefix + part + ".lora_b"], scale)
+            out[..., start : start + width] += delta  # (B, T, width)
+        start += width
+    return out
+
+
 def rope_tables(config: GPTConfig, xp: Any, T: int, past: int, dtype: Any, device: Any) -> tuple[Array, Array]:
     """cos, sin (T, head_dim) of positions past .. past + T - 1 (``layers.rope_tables``)."""
     inv_freq = layers.rope_frequencies(config.head_dim, config.rope_theta, config.rope_scaling)
@@ -196,13 +232,17 @@ def block_forward(
     coins: Coins | None = None,
     kv_cache: KVCache | None = None,
     rope: tuple[Array, Array] | None = None,
+    lora_scale: float | None = None,
 ) -> tuple[Array, BlockCache]:
     """Block ``i``: x (B, T, C) -> x (B, T, C) and its cache. ``rope``: the (cos, sin) tables of
-    this forward's positions (computed here when None and the config uses RoPE)."""
+    this forward's positions (computed here when None and the config uses RoPE). ``lora_scale``:
+    alpha / r of the LoRA adapters in ``params`` (None: no adapters)."""
     p, name, D, Dkv = params, f"layer{i}.", config.attn_dim, config.kv_dim
-    norm_forward, linear_forward = kernels.norm[0], kernels.linear[0]
+    lora: dict[str, Any] = {}
+    norm_forward, linear_forward = kernels.norm[0], _linear_forward(kernels)
     h, norm1 = norm_forward(x, p.get(name + "norm1"), p.get(name + "norm1_b"), config.norm_eps)
     qkv, qkv_lin = linear_forward(h, _qkv_weight(p, name, ""), _qkv_weight(p, name, "_b"))  # (B, T, D + 2Dkv)
+    qkv = _add_lora(p, name, QKV, (D, Dkv, Dkv), h, qkv, lora_scale, lora)
     q, k, v = qkv[..., :D], qkv[..., D : D + Dkv], qkv[..., D + Dkv :]  # (B, T, D), (B, T, Dkv) x2
     rope_q = rope_k = None
     if config.position == "rope":
@@ -221,23 +261,31 @@ def block_forward(
         y, attn = kernels.attention[0](q, k, v, config.n_head, dropout, attn_coins)  # (B, T, D)
     else:
         y, attn = kernels.attention[0](q, k, v, config.n_head, dropout, attn_coins, n_kv_head=config.n_kv_head)
+    y_in = y
     y, attn_out = linear_forward(y, p[name + "attn_wo"], p.get(name + "attn_wo_b"))  # (B, T, C)
+    y = _add_lora(p, name, ("attn_wo",), (config.n_embd,), y_in, y, lora_scale, lora)
     y, attn_drop = _dropout(y, dropout, coins)
     x, _ = layers.residual_forward(x, y)
     h, norm2 = norm_forward(x, p.get(name + "norm2"), p.get(name + "norm2_b"), config.norm_eps)
     if config.mlp == "swiglu":
         H = config.mlp_hidden
         gate_up = _fused_weight(p, name, "mlp_gate_up", GATE_UP, "")
-        h, fc1 = linear_forward(h, gate_up, _fused_weight(p, name, "mlp_gate_up", GATE_UP, "_b"))  # (B, T, 2H)
-        h, act = kernels.swiglu[0](h[..., :H], h[..., H:])  # (B, T, H)
-        h, fc2 = linear_forward(h, p[name + "mlp_down"], p.get(name + "mlp_down_b"))  # (B, T, C)
+        g, fc1 = linear_forward(h, gate_up, _fused_weight(p, name, "mlp_gate_up", GATE_UP, "_b"))  # (B, T, 2H)
+        g = _add_lora(p, name, GATE_UP, (H, H), h, g, lora_scale, lora)
+        g, act = kernels.swiglu[0](g[..., :H], g[..., H:])  # (B, T, H)
+        h, fc2 = linear_forward(g, p[name + "mlp_down"], p.get(name + "mlp_down_b"))  # (B, T, C)
+        h = _add_lora(p, name, ("mlp_down",), (config.n_embd,), g, h, lora_scale, lora)
     else:
-        h, fc1 = linear_forward(h, p[name + "mlp_fc1"], p.get(name + "mlp_fc1_b"))  # (B, T, H)
-        h, act = kernels.activation[0](h)
-        h, fc2 = linear_forward(h, p[name + "mlp_fc2"], p.get(name + "mlp_fc2_b"))  # (B, T, C)
+        g, fc1 = linear_forward(h, p[name + "mlp_fc1"], p.get(name + "mlp_fc1_b"))  # (B, T, H)
+        g = _add_lora(p, name, ("mlp_fc1",), (config.mlp_hidden,), h, g, lora_scale, lora)
+        g, act = kernels.activation[0](g)
+        h, fc2 = linear_forward(g, p[name + "mlp_fc2"], p.get(name + "mlp_fc2_b"))  # (B, T, C)
+        h = _add_lora(p, name, ("mlp_fc2",), (config.n_embd,), g, h, lora_scale, lora)
     h, mlp_drop = _dropout(h, dropout, coins)
     x, _ = layers.residual_forward(x, h)
-    return x, BlockCache(norm1, qkv_lin, attn, attn_out, attn_drop, norm2, fc1, act, fc2, mlp_drop, rope_q, rope_k)
+    return x, BlockCache(
+        norm1, qkv_lin, attn, attn_out, attn_drop, norm2, fc1, act, fc2, mlp_drop, rope_q, rope_k, lora or None
+    )
 
 
 def embed(
@@ -253,7 +301,12 @@ def embed(
     """The residual stream's start: idx (B, T) -> x (B, T, C), positions offset by ``past``
     (no position table with RoPE: attention rotates q and k instead)."""
     wpe = params["wpe"] if config.position == "learned" else None
-    x, encoder = layers.encoder_forward(idx, params["wte"], wpe, past)  # (B, T, C)
+    wte = params["wte"]
+    if isinstance(wte, quant.QuantizedWeight):  # decode only the rows looked up: a table of B*T rows
+        xp, (B, T) = namespace(idx), idx.shape
+        wte = quant.embedding_rows(wte, xp.reshape(idx, (B * T,)))  # (B*T, C)
+        idx = xp.reshape(xp.arange(B * T, device=idx.device), (B, T))  # (the cache's idx: rows of that table)
+    x, encoder = layers.encoder_forward(idx, wte, wpe, past)  # (B, T, C)
     x, emb_drop = _dropout(x, dropout, coins)
     norm_emb = None
     if config.norm_emb:
@@ -267,7 +320,7 @@ def unembed(params: Mapping[str, Array], config: GPTConfig, x: Array, kernels: K
     if config.norm_final:
         x, normf = kernels.norm[0](x, params.get("normf"), params.get("normf_b"), config.norm_eps)
     w = params["wte"] if config.tie_embeddings else params["lm_head"]
-    logits, unembed_cache = kernels.linear[0](x, w)  # (B, T, V)
+    logits, unembed_cache = _linear_forward(kernels)(x, w)  # (B, T, V)
     return logits, normf, unembed_cache
 
 
@@ -283,6 +336,7 @@ def gpt_forward(
     kv_cache: KVCache | None = None,
     last_only: bool = False,
     reduction: str = "mean",
+    lora_scale: float | None = None,
 ) -> tuple[Array, Array | None, GPTCache]:
     """Logits, the loss and the caches of one forward pass.
 
@@ -295,6 +349,8 @@ def gpt_forward(
         kv_cache: keys and values of earlier positions (generation); idx holds the next ones.
         last_only: unembed only the last position: logits (B, 1, V).
         reduction: ``mean`` or ``sum`` of the per-position losses.
+        lora_scale: alpha / r of the LoRA adapters in ``params`` (``layer{i}.<weight>.lora_a``
+            (r, in) and ``.lora_b`` (out, r)); None: no adapters.
 
     Returns:
         ``(logits (B, T, V), loss (0-d array) or None, GPTCache)``.
@@ -307,7 +363,16 @@ def gpt_forward(
     blocks = []
     for i in range(config.n_layer):
         x, block = block_forward(
-            params, config, i, x, kernels, dropout=dropout, coins=coins, kv_cache=kv_cache, rope=rope
+            params,
+            config,
+            i,
+            x,
+            kernels,
+            dropout=dropout,
+            coins=coins,
+            kv_cache=kv_cache,
+            rope=rope,
+            lora_scale=lora_scale,
         )
         blocks.append(block)
     if kv_cache is not None:
@@ -326,7 +391,11 @@ def gpt_forward(
 
 
 def residual_stream(
-    params: Mapping[str, Array], config: GPTConfig, idx: Array, kernels: Kernels | None = None
+    params: Mapping[str, Array],
+    config: GPTConfig,
+    idx: Array,
+    kernels: Kernels | None = None,
+    lora_scale: float | None = None,
 ) -> list[Array]:
     """The residual stream (B, T, C) after the embedding and after each block (n_layer + 1
     arrays), for looking inside: ``unembed`` of entry i is the logit lens after block i."""
@@ -335,7 +404,7 @@ def residual_stream(
     stream = [x]
     rope = rope_tables(config, namespace(x), x.shape[1], 0, x.dtype, x.device) if config.position == "rope" else None
     for i in range(config.n_layer):
-        x, _ = block_forward(params, config, i, x, kernels, rope=rope)
+        x, _ = block_forward(params, config, i, x, kernels, rope=rope, lora_scale=lora_scale)
         stream.append(x)
     return stream
 
@@ -350,12 +419,14 @@ def valid_positions(cache: GPTCache) -> int:
 
 
 def gpt_backward(
-    dloss: float, cache: GPTCache, config: GPTConfig, *, kernels: Kernels | None = None
+    dloss: float, cache: GPTCache, config: GPTConfig, *, kernels: Kernels | None = None, frozen: bool = False
 ) -> dict[str, Array]:
     """Gradients of ``dloss`` times the forward's loss, name -> array (the parameter names).
 
     ``dloss`` is 1.0 for the loss itself; a caller that splits a batch and sums the chunks' losses
-    passes 1 / (valid positions of the whole batch).
+    passes 1 / (valid positions of the whole batch). ``frozen``: LoRA training, the model's own
+    parameters are frozen: only the adapters' gradients are computed and returned (a frozen
+    linear computes dx alone, and the embeddings' backward is skipped).
     """
     kernels = kernels or reference_kernels(config)
     if cache.loss is None:
@@ -367,11 +438,17 @@ def gpt_backward(
         raise ValueError("gpt_backward needs a forward of every position (last_only=False)")
 
     dlogits = kernels.crossentropy[1](dloss, cache.loss)  # (B*T, V)
-    dx, dw_unembed, _ = kernels.linear[1](xp.reshape(dlogits, (B, T, config.vocab_size)), cache.unembed)  # (B, T, C)
+    dlogits = xp.reshape(dlogits, (B, T, config.vocab_size))  # (B, T, V)
+    if frozen:
+        dx = _frozen_linear_backward(kernels, dlogits, cache.unembed)  # (B, T, C)
+    else:
+        dx, dw_unembed, _ = kernels.linear[1](dlogits, cache.unembed)  # (B, T, C)
     if cache.normf is not None:
         dx = _norm_backward(kernels, dx, cache.normf, "normf", grads)
     for i in reversed(range(config.n_layer)):
-        dx = block_backward(config, i, dx, cache.blocks[i], kernels, grads)
+        dx = block_backward(config, i, dx, cache.blocks[i], kernels, grads, frozen=frozen)
+    if frozen:  # nothing below the blocks trains
+        return {name: g for name, g in grads.items() if name.endswith((".lora_a", ".lora_b"))}
     if cache.norm_emb is not None:
         dx = _norm_backward(kernels, dx, cache.norm_emb, "norm_emb", grads)
     if cache.emb_drop is not None:
@@ -388,39 +465,46 @@ def gpt_backward(
 
 
 def block_backward(
-    config: GPTConfig, i: int, dx: Array, cache: BlockCache, kernels: Kernels, grads: dict[str, Array]
+    config: GPTConfig,
+    i: int,
+    dx: Array,
+    cache: BlockCache,
+    kernels: Kernels,
+    grads: dict[str, Array],
+    *,
+    frozen: bool = False,
 ) -> Array:
-    """Block ``i`` in reverse: dx (B, T, C) of its output -> dx of its input; fills ``grads``."""
+    """Block ``i`` in reverse: dx (B, T, C) of its output -> dx of its input; fills ``grads``
+    (with ``frozen``, the LoRA adapters' gradients only; see :func:`gpt_backward`)."""
     name = f"layer{i}."
     xp = namespace(dx)
+    lin = _LinearBackward(kernels, grads, name, cache.lora or {}, frozen)
     dx_skip, dh = layers.residual_backward(dx, None)
     if cache.mlp_drop is not None:
         dh = layers.dropout_backward(dh, cache.mlp_drop)
     if config.mlp == "swiglu":
         # x = x + dropout(down(silu(gate(h)) * up(h))), h = norm2(x); gate and up are one fused linear
-        dh = _linear_backward(kernels, dh, cache.fc2, name + "mlp_down", grads)
+        dh = lin(dh, cache.fc2, ("mlp_down",), (config.n_embd,))
         dgate, dup = kernels.swiglu[1](dh, cache.act)  # (B, T, H) each
-        dh = _split_linear_backward(
-            kernels, xp.concat([dgate, dup], axis=-1), cache.fc1, name, GATE_UP, (config.mlp_hidden,) * 2, grads
-        )
+        dh = lin(xp.concat([dgate, dup], axis=-1), cache.fc1, GATE_UP, (config.mlp_hidden,) * 2)
     else:
         # x = x + dropout(fc2(act(fc1(norm2(x)))))
-        dh = _linear_backward(kernels, dh, cache.fc2, name + "mlp_fc2", grads)
+        dh = lin(dh, cache.fc2, ("mlp_fc2",), (config.n_embd,))
         dh = kernels.activation[1](dh, cache.act)
-        dh = _linear_backward(kernels, dh, cache.fc1, name + "mlp_fc1", grads)
+        dh = lin(dh, cache.fc1, ("mlp_fc1",), (config.mlp_hidden,))
     dx = _norm_backward(kernels, dh, cache.norm2, name + "norm2", grads)
     dx += dx_skip  # the residual's two gradients meet
     # x = x + dropout(wo(attention(rope(q), rope(k), v))), q, k, v = qkv(norm1(x))
     dx_skip, dy = layers.residual_backward(dx, None)
     if cache.attn_drop is not None:
         dy = layers.dropout_backward(dy, cache.attn_drop)
-    dy = _linear_backward(kernels, dy, cache.attn_out, name + "attn_wo", grads)
+    dy = lin(dy, cache.attn_out, ("attn_wo",), (config.n_embd,))
     dq, dk, dv = kernels.attention[1](dy, cache.attn)  # (B, T, D), (B, T, Dkv) x2
     if cache.rope_q is not None:
         dq = kernels.rope[1](dq, cache.rope_q)
         dk = kernels.rope[1](dk, cache.rope_k)
     D, Dkv = config.attn_dim, config.kv_dim
-    dh = _split_linear_backward(kernels, xp.concat([dq, dk, dv], axis=-1), cache.qkv, name, QKV, (D, Dkv, Dkv), grads)
+    dh = lin(xp.concat([dq, dk, dv], axis=-1), cache.qkv, QKV, (D, Dkv, Dkv))
     dx = _norm_backward(kernels, dh, cache.norm1, name + "norm1", grads)
     dx += dx_skip
     return dx
@@ -447,11 +531,39 @@ def _split_linear_backward(
     return dx
 
 
-def _linear_backward(kernels: Kernels, dout: Array, cache: Any, name: str, grads: dict[str, Array]) -> Array:
-    dx, grads[name], db = kernels.linear[1](dout, cache)
-    if db is not None:
-        grads[name + "_b"] = db
-    return dx
+class _LinearBackward(NamedTuple):
+    """One block's linear backwards: a plain or fused linear (:func:`_split_linear_backward`), or
+    with ``frozen`` its dx alone; plus each LoRA adapter's backward on its slice of dout."""
+
+    kernels: Kernels
+    grads: dict[str, Array]
+    prefix: str
+    lora: Mapping[str, Any]
+    frozen: bool
+
+    def __call__(self, dout: Array, cache: Any, parts: tuple[str, ...], widths: tuple[int, ...]) -> Array:
+        if self.frozen:
+            dx = _frozen_linear_backward(self.kernels, dout, cache)
+        else:
+            dx = _split_linear_backward(self.kernels, dout, cache, self.prefix, parts, widths, self.grads)
+        start = 0
+        for part, width in zip(parts, widths):
+            if part in self.lora:  # out[..., slice] += s (x A^T) B^T
+                name = self.prefix + part
+                dx_lora, self.grads[name + ".lora_a"], self.grads[name + ".lora_b"] = layers.lora_backward(
+                    dout[..., start : start + width], self.lora[part]
+                )
+                dx += dx_lora
+            start += width
+        return dx
+
+
+def _frozen_linear_backward(kernels: Kernels, dout: Array, cache: Any) -> Array:
+    """dx of a linear whose weight does not train: dout @ w from the reference's cache, else the
+    kernel's whole backward."""
+    if isinstance(cache, layers.LinearCache):
+        return layers.linear_input_backward(dout, cache)
+    return kernels.linear[1](dout, cache)[0]
 
 
 def _norm_backward(kernels: Kernels, dout: Array, cache: Any, name: str, grads: dict[str, Array]) -> Array:

@@ -209,6 +209,77 @@ def linear_backward(dout: Array, cache: LinearCache) -> tuple[Array, Array, Arra
     return dx, dw, db
 
 
+def linear_input_backward(dout: Array, cache: LinearCache) -> Array:
+    """The backward of a frozen linear (LoRA's base weight): forward out = x @ w.T + b, dx = dout @ w
+    alone; no dw or db is computed, since nothing trains them."""
+    x, w, _ = cache
+    xp = namespace(dout)
+    return xp.reshape(xp.matmul(_flat(dout), w), x.shape)  # (..., Cin)
+
+
+# ----------------------------------------------------------------------------------------------
+# LoRA: a frozen linear plus a trained low-rank update (Hu et al. 2021, "LoRA"; PEFT's lora.Linear)
+#   r the adapter's rank; A (r, Cin), B (Cout, r); scale = alpha / r
+
+
+class LoRACache(NamedTuple):
+    x: Array  # (..., Cin) the input
+    xa: Array  # (N, r) x @ A.T
+    a: Array  # (r, Cin)
+    b: Array  # (Cout, r)
+    scale: float
+
+
+def lora_forward(x: Array, a: Array, b: Array, scale: float) -> tuple[Array, LoRACache]:
+    """The adapter branch alone: delta = scale * (x @ A.T) @ B.T; (..., Cin) -> (..., Cout).
+    Added to a frozen linear's output (for a fused buffer, to its slice of the output)."""
+    xp = namespace(x)
+    xa = xp.matmul(_flat(x), xp.matrix_transpose(a))  # (N, r)
+    delta = xp.matmul(xa, xp.matrix_transpose(b))  # (N, Cout)
+    delta *= scale
+    return xp.reshape(delta, (*x.shape[:-1], b.shape[0])), LoRACache(x, xa, a, b, scale)
+
+
+def lora_backward(ddelta: Array, cache: LoRACache) -> tuple[Array, Array, Array]:
+    """forward: delta = s (x A^T) B^T, with u = x A^T (N, r).
+    dB = s ddelta^T u;  du = s ddelta B;  dA = du^T x;  dx = du A."""
+    x, xa, a, b, scale = cache
+    xp = namespace(ddelta)
+    d2 = _flat(ddelta)  # (N, Cout)
+    db = xp.matmul(xp.matrix_transpose(d2), xa)  # (Cout, r)
+    db *= scale
+    du = xp.matmul(d2, b)  # (N, r)
+    du *= scale
+    da = xp.matmul(xp.matrix_transpose(du), _flat(x))  # (r, Cin)
+    dx = xp.reshape(xp.matmul(du, a), x.shape)  # (..., Cin)
+    return dx, da, db
+
+
+class LoRALinearCache(NamedTuple):
+    base: LinearCache
+    lora: LoRACache
+
+
+def lora_linear_forward(
+    x: Array, w: Array, bias: Array | None, a: Array, b: Array, scale: float
+) -> tuple[Array, LoRALinearCache]:
+    """out = x @ W.T + bias + scale * (x @ A.T) @ B.T: the LoRA linear, W and bias frozen;
+    (..., Cin) -> (..., Cout)."""
+    out, base = linear_forward(x, w, bias)  # (..., Cout)
+    delta, lora = lora_forward(x, a, b, scale)  # (..., Cout)
+    out += delta
+    return out, LoRALinearCache(base, lora)
+
+
+def lora_linear_backward(dout: Array, cache: LoRALinearCache) -> tuple[Array, None, None, Array, Array]:
+    """forward: out = x W^T + bias + s (x A^T) B^T.  dx = dout W + (the adapter's dx); W and bias
+    are frozen, so their gradients are None; dA, dB as in :func:`lora_backward`."""
+    dx = linear_input_backward(dout, cache.base)
+    dx_lora, da, db = lora_backward(dout, cache.lora)
+    dx += dx_lora
+    return dx, None, None, da, db
+
+
 # ----------------------------------------------------------------------------------------------
 # rotary position embeddings (RoPE, Su et al. 2021), on the queries and keys of every head
 

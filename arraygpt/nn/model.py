@@ -11,6 +11,7 @@ across threads (``runner.py``), optimizers, training loops, sampling, checkpoint
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from collections.abc import Mapping
@@ -25,7 +26,41 @@ from arraygpt.nn.params import count_params, param_shapes
 from arraygpt.nn.runner import BatchRunner
 from arraygpt.xp import Array, Backend, get_backend, host_full, host_namespace, host_rng, load_backend, to_numpy
 
-__all__ = ["GPT"]
+__all__ = ["GPT", "LORA_TARGETS", "LoRA"]
+
+# the weights a LoRA adapter may attach to (those of the model's MLP kind)
+LORA_TARGETS = ("attn_wq", "attn_wk", "attn_wv", "attn_wo", "mlp_fc1", "mlp_fc2", "mlp_gate", "mlp_up", "mlp_down")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRA:
+    """LoRA adapters' settings (Hu et al. 2021; PEFT's LoraConfig): rank r, alpha (the update is
+    scaled by alpha / r; PEFT's default lora_alpha is 8) and the weights they attach to (PEFT's
+    default for Llama-style models: q_proj and v_proj, arraygpt's attn_wq and attn_wv)."""
+
+    rank: int
+    alpha: float = 8.0
+    targets: tuple[str, ...] = ("attn_wq", "attn_wv")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+            raise ValueError(f"LoRA rank must be a positive integer, got {self.rank!r}")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha):
+            raise ValueError(f"LoRA alpha must be a finite number, got {self.alpha!r}")
+        targets = tuple(self.targets)
+        unknown = [t for t in targets if t not in LORA_TARGETS]
+        if not targets or unknown or len(set(targets)) != len(targets):
+            raise ValueError(
+                f"LoRA targets must be distinct names among {', '.join(LORA_TARGETS)}, got {', '.join(targets) or 'none'}"
+            )
+        object.__setattr__(self, "targets", targets)
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"rank": self.rank, "alpha": self.alpha, "targets": list(self.targets)}
 
 
 class GPT:
@@ -91,6 +126,8 @@ class GPT:
         self.runner = BatchRunner(self.backend.threads if threads is None else threads, self.backend)
         self._dropout_rng = host_rng(seed + 1)
         self._caches: list[GPTCache] | None = None  # the last forward's, one per chunk of rows
+        self.lora: LoRA | None = None  # set by add_lora: then only the adapters train
+        self.adapters: dict[str, Array] = {}  # "layer{i}.<weight>.lora_a" (r, in) / ".lora_b" (out, r)
 
     @property
     def threads(self) -> int:
@@ -160,6 +197,78 @@ class GPT:
                         start += width
                     core_params[f"layer{i}.{fused}{suffix}"] = buffer
         return core_params
+
+    # -- LoRA adapters ------------------------------------------------------------------------
+
+    def add_lora(self, lora: LoRA, seed: int = 0) -> None:
+        """Attach LoRA adapters to every layer's ``lora.targets`` weights; from then on the forward
+        adds ``(alpha / r) (x A^T) B^T`` to each, and :meth:`backward` returns the adapters'
+        gradients only (the parameters are frozen). A (r, in) is drawn as PEFT draws it
+        (``kaiming_uniform_(a=sqrt(5))``: uniform in +-1/sqrt(in)) from a host generator seeded
+        ``[seed, 17]``; B (out, r) starts at zero, so the model starts as it was.
+
+        Raises:
+            ValueError: adapters are already attached, or a target is not a weight of this model.
+        """
+        if self.lora is not None:
+            raise ValueError("this model already has LoRA adapters")
+        missing = [t for t in lora.targets if "layer0." + t not in self.params]
+        if missing:
+            has = [t for t in LORA_TARGETS if "layer0." + t in self.params]
+            raise ValueError(
+                f"LoRA target(s) {', '.join(missing)} are not weights of this model; it has {', '.join(has)}"
+            )
+        rng = host_rng([seed, 17])
+        adapters = {}
+        for i in range(self.config.n_layer):
+            for target in lora.targets:
+                out, fan_in = self.params[f"layer{i}.{target}"].shape
+                bound = 1.0 / math.sqrt(fan_in)
+                a = rng.uniform(-bound, bound, (lora.rank, fan_in))  # (r, in)
+                adapters[f"layer{i}.{target}.lora_a"] = self.backend.asarray(a.astype(self.dtype))
+                adapters[f"layer{i}.{target}.lora_b"] = self.backend.asarray(
+                    host_full((out, lora.rank), 0.0).astype(self.dtype)
+                )
+        self.lora, self.adapters = lora, adapters
+        self._core_params.update(adapters)
+
+    def load_adapters(self, state: Mapping[str, Any]) -> None:
+        """Copy ``state`` (name -> array, the names of :attr:`adapters`) into the adapters, in place.
+
+        Raises:
+            KeyError: the names differ from the adapters'. ValueError: a shape differs.
+        """
+        if set(state) != set(self.adapters):
+            missing, extra = sorted(set(self.adapters) - set(state)), sorted(set(state) - set(self.adapters))
+            raise KeyError(f"adapters do not match the model's: missing {missing[:4]}, unexpected {extra[:4]}")
+        converted = {}
+        for name, value in state.items():
+            converted[name] = value = self._to_backend(value, self.dtype)
+            if tuple(value.shape) != tuple(self.adapters[name].shape):
+                raise ValueError(
+                    f"adapter {name!r} has shape {tuple(value.shape)}, the model expects {tuple(self.adapters[name].shape)}"
+                )
+        for name, value in converted.items():
+            self.adapters[name][...] = value
+
+    @property
+    def trainable(self) -> dict[str, Array]:
+        """What training updates: the adapters when LoRA is attached, else every parameter."""
+        return self.adapters if self.lora is not None else self.params
+
+    def merged(self) -> GPT:
+        """A new GPT without adapters whose weights are W + (alpha / r) B A (PEFT's merge): the
+        same function as this model, for the formats that hold plain weights."""
+        model = GPT(self.config, dtype=self.dtype, backend=self.backend, init=False, threads=self.threads)
+        model.load_state_dict(self.params)
+        if self.lora is not None:
+            for i in range(self.config.n_layer):
+                for target in self.lora.targets:
+                    name = f"layer{i}.{target}"
+                    a, b = self.adapters[name + ".lora_a"], self.adapters[name + ".lora_b"]
+                    model.params[name][...] = self.params[name] + self.lora.scale * (b @ a)  # (out, in)
+        model.set_rng_state(self.rng_state())
+        return model
 
     def state_dict(self) -> dict[str, Array]:
         """Name -> the model's own parameter arrays (not copies), in a new dict."""
@@ -272,6 +381,7 @@ class GPT:
 
         Returns:
             ``(logits, loss)``: logits (B, T, V) on the backend, loss a Python float or None.
+            With LoRA adapters (:meth:`add_lora`) every adapted weight acts as W + (alpha / r) B A.
         """
         cfg = self.config
         past = kv_cache.length if kv_cache is not None else 0
@@ -302,6 +412,7 @@ class GPT:
                 coins=self._coins(key, first_row),
                 kv_cache=kv_cache,
                 last_only=last_only,
+                lora_scale=self._lora_scale,
             )
             self._caches = [cache]
             return logits, None if loss is None else float(loss)
@@ -318,6 +429,7 @@ class GPT:
                 coins=self._coins(key, first_row + rows.start),
                 last_only=last_only,
                 reduction="sum",
+                lora_scale=self._lora_scale,
             ),
             [(rows,) for rows in chunks],
         )
@@ -337,6 +449,8 @@ class GPT:
             loss_scale: the gradients are those of ``loss_scale * loss`` (the chain rule starts at
                 dloss = loss_scale): loss scaling for float16 (``arraygpt.training.precision.LossScaler``).
 
+        With LoRA adapters, the gradients of the adapters only (the names of :attr:`adapters`).
+
         Raises:
             RuntimeError: there was no forward with targets since the last backward.
         """
@@ -344,19 +458,27 @@ class GPT:
         if caches is None or caches[0].loss is None:
             raise RuntimeError("backward() needs a forward(idx, targets) with targets first")
         self._caches = None
+        frozen = self.lora is not None
         if len(caches) == 1:
-            grads = self.runner.run(core.gpt_backward, loss_scale, caches[0], self.config, kernels=self.kernels)
+            grads = self.runner.run(
+                core.gpt_backward, loss_scale, caches[0], self.config, kernels=self.kernels, frozen=frozen
+            )
         else:  # loss = (sum over chunks of each chunk's summed loss) / (valid positions in the batch)
             count = sum(core.valid_positions(cache) for cache in caches)
             dloss = loss_scale / count if count else math.nan
             per_chunk = self.runner.map(
-                lambda cache: core.gpt_backward(dloss, cache, self.config, kernels=self.kernels), [(c,) for c in caches]
+                lambda cache: core.gpt_backward(dloss, cache, self.config, kernels=self.kernels, frozen=frozen),
+                [(c,) for c in caches],
             )
             grads = per_chunk[0]
             for other in per_chunk[1:]:
                 for name, g in other.items():
                     grads[name] += g
-        return {name: grads[name] for name in self.params}
+        return {name: grads[name] for name in self.trainable}
+
+    @property
+    def _lora_scale(self) -> float | None:
+        return None if self.lora is None else self.lora.scale
 
     def attention_patterns(self) -> list[Array]:
         """The attention probabilities of the last forward, one (B, NH, T, Tk) array per layer:
@@ -371,7 +493,8 @@ class GPT:
     def residual_stream(self, idx: Any) -> list[Array]:
         """The residual stream (B, T, C) after the embedding and after each block, for ``idx``
         (eval mode, no dropout): what the logit lens unembeds (``arraygpt.nn.core.unembed``)."""
-        return core.residual_stream(self._core_params, self.config, self._check_tokens(idx, "idx", 0), self.kernels)
+        idx = self._check_tokens(idx, "idx", 0)
+        return core.residual_stream(self._core_params, self.config, idx, self.kernels, self._lora_scale)
 
     def unembed(self, x: Array) -> Array:
         """Logits (B, T, V) of a residual stream x (B, T, C): the final norm, then the unembedding."""
