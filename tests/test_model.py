@@ -423,43 +423,26 @@ def test_load_state_dict_errors_name_the_tensor():
 # dropout
 
 
-class _ReplayCoins:
-    """The coins function the core calls for dropout: the i-th draw of each forward is always the
-    same array (the core takes coins as a function, so a test can fix them)."""
-
-    def __init__(self, model):
-        self.model, self.cache, self.i = model, {}, 0
-
-    def __call__(self, shape):
-        key = (self.i, shape)
-        self.i += 1
-        if key not in self.cache:
-            rng = np.random.default_rng(1000 + self.i)
-            self.cache[key] = rng.random(shape).astype(self.model.dtype)
-        return self.model.backend.asarray(self.cache[key])
-
-
 def test_dropout_gradients_match_finite_differences_with_fixed_coins(monkeypatch):
+    """The coins are a function of the dropout key (nn/dropout.py), so one key fixes them for the
+    finite differences."""
     config = GPTConfig.preset("gpt2", vocab_size=11, block_size=6, n_layer=2, n_head=2, n_embd=8, dropout=0.2)
     model, state = _randomized(config)
     model.train()
-    coins = _ReplayCoins(model)
-    monkeypatch.setattr(model, "_coins", lambda rng: coins)
     original_forward = model.forward
 
     def forward(*args, **kwargs):
-        coins.i = 0
-        return original_forward(*args, **kwargs)
+        return original_forward(*args, dropout_key=kwargs.pop("dropout_key", (7, 1)), **kwargs)
 
     monkeypatch.setattr(model, "forward", forward)
     idx, targets = _batch(config)
     _directional_check(model, state, idx, targets, list(state))
-    # dropout is really on: the train-mode loss differs from eval mode
+    # dropout is really on: the train-mode loss differs from eval mode and from another key's
     _, train_loss = model.forward(idx, targets)
+    _, other_loss = model.forward(idx, targets, dropout_key=(8, 1))
     model.eval()
     _, eval_loss = model.forward(idx, targets)
-    assert abs(train_loss - eval_loss) > 1e-6
-    assert coins.cache, "dropout drew no coins in training mode"
+    assert abs(train_loss - eval_loss) > 1e-6 and abs(train_loss - other_loss) > 1e-6
 
 
 def test_dropout_eval_mode_is_deterministic_and_equals_no_dropout():
