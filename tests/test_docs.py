@@ -53,3 +53,55 @@ def test_the_readme_quick_start_runs(tmp_path, monkeypatch, capsys):
     exec(compile(code, "README.md (quick start)", "exec"), {})
     printed = capsys.readouterr().out
     assert "embedding" in printed  # the tally by category was printed
+
+
+PATH_REFERENCE = re.compile(r"(?<![\w/.-])((?:arraygpt|backends|plugins|tests|benchmarks|docs|examples)/[\w/.-]*\w)")
+
+
+def _referenced_paths(text: str) -> set[str]:
+    return {m for m in PATH_REFERENCE.findall(text) if "." in m.rsplit("/", 1)[-1] or m.endswith("/")}
+
+
+def test_every_file_a_doc_or_a_comment_names_exists():
+    """README, docs/ and every module's comments and docstrings name only files that exist."""
+    sources = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    sources += [
+        p for d in ("arraygpt", "backends", "plugins", "benchmarks", "tests") for p in sorted((ROOT / d).rglob("*.py"))
+    ]
+    missing = {}
+    for source in sources:
+        for name in _referenced_paths(source.read_text(encoding="utf-8")):
+            if not (ROOT / name).exists() and not any(ch in name for ch in "*{<"):
+                missing.setdefault(str(source.relative_to(ROOT)), []).append(name)
+    assert not missing, f"names of files that do not exist: {missing}"
+
+
+def test_every_arraygpt_module_a_doc_names_exists():
+    """Dotted module names (``arraygpt.io.formats``) in README, docs/ and the code resolve."""
+    import importlib.util
+
+    dotted = re.compile(r"(?<![\w.])arraygpt(?:\.[a-z_][a-z0-9_]*)+")
+    sources = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    sources += [p for d in ("arraygpt", "backends", "plugins") for p in sorted((ROOT / d).rglob("*.py"))]
+    unknown = {}
+    for source in sources:
+        for name in set(dotted.findall(source.read_text(encoding="utf-8"))):
+            parts = name.split(".")
+            # the longest prefix that is a module; the rest must be an attribute of it
+            for cut in range(len(parts), 0, -1):
+                module = ".".join(parts[:cut])
+                try:
+                    found = importlib.util.find_spec(module) is not None
+                except (ImportError, ValueError):
+                    found = False
+                if found:
+                    break
+            rest = parts[cut:]
+            if rest:
+                obj = importlib.import_module(module)
+                for attr in rest:
+                    if not hasattr(obj, attr):
+                        unknown.setdefault(str(source.relative_to(ROOT)), []).append(name)
+                        break
+                    obj = getattr(obj, attr)
+    assert not unknown, f"names that are neither a module nor an attribute: {unknown}"

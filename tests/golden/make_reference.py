@@ -3,7 +3,7 @@ PyTorch autograd in float64 (the shape of llm.c's test_gpt2.c and its gpt2_124M_
 
 The weights are arraygpt's initial weights (``GPT(config, seed=...)``), dumped; everything else is
 computed here, in PyTorch, from those weights alone: the GPT forward is written out below from
-the definitions in arraygpt/model.py and arraygpt/layers.py, the gradients come from autograd and
+the definitions in arraygpt/nn/core.py and arraygpt/nn/layers.py, the gradients come from autograd and
 the optimizer is ``torch.optim.AdamW`` with arraygpt's decay rule (2-D parameters decay; gains
 and biases do not) as two parameter groups.
 
