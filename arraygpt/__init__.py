@@ -39,7 +39,8 @@ _LAZY = {
     "make_sampler": "arraygpt.generation.sampling",
     "load": "arraygpt.io.formats",
     "save": "arraygpt.io.formats",
-        "explain": "arraygpt.viz",
+    "explain": "arraygpt.viz",
+    "Chat": "arraygpt.generation.chat",
 }
 
 __all__ = [
@@ -56,6 +57,7 @@ __all__ = [
     "evaluate",
     "generate",
     "make_sampler",
+    "Chat",
     # one way to load, one way to save
     "load",
     "save",
