@@ -15,6 +15,12 @@ Layout of a checkpoint folder DIR:
                                 (the caller's JSON: for a training run its step, data position,
                                 generator states, schedule and options)}
 
+A LoRA checkpoint (a model with adapters, saved with a ``base`` reference) holds only the
+adapters in model.safetensors (``layer{i}.<weight>.lora_a`` / ``.lora_b``), and config.json
+gains ``"lora": {"rank", "alpha", "targets", "base": {"path", "files"}}``: the base model's
+path and the size and modification time of each of its files, which must be unchanged when the
+checkpoint is read (:func:`base_reference`). Without a reference the merged weights are saved.
+
 Atomicity: the files are written into a fresh sibling folder ``.DIR.tmp-*`` and flushed to disk,
 then DIR is renamed to ``.DIR.old``, the new folder is renamed to DIR, and ``.DIR.old`` is
 deleted. A kill at any moment leaves either DIR complete, or (between the two renames) DIR absent
@@ -30,7 +36,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,7 +53,14 @@ from arraygpt.nn.model import GPT
 from arraygpt.nn.params import param_shapes
 from arraygpt.xp import Backend, to_numpy
 
-__all__ = ["Checkpoint", "CheckpointError", "load_checkpoint", "resolve_checkpoint", "save_checkpoint"]
+__all__ = [
+    "Checkpoint",
+    "CheckpointError",
+    "base_reference",
+    "load_checkpoint",
+    "resolve_checkpoint",
+    "save_checkpoint",
+]
 
 FORMAT = 1
 MARKER = "arraygpt_format"
@@ -69,6 +82,7 @@ class Checkpoint:
         path: the folder actually read (``.DIR.old`` after an interrupted save).
         format: "arraygpt" for this module's folders, "gpt2" for a transformers GPT-2 directory
             (read by ``arraygpt.io.formats.load``).
+        base: a LoRA checkpoint's reference to its base model (:func:`base_reference`), else None.
     """
 
     model: GPT
@@ -77,6 +91,7 @@ class Checkpoint:
     extra: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
     format: str = "arraygpt"
+    base: dict[str, Any] | None = None
 
     @property
     def config(self) -> GPTConfig:
@@ -103,12 +118,36 @@ def _dump_json(obj: Any, path: Path) -> None:
     files.write_atomic(path, (json.dumps(obj, indent=1) + "\n").encode())
 
 
+_BASE_FILES_LIMIT = 1000  # files of a base model's folder that its reference looks at
+_BASE_SUFFIXES = (".json", ".safetensors", ".gguf", ".txt", ".jinja")
+
+
+def base_reference(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """What identifies a LoRA checkpoint's base model: its absolute path and, for each of its
+    model files (the file itself; or the .json, .safetensors, .gguf, .txt and .jinja files directly
+    in its folder and in a run folder's ``last/``), the size and modification time in nanoseconds."""
+    root = Path(path).resolve()
+    if root.is_file():
+        candidates = [root]
+    else:
+        candidates = sorted(root.iterdir())
+        if (root / "last").is_dir():
+            candidates += sorted((root / "last").iterdir())
+    listed = {}
+    for f in candidates[:_BASE_FILES_LIMIT]:
+        if f.is_file() and (f == root or f.suffix in _BASE_SUFFIXES):
+            st = f.stat()
+            listed[f.name if f == root else str(f.relative_to(root))] = [st.st_size, st.st_mtime_ns]
+    return {"path": str(root), "files": listed}
+
+
 def save_checkpoint(
     directory: str | os.PathLike[str],
     model: GPT,
     tokenizer: Tokenizer | HFTokenizer | None = None,
     optimizer: Any = None,
     extra: Mapping[str, Any] | None = None,
+    base: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write a checkpoint folder atomically (see the module docstring) and return its path.
 
@@ -120,17 +159,28 @@ def save_checkpoint(
         optimizer: anything with ``state_dict()``; arrays go to optimizer.safetensors, numbers to
             state.json.
         extra: JSON-serializable data saved in state.json and returned as ``Checkpoint.extra``.
+        base: for a model with LoRA adapters, the reference to its base (:func:`base_reference`):
+            only the adapters are written. A model with adapters and no base is saved merged.
     """
+    config = model.config.to_dict()
+    weights = model.params
+    if getattr(model, "lora", None) is not None:
+        if base is None:
+            model = model.merged()
+            weights = model.params
+        else:
+            weights = model.adapters
+            config["lora"] = {**model.lora.to_dict(), "base": dict(base)}
     target = Path(directory)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
     try:
         safetensors.save_file(
-            {name: to_numpy(p) for name, p in model.params.items()},
+            {name: to_numpy(p) for name, p in weights.items()},
             tmp / WEIGHTS_FILE,
             metadata={"format": "arraygpt", MARKER: str(FORMAT)},
         )
-        _dump_json({**model.config.to_dict(), MARKER: FORMAT}, tmp / CONFIG_FILE)
+        _dump_json({**config, MARKER: FORMAT}, tmp / CONFIG_FILE)
         if isinstance(tokenizer, HFTokenizer):  # Hugging Face's own files, which transformers reads too
             tokenizer.save(tmp)
         elif tokenizer is not None:
@@ -211,7 +261,11 @@ def _read_tensors(path: Path) -> dict[str, np.ndarray]:
 
 
 def load_checkpoint(
-    directory: str | os.PathLike[str], backend: str | Backend | None = None, dtype: str | None = None
+    directory: str | os.PathLike[str],
+    backend: str | Backend | None = None,
+    dtype: str | None = None,
+    *,
+    open_base: Callable[..., Any] | None = None,
 ) -> Checkpoint:
     """Read a checkpoint folder (or a run folder's ``last/``); never unpickles anything.
 
@@ -219,6 +273,8 @@ def load_checkpoint(
         directory: the folder given to :func:`save_checkpoint`, or a training run's folder.
         backend: where to put the parameters; default the active backend.
         dtype: "float32" or "float64"; default the dtype the parameters were saved in.
+        open_base: for a LoRA checkpoint, ``open_base(path, backend=, dtype=)`` opens its base
+            model (``arraygpt.load``); the adapters are then attached to it.
 
     Raises:
         FileNotFoundError: no checkpoint there.
@@ -235,7 +291,8 @@ def load_checkpoint(
             f"{path / CONFIG_FILE}: not an arraygpt checkpoint config of format {FORMAT} "
             f"({MARKER} is {config_dict.get(MARKER)!r}, expected {FORMAT})"
         )
-    config_dict = {k: v for k, v in config_dict.items() if k != MARKER}
+    lora = config_dict.get("lora")
+    config_dict = {k: v for k, v in config_dict.items() if k not in (MARKER, "lora")}
     try:
         config = GPTConfig.from_dict(config_dict)
     except (TypeError, ValueError, KeyError) as e:
@@ -259,6 +316,9 @@ def load_checkpoint(
         )
     tokenizer = _read_tokenizer(path, config)
     tensors = _read_tensors(path / WEIGHTS_FILE)
+    if lora is not None:
+        model, base = _lora_model(path, lora, config, tensors, backend, dtype, open_base)
+        return _finish_loading(path, state, model, tokenizer, base)
     _check_shapes(tensors, config, path)
     dtypes = {str(a.dtype) for a in tensors.values()}
     if len(dtypes) != 1 or not dtypes <= {"float32", "float64"}:
@@ -273,6 +333,12 @@ def load_checkpoint(
     except (KeyError, ValueError) as e:
         raise CheckpointError(f"{path / WEIGHTS_FILE} does not match {path / CONFIG_FILE}: {e}") from None
     del tensors
+    return _finish_loading(path, state, model, tokenizer, None)
+
+
+def _finish_loading(
+    path: Path, state: dict[str, Any], model: GPT, tokenizer: Any, base: dict[str, Any] | None
+) -> Checkpoint:
     if state.get("model_rng"):
         try:
             model.set_rng_state(state["model_rng"])
@@ -287,7 +353,54 @@ def load_checkpoint(
         optimizer_state=optimizer_state,
         extra=dict(state.get("extra") or {}),
         path=path,
+        base=base,
     )
+
+
+def _lora_model(
+    path: Path,
+    lora: Any,
+    config: GPTConfig,
+    tensors: dict[str, np.ndarray],
+    backend: Any,
+    dtype: str | None,
+    open_base: Callable[..., Any] | None,
+) -> tuple[GPT, dict[str, Any]]:
+    """The base model named by a LoRA checkpoint's config, checked unchanged, with the adapters."""
+    from arraygpt.nn.model import LoRA
+
+    where = path / CONFIG_FILE
+    base = lora.get("base") if isinstance(lora, dict) else None
+    if not (isinstance(base, dict) and isinstance(base.get("path"), str) and isinstance(base.get("files"), dict)):
+        raise CheckpointError(f"{where}: 'lora' must hold rank, alpha, targets and base {{path, files}}")
+    try:
+        settings = LoRA(lora.get("rank"), lora.get("alpha"), tuple(lora.get("targets") or ()))
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{where}: invalid lora settings: {e}") from None
+    if open_base is None:
+        raise CheckpointError(f"{path} holds LoRA adapters; open it with arraygpt.load, which opens its base too")
+    if not os.path.lexists(base["path"]):
+        raise CheckpointError(f"{path} holds LoRA adapters of the base model {base['path']}, which is gone")
+    if base_reference(base["path"]) != base:
+        raise CheckpointError(
+            f"{path} holds LoRA adapters of {base['path']}, which changed since (its files' sizes or times differ); "
+            "the adapters fit only the model they were trained on"
+        )
+    dtypes = {str(a.dtype) for a in tensors.values()}
+    if len(dtypes) != 1 or not dtypes <= {"float32", "float64"}:
+        raise CheckpointError(
+            f"{path / WEIGHTS_FILE}: expected adapters all float32 or all float64, got {sorted(dtypes)}"
+        )
+    model = open_base(base["path"], backend=backend, dtype=dtype or dtypes.pop()).model
+    if {**model.config.to_dict(), "dropout": 0} != {**config.to_dict(), "dropout": 0}:
+        raise CheckpointError(f"{where}: the model config differs from its base's at {base['path']}")
+    model.config = config  # a fine-tuning run may set its own dropout
+    try:
+        model.add_lora(settings)
+        model.load_adapters(tensors)
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(f"{path / WEIGHTS_FILE} does not fit the LoRA settings of {where}: {e}") from None
+    return model, base
 
 
 _TOKENIZER_LIMIT = 64 * 1024 * 1024  # bytes; a character tokenizer of every Unicode character is ~4 MB

@@ -70,9 +70,7 @@ def detect(path: str | os.PathLike[str]) -> tuple[str, Path]:
             return "arraygpt", path
         if isinstance(config.get("model_type"), str) and config["model_type"] in _llama().MODEL_TYPES:
             return "llama", path
-        if "model_type" in config or any(
-            os.path.lexists(path / f) for f in (WEIGHTS_FILE, WEIGHTS_INDEX_FILE)
-        ):
+        if "model_type" in config or any(os.path.lexists(path / f) for f in (WEIGHTS_FILE, WEIGHTS_INDEX_FILE)):
             return "gpt2", path
         raise CheckpointError(
             f"{config_file} has neither 'arraygpt_format' nor 'model_type'; arraygpt.load opens {_ALLOWED}"
@@ -120,7 +118,7 @@ def load(path: str | os.PathLike[str], *, backend: Any = None, dtype: str | None
 
         return load_gguf(folder, dtype=dtype or "float32", backend=backend)
     if fmt == "arraygpt":
-        return checkpoint.load_checkpoint(folder, backend=backend, dtype=dtype)
+        return checkpoint.load_checkpoint(folder, backend=backend, dtype=dtype, open_base=load)
     reader = gpt2.load_gpt2 if fmt == "gpt2" else _llama().load_llama
     model = reader(folder, dtype=dtype or "float32", backend=backend)
     has_tokenizer = any((folder / f).is_file() for f in ("tokenizer.json", "vocab.json", "merges.txt"))
@@ -145,7 +143,7 @@ def save(
     """Write ``model`` (and what goes with it) as a directory :func:`load` reads back.
 
     Args:
-        model: the GPT.
+        model: the GPT; one with LoRA adapters is saved merged (W + (alpha / r) B A).
         path: the directory; created if needed.
         format: "arraygpt" (an atomic checkpoint folder that keeps the tokenizer, the optimizer's
             state, the dropout generator and ``extra``), "gpt2" (a transformers GPT-2 directory
@@ -169,6 +167,8 @@ def save(
     """
     if format not in FORMATS:
         raise ValueError(f"unknown model format {format!r}; arraygpt.save writes {', '.join(map(repr, FORMATS))}")
+    if getattr(model, "lora", None) is not None:  # LoRA adapters: W + (alpha / r) B A, a plain model
+        model = model.merged()
     if dtype is not None and format != "gguf":
         raise ValueError(f"dtype= is for format='gguf'; the {format} format keeps the model's dtype")
     if format == "gguf":

@@ -5,6 +5,12 @@ optimizer.
 The data source is recorded as ``arraygpt.training.data.resolve_source`` gives it (a file as its
 absolute path), so that ``--resume`` finds the same file from any working directory.
 
+Fine-tuning (``init_from``): the model, its tokenizer and its architecture come from the file
+(``arraygpt.load``); options that would change the architecture are refused; ``block_size``
+becomes the training window (``TrainConfig.window``) and the model keeps its context. With
+``lora_rank`` the model gets LoRA adapters (``GPT.add_lora``, seeded by the run's seed) and the
+optimizer sees only them.
+
 Not here: continuing a run from a checkpoint (``arraygpt.training.resume``), the loop
 (``arraygpt.training.loop``).
 """
@@ -26,7 +32,10 @@ from arraygpt.training.memory import check_step_memory
 from arraygpt.training.optim import create_optimizer
 from arraygpt.training.run import Run
 
-__all__ = ["make_optimizer", "new_run", "split_options"]
+__all__ = ["FINE_TUNE_OVERRIDABLE", "make_optimizer", "new_run", "split_options"]
+
+# model options a fine-tuning run may give: the training window and dropout
+FINE_TUNE_OVERRIDABLE = ("block_size", "dropout")
 
 
 def split_options(options: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -69,7 +78,7 @@ def _model_config(config: GPTConfig | str, overrides: dict[str, Any]) -> tuple[G
 
 def new_run(
     data: str,
-    config: GPTConfig | str,
+    config: GPTConfig | str | None,
     options: dict[str, Any],
     out_dir: str | Path | None,
     tokenizer: Tokenizer | None,
@@ -77,14 +86,20 @@ def new_run(
     progress: bool,
     world: World,
 ) -> Run:
-    """A fresh Run at step 0 (nothing trained yet; rank 0 has created the run folder)."""
+    """A fresh Run at step 0 (nothing trained yet; rank 0 has created the run folder).
+    ``config`` None: the microgpt preset, or with ``init_from`` the initial model's."""
     model_overrides, train_options = split_options(options)
+    if train_options.get("init_from") is not None:
+        return _fine_tuning_run(data, config, model_overrides, train_options, out_dir, tokenizer, pm, progress, world)
+    config = "microgpt" if config is None else config
     if tokenizer is not None:
         if not isinstance(tokenizer, (CharTokenizer, ByteTokenizer)):
             raise TypeError(f"tokenizer must be a CharTokenizer or ByteTokenizer, got {type(tokenizer).__name__}")
         train_options["tokenizer"] = tokenizer.kind
     tc = TrainConfig(data=resolve_source(str(data)), **train_options)
     model_config, explicit_vocab = _model_config(config, model_overrides)
+    if tc.window is not None and tc.window > model_config.block_size:
+        raise ValueError(f"window {tc.window} is longer than the model's block_size {model_config.block_size}")
     text = read_source(tc.data)
     tok = _make_tokenizer(tc, text, tokenizer)
     if not explicit_vocab:
@@ -94,14 +109,11 @@ def new_run(
             f"vocab_size {model_config.vocab_size} is smaller than the tokenizer's {tok.vocab_size} tokens; "
             f"leave vocab_size unset to take the tokenizer's"
         )
-    dataset = make_dataset(text, tok, tc.mode, model_config.block_size, tc.val_fraction, tc.split_seed, source=tc.data)  # type: ignore[arg-type]
-    backend = _checked_backend(model_config, tc, world)
+    window = tc.window or model_config.block_size
+    dataset = make_dataset(text, tok, tc.mode, window, tc.val_fraction, tc.split_seed, source=tc.data)  # type: ignore[arg-type]
+    backend = _checked_backend(dataclasses.replace(model_config, block_size=window), tc, world)
     batcher = Batcher(dataset, world.size * tc.batch_size * tc.grad_accum, seed=tc.seed)  # the global batch
-    run_dir = None
-    if out_dir is not None:
-        run_dir = Path(out_dir)
-        if world.is_root:
-            run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = _run_dir(out_dir, world)
     model = GPT(model_config, seed=tc.seed, dtype=tc.dtype, backend=backend)
     optimizer = make_optimizer(tc, model, pm, world)
     return Run(
@@ -117,6 +129,84 @@ def new_run(
         progress=progress,
         world=world,
     )
+
+
+def _run_dir(out_dir: str | Path | None, world: World) -> Path | None:
+    if out_dir is None:
+        return None
+    if world.is_root:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+    return Path(out_dir)
+
+
+def _fine_tuning_run(
+    data: str,
+    config: GPTConfig | str | None,
+    model_overrides: dict[str, Any],
+    train_options: dict[str, Any],
+    out_dir: str | Path | None,
+    tokenizer: Tokenizer | None,
+    pm: Any,
+    progress: bool,
+    world: World,
+) -> Run:
+    """A fresh Run that fine-tunes the model ``init_from`` names, with its own tokenizer."""
+    from arraygpt.io.checkpoint import base_reference
+    from arraygpt.io.formats import load
+
+    path = train_options["init_from"]
+    refused = sorted(set(model_overrides) - set(FINE_TUNE_OVERRIDABLE))
+    if config is not None:
+        refused.insert(0, "a preset or config")
+    if tokenizer is not None or "tokenizer" in train_options:
+        refused.append("tokenizer")
+    if refused:
+        raise ValueError(
+            f"cannot give {', '.join(refused)} with init_from {path}: the model keeps its own architecture and "
+            f"tokenizer; only block_size (the training window) and dropout may be given"
+        )
+    window = model_overrides.get("block_size", train_options.get("window"))
+    tc = TrainConfig(
+        data=resolve_source(str(data)),
+        **{**train_options, "init_from": str(Path(path).resolve()), "window": window, "tokenizer": "init_from"},
+    )
+    backend = tc.backend
+    ckpt = load(path, backend=backend, dtype=tc.dtype)
+    model = ckpt.model.merged() if ckpt.model.lora is not None else ckpt.model  # a LoRA run's result, merged
+    if ckpt.tokenizer is None:
+        raise ValueError(f"init_from {path} has no tokenizer; fine-tuning trains with the model's own tokenizer")
+    if "dropout" in model_overrides:
+        model.config = dataclasses.replace(model.config, dropout=model_overrides["dropout"])
+    window = tc.window or model.config.block_size
+    if window > model.config.block_size:
+        raise ValueError(
+            f"block_size {window} (the training window) is longer than the model's context {model.config.block_size}"
+        )
+    if tc.window is None:
+        tc = dataclasses.replace(tc, window=window)  # resume reads the window from here
+    text = read_source(tc.data)
+    dataset = make_dataset(text, ckpt.tokenizer, tc.mode, window, tc.val_fraction, tc.split_seed, source=tc.data)  # type: ignore[arg-type]
+    check_step_memory(dataclasses.replace(model.config, block_size=window), tc, world.size, model.backend)
+    batcher = Batcher(dataset, world.size * tc.batch_size * tc.grad_accum, seed=tc.seed)  # the global batch
+    base = None
+    if tc.lora_rank:
+        model.add_lora(tc.lora(), seed=tc.seed)
+        base = base_reference(tc.init_from)
+    run = Run(
+        tc,
+        model,
+        ckpt.tokenizer,
+        dataset,
+        batcher,
+        make_optimizer(tc, model, pm, world),
+        _run_dir(out_dir, world),
+        pm,
+        data_sha256=fingerprint(text),
+        progress=progress,
+        world=world,
+    )
+    run.lora_base = base
+    return run
 
 
 def _checked_backend(model_config: GPTConfig, tc: TrainConfig, world: World) -> Any:
@@ -138,5 +228,5 @@ def make_optimizer(tc: TrainConfig, model: GPT, pm: Any, world: World) -> Any:
         raise ValueError(f"unknown optimizer {tc.optimizer!r}; registered optimizers: {', '.join(sorted(factories))}")
     factory = factories[tc.optimizer]
     if tc.zero and world.size > 1:
-        return ShardedOptimizer(factory, model.params, world, **tc.optimizer_options(factory))
-    return create_optimizer(tc.optimizer, model.params, pm, **tc.optimizer_options(factory))
+        return ShardedOptimizer(factory, model.trainable, world, **tc.optimizer_options(factory))
+    return create_optimizer(tc.optimizer, model.trainable, pm, **tc.optimizer_options(factory))

@@ -59,6 +59,14 @@ class TrainConfig:
         backend, dtype: where and in what precision the model lives (None: the active backend).
         samples, sample_length, temperature: what to print at the end (documents: up to
             sample_length tokens each, stopping at EOS; stream: one text of sample_length tokens).
+        init_from: fine-tune this model instead of a fresh one: anything ``arraygpt.load`` opens
+            (an arraygpt checkpoint or run folder, a transformers GPT-2/Llama/Qwen2/Mistral
+            directory, a .gguf file, dequantized); the run uses its tokenizer and architecture.
+        window: tokens per training row (None: the model's block_size); with ``init_from``,
+            ``block_size`` given as an option sets it, and the model keeps its own context.
+        lora_rank, lora_alpha, lora_targets: with lora_rank > 0, train LoRA adapters of that rank
+            on the ``lora_targets`` weights only, scaled by lora_alpha / lora_rank; the model's
+            own weights stay frozen (docs/training.md, "Fine-tuning").
     """
 
     data: str = field(default="names", metadata={"help": "names (built in) or a text file path"})
@@ -126,6 +134,30 @@ class TrainConfig:
     samples: int = field(default=10, metadata={"help": "samples printed at the end"})
     sample_length: int = field(default=32, metadata={"help": "tokens per sample at most"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature of the samples"})
+    init_from: str | None = field(
+        default=None,
+        metadata={
+            "help": "fine-tune this model: an arraygpt checkpoint or run, a transformers GPT-2/Llama/Qwen2/Mistral "
+            "directory or a .gguf file; its tokenizer and architecture are kept (--block-size sets the training "
+            "window)"
+        },
+    )
+    window: int | None = field(
+        default=None, metadata={"help": "tokens per training row; unset: the model's block_size"}
+    )
+    lora_rank: int = field(
+        default=0,
+        metadata={"help": "train LoRA adapters of this rank only, the weights frozen (0: train every weight)"},
+    )
+    lora_alpha: float = field(default=8.0, metadata={"help": "LoRA scale numerator: updates are scaled by alpha/rank"})
+    lora_targets: tuple[str, ...] = field(
+        default=("attn_wq", "attn_wv"),
+        metadata={
+            "help": "the weights LoRA adapts, comma-separated: attn_wq, attn_wk, attn_wv, attn_wo, mlp_fc1, mlp_fc2, "
+            "mlp_gate, mlp_up, mlp_down",
+            "metavar": "NAME,...",
+        },
+    )
 
     def __post_init__(self) -> None:
         mode = self.mode or ("documents" if self.data == "names" else "stream")
@@ -163,6 +195,34 @@ class TrainConfig:
             raise ValueError(f"temperature must be > 0, got {self.temperature!r}")
         if not isinstance(self.zero, bool):
             raise ValueError(f"zero must be True or False, got {self.zero!r}")
+        self._check_fine_tuning()
+
+    def _check_fine_tuning(self) -> None:
+        if self.init_from is not None and (not isinstance(self.init_from, str) or not self.init_from):
+            raise ValueError(f"init_from (--init-from) must be a model path, got {self.init_from!r}")
+        if self.window is not None and (
+            isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1
+        ):
+            raise ValueError(f"{_named('window')} must be a positive integer, got {self.window!r}")
+        if isinstance(self.lora_rank, bool) or not isinstance(self.lora_rank, int) or self.lora_rank < 0:
+            raise ValueError(f"{_named('lora_rank')} must be an integer >= 0, got {self.lora_rank!r}")
+        if isinstance(self.lora_targets, str) or not isinstance(self.lora_targets, (tuple, list)):
+            raise ValueError(f"{_named('lora_targets')} must be a list of weight names, got {self.lora_targets!r}")
+        object.__setattr__(self, "lora_targets", tuple(self.lora_targets))  # a list from JSON
+        if self.lora_rank:
+            if self.init_from is None:
+                raise ValueError("lora_rank (--lora-rank) adapts a trained model: give init_from (--init-from) too")
+            if self.precision != "full":
+                raise ValueError(
+                    f"lora_rank (--lora-rank) trains in full precision; precision {self.precision} is not supported"
+                )
+            self.lora()  # the settings' own checks
+
+    def lora(self) -> Any:
+        """The run's ``arraygpt.nn.model.LoRA`` settings, or None (lora_rank 0)."""
+        from arraygpt.nn.model import LoRA
+
+        return LoRA(self.lora_rank, float(self.lora_alpha), self.lora_targets) if self.lora_rank else None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -50,7 +50,7 @@ __all__ = ["train", "train_loop"]
 def train(
     data: str = "names",
     *,
-    config: GPTConfig | str = "microgpt",
+    config: GPTConfig | str | None = None,
     out_dir: str | Path | None = None,
     resume: str | Path | None = None,
     stop_after: int | None = None,
@@ -68,7 +68,8 @@ def train(
 
     Args:
         data: ``names`` (built in) or a text file path.
-        config: a preset name (its vocab_size is replaced by the tokenizer's) or a GPTConfig.
+        config: a preset name (its vocab_size is replaced by the tokenizer's) or a GPTConfig;
+            None: ``microgpt``, or with ``init_from`` the initial model's (no other may be given).
         out_dir: the run folder for metrics.jsonl and the last/ and best/ checkpoints; None
             writes nothing.
         resume: a run folder to continue exactly where its last checkpoint left off (its saved
@@ -83,7 +84,9 @@ def train(
             ``arraygpt.training.distributed.get_world()``: MPI's COMM_WORLD under an MPI launcher, else one
             process.
         **options: TrainConfig fields (steps, batch_size, lr, ...) and GPTConfig fields
-            (n_layer, block_size, dropout, ...).
+            (n_layer, block_size, dropout, ...). ``init_from=PATH`` fine-tunes the model at PATH
+            (``lora_rank=R``: LoRA adapters only); then only block_size (the training window)
+            and dropout of the GPTConfig fields may be given (docs/training.md, "Fine-tuning").
 
     Raises:
         ValueError, TypeError, FileNotFoundError: bad options or data, before any training.
@@ -260,6 +263,12 @@ def _print_header(run: Run, resumed: bool) -> None:
         f"n_head={m.config.n_head} block_size={m.config.block_size} vocab={m.config.vocab_size}) "
         f"on {m.backend.name}/{m.dtype}"
     )
+    if cfg.init_from:
+        trained = "every weight"
+        if m.lora is not None:
+            n = sum(int(a.shape[0]) * int(a.shape[1]) for a in m.adapters.values())
+            trained = f"LoRA rank {m.lora.rank} alpha {m.lora.alpha:g} on {','.join(m.lora.targets)}: {n:,} parameters"
+        run.log.print(f"fine-tuning {cfg.init_from} in windows of {cfg.window} tokens; training {trained}")
     split = f"{run.dataset.split_size('train'):,} train / {run.dataset.split_size('val'):,} val"
     unit = "documents" if cfg.mode == "documents" else "tokens"
     batch = f"batch {cfg.batch_size}"

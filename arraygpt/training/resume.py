@@ -84,7 +84,7 @@ def save_checkpoint(run: Run, which: str = "last") -> Path | None:
     if run.out_dir is None:
         return None
     xp = run.model.xp
-    for name, p in run.model.params.items():
+    for name, p in run.model.trainable.items():
         if not bool(xp.all(xp.isfinite(p))):
             run.diverged(f"parameter {name} holds NaN or inf")
     if which == "last":
@@ -94,7 +94,8 @@ def save_checkpoint(run: Run, which: str = "last") -> Path | None:
         optimizer = _StateOnly(optimizer.state_dict())
     if not run.world.is_root:
         return None
-    path = write(run.out_dir / which, run.model, run.tokenizer, optimizer, extra={**training_state(run), "kind": which})
+    extra = {**training_state(run), "kind": which}
+    path = write(run.out_dir / which, run.model, run.tokenizer, optimizer, extra=extra, base=run.lora_base)
     run.log.record({"event": "checkpoint", "step": run.step, "kind": which, "path": str(path)})
     run.call_hook("arraygpt_on_checkpoint", run=run, step=run.step, path=str(path))
     return path
@@ -125,10 +126,11 @@ def resumed_run(resume: str | Path, options: dict[str, Any], pm: Any, progress: 
     """The Run that continues the checkpoint ``resume`` names (a run folder or one of its
     checkpoints) exactly where it left off."""
     from arraygpt.io.checkpoint import load_checkpoint
+    from arraygpt.io.formats import load
 
     run_dir, source = resume_source(resume)  # the run folder, and its last/ (or the best/ given)
     model_overrides, train_options = split_options(options)
-    ckpt = load_checkpoint(source, backend=train_options.get("backend"))
+    ckpt = load_checkpoint(source, backend=train_options.get("backend"), open_base=load)  # a LoRA run's base too
     extra = ckpt.extra
     check_training_state(extra, ckpt.path)
     saved = _saved_options(extra, ckpt.path)
@@ -151,9 +153,8 @@ def resumed_run(resume: str | Path, options: dict[str, Any], pm: Any, progress: 
         raise DataError(
             f"the data {tc.data!r} changed since the run started (its sha256 differs); cannot resume exactly"
         )
-    dataset = make_dataset(
-        text, ckpt.tokenizer, tc.mode, ckpt.config.block_size, tc.val_fraction, tc.split_seed, source=tc.data
-    )  # type: ignore[arg-type]
+    window = tc.window or ckpt.config.block_size
+    dataset = make_dataset(text, ckpt.tokenizer, tc.mode, window, tc.val_fraction, tc.split_seed, source=tc.data)  # type: ignore[arg-type]
     batcher = Batcher(dataset, world.size * tc.batch_size * tc.grad_accum, seed=tc.seed)  # the global batch
     batcher.load_state_dict(extra["data"])
     model = ckpt.model
@@ -184,6 +185,9 @@ def resumed_run(resume: str | Path, options: dict[str, Any], pm: Any, progress: 
     )
     if run.mixed is not None:
         run.mixed.load_state_dict(extra["precision"])
+    if tc.lora_rank and ckpt.base is None:
+        raise CheckpointError(f"{ckpt.path}: a LoRA run's checkpoint must hold adapters and a base reference")
+    run.lora_base = ckpt.base
     run.last_saved = run.step
     if world.is_root:  # the run does the steps after its checkpoint again: their old records go
         run.dropped_records = trim_metrics(run_dir, run.step)

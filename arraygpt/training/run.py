@@ -48,6 +48,8 @@ class Run:
         world: the ranks of the run (``arraygpt.training.distributed.World``; one process by default).
         log: where records and lines go (``arraygpt.training.log.Log``).
         last_saved: the step of the last ``last/`` checkpoint (-1 before one).
+        lora_base: a LoRA run's reference to its base model (``arraygpt.io.checkpoint.base_reference``),
+            which its checkpoints keep instead of the frozen weights; None otherwise.
     """
 
     def __init__(
@@ -89,6 +91,7 @@ class Run:
         self.last_saved = -1
         self.reduce_buffer: np.ndarray | None = None  # the all-reduce buffer, kept between steps
         self.dropped_records = 0  # metrics.jsonl lines after the resumed step, removed (rank 0)
+        self.lora_base: dict[str, Any] | None = None
 
     @property
     def history(self) -> list[dict[str, Any]]:
@@ -198,8 +201,9 @@ class Run:
         rng = np.random.default_rng([3, cfg.seed if seed is None else seed])
         tok, model = self.tokenizer, self.model
         start = tok.bos_id
-        if start is None:
-            start = tok.encode("\n")[0] if isinstance(tok, ByteTokenizer) or "\n" in tok.chars else 0
+        if start is None:  # a newline, unless a character tokenizer lacks one
+            known = isinstance(tok, ByteTokenizer) or "\n" in getattr(tok, "chars", "\n")
+            start = (tok.encode("\n") or [0])[0] if known else 0
         V = tok.vocab_size
         sampler = "temperature" if model.config.vocab_size == V else _tokenizer_vocabulary(V)
         rows: list[list[int]] = [[] for _ in range(n)]

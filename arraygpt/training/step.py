@@ -114,7 +114,7 @@ def accumulate(run: Run, x: np.ndarray, y: np.ndarray, n_total: int) -> tuple[di
         else:
             grads = {name: grads[name] + g[name] * weight for name in grads}
     if grads is None:  # every target of this rank's rows is ignored
-        grads = {name: model.xp.zeros_like(p) for name, p in model.params.items()}
+        grads = {name: model.xp.zeros_like(p) for name, p in run.model.trainable.items()}
     return grads, loss_sum
 
 
