@@ -70,11 +70,11 @@ def reference_kernels(config: GPTConfig) -> Kernels:
 
 def _linear_forward(kernels: Kernels) -> Callable[..., Any]:
     """The linear forward for a weight: ``kernels.quantized_linear``'s for a
-    :class:`arraygpt.nn.quant.QuantizedWeight` (GGUF blocks, inference only), else ``kernels.linear``'s."""
+    quantized weight (``arraygpt.nn.quant``: GGUF blocks, inference only), else ``kernels.linear``'s."""
     linear, quantized = kernels.linear[0], kernels.quantized_linear[0]
 
     def forward(x: Array, w: Any, b: Array | None = None) -> tuple[Array, Any]:
-        return (quantized if isinstance(w, quant.QuantizedWeight) else linear)(x, w, b)
+        return (quantized if quant.is_quantized(w) else linear)(x, w, b)
 
     return forward
 

@@ -19,11 +19,25 @@ frozen). Quantizing is the ``gguf`` library's (llama.cpp's own quantizers, on th
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from arraygpt.xp import Array, namespace
 
-__all__ = ["BLOCKS", "QuantizedWeight", "dequantize", "quantize", "quantized_linear_forward"]
+__all__ = [
+    "BLOCKS",
+    "QuantizedLinearCache",
+    "QuantizedStack",
+    "QuantizedWeight",
+    "concat_rows",
+    "dequantize",
+    "embedding_rows",
+    "is_quantized",
+    "quantize",
+    "quantized_linear_backward",
+    "quantized_linear_forward",
+    "quantized_linear_pair_forward",
+    "split_rows",
+]
 
 # kind -> (values per block, bytes per block), as GGML_QUANT_SIZES
 BLOCKS = {
@@ -173,12 +187,92 @@ def dequantize(w: QuantizedWeight) -> Array:
     return xp.reshape(_dequantize_blocks(xp, w.kind, w.blocks), w.shape)
 
 
-def quantized_linear_forward(x: Array, w: QuantizedWeight, b: Array | None = None) -> Array:
+@dataclass(frozen=True)
+class QuantizedStack:
+    """Quantized weights of different kinds stacked along their output axis (a fused Q/K/V whose
+    V is stored in another kind, as llama.cpp's Q4_K_M files do): (sum of outs, in)."""
+
+    parts: tuple[QuantizedWeight, ...]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (sum(w.shape[0] for w in self.parts), self.parts[0].shape[1])
+
+    @property
+    def nbytes(self) -> int:
+        return sum(w.nbytes for w in self.parts)
+
+
+def is_quantized(w: Any) -> bool:
+    """Whether ``w`` is a :class:`QuantizedWeight` or a :class:`QuantizedStack`."""
+    return isinstance(w, (QuantizedWeight, QuantizedStack))
+
+
+def quantized_linear_forward(x: Array, w: QuantizedWeight | QuantizedStack, b: Array | None = None) -> Array:
     """forward: out = x @ dequantize(w).T + b; x (..., in) -> (..., out). The reference that every
-    quantized kernel must equal; frozen weights, so there is no backward for ``w``."""
+    quantized kernel must equal; frozen weights, so there is no backward for ``w``. A stack is
+    its parts' outputs side by side."""
     xp = namespace(x)
-    out = x @ xp.astype(dequantize(w), x.dtype).T
+    if isinstance(w, QuantizedStack):
+        out = xp.concat([quantized_linear_forward(x, part) for part in w.parts], axis=-1)
+    else:
+        out = x @ xp.astype(dequantize(w), x.dtype).T
     return out if b is None else out + b
+
+
+class QuantizedLinearCache(NamedTuple):
+    x: Array
+    w: QuantizedWeight
+    has_bias: bool
+
+
+TRAINING_MESSAGE = (
+    "quantized weights are for inference only: load the model with dtype='float32' (arraygpt.load(path, "
+    "dtype='float32')) or dequantize it (model.dequantize()) to train"
+)
+
+
+def quantized_linear_pair_forward(x: Array, w: QuantizedWeight, b: Array | None = None) -> tuple[Array, Any]:
+    """The reference as a layer pair's forward (``core.Kernels.quantized_linear``): (out, cache)."""
+    return quantized_linear_forward(x, w, b), QuantizedLinearCache(x, w, b is not None)
+
+
+def quantized_linear_backward(dout: Array, cache: Any) -> tuple[Array, Array, Array | None]:
+    """No backward: quantized weights are frozen. Raises RuntimeError saying how to train."""
+    raise RuntimeError(TRAINING_MESSAGE)
+
+
+def embedding_rows(w: QuantizedWeight, ids: Array) -> Array:
+    """Rows ``ids`` (N,) of the float32 matrix ``w`` stands for, (N, in): only those rows' blocks
+    are decoded (an embedding lookup in a quantized token table)."""
+    xp = namespace(w.blocks)
+    picked = xp.take(w.blocks, ids, axis=0)  # (N, in // per_block, bytes_per_block)
+    return xp.reshape(_dequantize_blocks(xp, w.kind, picked), (ids.shape[0], w.shape[1]))
+
+
+def concat_rows(weights: list[QuantizedWeight]) -> QuantizedWeight | QuantizedStack:
+    """Weights of one input width stacked along their output axis: one weight over their blocks
+    stacked (rows are independent) when they share a kind, else a :class:`QuantizedStack`."""
+    first = weights[0]
+    if any(w.shape[1] != first.shape[1] for w in weights):
+        raise ValueError("concat_rows needs weights of one input width")
+    if any(w.kind != first.kind for w in weights):
+        return QuantizedStack(tuple(weights))
+    xp = namespace(first.blocks)
+    blocks = xp.concat([w.blocks for w in weights], axis=0)
+    return QuantizedWeight(first.kind, blocks, (int(blocks.shape[0]), first.shape[1]))
+
+
+def split_rows(w: QuantizedWeight | QuantizedStack, widths: list[int]) -> list[QuantizedWeight]:
+    """The inverse of :func:`concat_rows`: consecutive row ranges of ``widths`` rows, views of
+    the blocks (a stack gives back its parts)."""
+    if isinstance(w, QuantizedStack):
+        return list(w.parts)
+    out, start = [], 0
+    for width in widths:
+        out.append(QuantizedWeight(w.kind, w.blocks[start : start + width, ...], (width, w.shape[1])))
+        start += width
+    return out
 
 
 def quantize(w: Any, kind: str) -> QuantizedWeight:
