@@ -72,6 +72,20 @@ def arraygpt_register_kernels() -> list[dict[str, Any]]:
 
 
 @hookspec
+def arraygpt_register_loggers() -> list[dict[str, Any]]:
+    """Offer loggers: writers of a training run's metrics (TensorBoard's event files, a service),
+    each turned on for one run by name (``arraygpt train --log NAME``), never by being installed.
+
+    Returns:
+        A list of ``{name: factory}``. ``factory(log_dir=None)`` imports what the logger needs
+        (else raises an ``ImportError`` saying what to install) and returns a plugin object that
+        implements the training-event hooks below; the command registers it for the run and then
+        calls its ``close()``, if it has one. ``log_dir``: where to write (None: the run folder's
+        ``<name>/``). Rank 0 alone sees the events.
+    """
+
+
+@hookspec
 def arraygpt_on_step(run: Any, step: int, metrics: dict[str, float]) -> bool | None:
     """Called after every optimizer step of a training run, every implementation in turn
     (last registered first); a plugin that raises stops the run with an error naming it.

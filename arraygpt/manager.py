@@ -31,6 +31,7 @@ BUILTIN_PLUGINS = {
     "kernels": "arraygpt.backends",
     "optimizers": "arraygpt.plugins.optimizers",
     "samplers": "arraygpt.plugins.samplers",
+    "loggers": "arraygpt.plugins.tensorboard",
 }
 DEFAULT_PLUGINS = tuple(dict.fromkeys(BUILTIN_PLUGINS.values()))
 REGISTRY_HOOKS = {
@@ -38,6 +39,7 @@ REGISTRY_HOOKS = {
     "optimizers": "arraygpt_register_optimizers",
     "samplers": "arraygpt_register_samplers",
     "kernels": "arraygpt_register_kernels",
+    "loggers": "arraygpt_register_loggers",
 }
 
 
@@ -151,8 +153,8 @@ def set_plugin_manager(pm: pluggy.PluginManager | None) -> None:
 
 
 def registry_with_owners(kind: str, pm: pluggy.PluginManager | None = None) -> dict[str, tuple[Any, str]]:
-    """``{name: (object, plugin name)}`` for one kind: ``backends``, ``optimizers``, ``samplers`` or
-    ``kernels``.
+    """``{name: (object, plugin name)}`` for one kind: ``backends``, ``optimizers``, ``samplers``,
+    ``kernels`` or ``loggers``.
 
     Each implementation is called on its own so that a plugin that raises is named.
 

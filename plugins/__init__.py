@@ -1,2 +1,2 @@
-"""Built-in plugins: the optimizers and samplers arraygpt ships, registered through the same hooks
-a third-party plugin uses (see ``arraygpt.hookspecs``)."""
+"""Built-in plugins: the optimizers, samplers and the tensorboard logger arraygpt ships, registered
+through the same hooks a third-party plugin uses (see ``arraygpt.hookspecs``)."""

@@ -209,7 +209,8 @@ def test_plugins_lists_the_built_ins_with_their_plugin(capsys, monkeypatch):
         else:
             name, _, plugin = line.split()
             current[name] = plugin
-    assert set(sections) == {"backends", "kernels", "optimizers", "samplers"}
+    assert set(sections) == {"backends", "kernels", "optimizers", "samplers", "loggers"}
+    assert sections["loggers"] == {"tensorboard": "arraygpt.plugins.tensorboard"}
     assert sections["samplers"] == dict.fromkeys(
         ["greedy", "temperature", "top_k", "top_p", "min_p", "repeat_penalty"], "arraygpt.plugins.samplers"
     )

@@ -161,7 +161,8 @@ def test_wheel_metadata(wheel):
         for line in metadata.splitlines()
         if line.startswith("Requires-Dist:") and "extra ==" not in line
     )
-    assert runtime == ["array-api-compat", "numpy", "pluggy", "safetensors"]
+    assert runtime == ["array-api-compat", "numpy", "pluggy", "safetensors", "tomli"]
+    assert 'Requires-Dist: tomli>=1.1; python_version < "3.11"' in metadata  # tomllib is in 3.11's standard library
     assert 'extra == "cupy"' in metadata and "cupy" in metadata
     entry_points = z.read(f"{info}/entry_points.txt").decode()
     assert "arraygpt = arraygpt.cli:main" in entry_points
