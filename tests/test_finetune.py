@@ -166,6 +166,7 @@ def test_lora_fine_tune(base_dir, text_file, tmp_path):
     # the model with adapters = the merged export, in transformers; untouched tensors bit-identical
     ckpt = arraygpt.load(run)
     assert ckpt.model.lora is not None
+    assert main(["eval", "--checkpoint", str(run), "--data", str(text_file), "--json"]) == 0  # opens the base too
     out = tmp_path / "export"
     arraygpt.save(ckpt.model, out, format="llama", tokenizer=ckpt.tokenizer)
     ids = np.array([ckpt.tokenizer.encode(TEXT[:100])[:30]])
