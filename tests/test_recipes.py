@@ -22,7 +22,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from arraygpt import cli
-from arraygpt.cli.options import parse_bool, parse_finite, recipe_options
+from arraygpt.cli.options import apply_recipe, parse_bool, parse_finite, read_recipe, recipe_options
 from arraygpt.cli.train import _parser
 from arraygpt.config import PRESETS, GPTConfig
 from arraygpt.training.config import TrainConfig
@@ -223,7 +223,6 @@ def test_a_recipe_of_every_option_equals_the_same_flags(tmp_path):
     from_flags = cli.build_parser().parse_args(argv)
     recipe = write(tmp_path, "\n".join(lines))
     from_file = cli.build_parser().parse_args(["train", "--config", str(recipe)])
-    from arraygpt.cli.options import apply_recipe, read_recipe
 
     apply_recipe(from_file, read_recipe(recipe, options), options)
     got, want = vars(from_file), vars(from_flags)
@@ -239,7 +238,6 @@ def test_a_recipe_of_every_option_equals_the_same_flags(tmp_path):
 )
 def test_numbers_read_as_the_flags_read_them(tmp_path_factory, lr, steps, key_style):
     options = recipe_options(_parser(), skip=("config",))
-    from arraygpt.cli.options import read_recipe
 
     path = tmp_path_factory.mktemp("r") / "r.toml"
     path.write_text(f"lr = {lr!r}\nwarmup{key_style}steps = {steps}\n")
@@ -358,3 +356,23 @@ def test_log_dir_needs_a_logger_and_a_logger_must_exist(tmp_path):
     assert rc == 2 and err.count("\n") == 1 and "--log-dir needs a logger" in err
     rc, _, err = run(["train", "--log", "wandb", "--out-dir", str(tmp_path / "run")])
     assert rc == 2 and err.count("\n") == 1 and "unknown logger 'wandb'; registered loggers: tensorboard" in err
+
+
+def test_the_nanogpt_cpu_recipe_is_the_benchmarks(tmp_path):
+    """examples/recipes/nanogpt-cpu.toml holds the options benchmarks/nanogpt_recipe.py passes
+    (but the run folder, the samples and the backend, which the benchmark fixes for its timing)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("nanogpt_recipe", ROOT / "benchmarks" / "nanogpt_recipe.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    from_flags = vars(cli.build_parser().parse_args(bench.arraygpt_args(bench.MAX_ITERS, tmp_path, "gelu_tanh")))
+    recipe = ROOT / "examples" / "recipes" / "nanogpt-cpu.toml"
+    args = cli.build_parser().parse_args(["train", "--config", str(recipe)])
+    options = recipe_options(_parser(), skip=("config",))
+
+    apply_recipe(args, read_recipe(recipe, options), options)
+    from_file = vars(args)
+    assert from_file["data"] == "input.txt" and from_flags["data"].endswith("tinyshakespeare.txt")
+    differ = {k for k in from_flags if from_flags[k] != from_file[k]}
+    assert differ == {"config", "data", "out_dir", "samples", "backend"}
