@@ -41,6 +41,7 @@ PLUGIN_CONTRACTS = {
     "arraygpt.config",
     "arraygpt.nn.layers",
     "arraygpt.nn.kernels",
+    "arraygpt.nn.quant",  # quantized weights: the type a quantized_linear kernel takes, and its reference
     "arraygpt.training.optim",
     "arraygpt.generation.sampling",
 }

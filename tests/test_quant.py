@@ -8,7 +8,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from arraygpt.nn.quant import BLOCKS, QuantizedWeight, dequantize, quantized_linear_forward
+from arraygpt.nn.quant import (
+    BLOCKS,
+    QuantizedWeight,
+    dequantize,
+    quantized_linear_forward,
+    quantized_linear_pair_forward,
+)
 
 gguf = pytest.importorskip("gguf", reason="the reference dequantizer is the gguf package: pip install gguf")
 from gguf import GGMLQuantizationType, quants
@@ -106,3 +112,129 @@ def test_quantize_is_the_gguf_quantizer(kind):
     q = quantize(w, kind)
     assert q.shape == (3, 256)
     np.testing.assert_array_equal(q.blocks.reshape(3, -1), expected)
+
+
+# ----------------------------------------------------------------------------------------------
+# the numpy backend's kernel on the blocks (backends/numpy/kernels/quant.py)
+
+QMAX = {"q8_0": (128, False), "q4_0": (8, False), "q4_1": (15, True), "q5_0": (16, False), "q5_1": (31, True)}
+
+
+def _bound(kind: str, blocks: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """Twice the float32 bound of the dot products, K eps sum_j |w_j x_j|, with |w_j| bounded by
+    its block's scales: |d_b| qmax (+ |m_b|)."""
+    qmax, has_min = QMAX[kind]
+    d = np.abs(blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float64))  # (N, nb)
+    if has_min:
+        d = d * qmax + np.abs(blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float64))
+    else:
+        d = d * qmax
+    rows, n_blocks = d.shape
+    w_bound = np.repeat(d, 32, axis=1)  # (N, K)
+    K = n_blocks * 32
+    return 2 * K * np.finfo(np.float32).eps * (np.abs(x.astype(np.float64)) @ w_bound.T)
+
+
+def _kernel():
+    pytest.importorskip("numba")
+    from arraygpt.backends.numpy.kernels import quant as kernel
+
+    return kernel
+
+
+@pytest.mark.parametrize("kind", ["q8_0", "q4_0", "q4_1", "q5_0", "q5_1"])
+@given(
+    rows=st.integers(1, 70),
+    n_blocks=st.integers(1, 4),
+    M=st.sampled_from([1, 2, 3, 8, 9, 17]),
+    bias=st.booleans(),
+    threads=st.sampled_from([1, 2]),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_the_kernel_on_blocks_equals_the_reference_and_the_gguf_dequantizer(
+    kind, rows, n_blocks, M, bias, threads, seed
+):
+    from arraygpt.backends.numpy import blas_threads
+
+    kernel = _kernel()
+    blocks = _random_blocks(kind, rows, n_blocks, seed)
+    K = 32 * n_blocks
+    w = QuantizedWeight(kind, blocks, (rows, K))
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((M, K)).astype(np.float32)
+    b = rng.standard_normal(rows).astype(np.float32) if bias else None
+    with blas_threads(threads):
+        out, cache = kernel.quantized_linear_forward(x.reshape(1, M, K), w, b)  # (1, M, rows)
+    assert out.shape == (1, M, rows) and out.dtype == np.float32 and cache.has_bias == bias
+    tol = _bound(kind, blocks, x) + 1e-6
+    ref = quantized_linear_forward(x, w, b)
+    dense = quants.dequantize(blocks.reshape(rows, -1), TYPES[kind]).astype(np.float64)
+    independent = x.astype(np.float64) @ dense.T + (0 if b is None else b)
+    assert np.all(np.abs(out[0] - ref) <= tol)
+    assert np.all(np.abs(out[0] - independent) <= tol)
+
+
+def test_the_prefill_path_crosses_tiles_of_rows(monkeypatch):
+    kernel = _kernel()
+    monkeypatch.setattr(kernel, "TILE", 7)
+    blocks = _random_blocks("q4_1", 30, 2, 5)
+    w = QuantizedWeight("q4_1", blocks, (30, 64))
+    x = np.random.default_rng(5).standard_normal((12, 64)).astype(np.float32)
+    out, _ = kernel.quantized_linear_forward(x, w)
+    dense = quants.dequantize(blocks.reshape(30, -1), TYPES["q4_1"]).astype(np.float64)
+    assert np.all(np.abs(out - x @ dense.T) <= _bound("q4_1", blocks, x) + 1e-6)
+
+
+@pytest.mark.parametrize("M", [1, 11])
+def test_a_stack_of_kinds_is_its_parts_side_by_side(M):
+    from arraygpt.nn.quant import QuantizedStack, concat_rows
+
+    kernel = _kernel()
+    parts = [QuantizedWeight(kind, _random_blocks(kind, r, 2, r), (r, 64)) for kind, r in (("q4_0", 5), ("q8_0", 3))]
+    stack = concat_rows(parts)
+    assert isinstance(stack, QuantizedStack) and stack.shape == (8, 64)
+    x = np.random.default_rng(M).standard_normal((M, 64)).astype(np.float32)
+    out, _ = kernel.quantized_linear_forward(x, stack)
+    dense = np.concatenate([quants.dequantize(p.blocks.reshape(p.shape[0], -1), TYPES[p.kind]) for p in parts])
+    np.testing.assert_allclose(out, x @ dense.T, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(quantized_linear_forward(x, stack), x @ dense.T, rtol=1e-5, atol=1e-5)
+
+
+def test_the_kernel_hands_what_it_does_not_take_to_the_reference():
+    kernel = _kernel()
+    blocks = _random_blocks("q6_k", 2, 1, 9)  # a K-quant: the reference
+    w = QuantizedWeight("q6_k", blocks, (2, 256))
+    x = np.random.default_rng(9).standard_normal((1, 256))  # float64 too
+    out, _ = kernel.quantized_linear_forward(x, w)
+    np.testing.assert_allclose(out, x @ quants.dequantize(blocks.reshape(2, -1), TYPES["q6_k"]).T, rtol=1e-12)
+
+
+def test_the_numpy_backend_selects_the_kernel_for_float32_only():
+    _kernel()
+    from arraygpt import GPTConfig
+    from arraygpt.backends.numpy.kernels import quant as kernel
+    from arraygpt.nn import kernels
+
+    config = GPTConfig.preset("microgpt")
+    assert kernels.select_kernels(config, "numpy", "float32").quantized_linear[0] is kernel.quantized_linear_forward
+    assert kernels.select_kernels(config, "numpy", "float64").quantized_linear[0] is quantized_linear_pair_forward
+
+
+def test_the_prepared_layout_is_kept_per_weight_without_a_float_copy_of_the_matrix():
+    kernel = _kernel()
+    blocks = _random_blocks("q4_1", 64, 4, 2)
+    w = QuantizedWeight("q4_1", blocks, (64, 128))
+    prepared = kernel.prepare(w)
+    assert kernel.prepare(w) is prepared
+    assert np.shares_memory(prepared.blocks, blocks)  # the blocks are read where they are
+    assert prepared.d.nbytes + prepared.mins.nbytes == 64 * 4 * 8  # two float32 per block
+
+
+def test_backward_through_quantized_weights_is_refused_with_what_to_do():
+    from arraygpt.nn.quant import quantized_linear_backward
+
+    _, cache = quantized_linear_pair_forward(
+        np.ones((1, 32), np.float32), QuantizedWeight("q8_0", _random_blocks("q8_0", 1, 1, 0), (1, 32))
+    )
+    with pytest.raises(RuntimeError, match="inference only.*dtype='float32'"):
+        quantized_linear_backward(np.ones((1, 1), np.float32), cache)

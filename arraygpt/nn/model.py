@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from arraygpt.config import COMPUTE_DTYPES, DTYPES, GPTConfig
-from arraygpt.nn import core
+from arraygpt.nn import core, quant
 from arraygpt.nn.core import GPTCache, KVCache
 from arraygpt.nn.dropout import dropout_coins, dropout_row_seeds
 from arraygpt.nn.kernels import select_kernels
@@ -88,6 +88,9 @@ class GPT:
         kernels: the layer pairs to run (``arraygpt.nn.kernels.select_kernels``): None for the
             backend's choice, ``"reference"`` for the pairs of ``layers.py``, or a
             :class:`arraygpt.nn.core.Kernels` record.
+        params: the parameters themselves (name -> array, or an ``arraygpt.nn.quant``
+            quantized weight kept as it is, e.g. over a memory-mapped file), instead of drawing
+            them: what the loaders pass.
 
     Example:
         >>> model = GPT(GPTConfig.preset("microgpt"), seed=0)
@@ -107,6 +110,7 @@ class GPT:
         init: bool = True,
         threads: int | None = None,
         kernels: core.Kernels | str | None = None,
+        params: Mapping[str, Any] | None = None,
     ):
         if not isinstance(config, GPTConfig):
             raise TypeError(f"config must be a GPTConfig, got {type(config).__name__}")
@@ -120,7 +124,10 @@ class GPT:
             raise ValueError(f"dtype must be one of {has}: the {self.backend.name} backend has no {dtype}")
         self.dtype = dtype
         self.training = False
-        self.params: dict[str, Array] = self._init_params(seed) if init else self._zero_params()
+        if params is not None:
+            self.params: dict[str, Array] = self._given_params(params)
+        else:
+            self.params = self._init_params(seed) if init else self._zero_params()
         self._core_params = self._fuse_qkv()
         self.kernels = select_kernels(config, self.backend, dtype, kernels)
         self.runner = BatchRunner(self.backend.threads if threads is None else threads, self.backend)
@@ -170,6 +177,56 @@ class GPT:
             for name, shape in param_shapes(self.config).items()
         }
 
+    def _given_params(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        """``params`` (the ``params=`` argument) checked against the config: floats moved to the
+        backend in the model's dtype, quantized weights kept as they are (no copy)."""
+        shapes = param_shapes(self.config)
+        missing, extra = sorted(set(shapes) - set(params)), sorted(set(params) - set(shapes))
+        if missing or extra:
+            raise KeyError(f"params do not match the model: missing {missing[:6]}, unexpected {extra[:6]}")
+        out = {}
+        for name, value in params.items():
+            if not quant.is_quantized(value):
+                value = self._to_backend(value, self.dtype)
+            if tuple(value.shape) != tuple(shapes[name]):
+                raise ValueError(f"parameter {name!r} has shape {tuple(value.shape)}, the model expects {shapes[name]}")
+            out[name] = value
+        return out
+
+    def quantize(self, kind: str) -> GPT:
+        """Store the linear weights (every matrix but ``wpe``; ``wte`` too, looked up row by row
+        and, tied, the vocabulary projection) as GGUF blocks of ``kind`` (``q8_0``, ``q4_0``,
+        ``q4_1``, ... of ``arraygpt.nn.quant.BLOCKS``), quantized by the ``gguf`` library. A
+        matrix whose rows are not whole blocks stays as it is. Inference only: :meth:`backward`
+        refuses until :meth:`dequantize`. Returns the model.
+
+        Example:
+            >>> model = GPT(GPTConfig.preset("microgpt")).quantize("q8_0")  # doctest: +SKIP
+        """
+        per_block = quant.BLOCKS[kind][0] if kind in quant.BLOCKS else 0
+        if not per_block:
+            raise ValueError(f"unknown quantization {kind!r}; supported: {', '.join(quant.BLOCKS)}")
+        for name, w in self.params.items():
+            if len(w.shape) == 2 and name != "wpe" and w.shape[1] % per_block == 0:
+                dense = quant.dequantize(w) if isinstance(w, quant.QuantizedWeight) else to_numpy(w)
+                self.params[name] = quant.quantize(dense, kind)
+        self._core_params = {**self._fuse_qkv(), **self.adapters}
+        return self
+
+    def dequantize(self) -> GPT:
+        """Quantized weights back to arrays of the model's dtype (what their blocks stand for), so
+        that the model trains. Returns the model."""
+        for name, w in self.params.items():
+            if isinstance(w, quant.QuantizedWeight):
+                self.params[name] = self._to_backend(to_numpy(quant.dequantize(w)), self.dtype)
+        self._core_params = {**self._fuse_qkv(), **self.adapters}
+        return self
+
+    @property
+    def quantized(self) -> dict[str, str]:
+        """Name -> kind of each parameter stored as GGUF blocks (empty for a float model)."""
+        return {name: w.kind for name, w in self.params.items() if isinstance(w, quant.QuantizedWeight)}
+
     def _fuse_qkv(self) -> dict[str, Array]:
         """Fused storage, the one place it is defined: each layer's query, key and value weights
         live in one (D + 2 Dkv, C) buffer ``layer{i}.attn_wqkv`` (biases in one ``attn_wqkv_b``;
@@ -189,12 +246,19 @@ class GPT:
                     names = [f"layer{i}.{part}{suffix}" for part in parts]
                     if names[0] not in self.params:
                         continue
-                    buffer = xp.concat([self.params[name] for name in names])  # (sum of widths, C) or (sum,)
-                    start = 0
-                    for name in names:
-                        width = self.params[name].shape[0]
-                        self.params[name] = core_params[name] = buffer[start : start + width, ...]
-                        start += width
+                    values = [self.params[name] for name in names]
+                    widths = [value.shape[0] for value in values]
+                    if any(quant.is_quantized(value) for value in values):  # GGUF blocks: rows stack as they are
+                        if not all(isinstance(value, quant.QuantizedWeight) for value in values):
+                            raise ValueError(f"{', '.join(names)}: all quantized or none (a GPT fuses them)")
+                        buffer = quant.concat_rows(values)
+                        views = quant.split_rows(buffer, widths)
+                    else:
+                        buffer = xp.concat(values)  # (sum of widths, C) or (sum,)
+                        starts = [sum(widths[:j]) for j in range(len(widths))]
+                        views = [buffer[a : a + width, ...] for a, width in zip(starts, widths)]
+                    for name, view in zip(names, views):
+                        self.params[name] = core_params[name] = view
                     core_params[f"layer{i}.{fused}{suffix}"] = buffer
         return core_params
 
@@ -287,7 +351,8 @@ class GPT:
             raise KeyError(f"state dict does not match the model: missing {missing}, unexpected {extra}")
         converted = {}
         for name, value in state.items():
-            value = self._to_backend(value, self.dtype)
+            if not quant.is_quantized(value):
+                value = self._to_backend(value, self.dtype)
             if tuple(value.shape) != tuple(self.params[name].shape):
                 raise ValueError(
                     f"state dict tensor {name!r} has shape {tuple(value.shape)}, "
@@ -295,7 +360,12 @@ class GPT:
                 )
             converted[name] = value
         for name, value in converted.items():
-            self.params[name][...] = value
+            if quant.is_quantized(value) or quant.is_quantized(self.params[name]):
+                self.params[name] = value  # blocks are kept, not copied
+            else:
+                self.params[name][...] = value
+        if any(quant.is_quantized(v) for v in converted.values()) or self.quantized:
+            self._core_params = {**self._fuse_qkv(), **self.adapters}
 
     def num_params(self) -> int:
         return count_params(self.config).total
@@ -457,6 +527,8 @@ class GPT:
         caches = self._caches
         if caches is None or caches[0].loss is None:
             raise RuntimeError("backward() needs a forward(idx, targets) with targets first")
+        if self.quantized:
+            raise RuntimeError(quant.TRAINING_MESSAGE)
         self._caches = None
         frozen = self.lora is not None
         if len(caches) == 1:

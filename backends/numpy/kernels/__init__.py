@@ -13,6 +13,7 @@ module                  kernels                                       replaces
 ``rope.py``             numba_rope                                    the rope pair
 ``swiglu.py``           numba_swiglu                                  the swiglu pair
 ``adam.py``             numba_adam (an UpdateSpec)                    Adam's/AdamW's update
+``quant.py``            numba_quantized_linear (GGUF blocks)          quantized_linear
 ======================  ============================================  =====================
 
 Why they pay: NumPy runs each elementwise operation as its own pass over memory on one core; a
@@ -33,7 +34,7 @@ Not here: the math's definition (``arraygpt.nn.layers``), choosing kernels (``ar
 
 from __future__ import annotations
 
-from arraygpt.backends.numpy.kernels import adam, attention, crossentropy, gelu, linear, norm, rope, swiglu
+from arraygpt.backends.numpy.kernels import adam, attention, crossentropy, gelu, linear, norm, quant, rope, swiglu
 
 KERNELS = {
     **gelu.SPECS,
@@ -44,4 +45,5 @@ KERNELS = {
     **linear.SPECS,
     **attention.SPECS,
     **adam.SPECS,
+    **quant.SPECS,
 }
