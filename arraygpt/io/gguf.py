@@ -26,7 +26,9 @@ transformers' GGUF loader does (modeling_gguf_pytorch_utils.py, ``LlamaTensorPro
 uses llama.cpp's NEOX rotation, the halves layout: nothing is permuted.
 
 Tensor types read: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K, dequantized
-to float32 by ``gguf.quants.dequantize`` (:func:`read_tensor`, the one place a tensor is read).
+to float32 by ``gguf.quants.dequantize`` (:func:`read_tensor`, the one place a tensor is read), or,
+with ``load_gguf(quantized=True)``, the quantized matrices kept as ``arraygpt.nn.quant``
+weights over the memory-mapped file's blocks (inference on the blocks: docs/gguf.md).
 Types written (``save_gguf(dtype=...)``): f32, f16, q8_0, q4_0, q4_1 for the matrices (a matrix
 whose rows are not whole blocks is written f16, as llama.cpp's converter does), 1-D tensors f32.
 
@@ -37,7 +39,7 @@ end or past the limits below, duplicate keys or tensor names, an unknown or unsu
 type, and tensor offsets or sizes that leave the data section or overlap. The tensors' shapes are
 compared with the config before any array is allocated.
 
-Not here: quantized matrix products (the blocks are dequantized; a later kernel may keep them),
+Not here: quantized matrix products (``arraygpt.nn.quant`` and the backends' kernels),
 other architectures (Mistral's sliding window, MoE, Gemma, Phi...), RoPE scalings other than
 Llama 3.1's, sharded (split) files, and any runtime dependency on transformers or torch.
 """
@@ -62,6 +64,7 @@ from arraygpt.io.checkpoint import Checkpoint
 from arraygpt.io.files import _fsync_dir, _umask, open_regular
 from arraygpt.nn.model import GPT
 from arraygpt.nn.params import param_shapes
+from arraygpt.nn.quant import BLOCKS, QuantizedWeight, dequantize
 from arraygpt.xp import to_numpy
 
 __all__ = [
@@ -344,17 +347,29 @@ def _open(path: Path) -> tuple[Any, list[_TensorInfo], int]:
     return reader, infos, data_start
 
 
-def read_tensor(tensor: Any) -> np.ndarray:
-    """One tensor of a ``GGUFReader`` as float32, shape (out, in) (ggml's dimensions reversed),
-    dequantized by ``gguf.quants.dequantize``. The one function that reads a tensor: a later
-    version may return the blocks themselves."""
+_KEEP = {8: "q8_0", 2: "q4_0", 3: "q4_1", 6: "q5_0", 7: "q5_1", 12: "q4_k", 13: "q5_k", 14: "q6_k"}  # ggml id -> kind
+
+
+def read_tensor(tensor: Any, *, quantized: bool = False) -> np.ndarray | QuantizedWeight:
+    """One tensor of a ``GGUFReader``, shape (out, in) (ggml's dimensions reversed): float32,
+    dequantized by ``gguf.quants.dequantize``; with ``quantized`` a matrix of a quantized type is
+    a :class:`~arraygpt.nn.quant.QuantizedWeight` over a view of the memory-mapped file's blocks
+    (read-only, not copied). The one function that reads a tensor."""
     gguf = _import_gguf()
+    if quantized and int(tensor.tensor_type) in _KEEP and len(tensor.shape) == 2:
+        kind = _KEEP[int(tensor.tensor_type)]
+        out, n_in = int(tensor.shape[1]), int(tensor.shape[0])
+        per_block, nbytes = BLOCKS[kind]
+        return QuantizedWeight(kind, tensor.data.reshape(out, n_in // per_block, nbytes), (out, n_in))
     values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
     return np.ascontiguousarray(values.reshape(tuple(int(d) for d in reversed(tensor.shape))), dtype=np.float32)
 
 
-def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
-    """Undo llama.cpp's ``LlamaModel.permute``: each head's rows from pair order back to halves."""
+def _unpermute(w: Any, n_head: int) -> Any:
+    """Undo llama.cpp's ``LlamaModel.permute``: each head's rows from pair order back to halves
+    (of a quantized weight, its rows of blocks: rows are independent)."""
+    if isinstance(w, QuantizedWeight):
+        return QuantizedWeight(w.kind, np.ascontiguousarray(_unpermute(w.blocks, n_head)), w.shape)
     return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
@@ -569,8 +584,9 @@ def _gguf_shapes(config: GPTConfig, arch: str) -> dict[str, tuple[int, ...]]:
     return out
 
 
-def _state_dict(reader: Any, config: GPTConfig, arch: str) -> dict[str, np.ndarray]:
-    """arraygpt's state dict from the file's tensors (shapes already checked)."""
+def _state_dict(reader: Any, config: GPTConfig, arch: str, quantized: bool = False) -> dict[str, Any]:
+    """arraygpt's state dict from the file's tensors (shapes already checked); ``quantized``:
+    quantized matrices as :class:`~arraygpt.nn.quant.QuantizedWeight` (see :func:`read_tensor`)."""
     state: dict[str, np.ndarray] = {}
     names = _GPT2_LAYER_NAMES if arch == "gpt2" else _LAYER_NAMES
     C = config.n_embd
@@ -578,13 +594,15 @@ def _state_dict(reader: Any, config: GPTConfig, arch: str) -> dict[str, np.ndarr
         key = tensor.name
         if key == "rope_freqs.weight":
             continue
-        w = read_tensor(tensor)
+        w = read_tensor(tensor, quantized=quantized and key != "position_embd.weight")
         if key in _TOP_NAMES:
             state[_TOP_NAMES[key]] = w
             continue
         _, i, short = key.split(".", 2)
         if short.startswith("attn_qkv."):
             kind = short.rsplit(".", 1)[1]
+            if isinstance(w, QuantizedWeight):
+                w = read_tensor(tensor)  # GPT-2's fused Q/K/V: split as floats
             for name, part in zip(("attn_wq", "attn_wk", "attn_wv"), (w[:C], w[C : 2 * C], w[2 * C :])):
                 state[f"layer{i}.{name}{'_b' if kind == 'bias' else ''}"] = part
             continue
@@ -594,13 +612,21 @@ def _state_dict(reader: Any, config: GPTConfig, arch: str) -> dict[str, np.ndarr
     return state
 
 
-def load_gguf(path: str | os.PathLike[str], *, dtype: str = "float32", backend: Any = None) -> Checkpoint:
-    """Read a GGUF file: the model (dequantized), its tokenizer and chat template.
+def load_gguf(
+    path: str | os.PathLike[str], *, dtype: str = "float32", backend: Any = None, quantized: bool = False
+) -> Checkpoint:
+    """Read a GGUF file: the model (dequantized, or its quantized matrices kept as blocks), its
+    tokenizer and chat template.
 
     Args:
         path: the .gguf file.
         dtype: "float32" or "float64" for the parameters.
         backend: a backend name or object; default the active one.
+        quantized: keep each quantized matrix (q8_0, q4_0, q4_1, q5_0, q5_1, q4_k, q5_k, q6_k)
+            as an ``arraygpt.nn.quant.QuantizedWeight`` over the memory-mapped file, for
+            inference (``docs/gguf.md``, "Quantized weights"): the model then trains only after
+            ``model.dequantize()``. F16/F32 tensors, the norms and GPT-2's fused Q/K/V are
+            read as float arrays. Needs the numpy backend (the blocks are a NumPy view).
 
     Returns:
         A :class:`~arraygpt.io.checkpoint.Checkpoint` with ``format="gguf"``: ``model`` (in eval
@@ -656,8 +682,15 @@ def load_gguf(path: str | os.PathLike[str], *, dtype: str = "float32", backend: 
         from arraygpt.io.gguf_tokenizer import tokenizer_from_gguf
 
         tokenizer = tokenizer_from_gguf(meta.tokenizer_values(), source, vocab_size=config.vocab_size)
-    model = GPT(config, dtype=dtype, backend=backend, init=False)
-    model.load_state_dict(_state_dict(reader, config, arch))
+    if quantized:
+        model = GPT(config, dtype=dtype, backend=backend, params=_state_dict(reader, config, arch, quantized=True))
+        if model.quantized and model.backend.name != "numpy":
+            raise ValueError(
+                f"quantized=True keeps the blocks on the host: use the numpy backend, not {model.backend.name}"
+            )
+    else:
+        model = GPT(config, dtype=dtype, backend=backend, init=False)
+        model.load_state_dict(_state_dict(reader, config, arch))
     extra = {
         "architecture": arch,
         "file_type": meta.values.get("general.file_type"),
@@ -751,7 +784,8 @@ def save_gguf(
         from arraygpt.io.gguf_tokenizer import tokenizer_to_gguf
 
         meta = tokenizer_to_gguf(tokenizer, config.vocab_size)
-    tensors = _tensors({k: to_numpy(v) for k, v in model.state_dict().items()}, config, arch)
+    state = {k: dequantize(v) if isinstance(v, QuantizedWeight) else v for k, v in model.state_dict().items()}
+    tensors = _tensors({k: to_numpy(v) for k, v in state.items()}, config, arch)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:

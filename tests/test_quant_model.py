@@ -1,0 +1,122 @@
+"""Models that run on quantized weights (GPT.quantize, load_gguf(quantized=True)) against the
+same weights dequantized by the ``gguf`` library (llama.cpp's own Python package) and run
+through the reference float path."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+gguf = pytest.importorskip("gguf", reason="quantizing and the reference dequantizer are the gguf package")
+from gguf import GGMLQuantizationType, quants
+
+from arraygpt import GPT, GPTConfig
+from arraygpt.nn.core import KVCache
+from arraygpt.nn.quant import QuantizedWeight
+
+LLAMA = GPTConfig(
+    vocab_size=96,
+    block_size=32,
+    n_layer=2,
+    n_head=4,
+    n_kv_head=2,
+    n_embd=64,
+    mlp_hidden=96,
+    norm="rmsnorm",
+    position="rope",
+    mlp="swiglu",
+    bias=False,
+    tie_embeddings=True,
+    norm_emb=False,
+    dropout=0.0,
+)
+GPT2 = GPTConfig(vocab_size=80, block_size=32, n_layer=2, n_head=2, n_embd=64, mlp_hidden=128, dropout=0.0)
+
+
+def _dense_reference(model: GPT) -> GPT:
+    """The model's weights dequantized by the gguf library, in a float32 model on the reference
+    kernels."""
+    params = {}
+    for name, w in model.state_dict().items():
+        if isinstance(w, QuantizedWeight):
+            kind = GGMLQuantizationType[w.kind.upper()]
+            w = quants.dequantize(np.asarray(w.blocks).reshape(w.shape[0], -1), kind)
+        params[name] = np.asarray(w, dtype=np.float32)
+    return GPT(model.config, kernels="reference", params=params)
+
+
+def _randomized(config: GPTConfig, seed: int) -> GPT:
+    model = GPT(config, seed=seed)
+    rng = np.random.default_rng(seed)
+    for w in model.params.values():  # norm gains and biases away from 1 and 0
+        if w.ndim == 1:
+            w[...] = rng.uniform(0.5, 1.5, w.shape).astype(np.float32) * (1 if w[0] == 1 else 0.1)
+    return model
+
+
+@pytest.mark.parametrize("kind", ["q8_0", "q4_1", "q4_0"])
+@pytest.mark.parametrize("config", [LLAMA, GPT2], ids=["llama-gqa-tied", "gpt2"])
+def test_kv_cache_decoding_on_quantized_weights_equals_the_dequantized_model(config, kind):
+    model = _randomized(config, seed=3).quantize(kind)
+    quantized = model.quantized
+    assert quantized["wte"] == kind and quantized["layer1.attn_wk"] == kind and "wpe" not in quantized
+    reference = _dense_reference(model)
+    idx = np.random.default_rng(4).integers(0, config.vocab_size, (1, 12))
+    full = np.asarray(reference.forward(idx)[0])
+    cache = KVCache(config)
+    steps = [model.forward(idx[:, :9], kv_cache=cache)[0]]  # a prompt past MAX_ROWS (prefill), then one at a time
+    for t in range(9, idx.shape[1]):
+        steps.append(model.forward(idx[:, t : t + 1], kv_cache=cache)[0])
+    np.testing.assert_allclose(np.concatenate(steps, axis=1), full, rtol=1e-4, atol=1e-4)
+    # the reference kernels on the same blocks
+    on_reference = GPT(config, kernels="reference", params=model.state_dict())
+    np.testing.assert_allclose(on_reference.forward(idx)[0], full, rtol=1e-4, atol=1e-4)
+
+
+def test_q_k_v_of_different_kinds_run_as_a_stack():
+    model = _randomized(LLAMA, seed=5).quantize("q4_0")
+    state = model.state_dict()
+    state["layer0.attn_wv"] = QuantizedWeight(
+        "q8_0",
+        quants.quantize(
+            np.asarray(np.random.default_rng(5).standard_normal((32, 64)), np.float32), GGMLQuantizationType.Q8_0
+        ).reshape(32, 2, 34),
+        (32, 64),
+    )
+    model.load_state_dict(state)
+    idx = np.array([[1, 2, 3, 4]])
+    np.testing.assert_allclose(model.forward(idx)[0], _dense_reference(model).forward(idx)[0], rtol=1e-4, atol=1e-4)
+
+
+def test_training_quantized_weights_is_refused_until_dequantized():
+    model = _randomized(LLAMA, seed=6).quantize("q8_0")
+    idx = np.array([[1, 2, 3]])
+    _, loss = model.forward(idx, targets=idx)
+    assert np.isfinite(loss)
+    with pytest.raises(RuntimeError, match=r"inference only.*model\.dequantize\(\)"):
+        model.backward()
+    model.dequantize()
+    assert model.quantized == {}
+    model.forward(idx, targets=idx)
+    assert set(model.backward()) == set(model.state_dict())
+
+
+@pytest.mark.parametrize("dtype", ["q8_0", "q4_1"])
+def test_a_gguf_file_loads_quantized_over_the_memory_mapped_blocks(tmp_path, dtype):
+    pytest.importorskip("numba")
+    from arraygpt.io.gguf import load_gguf, save_gguf
+
+    path = save_gguf(_randomized(LLAMA, seed=7), tmp_path / "m.gguf", dtype=dtype)
+    kept = load_gguf(path, quantized=True).model
+    dense = load_gguf(path).model  # dequantized by gguf.quants.dequantize
+    assert set(kept.quantized.values()) == {dtype} and len(kept.quantized) == 1 + 7 * LLAMA.n_layer
+    wo = kept.params["layer0.attn_wo"].blocks
+    assert not wo.flags.writeable  # a read-only view of the file, not a copy
+    while wo.base is not None and not isinstance(wo, np.memmap):
+        wo = wo.base
+    assert isinstance(wo, np.memmap)
+    idx = np.array([[5, 1, 4, 1, 5, 9, 2, 6, 5, 3]])
+    np.testing.assert_allclose(kept.forward(idx)[0], dense.forward(idx)[0], rtol=1e-4, atol=1e-4)
+    with pytest.raises(RuntimeError, match="inference only"):
+        kept.forward(idx, targets=idx)
+        kept.backward()
