@@ -18,6 +18,7 @@ Not here: continuing a run from a checkpoint (``arraygpt.training.resume``), the
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -166,6 +167,8 @@ def _fine_tuning_run(
             f"tokenizer; only block_size (the training window) and dropout may be given"
         )
     window = model_overrides.get("block_size", train_options.get("window"))
+    if train_options.get("window") not in (None, window):
+        raise ValueError("give the training window once: block_size and window differ")
     tc = TrainConfig(
         data=resolve_source(str(data)),
         **{**train_options, "init_from": str(Path(path).resolve()), "window": window, "tokenizer": "init_from"},
@@ -186,12 +189,13 @@ def _fine_tuning_run(
         tc = dataclasses.replace(tc, window=window)  # resume reads the window from here
     text = read_source(tc.data)
     dataset = make_dataset(text, ckpt.tokenizer, tc.mode, window, tc.val_fraction, tc.split_seed, source=tc.data)  # type: ignore[arg-type]
-    check_step_memory(dataclasses.replace(model.config, block_size=window), tc, world.size, model.backend)
-    batcher = Batcher(dataset, world.size * tc.batch_size * tc.grad_accum, seed=tc.seed)  # the global batch
     base = None
     if tc.lora_rank:
         model.add_lora(tc.lora(), seed=tc.seed)
         base = base_reference(tc.init_from)
+    trained = sum(math.prod(a.shape) for a in model.adapters.values()) if tc.lora_rank else None
+    check_step_memory(dataclasses.replace(model.config, block_size=window), tc, world.size, model.backend, trained)
+    batcher = Batcher(dataset, world.size * tc.batch_size * tc.grad_accum, seed=tc.seed)  # the global batch
     run = Run(
         tc,
         model,

@@ -39,9 +39,15 @@ class StepMemory(dict):
 
 
 def step_memory(
-    config: GPTConfig, dtype: str, batch_size: int, global_batch: int, precision: str = "full"
+    config: GPTConfig,
+    dtype: str,
+    batch_size: int,
+    global_batch: int,
+    precision: str = "full",
+    trained: int | None = None,
 ) -> StepMemory:
-    """The estimate of the module docstring, in bytes.
+    """The estimate of the module docstring, in bytes. ``trained``: how many parameters train when
+    not all do (LoRA adapters): the frozen ones need no gradient and no optimizer state.
 
     Example:
         >>> from arraygpt.config import GPTConfig
@@ -52,6 +58,8 @@ def step_memory(
     size = _ITEMSIZE.get(dtype, 4)
     P = count_params(config).total
     params = P * size * 5  # weights, two gradients, two optimizer buffers
+    if trained is not None:  # frozen weights; the adapters' weights, gradients and buffers
+        params = (P + 5 * trained) * size
     if precision != "full":  # float32 master weights and state, plus a 16-bit compute copy
         params = P * (4 * 5 + 2 * 2)
         size = 2
@@ -97,13 +105,13 @@ def _gib(n: float) -> str:
     return f"{n / 2**30:,.1f} GiB"
 
 
-def check_step_memory(config: GPTConfig, train: Any, ranks: int, backend: Any) -> None:
+def check_step_memory(config: GPTConfig, train: Any, ranks: int, backend: Any, trained: int | None = None) -> None:
     """Refuse a run whose step cannot fit in the host memory left.
 
     Args:
         config: the model's configuration; train: the TrainConfig; ranks: processes of the run;
         backend: the model's backend (only host backends, those without a device generator, are
-        checked).
+        checked); trained: the parameters that train, when not all do (LoRA).
 
     Raises:
         ValueError: naming the estimate, the memory available and the sizes to lower (those of
@@ -112,7 +120,7 @@ def check_step_memory(config: GPTConfig, train: Any, ranks: int, backend: Any) -
     if getattr(backend, "device_uniform", None) is not None:  # parameters and activations on a device
         return
     need = step_memory(
-        config, train.dtype, train.batch_size, ranks * train.batch_size * train.grad_accum, train.precision
+        config, train.dtype, train.batch_size, ranks * train.batch_size * train.grad_accum, train.precision, trained
     )
     available = available_memory()
     if available is None or need.total <= available:
