@@ -169,6 +169,8 @@ def test_each_fine_tuning_recipe_runs_shortened(recipe, tmp_path, text_file):
         if key in TRAIN_FIELDS and key not in overrides:
             assert train_config[key] == (list(value) if isinstance(value, list) else value), key
     assert Path(train_config["init_from"]).resolve() == model_dir.resolve()
+    if "window" in TRAIN_FIELDS:
+        assert train_config["window"] == 16  # block_size, with init_from: the training window
 
 
 # ---------------------------------------------------------------------------------------------

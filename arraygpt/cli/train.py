@@ -198,7 +198,8 @@ def _sizes(args: argparse.Namespace, options: dict) -> str:
     from arraygpt.training.config import TrainConfig
 
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
-    preset = GPTConfig.preset(args.preset or DEFAULT_PRESET) if not args.resume else None
+    fresh = not args.resume and not getattr(args, "init_from", None)  # else the sizes are the saved model's
+    preset = GPTConfig.preset(args.preset or DEFAULT_PRESET) if fresh else None
     shown = []
     for name in ("batch_size", "grad_accum", "block_size", "n_embd", "n_layer", "vocab_size"):
         value = options.get(name, defaults.get(name, getattr(preset, name, None)))
