@@ -17,7 +17,6 @@ from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pytest
-import tomllib
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -26,6 +25,11 @@ from arraygpt.cli.options import apply_recipe, parse_bool, parse_finite, read_re
 from arraygpt.cli.train import _parser
 from arraygpt.config import PRESETS, GPTConfig
 from arraygpt.training.config import TrainConfig
+
+try:  # the independent reader of the recipes: the standard library's (tomli is the same on Python 3.10)
+    import tomllib
+except ModuleNotFoundError:
+    import tomli as tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "examples" / "recipes").glob("*.toml"))
