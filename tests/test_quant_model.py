@@ -10,6 +10,7 @@ import pytest
 gguf = pytest.importorskip("gguf", reason="quantizing and the reference dequantizer are the gguf package")
 from gguf import GGMLQuantizationType, quants
 
+import arraygpt
 from arraygpt import GPT, GPTConfig
 from arraygpt.nn.core import KVCache
 from arraygpt.nn.quant import QuantizedWeight
@@ -108,6 +109,7 @@ def test_a_gguf_file_loads_quantized_over_the_memory_mapped_blocks(tmp_path, dty
 
     path = save_gguf(_randomized(LLAMA, seed=7), tmp_path / "m.gguf", dtype=dtype)
     kept = load_gguf(path, quantized=True).model
+    assert arraygpt.load(path, quantized=True).model.quantized == kept.quantized
     dense = load_gguf(path).model  # dequantized by gguf.quants.dequantize
     assert set(kept.quantized.values()) == {dtype} and len(kept.quantized) == 1 + 7 * LLAMA.n_layer
     wo = kept.params["layer0.attn_wo"].blocks

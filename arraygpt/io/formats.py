@@ -87,7 +87,9 @@ def _llama() -> Any:
     return interop_llama
 
 
-def load(path: str | os.PathLike[str], *, backend: Any = None, dtype: str | None = None) -> Checkpoint:
+def load(
+    path: str | os.PathLike[str], *, backend: Any = None, dtype: str | None = None, quantized: bool = False
+) -> Checkpoint:
     """Open a model directory: an arraygpt checkpoint or run folder, or a transformers GPT-2, Llama,
     Qwen2 or Mistral directory.
 
@@ -96,6 +98,7 @@ def load(path: str | os.PathLike[str], *, backend: Any = None, dtype: str | None
         backend: a backend name or object for the parameters; default the active backend.
         dtype: "float32" or "float64"; default the checkpoint's own dtype (arraygpt) or float32
             (GPT-2; float16/bfloat16 files are widened).
+        quantized: a .gguf file only: keep its quantized matrices as blocks (``load_gguf``).
 
     Returns:
         A :class:`arraygpt.io.checkpoint.Checkpoint`: ``model``, ``tokenizer`` (None when the
@@ -116,7 +119,9 @@ def load(path: str | os.PathLike[str], *, backend: Any = None, dtype: str | None
     if fmt == "gguf":  # a .gguf file, arraygpt.io.gguf
         from arraygpt.io.gguf import load_gguf
 
-        return load_gguf(folder, dtype=dtype or "float32", backend=backend)
+        return load_gguf(folder, dtype=dtype or "float32", backend=backend, quantized=quantized)
+    if quantized:
+        raise ValueError(f"quantized=True keeps a GGUF file's blocks; {path} is a {fmt} checkpoint")
     if fmt == "arraygpt":
         return checkpoint.load_checkpoint(folder, backend=backend, dtype=dtype, open_base=load)
     reader = gpt2.load_gpt2 if fmt == "gpt2" else _llama().load_llama

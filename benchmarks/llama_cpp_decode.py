@@ -1,0 +1,264 @@
+"""Decode and prefill speed and peak memory of a SmolLM2-135M-shaped model stored as GGUF:
+arraygpt on the quantized blocks, transformers in float32 from the same file, llama.cpp.
+
+Run by hand on a quiet machine (timings are not tests):
+
+    .venv/bin/python benchmarks/llama_cpp_decode.py                       # q4_1 and q8_0, 1 and 2 threads
+    .venv/bin/python benchmarks/llama_cpp_decode.py --dtypes q8_0 --threads 2 --rounds 1   # a quick check
+    .venv/bin/python benchmarks/llama_cpp_decode.py --profile q4_1        # where one decode step goes
+
+The model: 30 layers, 576 wide, 9 heads / 3 KV heads, MLP 1536, vocabulary 49,152, tied
+embeddings (SmolLM2-135M's shape), random weights (seed 0), written once per dtype by
+``arraygpt.save(..., format="gguf", dtype=...)`` with a byte tokenizer (its rows padded to the
+vocabulary), into ``--dir`` (default a temporary folder).
+
+Sides, each in its own process, alternating, ``--rounds`` rounds (default 3), medians:
+
+- ``arraygpt``: ``arraygpt.load(path, quantized=True)`` (blocks memory-mapped from the file), a
+  greedy loop over ``forward(..., kv_cache=..., last_only=True)``;
+- ``transformers``: ``AutoModelForCausalLM.from_pretrained(dir, gguf_file=...)`` (dequantized to
+  float32), ``generate(do_sample=False)`` with its KV cache;
+- ``llama_cpp``: ``llama_cpp.Llama`` (llama-cpp-python, installed by hand, not a test
+  requirement), greedy ``generate`` (temperature 0); ``use_extra_bufts=False`` where the AMX path
+  crashes under a virtual machine.
+
+Per process: a ``--prompt``-token prompt (default 32) then ``--new`` tokens (default 128): decode
+tokens/s over the new tokens; a ``--prefill``-token prompt (default 256) alone: prefill tokens/s;
+the peak resident memory of the process (``ru_maxrss``). Each side runs one warm-up generation
+of 8 tokens before the timed ones. ``--threads`` (default 1,2) sets ARRAYGPT_NUM_THREADS,
+NUMBA_NUM_THREADS, OMP/MKL/OPENBLAS_NUM_THREADS and llama.cpp's ``n_threads``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import alternate, cpu_model, median, ratio, run_worker, spread, thread_env
+
+SHAPE = dict(
+    vocab_size=49152,
+    block_size=2048,
+    n_layer=30,
+    n_head=9,
+    n_kv_head=3,
+    n_embd=576,
+    mlp_hidden=1536,
+    norm="rmsnorm",
+    position="rope",
+    mlp="swiglu",
+    bias=False,
+    tie_embeddings=True,
+    norm_emb=False,
+    rope_theta=100000.0,
+    dropout=0.0,
+)
+SIDES = ("arraygpt", "transformers", "llama_cpp")
+
+
+def write_model(folder: Path, dtype: str, layers: int) -> Path:
+    """The random SmolLM2-shaped model as ``folder/smollm2-<dtype>.gguf`` (written once)."""
+    path = folder / f"smollm2-{dtype}-{layers}.gguf"
+    if not path.exists():
+        import arraygpt
+        from arraygpt import GPT, GPTConfig
+        from arraygpt.io.tokenizers import ByteTokenizer
+
+        model = GPT(GPTConfig(**{**SHAPE, "n_layer": layers}), seed=0)
+        arraygpt.save(model, path, format="gguf", dtype=dtype, tokenizer=ByteTokenizer())
+    return path
+
+
+def _ids(n: int, seed: int) -> list[int]:
+    return [int(i) for i in np.random.default_rng(seed).integers(300, 49152, n)]
+
+
+def _peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kilobytes
+
+
+def worker_arraygpt(path: str, prompt: list[int], new: int, prefill: list[int]) -> dict:
+    import arraygpt
+    from arraygpt.nn.core import KVCache
+
+    model = arraygpt.load(path, quantized=True).model
+
+    def generate(ids: list[int], n: int) -> tuple[list[int], float, float]:
+        cache = KVCache(model.config)
+        t0 = time.perf_counter()
+        logits, _ = model.forward(np.array([ids]), kv_cache=cache, last_only=True)
+        t1 = time.perf_counter()
+        out = [int(np.argmax(logits[0, -1]))]
+        for _ in range(n - 1):
+            logits, _ = model.forward(np.array([[out[-1]]]), kv_cache=cache, last_only=True)
+            out.append(int(np.argmax(logits[0, -1])))
+        return out, t1 - t0, time.perf_counter() - t1
+
+    generate(prompt, 8)
+    tokens, _, decode_s = generate(prompt, new + 1)  # new tokens after the first (which the prompt gives)
+    _, prefill_s, _ = generate(prefill, 1)
+    return dict(decode_tps=new / decode_s, prefill_tps=len(prefill) / prefill_s, tokens=tokens[:8])
+
+
+def worker_transformers(path: str, prompt: list[int], new: int, prefill: list[int]) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    model = AutoModelForCausalLM.from_pretrained(
+        str(Path(path).parent), gguf_file=Path(path).name, torch_dtype=torch.float32
+    ).eval()
+
+    def generate(ids: list[int], n: int) -> tuple[list[int], float]:
+        with torch.no_grad():
+            t0 = time.perf_counter()
+            out = model.generate(
+                torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0
+            )
+            return out[0, len(ids) :].tolist(), time.perf_counter() - t0
+
+    generate(prompt, 8)
+    _, first_s = generate(prompt, 1)  # the prompt and the first token
+    tokens, total_s = generate(prompt, new + 1)
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        model(torch.tensor([prefill]))
+        prefill_s = time.perf_counter() - t0
+    return dict(decode_tps=new / (total_s - first_s), prefill_tps=len(prefill) / prefill_s, tokens=tokens[:8])
+
+
+def worker_llama_cpp(path: str, prompt: list[int], new: int, prefill: list[int]) -> dict:
+    from llama_cpp import Llama
+
+    threads = int(os.environ.get("OMP_NUM_THREADS", "1"))
+    llm = Llama(
+        model_path=path,
+        n_ctx=512,
+        n_batch=512,
+        n_threads=threads,
+        n_threads_batch=threads,
+        verbose=False,
+        use_extra_bufts=False,
+    )
+
+    def generate(ids: list[int], n: int) -> tuple[list[int], float, float]:
+        llm.reset()
+        out, t0 = [], time.perf_counter()
+        t1 = t0
+        for token in llm.generate(ids, temp=0.0, top_k=1, reset=True):
+            if not out:
+                t1 = time.perf_counter()  # the prompt evaluated and the first token sampled
+            out.append(int(token))
+            if len(out) == n:
+                break
+        return out, t1 - t0, time.perf_counter() - t1
+
+    generate(prompt, 8)
+    tokens, _, decode_s = generate(prompt, new + 1)
+    llm.reset()
+    t0 = time.perf_counter()
+    llm.eval(prefill)
+    prefill_s = time.perf_counter() - t0
+    return dict(decode_tps=new / decode_s, prefill_tps=len(prefill) / prefill_s, tokens=tokens[:8])
+
+
+WORKERS = {"arraygpt": worker_arraygpt, "transformers": worker_transformers, "llama_cpp": worker_llama_cpp}
+
+
+def profile(path: Path, steps: int = 32) -> None:
+    """cProfile of ``steps`` decode steps of arraygpt on ``path``: where a step's time goes."""
+    import cProfile
+    import pstats
+
+    import arraygpt
+    from arraygpt.nn.core import KVCache
+
+    model = arraygpt.load(path, quantized=True).model
+    cache = KVCache(model.config)
+    model.forward(np.array([_ids(32, 1)]), kv_cache=cache, last_only=True)
+    token = np.array([[1000]])
+    model.forward(token, kv_cache=cache, last_only=True)
+    prof = cProfile.Profile()
+    t0 = time.perf_counter()
+    prof.enable()
+    for _ in range(steps):
+        model.forward(token, kv_cache=cache, last_only=True)
+    prof.disable()
+    print(f"{(time.perf_counter() - t0) / steps * 1e3:.1f} ms per decode step ({steps} steps)")
+    pstats.Stats(prof).sort_stats("tottime").print_stats(14)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dtypes", default="q4_1,q8_0")
+    parser.add_argument("--threads", default="1,2")
+    parser.add_argument("--sides", default=",".join(SIDES))
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--prompt", type=int, default=32)
+    parser.add_argument("--new", type=int, default=128)
+    parser.add_argument("--prefill", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=30)
+    parser.add_argument("--dir", default=None, help="where the GGUF files are written (kept)")
+    parser.add_argument("--profile", default=None, metavar="DTYPE", help="profile arraygpt's decode step instead")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--path", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    prompt, prefill = _ids(args.prompt, 1), _ids(args.prefill, 2)
+    if args.worker:
+        result = WORKERS[args.worker](args.path, prompt, args.new, prefill)
+        print(json.dumps({**result, "peak_mb": _peak_mb()}))
+        return
+    folder = Path(args.dir or tempfile.mkdtemp(prefix="arraygpt-bench-"))
+    folder.mkdir(parents=True, exist_ok=True)
+    if args.profile:
+        profile(write_model(folder, args.profile, args.layers))
+        return
+    print(f"CPU: {cpu_model()}")
+    sides = args.sides.split(",")
+    common = ["--prompt", str(args.prompt), "--new", str(args.new), "--prefill", str(args.prefill)]
+    for dtype in args.dtypes.split(","):
+        path = write_model(folder, dtype, args.layers)
+        print(f"\n{path.name}: {path.stat().st_size / 2**20:.1f} MiB")
+        for threads in [int(t) for t in args.threads.split(",")]:
+            env = {**thread_env(threads), "NUMBA_NUM_THREADS": str(threads)}
+            results = alternate(
+                sides,
+                args.rounds,
+                lambda side, r: run_worker(__file__, side, ["--path", str(path), *common], env=env),
+                lambda side, r, res: print(
+                    f"  round {r} {side:12s} decode {res['decode_tps']:6.1f} tok/s  prefill "
+                    f"{res['prefill_tps']:7.1f} tok/s  peak {res['peak_mb']:6.0f} MB  first {res['tokens'][:4]}",
+                    flush=True,
+                ),
+            )
+            print(f" {dtype}, {threads} thread(s), medians of {args.rounds} rounds:")
+            med = {
+                s: {k: median(r[k] for r in results[s]) for k in ("decode_tps", "prefill_tps", "peak_mb")}
+                for s in sides
+            }
+            for side in sides:
+                rows = results[side]
+                print(
+                    f"  {side:12s} decode {spread([r['decode_tps'] for r in rows], '.1f')} tok/s, prefill "
+                    f"{spread([r['prefill_tps'] for r in rows], '.0f')} tok/s, peak {spread([r['peak_mb'] for r in rows], '.0f')} MB"
+                )
+            for other in [s for s in sides if s != "arraygpt"]:
+                if "arraygpt" in med:
+                    print(
+                        f"  arraygpt / {other}: decode {ratio(med['arraygpt']['decode_tps'], med[other]['decode_tps'])}, "
+                        f"prefill {ratio(med['arraygpt']['prefill_tps'], med[other]['prefill_tps'])}, "
+                        f"peak memory {ratio(med['arraygpt']['peak_mb'], med[other]['peak_mb'])}"
+                    )
+
+
+if __name__ == "__main__":
+    main()
