@@ -185,6 +185,14 @@ def test_lora_resume_refuses_a_changed_base(base_dir, text_file, tmp_path):
     shutil.copytree(base_dir, base)
     run = tmp_path / "run"
     _train(base, text_file, run, "--lora-rank", "2", steps=2)
+    config_file = run / "last" / "config.json"
+    good = config_file.read_text()
+    for bad in ("x", {"rank": 2, "alpha": 8, "targets": ["attn_wq"], "base": "elsewhere"}):
+        config_file.write_text(json.dumps({**json.loads(good), "lora": bad}))
+        with pytest.raises(arraygpt.errors.CheckpointError, match="'lora' must hold rank, alpha, targets and base"):
+            arraygpt.load(run)
+    config_file.write_text(good)
+    arraygpt.load(run)
     os.utime(base / "model.safetensors", ns=(1, 1))
     with pytest.raises(arraygpt.errors.CheckpointError, match="changed since"):
         arraygpt.load(run)
