@@ -9,8 +9,8 @@ Run by hand on a quiet machine (timings are not tests):
 
 The model: 30 layers, 576 wide, 9 heads / 3 KV heads, MLP 1536, vocabulary 49,152, tied
 embeddings (SmolLM2-135M's shape), random weights (seed 0), written once per dtype by
-``arraygpt.save(..., format="gguf", dtype=...)`` with a byte tokenizer (its rows padded to the
-vocabulary), into ``--dir`` (default a temporary folder).
+``arraygpt.save(..., format="gguf", dtype=...)`` with a small byte-level BPE (its rows padded to
+the vocabulary), into ``--dir`` (default a temporary folder).
 
 Sides, each in its own process, alternating, ``--rounds`` rounds (default 3), medians:
 
@@ -19,8 +19,9 @@ Sides, each in its own process, alternating, ``--rounds`` rounds (default 3), me
 - ``transformers``: ``AutoModelForCausalLM.from_pretrained(dir, gguf_file=...)`` (dequantized to
   float32), ``generate(do_sample=False)`` with its KV cache;
 - ``llama_cpp``: ``llama_cpp.Llama`` (llama-cpp-python, installed by hand, not a test
-  requirement), greedy ``generate`` (temperature 0); ``use_extra_bufts=False`` where the AMX path
-  crashes under a virtual machine.
+  requirement), greedy ``generate`` (temperature 0), with ``use_extra_bufts=False`` in its model
+  parameters (its AMX matrix path crashed on prompts in the virtual machine measured; ``Llama()``
+  does not pass that option on, so the worker sets it in ``llama_model_default_params``).
 
 Per process: a ``--prompt``-token prompt (default 32) then ``--new`` tokens (default 128): decode
 tokens/s over the new tokens; a ``--prefill``-token prompt (default 256) alone: prefill tokens/s;
@@ -71,11 +72,30 @@ def write_model(folder: Path, dtype: str, layers: int) -> Path:
     if not path.exists():
         import arraygpt
         from arraygpt import GPT, GPTConfig
-        from arraygpt.io.tokenizers import ByteTokenizer
 
         model = GPT(GPTConfig(**{**SHAPE, "n_layer": layers}), seed=0)
-        arraygpt.save(model, path, format="gguf", dtype=dtype, tokenizer=ByteTokenizer())
+        arraygpt.save(model, path, format="gguf", dtype=dtype, tokenizer=_tokenizer())
     return path
+
+
+def _tokenizer():
+    """A small byte-level BPE trained here (llama.cpp wants merges); its rows are padded to the
+    vocabulary in the file."""
+    import tokenizers
+
+    from arraygpt.io.bpe import BPETokenizer
+
+    pre = tokenizers.pre_tokenizers
+    raw = tokenizers.Tokenizer(tokenizers.models.BPE())
+    raw.pre_tokenizer = pre.ByteLevel(add_prefix_space=False)
+    raw.decoder = tokenizers.decoders.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(
+        vocab_size=300, min_frequency=1, show_progress=False, initial_alphabet=pre.ByteLevel.alphabet()
+    )
+    raw.train_from_iterator(["The quick brown fox jumps over the lazy dog. " * 4, "hello world 1234"], trainer=trainer)
+    raw.add_special_tokens([tokenizers.AddedToken("<|endoftext|>", special=True, normalized=False)])
+    eos = raw.token_to_id("<|endoftext|>")
+    return BPETokenizer(raw, bos_id=eos, eos_ids=[eos])
 
 
 def _ids(n: int, seed: int) -> list[int]:
@@ -137,18 +157,19 @@ def worker_transformers(path: str, prompt: list[int], new: int, prefill: list[in
 
 
 def worker_llama_cpp(path: str, prompt: list[int], new: int, prefill: list[int]) -> dict:
+    import llama_cpp.llama_cpp as low_level
     from llama_cpp import Llama
 
+    default_params = low_level.llama_model_default_params
+
+    def model_params():  # Llama() does not pass use_extra_bufts on: its AMX path crashes in this VM
+        params = default_params()
+        params.use_extra_bufts = False
+        return params
+
+    low_level.llama_model_default_params = model_params
     threads = int(os.environ.get("OMP_NUM_THREADS", "1"))
-    llm = Llama(
-        model_path=path,
-        n_ctx=512,
-        n_batch=512,
-        n_threads=threads,
-        n_threads_batch=threads,
-        verbose=False,
-        use_extra_bufts=False,
-    )
+    llm = Llama(model_path=path, n_ctx=512, n_batch=512, n_threads=threads, n_threads_batch=threads, verbose=False)
 
     def generate(ids: list[int], n: int) -> tuple[list[int], float, float]:
         llm.reset()

@@ -155,7 +155,7 @@ class GPTCache(NamedTuple):
     encoder: layers.EncoderCache
     emb_drop: Array | None
     norm_emb: Any | None
-    blocks: list[BlockCache]
+    blocks: list[BlockCache]  # empty for a forward with a KV cache (generation keeps no activations)
     normf: Any | None
     unembed: Any  # the unembedding's linear cache
     loss: Any | None  # the cross-entropy's cache (None without targets)
@@ -374,7 +374,8 @@ def gpt_forward(
             rope=rope,
             lora_scale=lora_scale,
         )
-        blocks.append(block)
+        if kv_cache is None:  # generation (a KV cache) has no backward: each block's activations go now
+            blocks.append(block)
     if kv_cache is not None:
         kv_cache.advance(T)
     if last_only:

@@ -555,8 +555,8 @@ class GPT:
     def attention_patterns(self) -> list[Array]:
         """The attention probabilities of the last forward, one (B, NH, T, Tk) array per layer:
         entry [b, h, t, s] is how much position t of row b attends to position s in head h."""
-        if self._caches is None:
-            raise RuntimeError("attention_patterns() needs a forward() first")
+        if self._caches is None or not self._caches[0].blocks:
+            raise RuntimeError("attention_patterns() needs a forward() without kv_cache first")
         per_chunk = [[block.attn.probs for block in cache.blocks] for cache in self._caches]
         if len(per_chunk) == 1:
             return per_chunk[0]
