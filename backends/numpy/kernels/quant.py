@@ -284,6 +284,9 @@ def _product(x2: np.ndarray, w: quant.QuantizedWeight, threads: int, out: np.nda
             xsum = x2.reshape(M, K // 32, 32).sum(axis=-1)  # (M, nb)
             _q4_rows(x2, p.blocks.reshape(N, -1), p.d, p.mins, xsum, p.start, p.high, chunks, out)
     else:
+        # the tiles are decoded on this thread alone: BLAS's threads do the product, and numba's
+        # workers spinning beside them made a 256-token prefill 8x slower on 2 cores
+        numba().set_num_threads(1)
         tile = np.empty((min(TILE, N), K), dtype=np.float32)
         for r0 in range(0, N, TILE):
             rows = min(TILE, N - r0)
