@@ -117,6 +117,10 @@ def test_a_gguf_file_loads_quantized_over_the_memory_mapped_blocks(tmp_path, dty
     while wo.base is not None and not isinstance(wo, np.memmap):
         wo = wo.base
     assert isinstance(wo, np.memmap)
+    # gate and up lie back to back in the file: their stack is a view of it too, no copy
+    fused = kept._core_params["layer1.mlp_gate_up"].blocks
+    assert not fused.flags.writeable and np.shares_memory(fused, kept.params["layer1.mlp_up"].blocks)
+    assert np.array_equal(fused[LLAMA.mlp_hidden :], kept.params["layer1.mlp_up"].blocks)
     idx = np.array([[5, 1, 4, 1, 5, 9, 2, 6, 5, 3]])
     np.testing.assert_allclose(kept.forward(idx)[0], dense.forward(idx)[0], rtol=1e-4, atol=1e-4)
     with pytest.raises(RuntimeError, match="inference only"):

@@ -258,9 +258,35 @@ def concat_rows(weights: list[QuantizedWeight]) -> QuantizedWeight | QuantizedSt
         raise ValueError("concat_rows needs weights of one input width")
     if any(w.kind != first.kind for w in weights):
         return QuantizedStack(tuple(weights))
-    xp = namespace(first.blocks)
-    blocks = xp.concat([w.blocks for w in weights], axis=0)
+    blocks = _adjacent([w.blocks for w in weights])
+    if blocks is None:
+        blocks = namespace(first.blocks).concat([w.blocks for w in weights], axis=0)
     return QuantizedWeight(first.kind, blocks, (int(blocks.shape[0]), first.shape[1]))
+
+
+def _adjacent(parts: list[Any]) -> Any:
+    """NumPy blocks that lie one after the other in one buffer (tensors stored back to back in a
+    memory-mapped GGUF file) as one view of that buffer, so that stacking them copies nothing;
+    None for anything else."""
+    import numpy as np
+
+    if not all(type(b) in (np.ndarray, np.memmap) and b.flags.c_contiguous for b in parts):
+        return None
+    roots = []
+    for b in parts:
+        while isinstance(b.base, np.ndarray):
+            b = b.base
+        roots.append(b)
+    root = roots[0]
+    if any(r is not root for r in roots) or root.ndim != 1 or root.dtype != np.uint8 or not root.flags.c_contiguous:
+        return None
+    start = parts[0].__array_interface__["data"][0] - root.__array_interface__["data"][0]
+    end = start
+    for b in parts:
+        if b.__array_interface__["data"][0] - root.__array_interface__["data"][0] != end:
+            return None
+        end += b.nbytes
+    return root[start:end].reshape(sum(int(b.shape[0]) for b in parts), *parts[0].shape[1:])
 
 
 def split_rows(w: QuantizedWeight | QuantizedStack, widths: list[int]) -> list[QuantizedWeight]:
