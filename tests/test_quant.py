@@ -238,3 +238,17 @@ def test_backward_through_quantized_weights_is_refused_with_what_to_do():
     )
     with pytest.raises(RuntimeError, match="inference only.*dtype='float32'"):
         quantized_linear_backward(np.ones((1, 1), np.float32), cache)
+
+
+@pytest.mark.parametrize("kind", ["q4_k", "q5_k", "q6_k"])
+@pytest.mark.parametrize("M", [1, 10])
+def test_the_k_quants_run_a_tile_of_rows_at_a_time(monkeypatch, kind, M):
+    kernel = _kernel()
+    monkeypatch.setattr(kernel, "TILE", 3)
+    blocks = _random_blocks(kind, 7, 2, M)
+    w = QuantizedWeight(kind, blocks, (7, 512))
+    x = np.random.default_rng(M).standard_normal((M, 512)).astype(np.float32)
+    out, _ = kernel.quantized_linear_forward(x, w)
+    dense = quants.dequantize(blocks.reshape(7, -1), TYPES[kind]).astype(np.float64)
+    bound = 2 * 512 * np.finfo(np.float32).eps * (np.abs(x) @ np.abs(dense).T) + 1e-6
+    assert np.all(np.abs(out - x @ dense.T) <= bound)

@@ -15,7 +15,9 @@ Two paths, by the number of rows M of x:
 
 Prepared per weight, once, and cached while the weight lives: the float16 scales (and mins) as
 float32 arrays, (out, in / 32) each; the blocks themselves stay where they are (a memory-mapped
-file). Kinds: q8_0, q4_0, q4_1, q5_0, q5_1; the K-quants (q4_k, q5_k, q6_k) go to the reference.
+file). Kinds: q8_0, q4_0, q4_1, q5_0, q5_1; the K-quants (q4_k, q5_k, q6_k) are decoded by the
+reference's array-API code a tile of TILE rows at a time, then multiplied with BLAS (slow, but
+the float32 memory is one tile, not the whole matrix).
 
 Rounding: the kernels sum in another order than the reference's BLAS product; both are within
 the float32 bound of a dot product, ``|error| <= K eps sum_j |w_j x_j|`` (K = in), where
@@ -240,7 +242,7 @@ def takes(x: Any, w: Any, b: Any = None) -> bool:
         and x.dtype == np.float32
         and x.ndim >= 1
         and isinstance(w, quant.QuantizedWeight)
-        and w.kind in _HEADER
+        and w.kind in quant.BLOCKS
         and type(w.blocks) in (np.ndarray, np.memmap)
         and x.shape[-1] == w.shape[1]
         and x.size > 0
@@ -272,10 +274,17 @@ def quantized_linear_forward(x: Any, w: Any, b: Any = None) -> tuple[Any, Any]:
 
 
 def _product(x2: np.ndarray, w: quant.QuantizedWeight, threads: int, out: np.ndarray) -> None:
-    """out (M, N) = x2 (M, K) @ dequantize(w).T, on the blocks."""
-    p = prepare(w)
+    """out (M, N) = x2 (M, K) @ dequantize(w).T, on the blocks (the K-quants: the reference's
+    decoding, a tile of rows at a time, then BLAS)."""
     M, K = x2.shape
     N = w.shape[0]
+    if w.kind not in _HEADER:
+        for r0 in range(0, N, TILE):
+            rows = min(TILE, N - r0)
+            tile = quant.dequantize(quant.QuantizedWeight(w.kind, w.blocks[r0 : r0 + rows], (rows, K)))
+            np.matmul(x2, tile.T, out=out[:, r0 : r0 + rows])
+        return
+    p = prepare(w)
     if M <= MAX_ROWS:
         chunks = threads if N >= 64 * threads else 1
         if p.start < 0:
