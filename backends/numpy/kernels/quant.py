@@ -178,7 +178,7 @@ _dequantize_tile = _ParallelJit(_tile_source)
 class _Prepared(NamedTuple):
     blocks: np.ndarray  # (N, nb, bytes per block): the weight's own bytes, int8 for Q8_0, else uint8
     d: np.ndarray  # (N, nb) float32 scales
-    mins: np.ndarray  # (N, nb) float32 constant term of each block (zeros for Q8_0)
+    mins: np.ndarray  # (N, nb) float32 constant term of each block (Q8_0: d again, unread)
     start: int  # first byte of the quants (-1: Q8_0)
     high: bool  # a fifth bit per value (Q5_0, Q5_1)
 
@@ -204,7 +204,7 @@ def prepare(w: quant.QuantizedWeight) -> _Prepared:
     start, high = _HEADER[w.kind]
     d = _f16(blocks, 0)
     if w.kind == "q8_0":
-        prepared = _Prepared(blocks.view(np.int8), d, np.zeros_like(d), start, high)
+        prepared = _Prepared(blocks.view(np.int8), d, d, start, high)  # Q8_0 has no constant term: never read
     else:
         mins = {"q4_0": -8.0 * d, "q5_0": -16.0 * d}.get(w.kind)
         prepared = _Prepared(blocks, d, _f16(blocks, 2) if mins is None else mins, start, high)
