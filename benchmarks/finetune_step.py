@@ -65,7 +65,7 @@ def _peak_mb() -> float:
 
 def _arraygpt_step(lora: bool, rank: int, alpha: float, lr: float):
     from arraygpt import GPT, GPTConfig
-    from arraygpt.nn.model import LoRA
+    from arraygpt.nn.lora import LoRA
     from arraygpt.training.optim import create_optimizer
 
     model = GPT(GPTConfig.preset(PRESET), seed=0)

@@ -14,7 +14,8 @@ from test_layers import gradcheck
 
 from arraygpt.config import GPTConfig
 from arraygpt.nn import layers
-from arraygpt.nn.model import GPT, LoRA
+from arraygpt.nn.lora import LoRA
+from arraygpt.nn.model import GPT
 from arraygpt.xp import load_backend, to_numpy
 
 torch = pytest.importorskip("torch")

@@ -367,7 +367,7 @@ def _lora_model(
     open_base: Callable[..., Any] | None,
 ) -> tuple[GPT, dict[str, Any]]:
     """The base model named by a LoRA checkpoint's config, checked unchanged, with the adapters."""
-    from arraygpt.nn.model import LoRA
+    from arraygpt.nn.lora import LoRA
 
     where = path / CONFIG_FILE
     base = lora.get("base") if isinstance(lora, dict) else None

@@ -11,7 +11,6 @@ across threads (``runner.py``), optimizers, training loops, sampling, checkpoint
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import math
 from collections.abc import Mapping
@@ -22,45 +21,12 @@ from arraygpt.nn import core, quant
 from arraygpt.nn.core import GPTCache, KVCache
 from arraygpt.nn.dropout import dropout_coins, dropout_row_seeds
 from arraygpt.nn.kernels import select_kernels
-from arraygpt.nn.params import count_params, param_shapes
+from arraygpt.nn.lora import LORA_TARGETS, LoRA, init_adapters, merge
+from arraygpt.nn.params import count_params, fuse, param_shapes
 from arraygpt.nn.runner import BatchRunner
 from arraygpt.xp import Array, Backend, get_backend, host_full, host_namespace, host_rng, load_backend, to_numpy
 
-__all__ = ["GPT", "LORA_TARGETS", "LoRA"]
-
-# the weights a LoRA adapter may attach to (those of the model's MLP kind)
-LORA_TARGETS = ("attn_wq", "attn_wk", "attn_wv", "attn_wo", "mlp_fc1", "mlp_fc2", "mlp_gate", "mlp_up", "mlp_down")
-
-
-@dataclasses.dataclass(frozen=True)
-class LoRA:
-    """LoRA adapters' settings (Hu et al. 2021; PEFT's LoraConfig): rank r, alpha (the update is
-    scaled by alpha / r; PEFT's default lora_alpha is 8) and the weights they attach to (PEFT's
-    default for Llama-style models: q_proj and v_proj, arraygpt's attn_wq and attn_wv)."""
-
-    rank: int
-    alpha: float = 8.0
-    targets: tuple[str, ...] = ("attn_wq", "attn_wv")
-
-    def __post_init__(self) -> None:
-        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
-            raise ValueError(f"LoRA rank must be a positive integer, got {self.rank!r}")
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha):
-            raise ValueError(f"LoRA alpha must be a finite number, got {self.alpha!r}")
-        targets = tuple(self.targets)
-        unknown = [t for t in targets if t not in LORA_TARGETS]
-        if not targets or unknown or len(set(targets)) != len(targets):
-            raise ValueError(
-                f"LoRA targets must be distinct names among {', '.join(LORA_TARGETS)}, got {', '.join(targets) or 'none'}"
-            )
-        object.__setattr__(self, "targets", targets)
-
-    @property
-    def scale(self) -> float:
-        return self.alpha / self.rank
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"rank": self.rank, "alpha": self.alpha, "targets": list(self.targets)}
+__all__ = ["GPT"]
 
 
 class GPT:
@@ -128,7 +94,7 @@ class GPT:
             self.params: dict[str, Array] = self._given_params(params)
         else:
             self.params = self._init_params(seed) if init else self._zero_params()
-        self._core_params = self._fuse_qkv()
+        self._core_params = fuse(self.params, self.config.n_layer, self.xp)
         self.kernels = select_kernels(config, self.backend, dtype, kernels)
         self.runner = BatchRunner(self.backend.threads if threads is None else threads, self.backend)
         self._dropout_rng = host_rng(seed + 1)
@@ -210,7 +176,7 @@ class GPT:
             if len(w.shape) == 2 and name != "wpe" and w.shape[1] % per_block == 0:
                 dense = quant.dequantize(w) if isinstance(w, quant.QuantizedWeight) else to_numpy(w)
                 self.params[name] = quant.quantize(dense, kind)
-        self._core_params = {**self._fuse_qkv(), **self.adapters}
+        self._core_params = {**fuse(self.params, self.config.n_layer, self.xp), **self.adapters}
         return self
 
     def dequantize(self) -> GPT:
@@ -219,48 +185,13 @@ class GPT:
         for name, w in self.params.items():
             if isinstance(w, quant.QuantizedWeight):
                 self.params[name] = self._to_backend(to_numpy(quant.dequantize(w)), self.dtype)
-        self._core_params = {**self._fuse_qkv(), **self.adapters}
+        self._core_params = {**fuse(self.params, self.config.n_layer, self.xp), **self.adapters}
         return self
 
     @property
     def quantized(self) -> dict[str, str]:
         """Name -> kind of each parameter stored as GGUF blocks (empty for a float model)."""
         return {name: w.kind for name, w in self.params.items() if isinstance(w, quant.QuantizedWeight)}
-
-    def _fuse_qkv(self) -> dict[str, Array]:
-        """Fused storage, the one place it is defined: each layer's query, key and value weights
-        live in one (D + 2 Dkv, C) buffer ``layer{i}.attn_wqkv`` (biases in one ``attn_wqkv_b``;
-        D = n_head * head_dim, Dkv = n_kv_head * head_dim, so the parts are unequal under
-        grouped-query attention), a SwiGLU MLP's gate and up weights in one (2H, C) buffer
-        ``layer{i}.mlp_gate_up``, and ``params[...attn_wq]`` etc. are views of them, so each
-        projection is one matmul with no per-step concatenation. The core finds the buffers by
-        those names; the state dict does not list them. Parameters must therefore be updated in
-        place (``p -= ...``, ``p[...] = ...``), as the optimizers and ``load_state_dict`` do.
-
-        Returns the dict the core reads: the parameters plus the fused buffers."""
-        xp = self.xp
-        core_params = dict(self.params)
-        for i in range(self.config.n_layer):
-            for fused, parts in (("attn_wqkv", core.QKV), ("mlp_gate_up", core.GATE_UP)):
-                for suffix in ("", "_b"):
-                    names = [f"layer{i}.{part}{suffix}" for part in parts]
-                    if names[0] not in self.params:
-                        continue
-                    values = [self.params[name] for name in names]
-                    widths = [value.shape[0] for value in values]
-                    if any(quant.is_quantized(value) for value in values):  # GGUF blocks: rows stack as they are
-                        if not all(isinstance(value, quant.QuantizedWeight) for value in values):
-                            raise ValueError(f"{', '.join(names)}: all quantized or none (a GPT fuses them)")
-                        buffer = quant.concat_rows(values)
-                        views = quant.split_rows(buffer, widths)
-                    else:
-                        buffer = xp.concat(values)  # (sum of widths, C) or (sum,)
-                        starts = [sum(widths[:j]) for j in range(len(widths))]
-                        views = [buffer[a : a + width, ...] for a, width in zip(starts, widths)]
-                    for name, view in zip(names, views):
-                        self.params[name] = core_params[name] = view
-                    core_params[f"layer{i}.{fused}{suffix}"] = buffer
-        return core_params
 
     # -- LoRA adapters ------------------------------------------------------------------------
 
@@ -282,17 +213,7 @@ class GPT:
             raise ValueError(
                 f"LoRA target(s) {', '.join(missing)} are not weights of this model; it has {', '.join(has)}"
             )
-        rng = host_rng([seed, 17])
-        adapters = {}
-        for i in range(self.config.n_layer):
-            for target in lora.targets:
-                out, fan_in = self.params[f"layer{i}.{target}"].shape
-                bound = 1.0 / math.sqrt(fan_in)
-                a = rng.uniform(-bound, bound, (lora.rank, fan_in))  # (r, in)
-                adapters[f"layer{i}.{target}.lora_a"] = self.backend.asarray(a.astype(self.dtype))
-                adapters[f"layer{i}.{target}.lora_b"] = self.backend.asarray(
-                    host_full((out, lora.rank), 0.0).astype(self.dtype)
-                )
+        adapters = init_adapters(self.params, self.config.n_layer, lora, seed, self.dtype, self.backend)
         self.lora, self.adapters = lora, adapters
         self._core_params.update(adapters)
 
@@ -326,11 +247,8 @@ class GPT:
         model = GPT(self.config, dtype=self.dtype, backend=self.backend, init=False, threads=self.threads)
         model.load_state_dict(self.params)
         if self.lora is not None:
-            for i in range(self.config.n_layer):
-                for target in self.lora.targets:
-                    name = f"layer{i}.{target}"
-                    a, b = self.adapters[name + ".lora_a"], self.adapters[name + ".lora_b"]
-                    model.params[name][...] = self.params[name] + self.lora.scale * (b @ a)  # (out, in)
+            for name, weight in merge(self.params, self.adapters, self.lora, self.config.n_layer).items():
+                model.params[name][...] = weight
         model.set_rng_state(self.rng_state())
         return model
 
@@ -365,7 +283,7 @@ class GPT:
             else:
                 self.params[name][...] = value
         if any(quant.is_quantized(v) for v in converted.values()) or self.quantized:
-            self._core_params = {**self._fuse_qkv(), **self.adapters}
+            self._core_params = {**fuse(self.params, self.config.n_layer, self.xp), **self.adapters}
 
     def num_params(self) -> int:
         return count_params(self.config).total
@@ -455,12 +373,12 @@ class GPT:
         """
         cfg = self.config
         past = kv_cache.length if kv_cache is not None else 0
-        idx = self._check_tokens(idx, "idx", past)
+        idx = check_tokens(idx, "idx", past, cfg, self.backend)
         B, T = idx.shape
         if targets is not None:
             if kv_cache is not None:
                 raise ValueError("targets cannot be combined with kv_cache (the cache is for generation)")
-            targets = self._check_tokens(targets, "targets", 0, allow_ignore=True)
+            targets = check_tokens(targets, "targets", 0, cfg, self.backend, allow_ignore=True)
             if targets.shape != idx.shape:
                 raise ValueError(f"targets must have idx's shape {tuple(idx.shape)}, got {tuple(targets.shape)}")
             if last_only:
@@ -565,7 +483,7 @@ class GPT:
     def residual_stream(self, idx: Any) -> list[Array]:
         """The residual stream (B, T, C) after the embedding and after each block, for ``idx``
         (eval mode, no dropout): what the logit lens unembeds (``arraygpt.nn.core.unembed``)."""
-        idx = self._check_tokens(idx, "idx", 0)
+        idx = check_tokens(idx, "idx", 0, self.config, self.backend)
         return core.residual_stream(self._core_params, self.config, idx, self.kernels, self._lora_scale)
 
     def unembed(self, x: Array) -> Array:
@@ -574,29 +492,32 @@ class GPT:
 
     # -- input checks ------------------------------------------------------------------------
 
-    def _check_tokens(self, tokens: Any, arg: str, past: int, allow_ignore: bool = False) -> Array:
-        """Validate a (B, T) integer array of token ids and move it to the backend. Host arrays are
-        checked on the host, before the transfer, so that no device sync is needed."""
-        on_backend = type(tokens) is self.backend.array_type
-        xp = self.xp if on_backend else host_namespace()
-        if not on_backend:
-            tokens = to_numpy(tokens)
-        if not xp.isdtype(tokens.dtype, "integral"):
-            raise TypeError(f"{arg} must be an integer array of token ids, got dtype {tokens.dtype}")
-        if tokens.ndim != 2:
-            raise ValueError(f"{arg} must be 2-D (B, T), got shape {tuple(tokens.shape)}")
-        B, T = tokens.shape
-        if B == 0 or T == 0:
-            raise ValueError(f"{arg} must have at least one row and one position, got shape {(B, T)}")
-        if past + T > self.config.block_size:
-            where = f" after {past} cached positions" if past else ""
-            raise ValueError(f"{arg} has {T} positions{where}; block_size is {self.config.block_size}")
-        low, high = int(xp.min(tokens)), int(xp.max(tokens))
-        lowest = -1 if allow_ignore else 0
-        if low < lowest or high >= self.config.vocab_size:
-            allowed = "-1 (ignore) or " if allow_ignore else ""
-            raise ValueError(
-                f"{arg} holds token id {low if low < lowest else high}; allowed: {allowed}0 <= id < vocab_size "
-                f"({self.config.vocab_size})"
-            )
-        return tokens if on_backend else self.backend.asarray(tokens.astype("int64", copy=False))
+
+def check_tokens(
+    tokens: Any, arg: str, past: int, config: GPTConfig, backend: Backend, allow_ignore: bool = False
+) -> Array:
+    """Validate a (B, T) integer array of token ids and move it to the backend. Host arrays are
+    checked on the host, before the transfer, so that no device sync is needed."""
+    on_backend = type(tokens) is backend.array_type
+    xp = backend.xp if on_backend else host_namespace()
+    if not on_backend:
+        tokens = to_numpy(tokens)
+    if not xp.isdtype(tokens.dtype, "integral"):
+        raise TypeError(f"{arg} must be an integer array of token ids, got dtype {tokens.dtype}")
+    if tokens.ndim != 2:
+        raise ValueError(f"{arg} must be 2-D (B, T), got shape {tuple(tokens.shape)}")
+    B, T = tokens.shape
+    if B == 0 or T == 0:
+        raise ValueError(f"{arg} must have at least one row and one position, got shape {(B, T)}")
+    if past + T > config.block_size:
+        where = f" after {past} cached positions" if past else ""
+        raise ValueError(f"{arg} has {T} positions{where}; block_size is {config.block_size}")
+    low, high = int(xp.min(tokens)), int(xp.max(tokens))
+    lowest = -1 if allow_ignore else 0
+    if low < lowest or high >= config.vocab_size:
+        allowed = "-1 (ignore) or " if allow_ignore else ""
+        raise ValueError(
+            f"{arg} holds token id {low if low < lowest else high}; allowed: {allowed}0 <= id < vocab_size "
+            f"({config.vocab_size})"
+        )
+    return tokens if on_backend else backend.asarray(tokens.astype("int64", copy=False))

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 from arraygpt.config import GPTConfig
+from arraygpt.nn import quant
+from arraygpt.nn.core import GATE_UP, QKV
 
-__all__ = ["CATEGORIES", "ParamCount", "count_params", "param_shapes"]
+__all__ = ["CATEGORIES", "ParamCount", "count_params", "fuse", "param_shapes"]
 
 
 def param_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
@@ -102,3 +105,39 @@ def count_params(config: GPTConfig) -> ParamCount:
     if config.tie_embeddings:
         by_category["unembedding"] = config.vocab_size * config.n_embd
     return ParamCount(total=sum(by_name.values()), by_name=by_name, by_category=by_category)
+
+
+def fuse(params: dict[str, Any], n_layer: int, xp: Any) -> dict[str, Any]:
+    """The GPT's fused storage, the one place it is defined: each layer's query, key and value weights
+    live in one (D + 2 Dkv, C) buffer ``layer{i}.attn_wqkv`` (biases in one ``attn_wqkv_b``;
+    D = n_head * head_dim, Dkv = n_kv_head * head_dim, so the parts are unequal under
+    grouped-query attention), a SwiGLU MLP's gate and up weights in one (2H, C) buffer
+    ``layer{i}.mlp_gate_up``, and ``params[...attn_wq]`` etc. are views of them, so each
+    projection is one matmul with no per-step concatenation. The core finds the buffers by
+    those names; the state dict does not list them. Parameters must therefore be updated in
+    place (``p -= ...``, ``p[...] = ...``), as the optimizers and ``load_state_dict`` do.
+
+    ``params``' entries are replaced by the views, in place. Returns the dict the core reads: the
+    parameters plus the fused buffers."""
+    core_params = dict(params)
+    for i in range(n_layer):
+        for fused, parts in (("attn_wqkv", QKV), ("mlp_gate_up", GATE_UP)):
+            for suffix in ("", "_b"):
+                names = [f"layer{i}.{part}{suffix}" for part in parts]
+                if names[0] not in params:
+                    continue
+                values = [params[name] for name in names]
+                widths = [value.shape[0] for value in values]
+                if any(quant.is_quantized(value) for value in values):  # GGUF blocks: rows stack as they are
+                    if not all(isinstance(value, quant.QuantizedWeight) for value in values):
+                        raise ValueError(f"{', '.join(names)}: all quantized or none (a GPT fuses them)")
+                    buffer = quant.concat_rows(values)
+                    views = quant.split_rows(buffer, widths)
+                else:
+                    buffer = xp.concat(values)  # (sum of widths, C) or (sum,)
+                    starts = [sum(widths[:j]) for j in range(len(widths))]
+                    views = [buffer[a : a + width, ...] for a, width in zip(starts, widths)]
+                for name, view in zip(names, views):
+                    params[name] = core_params[name] = view
+                core_params[f"layer{i}.{fused}{suffix}"] = buffer
+    return core_params

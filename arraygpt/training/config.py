@@ -219,8 +219,8 @@ class TrainConfig:
             self.lora()  # the settings' own checks
 
     def lora(self) -> Any:
-        """The run's ``arraygpt.nn.model.LoRA`` settings, or None (lora_rank 0)."""
-        from arraygpt.nn.model import LoRA
+        """The run's ``arraygpt.nn.lora.LoRA`` settings, or None (lora_rank 0)."""
+        from arraygpt.nn.lora import LoRA
 
         return LoRA(self.lora_rank, float(self.lora_alpha), self.lora_targets) if self.lora_rank else None
 
