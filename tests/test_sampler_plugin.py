@@ -16,7 +16,8 @@ import pytest
 
 import arraygpt
 from arraygpt import GPT, GPTConfig
-from arraygpt.generation.generation import available_samplers, generate, make_sampler
+from arraygpt.generation.generation import generate
+from arraygpt.generation.sampling import available_samplers, make_sampler
 from arraygpt.manager import PluginError, get_plugin_manager, registry_with_owners, set_plugin_manager
 from arraygpt.xp import namespace
 

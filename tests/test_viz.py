@@ -18,7 +18,8 @@ import pytest
 import arraygpt
 from arraygpt import viz
 from arraygpt.config import GPTConfig
-from arraygpt.generation.generation import generate, make_sampler
+from arraygpt.generation.generation import generate
+from arraygpt.generation.sampling import make_sampler
 from arraygpt.nn.params import count_params
 from arraygpt.xp import to_numpy
 

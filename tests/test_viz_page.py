@@ -17,7 +17,7 @@ import pytest
 
 import arraygpt
 from arraygpt import viz
-from arraygpt.generation.generation import make_sampler
+from arraygpt.generation.sampling import make_sampler
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright is not installed (pip install playwright)")
 

@@ -26,17 +26,15 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from arraygpt.generation.generation import (
-    DEFAULT_SAMPLER,
     _Decoder,
     _end_ids,
     _loop,
     _rng,
     _stop_sequences,
     _tokenizer_vocab,
-    check_number,
-    make_sampler,
     resolve_model,
 )
+from arraygpt.generation.sampling import DEFAULT_SAMPLER, check_number, make_sampler
 from arraygpt.generation.text import TextStream, end_ids
 
 __all__ = ["TEMPLATES", "Chat", "render_chatml"]

@@ -29,13 +29,10 @@ from arraygpt.generation.sampling import (
     DEFAULT_SAMPLER,
     Filter,
     Sampler,
-    available_samplers,
     check_number,
-    check_temperature,
     draw,
     make_sampler,
     normalize,
-    one_hot_argmax,
     top_candidates,
 )
 from arraygpt.generation.text import TextStream, encode_prompt, end_ids
@@ -45,22 +42,7 @@ from arraygpt.xp import Array, host_rng, to_numpy
 if TYPE_CHECKING:
     import numpy as np
 
-__all__ = [
-    "DEFAULT_SAMPLER",
-    "Candidates",
-    "Filter",
-    "Sampler",
-    "available_samplers",
-    "check_number",
-    "check_temperature",
-    "draw",
-    "generate",
-    "make_sampler",
-    "normalize",
-    "one_hot_argmax",
-    "resolve_model",
-    "top_candidates",
-]
+__all__ = ["Candidates", "generate", "resolve_model"]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -266,7 +266,8 @@ def plot_distributions(
         :class:`Distributions`. Each panel shows the model's top-k (grey bars) and the sampler's
         probability of the same tokens (blue bars); the chosen token's label is red, with a ◀.
     """
-    from arraygpt.generation.generation import generate, make_sampler
+    from arraygpt.generation.generation import generate
+    from arraygpt.generation.sampling import make_sampler
 
     ids = prompt_ids(tokenizer, prompt, prefix)
     if eos_id == "tokenizer":
