@@ -61,6 +61,21 @@ from arraygpt.xp import Array, namespace, to_numpy
 
 Filter = Callable[[Array], Array]
 
+__all__ = [
+    "DEFAULT_SAMPLER",
+    "MIN_TEMPERATURE",
+    "Filter",
+    "Sampler",
+    "available_samplers",
+    "check_number",
+    "check_temperature",
+    "draw",
+    "make_sampler",
+    "normalize",
+    "one_hot_argmax",
+    "top_candidates",
+]
+
 DEFAULT_SAMPLER = "temperature"
 
 
