@@ -215,7 +215,8 @@ def main() -> None:
         other = "torch-lora" if side.endswith("-lora") else "torch"
         vs = ratio(median(sec), median([r["s"] for r in results[other]])) if other in results and other != side else ""
         print(
-            f"| {side} | {rs[0]['trained']:,} | {spread(sec, '.2f')} | {median(peak):.0f} | {median(ready):.0f} | {vs} | |"
+            f"| {side} | {rs[0]['trained']:,} | {spread(sec, '.2f')} | "
+            f"{median(peak):.0f} | {median(ready):.0f} | {vs} | |"
         )
         summary[side] = {"s": sec, "peak_mb": peak, "ready_mb": ready, "trained": rs[0]["trained"]}
     if args.json:

@@ -284,12 +284,14 @@ def main() -> None:
                 rows = results[side]
                 print(
                     f"  {side:12s} decode {spread([r['decode_tps'] for r in rows], '.1f')} tok/s, prefill "
-                    f"{spread([r['prefill_tps'] for r in rows], '.0f')} tok/s, peak {spread([r['peak_mb'] for r in rows], '.0f')} MB"
+                    f"{spread([r['prefill_tps'] for r in rows], '.0f')} tok/s, "
+                    f"peak {spread([r['peak_mb'] for r in rows], '.0f')} MB"
                 )
             for other in [s for s in sides if s != "arraygpt"]:
                 if "arraygpt" in med:
                     print(
-                        f"  arraygpt / {other}: decode {ratio(med['arraygpt']['decode_tps'], med[other]['decode_tps'])}, "
+                        f"  arraygpt / {other}: "
+                        f"decode {ratio(med['arraygpt']['decode_tps'], med[other]['decode_tps'])}, "
                         f"prefill {ratio(med['arraygpt']['prefill_tps'], med[other]['prefill_tps'])}, "
                         f"peak memory {ratio(med['arraygpt']['peak_mb'], med[other]['peak_mb'])}"
                     )

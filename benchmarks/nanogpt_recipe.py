@@ -17,9 +17,10 @@ The sides, A, B, A, B, A, B (``--rounds`` 3):
   250 steps on 20 batches per split, a progress record every step (nanoGPT's recipe logs every
   iteration too), no samples, seed 1337 (``--seed``), into a temporary ``--out-dir``. The split is
   nanoGPT's: the first 90% of the token stream trains, the LAST 10% validates
-  (``data[:int(n*0.9)]``; both give 1,003,854 train / 111,540 val tokens). One deliberate difference: the activation is GPT-2's
-  tanh-approximate GELU (arraygpt's exact GELU, an erfc series, costs more; it differs from
-  nanoGPT's exact nn.GELU by < 1e-3); ``--activation gelu`` runs the exact one.
+  (``data[:int(n*0.9)]``; both give 1,003,854 train / 111,540 val tokens). One deliberate
+  difference: the activation is GPT-2's tanh-approximate GELU (arraygpt's exact GELU, an erfc
+  series, costs more; it differs from nanoGPT's exact nn.GELU by < 1e-3); ``--activation gelu``
+  runs the exact one.
 - **nanoGPT**: ``python ../shared/peers/nanogpt/run_recipe.py cpu``, which runs nanoGPT's train.py
   (its README's CPU recipe: config/train_shakespeare_char.py --device=cpu --compile=False
   --eval_iters=20 --log_interval=1 --block_size=64 --batch_size=12 --n_layer=4 --n_head=4

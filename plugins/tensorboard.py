@@ -18,9 +18,10 @@ at its record's step: a ``train`` record's as ``train/loss``, ``train/lr``, ``tr
 (and ``train/grad_norm`` when clipping), an ``eval`` record's as ``eval/train_loss`` and
 ``eval/val_loss``. So its curves are metrics.jsonl's, at its cadence (``--log-interval``); writing
 the per-step metrics of ``arraygpt_on_step`` instead would give curves that file does not hold, for
-about 70 us a step (some 3% of a step of the default microgpt job). The training-event hooks say when: each step's event writes the records made since
-the last one; an eval and a checkpoint also flush the file, so a killed run keeps its events up to
-its last checkpoint, as its folder keeps the checkpoint.
+about 70 us a step (some 3% of a step of the default microgpt job). The training-event hooks say
+when: each step's event writes the records made since the last one; an eval and a checkpoint also
+flush the file, so a killed run keeps its events up to its last checkpoint, as its folder keeps the
+checkpoint.
 
 Where: ``log_dir``, else the run folder's ``tensorboard/``. Each session of a run (its start, each
 resume) writes a new event file, which opens with TensorBoard's "session start" event at the

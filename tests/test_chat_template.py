@@ -64,7 +64,8 @@ QWEN25 = """{%- if tools %}
 # Llama 3's shape: bos_token first, a header per turn, a loop variable, trim_blocks/lstrip_blocks at work
 LLAMA3 = """{{ bos_token }}
 {% for message in messages %}
-    {% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' %}
+    {% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'
+        + message['content'] | trim + '<|eot_id|>' %}
     {{ content }}
 {% endfor %}
 {% if add_generation_prompt %}

@@ -49,7 +49,10 @@ def attempt(call: str) -> tuple[str, str]:
     return capped.attempt(
         call,
         timeout=20,
-        prelude="from arraygpt.io import formats, safetensors, checkpoint, bpe, tokenizers as tokenizer; from arraygpt.io.hf import gpt2 as interop",
+        prelude=(
+            "from arraygpt.io import formats, safetensors, checkpoint, bpe, tokenizers as tokenizer; "
+            "from arraygpt.io.hf import gpt2 as interop"
+        ),
     )
 
 

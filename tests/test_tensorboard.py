@@ -107,7 +107,8 @@ def test_a_log_dir_and_the_python_api(tmp_path, data):
     pm = get_plugin_manager(autoload=False)
     logger = TensorBoardLogger(tmp_path / "tb")
     pm.register(logger)
-    run_ = arraygpt.train(data, steps=4, log_interval=2, eval_interval=4, eval_batches=1, samples=0, progress=False, plugin_manager=pm)  # fmt: skip
+    options = dict(steps=4, log_interval=2, eval_interval=4, eval_batches=1, samples=0, progress=False)
+    run_ = arraygpt.train(data, plugin_manager=pm, **options)
     logger.close()  # no run folder: no checkpoint event flushes; close writes and flushes what is left
     got = scalars(tmp_path / "tb")
     want = [(r["step"], float(np.float32(r["loss"]))) for r in run_.history if r["event"] == "train"]

@@ -231,7 +231,8 @@ _MEMORY = textwrap.dedent(
     from arraygpt.training.optim import state_nbytes
 
     run = arraygpt.train(sys.argv[1], steps=2, batch_size=1, n_embd=16, n_head=2, block_size=8, samples=0,
-                         optimizer="adamw", zero=True, progress=False, plugin_manager=get_plugin_manager(autoload=False))
+                         optimizer="adamw", zero=True, progress=False,
+                         plugin_manager=get_plugin_manager(autoload=False))
     world = get_world()
     record = {"rank": world.rank, "bytes": state_nbytes(run.optimizer),
               "params": sum(int(p.size) for p in run.model.params.values()),

@@ -445,7 +445,8 @@ def _check_shapes(tensors: Mapping[str, np.ndarray], config: GPTConfig, path: Pa
     unexpected = sorted(set(tensors) - set(expected))
     if missing or unexpected:
         raise CheckpointError(
-            f"{path / WEIGHTS_FILE} does not match {path / CONFIG_FILE}: missing {missing[:8]}, unexpected {unexpected[:8]}"
+            f"{path / WEIGHTS_FILE} does not match {path / CONFIG_FILE}: "
+            f"missing {missing[:8]}, unexpected {unexpected[:8]}"
         )
     for name, shape in expected.items():
         if tuple(tensors[name].shape) != tuple(shape):

@@ -491,7 +491,8 @@ def config_from_gguf(meta: _Metadata, tensors: Mapping[str, Any], source: str) -
         kind = meta.get(f"{arch}.rope.scaling.type", (_STRING,), "a string", "none")
         if kind not in ("none", ""):
             raise CheckpointError(
-                f"{source}: {arch}.rope.scaling.type is {kind!r:.40}; arraygpt implements Llama 3.1's rope scaling (rope_freqs.weight) only"
+                f"{source}: {arch}.rope.scaling.type is {kind!r:.40}; "
+                "arraygpt implements Llama 3.1's rope scaling (rope_freqs.weight) only"
             )
         if any(n.startswith("blk.") and n.endswith("_exps.weight") for n in tensors):
             raise CheckpointError(f"{source}: a mixture of experts; arraygpt reads dense models only")

@@ -113,7 +113,8 @@ def _read_header(f: Any, path: Path, size: int) -> tuple[dict[str, Any], int]:
     (n,) = struct.unpack("<Q", f.read(8))
     if n > _MAX_HEADER:
         raise SafetensorsError(
-            f"{path}: safetensors header of {n} bytes; at most {_MAX_HEADER} bytes are allowed (corrupted or hostile file)"
+            f"{path}: safetensors header of {n} bytes; "
+            f"at most {_MAX_HEADER} bytes are allowed (corrupted or hostile file)"
         )
     if 8 + n > size:
         raise SafetensorsError(

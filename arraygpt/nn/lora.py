@@ -39,7 +39,8 @@ class LoRA:
         unknown = [t for t in targets if t not in LORA_TARGETS]
         if not targets or unknown or len(set(targets)) != len(targets):
             raise ValueError(
-                f"LoRA targets must be distinct names among {', '.join(LORA_TARGETS)}, got {', '.join(targets) or 'none'}"
+                f"LoRA targets must be distinct names among {', '.join(LORA_TARGETS)}, "
+                f"got {', '.join(targets) or 'none'}"
             )
         object.__setattr__(self, "targets", targets)
 

@@ -231,7 +231,8 @@ class GPT:
             converted[name] = value = self._to_backend(value, self.dtype)
             if tuple(value.shape) != tuple(self.adapters[name].shape):
                 raise ValueError(
-                    f"adapter {name!r} has shape {tuple(value.shape)}, the model expects {tuple(self.adapters[name].shape)}"
+                    f"adapter {name!r} has shape {tuple(value.shape)}, "
+                    f"the model expects {tuple(self.adapters[name].shape)}"
                 )
         for name, value in converted.items():
             self.adapters[name][...] = value

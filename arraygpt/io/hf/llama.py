@@ -153,7 +153,8 @@ def _rope_settings(hf: Mapping[str, Any], source: str) -> tuple[float, tuple[flo
         kind = scaling.get("rope_type", scaling.get("type"))
         if kind != "llama3":
             raise CheckpointError(
-                f"{source}: rope_scaling of type {kind!r:.60} is not supported; arraygpt implements Llama 3.1's 'llama3'"
+                f"{source}: rope_scaling of type {kind!r:.60} is not supported; "
+                "arraygpt implements Llama 3.1's 'llama3'"
             )
         missing = [key for key in ROPE_SCALING_KEYS if key not in scaling]
         if missing:
