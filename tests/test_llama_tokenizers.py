@@ -505,6 +505,57 @@ def test_a_byte_level_bpe_lacking_bytes_loads_and_gives_the_librarys_ids(gappy):
     assert ours.decode_bytes(ours.encode_bytes(b"Hello world")) == b"Hello world"
 
 
+def test_sample_runs_on_a_directory_whose_tokenizer_lacks_byte_tokens(gappy, tmp_path):
+    """SmolLM2's case end to end: a transformers Llama directory with such a tokenizer.json samples,
+    and the greedy continuation equals transformers' greedy generate on the same files."""
+    transformers = pytest.importorskip("transformers")
+    torch = pytest.importorskip("torch")
+    import shutil
+
+    from arraygpt import cli
+
+    directory, reference = gappy
+    config = transformers.LlamaConfig(
+        vocab_size=reference.get_vocab_size(),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    model_dir = tmp_path / "smol"
+    transformers.LlamaForCausalLM(config).save_pretrained(model_dir)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(directory / name, model_dir / name)
+    prompt = "Hello world"
+    ids = reference.encode(prompt, add_special_tokens=False).ids
+    with torch.no_grad():
+        hf = transformers.LlamaForCausalLM.from_pretrained(model_dir)
+        eos = reference.token_to_id("<|im_end|>")  # tokenizer_config.json's eos_token
+        out = hf.generate(torch.tensor([ids]), max_new_tokens=4, do_sample=False, eos_token_id=eos, pad_token_id=eos)
+    expected = [t for t in out[0, len(ids) :].tolist() if t != eos]
+    stdout = io.StringIO()
+    with redirect_stdout(stdout):
+        rc = cli.main(
+            [
+                "sample",
+                "--checkpoint",
+                str(model_dir),
+                "--prompt",
+                prompt,
+                "-n",
+                "4",
+                "--sampler",
+                "greedy",
+            ]
+        )
+    assert rc == 0
+    assert expected and reference.decode(expected, skip_special_tokens=False) in stdout.getvalue()
+
+
 # ----------------------------------------------------------------------------------------------
 # sizes checked before anything is allocated
 
