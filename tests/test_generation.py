@@ -271,7 +271,7 @@ def test_prompt_forms():
 
 @pytest.fixture
 def char_checkpoint(tmp_path):
-    checkpoint = pytest.importorskip("arraygpt.io.checkpoint")
+    from arraygpt.io import checkpoint
     from arraygpt.io.tokenizers import CharTokenizer
 
     tokenizer = CharTokenizer("abcdefghij")  # 10 characters + BOS = 11 ids
@@ -355,10 +355,10 @@ def test_sample_command_show_probs_and_errors(char_checkpoint, capsys):
 
 def test_sample_command_reads_a_hugging_face_gpt2_directory(tmp_path, capsys):
     pytest.importorskip("tokenizers")
-    interop = pytest.importorskip("arraygpt.interop")
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     from arraygpt.cli import main
+    from arraygpt.io.bpe import load_hf_tokenizer
 
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -376,14 +376,14 @@ def test_sample_command_reads_a_hugging_face_gpt2_directory(tmp_path, capsys):
     arraygpt.save(GPT(config, seed=0), directory, format="gpt2")
     bpe.save(str(directory / "tokenizer.json"))
     assert "arraygpt_format" not in json.loads((directory / "config.json").read_text())
-    tokenizer = interop.load_hf_tokenizer(str(directory))
+    tokenizer = load_hf_tokenizer(str(directory))
     assert (
         main(["sample", "--checkpoint", str(directory), "--prompt", "the cat", "--max-new-tokens", "5", "--seed", "1"])
         == 0
     )
     out = capsys.readouterr().out
     assert out.startswith("the cat")
-    model = GPT.from_pretrained(str(directory))
+    model = arraygpt.load(directory).model
     ids = []
     for t in generate(model, tokenizer.encode("the cat"), 5, seed=np.random.default_rng(1), eos_id=tokenizer.eos_id):
         if t == tokenizer.eos_id:
