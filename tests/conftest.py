@@ -42,6 +42,14 @@ def xp(backend):
     return backend.xp
 
 
+@pytest.fixture
+def pm():
+    """A fresh plugin manager without third-party plugins, for one run."""
+    from arraygpt.manager import get_plugin_manager
+
+    return get_plugin_manager(autoload=False)
+
+
 def tolerance(dtype: str) -> float:
     """Comparison tolerance for results computed in ``dtype`` (a few hundred ulps of 1.0)."""
     return {"float32": 1e-5, "float64": 1e-12}[dtype]

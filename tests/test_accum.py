@@ -9,37 +9,20 @@ import pytest
 
 import arraygpt
 from arraygpt import cli
-from arraygpt.manager import get_plugin_manager
 from arraygpt.training.config import TrainConfig
 from arraygpt.training.step import gradients
 from arraygpt.xp import to_numpy
+from runs import made_up_names, max_rel_diff, params_of
 
-SYLLABLES = ["an", "el", "ma", "ri", "jo", "sa", "li", "na", "ka", "th", "er", "on", "ia", "be", "da", "ly"]
 TINY = dict(n_embd=16, n_head=2, block_size=8, eval_batches=2, samples=0, log_interval=1, progress=False)
 
 
 @pytest.fixture
 def names_file(tmp_path):
-    rng = np.random.default_rng(0)
     path = tmp_path / "names.txt"
     # lengths from 1 to 12 syllables: short rows are padded (ignored targets), long ones windowed
-    path.write_text("\n".join("".join(rng.choice(SYLLABLES, rng.integers(1, 13))) for _ in range(300)) + "\n")
+    path.write_text("\n".join(made_up_names(300, 13)) + "\n")
     return path
-
-
-@pytest.fixture
-def pm():
-    return get_plugin_manager(autoload=False)
-
-
-def params_of(run):
-    return {k: to_numpy(v).copy() for k, v in run.model.params.items()}
-
-
-def max_rel_diff(a, b):
-    """max |a - b| / max |b| over every array of two name -> array dicts."""
-    scale = max(float(np.abs(v).max()) for v in b.values())
-    return max(float(np.abs(a[k] - b[k]).max()) for k in b) / scale
 
 
 def _run(names_file, pm, **options):

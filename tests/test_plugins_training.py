@@ -29,11 +29,6 @@ def data(tmp_path):
     return str(path)
 
 
-@pytest.fixture
-def pm():
-    return get_plugin_manager(autoload=False)
-
-
 def test_built_in_optimizers_are_ordinary_plugins(pm):
     owners = {name: plugin for name, (_, plugin) in registry_with_owners("optimizers", pm).items()}
     assert owners == {

@@ -24,8 +24,8 @@ from arraygpt.training.precision import (
     tf32_enabled,
 )
 from arraygpt.xp import load_backend, to_numpy
+from runs import made_up_names
 
-SYLLABLES = ["an", "el", "ma", "ri", "jo", "sa", "li", "na", "ka", "th", "er", "on", "ia", "be", "da", "ly"]
 EPS16 = float(np.finfo(np.float16).eps)  # 2**-10
 
 # Measured (this file's curve test: numpy, AdamW lr 3e-3, 100 steps of 16 synthetic names, loss
@@ -59,8 +59,7 @@ def _assert_grads_close(got, want, tol=GRAD_REL_TOL):
 
 
 def _names(n=400, seed=0):
-    rng = np.random.default_rng(seed)
-    return "\n".join("".join(rng.choice(SYLLABLES, rng.integers(1, 5))) for _ in range(n)) + "\n"
+    return "\n".join(made_up_names(n, 5, seed)) + "\n"
 
 
 @pytest.fixture(scope="module")

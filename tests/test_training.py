@@ -22,16 +22,14 @@ from arraygpt import xp as shim
 from arraygpt.errors import TrainingDiverged
 from arraygpt.io.checkpoint import load_checkpoint
 from arraygpt.io.tokenizers import CharTokenizer
-from arraygpt.manager import get_plugin_manager
 from arraygpt.xp import to_numpy
+from runs import made_up_names, params_of
 
-SYLLABLES = ["an", "el", "ma", "ri", "jo", "sa", "li", "na", "ka", "th", "er", "on", "ia", "be", "da", "ly"]
 TINY = dict(n_embd=16, n_head=2, block_size=8, eval_batches=2, samples=0, log_interval=1)
 
 
 def names_like(n=300, seed=0):
-    rng = np.random.default_rng(seed)
-    return ["".join(rng.choice(SYLLABLES, rng.integers(1, 5))) for _ in range(n)]
+    return made_up_names(n, 5, seed)
 
 
 @pytest.fixture
@@ -46,16 +44,6 @@ def stream_file(tmp_path):
     path = tmp_path / "stream.txt"
     path.write_text(" ".join(names_like(400, seed=1)) + "\n")
     return path
-
-
-@pytest.fixture
-def pm():
-    return get_plugin_manager(autoload=False)
-
-
-def params_of(run_or_model):
-    model = getattr(run_or_model, "model", run_or_model)
-    return {k: to_numpy(v).copy() for k, v in model.params.items()}
 
 
 def assert_bit_identical(a, b):

@@ -27,34 +27,18 @@ import arraygpt
 from arraygpt import cli
 from arraygpt import xp as shim
 from arraygpt.errors import CheckpointError, RunFolderError, TrainingDiverged
-from arraygpt.manager import get_plugin_manager
 from arraygpt.xp import to_numpy
+from runs import made_up_names, max_rel_diff, params_of
 
 ROOT = Path(__file__).resolve().parents[1]
-SYLLABLES = ["an", "el", "ma", "ri", "jo", "sa", "li", "na", "ka", "th", "er", "on", "ia", "be", "da", "ly"]
 TINY = dict(n_embd=16, n_head=2, block_size=8, eval_batches=2, samples=0, log_interval=1, progress=False)
 
 
 @pytest.fixture
 def names_file(tmp_path):
-    rng = np.random.default_rng(0)
     path = tmp_path / "names.txt"
-    path.write_text("\n".join("".join(rng.choice(SYLLABLES, rng.integers(1, 6))) for _ in range(400)) + "\n")
+    path.write_text("\n".join(made_up_names(400, 6)) + "\n")
     return path
-
-
-@pytest.fixture
-def pm():
-    return get_plugin_manager(autoload=False)
-
-
-def params_of(run):
-    return {k: to_numpy(v).copy() for k, v in run.model.params.items()}
-
-
-def max_rel_diff(a, b):
-    scale = max(float(np.abs(v).max()) for v in b.values())
-    return max(float(np.abs(a[k] - b[k]).max()) for k in b) / scale
 
 
 def command(*args: str, cwd: Path = ROOT, timeout: float = 120) -> subprocess.CompletedProcess[str]:
