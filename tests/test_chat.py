@@ -12,6 +12,7 @@ import json
 
 import numpy as np
 import pytest
+from tiny_hf import byte_level_bpe
 
 pytest.importorskip("tokenizers")
 pytest.importorskip("jinja2")
@@ -39,15 +40,7 @@ REPLY = "hello world"  # what the forcing sampler makes the model say
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    tokenizer.train_from_iterator(TEXT * 4, trainer)
+    tokenizer = byte_level_bpe(TEXT * 4, SPECIALS)
     directory = tmp_path_factory.mktemp("chat") / "tiny-chat"
     config = dataclasses.replace(
         GPTConfig.preset("llama-tiny"), vocab_size=tokenizer.get_vocab_size() + 5, block_size=256

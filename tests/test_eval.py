@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tiny_hf import byte_level_bpe
 
 import arraygpt
 from arraygpt import cli
@@ -73,18 +74,7 @@ def _guide_loop(model, ids: list[int], context: int, stride: int) -> tuple[float
 
 def train_tokenizer(directory, bos: bool):
     """A tiny byte-level BPE trained on CORPUS, saved through transformers (``<s>`` first when ``bos``)."""
-    pre = tokenizers.pre_tokenizers
-    tok = tokenizers.Tokenizer(tokenizers.models.BPE())
-    tok.pre_tokenizer = pre.ByteLevel(add_prefix_space=False)
-    tok.decoder = tokenizers.decoders.ByteLevel()
-    trainer = tokenizers.trainers.BpeTrainer(
-        vocab_size=300,
-        min_frequency=1,
-        show_progress=False,
-        initial_alphabet=pre.ByteLevel.alphabet(),
-        special_tokens=["<s>", "</s>"],
-    )
-    tok.train_from_iterator(CORPUS, trainer=trainer)
+    tok = byte_level_bpe(CORPUS, min_frequency=1)
     processors = [tokenizers.processors.ByteLevel(trim_offsets=False)]
     if bos:  # as Llama 3's tokenizer.json: BOS before every text
         processors.append(

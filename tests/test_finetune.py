@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from test_llama import _float64_transformers  # noqa: F401  (transformers' RoPE and RMSNorm in float64)
+from tiny_hf import byte_level_bpe
 
 import arraygpt
 from arraygpt.cli import main
@@ -38,18 +39,7 @@ TEXT = (
 def base_dir(tmp_path_factory):
     """A tiny random LlamaForCausalLM and its byte-level BPE, saved as transformers saves them."""
     directory = tmp_path_factory.mktemp("llama")
-    pre = tokenizers.pre_tokenizers
-    tok = tokenizers.Tokenizer(tokenizers.models.BPE())
-    tok.pre_tokenizer = pre.ByteLevel(add_prefix_space=False)
-    tok.decoder = tokenizers.decoders.ByteLevel()
-    trainer = tokenizers.trainers.BpeTrainer(
-        vocab_size=300,
-        min_frequency=1,
-        show_progress=False,
-        initial_alphabet=pre.ByteLevel.alphabet(),
-        special_tokens=["<s>", "</s>"],
-    )
-    tok.train_from_iterator([TEXT], trainer=trainer)
+    tok = byte_level_bpe([TEXT], min_frequency=1)
     fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
     fast.save_pretrained(directory)
     torch.manual_seed(0)

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tiny_hf import byte_level_bpe
 
 from arraygpt import cli
 from arraygpt.cli.options import apply_recipe, parse_bool, parse_finite, read_recipe, recipe_options
@@ -129,16 +130,10 @@ def test_each_recipe_runs_shortened_with_its_options(recipe, tmp_path, text_file
 
 def _tiny_llama(folder, text):
     """A random 1-layer Llama saved by transformers, with a byte-level BPE tokenizer trained on ``text``."""
-    tokenizers = pytest.importorskip("tokenizers")
+    pytest.importorskip("tokenizers")
     transformers = pytest.importorskip("transformers")
     torch = pytest.importorskip("torch")
-    tok = tokenizers.Tokenizer(tokenizers.models.BPE())
-    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = tokenizers.decoders.ByteLevel()
-    trainer = tokenizers.trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<s>", "</s>"], initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet()
-    )
-    tok.train_from_iterator([text], trainer)
+    tok = byte_level_bpe([text])
     fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
     fast.save_pretrained(folder)
     torch.manual_seed(0)
