@@ -12,13 +12,13 @@ import types
 
 import numpy as np
 import pytest
-from conftest import available_backends
 
 import arraygpt
 from arraygpt import GPT, GPTConfig
 from arraygpt import xp as shim
 from arraygpt.nn import layers
 from arraygpt.xp import BackendUnavailable, load_backend, to_numpy
+from conftest import available_backends
 
 CONFIG = GPTConfig.preset("microgpt")
 

@@ -12,6 +12,7 @@ import json
 
 import numpy as np
 import pytest
+
 from tiny_hf import byte_level_bpe
 
 pytest.importorskip("tokenizers")

@@ -12,7 +12,6 @@ import signal
 
 import numpy as np
 import pytest
-from conftest import has_gpu
 
 import arraygpt
 from arraygpt import GPT, GPTConfig, hookimpl
@@ -22,6 +21,7 @@ from arraygpt.io.checkpoint import load_checkpoint, save_checkpoint
 from arraygpt.io.tokenizers import CharTokenizer, save_tokenizer
 from arraygpt.manager import get_plugin_manager, set_plugin_manager
 from arraygpt.xp import load_backend, to_numpy
+from conftest import has_gpu
 
 CATEGORIES = [
     "embedding",

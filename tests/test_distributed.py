@@ -18,7 +18,6 @@ import time
 
 import numpy as np
 import pytest
-from mpi_jobs import TINY, job_env, launch, max_rel_diff, metrics, needs_mpi, resume, train, weights, write_names
 
 import arraygpt
 from arraygpt.io.checkpoint import load_checkpoint
@@ -26,6 +25,7 @@ from arraygpt.manager import get_plugin_manager
 from arraygpt.training import distributed
 from arraygpt.training.distributed import World
 from arraygpt.training.runfolder import lock_run_folder
+from mpi_jobs import TINY, job_env, launch, max_rel_diff, metrics, needs_mpi, resume, train, weights, write_names
 
 
 @pytest.fixture

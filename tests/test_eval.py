@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tiny_hf import byte_level_bpe
 
 import arraygpt
 from arraygpt import cli
 from arraygpt.training.evaluate import windows
+from tiny_hf import byte_level_bpe
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_llama import _float64_transformers  # noqa: F401  (transformers' RoPE and RMSNorm in float64)
-from tiny_hf import byte_level_bpe
 
 import arraygpt
 from arraygpt.cli import main
+from test_llama import _float64_transformers  # noqa: F401  (transformers' RoPE and RMSNorm in float64)
+from tiny_hf import byte_level_bpe
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

@@ -9,12 +9,12 @@ import json
 
 import numpy as np
 import pytest
-from conftest import available_backends
 
 import arraygpt
 from arraygpt import GPT, GPTConfig
 from arraygpt.generation.generation import Candidates, _Decoder, generate
 from arraygpt.xp import load_backend, to_numpy
+from conftest import available_backends
 
 TINY = GPTConfig(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=8)
 

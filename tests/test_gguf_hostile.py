@@ -17,11 +17,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import capped
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
+import capped
 
 pytest.importorskip("gguf")
 pytest.importorskip("tokenizers")

@@ -17,13 +17,13 @@ import sys
 import tempfile
 from pathlib import Path
 
-import capped
 import numpy as np
 import pytest
 import safetensors.numpy as reference  # the reference implementation: a runtime dependency
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import capped
 from arraygpt.config import GPTConfig
 from arraygpt.errors import CheckpointError
 from arraygpt.io import safetensors as ag_safetensors

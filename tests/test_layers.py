@@ -13,10 +13,10 @@ import math
 
 import numpy as np
 import pytest
-from conftest import available_backends
 
 from arraygpt.nn import layers
 from arraygpt.xp import load_backend, to_numpy
+from conftest import available_backends
 
 GRAD_BACKENDS = [b.name for b in available_backends() if b.name in ("numpy", "array_api_strict", "torch")]
 EPS = 1e-6

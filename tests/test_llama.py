@@ -25,7 +25,6 @@ import math
 
 import numpy as np
 import pytest
-from test_layers import gradcheck
 
 import arraygpt
 from arraygpt.config import PRESETS, GPTConfig
@@ -35,6 +34,7 @@ from arraygpt.nn.core import KVCache
 from arraygpt.nn.model import GPT
 from arraygpt.nn.params import count_params, param_shapes
 from arraygpt.xp import load_backend, to_numpy
+from test_layers import gradcheck
 
 GRAD_BACKENDS = ["numpy", "array_api_strict"]
 

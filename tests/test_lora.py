@@ -10,13 +10,13 @@ import math
 
 import numpy as np
 import pytest
-from test_layers import gradcheck
 
 from arraygpt.config import GPTConfig
 from arraygpt.nn import layers
 from arraygpt.nn.lora import LoRA
 from arraygpt.nn.model import GPT
 from arraygpt.xp import load_backend, to_numpy
+from test_layers import gradcheck
 
 torch = pytest.importorskip("torch")
 

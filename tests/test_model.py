@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import available_backends
 
 from arraygpt import GPT, GPTConfig, KVCache
 from arraygpt.xp import to_numpy
+from conftest import available_backends
 
 BACKENDS = [b.name for b in available_backends()]
 

@@ -7,7 +7,6 @@ import math
 import warnings
 
 import numpy as np
-from conftest import tolerance
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.errors import HypothesisWarning
@@ -16,6 +15,7 @@ from hypothesis.extra.array_api import make_strategies_namespace
 from arraygpt import GPT, GPTConfig
 from arraygpt.nn import layers
 from arraygpt.xp import scatter_add, to_numpy
+from conftest import tolerance
 
 
 # The xp/backend fixtures return cached objects, so reusing them across examples is safe.

@@ -19,13 +19,13 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tiny_hf import byte_level_bpe
 
 from arraygpt import cli
 from arraygpt.cli.options import apply_recipe, parse_bool, parse_finite, read_recipe, recipe_options
 from arraygpt.cli.train import _parser
 from arraygpt.config import PRESETS, GPTConfig
 from arraygpt.training.config import TrainConfig
+from tiny_hf import byte_level_bpe
 
 try:  # the independent reader of the recipes: the standard library's (tomli is the same on Python 3.10)
     import tomllib

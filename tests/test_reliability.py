@@ -17,10 +17,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from capped import ENV, MEMORY_LIMIT, attempt
 
 import arraygpt
 from arraygpt.cli import main
+from capped import ENV, MEMORY_LIMIT, attempt
 
 ROOT = Path(__file__).resolve().parents[1]
 

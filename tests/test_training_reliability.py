@@ -21,13 +21,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from capped import ENV, MEMORY_LIMIT, attempt
 
 import arraygpt
 from arraygpt import cli
 from arraygpt import xp as shim
 from arraygpt.errors import CheckpointError, RunFolderError, TrainingDiverged
 from arraygpt.xp import to_numpy
+from capped import ENV, MEMORY_LIMIT, attempt
 from runs import made_up_names, max_rel_diff, params_of
 
 ROOT = Path(__file__).resolve().parents[1]

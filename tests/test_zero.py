@@ -15,6 +15,14 @@ import textwrap
 
 import numpy as np
 import pytest
+
+import arraygpt
+from arraygpt.io.checkpoint import load_checkpoint
+from arraygpt.manager import get_plugin_manager
+from arraygpt.training import distributed
+from arraygpt.training.distributed import ShardedOptimizer, ShardLayout, World
+from arraygpt.training.optim import Optimizer, create_optimizer, state_nbytes
+from arraygpt.xp import to_numpy
 from mpi_jobs import (
     job_env,
     launch,
@@ -28,14 +36,6 @@ from mpi_jobs import (
     weights,
     write_names,
 )
-
-import arraygpt
-from arraygpt.io.checkpoint import load_checkpoint
-from arraygpt.manager import get_plugin_manager
-from arraygpt.training import distributed
-from arraygpt.training.distributed import ShardedOptimizer, ShardLayout, World
-from arraygpt.training.optim import Optimizer, create_optimizer, state_nbytes
-from arraygpt.xp import to_numpy
 
 
 @pytest.fixture
