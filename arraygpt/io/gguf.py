@@ -1,5 +1,6 @@
-"""GGUF files (llama.cpp's one-file format) in and out, through the ``gguf`` library
-(``gguf.GGUFReader``, ``gguf.quants.dequantize``, ``gguf.GGUFWriter``, ``gguf.quants.quantize``).
+"""GGUF files (llama.cpp's one-file format) in and out: read by a header walk here, tensors
+dequantized and written through the ``gguf`` library (``gguf.quants.dequantize``,
+``gguf.GGUFWriter``, ``gguf.quants.quantize``, its constants).
 
 A GGUF holds the model's metadata (the config under ``{arch}.*`` keys, the tokenizer under
 ``tokenizer.*``, the chat template), then its tensors, each stored in a ggml type. Architectures
@@ -32,12 +33,19 @@ weights over the memory-mapped file's blocks (inference on the blocks: docs/gguf
 Types written (``save_gguf(dtype=...)``): f32, f16, q8_0, q4_0, q4_1 for the matrices (a matrix
 whose rows are not whole blocks is written f16, as llama.cpp's converter does), 1-D tensors f32.
 
-Files are untrusted: before ``GGUFReader`` parses anything, :func:`check_gguf` walks the header
-and refuses (one CheckpointError naming the file, what is wrong and what is allowed) a file that
-is not regular, a wrong magic or version, a truncated header, lengths and counts past the file's
-end or past the limits below, duplicate keys or tensor names, an unknown or unsupported tensor
-type, and tensor offsets or sizes that leave the data section or overlap. The tensors' shapes are
-compared with the config before any array is allocated.
+Files are untrusted: :func:`read_header` walks the header, decodes the metadata and refuses (one
+CheckpointError naming the file, what is wrong and what is allowed) a file that is not regular, a
+wrong magic or version, a truncated header, lengths and counts past the file's end or past the
+limits below, duplicate keys or tensor names, strings that are not UTF-8, an unknown or
+unsupported tensor type, and tensor offsets or sizes that leave the data section or overlap.
+The tensors are views of one read-only memory map of the file; their shapes are compared with
+the config before any array is allocated.
+
+Why not ``gguf.GGUFReader``: it builds NumPy views for every metadata array element (~1.5 KB and
+~10 us each). For a SmolLM2-135M-shaped q4_1 file (49,152 tokens) that was +95 MB of peak
+resident memory and 1.4 s of the load (load_gguf(quantized=True): 246 MB and 2.2 s with it,
+151 MB and 0.8 s with the walk). The walk keeps one Python object per string and reads numeric
+arrays with one ``np.frombuffer`` each.
 
 Not here: quantized matrix products (``arraygpt.nn.quant`` and the backends' kernels),
 other architectures (Mistral's sliding window, MoE, Gemma, Phi...), RoPE scalings other than
@@ -47,7 +55,6 @@ Llama 3.1's, sharded (split) files, and any runtime dependency on transformers o
 from __future__ import annotations
 
 import math
-import mmap
 import os
 import struct
 import tempfile
@@ -71,9 +78,9 @@ __all__ = [
     "ARCHITECTURES",
     "READ_TYPES",
     "SAVE_DTYPES",
-    "check_gguf",
     "config_from_gguf",
     "load_gguf",
+    "read_header",
     "read_tensor",
     "save_gguf",
 ]
@@ -98,8 +105,8 @@ _FILE_TYPE = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7}  # llama.cpp'
 _TYPE_ID = {"f32": 0, "f16": 1, "q8_0": 8, "q4_0": 2, "q4_1": 3}
 
 # Limits of the header walk. Real files stay far below them: Llama 3's vocabulary, token types and
-# merges are 0.54 M array elements, Gemma 3's 0.79 M; GGUFReader spends ~1.5 KB and ~10 us per
-# element, so the budget bounds a hostile file's cost at ~1.5 GB and seconds.
+# merges are 0.54 M array elements, Gemma 3's 0.79 M. The walk keeps ~70 bytes per string element
+# (a Python str) and less per number, so the budget bounds a hostile file's metadata at ~0.1 GB.
 MAX_ARRAY_ELEMENTS = 1 << 20  # summed over every metadata array
 MAX_STRING = 16 << 20  # bytes of one metadata string (a chat template is ~10 KB)
 MAX_KEY = 65535  # bytes of a key (the GGUF spec's limit)
@@ -110,13 +117,17 @@ MAX_ELEMENTS = 1 << 48  # of one tensor; the file must hold its bytes anyway
 MAX_NESTING = 2  # arrays of arrays
 _MAGIC = b"GGUF"
 _VERSIONS = (2, 3)
-_FIXED = {0: 1, 1: 1, 7: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 10: 8, 11: 8, 12: 8}  # value type -> bytes
+# GGUF value type -> struct format of one value (uint8, int8, ... bool, uint64, int64, float64)
+_SCALARS = {t: struct.Struct("<" + c) for t, c in zip((0, 1, 2, 3, 4, 5, 6, 7, 10, 11, 12), "BbHhIif?Qqd")}
+_FIXED = {t: s.size for t, s in _SCALARS.items()}  # value type -> bytes
+_NUMERIC = {t: np.dtype(s.format) for t, s in _SCALARS.items()}  # the same as NumPy dtypes, for arrays
+_U64 = struct.Struct("<Q")
 _STRING, _ARRAY = 8, 9
 _INTS, _FLOATS = (0, 1, 2, 3, 4, 5, 10, 11), (6, 12)
 
 
 # ----------------------------------------------------------------------------------------------
-# the header walk: sizes checked before the gguf library allocates anything
+# the header walk: every length checked, every value decoded
 
 
 @dataclass(frozen=True)
@@ -126,6 +137,14 @@ class _TensorInfo:
     ggml_type: int
     offset: int  # from the data section's start
     nbytes: int
+
+
+@dataclass(frozen=True)
+class _Header:
+    values: dict[str, Any]  # key -> int, float, bool, str, or a list of them (lists of lists when nested)
+    types: dict[str, list[int]]  # key -> GGUF value types, gguf.GGUFReader's ReaderField.types
+    tensors: list[_TensorInfo]
+    data_start: int  # the data section's offset in the file
 
 
 class _Walk:
@@ -146,24 +165,44 @@ class _Walk:
         self.need(pos, n, what)
         return struct.unpack_from(fmt, self.buf, pos)[0], pos + n
 
-    def string(self, pos: int, limit: int, what: str, keep: bool = False) -> tuple[str | None, int]:
+    def string(self, pos: int, limit: int, what: str, key: str | None = None) -> tuple[str, int]:
+        """The string at ``pos``; ``key``: a metadata value's key, named when it is not UTF-8."""
         n, pos = self.unpack("<Q", pos, f"the length of {what}")
         if n > limit:
             raise self.fail(f"{what} claims {n} bytes; at most {limit} are allowed")
         self.need(pos, n, what)
-        if not keep:
-            return None, pos + n
         try:
-            return bytes(self.buf[pos : pos + n]).decode("utf-8"), pos + n
-        except UnicodeDecodeError:
+            return str(self.buf[pos : pos + n], "utf-8"), pos + n
+        except UnicodeDecodeError as e:
+            if key is not None:
+                raise self.fail(f"metadata {key!r} holds a string that is not UTF-8 ({e.reason})") from None
             raise self.fail(f"{what} at byte {pos} is not UTF-8") from None
 
-    def value(self, pos: int, vtype: int, key: str, depth: int = 0) -> int:
-        if vtype in _FIXED:
+    def strings(self, pos: int, count: int, key: str) -> tuple[list[str], int]:
+        """``count`` strings from ``pos``: the vocabulary and merges, so the checks are inline."""
+        buf, size, out = self.buf, self.size, []
+        for _ in range(count):
+            if pos <= size - 8:
+                end = pos + 8 + _U64.unpack_from(buf, pos)[0]
+                if end - pos - 8 <= MAX_STRING and end <= size:
+                    try:
+                        out.append(str(buf[pos + 8 : end], "utf-8"))
+                        pos = end
+                        continue
+                    except UnicodeDecodeError:
+                        pass
+            self.string(pos, MAX_STRING, f"a string of {key!r}", key)  # raises the precise error
+        return out, pos
+
+    def value(self, pos: int, vtype: int, key: str, depth: int = 0) -> tuple[Any, list[int], int]:
+        """(value, GGUF types, position after it); the types are GGUFReader's: an array's own,
+        then its first element's."""
+        if vtype in _SCALARS:
             self.need(pos, _FIXED[vtype], f"the value of {key!r}")
-            return pos + _FIXED[vtype]
+            return _SCALARS[vtype].unpack_from(self.buf, pos)[0], [vtype], pos + _FIXED[vtype]
         if vtype == _STRING:
-            return self.string(pos, MAX_STRING, f"the string value of {key!r}")[1]
+            text, pos = self.string(pos, MAX_STRING, f"the string value of {key!r}", key)
+            return text, [vtype], pos
         if vtype != _ARRAY:
             raise self.fail(f"metadata {key!r} has value type {vtype}; GGUF's types are 0 to 12")
         if depth >= MAX_NESTING:
@@ -178,18 +217,28 @@ class _Walk:
             raise self.fail(
                 f"the metadata arrays hold over {MAX_ARRAY_ELEMENTS} elements (at {key!r}); at most that many"
             )
+        if count == 0:
+            return [], [vtype], pos
         if etype in _FIXED:
             self.need(pos, count * _FIXED[etype], f"the array {key!r}")
-            return pos + count * _FIXED[etype]
-        for _ in range(count):
-            pos = self.value(pos, etype, key, depth + 1)
-        return pos
+            values = np.frombuffer(self.buf, _NUMERIC[etype], count, pos).tolist()
+            return values, [vtype, etype], pos + count * _FIXED[etype]
+        if etype == _STRING:
+            values, pos = self.strings(pos, count, key)
+            return values, [vtype, etype], pos
+        values, types = [], [vtype]
+        for i in range(count):
+            value, inner, pos = self.value(pos, etype, key, depth + 1)
+            values.append(value)
+            if i == 0:
+                types += inner
+        return values, types, pos
 
 
-def check_gguf(buf: Any, size: int, source: str) -> tuple[list[_TensorInfo], int]:
-    """Walk a GGUF header in ``buf`` (``size`` bytes) and check every length, count, type, offset
-    and size against the file and the limits above. Returns the tensor table and the data
-    section's offset. Values are not decoded here: ``gguf.GGUFReader`` reads them afterwards.
+def read_header(buf: Any, size: int, source: str) -> _Header:
+    """Walk a GGUF header in ``buf`` (``size`` bytes), check every length, count, type, offset and
+    size against the file and the limits above, and decode the metadata. Returns the metadata
+    (values and GGUF types), the tensor table and the data section's offset.
 
     Raises:
         CheckpointError: what is wrong, where, and what is allowed.
@@ -205,17 +254,16 @@ def check_gguf(buf: Any, size: int, source: str) -> tuple[list[_TensorInfo], int
         raise w.fail(f"claims {n_tensors} tensors; at most {min(MAX_TENSORS, size // 24)} fit the limit and the file")
     if n_kv > size // 13:
         raise w.fail(f"claims {n_kv} metadata entries, more than the file can hold")
-    pos, keys, alignment = 24, set(), 32  # llama.cpp's default alignment
+    pos, values, types, alignment = 24, {}, {}, 32  # llama.cpp's default alignment
     for _ in range(n_kv):
-        key, pos = w.string(pos, MAX_KEY, "a metadata key", keep=True)
-        if key in keys:
+        key, pos = w.string(pos, MAX_KEY, "a metadata key")
+        if key in values:
             raise w.fail(f"metadata key {key!r} appears twice; each key once is allowed")
-        keys.add(key)
         vtype, pos = w.unpack("<I", pos, f"the type of {key!r}")
-        if key == "general.architecture":  # refused before GGUFReader spends time on the vocabulary
+        if key == "general.architecture":  # refused before the vocabulary is read
             if vtype != _STRING:
                 raise w.fail(f"metadata 'general.architecture' must be a string, not GGUF type {vtype}")
-            arch = w.string(pos, MAX_KEY, "general.architecture", keep=True)[0]
+            arch = w.string(pos, MAX_KEY, "general.architecture")[0]
             if arch not in ARCHITECTURES:
                 raise w.fail(
                     f"general.architecture is {arch!r:.60}; arraygpt reads {', '.join(map(repr, ARCHITECTURES))}"
@@ -225,12 +273,12 @@ def check_gguf(buf: Any, size: int, source: str) -> tuple[list[_TensorInfo], int
             if vtype != 4 or value == 0 or value & (value - 1):
                 raise w.fail(f"general.alignment must be a uint32 power of two, got type {vtype}, value {value}")
             alignment = value
-        pos = w.value(pos, vtype, key)
-    if "general.architecture" not in keys:
+        values[key], types[key], pos = w.value(pos, vtype, key)
+    if "general.architecture" not in values:
         raise w.fail("the metadata lacks 'general.architecture'; every GGUF names its architecture")
     infos, names = [], set()
     for _ in range(n_tensors):
-        name, pos = w.string(pos, MAX_NAME, "a tensor name", keep=True)
+        name, pos = w.string(pos, MAX_NAME, "a tensor name")
         if name in names:
             raise w.fail(f"tensor {name!r} appears twice; each name once is allowed")
         names.add(name)
@@ -267,7 +315,7 @@ def check_gguf(buf: Any, size: int, source: str) -> tuple[list[_TensorInfo], int
                 f"tensor {info.name!r} claims bytes {data_start + info.offset} to {end}, past the end of the "
                 f"file ({size} bytes): truncated, or its offset or size lies"
             )
-    return infos, data_start
+    return _Header(values, types, infos, data_start)
 
 
 def _type_name(ggml_type: int) -> str:
@@ -294,20 +342,8 @@ def _import_gguf() -> Any:
 class _Metadata:
     """The file's metadata, key -> Python value, with typed getters that name the key on a mismatch."""
 
-    def __init__(self, reader: Any, source: str):
-        self.source = source
-        self.values: dict[str, Any] = {}
-        self.types: dict[str, list[int]] = {}
-        for key, field in reader.fields.items():
-            if key.startswith("GGUF."):
-                continue
-            try:
-                self.values[key] = field.contents()
-            except UnicodeDecodeError as e:
-                raise CheckpointError(
-                    f"{source}: metadata {key!r} holds a string that is not UTF-8 ({e.reason})"
-                ) from None
-            self.types[key] = [int(t) for t in field.types]
+    def __init__(self, values: dict[str, Any], types: dict[str, list[int]], source: str):
+        self.values, self.types, self.source = values, types, source
 
     def get(self, key: str, kinds: tuple[int, ...], what: str, default: Any = ...) -> Any:
         if key not in self.values:
@@ -329,40 +365,55 @@ class _Metadata:
         return {k: v for k, v in self.values.items() if k.startswith("tokenizer.")}
 
 
-def _open(path: Path) -> tuple[Any, list[_TensorInfo], int]:
-    """The checked file's GGUFReader, tensor table and data offset."""
-    gguf = _import_gguf()
+@dataclass(frozen=True)
+class _Tensor:
+    name: str
+    ggml_type: int
+    dims: tuple[int, ...]  # ggml order: fastest first
+    data: np.ndarray  # read-only view of the file: F32/F16 (out, in) as their dtype; other types bytes, rows of blocks
+
+
+def _open(path: Path) -> tuple[_Metadata, list[_Tensor]]:
+    """The checked file's metadata and tensors, each a view of one read-only memory map of the file."""
     f, size = open_regular(path, "GGUF file")
     with f:
         if size < 24:
             raise CheckpointError(f"{path}: {size} bytes is too short for a GGUF file (its header alone is 24)")
-        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-            infos, data_start = check_gguf(buf, size, str(path))
-        try:
-            reader = gguf.GGUFReader(f)
-        except (ValueError, KeyError, IndexError, TypeError, OverflowError) as e:
-            raise CheckpointError(f"{path}: the gguf library cannot read it: {e}") from None
-    if reader.data_offset != data_start or len(reader.tensors) != len(infos):
-        raise CheckpointError(f"{path}: the gguf library and the header walk disagree on its layout")
-    return reader, infos, data_start
+        mapped = np.memmap(f, dtype=np.uint8, mode="r")
+    with memoryview(mapped) as buf:
+        header = read_header(buf, len(mapped), str(path))
+    tensors = []
+    for info in header.tensors:
+        start = header.data_start + info.offset
+        raw = mapped[start : start + info.nbytes]
+        shape = tuple(reversed(info.dims))  # (out, in)
+        if info.ggml_type in _FLOAT_DTYPES:
+            data = raw.view(_FLOAT_DTYPES[info.ggml_type]).reshape(shape)
+        else:  # quantized, BF16: each row its blocks' bytes, as gguf.GGUFReader gives them
+            _, block, block_bytes = READ_TYPES[info.ggml_type]
+            data = raw.reshape(*shape[:-1], shape[-1] // block * block_bytes)
+        tensors.append(_Tensor(info.name, info.ggml_type, info.dims, data))
+    return _Metadata(header.values, header.types, str(path)), tensors
 
 
+_FLOAT_DTYPES = {0: np.dtype("<f4"), 1: np.dtype("<f2")}  # ggml F32, F16
 _KEEP = {8: "q8_0", 2: "q4_0", 3: "q4_1", 6: "q5_0", 7: "q5_1", 12: "q4_k", 13: "q5_k", 14: "q6_k"}  # ggml id -> kind
 
 
-def read_tensor(tensor: Any, *, quantized: bool = False) -> np.ndarray | QuantizedWeight:
-    """One tensor of a ``GGUFReader``, shape (out, in) (ggml's dimensions reversed): float32,
-    dequantized by ``gguf.quants.dequantize``; with ``quantized`` a matrix of a quantized type is
-    a :class:`~arraygpt.nn.quant.QuantizedWeight` over a view of the memory-mapped file's blocks
+def read_tensor(tensor: _Tensor, *, quantized: bool = False) -> np.ndarray | QuantizedWeight:
+    """One tensor of the file, shape (out, in) (ggml's dimensions reversed): float32, dequantized
+    by ``gguf.quants.dequantize``; with ``quantized`` a matrix of a quantized type is a
+    :class:`~arraygpt.nn.quant.QuantizedWeight` over a view of the memory-mapped file's blocks
     (read-only, not copied). The one function that reads a tensor."""
     gguf = _import_gguf()
-    if quantized and int(tensor.tensor_type) in _KEEP and len(tensor.shape) == 2:
-        kind = _KEEP[int(tensor.tensor_type)]
-        out, n_in = int(tensor.shape[1]), int(tensor.shape[0])
+    shape = tuple(reversed(tensor.dims))
+    if quantized and tensor.ggml_type in _KEEP and len(shape) == 2:
+        kind = _KEEP[tensor.ggml_type]
+        out, n_in = shape
         per_block, nbytes = BLOCKS[kind]
         return QuantizedWeight(kind, tensor.data.reshape(out, n_in // per_block, nbytes), (out, n_in))
-    values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
-    return np.ascontiguousarray(values.reshape(tuple(int(d) for d in reversed(tensor.shape))), dtype=np.float32)
+    values = gguf.quants.dequantize(tensor.data, gguf.GGMLQuantizationType(tensor.ggml_type))
+    return np.ascontiguousarray(values.reshape(shape), dtype=np.float32)
 
 
 def _unpermute(w: Any, n_head: int) -> Any:
@@ -585,13 +636,13 @@ def _gguf_shapes(config: GPTConfig, arch: str) -> dict[str, tuple[int, ...]]:
     return out
 
 
-def _state_dict(reader: Any, config: GPTConfig, arch: str, quantized: bool = False) -> dict[str, Any]:
+def _state_dict(tensors: list[_Tensor], config: GPTConfig, arch: str, quantized: bool = False) -> dict[str, Any]:
     """arraygpt's state dict from the file's tensors (shapes already checked); ``quantized``:
     quantized matrices as :class:`~arraygpt.nn.quant.QuantizedWeight` (see :func:`read_tensor`)."""
     state: dict[str, np.ndarray] = {}
     names = _GPT2_LAYER_NAMES if arch == "gpt2" else _LAYER_NAMES
     C = config.n_embd
-    for tensor in reader.tensors:
+    for tensor in tensors:
         key = tensor.name
         if key == "rope_freqs.weight":
             continue
@@ -649,12 +700,12 @@ def load_gguf(
     if not os.path.lexists(path):
         raise FileNotFoundError(f"no GGUF file at {path}")
     source = str(path)
-    reader, infos, _ = _open(path)
-    meta = _Metadata(reader, source)
-    dims = {t.name: t.dims for t in infos}
+    _import_gguf()
+    meta, tensors = _open(path)
+    dims = {t.name: t.dims for t in tensors}
     arch, config = config_from_gguf(meta, dims, source)
     if arch == "llama" and "rope_freqs.weight" in dims:
-        factors = read_tensor(next(t for t in reader.tensors if t.name == "rope_freqs.weight"))
+        factors = read_tensor(next(t for t in tensors if t.name == "rope_freqs.weight"))
         old_len = meta.int("llama.rope.scaling.original_context_length", 8192)
         scaling = _rope_scaling(factors.reshape(-1), config.head_dim, config.rope_theta, old_len, source)
         if scaling is not None:
@@ -684,18 +735,18 @@ def load_gguf(
 
         tokenizer = tokenizer_from_gguf(meta.tokenizer_values(), source, vocab_size=config.vocab_size)
     if quantized:
-        model = GPT(config, dtype=dtype, backend=backend, params=_state_dict(reader, config, arch, quantized=True))
+        model = GPT(config, dtype=dtype, backend=backend, params=_state_dict(tensors, config, arch, quantized=True))
         if model.quantized and model.backend.name != "numpy":
             raise ValueError(
                 f"quantized=True keeps the blocks on the host: use the numpy backend, not {model.backend.name}"
             )
     else:
         model = GPT(config, dtype=dtype, backend=backend, init=False)
-        model.load_state_dict(_state_dict(reader, config, arch))
+        model.load_state_dict(_state_dict(tensors, config, arch))
     extra = {
         "architecture": arch,
         "file_type": meta.values.get("general.file_type"),
-        "tensor_types": sorted({READ_TYPES[t.ggml_type][0] for t in infos}),
+        "tensor_types": sorted({READ_TYPES[t.ggml_type][0] for t in tensors}),
     }
     return Checkpoint(
         model=model.eval(), tokenizer=tokenizer, optimizer_state=None, extra=extra, path=path, format="gguf"
