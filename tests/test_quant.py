@@ -209,25 +209,220 @@ def test_the_kernel_hands_what_it_does_not_take_to_the_reference():
     np.testing.assert_allclose(out, x @ quants.dequantize(blocks.reshape(2, -1), TYPES["q6_k"]).T, rtol=1e-12)
 
 
-def test_the_numpy_backend_selects_the_kernel_for_float32_only():
+def _cpu_has_vnni() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        pytest.skip("reads the CPU's flags from /proc/cpuinfo")
+    return " avx512_vnni" in flags or " avx_vnni" in flags
+
+
+def test_the_numpy_backend_selects_the_int8_kernel_where_the_cpu_has_vnni_and_float32_only():
     _kernel()
     from arraygpt import GPTConfig
     from arraygpt.backends.numpy.kernels import quant as kernel
     from arraygpt.nn import kernels
 
     config = GPTConfig.preset("microgpt")
-    assert kernels.select_kernels(config, "numpy", "float32").quantized_linear[0] is kernel.quantized_linear_forward
+    chosen = kernels.select_kernels(config, "numpy", "float32").quantized_linear[0]
+    expected = kernel.quantized_linear_int8_forward if _cpu_has_vnni() else kernel.quantized_linear_forward
+    assert chosen is expected
     assert kernels.select_kernels(config, "numpy", "float64").quantized_linear[0] is quantized_linear_pair_forward
 
 
-def test_the_prepared_layout_is_kept_per_weight_without_a_float_copy_of_the_matrix():
+# ----------------------------------------------------------------------------------------------
+# the int8 path: x quantized to blocks of int8 (as llama.cpp's q8_0), byte dot products (_simd.py)
+
+
+def _simd_compiled():
+    pytest.importorskip("numba")
+    from arraygpt.backends.numpy.kernels import _simd
+    from arraygpt.backends.numpy.kernels._jit import numba
+
+    @numba().njit
+    def dots(row, xq, kinds):  # the sum of each dot's lanes, for blocks at 0, 34, 68, ...
+        out = np.empty(len(kinds), np.float32)
+        for i in range(len(kinds)):
+            v = _simd.dot_nibbles(row, 34 * i, xq, 32 * i) if kinds[i] else _simd.dot_bytes(row, 34 * i, xq, 32 * i)
+            out[i] = _simd.total(_simd.fma(_simd.zeros(), v, np.float32(1.0)))
+        return out
+
+    @numba().njit
+    def halves(row):
+        out = np.empty(len(row) // 2, np.float32)
+        for i in range(len(out)):
+            out[i] = _simd.half(row, 2 * i)
+        return out
+
+    return dots, halves
+
+
+@given(n=st.integers(1, 6), seed=st.integers(0, 2**32 - 1))
+def test_the_byte_dot_products_are_numpys_integer_dots(n, seed):
+    dots, _ = _simd_compiled()
+    rng = np.random.default_rng(seed)
+    row = rng.integers(0, 256, 34 * n, dtype=np.uint8)  # every byte, -128 included
+    xq = rng.integers(-127, 128, 32 * n).astype(np.int8)
+    kinds = rng.integers(0, 2, n).astype(np.int64)
+    expected = []
+    for i in range(n):
+        raw = row[34 * i : 34 * i + 32]
+        w = np.concatenate([raw[:16] & 15, raw[:16] >> 4]) if kinds[i] else raw.view(np.int8)
+        expected.append(int(np.dot(w.astype(np.int64), xq[32 * i : 32 * i + 32].astype(np.int64))))
+    assert dots(row, xq, kinds).tolist() == expected  # |dot| < 2**24: exact in float32
+
+
+def test_the_float16_scales_read_in_place_are_numpys_for_every_bit_pattern():
+    _, halves = _simd_compiled()
+    bits = np.arange(1 << 16, dtype=np.uint16)
+    expected = bits.view(np.float16).astype(np.float32)
+    got = halves(bits.view(np.uint8))
+    finite = np.isfinite(expected)
+    assert np.array_equal(got[finite], expected[finite])
+    assert np.array_equal(np.isnan(got), np.isnan(expected)) and np.array_equal(
+        got[np.isinf(got)], expected[np.isinf(expected)]
+    )
+
+
+def test_without_vnni_or_f16c_the_portable_vector_code_gives_the_same_numbers(tmp_path):
+    """numba compiling for a generic x86-64 (no VNNI, no F16C) takes the portable LLVM code."""
+    import os
+    import subprocess
+    import sys
+
+    if not _cpu_has_vnni() or os.uname().machine != "x86_64":
+        pytest.skip("compares the portable code with the VNNI path on an x86-64 CPU that has it")
+    code = (
+        "import sys, numpy as np, tests.test_quant as t\n"
+        "from arraygpt.backends.numpy.kernels import _simd\n"
+        "assert not _simd.has_vnni()\n"
+        "dots, halves = t._simd_compiled()\n"
+        "rng = np.random.default_rng(3)\n"
+        "row = rng.integers(0, 256, 34 * 8, dtype=np.uint8); xq = rng.integers(-127, 128, 256).astype(np.int8)\n"
+        "np.save(sys.argv[1] + '/dots.npy', dots(row, xq, np.arange(8) % 2))\n"
+        "np.save(sys.argv[1] + '/halves.npy', halves(np.arange(1 << 16, dtype=np.uint16).view(np.uint8)))\n"
+    )
+    env = dict(os.environ, NUMBA_CPU_NAME="generic", NUMBA_CACHE_DIR=str(tmp_path / "cache"))
+    generic = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert generic.returncode == 0, generic.stderr[-2000:]
+    dots, _ = _simd_compiled()
+    rng = np.random.default_rng(3)
+    row = rng.integers(0, 256, 34 * 8, dtype=np.uint8)
+    xq = rng.integers(-127, 128, 256).astype(np.int8)
+    assert np.array_equal(np.load(tmp_path / "dots.npy"), dots(row, xq, np.arange(8) % 2))
+    got = np.load(tmp_path / "halves.npy")
+    expected = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)
+    assert np.array_equal(got, expected, equal_nan=True)
+
+
+def _activations(x: np.ndarray):
+    from arraygpt.backends.numpy.kernels import quant as kernel
+
+    M, K = x.shape
+    xq, dx, xsum = np.empty((M, K), np.int8), np.empty((M, K // 32), np.float32), np.empty((M, K // 32), np.float32)
+    kernel._quantize_rows(x, xq, dx, xsum)
+    return xq, dx, xsum
+
+
+@given(
+    M=st.integers(1, 4),
+    n_blocks=st.integers(1, 4),
+    scale=st.sampled_from([1e-3, 1.0, 300.0]),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_activations_quantize_as_the_gguf_q8_0_quantizer(M, n_blocks, scale, seed):
+    _kernel()
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((M, 32 * n_blocks)) * scale).astype(np.float32)
+    x[0, :32] = 0.0  # a block of zeros: scale 0, quants 0
+    xq, dx, xsum = _activations(x)
+    blocks = quants.quantize(x, GGMLQuantizationType.Q8_0).reshape(M, n_blocks, 34)
+    assert np.array_equal(xq.reshape(M, n_blocks, 32), blocks[..., 2:].view(np.int8))
+    d16 = blocks[..., :2].copy().view(np.float16)[..., 0]
+    assert np.array_equal(dx.astype(np.float16), d16)  # gguf keeps the scale as float16
+    np.testing.assert_allclose(xsum, x.reshape(M, n_blocks, 32).sum(-1, dtype=np.float64), rtol=1e-5, atol=1e-5 * scale)
+
+
+def _split(kind: str, blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """W = W_q + W_c (float64, (N, K)): the part that multiplies the quants (d_b q) and the
+    constant part (m_b, -8 d_b or 0), W_c as the gguf dequantizer reads the blocks with quants 0."""
+    rows = blocks.shape[0]
+    start = {"q8_0": 2, "q4_0": 2, "q4_1": 4}[kind]
+    zeroed = blocks.copy()
+    zeroed[..., start:] = 0
+    dense = quants.dequantize(blocks.reshape(rows, -1), TYPES[kind]).astype(np.float64)
+    constant = quants.dequantize(zeroed.reshape(rows, -1), TYPES[kind]).astype(np.float64)
+    return dense - constant, constant
+
+
+@pytest.mark.parametrize("kind", ["q8_0", "q4_0", "q4_1"])
+@given(
+    rows=st.integers(1, 70),
+    n_blocks=st.integers(1, 4),
+    M=st.sampled_from([1, 2, 8]),
+    threads=st.sampled_from([1, 2]),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_the_int8_kernel_multiplies_the_quantized_activations_exactly_as_floats(kind, rows, n_blocks, M, threads, seed):
+    """out = x_hat @ W_q.T + x @ W_c.T, x_hat = dx xq the activations as quantized (checked against
+    gguf's quantizer above), within the float32 bound of the sums."""
+    from arraygpt.backends.numpy import blas_threads
+
     kernel = _kernel()
-    blocks = _random_blocks("q4_1", 64, 4, 2)
-    w = QuantizedWeight("q4_1", blocks, (64, 128))
-    prepared = kernel.prepare(w)
-    assert kernel.prepare(w) is prepared
-    assert np.shares_memory(prepared.blocks, blocks)  # the blocks are read where they are
-    assert prepared.d.nbytes + prepared.mins.nbytes == 64 * 4 * 8  # two float32 per block
+    blocks = _random_blocks(kind, rows, n_blocks, seed)
+    if kind == "q8_0":
+        blocks[0, 0, 2] = 0x80  # a quant of -128, which llama.cpp's quantizer never writes
+    K = 32 * n_blocks
+    w = QuantizedWeight(kind, blocks, (rows, K))
+    x = np.random.default_rng(seed).standard_normal((M, K)).astype(np.float32)
+    with blas_threads(threads):
+        out, _ = kernel.quantized_linear_int8_forward(x, w)
+    xq, dx, _ = _activations(x)
+    x_hat = xq.reshape(M, n_blocks, 32).astype(np.float64) * dx[..., None].astype(np.float64)
+    w_q, w_c = _split(kind, blocks)
+    expected = x_hat.reshape(M, K) @ w_q.T + x.astype(np.float64) @ w_c.T
+    assert np.all(
+        np.abs(out - expected) <= _bound(kind, blocks, np.maximum(np.abs(x), np.abs(x_hat.reshape(M, K)))) + 1e-6
+    )
+
+
+@pytest.mark.parametrize("kind", ["q8_0", "q4_0", "q4_1", "q5_0", "q5_1"])
+@given(
+    rows=st.integers(1, 40),
+    n_blocks=st.integers(1, 4),
+    M=st.sampled_from([1, 3, 8, 9]),
+    bias=st.booleans(),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_the_int8_kernel_is_within_its_documented_bound_of_the_gguf_dequantized_product(
+    kind, rows, n_blocks, M, bias, seed
+):
+    """|out - x @ W.T| <= sum_j |W_q,j| dx_b / 2 (the activations' rounding, docs/gguf.md) plus
+    the float32 bound; the kinds without an int8 path (Q5) and prefill (more than MAX_ROWS rows)
+    are the float32 kernel's numbers."""
+    kernel = _kernel()
+    blocks = _random_blocks(kind, rows, n_blocks, seed)
+    K = 32 * n_blocks
+    w = QuantizedWeight(kind, blocks, (rows, K))
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((M, K)).astype(np.float32)
+    b = rng.standard_normal(rows).astype(np.float32) if bias else None
+    out, _ = kernel.quantized_linear_int8_forward(x, w, b)
+    dense = quants.dequantize(blocks.reshape(rows, -1), TYPES[kind]).astype(np.float64)
+    expected = x.astype(np.float64) @ dense.T + (0 if b is None else b)
+    tol = _bound(kind, blocks, x) + 1e-6
+    if kind in kernel.INT8_KINDS and M <= kernel.MAX_ROWS:
+        _, dx, _ = _activations(x)
+        w_q, _ = _split(kind, blocks)
+        half_step = np.repeat(dx.astype(np.float64) / 2, 32, axis=1) * (1 + 1e-6)  # (M, K)
+        tol = tol + half_step @ np.abs(w_q).T
+    else:
+        float_out, _ = kernel.quantized_linear_forward(x, w, b)
+        assert np.array_equal(out, float_out)
+    assert np.all(np.abs(out - expected) <= tol)
 
 
 def test_backward_through_quantized_weights_is_refused_with_what_to_do():

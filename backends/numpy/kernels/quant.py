@@ -1,48 +1,52 @@
 """The quantized linear layer on GGUF blocks: ``nn.quant.quantized_linear_forward`` (out = x @
-dequantize(W).T + b) without a float32 copy of W.
+dequantize(W).T + b) without a float32 copy of W: the blocks are read where they are (a
+memory-mapped file), their float16 scales too.
 
-Two paths, by the number of rows M of x:
+Two kernels, by how they treat x:
 
-- decoding (M <= MAX_ROWS): one pass over W's blocks in their stored order, split by rows of W
-  over the threads BLAS may use now (``blas_thread_count``: the model's runner holds it to the
-  model's threads). Each row keeps 32 float32 accumulators, one per position in a block
-  (``acc[j] += q_j * (d_b * x_j)``), reduced once per row: that loop shape vectorizes, where a
-  sum per block does not (the probe in docs/performance.md). The nibbles are read in place. Each
-  block's constant term (Q4_1's min m_b, Q4_0's -8 d_b, Q5_0's -16 d_b) multiplies the block's
-  sum of x, computed once per call for all rows of W.
-- prefill (more rows): tiles of TILE rows of W are dequantized to float32 and multiplied with
-  BLAS (``x @ tile.T``), so the float32 memory is one tile.
+- ``numba_quantized_linear`` (float32): up to MAX_ROWS rows of x (decoding), one pass over W's
+  blocks in their stored order. Each row keeps 32 float32 accumulators, one per position in a
+  block (``acc[j] += q_j * (d_b * x_j)``), reduced once per row: that loop shape vectorizes, where
+  a sum per block does not (the probe in docs/performance.md). Each block's constant term (Q4_1's
+  min m_b, Q4_0's -8 d_b, Q5_0's -16 d_b) multiplies the block's sum of x.
+- ``numba_quantized_linear_int8``: the same, but for Q8_0, Q4_0 and Q4_1 the rows of x are first
+  quantized to int8 blocks of 32 (``xq = round(x / dx_b)``, ``dx_b = max|x| / 127``, as
+  llama.cpp's q8_0) and each block of W meets them in one byte dot product (``_simd.py``: VNNI's
+  ``vpdpbusd``), its integer sum scaled by ``d_b dx_b`` into 8 float lanes. 3-8x faster than the
+  float loop; chosen where the CPU has VNNI.
 
-Prepared per weight, once, and cached while the weight lives: the float16 scales (and mins) as
-float32 arrays, (out, in / 32) each; the blocks themselves stay where they are (a memory-mapped
-file). Kinds: q8_0, q4_0, q4_1, q5_0, q5_1; the K-quants (q4_k, q5_k, q6_k) are decoded by the
-reference's array-API code a tile of TILE rows at a time, then multiplied with BLAS (slow, but
-the float32 memory is one tile, not the whole matrix).
+Both split the rows of W over the threads BLAS may use now (``blas_thread_count``: the model's
+runner holds it to the model's threads). More rows than MAX_ROWS (a prompt): tiles of TILE rows
+of W are dequantized to float32 and multiplied with BLAS (``x @ tile.T``), so the float32 memory
+is one tile. The K-quants (q4_k, q5_k, q6_k) are decoded by the reference's array-API code a tile
+at a time, then multiplied with BLAS.
 
-Rounding: the kernels sum in another order than the reference's BLAS product; both are within
-the float32 bound of a dot product, ``|error| <= K eps sum_j |w_j x_j|`` (K = in), where
-``|w_j| <= |d_b| qmax + |m_b|`` from the block's scales. tests/test_quant.py checks the kernels
-against the reference and the ``gguf`` library's dequantizer within twice that bound.
+Rounding: the float32 kernel sums in another order than the reference's BLAS product; both are
+within the float32 bound of a dot product, ``|error| <= K eps sum_j |w_j x_j|`` (K = in), where
+``|w_j| <= |d_b| qmax + |m_b|`` from the block's scales. The int8 kernel's products are exact
+integers, and its result is within that bound of ``x_hat @ W_q.T + x @ W_c.T`` (x_hat = dx_b xq the
+rounded activations, W_q the quants' part of W, W_c its constant part): within
+``sum_j |W_q,j| dx_b / 2`` more of the float product. tests/test_quant.py checks both against the
+``gguf`` library's quantizer and dequantizer.
 
 Not here: the math's definition (``arraygpt.nn.quant``), choosing kernels (``arraygpt.nn.kernels``).
 """
 
 from __future__ import annotations
 
-import threading
-import weakref
 from typing import Any, NamedTuple
 
 import numpy as np
 
-from arraygpt.backends.numpy.kernels._jit import OPTIONS, LazyJit, _lock, loader, numba
+from arraygpt.backends.numpy.kernels._jit import OPTIONS, LazyJit, _lock, lazy_njit, loader, numba
+from arraygpt.backends.numpy.kernels._simd import dot_bytes, dot_nibbles, fma, half, has_vnni, total, zeros
+from arraygpt.errors import KernelUnavailable
 from arraygpt.nn import quant
 from arraygpt.nn.kernels import KernelSpec
 
 MAX_ROWS = 8  # decoding's loop up to here; more rows: dequantized tiles and BLAS
 TILE = 256  # rows of W dequantized at a time on the prefill path
 KINDS = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
-_CODE = {kind: code for code, kind in enumerate(KINDS)}
 PARALLEL = dict(OPTIONS, parallel=True)
 
 
@@ -68,36 +72,41 @@ class _ParallelJit(LazyJit):
 
 
 def _q8_0_source(prange: Any) -> Any:
-    def _q8_0_rows(x, blocks, d, chunks, out):
-        # out (M, N) = x (M, K) @ W.T; blocks (N, nb, 34) viewed as int8 (the quants from byte 2
-        # on), d (N, nb) float32 scales; W's rows in `chunks` contiguous ranges, one task each
+    def _q8_0_rows(x, blocks, chunks, out):
+        # out (M, N) = x (M, K) @ W.T; blocks (N, nb * 34) int8: a float16 scale d_b, then 32
+        # int8 quants; W's rows in `chunks` contiguous ranges, one task each
         M = x.shape[0]
-        N, nb = d.shape
+        N = blocks.shape[0]
+        nb = blocks.shape[1] // 34
         for c in prange(chunks):
             acc = np.empty(32, np.float32)
             for o in range(c * N // chunks, (c + 1) * N // chunks):
+                row = blocks[o]
                 for m in range(M):
+                    xm = x[m]
                     acc[:] = 0.0
                     for b in range(nb):
-                        db = d[o, b]
-                        base = b * 32
+                        db = half(row, b * 34)
+                        q = row[b * 34 + 2 : b * 34 + 34]
+                        xb = xm[b * 32 : b * 32 + 32]
                         for j in range(32):
-                            acc[j] += np.float32(blocks[o, b, 2 + j]) * (db * x[m, base + j])
+                            acc[j] += np.float32(q[j]) * (db * xb[j])
                     out[m, o] = acc.sum()
 
     return _q8_0_rows
 
 
 def _q4_source(prange: Any) -> Any:
-    def _q4_rows(x, blocks, d, mins, xsum, start, high, chunks, out):
+    def _q4_rows(x, blocks, nbytes, start, high, offset, xsum, chunks, out):
         # out (M, N) = x @ W.T for Q4_0/Q4_1/Q5_0/Q5_1: value = d_b q + min_b, q the nibbles at
-        # byte `start` of each block (with `high`, a fifth bit from the 4 bytes before them);
-        # min_b is m_b (Q4_1, Q5_1), -8 d_b (Q4_0) or -16 d_b (Q5_0), times the block's sum of x,
-        # xsum (M, nb). blocks (N, nb * bytes): each row and each x taken as a 1-D slice (indexing
-        # the 3-D array in the inner loop was 1.5x slower)
+        # byte `start` of each block of `nbytes` (with `high`, a fifth bit from the 4 bytes before
+        # them); min_b is the float16 m_b at byte 2 (Q4_1, Q5_1; offset 0) or -offset d_b (Q4_0: 8,
+        # Q5_0: 16), times the block's sum of x, xsum (M, nb). blocks (N, nb * nbytes) uint8:
+        # each row and each x taken as a 1-D slice (indexing a 3-D array in the inner loop was
+        # 1.5x slower)
         M = x.shape[0]
-        N, nb = d.shape
-        nbytes = blocks.shape[1] // nb
+        N = blocks.shape[0]
+        nb = blocks.shape[1] // nbytes
         for c in prange(chunks):
             acc = np.empty(32, np.float32)
             for o in range(c * N // chunks, (c + 1) * N // chunks):
@@ -107,11 +116,12 @@ def _q4_source(prange: Any) -> Any:
                     acc[:] = 0.0
                     s = np.float32(0.0)
                     for b in range(nb):
-                        db = d[o, b]
-                        q = row[b * nbytes + start : b * nbytes + start + 16]
+                        at = b * nbytes
+                        db = half(row, at)
+                        q = row[at + start : at + start + 16]
                         xb = xm[b * 32 : b * 32 + 32]
                         if high:
-                            h = row[b * nbytes + start - 4 : b * nbytes + start]
+                            h = row[at + start - 4 : at + start]
                             qh = (
                                 np.uint32(h[0])
                                 | (np.uint32(h[1]) << 8)
@@ -128,36 +138,90 @@ def _q4_source(prange: Any) -> Any:
                                 v = q[j]
                                 acc[j] += np.float32(v & 15) * (db * xb[j])
                                 acc[j + 16] += np.float32(v >> 4) * (db * xb[j + 16])
-                        s += mins[o, b] * xsum[m, b]
+                        mb = half(row, at + 2) if offset == 0 else -offset * db
+                        s += mb * xsum[m, b]
                     out[m, o] = acc.sum() + s
 
     return _q4_rows
 
 
+def _int8_source(prange: Any) -> Any:
+    def _int8_rows(xq, dx, xsum, blocks, nbytes, start, offset, chunks, out):
+        # out (M, N) = x @ W.T with x as int8 blocks, x ~ dx_b xq (dx, xsum (M, nb)), summed with
+        # byte dot products (_simd.py): Q8_0 (start 2: int8 quants), Q4_0 and Q4_1 (start 2 and 4:
+        # nibbles); each block's integer dot times d_b dx_b goes to 8 float lanes, reduced once
+        # per row; the constant term (as in _q4_rows) times the block's float sum of x
+        M = xq.shape[0]
+        N = blocks.shape[0]
+        nb = blocks.shape[1] // nbytes
+        for c in prange(chunks):
+            for o in range(c * N // chunks, (c + 1) * N // chunks):
+                row = blocks[o]
+                for m in range(M):
+                    xm = xq[m]
+                    acc = zeros()
+                    s = np.float32(0.0)
+                    for b in range(nb):
+                        at = b * nbytes
+                        db = half(row, at)
+                        if start == 2 and nbytes == 34:
+                            acc = fma(acc, dot_bytes(row, at + 2, xm, b * 32), db * dx[m, b])
+                        else:
+                            acc = fma(acc, dot_nibbles(row, at + start, xm, b * 32), db * dx[m, b])
+                            mb = half(row, at + 2) if offset == 0 else -offset * db
+                            s += mb * xsum[m, b]
+                    out[m, o] = total(acc) + s
+
+    return _int8_rows
+
+
+@lazy_njit
+def _quantize_rows(x, xq, dx, xsum):
+    # x (M, K) float32 -> xq (M, K) int8 = round(x / dx_b) per block of 32, dx_b = max|x| / 127,
+    # rounding half away from zero (llama.cpp's quantize_row_q8_0); xsum (M, nb) the blocks' sums
+    M, K = x.shape
+    for m in range(M):
+        for b in range(K // 32):
+            amax = np.float32(0.0)
+            s = np.float32(0.0)
+            for j in range(b * 32, b * 32 + 32):
+                amax = max(amax, abs(x[m, j]))
+                s += x[m, j]
+            d = amax / np.float32(127.0)
+            inverse = np.float32(1.0) / d if d > 0 else np.float32(0.0)
+            for j in range(b * 32, b * 32 + 32):
+                v = x[m, j] * inverse
+                xq[m, j] = np.int8(np.floor(abs(v) + np.float32(0.5)) * (1 if v >= 0 else -1))
+            dx[m, b] = d
+            xsum[m, b] = s
+
+
 def _tile_source(prange: Any) -> Any:
-    def _dequantize_tile(blocks, d, mins, start, high, r0, tile):
-        # tile (R, K) float32 = dequantize(W)[r0 : r0 + R]; start < 0: Q8_0 (int8 quants from
-        # byte 2), else the nibble kinds as in _q4_rows
-        nb = d.shape[1]
+    def _dequantize_tile(blocks, nbytes, start, high, offset, r0, tile):
+        # tile (R, K) float32 = dequantize(W)[r0 : r0 + R]; blocks (N, nb * nbytes) uint8;
+        # start 2 and nbytes 34: Q8_0 (int8 quants), else the nibble kinds as in _q4_rows
+        nb = blocks.shape[1] // nbytes
         for r in prange(tile.shape[0]):
-            o = r0 + r
+            row = blocks[r0 + r]
             for b in range(nb):
-                db, mb, base = d[o, b], mins[o, b], b * 32
-                if start < 0:
+                at, base = b * nbytes, b * 32
+                db = half(row, at)
+                if nbytes == 34:
                     for j in range(32):
-                        v = np.int32(blocks[o, b, 2 + j])
+                        v = np.int32(row[at + 2 + j])
                         tile[r, base + j] = db * np.float32(v - 256 if v >= 128 else v)
                     continue
+                mb = half(row, at + 2) if offset == 0 else -offset * db
                 qh = np.uint32(0)
                 if high:
                     qh = (
-                        np.uint32(blocks[o, b, start - 4])
-                        | (np.uint32(blocks[o, b, start - 3]) << 8)
-                        | (np.uint32(blocks[o, b, start - 2]) << 16)
-                        | (np.uint32(blocks[o, b, start - 1]) << 24)
+                        np.uint32(row[at + start - 4])
+                        | (np.uint32(row[at + start - 3]) << 8)
+                        | (np.uint32(row[at + start - 2]) << 16)
+                        | (np.uint32(row[at + start - 1]) << 24)
                     )
                 for j in range(16):
-                    v = blocks[o, b, start + j]
+                    v = row[at + start + j]
                     lo = np.uint32(v & 15) | (((qh >> j) & 1) << 4)
                     hi = np.uint32(v >> 4) | (((qh >> (j + 16)) & 1) << 4)
                     tile[r, base + j] = db * np.float32(lo) + mb
@@ -168,59 +232,32 @@ def _tile_source(prange: Any) -> Any:
 
 _q8_0_rows = _ParallelJit(_q8_0_source)
 _q4_rows = _ParallelJit(_q4_source)
+_int8_rows = _ParallelJit(_int8_source)
 _dequantize_tile = _ParallelJit(_tile_source)
 
 
 # ----------------------------------------------------------------------------------------------
-# prepared layouts, once per weight
+# the wrappers
 
 
-class _Prepared(NamedTuple):
-    blocks: np.ndarray  # (N, nb, bytes per block): the weight's own bytes, int8 for Q8_0, else uint8
-    d: np.ndarray  # (N, nb) float32 scales
-    mins: np.ndarray  # (N, nb) float32 constant term of each block (Q8_0: d again, unread)
-    start: int  # first byte of the quants (-1: Q8_0)
-    high: bool  # a fifth bit per value (Q5_0, Q5_1)
+class _Layout(NamedTuple):
+    """Where a kind keeps its parts in a block: the quants from byte ``start``; a fifth bit per
+    value (``high``) in the 4 bytes before them; the constant term a float16 at byte 2 (offset
+    0) or -offset d_b."""
+
+    start: int
+    high: bool
+    offset: float
 
 
-_HEADER = {"q8_0": (-1, False), "q4_0": (2, False), "q4_1": (4, False), "q5_0": (6, True), "q5_1": (8, True)}
-_prepared: dict[int, tuple[weakref.ref, _Prepared]] = {}
-_prepared_lock = threading.Lock()
-
-
-def _f16(blocks: np.ndarray, offset: int) -> np.ndarray:
-    """The float16 at byte ``offset`` of every block, as float32 (N, nb)."""
-    return np.ascontiguousarray(blocks[..., offset : offset + 2]).view(np.float16)[..., 0].astype(np.float32)
-
-
-def prepare(w: quant.QuantizedWeight) -> _Prepared:
-    """The layout the loops read, computed on the first call for ``w`` and kept while ``w`` lives:
-    the scales as float32; the blocks are not copied (a C-contiguous array is used as is)."""
-    key = id(w)
-    entry = _prepared.get(key)
-    if entry is not None and entry[0]() is w:
-        return entry[1]
-    blocks = np.ascontiguousarray(w.blocks)
-    start, high = _HEADER[w.kind]
-    d = _f16(blocks, 0)
-    if w.kind == "q8_0":
-        prepared = _Prepared(blocks.view(np.int8), d, d, start, high)  # Q8_0 has no constant term: never read
-    else:
-        mins = {"q4_0": -8.0 * d, "q5_0": -16.0 * d}.get(w.kind)
-        prepared = _Prepared(blocks, d, _f16(blocks, 2) if mins is None else mins, start, high)
-    with _prepared_lock:
-        _prepared[key] = (weakref.ref(w), prepared)
-        weakref.finalize(w, _forget, key)
-    return prepared
-
-
-def _forget(key: int) -> None:
-    with _prepared_lock:
-        _prepared.pop(key, None)
-
-
-# ----------------------------------------------------------------------------------------------
-# the wrapper
+_LAYOUT = {
+    "q8_0": _Layout(2, False, 0.0),
+    "q4_0": _Layout(2, False, 8.0),
+    "q4_1": _Layout(4, False, 0.0),
+    "q5_0": _Layout(6, True, 16.0),
+    "q5_1": _Layout(8, True, 0.0),
+}
+INT8_KINDS = ("q8_0", "q4_0", "q4_1")  # the kinds the int8 kernel sums with byte dot products
 
 
 class QuantizedLinearCache(quant.QuantizedLinearCache):
@@ -250,9 +287,7 @@ def takes(x: Any, w: Any, b: Any = None) -> bool:
     )
 
 
-def quantized_linear_forward(x: Any, w: Any, b: Any = None) -> tuple[Any, Any]:
-    """``nn.quant.quantized_linear_pair_forward`` on the blocks: x (..., in) -> (..., out), a
-    stack part by part. What :func:`takes` refuses goes to the reference."""
+def _forward(x: Any, w: Any, b: Any, int8: bool) -> tuple[Any, Any]:
     parts = w.parts if isinstance(w, quant.QuantizedStack) else (w,)
     if not all(takes(x, part) for part in parts) or not (
         b is None or (type(b) is np.ndarray and b.dtype == np.float32 and b.shape == (w.shape[0],))
@@ -264,34 +299,61 @@ def quantized_linear_forward(x: Any, w: Any, b: Any = None) -> tuple[Any, Any]:
     out = np.empty((M, N), dtype=np.float32)
     threads = min(_threads(), numba().config.NUMBA_NUM_THREADS)
     numba().set_num_threads(threads)
+    activations = None
+    if int8 and M <= MAX_ROWS and any(part.kind in INT8_KINDS for part in parts):
+        activations = (
+            np.empty((M, K), np.int8),
+            np.empty((M, K // 32), np.float32),
+            np.empty((M, K // 32), np.float32),
+        )
+        _quantize_rows(x2, *activations)
     start = 0
     for part in parts:
-        _product(x2, part, threads, out[:, start : start + part.shape[0]])
+        _product(x2, part, threads, out[:, start : start + part.shape[0]], activations)
         start += part.shape[0]
     if b is not None:
         out += b
     return out.reshape(*x.shape[:-1], N), QuantizedLinearCache(x, w, b is not None)
 
 
-def _product(x2: np.ndarray, w: quant.QuantizedWeight, threads: int, out: np.ndarray) -> None:
+def quantized_linear_forward(x: Any, w: Any, b: Any = None) -> tuple[Any, Any]:
+    """``nn.quant.quantized_linear_pair_forward`` on the blocks, in float32: x (..., in) -> (...,
+    out), a stack part by part. What :func:`takes` refuses goes to the reference."""
+    return _forward(x, w, b, int8=False)
+
+
+def quantized_linear_int8_forward(x: Any, w: Any, b: Any = None) -> tuple[Any, Any]:
+    """:func:`quantized_linear_forward`, but up to MAX_ROWS rows of x on Q8_0, Q4_0 and Q4_1
+    weights are quantized to int8 blocks first (as llama.cpp's q8 dot products do) and summed with
+    byte dot products: a different rounding, bounded in docs/gguf.md ("Quantized weights")."""
+    return _forward(x, w, b, int8=True)
+
+
+def _product(x2: np.ndarray, w: quant.QuantizedWeight, threads: int, out: np.ndarray, activations: Any) -> None:
     """out (M, N) = x2 (M, K) @ dequantize(w).T, on the blocks (the K-quants: the reference's
-    decoding, a tile of rows at a time, then BLAS)."""
+    decoding, a tile of rows at a time, then BLAS); ``activations`` (xq, dx, xsum) of x2: the
+    int8 path where the kind has one."""
     M, K = x2.shape
     N = w.shape[0]
-    if w.kind not in _HEADER:
+    if w.kind not in _LAYOUT:
         for r0 in range(0, N, TILE):
             rows = min(TILE, N - r0)
             tile = quant.dequantize(quant.QuantizedWeight(w.kind, w.blocks[r0 : r0 + rows], (rows, K)))
             np.matmul(x2, tile.T, out=out[:, r0 : r0 + rows])
         return
-    p = prepare(w)
+    start, high, offset = _LAYOUT[w.kind]
+    nbytes = quant.BLOCKS[w.kind][1]
+    blocks = np.ascontiguousarray(w.blocks).reshape(N, -1)  # (N, nb * nbytes): the file's bytes, not copied
     if M <= MAX_ROWS:
         chunks = threads if N >= 64 * threads else 1
-        if p.start < 0:
-            _q8_0_rows(x2, p.blocks, p.d, chunks, out)
+        if activations is not None and w.kind in INT8_KINDS:
+            xq, dx, xsum = activations
+            _int8_rows(xq, dx, xsum, blocks, nbytes, start, offset, chunks, out)
+        elif w.kind == "q8_0":
+            _q8_0_rows(x2, blocks.view(np.int8), chunks, out)
         else:
             xsum = x2.reshape(M, K // 32, 32).sum(axis=-1)  # (M, nb)
-            _q4_rows(x2, p.blocks.reshape(N, -1), p.d, p.mins, xsum, p.start, p.high, chunks, out)
+            _q4_rows(x2, blocks, nbytes, start, high, offset, xsum, chunks, out)
     else:
         # the tiles are decoded on this thread alone: BLAS's threads do the product, and numba's
         # workers spinning beside them made a 256-token prefill 8x slower on 2 cores
@@ -299,8 +361,16 @@ def _product(x2: np.ndarray, w: quant.QuantizedWeight, threads: int, out: np.nda
         tile = np.empty((min(TILE, N), K), dtype=np.float32)
         for r0 in range(0, N, TILE):
             rows = min(TILE, N - r0)
-            _dequantize_tile(p.blocks, p.d, p.mins, p.start, p.high, r0, tile[:rows])
+            _dequantize_tile(blocks, nbytes, start, high, offset, r0, tile[:rows])
             np.matmul(x2, tile[:rows].T, out=out[:, r0 : r0 + rows])
+
+
+def _int8_declines(config: Any, backend: Any, dtype: str) -> str | None:
+    try:
+        vnni = has_vnni()
+    except KernelUnavailable as e:
+        return str(e)
+    return None if vnni else "this CPU has no byte dot products (VNNI): the float32 kernel is faster"
 
 
 SPECS = {
@@ -313,5 +383,16 @@ SPECS = {
         description=f"GGUF blocks ({', '.join(KINDS)}): up to {MAX_ROWS} rows in one pass over the blocks "
         f"(32 accumulators a row, rows split over the BLAS threads); more rows: tiles of {TILE} rows "
         "dequantized for BLAS (numba, parallel, nogil)",
+    ),
+    "numba_quantized_linear_int8": KernelSpec(
+        "quantized_linear",
+        loader(quantized_linear_int8_forward, quant.quantized_linear_backward),
+        backends=("numpy",),
+        array_types=(np.ndarray,),
+        dtypes=("float32",),
+        supports=_int8_declines,
+        priority=1,
+        description=f"numba_quantized_linear, but up to {MAX_ROWS} rows on {', '.join(INT8_KINDS)} with x quantized "
+        "to int8 blocks and byte dot products (VNNI), as llama.cpp's q8 products",
     ),
 }

@@ -1,0 +1,223 @@
+"""Eight-lane integer dot products for the quantized kernels, as numba functions over LLVM vectors.
+
+numba's loops do not become the CPU's byte dot-product instructions (VNNI's ``vpdpbusd``: 32
+unsigned-by-signed byte products summed into 8 int32 lanes in one instruction), and those are
+what make llama.cpp's matrix-vector products fast. These few functions give a numba source that
+vocabulary, one block of 32 values at a time:
+
+- ``dot_nibbles(row, at, xq, xat)``: the 16 bytes at ``row[at:]`` as 32 four-bit values (low
+  nibbles first, then high, as GGUF's Q4 blocks store them) dotted with the int8 ``xq[xat:xat+32]``;
+- ``dot_bytes(row, at, xq, xat)``: the 32 int8 weights at ``row[at:]`` dotted with
+  ``xq[xat:xat+32]`` (as llama.cpp does: VNNI multiplies unsigned by signed bytes, so |w| by x
+  with w's sign; xq must not hold -128);
+- both return an :data:`I32x8`, lane i = the sum of products 4i..4i+3;
+- ``zeros()`` an :data:`F32x8` of zeros, ``fma(acc, v, s)`` = acc + float(v) * s, ``total(acc)``
+  the sum of its lanes (float32);
+- ``half(row, at)``: the float16 at byte ``at`` of a uint8 row, as float32.
+
+Each is a plain Python function (NumPy arrays stand for the vectors: what tests and ``py_func``
+run) and, once numba is imported, an ``overload`` whose intrinsic emits the LLVM vector code: with
+``avx512vnni`` or ``avxvnni`` in the CPU's features the ``vpdpbusd`` intrinsic, elsewhere the same
+sums spelled in portable vector IR (which LLVM lowers to ``vpmaddwd`` or a NEON dot product).
+The callers check the offsets: nothing here checks bounds.
+
+Not here: the kernels that use them (``quant.py``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from arraygpt.backends.numpy.kernels._jit import when_numba_loads
+
+
+def dot_nibbles(row: np.ndarray, at: int, xq: np.ndarray, xat: int) -> np.ndarray:
+    q = row[at : at + 16]
+    u = np.concatenate([q & 15, q >> 4]).astype(np.int32)
+    return (u * xq[xat : xat + 32].astype(np.int32)).reshape(8, 4).sum(axis=1, dtype=np.int32)
+
+
+def dot_bytes(row: np.ndarray, at: int, xq: np.ndarray, xat: int) -> np.ndarray:
+    u = row[at : at + 32].view(np.int8).astype(np.int32)
+    return (u * xq[xat : xat + 32].astype(np.int32)).reshape(8, 4).sum(axis=1, dtype=np.int32)
+
+
+def zeros() -> np.ndarray:
+    return np.zeros(8, np.float32)
+
+
+def fma(acc: np.ndarray, v: np.ndarray, s: Any) -> np.ndarray:
+    return acc + v.astype(np.float32) * np.float32(s)
+
+
+def total(acc: np.ndarray) -> np.float32:
+    return np.float32(acc.sum(dtype=np.float32))
+
+
+def half(row: np.ndarray, at: int) -> np.float32:
+    return np.float32(row[at : at + 2].view(np.float16)[0])
+
+
+def has_vnni() -> bool:
+    """Whether the CPU numba compiles for has byte dot products (``avx512vnni`` or ``avxvnni``)."""
+    from arraygpt.backends.numpy.kernels._jit import numba
+
+    features = _features(numba())
+    return "+avx512vnni" in features or "+avxvnni" in features
+
+
+def _features(numba: Any) -> list[str]:
+    """The CPU features numba compiles for (``+avx2``, ...)."""
+    import llvmlite.binding as llvm
+
+    features = numba.config.CPU_FEATURES
+    if features is None:  # numba compiles for this machine
+        features = llvm.get_host_cpu_features().flatten()
+    return features.split(",")
+
+
+def _register(numba: Any) -> None:
+    import llvmlite.binding as llvm_binding
+    from llvmlite import ir
+    from numba.core import cgutils, types
+    from numba.extending import intrinsic, models, overload, register_model
+
+    i8, i16, i32, f32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.FloatType()
+    V8I, V8F, V16B, V32B = ir.VectorType(i32, 8), ir.VectorType(f32, 8), ir.VectorType(i8, 16), ir.VectorType(i8, 32)
+    features = _features(numba)
+    vnni = "+avx512vnni" in features or "+avxvnni" in features
+    triple = llvm_binding.get_process_triple()
+    f16c = "+f16c" in features if triple.startswith(("x86_64", "i686")) else triple.startswith(("aarch64", "arm64"))
+
+    class I32x8Type(types.Type):
+        def __init__(self) -> None:
+            super().__init__(name="I32x8")
+
+    class F32x8Type(types.Type):
+        def __init__(self) -> None:
+            super().__init__(name="F32x8")
+
+    @register_model(I32x8Type)
+    class I32x8Model(models.PrimitiveModel):
+        def __init__(self, dmm: Any, fe_type: Any) -> None:
+            super().__init__(dmm, fe_type, V8I)
+
+    @register_model(F32x8Type)
+    class F32x8Model(models.PrimitiveModel):
+        def __init__(self, dmm: Any, fe_type: Any) -> None:
+            super().__init__(dmm, fe_type, V8F)
+
+    I32x8, F32x8 = I32x8Type(), F32x8Type()
+
+    def pointer(context: Any, builder: Any, array_type: Any, array: Any, at: Any, element: Any) -> Any:
+        data = cgutils.create_struct_proxy(array_type)(context, builder, value=array).data
+        return builder.bitcast(builder.gep(data, [at]), element.as_pointer())
+
+    def lanes(values: list[int]) -> Any:
+        return ir.Constant(ir.VectorType(i32, len(values)), values)
+
+    def dpbusd(builder: Any, unsigned: Any, signed: Any) -> Any:
+        """8 lanes, lane i = sum of unsigned[4i+k] * signed[4i+k]."""
+        if vnni:
+            fn = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(V8I, [V8I, V8I, V8I]), "llvm.x86.avx512.vpdpbusd.256"
+            )
+            return builder.call(
+                fn, [ir.Constant(V8I, None), builder.bitcast(unsigned, V8I), builder.bitcast(signed, V8I)]
+            )
+        wide = ir.VectorType(i32, 32)
+        products = builder.mul(builder.zext(unsigned, wide), builder.sext(signed, wide))
+        parts = [builder.shuffle_vector(products, products, lanes([4 * i + k for i in range(8)])) for k in range(4)]
+        return builder.add(builder.add(parts[0], parts[1]), builder.add(parts[2], parts[3]))
+
+    def dot_intrinsic(unpack: Any) -> Any:
+        @intrinsic
+        def dot(typingctx: Any, row: Any, at: Any, xq: Any, xat: Any) -> Any:
+            def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+                x = builder.load(pointer(context, builder, sig.args[2], args[2], args[3], V32B), align=1)
+                return dpbusd(
+                    builder, *unpack(builder, pointer(context, builder, sig.args[0], args[0], args[1], i8), x)
+                )
+
+            return I32x8(row, at, xq, xat), codegen
+
+        return dot
+
+    def nibbles(builder: Any, p: Any, x: Any) -> tuple[Any, Any]:
+        q = builder.load(builder.bitcast(p, V16B.as_pointer()), align=1)
+        low = builder.and_(q, ir.Constant(V16B, [15] * 16))
+        high = builder.lshr(q, ir.Constant(V16B, [4] * 16))
+        return builder.shuffle_vector(low, high, lanes(list(range(32)))), x
+
+    def signed_bytes(builder: Any, p: Any, x: Any) -> tuple[Any, Any]:
+        w = builder.load(builder.bitcast(p, V32B.as_pointer()), align=1)
+        negative = builder.icmp_signed("<", w, ir.Constant(V32B, None))
+        magnitude = builder.select(negative, builder.neg(w), w)  # -128 -> 128 as an unsigned byte
+        return magnitude, builder.select(negative, builder.neg(x), x)
+
+    dot_nibbles_ir, dot_bytes_ir = dot_intrinsic(nibbles), dot_intrinsic(signed_bytes)
+
+    @intrinsic
+    def zeros_ir(typingctx: Any) -> Any:
+        return F32x8(), lambda context, builder, sig, args: ir.Constant(V8F, None)
+
+    @intrinsic
+    def fma_ir(typingctx: Any, acc: Any, v: Any, s: Any) -> Any:
+        def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+            scale = builder.insert_element(ir.Constant(V8F, ir.Undefined), args[2], ir.Constant(i32, 0))
+            scale = builder.shuffle_vector(scale, scale, lanes([0] * 8))
+            product = builder.fmul(builder.sitofp(args[1], V8F), scale, flags=("contract",))
+            return builder.fadd(args[0], product, flags=("contract",))
+
+        return F32x8(acc, v, types.float32), codegen
+
+    @intrinsic
+    def total_ir(typingctx: Any, acc: Any) -> Any:
+        def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+            v = args[0]
+            while v.type.count > 1:  # pairwise halves: 8 -> 4 -> 2 -> 1
+                n = v.type.count // 2
+                v = builder.fadd(
+                    builder.shuffle_vector(v, v, lanes(list(range(n)))),
+                    builder.shuffle_vector(v, v, lanes(list(range(n, 2 * n)))),
+                )
+            return builder.extract_element(v, ir.Constant(i32, 0))
+
+        return types.float32(acc), codegen
+
+    @intrinsic
+    def half_ir(typingctx: Any, row: Any, at: Any) -> Any:
+        def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+            if f16c:  # a conversion instruction (x86's F16C, ARM's fcvt)
+                h = builder.load(pointer(context, builder, sig.args[0], args[0], args[1], ir.HalfType()), align=1)
+                return builder.fpext(h, f32)
+            # else by its bits (LLVM would call a runtime function that numba does not link)
+            h = builder.zext(builder.load(pointer(context, builder, sig.args[0], args[0], args[1], i16), align=1), i32)
+            sign = builder.shl(builder.and_(h, ir.Constant(i32, 0x8000)), ir.Constant(i32, 16))
+            exponent = builder.and_(builder.lshr(h, ir.Constant(i32, 10)), ir.Constant(i32, 31))
+            mantissa = builder.and_(h, ir.Constant(i32, 0x3FF))
+            normal = builder.or_(
+                builder.shl(builder.add(exponent, ir.Constant(i32, 112)), ir.Constant(i32, 23)),
+                builder.shl(mantissa, ir.Constant(i32, 13)),
+            )
+            special = builder.or_(ir.Constant(i32, 0x7F800000), builder.shl(mantissa, ir.Constant(i32, 13)))
+            bits = builder.select(builder.icmp_unsigned("==", exponent, ir.Constant(i32, 31)), special, normal)
+            value = builder.bitcast(builder.or_(sign, bits), f32)
+            tiny = builder.fmul(builder.uitofp(mantissa, f32), ir.Constant(f32, 2.0**-24))  # subnormal: m 2^-24
+            tiny = builder.select(builder.icmp_unsigned("!=", sign, ir.Constant(i32, 0)), builder.fneg(tiny), tiny)
+            return builder.select(builder.icmp_unsigned("==", exponent, ir.Constant(i32, 0)), tiny, value)
+
+        return types.float32(row, at), codegen
+
+    # the Python functions above, compiled: each calls its intrinsic
+    overload(dot_nibbles)(lambda row, at, xq, xat: lambda row, at, xq, xat: dot_nibbles_ir(row, at, xq, xat))
+    overload(dot_bytes)(lambda row, at, xq, xat: lambda row, at, xq, xat: dot_bytes_ir(row, at, xq, xat))
+    overload(zeros)(lambda: lambda: zeros_ir())
+    overload(fma)(lambda acc, v, s: lambda acc, v, s: fma_ir(acc, v, s))
+    overload(total)(lambda acc: lambda acc: total_ir(acc))
+    overload(half)(lambda row, at: lambda row, at: half_ir(row, at))
+
+
+when_numba_loads(_register)
