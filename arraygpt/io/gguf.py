@@ -42,10 +42,9 @@ The tensors are views of one read-only memory map of the file; their shapes are 
 the config before any array is allocated.
 
 Why not ``gguf.GGUFReader``: it builds NumPy views for every metadata array element (~1.5 KB and
-~10 us each). For a SmolLM2-135M-shaped q4_1 file (49,152 tokens) that was +95 MB of peak
-resident memory and 1.4 s of the load (load_gguf(quantized=True): 246 MB and 2.2 s with it,
-151 MB and 0.8 s with the walk). The walk keeps one Python object per string and reads numeric
-arrays with one ``np.frombuffer`` each.
+~10 us each). On a SmolLM2-135M-shaped q4_1 file (49,152 tokens) ``load_gguf(quantized=True)``
+peaked at 246 MB and took 2.4 s with it, 151 MB and 0.8 s with the walk, which keeps one Python
+object per string and reads each numeric array with one ``np.frombuffer``.
 
 Not here: quantized matrix products (``arraygpt.nn.quant`` and the backends' kernels),
 other architectures (Mistral's sliding window, MoE, Gemma, Phi...), RoPE scalings other than
@@ -105,8 +104,8 @@ _FILE_TYPE = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7}  # llama.cpp'
 _TYPE_ID = {"f32": 0, "f16": 1, "q8_0": 8, "q4_0": 2, "q4_1": 3}
 
 # Limits of the header walk. Real files stay far below them: Llama 3's vocabulary, token types and
-# merges are 0.54 M array elements, Gemma 3's 0.79 M. The walk keeps ~70 bytes per string element
-# (a Python str) and less per number, so the budget bounds a hostile file's metadata at ~0.1 GB.
+# merges are 0.54 M array elements, Gemma 3's 0.79 M. The walk keeps ~0.1 KB per element (a
+# Python str; strings' bytes are in the file anyway), so the budget bounds its cost at ~0.1 GB.
 MAX_ARRAY_ELEMENTS = 1 << 20  # summed over every metadata array
 MAX_STRING = 16 << 20  # bytes of one metadata string (a chat template is ~10 KB)
 MAX_KEY = 65535  # bytes of a key (the GGUF spec's limit)
@@ -380,8 +379,7 @@ def _open(path: Path) -> tuple[_Metadata, list[_Tensor]]:
         if size < 24:
             raise CheckpointError(f"{path}: {size} bytes is too short for a GGUF file (its header alone is 24)")
         mapped = np.memmap(f, dtype=np.uint8, mode="r")
-    with memoryview(mapped) as buf:
-        header = read_header(buf, len(mapped), str(path))
+    header = read_header(memoryview(mapped), len(mapped), str(path))
     tensors = []
     for info in header.tensors:
         start = header.data_start + info.offset
