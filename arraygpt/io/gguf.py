@@ -698,7 +698,7 @@ def load_gguf(
     if not os.path.lexists(path):
         raise FileNotFoundError(f"no GGUF file at {path}")
     source = str(path)
-    _import_gguf()
+    _import_gguf()  # dequantizing needs it: say so before reading anything
     meta, tensors = _open(path)
     dims = {t.name: t.dims for t in tensors}
     arch, config = config_from_gguf(meta, dims, source)
