@@ -40,9 +40,25 @@ Pair = tuple[Callable[..., Any], Callable[..., Any]]  # (forward, backward)
 Coins = Callable[[tuple[int, ...]], Array]  # shape -> uniform [0, 1) numbers, for dropout
 
 
+def layer_by_layer(params: Mapping[str, Array], config: GPTConfig, i: int, x: Array, *args: Any) -> None:
+    """The reference of :attr:`Kernels.decode`: no fused step (None), so :func:`gpt_forward` runs
+    block ``i``'s layers one by one."""
+    return None
+
+
+def no_backward(*args: Any) -> Any:
+    """The backward of a forward that keeps nothing to differentiate (a decode step)."""
+    raise RuntimeError("a decode step has no backward: generation with a KV cache keeps no activations")
+
+
 class Kernels(NamedTuple):
     """The forward/backward pair the core calls for each kind of layer. A kernel takes the
-    reference's arguments, returns its outputs, and its backward accepts its own forward's cache."""
+    reference's arguments, returns its outputs, and its backward accepts its own forward's cache.
+
+    ``decode`` is a whole block at once, for one new token with a KV cache (batch 1, no dropout,
+    no LoRA): ``decode(params, config, i, x (1, 1, C), kv_cache, rope, kernels)`` returns block
+    ``i``'s output with the token's key and value stored in ``kv_cache`` (``KVCache.buffers``), or
+    None where it does not take the block (then the layers run one by one)."""
 
     norm: Pair
     linear: Pair
@@ -52,6 +68,7 @@ class Kernels(NamedTuple):
     rope: Pair = (layers.rope_forward, layers.rope_backward)
     swiglu: Pair = (layers.swiglu_forward, layers.swiglu_backward)
     quantized_linear: Pair = (quant.quantized_linear_pair_forward, quant.quantized_linear_backward)
+    decode: Pair = (layer_by_layer, no_backward)
 
 
 def reference_kernels(config: GPTConfig) -> Kernels:
@@ -103,6 +120,15 @@ class KVCache:
 
     def append(self, layer: int, k: Array, v: Array) -> tuple[Array, Array]:
         """Store k, v (B, T, Dkv) after the past positions; return all keys and values (B, length+T, Dkv)."""
+        keys, values = self.buffers(layer, k)
+        end = self.length + k.shape[1]
+        keys[:, self.length : end, :] = k
+        values[:, self.length : end, :] = v
+        return keys[:, :end, :], values[:, :end, :]
+
+    def buffers(self, layer: int, k: Array) -> tuple[Array, Array]:
+        """The layer's key and value buffers (B, capacity, Dkv), grown to hold k's T positions
+        (B, T, Dkv) after the past ones; positions from ``length`` on are free to write."""
         xp = namespace(k)
         B, T, D = k.shape
         end = self.length + T
@@ -118,9 +144,7 @@ class KVCache:
                 grown_k[:, : self.length, :] = keys[:, : self.length, :]
                 grown_v[:, : self.length, :] = values[:, : self.length, :]
             self.keys[layer], self.values[layer] = keys, values = grown_k, grown_v
-        keys[:, self.length : end, :] = k
-        values[:, self.length : end, :] = v
-        return keys[:, :end, :], values[:, :end, :]
+        return keys, values
 
     def reset(self) -> None:
         """Forget every stored position; the buffers are kept for reuse."""
@@ -360,8 +384,14 @@ def gpt_forward(
     past = 0 if kv_cache is None else kv_cache.length
     x, (encoder, emb_drop, norm_emb) = embed(params, config, idx, kernels, past=past, dropout=dropout, coins=coins)
     rope = rope_tables(config, namespace(x), T, past, x.dtype, x.device) if config.position == "rope" else None
+    one_token = kv_cache is not None and B == 1 and T == 1 and dropout == 0.0 and lora_scale is None
+    decode = kernels.decode[0] if one_token else layer_by_layer
     blocks = []
     for i in range(config.n_layer):
+        fused = decode(params, config, i, x, kv_cache, rope, kernels)
+        if fused is not None:
+            x = fused
+            continue
         x, block = block_forward(
             params,
             config,

@@ -13,7 +13,10 @@ module                  kernels                                       replaces
 ``rope.py``             numba_rope                                    the rope pair
 ``swiglu.py``           numba_swiglu                                  the swiglu pair
 ``adam.py``             numba_adam (an UpdateSpec)                    Adam's/AdamW's update
-``quant.py``            numba_quantized_linear (GGUF blocks)          quantized_linear
+``quant.py``            numba_quantized_linear, ..._int8 (GGUF        quantized_linear
+                        blocks; int8 activations)
+``decode.py``           numba_decode_block (a Llama block, one        decode (the block's
+                        token, in one call)                           layers one by one)
 ======================  ============================================  =====================
 
 Why they pay: NumPy runs each elementwise operation as its own pass over memory on one core; a
@@ -34,7 +37,18 @@ Not here: the math's definition (``arraygpt.nn.layers``), choosing kernels (``ar
 
 from __future__ import annotations
 
-from arraygpt.backends.numpy.kernels import adam, attention, crossentropy, gelu, linear, norm, quant, rope, swiglu
+from arraygpt.backends.numpy.kernels import (
+    adam,
+    attention,
+    crossentropy,
+    decode,
+    gelu,
+    linear,
+    norm,
+    quant,
+    rope,
+    swiglu,
+)
 
 KERNELS = {
     **gelu.SPECS,
@@ -46,4 +60,5 @@ KERNELS = {
     **attention.SPECS,
     **adam.SPECS,
     **quant.SPECS,
+    **decode.SPECS,
 }

@@ -6,6 +6,8 @@
   Python function; numba learns to compile it (``numba.extending.register_jitable``) when numba is
   first imported. ``when_numba_loads(register)`` does the same for any other registration (an
   ``overload`` that picks an implementation by type).
+- :class:`ParallelJit` compiles a source written over ``prange`` with ``parallel=True`` (its
+  ``py_func`` runs the same source over ``range``).
 - :func:`loader` makes a spec's ``load``: it imports numba (or raises KernelUnavailable saying it
   is missing) and returns the kernel; nothing is compiled before a call.
 
@@ -34,6 +36,7 @@ from arraygpt.nn.kernels import KernelPair
 FASTMATH = {"nsz", "arcp", "contract", "reassoc"}
 OPTIONS = dict(nogil=True, cache=True, error_model="numpy", fastmath=FASTMATH)
 EXACT = dict(OPTIONS, fastmath=False)
+PARALLEL = dict(OPTIONS, parallel=True)
 
 _lock = threading.RLock()
 _numba: list[Any] = []  # the numba module, once imported
@@ -104,6 +107,23 @@ class LazyJit:
 
     def __repr__(self) -> str:
         return f"<lazy numba kernel {self.__module__}.{self.__name__}>"
+
+
+class ParallelJit(LazyJit):
+    """A numba source built by ``build(prange)``, compiled with ``parallel=True`` on its first
+    call; :attr:`py_func` is the same source over ``range`` (serial Python)."""
+
+    def __init__(self, build: Callable[[Any], Callable[..., Any]]):
+        super().__init__(build(range), PARALLEL)
+        self._build = build
+
+    def dispatcher(self) -> Any:
+        if self._dispatcher is None:
+            numba_module = numba()
+            with _lock:
+                if self._dispatcher is None:
+                    self._dispatcher = _njit(numba_module, self._build(numba_module.prange), self.options)
+        return self._dispatcher
 
 
 def lazy_njit(fn: Callable[..., Any] | None = None, *, exact: bool = False) -> Any:

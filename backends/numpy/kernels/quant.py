@@ -34,11 +34,11 @@ Not here: the math's definition (``arraygpt.nn.quant``), choosing kernels (``arr
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 
-from arraygpt.backends.numpy.kernels._jit import OPTIONS, LazyJit, _lock, lazy_njit, loader, numba
+from arraygpt.backends.numpy.kernels._jit import ParallelJit, jitable, lazy_njit, loader, numba
 from arraygpt.backends.numpy.kernels._simd import dot_bytes, dot_nibbles, fma, half, has_vnni, total, zeros
 from arraygpt.errors import KernelUnavailable
 from arraygpt.nn import quant
@@ -47,153 +47,119 @@ from arraygpt.nn.kernels import KernelSpec
 MAX_ROWS = 8  # decoding's loop up to here; more rows: dequantized tiles and BLAS
 TILE = 256  # rows of W dequantized at a time on the prefill path
 KINDS = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
-PARALLEL = dict(OPTIONS, parallel=True)
 
 
 # ----------------------------------------------------------------------------------------------
 # numba sources: each built with numba's prange, so that its rows run on several threads
 
 
-class _ParallelJit(LazyJit):
-    """A numba source built by ``build(prange)``, compiled with ``parallel=True`` on its first
-    call; :attr:`py_func` is the same source over ``range`` (serial Python)."""
+@jitable
+def dot_float(row, nbytes, start, high, offset, x, xsum, acc):
+    # one row of W (its blocks' bytes, uint8) times x (K,): 32 float32 accumulators `acc`, one per
+    # position in a block (acc[j] += q_j (d_b x_j)), reduced once. value = d_b q + min_b: Q8_0
+    # (nbytes 34) int8 quants from byte 2; else nibbles at byte `start` (with `high`, a fifth bit
+    # from the 4 bytes before them), min_b the float16 m_b at byte 2 (offset 0: Q4_1, Q5_1) or
+    # -offset d_b (Q4_0: 8, Q5_0: 16), times the block's sum of x, xsum (nb,)
+    acc[:] = 0.0
+    s = np.float32(0.0)
+    for b in range(xsum.shape[0]):
+        at = b * nbytes
+        db = half(row, at)
+        xb = x[b * 32 : b * 32 + 32]
+        if nbytes == 34:
+            q8 = row[at + 2 : at + 34]
+            for j in range(32):
+                acc[j] += np.float32(np.int8(q8[j])) * (db * xb[j])
+            continue
+        q = row[at + start : at + start + 16]
+        if high:
+            h = row[at + start - 4 : at + start]
+            qh = np.uint32(h[0]) | (np.uint32(h[1]) << 8) | (np.uint32(h[2]) << 16) | (np.uint32(h[3]) << 24)
+            for j in range(16):
+                lo = np.uint32(q[j] & 15) | (((qh >> j) & 1) << 4)
+                hi = np.uint32(q[j] >> 4) | (((qh >> (j + 16)) & 1) << 4)
+                acc[j] += np.float32(lo) * (db * xb[j])
+                acc[j + 16] += np.float32(hi) * (db * xb[j + 16])
+        else:
+            for j in range(16):
+                v = q[j]
+                acc[j] += np.float32(v & 15) * (db * xb[j])
+                acc[j + 16] += np.float32(v >> 4) * (db * xb[j + 16])
+        mb = half(row, at + 2) if offset == 0 else np.float32(-offset) * db
+        s += mb * xsum[b]
+    return acc.sum() + s
 
-    def __init__(self, build: Any):
-        super().__init__(build(range), PARALLEL)
-        self._build = build
 
-    def dispatcher(self) -> Any:
-        if self._dispatcher is None:
-            numba_module = numba()
-            with _lock:
-                if self._dispatcher is None:
-                    self._dispatcher = numba_module.njit(**self.options)(self._build(numba_module.prange))
-        return self._dispatcher
+@jitable
+def dot_int8(row, nbytes, start, offset, xq, dx, xsum):
+    # one row of W times x as int8 blocks, x ~ dx_b xq (xq (K,), dx and xsum (nb,)): Q8_0 (nbytes
+    # 34), Q4_0 and Q4_1 (nibbles at byte `start`). Each block's byte dot product (_simd.py) times
+    # d_b dx_b goes to 8 float lanes, reduced once; the constant term as in dot_float
+    acc = zeros()
+    s = np.float32(0.0)
+    for b in range(dx.shape[0]):
+        at = b * nbytes
+        db = half(row, at)
+        if nbytes == 34:
+            acc = fma(acc, dot_bytes(row, at + 2, xq, b * 32), db * dx[b])
+        else:
+            acc = fma(acc, dot_nibbles(row, at + start, xq, b * 32), db * dx[b])
+            mb = half(row, at + 2) if offset == 0 else np.float32(-offset) * db
+            s += mb * xsum[b]
+    return total(acc) + s
 
 
-def _q8_0_source(prange: Any) -> Any:
-    def _q8_0_rows(x, blocks, chunks, out):
-        # out (M, N) = x (M, K) @ W.T; blocks (N, nb * 34) int8: a float16 scale d_b, then 32
-        # int8 quants; W's rows in `chunks` contiguous ranges, one task each
-        M = x.shape[0]
+@jitable
+def quantize_row(x, xq, dx, xsum):
+    # x (K,) float32 -> xq (K,) int8 = round(x / dx_b) per block of 32, dx_b = max|x| / 127,
+    # rounding half away from zero (llama.cpp's quantize_row_q8_0); xsum (nb,) the blocks' sums
+    for b in range(dx.shape[0]):
+        amax = np.float32(0.0)
+        s = np.float32(0.0)
+        for j in range(b * 32, b * 32 + 32):
+            amax = max(amax, abs(x[j]))
+            s += x[j]
+        d = amax / np.float32(127.0)
+        inverse = np.float32(0.0)
+        if d > 0:
+            inverse = np.float32(1.0) / d
+        for j in range(b * 32, b * 32 + 32):
+            v = x[j] * inverse
+            xq[j] = np.int8(np.copysign(np.floor(abs(v) + np.float32(0.5)), v))
+        dx[b] = d
+        xsum[b] = s
+
+
+@jitable
+def rows_times(x, xq, dx, xsum, blocks, layout, lo, hi, out):
+    # out[m, o] = (x @ W.T)[m, o] for rows lo..hi of W and every row m of x (M, K); layout =
+    # (nbytes, start, high, offset, int8): with int8, x as int8 blocks (xq, dx, xsum)
+    nbytes, start, high, offset, int8 = layout[0], layout[1], layout[2], layout[3], layout[4]
+    acc = np.empty(32, np.float32)
+    for o in range(lo, hi):
+        row = blocks[o]
+        for m in range(x.shape[0]):
+            if int8:
+                out[m, o] = dot_int8(row, nbytes, start, offset, xq[m], dx[m], xsum[m])
+            else:
+                out[m, o] = dot_float(row, nbytes, start, high, offset, x[m], xsum[m], acc)
+
+
+def _rows_source(prange: Any) -> Any:
+    def _product_rows(x, xq, dx, xsum, blocks, layout, chunks, out):
+        # out (M, N) = x (M, K) @ W.T, W's rows in `chunks` contiguous ranges, one task each
         N = blocks.shape[0]
-        nb = blocks.shape[1] // 34
         for c in prange(chunks):
-            acc = np.empty(32, np.float32)
-            for o in range(c * N // chunks, (c + 1) * N // chunks):
-                row = blocks[o]
-                for m in range(M):
-                    xm = x[m]
-                    acc[:] = 0.0
-                    for b in range(nb):
-                        db = half(row, b * 34)
-                        q = row[b * 34 + 2 : b * 34 + 34]
-                        xb = xm[b * 32 : b * 32 + 32]
-                        for j in range(32):
-                            acc[j] += np.float32(q[j]) * (db * xb[j])
-                    out[m, o] = acc.sum()
+            rows_times(x, xq, dx, xsum, blocks, layout, c * N // chunks, (c + 1) * N // chunks, out)
 
-    return _q8_0_rows
-
-
-def _q4_source(prange: Any) -> Any:
-    def _q4_rows(x, blocks, nbytes, start, high, offset, xsum, chunks, out):
-        # out (M, N) = x @ W.T for Q4_0/Q4_1/Q5_0/Q5_1: value = d_b q + min_b, q the nibbles at
-        # byte `start` of each block of `nbytes` (with `high`, a fifth bit from the 4 bytes before
-        # them); min_b is the float16 m_b at byte 2 (Q4_1, Q5_1; offset 0) or -offset d_b (Q4_0: 8,
-        # Q5_0: 16), times the block's sum of x, xsum (M, nb). blocks (N, nb * nbytes) uint8:
-        # each row and each x taken as a 1-D slice (indexing a 3-D array in the inner loop was
-        # 1.5x slower)
-        M = x.shape[0]
-        N = blocks.shape[0]
-        nb = blocks.shape[1] // nbytes
-        for c in prange(chunks):
-            acc = np.empty(32, np.float32)
-            for o in range(c * N // chunks, (c + 1) * N // chunks):
-                row = blocks[o]
-                for m in range(M):
-                    xm = x[m]
-                    acc[:] = 0.0
-                    s = np.float32(0.0)
-                    for b in range(nb):
-                        at = b * nbytes
-                        db = half(row, at)
-                        q = row[at + start : at + start + 16]
-                        xb = xm[b * 32 : b * 32 + 32]
-                        if high:
-                            h = row[at + start - 4 : at + start]
-                            qh = (
-                                np.uint32(h[0])
-                                | (np.uint32(h[1]) << 8)
-                                | (np.uint32(h[2]) << 16)
-                                | (np.uint32(h[3]) << 24)
-                            )
-                            for j in range(16):
-                                lo = np.uint32(q[j] & 15) | (((qh >> j) & 1) << 4)
-                                hi = np.uint32(q[j] >> 4) | (((qh >> (j + 16)) & 1) << 4)
-                                acc[j] += np.float32(lo) * (db * xb[j])
-                                acc[j + 16] += np.float32(hi) * (db * xb[j + 16])
-                        else:
-                            for j in range(16):
-                                v = q[j]
-                                acc[j] += np.float32(v & 15) * (db * xb[j])
-                                acc[j + 16] += np.float32(v >> 4) * (db * xb[j + 16])
-                        mb = half(row, at + 2) if offset == 0 else -offset * db
-                        s += mb * xsum[m, b]
-                    out[m, o] = acc.sum() + s
-
-    return _q4_rows
-
-
-def _int8_source(prange: Any) -> Any:
-    def _int8_rows(xq, dx, xsum, blocks, nbytes, start, offset, chunks, out):
-        # out (M, N) = x @ W.T with x as int8 blocks, x ~ dx_b xq (dx, xsum (M, nb)), summed with
-        # byte dot products (_simd.py): Q8_0 (start 2: int8 quants), Q4_0 and Q4_1 (start 2 and 4:
-        # nibbles); each block's integer dot times d_b dx_b goes to 8 float lanes, reduced once
-        # per row; the constant term (as in _q4_rows) times the block's float sum of x
-        M = xq.shape[0]
-        N = blocks.shape[0]
-        nb = blocks.shape[1] // nbytes
-        for c in prange(chunks):
-            for o in range(c * N // chunks, (c + 1) * N // chunks):
-                row = blocks[o]
-                for m in range(M):
-                    xm = xq[m]
-                    acc = zeros()
-                    s = np.float32(0.0)
-                    for b in range(nb):
-                        at = b * nbytes
-                        db = half(row, at)
-                        if start == 2 and nbytes == 34:
-                            acc = fma(acc, dot_bytes(row, at + 2, xm, b * 32), db * dx[m, b])
-                        else:
-                            acc = fma(acc, dot_nibbles(row, at + start, xm, b * 32), db * dx[m, b])
-                            mb = half(row, at + 2) if offset == 0 else -offset * db
-                            s += mb * xsum[m, b]
-                    out[m, o] = total(acc) + s
-
-    return _int8_rows
+    return _product_rows
 
 
 @lazy_njit
 def _quantize_rows(x, xq, dx, xsum):
-    # x (M, K) float32 -> xq (M, K) int8 = round(x / dx_b) per block of 32, dx_b = max|x| / 127,
-    # rounding half away from zero (llama.cpp's quantize_row_q8_0); xsum (M, nb) the blocks' sums
-    M, K = x.shape
-    for m in range(M):
-        for b in range(K // 32):
-            amax = np.float32(0.0)
-            s = np.float32(0.0)
-            for j in range(b * 32, b * 32 + 32):
-                amax = max(amax, abs(x[m, j]))
-                s += x[m, j]
-            d = amax / np.float32(127.0)
-            inverse = np.float32(1.0) / d if d > 0 else np.float32(0.0)
-            for j in range(b * 32, b * 32 + 32):
-                v = x[m, j] * inverse
-                xq[m, j] = np.int8(np.floor(abs(v) + np.float32(0.5)) * (1 if v >= 0 else -1))
-            dx[m, b] = d
-            xsum[m, b] = s
+    # quantize_row for each row of x (M, K)
+    for m in range(x.shape[0]):
+        quantize_row(x[m], xq[m], dx[m], xsum[m])
 
 
 def _tile_source(prange: Any) -> Any:
@@ -211,7 +177,7 @@ def _tile_source(prange: Any) -> Any:
                         v = np.int32(row[at + 2 + j])
                         tile[r, base + j] = db * np.float32(v - 256 if v >= 128 else v)
                     continue
-                mb = half(row, at + 2) if offset == 0 else -offset * db
+                mb = half(row, at + 2) if offset == 0 else np.float32(-offset) * db
                 qh = np.uint32(0)
                 if high:
                     qh = (
@@ -230,41 +196,49 @@ def _tile_source(prange: Any) -> Any:
     return _dequantize_tile
 
 
-_q8_0_rows = _ParallelJit(_q8_0_source)
-_q4_rows = _ParallelJit(_q4_source)
-_int8_rows = _ParallelJit(_int8_source)
-_dequantize_tile = _ParallelJit(_tile_source)
+_product_rows = ParallelJit(_rows_source)
+_dequantize_tile = ParallelJit(_tile_source)
 
 
 # ----------------------------------------------------------------------------------------------
 # the wrappers
 
 
-class _Layout(NamedTuple):
-    """Where a kind keeps its parts in a block: the quants from byte ``start``; a fifth bit per
-    value (``high``) in the 4 bytes before them; the constant term a float16 at byte 2 (offset
-    0) or -offset d_b."""
-
-    start: int
-    high: bool
-    offset: float
-
-
-_LAYOUT = {
-    "q8_0": _Layout(2, False, 0.0),
-    "q4_0": _Layout(2, False, 8.0),
-    "q4_1": _Layout(4, False, 0.0),
-    "q5_0": _Layout(6, True, 16.0),
-    "q5_1": _Layout(8, True, 0.0),
+_LAYOUT = {  # kind -> where a block keeps its parts: (bytes, first byte of the quants, a fifth bit, offset)
+    "q8_0": (34, 2, 0, 0),
+    "q4_0": (18, 2, 0, 8),
+    "q4_1": (20, 4, 0, 0),
+    "q5_0": (22, 6, 1, 16),
+    "q5_1": (24, 8, 1, 0),
 }
 INT8_KINDS = ("q8_0", "q4_0", "q4_1")  # the kinds the int8 kernel sums with byte dot products
+
+
+def layout(kind: str, int8: bool) -> np.ndarray:
+    """The int64 (5,) ``layout`` of ``rows_times`` for a kind: its block's bytes, the first byte of
+    its quants, whether a fifth bit precedes them, its offset (0: a float16 min at byte 2), and
+    whether x goes in as int8 blocks (``int8`` asked and the kind has that path)."""
+    return np.array([*_LAYOUT[kind], int(int8 and kind in INT8_KINDS)], dtype=np.int64)
+
+
+def blocks_2d(w: quant.QuantizedWeight) -> np.ndarray:
+    """w's blocks as (out, blocks per row * bytes per block): the file's bytes, not copied."""
+    return np.ascontiguousarray(w.blocks).reshape(w.shape[0], -1)
+
+
+def activations(x2: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """x2 (M, K) as int8 blocks: xq (M, K) int8, dx (M, nb) scales, xsum (M, nb) sums of x."""
+    M, K = x2.shape
+    xq, dx, xsum = np.empty((M, K), np.int8), np.empty((M, K // 32), np.float32), np.empty((M, K // 32), np.float32)
+    _quantize_rows(x2, xq, dx, xsum)
+    return xq, dx, xsum
 
 
 class QuantizedLinearCache(quant.QuantizedLinearCache):
     """The reference's cache (a subclass, so the reference's backward reads it)."""
 
 
-def _threads() -> int:
+def model_threads() -> int:
     """The threads the model's runner lets BLAS use now (one where that is unknown)."""
     from arraygpt.backends.numpy import blas_thread_count  # the backend these arrays come from
 
@@ -297,19 +271,12 @@ def _forward(x: Any, w: Any, b: Any, int8: bool) -> tuple[Any, Any]:
     N, K = w.shape
     x2 = np.ascontiguousarray(x.reshape(M, K))
     out = np.empty((M, N), dtype=np.float32)
-    threads = min(_threads(), numba().config.NUMBA_NUM_THREADS)
+    threads = min(model_threads(), numba().config.NUMBA_NUM_THREADS)
     numba().set_num_threads(threads)
-    activations = None
-    if int8 and M <= MAX_ROWS and any(part.kind in INT8_KINDS for part in parts):
-        activations = (
-            np.empty((M, K), np.int8),
-            np.empty((M, K // 32), np.float32),
-            np.empty((M, K // 32), np.float32),
-        )
-        _quantize_rows(x2, *activations)
+    acts = activations(x2) if int8 and M <= MAX_ROWS and any(p.kind in INT8_KINDS for p in parts) else None
     start = 0
     for part in parts:
-        _product(x2, part, threads, out[:, start : start + part.shape[0]], activations)
+        _product(x2, part, threads, out[:, start : start + part.shape[0]], acts)
         start += part.shape[0]
     if b is not None:
         out += b
@@ -329,10 +296,10 @@ def quantized_linear_int8_forward(x: Any, w: Any, b: Any = None) -> tuple[Any, A
     return _forward(x, w, b, int8=True)
 
 
-def _product(x2: np.ndarray, w: quant.QuantizedWeight, threads: int, out: np.ndarray, activations: Any) -> None:
+def _product(x2: np.ndarray, w: quant.QuantizedWeight, threads: int, out: np.ndarray, acts: Any) -> None:
     """out (M, N) = x2 (M, K) @ dequantize(w).T, on the blocks (the K-quants: the reference's
-    decoding, a tile of rows at a time, then BLAS); ``activations`` (xq, dx, xsum) of x2: the
-    int8 path where the kind has one."""
+    decoding, a tile of rows at a time, then BLAS); ``acts`` (xq, dx, xsum) of x2: the int8 path
+    where the kind has one."""
     M, K = x2.shape
     N = w.shape[0]
     if w.kind not in _LAYOUT:
@@ -341,23 +308,18 @@ def _product(x2: np.ndarray, w: quant.QuantizedWeight, threads: int, out: np.nda
             tile = quant.dequantize(quant.QuantizedWeight(w.kind, w.blocks[r0 : r0 + rows], (rows, K)))
             np.matmul(x2, tile.T, out=out[:, r0 : r0 + rows])
         return
-    start, high, offset = _LAYOUT[w.kind]
-    nbytes = quant.BLOCKS[w.kind][1]
-    blocks = np.ascontiguousarray(w.blocks).reshape(N, -1)  # (N, nb * nbytes): the file's bytes, not copied
+    blocks = blocks_2d(w)
     if M <= MAX_ROWS:
         chunks = threads if N >= 64 * threads else 1
-        if activations is not None and w.kind in INT8_KINDS:
-            xq, dx, xsum = activations
-            _int8_rows(xq, dx, xsum, blocks, nbytes, start, offset, chunks, out)
-        elif w.kind == "q8_0":
-            _q8_0_rows(x2, blocks.view(np.int8), chunks, out)
-        else:
-            xsum = x2.reshape(M, K // 32, 32).sum(axis=-1)  # (M, nb)
-            _q4_rows(x2, blocks, nbytes, start, high, offset, xsum, chunks, out)
+        xq, dx, xsum = acts if acts is not None else (x2.view(np.int8), None, x2.reshape(M, K // 32, 32).sum(axis=-1))
+        if dx is None:
+            dx = xsum  # unread: the float path
+        _product_rows(x2, xq, dx, xsum, blocks, layout(w.kind, acts is not None), chunks, out)
     else:
         # the tiles are decoded on this thread alone: BLAS's threads do the product, and numba's
         # workers spinning beside them made a 256-token prefill 8x slower on 2 cores
         numba().set_num_threads(1)
+        nbytes, start, high, offset = _LAYOUT[w.kind]
         tile = np.empty((min(TILE, N), K), dtype=np.float32)
         for r0 in range(0, N, TILE):
             rows = min(TILE, N - r0)

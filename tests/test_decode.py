@@ -1,0 +1,109 @@
+"""The fused decode step (``Kernels.decode``, backends/numpy/kernels/decode.py) against the same
+blocks run layer by layer, and both against the weights dequantized by the ``gguf`` library on
+the reference path."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("gguf", reason="quantizing and the reference dequantizer are the gguf package")
+pytest.importorskip("numba", reason="the fused decode step is a numba kernel")
+
+from arraygpt import GPTConfig
+from arraygpt.backends.numpy import blas_threads
+from arraygpt.backends.numpy.kernels import decode
+from arraygpt.nn import core, kernels
+from arraygpt.nn.core import KVCache
+from test_quant_model import GPT2, LLAMA, _dense_reference, _randomized, _with_quantized_kernel
+
+LLAMA_MHA = GPTConfig.from_dict({**LLAMA.to_dict(), "n_kv_head": 4, "tie_embeddings": False})
+
+
+def _decode(model, idx, prompt=3):
+    """Logits of a prompt, then one token at a time, and the cache's keys and values."""
+    cache = KVCache(model.config)
+    steps = [model.forward(idx[:, :prompt], kv_cache=cache)[0]]
+    for t in range(prompt, idx.shape[1]):
+        steps.append(model.forward(idx[:, t : t + 1], kv_cache=cache)[0])
+    keys = [k[:, : cache.length].copy() for k in cache.keys]
+    values = [v[:, : cache.length].copy() for v in cache.values]
+    return np.concatenate(steps, axis=1), keys, values
+
+
+def _calls(model):
+    """Count the fused step's calls that took a block."""
+    fused, count = model.kernels.decode[0], []
+
+    def counted(*args):
+        out = fused(*args)
+        count.append(out is not None)
+        return out
+
+    model.kernels = model.kernels._replace(decode=(counted, core.no_backward))
+    return count
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("kernel", ["numba_quantized_linear", "numba_quantized_linear_int8"])
+@pytest.mark.parametrize("kind", ["q8_0", "q4_0", "q4_1", "q5_0", "q5_1"])
+@pytest.mark.parametrize("config", [LLAMA, LLAMA_MHA], ids=["gqa-tied", "mha"])
+def test_a_fused_decode_step_equals_the_layers_one_by_one(config, kind, kernel, threads):
+    model = _with_quantized_kernel(_randomized(config, seed=3).quantize(kind), kernel)
+    idx = np.random.default_rng(4).integers(0, config.vocab_size, (1, 14))
+    with blas_threads(threads):
+        taken = _calls(model)
+        fused, fused_keys, fused_values = _decode(model, idx)
+        assert taken == [True] * (config.n_layer * 11)  # every block of the 11 one-token steps
+        model.kernels = model.kernels._replace(decode=(core.layer_by_layer, core.no_backward))
+        layered, keys, values = _decode(model, idx)
+    full = np.asarray(_dense_reference(model).forward(idx)[0])
+    if kernel.endswith("int8"):
+        # int8 activations: rounding to the nearest step is discontinuous, so the last bits in
+        # which the two paths differ move a few steps by one (tests/test_quant.py bounds each product)
+        for got in (fused, layered):
+            assert np.abs(got - full).max() <= 0.1 * np.abs(full).max()
+        assert np.abs(fused - layered).max() <= 0.02 * np.abs(full).max()
+    else:
+        np.testing.assert_allclose(fused, layered, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(fused, full, rtol=1e-4, atol=1e-4)
+        for a, b in zip(fused_keys + fused_values, keys + values):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_a_decode_past_the_caches_first_capacity_grows_it():
+    config = GPTConfig.from_dict({**LLAMA.to_dict(), "block_size": 300})
+    model = _with_quantized_kernel(_randomized(config, seed=1).quantize("q8_0"), "numba_quantized_linear")
+    idx = np.random.default_rng(2).integers(0, config.vocab_size, (1, 262))  # the cache starts at 256 positions
+    fused, _, _ = _decode(model, idx, prompt=250)
+    model.kernels = model.kernels._replace(decode=(core.layer_by_layer, core.no_backward))
+    layered, _, _ = _decode(model, idx, prompt=250)
+    np.testing.assert_allclose(fused, layered, rtol=1e-5, atol=1e-5)
+
+
+def test_blocks_it_does_not_take_run_layer_by_layer():
+    from arraygpt.nn.quant import QuantizedWeight
+
+    x = np.zeros((1, 1, LLAMA.n_embd), np.float32)
+    rope = core.rope_tables(LLAMA, np, 1, 0, np.float32, None)
+    floats = _randomized(LLAMA, seed=1)  # float32 weights: the layers' own kernels
+    assert decode.decode_block_forward(floats._core_params, LLAMA, 0, x, KVCache(LLAMA), rope, floats.kernels) is None
+    gpt2 = _randomized(GPT2, seed=1).quantize("q8_0")  # LayerNorm, GELU, learned positions
+    assert decode.decode_block_forward(gpt2._core_params, GPT2, 0, x, KVCache(GPT2), None, gpt2.kernels) is None
+    k_quant = _randomized(LLAMA, seed=1).quantize("q8_0")  # a K-quant matrix: only the reference decodes it
+    params = dict(k_quant._core_params)
+    params["layer0.attn_wo"] = QuantizedWeight("q6_k", np.zeros((64, 0, 210), np.uint8), (64, 0))
+    assert decode.decode_block_forward(params, LLAMA, 0, x, KVCache(LLAMA), rope, k_quant.kernels) is None
+
+    model = _randomized(LLAMA, seed=2).quantize("q8_0")
+    taken = _calls(model)
+    model.forward(np.array([[1, 2], [3, 4]]), kv_cache=KVCache(LLAMA))  # a batch of 2
+    model.forward(np.array([[1, 2, 3]]), kv_cache=KVCache(LLAMA))  # three tokens (a prompt)
+    model.forward(np.array([[1]]))  # no cache
+    assert taken == []
+
+
+def test_the_numpy_backend_selects_the_fused_step_for_float32():
+    assert kernels.select_kernels(LLAMA, "numpy", "float32").decode[0] is decode.decode_block_forward
+    assert kernels.select_kernels(LLAMA, "numpy", "float64").decode[0] is core.layer_by_layer
+    assert kernels.select_kernels(LLAMA, "numpy", "float32", "reference").decode[0] is core.layer_by_layer
