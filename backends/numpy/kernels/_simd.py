@@ -60,6 +60,10 @@ def half(row: np.ndarray, at: int) -> np.float32:
     return np.float32(row[at : at + 2].view(np.float16)[0])
 
 
+def prefetch(row: np.ndarray, at: int) -> None:
+    """A hint to bring ``row[at]``'s cache line in for reading (nothing in Python)."""
+
+
 def has_vnni() -> bool:
     """Whether the CPU numba compiles for has byte dot products (``avx512vnni`` or ``avxvnni``)."""
     from arraygpt.backends.numpy.kernels._jit import numba
@@ -211,6 +215,18 @@ def _register(numba: Any) -> None:
 
         return types.float32(row, at), codegen
 
+    @intrinsic
+    def prefetch_ir(typingctx: Any, row: Any, at: Any) -> Any:
+        def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+            fn = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(ir.VoidType(), [i8.as_pointer(), i32, i32, i32]), "llvm.prefetch.p0"
+            )
+            p = builder.bitcast(pointer(context, builder, sig.args[0], args[0], args[1], i8), i8.as_pointer())
+            builder.call(fn, [p, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])  # read, keep, data
+            return context.get_dummy_value()
+
+        return types.none(row, at), codegen
+
     # the Python functions above, compiled: each calls its intrinsic
     overload(dot_nibbles)(lambda row, at, xq, xat: lambda row, at, xq, xat: dot_nibbles_ir(row, at, xq, xat))
     overload(dot_bytes)(lambda row, at, xq, xat: lambda row, at, xq, xat: dot_bytes_ir(row, at, xq, xat))
@@ -218,6 +234,7 @@ def _register(numba: Any) -> None:
     overload(fma)(lambda acc, v, s: lambda acc, v, s: fma_ir(acc, v, s))
     overload(total)(lambda acc: lambda acc: total_ir(acc))
     overload(half)(lambda row, at: lambda row, at: half_ir(row, at))
+    overload(prefetch)(lambda row, at: lambda row, at: prefetch_ir(row, at))
 
 
 when_numba_loads(_register)

@@ -172,7 +172,7 @@ def decode_block_forward(params: Any, config: Any, i: int, x: Any, kv_cache: Any
         return None
     keys, values = kv_cache.buffers(i, x[:, :, : config.kv_dim])  # (1, capacity, Dkv)
     threads = min(kernel.model_threads(), numba().config.NUMBA_NUM_THREADS)
-    numba().set_num_threads(threads)
+    kernel.use_threads(threads)
     int8 = kernels.quantized_linear[0] is kernel.quantized_linear_int8_forward
     smallest = min(w.shape[0] for w in weights)
     chunks = threads if smallest >= 64 * threads else 1
