@@ -25,7 +25,18 @@ from hypothesis import strategies as st
 
 from arraygpt import GPT, GPTConfig, hookimpl, manager
 from arraygpt.backends import numpy as numpy_backend
-from arraygpt.backends.numpy.kernels import _jit, adam, attention, crossentropy, gelu, linear, norm, rope, swiglu
+from arraygpt.backends.numpy.kernels import (
+    _jit,
+    _threads,
+    adam,
+    attention,
+    crossentropy,
+    gelu,
+    linear,
+    norm,
+    rope,
+    swiglu,
+)
 from arraygpt.errors import KernelUnavailable, PluginError
 from arraygpt.nn import core, kernels, layers
 from arraygpt.nn.kernels import KernelPair, KernelSpec, UpdateSpec
@@ -110,6 +121,12 @@ def _spy_on_reference_linear(mp, calls):
     mp.setattr(linear.layers, "linear_forward", lambda *a: calls.append(a) or REFERENCE_LINEAR(*a))
 
 
+def _spy_on_launches(mp, launches):
+    """Make the parallel launches of the decoding kernels record their numbers of parts."""
+    launch = _threads.launch
+    mp.setattr(_threads, "launch", lambda kernel, parts, *a: launches.append(parts) or launch(kernel, parts, *a))
+
+
 needs_blas_control = pytest.mark.skipif(
     numpy_backend.blas_thread_count() is None,
     reason="NumPy's BLAS is not an OpenBLAS whose threads arraygpt can read: the linear kernel declines every call",
@@ -126,23 +143,29 @@ needs_blas_control = pytest.mark.skipif(
     bias=st.booleans(),
     dtype=st.sampled_from(DTYPES),
     contiguous=st.booleans(),
-    blas=st.sampled_from([1, 2]),
+    blas=st.sampled_from([1, 2, 3]),
+    min_rows=st.sampled_from([1, 5, linear.MIN_ROWS_PER_THREAD]),
     seed=st.integers(0, 2**16),
 )
-def test_linear_rows_kernel_equals_reference(lead, Cin, Cout, bias, dtype, contiguous, blas, seed):
-    """Up to LINEAR_MAX_ROWS rows (a decode step, or a small batch of them) the kernel computes,
-    beyond that the reference does; both give the reference's output and its cache, so the
-    backward is the reference's."""
+def test_linear_rows_kernel_equals_reference(lead, Cin, Cout, bias, dtype, contiguous, blas, min_rows, seed):
+    """Up to MAX_ROWS rows (a decode step, or a small batch of them) the kernel computes, beyond
+    that the reference does; both give the reference's output and its cache, so the backward is
+    the reference's. w's rows split over up to ``blas`` numba threads (parts of at least
+    ``min_rows`` rows), the parts' bounds falling anywhere."""
     rng = np.random.default_rng(seed)
     x, w = _array(rng, (*lead, Cin), dtype, contiguous), _array(rng, (Cout, Cin), dtype)
     b = _array(rng, (Cout,), dtype) if bias else None
-    calls = []
+    calls, launches = [], []
     with pytest.MonkeyPatch.context() as mp, NUMPY.blas_threads(blas):
         _spy_on_reference_linear(mp, calls)
+        _spy_on_launches(mp, launches)
+        mp.setattr(linear, "MIN_ROWS_PER_THREAD", min_rows)
         out, cache = linear.linear_forward(x, w, b)
     ref_out, ref_cache = layers.linear_forward(x, w, b)
     rows = int(np.prod(lead))
     assert len(calls) == (rows > linear.MAX_ROWS)
+    parts = min(blas, Cout // min_rows, _jit.numba().config.NUMBA_NUM_THREADS)
+    assert launches == ([parts] if rows <= linear.MAX_ROWS and parts > 1 else [])
     assert_close(out, ref_out, dtype, "linear forward")
     assert type(cache) is layers.LinearCache and cache.x is x and cache.w is w and cache.has_bias == bias
     dout = _array(rng, (*lead, Cout), dtype)
@@ -155,8 +178,8 @@ def test_linear_rows_kernel_equals_reference(lead, Cin, Cout, bias, dtype, conti
 @needs_numba
 @needs_blas_control
 def test_linear_rows_kernel_declines_what_it_does_not_take(monkeypatch):
-    """More BLAS threads than measured, an unknown count, a strided weight, mixed dtypes, a
-    broadcast bias, float16, mismatched sizes: the reference, with its result and errors."""
+    """An unknown BLAS thread count, a strided weight, mixed dtypes, a broadcast bias, float16,
+    mismatched sizes: the reference, with its result and errors."""
     rng = np.random.default_rng(0)
     x, w, b = rng.standard_normal((1, 1, 6)), rng.standard_normal((5, 6)), rng.standard_normal((5,))
     calls = []
@@ -174,11 +197,12 @@ def test_linear_rows_kernel_declines_what_it_does_not_take(monkeypatch):
         with pytest.raises(ValueError):  # the reference's matmul error
             linear.linear_forward(x, w[:, :5], None)
         assert len(calls) == 5
-    with NUMPY.blas_threads(linear.MAX_BLAS_THREADS + 1):
+    with NUMPY.blas_threads(4):  # any number of threads: w's rows split over them
         linear.linear_forward(x, w, b)
+    assert len(calls) == 5
     monkeypatch.setattr(numpy_backend, "blas_thread_count", lambda: None)
     linear.linear_forward(x, w, b)
-    assert len(calls) == 7
+    assert len(calls) == 6
 
 
 # ----------------------------------------------------------------------------------------------
@@ -202,27 +226,36 @@ def _attention_inputs(rng, B, T, past, NH, hs, dtype, NKV=None):
 @settings(max_examples=60, deadline=None)
 @given(
     B=st.integers(1, 3),
-    T=st.sampled_from([1, 2, 5, 8, 13, 64, 70]),
+    T=st.sampled_from([1, 2, 4, 5, 8, 13, 64, 70]),
     past=st.sampled_from([0, 0, 1, 4, 67]),
     NKV=st.integers(1, 3),
     G=st.sampled_from([1, 1, 2, 3]),
     hs=st.sampled_from([1, 3, 8]),
     dtype=st.sampled_from(DTYPES),
+    blas=st.sampled_from([1, 2, 3]),
     seed=st.integers(0, 2**16),
 )
-@example(B=2, T=70, past=0, NKV=2, G=3, hs=3, dtype="float64", seed=1)  # a key block seen by some queries only
-@example(B=1, T=70, past=67, NKV=1, G=2, hs=8, dtype="float32", seed=2)  # the same, after a KV cache
-def test_attention_kernel_equals_reference(B, T, past, NKV, G, hs, dtype, seed):
-    """T = 1 (a decode step), odd sizes, more than one query block (T > TILE), a KV cache (past > 0;
-    67 puts a key block boundary inside the queries), grouped-query attention (G query heads per
-    key/value head)."""
+@example(B=2, T=70, past=0, NKV=2, G=3, hs=3, dtype="float64", blas=1, seed=1)  # a key block seen by some queries only
+@example(B=1, T=70, past=67, NKV=1, G=2, hs=8, dtype="float32", blas=1, seed=2)  # the same, after a KV cache
+@example(B=3, T=1, past=67, NKV=1, G=3, hs=8, dtype="float32", blas=2, seed=3)  # decoding, heads split unevenly
+def test_attention_kernel_equals_reference(B, T, past, NKV, G, hs, dtype, blas, seed):
+    """T = 1 (a decode step) to DECODE_ROWS (one numba pass, its (row, head) pairs split over up to
+    ``blas`` numba threads), odd sizes, more than one query block (T > TILE), a KV cache (past >
+    0; 67 puts a key block boundary inside the queries), grouped-query attention (G query heads
+    per key/value head)."""
     rng = np.random.default_rng(seed)
     NH = NKV * G
     q, k, v = _attention_inputs(rng, B, T, past, NH, hs, dtype, NKV)
     dout = rng.standard_normal((B, T, NH * hs)).astype(dtype)
     grouped = {} if G == 1 else {"n_kv_head": NKV}
-    y, cache = attention.attention_forward(q, k, v, NH, **grouped)
+    launches = []
+    with pytest.MonkeyPatch.context() as mp, NUMPY.blas_threads(blas):
+        _spy_on_launches(mp, launches)
+        mp.setattr(attention, "MIN_KEYS_PER_THREAD", 1)  # split whenever there are threads
+        y, cache = attention.attention_forward(q, k, v, NH, **grouped)
     ref_y, ref_cache = layers.attention_forward(q, k, v, NH, **grouped)
+    split = min(blas, B * NH, _jit.numba().config.NUMBA_NUM_THREADS) if T <= attention.DECODE_ROWS else 1
+    assert launches == ([split] if split > 1 and numpy_backend.blas_thread_count() is not None else [])
     assert type(cache) is attention.FusedAttentionCache and isinstance(cache, layers.AttentionCache)
     assert cache.k.shape == ref_cache.k.shape == (B, NKV, past + T, hs)
     assert_close(y, ref_y, dtype, "attention forward")

@@ -6,7 +6,9 @@ mask) v per head; the backward's ds = a (da - dy . y), as FlashAttention compute
 Queries go in blocks of TILE rows, each block's scores and output against only the keys it sees
 (BLAS matmuls), so masked blocks are never computed; the masked softmax and its backward are one
 fused numba pass per row each. A KV cache (queries at the end of longer keys) and grouped-query
-attention are taken; dropout and any argument it does not know go to the reference.
+attention are taken; dropout and any argument it does not know go to the reference. A decode step
+(at most DECODE_ROWS query rows) is one numba pass over the cached keys and values instead: for so
+few rows, the NumPy calls around BLAS's products cost more than the products.
 
 Checked by tests/test_kernels.py, section "attention.py".
 """
@@ -18,13 +20,16 @@ from typing import Any
 
 import numpy as np
 
+from arraygpt.backends.numpy.kernels import _threads
 from arraygpt.backends.numpy.kernels._arrays import floats
-from arraygpt.backends.numpy.kernels._jit import lazy_njit, loader
+from arraygpt.backends.numpy.kernels._jit import OPTIONS, LazyJit, ParallelJit, lazy_njit, loader
 from arraygpt.backends.numpy.kernels._vecmath import softmax_into
 from arraygpt.nn import layers
 from arraygpt.nn.kernels import KernelSpec
 
 TILE = 64  # query rows per block: a block of queries needs the keys up to its last row only
+DECODE_ROWS = 4  # up to this many query rows: one numba pass (decoding), not BLAS's batched products
+MIN_KEYS_PER_THREAD = 16384  # cached key values (positions x head size) a decoding thread reads at least
 
 
 class FusedAttentionCache(layers.AttentionCache):
@@ -68,6 +73,51 @@ def _causal_softmax(probs, past):
                     p[j] = zero
 
 
+def _rows_source(prange: Any) -> Any:
+    def _attention_rows(q, k, v, scale, qh, probs, y, parts):
+        # the reference's attention for a few query rows at the end of the keys (a decode step):
+        # q (B, T, D), k and v (B, Tk, Dkv) read in place (views of the KV cache); per head and
+        # row, qh = q scale, scores against the keys the row sees, the masked softmax, y = probs v.
+        # Query head h uses key/value head h // G (transformers' repeat_kv order). The (batch
+        # row, head) pairs in `parts` contiguous ranges, one task each
+        B, T, D = q.shape
+        NH, hs = qh.shape[1], qh.shape[3]
+        Tk = k.shape[1]
+        G = NH // (k.shape[2] // hs)
+        past = Tk - T
+        zero = np.zeros(1, q.dtype)[0]
+        for c in prange(parts):
+            for bh in range(c * B * NH // parts, (c + 1) * B * NH // parts):
+                b, h = bh // NH, bh % NH
+                kv = (h // G) * hs
+                for i in range(T):
+                    qi, n, p = qh[b, h, i], past + i + 1, probs[b, h, i]
+                    qrow = q[b, i, h * hs : (h + 1) * hs]
+                    for d in range(hs):
+                        qi[d] = qrow[d] * scale
+                    for j in range(n):
+                        kj = k[b, j, kv : kv + hs]
+                        s = zero
+                        for d in range(hs):
+                            s += qi[d] * kj[d]
+                        p[j] = s
+                    softmax_into(p, p, n, zero)
+                    for j in range(n, Tk):
+                        p[j] = zero
+                    yi = y[b, i, h * hs : (h + 1) * hs]
+                    yi[:] = zero
+                    for j in range(n):
+                        pj, vj = p[j], v[b, j, kv : kv + hs]
+                        for d in range(hs):
+                            yi[d] += pj * vj[d]
+
+    return _attention_rows
+
+
+_attention_rows = LazyJit(_rows_source(range), OPTIONS)  # one part: no parallel launch
+_attention_rows_parallel = ParallelJit(_rows_source)
+
+
 def attention_forward(
     q: Any, k: Any, v: Any, n_head: int, dropout_p: float = 0.0, coins: Any = None, **more: Any
 ) -> tuple[Any, layers.AttentionCache]:
@@ -76,7 +126,8 @@ def attention_forward(
     softmax in one fused pass. Grouped-query attention (``n_kv_head`` < n_head): the queries are
     viewed as (B, NKV, G, T, hs) and the key/value heads as (B, NKV, 1, Tk, hs), so each matmul
     broadcasts one key/value head over its G query heads (no repeated copies) and the causal
-    blocks stay those of the plain case. Dropout and any argument it does not know go to the
+    blocks stay those of the plain case. At most DECODE_ROWS query rows: :func:`_attention_rows`,
+    the keys and values read in place. Dropout and any argument it does not know go to the
     reference (which also raises on an n_kv_head that does not divide n_head)."""
     n_kv_head = more.pop("n_kv_head", None)
     B, T, D = q.shape
@@ -102,6 +153,18 @@ def attention_forward(
     Tk, hs, G = k.shape[1], D // n_head, n_head // NKV
     past = Tk - T  # keys before the first query (a KV cache)
     scale = 1.0 / math.sqrt(hs)
+    if T <= DECODE_ROWS:  # decoding: one numba pass per query row instead of a dozen NumPy calls
+        qh = np.empty((B, n_head, T, hs), dtype=q.dtype)
+        probs = np.empty((B, n_head, T, Tk), dtype=q.dtype)
+        y = np.empty((B, T, D), dtype=q.dtype)
+        args = (q, k, v, q.dtype.type(scale), qh, probs, y)
+        parts = _threads.chunks(B * n_head, max(1, MIN_KEYS_PER_THREAD // (Tk * hs)))
+        if parts > 1:
+            _threads.launch(_attention_rows_parallel, parts, *args)
+        else:
+            _attention_rows(*args, 1)
+        kh, vh = (x.reshape(B, Tk, NKV, hs).transpose(0, 2, 1, 3) for x in (k, v))  # (B, NKV, Tk, hs) views
+        return y, FusedAttentionCache(qh, kh, vh, y, probs, None, scale)
     qh = _split(q * q.dtype.type(scale), n_head)  # (B, NH, T, hs), scaled as the reference does
     if past:  # decoding: the keys and values as views of the KV cache, read in place by BLAS
         kh, vh = (x.reshape(B, Tk, NKV, hs).transpose(0, 2, 1, 3) for x in (k, v))  # (B, NKV, Tk, hs)

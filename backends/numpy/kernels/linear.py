@@ -3,11 +3,13 @@ reference's.
 
 The formula is the reference's (``arraygpt/nn/layers.py``: out = x w^T + b, w stored (out, in)).
 A decode step multiplies one row by each weight matrix, which reads every weight once per token;
-OpenBLAS does that slower than one core streams memory, and with 2-8 rows slower still. The
+OpenBLAS does that slower than the cores stream memory, and with 2-8 rows slower still. The
 kernel reads each row of w once, in its stored order, for all rows of x, four rows of x at a time
-so that each loaded weight serves four sums. More rows (BLAS is faster there), more BLAS threads
-than were measured (or a count it cannot read) and anything unusual go to the reference, i.e.
-BLAS. The cache is the reference's, so the backward is ``layers.linear_backward``.
+so that each loaded weight serves four sums. w's rows are split into contiguous parts over the
+threads BLAS may use now (``_threads.py``), one numba thread each, so that decoding reads the
+weights with every core the model has, as BLAS's and PyTorch's one-row products do. More rows
+(BLAS is faster there), a BLAS thread count it cannot read and anything unusual go to the
+reference, i.e. BLAS. The cache is the reference's, so the backward is ``layers.linear_backward``.
 
 Checked by tests/test_kernels.py, section "linear.py".
 """
@@ -18,70 +20,85 @@ from typing import Any
 
 import numpy as np
 
-from arraygpt.backends.numpy.kernels._arrays import floats
-from arraygpt.backends.numpy.kernels._jit import lazy_njit, loader
+from arraygpt.backends.numpy.kernels import _threads
+from arraygpt.backends.numpy.kernels._jit import OPTIONS, LazyJit, ParallelJit, loader
 from arraygpt.nn import layers
 from arraygpt.nn.kernels import KernelSpec
 
 MAX_ROWS = 8  # up to here the kernel beat or tied OpenBLAS's products on every size measured
-MAX_BLAS_THREADS = 2  # measured against OpenBLAS at 1 and 2 threads; with more, BLAS's threads
-# may read the weights faster than one core does (not measured), so BLAS runs
+MIN_ROWS_PER_THREAD = 64  # rows of w; a smaller part costs more to launch than it saves
 
 
-@lazy_njit
-def _linear_rows(x, w, b, has_b, out):
-    # out (N, Cout) = x (N, Cin) @ w.T (+ b) for a few rows N: each row of w is read from memory
-    # once for all N rows of x (a decode step is memory-bound on the weights), four rows of x at a
-    # time so that each value of w loaded serves four sums
-    N, K = x.shape
-    zero = np.zeros(1, out.dtype)[0]
-    for i in range(w.shape[0]):
-        wi = w[i]
-        bi = b[i] if has_b else zero
-        n = 0
-        while n + 4 <= N:
-            x0, x1, x2, x3 = x[n], x[n + 1], x[n + 2], x[n + 3]
-            s0 = s1 = s2 = s3 = zero
-            for j in range(K):
-                wj = wi[j]
-                s0 += wj * x0[j]
-                s1 += wj * x1[j]
-                s2 += wj * x2[j]
-                s3 += wj * x3[j]
-            out[n, i], out[n + 1, i], out[n + 2, i], out[n + 3, i] = s0 + bi, s1 + bi, s2 + bi, s3 + bi
-            n += 4
-        for n in range(n, N):
-            xn = x[n]
-            s = zero
-            for j in range(K):
-                s += wi[j] * xn[j]
-            out[n, i] = s + bi
+def _rows_source(prange: Any) -> Any:
+    def _linear_rows(x, w, b, has_b, out, parts):
+        # out (N, Cout) = x (N, Cin) @ w.T (+ b) for a few rows N: each row of w is read from
+        # memory once for all N rows of x (a decode step is memory-bound on the weights), four
+        # rows of x at a time so that each value of w loaded serves four sums; w's rows in
+        # `parts` contiguous ranges, one task each
+        N, K = x.shape
+        O = w.shape[0]
+        zero = np.zeros(1, out.dtype)[0]
+        for c in prange(parts):
+            for i in range(c * O // parts, (c + 1) * O // parts):
+                wi = w[i]
+                bi = b[i] if has_b else zero
+                n = 0
+                while n + 4 <= N:
+                    x0, x1, x2, x3 = x[n], x[n + 1], x[n + 2], x[n + 3]
+                    s0 = s1 = s2 = s3 = zero
+                    for j in range(K):
+                        wj = wi[j]
+                        s0 += wj * x0[j]
+                        s1 += wj * x1[j]
+                        s2 += wj * x2[j]
+                        s3 += wj * x3[j]
+                    out[n, i], out[n + 1, i], out[n + 2, i], out[n + 3, i] = s0 + bi, s1 + bi, s2 + bi, s3 + bi
+                    n += 4
+                for n in range(n, N):
+                    xn = x[n]
+                    s = zero
+                    for j in range(K):
+                        s += wi[j] * xn[j]
+                    out[n, i] = s + bi
+
+    return _linear_rows
+
+
+_linear_rows = LazyJit(_rows_source(range), OPTIONS)  # one part: no parallel launch
+_linear_rows_parallel = ParallelJit(_rows_source)
 
 
 def linear_forward(x: Any, w: Any, b: Any = None) -> tuple[Any, layers.LinearCache]:
     """layers.linear_forward for at most MAX_ROWS rows of x (the batch's positions): one pass over
-    w's rows in their stored order. More rows, more than MAX_BLAS_THREADS BLAS threads or an
-    unknown count, and other arrays: the reference."""
-    rows = x.size // x.shape[-1] if type(x) is np.ndarray and x.ndim and x.shape[-1] else 0
+    w's rows in their stored order, split over the threads BLAS may use now. More rows, an
+    unknown BLAS thread count, and other arrays: the reference."""
+    # cheapest checks first, and few: a small model's decode step makes 25 of these calls per
+    # token, and each microsecond here is about 1% of its time
     if not (
-        1 <= rows <= MAX_ROWS
-        and floats(x, w, *(() if b is None else (b,)))
+        type(x) is np.ndarray
+        and type(w) is np.ndarray
+        and x.dtype == w.dtype
+        and x.dtype.char in "fd"
+        and x.ndim
         and w.ndim == 2
-        and w.flags.c_contiguous
         and x.shape[-1] == w.shape[1]
-        and (b is None or b.shape == w.shape[:1])
+        and 0 < x.size <= MAX_ROWS * w.shape[1]
+        and w.flags.c_contiguous
+        and (b is None or (type(b) is np.ndarray and b.dtype == w.dtype and b.shape == w.shape[:1]))
     ):
         return layers.linear_forward(x, w, b)
-    from arraygpt.backends.numpy import blas_thread_count  # the backend these arrays come from
-
-    threads = blas_thread_count()
-    if threads is None or threads > MAX_BLAS_THREADS:
+    parts = _threads.chunks(w.shape[0], MIN_ROWS_PER_THREAD)
+    if not parts:  # BLAS's thread count unknown: the model's thread setting cannot be read
         return layers.linear_forward(x, w, b)
-    out = np.empty((rows, w.shape[0]), dtype=w.dtype)
-    _linear_rows(
-        np.ascontiguousarray(x).reshape(rows, -1), w, w.reshape(-1)[:1] if b is None else b, b is not None, out
-    )
-    return out.reshape(*x.shape[:-1], w.shape[0]), layers.LinearCache(x, w, b is not None)
+    out = np.empty((*x.shape[:-1], w.shape[0]), dtype=w.dtype)
+    has_b = b is not None
+    x2, out2 = np.ascontiguousarray(x).reshape(-1, w.shape[1]), out.reshape(-1, w.shape[0])  # (N, Cin), (N, Cout)
+    args = (x2, w, b if has_b else w[0], has_b, out2)  # out allocated here: returning numba's array was slower
+    if parts > 1:
+        _threads.launch(_linear_rows_parallel, parts, *args)
+    else:
+        _linear_rows(*args, 1)
+    return out, layers.LinearCache(x, w, has_b)
 
 
 SPECS = {
@@ -90,7 +107,7 @@ SPECS = {
         loader(linear_forward, layers.linear_backward),
         backends=("numpy",),
         array_types=(np.ndarray,),
-        description=f"up to {MAX_ROWS} rows (decoding) in one pass over the weights, beside BLAS at "
-        f"<= {MAX_BLAS_THREADS} threads; more rows: BLAS (numba, serial, nogil)",
+        description=f"up to {MAX_ROWS} rows (decoding) in one pass over the weights, its rows split over "
+        "the BLAS threads; more rows: BLAS (numba, parallel, nogil)",
     ),
 }
