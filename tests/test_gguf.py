@@ -492,6 +492,7 @@ def test_tokenizer_gives_transformers_ids(name, tmp_path):
         chat, tokenize=False, add_generation_prompt=True
     )
     assert ours.bos_id == theirs.bos_token_id and ours.eos_id == theirs.eos_token_id
+    assert ours.vocab_size == len(theirs)  # every token, added ones included
 
 
 # ----------------------------------------------------------------------------------------------

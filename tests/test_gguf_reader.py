@@ -7,6 +7,8 @@ are spliced into a written file (a multiple of the alignment, so the tensor offs
 
 from __future__ import annotations
 
+import mmap
+import os
 import struct
 
 import numpy as np
@@ -218,3 +220,33 @@ def test_metadata_string_that_is_not_utf8_is_named(tmp_path):
     path.write_bytes(data[:at] + b"\xff" + data[at + 1 :])
     with pytest.raises(CheckpointError, match="metadata 'general.name' holds a string that is not UTF-8"):
         ag_gguf.read_header(memoryview(path.read_bytes()), len(data), str(path))
+
+
+def _resident_kb(path) -> int:
+    """The kernel's count of resident kB in this process's mappings of ``path`` (/proc/self/smaps)."""
+    total, mine = 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            fields = line.split()
+            if fields and "-" in fields[0] and len(fields) >= 5 and ":" in fields[3]:  # a mapping's header
+                mine = len(fields) > 5 and fields[5] == str(path)
+            elif mine and fields[0] == "Rss:":
+                total += int(fields[1])
+    return total
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="needs Linux's /proc/self/smaps")
+def test_released_pages_of_the_map_leave_resident_memory_and_still_read_back(tmp_path):
+    data = np.random.default_rng(0).integers(0, 256, 64 * mmap.PAGESIZE, dtype=np.uint8)
+    path = tmp_path / "pages.bin"
+    path.write_bytes(data.tobytes())
+    with open(path, "rb") as f:
+        mapped = np.frombuffer(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ), dtype=np.uint8)
+    assert int(mapped.sum(dtype=np.int64)) == int(data.sum(dtype=np.int64))  # every page touched
+    before = _resident_kb(path.resolve())
+    start = mmap.PAGESIZE + 100
+    view = mapped[start : start + 35 * mmap.PAGESIZE].reshape(-1, 5)  # holds pages 2 .. 35 whole
+    ag_gguf._release([view])
+    assert _resident_kb(path.resolve()) <= before - 34 * mmap.PAGESIZE // 1024
+    np.testing.assert_array_equal(mapped, data)  # read again from the file
+    ag_gguf._release([np.arange(10)])  # not a view of a map: nothing happens

@@ -4,6 +4,8 @@ through the reference float path."""
 
 from __future__ import annotations
 
+import mmap
+
 import numpy as np
 import pytest
 
@@ -142,13 +144,22 @@ def test_a_gguf_file_loads_quantized_over_the_memory_mapped_blocks(tmp_path, dty
     assert set(kept.quantized.values()) == {dtype} and len(kept.quantized) == 1 + 7 * LLAMA.n_layer
     wo = kept.params["layer0.attn_wo"].blocks
     assert not wo.flags.writeable  # a read-only view of the file, not a copy
-    while wo.base is not None and not isinstance(wo, np.memmap):
+    while isinstance(wo.base, np.ndarray):
         wo = wo.base
-    assert isinstance(wo, np.memmap)
+    assert isinstance(wo.base.obj, mmap.mmap)  # np.frombuffer's memoryview of the map
     # gate and up lie back to back in the file: their stack is a view of it too, no copy
     fused = kept._core_params["layer1.mlp_gate_up"].blocks
     assert not fused.flags.writeable and np.shares_memory(fused, kept.params["layer1.mlp_up"].blocks)
     assert np.array_equal(fused[LLAMA.mlp_hidden :], kept.params["layer1.mlp_up"].blocks)
+    # Q, K (unpermuted) and V: one read-only copy, the views the fused projection reads, whose
+    # blocks gguf's dequantizer turns into the dense model's weights
+    qkv = kept._core_params["layer1.attn_wqkv"].blocks
+    assert not qkv.flags.writeable and not np.shares_memory(qkv, wo)
+    for name in ("attn_wq", "attn_wk", "attn_wv"):
+        blocks = kept.params[f"layer1.{name}"].blocks
+        assert np.shares_memory(qkv, blocks)
+        ours = quants.dequantize(blocks.reshape(blocks.shape[0], -1), GGMLQuantizationType[dtype.upper()])
+        np.testing.assert_array_equal(ours, dense.params[f"layer1.{name}"])
     idx = np.array([[5, 1, 4, 1, 5, 9, 2, 6, 5, 3]])
     np.testing.assert_allclose(kept.forward(idx)[0], dense.forward(idx)[0], rtol=1e-4, atol=1e-4)
     with pytest.raises(RuntimeError, match="inference only"):

@@ -29,7 +29,12 @@ uses llama.cpp's NEOX rotation, the halves layout: nothing is permuted.
 Tensor types read: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K, dequantized
 to float32 by ``gguf.quants.dequantize`` (:func:`read_tensor`, the one place a tensor is read), or,
 with ``load_gguf(quantized=True)``, the quantized matrices kept as ``arraygpt.nn.quant``
-weights over the memory-mapped file's blocks (inference on the blocks: docs/gguf.md).
+weights over the memory-mapped file's blocks (inference on the blocks: docs/gguf.md). The model
+reads each layer's Q, K, V (and gate, up) as one stack: where the file holds them back to back
+the stack is a view of it, else they are copied once into one buffer (llama's Q and K unpermuted
+on the way) and the file's pages under them given back (``madvise``), so that the process's
+resident memory does not hold those weights twice (on a SmolLM2-135M-shaped file: 10 MB in
+q4_1, 17 MB in q8_0).
 Types written (``save_gguf(dtype=...)``): f32, f16, q8_0, q4_0, q4_1 for the matrices (a matrix
 whose rows are not whole blocks is written f16, as llama.cpp's converter does), 1-D tensors f32.
 
@@ -44,7 +49,8 @@ the config before any array is allocated.
 Why not ``gguf.GGUFReader``: it builds NumPy views for every metadata array element (~1.5 KB and
 ~10 us each). On a SmolLM2-135M-shaped q4_1 file (49,152 tokens) ``load_gguf(quantized=True)``
 peaked at 246 MB and took 2.4 s with it, 151 MB and 0.8 s with the walk, which keeps one Python
-object per string and reads each numeric array with one ``np.frombuffer``.
+object per string and reads each numeric array with one ``np.frombuffer`` (134 MB with the stacking
+above and the tokenizer's get_vocab() dicts gone: ``benchmarks/memory_stages.py``).
 
 Not here: quantized matrix products (``arraygpt.nn.quant`` and the backends' kernels),
 other architectures (Mistral's sliding window, MoE, Gemma, Phi...), RoPE scalings other than
@@ -54,6 +60,7 @@ Llama 3.1's, sharded (split) files, and any runtime dependency on transformers o
 from __future__ import annotations
 
 import math
+import mmap
 import os
 import struct
 import tempfile
@@ -68,6 +75,7 @@ from arraygpt.config import GPTConfig
 from arraygpt.errors import CheckpointError
 from arraygpt.io.checkpoint import Checkpoint
 from arraygpt.io.files import _fsync_dir, _umask, open_regular
+from arraygpt.nn.core import GATE_UP, QKV
 from arraygpt.nn.model import GPT
 from arraygpt.nn.params import param_shapes
 from arraygpt.nn.quant import BLOCKS, QuantizedWeight, dequantize
@@ -378,7 +386,7 @@ def _open(path: Path) -> tuple[_Metadata, list[_Tensor]]:
     with f:
         if size < 24:
             raise CheckpointError(f"{path}: {size} bytes is too short for a GGUF file (its header alone is 24)")
-        mapped = np.memmap(f, dtype=np.uint8, mode="r")
+        mapped = np.frombuffer(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ), dtype=np.uint8)
     header = read_header(memoryview(mapped), len(mapped), str(path))
     tensors = []
     for info in header.tensors:
@@ -420,6 +428,12 @@ def _unpermute(w: Any, n_head: int) -> Any:
     if isinstance(w, QuantizedWeight):
         return QuantizedWeight(w.kind, np.ascontiguousarray(_unpermute(w.blocks, n_head)), w.shape)
     return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _unpermute_into(out: np.ndarray, w: np.ndarray, n_head: int) -> None:
+    """``out[...] = _unpermute(w, n_head)`` without a temporary (out contiguous, w's shape)."""
+    half = w.shape[0] // n_head // 2
+    out.reshape(n_head, 2, half, *w.shape[1:])[...] = w.reshape(n_head, half, 2, *w.shape[1:]).swapaxes(1, 2)
 
 
 def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -636,10 +650,12 @@ def _gguf_shapes(config: GPTConfig, arch: str) -> dict[str, tuple[int, ...]]:
 
 def _state_dict(tensors: list[_Tensor], config: GPTConfig, arch: str, quantized: bool = False) -> dict[str, Any]:
     """arraygpt's state dict from the file's tensors (shapes already checked); ``quantized``:
-    quantized matrices as :class:`~arraygpt.nn.quant.QuantizedWeight` (see :func:`read_tensor`)."""
+    quantized matrices as :class:`~arraygpt.nn.quant.QuantizedWeight` (see :func:`read_tensor`),
+    each layer's fused rows stacked by :func:`_stack_blocks`."""
     state: dict[str, np.ndarray] = {}
     names = _GPT2_LAYER_NAMES if arch == "gpt2" else _LAYER_NAMES
     C = config.n_embd
+    permuted: dict[str, int] = {}  # quantized Q and K of llama, rows still in llama.cpp's order -> heads
     for tensor in tensors:
         key = tensor.name
         if key == "rope_freqs.weight":
@@ -656,10 +672,93 @@ def _state_dict(tensors: list[_Tensor], config: GPTConfig, arch: str, quantized:
             for name, part in zip(("attn_wq", "attn_wk", "attn_wv"), (w[:C], w[C : 2 * C], w[2 * C :])):
                 state[f"layer{i}.{name}{'_b' if kind == 'bias' else ''}"] = part
             continue
+        name = f"layer{i}.{names[short]}"
         if arch == "llama" and short.startswith(("attn_q.", "attn_k.")):
-            w = _unpermute(w, config.n_head if short.startswith("attn_q.") else config.n_kv_head)
-        state[f"layer{i}.{names[short]}"] = w
+            heads = config.n_head if short.startswith("attn_q.") else config.n_kv_head
+            if isinstance(w, QuantizedWeight):
+                permuted[name] = heads  # unpermuted as it is stacked
+            else:
+                w = _unpermute(w, heads)
+        state[name] = w
+    if quantized:
+        _stack_blocks(state, permuted, config.n_layer)
     return state
+
+
+def _stack_blocks(state: dict[str, Any], permuted: Mapping[str, int], n_layer: int) -> None:
+    """Each layer's quantized Q, K, V (and gate, up) made views of one buffer, in place, so that the
+    model's fused projections (``arraygpt.nn.params.fuse``) stack them without a copy: left as
+    they are where the file holds them back to back (arraygpt writes gate and up so), else copied
+    once into a new read-only buffer, llama's Q and K (``permuted``: name -> heads) unpermuted on
+    the way. The file's pages a copy came from are then given back (:func:`_release`): they are not
+    read again, and while mapped they would count twice in the process's resident memory. Parts
+    of different kinds (a Q4_K_M file's V) stay apart, a stack of their own blocks."""
+    for i in range(n_layer):
+        for group in (QKV, GATE_UP):
+            names = [f"layer{i}.{part}" for part in group if f"layer{i}.{part}" in state]
+            parts = [state[name] for name in names]
+            if not parts or not all(isinstance(w, QuantizedWeight) for w in parts):
+                for name in names:  # floats, or a mix that GPT refuses: unpermuted alone
+                    if name in permuted:
+                        state[name] = _unpermute(state[name], permuted[name])
+                continue
+            if any(w.kind != parts[0].kind for w in parts):
+                for name in names:
+                    if name in permuted:
+                        old = state[name].blocks
+                        state[name] = _unpermute(state[name], permuted[name])
+                        _release([old])
+                continue
+            if not any(name in permuted for name in names) and _back_to_back([w.blocks for w in parts]):
+                continue
+            buffer = np.empty(sum(w.blocks.nbytes for w in parts), dtype=np.uint8)
+            spans, start = [], 0
+            for name, w in zip(names, parts):
+                out = buffer[start : start + w.blocks.nbytes].reshape(w.blocks.shape)
+                if name in permuted:
+                    _unpermute_into(out, w.blocks, permuted[name])
+                else:
+                    out[...] = w.blocks
+                spans.append((start, w))
+                start += w.blocks.nbytes
+            buffer.flags.writeable = False  # as the file's blocks: frozen weights
+            for name, (start, w) in zip(names, spans):
+                view = buffer[start : start + w.blocks.nbytes].reshape(w.blocks.shape)
+                state[name] = QuantizedWeight(w.kind, view, w.shape)
+            _release([w.blocks for w in parts])
+
+
+def _back_to_back(arrays: list[np.ndarray]) -> bool:
+    """Whether contiguous arrays lie one after the other in memory (tensors stored in a row)."""
+    if not all(a.flags.c_contiguous for a in arrays):
+        return False
+    starts = [a.__array_interface__["data"][0] for a in arrays]
+    return all(starts[j] + arrays[j].nbytes == starts[j + 1] for j in range(len(arrays) - 1))
+
+
+def _release(views: list[np.ndarray]) -> None:
+    """Give back the resident pages under views of the memory-mapped file that were copied and will
+    not be read again (``madvise(MADV_DONTNEED)`` on the whole pages inside each view; a read-only
+    shared mapping of a file reads them from the file again if they are touched, so this never
+    changes what the arrays hold). Views of anything else are skipped, as are systems without
+    ``madvise``."""
+    if not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    for view in views:
+        root = view
+        while isinstance(root.base, np.ndarray):
+            root = root.base
+        mapping = root.base.obj if isinstance(root.base, memoryview) else root.base  # np.frombuffer's
+        if not isinstance(mapping, mmap.mmap):
+            continue
+        start = view.__array_interface__["data"][0] - root.__array_interface__["data"][0]
+        first = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE
+        end = (start + view.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
+        if end > first:
+            try:
+                mapping.madvise(mmap.MADV_DONTNEED, first, end - first)
+            except (OSError, ValueError):  # an optimization only
+                pass
 
 
 def load_gguf(
