@@ -365,3 +365,14 @@ def test_random_tokenizer_metadata_builds_or_is_one_checkpoint_error(model, toke
     except CheckpointError:
         return
     assert isinstance(tok.decode(tok.encode("ab <s> a:b")), str)  # built: it encodes and decodes
+
+
+@pytest.mark.parametrize("special", ["$b", "$A", "$"])
+def test_a_bos_or_eos_token_that_a_template_reads_as_a_sequence_is_refused(special):
+    tokens = ["a", "b", special]  # the tokenizers library reads "$b" as sequence B and panics on encoding
+    meta = {"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.scores": [0.0] * 3}
+    meta.update({"tokenizer.ggml.eos_token_id": 2, "tokenizer.ggml.add_eos_token": True})
+    with pytest.raises(CheckpointError, match=r"cannot go in a tokenizers template: a piece starting with '\$'"):
+        tokenizer_from_gguf(meta, "x.gguf")
+    meta["tokenizer.ggml.add_eos_token"] = False  # not in a template: the token is an ordinary one
+    assert tokenizer_from_gguf(meta, "x.gguf").eos_id == 2

@@ -222,6 +222,12 @@ def tokenizer_from_gguf(meta: Mapping[str, Any], source: str, vocab_size: int | 
         pair = " ".join([*first, "$A", *last, *first, "$B:1", *last])
         ids = {tokens[bos]: bos} if first else {}
         ids.update({tokens[eos[0]]: eos[0]} if last else {})
+        sequence = next((t for t in ids if t.startswith("$")), None)
+        if sequence is not None:  # the library reads "$b" as sequence B, and panics on encoding
+            raise CheckpointError(
+                f"{source}: the BOS/EOS token {sequence!r:.40} cannot go in a tokenizers template: a piece "
+                "starting with '$' names a sequence there"
+            )
         try:
             tokenizer.post_processor = tk.processors.TemplateProcessing(
                 single=single, pair=pair, special_tokens=list(ids.items())
