@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -662,3 +663,17 @@ def test_llama_with_biases_round_trips(tmp_path):
     back = load_gguf(save_gguf(model, tmp_path / "b.gguf"))
     assert back.config.bias and back.config == dataclasses.replace(config, norm_eps=back.config.norm_eps)
     assert_close_logits(logits_of(back.model, IDS % 60), logits_of(model, IDS % 60))
+
+
+def test_a_quantized_load_needs_the_gguf_library_only_to_dequantize(tmp_path, monkeypatch):
+    pytest.importorskip("numba")
+    model = GPT(GPTConfig.preset("llama-tiny", vocab_size=64, block_size=32, n_embd=64), seed=0)
+    path = save_gguf(model, tmp_path / "m.gguf", dtype="q8_0")  # matrices q8_0, norms f32
+    dense = load_gguf(path).model  # dequantized by gguf.quants.dequantize
+    monkeypatch.setitem(sys.modules, "gguf", None)  # `import gguf` now fails
+    kept = load_gguf(path, quantized=True).model
+    assert set(kept.quantized.values()) == {"q8_0"}
+    ids = np.array([[3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8]])  # past the int8 kernel's rows: float tiles
+    assert_close_logits(logits_of(kept, ids), logits_of(dense, ids), rel=1e-4)
+    with pytest.raises(ImportError, match=r"pip install 'arraygpt\[gguf\]'"):
+        load_gguf(path)  # dequantizing q8_0 needs the library

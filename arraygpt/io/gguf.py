@@ -27,7 +27,8 @@ transformers' GGUF loader does (modeling_gguf_pytorch_utils.py, ``LlamaTensorPro
 uses llama.cpp's NEOX rotation, the halves layout: nothing is permuted.
 
 Tensor types read: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K, dequantized
-to float32 by ``gguf.quants.dequantize`` (:func:`read_tensor`, the one place a tensor is read), or,
+to float32 by ``gguf.quants.dequantize`` (:func:`read_tensor`, the one place a tensor is read; F32
+and F16 are converted without the library, which a quantized load then need not import), or,
 with ``load_gguf(quantized=True)``, the quantized matrices kept as ``arraygpt.nn.quant``
 weights over the memory-mapped file's blocks (inference on the blocks: docs/gguf.md). The model
 reads each layer's Q, K, V (and gate, up) as one stack: where the file holds them back to back
@@ -326,10 +327,12 @@ def read_header(buf: Any, size: int, source: str) -> _Header:
 
 
 def _type_name(ggml_type: int) -> str:
-    import gguf
-
     try:
+        import gguf
+
         return f"{gguf.GGMLQuantizationType(ggml_type).name} ({ggml_type})"
+    except ImportError:
+        return str(ggml_type)
     except ValueError:
         return f"{ggml_type} (not a ggml type)"
 
@@ -408,16 +411,19 @@ _KEEP = {8: "q8_0", 2: "q4_0", 3: "q4_1", 6: "q5_0", 7: "q5_1", 12: "q4_k", 13: 
 
 def read_tensor(tensor: _Tensor, *, quantized: bool = False) -> np.ndarray | QuantizedWeight:
     """One tensor of the file, shape (out, in) (ggml's dimensions reversed): float32, dequantized
-    by ``gguf.quants.dequantize``; with ``quantized`` a matrix of a quantized type is a
+    by ``gguf.quants.dequantize`` (F32 and F16 converted here: the library is imported only for the
+    other types); with ``quantized`` a matrix of a quantized type is a
     :class:`~arraygpt.nn.quant.QuantizedWeight` over a view of the memory-mapped file's blocks
     (read-only, not copied). The one function that reads a tensor."""
-    gguf = _import_gguf()
     shape = tuple(reversed(tensor.dims))
     if quantized and tensor.ggml_type in _KEEP and len(shape) == 2:
         kind = _KEEP[tensor.ggml_type]
         out, n_in = shape
         per_block, nbytes = BLOCKS[kind]
         return QuantizedWeight(kind, tensor.data.reshape(out, n_in // per_block, nbytes), (out, n_in))
+    if tensor.ggml_type in _FLOAT_DTYPES:  # what gguf.quants.dequantize does, without importing it (~2 MB)
+        return np.ascontiguousarray(tensor.data.reshape(shape), dtype=np.float32)
+    gguf = _import_gguf()
     values = gguf.quants.dequantize(tensor.data, gguf.GGMLQuantizationType(tensor.ggml_type))
     return np.ascontiguousarray(values.reshape(shape), dtype=np.float32)
 
@@ -785,7 +791,9 @@ def load_gguf(
     Raises:
         FileNotFoundError: nothing at ``path``.
         CheckpointError: a hostile, truncated or unsupported file (the message says why).
-        ImportError: the ``gguf`` library (or, for the tokenizer, ``tokenizers``) is missing.
+        ImportError: the ``gguf`` library is missing and a tensor needs its dequantizer (a type
+            other than F32/F16 not kept quantized), or ``tokenizers`` is missing and the file has a
+            tokenizer.
 
     Example:
         >>> ckpt = load_gguf("SmolLM2-135M-Instruct-Q8_0.gguf")   # doctest: +SKIP
@@ -797,7 +805,6 @@ def load_gguf(
     if not os.path.lexists(path):
         raise FileNotFoundError(f"no GGUF file at {path}")
     source = str(path)
-    _import_gguf()  # dequantizing needs it: say so before reading anything
     meta, tensors = _open(path)
     dims = {t.name: t.dims for t in tensors}
     arch, config = config_from_gguf(meta, dims, source)
