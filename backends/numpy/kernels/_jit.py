@@ -71,9 +71,14 @@ def when_numba_loads(register: Callable[[Any], None]) -> None:
             register(_numba[0])
 
 
-def jitable(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Let numba sources call ``fn``, inlined; ``fn`` itself is returned unchanged."""
-    when_numba_loads(lambda numba: numba.extending.register_jitable(inline="always", **OPTIONS)(fn))
+def jitable(fn: Callable[..., Any] | None = None, *, inline: bool = True) -> Any:
+    """Let numba sources call ``fn`` (``@jitable``: inlined into them; ``@jitable(inline=False)``:
+    compiled as a function of its own, for a helper whose branches numba's inliner mishandles);
+    ``fn`` itself is returned unchanged."""
+    if fn is None:
+        return lambda f: jitable(f, inline=inline)
+    how = "always" if inline else "never"
+    when_numba_loads(lambda numba: numba.extending.register_jitable(inline=how, **OPTIONS)(fn))
     return fn
 
 

@@ -1,21 +1,23 @@
-"""A decode step of a Llama-family block in one compiled call: ``Kernels.decode``.
+"""A decode step of one block in one compiled call: ``Kernels.decode``.
 
 Decoding one token runs each block's layers on one row: a dozen kernel calls and the Python
 between them, about 0.3 ms a block, which on a 30-layer model is as long as the block's matrix
 products. Here the block is one numba function (llm.c's forward is one C function, llama.cpp's a
 graph):
 
-    h = rmsnorm(x) g1 -> q, k, v = W_qkv h -> rope(q), rope(k) -> the cache keeps k, v ->
-    y = softmax(q K^T / sqrt(hs)) V per head (grouped-query) -> x += W_o y ->
-    h = rmsnorm(x) g2 -> g, u = W_gate_up h -> x += W_down (silu(g) u)
+    h = norm1(x) -> q, k, v = W_qkv h (+ b) -> [rope(q), rope(k)] -> the cache keeps k, v ->
+    y = softmax(q K^T / sqrt(hs)) V per head (grouped-query) -> x += W_o y (+ b) ->
+    h = norm2(x) -> x += W_down (silu(g) u), g, u = W_gate_up h   (SwiGLU)
+                    x += W_fc2 gelu(W_fc1 h + b) + b             (GPT-2's MLP)
 
-with the matrix products of ``quant.py`` (``rows_times``: the float32 loop, or int8 activations
-and byte dot products where ``kernels.quantized_linear`` is the int8 kernel), the rows of each
-product split over the model's threads. It takes a block whose four matrices are GGUF blocks of a
-kind in ``quant.KINDS`` (one kind per matrix), norms without bias, RoPE, SwiGLU, float32, batch 1,
-one token; the core runs any other block layer by layer. The block's output equals the
-layer-by-layer decode (the same products; the norms, softmax and SiLU in float32, summed in
-another order): tests/test_decode.py runs both on quantized Llama models.
+Norms: RMSNorm or LayerNorm, with or without gain and bias. Matrices: float32 arrays (a dot per
+row, as ``numba_linear_rows``) or GGUF blocks of a kind in ``quant.KINDS`` (``quant.rows_times``:
+the float32 loop, or int8 activations and byte dot products where ``kernels.quantized_linear`` is
+the int8 kernel). The rows of each product are split over the model's threads (``_threads``).
+float32, batch 1, one token; the core runs any other block layer by layer (a K-quant or a stack
+of kinds, LoRA, dropout, float64). The block's output equals the layer-by-layer decode (the same
+products; norms, softmax and activations in float32, summed in another order):
+tests/test_decode.py runs both on Llama and GPT-2 models, float32 and quantized.
 
 Not here: the layers' definitions (``arraygpt.nn.layers``), the loop over blocks
 (``arraygpt.nn.core.gpt_forward``).
@@ -28,46 +30,94 @@ from typing import Any
 
 import numpy as np
 
+from arraygpt.backends.numpy.kernels import _threads
 from arraygpt.backends.numpy.kernels import quant as kernel
-from arraygpt.backends.numpy.kernels._jit import ParallelJit, jitable, loader, numba
+from arraygpt.backends.numpy.kernels._jit import OPTIONS, LazyJit, ParallelJit, jitable, loader
 from arraygpt.nn import quant
 from arraygpt.nn.kernels import KernelSpec
 
+_GELU_C, _GELU_A = math.sqrt(2.0 / math.pi), 0.044715  # layers.gelu_tanh_forward's constants
+MIN_ROWS_PER_THREAD = 64  # a block's smallest matrix splits over threads only above this many rows a thread
+
+
+@jitable(inline=False)
+def _norm(x, gain, bias, eps, layer_norm, out):
+    # out = norm(x) * gain + bias, as layers.layernorm_forward / rmsnorm_forward; an empty gain or
+    # bias is none
+    C = x.shape[0]
+    mean = np.float32(0.0)
+    if layer_norm:
+        for j in range(C):
+            mean += x[j]
+        mean /= np.float32(C)
+    s = np.float32(0.0)
+    for j in range(C):
+        out[j] = x[j] - mean
+        s += out[j] * out[j]
+    rstd = np.float32(1.0) / np.sqrt(s / np.float32(C) + np.float32(eps))
+    for j in range(C):
+        out[j] *= rstd
+        if gain.shape[0]:
+            out[j] *= gain[j]
+        if bias.shape[0]:
+            out[j] += bias[j]
+
+
+@jitable(inline=False)
+def _project(h, xq, dx, xsum, blocks, dense, layout, lo, hi, out):
+    # out[0, lo:hi] = rows lo..hi of W h: W float32 (dense, a dot per row) or GGUF blocks
+    if dense.shape[0]:
+        for o in range(lo, hi):
+            s = np.float32(0.0)
+            for j in range(h.shape[1]):
+                s += dense[o, j] * h[0, j]
+            out[0, o] = s
+    else:
+        kernel.rows_times(h, xq, dx, xsum, blocks, layout, lo, hi, out)
+
 
 def _block_source(prange: Any) -> Any:
-    rows_times, quantize_row = kernel.rows_times, kernel.quantize_row
+    quantize_row = kernel.quantize_row
 
-    def _decode_block(x, g1, g2, eps, wqkv, lqkv, wo, lo, wgu, lgu, wdown, ldown, cos, sin, keys, values, pos,
-                      n_head, n_kv_head, chunks):  # fmt: skip
-        # x (1, C) updated in place; w*: (N, nb * bytes) blocks with their layouts l* (rows_times);
-        # cos, sin (hs,) of this position; keys, values (capacity, Dkv): row `pos` is written
+    def _decode_block(x, n1, n1b, n2, n2b, eps, layer_norm,
+                      qkv_w, qkv_d, qkv_l, qkv_b, o_w, o_d, o_l, o_b,
+                      up_w, up_d, up_l, up_b, down_w, down_d, down_l, down_b,
+                      cos, sin, keys, values, pos, n_head, n_kv_head, hs, swiglu, parts):  # fmt: skip
+        # x (1, C) updated in place. Each matrix: *_w (N, nb * bytes) blocks with layout *_l
+        # (quant.rows_times) or *_d (N, K) float32, the other empty; *_b its bias or empty. up is
+        # gate_up (SwiGLU) or fc1. cos, sin (hs,) of this position, empty without RoPE. keys,
+        # values (capacity, Dkv): row `pos` is written. The products' rows in `parts` ranges
         C = x.shape[1]
-        hs = cos.shape[0]
         D, Dkv, half = n_head * hs, n_kv_head * hs, hs // 2
-        acts = np.empty((1, max(C, D, wgu.shape[0] // 2)), np.int8)
-        dx = np.empty((1, acts.shape[1] // 32), np.float32)
-        xsum = np.empty((1, acts.shape[1] // 32), np.float32)
+        n_up = max(up_w.shape[0], up_d.shape[0])
+        H = n_up // 2 if swiglu else n_up
+        widest = max(C, D, H)
+        xq = np.empty((1, widest), np.int8)
+        dx = np.empty((1, widest // 32 + 1), np.float32)
+        xsum = np.empty((1, widest // 32 + 1), np.float32)
 
-        # attention: h = rmsnorm(x) g1; q, k, v = W_qkv h
+        # attention
         h = np.empty((1, C), np.float32)
-        _rmsnorm(x[0], g1, eps, h[0])
-        quantize_row(h[0], acts[0, :C], dx[0, : C // 32], xsum[0, : C // 32])
+        _norm(x[0], n1, n1b, eps, layer_norm, h[0])
+        if C % 32 == 0:
+            quantize_row(h[0], xq[0, :C], dx[0, : C // 32], xsum[0, : C // 32])
         qkv = np.empty((1, D + 2 * Dkv), np.float32)
         n = qkv.shape[1]
-        for c in prange(chunks):
-            rows_times(h, acts[:, :C], dx[:, : C // 32], xsum[:, : C // 32], wqkv, lqkv, c * n // chunks,
-                       (c + 1) * n // chunks, qkv)  # fmt: skip
-        # rope on q's and k's heads: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin), halves of a head
-        for head in range(n_head + n_kv_head):
-            at = head * hs
-            for i in range(half):
-                x1, x2 = qkv[0, at + i], qkv[0, at + half + i]
-                qkv[0, at + i] = x1 * cos[i] - x2 * sin[i]
-                qkv[0, at + half + i] = x2 * cos[half + i] + x1 * sin[half + i]
+        for c in prange(parts):
+            _project(h, xq[:, :C], dx[:, : C // 32], xsum[:, : C // 32], qkv_w, qkv_d, qkv_l, c * n // parts,
+                     (c + 1) * n // parts, qkv)  # fmt: skip
+        if qkv_b.shape[0]:
+            qkv[0] += qkv_b
+        if cos.shape[0]:  # rope on q's and k's heads: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin)
+            for head in range(n_head + n_kv_head):
+                at = head * hs
+                for i in range(half):
+                    x1, x2 = qkv[0, at + i], qkv[0, at + half + i]
+                    qkv[0, at + i] = x1 * cos[i] - x2 * sin[i]
+                    qkv[0, at + half + i] = x2 * cos[half + i] + x1 * sin[half + i]
         keys[pos] = qkv[0, D : D + Dkv]
         values[pos] = qkv[0, D + Dkv :]
-        # y = softmax(q K^T / sqrt(hs)) V for each query head, over positions 0..pos
-        y = np.zeros((1, D), np.float32)
+        y = np.zeros((1, D), np.float32)  # softmax(q K^T / sqrt(hs)) V for each query head
         scores = np.empty(pos + 1, np.float32)
         scale = np.float32(1.0 / math.sqrt(hs))
         group = n_head // n_kv_head
@@ -81,107 +131,121 @@ def _block_source(prange: Any) -> Any:
                     s += q[j] * keys[t, kv + j]
                 scores[t] = s * scale
                 top = max(top, scores[t])
-            norm = np.float32(0.0)
+            total = np.float32(0.0)
             for t in range(pos + 1):
                 scores[t] = np.exp(scores[t] - top)
-                norm += scores[t]
+                total += scores[t]
             for t in range(pos + 1):
-                p = scores[t] / norm
+                p = scores[t] / total
                 for j in range(hs):
                     y[0, head * hs + j] += p * values[t, kv + j]
-        quantize_row(y[0], acts[0, :D], dx[0, : D // 32], xsum[0, : D // 32])
+        if D % 32 == 0:
+            quantize_row(y[0], xq[0, :D], dx[0, : D // 32], xsum[0, : D // 32])
         out = np.empty((1, C), np.float32)
-        for c in prange(chunks):
-            rows_times(y, acts[:, :D], dx[:, : D // 32], xsum[:, : D // 32], wo, lo, c * C // chunks,
-                       (c + 1) * C // chunks, out)  # fmt: skip
+        for c in prange(parts):
+            _project(y, xq[:, :D], dx[:, : D // 32], xsum[:, : D // 32], o_w, o_d, o_l, c * C // parts,
+                     (c + 1) * C // parts, out)  # fmt: skip
+        if o_b.shape[0]:
+            out[0] += o_b
         x[0] += out[0]
 
-        # MLP: h = rmsnorm(x) g2; g, u = W_gate_up h; x += W_down (silu(g) u)
-        _rmsnorm(x[0], g2, eps, h[0])
-        quantize_row(h[0], acts[0, :C], dx[0, : C // 32], xsum[0, : C // 32])
-        gu = np.empty((1, wgu.shape[0]), np.float32)
-        n = gu.shape[1]
-        for c in prange(chunks):
-            rows_times(h, acts[:, :C], dx[:, : C // 32], xsum[:, : C // 32], wgu, lgu, c * n // chunks,
-                       (c + 1) * n // chunks, gu)  # fmt: skip
-        H = n // 2
+        # MLP
+        _norm(x[0], n2, n2b, eps, layer_norm, h[0])
+        if C % 32 == 0:
+            quantize_row(h[0], xq[0, :C], dx[0, : C // 32], xsum[0, : C // 32])
+        up = np.empty((1, n_up), np.float32)
+        for c in prange(parts):
+            _project(h, xq[:, :C], dx[:, : C // 32], xsum[:, : C // 32], up_w, up_d, up_l, c * n_up // parts,
+                     (c + 1) * n_up // parts, up)  # fmt: skip
+        if up_b.shape[0]:
+            up[0] += up_b
         a = np.empty((1, H), np.float32)
         for j in range(H):
-            g = gu[0, j]
-            a[0, j] = g / (np.float32(1.0) + np.exp(min(-g, np.float32(80.0)))) * gu[0, H + j]
-        quantize_row(a[0], acts[0, :H], dx[0, : H // 32], xsum[0, : H // 32])
-        for c in prange(chunks):
-            rows_times(a, acts[:, :H], dx[:, : H // 32], xsum[:, : H // 32], wdown, ldown, c * C // chunks,
-                       (c + 1) * C // chunks, out)  # fmt: skip
+            g = up[0, j]
+            if swiglu:  # silu(g) u, as layers.swiglu_forward
+                a[0, j] = g / (np.float32(1.0) + np.exp(min(-g, np.float32(80.0)))) * up[0, H + j]
+            else:  # gelu_tanh: g sigmoid(2u), u = c (g + a g^3), as layers.gelu_tanh_forward
+                minus_2u = (np.float32(-2.0 * _GELU_C * _GELU_A) * g * g - np.float32(2.0 * _GELU_C)) * g
+                a[0, j] = g / (np.float32(1.0) + np.exp(min(minus_2u, np.float32(80.0))))
+        if H % 32 == 0:
+            quantize_row(a[0], xq[0, :H], dx[0, : H // 32], xsum[0, : H // 32])
+        for c in prange(parts):
+            _project(a, xq[:, :H], dx[:, : H // 32], xsum[:, : H // 32], down_w, down_d, down_l, c * C // parts,
+                     (c + 1) * C // parts, out)  # fmt: skip
+        if down_b.shape[0]:
+            out[0] += down_b
         x[0] += out[0]
 
     return _decode_block
 
 
-@jitable
-def _rmsnorm(x: np.ndarray, g: np.ndarray, eps: float, out: np.ndarray) -> None:
-    # out = x / sqrt(mean(x^2) + eps) * g, as layers.rmsnorm_forward
-    s = np.float32(0.0)
-    for j in range(x.shape[0]):
-        s += x[j] * x[j]
-    rstd = np.float32(1.0) / np.sqrt(s / np.float32(x.shape[0]) + np.float32(eps))
-    for j in range(x.shape[0]):
-        out[j] = x[j] * rstd * g[j]
+_decode_block = LazyJit(_block_source(range), OPTIONS)
+_decode_block_parallel = ParallelJit(_block_source)
+
+_STACKED = {"attn_wqkv": ("attn_wq", "attn_wk", "attn_wv"), "mlp_gate_up": ("mlp_gate", "mlp_up")}
+_NO_BLOCKS = np.zeros((0, 0), np.uint8)
+_NO_BLOCKS.flags.writeable = False  # the type of the blocks views (read-only): one compiled kernel
+_NO_DENSE = np.zeros((0, 0), np.float32)
+_NO_VECTOR = np.zeros(0, np.float32)
+_NO_LAYOUT = np.zeros(5, np.int64)
 
 
-_decode_block = ParallelJit(_block_source)
+def _matrix(w: Any, int8: bool, rows: int, cols: int) -> tuple[Any, ...] | None:
+    """(blocks, dense, layout) of a matrix the kernel takes, else None."""
+    if isinstance(w, quant.QuantizedWeight):
+        if w.kind not in kernel.KINDS or type(w.blocks) not in (np.ndarray, np.memmap) or w.shape != (rows, cols):
+            return None
+        return kernel.blocks_2d(w), _NO_DENSE, kernel.layout(w.kind, int8)
+    if type(w) is np.ndarray and w.dtype == np.float32 and w.shape == (rows, cols) and w.flags.c_contiguous:
+        return _NO_BLOCKS, w, _NO_LAYOUT
+    return None
 
-_MATRICES = ("attn_wqkv", "attn_wo", "mlp_gate_up", "mlp_down")
 
-
-def _matrix(params: Any, name: str) -> quant.QuantizedWeight | None:
-    w = params.get(name)
-    ok = isinstance(w, quant.QuantizedWeight) and w.kind in kernel.KINDS and type(w.blocks) in (np.ndarray, np.memmap)
-    return w if ok else None
-
-
-def _float32(a: Any, size: int) -> bool:
-    return type(a) is np.ndarray and a.dtype == np.float32 and a.shape == (size,)
+def _vector(v: Any, size: int) -> np.ndarray | None:
+    """A float32 (size,) gain or bias, an empty array for none, or None where the kernel cannot take it."""
+    if v is None:
+        return _NO_VECTOR
+    return v if type(v) is np.ndarray and v.dtype == np.float32 and v.shape == (size,) else None
 
 
 def decode_block_forward(params: Any, config: Any, i: int, x: Any, kv_cache: Any, rope: Any, kernels: Any) -> Any:
     """Block ``i`` of a decode step in one call: x (1, 1, C) -> (1, 1, C), the token's key and
     value stored in ``kv_cache``; None for a block it does not take (see the module's docstring)."""
     name, C = f"layer{i}.", config.n_embd
-    if not (
-        config.norm == "rmsnorm"
-        and config.position == "rope"
-        and config.mlp == "swiglu"
-        and rope is not None
-        and type(x) is np.ndarray
-        and x.dtype == np.float32
-        and x.shape == (1, 1, C)
-        and config.head_dim % 2 == 0
-        and all(name + m + "_b" not in params for m in _MATRICES)
-        and _float32(params.get(name + "norm1"), C)
-        and _float32(params.get(name + "norm2"), C)
-        and name + "norm1_b" not in params
-        and name + "norm2_b" not in params
-    ):
+    D, Dkv, H = config.attn_dim, config.kv_dim, config.mlp_hidden
+    swiglu = config.mlp == "swiglu"
+    if type(x) is not np.ndarray or x.dtype != np.float32 or x.shape != (1, 1, C):
         return None
-    weights = [_matrix(params, name + m) for m in _MATRICES]
-    if any(w is None for w in weights):
+    if not swiglu and config.activation != "gelu_tanh":
         return None
-    cos, sin = rope
-    if type(cos) is not np.ndarray or cos.dtype != np.float32:
-        return None
-    keys, values = kv_cache.buffers(i, x[:, :, : config.kv_dim])  # (1, capacity, Dkv)
-    threads = min(kernel.model_threads(), numba().config.NUMBA_NUM_THREADS)
-    kernel.use_threads(threads)
     int8 = kernels.quantized_linear[0] is kernel.quantized_linear_int8_forward
-    smallest = min(w.shape[0] for w in weights)
-    chunks = threads if smallest >= 64 * threads else 1
-    args = []
-    for w in weights:
-        args += [kernel.blocks_2d(w), kernel.layout(w.kind, int8)]
+    up, down = ("mlp_gate_up", "mlp_down") if swiglu else ("mlp_fc1", "mlp_fc2")
+    shapes = {"attn_wqkv": (D + 2 * Dkv, C), "attn_wo": (C, D), up: (2 * H if swiglu else H, C), down: (C, H)}
+    for stacked, parts in _STACKED.items():  # the core stacks these when the caller keeps no buffer
+        if name + stacked + "_b" not in params and any(name + part + "_b" in params for part in parts):
+            return None
+    args: list[Any] = []
+    for short, (rows, cols) in shapes.items():
+        matrix = _matrix(params.get(name + short), int8, rows, cols)
+        bias = _vector(params.get(name + short + "_b"), rows)
+        if matrix is None or bias is None:
+            return None
+        args += [*matrix, bias]
+    norms = [_vector(params.get(name + n), C) for n in ("norm1", "norm1_b", "norm2", "norm2_b")]
+    if any(n is None for n in norms):
+        return None
+    cos, sin = (_NO_VECTOR, _NO_VECTOR) if rope is None else (rope[0][0], rope[1][0])
+    if cos.dtype != np.float32:
+        return None
+    keys, values = kv_cache.buffers(i, x[:, :, :Dkv])  # (1, capacity, Dkv)
     out = np.array(x[0], dtype=np.float32)  # (1, C): the block adds to its own copy of x
-    _decode_block(out, params[name + "norm1"], params[name + "norm2"], config.norm_eps, *args, cos[0], sin[0],
-                  keys[0], values[0], kv_cache.length, config.n_head, config.n_kv_head, chunks)  # fmt: skip
+    parts = _threads.chunks(min(shapes[name][0] for name in shapes), MIN_ROWS_PER_THREAD) or 1
+    args = [out, *norms[:2], *norms[2:], config.norm_eps, config.norm == "layernorm", *args, cos, sin]
+    args += [keys[0], values[0], kv_cache.length, config.n_head, config.n_kv_head, D // config.n_head, swiglu]
+    if parts > 1:
+        _threads.launch(_decode_block_parallel, parts, *args)
+    else:
+        _decode_block(*args, 1)
     return out[None]
 
 
@@ -196,6 +260,7 @@ SPECS = {
         backends=("numpy",),
         array_types=(np.ndarray,),
         dtypes=("float32",),
-        description="a Llama-family block on GGUF blocks, one token, in one call (numba, parallel rows)",
+        description="a block of one token in one call (RMSNorm or LayerNorm, RoPE or not, SwiGLU or GELU; "
+        "float32 or GGUF blocks): numba, its products' rows split over the model's threads",
     ),
 }

@@ -112,7 +112,7 @@ def dot_int8(row, nbytes, start, offset, xq, dx, xsum):
     return total(acc) + s
 
 
-@jitable
+@jitable(inline=False)
 def quantize_row(x, xq, dx, xsum):
     # x (K,) float32 -> xq (K,) int8 = round(x / dx_b) per block of 32, dx_b = max|x| / 127,
     # rounding half away from zero (llama.cpp's quantize_row_q8_0); xsum (nb,) the blocks' sums
@@ -241,6 +241,7 @@ def blocks_2d(w: quant.QuantizedWeight) -> np.ndarray:
     if entry is not None and entry[0]() is w:
         return entry[1]
     view = np.ascontiguousarray(w.blocks).reshape(w.shape[0], -1)
+    view.flags.writeable = False  # read-only like a file's: one numba type for all of them
     _views[id(w)] = (weakref.ref(w), view)
     weakref.finalize(w, _views.pop, id(w), None)
     return view
