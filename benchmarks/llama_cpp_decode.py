@@ -201,16 +201,16 @@ def profile(path: Path, steps: int = 32) -> None:
     prof.disable()
     print(f"{(time.perf_counter() - t0) / steps * 1e3:.1f} ms per decode step ({steps} steps, under the profiler)")
     stats = pstats.Stats(prof)
-    groups = {"quantized matvec": 0.0, "attention": 0.0, "norms, rope, swiglu": 0.0, "everything else": 0.0}
+    groups = {"fused blocks": 0.0, "other quantized products": 0.0, "other kernels": 0.0, "Python around them": 0.0}
     for (filename, _, function), (_, _, tottime, _, _) in stats.stats.items():
-        if filename.endswith("kernels/quant.py") and function.startswith("_q"):
-            groups["quantized matvec"] += tottime
-        elif filename.endswith("kernels/attention.py"):
-            groups["attention"] += tottime
-        elif filename.endswith(("kernels/norm.py", "kernels/rope.py", "kernels/swiglu.py")):
-            groups["norms, rope, swiglu"] += tottime
+        if filename.endswith("kernels/decode.py") and function.startswith("_decode_block"):
+            groups["fused blocks"] += tottime  # a block in one numba call (its products included)
+        elif filename.endswith("kernels/quant.py") and function.startswith("_product_rows"):
+            groups["other quantized products"] += tottime  # the vocabulary projection
+        elif "/kernels/" in filename and function.startswith("_"):
+            groups["other kernels"] += tottime
         else:
-            groups["everything else"] += tottime
+            groups["Python around them"] += tottime
     total = sum(groups.values())
     for name, seconds in groups.items():
         print(f"  {name:22s} {seconds / steps * 1e3:6.1f} ms per step ({seconds / total:5.1%})")
