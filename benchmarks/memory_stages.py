@@ -129,8 +129,6 @@ def main() -> None:
     from arraygpt.nn.core import KVCache
 
     stage("import arraygpt")
-    gguf._import_gguf()
-    stage("import gguf")
     _wrap(stage, gguf, "_open", "  load: header walk, memory map")
     _wrap(stage, gguf_tokenizer, "tokenizer_from_gguf", "  load: tokenizer")
     _wrap(stage, gguf, "_state_dict", "  load: state dict (Q|K|V stacked)")
