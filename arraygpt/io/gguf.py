@@ -50,8 +50,8 @@ the config before any array is allocated.
 Why not ``gguf.GGUFReader``: it builds NumPy views for every metadata array element (~1.5 KB and
 ~10 us each). On a SmolLM2-135M-shaped q4_1 file (49,152 tokens) ``load_gguf(quantized=True)``
 peaked at 246 MB and took 2.4 s with it, 151 MB and 0.8 s with the walk, which keeps one Python
-object per string and reads each numeric array with one ``np.frombuffer`` (134 MB with the stacking
-above and the tokenizer's get_vocab() dicts gone: ``benchmarks/memory_stages.py``).
+object per string and reads each numeric array with one ``np.frombuffer`` (132 MB with the stacking
+above, no get_vocab() dicts in the tokenizer and no gguf import: ``benchmarks/memory_stages.py``).
 
 Not here: quantized matrix products (``arraygpt.nn.quant`` and the backends' kernels),
 other architectures (Mistral's sliding window, MoE, Gemma, Phi...), RoPE scalings other than
