@@ -40,7 +40,8 @@ from typing import Any
 
 import numpy as np
 
-from arraygpt.backends.numpy.kernels._jit import ParallelJit, jitable, lazy_njit, loader, numba
+from arraygpt.backends.numpy.kernels import _threads
+from arraygpt.backends.numpy.kernels._jit import OPTIONS, LazyJit, ParallelJit, jitable, lazy_njit, loader
 from arraygpt.backends.numpy.kernels._simd import dot_bytes, dot_nibbles, fma, half, has_vnni, prefetch, total, zeros
 from arraygpt.errors import KernelUnavailable
 from arraygpt.nn import quant
@@ -48,6 +49,7 @@ from arraygpt.nn.kernels import KernelSpec
 
 MAX_ROWS = 8  # decoding's loop up to here; more rows: dequantized tiles and BLAS
 TILE = 256  # rows of W dequantized at a time on the prefill path
+MIN_ROWS_PER_THREAD = 64  # rows of W a thread takes at least (a parallel launch costs a few microseconds)
 PREFETCH = 6  # rows of W ahead that a product asks the memory for (measured: 4 to 16 alike)
 KINDS = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
 
@@ -153,11 +155,11 @@ def rows_times(x, xq, dx, xsum, blocks, layout, lo, hi, out):
 
 
 def _rows_source(prange: Any) -> Any:
-    def _product_rows(x, xq, dx, xsum, blocks, layout, chunks, out):
-        # out (M, N) = x (M, K) @ W.T, W's rows in `chunks` contiguous ranges, one task each
+    def _product_rows(x, xq, dx, xsum, blocks, layout, out, parts):
+        # out (M, N) = x (M, K) @ W.T, W's rows in `parts` contiguous ranges, one task each
         N = blocks.shape[0]
-        for c in prange(chunks):
-            rows_times(x, xq, dx, xsum, blocks, layout, c * N // chunks, (c + 1) * N // chunks, out)
+        for c in prange(parts):
+            rows_times(x, xq, dx, xsum, blocks, layout, c * N // parts, (c + 1) * N // parts, out)
 
     return _product_rows
 
@@ -169,42 +171,42 @@ def _quantize_rows(x, xq, dx, xsum):
         quantize_row(x[m], xq[m], dx[m], xsum[m])
 
 
-def _tile_source(prange: Any) -> Any:
-    def _dequantize_tile(blocks, nbytes, start, high, offset, r0, tile):
-        # tile (R, K) float32 = dequantize(W)[r0 : r0 + R]; blocks (N, nb * nbytes) uint8;
-        # start 2 and nbytes 34: Q8_0 (int8 quants), else the nibble kinds as in _q4_rows
-        nb = blocks.shape[1] // nbytes
-        for r in prange(tile.shape[0]):
-            row = blocks[r0 + r]
-            for b in range(nb):
-                at, base = b * nbytes, b * 32
-                db = half(row, at)
-                if nbytes == 34:
-                    for j in range(32):
-                        v = np.int32(row[at + 2 + j])
-                        tile[r, base + j] = db * np.float32(v - 256 if v >= 128 else v)
-                    continue
-                mb = half(row, at + 2) if offset == 0 else np.float32(-offset) * db
-                qh = np.uint32(0)
-                if high:
-                    qh = (
-                        np.uint32(row[at + start - 4])
-                        | (np.uint32(row[at + start - 3]) << 8)
-                        | (np.uint32(row[at + start - 2]) << 16)
-                        | (np.uint32(row[at + start - 1]) << 24)
-                    )
-                for j in range(16):
-                    v = row[at + start + j]
-                    lo = np.uint32(v & 15) | (((qh >> j) & 1) << 4)
-                    hi = np.uint32(v >> 4) | (((qh >> (j + 16)) & 1) << 4)
-                    tile[r, base + j] = db * np.float32(lo) + mb
-                    tile[r, base + 16 + j] = db * np.float32(hi) + mb
+@lazy_njit
+def _dequantize_tile(blocks, nbytes, start, high, offset, r0, tile):
+    # tile (R, K) float32 = dequantize(W)[r0 : r0 + R]; blocks (N, nb * nbytes) uint8;
+    # nbytes 34: Q8_0 (int8 quants), else the nibble kinds as in dot_float. On this thread
+    # alone: BLAS's threads do the product, and numba's workers spinning beside them made a
+    # 256-token prefill 8x slower on 2 cores
+    nb = blocks.shape[1] // nbytes
+    for r in range(tile.shape[0]):
+        row = blocks[r0 + r]
+        for b in range(nb):
+            at, base = b * nbytes, b * 32
+            db = half(row, at)
+            if nbytes == 34:
+                for j in range(32):
+                    v = np.int32(row[at + 2 + j])
+                    tile[r, base + j] = db * np.float32(v - 256 if v >= 128 else v)
+                continue
+            mb = half(row, at + 2) if offset == 0 else np.float32(-offset) * db
+            qh = np.uint32(0)
+            if high:
+                qh = (
+                    np.uint32(row[at + start - 4])
+                    | (np.uint32(row[at + start - 3]) << 8)
+                    | (np.uint32(row[at + start - 2]) << 16)
+                    | (np.uint32(row[at + start - 1]) << 24)
+                )
+            for j in range(16):
+                v = row[at + start + j]
+                lo = np.uint32(v & 15) | (((qh >> j) & 1) << 4)
+                hi = np.uint32(v >> 4) | (((qh >> (j + 16)) & 1) << 4)
+                tile[r, base + j] = db * np.float32(lo) + mb
+                tile[r, base + 16 + j] = db * np.float32(hi) + mb
 
-    return _dequantize_tile
 
-
-_product_rows = ParallelJit(_rows_source)
-_dequantize_tile = ParallelJit(_tile_source)
+_product_rows = LazyJit(_rows_source(range), OPTIONS)
+_product_rows_parallel = ParallelJit(_rows_source)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -247,12 +249,6 @@ def blocks_2d(w: quant.QuantizedWeight) -> np.ndarray:
     return view
 
 
-def use_threads(threads: int) -> None:
-    """Let numba's parallel loops on this thread use ``threads``."""
-    if numba().get_num_threads() != threads:
-        numba().set_num_threads(threads)
-
-
 def activations(x2: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """x2 (M, K) as int8 blocks: xq (M, K) int8, dx (M, nb) scales, xsum (M, nb) sums of x."""
     M, K = x2.shape
@@ -263,13 +259,6 @@ def activations(x2: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 class QuantizedLinearCache(quant.QuantizedLinearCache):
     """The reference's cache (a subclass, so the reference's backward reads it)."""
-
-
-def model_threads() -> int:
-    """The threads the model's runner lets BLAS use now (one where that is unknown)."""
-    from arraygpt.backends.numpy import blas_thread_count  # the backend these arrays come from
-
-    return max(1, blas_thread_count() or 1)
 
 
 def takes(x: Any, w: Any, b: Any = None) -> bool:
@@ -298,12 +287,10 @@ def _forward(x: Any, w: Any, b: Any, int8: bool) -> tuple[Any, Any]:
     N, K = w.shape
     x2 = np.ascontiguousarray(x.reshape(M, K))
     out = np.empty((M, N), dtype=np.float32)
-    threads = min(model_threads(), numba().config.NUMBA_NUM_THREADS)
-    use_threads(threads)
     acts = activations(x2) if int8 and M <= MAX_ROWS and any(p.kind in INT8_KINDS for p in parts) else None
     start = 0
     for part in parts:
-        _product(x2, part, threads, out[:, start : start + part.shape[0]], acts)
+        _product(x2, part, out[:, start : start + part.shape[0]], acts)
         start += part.shape[0]
     if b is not None:
         out += b
@@ -323,7 +310,7 @@ def quantized_linear_int8_forward(x: Any, w: Any, b: Any = None) -> tuple[Any, A
     return _forward(x, w, b, int8=True)
 
 
-def _product(x2: np.ndarray, w: quant.QuantizedWeight, threads: int, out: np.ndarray, acts: Any) -> None:
+def _product(x2: np.ndarray, w: quant.QuantizedWeight, out: np.ndarray, acts: Any) -> None:
     """out (M, N) = x2 (M, K) @ dequantize(w).T, on the blocks (the K-quants: the reference's
     decoding, a tile of rows at a time, then BLAS); ``acts`` (xq, dx, xsum) of x2: the int8 path
     where the kind has one."""
@@ -337,15 +324,17 @@ def _product(x2: np.ndarray, w: quant.QuantizedWeight, threads: int, out: np.nda
         return
     blocks = blocks_2d(w)
     if M <= MAX_ROWS:
-        chunks = threads if N >= 64 * threads else 1
-        xq, dx, xsum = acts if acts is not None else (x2.view(np.int8), None, x2.reshape(M, K // 32, 32).sum(axis=-1))
-        if dx is None:
-            dx = xsum  # unread: the float path
-        _product_rows(x2, xq, dx, xsum, blocks, layout(w.kind, acts is not None), chunks, out)
+        if acts is None:  # the float path: x2 and its block sums (xq and dx unread)
+            xsum = x2.reshape(M, K // 32, 32).sum(axis=-1)
+            args = (x2, x2.view(np.int8), xsum, xsum, blocks, layout(w.kind, False), out)
+        else:
+            args = (x2, *acts, blocks, layout(w.kind, True), out)
+        parts = _threads.chunks(N, MIN_ROWS_PER_THREAD) or 1
+        if parts > 1:
+            _threads.launch(_product_rows_parallel, parts, *args)
+        else:
+            _product_rows(*args, 1)
     else:
-        # the tiles are decoded on this thread alone: BLAS's threads do the product, and numba's
-        # workers spinning beside them made a 256-token prefill 8x slower on 2 cores
-        use_threads(1)
         nbytes, start, high, offset = _LAYOUT[w.kind]
         tile = np.empty((min(TILE, N), K), dtype=np.float32)
         for r0 in range(0, N, TILE):
