@@ -22,7 +22,7 @@ import numpy as np
 
 from arraygpt.backends.numpy.kernels import _threads
 from arraygpt.backends.numpy.kernels._arrays import floats
-from arraygpt.backends.numpy.kernels._jit import OPTIONS, LazyJit, ParallelJit, lazy_njit, loader
+from arraygpt.backends.numpy.kernels._jit import OPTIONS, LazyJit, ParallelJit, jitable, lazy_njit, loader
 from arraygpt.backends.numpy.kernels._vecmath import softmax_into
 from arraygpt.nn import layers
 from arraygpt.nn.kernels import KernelSpec
@@ -73,6 +73,25 @@ def _causal_softmax(probs, past):
                     p[j] = zero
 
 
+@jitable
+def attend_row(qi, k, v, kv, n, p, yi, zero):
+    # one query row qi (hs,) (already scaled) against the first n keys of k, v (Tk, Dkv), at
+    # column kv (its key/value head): p[:n] = softmax(k[:n] qi), yi (hs,) = p[:n] v[:n]
+    hs = qi.shape[0]
+    for j in range(n):
+        kj = k[j, kv : kv + hs]
+        s = zero
+        for d in range(hs):
+            s += qi[d] * kj[d]
+        p[j] = s
+    softmax_into(p, p, n, zero)
+    yi[:] = zero
+    for j in range(n):
+        pj, vj = p[j], v[j, kv : kv + hs]
+        for d in range(hs):
+            yi[d] += pj * vj[d]
+
+
 def _rows_source(prange: Any) -> Any:
     def _attention_rows(q, k, v, scale, qh, probs, y, parts):
         # the reference's attention for a few query rows at the end of the keys (a decode step):
@@ -89,27 +108,14 @@ def _rows_source(prange: Any) -> Any:
         for c in prange(parts):
             for bh in range(c * B * NH // parts, (c + 1) * B * NH // parts):
                 b, h = bh // NH, bh % NH
-                kv = (h // G) * hs
                 for i in range(T):
                     qi, n, p = qh[b, h, i], past + i + 1, probs[b, h, i]
                     qrow = q[b, i, h * hs : (h + 1) * hs]
                     for d in range(hs):
                         qi[d] = qrow[d] * scale
-                    for j in range(n):
-                        kj = k[b, j, kv : kv + hs]
-                        s = zero
-                        for d in range(hs):
-                            s += qi[d] * kj[d]
-                        p[j] = s
-                    softmax_into(p, p, n, zero)
+                    attend_row(qi, k[b], v[b], (h // G) * hs, n, p, y[b, i, h * hs : (h + 1) * hs], zero)
                     for j in range(n, Tk):
                         p[j] = zero
-                    yi = y[b, i, h * hs : (h + 1) * hs]
-                    yi[:] = zero
-                    for j in range(n):
-                        pj, vj = p[j], v[b, j, kv : kv + hs]
-                        for d in range(hs):
-                            yi[d] += pj * vj[d]
 
     return _attention_rows
 
