@@ -14,6 +14,7 @@ from gguf import GGMLQuantizationType, quants
 
 import arraygpt
 from arraygpt import GPT, GPTConfig
+from arraygpt.nn import quant
 from arraygpt.nn.core import KVCache
 from arraygpt.nn.quant import QuantizedWeight
 
@@ -165,3 +166,29 @@ def test_a_gguf_file_loads_quantized_over_the_memory_mapped_blocks(tmp_path, dty
     with pytest.raises(RuntimeError, match="inference only"):
         kept.forward(idx, targets=idx)
         kept.backward()
+
+
+def test_stacking_at_load_keeps_each_weight_and_unpermutes_q_and_k():
+    from arraygpt.io.gguf import _stack_blocks, _unpermute
+
+    rng = np.random.default_rng(3)
+
+    def weight(rows: int, kind: str) -> QuantizedWeight:
+        return quant.quantize(rng.standard_normal((rows, 64)).astype(np.float32), kind)
+
+    def dense(w: QuantizedWeight) -> np.ndarray:  # the gguf library's dequantizer
+        return quants.dequantize(w.blocks.reshape(w.shape[0], -1), GGMLQuantizationType[w.kind.upper()])
+
+    heads = {"layer0.attn_wq": 4, "layer0.attn_wk": 2, "layer1.attn_wq": 4, "layer1.attn_wk": 2}
+    state = {"layer0.attn_wq": weight(64, "q4_1"), "layer0.attn_wk": weight(32, "q4_1")}
+    state |= {"layer0.attn_wv": weight(32, "q4_1"), "layer0.mlp_gate": weight(8, "q8_0")}
+    state |= {"layer0.mlp_up": weight(8, "q8_0"), "layer1.attn_wq": weight(64, "q4_0")}
+    state |= {"layer1.attn_wk": weight(32, "q4_0"), "layer1.attn_wv": weight(32, "q8_0")}  # V of another kind
+    expected = {name: dense(w) for name, w in state.items()}
+    expected = {name: _unpermute(w, heads[name]) if name in heads else w for name, w in expected.items()}
+    _stack_blocks(state, heads, 2)
+    for name, w in state.items():
+        np.testing.assert_array_equal(dense(w), expected[name], err_msg=name)
+    for group in (("attn_wq", "attn_wk", "attn_wv"), ("mlp_gate", "mlp_up")):  # layer 0: one buffer each
+        blocks = [state[f"layer0.{part}"].blocks for part in group]
+        assert all(b.base is blocks[0].base and not b.flags.writeable for b in blocks)
