@@ -677,3 +677,31 @@ def test_a_quantized_load_needs_the_gguf_library_only_to_dequantize(tmp_path, mo
     assert_close_logits(logits_of(kept, ids), logits_of(dense, ids), rel=1e-4)
     with pytest.raises(ImportError, match=r"pip install 'arraygpt\[gguf\]'"):
         load_gguf(path)  # dequantizing q8_0 needs the library
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_a_quantized_load_gives_back_the_file_pages_of_what_it_copies(arch, tmp_path, monkeypatch):
+    from arraygpt.io import gguf as ag_gguf
+
+    if arch == "gpt2":
+        config = GPTConfig(vocab_size=64, block_size=32, n_layer=2, n_head=4, n_embd=64)
+        copied = ("attn_qkv.weight", "position_embd.weight")  # read as floats (split; looked up by position)
+    else:
+        config = GPTConfig.preset("llama-tiny", vocab_size=64, block_size=32, n_embd=64)
+        copied = ("attn_q.weight", "attn_k.weight", "attn_v.weight")  # stacked, Q and K unpermuted
+    path = save_gguf(GPT(config, seed=0), tmp_path / "m.gguf", dtype="q8_0")
+    released = []
+
+    def record(views):
+        for view in views:
+            root = view
+            while isinstance(root.base, np.ndarray):
+                root = root.base
+            start = view.__array_interface__["data"][0] - root.__array_interface__["data"][0]
+            released.append((start, view.nbytes))
+
+    monkeypatch.setattr(ag_gguf, "_release", record)
+    load_gguf(path, quantized=True)
+    tensors = gguf.GGUFReader(path).tensors  # where the gguf library says each tensor lies
+    expected = [(int(t.data_offset), int(t.n_bytes)) for t in tensors if t.name.endswith(copied)]
+    assert len(expected) > config.n_layer and sorted(released) == sorted(expected)

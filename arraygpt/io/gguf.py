@@ -667,14 +667,16 @@ def _state_dict(tensors: list[_Tensor], config: GPTConfig, arch: str, quantized:
         if key == "rope_freqs.weight":
             continue
         w = read_tensor(tensor, quantized=quantized and key != "position_embd.weight")
+        if key.endswith("attn_qkv.weight") and isinstance(w, QuantizedWeight):
+            w = read_tensor(tensor)  # GPT-2's fused Q/K/V: split as floats
+        if quantized and isinstance(w, np.ndarray) and not np.may_share_memory(w, tensor.data):
+            _release([tensor.data])  # a float copy (F16, or dequantized): the mapped bytes are not read again
         if key in _TOP_NAMES:
             state[_TOP_NAMES[key]] = w
             continue
         _, i, short = key.split(".", 2)
         if short.startswith("attn_qkv."):
             kind = short.rsplit(".", 1)[1]
-            if isinstance(w, QuantizedWeight):
-                w = read_tensor(tensor)  # GPT-2's fused Q/K/V: split as floats
             for name, part in zip(("attn_wq", "attn_wk", "attn_wv"), (w[:C], w[C : 2 * C], w[2 * C :])):
                 state[f"layer{i}.{name}{'_b' if kind == 'bias' else ''}"] = part
             continue
