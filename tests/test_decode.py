@@ -32,7 +32,7 @@ def _decode(model, idx, prompt=3):
 
 
 def _calls(model):
-    """Count the fused step's calls that took a block."""
+    """Count the fused step's calls, True for each that took the model."""
     fused, count = model.kernels.decode[0], []
 
     def counted(*args):
@@ -54,7 +54,7 @@ def test_a_fused_decode_step_equals_the_layers_one_by_one(config, kind, kernel, 
     with blas_threads(threads):
         taken = _calls(model)
         fused, fused_keys, fused_values = _decode(model, idx)
-        assert taken == [True] * (config.n_layer * 11)  # every block of the 11 one-token steps
+        assert taken == [True] * 11  # the 11 one-token steps
         model.kernels = model.kernels._replace(decode=(core.layer_by_layer, core.no_backward))
         layered, keys, values = _decode(model, idx)
     full = np.asarray(_dense_reference(model).forward(idx)[0])
@@ -89,12 +89,12 @@ def test_blocks_it_does_not_take_run_layer_by_layer():
     model = _randomized(LLAMA, seed=1).quantize("q8_0")
     params = dict(model._core_params)
     params["layer0.attn_wo"] = QuantizedWeight("q6_k", np.zeros((64, 0, 210), np.uint8), (64, 0))  # a K-quant
-    assert decode.decode_block_forward(params, LLAMA, 0, x, KVCache(LLAMA), rope, model.kernels) is None
+    assert decode.decode_step_forward(params, LLAMA, x, KVCache(LLAMA), rope, model.kernels) is None
     floats = _randomized(LLAMA, seed=1)
     params = {k: v for k, v in floats._core_params.items() if k != "layer0.attn_wqkv"}  # Q, K, V not stacked
-    assert decode.decode_block_forward(params, LLAMA, 0, x, KVCache(LLAMA), rope, floats.kernels) is None
+    assert decode.decode_step_forward(params, LLAMA, x, KVCache(LLAMA), rope, floats.kernels) is None
     x64 = x.astype(np.float64)
-    assert decode.decode_block_forward(floats._core_params, LLAMA, 0, x64, KVCache(LLAMA), rope, floats.kernels) is None
+    assert decode.decode_step_forward(floats._core_params, LLAMA, x64, KVCache(LLAMA), rope, floats.kernels) is None
 
     taken = _calls(model)
     model.forward(np.array([[1, 2], [3, 4]]), kv_cache=KVCache(LLAMA))  # a batch of 2
@@ -121,7 +121,7 @@ def test_gpt2_and_float32_blocks_take_the_fused_step_too(config, dtype):
     idx = np.random.default_rng(6).integers(0, config.vocab_size, (1, 10))
     taken = _calls(model)
     fused, keys, values = _decode(model, idx)
-    assert taken == [True] * (config.n_layer * 7)
+    assert taken == [True] * 7
     model.kernels = model.kernels._replace(decode=(core.layer_by_layer, core.no_backward))
     layered, layered_keys, layered_values = _decode(model, idx)
     np.testing.assert_allclose(fused, layered, rtol=1e-5, atol=1e-5)
@@ -133,6 +133,6 @@ def test_gpt2_and_float32_blocks_take_the_fused_step_too(config, dtype):
 
 
 def test_the_numpy_backend_selects_the_fused_step_for_float32():
-    assert kernels.select_kernels(LLAMA, "numpy", "float32").decode[0] is decode.decode_block_forward
+    assert kernels.select_kernels(LLAMA, "numpy", "float32").decode[0] is decode.decode_step_forward
     assert kernels.select_kernels(LLAMA, "numpy", "float64").decode[0] is core.layer_by_layer
     assert kernels.select_kernels(LLAMA, "numpy", "float32", "reference").decode[0] is core.layer_by_layer

@@ -40,9 +40,9 @@ Pair = tuple[Callable[..., Any], Callable[..., Any]]  # (forward, backward)
 Coins = Callable[[tuple[int, ...]], Array]  # shape -> uniform [0, 1) numbers, for dropout
 
 
-def layer_by_layer(params: Mapping[str, Array], config: GPTConfig, i: int, x: Array, *args: Any) -> None:
+def layer_by_layer(params: Mapping[str, Array], config: GPTConfig, x: Array, *args: Any) -> None:
     """The reference of :attr:`Kernels.decode`: no fused step (None), so :func:`gpt_forward` runs
-    block ``i``'s layers one by one."""
+    the blocks' layers one by one."""
     return None
 
 
@@ -55,10 +55,10 @@ class Kernels(NamedTuple):
     """The forward/backward pair the core calls for each kind of layer. A kernel takes the
     reference's arguments, returns its outputs, and its backward accepts its own forward's cache.
 
-    ``decode`` is a whole block at once, for one new token with a KV cache (batch 1, no dropout,
-    no LoRA): ``decode(params, config, i, x (1, 1, C), kv_cache, rope, kernels)`` returns block
-    ``i``'s output with the token's key and value stored in ``kv_cache`` (``KVCache.buffers``), or
-    None where it does not take the block (then the layers run one by one)."""
+    ``decode`` runs every block at once, for one new token with a KV cache (batch 1, no dropout,
+    no LoRA): ``decode(params, config, x (1, 1, C), kv_cache, rope, kernels)`` returns the last
+    block's output with the token's keys and values stored in ``kv_cache`` (``KVCache.buffers``),
+    or None where it does not take the model (then the layers run one by one)."""
 
     norm: Pair
     linear: Pair
@@ -385,13 +385,9 @@ def gpt_forward(
     x, (encoder, emb_drop, norm_emb) = embed(params, config, idx, kernels, past=past, dropout=dropout, coins=coins)
     rope = rope_tables(config, namespace(x), T, past, x.dtype, x.device) if config.position == "rope" else None
     one_token = kv_cache is not None and B == 1 and T == 1 and dropout == 0.0 and lora_scale is None
-    decode = kernels.decode[0] if one_token else layer_by_layer
+    fused = kernels.decode[0](params, config, x, kv_cache, rope, kernels) if one_token else None  # or None
     blocks = []
-    for i in range(config.n_layer):
-        fused = decode(params, config, i, x, kv_cache, rope, kernels)
-        if fused is not None:
-            x = fused
-            continue
+    for i in range(config.n_layer if fused is None else 0):
         x, block = block_forward(
             params,
             config,
@@ -406,6 +402,7 @@ def gpt_forward(
         )
         if kv_cache is None:  # generation (a KV cache) has no backward: each block's activations go now
             blocks.append(block)
+    x = x if fused is None else fused
     if kv_cache is not None:
         kv_cache.advance(T)
     if last_only:

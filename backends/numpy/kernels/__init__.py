@@ -15,8 +15,8 @@ module                  kernels                                       replaces
 ``adam.py``             numba_adam (an UpdateSpec)                    Adam's/AdamW's update
 ``quant.py``            numba_quantized_linear, ..._int8 (GGUF        quantized_linear
                         blocks; int8 activations)
-``decode.py``           numba_decode_block (a Llama block, one        decode (the block's
-                        token, in one call)                           layers one by one)
+``decode.py``           numba_decode_step (every block of one token   decode (the blocks'
+                        in one call)                                  layers one by one)
 ======================  ============================================  =====================
 
 Why they pay: NumPy runs each elementwise operation as its own pass over memory on one core; a

@@ -1,9 +1,10 @@
-"""A decode step of one block in one compiled call: ``Kernels.decode``.
+"""A decode step in one compiled call: ``Kernels.decode``.
 
 Decoding one token runs each block's layers on one row: a dozen kernel calls and the Python
 between them, about 0.3 ms a block, which on a 30-layer model is as long as the block's matrix
-products. Here the block is one numba function (llm.c's forward is one C function, llama.cpp's a
-graph):
+products (and Python between two products that stream megabytes of weights finds its own data
+evicted from the caches). Here every block of the token is one numba call (llm.c's forward is
+one C function, llama.cpp's a graph); for each block:
 
     h = norm1(x) -> q, k, v = W_qkv h (+ b) -> [rope(q), rope(k)] -> the cache keeps k, v ->
     y = softmax(q K^T / sqrt(hs)) V per head (grouped-query) -> x += W_o y (+ b) ->
@@ -11,13 +12,13 @@ graph):
                     x += W_fc2 gelu(W_fc1 h + b) + b             (GPT-2's MLP)
 
 Norms: RMSNorm or LayerNorm, with or without gain and bias. Matrices: float32 arrays (a dot per
-row, as ``numba_linear_rows``) or GGUF blocks of a kind in ``quant.KINDS`` (``quant.rows_times``:
-the float32 loop, or int8 activations and byte dot products where ``kernels.quantized_linear`` is
-the int8 kernel). The rows of each product are split over the model's threads (``_threads``).
-float32, batch 1, one token; the core runs any other block layer by layer (a K-quant or a stack
-of kinds, LoRA, dropout, float64). The block's output equals the layer-by-layer decode (the same
-products; norms, softmax and activations in float32, summed in another order):
-tests/test_decode.py runs both on Llama and GPT-2 models, float32 and quantized.
+row) or GGUF blocks of a kind in ``quant.KINDS`` (``quant.rows_times``: the float32 loop, or int8
+activations and byte dot products where ``kernels.quantized_linear`` is the int8 kernel). The
+rows of each product are split over the model's threads (``_threads``). float32, batch 1, one
+token; the core runs any other model layer by layer (a K-quant or a stack of kinds, LoRA,
+dropout, float64). The output equals the layer-by-layer decode (the same products; norms,
+softmax and activations in float32, summed in another order): tests/test_decode.py runs both
+on Llama, GPT-2 and Qwen2-shaped models, float32 and quantized.
 
 Not here: the layers' definitions (``arraygpt.nn.layers``), the loop over blocks
 (``arraygpt.nn.core.gpt_forward``).
@@ -76,111 +77,119 @@ def _project(h, xq, dx, xsum, blocks, dense, layout, lo, hi, out):
         kernel.rows_times(h, xq, dx, xsum, blocks, layout, lo, hi, out)
 
 
-def _block_source(prange: Any) -> Any:
+def _step_source(prange: Any) -> Any:
     quantize_row = kernel.quantize_row
 
-    def _decode_block(x, n1, n1b, n2, n2b, eps, layer_norm,
-                      qkv_w, qkv_d, qkv_l, qkv_b, o_w, o_d, o_l, o_b,
-                      up_w, up_d, up_l, up_b, down_w, down_d, down_l, down_b,
-                      cos, sin, keys, values, pos, n_head, n_kv_head, hs, swiglu, parts):  # fmt: skip
-        # x (1, C) updated in place. Each matrix: *_w (N, nb * bytes) blocks with layout *_l
-        # (quant.rows_times) or *_d (N, K) float32, the other empty; *_b its bias or empty. up is
-        # gate_up (SwiGLU) or fc1. cos, sin (hs,) of this position, empty without RoPE. keys,
-        # values (capacity, Dkv): row `pos` is written. The products' rows in `parts` ranges
+    def _decode_step(x, n1s, n1bs, n2s, n2bs, eps, layer_norm,
+                     qkv_ws, qkv_ds, qkv_ls, qkv_bs, o_ws, o_ds, o_ls, o_bs,
+                     up_ws, up_ds, up_ls, up_bs, down_ws, down_ds, down_ls, down_bs,
+                     cos, sin, keyss, valuess, pos, n_head, n_kv_head, hs, swiglu, parts):  # fmt: skip
+        # x (1, C) updated in place by every block. Per block (a tuple of one per layer): each
+        # matrix *_w (N, nb * bytes) blocks with layout *_l (quant.rows_times) or *_d (N, K)
+        # float32, the other empty; *_b its bias or empty (up is gate_up for SwiGLU, else fc1);
+        # norms n1, n2 and their biases, or empty; keys, values (capacity, Dkv), row `pos` written.
+        # cos, sin (hs,) of this position, empty without RoPE. The products' rows in `parts` ranges
         C = x.shape[1]
-        D, Dkv, half = n_head * hs, n_kv_head * hs, hs // 2
-        n_up = max(up_w.shape[0], up_d.shape[0])
-        H = n_up // 2 if swiglu else n_up
-        widest = max(C, D, H)
-        xq = np.empty((1, widest), np.int8)
-        dx = np.empty((1, widest // 32 + 1), np.float32)
-        xsum = np.empty((1, widest // 32 + 1), np.float32)
+        for layer in range(len(qkv_ws)):
+            n1, n1b, n2, n2b = n1s[layer], n1bs[layer], n2s[layer], n2bs[layer]
+            qkv_w, qkv_d, qkv_l, qkv_b = qkv_ws[layer], qkv_ds[layer], qkv_ls[layer], qkv_bs[layer]
+            o_w, o_d, o_l, o_b = o_ws[layer], o_ds[layer], o_ls[layer], o_bs[layer]
+            up_w, up_d, up_l, up_b = up_ws[layer], up_ds[layer], up_ls[layer], up_bs[layer]
+            down_w, down_d, down_l, down_b = down_ws[layer], down_ds[layer], down_ls[layer], down_bs[layer]
+            keys, values = keyss[layer], valuess[layer]
+            D, Dkv, half = n_head * hs, n_kv_head * hs, hs // 2
+            n_up = max(up_w.shape[0], up_d.shape[0])
+            H = n_up // 2 if swiglu else n_up
+            widest = max(C, D, H)
+            xq = np.empty((1, widest), np.int8)
+            dx = np.empty((1, widest // 32 + 1), np.float32)
+            xsum = np.empty((1, widest // 32 + 1), np.float32)
 
-        # attention
-        h = np.empty((1, C), np.float32)
-        _norm(x[0], n1, n1b, eps, layer_norm, h[0])
-        if C % 32 == 0:
-            quantize_row(h[0], xq[0, :C], dx[0, : C // 32], xsum[0, : C // 32])
-        qkv = np.empty((1, D + 2 * Dkv), np.float32)
-        n = qkv.shape[1]
-        for c in prange(parts):
-            _project(h, xq[:, :C], dx[:, : C // 32], xsum[:, : C // 32], qkv_w, qkv_d, qkv_l, c * n // parts,
-                     (c + 1) * n // parts, qkv)  # fmt: skip
-        if qkv_b.shape[0]:
-            qkv[0] += qkv_b
-        if cos.shape[0]:  # rope on q's and k's heads: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin)
-            for head in range(n_head + n_kv_head):
-                at = head * hs
-                for i in range(half):
-                    x1, x2 = qkv[0, at + i], qkv[0, at + half + i]
-                    qkv[0, at + i] = x1 * cos[i] - x2 * sin[i]
-                    qkv[0, at + half + i] = x2 * cos[half + i] + x1 * sin[half + i]
-        keys[pos] = qkv[0, D : D + Dkv]
-        values[pos] = qkv[0, D + Dkv :]
-        y = np.zeros((1, D), np.float32)  # softmax(q K^T / sqrt(hs)) V for each query head
-        scores = np.empty(pos + 1, np.float32)
-        scale = np.float32(1.0 / math.sqrt(hs))
-        group = n_head // n_kv_head
-        for head in range(n_head):
-            q = qkv[0, head * hs : head * hs + hs]
-            kv = (head // group) * hs
-            top = np.float32(-np.inf)
-            for t in range(pos + 1):
-                s = np.float32(0.0)
-                for j in range(hs):
-                    s += q[j] * keys[t, kv + j]
-                scores[t] = s * scale
-                top = max(top, scores[t])
-            total = np.float32(0.0)
-            for t in range(pos + 1):
-                scores[t] = np.exp(scores[t] - top)
-                total += scores[t]
-            for t in range(pos + 1):
-                p = scores[t] / total
-                for j in range(hs):
-                    y[0, head * hs + j] += p * values[t, kv + j]
-        if D % 32 == 0:
-            quantize_row(y[0], xq[0, :D], dx[0, : D // 32], xsum[0, : D // 32])
-        out = np.empty((1, C), np.float32)
-        for c in prange(parts):
-            _project(y, xq[:, :D], dx[:, : D // 32], xsum[:, : D // 32], o_w, o_d, o_l, c * C // parts,
-                     (c + 1) * C // parts, out)  # fmt: skip
-        if o_b.shape[0]:
-            out[0] += o_b
-        x[0] += out[0]
+            # attention
+            h = np.empty((1, C), np.float32)
+            _norm(x[0], n1, n1b, eps, layer_norm, h[0])
+            if C % 32 == 0:
+                quantize_row(h[0], xq[0, :C], dx[0, : C // 32], xsum[0, : C // 32])
+            qkv = np.empty((1, D + 2 * Dkv), np.float32)
+            n = qkv.shape[1]
+            for c in prange(parts):
+                _project(h, xq[:, :C], dx[:, : C // 32], xsum[:, : C // 32], qkv_w, qkv_d, qkv_l, c * n // parts,
+                         (c + 1) * n // parts, qkv)  # fmt: skip
+            if qkv_b.shape[0]:
+                qkv[0] += qkv_b
+            if cos.shape[0]:  # rope on q's and k's heads: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin)
+                for head in range(n_head + n_kv_head):
+                    at = head * hs
+                    for i in range(half):
+                        x1, x2 = qkv[0, at + i], qkv[0, at + half + i]
+                        qkv[0, at + i] = x1 * cos[i] - x2 * sin[i]
+                        qkv[0, at + half + i] = x2 * cos[half + i] + x1 * sin[half + i]
+            keys[pos] = qkv[0, D : D + Dkv]
+            values[pos] = qkv[0, D + Dkv :]
+            y = np.zeros((1, D), np.float32)  # softmax(q K^T / sqrt(hs)) V for each query head
+            scores = np.empty(pos + 1, np.float32)
+            scale = np.float32(1.0 / math.sqrt(hs))
+            group = n_head // n_kv_head
+            for head in range(n_head):
+                q = qkv[0, head * hs : head * hs + hs]
+                kv = (head // group) * hs
+                top = np.float32(-np.inf)
+                for t in range(pos + 1):
+                    s = np.float32(0.0)
+                    for j in range(hs):
+                        s += q[j] * keys[t, kv + j]
+                    scores[t] = s * scale
+                    top = max(top, scores[t])
+                total = np.float32(0.0)
+                for t in range(pos + 1):
+                    scores[t] = np.exp(scores[t] - top)
+                    total += scores[t]
+                for t in range(pos + 1):
+                    p = scores[t] / total
+                    for j in range(hs):
+                        y[0, head * hs + j] += p * values[t, kv + j]
+            if D % 32 == 0:
+                quantize_row(y[0], xq[0, :D], dx[0, : D // 32], xsum[0, : D // 32])
+            out = np.empty((1, C), np.float32)
+            for c in prange(parts):
+                _project(y, xq[:, :D], dx[:, : D // 32], xsum[:, : D // 32], o_w, o_d, o_l, c * C // parts,
+                         (c + 1) * C // parts, out)  # fmt: skip
+            if o_b.shape[0]:
+                out[0] += o_b
+            x[0] += out[0]
 
-        # MLP
-        _norm(x[0], n2, n2b, eps, layer_norm, h[0])
-        if C % 32 == 0:
-            quantize_row(h[0], xq[0, :C], dx[0, : C // 32], xsum[0, : C // 32])
-        up = np.empty((1, n_up), np.float32)
-        for c in prange(parts):
-            _project(h, xq[:, :C], dx[:, : C // 32], xsum[:, : C // 32], up_w, up_d, up_l, c * n_up // parts,
-                     (c + 1) * n_up // parts, up)  # fmt: skip
-        if up_b.shape[0]:
-            up[0] += up_b
-        a = np.empty((1, H), np.float32)
-        for j in range(H):
-            g = up[0, j]
-            if swiglu:  # silu(g) u, as layers.swiglu_forward
-                a[0, j] = g / (np.float32(1.0) + np.exp(min(-g, np.float32(80.0)))) * up[0, H + j]
-            else:  # gelu_tanh: g sigmoid(2u), u = c (g + a g^3), as layers.gelu_tanh_forward
-                minus_2u = (np.float32(-2.0 * _GELU_C * _GELU_A) * g * g - np.float32(2.0 * _GELU_C)) * g
-                a[0, j] = g / (np.float32(1.0) + np.exp(min(minus_2u, np.float32(80.0))))
-        if H % 32 == 0:
-            quantize_row(a[0], xq[0, :H], dx[0, : H // 32], xsum[0, : H // 32])
-        for c in prange(parts):
-            _project(a, xq[:, :H], dx[:, : H // 32], xsum[:, : H // 32], down_w, down_d, down_l, c * C // parts,
-                     (c + 1) * C // parts, out)  # fmt: skip
-        if down_b.shape[0]:
-            out[0] += down_b
-        x[0] += out[0]
+            # MLP
+            _norm(x[0], n2, n2b, eps, layer_norm, h[0])
+            if C % 32 == 0:
+                quantize_row(h[0], xq[0, :C], dx[0, : C // 32], xsum[0, : C // 32])
+            up = np.empty((1, n_up), np.float32)
+            for c in prange(parts):
+                _project(h, xq[:, :C], dx[:, : C // 32], xsum[:, : C // 32], up_w, up_d, up_l, c * n_up // parts,
+                         (c + 1) * n_up // parts, up)  # fmt: skip
+            if up_b.shape[0]:
+                up[0] += up_b
+            a = np.empty((1, H), np.float32)
+            for j in range(H):
+                g = up[0, j]
+                if swiglu:  # silu(g) u, as layers.swiglu_forward
+                    a[0, j] = g / (np.float32(1.0) + np.exp(min(-g, np.float32(80.0)))) * up[0, H + j]
+                else:  # gelu_tanh: g sigmoid(2u), u = c (g + a g^3), as layers.gelu_tanh_forward
+                    minus_2u = (np.float32(-2.0 * _GELU_C * _GELU_A) * g * g - np.float32(2.0 * _GELU_C)) * g
+                    a[0, j] = g / (np.float32(1.0) + np.exp(min(minus_2u, np.float32(80.0))))
+            if H % 32 == 0:
+                quantize_row(a[0], xq[0, :H], dx[0, : H // 32], xsum[0, : H // 32])
+            for c in prange(parts):
+                _project(a, xq[:, :H], dx[:, : H // 32], xsum[:, : H // 32], down_w, down_d, down_l, c * C // parts,
+                         (c + 1) * C // parts, out)  # fmt: skip
+            if down_b.shape[0]:
+                out[0] += down_b
+            x[0] += out[0]
 
-    return _decode_block
+    return _decode_step
 
 
-_decode_block = LazyJit(_block_source(range), OPTIONS)
-_decode_block_parallel = ParallelJit(_block_source)
+_decode_step = LazyJit(_step_source(range), OPTIONS)
+_decode_step_parallel = ParallelJit(_step_source)
 
 _STACKED = {"attn_wqkv": ("attn_wq", "attn_wk", "attn_wv"), "mlp_gate_up": ("mlp_gate", "mlp_up")}
 _NO_BLOCKS = np.zeros((0, 0), np.uint8)
@@ -208,44 +217,75 @@ def _vector(v: Any, size: int) -> np.ndarray | None:
     return v if type(v) is np.ndarray and v.dtype == np.float32 and v.shape == (size,) else None
 
 
-def decode_block_forward(params: Any, config: Any, i: int, x: Any, kv_cache: Any, rope: Any, kernels: Any) -> Any:
-    """Block ``i`` of a decode step in one call: x (1, 1, C) -> (1, 1, C), the token's key and
-    value stored in ``kv_cache``; None for a block it does not take (see the module's docstring)."""
+def _layer_args(params: Any, config: Any, i: int, int8: bool) -> list[Any] | None:
+    """Block i's norms, then per matrix (blocks, dense, layout, bias), as _decode_step takes them
+    (one of each per layer), or None where the kernel does not take the block."""
     name, C = f"layer{i}.", config.n_embd
     D, Dkv, H = config.attn_dim, config.kv_dim, config.mlp_hidden
     swiglu = config.mlp == "swiglu"
-    if type(x) is not np.ndarray or x.dtype != np.float32 or x.shape != (1, 1, C):
-        return None
-    if not swiglu and config.activation != "gelu_tanh":
-        return None
-    int8 = kernels.quantized_linear[0] is kernel.quantized_linear_int8_forward
     up, down = ("mlp_gate_up", "mlp_down") if swiglu else ("mlp_fc1", "mlp_fc2")
     shapes = {"attn_wqkv": (D + 2 * Dkv, C), "attn_wo": (C, D), up: (2 * H if swiglu else H, C), down: (C, H)}
     for stacked, parts in _STACKED.items():  # the core stacks these when the caller keeps no buffer
         if name + stacked + "_b" not in params and any(name + part + "_b" in params for part in parts):
             return None
-    args: list[Any] = []
+    args = [_vector(params.get(name + n), C) for n in ("norm1", "norm1_b", "norm2", "norm2_b")]
     for short, (rows, cols) in shapes.items():
         matrix = _matrix(params.get(name + short), int8, rows, cols)
-        bias = _vector(params.get(name + short + "_b"), rows)
-        if matrix is None or bias is None:
-            return None
-        args += [*matrix, bias]
-    norms = [_vector(params.get(name + n), C) for n in ("norm1", "norm1_b", "norm2", "norm2_b")]
-    if any(n is None for n in norms):
+        args += [None] if matrix is None else [*matrix, _vector(params.get(name + short + "_b"), rows)]
+    return None if any(a is None for a in args) else args
+
+
+_NAMES = ("norm1", "norm1_b", "norm2", "norm2_b", "attn_wqkv", "attn_wqkv_b", "attn_wq_b", "attn_wk_b", "attn_wv_b",
+          "attn_wo", "attn_wo_b", "mlp_gate_up", "mlp_gate_up_b", "mlp_gate_b", "mlp_up_b", "mlp_down", "mlp_down_b",
+          "mlp_fc1", "mlp_fc1_b", "mlp_fc2", "mlp_fc2_b")  # fmt: skip
+_prepared: dict[tuple[int, bool], tuple[list[tuple[str, Any]], Any]] = {}
+
+
+def _model_args(params: Any, config: Any, int8: bool) -> list[tuple[Any, ...]] | None:
+    """Per argument of _decode_step, the tuple of every layer's, or None where the kernel does
+    not take the model; kept for the next token while ``params`` holds the same objects (a
+    decode step spent more time finding them than the whole step's Python otherwise)."""
+    key = (id(params), int8)
+    entry = _prepared.get(key)
+    if entry is not None and all(params.get(name) is value for name, value in entry[0]):
+        return entry[1]
+    layers = [_layer_args(params, config, i, int8) for i in range(config.n_layer)]
+    columns = None if any(a is None for a in layers) else [tuple(column) for column in zip(*layers)]
+    seen = [(f"layer{i}.{n}", params.get(f"layer{i}.{n}")) for i in range(config.n_layer) for n in _NAMES]
+    if len(_prepared) >= 4:  # the last few models: a cache, not a registry that keeps weights alive
+        _prepared.clear()
+    _prepared[key] = (seen, columns)
+    return columns
+
+
+def decode_step_forward(params: Any, config: Any, x: Any, kv_cache: Any, rope: Any, kernels: Any) -> Any:
+    """Every block of a decode step in one call: x (1, 1, C) -> (1, 1, C), the token's keys and
+    values stored in ``kv_cache``; None for a model it does not take (see the module's docstring)."""
+    C = config.n_embd
+    if type(x) is not np.ndarray or x.dtype != np.float32 or x.shape != (1, 1, C):
+        return None
+    if config.mlp != "swiglu" and config.activation != "gelu_tanh":
         return None
     cos, sin = (_NO_VECTOR, _NO_VECTOR) if rope is None else (rope[0][0], rope[1][0])
     if cos.dtype != np.float32:
         return None
-    keys, values = kv_cache.buffers(i, x[:, :, :Dkv])  # (1, capacity, Dkv)
-    out = np.array(x[0], dtype=np.float32)  # (1, C): the block adds to its own copy of x
-    parts = _threads.chunks(min(shapes[name][0] for name in shapes), MIN_ROWS_PER_THREAD) or 1
-    args = [out, *norms[:2], *norms[2:], config.norm_eps, config.norm == "layernorm", *args, cos, sin]
-    args += [keys[0], values[0], kv_cache.length, config.n_head, config.n_kv_head, D // config.n_head, swiglu]
+    int8 = kernels.quantized_linear[0] is kernel.quantized_linear_int8_forward
+    columns = _model_args(params, config, int8)
+    if columns is None:
+        return None
+    like = x[:, :, : config.kv_dim]
+    buffers = [kv_cache.buffers(i, like) for i in range(config.n_layer)]  # (1, capacity, Dkv) each
+    keys, values = tuple(k[0] for k, _ in buffers), tuple(v[0] for _, v in buffers)
+    out = np.array(x[0], dtype=np.float32)  # (1, C): the blocks add to their own copy of x
+    smallest = min(C, config.attn_dim + 2 * config.kv_dim, config.mlp_hidden)  # the matrices' fewest rows
+    parts = _threads.chunks(smallest, MIN_ROWS_PER_THREAD) or 1
+    args = [out, *columns[:4], config.norm_eps, config.norm == "layernorm", *columns[4:], cos, sin, keys, values]
+    args += [kv_cache.length, config.n_head, config.n_kv_head, config.attn_dim // config.n_head]
+    args.append(config.mlp == "swiglu")
     if parts > 1:
-        _threads.launch(_decode_block_parallel, parts, *args)
+        _threads.launch(_decode_step_parallel, parts, *args)
     else:
-        _decode_block(*args, 1)
+        _decode_step(*args, 1)
     return out[None]
 
 
@@ -254,13 +294,13 @@ def _no_backward(*args: Any) -> Any:
 
 
 SPECS = {
-    "numba_decode_block": KernelSpec(
+    "numba_decode_step": KernelSpec(
         "decode",
-        loader(decode_block_forward, _no_backward),
+        loader(decode_step_forward, _no_backward),
         backends=("numpy",),
         array_types=(np.ndarray,),
         dtypes=("float32",),
-        description="a block of one token in one call (RMSNorm or LayerNorm, RoPE or not, SwiGLU or GELU; "
+        description="every block of one token in one call (RMSNorm or LayerNorm, RoPE or not, SwiGLU or GELU; "
         "float32 or GGUF blocks): numba, its products' rows split over the model's threads",
     ),
 }
