@@ -127,10 +127,10 @@ def _step_source(prange: Any) -> Any:
             keys[pos] = qkv[0, D : D + Dkv]
             values[pos] = qkv[0, D + Dkv :]
             y = np.zeros((1, D), np.float32)  # softmax(q K^T / sqrt(hs)) V for each query head
-            scores = np.empty(pos + 1, np.float32)
             scale = np.float32(1.0 / math.sqrt(hs))
             group = n_head // n_kv_head
-            for head in range(n_head):
+            for head in prange(n_head):  # the heads split over the threads too
+                scores = np.empty(pos + 1, np.float32)
                 q = qkv[0, head * hs : head * hs + hs]
                 kv = (head // group) * hs
                 top = np.float32(-np.inf)
