@@ -24,10 +24,10 @@ GPT-2's MLP matrix (3072 x 768) and GPT-2's unembedding (50257 x 768). Sides: ``
 (numba_linear_rows), ``blas`` (the reference: NumPy's matmul, i.e. OpenBLAS) and ``torch``
 (``torch.nn.functional.linear`` under ``no_grad``), each in its own process with the same seeded
 weights, alternating, ``--rounds`` rounds (default 3) of the median of ``--repeats`` timed calls
-after a warm-up, at each ``--threads`` count (default 1 and 2; the kernel declines past 2 BLAS
-threads); wall time, and the process's CPU time (all its threads, spinning ones too; at one
-thread the less disturbed figure on a loaded machine). The sides' outputs are compared before
-any time is shown. The frame is
+after a warm-up, at each ``--threads`` count (default 1 and 2; the kernel splits w's rows over
+that many numba threads, as BLAS and PyTorch split theirs); wall time, and the process's CPU time
+(all its threads, spinning ones too; at one thread the less disturbed figure on a loaded
+machine). The sides' outputs are compared before any time is shown. The frame is
 benchmarks/harness.py.
 """
 
@@ -229,10 +229,8 @@ def linear_worker(side: str, threads: int, repeats: int) -> dict:
 
         with hold():
             count = blas_thread_count()
-        if side == "kernel" and (count is None or count > linear.MAX_BLAS_THREADS):
-            raise SystemExit(
-                f"the linear kernel declines at {count} BLAS threads (it takes 1..{linear.MAX_BLAS_THREADS})"
-            )
+        if side == "kernel" and count is None:
+            raise SystemExit("the linear kernel declines every call: NumPy's BLAS thread count cannot be read")
     result: dict = {"threads": threads}
     with hold():
         for case, matrices in cases.items():
