@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from arraygpt.backends.numpy.kernels import _threads
+from arraygpt.backends.numpy.kernels import _threads, attention
 from arraygpt.backends.numpy.kernels import quant as kernel
 from arraygpt.backends.numpy.kernels._jit import OPTIONS, LazyJit, ParallelJit, jitable, loader
 from arraygpt.nn import quant
@@ -78,7 +78,7 @@ def _project(h, xq, dx, xsum, blocks, dense, layout, lo, hi, out):
 
 
 def _step_source(prange: Any) -> Any:
-    quantize_row = kernel.quantize_row
+    quantize_row, attend_row = kernel.quantize_row, attention.attend_row
 
     def _decode_step(x, n1s, n1bs, n2s, n2bs, eps, layer_norm,
                      qkv_ws, qkv_ds, qkv_ls, qkv_bs, o_ws, o_ds, o_ls, o_bs,
@@ -90,6 +90,7 @@ def _step_source(prange: Any) -> Any:
         # norms n1, n2 and their biases, or empty; keys, values (capacity, Dkv), row `pos` written.
         # cos, sin (hs,) of this position, empty without RoPE. The products' rows in `parts` ranges
         C = x.shape[1]
+        zero = np.float32(0.0)
         for layer in range(len(qkv_ws)):
             n1, n1b, n2, n2b = n1s[layer], n1bs[layer], n2s[layer], n2bs[layer]
             qkv_w, qkv_d, qkv_l, qkv_b = qkv_ws[layer], qkv_ds[layer], qkv_ls[layer], qkv_bs[layer]
@@ -126,28 +127,15 @@ def _step_source(prange: Any) -> Any:
                         qkv[0, at + half + i] = x2 * cos[half + i] + x1 * sin[half + i]
             keys[pos] = qkv[0, D : D + Dkv]
             values[pos] = qkv[0, D + Dkv :]
-            y = np.zeros((1, D), np.float32)  # softmax(q K^T / sqrt(hs)) V for each query head
+            y = np.empty((1, D), np.float32)  # softmax(q K^T / sqrt(hs)) V for each query head
             scale = np.float32(1.0 / math.sqrt(hs))
             group = n_head // n_kv_head
             for head in prange(n_head):  # the heads split over the threads too
+                q = qkv[0, head * hs : head * hs + hs] * scale
                 scores = np.empty(pos + 1, np.float32)
-                q = qkv[0, head * hs : head * hs + hs]
-                kv = (head // group) * hs
-                top = np.float32(-np.inf)
-                for t in range(pos + 1):
-                    s = np.float32(0.0)
-                    for j in range(hs):
-                        s += q[j] * keys[t, kv + j]
-                    scores[t] = s * scale
-                    top = max(top, scores[t])
-                total = np.float32(0.0)
-                for t in range(pos + 1):
-                    scores[t] = np.exp(scores[t] - top)
-                    total += scores[t]
-                for t in range(pos + 1):
-                    p = scores[t] / total
-                    for j in range(hs):
-                        y[0, head * hs + j] += p * values[t, kv + j]
+                attend_row(
+                    q, keys, values, (head // group) * hs, pos + 1, scores, y[0, head * hs : head * hs + hs], zero
+                )
             if D % 32 == 0:
                 quantize_row(y[0], xq[0, :D], dx[0, : D // 32], xsum[0, : D // 32])
             out = np.empty((1, C), np.float32)
