@@ -135,6 +135,15 @@ def _bound(kind: str, blocks: np.ndarray, x: np.ndarray) -> np.ndarray:
     return 2 * K * np.finfo(np.float32).eps * (np.abs(x.astype(np.float64)) @ w_bound.T)
 
 
+def _case(kind: str, rows: int, n_blocks: int, M: int, bias: bool, seed: int):
+    """Random blocks, their weight (rows, 32 n_blocks), x (M, 32 n_blocks) and a bias or None."""
+    blocks = _random_blocks(kind, rows, n_blocks, seed)
+    w = QuantizedWeight(kind, blocks, (rows, 32 * n_blocks))
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((M, 32 * n_blocks)).astype(np.float32)
+    return blocks, w, x, rng.standard_normal(rows).astype(np.float32) if bias else None
+
+
 def _kernel():
     pytest.importorskip("numba")
     from arraygpt.backends.numpy.kernels import quant as kernel
@@ -157,12 +166,8 @@ def test_the_kernel_on_blocks_equals_the_reference_and_the_gguf_dequantizer(
     from arraygpt.backends.numpy import blas_threads
 
     kernel = _kernel()
-    blocks = _random_blocks(kind, rows, n_blocks, seed)
+    blocks, w, x, b = _case(kind, rows, n_blocks, M, bias, seed)
     K = 32 * n_blocks
-    w = QuantizedWeight(kind, blocks, (rows, K))
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal((M, K)).astype(np.float32)
-    b = rng.standard_normal(rows).astype(np.float32) if bias else None
     with blas_threads(threads):
         out, cache = kernel.quantized_linear_forward(x.reshape(1, M, K), w, b)  # (1, M, rows)
     assert out.shape == (1, M, rows) and out.dtype == np.float32 and cache.has_bias == bias
@@ -404,12 +409,7 @@ def test_the_int8_kernel_is_within_its_documented_bound_of_the_gguf_dequantized_
     the float32 bound; the kinds without an int8 path (Q5) and prefill (more than MAX_ROWS rows)
     are the float32 kernel's numbers."""
     kernel = _kernel()
-    blocks = _random_blocks(kind, rows, n_blocks, seed)
-    K = 32 * n_blocks
-    w = QuantizedWeight(kind, blocks, (rows, K))
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal((M, K)).astype(np.float32)
-    b = rng.standard_normal(rows).astype(np.float32) if bias else None
+    blocks, w, x, b = _case(kind, rows, n_blocks, M, bias, seed)
     out, _ = kernel.quantized_linear_int8_forward(x, w, b)
     dense = quants.dequantize(blocks.reshape(rows, -1), TYPES[kind]).astype(np.float64)
     expected = x.astype(np.float64) @ dense.T + (0 if b is None else b)
