@@ -348,7 +348,7 @@ def _int8_declines(config: Any, backend: Any, dtype: str) -> str | None:
         vnni = has_vnni()
     except KernelUnavailable as e:
         return str(e)
-    return None if vnni else "this CPU has no byte dot products (VNNI): the float32 kernel is faster"
+    return None if vnni else "no byte dot products (VNNI) on this CPU: the int8 path was measured only with them"
 
 
 SPECS = {
