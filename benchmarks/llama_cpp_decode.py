@@ -203,8 +203,8 @@ def profile(path: Path, steps: int = 32) -> None:
     stats = pstats.Stats(prof)
     groups = {"fused blocks": 0.0, "other quantized products": 0.0, "other kernels": 0.0, "Python around them": 0.0}
     for (filename, _, function), (_, _, tottime, _, _) in stats.stats.items():
-        if filename.endswith("kernels/decode.py") and function.startswith("_decode_step"):
-            groups["fused blocks"] += tottime  # every block in one numba call (their products included)
+        if filename.endswith("kernels/decode.py") and function.startswith("_decode_block"):
+            groups["fused blocks"] += tottime  # a block in one numba call (its products included)
         elif filename.endswith("kernels/quant.py") and function.startswith("_product_rows"):
             groups["other quantized products"] += tottime  # the vocabulary projection
         elif "/kernels/" in filename and function.startswith("_"):

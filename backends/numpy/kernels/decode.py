@@ -1,10 +1,11 @@
-"""A decode step in one compiled call: ``Kernels.decode``.
+"""A decode step, each block in one compiled call: ``Kernels.decode``.
 
 Decoding one token runs each block's layers on one row: a dozen kernel calls and the Python
 between them, about 0.3 ms a block, which on a 30-layer model is as long as the block's matrix
 products (and Python between two products that stream megabytes of weights finds its own data
-evicted from the caches). Here every block of the token is one numba call (llm.c's forward is
-one C function, llama.cpp's a graph); for each block:
+evicted from the caches). Here the core makes one call for every block, and each block is one
+numba call (llm.c's forward is one C function, llama.cpp's a graph), its arguments prepared once
+per model:
 
     h = norm1(x) -> q, k, v = W_qkv h (+ b) -> [rope(q), rope(k)] -> the cache keeps k, v ->
     y = softmax(q K^T / sqrt(hs)) V per head (grouped-query) -> x += W_o y (+ b) ->
@@ -77,107 +78,98 @@ def _project(h, xq, dx, xsum, blocks, dense, layout, lo, hi, out):
         kernel.rows_times(h, xq, dx, xsum, blocks, layout, lo, hi, out)
 
 
-def _step_source(prange: Any) -> Any:
+def _block_source(prange: Any) -> Any:
     quantize_row, attend_row = kernel.quantize_row, attention.attend_row
 
-    def _decode_step(x, n1s, n1bs, n2s, n2bs, eps, layer_norm,
-                     qkv_ws, qkv_ds, qkv_ls, qkv_bs, o_ws, o_ds, o_ls, o_bs,
-                     up_ws, up_ds, up_ls, up_bs, down_ws, down_ds, down_ls, down_bs,
-                     cos, sin, keyss, valuess, pos, n_head, n_kv_head, hs, swiglu, parts):  # fmt: skip
-        # x (1, C) updated in place by every block. Per block (a tuple of one per layer): each
-        # matrix *_w (N, nb * bytes) blocks with layout *_l (quant.rows_times) or *_d (N, K)
-        # float32, the other empty; *_b its bias or empty (up is gate_up for SwiGLU, else fc1);
-        # norms n1, n2 and their biases, or empty; keys, values (capacity, Dkv), row `pos` written.
-        # cos, sin (hs,) of this position, empty without RoPE. The products' rows in `parts` ranges
+    def _decode_block(x, n1, n1b, n2, n2b, eps, layer_norm,
+                      qkv_w, qkv_d, qkv_l, qkv_b, o_w, o_d, o_l, o_b,
+                      up_w, up_d, up_l, up_b, down_w, down_d, down_l, down_b,
+                      cos, sin, keys, values, pos, n_head, n_kv_head, hs, swiglu, parts):  # fmt: skip
+        # x (1, C) updated in place. Each matrix: *_w (N, nb * bytes) blocks with layout *_l
+        # (quant.rows_times) or *_d (N, K) float32, the other empty; *_b its bias or empty (up is
+        # gate_up for SwiGLU, else fc1); norms n1, n2 and their biases, or empty. cos, sin (hs,) of
+        # this position, empty without RoPE; keys, values (capacity, Dkv), row `pos` written. The
+        # products' rows (and the heads) in `parts` ranges
         C = x.shape[1]
         zero = np.float32(0.0)
-        for layer in range(len(qkv_ws)):
-            n1, n1b, n2, n2b = n1s[layer], n1bs[layer], n2s[layer], n2bs[layer]
-            qkv_w, qkv_d, qkv_l, qkv_b = qkv_ws[layer], qkv_ds[layer], qkv_ls[layer], qkv_bs[layer]
-            o_w, o_d, o_l, o_b = o_ws[layer], o_ds[layer], o_ls[layer], o_bs[layer]
-            up_w, up_d, up_l, up_b = up_ws[layer], up_ds[layer], up_ls[layer], up_bs[layer]
-            down_w, down_d, down_l, down_b = down_ws[layer], down_ds[layer], down_ls[layer], down_bs[layer]
-            keys, values = keyss[layer], valuess[layer]
-            D, Dkv, half = n_head * hs, n_kv_head * hs, hs // 2
-            n_up = max(up_w.shape[0], up_d.shape[0])
-            H = n_up // 2 if swiglu else n_up
-            widest = max(C, D, H)
-            xq = np.empty((1, widest), np.int8)
-            dx = np.empty((1, widest // 32 + 1), np.float32)
-            xsum = np.empty((1, widest // 32 + 1), np.float32)
+        D, Dkv, half = n_head * hs, n_kv_head * hs, hs // 2
+        n_up = max(up_w.shape[0], up_d.shape[0])
+        H = n_up // 2 if swiglu else n_up
+        widest = max(C, D, H)
+        xq = np.empty((1, widest), np.int8)
+        dx = np.empty((1, widest // 32 + 1), np.float32)
+        xsum = np.empty((1, widest // 32 + 1), np.float32)
 
-            # attention
-            h = np.empty((1, C), np.float32)
-            _norm(x[0], n1, n1b, eps, layer_norm, h[0])
-            if C % 32 == 0:
-                quantize_row(h[0], xq[0, :C], dx[0, : C // 32], xsum[0, : C // 32])
-            qkv = np.empty((1, D + 2 * Dkv), np.float32)
-            n = qkv.shape[1]
-            for c in prange(parts):
-                _project(h, xq[:, :C], dx[:, : C // 32], xsum[:, : C // 32], qkv_w, qkv_d, qkv_l, c * n // parts,
-                         (c + 1) * n // parts, qkv)  # fmt: skip
-            if qkv_b.shape[0]:
-                qkv[0] += qkv_b
-            if cos.shape[0]:  # rope on q's and k's heads: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin)
-                for head in range(n_head + n_kv_head):
-                    at = head * hs
-                    for i in range(half):
-                        x1, x2 = qkv[0, at + i], qkv[0, at + half + i]
-                        qkv[0, at + i] = x1 * cos[i] - x2 * sin[i]
-                        qkv[0, at + half + i] = x2 * cos[half + i] + x1 * sin[half + i]
-            keys[pos] = qkv[0, D : D + Dkv]
-            values[pos] = qkv[0, D + Dkv :]
-            y = np.empty((1, D), np.float32)  # softmax(q K^T / sqrt(hs)) V for each query head
-            scale = np.float32(1.0 / math.sqrt(hs))
-            group = n_head // n_kv_head
-            for head in prange(n_head):  # the heads split over the threads too
-                q = qkv[0, head * hs : head * hs + hs] * scale
-                scores = np.empty(pos + 1, np.float32)
-                attend_row(
-                    q, keys, values, (head // group) * hs, pos + 1, scores, y[0, head * hs : head * hs + hs], zero
-                )
-            if D % 32 == 0:
-                quantize_row(y[0], xq[0, :D], dx[0, : D // 32], xsum[0, : D // 32])
-            out = np.empty((1, C), np.float32)
-            for c in prange(parts):
-                _project(y, xq[:, :D], dx[:, : D // 32], xsum[:, : D // 32], o_w, o_d, o_l, c * C // parts,
-                         (c + 1) * C // parts, out)  # fmt: skip
-            if o_b.shape[0]:
-                out[0] += o_b
-            x[0] += out[0]
+        # attention
+        h = np.empty((1, C), np.float32)
+        _norm(x[0], n1, n1b, eps, layer_norm, h[0])
+        if C % 32 == 0:
+            quantize_row(h[0], xq[0, :C], dx[0, : C // 32], xsum[0, : C // 32])
+        qkv = np.empty((1, D + 2 * Dkv), np.float32)
+        n = qkv.shape[1]
+        for c in prange(parts):
+            _project(h, xq[:, :C], dx[:, : C // 32], xsum[:, : C // 32], qkv_w, qkv_d, qkv_l, c * n // parts,
+                     (c + 1) * n // parts, qkv)  # fmt: skip
+        if qkv_b.shape[0]:
+            qkv[0] += qkv_b
+        if cos.shape[0]:  # rope on q's and k's heads: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin)
+            for head in range(n_head + n_kv_head):
+                at = head * hs
+                for i in range(half):
+                    x1, x2 = qkv[0, at + i], qkv[0, at + half + i]
+                    qkv[0, at + i] = x1 * cos[i] - x2 * sin[i]
+                    qkv[0, at + half + i] = x2 * cos[half + i] + x1 * sin[half + i]
+        keys[pos] = qkv[0, D : D + Dkv]
+        values[pos] = qkv[0, D + Dkv :]
+        y = np.empty((1, D), np.float32)  # softmax(q K^T / sqrt(hs)) V for each query head
+        scale = np.float32(1.0 / math.sqrt(hs))
+        group = n_head // n_kv_head
+        for head in prange(n_head):  # the heads split over the threads too
+            q = qkv[0, head * hs : head * hs + hs] * scale
+            scores = np.empty(pos + 1, np.float32)
+            attend_row(q, keys, values, (head // group) * hs, pos + 1, scores, y[0, head * hs : head * hs + hs], zero)
+        if D % 32 == 0:
+            quantize_row(y[0], xq[0, :D], dx[0, : D // 32], xsum[0, : D // 32])
+        out = np.empty((1, C), np.float32)
+        for c in prange(parts):
+            _project(y, xq[:, :D], dx[:, : D // 32], xsum[:, : D // 32], o_w, o_d, o_l, c * C // parts,
+                     (c + 1) * C // parts, out)  # fmt: skip
+        if o_b.shape[0]:
+            out[0] += o_b
+        x[0] += out[0]
 
-            # MLP
-            _norm(x[0], n2, n2b, eps, layer_norm, h[0])
-            if C % 32 == 0:
-                quantize_row(h[0], xq[0, :C], dx[0, : C // 32], xsum[0, : C // 32])
-            up = np.empty((1, n_up), np.float32)
-            for c in prange(parts):
-                _project(h, xq[:, :C], dx[:, : C // 32], xsum[:, : C // 32], up_w, up_d, up_l, c * n_up // parts,
-                         (c + 1) * n_up // parts, up)  # fmt: skip
-            if up_b.shape[0]:
-                up[0] += up_b
-            a = np.empty((1, H), np.float32)
-            for j in range(H):
-                g = up[0, j]
-                if swiglu:  # silu(g) u, as layers.swiglu_forward
-                    a[0, j] = g / (np.float32(1.0) + np.exp(min(-g, np.float32(80.0)))) * up[0, H + j]
-                else:  # gelu_tanh: g sigmoid(2u), u = c (g + a g^3), as layers.gelu_tanh_forward
-                    minus_2u = (np.float32(-2.0 * _GELU_C * _GELU_A) * g * g - np.float32(2.0 * _GELU_C)) * g
-                    a[0, j] = g / (np.float32(1.0) + np.exp(min(minus_2u, np.float32(80.0))))
-            if H % 32 == 0:
-                quantize_row(a[0], xq[0, :H], dx[0, : H // 32], xsum[0, : H // 32])
-            for c in prange(parts):
-                _project(a, xq[:, :H], dx[:, : H // 32], xsum[:, : H // 32], down_w, down_d, down_l, c * C // parts,
-                         (c + 1) * C // parts, out)  # fmt: skip
-            if down_b.shape[0]:
-                out[0] += down_b
-            x[0] += out[0]
+        # MLP
+        _norm(x[0], n2, n2b, eps, layer_norm, h[0])
+        if C % 32 == 0:
+            quantize_row(h[0], xq[0, :C], dx[0, : C // 32], xsum[0, : C // 32])
+        up = np.empty((1, n_up), np.float32)
+        for c in prange(parts):
+            _project(h, xq[:, :C], dx[:, : C // 32], xsum[:, : C // 32], up_w, up_d, up_l, c * n_up // parts,
+                     (c + 1) * n_up // parts, up)  # fmt: skip
+        if up_b.shape[0]:
+            up[0] += up_b
+        a = np.empty((1, H), np.float32)
+        for j in range(H):
+            g = up[0, j]
+            if swiglu:  # silu(g) u, as layers.swiglu_forward
+                a[0, j] = g / (np.float32(1.0) + np.exp(min(-g, np.float32(80.0)))) * up[0, H + j]
+            else:  # gelu_tanh: g sigmoid(2u), u = c (g + a g^3), as layers.gelu_tanh_forward
+                minus_2u = (np.float32(-2.0 * _GELU_C * _GELU_A) * g * g - np.float32(2.0 * _GELU_C)) * g
+                a[0, j] = g / (np.float32(1.0) + np.exp(min(minus_2u, np.float32(80.0))))
+        if H % 32 == 0:
+            quantize_row(a[0], xq[0, :H], dx[0, : H // 32], xsum[0, : H // 32])
+        for c in prange(parts):
+            _project(a, xq[:, :H], dx[:, : H // 32], xsum[:, : H // 32], down_w, down_d, down_l, c * C // parts,
+                     (c + 1) * C // parts, out)  # fmt: skip
+        if down_b.shape[0]:
+            out[0] += down_b
+        x[0] += out[0]
 
-    return _decode_step
+    return _decode_block
 
 
-_decode_step = LazyJit(_step_source(range), OPTIONS)
-_decode_step_parallel = ParallelJit(_step_source)
+_decode_block = LazyJit(_block_source(range), OPTIONS)
+_decode_block_parallel = ParallelJit(_block_source)
 
 _STACKED = {"attn_wqkv": ("attn_wq", "attn_wk", "attn_wv"), "mlp_gate_up": ("mlp_gate", "mlp_up")}
 _NO_BLOCKS = np.zeros((0, 0), np.uint8)
@@ -206,8 +198,8 @@ def _vector(v: Any, size: int) -> np.ndarray | None:
 
 
 def _layer_args(params: Any, config: Any, i: int, int8: bool) -> list[Any] | None:
-    """Block i's norms, then per matrix (blocks, dense, layout, bias), as _decode_step takes them
-    (one of each per layer), or None where the kernel does not take the block."""
+    """Block i's norms, then per matrix (blocks, dense, layout, bias), as _decode_block takes
+    them, or None where the kernel does not take the block."""
     name, C = f"layer{i}.", config.n_embd
     D, Dkv, H = config.attn_dim, config.kv_dim, config.mlp_hidden
     swiglu = config.mlp == "swiglu"
@@ -229,26 +221,28 @@ _NAMES = ("norm1", "norm1_b", "norm2", "norm2_b", "attn_wqkv", "attn_wqkv_b", "a
 _prepared: dict[tuple[int, bool], tuple[list[tuple[str, Any]], Any]] = {}
 
 
-def _model_args(params: Any, config: Any, int8: bool) -> list[tuple[Any, ...]] | None:
-    """Per argument of _decode_step, the tuple of every layer's, or None where the kernel does
-    not take the model; kept for the next token while ``params`` holds the same objects (a
-    decode step spent more time finding them than the whole step's Python otherwise)."""
+def _model_args(params: Any, config: Any, int8: bool) -> list[list[Any]] | None:
+    """Every block's _layer_args, or None where the kernel does not take the model; kept for the
+    next token while ``params`` holds the same objects (finding them again each token cost more
+    than the rest of the step's Python)."""
     key = (id(params), int8)
     entry = _prepared.get(key)
     if entry is not None and all(params.get(name) is value for name, value in entry[0]):
         return entry[1]
     layers = [_layer_args(params, config, i, int8) for i in range(config.n_layer)]
-    columns = None if any(a is None for a in layers) else [tuple(column) for column in zip(*layers)]
+    taken = None if any(a is None for a in layers) else layers
     seen = [(f"layer{i}.{n}", params.get(f"layer{i}.{n}")) for i in range(config.n_layer) for n in _NAMES]
     if len(_prepared) >= 4:  # the last few models: a cache, not a registry that keeps weights alive
         _prepared.clear()
-    _prepared[key] = (seen, columns)
-    return columns
+    _prepared[key] = (seen, taken)
+    return taken
 
 
 def decode_step_forward(params: Any, config: Any, x: Any, kv_cache: Any, rope: Any, kernels: Any) -> Any:
-    """Every block of a decode step in one call: x (1, 1, C) -> (1, 1, C), the token's keys and
-    values stored in ``kv_cache``; None for a model it does not take (see the module's docstring)."""
+    """Every block of a decode step: x (1, 1, C) -> (1, 1, C), a compiled call per block, the
+    token's keys and values stored in ``kv_cache``; None for a model it does not take (see the
+    module's docstring). One call for all blocks was no faster, and its 30-fold arguments made
+    numba's code (and its memory) three times larger."""
     C = config.n_embd
     if type(x) is not np.ndarray or x.dtype != np.float32 or x.shape != (1, 1, C):
         return None
@@ -258,22 +252,22 @@ def decode_step_forward(params: Any, config: Any, x: Any, kv_cache: Any, rope: A
     if cos.dtype != np.float32:
         return None
     int8 = kernels.quantized_linear[0] is kernel.quantized_linear_int8_forward
-    columns = _model_args(params, config, int8)
-    if columns is None:
+    layers = _model_args(params, config, int8)
+    if layers is None:
         return None
-    like = x[:, :, : config.kv_dim]
-    buffers = [kv_cache.buffers(i, like) for i in range(config.n_layer)]  # (1, capacity, Dkv) each
-    keys, values = tuple(k[0] for k, _ in buffers), tuple(v[0] for _, v in buffers)
     out = np.array(x[0], dtype=np.float32)  # (1, C): the blocks add to their own copy of x
     smallest = min(C, config.attn_dim + 2 * config.kv_dim, config.mlp_hidden)  # the matrices' fewest rows
     parts = _threads.chunks(smallest, MIN_ROWS_PER_THREAD) or 1
-    args = [out, *columns[:4], config.norm_eps, config.norm == "layernorm", *columns[4:], cos, sin, keys, values]
-    args += [kv_cache.length, config.n_head, config.n_kv_head, config.attn_dim // config.n_head]
-    args.append(config.mlp == "swiglu")
-    if parts > 1:
-        _threads.launch(_decode_step_parallel, parts, *args)
-    else:
-        _decode_step(*args, 1)
+    shape = (config.norm_eps, config.norm == "layernorm")
+    after = (kv_cache.length, config.n_head, config.n_kv_head, config.attn_dim // config.n_head, config.mlp == "swiglu")
+    like = x[:, :, : config.kv_dim]
+    for i, layer in enumerate(layers):
+        keys, values = kv_cache.buffers(i, like)  # (1, capacity, Dkv)
+        args = (out, *layer[:4], *shape, *layer[4:], cos, sin, keys[0], values[0], *after)
+        if parts > 1:
+            _threads.launch(_decode_block_parallel, parts, *args)
+        else:
+            _decode_block(*args, 1)
     return out[None]
 
 
