@@ -282,7 +282,7 @@ SPECS = {
         backends=("numpy",),
         array_types=(np.ndarray,),
         dtypes=("float32",),
-        description="every block of one token in one call (RMSNorm or LayerNorm, RoPE or not, SwiGLU or GELU; "
+        description="a one-token step, each block in one call (RMSNorm or LayerNorm, RoPE or not, SwiGLU or GELU; "
         "float32 or GGUF blocks): numba, its products' rows split over the model's threads",
     ),
 }
