@@ -48,7 +48,7 @@ from arraygpt.nn import quant
 from arraygpt.nn.kernels import KernelSpec
 
 MAX_ROWS = 8  # decoding's loop up to here; more rows: dequantized tiles and BLAS
-TILE = 256  # rows of W dequantized at a time on the prefill path
+TILE = 1024  # rows of W dequantized at a time on the prefill path (256: 13% slower, 2 MB less memory)
 MIN_ROWS_PER_THREAD = 64  # rows of W a thread takes at least (a parallel launch costs a few microseconds)
 PREFETCH = 6  # rows of W ahead that a product asks the memory for (measured: 4 to 16 alike)
 KINDS = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
