@@ -32,13 +32,12 @@ from typing import Any
 
 import numpy as np
 
-from arraygpt.backends.numpy.kernels import _threads, attention
+from arraygpt.backends.numpy.kernels import _threads, attention, gelu
 from arraygpt.backends.numpy.kernels import quant as kernel
 from arraygpt.backends.numpy.kernels._jit import OPTIONS, LazyJit, ParallelJit, jitable, loader
 from arraygpt.nn import quant
 from arraygpt.nn.kernels import KernelSpec
 
-_GELU_C, _GELU_A = math.sqrt(2.0 / math.pi), 0.044715  # layers.gelu_tanh_forward's constants
 MIN_ROWS_PER_THREAD = 64  # a block's smallest matrix splits over threads only above this many rows a thread
 
 
@@ -154,7 +153,7 @@ def _block_source(prange: Any) -> Any:
             if swiglu:  # silu(g) u, as layers.swiglu_forward
                 a[0, j] = g / (np.float32(1.0) + np.exp(min(-g, np.float32(80.0)))) * up[0, H + j]
             else:  # gelu_tanh: g sigmoid(2u), u = c (g + a g^3), as layers.gelu_tanh_forward
-                minus_2u = (np.float32(-2.0 * _GELU_C * _GELU_A) * g * g - np.float32(2.0 * _GELU_C)) * g
+                minus_2u = (np.float32(-2.0 * gelu.GELU_C * gelu.GELU_A) * g * g - np.float32(2.0 * gelu.GELU_C)) * g
                 a[0, j] = g / (np.float32(1.0) + np.exp(min(minus_2u, np.float32(80.0))))
         if H % 32 == 0:
             quantize_row(a[0], xq[0, :H], dx[0, : H // 32], xsum[0, : H // 32])
