@@ -40,7 +40,9 @@ Pair = tuple[Callable[..., Any], Callable[..., Any]]  # (forward, backward)
 Coins = Callable[[tuple[int, ...]], Array]  # shape -> uniform [0, 1) numbers, for dropout
 
 
-def layer_by_layer(params: Mapping[str, Array], config: GPTConfig, x: Array, *args: Any) -> None:
+def layer_by_layer(
+    params: Mapping[str, Array], config: GPTConfig, x: Array, kv_cache: KVCache, rope: Any, kernels: Kernels
+) -> None:
     """The reference of :attr:`Kernels.decode`: no fused step (None), so :func:`gpt_forward` runs
     the blocks' layers one by one."""
     return None
@@ -384,8 +386,9 @@ def gpt_forward(
     past = 0 if kv_cache is None else kv_cache.length
     x, (encoder, emb_drop, norm_emb) = embed(params, config, idx, kernels, past=past, dropout=dropout, coins=coins)
     rope = rope_tables(config, namespace(x), T, past, x.dtype, x.device) if config.position == "rope" else None
+    # one token at batch 1 with a KV cache: the kernels' decode step may run every block (None: it did not)
     one_token = kv_cache is not None and B == 1 and T == 1 and dropout == 0.0 and lora_scale is None
-    fused = kernels.decode[0](params, config, x, kv_cache, rope, kernels) if one_token else None  # or None
+    fused = kernels.decode[0](params, config, x, kv_cache, rope, kernels) if one_token else None
     blocks = []
     for i in range(config.n_layer if fused is None else 0):
         x, block = block_forward(
