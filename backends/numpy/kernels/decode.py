@@ -102,7 +102,7 @@ def _block_source(prange: Any) -> Any:
         # attention
         h = np.empty((1, C), np.float32)
         _norm(x[0], n1, n1b, eps, layer_norm, h[0])
-        if C % 32 == 0:
+        if qkv_w.shape[0]:  # GGUF blocks read the input's block sums (and its int8 blocks)
             quantize_row(h[0], xq[0, :C], dx[0, : C // 32], xsum[0, : C // 32])
         qkv = np.empty((1, D + 2 * Dkv), np.float32)
         n = qkv.shape[1]
@@ -127,7 +127,7 @@ def _block_source(prange: Any) -> Any:
             q = qkv[0, head * hs : head * hs + hs] * scale
             scores = np.empty(pos + 1, np.float32)
             attend_row(q, keys, values, (head // group) * hs, pos + 1, scores, y[0, head * hs : head * hs + hs], zero)
-        if D % 32 == 0:
+        if o_w.shape[0]:  # GGUF blocks read the input's block sums (and its int8 blocks)
             quantize_row(y[0], xq[0, :D], dx[0, : D // 32], xsum[0, : D // 32])
         out = np.empty((1, C), np.float32)
         for c in prange(parts):
@@ -139,7 +139,7 @@ def _block_source(prange: Any) -> Any:
 
         # MLP
         _norm(x[0], n2, n2b, eps, layer_norm, h[0])
-        if C % 32 == 0:
+        if up_w.shape[0]:  # GGUF blocks read the input's block sums (and its int8 blocks)
             quantize_row(h[0], xq[0, :C], dx[0, : C // 32], xsum[0, : C // 32])
         up = np.empty((1, n_up), np.float32)
         for c in prange(parts):
@@ -155,7 +155,7 @@ def _block_source(prange: Any) -> Any:
             else:  # gelu_tanh: g sigmoid(2u), u = c (g + a g^3), as layers.gelu_tanh_forward
                 minus_2u = (np.float32(-2.0 * gelu.GELU_C * gelu.GELU_A) * g * g - np.float32(2.0 * gelu.GELU_C)) * g
                 a[0, j] = g / (np.float32(1.0) + np.exp(min(minus_2u, np.float32(80.0))))
-        if H % 32 == 0:
+        if down_w.shape[0]:  # GGUF blocks read the input's block sums (and its int8 blocks)
             quantize_row(a[0], xq[0, :H], dx[0, : H // 32], xsum[0, : H // 32])
         for c in prange(parts):
             _project(a, xq[:, :H], dx[:, : H // 32], xsum[:, : H // 32], down_w, down_d, down_l, c * C // parts,

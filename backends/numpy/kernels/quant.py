@@ -287,10 +287,16 @@ def _forward(x: Any, w: Any, b: Any, int8: bool) -> tuple[Any, Any]:
     N, K = w.shape
     x2 = np.ascontiguousarray(x.reshape(M, K))
     out = np.empty((M, N), dtype=np.float32)
-    acts = activations(x2) if int8 and M <= MAX_ROWS and any(p.kind in INT8_KINDS for p in parts) else None
+    acts = None  # x2 as the decoding loops read it (once for all parts): int8 blocks, or x2 and its block sums
+    int8 = int8 and M <= MAX_ROWS and any(p.kind in INT8_KINDS for p in parts)
+    if int8:
+        acts = activations(x2)
+    elif M <= MAX_ROWS and any(p.kind in _LAYOUT for p in parts):
+        xsum = x2.reshape(M, K // 32, 32).sum(axis=-1)  # (M, nb)
+        acts = (x2.view(np.int8), xsum, xsum)  # xq and dx unread on the float path
     start = 0
     for part in parts:
-        _product(x2, part, out[:, start : start + part.shape[0]], acts)
+        _product(x2, part, out[:, start : start + part.shape[0]], acts, int8)
         start += part.shape[0]
     if b is not None:
         out += b
@@ -310,10 +316,10 @@ def quantized_linear_int8_forward(x: Any, w: Any, b: Any = None) -> tuple[Any, A
     return _forward(x, w, b, int8=True)
 
 
-def _product(x2: np.ndarray, w: quant.QuantizedWeight, out: np.ndarray, acts: Any) -> None:
+def _product(x2: np.ndarray, w: quant.QuantizedWeight, out: np.ndarray, acts: Any, int8: bool) -> None:
     """out (M, N) = x2 (M, K) @ dequantize(w).T, on the blocks (the K-quants: the reference's
-    decoding, a tile of rows at a time, then BLAS); ``acts`` (xq, dx, xsum) of x2: the int8 path
-    where the kind has one."""
+    decoding, a tile of rows at a time, then BLAS); ``acts`` (xq, dx, xsum) of x2 for the decoding
+    loops, read as int8 blocks where ``int8`` and the kind has that path."""
     M, K = x2.shape
     N = w.shape[0]
     if w.kind not in _LAYOUT:
@@ -324,11 +330,7 @@ def _product(x2: np.ndarray, w: quant.QuantizedWeight, out: np.ndarray, acts: An
         return
     blocks = blocks_2d(w)
     if M <= MAX_ROWS:
-        if acts is None:  # the float path: x2 and its block sums (xq and dx unread)
-            xsum = x2.reshape(M, K // 32, 32).sum(axis=-1)
-            args = (x2, x2.view(np.int8), xsum, xsum, blocks, layout(w.kind, False), out)
-        else:
-            args = (x2, *acts, blocks, layout(w.kind, True), out)
+        args = (x2, *acts, blocks, layout(w.kind, int8), out)
         parts = _threads.chunks(N, MIN_ROWS_PER_THREAD) or 1
         if parts > 1:
             _threads.launch(_product_rows_parallel, parts, *args)
