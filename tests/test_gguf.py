@@ -614,6 +614,32 @@ def test_sample_command_runs_a_gguf(bpe, tmp_path, capsys):
     assert "Héllo 日本語" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("command", ["sample", "chat"])
+def test_quantized_flag_keeps_the_files_blocks_and_is_refused_for_other_formats(
+    bpe, tmp_path, monkeypatch, capsys, command
+):
+    from arraygpt import cli
+    from arraygpt.io import formats
+
+    tok = BPETokenizer(bpe, bos_id=bpe.token_to_id("<|endoftext|>"), eos_ids=[bpe.token_to_id("<|im_end|>")])
+    path = save_gguf(tiny_model("llama", tok.vocab_size), tmp_path / "m.gguf", dtype="q8_0", tokenizer=tok)
+    loaded = []
+    real_load = formats.load
+    monkeypatch.setattr(formats, "load", lambda *a, **k: loaded.append(real_load(*a, **k)) or loaded[-1])
+    args = [command, "--checkpoint", str(path), "--quantized", "--max-new-tokens", "2", "--seed", "0"]
+    if command == "sample":
+        assert cli.main([*args, "--prompt", "Hi"]) == 0
+    else:
+        monkeypatch.setattr("sys.stdin", __import__("io").StringIO("Hi\n"))
+        assert cli.main([*args, "--template", "chatml"]) == 0
+    assert set(loaded[0].model.quantized.values()) == {"q8_0"}  # blocks, not dequantized floats
+    folder = tmp_path / "dense"
+    arraygpt.save(loaded[0].model.dequantize(), folder, tokenizer=tok)
+    capsys.readouterr()
+    assert cli.main([command, "--checkpoint", str(folder), "--quantized"]) == 2
+    assert "quantized=True keeps a GGUF file's blocks" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("family", ["gpt-2", "llama-bpe", "qwen2", "smollm"])
 def test_written_tokenizer_families_read_as_transformers_reads_them(family, tmp_path):
     split = {"gpt-2": None, "llama-bpe": LLAMA3_SPLIT, "qwen2": QWEN2_SPLIT, "smollm": "digits"}[family]

@@ -20,7 +20,13 @@ import argparse
 import sys
 from typing import Any
 
-from arraygpt.cli.sample import add_sampler_arguments, generation_defaults, load_checkpoint_with_tokenizer, sampling
+from arraygpt.cli.sample import (
+    add_quantized_argument,
+    add_sampler_arguments,
+    generation_defaults,
+    load_checkpoint_with_tokenizer,
+    sampling,
+)
 
 PROMPT = "> "
 
@@ -35,6 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="PATH",
         help="any model arraygpt.load opens (a Hugging Face directory with a chat template, an arraygpt checkpoint...)",
     )
+    add_quantized_argument(parser)
     parser.add_argument("--system", "--system-prompt", default=None, metavar="TEXT", help="the system prompt")
     parser.add_argument(
         "--template",
@@ -70,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
         check_number("--max-new-tokens", args.max_new_tokens, 1, integer=True)
     check_number("--show-probs", args.show_probs, 0, integer=True)
     sampling(args, {})  # report bad options before loading
-    ckpt = load_checkpoint_with_tokenizer(args.checkpoint)
+    ckpt = load_checkpoint_with_tokenizer(args.checkpoint, args.quantized)
     defaults = generation_defaults(ckpt)
     sampler, temperature, options = sampling(args, defaults)
     max_new_tokens = args.max_new_tokens or defaults.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS)

@@ -46,6 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="PATH",
         help="any model arraygpt.load opens: an arraygpt checkpoint or run folder, or a Hugging Face directory",
     )
+    add_quantized_argument(parser)
     prompt = parser.add_mutually_exclusive_group()
     prompt.add_argument("--prompt", "-p", default="", metavar="TEXT", help="text to continue (default: the BOS token)")
     prompt.add_argument(
@@ -98,6 +99,15 @@ class _Given(argparse.Action):
         setattr(namespace, self.dest, values)
         given = set(getattr(namespace, "given_sampler_options", None) or ())
         setattr(namespace, "given_sampler_options", given | {self.dest})
+
+
+def add_quantized_argument(parser: argparse.ArgumentParser) -> None:
+    """--quantized, for sample and chat."""
+    parser.add_argument(
+        "--quantized",
+        action="store_true",
+        help="a .gguf file: keep its quantized matrices as blocks (less memory, faster decoding; docs/gguf.md)",
+    )
 
 
 def add_sampler_arguments(parser: argparse.ArgumentParser) -> None:
@@ -333,18 +343,19 @@ def show(tokenizer: Any, pairs: Sequence[tuple[int, float]], ends: Sequence[int]
     return "  ".join(f"{label(tokenizer, i, ends)} {p:.3f}" for i, p in pairs)
 
 
-def _load(path: str) -> tuple[Any, Any, list[int], dict[str, Any]]:
+def _load(path: str, quantized: bool) -> tuple[Any, Any, list[int], dict[str, Any]]:
     """(model, tokenizer, prompt prefix, generation_config.json's defaults) of the model at ``path``
     (``arraygpt.io.formats.load``)."""
-    ckpt = load_checkpoint_with_tokenizer(path)
+    ckpt = load_checkpoint_with_tokenizer(path, quantized)
     return ckpt.model, ckpt.tokenizer, list(ckpt.prompt_prefix), generation_defaults(ckpt)
 
 
-def load_checkpoint_with_tokenizer(path: str) -> Any:
-    """``arraygpt.load(path)``, refused when it has no tokenizer (its tokens could not be shown)."""
+def load_checkpoint_with_tokenizer(path: str, quantized: bool = False) -> Any:
+    """``arraygpt.load(path, quantized=...)``, refused when it has no tokenizer (its tokens could
+    not be shown)."""
     from arraygpt.io.formats import load
 
-    ckpt = load(path)
+    ckpt = load(path, quantized=quantized)
     if ckpt.tokenizer is None:
         raise ValueError(f"checkpoint {path} has no tokenizer, so its tokens cannot be turned into text")
     return ckpt
@@ -373,7 +384,7 @@ def run(args: argparse.Namespace) -> int:
     check_number("--show-probs", args.show_probs, 0, integer=True)
     sampling(args, {})  # report bad options before loading
     text = read_prompt_file(args.prompt_file) if args.prompt_file is not None else args.prompt
-    model, tokenizer, prefix, defaults = _load(args.checkpoint)
+    model, tokenizer, prefix, defaults = _load(args.checkpoint, args.quantized)
     sampler, temperature, options = sampling(args, defaults)
     max_new_tokens = args.max_new_tokens
     if max_new_tokens is None:
