@@ -1,0 +1,271 @@
+"""The quantized product on GGUF's K-quants (Q4_K, Q5_K, Q6_K: the kinds of llama.cpp's Q4_K_M
+files) read in place: out = x @ dequantize(W).T, with ``nn.quant``'s layouts (super-blocks of 256
+values, ggml-quants.c) decoded inside numba loops instead of the reference's array-API code.
+
+- Up to ``quant.MAX_ROWS`` rows of x (decoding): one pass over W's blocks in their stored order,
+  as ``quant.dot_float`` does. Each row keeps 32 float32 accumulators, one per position in a
+  sub-block of 32, reduced once per row; a sub-block's scale is folded into x
+  (``acc[l] += q * (d sc_s x_l)``), so the loop over the 32 positions vectorizes. Q4_K's and
+  Q5_K's min term (``-dmin mn_s``) multiplies the sub-block's sum of x (``xsum``, the same
+  (M, K / 32) sums the 32-value kinds use); Q6_K's offset (q - 32) stays in the loop. The rows of
+  W are split over the threads BLAS may use now (``_threads``), as ``quant._product`` does.
+- More rows (a prompt): tiles of ``quant.TILE`` rows of W decoded to float32 by a serial numba
+  loop, then multiplied with BLAS (``x @ tile.T``).
+
+Rounding: a different order of sums than the reference's BLAS product, both within the float32
+bound of a dot product, ``|error| <= K eps sum_j |w_j x_j|``, where a weight is bounded by its
+sub-block's scales: ``|d sc_s| qmax + |dmin mn_s|`` (qmax 15, 31; Q6_K: ``|d sc_s| 32``).
+tests/test_kquant.py checks this against the ``gguf`` library's dequantizer.
+
+Not here: the math's definition (``arraygpt.nn.quant``), the 32-value kinds and choosing between
+the paths (``quant.py``), which calls :func:`product` for a weight of a kind in KINDS.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from arraygpt.backends.numpy.kernels import _threads, quant
+from arraygpt.backends.numpy.kernels._jit import OPTIONS, LazyJit, ParallelJit, jitable, lazy_njit
+from arraygpt.backends.numpy.kernels._simd import half, prefetch
+from arraygpt.nn.quant import QuantizedWeight
+
+KINDS = ("q4_k", "q5_k", "q6_k")
+KIND_CODES = {kind: code for code, kind in enumerate(KINDS)}  # the numba sources' ``kind``: 0, 1, 2
+
+
+# ----------------------------------------------------------------------------------------------
+# numba sources: one super-block of 256 values at a time. A row of W is its blocks' bytes (uint8,
+# ``quant.blocks_2d(w)[o]``); offsets inside a block as in nn.quant._dequantize_blocks
+
+
+@jitable
+def _scale_min(row, at, s):
+    # the six-bit scale and min of sub-block s of the Q4_K/Q5_K block at byte `at`
+    # (get_scale_min_k4: 12 bytes at at + 4, d = bytes 0-3, m = 4-7, md = 8-11)
+    if s < 4:
+        return np.float32(row[at + 4 + s] & 63), np.float32(row[at + 8 + s] & 63)
+    md = row[at + 8 + s]
+    sc = (md & 15) | ((row[at + s] >> 6) << 4)
+    mn = (md >> 4) | ((row[at + 4 + s] >> 6) << 4)
+    return np.float32(sc), np.float32(mn)
+
+
+@jitable
+def _dot_q4k(row, x, xsum, acc):
+    # one Q4_K row times x (K,), xsum (K / 32,) x's sums per sub-block of 32. Block: d, dmin
+    # (float16), 12 bytes of scales and mins, 128 bytes of nibbles: bytes 32j..32j+31 hold
+    # sub-block 2j (low nibbles) and 2j+1 (high); value = d sc_s q - dmin mn_s
+    acc[:] = 0.0
+    s = np.float32(0.0)
+    for b in range(xsum.shape[0] // 8):
+        at = b * 144
+        d = half(row, at)
+        dmin = half(row, at + 2)
+        for j in range(4):
+            sc0, mn0 = _scale_min(row, at, 2 * j)
+            sc1, mn1 = _scale_min(row, at, 2 * j + 1)
+            d0, d1 = d * sc0, d * sc1
+            x0 = x[b * 256 + 64 * j : b * 256 + 64 * j + 32]
+            x1 = x[b * 256 + 64 * j + 32 : b * 256 + 64 * j + 64]
+            q = row[at + 16 + 32 * j : at + 48 + 32 * j]
+            for l in range(32):
+                v = q[l]
+                acc[l] += np.float32(v & 15) * (d0 * x0[l]) + np.float32(v >> 4) * (d1 * x1[l])
+            s -= dmin * (mn0 * xsum[b * 8 + 2 * j] + mn1 * xsum[b * 8 + 2 * j + 1])
+    return acc.sum() + s
+
+
+@jitable
+def _dot_q5k(row, x, xsum, acc):
+    # Q4_K's loop with a fifth bit per value: bit j of byte l of the 32 bytes at byte 16 for value
+    # l of sub-block j, the nibbles at byte 48 (block of 176 bytes)
+    acc[:] = 0.0
+    s = np.float32(0.0)
+    for b in range(xsum.shape[0] // 8):
+        at = b * 176
+        d = half(row, at)
+        dmin = half(row, at + 2)
+        h = row[at + 16 : at + 48]
+        for j in range(4):
+            sc0, mn0 = _scale_min(row, at, 2 * j)
+            sc1, mn1 = _scale_min(row, at, 2 * j + 1)
+            d0, d1 = d * sc0, d * sc1
+            x0 = x[b * 256 + 64 * j : b * 256 + 64 * j + 32]
+            x1 = x[b * 256 + 64 * j + 32 : b * 256 + 64 * j + 64]
+            q = row[at + 48 + 32 * j : at + 80 + 32 * j]
+            shift = np.uint32(2 * j)
+            for l in range(32):
+                v = np.uint32(q[l])
+                hb = np.uint32(h[l]) >> shift
+                lo = (v & 15) | ((hb & 1) << 4)
+                hi = (v >> 4) | ((hb & 2) << 3)
+                acc[l] += np.float32(lo) * (d0 * x0[l]) + np.float32(hi) * (d1 * x1[l])
+            s -= dmin * (mn0 * xsum[b * 8 + 2 * j] + mn1 * xsum[b * 8 + 2 * j + 1])
+    return acc.sum() + s
+
+
+@jitable
+def _dot_q6k(row, x, acc):
+    # one Q6_K row times x (K,). Block: 128 bytes of low nibbles, 64 of 2-bit highs, 16 int8
+    # scales, d (float16); each half h of 128 values: value 32k + l (k 0..3, l 0..31) is
+    # ql[64h + 32(k & 1) + l]'s nibble k >> 1 | bits 2k of qh[32h + l] << 4, minus 32, times
+    # d sc[8h + 2k + l // 16]
+    acc[:] = 0.0
+    for b in range(x.shape[0] // 256):
+        at = b * 210
+        d = half(row, at + 208)
+        for h in range(2):
+            ql = row[at + 64 * h : at + 64 * h + 64]
+            qh = row[at + 128 + 32 * h : at + 128 + 32 * h + 32]
+            xb = x[b * 256 + 128 * h : b * 256 + 128 * h + 128]
+            for g in range(2):  # positions 16g..16g+15: one scale per k
+                sc = at + 192 + 8 * h + g
+                d0 = d * np.float32(np.int8(row[sc]))
+                d1 = d * np.float32(np.int8(row[sc + 2]))
+                d2 = d * np.float32(np.int8(row[sc + 4]))
+                d3 = d * np.float32(np.int8(row[sc + 6]))
+                for i in range(16):
+                    l = 16 * g + i
+                    a = np.int32(ql[l])
+                    c = np.int32(ql[32 + l])
+                    e = np.int32(qh[l])
+                    q0 = ((a & 15) | ((e & 3) << 4)) - 32
+                    q1 = ((c & 15) | ((e & 12) << 2)) - 32
+                    q2 = ((a >> 4) | (e & 48)) - 32
+                    q3 = ((c >> 4) | ((e & 192) >> 2)) - 32
+                    acc[l] += (
+                        np.float32(q0) * (d0 * xb[l])
+                        + np.float32(q1) * (d1 * xb[32 + l])
+                        + np.float32(q2) * (d2 * xb[64 + l])
+                        + np.float32(q3) * (d3 * xb[96 + l])
+                    )
+    return acc.sum()
+
+
+@jitable
+def dot_k(row, kind, x, xsum, acc):
+    # one row of W (kind: a KIND_CODES value) times x (K,) in float32; xsum (K / 32,) x's sums
+    # per 32 values (unread for Q6_K), acc (32,) float32 scratch
+    if kind == 0:
+        return _dot_q4k(row, x, xsum, acc)
+    if kind == 1:
+        return _dot_q5k(row, x, xsum, acc)
+    return _dot_q6k(row, x, acc)
+
+
+@jitable
+def rows_times_k(x, xsum, blocks, kind, lo, hi, out):
+    # out[m, o] = (x @ W.T)[m, o] for rows lo..hi of W and every row m of x (M, K), xsum (M, K / 32)
+    acc = np.empty(32, np.float32)
+    for o in range(lo, hi):
+        row = blocks[o]
+        if o + quant.PREFETCH < hi:  # the row a few rows on, from memory meanwhile (as quant.rows_times)
+            ahead = blocks[o + quant.PREFETCH]
+            for at in range(0, ahead.shape[0], 64):
+                prefetch(ahead, at)
+        for m in range(x.shape[0]):
+            out[m, o] = dot_k(row, kind, x[m], xsum[m], acc)
+
+
+def _rows_source(prange):
+    def _product_rows(x, xsum, blocks, kind, out, parts):
+        # out (M, N) = x (M, K) @ W.T, W's rows in `parts` contiguous ranges, one task each
+        N = blocks.shape[0]
+        for c in prange(parts):
+            rows_times_k(x, xsum, blocks, kind, c * N // parts, (c + 1) * N // parts, out)
+
+    return _product_rows
+
+
+@lazy_njit
+def dequantize_tile_k(blocks, kind, r0, tile):
+    # tile (R, K) float32 = dequantize(W)[r0 : r0 + R], W's blocks (N, K / 256 * bytes) uint8.
+    # Serial, as quant._dequantize_tile (BLAS's threads do the product)
+    for r in range(tile.shape[0]):
+        row = blocks[r0 + r]
+        t = tile[r]
+        for b in range(tile.shape[1] // 256):
+            if kind == 2:
+                at = b * 210
+                d = half(row, at + 208)
+                for h in range(2):
+                    for l in range(32):
+                        a = np.int32(row[at + 64 * h + l])
+                        c = np.int32(row[at + 64 * h + 32 + l])
+                        e = np.int32(row[at + 128 + 32 * h + l])
+                        sc = at + 192 + 8 * h + l // 16
+                        base = b * 256 + 128 * h + l
+                        t[base] = d * np.float32(np.int8(row[sc])) * np.float32(((a & 15) | ((e & 3) << 4)) - 32)
+                        t[base + 32] = (
+                            d * np.float32(np.int8(row[sc + 2])) * np.float32(((c & 15) | ((e & 12) << 2)) - 32)
+                        )
+                        t[base + 64] = d * np.float32(np.int8(row[sc + 4])) * np.float32(((a >> 4) | (e & 48)) - 32)
+                        t[base + 96] = (
+                            d * np.float32(np.int8(row[sc + 6])) * np.float32(((c >> 4) | ((e & 192) >> 2)) - 32)
+                        )
+                continue
+            nbytes = 176 if kind == 1 else 144
+            start = 48 if kind == 1 else 16
+            at = b * nbytes
+            d = half(row, at)
+            dmin = half(row, at + 2)
+            for j in range(4):
+                sc0, mn0 = _scale_min(row, at, 2 * j)
+                sc1, mn1 = _scale_min(row, at, 2 * j + 1)
+                d0, m0, d1, m1 = d * sc0, dmin * mn0, d * sc1, dmin * mn1
+                base = b * 256 + 64 * j
+                for l in range(32):
+                    v = np.uint32(row[at + start + 32 * j + l])
+                    lo, hi = v & 15, v >> 4
+                    if kind == 1:
+                        hb = np.uint32(row[at + 16 + l]) >> np.uint32(2 * j)
+                        lo |= (hb & 1) << 4
+                        hi |= (hb & 2) << 3
+                    t[base + l] = d0 * np.float32(lo) - m0
+                    t[base + 32 + l] = d1 * np.float32(hi) - m1
+
+
+_product_rows = LazyJit(_rows_source(range), OPTIONS)
+_product_rows_parallel = ParallelJit(_rows_source)
+
+
+# ----------------------------------------------------------------------------------------------
+# the wrapper
+
+
+def product(x2: np.ndarray, w: QuantizedWeight, out: np.ndarray, xsum: np.ndarray | None = None) -> None:
+    """out (M, N) = x2 (M, K) @ dequantize(w).T for a weight of a kind in KINDS, on its blocks.
+
+    Args:
+        x2: float32 (M, K), C-contiguous.
+        w: a QuantizedWeight of kind q4_k, q5_k or q6_k whose blocks are a NumPy array.
+        out: float32 (M, N), written (a column slice of a wider output is fine).
+        xsum: x2's sums per 32 values, float32 (M, K / 32), where the caller has them (a stack's
+            parts share them); computed here when None, unread for more than MAX_ROWS rows.
+
+    Up to ``quant.MAX_ROWS`` rows: the decoding loops, W's rows split over the BLAS threads;
+    more: tiles of ``quant.TILE`` rows dequantized by numba, then ``np.matmul``.
+
+    Example:
+        >>> out = np.empty((1, w.shape[0]), np.float32)
+        >>> product(x.reshape(1, -1), w, out)
+    """
+    M, K = x2.shape
+    N = w.shape[0]
+    kind = KIND_CODES[w.kind]
+    blocks = quant.blocks_2d(w)
+    if M <= quant.MAX_ROWS:
+        if xsum is None:
+            xsum = x2.reshape(M, K // 32, 32).sum(axis=-1)  # (M, K / 32)
+        parts = _threads.chunks(N, quant.MIN_ROWS_PER_THREAD) or 1
+        if parts > 1:
+            _threads.launch(_product_rows_parallel, parts, x2, xsum, blocks, kind, out)
+        else:
+            _product_rows(x2, xsum, blocks, kind, out, 1)
+        return
+    tile = np.empty((min(quant.TILE, N), K), dtype=np.float32)
+    for r0 in range(0, N, quant.TILE):
+        rows = min(quant.TILE, N - r0)
+        dequantize_tile_k(blocks, kind, r0, tile[:rows])
+        np.matmul(x2, tile[:rows].T, out=out[:, r0 : r0 + rows])

@@ -1,0 +1,125 @@
+"""The numpy backend's K-quant product (backends/numpy/kernels/kquant.py) against the ``gguf``
+library's dequantizer, llama.cpp's own Python package, and the array-API reference
+(arraygpt.nn.quant.dequantize). gguf's Python cannot quantize the K-quants, so the blocks are
+random bytes with finite float16 scales (every bit pattern of the integer parts is a valid block)."""
+
+from __future__ import annotations
+
+from unittest import mock
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from arraygpt.nn.quant import BLOCKS, QuantizedWeight, dequantize
+
+gguf = pytest.importorskip("gguf", reason="the reference dequantizer is the gguf package: pip install gguf")
+pytest.importorskip("numba")
+from gguf import GGMLQuantizationType, quants
+
+from arraygpt.backends.numpy import blas_threads
+from arraygpt.backends.numpy.kernels import kquant
+from arraygpt.backends.numpy.kernels import quant as quant_kernel
+
+KINDS = ["q4_k", "q5_k", "q6_k"]
+SCALES = {"q4_k": [0, 2], "q5_k": [0, 2], "q6_k": [208]}  # bytes of the float16 d (and dmin)
+QUANTS = {"q4_k": slice(16, 144), "q5_k": slice(16, 176), "q6_k": slice(0, 192)}  # bytes of the quants
+
+
+def _random_blocks(kind: str, rows: int, n_blocks: int, seed: int) -> np.ndarray:
+    nbytes = BLOCKS[kind][1]
+    rng = np.random.default_rng(seed)
+    blocks = rng.integers(0, 256, size=(rows, n_blocks, nbytes), dtype=np.uint8)
+    for offset in SCALES[kind]:
+        scales = rng.uniform(-0.1, 0.1, size=(rows, n_blocks)).astype(np.float16)
+        blocks[..., offset : offset + 2] = scales.view(np.uint8).reshape(rows, n_blocks, 2)
+    return blocks
+
+
+def _gguf(kind: str, blocks: np.ndarray) -> np.ndarray:
+    """gguf's dequantized weight (rows, K), float64."""
+    rows = blocks.shape[0]
+    return quants.dequantize(blocks.reshape(rows, -1), GGMLQuantizationType[kind.upper()]).astype(np.float64)
+
+
+def _w_bound(kind: str, blocks: np.ndarray) -> np.ndarray:
+    """(rows, K): |w| bounded by its sub-block's scales, |d sc| qmax + |dmin mn|, read through
+    gguf: the weight with every quant bit 0 is -dmin mn (Q6_K: -32 d sc), with every bit 1 it is
+    d sc qmax - dmin mn (Q6_K: 31 d sc)."""
+    zeros, ones = blocks.copy(), blocks.copy()
+    zeros[..., QUANTS[kind]] = 0
+    ones[..., QUANTS[kind]] = 255
+    w0 = _gguf(kind, zeros)
+    return np.abs(_gguf(kind, ones) - w0) + np.abs(w0)
+
+
+def _bound(kind: str, blocks: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """(M, rows): twice the float32 bound of the dot products, K eps sum_j |w_j x_j|, |w_j| as
+    _w_bound."""
+    K = blocks.shape[1] * 256
+    return 2 * K * np.finfo(np.float32).eps * (np.abs(x.astype(np.float64)) @ _w_bound(kind, blocks).T)
+
+
+def test_the_bound_covers_the_weights():
+    # the tolerance's |w| bound is a bound (else every test below would test nothing much)
+    for kind in KINDS:
+        blocks = _random_blocks(kind, 5, 2, 1)
+        assert np.all(np.abs(_gguf(kind, blocks)) <= _w_bound(kind, blocks) * (1 + 1e-6))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@settings(max_examples=12, deadline=None)
+@given(
+    rows=st.integers(1, 40),
+    n_blocks=st.integers(1, 3),
+    M=st.sampled_from([1, 3, quant_kernel.MAX_ROWS, quant_kernel.MAX_ROWS + 1, 17]),
+    threads=st.sampled_from([1, 2]),
+    given_sums=st.booleans(),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_the_product_equals_the_gguf_dequantizer_and_the_reference(kind, rows, n_blocks, M, threads, given_sums, seed):
+    blocks = _random_blocks(kind, rows, n_blocks, seed)
+    K = 256 * n_blocks
+    w = QuantizedWeight(kind, blocks, (rows, K))
+    x = np.random.default_rng(seed).standard_normal((M, K)).astype(np.float32)
+    xsum = x.reshape(M, -1, 32).sum(axis=-1) if given_sums else None
+    out = np.full((M, rows + 3), np.nan, np.float32)  # a column slice, as a stack's part writes
+    # small tiles and chunks, so that a few rows cross tiles and split over two threads
+    with (
+        blas_threads(threads),
+        mock.patch.object(quant_kernel, "TILE", 7),
+        mock.patch.object(quant_kernel, "MIN_ROWS_PER_THREAD", 4),
+    ):
+        kquant.product(x, w, out[:, 2 : 2 + rows], xsum)
+    assert np.isnan(out[:, :2]).all() and np.isnan(out[:, 2 + rows :]).all()
+    got = out[:, 2 : 2 + rows]
+    tol = _bound(kind, blocks, x) + 1e-6
+    x64 = x.astype(np.float64)
+    assert np.all(np.abs(got - x64 @ _gguf(kind, blocks).T) <= tol)
+    reference = np.asarray(dequantize(w), dtype=np.float64)  # arraygpt.nn.quant's array-API decoding
+    assert np.all(np.abs(got - x64 @ reference.T) <= tol)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_decode_sized_product_on_two_threads(kind):
+    # enough rows for quant's own chunking (MIN_ROWS_PER_THREAD) to split them
+    rows = 2 * quant_kernel.MIN_ROWS_PER_THREAD + 5
+    blocks = _random_blocks(kind, rows, 2, 3)
+    w = QuantizedWeight(kind, blocks, (rows, 512))
+    x = np.random.default_rng(3).standard_normal((1, 512)).astype(np.float32)
+    out = np.empty((1, rows), np.float32)
+    with blas_threads(2):
+        kquant.product(x, w, out)
+    assert np.all(np.abs(out - x.astype(np.float64) @ _gguf(kind, blocks).T) <= _bound(kind, blocks, x) + 1e-6)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_tile_dequantizer_is_the_gguf_dequantizer(kind):
+    blocks = _random_blocks(kind, 6, 2, 4)
+    w = QuantizedWeight(kind, blocks, (6, 512))
+    tile = np.full((4, 512), np.nan, np.float32)
+    kquant.dequantize_tile_k(quant_kernel.blocks_2d(w), kquant.KIND_CODES[kind], 2, tile)
+    # one rounding apart (a fused multiply-add, or not), within eps of the scales' bound
+    tol = 2 * np.finfo(np.float32).eps * _w_bound(kind, blocks)[2:6]
+    assert np.all(np.abs(tile - _gguf(kind, blocks)[2:6]) <= tol)
