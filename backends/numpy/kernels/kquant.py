@@ -34,12 +34,18 @@ KINDS = ("q4_k", "q5_k", "q6_k")
 KIND_CODES = {kind: code for code, kind in enumerate(KINDS)}  # the numba sources' ``kind``: 0, 1, 2
 
 
+# Bit operations as NumPy's ufuncs on uint8 scalars: numba widens ``v & 15`` to int64, and the
+# loops then convert 8 int64 lanes to float at a time; the ufuncs keep bytes (1.5x on a probe)
+_and, _or, _shl, _shr = np.bitwise_and, np.bitwise_or, np.left_shift, np.right_shift
+_U1, _U2, _U3, _U4, _U12, _U15, _U48, _U192 = (np.uint8(v) for v in (1, 2, 3, 4, 12, 15, 48, 192))
+
+
 # ----------------------------------------------------------------------------------------------
 # numba sources: one super-block of 256 values at a time. A row of W is its blocks' bytes (uint8,
 # ``quant.blocks_2d(w)[o]``); offsets inside a block as in nn.quant._dequantize_blocks
 
 
-@jitable
+@jitable(inline=False)
 def _scale_min(row, at, s):
     # the six-bit scale and min of sub-block s of the Q4_K/Q5_K block at byte `at`
     # (get_scale_min_k4: 12 bytes at at + 4, d = bytes 0-3, m = 4-7, md = 8-11)
@@ -51,7 +57,7 @@ def _scale_min(row, at, s):
     return np.float32(sc), np.float32(mn)
 
 
-@jitable
+@jitable(inline=False)
 def _dot_q4k(row, x, xsum, acc):
     # one Q4_K row times x (K,), xsum (K / 32,) x's sums per sub-block of 32. Block: d, dmin
     # (float16), 12 bytes of scales and mins, 128 bytes of nibbles: bytes 32j..32j+31 hold
@@ -71,12 +77,12 @@ def _dot_q4k(row, x, xsum, acc):
             q = row[at + 16 + 32 * j : at + 48 + 32 * j]
             for l in range(32):
                 v = q[l]
-                acc[l] += np.float32(v & 15) * (d0 * x0[l]) + np.float32(v >> 4) * (d1 * x1[l])
+                acc[l] += np.float32(_and(v, _U15)) * (d0 * x0[l]) + np.float32(_shr(v, _U4)) * (d1 * x1[l])
             s -= dmin * (mn0 * xsum[b * 8 + 2 * j] + mn1 * xsum[b * 8 + 2 * j + 1])
     return acc.sum() + s
 
 
-@jitable
+@jitable(inline=False)
 def _dot_q5k(row, x, xsum, acc):
     # Q4_K's loop with a fifth bit per value: bit j of byte l of the 32 bytes at byte 16 for value
     # l of sub-block j, the nibbles at byte 48 (block of 176 bytes)
@@ -94,18 +100,18 @@ def _dot_q5k(row, x, xsum, acc):
             x0 = x[b * 256 + 64 * j : b * 256 + 64 * j + 32]
             x1 = x[b * 256 + 64 * j + 32 : b * 256 + 64 * j + 64]
             q = row[at + 48 + 32 * j : at + 80 + 32 * j]
-            shift = np.uint32(2 * j)
+            shift = np.uint8(2 * j)
             for l in range(32):
-                v = np.uint32(q[l])
-                hb = np.uint32(h[l]) >> shift
-                lo = (v & 15) | ((hb & 1) << 4)
-                hi = (v >> 4) | ((hb & 2) << 3)
+                v = q[l]
+                hb = _shr(h[l], shift)
+                lo = _or(_and(v, _U15), _shl(_and(hb, _U1), _U4))
+                hi = _or(_shr(v, _U4), _shl(_and(hb, _U2), _U3))
                 acc[l] += np.float32(lo) * (d0 * x0[l]) + np.float32(hi) * (d1 * x1[l])
             s -= dmin * (mn0 * xsum[b * 8 + 2 * j] + mn1 * xsum[b * 8 + 2 * j + 1])
     return acc.sum() + s
 
 
-@jitable
+@jitable(inline=False)
 def _dot_q6k(row, x, acc):
     # one Q6_K row times x (K,). Block: 128 bytes of low nibbles, 64 of 2-bit highs, 16 int8
     # scales, d (float16); each half h of 128 values: value 32k + l (k 0..3, l 0..31) is
@@ -127,23 +133,18 @@ def _dot_q6k(row, x, acc):
                 d3 = d * np.float32(np.int8(row[sc + 6]))
                 for i in range(16):
                     l = 16 * g + i
-                    a = np.int32(ql[l])
-                    c = np.int32(ql[32 + l])
-                    e = np.int32(qh[l])
-                    q0 = ((a & 15) | ((e & 3) << 4)) - 32
-                    q1 = ((c & 15) | ((e & 12) << 2)) - 32
-                    q2 = ((a >> 4) | (e & 48)) - 32
-                    q3 = ((c >> 4) | ((e & 192) >> 2)) - 32
+                    a, c, e = ql[l], ql[32 + l], qh[l]
+                    q0 = np.float32(_or(_and(a, _U15), _shl(_and(e, _U3), _U4))) - np.float32(32)
+                    q1 = np.float32(_or(_and(c, _U15), _shl(_and(e, _U12), _U2))) - np.float32(32)
+                    q2 = np.float32(_or(_shr(a, _U4), _and(e, _U48))) - np.float32(32)
+                    q3 = np.float32(_or(_shr(c, _U4), _shr(_and(e, _U192), _U2))) - np.float32(32)
                     acc[l] += (
-                        np.float32(q0) * (d0 * xb[l])
-                        + np.float32(q1) * (d1 * xb[32 + l])
-                        + np.float32(q2) * (d2 * xb[64 + l])
-                        + np.float32(q3) * (d3 * xb[96 + l])
+                        q0 * (d0 * xb[l]) + q1 * (d1 * xb[32 + l]) + q2 * (d2 * xb[64 + l]) + q3 * (d3 * xb[96 + l])
                     )
     return acc.sum()
 
 
-@jitable
+@jitable(inline=False)
 def dot_k(row, kind, x, xsum, acc):
     # one row of W (kind: a KIND_CODES value) times x (K,) in float32; xsum (K / 32,) x's sums
     # per 32 values (unread for Q6_K), acc (32,) float32 scratch
@@ -154,7 +155,7 @@ def dot_k(row, kind, x, xsum, acc):
     return _dot_q6k(row, x, acc)
 
 
-@jitable
+@jitable(inline=False)
 def rows_times_k(x, xsum, blocks, kind, lo, hi, out):
     # out[m, o] = (x @ W.T)[m, o] for rows lo..hi of W and every row m of x (M, K), xsum (M, K / 32)
     acc = np.empty(32, np.float32)
