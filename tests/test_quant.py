@@ -278,6 +278,41 @@ def test_the_byte_dot_products_are_numpys_integer_dots(n, seed):
     assert dots(row, xq, kinds).tolist() == expected  # |dot| < 2**24: exact in float32
 
 
+@given(n=st.integers(1, 6), seed=st.integers(0, 2**32 - 1))
+def test_the_prompt_loops_vectors_are_numpys_integer_dots_and_float_sums(n, seed):
+    """nibbles / bytes_plus_128 then dot_block, fma_scaled, fmav, load8 and lane (_simd.py),
+    compiled, against the same sums in NumPy's integers and float64."""
+    pytest.importorskip("numba")
+    from arraygpt.backends.numpy.kernels import _simd
+    from arraygpt.backends.numpy.kernels._jit import numba
+
+    @numba().njit
+    def sums(row, xq, kinds, s, t):  # per block at 34 i: [dot, lane i % 8 of fmav(fma_scaled(...))]
+        out = np.empty((len(kinds), 2), np.float32)
+        for i in range(len(kinds)):
+            w = _simd.nibbles(row, 34 * i) if kinds[i] else _simd.bytes_plus_128(row, 34 * i)
+            v = _simd.dot_block(w, xq, 32 * i)
+            out[i, 0] = _simd.total(_simd.fma(_simd.zeros(), v, np.float32(1.0)))
+            acc = _simd.fma_scaled(_simd.zeros(), v, s[i], _simd.splat(np.float32(2.0)))
+            out[i, 1] = _simd.lane(_simd.fmav(acc, _simd.splat(s[i]), _simd.load8(t, 8 * i)), i % 8)
+        return out
+
+    rng = np.random.default_rng(seed)
+    row = rng.integers(0, 256, 34 * n, dtype=np.uint8)
+    xq = rng.integers(-128, 128, 32 * n).astype(np.int8)
+    kinds = rng.integers(0, 2, n).astype(np.int64)
+    s = rng.uniform(-2, 2, n).astype(np.float32)
+    t = rng.standard_normal(8 * n).astype(np.float32)
+    got = sums(row, xq, kinds, s, t)
+    for i in range(n):
+        raw = row[34 * i : 34 * i + 32].astype(np.int64)
+        w = np.concatenate([raw[:16] & 15, raw[:16] >> 4]) if kinds[i] else (raw ^ 128)  # unsigned, 0..255
+        products = (w * xq[32 * i : 32 * i + 32].astype(np.int64)).reshape(8, 4).sum(axis=1)
+        assert got[i, 0] == products.sum()  # |dot| < 2**24: exact in float32
+        expected = float(products[i % 8]) * float(s[i]) * 2.0 + float(s[i]) * float(t[8 * i + i % 8])
+        assert abs(got[i, 1] - expected) <= 1e-6 * (abs(float(products[i % 8]) * float(s[i]) * 2.0) + abs(expected) + 1)
+
+
 def test_the_float16_scales_read_in_place_are_numpys_for_every_bit_pattern():
     _, halves = _simd_compiled()
     bits = np.arange(1 << 16, dtype=np.uint16)
@@ -367,7 +402,7 @@ def _split(kind: str, blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 @given(
     rows=st.integers(1, 70),
     n_blocks=st.integers(1, 4),
-    M=st.sampled_from([1, 2, 8]),
+    M=st.sampled_from([1, 2, 8, 9, 16, 21]),  # decoding's rows, then a prompt's groups of 8 (the last padded)
     threads=st.sampled_from([1, 2]),
     seed=st.integers(0, 2**32 - 1),
 )
@@ -385,6 +420,25 @@ def test_the_int8_kernel_multiplies_the_quantized_activations_exactly_as_floats(
     x = np.random.default_rng(seed).standard_normal((M, K)).astype(np.float32)
     with blas_threads(threads):
         out, _ = kernel.quantized_linear_int8_forward(x, w)
+    _assert_exact_as_floats(kind, blocks, x, out)
+
+
+@pytest.mark.parametrize("kind", ["q8_0", "q4_1"])
+@pytest.mark.parametrize("M", [1, 13])
+def test_the_int8_kernel_splits_the_rows_of_w_over_two_threads(kind, M):
+    from arraygpt.backends.numpy import blas_threads
+
+    kernel = _kernel()
+    rows = 2 * kernel.MIN_ROWS_PER_THREAD + 7  # two parts, the second a row longer
+    blocks = _random_blocks(kind, rows, 2, seed=5)
+    x = np.random.default_rng(5).standard_normal((M, 64)).astype(np.float32)
+    with blas_threads(2):
+        out, _ = kernel.quantized_linear_int8_forward(x, QuantizedWeight(kind, blocks, (rows, 64)))
+    _assert_exact_as_floats(kind, blocks, x, out)
+
+
+def _assert_exact_as_floats(kind: str, blocks: np.ndarray, x: np.ndarray, out: np.ndarray) -> None:
+    (M, K), n_blocks = x.shape, blocks.shape[1]
     xq, dx, _ = _activations(x)
     x_hat = xq.reshape(M, n_blocks, 32).astype(np.float64) * dx[..., None].astype(np.float64)
     w_q, w_c = _split(kind, blocks)
@@ -398,7 +452,7 @@ def test_the_int8_kernel_multiplies_the_quantized_activations_exactly_as_floats(
 @given(
     rows=st.integers(1, 40),
     n_blocks=st.integers(1, 4),
-    M=st.sampled_from([1, 3, 8, 9]),
+    M=st.sampled_from([1, 3, 8, 9, 300]),
     bias=st.booleans(),
     seed=st.integers(0, 2**32 - 1),
 )
@@ -406,15 +460,15 @@ def test_the_int8_kernel_is_within_its_documented_bound_of_the_gguf_dequantized_
     kind, rows, n_blocks, M, bias, seed
 ):
     """|out - x @ W.T| <= sum_j |W_q,j| dx_b / 2 (the activations' rounding, docs/gguf.md) plus
-    the float32 bound; the kinds without an int8 path (Q5) and prefill (more than MAX_ROWS rows)
-    are the float32 kernel's numbers."""
+    the float32 bound; the kinds without an int8 path (Q5) and long prompts (more rows than
+    ``groups_pay`` takes) are the float32 kernel's numbers."""
     kernel = _kernel()
     blocks, w, x, b = _case(kind, rows, n_blocks, M, bias, seed)
     out, _ = kernel.quantized_linear_int8_forward(x, w, b)
     dense = quants.dequantize(blocks.reshape(rows, -1), TYPES[kind]).astype(np.float64)
     expected = x.astype(np.float64) @ dense.T + (0 if b is None else b)
     tol = _bound(kind, blocks, x) + 1e-6
-    if kind in kernel.INT8_KINDS and M <= kernel.MAX_ROWS:
+    if kind in kernel.INT8_KINDS and (M <= kernel.MAX_ROWS or kernel.groups_pay(M)):
         _, dx, _ = _activations(x)
         w_q, _ = _split(kind, blocks)
         half_step = np.repeat(dx.astype(np.float64) / 2, 32, axis=1) * (1 + 1e-6)  # (M, K)

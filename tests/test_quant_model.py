@@ -69,8 +69,8 @@ def _with_quantized_kernel(model: GPT, name: str | None) -> GPT:
 
 
 def _assert_close(model: GPT, got: np.ndarray, expected: np.ndarray) -> None:
-    """Equal within float32 rounding; on the int8 kernel, whose decode steps multiply int8
-    activations (each product is checked against its bound in tests/test_quant.py), within 10% of
+    """Equal within float32 rounding; on the int8 kernel, whose decode steps and short prompts
+    multiply int8 activations (each product is checked against its bound in tests/test_quant.py), within 10% of
     the logits' scale: the rounding of every layer's inputs adds up in these small random models,
     a wrong block or row would be off by the logits' whole scale."""
     if model.kernels.quantized_linear[0].__name__ == "quantized_linear_int8_forward":
@@ -97,7 +97,6 @@ def test_kv_cache_decoding_on_quantized_weights_equals_the_dequantized_model(con
     for t in range(9, idx.shape[1]):
         steps.append(model.forward(idx[:, t : t + 1], kv_cache=cache)[0])
     decoded = np.concatenate(steps, axis=1)
-    np.testing.assert_allclose(decoded[:, :9], full[:, :9], rtol=1e-4, atol=1e-4)  # the prefill: float32 tiles
     _assert_close(model, decoded, full)
     # the reference kernels on the same blocks
     on_reference = GPT(config, kernels="reference", params=model.state_dict())
@@ -162,7 +161,7 @@ def test_a_gguf_file_loads_quantized_over_the_memory_mapped_blocks(tmp_path, dty
         ours = quants.dequantize(blocks.reshape(blocks.shape[0], -1), GGMLQuantizationType[dtype.upper()])
         np.testing.assert_array_equal(ours, dense.params[f"layer1.{name}"])
     idx = np.array([[5, 1, 4, 1, 5, 9, 2, 6, 5, 3]])
-    np.testing.assert_allclose(kept.forward(idx)[0], dense.forward(idx)[0], rtol=1e-4, atol=1e-4)
+    _assert_close(kept, kept.forward(idx)[0], dense.forward(idx)[0])
     with pytest.raises(RuntimeError, match="inference only"):
         kept.forward(idx, targets=idx)
         kept.backward()

@@ -15,6 +15,18 @@ vocabulary, one block of 32 values at a time:
   the sum of its lanes (float32);
 - ``half(row, at)``: the float16 at byte ``at`` of a uint8 row, as float32.
 
+A prompt's loop (many rows of x against one block of W) unpacks the block once and meets each
+row's int8 quants with it, so the weights come first, as 32 unsigned bytes (:data:`U8x32`):
+
+- ``nibbles(row, at)``: the 16 bytes at ``row[at:]`` as 32 four-bit values, as ``dot_nibbles``;
+- ``bytes_plus_128(row, at)``: the 32 int8 weights at ``row[at:]`` plus 128 (0..255), so that the
+  dot product needs no sign trick: ``sum (w + 128) x = sum w x + 128 sum x``, and the caller
+  takes ``128 sum x`` off once per block;
+- ``dot_block(w, xq, xat)``: w dotted with the int8 ``xq[xat:xat+32]``, an :data:`I32x8`;
+- ``splat(s)``: an :data:`F32x8` of s; ``fma_scaled(acc, v, s, d)`` = acc + float(v) * s * d
+  (s a float32, d an F32x8); ``load8(a, at)``: a float32 array's ``a[at:at+8]``;
+  ``fmav(acc, a, b)`` = acc + a * b; ``lane(v, i)``: lane i of an F32x8.
+
 Each is a plain Python function (NumPy arrays stand for the vectors: what tests and ``py_func``
 run) and, once numba is imported, an ``overload`` whose intrinsic emits the LLVM vector code: with
 ``avx512vnni`` or ``avxvnni`` in the CPU's features the ``vpdpbusd`` intrinsic, elsewhere the same
@@ -60,6 +72,39 @@ def half(row: np.ndarray, at: int) -> np.float32:
     return np.float32(row[at : at + 2].view(np.float16)[0])
 
 
+def nibbles(row: np.ndarray, at: int) -> np.ndarray:
+    q = row[at : at + 16]
+    return np.concatenate([q & 15, q >> 4])
+
+
+def bytes_plus_128(row: np.ndarray, at: int) -> np.ndarray:
+    return row[at : at + 32] ^ np.uint8(128)
+
+
+def dot_block(w: np.ndarray, xq: np.ndarray, xat: int) -> np.ndarray:
+    return (w.astype(np.int32) * xq[xat : xat + 32].astype(np.int32)).reshape(8, 4).sum(axis=1, dtype=np.int32)
+
+
+def splat(s: Any) -> np.ndarray:
+    return np.full(8, s, np.float32)
+
+
+def fma_scaled(acc: np.ndarray, v: np.ndarray, s: Any, d: np.ndarray) -> np.ndarray:
+    return acc + v.astype(np.float32) * np.float32(s) * d
+
+
+def load8(a: np.ndarray, at: int) -> np.ndarray:
+    return a[at : at + 8].astype(np.float32)
+
+
+def fmav(acc: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return acc + a * b
+
+
+def lane(v: np.ndarray, i: int) -> np.float32:
+    return np.float32(v[i])
+
+
 def prefetch(row: np.ndarray, at: int) -> None:
     """A hint to bring ``row[at]``'s cache line in for reading (nothing in Python)."""
 
@@ -103,6 +148,10 @@ def _register(numba: Any) -> None:
         def __init__(self) -> None:
             super().__init__(name="F32x8")
 
+    class U8x32Type(types.Type):
+        def __init__(self) -> None:
+            super().__init__(name="U8x32")
+
     @register_model(I32x8Type)
     class I32x8Model(models.PrimitiveModel):
         def __init__(self, dmm: Any, fe_type: Any) -> None:
@@ -113,7 +162,12 @@ def _register(numba: Any) -> None:
         def __init__(self, dmm: Any, fe_type: Any) -> None:
             super().__init__(dmm, fe_type, V8F)
 
-    I32x8, F32x8 = I32x8Type(), F32x8Type()
+    @register_model(U8x32Type)
+    class U8x32Model(models.PrimitiveModel):
+        def __init__(self, dmm: Any, fe_type: Any) -> None:
+            super().__init__(dmm, fe_type, V32B)
+
+    I32x8, F32x8, U8x32 = I32x8Type(), F32x8Type(), U8x32Type()
 
     def pointer(context: Any, builder: Any, array_type: Any, array: Any, at: Any, element: Any) -> Any:
         data = cgutils.create_struct_proxy(array_type)(context, builder, value=array).data
@@ -121,6 +175,10 @@ def _register(numba: Any) -> None:
 
     def lanes(values: list[int]) -> Any:
         return ir.Constant(ir.VectorType(i32, len(values)), values)
+
+    def splat_ir(builder: Any, s: Any) -> Any:
+        v = builder.insert_element(ir.Constant(V8F, ir.Undefined), s, ir.Constant(i32, 0))
+        return builder.shuffle_vector(v, v, lanes([0] * 8))
 
     def dpbusd(builder: Any, unsigned: Any, signed: Any) -> Any:
         """8 lanes, lane i = sum of unsigned[4i+k] * signed[4i+k]."""
@@ -149,7 +207,7 @@ def _register(numba: Any) -> None:
 
         return dot
 
-    def nibbles(builder: Any, p: Any, x: Any) -> tuple[Any, Any]:
+    def unpack_nibbles(builder: Any, p: Any, x: Any) -> tuple[Any, Any]:
         q = builder.load(builder.bitcast(p, V16B.as_pointer()), align=1)
         low = builder.and_(q, ir.Constant(V16B, [15] * 16))
         high = builder.lshr(q, ir.Constant(V16B, [4] * 16))
@@ -161,7 +219,61 @@ def _register(numba: Any) -> None:
         magnitude = builder.select(negative, builder.neg(w), w)  # -128 -> 128 as an unsigned byte
         return magnitude, builder.select(negative, builder.neg(x), x)
 
-    dot_nibbles_ir, dot_bytes_ir = dot_intrinsic(nibbles), dot_intrinsic(signed_bytes)
+    dot_nibbles_ir, dot_bytes_ir = dot_intrinsic(unpack_nibbles), dot_intrinsic(signed_bytes)
+
+    @intrinsic
+    def nibbles_ir(typingctx: Any, row: Any, at: Any) -> Any:
+        def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+            return unpack_nibbles(builder, pointer(context, builder, sig.args[0], args[0], args[1], i8), None)[0]
+
+        return U8x32(row, at), codegen
+
+    @intrinsic
+    def bytes_plus_128_ir(typingctx: Any, row: Any, at: Any) -> Any:
+        def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+            w = builder.load(pointer(context, builder, sig.args[0], args[0], args[1], V32B), align=1)
+            return builder.xor(w, ir.Constant(V32B, [-128] * 32))
+
+        return U8x32(row, at), codegen
+
+    @intrinsic
+    def dot_block_ir(typingctx: Any, w: Any, xq: Any, xat: Any) -> Any:
+        def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+            x = builder.load(pointer(context, builder, sig.args[1], args[1], args[2], V32B), align=1)
+            return dpbusd(builder, args[0], x)
+
+        return I32x8(w, xq, xat), codegen
+
+    @intrinsic
+    def splat_intrinsic(typingctx: Any, s: Any) -> Any:
+        return F32x8(types.float32), lambda context, builder, sig, args: splat_ir(builder, args[0])
+
+    @intrinsic
+    def fma_scaled_ir(typingctx: Any, acc: Any, v: Any, s: Any, d: Any) -> Any:
+        def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+            # float(v) * s first: LLVM reads s from memory as a broadcast operand of the multiply
+            scaled = builder.fmul(builder.sitofp(args[1], V8F), splat_ir(builder, args[2]))
+            return builder.fadd(args[0], builder.fmul(scaled, args[3], flags=("contract",)), flags=("contract",))
+
+        return F32x8(acc, v, types.float32, d), codegen
+
+    @intrinsic
+    def load8_ir(typingctx: Any, a: Any, at: Any) -> Any:
+        def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+            return builder.load(pointer(context, builder, sig.args[0], args[0], args[1], V8F), align=4)
+
+        return F32x8(a, at), codegen
+
+    @intrinsic
+    def fmav_ir(typingctx: Any, acc: Any, a: Any, b: Any) -> Any:
+        def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+            return builder.fadd(args[0], builder.fmul(args[1], args[2], flags=("contract",)), flags=("contract",))
+
+        return F32x8(acc, a, b), codegen
+
+    @intrinsic
+    def lane_ir(typingctx: Any, v: Any, i: Any) -> Any:
+        return types.float32(v, i), lambda context, builder, sig, args: builder.extract_element(args[0], args[1])
 
     @intrinsic
     def zeros_ir(typingctx: Any) -> Any:
@@ -170,9 +282,7 @@ def _register(numba: Any) -> None:
     @intrinsic
     def fma_ir(typingctx: Any, acc: Any, v: Any, s: Any) -> Any:
         def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
-            scale = builder.insert_element(ir.Constant(V8F, ir.Undefined), args[2], ir.Constant(i32, 0))
-            scale = builder.shuffle_vector(scale, scale, lanes([0] * 8))
-            product = builder.fmul(builder.sitofp(args[1], V8F), scale, flags=("contract",))
+            product = builder.fmul(builder.sitofp(args[1], V8F), splat_ir(builder, args[2]), flags=("contract",))
             return builder.fadd(args[0], product, flags=("contract",))
 
         return F32x8(acc, v, types.float32), codegen
@@ -235,6 +345,14 @@ def _register(numba: Any) -> None:
     overload(total)(lambda acc: lambda acc: total_ir(acc))
     overload(half)(lambda row, at: lambda row, at: half_ir(row, at))
     overload(prefetch)(lambda row, at: lambda row, at: prefetch_ir(row, at))
+    overload(nibbles)(lambda row, at: lambda row, at: nibbles_ir(row, at))
+    overload(bytes_plus_128)(lambda row, at: lambda row, at: bytes_plus_128_ir(row, at))
+    overload(dot_block)(lambda w, xq, xat: lambda w, xq, xat: dot_block_ir(w, xq, xat))
+    overload(splat)(lambda s: lambda s: splat_intrinsic(s))
+    overload(fma_scaled)(lambda acc, v, s, d: lambda acc, v, s, d: fma_scaled_ir(acc, v, s, d))
+    overload(load8)(lambda a, at: lambda a, at: load8_ir(a, at))
+    overload(fmav)(lambda acc, a, b: lambda acc, a, b: fmav_ir(acc, a, b))
+    overload(lane)(lambda v, i: lambda v, i: lane_ir(v, i))
 
 
 when_numba_loads(_register)

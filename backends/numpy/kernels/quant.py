@@ -40,9 +40,27 @@ from typing import Any
 
 import numpy as np
 
+from arraygpt.backends import numpy as backend  # the backend these arrays come from: its BLAS threads
 from arraygpt.backends.numpy.kernels import _threads
 from arraygpt.backends.numpy.kernels._jit import OPTIONS, LazyJit, ParallelJit, jitable, lazy_njit, loader
-from arraygpt.backends.numpy.kernels._simd import dot_bytes, dot_nibbles, fma, half, has_vnni, prefetch, total, zeros
+from arraygpt.backends.numpy.kernels._simd import (
+    bytes_plus_128,
+    dot_block,
+    dot_bytes,
+    dot_nibbles,
+    fma,
+    fma_scaled,
+    fmav,
+    half,
+    has_vnni,
+    lane,
+    load8,
+    nibbles,
+    prefetch,
+    splat,
+    total,
+    zeros,
+)
 from arraygpt.errors import KernelUnavailable
 from arraygpt.nn import quant
 from arraygpt.nn.kernels import KernelSpec
@@ -51,6 +69,9 @@ MAX_ROWS = 8  # decoding's loop up to here; more rows: dequantized tiles and BLA
 TILE = 1024  # rows of W dequantized at a time on the prefill path (256: 13% slower, 2 MB less memory)
 MIN_ROWS_PER_THREAD = 64  # rows of W a thread takes at least (a parallel launch costs a few microseconds)
 PREFETCH = 6  # rows of W ahead that a product asks the memory for (measured: 4 to 16 alike)
+GROUP = 8  # rows of x the int8 prompt loop carries at once: 8 accumulators in registers
+GROUP_ROWS = 96  # a prompt's rows a thread up to which the int8 groups beat float32 tiles and BLAS (measured)
+W_TILE = 16  # rows of W the int8 prompt loop keeps in the L1 cache while the groups of x pass
 KINDS = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
 
 
@@ -154,6 +175,59 @@ def rows_times(x, xq, dx, xsum, blocks, layout, lo, hi, out):
                 out[m, o] = dot_float(row, nbytes, start, high, offset, x[m], xsum[m], acc)
 
 
+@jitable
+def groups_times(xg, dxg, tg, blocks, layout, lo, hi, out):
+    # out[m, o] = (x @ W.T)[m, o] for rows lo..hi of W, x (M, K) in groups of GROUP rows as
+    # group_activations lays them out: xg (G, nb, GROUP, 32) int8 quants, dxg (G, nb, GROUP) their
+    # scales, tg (2, G, nb, GROUP) the block terms (sums of x; -128 dx sum xq). Each block of a
+    # row of W is unpacked once and meets the group's 8 rows; its constant term (m_b, -8 d_b, and
+    # Q8_0's d_b: its weights go in as w + 128) times the block term, 8 rows in one vector
+    nbytes, start, offset = layout[0], layout[1], layout[3]
+    M, nb = out.shape[0], dxg.shape[1]
+    t = tg[1] if nbytes == 34 else tg[0]
+    sums = np.empty(GROUP, np.float32)
+    for tile in range(lo, hi, W_TILE):
+        for g in range(xg.shape[0]):
+            x, dx, tx = xg[g], dxg[g], t[g]
+            for o in range(tile, min(tile + W_TILE, hi)):
+                row = blocks[o]
+                a0, a1, a2, a3, a4, a5, a6, a7 = zeros(), zeros(), zeros(), zeros(), zeros(), zeros(), zeros(), zeros()
+                c = zeros()
+                for b in range(nb):
+                    at, xat = b * nbytes, b * 32 * GROUP
+                    db = half(row, at)
+                    if nbytes == 34:
+                        w, coefficient = bytes_plus_128(row, at + 2), db
+                    else:
+                        w = nibbles(row, at + start)
+                        coefficient = half(row, at + 2) if offset == 0 else np.float32(-offset) * db
+                    d = splat(db)
+                    a0 = fma_scaled(a0, dot_block(w, x, xat), dx[b, 0], d)
+                    a1 = fma_scaled(a1, dot_block(w, x, xat + 32), dx[b, 1], d)
+                    a2 = fma_scaled(a2, dot_block(w, x, xat + 64), dx[b, 2], d)
+                    a3 = fma_scaled(a3, dot_block(w, x, xat + 96), dx[b, 3], d)
+                    a4 = fma_scaled(a4, dot_block(w, x, xat + 128), dx[b, 4], d)
+                    a5 = fma_scaled(a5, dot_block(w, x, xat + 160), dx[b, 5], d)
+                    a6 = fma_scaled(a6, dot_block(w, x, xat + 192), dx[b, 6], d)
+                    a7 = fma_scaled(a7, dot_block(w, x, xat + 224), dx[b, 7], d)
+                    c = fmav(c, splat(coefficient), load8(tx, b * GROUP))
+                sums[0], sums[1], sums[2], sums[3] = total(a0), total(a1), total(a2), total(a3)
+                sums[4], sums[5], sums[6], sums[7] = total(a4), total(a5), total(a6), total(a7)
+                m = g * GROUP
+                for i in range(min(GROUP, M - m)):
+                    out[m + i, o] = sums[i] + lane(c, i)
+
+
+def _groups_source(prange: Any) -> Any:
+    def _product_groups(xg, dxg, tg, blocks, layout, out, parts):
+        # out (M, N) = x (M, K) @ W.T, x in groups (groups_times), W's rows in `parts` ranges
+        N = blocks.shape[0]
+        for c in prange(parts):
+            groups_times(xg, dxg, tg, blocks, layout, c * N // parts, (c + 1) * N // parts, out)
+
+    return _product_groups
+
+
 def _rows_source(prange: Any) -> Any:
     def _product_rows(x, xq, dx, xsum, blocks, layout, out, parts):
         # out (M, N) = x (M, K) @ W.T, W's rows in `parts` contiguous ranges, one task each
@@ -169,6 +243,27 @@ def _quantize_rows(x, xq, dx, xsum):
     # quantize_row for each row of x (M, K)
     for m in range(x.shape[0]):
         quantize_row(x[m], xq[m], dx[m], xsum[m])
+
+
+@lazy_njit
+def _quantize_groups(x, xg, dxg, tg):
+    # group_activations' layout: quantize_row for each row of x (M, K), then its blocks into place
+    M, nb = x.shape[0], dxg.shape[1]
+    xq, dx, xsum = np.zeros(x.shape[1], np.int8), np.zeros(nb, np.float32), np.zeros(nb, np.float32)
+    for m in range(xg.shape[0] * GROUP):  # rows past M: zeros
+        if m < M:
+            quantize_row(x[m], xq, dx, xsum)
+        else:
+            xq[:], dx[:], xsum[:] = 0, 0.0, 0.0
+        g, i = m // GROUP, m % GROUP
+        for b in range(nb):
+            total_q = 0
+            for j in range(32):
+                xg[g, b, i, j] = xq[b * 32 + j]
+                total_q += np.int32(xq[b * 32 + j])
+            dxg[g, b, i] = dx[b]
+            tg[0, g, b, i] = xsum[b]
+            tg[1, g, b, i] = np.float32(-128.0) * dx[b] * np.float32(total_q)
 
 
 @lazy_njit
@@ -207,6 +302,8 @@ def _dequantize_tile(blocks, nbytes, start, high, offset, r0, tile):
 
 _product_rows = LazyJit(_rows_source(range), OPTIONS)
 _product_rows_parallel = ParallelJit(_rows_source)
+_product_groups = LazyJit(_groups_source(range), OPTIONS)
+_product_groups_parallel = ParallelJit(_groups_source)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -257,6 +354,24 @@ def activations(x2: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return xq, dx, xsum
 
 
+def groups_pay(M: int) -> bool:
+    """Whether a prompt of M rows goes to the int8 groups rather than float32 tiles and BLAS: up
+    to GROUP_ROWS rows a thread (the groups run on every thread, a tile's decoding on one)."""
+    return M <= GROUP_ROWS * (backend.blas_thread_count() or 1)
+
+
+def group_activations(x2: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """x2 (M, K) as int8 blocks in groups of GROUP rows (the last padded with zeros), each block's
+    8 rows side by side: xg (G, nb, GROUP, 32) int8, dxg (G, nb, GROUP) scales, tg (2, G, nb,
+    GROUP): the sums of x, and -128 dx_b sum(xq_b) (what a Q8_0 block's w + 128 adds)."""
+    M, K = x2.shape
+    G, nb = -(-M // GROUP), K // 32
+    xg, dxg = np.empty((G, nb, GROUP, 32), np.int8), np.empty((G, nb, GROUP), np.float32)
+    tg = np.empty((2, G, nb, GROUP), np.float32)
+    _quantize_groups(x2, xg, dxg, tg)
+    return xg, dxg, tg
+
+
 class QuantizedLinearCache(quant.QuantizedLinearCache):
     """The reference's cache (a subclass, so the reference's backward reads it)."""
 
@@ -287,10 +402,10 @@ def _forward(x: Any, w: Any, b: Any, int8: bool) -> tuple[Any, Any]:
     N, K = w.shape
     x2 = np.ascontiguousarray(x.reshape(M, K))
     out = np.empty((M, N), dtype=np.float32)
-    acts = None  # x2 as the decoding loops read it (once for all parts): int8 blocks, or x2 and its block sums
-    int8 = int8 and M <= MAX_ROWS and any(p.kind in INT8_KINDS for p in parts)
+    acts = None  # x2 as the loops read it (once for all parts): int8 blocks (in groups), or x2 and its block sums
+    int8 = int8 and any(p.kind in INT8_KINDS for p in parts) and (M <= MAX_ROWS or groups_pay(M))
     if int8:
-        acts = activations(x2)
+        acts = activations(x2) if M <= MAX_ROWS else group_activations(x2)
     elif M <= MAX_ROWS and any(p.kind in _LAYOUT for p in parts):
         xsum = x2.reshape(M, K // 32, 32).sum(axis=-1)  # (M, nb)
         acts = (x2.view(np.int8), xsum, xsum)  # xq and dx unread on the float path
@@ -329,13 +444,16 @@ def _product(x2: np.ndarray, w: quant.QuantizedWeight, out: np.ndarray, acts: An
             np.matmul(x2, tile.T, out=out[:, r0 : r0 + rows])
         return
     blocks = blocks_2d(w)
-    if M <= MAX_ROWS:
-        args = (x2, *acts, blocks, layout(w.kind, int8), out)
+    if M <= MAX_ROWS or (int8 and w.kind in INT8_KINDS):
+        if M <= MAX_ROWS:
+            kernels, args = (_product_rows, _product_rows_parallel), (x2, *acts, blocks, layout(w.kind, int8), out)
+        else:
+            kernels, args = (_product_groups, _product_groups_parallel), (*acts, blocks, layout(w.kind, True), out)
         parts = _threads.chunks(N, MIN_ROWS_PER_THREAD) or 1
         if parts > 1:
-            _threads.launch(_product_rows_parallel, parts, *args)
+            _threads.launch(kernels[1], parts, *args)
         else:
-            _product_rows(*args, 1)
+            kernels[0](*args, 1)
     else:
         nbytes, start, high, offset = _LAYOUT[w.kind]
         tile = np.empty((min(TILE, N), K), dtype=np.float32)
