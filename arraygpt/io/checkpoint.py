@@ -56,6 +56,7 @@ from arraygpt.xp import Backend, to_numpy
 __all__ = [
     "Checkpoint",
     "CheckpointError",
+    "DeferredTokenizer",
     "base_reference",
     "load_checkpoint",
     "resolve_checkpoint",
@@ -70,13 +71,43 @@ OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "state.json"
 
 
+class DeferredTokenizer:
+    """A tokenizer that a loader has checked but builds only when :attr:`Checkpoint.tokenizer` is
+    first read (``build()`` returns it, or raises what building it raises). A GGUF's is one: a
+    generation from token ids then never imports the tokenizers library nor builds a vocabulary."""
+
+    def __init__(self, build: Callable[[], Any]):
+        self.build = build
+
+
+class _TokenizerField:
+    """``Checkpoint.tokenizer``: a :class:`DeferredTokenizer` stored in it is built on the first read,
+    and the tokenizer kept in its place."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.slot = f"_{name}"
+
+    def __get__(self, obj: Any, owner: type | None = None) -> Any:
+        if obj is None:  # dataclasses asks the class for a default: there is none
+            raise AttributeError("tokenizer")
+        value = obj.__dict__[self.slot]
+        if isinstance(value, DeferredTokenizer):
+            value = value.build()
+            obj.__dict__[self.slot] = value
+        return value
+
+    def __set__(self, obj: Any, value: Any) -> None:
+        obj.__dict__[self.slot] = value
+
+
 @dataclass
 class Checkpoint:
     """What :func:`load_checkpoint` returns.
 
     Attributes:
         model: the GPT, parameters loaded, its dropout generator restored.
-        tokenizer: the tokenizer saved with it, or None.
+        tokenizer: the tokenizer saved with it, or None. A loader may store a
+            :class:`DeferredTokenizer`: the tokenizer is then built on the first read.
         optimizer_state: the optimizer's ``state_dict()`` (host arrays and numbers), or None.
         extra: the caller's JSON saved with it (empty dict if none).
         path: the folder actually read (``.DIR.old`` after an interrupted save).
@@ -86,7 +117,7 @@ class Checkpoint:
     """
 
     model: GPT
-    tokenizer: Any
+    tokenizer: Any = _TokenizerField()  # type: ignore[assignment]  (a descriptor; no default)
     optimizer_state: dict[str, Any] | None
     extra: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None

@@ -51,7 +51,8 @@ Why not ``gguf.GGUFReader``: it builds NumPy views for every metadata array elem
 ~10 us each). On a SmolLM2-135M-shaped q4_1 file (49,152 tokens) ``load_gguf(quantized=True)``
 peaked at 246 MB and took 2.4 s with it, 151 MB and 0.8 s with the walk, which keeps one Python
 object per string and reads each numeric array with one ``np.frombuffer`` (132 MB with the stacking
-above, no get_vocab() dicts in the tokenizer and no gguf import: ``benchmarks/memory_stages.py``).
+above, no get_vocab() dicts in the tokenizer and no gguf import; 121 MB with the tokenizer only
+checked at load and built on first use: ``benchmarks/memory_stages.py``).
 
 Not here: quantized matrix products (``arraygpt.nn.quant`` and the backends' kernels),
 other architectures (Mistral's sliding window, MoE, Gemma, Phi...), RoPE scalings other than
@@ -60,6 +61,7 @@ Llama 3.1's, sharded (split) files, and any runtime dependency on transformers o
 
 from __future__ import annotations
 
+import functools
 import math
 import mmap
 import os
@@ -74,7 +76,7 @@ import numpy as np
 
 from arraygpt.config import GPTConfig
 from arraygpt.errors import CheckpointError
-from arraygpt.io.checkpoint import Checkpoint
+from arraygpt.io.checkpoint import Checkpoint, DeferredTokenizer
 from arraygpt.io.files import _fsync_dir, _umask, open_regular
 from arraygpt.nn.core import GATE_UP, QKV
 from arraygpt.nn.model import GPT
@@ -153,6 +155,7 @@ class _Header:
     types: dict[str, list[int]]  # key -> GGUF value types, gguf.GGUFReader's ReaderField.types
     tensors: list[_TensorInfo]
     data_start: int  # the data section's offset in the file
+    metadata_end: int  # where the metadata ends (the tensor table starts)
 
 
 class _Walk:
@@ -243,25 +246,9 @@ class _Walk:
         return values, types, pos
 
 
-def read_header(buf: Any, size: int, source: str) -> _Header:
-    """Walk a GGUF header in ``buf`` (``size`` bytes), check every length, count, type, offset and
-    size against the file and the limits above, and decode the metadata. Returns the metadata
-    (values and GGUF types), the tensor table and the data section's offset.
-
-    Raises:
-        CheckpointError: what is wrong, where, and what is allowed.
-    """
-    w = _Walk(buf, size, source)
-    w.need(0, 24, "the GGUF header")
-    if bytes(buf[:4]) != _MAGIC:
-        raise w.fail(f"not a GGUF file: it starts with {bytes(buf[:4])!r}, a GGUF starts with {_MAGIC!r}")
-    version, n_tensors, n_kv = struct.unpack_from("<IQQ", buf, 4)
-    if version not in _VERSIONS:
-        raise w.fail(f"GGUF version {version}; versions {' and '.join(map(str, _VERSIONS))} are read")
-    if n_tensors > MAX_TENSORS or n_tensors > size // 24:
-        raise w.fail(f"claims {n_tensors} tensors; at most {min(MAX_TENSORS, size // 24)} fit the limit and the file")
-    if n_kv > size // 13:
-        raise w.fail(f"claims {n_kv} metadata entries, more than the file can hold")
+def _read_metadata(w: _Walk, n_kv: int) -> tuple[dict[str, Any], dict[str, list[int]], int, int]:
+    """The ``n_kv`` metadata entries after the 24-byte preamble: (values, GGUF types, alignment,
+    position after them)."""
     pos, values, types, alignment = 24, {}, {}, 32  # llama.cpp's default alignment
     for _ in range(n_kv):
         key, pos = w.string(pos, MAX_KEY, "a metadata key")
@@ -284,6 +271,30 @@ def read_header(buf: Any, size: int, source: str) -> _Header:
         values[key], types[key], pos = w.value(pos, vtype, key)
     if "general.architecture" not in values:
         raise w.fail("the metadata lacks 'general.architecture'; every GGUF names its architecture")
+    return values, types, alignment, pos
+
+
+def read_header(buf: Any, size: int, source: str) -> _Header:
+    """Walk a GGUF header in ``buf`` (``size`` bytes), check every length, count, type, offset and
+    size against the file and the limits above, and decode the metadata. Returns the metadata
+    (values and GGUF types), where it ends, the tensor table and the data section's offset.
+
+    Raises:
+        CheckpointError: what is wrong, where, and what is allowed.
+    """
+    w = _Walk(buf, size, source)
+    w.need(0, 24, "the GGUF header")
+    if bytes(buf[:4]) != _MAGIC:
+        raise w.fail(f"not a GGUF file: it starts with {bytes(buf[:4])!r}, a GGUF starts with {_MAGIC!r}")
+    version, n_tensors, n_kv = struct.unpack_from("<IQQ", buf, 4)
+    if version not in _VERSIONS:
+        raise w.fail(f"GGUF version {version}; versions {' and '.join(map(str, _VERSIONS))} are read")
+    if n_tensors > MAX_TENSORS or n_tensors > size // 24:
+        raise w.fail(f"claims {n_tensors} tensors; at most {min(MAX_TENSORS, size // 24)} fit the limit and the file")
+    if n_kv > size // 13:
+        raise w.fail(f"claims {n_kv} metadata entries, more than the file can hold")
+    values, types, alignment, pos = _read_metadata(w, n_kv)
+    metadata_end = pos
     infos, names = [], set()
     for _ in range(n_tensors):
         name, pos = w.string(pos, MAX_NAME, "a tensor name")
@@ -323,7 +334,7 @@ def read_header(buf: Any, size: int, source: str) -> _Header:
                 f"tensor {info.name!r} claims bytes {data_start + info.offset} to {end}, past the end of the "
                 f"file ({size} bytes): truncated, or its offset or size lies"
             )
-    return _Header(values, types, infos, data_start)
+    return _Header(values, types, infos, data_start, metadata_end)
 
 
 def _type_name(ggml_type: int) -> str:
@@ -350,10 +361,11 @@ def _import_gguf() -> Any:
 
 
 class _Metadata:
-    """The file's metadata, key -> Python value, with typed getters that name the key on a mismatch."""
+    """The file's metadata, key -> Python value, with typed getters that name the key on a mismatch;
+    ``raw``: the file's bytes up to the end of the metadata (a view of the memory map)."""
 
-    def __init__(self, values: dict[str, Any], types: dict[str, list[int]], source: str):
-        self.values, self.types, self.source = values, types, source
+    def __init__(self, values: dict[str, Any], types: dict[str, list[int]], source: str, raw: Any = b""):
+        self.values, self.types, self.source, self.raw = values, types, source, raw
 
     def get(self, key: str, kinds: tuple[int, ...], what: str, default: Any = ...) -> Any:
         if key not in self.values:
@@ -402,7 +414,7 @@ def _open(path: Path) -> tuple[_Metadata, list[_Tensor]]:
             _, block, block_bytes = READ_TYPES[info.ggml_type]
             data = raw.reshape(*shape[:-1], shape[-1] // block * block_bytes)
         tensors.append(_Tensor(info.name, info.ggml_type, info.dims, data))
-    return _Metadata(header.values, header.types, str(path)), tensors
+    return _Metadata(header.values, header.types, str(path), mapped[: header.metadata_end]), tensors
 
 
 _FLOAT_DTYPES = {0: np.dtype("<f4"), 1: np.dtype("<f2")}  # ggml F32, F16
@@ -789,13 +801,17 @@ def load_gguf(
         A :class:`~arraygpt.io.checkpoint.Checkpoint` with ``format="gguf"``: ``model`` (in eval
         mode), ``tokenizer`` (an ``HFTokenizer`` with the chat template, or None when the file has
         no ``tokenizer.ggml.tokens``), ``extra`` = {"architecture", "file_type", "tensor_types"}.
+        The tokenizer's metadata is checked here, the tokenizer built when ``tokenizer`` is first
+        read (``arraygpt.io.checkpoint.DeferredTokenizer``).
 
     Raises:
         FileNotFoundError: nothing at ``path``.
-        CheckpointError: a hostile, truncated or unsupported file (the message says why).
+        CheckpointError: a hostile, truncated or unsupported file (the message says why). Reading
+            ``tokenizer`` raises it too for a BOS/EOS token that the tokenizers library cannot put
+            in its post-processor template (a space or ':' in it).
         ImportError: the ``gguf`` library is missing and a tensor needs its dequantizer (a type
-            other than F32/F16 not kept quantized), or ``tokenizers`` is missing and the file has a
-            tokenizer.
+            other than F32/F16 not kept quantized). Reading ``tokenizer`` raises it when
+            ``tokenizers`` is missing.
 
     Example:
         >>> ckpt = load_gguf("SmolLM2-135M-Instruct-Q8_0.gguf")   # doctest: +SKIP
@@ -837,9 +853,12 @@ def load_gguf(
             )
     tokenizer = None
     if "tokenizer.ggml.tokens" in meta.values:
-        from arraygpt.io.gguf_tokenizer import tokenizer_from_gguf
+        from arraygpt.io.gguf_tokenizer import check_tokenizer_metadata
 
-        tokenizer = tokenizer_from_gguf(meta.tokenizer_values(), source, vocab_size=config.vocab_size)
+        check_tokenizer_metadata(meta.tokenizer_values(), source, vocab_size=config.vocab_size)
+        # built on first read: a generation from token ids never pays for the tokenizers library
+        # and its vocabulary (~13 MB on a 49,152-token one), nor keeps the token strings until then
+        tokenizer = DeferredTokenizer(functools.partial(_tokenizer, bytes(meta.raw), source, config.vocab_size))
     if quantized:
         model = GPT(config, dtype=dtype, backend=backend, params=_state_dict(tensors, config, arch, quantized=True))
         if model.quantized and model.backend.name != "numpy":
@@ -857,6 +876,16 @@ def load_gguf(
     return Checkpoint(
         model=model.eval(), tokenizer=tokenizer, optimizer_state=None, extra=extra, path=path, format="gguf"
     )
+
+
+def _tokenizer(header: bytes, source: str, vocab_size: int) -> Any:
+    """The tokenizer of a file's metadata, from ``header``: a copy of its bytes up to the end of the
+    metadata, which :func:`read_header` walked and :func:`load_gguf` checked when loading it."""
+    from arraygpt.io.gguf_tokenizer import tokenizer_from_gguf
+
+    values = _read_metadata(_Walk(header, len(header), source), _U64.unpack_from(header, 16)[0])[0]
+    meta = {k: v for k, v in values.items() if k.startswith("tokenizer.")}
+    return tokenizer_from_gguf(meta, source, vocab_size=vocab_size)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -31,13 +31,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from arraygpt.errors import CheckpointError
 from arraygpt.io.bpe import BYTE_TO_CHAR, BPETokenizer, HFTokenizer, _import_tokenizers
 from arraygpt.io.tokenizers import ByteTokenizer, CharTokenizer
 
-__all__ = ["TOKEN_TYPES", "tokenizer_from_gguf", "tokenizer_to_gguf"]
+__all__ = ["TOKEN_TYPES", "check_tokenizer_metadata", "tokenizer_from_gguf", "tokenizer_to_gguf"]
 
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 TOKEN_TYPES = {NORMAL: "normal", UNKNOWN: "unknown", CONTROL: "control", USER_DEFINED: "user-defined"}
@@ -118,19 +119,30 @@ def _check_merges(merges: Sequence[tuple[str, ...]], vocab: Mapping[str, int], s
             )
 
 
-def tokenizer_from_gguf(meta: Mapping[str, Any], source: str, vocab_size: int | None = None) -> HFTokenizer:
-    """The tokenizer a GGUF's ``tokenizer.*`` metadata describes (see the module docstring).
+@dataclass(frozen=True)
+class _Spec:
+    """What checked ``tokenizer.*`` metadata says, in plain Python: all that building needs."""
 
-    Args:
-        meta: the file's metadata, key -> value (arrays as lists).
-        source: the file, for messages.
-        vocab_size: the model's vocabulary; the tokenizer may not have more tokens.
+    model: str
+    tokens: list[str]
+    types: list[int]
+    vocab: dict[str, int]  # token -> id (gpt2: spelled in GPT-2's byte alphabet)
+    merges: list[tuple[str, ...]]
+    bos: int | None
+    eos: list[int]
+    add_bos: bool
+    add_eos: bool
+    template: str | None
+    pre: Any
 
-    Raises:
-        CheckpointError: an unknown ``tokenizer.ggml.model``, a malformed array, a special id out of range.
-        ImportError: the ``tokenizers`` library is missing.
+
+def _spec(meta: Mapping[str, Any], source: str, vocab_size: int | None, derive: bool = True) -> _Spec:
+    """Every check of the metadata that needs no ``tokenizers`` library, and what they read.
+
+    With ``derive=False`` a SentencePiece-style ("llama") vocabulary without merges keeps ``merges``
+    empty: the merges derived from its scores join two tokens into a token by construction, so
+    there is nothing in them to check.
     """
-    tk = _import_tokenizers()
     model = meta.get("tokenizer.ggml.model")
     if model not in MODELS:
         raise CheckpointError(
@@ -158,19 +170,79 @@ def tokenizer_from_gguf(meta: Mapping[str, Any], source: str, vocab_size: int | 
                 f"{source}: the tokens are too long to derive merges from (sum of squared lengths over "
                 f"{_SPLIT_BUDGET}); a real vocabulary is far below it"
             )
-        merges = _generate_merges({t: i for i, t in enumerate(tokens)}, dict(zip(tokens, scores)))
+        derive = derive or model == "gpt2"  # gpt2 spells the tokens anew below: its merges are checked
+        merges = _generate_merges({t: i for i, t in enumerate(tokens)}, dict(zip(tokens, scores))) if derive else []
     if model == "gpt2":
         spelled = set(BYTE_TO_CHAR.values())
         vocab = {
             t if set(t) <= spelled else "".join(BYTE_TO_CHAR[b] for b in t.encode("utf-8")): i
             for i, t in enumerate(tokens)
         }
-        _check_merges(merges, vocab, source)
+    else:
+        vocab = {t: i for i, t in enumerate(tokens)}
+    _check_merges(merges, vocab, source)
+    bos = _token_id(meta, "tokenizer.ggml.bos_token_id", n, source)
+    eos = [
+        i
+        for key in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")
+        if (i := _token_id(meta, key, n, source)) is not None
+    ]
+    for name in ("unknown", "padding"):  # checked only: they change no id
+        _token_id(meta, f"tokenizer.ggml.{name}_token_id", n, source)
+    add_bos = meta.get("tokenizer.ggml.add_bos_token", model == "llama")  # llama.cpp's default for SentencePiece
+    add_eos = meta.get("tokenizer.ggml.add_eos_token", False)
+    if not isinstance(add_bos, bool) or not isinstance(add_eos, bool):
+        raise CheckpointError(f"{source}: tokenizer.ggml.add_bos_token and add_eos_token must be booleans")
+    first = [tokens[bos]] if add_bos and bos is not None else []
+    last = [tokens[eos[0]]] if add_eos and eos else []
+    sequence = next((t for t in first + last if t.startswith("$")), None)
+    if sequence is not None:  # the library reads "$b" as sequence B, and panics on encoding
+        raise CheckpointError(
+            f"{source}: the BOS/EOS token {sequence!r:.40} cannot go in a tokenizers template: a piece "
+            "starting with '$' names a sequence there"
+        )
+    template = meta.get("tokenizer.chat_template")
+    if template is not None and not isinstance(template, str):
+        raise CheckpointError(f"{source}: tokenizer.chat_template must be a string")
+    pre = meta.get("tokenizer.ggml.pre")
+    return _Spec(model, tokens, types, vocab, merges, bos, eos, add_bos, add_eos, template, pre)
+
+
+def check_tokenizer_metadata(meta: Mapping[str, Any], source: str, vocab_size: int | None = None) -> None:
+    """Check a GGUF's ``tokenizer.*`` metadata as :func:`tokenizer_from_gguf` does, without importing
+    the ``tokenizers`` library or building anything (a loader builds the tokenizer on first use).
+
+    Only what the library itself refuses is left for the build: a BOS/EOS token that its
+    post-processor template cannot hold (a space or ':' in it).
+
+    Raises:
+        CheckpointError: the same errors as :func:`tokenizer_from_gguf`'s.
+    """
+    _spec(meta, source, vocab_size, derive=False)
+
+
+def tokenizer_from_gguf(meta: Mapping[str, Any], source: str, vocab_size: int | None = None) -> HFTokenizer:
+    """The tokenizer a GGUF's ``tokenizer.*`` metadata describes (see the module docstring).
+
+    Args:
+        meta: the file's metadata, key -> value (arrays as lists).
+        source: the file, for messages.
+        vocab_size: the model's vocabulary; the tokenizer may not have more tokens.
+
+    Raises:
+        CheckpointError: an unknown ``tokenizer.ggml.model``, a malformed array, a special id out of range.
+        ImportError: the ``tokenizers`` library is missing.
+    """
+    tk = _import_tokenizers()
+    spec = _spec(meta, source, vocab_size)
+    tokens, vocab = spec.tokens, spec.vocab
+    if spec.model == "gpt2":
+        spelled = set(BYTE_TO_CHAR.values())
         bpe = tk.models.BPE(
-            vocab=vocab, merges=merges, continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False
+            vocab=vocab, merges=spec.merges, continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False
         )
         tokenizer = tk.Tokenizer(bpe)
-        split = SPLITS.get(meta.get("tokenizer.ggml.pre"))
+        split = SPLITS.get(spec.pre)
         if split is None:
             tokenizer.pre_tokenizer = tk.pre_tokenizers.ByteLevel(add_prefix_space=False)
         else:
@@ -183,9 +255,7 @@ def tokenizer_from_gguf(meta: Mapping[str, Any], source: str, vocab_size: int | 
         tokenizer.decoder = tk.decoders.ByteLevel()
         control_ok = lambda t: set(t) <= spelled  # noqa: E731  (transformers skips mislabelled controls)
     else:
-        vocab = {t: i for i, t in enumerate(tokens)}
-        _check_merges(merges, vocab, source)
-        tokenizer = tk.Tokenizer(tk.models.BPE(vocab=vocab, merges=merges, fuse_unk=True, byte_fallback=True))
+        tokenizer = tk.Tokenizer(tk.models.BPE(vocab=vocab, merges=spec.merges, fuse_unk=True, byte_fallback=True))
         tokenizer.pre_tokenizer = tk.pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
         tokenizer.decoder = tk.decoders.Sequence(
             [
@@ -196,53 +266,33 @@ def tokenizer_from_gguf(meta: Mapping[str, Any], source: str, vocab_size: int | 
             ]
         )
         control_ok = lambda t: True  # noqa: E731
-    bos = _token_id(meta, "tokenizer.ggml.bos_token_id", n, source)
-    eos = [
-        i
-        for key in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")
-        if (i := _token_id(meta, key, n, source)) is not None
-    ]
-    for name in ("unknown", "padding"):  # checked only: they change no id
-        _token_id(meta, f"tokenizer.ggml.{name}_token_id", n, source)
-    control = [t for t, kind in zip(tokens, types) if kind == CONTROL and control_ok(t)]
+    control = [t for t, kind in zip(tokens, spec.types) if kind == CONTROL and control_ok(t)]
     if control:
         tokenizer.add_special_tokens([tk.AddedToken(t, normalized=False, special=True) for t in control])
     # token_to_id, not a get_vocab() dict: ~12 MB on a 49,152-token vocabulary, little of it given back
-    user = [t for t, kind in zip(tokens, types) if kind == USER_DEFINED and tokenizer.token_to_id(t) is not None]
+    user = [t for t, kind in zip(tokens, spec.types) if kind == USER_DEFINED and tokenizer.token_to_id(t) is not None]
     if user:
         tokenizer.add_tokens([tk.AddedToken(t, normalized=False, special=False) for t in user])
-    add_bos = meta.get("tokenizer.ggml.add_bos_token", model == "llama")  # llama.cpp's default for SentencePiece
-    add_eos = meta.get("tokenizer.ggml.add_eos_token", False)
-    if not isinstance(add_bos, bool) or not isinstance(add_eos, bool):
-        raise CheckpointError(f"{source}: tokenizer.ggml.add_bos_token and add_eos_token must be booleans")
-    first = [tokens[bos]] if add_bos and bos is not None else []
-    last = [tokens[eos[0]]] if add_eos and eos else []
+    bos, eos = spec.bos, spec.eos
+    first = [tokens[bos]] if spec.add_bos and bos is not None else []
+    last = [tokens[eos[0]]] if spec.add_eos and eos else []
     if first or last:
         single = " ".join([*first, "$A", *last])
         pair = " ".join([*first, "$A", *last, *first, "$B:1", *last])
         ids = {tokens[bos]: bos} if first else {}
         ids.update({tokens[eos[0]]: eos[0]} if last else {})
-        sequence = next((t for t in ids if t.startswith("$")), None)
-        if sequence is not None:  # the library reads "$b" as sequence B, and panics on encoding
-            raise CheckpointError(
-                f"{source}: the BOS/EOS token {sequence!r:.40} cannot go in a tokenizers template: a piece "
-                "starting with '$' names a sequence there"
-            )
         try:
             tokenizer.post_processor = tk.processors.TemplateProcessing(
                 single=single, pair=pair, special_tokens=list(ids.items())
             )
         except Exception as e:  # the library's own errors: a token with a space or ':' is no template piece
             raise CheckpointError(f"{source}: the BOS/EOS token cannot go in a tokenizers template: {e}") from None
-    template = meta.get("tokenizer.chat_template")
-    if template is not None and not isinstance(template, str):
-        raise CheckpointError(f"{source}: tokenizer.chat_template must be a string")
-    all_bytes = model == "gpt2" and all(c in vocab for c in BYTE_TO_CHAR.values())
+    all_bytes = spec.model == "gpt2" and all(c in vocab for c in BYTE_TO_CHAR.values())
     cls = BPETokenizer if all_bytes else HFTokenizer
     try:
         # every id is a position in `tokens` (added tokens are tokens of the file), so the vocabulary's
         # size is n: HFTokenizer need not build a get_vocab() dict to find it
-        return cls(tokenizer, source, bos_id=bos, eos_ids=eos, chat_template=template, vocab_size=n)
+        return cls(tokenizer, source, bos_id=bos, eos_ids=eos, chat_template=spec.template, vocab_size=len(tokens))
     except ValueError as e:
         raise CheckpointError(str(e)) from None
 
