@@ -130,7 +130,7 @@ def main() -> None:
 
     stage("import arraygpt")
     _wrap(stage, gguf, "_open", "  load: header walk, memory map")
-    _wrap(stage, gguf_tokenizer, "check_tokenizer_metadata", "  load: tokenizer checked (built on use)")
+    _wrap(stage, gguf_tokenizer, "check_tokenizer_metadata", "  load: tokenizer checked")
     _wrap(stage, gguf, "_state_dict", "  load: state dict (Q|K|V stacked)")
     _wrap(stage, model_module, "get_backend", "  load: backend (array-api-compat)")
     _wrap(stage, model_module, "fuse", "  load: fuse (Q|K|V, gate|up)")

@@ -94,9 +94,9 @@ def test_a_deferred_tokenizer_is_built_once_and_a_failed_build_raises_again():
         return "the tokenizer"
 
     ckpt = Checkpoint(model=None, tokenizer=DeferredTokenizer(build), optimizer_state=None)
-    assert calls == []
+    assert "tokenizer=DeferredTokenizer(built on first read)" in repr(ckpt) and calls == []
     assert ckpt.tokenizer == "the tokenizer" and ckpt.tokenizer == "the tokenizer"
-    assert calls == [1]
+    assert calls == [1] and "tokenizer='the tokenizer', optimizer_state=None" in repr(ckpt)
 
     def fail():
         calls.append(2)

@@ -37,7 +37,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +78,9 @@ class DeferredTokenizer:
 
     def __init__(self, build: Callable[[], Any]):
         self.build = build
+
+    def __repr__(self) -> str:
+        return "DeferredTokenizer(built on first read)"
 
 
 class _TokenizerField:
@@ -123,6 +126,11 @@ class Checkpoint:
     path: Path | None = None
     format: str = "arraygpt"
     base: dict[str, Any] | None = None
+
+    def __repr__(self) -> str:  # the dataclass's, without building a deferred tokenizer
+        raw = {**self.__dict__, "tokenizer": self.__dict__["_tokenizer"]}
+        shown = [f"{f.name}={raw[f.name]!r}" for f in fields(self)]
+        return f"{type(self).__name__}({', '.join(shown)})"
 
     @property
     def config(self) -> GPTConfig:
