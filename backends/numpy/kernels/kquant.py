@@ -179,52 +179,83 @@ def _rows_source(prange):
     return _product_rows
 
 
+@jitable(inline=False)
+def _block_q4k(row, at, t):
+    # t (256,) float32 = the Q4_K block at byte `at` of a row (layout as _dot_q4k)
+    d = half(row, at)
+    dmin = half(row, at + 2)
+    for j in range(4):
+        sc0, mn0 = _scale_min(row, at, 2 * j)
+        sc1, mn1 = _scale_min(row, at, 2 * j + 1)
+        d0, m0, d1, m1 = d * sc0, dmin * mn0, d * sc1, dmin * mn1
+        q = row[at + 16 + 32 * j : at + 48 + 32 * j]
+        t0 = t[64 * j : 64 * j + 32]
+        t1 = t[64 * j + 32 : 64 * j + 64]
+        for l in range(32):
+            v = q[l]
+            t0[l] = d0 * np.float32(_and(v, _U15)) - m0
+            t1[l] = d1 * np.float32(_shr(v, _U4)) - m1
+
+
+@jitable(inline=False)
+def _block_q5k(row, at, t):
+    # t (256,) float32 = the Q5_K block at byte `at` of a row (layout as _dot_q5k)
+    d = half(row, at)
+    dmin = half(row, at + 2)
+    h = row[at + 16 : at + 48]
+    for j in range(4):
+        sc0, mn0 = _scale_min(row, at, 2 * j)
+        sc1, mn1 = _scale_min(row, at, 2 * j + 1)
+        d0, m0, d1, m1 = d * sc0, dmin * mn0, d * sc1, dmin * mn1
+        q = row[at + 48 + 32 * j : at + 80 + 32 * j]
+        t0 = t[64 * j : 64 * j + 32]
+        t1 = t[64 * j + 32 : 64 * j + 64]
+        shift = np.uint8(2 * j)
+        for l in range(32):
+            v = q[l]
+            hb = _shr(h[l], shift)
+            t0[l] = d0 * np.float32(_or(_and(v, _U15), _shl(_and(hb, _U1), _U4))) - m0
+            t1[l] = d1 * np.float32(_or(_shr(v, _U4), _shl(_and(hb, _U2), _U3))) - m1
+
+
+@jitable(inline=False)
+def _block_q6k(row, at, t):
+    # t (256,) float32 = the Q6_K block at byte `at` of a row (layout as _dot_q6k)
+    d = half(row, at + 208)
+    for h in range(2):
+        ql = row[at + 64 * h : at + 64 * h + 64]
+        qh = row[at + 128 + 32 * h : at + 128 + 32 * h + 32]
+        th = t[128 * h : 128 * h + 128]
+        for g in range(2):
+            sc = at + 192 + 8 * h + g
+            d0 = d * np.float32(np.int8(row[sc]))
+            d1 = d * np.float32(np.int8(row[sc + 2]))
+            d2 = d * np.float32(np.int8(row[sc + 4]))
+            d3 = d * np.float32(np.int8(row[sc + 6]))
+            for i in range(16):
+                l = 16 * g + i
+                a, c, e = ql[l], ql[32 + l], qh[l]
+                th[l] = d0 * (np.float32(_or(_and(a, _U15), _shl(_and(e, _U3), _U4))) - np.float32(32))
+                th[32 + l] = d1 * (np.float32(_or(_and(c, _U15), _shl(_and(e, _U12), _U2))) - np.float32(32))
+                th[64 + l] = d2 * (np.float32(_or(_shr(a, _U4), _and(e, _U48))) - np.float32(32))
+                th[96 + l] = d3 * (np.float32(_or(_shr(c, _U4), _shr(_and(e, _U192), _U2))) - np.float32(32))
+
+
 @lazy_njit
 def dequantize_tile_k(blocks, kind, r0, tile):
     # tile (R, K) float32 = dequantize(W)[r0 : r0 + R], W's blocks (N, K / 256 * bytes) uint8.
     # Serial, as quant._dequantize_tile (BLAS's threads do the product)
+    nbytes = 210 if kind == 2 else (176 if kind == 1 else 144)
     for r in range(tile.shape[0]):
         row = blocks[r0 + r]
-        t = tile[r]
         for b in range(tile.shape[1] // 256):
-            if kind == 2:
-                at = b * 210
-                d = half(row, at + 208)
-                for h in range(2):
-                    for l in range(32):
-                        a = np.int32(row[at + 64 * h + l])
-                        c = np.int32(row[at + 64 * h + 32 + l])
-                        e = np.int32(row[at + 128 + 32 * h + l])
-                        sc = at + 192 + 8 * h + l // 16
-                        base = b * 256 + 128 * h + l
-                        t[base] = d * np.float32(np.int8(row[sc])) * np.float32(((a & 15) | ((e & 3) << 4)) - 32)
-                        t[base + 32] = (
-                            d * np.float32(np.int8(row[sc + 2])) * np.float32(((c & 15) | ((e & 12) << 2)) - 32)
-                        )
-                        t[base + 64] = d * np.float32(np.int8(row[sc + 4])) * np.float32(((a >> 4) | (e & 48)) - 32)
-                        t[base + 96] = (
-                            d * np.float32(np.int8(row[sc + 6])) * np.float32(((c >> 4) | ((e & 192) >> 2)) - 32)
-                        )
-                continue
-            nbytes = 176 if kind == 1 else 144
-            start = 48 if kind == 1 else 16
-            at = b * nbytes
-            d = half(row, at)
-            dmin = half(row, at + 2)
-            for j in range(4):
-                sc0, mn0 = _scale_min(row, at, 2 * j)
-                sc1, mn1 = _scale_min(row, at, 2 * j + 1)
-                d0, m0, d1, m1 = d * sc0, dmin * mn0, d * sc1, dmin * mn1
-                base = b * 256 + 64 * j
-                for l in range(32):
-                    v = np.uint32(row[at + start + 32 * j + l])
-                    lo, hi = v & 15, v >> 4
-                    if kind == 1:
-                        hb = np.uint32(row[at + 16 + l]) >> np.uint32(2 * j)
-                        lo |= (hb & 1) << 4
-                        hi |= (hb & 2) << 3
-                    t[base + l] = d0 * np.float32(lo) - m0
-                    t[base + 32 + l] = d1 * np.float32(hi) - m1
+            t = tile[r, b * 256 : b * 256 + 256]
+            if kind == 0:
+                _block_q4k(row, b * nbytes, t)
+            elif kind == 1:
+                _block_q5k(row, b * nbytes, t)
+            else:
+                _block_q6k(row, b * nbytes, t)
 
 
 _product_rows = LazyJit(_rows_source(range), OPTIONS)
