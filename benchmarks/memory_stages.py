@@ -7,11 +7,19 @@ numba's LLVM, NumPy's OpenBLAS).
     .venv/bin/python benchmarks/memory_stages.py /tmp/gg/smollm2-q4_1-30.gguf
     .venv/bin/python benchmarks/memory_stages.py FILE --tracemalloc     # + Python/NumPy allocations
     .venv/bin/python benchmarks/memory_stages.py FILE --threads 2
+    .venv/bin/python benchmarks/memory_stages.py FILE --split-imports   # + what numba and array-api-compat cost
 
 Each run is one fresh process (the figures are the process's own). With ``--tracemalloc`` the
 table adds the memory that Python and NumPy allocated and still hold (``current``) and the peak
 since the step before (``peak``), and the largest live allocation sites after the prefill;
 tracing slows the run and adds its own memory, so the RSS columns of such a run read high.
+
+With ``--split-imports`` the costs that the load and the first kernel call pay once are paid
+before the load, one row each: the NumPy submodules that importing ``array_api_compat.numpy``
+imports (its ``clone_module("numpy")`` runs ``from numpy import *``, and ``numpy.__all__`` names
+lazily loaded submodules: ``ma``, ``testing``, ``f2py``, ``random``...), then numba's import, its CPU
+target (LLVM's JIT), its runtime (NRT: functions that LLVM compiles in the process, even when every
+kernel comes from numba's cache) and its lowering registries. The peak comes out the same.
 
 Not a test: run by hand; the figures depend on the machine and the numba cache
 (``backends/numpy/kernels/__pycache__``: a cold cache compiles every kernel, which costs more).
@@ -103,6 +111,33 @@ def _wrap(stage: Stages, module: object, attr: str, label: str) -> None:
     setattr(module, attr, wrapped)
 
 
+# numpy.__all__'s lazily loaded submodules, in the order ``from numpy import *`` imports them
+_NUMPY_SUBMODULES = ("strings", "testing", "fft", "polynomial", "ctypeslib", "char", "ma", "rec", "f2py", "random")
+
+
+def _split_imports(stage: Stages) -> None:
+    """Pay the one-time costs of array-api-compat's NumPy namespace and of numba, one row each."""
+    import importlib
+
+    for name in _NUMPY_SUBMODULES:
+        importlib.import_module(f"numpy.{name}")
+        stage(f"  numpy.{name}")
+    import array_api_compat.numpy  # noqa: F401
+
+    stage("  array_api_compat.numpy (rest)")
+    import numba  # noqa: F401
+    from numba.core.registry import cpu_target
+    from numba.core.runtime import rtsys
+
+    stage("  numba: import")
+    context = cpu_target.target_context
+    stage("  numba: CPU target (LLVM JIT)")
+    rtsys.initialize(context)
+    stage("  numba: runtime compiled (NRT)")
+    context.refresh()
+    stage("  numba: lowering registries")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("path")
@@ -111,6 +146,7 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=32)
     parser.add_argument("--new", type=int, default=128)
     parser.add_argument("--prefill", type=int, default=256)
+    parser.add_argument("--split-imports", action="store_true", help="one row per one-time cost (see above)")
     args = parser.parse_args()
     for var in ("ARRAYGPT_NUM_THREADS", "NUMBA_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = str(args.threads)
@@ -129,6 +165,8 @@ def main() -> None:
     from arraygpt.nn.core import KVCache
 
     stage("import arraygpt")
+    if args.split_imports:
+        _split_imports(stage)
     _wrap(stage, gguf, "_open", "  load: header walk, memory map")
     _wrap(stage, gguf_tokenizer, "check_tokenizer_metadata", "  load: tokenizer checked")
     _wrap(stage, gguf, "_state_dict", "  load: state dict (Q|K|V stacked)")
