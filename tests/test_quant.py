@@ -280,37 +280,43 @@ def test_the_byte_dot_products_are_numpys_integer_dots(n, seed):
 
 @given(n=st.integers(1, 6), seed=st.integers(0, 2**32 - 1))
 def test_the_prompt_loops_vectors_are_numpys_integer_dots_and_float_sums(n, seed):
-    """nibbles / bytes_plus_128 then dot_block, fma_scaled, fmav, load8 and lane (_simd.py),
-    compiled, against the same sums in NumPy's integers and float64."""
+    """A prompt's vocabulary (_simd.py), compiled: 8 words of 4 weights against 8 lanes of x
+    (dot_dword), nibbles unpacked and stored, scale_add, fmav, add and lane, against the same sums
+    in NumPy's integers and float64."""
     pytest.importorskip("numba")
     from arraygpt.backends.numpy.kernels import _simd
     from arraygpt.backends.numpy.kernels._jit import numba
 
     @numba().njit
-    def sums(row, xq, kinds, s, t):  # per block at 34 i: [dot, lane i % 8 of fmav(fma_scaled(...))]
-        out = np.empty((len(kinds), 2), np.float32)
-        for i in range(len(kinds)):
-            w = _simd.nibbles(row, 34 * i) if kinds[i] else _simd.bytes_plus_128(row, 34 * i)
-            v = _simd.dot_block(w, xq, 32 * i)
-            out[i, 0] = _simd.total(_simd.fma(_simd.zeros(), v, np.float32(1.0)))
-            acc = _simd.fma_scaled(_simd.zeros(), v, s[i], _simd.splat(np.float32(2.0)))
-            out[i, 1] = _simd.lane(_simd.fmav(acc, _simd.splat(s[i]), _simd.load8(t, 8 * i)), i % 8)
-        return out
+    def sums(x, w, packed, c, s, d, t):  # x (n, 256) words of 8 lanes; w (n, 32) weights; packed (n, 16) nibbles
+        out = np.empty((len(x), 8), np.float32)
+        unpacked = np.empty((len(x), 32), np.uint8)
+        for b in range(len(x)):
+            p, q = _simd.int_zeros(), _simd.int_zeros()
+            for j in range(4):
+                p = _simd.dot_dword(p, _simd.bytes32(x[b], 32 * j), w[b], 4 * j)
+                q = _simd.dot_dword(q, _simd.bytes32(x[b], 32 * (j + 4)), w[b], 4 * (j + 4))
+            acc = _simd.scale_add(_simd.zeros(), p, q, c[b], s[b], 0, d[b])
+            acc = _simd.add(_simd.fmav(acc, _simd.splat(d[b]), _simd.load8(t[b], 0)), _simd.zeros())
+            for i in range(8):
+                out[b, i] = _simd.lane(acc, i)
+            _simd.store32(_simd.nibbles(packed[b], 0), unpacked[b], 0)
+        return out, unpacked
 
     rng = np.random.default_rng(seed)
-    row = rng.integers(0, 256, 34 * n, dtype=np.uint8)
-    xq = rng.integers(-128, 128, 32 * n).astype(np.int8)
-    kinds = rng.integers(0, 2, n).astype(np.int64)
-    s = rng.uniform(-2, 2, n).astype(np.float32)
-    t = rng.standard_normal(8 * n).astype(np.float32)
-    got = sums(row, xq, kinds, s, t)
-    for i in range(n):
-        raw = row[34 * i : 34 * i + 32].astype(np.int64)
-        w = np.concatenate([raw[:16] & 15, raw[:16] >> 4]) if kinds[i] else (raw ^ 128)  # unsigned, 0..255
-        products = (w * xq[32 * i : 32 * i + 32].astype(np.int64)).reshape(8, 4).sum(axis=1)
-        assert got[i, 0] == products.sum()  # |dot| < 2**24: exact in float32
-        expected = float(products[i % 8]) * float(s[i]) * 2.0 + float(s[i]) * float(t[8 * i + i % 8])
-        assert abs(got[i, 1] - expected) <= 1e-6 * (abs(float(products[i % 8]) * float(s[i]) * 2.0) + abs(expected) + 1)
+    x = rng.integers(0, 256, (n, 256), dtype=np.uint8)
+    w = rng.integers(-128, 128, (n, 32)).astype(np.int8)
+    packed = rng.integers(0, 256, (n, 16), dtype=np.uint8)
+    c = rng.integers(-(2**20), 2**20, n).astype(np.int32)
+    s, t = rng.uniform(-2, 2, (n, 8)).astype(np.float32), rng.standard_normal((n, 8)).astype(np.float32)
+    d = rng.uniform(-2, 2, n).astype(np.float32)
+    got, unpacked = sums(x, w, packed, c, s, d, t)
+    for b in range(n):
+        words = x[b].reshape(8, 8, 4).astype(np.int64)  # (word j, lane i, byte k)
+        dots = np.einsum("jik,jk->i", words, w[b].reshape(8, 4).astype(np.int64)) - int(c[b])
+        expected = dots * s[b].astype(np.float64) * float(d[b]) + float(d[b]) * t[b].astype(np.float64)
+        assert np.all(np.abs(got[b] - expected) <= 1e-6 * (np.abs(dots * s[b] * d[b]) + np.abs(expected) + 1))
+        assert np.array_equal(unpacked[b], np.concatenate([packed[b] & 15, packed[b] >> 4]))
 
 
 def test_the_float16_scales_read_in_place_are_numpys_for_every_bit_pattern():

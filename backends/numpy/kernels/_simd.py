@@ -15,17 +15,18 @@ vocabulary, one block of 32 values at a time:
   the sum of its lanes (float32);
 - ``half(row, at)``: the float16 at byte ``at`` of a uint8 row, as float32.
 
-A prompt's loop (many rows of x against one block of W) unpacks the block once and meets each
-row's int8 quants with it, so the weights come first, as 32 unsigned bytes (:data:`U8x32`):
+A prompt's loop meets 8 rows of x with each 4 weights at once: the weights' 4 bytes go to every
+lane (a memory operand broadcast), each lane holding 4 bytes of another row of x:
 
-- ``nibbles(row, at)``: the 16 bytes at ``row[at:]`` as 32 four-bit values, as ``dot_nibbles``;
-- ``bytes_plus_128(row, at)``: the 32 int8 weights at ``row[at:]`` plus 128 (0..255), so that the
-  dot product needs no sign trick: ``sum (w + 128) x = sum w x + 128 sum x``, and the caller
-  takes ``128 sum x`` off once per block;
-- ``dot_block(w, xq, xat)``: w dotted with the int8 ``xq[xat:xat+32]``, an :data:`I32x8`;
-- ``splat(s)``: an :data:`F32x8` of s; ``fma_scaled(acc, v, s, d)`` = acc + float(v) * s * d
-  (s a float32, d an F32x8); ``load8(a, at)``: a float32 array's ``a[at:at+8]``;
-  ``fmav(acc, a, b)`` = acc + a * b; ``lane(v, i)``: lane i of an F32x8.
+- ``bytes32(a, at)``: the 32 bytes at ``a[at:]`` as a :data:`U8x32`, ``store32(v, a, at)``
+  stores one; ``nibbles(row, at)``: the 16 bytes at ``row[at:]`` as 32 four-bit values (low
+  nibbles first, as ``dot_nibbles``);
+- ``int_zeros()``: an :data:`I32x8` of zeros; ``dot_dword(acc, xv, w, wat)`` = acc + lane i's
+  4 unsigned bytes of xv dotted with the 4 signed bytes at ``w[wat:]``;
+- ``scale_add(acc, a, b, c, s, at, d)`` = acc + float(a + b - c) * s[at:at+8] * d (a, b
+  :data:`I32x8`, c an integer, s a float32 array, d a float32);
+- ``splat(s)``: an :data:`F32x8` of s; ``load8(a, at)``: a float32 array's ``a[at:at+8]``;
+  ``fmav(acc, a, b)`` = acc + a * b; ``add(a, b)``; ``lane(v, i)``: lane i of an F32x8.
 
 Each is a plain Python function (NumPy arrays stand for the vectors: what tests and ``py_func``
 run) and, once numba is imported, an ``overload`` whose intrinsic emits the LLVM vector code: with
@@ -77,20 +78,29 @@ def nibbles(row: np.ndarray, at: int) -> np.ndarray:
     return np.concatenate([q & 15, q >> 4])
 
 
-def bytes_plus_128(row: np.ndarray, at: int) -> np.ndarray:
-    return row[at : at + 32] ^ np.uint8(128)
+def bytes32(a: np.ndarray, at: int) -> np.ndarray:
+    return a.view(np.uint8)[at : at + 32].copy()
 
 
-def dot_block(w: np.ndarray, xq: np.ndarray, xat: int) -> np.ndarray:
-    return (w.astype(np.int32) * xq[xat : xat + 32].astype(np.int32)).reshape(8, 4).sum(axis=1, dtype=np.int32)
+def store32(v: np.ndarray, a: np.ndarray, at: int) -> None:
+    a.view(np.uint8)[at : at + 32] = v
+
+
+def int_zeros() -> np.ndarray:
+    return np.zeros(8, np.int32)
+
+
+def dot_dword(acc: np.ndarray, xv: np.ndarray, w: np.ndarray, wat: int) -> np.ndarray:
+    four = w.view(np.int8)[wat : wat + 4].astype(np.int32)
+    return acc + (xv.astype(np.int32).reshape(8, 4) * four).sum(axis=1, dtype=np.int32)
+
+
+def scale_add(acc: np.ndarray, a: np.ndarray, b: np.ndarray, c: Any, s: np.ndarray, at: int, d: Any) -> np.ndarray:
+    return acc + (a + b - np.int32(c)).astype(np.float32) * s[at : at + 8] * np.float32(d)
 
 
 def splat(s: Any) -> np.ndarray:
     return np.full(8, s, np.float32)
-
-
-def fma_scaled(acc: np.ndarray, v: np.ndarray, s: Any, d: np.ndarray) -> np.ndarray:
-    return acc + v.astype(np.float32) * np.float32(s) * d
 
 
 def load8(a: np.ndarray, at: int) -> np.ndarray:
@@ -99,6 +109,10 @@ def load8(a: np.ndarray, at: int) -> np.ndarray:
 
 def fmav(acc: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return acc + a * b
+
+
+def add(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return a + b
 
 
 def lane(v: np.ndarray, i: int) -> np.float32:
@@ -180,19 +194,18 @@ def _register(numba: Any) -> None:
         v = builder.insert_element(ir.Constant(V8F, ir.Undefined), s, ir.Constant(i32, 0))
         return builder.shuffle_vector(v, v, lanes([0] * 8))
 
-    def dpbusd(builder: Any, unsigned: Any, signed: Any) -> Any:
-        """8 lanes, lane i = sum of unsigned[4i+k] * signed[4i+k]."""
+    def dpbusd(builder: Any, unsigned: Any, signed: Any, acc: Any = None) -> Any:
+        """8 lanes, lane i = acc[i] + the sum of unsigned[4i+k] * signed[4i+k]."""
+        acc = ir.Constant(V8I, None) if acc is None else acc
         if vnni:
             fn = cgutils.get_or_insert_function(
                 builder.module, ir.FunctionType(V8I, [V8I, V8I, V8I]), "llvm.x86.avx512.vpdpbusd.256"
             )
-            return builder.call(
-                fn, [ir.Constant(V8I, None), builder.bitcast(unsigned, V8I), builder.bitcast(signed, V8I)]
-            )
+            return builder.call(fn, [acc, builder.bitcast(unsigned, V8I), builder.bitcast(signed, V8I)])
         wide = ir.VectorType(i32, 32)
         products = builder.mul(builder.zext(unsigned, wide), builder.sext(signed, wide))
         parts = [builder.shuffle_vector(products, products, lanes([4 * i + k for i in range(8)])) for k in range(4)]
-        return builder.add(builder.add(parts[0], parts[1]), builder.add(parts[2], parts[3]))
+        return builder.add(acc, builder.add(builder.add(parts[0], parts[1]), builder.add(parts[2], parts[3])))
 
     def dot_intrinsic(unpack: Any) -> Any:
         @intrinsic
@@ -229,33 +242,49 @@ def _register(numba: Any) -> None:
         return U8x32(row, at), codegen
 
     @intrinsic
-    def bytes_plus_128_ir(typingctx: Any, row: Any, at: Any) -> Any:
+    def bytes32_ir(typingctx: Any, a: Any, at: Any) -> Any:
         def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
-            w = builder.load(pointer(context, builder, sig.args[0], args[0], args[1], V32B), align=1)
-            return builder.xor(w, ir.Constant(V32B, [-128] * 32))
+            return builder.load(pointer(context, builder, sig.args[0], args[0], args[1], V32B), align=1)
 
-        return U8x32(row, at), codegen
+        return U8x32(a, at), codegen
 
     @intrinsic
-    def dot_block_ir(typingctx: Any, w: Any, xq: Any, xat: Any) -> Any:
+    def store32_ir(typingctx: Any, v: Any, a: Any, at: Any) -> Any:
         def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
-            x = builder.load(pointer(context, builder, sig.args[1], args[1], args[2], V32B), align=1)
-            return dpbusd(builder, args[0], x)
+            builder.store(args[0], pointer(context, builder, sig.args[1], args[1], args[2], V32B), align=1)
+            return context.get_dummy_value()
 
-        return I32x8(w, xq, xat), codegen
+        return types.none(v, a, at), codegen
+
+    @intrinsic
+    def int_zeros_ir(typingctx: Any) -> Any:
+        return I32x8(), lambda context, builder, sig, args: ir.Constant(V8I, None)
+
+    @intrinsic
+    def dot_dword_ir(typingctx: Any, acc: Any, xv: Any, w: Any, wat: Any) -> Any:
+        def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+            four = builder.load(pointer(context, builder, sig.args[2], args[2], args[3], i32), align=1)
+            four = builder.insert_element(ir.Constant(V8I, ir.Undefined), four, ir.Constant(i32, 0))
+            four = builder.shuffle_vector(four, four, lanes([0] * 8))  # a broadcast load
+            return dpbusd(builder, args[1], four, args[0])
+
+        return I32x8(acc, xv, w, wat), codegen
 
     @intrinsic
     def splat_intrinsic(typingctx: Any, s: Any) -> Any:
         return F32x8(types.float32), lambda context, builder, sig, args: splat_ir(builder, args[0])
 
     @intrinsic
-    def fma_scaled_ir(typingctx: Any, acc: Any, v: Any, s: Any, d: Any) -> Any:
+    def scale_add_ir(typingctx: Any, acc: Any, a: Any, b: Any, c: Any, s: Any, at: Any, d: Any) -> Any:
         def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
-            # float(v) * s first: LLVM reads s from memory as a broadcast operand of the multiply
-            scaled = builder.fmul(builder.sitofp(args[1], V8F), splat_ir(builder, args[2]))
-            return builder.fadd(args[0], builder.fmul(scaled, args[3], flags=("contract",)), flags=("contract",))
+            c8 = builder.insert_element(ir.Constant(V8I, ir.Undefined), args[3], ir.Constant(i32, 0))
+            c8 = builder.shuffle_vector(c8, c8, lanes([0] * 8))
+            summed = builder.sitofp(builder.sub(builder.add(args[1], args[2]), c8), V8F)
+            scales = builder.load(pointer(context, builder, sig.args[4], args[4], args[5], V8F), align=4)
+            scaled = builder.fmul(builder.fmul(summed, scales), splat_ir(builder, args[6]), flags=("contract",))
+            return builder.fadd(args[0], scaled, flags=("contract",))
 
-        return F32x8(acc, v, types.float32, d), codegen
+        return F32x8(acc, a, b, types.int32, s, at, types.float32), codegen
 
     @intrinsic
     def load8_ir(typingctx: Any, a: Any, at: Any) -> Any:
@@ -270,6 +299,10 @@ def _register(numba: Any) -> None:
             return builder.fadd(args[0], builder.fmul(args[1], args[2], flags=("contract",)), flags=("contract",))
 
         return F32x8(acc, a, b), codegen
+
+    @intrinsic
+    def add_ir(typingctx: Any, a: Any, b: Any) -> Any:
+        return F32x8(a, b), lambda context, builder, sig, args: builder.fadd(args[0], args[1])
 
     @intrinsic
     def lane_ir(typingctx: Any, v: Any, i: Any) -> Any:
@@ -346,12 +379,17 @@ def _register(numba: Any) -> None:
     overload(half)(lambda row, at: lambda row, at: half_ir(row, at))
     overload(prefetch)(lambda row, at: lambda row, at: prefetch_ir(row, at))
     overload(nibbles)(lambda row, at: lambda row, at: nibbles_ir(row, at))
-    overload(bytes_plus_128)(lambda row, at: lambda row, at: bytes_plus_128_ir(row, at))
-    overload(dot_block)(lambda w, xq, xat: lambda w, xq, xat: dot_block_ir(w, xq, xat))
+    overload(bytes32)(lambda a, at: lambda a, at: bytes32_ir(a, at))
+    overload(store32)(lambda v, a, at: lambda v, a, at: store32_ir(v, a, at))
+    overload(int_zeros)(lambda: lambda: int_zeros_ir())
+    overload(dot_dword)(lambda acc, xv, w, wat: lambda acc, xv, w, wat: dot_dword_ir(acc, xv, w, wat))
+    overload(scale_add)(
+        lambda acc, a, b, c, s, at, d: lambda acc, a, b, c, s, at, d: scale_add_ir(acc, a, b, c, s, at, d)
+    )
     overload(splat)(lambda s: lambda s: splat_intrinsic(s))
-    overload(fma_scaled)(lambda acc, v, s, d: lambda acc, v, s, d: fma_scaled_ir(acc, v, s, d))
     overload(load8)(lambda a, at: lambda a, at: load8_ir(a, at))
     overload(fmav)(lambda acc, a, b: lambda acc, a, b: fmav_ir(acc, a, b))
+    overload(add)(lambda a, b: lambda a, b: add_ir(a, b))
     overload(lane)(lambda v, i: lambda v, i: lane_ir(v, i))
 
 

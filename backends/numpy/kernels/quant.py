@@ -48,20 +48,23 @@ from arraygpt.backends import numpy as backend  # the backend these arrays come 
 from arraygpt.backends.numpy.kernels import _threads
 from arraygpt.backends.numpy.kernels._jit import OPTIONS, LazyJit, ParallelJit, jitable, lazy_njit, loader
 from arraygpt.backends.numpy.kernels._simd import (
-    bytes_plus_128,
-    dot_block,
+    add,
+    bytes32,
     dot_bytes,
+    dot_dword,
     dot_nibbles,
     fma,
-    fma_scaled,
     fmav,
     half,
     has_vnni,
+    int_zeros,
     lane,
     load8,
     nibbles,
     prefetch,
+    scale_add,
     splat,
+    store32,
     total,
     zeros,
 )
@@ -73,9 +76,9 @@ MAX_ROWS = 8  # decoding's loop up to here; more rows: dequantized tiles and BLA
 TILE = 1024  # rows of W dequantized at a time on the prefill path (256: 13% slower, 2 MB less memory)
 MIN_ROWS_PER_THREAD = 64  # rows of W a thread takes at least (a parallel launch costs a few microseconds)
 PREFETCH = 6  # rows of W ahead that a product asks the memory for (measured: 4 to 16 alike)
-GROUP = 8  # rows of x the int8 prompt loop carries at once: 8 accumulators in registers
-GROUP_ROWS = 96  # a prompt's rows a thread up to which the int8 groups beat float32 tiles and BLAS (measured)
-W_TILE = 16  # rows of W the int8 prompt loop keeps in the L1 cache while the groups of x pass
+GROUP = 8  # rows of x the int8 prompt loop carries at once: the 8 lanes of a vector
+GROUP_ROWS = 512  # a prompt's rows a thread up to which the int8 groups beat float32 tiles and BLAS (measured)
+W_TILE = 16  # rows of W the int8 prompt loop unpacks at a time and keeps in the L1 cache while the groups pass
 KINDS = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
 
 
@@ -188,55 +191,84 @@ def rows_times(x, xq, dx, xsum, blocks, layout, lo, hi, out):
                 out[m, o] = dot_float(row, nbytes, start, high, offset, x[m], xsum[m], acc)
 
 
+@jitable(inline=False)
+def unpack_rows(blocks, nbytes, start, offset, r0, wq, d, correction, constant):
+    # rows r0.. of W (Q8_0, Q4_0, Q4_1), as many as wq has, for groups_times: per block d_b (d),
+    # 128 sum(q_b) (correction: x goes in as xq + 128), the constant m_b / -offset d_b (constant);
+    # the nibble kinds' quants as bytes into wq (rows, K) (Q8_0's are read where they are)
+    ones = np.ones(32, np.int8)
+    for r in range(wq.shape[0]):
+        row = blocks[r0 + r]
+        for b in range(d.shape[1]):
+            at = b * nbytes
+            d[r, b] = half(row, at)
+            if nbytes == 34:
+                q_sum = total(fma(zeros(), dot_bytes(row, at + 2, ones, 0), np.float32(1.0)))
+                constant[r, b] = 0.0
+            else:
+                store32(nibbles(row, at + start), wq[r], b * 32)
+                q_sum = total(fma(zeros(), dot_nibbles(row, at + start, ones, 0), np.float32(1.0)))
+                constant[r, b] = half(row, at + 2) if offset == 0 else np.float32(-offset) * d[r, b]
+            correction[r, b] = np.int32(128) * np.int32(q_sum)
+
+
 @jitable
-def groups_times(xg, dxg, tg, blocks, layout, lo, hi, out):
-    # out[m, o] = (x @ W.T)[m, o] for rows lo..hi of W, x (M, K) in groups of GROUP rows as
-    # group_activations lays them out: xg (G, nb, GROUP, 32) int8 quants, dxg (G, nb, GROUP) their
-    # scales, tg (2, G, nb, GROUP) the block terms (sums of x; -128 dx sum xq). Each block of a
-    # row of W is unpacked once and meets the group's 8 rows; its constant term (m_b, -8 d_b, and
-    # Q8_0's d_b: its weights go in as w + 128) times the block term, 8 rows in one vector
+def groups_times(xt, dx, xsum, blocks, layout, lo, hi, out):
+    # out[m, o] = (x @ W.T)[m, o] for rows lo..hi of W (Q8_0, Q4_0, Q4_1), x (M, K) in groups of
+    # GROUP rows as group_activations lays them out: xt (G, nb 256) uint8 (xq + 128, each block as
+    # (4-byte word j, row, byte)), dx and xsum (G, nb GROUP) the blocks' scales and sums of x.
+    # Each 4 weights meet the group's 8 rows in one byte dot product (one row a lane), 4 rows of W
+    # at a time sharing the loads of x; two chains of words a row (a product's latency)
     nbytes, start, offset = layout[0], layout[1], layout[3]
-    M, nb = out.shape[0], dxg.shape[1]
-    t = tg[1] if nbytes == 34 else tg[0]
-    sums = np.empty(GROUP, np.float32)
+    M, nb = out.shape[0], dx.shape[1] // GROUP
+    q8 = nbytes == 34
+    stride, skip = (nbytes, 2) if q8 else (32, 0)  # where block b's quants start: b stride + skip
+    wq = np.empty((W_TILE, nb * 32), np.uint8)
+    d, constant = np.empty((W_TILE, nb), np.float32), np.empty((W_TILE, nb), np.float32)
+    correction = np.empty((W_TILE, nb), np.int32)
     for tile in range(lo, hi, W_TILE):
-        for g in range(xg.shape[0]):
-            x, dx, tx = xg[g], dxg[g], t[g]
-            for o in range(tile, min(tile + W_TILE, hi)):
-                row = blocks[o]
-                a0, a1, a2, a3, a4, a5, a6, a7 = zeros(), zeros(), zeros(), zeros(), zeros(), zeros(), zeros(), zeros()
-                c = zeros()
+        rows = min(W_TILE, hi - tile)
+        unpack_rows(blocks, nbytes, start, offset, tile, wq[:rows], d, correction, constant)
+        for g in range(xt.shape[0]):
+            x, dxg, xsg, m = xt[g], dx[g], xsum[g], g * GROUP
+            for r in range(0, rows, 4):
+                r0, r1, r2, r3 = r, min(r + 1, rows - 1), min(r + 2, rows - 1), min(r + 3, rows - 1)
+                if q8:
+                    w0, w1, w2, w3 = blocks[tile + r0], blocks[tile + r1], blocks[tile + r2], blocks[tile + r3]
+                else:
+                    w0, w1, w2, w3 = wq[r0], wq[r1], wq[r2], wq[r3]
+                f0, f1, f2, f3, c0, c1, c2, c3 = zeros(), zeros(), zeros(), zeros(), zeros(), zeros(), zeros(), zeros()
                 for b in range(nb):
-                    at, xat = b * nbytes, b * 32 * GROUP
-                    db = half(row, at)
-                    if nbytes == 34:
-                        w, coefficient = bytes_plus_128(row, at + 2), db
-                    else:
-                        w = nibbles(row, at + start)
-                        coefficient = half(row, at + 2) if offset == 0 else np.float32(-offset) * db
-                    d = splat(db)
-                    a0 = fma_scaled(a0, dot_block(w, x, xat), dx[b, 0], d)
-                    a1 = fma_scaled(a1, dot_block(w, x, xat + 32), dx[b, 1], d)
-                    a2 = fma_scaled(a2, dot_block(w, x, xat + 64), dx[b, 2], d)
-                    a3 = fma_scaled(a3, dot_block(w, x, xat + 96), dx[b, 3], d)
-                    a4 = fma_scaled(a4, dot_block(w, x, xat + 128), dx[b, 4], d)
-                    a5 = fma_scaled(a5, dot_block(w, x, xat + 160), dx[b, 5], d)
-                    a6 = fma_scaled(a6, dot_block(w, x, xat + 192), dx[b, 6], d)
-                    a7 = fma_scaled(a7, dot_block(w, x, xat + 224), dx[b, 7], d)
-                    c = fmav(c, splat(coefficient), load8(tx, b * GROUP))
-                sums[0], sums[1], sums[2], sums[3] = total(a0), total(a1), total(a2), total(a3)
-                sums[4], sums[5], sums[6], sums[7] = total(a4), total(a5), total(a6), total(a7)
-                m = g * GROUP
+                    xat, wat, at = b * 32 * GROUP, b * stride + skip, b * GROUP
+                    p0, p1, p2, p3 = int_zeros(), int_zeros(), int_zeros(), int_zeros()
+                    q0, q1, q2, q3 = int_zeros(), int_zeros(), int_zeros(), int_zeros()
+                    for j in range(4):
+                        v = bytes32(x, xat + 32 * j)
+                        p0, p1 = dot_dword(p0, v, w0, wat + 4 * j), dot_dword(p1, v, w1, wat + 4 * j)
+                        p2, p3 = dot_dword(p2, v, w2, wat + 4 * j), dot_dword(p3, v, w3, wat + 4 * j)
+                        v = bytes32(x, xat + 32 * (j + 4))
+                        q0, q1 = dot_dword(q0, v, w0, wat + 4 * (j + 4)), dot_dword(q1, v, w1, wat + 4 * (j + 4))
+                        q2, q3 = dot_dword(q2, v, w2, wat + 4 * (j + 4)), dot_dword(q3, v, w3, wat + 4 * (j + 4))
+                    f0 = scale_add(f0, p0, q0, correction[r0, b], dxg, at, d[r0, b])
+                    f1 = scale_add(f1, p1, q1, correction[r1, b], dxg, at, d[r1, b])
+                    f2 = scale_add(f2, p2, q2, correction[r2, b], dxg, at, d[r2, b])
+                    f3 = scale_add(f3, p3, q3, correction[r3, b], dxg, at, d[r3, b])
+                    if not q8:
+                        sums = load8(xsg, at)
+                        c0, c1 = fmav(c0, sums, splat(constant[r0, b])), fmav(c1, sums, splat(constant[r1, b]))
+                        c2, c3 = fmav(c2, sums, splat(constant[r2, b])), fmav(c3, sums, splat(constant[r3, b]))
+                f0, f1, f2, f3 = add(f0, c0), add(f1, c1), add(f2, c2), add(f3, c3)
                 for i in range(min(GROUP, M - m)):
-                    out[m + i, o] = sums[i] + lane(c, i)
+                    out[m + i, tile + r0], out[m + i, tile + r1] = lane(f0, i), lane(f1, i)
+                    out[m + i, tile + r2], out[m + i, tile + r3] = lane(f2, i), lane(f3, i)
 
 
 def _groups_source(prange: Any) -> Any:
-    def _product_groups(xg, dxg, tg, blocks, layout, out, parts):
+    def _product_groups(xt, dx, xsum, blocks, layout, out, parts):
         # out (M, N) = x (M, K) @ W.T, x in groups (groups_times), W's rows in `parts` ranges
         N = blocks.shape[0]
         for c in prange(parts):
-            groups_times(xg, dxg, tg, blocks, layout, c * N // parts, (c + 1) * N // parts, out)
+            groups_times(xt, dx, xsum, blocks, layout, c * N // parts, (c + 1) * N // parts, out)
 
     return _product_groups
 
@@ -259,20 +291,22 @@ def _quantize_rows(x, xq, dx, xsum):
 
 
 @lazy_njit
-def _quantize_groups(x, xg, dxg, tg):
-    # group_activations' layout: each block of each row of x (M, K) quantized into place
+def _quantize_groups(x, xt, dx, xsum):
+    # group_activations' layout: each block of each row of x (M, K) quantized, plus 128, into place
     M = x.shape[0]
-    for m in range(xg.shape[0] * GROUP):
+    q = np.empty(32, np.int8)
+    for m in range(xt.shape[0] * GROUP):
         g, i = m // GROUP, m % GROUP
-        for b in range(dxg.shape[1]):
+        for b in range(dx.shape[1] // GROUP):
             if m < M:
-                d, s, total_q = quantize_block(x[m, b * 32 : b * 32 + 32], xg[g, b, i])
+                dx[g, b * GROUP + i], xsum[g, b * GROUP + i], _ = quantize_block(x[m, b * 32 : b * 32 + 32], q)
             else:  # the last group's padding
-                xg[g, b, i, :] = 0
-                d, s, total_q = np.float32(0.0), np.float32(0.0), 0
-            dxg[g, b, i] = d
-            tg[0, g, b, i] = s
-            tg[1, g, b, i] = np.float32(-128.0) * d * np.float32(total_q)
+                q[:] = 0
+                dx[g, b * GROUP + i], xsum[g, b * GROUP + i] = 0.0, 0.0
+            at = b * 32 * GROUP + 4 * i
+            for j in range(8):
+                for k in range(4):
+                    xt[g, at + 32 * j + k] = np.uint8(np.int32(q[4 * j + k]) + 128)
 
 
 @lazy_njit
@@ -370,15 +404,19 @@ def groups_pay(M: int) -> bool:
 
 
 def group_activations(x2: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """x2 (M, K) as int8 blocks in groups of GROUP rows (the last padded with zeros), each block's
-    8 rows side by side: xg (G, nb, GROUP, 32) int8, dxg (G, nb, GROUP) scales, tg (2, G, nb,
-    GROUP): the sums of x, and -128 dx_b sum(xq_b) (what a Q8_0 block's w + 128 adds)."""
+    """x2 (M, K) as int8 blocks (quantize_block) in groups of GROUP rows, the last padded with
+    zeros, for ``groups_times``: xt (G, nb * 256) uint8, xq + 128, each block's 8 rows as 8 words
+    of 4 bytes a row (word j of every row, then word j + 1); dx and xsum (G, nb * GROUP) the
+    blocks' scales and sums of x."""
     M, K = x2.shape
     G, nb = -(-M // GROUP), K // 32
-    xg, dxg = np.empty((G, nb, GROUP, 32), np.int8), np.empty((G, nb, GROUP), np.float32)
-    tg = np.empty((2, G, nb, GROUP), np.float32)
-    _quantize_groups(x2, xg, dxg, tg)
-    return xg, dxg, tg
+    xt, dx, xsum = (
+        np.empty((G, nb * 32 * GROUP), np.uint8),
+        np.empty((G, nb * GROUP), np.float32),
+        np.empty((G, nb * GROUP), np.float32),
+    )
+    _quantize_groups(x2, xt, dx, xsum)
+    return xt, dx, xsum
 
 
 class QuantizedLinearCache(quant.QuantizedLinearCache):
