@@ -123,3 +123,64 @@ def test_the_tile_dequantizer_is_the_gguf_dequantizer(kind):
     # one rounding apart (a fused multiply-add, or not), within eps of the scales' bound
     tol = 2 * np.finfo(np.float32).eps * _w_bound(kind, blocks)[2:6]
     assert np.all(np.abs(tile - _gguf(kind, blocks)[2:6]) <= tol)
+
+
+# ----------------------------------------------------------------------------------------------
+# the int8 variant: x quantized to q8_0 blocks (quant.activations, checked against gguf's
+# quantizer in tests/test_quant.py), byte dot products
+
+
+def _split(kind: str, blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """W = W_q + W_c (float64): the part that multiplies the quants and the constant part, W_c
+    as gguf dequantizes the blocks with every quant 0: -dmin mn (Q4_K, Q5_K); Q6_K's -32 d sc
+    multiplies its quants (q - 32), so there W_c = 0."""
+    dense = _gguf(kind, blocks)
+    if kind == "q6_k":
+        return dense, np.zeros_like(dense)
+    zeros = blocks.copy()
+    zeros[..., QUANTS[kind]] = 0
+    constant = _gguf(kind, zeros)
+    return dense - constant, constant
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@settings(max_examples=10, deadline=None)
+@given(
+    rows=st.integers(1, 40),
+    n_blocks=st.integers(1, 3),
+    M=st.sampled_from([1, 3, quant_kernel.MAX_ROWS]),
+    threads=st.sampled_from([1, 2]),
+    given_acts=st.booleans(),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_the_int8_product_multiplies_the_quantized_activations_exactly_as_floats(
+    kind, rows, n_blocks, M, threads, given_acts, seed
+):
+    """out = x_hat @ W_q.T + x @ W_c.T (x_hat = dx xq, the activations as quantized) within the
+    float32 bound of the sums, and within sum_j |W_q,j| dx_b / 2 more of the float product."""
+    blocks = _random_blocks(kind, rows, n_blocks, seed)
+    K = 256 * n_blocks
+    w = QuantizedWeight(kind, blocks, (rows, K))
+    x = np.random.default_rng(seed).standard_normal((M, K)).astype(np.float32)
+    xq, dx, xsum = quant_kernel.activations(x)
+    x_hat = (xq.reshape(M, -1, 32) * dx[..., None].astype(np.float64)).reshape(M, K)
+    out = np.full((M, rows + 3), np.nan, np.float32)
+    with blas_threads(threads), mock.patch.object(quant_kernel, "MIN_ROWS_PER_THREAD", 4):
+        kquant.product_int8(x, w, out[:, 2 : 2 + rows], (xq, dx, xsum) if given_acts else None)
+    assert np.isnan(out[:, :2]).all() and np.isnan(out[:, 2 + rows :]).all()
+    got = out[:, 2 : 2 + rows]
+    w_q, w_c = _split(kind, blocks)
+    x64 = x.astype(np.float64)
+    tol = _bound(kind, blocks, np.maximum(np.abs(x), np.abs(x_hat))) + 1e-6
+    assert np.all(np.abs(got - (x_hat @ w_q.T + x64 @ w_c.T)) <= tol)
+    rounding = np.repeat(dx.astype(np.float64), 32, axis=1) / 2 @ np.abs(w_q).T  # (M, rows)
+    assert np.all(np.abs(got - x64 @ _gguf(kind, blocks).T) <= tol + rounding)
+
+
+def test_the_int8_product_of_a_prompt_is_the_float_product():
+    blocks = _random_blocks("q4_k", 9, 1, 6)
+    w = QuantizedWeight("q4_k", blocks, (9, 256))
+    x = np.random.default_rng(6).standard_normal((quant_kernel.MAX_ROWS + 1, 256)).astype(np.float32)
+    out = np.empty((x.shape[0], 9), np.float32)
+    kquant.product_int8(x, w, out)
+    assert np.all(np.abs(out - x.astype(np.float64) @ _gguf("q4_k", blocks).T) <= _bound("q4_k", blocks, x) + 1e-6)

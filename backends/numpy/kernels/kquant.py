@@ -9,13 +9,22 @@ values, ggml-quants.c) decoded inside numba loops instead of the reference's arr
   Q5_K's min term (``-dmin mn_s``) multiplies the sub-block's sum of x (``xsum``, the same
   (M, K / 32) sums the 32-value kinds use); Q6_K's offset (q - 32) stays in the loop. The rows of
   W are split over the threads BLAS may use now (``_threads``), as ``quant._product`` does.
+- :func:`product_int8`, the same rows with x as int8 blocks of 32 (``quant.activations``, as
+  quant.py's int8 kernel; llama.cpp's q8_K idea): each block of W unpacked to one byte a value
+  in a scratch row, each 32 bytes met with x's in one byte dot product (``_simd.dot_bytes``:
+  VNNI where the CPU has it) and scaled by ``d sc_s dx`` into 8 float lanes. Q6_K's sub-blocks
+  of 16 each get a dot product of their own (the other 16 bytes zero), since a lane-wise scale
+  is not in ``_simd.py``'s vocabulary.
 - More rows (a prompt): tiles of ``quant.TILE`` rows of W decoded to float32 by a serial numba
   loop, then multiplied with BLAS (``x @ tile.T``).
 
 Rounding: a different order of sums than the reference's BLAS product, both within the float32
 bound of a dot product, ``|error| <= K eps sum_j |w_j x_j|``, where a weight is bounded by its
-sub-block's scales: ``|d sc_s| qmax + |dmin mn_s|`` (qmax 15, 31; Q6_K: ``|d sc_s| 32``).
-tests/test_kquant.py checks this against the ``gguf`` library's dequantizer.
+sub-block's scales: ``|d sc_s| qmax + |dmin mn_s|`` (qmax 15, 31; Q6_K: ``|d sc_s| 32``). The
+int8 variant's products are exact integers: it is within that bound of ``x_hat @ W_q.T + x @
+W_c.T`` (x_hat = dx xq, W_q the part of W that multiplies the quants, W_c = -dmin mn), so within
+``sum_j |W_q,j| dx_b / 2`` more of the float product. tests/test_kquant.py checks both against
+the ``gguf`` library's dequantizer.
 
 Not here: the math's definition (``arraygpt.nn.quant``), the 32-value kinds and choosing between
 the paths (``quant.py``), which calls :func:`product` for a weight of a kind in KINDS.
@@ -27,7 +36,7 @@ import numpy as np
 
 from arraygpt.backends.numpy.kernels import _threads, quant
 from arraygpt.backends.numpy.kernels._jit import OPTIONS, LazyJit, ParallelJit, jitable, lazy_njit
-from arraygpt.backends.numpy.kernels._simd import half, prefetch
+from arraygpt.backends.numpy.kernels._simd import dot_bytes, fma, half, prefetch, total, zeros
 from arraygpt.nn.quant import QuantizedWeight
 
 KINDS = ("q4_k", "q5_k", "q6_k")
@@ -36,8 +45,8 @@ KIND_CODES = {kind: code for code, kind in enumerate(KINDS)}  # the numba source
 
 # Bit operations as NumPy's ufuncs on uint8 scalars: numba widens ``v & 15`` to int64, and the
 # loops then convert 8 int64 lanes to float at a time; the ufuncs keep bytes (1.5x on a probe)
-_and, _or, _shl, _shr = np.bitwise_and, np.bitwise_or, np.left_shift, np.right_shift
-_U1, _U2, _U3, _U4, _U12, _U15, _U48, _U192 = (np.uint8(v) for v in (1, 2, 3, 4, 12, 15, 48, 192))
+_and, _or, _shl, _shr, _add = np.bitwise_and, np.bitwise_or, np.left_shift, np.right_shift, np.add
+_U1, _U2, _U3, _U4, _U12, _U15, _U48, _U192, _U224 = (np.uint8(v) for v in (1, 2, 3, 4, 12, 15, 48, 192, 224))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -179,6 +188,120 @@ def _rows_source(prange):
     return _product_rows
 
 
+# The int8 variant (llama.cpp's q8_K idea, with quant.py's q8_0 activations): x as int8 blocks of
+# 32 (``quant.activations``: xq (K,), dx and xsum (K / 32,)), a block of W unpacked to one byte a
+# value in w8 (uint8 scratch), each 32 bytes met with x's in one byte dot product (_simd.py) and
+# scaled by d sc_s dx into 8 float lanes, reduced once per row; the min term as in the float loop
+
+
+@jitable(inline=False)
+def _unpack_q4k(row, at, w8):
+    # w8[:256] = the Q4_K block at byte `at`'s quants, one byte a value, in the values' order
+    # (the four pairs of sub-blocks in one loop: a loop per pair is unrolled unvectorized)
+    q = row[at + 16 : at + 144]
+    for l in range(32):
+        a, b, c, e = q[l], q[32 + l], q[64 + l], q[96 + l]
+        w8[l] = _and(a, _U15)
+        w8[32 + l] = _shr(a, _U4)
+        w8[64 + l] = _and(b, _U15)
+        w8[96 + l] = _shr(b, _U4)
+        w8[128 + l] = _and(c, _U15)
+        w8[160 + l] = _shr(c, _U4)
+        w8[192 + l] = _and(e, _U15)
+        w8[224 + l] = _shr(e, _U4)
+
+
+@jitable(inline=False)
+def _unpack_q5k(row, at, w8):
+    # w8[:256] = the Q5_K block at byte `at`'s quants (five bits), one byte a value
+    h = row[at + 16 : at + 48]
+    for j in range(4):
+        q = row[at + 48 + 32 * j : at + 80 + 32 * j]
+        w0 = w8[64 * j : 64 * j + 32]
+        w1 = w8[64 * j + 32 : 64 * j + 64]
+        shift = np.uint8(2 * j)
+        for l in range(32):
+            v = q[l]
+            hb = _shr(h[l], shift)
+            w0[l] = _or(_and(v, _U15), _shl(_and(hb, _U1), _U4))
+            w1[l] = _or(_shr(v, _U4), _shl(_and(hb, _U2), _U3))
+
+
+@jitable(inline=False)
+def _dot_q45k_int8(row, fifth, xq, dx, xsum, w8):
+    # one Q4_K (fifth 0) or Q5_K (fifth 1) row times x as int8 blocks; w8 (256,) scratch
+    nbytes = 176 if fifth else 144
+    acc = zeros()
+    s = np.float32(0.0)
+    for b in range(dx.shape[0] // 8):
+        at = b * nbytes
+        if fifth:
+            _unpack_q5k(row, at, w8)
+        else:
+            _unpack_q4k(row, at, w8)
+        d = half(row, at)
+        dmin = half(row, at + 2)
+        for t in range(8):
+            sc, mn = _scale_min(row, at, t)
+            acc = fma(acc, dot_bytes(w8, 32 * t, xq, b * 256 + 32 * t), d * sc * dx[b * 8 + t])
+            s -= dmin * mn * xsum[b * 8 + t]
+    return total(acc) + s
+
+
+@jitable(inline=False)
+def _dot_q6k_int8(row, xq, dx, w8):
+    # one Q6_K row times x as int8 blocks. w8 (512,) scratch, zeros where not written: sub-block
+    # t of 16 values (q - 32, int8) in bytes 32t.. 32t + 31 at the half that x's block of 32 puts
+    # it in (16 (t % 2)), so that one byte dot product sums that sub-block alone
+    acc = zeros()
+    for b in range(dx.shape[0] // 8):
+        at = b * 210
+        d = half(row, at + 208)
+        for h in range(2):
+            ql = row[at + 64 * h : at + 64 * h + 64]
+            qh = row[at + 128 + 32 * h : at + 128 + 32 * h + 32]
+            for g in range(2):
+                wg = w8[256 * h + 32 * g : 256 * h + 32 * g + 224]  # value 32k + l at 64k + l
+                for i in range(16):
+                    l = 16 * g + i
+                    a, c, e = ql[l], ql[32 + l], qh[l]
+                    wg[l] = _add(_or(_and(a, _U15), _shl(_and(e, _U3), _U4)), _U224)  # q - 32, mod 256
+                    wg[64 + l] = _add(_or(_and(c, _U15), _shl(_and(e, _U12), _U2)), _U224)
+                    wg[128 + l] = _add(_or(_shr(a, _U4), _and(e, _U48)), _U224)
+                    wg[192 + l] = _add(_or(_shr(c, _U4), _shr(_and(e, _U192), _U2)), _U224)
+        for t in range(16):
+            sc = d * np.float32(np.int8(row[at + 192 + t]))
+            acc = fma(acc, dot_bytes(w8, 32 * t, xq, b * 256 + 32 * (t // 2)), sc * dx[b * 8 + t // 2])
+    return total(acc)
+
+
+@jitable(inline=False)
+def rows_times_k_int8(xq, dx, xsum, blocks, kind, lo, hi, out):
+    # rows_times_k with x (M, K) as int8 blocks: xq (M, K) int8, dx and xsum (M, K / 32)
+    w8 = np.zeros(512, np.uint8)
+    for o in range(lo, hi):
+        row = blocks[o]
+        if o + quant.PREFETCH < hi:
+            ahead = blocks[o + quant.PREFETCH]
+            for at in range(0, ahead.shape[0], 64):
+                prefetch(ahead, at)
+        for m in range(xq.shape[0]):
+            if kind == 2:
+                out[m, o] = _dot_q6k_int8(row, xq[m], dx[m], w8)
+            else:
+                out[m, o] = _dot_q45k_int8(row, kind, xq[m], dx[m], xsum[m], w8)
+
+
+def _rows_source_int8(prange):
+    def _product_rows_int8(xq, dx, xsum, blocks, kind, out, parts):
+        # out (M, N) = x @ W.T, x as int8 blocks, W's rows in `parts` contiguous ranges
+        N = blocks.shape[0]
+        for c in prange(parts):
+            rows_times_k_int8(xq, dx, xsum, blocks, kind, c * N // parts, (c + 1) * N // parts, out)
+
+    return _product_rows_int8
+
+
 @jitable(inline=False)
 def _block_q4k(row, at, t):
     # t (256,) float32 = the Q4_K block at byte `at` of a row (layout as _dot_q4k)
@@ -260,6 +383,8 @@ def dequantize_tile_k(blocks, kind, r0, tile):
 
 _product_rows = LazyJit(_rows_source(range), OPTIONS)
 _product_rows_parallel = ParallelJit(_rows_source)
+_product_rows_int8 = LazyJit(_rows_source_int8(range), OPTIONS)
+_product_rows_int8_parallel = ParallelJit(_rows_source_int8)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -301,3 +426,27 @@ def product(x2: np.ndarray, w: QuantizedWeight, out: np.ndarray, xsum: np.ndarra
         rows = min(quant.TILE, N - r0)
         dequantize_tile_k(blocks, kind, r0, tile[:rows])
         np.matmul(x2, tile[:rows].T, out=out[:, r0 : r0 + rows])
+
+
+def product_int8(x2: np.ndarray, w: QuantizedWeight, out: np.ndarray, acts: tuple | None = None) -> None:
+    """:func:`product`, but up to ``quant.MAX_ROWS`` rows of x go in as int8 blocks of 32 and meet
+    W's unpacked blocks in byte dot products (VNNI where the CPU has it), as quant.py's int8
+    kernel does for Q8_0/Q4_0/Q4_1: a different rounding, within ``sum_j |W_q,j| dx_b / 2`` of the
+    float product (W_q the part of W that multiplies the quants). More rows: :func:`product`.
+
+    Args:
+        acts: ``quant.activations(x2)`` (xq, dx, xsum) where the caller has them; else made here.
+    """
+    M, K = x2.shape
+    if M > quant.MAX_ROWS:
+        product(x2, w, out)
+        return
+    N = w.shape[0]
+    kind = KIND_CODES[w.kind]
+    blocks = quant.blocks_2d(w)
+    xq, dx, xsum = quant.activations(x2) if acts is None else acts
+    parts = _threads.chunks(N, quant.MIN_ROWS_PER_THREAD) or 1
+    if parts > 1:
+        _threads.launch(_product_rows_int8_parallel, parts, xq, dx, xsum, blocks, kind, out)
+    else:
+        _product_rows_int8(xq, dx, xsum, blocks, kind, out, 1)
