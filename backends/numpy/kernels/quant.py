@@ -19,10 +19,11 @@ Both split the rows of W over the threads BLAS may use now (``blas_thread_count`
 runner holds it to the model's threads). More rows than MAX_ROWS (a prompt): tiles of TILE rows
 of W are dequantized to float32 and multiplied with BLAS (``x @ tile.T``), so the float32 memory
 is one tile. The int8 kernel runs a prompt of up to GROUP_ROWS rows a thread in int8 instead
-(``groups_times``): x's rows in groups of 8, each block of W unpacked once and met by the group's 8
-rows side by side (8 accumulators in registers, the group's quants laid out block by block), at
-about 90 GFLOPS a core against float32 tiles' 45-140 (decoding a tile costs the same however few
-rows meet it). The K-quants (q4_k, q5_k, q6_k) are decoded by the reference's array-API code a tile
+(``groups_times``): x's rows in groups of 8, one row a vector lane, so each 4 weights of W (a
+broadcast word) meet 8 rows in one byte dot product; 4 rows of W share each load of x, and a tile
+of 16 rows of W is unpacked (Q4 nibbles to bytes, each block's scale and sum) once for all the
+groups. About 150-185 GFLOPS a core, against float32 tiles' 45-145 (decoding a tile costs the
+same however few rows meet it). The K-quants (q4_k, q5_k, q6_k) are decoded by the reference's array-API code a tile
 at a time, then multiplied with BLAS.
 
 Rounding: the float32 kernel sums in another order than the reference's BLAS product; both are
