@@ -57,6 +57,9 @@ def numba() -> Any:
                 import numba as module
             except ImportError as e:
                 raise KernelUnavailable(f"numba is not installed ({e}); pip install numba") from e
+            from arraygpt.backends.numpy.kernels import _compiler_pages
+
+            _compiler_pages.register(module)
             for register in _registrations:
                 register(module)
             _numba.append(module)
