@@ -19,7 +19,7 @@ pytest.importorskip("numba")
 from gguf import GGMLQuantizationType, quants
 
 from arraygpt.backends.numpy import blas_threads
-from arraygpt.backends.numpy.kernels import kquant
+from arraygpt.backends.numpy.kernels import _jit, _threads, kquant
 from arraygpt.backends.numpy.kernels import quant as quant_kernel
 
 KINDS = ["q4_k", "q5_k", "q6_k"]
@@ -110,7 +110,9 @@ def test_a_decode_sized_product_on_two_threads(kind):
     x = np.random.default_rng(3).standard_normal((1, 512)).astype(np.float32)
     out = np.empty((1, rows), np.float32)
     with blas_threads(2):
+        parts = _threads.chunks(rows, quant_kernel.MIN_ROWS_PER_THREAD)
         kquant.product(x, w, out)
+    assert parts == min(2, _jit.numba().config.NUMBA_NUM_THREADS)  # the parallel launch, where there are 2 threads
     assert np.all(np.abs(out - x.astype(np.float64) @ _gguf(kind, blocks).T) <= _bound(kind, blocks, x) + 1e-6)
 
 
