@@ -26,8 +26,8 @@ W_c.T`` (x_hat = dx xq, W_q the part of W that multiplies the quants, W_c = -dmi
 ``sum_j |W_q,j| dx_b / 2`` more of the float product. tests/test_kquant.py checks both against
 the ``gguf`` library's dequantizer.
 
-Not here: the math's definition (``arraygpt.nn.quant``), the 32-value kinds and choosing between
-the paths (``quant.py``), which calls :func:`product` for a weight of a kind in KINDS.
+Not here: the math's definition (``arraygpt.nn.quant``), the 32-value kinds and choosing a
+kernel for a call (``quant.py``).
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ KIND_CODES = {kind: code for code, kind in enumerate(KINDS)}  # the numba source
 
 
 # Bit operations as NumPy's ufuncs on uint8 scalars: numba widens ``v & 15`` to int64, and the
-# loops then convert 8 int64 lanes to float at a time; the ufuncs keep bytes (1.5x on a probe)
+# loops then convert 8 int64 lanes to float at a time; the ufuncs keep bytes (1.2-1.3x here)
 _and, _or, _shl, _shr, _add = np.bitwise_and, np.bitwise_or, np.left_shift, np.right_shift, np.add
 _U1, _U2, _U3, _U4, _U12, _U15, _U48, _U192, _U224 = (np.uint8(v) for v in (1, 2, 3, 4, 12, 15, 48, 192, 224))
 
