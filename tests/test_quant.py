@@ -365,11 +365,11 @@ def test_without_vnni_or_f16c_the_portable_vector_code_gives_the_same_numbers(tm
 
 
 def _activations(x: np.ndarray):
-    from arraygpt.backends.numpy.kernels import quant as kernel
+    from arraygpt.backends.numpy.kernels import _blocks
 
     M, K = x.shape
     xq, dx, xsum = np.empty((M, K), np.int8), np.empty((M, K // 32), np.float32), np.empty((M, K // 32), np.float32)
-    kernel._quantize_rows(x, xq, dx, xsum)
+    _blocks._quantize_rows(x, xq, dx, xsum)
     return xq, dx, xsum
 
 
@@ -499,7 +499,9 @@ def test_backward_through_quantized_weights_is_refused_with_what_to_do():
 @pytest.mark.parametrize("M", [1, 10])
 def test_the_k_quants_run_a_tile_of_rows_at_a_time(monkeypatch, kind, M):
     kernel = _kernel()
-    monkeypatch.setattr(kernel, "TILE", 3)
+    from arraygpt.backends.numpy.kernels import _blocks
+
+    monkeypatch.setattr(_blocks, "TILE", 3)
     blocks = _random_blocks(kind, 7, 2, M)
     w = QuantizedWeight(kind, blocks, (7, 512))
     x = np.random.default_rng(M).standard_normal((M, 512)).astype(np.float32)

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from arraygpt.backends.numpy.kernels import _threads, attention, gelu
+from arraygpt.backends.numpy.kernels import _blocks, _threads, attention, gelu
 from arraygpt.backends.numpy.kernels import quant as kernel
 from arraygpt.backends.numpy.kernels._jit import OPTIONS, LazyJit, ParallelJit, jitable, loader
 from arraygpt.nn import quant
@@ -78,7 +78,7 @@ def _project(h, xq, dx, xsum, blocks, dense, layout, lo, hi, out):
 
 
 def _block_source(prange: Any) -> Any:
-    quantize_row, attend_row = kernel.quantize_row, attention.attend_row
+    quantize_row, attend_row = _blocks.quantize_row, attention.attend_row
 
     def _decode_block(x, n1, n1b, n2, n2b, eps, layer_norm,
                       qkv_w, qkv_d, qkv_l, qkv_b, o_w, o_d, o_l, o_b,

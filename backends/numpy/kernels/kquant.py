@@ -2,20 +2,20 @@
 files) read in place: out = x @ dequantize(W).T, with ``nn.quant``'s layouts (super-blocks of 256
 values, ggml-quants.c) decoded inside numba loops instead of the reference's array-API code.
 
-- Up to ``quant.MAX_ROWS`` rows of x (decoding): one pass over W's blocks in their stored order,
+- Up to ``_blocks.MAX_ROWS`` rows of x (decoding): one pass over W's blocks in their stored order,
   as ``quant.dot_float`` does. Each row keeps 32 float32 accumulators, one per position in a
   sub-block of 32, reduced once per row; a sub-block's scale is folded into x
   (``acc[l] += q * (d sc_s x_l)``), so the loop over the 32 positions vectorizes. Q4_K's and
   Q5_K's min term (``-dmin mn_s``) multiplies the sub-block's sum of x (``xsum``, the same
   (M, K / 32) sums the 32-value kinds use); Q6_K's offset (q - 32) stays in the loop. The rows of
   W are split over the threads BLAS may use now (``_threads``), as ``quant._product`` does.
-- :func:`product_int8`, the same rows with x as int8 blocks of 32 (``quant.activations``, as
+- :func:`product_int8`, the same rows with x as int8 blocks of 32 (``_blocks.activations``, as
   quant.py's int8 kernel; llama.cpp's q8_K idea): each block of W unpacked to one byte a value
   in a scratch row, each 32 bytes met with x's in one byte dot product (``_simd.dot_bytes``:
   VNNI where the CPU has it) and scaled by ``d sc_s dx`` into 8 float lanes. Q6_K's sub-blocks
   of 16 each get a dot product of their own (the other 16 bytes zero), since a lane-wise scale
   is not in ``_simd.py``'s vocabulary.
-- More rows (a prompt): tiles of ``quant.TILE`` rows of W decoded to float32 by a serial numba
+- More rows (a prompt): tiles of ``_blocks.TILE`` rows of W decoded to float32 by a serial numba
   loop, then multiplied with BLAS (``x @ tile.T``).
 
 Rounding: a different order of sums than the reference's BLAS product, both within the float32
@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from arraygpt.backends.numpy.kernels import _threads, quant
+from arraygpt.backends.numpy.kernels import _blocks, _threads
 from arraygpt.backends.numpy.kernels._jit import OPTIONS, LazyJit, ParallelJit, jitable, lazy_njit
 from arraygpt.backends.numpy.kernels._simd import dot_bytes, fma, half, prefetch, total, zeros
 from arraygpt.nn.quant import QuantizedWeight
@@ -51,7 +51,7 @@ _U1, _U2, _U3, _U4, _U12, _U15, _U48, _U192, _U224 = (np.uint8(v) for v in (1, 2
 
 # ----------------------------------------------------------------------------------------------
 # numba sources: one super-block of 256 values at a time. A row of W is its blocks' bytes (uint8,
-# ``quant.blocks_2d(w)[o]``); offsets inside a block as in nn.quant._dequantize_blocks
+# ``_blocks.blocks_2d(w)[o]``); offsets inside a block as in nn.quant._dequantize_blocks
 
 
 @jitable(inline=False)
@@ -170,8 +170,8 @@ def rows_times_k(x, xsum, blocks, kind, lo, hi, out):
     acc = np.empty(32, np.float32)
     for o in range(lo, hi):
         row = blocks[o]
-        if o + quant.PREFETCH < hi:  # the row a few rows on, from memory meanwhile (as quant.rows_times)
-            ahead = blocks[o + quant.PREFETCH]
+        if o + _blocks.PREFETCH < hi:  # the row a few rows on, from memory meanwhile (as quant.rows_times)
+            ahead = blocks[o + _blocks.PREFETCH]
             for at in range(0, ahead.shape[0], 64):
                 prefetch(ahead, at)
         for m in range(x.shape[0]):
@@ -189,7 +189,7 @@ def _rows_source(prange):
 
 
 # The int8 variant (llama.cpp's q8_K idea, with quant.py's q8_0 activations): x as int8 blocks of
-# 32 (``quant.activations``: xq (K,), dx and xsum (K / 32,)), a block of W unpacked to one byte a
+# 32 (``_blocks.activations``: xq (K,), dx and xsum (K / 32,)), a block of W unpacked to one byte a
 # value in w8 (uint8 scratch), each 32 bytes met with x's in one byte dot product (_simd.py) and
 # scaled by d sc_s dx into 8 float lanes, reduced once per row; the min term as in the float loop
 
@@ -281,8 +281,8 @@ def rows_times_k_int8(xq, dx, xsum, blocks, kind, lo, hi, out):
     w8 = np.zeros(512, np.uint8)
     for o in range(lo, hi):
         row = blocks[o]
-        if o + quant.PREFETCH < hi:
-            ahead = blocks[o + quant.PREFETCH]
+        if o + _blocks.PREFETCH < hi:
+            ahead = blocks[o + _blocks.PREFETCH]
             for at in range(0, ahead.shape[0], 64):
                 prefetch(ahead, at)
         for m in range(xq.shape[0]):
@@ -401,8 +401,8 @@ def product(x2: np.ndarray, w: QuantizedWeight, out: np.ndarray, xsum: np.ndarra
         xsum: x2's sums per 32 values, float32 (M, K / 32), where the caller has them (a stack's
             parts share them); computed here when None, unread for more than MAX_ROWS rows.
 
-    Up to ``quant.MAX_ROWS`` rows: the decoding loops, W's rows split over the BLAS threads;
-    more: tiles of ``quant.TILE`` rows dequantized by numba, then ``np.matmul``.
+    Up to ``_blocks.MAX_ROWS`` rows: the decoding loops, W's rows split over the BLAS threads;
+    more: tiles of ``_blocks.TILE`` rows dequantized by numba, then ``np.matmul``.
 
     Example:
         >>> out = np.empty((1, w.shape[0]), np.float32)
@@ -411,41 +411,41 @@ def product(x2: np.ndarray, w: QuantizedWeight, out: np.ndarray, xsum: np.ndarra
     M, K = x2.shape
     N = w.shape[0]
     kind = KIND_CODES[w.kind]
-    blocks = quant.blocks_2d(w)
-    if M <= quant.MAX_ROWS:
+    blocks = _blocks.blocks_2d(w)
+    if M <= _blocks.MAX_ROWS:
         if xsum is None:
             xsum = x2.reshape(M, K // 32, 32).sum(axis=-1)  # (M, K / 32)
-        parts = _threads.chunks(N, quant.MIN_ROWS_PER_THREAD) or 1
+        parts = _threads.chunks(N, _blocks.MIN_ROWS_PER_THREAD) or 1
         if parts > 1:
             _threads.launch(_product_rows_parallel, parts, x2, xsum, blocks, kind, out)
         else:
             _product_rows(x2, xsum, blocks, kind, out, 1)
         return
-    tile = np.empty((min(quant.TILE, N), K), dtype=np.float32)
-    for r0 in range(0, N, quant.TILE):
-        rows = min(quant.TILE, N - r0)
+    tile = np.empty((min(_blocks.TILE, N), K), dtype=np.float32)
+    for r0 in range(0, N, _blocks.TILE):
+        rows = min(_blocks.TILE, N - r0)
         dequantize_tile_k(blocks, kind, r0, tile[:rows])
         np.matmul(x2, tile[:rows].T, out=out[:, r0 : r0 + rows])
 
 
 def product_int8(x2: np.ndarray, w: QuantizedWeight, out: np.ndarray, acts: tuple | None = None) -> None:
-    """:func:`product`, but up to ``quant.MAX_ROWS`` rows of x go in as int8 blocks of 32 and meet
+    """:func:`product`, but up to ``_blocks.MAX_ROWS`` rows of x go in as int8 blocks of 32 and meet
     W's unpacked blocks in byte dot products (VNNI where the CPU has it), as quant.py's int8
     kernel does for Q8_0/Q4_0/Q4_1: a different rounding, within ``sum_j |W_q,j| dx_b / 2`` of the
     float product (W_q the part of W that multiplies the quants). More rows: :func:`product`.
 
     Args:
-        acts: ``quant.activations(x2)`` (xq, dx, xsum) where the caller has them; else made here.
+        acts: ``_blocks.activations(x2)`` (xq, dx, xsum) where the caller has them; else made here.
     """
     M, K = x2.shape
-    if M > quant.MAX_ROWS:
+    if M > _blocks.MAX_ROWS:
         product(x2, w, out)
         return
     N = w.shape[0]
     kind = KIND_CODES[w.kind]
-    blocks = quant.blocks_2d(w)
-    xq, dx, xsum = quant.activations(x2) if acts is None else acts
-    parts = _threads.chunks(N, quant.MIN_ROWS_PER_THREAD) or 1
+    blocks = _blocks.blocks_2d(w)
+    xq, dx, xsum = _blocks.activations(x2) if acts is None else acts
+    parts = _threads.chunks(N, _blocks.MIN_ROWS_PER_THREAD) or 1
     if parts > 1:
         _threads.launch(_product_rows_int8_parallel, parts, xq, dx, xsum, blocks, kind, out)
     else:

@@ -23,8 +23,9 @@ is one tile. The int8 kernel runs a prompt of up to GROUP_ROWS rows a thread in 
 broadcast word) meet 8 rows in one byte dot product; 4 rows of W share each load of x, and a tile
 of 16 rows of W is unpacked (Q4 nibbles to bytes, each block's scale and sum) once for all the
 groups. About 150-185 GFLOPS a core, against float32 tiles' 45-145 (decoding a tile costs the
-same however few rows meet it). The K-quants (q4_k, q5_k, q6_k) are decoded by the reference's array-API code a tile
-at a time, then multiplied with BLAS.
+same however few rows meet it). The K-quants (q4_k, q5_k, q6_k) have their own loops, in
+``kquant.py``; what the kernels share (the rows decoding takes, x as int8 blocks) is in
+``_blocks.py``.
 
 Rounding: the float32 kernel sums in another order than the reference's BLAS product; both are
 within the float32 bound of a dot product, ``|error| <= K eps sum_j |w_j x_j|`` (K = in), where
@@ -40,13 +41,21 @@ Not here: the math's definition (``arraygpt.nn.quant``), choosing kernels (``arr
 from __future__ import annotations
 
 import functools
-import weakref
 from typing import Any
 
 import numpy as np
 
 from arraygpt.backends import numpy as backend  # the backend these arrays come from: its BLAS threads
-from arraygpt.backends.numpy.kernels import _threads
+from arraygpt.backends.numpy.kernels import _threads, kquant
+from arraygpt.backends.numpy.kernels._blocks import (
+    MAX_ROWS,
+    MIN_ROWS_PER_THREAD,
+    PREFETCH,
+    TILE,
+    activations,
+    blocks_2d,
+    quantize_block,
+)
 from arraygpt.backends.numpy.kernels._jit import OPTIONS, LazyJit, ParallelJit, jitable, lazy_njit, loader
 from arraygpt.backends.numpy.kernels._simd import (
     add,
@@ -73,10 +82,6 @@ from arraygpt.errors import KernelUnavailable
 from arraygpt.nn import quant
 from arraygpt.nn.kernels import KernelSpec
 
-MAX_ROWS = 8  # decoding's loop up to here; more rows: dequantized tiles and BLAS
-TILE = 1024  # rows of W dequantized at a time on the prefill path (256: 13% slower, 2 MB less memory)
-MIN_ROWS_PER_THREAD = 64  # rows of W a thread takes at least (a parallel launch costs a few microseconds)
-PREFETCH = 6  # rows of W ahead that a product asks the memory for (measured: 4 to 16 alike)
 GROUP = 8  # rows of x the int8 prompt loop carries at once: the 8 lanes of a vector
 GROUP_ROWS = 512  # a prompt's rows a thread up to which the int8 groups beat float32 tiles and BLAS (measured)
 W_TILE = 16  # rows of W the int8 prompt loop unpacks at a time and keeps in the L1 cache while the groups pass
@@ -141,36 +146,6 @@ def dot_int8(row, nbytes, start, offset, xq, dx, xsum):
             mb = half(row, at + 2) if offset == 0 else np.float32(-offset) * db
             s += mb * xsum[b]
     return total(acc) + s
-
-
-@jitable
-def quantize_block(xb, q):
-    # a block of 32 floats xb -> q (32,) int8 = round(xb / d), d = max|xb| / 127, rounding half
-    # away from zero (llama.cpp's quantize_row_q8_0); returns d, the sum of xb, the sum of q
-    amax = np.float32(0.0)
-    s = np.float32(0.0)
-    for j in range(32):
-        amax = max(amax, abs(xb[j]))
-        s += xb[j]
-    d = amax / np.float32(127.0)
-    inverse = np.float32(0.0)
-    if d > 0:
-        inverse = np.float32(1.0) / d
-    total_q = 0
-    for j in range(32):
-        v = xb[j] * inverse
-        r = np.int32(np.copysign(np.floor(abs(v) + np.float32(0.5)), v))
-        q[j] = r
-        total_q += r
-    return d, s, total_q
-
-
-@jitable(inline=False)
-def quantize_row(x, xq, dx, xsum):
-    # x (K,) float32 -> xq (K,) int8 blocks of 32 (quantize_block), dx (nb,) their scales, xsum
-    # (nb,) the blocks' sums
-    for b in range(dx.shape[0]):
-        dx[b], xsum[b], _ = quantize_block(x[b * 32 : b * 32 + 32], xq[b * 32 : b * 32 + 32])
 
 
 @jitable
@@ -285,13 +260,6 @@ def _rows_source(prange: Any) -> Any:
 
 
 @lazy_njit
-def _quantize_rows(x, xq, dx, xsum):
-    # quantize_row for each row of x (M, K)
-    for m in range(x.shape[0]):
-        quantize_row(x[m], xq[m], dx[m], xsum[m])
-
-
-@lazy_njit
 def _quantize_groups(x, xt, dx, xsum):
     # group_activations' layout: each block of each row of x (M, K) quantized, plus 128, into place
     M = x.shape[0]
@@ -373,31 +341,6 @@ def layout(kind: str, int8: bool) -> np.ndarray:
     return np.array([*_LAYOUT[kind], int(int8 and kind in INT8_KINDS)], dtype=np.int64)
 
 
-_views: dict[int, tuple[weakref.ref, np.ndarray]] = {}  # id(w) -> (w, its blocks_2d) while w lives
-
-
-def blocks_2d(w: quant.QuantizedWeight) -> np.ndarray:
-    """w's blocks as (out, blocks per row * bytes per block): the file's bytes, not copied (the
-    same view while w lives: a decode step hands it to numba 120 times a token, and a new view
-    each time cost more than the dict lookup)."""
-    entry = _views.get(id(w))
-    if entry is not None and entry[0]() is w:
-        return entry[1]
-    view = np.ascontiguousarray(w.blocks).reshape(w.shape[0], -1)
-    view.flags.writeable = False  # read-only like a file's: one numba type for all of them
-    _views[id(w)] = (weakref.ref(w), view)
-    weakref.finalize(w, _views.pop, id(w), None)
-    return view
-
-
-def activations(x2: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """x2 (M, K) as int8 blocks: xq (M, K) int8, dx (M, nb) scales, xsum (M, nb) sums of x."""
-    M, K = x2.shape
-    xq, dx, xsum = np.empty((M, K), np.int8), np.empty((M, K // 32), np.float32), np.empty((M, K // 32), np.float32)
-    _quantize_rows(x2, xq, dx, xsum)
-    return xq, dx, xsum
-
-
 def groups_pay(M: int) -> bool:
     """Whether a prompt of M rows goes to the int8 groups rather than float32 tiles and BLAS: up
     to GROUP_ROWS rows a thread (the groups run on every thread, a tile's decoding on one)."""
@@ -450,13 +393,19 @@ def _forward(x: Any, w: Any, b: Any, int8: bool) -> tuple[Any, Any]:
     N, K = w.shape
     x2 = np.ascontiguousarray(x.reshape(M, K))
     out = np.empty((M, N), dtype=np.float32)
+    kinds = {p.kind for p in parts}
     acts = None  # x2 as the loops read it (once for all parts): int8 blocks (in groups), or x2 and its block sums
-    int8 = int8 and any(p.kind in INT8_KINDS for p in parts) and (M <= MAX_ROWS or groups_pay(M))
-    if int8:
-        acts = activations(x2) if M <= MAX_ROWS else group_activations(x2)
-    elif M <= MAX_ROWS and any(p.kind in _LAYOUT for p in parts):
-        xsum = x2.reshape(M, K // 32, 32).sum(axis=-1)  # (M, nb)
-        acts = (x2.view(np.int8), xsum, xsum)  # xq and dx unread on the float path
+    if M <= MAX_ROWS:
+        int8 = int8 and bool(kinds & {*INT8_KINDS, *kquant.KINDS})
+        if int8:
+            acts = activations(x2)
+        else:
+            xsum = x2.reshape(M, K // 32, 32).sum(axis=-1)  # (M, nb)
+            acts = (x2.view(np.int8), xsum, xsum)  # xq and dx unread on the float path
+    else:
+        int8 = int8 and bool(kinds & set(INT8_KINDS)) and groups_pay(M)
+        if int8:
+            acts = group_activations(x2)
     start = 0
     for part in parts:
         _product(x2, part, out[:, start : start + part.shape[0]], acts, int8)
@@ -480,16 +429,16 @@ def quantized_linear_int8_forward(x: Any, w: Any, b: Any = None) -> tuple[Any, A
 
 
 def _product(x2: np.ndarray, w: quant.QuantizedWeight, out: np.ndarray, acts: Any, int8: bool) -> None:
-    """out (M, N) = x2 (M, K) @ dequantize(w).T, on the blocks (the K-quants: the reference's
-    decoding, a tile of rows at a time, then BLAS); ``acts`` (xq, dx, xsum) of x2 for the decoding
-    loops, read as int8 blocks where ``int8`` and the kind has that path."""
+    """out (M, N) = x2 (M, K) @ dequantize(w).T, on the blocks (the K-quants: ``kquant.py``);
+    ``acts`` of x2 as ``_forward`` made them, read as int8 blocks where ``int8`` and the kind has
+    that path."""
     M, K = x2.shape
     N = w.shape[0]
-    if w.kind not in _LAYOUT:
-        for r0 in range(0, N, TILE):
-            rows = min(TILE, N - r0)
-            tile = quant.dequantize(quant.QuantizedWeight(w.kind, w.blocks[r0 : r0 + rows], (rows, K)))
-            np.matmul(x2, tile.T, out=out[:, r0 : r0 + rows])
+    if w.kind in kquant.KINDS:
+        if M <= MAX_ROWS and int8:
+            kquant.product_int8(x2, w, out, acts)
+        else:
+            kquant.product(x2, w, out, acts[2] if M <= MAX_ROWS else None)
         return
     blocks = blocks_2d(w)
     if M <= MAX_ROWS or (int8 and w.kind in INT8_KINDS):
