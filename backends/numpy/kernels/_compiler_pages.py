@@ -16,6 +16,7 @@ Not here: compiling the kernels (``_jit.py``).
 from __future__ import annotations
 
 import ctypes
+import os
 import sys
 import threading
 from typing import Any
@@ -57,7 +58,7 @@ def register(numba: Any) -> None:
     from numba.core import event
 
     try:
-        _ranges.extend(code_ranges(llvm.ffi.lib._name))
+        _ranges.extend(code_ranges(os.path.realpath(llvm.ffi.lib._name)))
     except OSError:  # no /proc
         return
 
