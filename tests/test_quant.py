@@ -260,12 +260,39 @@ def _simd_compiled():
             out[i] = _simd.half(row, 2 * i)
         return out
 
-    return dots, halves
+    @numba().njit
+    def sums(x, w, packed, c, s, d, t):  # x (n, 256) words of 8 lanes; w (n, 32) weights; packed (n, 16) nibbles
+        out = np.empty((len(x), 8), np.float32)
+        unpacked = np.empty((len(x), 32), np.uint8)
+        for b in range(len(x)):
+            p, q = _simd.int_zeros(), _simd.int_zeros()
+            for j in range(4):
+                p = _simd.dot_dword(p, _simd.bytes32(x[b], 32 * j), w[b], 4 * j)
+                q = _simd.dot_dword(q, _simd.bytes32(x[b], 32 * (j + 4)), w[b], 4 * (j + 4))
+            acc = _simd.scale_add(_simd.zeros(), p, q, c[b], s[b], 0, d[b])
+            acc = _simd.add(_simd.fmav(acc, _simd.splat(d[b]), _simd.load8(t[b], 0)), _simd.zeros())
+            for i in range(8):
+                out[b, i] = _simd.lane(acc, i)
+            _simd.store32(_simd.nibbles(packed[b], 0), unpacked[b], 0)
+        return out, unpacked
+
+    return dots, halves, sums
+
+
+def _prompt_case(n: int, seed: int) -> tuple[np.ndarray, ...]:
+    """Random operands of the prompt loop's vocabulary (the ``sums`` of _simd_compiled)."""
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, 256, (n, 256), dtype=np.uint8)
+    w = rng.integers(-128, 128, (n, 32)).astype(np.int8)
+    packed = rng.integers(0, 256, (n, 16), dtype=np.uint8)
+    c = rng.integers(-(2**20), 2**20, n).astype(np.int32)
+    s, t = rng.uniform(-2, 2, (n, 8)).astype(np.float32), rng.standard_normal((n, 8)).astype(np.float32)
+    return x, w, packed, c, s, rng.uniform(-2, 2, n).astype(np.float32), t
 
 
 @given(n=st.integers(1, 6), seed=st.integers(0, 2**32 - 1))
 def test_the_byte_dot_products_are_numpys_integer_dots(n, seed):
-    dots, _ = _simd_compiled()
+    dots, _, _ = _simd_compiled()
     rng = np.random.default_rng(seed)
     row = rng.integers(0, 256, 34 * n, dtype=np.uint8)  # every byte, -128 included
     xq = rng.integers(-127, 128, 32 * n).astype(np.int8)
@@ -283,33 +310,8 @@ def test_the_prompt_loops_vectors_are_numpys_integer_dots_and_float_sums(n, seed
     """A prompt's vocabulary (_simd.py), compiled: 8 words of 4 weights against 8 lanes of x
     (dot_dword), nibbles unpacked and stored, scale_add, fmav, add and lane, against the same sums
     in NumPy's integers and float64."""
-    pytest.importorskip("numba")
-    from arraygpt.backends.numpy.kernels import _simd
-    from arraygpt.backends.numpy.kernels._jit import numba
-
-    @numba().njit
-    def sums(x, w, packed, c, s, d, t):  # x (n, 256) words of 8 lanes; w (n, 32) weights; packed (n, 16) nibbles
-        out = np.empty((len(x), 8), np.float32)
-        unpacked = np.empty((len(x), 32), np.uint8)
-        for b in range(len(x)):
-            p, q = _simd.int_zeros(), _simd.int_zeros()
-            for j in range(4):
-                p = _simd.dot_dword(p, _simd.bytes32(x[b], 32 * j), w[b], 4 * j)
-                q = _simd.dot_dword(q, _simd.bytes32(x[b], 32 * (j + 4)), w[b], 4 * (j + 4))
-            acc = _simd.scale_add(_simd.zeros(), p, q, c[b], s[b], 0, d[b])
-            acc = _simd.add(_simd.fmav(acc, _simd.splat(d[b]), _simd.load8(t[b], 0)), _simd.zeros())
-            for i in range(8):
-                out[b, i] = _simd.lane(acc, i)
-            _simd.store32(_simd.nibbles(packed[b], 0), unpacked[b], 0)
-        return out, unpacked
-
-    rng = np.random.default_rng(seed)
-    x = rng.integers(0, 256, (n, 256), dtype=np.uint8)
-    w = rng.integers(-128, 128, (n, 32)).astype(np.int8)
-    packed = rng.integers(0, 256, (n, 16), dtype=np.uint8)
-    c = rng.integers(-(2**20), 2**20, n).astype(np.int32)
-    s, t = rng.uniform(-2, 2, (n, 8)).astype(np.float32), rng.standard_normal((n, 8)).astype(np.float32)
-    d = rng.uniform(-2, 2, n).astype(np.float32)
+    _, _, sums = _simd_compiled()
+    x, w, packed, c, s, d, t = _prompt_case(n, seed)
     got, unpacked = sums(x, w, packed, c, s, d, t)
     for b in range(n):
         words = x[b].reshape(8, 8, 4).astype(np.int64)  # (word j, lane i, byte k)
@@ -320,7 +322,7 @@ def test_the_prompt_loops_vectors_are_numpys_integer_dots_and_float_sums(n, seed
 
 
 def test_the_float16_scales_read_in_place_are_numpys_for_every_bit_pattern():
-    _, halves = _simd_compiled()
+    _, halves, _ = _simd_compiled()
     bits = np.arange(1 << 16, dtype=np.uint16)
     expected = bits.view(np.float16).astype(np.float32)
     got = halves(bits.view(np.uint8))
@@ -343,18 +345,20 @@ def test_without_vnni_or_f16c_the_portable_vector_code_gives_the_same_numbers(tm
         "import sys, numpy as np, tests.test_quant as t\n"
         "from arraygpt.backends.numpy.kernels import _simd\n"
         "assert not _simd.has_vnni()\n"
-        "dots, halves = t._simd_compiled()\n"
+        "dots, halves, sums = t._simd_compiled()\n"
         "rng = np.random.default_rng(3)\n"
         "row = rng.integers(0, 256, 34 * 8, dtype=np.uint8); xq = rng.integers(-127, 128, 256).astype(np.int8)\n"
         "np.save(sys.argv[1] + '/dots.npy', dots(row, xq, np.arange(8) % 2))\n"
         "np.save(sys.argv[1] + '/halves.npy', halves(np.arange(1 << 16, dtype=np.uint16).view(np.uint8)))\n"
+        "np.save(sys.argv[1] + '/sums.npy', sums(*t._prompt_case(6, 3))[0])\n"
     )
     env = dict(os.environ, NUMBA_CPU_NAME="generic", NUMBA_CACHE_DIR=str(tmp_path / "cache"))
     generic = subprocess.run(
         [sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, env=env, timeout=300
     )
     assert generic.returncode == 0, generic.stderr[-2000:]
-    dots, _ = _simd_compiled()
+    dots, _, sums = _simd_compiled()
+    assert np.array_equal(np.load(tmp_path / "sums.npy"), sums(*_prompt_case(6, 3))[0])
     rng = np.random.default_rng(3)
     row = rng.integers(0, 256, 34 * 8, dtype=np.uint8)
     xq = rng.integers(-127, 128, 256).astype(np.int8)

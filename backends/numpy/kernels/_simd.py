@@ -203,6 +203,7 @@ def _register(numba: Any) -> None:
             )
             return builder.call(fn, [acc, builder.bitcast(unsigned, V8I), builder.bitcast(signed, V8I)])
         wide = ir.VectorType(i32, 32)
+        unsigned, signed = builder.bitcast(unsigned, V32B), builder.bitcast(signed, V32B)
         products = builder.mul(builder.zext(unsigned, wide), builder.sext(signed, wide))
         parts = [builder.shuffle_vector(products, products, lanes([4 * i + k for i in range(8)])) for k in range(4)]
         return builder.add(acc, builder.add(builder.add(parts[0], parts[1]), builder.add(parts[2], parts[3])))
