@@ -14,7 +14,14 @@ Example:
 from __future__ import annotations
 
 import importlib
+import os
 from typing import TYPE_CHECKING, Any
+
+# NumPy's OpenBLAS keeps its idle threads spinning for 2^28 cycles (about 0.1 s) after each call;
+# beside numba's threads (a quantized model's products) that halved a 2-thread prompt's speed.
+# 2^16 cycles still keeps back-to-back calls warm. Read when NumPy loads: where it is loaded
+# already, this does nothing (docs/kernels.md, "Threads").
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "16")
 
 from arraygpt.errors import BackendUnavailable, CheckpointError, PluginError
 from arraygpt.hookspecs import hookimpl

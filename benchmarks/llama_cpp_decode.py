@@ -32,6 +32,10 @@ NUMBA_NUM_THREADS, OMP/MKL/OPENBLAS_NUM_THREADS and llama.cpp's ``n_threads``.
 
 from __future__ import annotations
 
+# arraygpt before NumPy, as a program using it would: it sets how long OpenBLAS's idle threads spin
+import arraygpt
+
+# isort: split
 import argparse
 import json
 import os
@@ -92,7 +96,6 @@ def _peak_mb() -> float:
 
 
 def worker_arraygpt(path: str, prompt: list[int], new: int, prefill: list[int]) -> dict:
-    import arraygpt
     from arraygpt.nn.core import KVCache
 
     model = arraygpt.load(path, quantized=True).model
@@ -185,7 +188,6 @@ def profile(path: Path, steps: int = 32) -> None:
     import cProfile
     import pstats
 
-    import arraygpt
     from arraygpt.nn.core import KVCache
 
     model = arraygpt.load(path, quantized=True).model

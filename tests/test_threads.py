@@ -269,3 +269,26 @@ def test_a_forked_child_can_still_split_its_batch(split_every_batch):
 def _child_step(model, idx, expected_loss):
     _, loss = model.forward(idx[:, :-1], idx[:, 1:])
     os._exit(0 if loss == expected_loss else 1)
+
+
+def test_arraygpt_shortens_the_idle_spin_of_openblas_and_openmp_threads_unless_the_user_set_it():
+    """OpenBLAS's idle threads spin for 2^28 cycles after a call and halved a 2-thread quantized
+    prompt beside numba's threads (docs/kernels.md, "Threads"): importing arraygpt sets a shorter
+    spin before NumPy loads, and numba's OpenMP spin before numba starts, each only where unset."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("numba")
+    code = (
+        "import os, arraygpt\n"
+        "from arraygpt.backends.numpy.kernels._jit import numba\n"
+        "numba()\n"
+        "print(os.environ['OPENBLAS_THREAD_TIMEOUT'], os.environ['GOMP_SPINCOUNT'])\n"
+    )
+    base = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_THREAD_TIMEOUT", "GOMP_SPINCOUNT")}
+    mine = {**base, "OPENBLAS_THREAD_TIMEOUT": "20", "GOMP_SPINCOUNT": "7"}
+    for env, expected in ((base, "16 10000"), (mine, "20 7")):
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert done.stdout.split() == expected.split()

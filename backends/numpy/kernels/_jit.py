@@ -26,6 +26,7 @@ Not here: the kernels (one family per module beside this one).
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -53,6 +54,9 @@ def numba() -> Any:
         return _numba[0]
     with _lock:
         if not _numba:
+            # OpenMP's idle threads (numba's parallel kernels) spin briefly, not for a long
+            # while beside BLAS's: read when numba first starts its threads (docs/kernels.md)
+            os.environ.setdefault("GOMP_SPINCOUNT", "10000")
             try:
                 import numba as module
             except ImportError as e:
