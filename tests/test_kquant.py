@@ -19,8 +19,7 @@ pytest.importorskip("numba")
 from gguf import GGMLQuantizationType, quants
 
 from arraygpt.backends.numpy import blas_threads
-from arraygpt.backends.numpy.kernels import _jit, _threads, kquant
-from arraygpt.backends.numpy.kernels import quant as quant_kernel
+from arraygpt.backends.numpy.kernels import _blocks, _jit, _threads, kquant
 
 KINDS = ["q4_k", "q5_k", "q6_k"]
 SCALES = {"q4_k": [0, 2], "q5_k": [0, 2], "q6_k": [208]}  # bytes of the float16 d (and dmin)
@@ -73,7 +72,7 @@ def test_the_bound_covers_the_weights():
 @given(
     rows=st.integers(1, 40),
     n_blocks=st.integers(1, 3),
-    M=st.sampled_from([1, 3, quant_kernel.MAX_ROWS, quant_kernel.MAX_ROWS + 1, 17]),
+    M=st.sampled_from([1, 3, _blocks.MAX_ROWS, _blocks.MAX_ROWS + 1, 17]),
     threads=st.sampled_from([1, 2]),
     given_sums=st.booleans(),
     seed=st.integers(0, 2**32 - 1),
@@ -88,8 +87,8 @@ def test_the_product_equals_the_gguf_dequantizer_and_the_reference(kind, rows, n
     # small tiles and chunks, so that a few rows cross tiles and split over two threads
     with (
         blas_threads(threads),
-        mock.patch.object(quant_kernel, "TILE", 7),
-        mock.patch.object(quant_kernel, "MIN_ROWS_PER_THREAD", 4),
+        mock.patch.object(_blocks, "TILE", 7),
+        mock.patch.object(_blocks, "MIN_ROWS_PER_THREAD", 4),
     ):
         kquant.product(x, w, out[:, 2 : 2 + rows], xsum)
     assert np.isnan(out[:, :2]).all() and np.isnan(out[:, 2 + rows :]).all()
@@ -104,13 +103,13 @@ def test_the_product_equals_the_gguf_dequantizer_and_the_reference(kind, rows, n
 @pytest.mark.parametrize("kind", KINDS)
 def test_a_decode_sized_product_on_two_threads(kind):
     # enough rows for quant's own chunking (MIN_ROWS_PER_THREAD) to split them
-    rows = 2 * quant_kernel.MIN_ROWS_PER_THREAD + 5
+    rows = 2 * _blocks.MIN_ROWS_PER_THREAD + 5
     blocks = _random_blocks(kind, rows, 2, 3)
     w = QuantizedWeight(kind, blocks, (rows, 512))
     x = np.random.default_rng(3).standard_normal((1, 512)).astype(np.float32)
     out = np.empty((1, rows), np.float32)
     with blas_threads(2):
-        parts = _threads.chunks(rows, quant_kernel.MIN_ROWS_PER_THREAD)
+        parts = _threads.chunks(rows, _blocks.MIN_ROWS_PER_THREAD)
         kquant.product(x, w, out)
     assert parts == min(2, _jit.numba().config.NUMBA_NUM_THREADS)  # the parallel launch, where there are 2 threads
     assert np.all(np.abs(out - x.astype(np.float64) @ _gguf(kind, blocks).T) <= _bound(kind, blocks, x) + 1e-6)
@@ -121,7 +120,7 @@ def test_the_tile_dequantizer_is_the_gguf_dequantizer(kind):
     blocks = _random_blocks(kind, 6, 2, 4)
     w = QuantizedWeight(kind, blocks, (6, 512))
     tile = np.full((4, 512), np.nan, np.float32)
-    kquant.dequantize_tile_k(quant_kernel.blocks_2d(w), kquant.KIND_CODES[kind], 2, tile)
+    kquant.dequantize_tile_k(_blocks.blocks_2d(w), kquant.KIND_CODES[kind], 2, tile)
     # one rounding apart (a fused multiply-add, or not), within eps of the scales' bound
     tol = 2 * np.finfo(np.float32).eps * _w_bound(kind, blocks)[2:6]
     assert np.all(np.abs(tile - _gguf(kind, blocks)[2:6]) <= tol)
@@ -150,7 +149,7 @@ def _split(kind: str, blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 @given(
     rows=st.integers(1, 40),
     n_blocks=st.integers(1, 3),
-    M=st.sampled_from([1, 3, quant_kernel.MAX_ROWS]),
+    M=st.sampled_from([1, 3, _blocks.MAX_ROWS]),
     threads=st.sampled_from([1, 2]),
     given_acts=st.booleans(),
     seed=st.integers(0, 2**32 - 1),
@@ -164,10 +163,10 @@ def test_the_int8_product_multiplies_the_quantized_activations_exactly_as_floats
     K = 256 * n_blocks
     w = QuantizedWeight(kind, blocks, (rows, K))
     x = np.random.default_rng(seed).standard_normal((M, K)).astype(np.float32)
-    xq, dx, xsum = quant_kernel.activations(x)
+    xq, dx, xsum = _blocks.activations(x)
     x_hat = (xq.reshape(M, -1, 32) * dx[..., None].astype(np.float64)).reshape(M, K)
     out = np.full((M, rows + 3), np.nan, np.float32)
-    with blas_threads(threads), mock.patch.object(quant_kernel, "MIN_ROWS_PER_THREAD", 4):
+    with blas_threads(threads), mock.patch.object(_blocks, "MIN_ROWS_PER_THREAD", 4):
         kquant.product_int8(x, w, out[:, 2 : 2 + rows], (xq, dx, xsum) if given_acts else None)
     assert np.isnan(out[:, :2]).all() and np.isnan(out[:, 2 + rows :]).all()
     got = out[:, 2 : 2 + rows]
@@ -182,7 +181,26 @@ def test_the_int8_product_multiplies_the_quantized_activations_exactly_as_floats
 def test_the_int8_product_of_a_prompt_is_the_float_product():
     blocks = _random_blocks("q4_k", 9, 1, 6)
     w = QuantizedWeight("q4_k", blocks, (9, 256))
-    x = np.random.default_rng(6).standard_normal((quant_kernel.MAX_ROWS + 1, 256)).astype(np.float32)
+    x = np.random.default_rng(6).standard_normal((_blocks.MAX_ROWS + 1, 256)).astype(np.float32)
     out = np.empty((x.shape[0], 9), np.float32)
     kquant.product_int8(x, w, out)
     assert np.all(np.abs(out - x.astype(np.float64) @ _gguf("q4_k", blocks).T) <= _bound("q4_k", blocks, x) + 1e-6)
+
+
+@pytest.mark.parametrize("kind", ["q4_k", "q5_k"])
+@pytest.mark.parametrize(("M", "threads"), [(9, 1), (21, 2)])
+def test_a_prompt_on_the_int8_kernel_multiplies_the_quantized_activations_exactly_as_floats(kind, M, threads):
+    """A prompt of Q4_K or Q5_K rows on quant.py's int8 groups (each sub-block of 32 unpacked as a
+    block, kquant.unpack_rows_k): out = x_hat @ W_q.T + x @ W_c.T within the float32 bound."""
+    from arraygpt.backends.numpy.kernels import quant as quant_kernel
+
+    rows, K = 2 * _blocks.MIN_ROWS_PER_THREAD + 3, 512  # W's rows in two parts at two threads
+    blocks = _random_blocks(kind, rows, K // 256, seed=M)
+    x = np.random.default_rng(M).standard_normal((M, K)).astype(np.float32)
+    with blas_threads(threads):
+        out, _ = quant_kernel.quantized_linear_int8_forward(x, QuantizedWeight(kind, blocks, (rows, K)))
+    xq, dx, _ = _blocks.activations(x)
+    x_hat = (xq.reshape(M, -1, 32) * dx[..., None].astype(np.float64)).reshape(M, K)
+    w_q, w_c = _split(kind, blocks)
+    tol = _bound(kind, blocks, np.maximum(np.abs(x), np.abs(x_hat))) + 1e-6
+    assert np.all(np.abs(out - (x_hat @ w_q.T + x.astype(np.float64) @ w_c.T)) <= tol)

@@ -228,6 +228,33 @@ def _unpack_q5k(row, at, w8):
 
 
 @jitable(inline=False)
+def unpack_rows_k(blocks, fifth, r0, wq, d, correction, constant):
+    # rows r0.. of a Q4_K (fifth 0) or Q5_K (fifth 1) W, as many as wq has, for a prompt's int8
+    # groups (quant.groups_times): each sub-block of 32 as a block of the 32-value kinds, its
+    # quants one byte a value (wq (rows, K)), d sc (d), 128 sum(q) (correction: x goes in as xq +
+    # 128) and the constant -dmin mn (constant), (rows, K / 32) each
+    nbytes = 176 if fifth else 144
+    for r in range(wq.shape[0]):
+        row = blocks[r0 + r]
+        for b in range(d.shape[1] // 8):
+            at = b * nbytes
+            w8 = wq[r, b * 256 : b * 256 + 256]
+            if fifth:
+                _unpack_q5k(row, at, w8)
+            else:
+                _unpack_q4k(row, at, w8)
+            scale, low = half(row, at), half(row, at + 2)
+            for t in range(8):
+                sc, mn = _scale_min(row, at, t)
+                d[r, b * 8 + t] = scale * sc
+                constant[r, b * 8 + t] = -low * mn
+                q_sum = 0
+                for j in range(32 * t, 32 * t + 32):
+                    q_sum += np.int32(w8[j])
+                correction[r, b * 8 + t] = 128 * q_sum
+
+
+@jitable(inline=False)
 def _dot_q45k_int8(row, fifth, xq, dx, xsum, w8):
     # one Q4_K (fifth 0) or Q5_K (fifth 1) row times x as int8 blocks; w8 (256,) scratch
     nbytes = 176 if fifth else 144

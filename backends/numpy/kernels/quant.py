@@ -24,7 +24,7 @@ broadcast word) meet 8 rows in one byte dot product; 4 rows of W share each load
 of 16 rows of W is unpacked (Q4 nibbles to bytes, each block's scale and sum) once for all the
 groups. About 150-185 GFLOPS a core, against float32 tiles' 45-145 (decoding a tile costs the
 same however few rows meet it). The K-quants (q4_k, q5_k, q6_k) have their own loops, in
-``kquant.py``; what the kernels share (the rows decoding takes, x as int8 blocks) is in
+``kquant.py`` (a Q4_K or Q5_K prompt runs the int8 groups, each sub-block of 32 as a block); what the kernels share (the rows decoding takes, x as int8 blocks) is in
 ``_blocks.py``.
 
 Rounding: the float32 kernel sums in another order than the reference's BLAS product; both are
@@ -204,7 +204,10 @@ def groups_times(xt, dx, xsum, blocks, layout, lo, hi, out):
     correction = np.empty((W_TILE, nb), np.int32)
     for tile in range(lo, hi, W_TILE):
         rows = min(W_TILE, hi - tile)
-        unpack_rows(blocks, nbytes, start, offset, tile, wq[:rows], d, correction, constant)
+        if nbytes in (144, 176):  # Q4_K, Q5_K: each sub-block of 32 as a block
+            kquant.unpack_rows_k(blocks, nbytes == 176, tile, wq[:rows], d, correction, constant)
+        else:
+            unpack_rows(blocks, nbytes, start, offset, tile, wq[:rows], d, correction, constant)
         for g in range(xt.shape[0]):
             x, dxg, xsg, m = xt[g], dx[g], xsum[g], g * GROUP
             for r in range(0, rows, 4):
@@ -330,6 +333,7 @@ _LAYOUT = {  # kind -> where a block keeps its parts: (bytes, first byte of the 
     "q5_1": (24, 8, 1, 0),
 }
 INT8_KINDS = ("q8_0", "q4_0", "q4_1")  # the kinds the int8 kernel sums with byte dot products
+GROUP_KINDS = (*INT8_KINDS, "q4_k", "q5_k")  # the kinds of a prompt's int8 groups
 
 
 @functools.cache
@@ -338,6 +342,8 @@ def layout(kind: str, int8: bool) -> np.ndarray:
     its block's bytes, the first byte of its quants, whether a fifth bit precedes them, its
     offset (0: a float16 min at byte 2), and whether x goes in as int8 blocks (``int8`` asked and
     the kind has that path)."""
+    if kind in kquant.KINDS:  # a prompt's int8 groups only: the block's bytes say the kind
+        return np.array([quant.BLOCKS[kind][1], 0, 0, 0, 1], dtype=np.int64)
     return np.array([*_LAYOUT[kind], int(int8 and kind in INT8_KINDS)], dtype=np.int64)
 
 
@@ -403,7 +409,7 @@ def _forward(x: Any, w: Any, b: Any, int8: bool) -> tuple[Any, Any]:
             xsum = x2.reshape(M, K // 32, 32).sum(axis=-1)  # (M, nb)
             acts = (x2.view(np.int8), xsum, xsum)  # xq and dx unread on the float path
     else:
-        int8 = int8 and bool(kinds & set(INT8_KINDS)) and groups_pay(M)
+        int8 = int8 and bool(kinds & set(GROUP_KINDS)) and groups_pay(M)
         if int8:
             acts = group_activations(x2)
     start = 0
@@ -434,14 +440,14 @@ def _product(x2: np.ndarray, w: quant.QuantizedWeight, out: np.ndarray, acts: An
     that path."""
     M, K = x2.shape
     N = w.shape[0]
-    if w.kind in kquant.KINDS:
+    if w.kind in kquant.KINDS and (M <= MAX_ROWS or not int8 or w.kind not in GROUP_KINDS):
         if M <= MAX_ROWS and int8:
             kquant.product_int8(x2, w, out, acts)
         else:
             kquant.product(x2, w, out, acts[2] if M <= MAX_ROWS else None)
         return
     blocks = blocks_2d(w)
-    if M <= MAX_ROWS or (int8 and w.kind in INT8_KINDS):
+    if M <= MAX_ROWS or (int8 and w.kind in GROUP_KINDS):
         if M <= MAX_ROWS:
             kernels, args = (_product_rows, _product_rows_parallel), (x2, *acts, blocks, layout(w.kind, int8), out)
         else:
