@@ -24,8 +24,8 @@ broadcast word) meet 8 rows in one byte dot product; 4 rows of W share each load
 of 16 rows of W is unpacked (Q4 nibbles to bytes, each block's scale and sum) once for all the
 groups. About 150-185 GFLOPS a core, against float32 tiles' 45-145 (decoding a tile costs the
 same however few rows meet it). The K-quants (q4_k, q5_k, q6_k) have their own loops, in
-``kquant.py`` (a Q4_K or Q5_K prompt runs the int8 groups, each sub-block of 32 as a block); what the kernels share (the rows decoding takes, x as int8 blocks) is in
-``_blocks.py``.
+``kquant.py`` (a Q4_K or Q5_K prompt runs the int8 groups, each sub-block of 32 as a block);
+what the kernels share (the rows decoding takes, x as int8 blocks) is in ``_blocks.py``.
 
 Rounding: the float32 kernel sums in another order than the reference's BLAS product; both are
 within the float32 bound of a dot product, ``|error| <= K eps sum_j |w_j x_j|`` (K = in), where
