@@ -88,7 +88,7 @@ def test_blocks_it_does_not_take_run_layer_by_layer():
     rope = core.rope_tables(LLAMA, np, 1, 0, np.float32, None)
     model = _randomized(LLAMA, seed=1).quantize("q8_0")
     params = dict(model._core_params)
-    params["layer0.attn_wo"] = QuantizedWeight("q6_k", np.zeros((64, 0, 210), np.uint8), (64, 0))  # a K-quant
+    params["layer0.attn_wo"] = QuantizedWeight("q4_0", np.zeros((64, 1, 18), np.uint8), (64, 32))  # not (C, D)
     assert decode.decode_step_forward(params, LLAMA, x, KVCache(LLAMA), rope, model.kernels) is None
     floats = _randomized(LLAMA, seed=1)
     params = {k: v for k, v in floats._core_params.items() if k != "layer0.attn_wqkv"}  # Q, K, V not stacked
@@ -136,3 +136,60 @@ def test_the_numpy_backend_selects_the_fused_step_for_float32():
     assert kernels.select_kernels(LLAMA, "numpy", "float32").decode[0] is decode.decode_step_forward
     assert kernels.select_kernels(LLAMA, "numpy", "float64").decode[0] is core.layer_by_layer
     assert kernels.select_kernels(LLAMA, "numpy", "float32", "reference").decode[0] is core.layer_by_layer
+
+
+LLAMA_K = GPTConfig.from_dict(
+    {**LLAMA.to_dict(), "n_embd": 256, "n_head": 4, "n_kv_head": 2, "head_dim": 64, "mlp_hidden": 512}
+)  # every matrix's input a multiple of 256: the K-quants' super-blocks
+
+
+def _k_quant_model(kinds: dict[str, str], seed: int) -> GPT:
+    """LLAMA_K on q8_0, then the named matrices as random K-quant blocks (gguf cannot quantize
+    them) whose float16 scales keep the weights below about 1."""
+    from arraygpt.nn.quant import BLOCKS, QuantizedWeight
+
+    model = _randomized(LLAMA_K, seed=seed).quantize("q8_0")
+    state = model.state_dict()
+    rng = np.random.default_rng(seed)
+    for name, kind in kinds.items():
+        rows, cols = state[name].shape
+        nbytes = BLOCKS[kind][1]
+        blocks = rng.integers(0, 256, (rows, cols // 256, nbytes), dtype=np.uint8)
+        for at in [208] if kind == "q6_k" else [0, 2]:  # d (and dmin) as float16
+            scales = rng.uniform(-0.002, 0.002, (rows, cols // 256)).astype(np.float16)
+            blocks[..., at : at + 2] = scales.view(np.uint8).reshape(rows, cols // 256, 2)
+        state[name] = QuantizedWeight(kind, blocks, (rows, cols))
+    model.load_state_dict(state)
+    return model
+
+
+@pytest.mark.parametrize("kernel", ["numba_quantized_linear", "numba_quantized_linear_int8"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_k_quants_and_a_stack_of_kinds_take_the_fused_step(kernel, threads):
+    """llama.cpp's Q4_K_M: Q and K in Q4_K, V in Q6_K (a stack of two kinds), the MLP in Q4_K
+    and Q6_K, O in Q5_K."""
+    kinds = {"attn_wq": "q4_k", "attn_wk": "q4_k", "attn_wv": "q6_k", "attn_wo": "q5_k"}
+    kinds |= {"mlp_gate": "q4_k", "mlp_up": "q4_k", "mlp_down": "q6_k"}
+    model = _k_quant_model({f"layer{i}.{n}": kind for i in range(2) for n, kind in kinds.items()}, seed=7)
+    assert type(model._core_params["layer1.attn_wqkv"]).__name__ == "QuantizedStack"
+    model = _with_quantized_kernel(model, kernel)
+    idx = np.random.default_rng(8).integers(0, LLAMA_K.vocab_size, (1, 9))
+    with blas_threads(threads):
+        taken = _calls(model)
+        fused, fused_keys, fused_values = _decode(model, idx)
+        assert taken == [True] * 6  # the 6 one-token steps
+        model.kernels = model.kernels._replace(decode=(core.layer_by_layer, core.no_backward))
+        layered, keys, values = _decode(model, idx)
+    full = np.asarray(_dense_reference(model).forward(idx)[0])
+    if kernel.endswith("int8"):
+        # the same int8 products on both paths (each bounded against gguf in tests/test_kquant.py);
+        # these random K-quant weights carry the activations' rounding far (0.27 of the logits'
+        # scale from the dequantized model), so the two paths are held to each other here
+        assert np.abs(fused - layered).max() <= 1e-3 * np.abs(full).max()
+    else:
+        np.testing.assert_allclose(fused, layered, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(fused, full, rtol=1e-4, atol=1e-4)
+        # the K-quants' min terms (-dmin mn sum x) cancel part of the quants' sums, so the two
+        # paths' float32 sums of x (in the kernel, in NumPy) differ in the fifth digit of a key
+        for a, b in zip(fused_keys + fused_values, keys + values):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)

@@ -14,10 +14,11 @@ per model:
 
 Norms: RMSNorm or LayerNorm, with or without gain and bias. Matrices: float32 arrays (a dot per
 row) or GGUF blocks of a kind in ``quant.KINDS`` (``quant.rows_times``: the float32 loop, or int8
-activations and byte dot products where ``kernels.quantized_linear`` is the int8 kernel). The
-rows of each product are split over the model's threads (``_threads``). float32, batch 1, one
-token; the core runs any other model layer by layer (a K-quant or a stack of kinds, LoRA,
-dropout, float64). The output equals the layer-by-layer decode (the same products; norms,
+activations and byte dot products where ``kernels.quantized_linear`` is the int8 kernel) or a
+K-quant (``kquant.rows_times_k``, ``rows_times_k_int8``); Q|K|V may be a stack of up to three
+kinds (llama.cpp's Q4_K_M keeps V in Q6_K). The rows of each product are split over the model's
+threads (``_threads``). float32, batch 1, one token; the core runs any other model layer by
+layer (LoRA, dropout, float64). The output equals the layer-by-layer decode (the same products; norms,
 softmax and activations in float32, summed in another order): tests/test_decode.py runs both
 on Llama, GPT-2 and Qwen2-shaped models, float32 and quantized.
 
@@ -27,12 +28,13 @@ Not here: the layers' definitions (``arraygpt.nn.layers``), the loop over blocks
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
 import numpy as np
 
-from arraygpt.backends.numpy.kernels import _blocks, _threads, attention, gelu
+from arraygpt.backends.numpy.kernels import _blocks, _threads, attention, gelu, kquant
 from arraygpt.backends.numpy.kernels import quant as kernel
 from arraygpt.backends.numpy.kernels._jit import OPTIONS, LazyJit, ParallelJit, jitable, loader
 from arraygpt.nn import quant
@@ -66,26 +68,46 @@ def _norm(x, gain, bias, eps, layer_norm, out):
 
 @jitable(inline=False)
 def _project(h, xq, dx, xsum, blocks, dense, layout, lo, hi, out):
-    # out[0, lo:hi] = rows lo..hi of W h: W float32 (dense, a dot per row) or GGUF blocks
+    # out[0, lo:hi] = rows lo..hi of W h: W float32 (dense, a dot per row) or GGUF blocks, a
+    # K-quant's where layout[0] is 0 (its kind code in layout[1])
     if dense.shape[0]:
         for o in range(lo, hi):
             s = np.float32(0.0)
             for j in range(h.shape[1]):
                 s += dense[o, j] * h[0, j]
             out[0, o] = s
+    elif layout[0] == 0:
+        if layout[4]:
+            kquant.rows_times_k_int8(xq, dx, xsum, blocks, layout[1], lo, hi, out)
+        else:
+            kquant.rows_times_k(h, xsum, blocks, layout[1], lo, hi, out)
     else:
         kernel.rows_times(h, xq, dx, xsum, blocks, layout, lo, hi, out)
+
+
+@jitable(inline=False)
+def _project_parts(h, xq, dx, xsum, w1, d1, l1, w2, d2, l2, w3, d3, l3, lo, hi, out):
+    # _project over up to three matrices stacked by rows (Q|K|V whose kinds differ: a part each;
+    # an empty part has no rows): rows lo..hi of the stack
+    start = 0
+    for blocks, dense, layout in ((w1, d1, l1), (w2, d2, l2), (w3, d3, l3)):
+        n = max(blocks.shape[0], dense.shape[0])
+        a, b = max(lo, start), min(hi, start + n)
+        if a < b:
+            _project(h, xq, dx, xsum, blocks, dense, layout, a - start, b - start, out[:, start : start + n])
+        start += n
 
 
 def _block_source(prange: Any) -> Any:
     quantize_row, attend_row = _blocks.quantize_row, attention.attend_row
 
     def _decode_block(x, n1, n1b, n2, n2b, eps, layer_norm,
-                      qkv_w, qkv_d, qkv_l, qkv_b, o_w, o_d, o_l, o_b,
+                      qkv_w, qkv_d, qkv_l, qkv_w2, qkv_d2, qkv_l2, qkv_w3, qkv_d3, qkv_l3, qkv_b, o_w, o_d, o_l, o_b,
                       up_w, up_d, up_l, up_b, down_w, down_d, down_l, down_b,
                       cos, sin, keys, values, pos, n_head, n_kv_head, hs, swiglu, parts):  # fmt: skip
         # x (1, C) updated in place. Each matrix: *_w (N, nb * bytes) blocks with layout *_l
-        # (quant.rows_times) or *_d (N, K) float32, the other empty; *_b its bias or empty (up is
+        # (quant.rows_times) or *_d (N, K) float32, the other empty; Q|K|V in up to three parts
+        # stacked by rows (qkv, qkv2, qkv3: kinds that differ); *_b its bias or empty (up is
         # gate_up for SwiGLU, else fc1); norms n1, n2 and their biases, or empty. cos, sin (hs,) of
         # this position, empty without RoPE; keys, values (capacity, Dkv), row `pos` written. The
         # products' rows (and the heads) in `parts` ranges
@@ -102,13 +124,13 @@ def _block_source(prange: Any) -> Any:
         # attention
         h = np.empty((1, C), np.float32)
         _norm(x[0], n1, n1b, eps, layer_norm, h[0])
-        if qkv_w.shape[0]:  # GGUF blocks read the input's block sums (and its int8 blocks)
+        if qkv_w.shape[0] or qkv_w2.shape[0] or qkv_w3.shape[0]:  # GGUF blocks read the input's block sums
             quantize_row(h[0], xq[0, :C], dx[0, : C // 32], xsum[0, : C // 32])
         qkv = np.empty((1, D + 2 * Dkv), np.float32)
         n = qkv.shape[1]
         for c in prange(parts):
-            _project(h, xq[:, :C], dx[:, : C // 32], xsum[:, : C // 32], qkv_w, qkv_d, qkv_l, c * n // parts,
-                     (c + 1) * n // parts, qkv)  # fmt: skip
+            _project_parts(h, xq[:, :C], dx[:, : C // 32], xsum[:, : C // 32], qkv_w, qkv_d, qkv_l, qkv_w2, qkv_d2,
+                           qkv_l2, qkv_w3, qkv_d3, qkv_l3, c * n // parts, (c + 1) * n // parts, qkv)  # fmt: skip
         if qkv_b.shape[0]:
             qkv[0] += qkv_b
         if cos.shape[0]:  # rope on q's and k's heads: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin)
@@ -181,12 +203,34 @@ _NO_LAYOUT = np.zeros(5, np.int64)
 def _matrix(w: Any, int8: bool, rows: int, cols: int) -> tuple[Any, ...] | None:
     """(blocks, dense, layout) of a matrix the kernel takes, else None."""
     if isinstance(w, quant.QuantizedWeight):
-        if w.kind not in kernel.KINDS or type(w.blocks) not in (np.ndarray, np.memmap) or w.shape != (rows, cols):
+        kinds = (*kernel.KINDS, *kquant.KINDS)
+        if w.kind not in kinds or type(w.blocks) not in (np.ndarray, np.memmap) or w.shape != (rows, cols):
             return None
+        if w.kind in kquant.KINDS:
+            return _blocks.blocks_2d(w), _NO_DENSE, _k_layout(w.kind, int8)
         return kernel.blocks_2d(w), _NO_DENSE, kernel.layout(w.kind, int8)
     if type(w) is np.ndarray and w.dtype == np.float32 and w.shape == (rows, cols) and w.flags.c_contiguous:
         return _NO_BLOCKS, w, _NO_LAYOUT
     return None
+
+
+@functools.cache
+def _k_layout(kind: str, int8: bool) -> np.ndarray:
+    """_project's layout of a K-quant: 0, its kind code, and whether x goes in as int8 blocks."""
+    return np.array([0, kquant.KIND_CODES[kind], 0, 0, int(int8)], dtype=np.int64)
+
+
+def _parts(w: Any, int8: bool, rows: int, cols: int) -> list[Any] | None:
+    """Q|K|V as _project_parts takes it: three (blocks, dense, layout), a stack's parts (kinds
+    that differ) or the one matrix and two empty ones; None where the kernel does not take it."""
+    parts = list(w.parts) if isinstance(w, quant.QuantizedStack) else [w]
+    if len(parts) > 3 or sum(part.shape[0] for part in parts) != rows:
+        return None
+    matrices = [_matrix(part, int8, part.shape[0], cols) for part in parts]
+    if any(m is None for m in matrices):
+        return None
+    empty = (_NO_BLOCKS, _NO_DENSE, _NO_LAYOUT)
+    return [a for m in matrices + [empty] * (3 - len(matrices)) for a in m]
 
 
 def _vector(v: Any, size: int) -> np.ndarray | None:
@@ -209,7 +253,8 @@ def _layer_args(params: Any, config: Any, i: int, int8: bool) -> list[Any] | Non
             return None
     args = [_vector(params.get(name + n), C) for n in ("norm1", "norm1_b", "norm2", "norm2_b")]
     for short, (rows, cols) in shapes.items():
-        matrix = _matrix(params.get(name + short), int8, rows, cols)
+        w = params.get(name + short)
+        matrix = _parts(w, int8, rows, cols) if short == "attn_wqkv" and w is not None else _matrix(w, int8, rows, cols)
         args += [None] if matrix is None else [*matrix, _vector(params.get(name + short + "_b"), rows)]
     return None if any(a is None for a in args) else args
 
