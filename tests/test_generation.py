@@ -12,7 +12,7 @@ import pytest
 
 import arraygpt
 from arraygpt import GPT, GPTConfig
-from arraygpt.generation.generation import Candidates, _Decoder, generate
+from arraygpt.generation.generation import Candidates, Decoder, generate
 from arraygpt.xp import load_backend, to_numpy
 from conftest import available_backends
 
@@ -63,7 +63,7 @@ def test_cached_logits_equal_full_recompute_past_block_size(B):
     model = tiny()
     rng = np.random.default_rng(1)
     tokens = rng.integers(0, TINY.vocab_size, size=(B, 21))  # prompt of 3, then 18 steps: slides past 8
-    cached, full = _Decoder(model, use_cache=True), _Decoder(model, use_cache=False)
+    cached, full = Decoder(model, use_cache=True), Decoder(model, use_cache=False)
     worst = 0.0
     for t in range(3, tokens.shape[1] + 1):
         context = tokens[:, :t]

@@ -647,12 +647,12 @@ def test_kv_cache_token_by_token_equals_full_forward(overrides):
 def test_cached_generation_equals_recompute_past_block_size_with_rope():
     """generation.py's decoder: with a cache, once the context outgrows block_size the window is
     rebuilt at positions 0 .. block_size-1, exactly the recompute of that window."""
-    from arraygpt.generation.generation import _Decoder
+    from arraygpt.generation.generation import Decoder
 
     config = GPTConfig.preset("llama-tiny", block_size=6)
     model = GPT(config, seed=4, dtype="float64")
     context = np.random.default_rng(2).integers(0, config.vocab_size, size=(2, 3))
-    cached, full = _Decoder(model, use_cache=True), _Decoder(model, use_cache=False)
+    cached, full = Decoder(model, use_cache=True), Decoder(model, use_cache=False)
     pairs = [(cached.start(context), full.start(context))]
     for t in range(15):
         context = np.concatenate([context, np.array([[t % 7], [(3 * t) % 11]])], axis=1)

@@ -26,13 +26,13 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from arraygpt.generation.generation import (
-    _Decoder,
-    _end_ids,
-    _loop,
-    _rng,
-    _stop_sequences,
-    _tokenizer_vocab,
+    Decoder,
+    end_id_set,
+    make_rng,
     resolve_model,
+    sample_loop,
+    stop_sequences,
+    tokenizer_vocab,
 )
 from arraygpt.generation.sampling import DEFAULT_SAMPLER, check_number, make_sampler
 from arraygpt.generation.text import TextStream, end_ids
@@ -122,17 +122,17 @@ class Chat:
         self.max_new_tokens = check_number("max_new_tokens", max_new_tokens, 1, integer=True)
         self.show_probs = check_number("show_probs", show_probs, 0, integer=True)
         self.chain = make_sampler(sampler, temperature=temperature, **sampler_options)
-        self.rng = _rng(seed)
-        ends = set(end_ids(self.tokenizer)) | set(_end_ids(eos_id))
+        self.rng = make_rng(seed)
+        ends = set(end_ids(self.tokenizer)) | set(end_id_set(eos_id))
         self.stops: tuple[tuple[int, ...], ...] = ()
         if template == "chatml":
             im_end = self.tokenizer.encode(IM_END)
             if len(im_end) == 1:
                 ends.add(im_end[0])
             else:  # the tokenizer has no <|im_end|> token: stop at its text
-                self.stops = _stop_sequences([im_end])
+                self.stops = stop_sequences([im_end])
         self.ends = frozenset(ends)
-        self.n_valid = _tokenizer_vocab(self.model, self.tokenizer)
+        self.n_valid = tokenizer_vocab(self.model, self.tokenizer)
         self.block_size = self.model.config.block_size
         self.system = system
         self.messages: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
@@ -199,10 +199,10 @@ class Chat:
         self.cache.length = common  # keys and values of positions < common depend only on those tokens
         self.cached = ids[:common]
         self.prefilled = len(ids) - common
-        decoder = _Decoder(self.model, True, cache=self.cache)
+        decoder = Decoder(self.model, True, cache=self.cache)
         n_new = min(self.max_new_tokens, self.block_size - len(ids))
         prompt = np.asarray([ids], dtype=np.int64)  # (1, T)
-        steps = _loop(
+        steps = sample_loop(
             self.model,
             decoder,
             self.chain,

@@ -7,8 +7,10 @@ step turns the (B, V) logits into a distribution with a :class:`~arraygpt.genera
 (temperature, then the sampler plugins' filters) and draws one token per row with a coin drawn
 on the host (``shim.host_rng``), so one seed gives the same tokens on every backend.
 
-The sampler contract, the pipeline and the shared helpers (``make_sampler``, ``check_number``,
-``draw``, ...) live in ``arraygpt.generation.sampling``; they are re-exported here.
+The sampler contract, the pipeline and their helpers (``make_sampler``, ``check_number``,
+``draw``, ...) live in ``arraygpt.generation.sampling``. The loop's pieces (:class:`Decoder`,
+:func:`sample_loop`, :func:`make_rng`, :func:`stop_sequences`, :func:`end_id_set`,
+:func:`tokenizer_vocab`) also run a chat's replies (``arraygpt.generation.chat``).
 
 Not here: the model (``model.py``), the samplers (``arraygpt.generation.sampling``,
 ``arraygpt.plugins.samplers``), checkpoint formats (``arraygpt.io.checkpoint``, ``arraygpt.io.hf``)
@@ -49,7 +51,7 @@ __all__ = ["Candidates", "generate", "resolve_model"]
 # the decoders: the model's next-token logits, with or without the KV cache
 
 
-class _Decoder:
+class Decoder:
     """Next-token logits (B, V) for a growing context, by full recompute of the last block_size
     tokens (``use_cache=False``), or with a KV cache (one new position per step).
 
@@ -161,7 +163,7 @@ def _prompt_array(prompt: Any) -> tuple[Any, bool]:
     return host.reshape(1, -1).astype(np.int64) if single else host.astype(np.int64), single
 
 
-def _end_ids(eos_id: Any) -> frozenset[int]:
+def end_id_set(eos_id: Any) -> frozenset[int]:
     if eos_id is None:
         return frozenset()
     ids = [eos_id] if isinstance(eos_id, numbers.Integral) else list(eos_id)
@@ -170,7 +172,7 @@ def _end_ids(eos_id: Any) -> frozenset[int]:
     return frozenset(int(i) for i in ids if i is not None)
 
 
-def _stop_sequences(stop: Any, tokenizer: Any = None) -> tuple[tuple[int, ...], ...]:
+def stop_sequences(stop: Any, tokenizer: Any = None) -> tuple[tuple[int, ...], ...]:
     if stop is None:
         return ()
     seqs = []
@@ -298,17 +300,17 @@ def generate(
     k = check_number("show_probs", show_probs, 0, integer=True)
     if eos_id is None and tokenizer is not None:
         eos_id = end_ids(tokenizer)
-    ends, stops = _end_ids(eos_id), _stop_sequences(stop, tokenizer)
-    rng = _rng(seed)
-    n_valid = _tokenizer_vocab(model, tokenizer)
-    decoder = _Decoder(model, bool(use_cache))
-    steps = _loop(model, decoder, chain, context, single, n_new, k, ends, stops, rng, n_valid)
+    ends, stops = end_id_set(eos_id), stop_sequences(stop, tokenizer)
+    rng = make_rng(seed)
+    n_valid = tokenizer_vocab(model, tokenizer)
+    decoder = Decoder(model, bool(use_cache))
+    steps = sample_loop(model, decoder, chain, context, single, n_new, k, ends, stops, rng, n_valid)
     if not text or k:
         return steps
     return _as_text(steps, tokenizer, context, single, ends)
 
 
-def _rng(seed: Any) -> Any:
+def make_rng(seed: Any) -> Any:
     if seed is None or (isinstance(seed, numbers.Integral) and not isinstance(seed, bool)):
         return host_rng(seed)
     if callable(getattr(seed, "random", None)):
@@ -316,7 +318,7 @@ def _rng(seed: Any) -> Any:
     raise TypeError(f"seed must be an int, None or a numpy.random.Generator, got {seed!r}")
 
 
-def _tokenizer_vocab(model: Any, tokenizer: Any) -> int | None:
+def tokenizer_vocab(model: Any, tokenizer: Any) -> int | None:
     """How many leading ids of the model's vocabulary the tokenizer has, when it has fewer
     (Qwen2.5 ships 151,936 rows for 151,665 tokens): the rest are never drawn."""
     n = getattr(tokenizer, "vocab_size", None)
@@ -345,9 +347,9 @@ def _as_text(steps: Iterator[Any], tokenizer: Any, context: Any, single: bool, e
         yield rest
 
 
-def _loop(
+def sample_loop(
     model: Any,
-    decoder: _Decoder,
+    decoder: Decoder,
     chain: Sampler,
     prompt: Any,
     single: bool,
