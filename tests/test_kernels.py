@@ -1058,3 +1058,24 @@ def test_no_module_under_backends_assigns_into_globals():
     assert root / "numpy" / "kernels" / "gelu.py" in modules
     found = {str(p.relative_to(root)): _assigns_into_globals(p.read_text(encoding="utf-8")) for p in modules}
     assert {name: lines for name, lines in found.items() if lines} == {}
+
+
+def test_a_cached_kernel_is_stamped_with_every_source_of_its_folder(tmp_path):
+    """numba stamps a cached kernel with the hash of its own file, but a kernel compiles in helpers
+    from the other files of backends/numpy/kernels/: the folder's locators stamp it with all of
+    them, so an edit to any one compiles the kernels again (_jit._register_folder_stamp)."""
+    pytest.importorskip("numba")
+    import os
+
+    from arraygpt.backends.numpy.kernels import _blocks, _jit
+
+    (tmp_path / "a.py").write_text("x = 1\n")
+    (tmp_path / "b.py").write_text("y = 2\n")
+    before = _jit._folder_stamp(str(tmp_path))
+    (tmp_path / "b.py").write_text("y = 3\n")  # a helper's file, not the kernel's
+    assert _jit._folder_stamp(str(tmp_path)) != before
+
+    dispatcher = _blocks._quantize_rows.dispatcher()
+    locator = dispatcher._cache._impl.locator
+    assert type(locator).__name__ == "FolderLocator"
+    assert locator.get_source_stamp() == _jit._folder_stamp(os.path.dirname(_jit.__file__))

@@ -18,14 +18,18 @@ LLVM reassociate sums (vectorized reductions) and use reciprocals, keeping NaN a
 so a diverging run still shows nan. ``exact=True`` compiles without fastmath, for code that must
 round as NumPy does (the optimizer update).
 
-numba's on-disk cache checks only the file of the source it compiled: after editing a helper in
-another file (``_vecmath.py``), delete ``backends/numpy/kernels/__pycache__``.
+numba's on-disk cache checks only the file of the source it compiled, while a kernel compiles in
+the helpers of other files (``_simd.py``, ``_blocks.py``, ``quant.py`` for ``decode.py``): a stale
+kernel would run old code silently after an edit, a ``git pull`` or an upgrade that kept the
+cache. So :func:`numba` registers cache locators whose stamp for a file of this folder is the
+hash of every source in the folder (``_register_folder_stamp``): any change recompiles them all.
 
 Not here: the kernels (one family per module beside this one).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
 from collections.abc import Callable
@@ -64,10 +68,49 @@ def numba() -> Any:
             from arraygpt.backends.numpy.kernels import _compiler_pages
 
             _compiler_pages.register(module)
+            _register_folder_stamp(module)
             for register in _registrations:
                 register(module)
             _numba.append(module)
     return _numba[0]
+
+
+def _folder_stamp(folder: str) -> bytes:
+    """The SHA-256 of every ``.py`` file in ``folder`` (names and contents, in name order)."""
+    digest = hashlib.sha256()
+    for name in sorted(n for n in os.listdir(folder) if n.endswith(".py")):
+        with open(os.path.join(folder, name), "rb") as f:
+            digest.update(name.encode() + b"\0" + f.read())
+    return digest.digest()
+
+
+def _register_folder_stamp(numba: Any) -> None:
+    """Put, before each of numba's cache locators that go by a source file, one that takes the
+    kernels of this folder and stamps them with the whole folder's hash (numba's own stamp is the
+    hash of the one file): a cached kernel whose helpers changed in another file is compiled
+    again. Without those locator classes (another numba), numba's own stamps stay."""
+    from numba.core import caching
+
+    folder = os.path.dirname(os.path.abspath(__file__))
+    stamp = _folder_stamp(folder)  # the sources this process runs, read once
+
+    def folder_locator(base: Any) -> Any:
+        class FolderLocator(base):
+            @classmethod
+            def from_function(cls, py_func: Any, py_file: str) -> Any:
+                if os.path.dirname(os.path.abspath(py_file)) != folder:
+                    return None
+                return super().from_function(py_func, py_file)
+
+            def get_source_stamp(self) -> bytes:
+                return stamp
+
+        return FolderLocator
+
+    names = ("UserProvidedCacheLocator", "InTreeCacheLocator", "UserWideCacheLocator")
+    bases = [getattr(caching, name, None) for name in names]
+    if all(bases) and isinstance(getattr(caching.CacheImpl, "_locator_classes", None), list):
+        caching.CacheImpl._locator_classes[:0] = [folder_locator(base) for base in bases]
 
 
 def when_numba_loads(register: Callable[[Any], None]) -> None:
