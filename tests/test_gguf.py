@@ -523,6 +523,8 @@ def tiny_model(arch: str, vocab_size: int) -> GPT:
         ("llama", "q8_0", 2e-2),
         ("llama", "q4_0", 0.3),
         ("llama", "q4_1", 0.3),
+        ("llama", "q5_0", 0.15),
+        ("llama", "q5_1", 0.15),
         ("qwen2", "f32", 1e-4),
         ("gpt2", "f32", 1e-4),
         ("gpt2", "q8_0", 2e-2),

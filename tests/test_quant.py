@@ -249,7 +249,12 @@ def _simd_compiled():
     def dots(row, xq, kinds):  # the sum of each dot's lanes, for blocks at 0, 34, 68, ...
         out = np.empty(len(kinds), np.float32)
         for i in range(len(kinds)):
-            v = _simd.dot_nibbles(row, 34 * i, xq, 32 * i) if kinds[i] else _simd.dot_bytes(row, 34 * i, xq, 32 * i)
+            if kinds[i] == 2:  # a fifth bit from the 4 bytes before the nibbles
+                v = _simd.dot_fivebits(row, 34 * i + 4, xq, 32 * i)
+            elif kinds[i] == 1:
+                v = _simd.dot_nibbles(row, 34 * i, xq, 32 * i)
+            else:
+                v = _simd.dot_bytes(row, 34 * i, xq, 32 * i)
             out[i] = _simd.total(_simd.fma(_simd.zeros(), v, np.float32(1.0)))
         return out
 
@@ -296,11 +301,15 @@ def test_the_byte_dot_products_are_numpys_integer_dots(n, seed):
     rng = np.random.default_rng(seed)
     row = rng.integers(0, 256, 34 * n, dtype=np.uint8)  # every byte, -128 included
     xq = rng.integers(-127, 128, 32 * n).astype(np.int8)
-    kinds = rng.integers(0, 2, n).astype(np.int64)
+    kinds = rng.integers(0, 3, n).astype(np.int64)
     expected = []
     for i in range(n):
         raw = row[34 * i : 34 * i + 32]
-        w = np.concatenate([raw[:16] & 15, raw[:16] >> 4]) if kinds[i] else raw.view(np.int8)
+        if kinds[i] == 2:
+            q, bits = row[34 * i + 4 : 34 * i + 20], int(row[34 * i : 34 * i + 4].view(np.uint32)[0])
+            w = np.concatenate([q & 15, q >> 4]) | (((bits >> np.arange(32)) & 1) << 4)
+        else:
+            w = np.concatenate([raw[:16] & 15, raw[:16] >> 4]) if kinds[i] else raw.view(np.int8)
         expected.append(int(np.dot(w.astype(np.int64), xq[32 * i : 32 * i + 32].astype(np.int64))))
     assert dots(row, xq, kinds).tolist() == expected  # |dot| < 2**24: exact in float32
 
@@ -348,7 +357,7 @@ def test_without_vnni_or_f16c_the_portable_vector_code_gives_the_same_numbers(tm
         "dots, halves, sums = t._simd_compiled()\n"
         "rng = np.random.default_rng(3)\n"
         "row = rng.integers(0, 256, 34 * 8, dtype=np.uint8); xq = rng.integers(-127, 128, 256).astype(np.int8)\n"
-        "np.save(sys.argv[1] + '/dots.npy', dots(row, xq, np.arange(8) % 2))\n"
+        "np.save(sys.argv[1] + '/dots.npy', dots(row, xq, np.arange(8) % 3))\n"
         "np.save(sys.argv[1] + '/halves.npy', halves(np.arange(1 << 16, dtype=np.uint16).view(np.uint8)))\n"
         "np.save(sys.argv[1] + '/sums.npy', sums(*t._prompt_case(6, 3))[0])\n"
     )
@@ -362,7 +371,7 @@ def test_without_vnni_or_f16c_the_portable_vector_code_gives_the_same_numbers(tm
     rng = np.random.default_rng(3)
     row = rng.integers(0, 256, 34 * 8, dtype=np.uint8)
     xq = rng.integers(-127, 128, 256).astype(np.int8)
-    assert np.array_equal(np.load(tmp_path / "dots.npy"), dots(row, xq, np.arange(8) % 2))
+    assert np.array_equal(np.load(tmp_path / "dots.npy"), dots(row, xq, np.arange(8) % 3))
     got = np.load(tmp_path / "halves.npy")
     expected = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)
     assert np.array_equal(got, expected, equal_nan=True)
@@ -400,7 +409,7 @@ def _split(kind: str, blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """W = W_q + W_c (float64, (N, K)): the part that multiplies the quants (d_b q) and the
     constant part (m_b, -8 d_b or 0), W_c as the gguf dequantizer reads the blocks with quants 0."""
     rows = blocks.shape[0]
-    start = {"q8_0": 2, "q4_0": 2, "q4_1": 4}[kind]
+    start = {"q8_0": 2, "q4_0": 2, "q4_1": 4, "q5_0": 2, "q5_1": 4}[kind]
     zeroed = blocks.copy()
     zeroed[..., start:] = 0
     dense = quants.dequantize(blocks.reshape(rows, -1), TYPES[kind]).astype(np.float64)
@@ -408,7 +417,7 @@ def _split(kind: str, blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return dense - constant, constant
 
 
-@pytest.mark.parametrize("kind", ["q8_0", "q4_0", "q4_1"])
+@pytest.mark.parametrize("kind", ["q8_0", "q4_0", "q4_1", "q5_0", "q5_1"])
 @given(
     rows=st.integers(1, 70),
     n_blocks=st.integers(1, 4),
@@ -433,7 +442,7 @@ def test_the_int8_kernel_multiplies_the_quantized_activations_exactly_as_floats(
     _assert_exact_as_floats(kind, blocks, x, out)
 
 
-@pytest.mark.parametrize("kind", ["q8_0", "q4_1"])
+@pytest.mark.parametrize("kind", ["q8_0", "q4_1", "q5_0"])
 @pytest.mark.parametrize("M", [1, 13])
 def test_the_int8_kernel_splits_the_rows_of_w_over_two_threads(kind, M):
     from arraygpt.backends.numpy import blas_threads

@@ -158,8 +158,9 @@ def save(
             (``bpe.BPETokenizer``), written as tokenizer.json.
         optimizer: anything with ``state_dict()`` ("arraygpt" only).
         extra: JSON-serializable data returned as ``Checkpoint.extra`` ("arraygpt" only).
-        dtype: "gguf" only: "f32" (default), "f16", "q8_0", "q4_0" or "q4_1" (``arraygpt.io.gguf.save_gguf``:
-            one .gguf file at ``path``, its tokenizer and chat template in the metadata).
+        dtype: "gguf" only: "f32" (default), "f16", "q8_0", "q4_0", "q4_1", "q5_0" or "q5_1"
+            (``arraygpt.io.gguf.save_gguf``: one .gguf file at ``path``, its tokenizer and chat
+            template in the metadata).
 
     Returns:
         The directory written.

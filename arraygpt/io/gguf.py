@@ -36,7 +36,7 @@ the stack is a view of it, else they are copied once into one buffer (llama's Q 
 on the way) and the file's pages under them given back (``madvise``), so that the process's
 resident memory does not hold those weights twice (on a SmolLM2-135M-shaped file: 10 MB in
 q4_1, 17 MB in q8_0).
-Types written (``save_gguf(dtype=...)``): f32, f16, q8_0, q4_0, q4_1 for the matrices (a matrix
+Types written (``save_gguf(dtype=...)``): f32, f16, q8_0, q4_0, q4_1, q5_0, q5_1 for the matrices (a matrix
 whose rows are not whole blocks is written f16, as llama.cpp's converter does), 1-D tensors f32.
 
 Files are untrusted: :func:`read_header` walks the header, decodes the metadata and refuses (one
@@ -110,9 +110,9 @@ READ_TYPES = {
     13: ("Q5_K", 256, 176),
     14: ("Q6_K", 256, 210),
 }
-SAVE_DTYPES = ("f32", "f16", "q8_0", "q4_0", "q4_1")
-_FILE_TYPE = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7}  # llama.cpp's llama_ftype
-_TYPE_ID = {"f32": 0, "f16": 1, "q8_0": 8, "q4_0": 2, "q4_1": 3}
+SAVE_DTYPES = ("f32", "f16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
+_FILE_TYPE = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7, "q5_0": 8, "q5_1": 9}  # llama.cpp's llama_ftype
+_TYPE_ID = {"f32": 0, "f16": 1, "q8_0": 8, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7}
 
 # Limits of the header walk. Real files stay far below them: Llama 3's vocabulary, token types and
 # merges are 0.54 M array elements, Gemma 3's 0.79 M. The walk keeps ~0.1 KB per element (a
@@ -949,7 +949,8 @@ def save_gguf(
         model: the GPT: a Llama-style config (RoPE, SwiGLU, RMSNorm; q/k/v biases make it qwen2)
             or GPT-2's.
         path: the .gguf file.
-        dtype: "f32", "f16", "q8_0", "q4_0" or "q4_1" for the matrices; 1-D tensors stay f32.
+        dtype: "f32", "f16", "q8_0", "q4_0", "q4_1", "q5_0" or "q5_1" for the matrices; 1-D tensors
+            stay f32.
         tokenizer: written as ``tokenizer.*`` metadata (see ``arraygpt.io.gguf_tokenizer``),
             with its chat template.
         name: ``general.name`` (default the file's stem).

@@ -7,6 +7,8 @@ vocabulary, one block of 32 values at a time:
 
 - ``dot_nibbles(row, at, xq, xat)``: the 16 bytes at ``row[at:]`` as 32 four-bit values (low
   nibbles first, then high, as GGUF's Q4 blocks store them) dotted with the int8 ``xq[xat:xat+32]``;
+- ``dot_fivebits(row, at, xq, xat)``: ``dot_nibbles`` with a fifth bit for each value, bit j of
+  the 4 bytes before ``row[at]`` (little-endian) for value j, as GGUF's Q5 blocks store them;
 - ``dot_bytes(row, at, xq, xat)``: the 32 int8 weights at ``row[at:]`` dotted with
   ``xq[xat:xat+32]`` (as llama.cpp does: VNNI multiplies unsigned by signed bytes, so |w| by x
   with w's sign; xq must not hold -128);
@@ -49,6 +51,13 @@ from arraygpt.backends.numpy.kernels._jit import when_numba_loads
 def dot_nibbles(row: np.ndarray, at: int, xq: np.ndarray, xat: int) -> np.ndarray:
     q = row[at : at + 16]
     u = np.concatenate([q & 15, q >> 4]).astype(np.int32)
+    return (u * xq[xat : xat + 32].astype(np.int32)).reshape(8, 4).sum(axis=1, dtype=np.int32)
+
+
+def dot_fivebits(row: np.ndarray, at: int, xq: np.ndarray, xat: int) -> np.ndarray:
+    q, high = row[at : at + 16], int(row[at - 4 : at].view(np.uint32)[0])
+    fifth = (high >> np.arange(32, dtype=np.uint32)) & 1
+    u = (np.concatenate([q & 15, q >> 4]) | (fifth << 4)).astype(np.int32)
     return (u * xq[xat : xat + 32].astype(np.int32)).reshape(8, 4).sum(axis=1, dtype=np.int32)
 
 
@@ -233,7 +242,17 @@ def _register(numba: Any) -> None:
         magnitude = builder.select(negative, builder.neg(w), w)  # -128 -> 128 as an unsigned byte
         return magnitude, builder.select(negative, builder.neg(x), x)
 
+    def unpack_fivebits(builder: Any, p: Any, x: Any) -> tuple[Any, Any]:
+        low, _ = unpack_nibbles(builder, p, x)
+        wide = ir.VectorType(i32, 32)
+        high = builder.load(builder.bitcast(builder.gep(p, [ir.Constant(i32, -4)]), i32.as_pointer()), align=1)
+        high = builder.insert_element(ir.Constant(wide, ir.Undefined), high, ir.Constant(i32, 0))
+        high = builder.shuffle_vector(high, high, lanes([0] * 32))
+        bits = builder.and_(builder.lshr(high, lanes(list(range(32)))), lanes([1] * 32))
+        return builder.or_(low, builder.trunc(builder.shl(bits, lanes([4] * 32)), V32B)), x
+
     dot_nibbles_ir, dot_bytes_ir = dot_intrinsic(unpack_nibbles), dot_intrinsic(signed_bytes)
+    dot_fivebits_ir = dot_intrinsic(unpack_fivebits)
 
     @intrinsic
     def nibbles_ir(typingctx: Any, row: Any, at: Any) -> Any:
@@ -374,6 +393,7 @@ def _register(numba: Any) -> None:
     # the Python functions above, compiled: each calls its intrinsic
     overload(dot_nibbles)(lambda row, at, xq, xat: lambda row, at, xq, xat: dot_nibbles_ir(row, at, xq, xat))
     overload(dot_bytes)(lambda row, at, xq, xat: lambda row, at, xq, xat: dot_bytes_ir(row, at, xq, xat))
+    overload(dot_fivebits)(lambda row, at, xq, xat: lambda row, at, xq, xat: dot_fivebits_ir(row, at, xq, xat))
     overload(zeros)(lambda: lambda: zeros_ir())
     overload(fma)(lambda acc, v, s: lambda acc, v, s: fma_ir(acc, v, s))
     overload(total)(lambda acc: lambda acc: total_ir(acc))

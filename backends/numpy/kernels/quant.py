@@ -9,7 +9,7 @@ Two kernels, by how they treat x:
   block (``acc[j] += q_j * (d_b * x_j)``), reduced once per row: that loop shape vectorizes, where
   a sum per block does not (the probe in docs/performance.md). Each block's constant term (Q4_1's
   min m_b, Q4_0's -8 d_b, Q5_0's -16 d_b) multiplies the block's sum of x.
-- ``numba_quantized_linear_int8``: the same, but for Q8_0, Q4_0 and Q4_1 the rows of x are first
+- ``numba_quantized_linear_int8``: the same, but for the kinds in INT8_KINDS the rows of x are first
   quantized to int8 blocks of 32 (``xq = round(x / dx_b)``, ``dx_b = max|x| / 127``, as
   llama.cpp's q8_0) and each block of W meets them in one byte dot product (``_simd.py``: VNNI's
   ``vpdpbusd``), its integer sum scaled by ``d_b dx_b`` into 8 float lanes. 3-8x faster than the
@@ -62,6 +62,7 @@ from arraygpt.backends.numpy.kernels._simd import (
     bytes32,
     dot_bytes,
     dot_dword,
+    dot_fivebits,
     dot_nibbles,
     fma,
     fmav,
@@ -130,10 +131,11 @@ def dot_float(row, nbytes, start, high, offset, x, xsum, acc):
 
 
 @jitable
-def dot_int8(row, nbytes, start, offset, xq, dx, xsum):
+def dot_int8(row, nbytes, start, high, offset, xq, dx, xsum):
     # one row of W times x as int8 blocks, x ~ dx_b xq (xq (K,), dx and xsum (nb,)): Q8_0 (nbytes
-    # 34), Q4_0 and Q4_1 (nibbles at byte `start`). Each block's byte dot product (_simd.py) times
-    # d_b dx_b goes to 8 float lanes, reduced once; the constant term as in dot_float
+    # 34), the others' nibbles at byte `start` (with `high`, a fifth bit from the 4 bytes before
+    # them). Each block's byte dot product (_simd.py) times d_b dx_b goes to 8 float lanes,
+    # reduced once; the constant term as in dot_float
     acc = zeros()
     s = np.float32(0.0)
     for b in range(dx.shape[0]):
@@ -142,7 +144,10 @@ def dot_int8(row, nbytes, start, offset, xq, dx, xsum):
         if nbytes == 34:
             acc = fma(acc, dot_bytes(row, at + 2, xq, b * 32), db * dx[b])
         else:
-            acc = fma(acc, dot_nibbles(row, at + start, xq, b * 32), db * dx[b])
+            if high:
+                acc = fma(acc, dot_fivebits(row, at + start, xq, b * 32), db * dx[b])
+            else:
+                acc = fma(acc, dot_nibbles(row, at + start, xq, b * 32), db * dx[b])
             mb = half(row, at + 2) if offset == 0 else np.float32(-offset) * db
             s += mb * xsum[b]
     return total(acc) + s
@@ -162,14 +167,14 @@ def rows_times(x, xq, dx, xsum, blocks, layout, lo, hi, out):
                 prefetch(ahead, at)
         for m in range(x.shape[0]):
             if int8:
-                out[m, o] = dot_int8(row, nbytes, start, offset, xq[m], dx[m], xsum[m])
+                out[m, o] = dot_int8(row, nbytes, start, high, offset, xq[m], dx[m], xsum[m])
             else:
                 out[m, o] = dot_float(row, nbytes, start, high, offset, x[m], xsum[m], acc)
 
 
 @jitable(inline=False)
-def unpack_rows(blocks, nbytes, start, offset, r0, wq, d, correction, constant):
-    # rows r0.. of W (Q8_0, Q4_0, Q4_1), as many as wq has, for groups_times: per block d_b (d),
+def unpack_rows(blocks, nbytes, start, high, offset, r0, wq, d, correction, constant):
+    # rows r0.. of W (a kind in INT8_KINDS), as many as wq has, for groups_times: per block d_b (d),
     # 128 sum(q_b) (correction: x goes in as xq + 128), the constant m_b / -offset d_b (constant);
     # the nibble kinds' quants as bytes into wq (rows, K) (Q8_0's are read where they are)
     ones = np.ones(32, np.int8)
@@ -183,19 +188,24 @@ def unpack_rows(blocks, nbytes, start, offset, r0, wq, d, correction, constant):
                 constant[r, b] = 0.0
             else:
                 store32(nibbles(row, at + start), wq[r], b * 32)
-                q_sum = total(fma(zeros(), dot_nibbles(row, at + start, ones, 0), np.float32(1.0)))
+                if high:  # the fifth bits: bit j of the 4 bytes before the nibbles for value j
+                    for j in range(32):
+                        wq[r, b * 32 + j] |= ((row[at + start - 4 + j // 8] >> (j % 8)) & 1) << 4
+                    q_sum = total(fma(zeros(), dot_fivebits(row, at + start, ones, 0), np.float32(1.0)))
+                else:
+                    q_sum = total(fma(zeros(), dot_nibbles(row, at + start, ones, 0), np.float32(1.0)))
                 constant[r, b] = half(row, at + 2) if offset == 0 else np.float32(-offset) * d[r, b]
             correction[r, b] = np.int32(128) * np.int32(q_sum)
 
 
 @jitable
 def groups_times(xt, dx, xsum, blocks, layout, lo, hi, out):
-    # out[m, o] = (x @ W.T)[m, o] for rows lo..hi of W (Q8_0, Q4_0, Q4_1), x (M, K) in groups of
+    # out[m, o] = (x @ W.T)[m, o] for rows lo..hi of W (GROUP_KINDS), x (M, K) in groups of
     # GROUP rows as group_activations lays them out: xt (G, nb 256) uint8 (xq + 128, each block as
     # (4-byte word j, row, byte)), dx and xsum (G, nb GROUP) the blocks' scales and sums of x.
     # Each 4 weights meet the group's 8 rows in one byte dot product (one row a lane), 4 rows of W
     # at a time sharing the loads of x; two chains of words a row (a product's latency)
-    nbytes, start, offset = layout[0], layout[1], layout[3]
+    nbytes, start, high, offset = layout[0], layout[1], layout[2], layout[3]
     M, nb = out.shape[0], dx.shape[1] // GROUP
     q8 = nbytes == 34
     stride, skip = (nbytes, 2) if q8 else (32, 0)  # where block b's quants start: b stride + skip
@@ -207,7 +217,7 @@ def groups_times(xt, dx, xsum, blocks, layout, lo, hi, out):
         if nbytes in (144, 176):  # Q4_K, Q5_K: each sub-block of 32 as a block
             kquant.unpack_rows_k(blocks, nbytes == 176, tile, wq[:rows], d, correction, constant)
         else:
-            unpack_rows(blocks, nbytes, start, offset, tile, wq[:rows], d, correction, constant)
+            unpack_rows(blocks, nbytes, start, high, offset, tile, wq[:rows], d, correction, constant)
         for g in range(xt.shape[0]):
             x, dxg, xsg, m = xt[g], dx[g], xsum[g], g * GROUP
             for r in range(0, rows, 4):
@@ -332,7 +342,7 @@ _LAYOUT = {  # kind -> where a block keeps its parts: (bytes, first byte of the 
     "q5_0": (22, 6, 1, 16),
     "q5_1": (24, 8, 1, 0),
 }
-INT8_KINDS = ("q8_0", "q4_0", "q4_1")  # the kinds the int8 kernel sums with byte dot products
+INT8_KINDS = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1")  # the kinds the int8 kernel sums with byte dot products
 GROUP_KINDS = (*INT8_KINDS, "q4_k", "q5_k")  # the kinds of a prompt's int8 groups
 
 
@@ -428,7 +438,7 @@ def quantized_linear_forward(x: Any, w: Any, b: Any = None) -> tuple[Any, Any]:
 
 
 def quantized_linear_int8_forward(x: Any, w: Any, b: Any = None) -> tuple[Any, Any]:
-    """:func:`quantized_linear_forward`, but up to MAX_ROWS rows of x on Q8_0, Q4_0 and Q4_1
+    """:func:`quantized_linear_forward`, but up to MAX_ROWS rows of x on INT8_KINDS
     weights are quantized to int8 blocks first (as llama.cpp's q8 dot products do) and summed with
     byte dot products: a different rounding, bounded in docs/gguf.md ("Quantized weights")."""
     return _forward(x, w, b, int8=True)
