@@ -5,6 +5,7 @@ Run by hand on a quiet machine (timings are not tests):
 
     .venv/bin/python benchmarks/llama_cpp_decode.py                       # q4_1 and q8_0, 1 and 2 threads
     .venv/bin/python benchmarks/llama_cpp_decode.py --dtypes q8_0 --threads 2 --rounds 1   # a quick check
+    .venv/bin/python benchmarks/llama_cpp_decode.py --dtypes q5_0 --sides arraygpt,llama_cpp
     .venv/bin/python benchmarks/llama_cpp_decode.py --profile q4_1        # where one decode step goes
 
 The model: 30 layers, 576 wide, 9 heads / 3 KV heads, MLP 1536, vocabulary 49,152, tied
@@ -40,6 +41,7 @@ import argparse
 import json
 import os
 import resource
+import subprocess
 import sys
 import tempfile
 import time
@@ -56,15 +58,20 @@ SIDES = ("arraygpt", "transformers", "llama_cpp")
 
 
 def write_model(folder: Path, dtype: str, layers: int) -> Path:
-    """The random SmolLM2-shaped model as ``folder/smollm2-<dtype>.gguf`` (written once)."""
+    """The random SmolLM2-shaped model as ``folder/smollm2-<dtype>.gguf``, written once, in a
+    process of its own (Linux's ru_maxrss carries a parent's peak into the workers it starts)."""
     path = folder / f"smollm2-{dtype}-{layers}.gguf"
     if not path.exists():
-        import arraygpt
-        from arraygpt import GPT, GPTConfig
-
-        model = GPT(GPTConfig.preset("smollm2-135m", block_size=CONTEXT, n_layer=layers), seed=0)
-        arraygpt.save(model, path, format="gguf", dtype=dtype, tokenizer=_tokenizer())
+        command = [sys.executable, __file__, "--write", dtype, "--layers", str(layers), "--path", str(path)]
+        subprocess.run(command, check=True)
     return path
+
+
+def _write(path: str, dtype: str, layers: int) -> None:
+    from arraygpt import GPT, GPTConfig
+
+    model = GPT(GPTConfig.preset("smollm2-135m", block_size=CONTEXT, n_layer=layers), seed=0)
+    arraygpt.save(model, path, format="gguf", dtype=dtype, tokenizer=_tokenizer())
 
 
 def _tokenizer():
@@ -232,9 +239,13 @@ def main() -> None:
     parser.add_argument("--dir", default=None, help="where the GGUF files are written (kept)")
     parser.add_argument("--profile", default=None, metavar="DTYPE", help="profile arraygpt's decode step instead")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--write", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--path", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     prompt, prefill = _ids(args.prompt, 1), _ids(args.prefill, 2)
+    if args.write:
+        _write(args.path, args.write, args.layers)
+        return
     if args.worker:
         result = WORKERS[args.worker](args.path, prompt, args.new, prefill)
         print(json.dumps({**result, "peak_mb": _peak_mb()}))
