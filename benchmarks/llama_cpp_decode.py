@@ -5,13 +5,14 @@ Run by hand on a quiet machine (timings are not tests):
 
     .venv/bin/python benchmarks/llama_cpp_decode.py                       # q4_1 and q8_0, 1 and 2 threads
     .venv/bin/python benchmarks/llama_cpp_decode.py --dtypes q8_0 --threads 2 --rounds 1   # a quick check
-    .venv/bin/python benchmarks/llama_cpp_decode.py --dtypes q5_0 --sides arraygpt,llama_cpp
+    .venv/bin/python benchmarks/llama_cpp_decode.py --dtypes q5_0,q4_k_m --sides arraygpt,llama_cpp
     .venv/bin/python benchmarks/llama_cpp_decode.py --profile q4_1        # where one decode step goes
 
 The model: 30 layers, 576 wide, 9 heads / 3 KV heads, MLP 1536, vocabulary 49,152, tied
 embeddings (SmolLM2-135M's shape), random weights (seed 0), written once per dtype by
 ``arraygpt.save(..., format="gguf", dtype=...)`` with a small byte-level BPE (its rows padded to
-the vocabulary), into ``--dir`` (default a temporary folder).
+the vocabulary), into ``--dir`` (default a temporary folder). ``q4_k_m`` is the q5_0 file with the
+kinds llama.cpp's Q4_K_M gives this shape (``_as_q4_k_m``).
 
 Sides, each in its own process, alternating, ``--rounds`` rounds (default 3), medians:
 
@@ -71,7 +72,52 @@ def _write(path: str, dtype: str, layers: int) -> None:
     from arraygpt import GPT, GPTConfig
 
     model = GPT(GPTConfig.preset("smollm2-135m", block_size=CONTEXT, n_layer=layers), seed=0)
-    arraygpt.save(model, path, format="gguf", dtype=dtype, tokenizer=_tokenizer())
+    if dtype != "q4_k_m":
+        arraygpt.save(model, path, format="gguf", dtype=dtype, tokenizer=_tokenizer())
+        return
+    arraygpt.save(model, path + ".q5_0", format="gguf", dtype="q5_0", tokenizer=_tokenizer())
+    _as_q4_k_m(path + ".q5_0", path)
+    os.remove(path + ".q5_0")
+
+
+def _as_q4_k_m(source: str, path: str) -> None:
+    """The q5_0 file at ``source`` with the kinds llama.cpp's Q4_K_M gives a SmolLM2-135M: every
+    row of 576 values stays Q5_0 (Q4_K's fallback where a row is not whole 256-value blocks), but
+    in every other layer V becomes Q8_0 (Q6_K's fallback) and the MLP's down projection (rows of
+    1536) Q6_K, elsewhere Q4_K. The K-quant blocks are random bytes with small float16 scales
+    (gguf's Python cannot quantize them; speed does not depend on the values)."""
+    import gguf
+
+    reader = gguf.GGUFReader(source)
+    writer = gguf.GGUFWriter(path, arch=reader.fields["general.architecture"].contents())
+    for field in reader.fields.values():
+        if field.name.startswith("GGUF.") or field.name == "general.architecture":
+            continue
+        value = 15 if field.name == "general.file_type" else field.contents()  # LLAMA_FTYPE_MOSTLY_Q4_K_M
+        sub_type = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(field.name, value, field.types[0], sub_type=sub_type)
+    rng = np.random.default_rng(0)
+    types = gguf.GGMLQuantizationType
+    for tensor in reader.tensors:
+        data, kind = np.asarray(tensor.data), tensor.tensor_type
+        layer = int(tensor.name.split(".")[1]) if tensor.name.startswith("blk.") else -1
+        if tensor.name.endswith("attn_v.weight") and layer % 2 == 0:
+            dense = gguf.quants.dequantize(data, kind)
+            data, kind = gguf.quants.quantize(dense, types.Q8_0), types.Q8_0
+        elif tensor.name.endswith("ffn_down.weight"):
+            kind = types.Q6_K if layer % 2 == 0 else types.Q4_K
+            rows, cols = (int(n) for n in reversed(tensor.shape))
+            per_block, nbytes = gguf.GGML_QUANT_SIZES[kind]
+            data = rng.integers(0, 256, (rows, cols // per_block, nbytes), dtype=np.uint8)
+            for at in [208] if kind == types.Q6_K else [0, 2]:  # d (and dmin), float16
+                scales = rng.uniform(-0.002, 0.002, (rows, cols // per_block)).astype(np.float16)
+                data[..., at : at + 2] = scales.view(np.uint8).reshape(rows, -1, 2)
+            data = data.reshape(rows, -1)
+        writer.add_tensor(tensor.name, data, raw_dtype=kind if kind not in (types.F32, types.F16) else None)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
 
 
 def _tokenizer():
