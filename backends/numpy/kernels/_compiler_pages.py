@@ -59,7 +59,7 @@ def register(numba: Any) -> None:
 
     try:
         _ranges.extend(code_ranges(os.path.realpath(llvm.ffi.lib._name)))
-    except OSError:  # no /proc
+    except (OSError, AttributeError):  # no /proc, or an llvmlite that names its library elsewhere
         return
 
     class AfterCompiles(event.Listener):
