@@ -522,3 +522,19 @@ def test_the_k_quants_run_a_tile_of_rows_at_a_time(monkeypatch, kind, M):
     dense = quants.dequantize(blocks.reshape(7, -1), TYPES[kind]).astype(np.float64)
     bound = 2 * 512 * np.finfo(np.float32).eps * (np.abs(x) @ np.abs(dense).T) + 1e-6
     assert np.all(np.abs(out - x @ dense.T) <= bound)
+
+
+@pytest.mark.parametrize("kind", ["q8_0", "q4_0", "q5_1"])
+@pytest.mark.parametrize("M", [1, 9])
+def test_a_nan_or_inf_in_x_comes_out_of_the_int8_kernel_as_of_the_float_one(kind, M):
+    """A diverged model's NaN must not vanish in int8 rounding (max() passes over a NaN)."""
+    kernel = _kernel()
+    blocks = _random_blocks(kind, 40, 2, seed=M)
+    w = QuantizedWeight(kind, blocks, (40, 64))
+    for bad in (np.nan, np.inf):
+        x = np.random.default_rng(M).standard_normal((M, 64)).astype(np.float32)
+        x[0, 5] = bad
+        with np.errstate(invalid="ignore"):
+            expected = np.isfinite(kernel.quantized_linear_forward(x, w)[0])
+            got = np.isfinite(kernel.quantized_linear_int8_forward(x, w)[0])
+        assert not got[0].any() and np.array_equal(got, expected)

@@ -31,6 +31,8 @@ def quantize_block(xb, q):
         amax = max(amax, abs(xb[j]))
         s += xb[j]
     d = amax / np.float32(127.0)
+    if s != s:  # a NaN in the block, which max() passes over: NaN out, as the float product gives
+        d = np.float32(np.nan)
     inverse = np.float32(0.0)
     if d > 0:
         inverse = np.float32(1.0) / d
