@@ -123,6 +123,14 @@ def train(ranks, out_dir, names_file, *extra):
     )
 
 
+def fine_tune(ranks, out_dir, names_file, base, *extra):
+    """``train`` from the trained model in ``base`` (whose architecture the run keeps)."""
+    shape = ("--n-embd", "--n-head")
+    settings = [a for i, a in enumerate(TINY) if a not in shape and TINY[i - 1] not in shape]
+    args = ["-m", "arraygpt.cli", "train", "--data", str(names_file), "--out-dir", str(out_dir)]
+    return launch_ok(ranks, [*args, "--init-from", str(base), *settings, *extra], names_file.parent)
+
+
 def resume(ranks, run_dir, *extra):
     return launch_ok(ranks, ["-m", "arraygpt.cli", "train", "--resume", str(run_dir), *extra], run_dir.parent)
 

@@ -24,6 +24,7 @@ from arraygpt.training.distributed import ShardedOptimizer, ShardLayout, World
 from arraygpt.training.optim import Optimizer, create_optimizer, state_nbytes
 from arraygpt.xp import to_numpy
 from mpi_jobs import (
+    fine_tune,
     job_env,
     launch,
     launch_ok,
@@ -307,3 +308,19 @@ def test_a_hung_rank_ends_a_sharded_job_from_the_reduce_scatter(tmp_path, names_
     result = launch(2, [str(script), str(names_file)], tmp_path, env=env)
     assert result.returncode != 0
     assert "rank 0 of 2" in result.stderr and "the gradient reduce-scatter of step 4 waited 10 s" in result.stderr
+
+
+@needs_mpi
+@pytest.mark.parametrize("zero", ["false", "true"])
+def test_lora_on_ranks_equals_lora_in_one_process(tmp_path, names_file, zero):
+    """LoRA adapters of a trained model, fine-tuned data-parallel (with and without the sharded
+    optimizer state): the same adapters as one process with the same global batch."""
+    train(0, tmp_path / "base", names_file, "--steps", "10", "--batch-size", "4")
+    common = ["--lora-rank", "2", "--steps", "10", "--batch-size", "2"]
+    fine_tune(2, tmp_path / "ranks", names_file, tmp_path / "base", *common, "--zero", zero)
+    fine_tune(0, tmp_path / "one", names_file, tmp_path / "base", *common, "--grad-accum", "2")
+    ranks, one = (arraygpt.load(tmp_path / name).model.adapters for name in ("ranks", "one"))
+    ranks, one = ({k: np.asarray(v) for k, v in a.items()} for a in (ranks, one))
+    assert sorted(ranks) == sorted(one) and ranks
+    assert max_rel_diff(ranks, one) < 1e-10
+    assert max(float(np.abs(v).max()) for k, v in one.items() if k.endswith(".lora_b")) > 0  # B starts at zero
