@@ -226,11 +226,11 @@ def _attention_inputs(rng, B, T, past, NH, hs, dtype, NKV=None):
 @settings(max_examples=60, deadline=None)
 @given(
     B=st.integers(1, 3),
-    T=st.sampled_from([1, 2, 4, 5, 8, 13, 64, 70]),
+    T=st.sampled_from([1, 2, 4, 5, 8, 13, 16, 48, 64, 70]),
     past=st.sampled_from([0, 0, 1, 4, 67]),
     NKV=st.integers(1, 3),
     G=st.sampled_from([1, 1, 2, 3]),
-    hs=st.sampled_from([1, 3, 8]),
+    hs=st.sampled_from([1, 3, 8, 16, 32]),
     dtype=st.sampled_from(DTYPES),
     blas=st.sampled_from([1, 2, 3]),
     seed=st.integers(0, 2**16),
@@ -238,11 +238,13 @@ def _attention_inputs(rng, B, T, past, NH, hs, dtype, NKV=None):
 @example(B=2, T=70, past=0, NKV=2, G=3, hs=3, dtype="float64", blas=1, seed=1)  # a key block seen by some queries only
 @example(B=1, T=70, past=67, NKV=1, G=2, hs=8, dtype="float32", blas=1, seed=2)  # the same, after a KV cache
 @example(B=3, T=1, past=67, NKV=1, G=3, hs=8, dtype="float32", blas=2, seed=3)  # decoding, heads split unevenly
+@example(B=2, T=48, past=0, NKV=2, G=2, hs=32, dtype="float32", blas=1, seed=4)  # head tiles, grouped
+@example(B=1, T=16, past=0, NKV=1, G=1, hs=16, dtype="float32", blas=1, seed=5)  # head tiles, one tile row
 def test_attention_kernel_equals_reference(B, T, past, NKV, G, hs, dtype, blas, seed):
     """T = 1 (a decode step) to DECODE_ROWS (one numba pass, its (row, head) pairs split over up to
     ``blas`` numba threads), odd sizes, more than one query block (T > TILE), a KV cache (past >
     0; 67 puts a key block boundary inside the queries), grouped-query attention (G query heads
-    per key/value head)."""
+    per key/value head), and the head tiles (float32 without a KV cache, T and hs multiples of 16)."""
     rng = np.random.default_rng(seed)
     NH = NKV * G
     q, k, v = _attention_inputs(rng, B, T, past, NH, hs, dtype, NKV)
@@ -256,7 +258,9 @@ def test_attention_kernel_equals_reference(B, T, past, NKV, G, hs, dtype, blas, 
     ref_y, ref_cache = layers.attention_forward(q, k, v, NH, **grouped)
     split = min(blas, B * NH, _jit.numba().config.NUMBA_NUM_THREADS) if T <= attention.DECODE_ROWS else 1
     assert launches == ([split] if split > 1 and numpy_backend.blas_thread_count() is not None else [])
-    assert type(cache) is attention.FusedAttentionCache and isinstance(cache, layers.AttentionCache)
+    tiles = past == 0 and dtype == "float32" and T % attention.LANES == 0 and hs % attention.LANES == 0
+    assert type(cache) is (attention.TiledAttentionCache if tiles else attention.FusedAttentionCache)
+    assert isinstance(cache, layers.AttentionCache)
     assert cache.k.shape == ref_cache.k.shape == (B, NKV, past + T, hs)
     assert_close(y, ref_y, dtype, "attention forward")
     assert_close(cache.probs, ref_cache.probs, dtype, "attention probs")
@@ -264,6 +268,39 @@ def test_attention_kernel_equals_reference(B, T, past, NKV, G, hs, dtype, blas, 
         attention.attention_backward(dout, cache), layers.attention_backward(dout, ref_cache), "qkv"
     ):
         assert_close(got, want, dtype, f"attention backward d{name}")
+
+
+@needs_numba
+@settings(max_examples=25, deadline=None)
+@given(
+    n=st.integers(0, 40),
+    stride=st.integers(1, 50),
+    transposed=st.booleans(),
+    accumulate=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_head_tile_is_numpys_product(n, stride, transposed, accumulate, seed):
+    """attention.product_tile (8 rows x 16 lanes of a product, _simd's 16-lane vectors), compiled
+    and as plain Python, against NumPy's matmul in float64: any k count, a row-major or transposed
+    left operand at an offset, a strided right operand, scale and accumulate; nothing else of c
+    is written."""
+    rng = np.random.default_rng(seed)
+    a_row, a_step = (1, stride) if transposed else (stride, 1)
+    a = rng.standard_normal(3 + 8 * a_row + max(n, 1) * a_step).astype(np.float32)
+    b = rng.standard_normal(5 + max(n, 1) * 20).astype(np.float32)
+    c = rng.standard_normal(2 + 8 * 24).astype(np.float32)
+    A = np.array([[a[3 + r * a_row + k * a_step] for k in range(n)] for r in range(8)], np.float64).reshape(8, n)
+    B = np.array([b[5 + k * 20 : 5 + k * 20 + 16] for k in range(n)], np.float64).reshape(n, 16)
+    tile_rows = [slice(2 + r * 24, 2 + r * 24 + 16) for r in range(8)]
+    want = 0.5 * (A @ B) + (np.array([c[t] for t in tile_rows], np.float64) if accumulate else 0)
+    outside = np.ones(c.size, bool)
+    for t in tile_rows:
+        outside[t] = False
+    for tile in (_jit.numba().njit(attention.product_tile), attention.product_tile):
+        got = c.copy()
+        tile(n, a, 3, a_row, a_step, b, 5, 20, got, 2, 24, np.float32(0.5), accumulate)
+        assert np.allclose([got[t] for t in tile_rows], want, rtol=1e-5, atol=1e-5 * (1 + n))
+        assert np.array_equal(got[outside], c[outside])
 
 
 @needs_numba

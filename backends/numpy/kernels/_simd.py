@@ -30,6 +30,12 @@ lane (a memory operand broadcast), each lane holding 4 bytes of another row of x
 - ``splat(s)``: an :data:`F32x8` of s; ``load8(a, at)``: a float32 array's ``a[at:at+8]``;
   ``fmav(acc, a, b)`` = acc + a * b; ``add(a, b)``; ``lane(v, i)``: lane i of an F32x8.
 
+Float32 tiles of products (attention's, ``attention.py``) use sixteen lanes, one AVX-512 register:
+
+- ``zeros16()`` an :data:`F32x16` of zeros; ``load16(a, at)`` a float32 array's ``a[at:at+16]``;
+  ``store16(v, a, at)`` stores one; ``splat16(a, at)`` ``a[at]`` in every lane (a broadcast load);
+  ``fma16(acc, a, b)`` = acc + a * b; ``add16(a, b)``; ``mul16(v, s)`` = v * the float32 s.
+
 Each is a plain Python function (NumPy arrays stand for the vectors: what tests and ``py_func``
 run) and, once numba is imported, an ``overload`` whose intrinsic emits the LLVM vector code: with
 ``avx512vnni`` or ``avxvnni`` in the CPU's features the ``vpdpbusd`` intrinsic, elsewhere the same
@@ -128,6 +134,34 @@ def lane(v: np.ndarray, i: int) -> np.float32:
     return np.float32(v[i])
 
 
+def zeros16() -> np.ndarray:
+    return np.zeros(16, np.float32)
+
+
+def load16(a: np.ndarray, at: int) -> np.ndarray:
+    return a.reshape(-1)[at : at + 16].astype(np.float32)
+
+
+def store16(v: np.ndarray, a: np.ndarray, at: int) -> None:
+    a.reshape(-1)[at : at + 16] = v
+
+
+def splat16(a: np.ndarray, at: int) -> np.ndarray:
+    return np.full(16, a.reshape(-1)[at], np.float32)
+
+
+def fma16(acc: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return acc + a * b
+
+
+def add16(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return a + b
+
+
+def mul16(v: np.ndarray, s: Any) -> np.ndarray:
+    return v * np.float32(s)
+
+
 def prefetch(row: np.ndarray, at: int) -> None:
     """A hint to bring ``row[at]``'s cache line in for reading (nothing in Python)."""
 
@@ -158,6 +192,7 @@ def _register(numba: Any) -> None:
 
     i8, i16, i32, f32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.FloatType()
     V8I, V8F, V16B, V32B = ir.VectorType(i32, 8), ir.VectorType(f32, 8), ir.VectorType(i8, 16), ir.VectorType(i8, 32)
+    V16F = ir.VectorType(f32, 16)
     features = _features(numba)
     vnni = "+avx512vnni" in features or "+avxvnni" in features
     triple = llvm_binding.get_process_triple()
@@ -185,12 +220,21 @@ def _register(numba: Any) -> None:
         def __init__(self, dmm: Any, fe_type: Any) -> None:
             super().__init__(dmm, fe_type, V8F)
 
+    class F32x16Type(types.Type):
+        def __init__(self) -> None:
+            super().__init__(name="F32x16")
+
+    @register_model(F32x16Type)
+    class F32x16Model(models.PrimitiveModel):
+        def __init__(self, dmm: Any, fe_type: Any) -> None:
+            super().__init__(dmm, fe_type, V16F)
+
     @register_model(U8x32Type)
     class U8x32Model(models.PrimitiveModel):
         def __init__(self, dmm: Any, fe_type: Any) -> None:
             super().__init__(dmm, fe_type, V32B)
 
-    I32x8, F32x8, U8x32 = I32x8Type(), F32x8Type(), U8x32Type()
+    I32x8, F32x8, U8x32, F32x16 = I32x8Type(), F32x8Type(), U8x32Type(), F32x16Type()
 
     def pointer(context: Any, builder: Any, array_type: Any, array: Any, at: Any, element: Any) -> Any:
         data = cgutils.create_struct_proxy(array_type)(context, builder, value=array).data
@@ -379,6 +423,55 @@ def _register(numba: Any) -> None:
         return types.float32(row, at), codegen
 
     @intrinsic
+    def zeros16_ir(typingctx: Any) -> Any:
+        return F32x16(), lambda context, builder, sig, args: ir.Constant(V16F, None)
+
+    @intrinsic
+    def load16_ir(typingctx: Any, a: Any, at: Any) -> Any:
+        def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+            return builder.load(pointer(context, builder, sig.args[0], args[0], args[1], V16F), align=4)
+
+        return F32x16(a, at), codegen
+
+    @intrinsic
+    def store16_ir(typingctx: Any, v: Any, a: Any, at: Any) -> Any:
+        def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+            builder.store(args[0], pointer(context, builder, sig.args[1], args[1], args[2], V16F), align=4)
+            return context.get_dummy_value()
+
+        return types.none(v, a, at), codegen
+
+    def splat16_of(builder: Any, s: Any) -> Any:
+        v = builder.insert_element(ir.Constant(V16F, ir.Undefined), s, ir.Constant(i32, 0))
+        return builder.shuffle_vector(v, v, lanes([0] * 16))
+
+    @intrinsic
+    def splat16_ir(typingctx: Any, a: Any, at: Any) -> Any:
+        def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+            s = builder.load(pointer(context, builder, sig.args[0], args[0], args[1], f32), align=4)
+            return splat16_of(builder, s)  # one broadcast load (vbroadcastss, or an FMA's memory operand)
+
+        return F32x16(a, at), codegen
+
+    @intrinsic
+    def fma16_ir(typingctx: Any, acc: Any, a: Any, b: Any) -> Any:
+        def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+            return builder.fadd(args[0], builder.fmul(args[1], args[2], flags=("contract",)), flags=("contract",))
+
+        return F32x16(acc, a, b), codegen
+
+    @intrinsic
+    def add16_ir(typingctx: Any, a: Any, b: Any) -> Any:
+        return F32x16(a, b), lambda context, builder, sig, args: builder.fadd(args[0], args[1])
+
+    @intrinsic
+    def mul16_ir(typingctx: Any, v: Any, s: Any) -> Any:
+        def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+            return builder.fmul(args[0], splat16_of(builder, args[1]))
+
+        return F32x16(v, types.float32), codegen
+
+    @intrinsic
     def prefetch_ir(typingctx: Any, row: Any, at: Any) -> Any:
         def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
             fn = cgutils.get_or_insert_function(
@@ -412,6 +505,13 @@ def _register(numba: Any) -> None:
     overload(fmav)(lambda acc, a, b: lambda acc, a, b: fmav_ir(acc, a, b))
     overload(add)(lambda a, b: lambda a, b: add_ir(a, b))
     overload(lane)(lambda v, i: lambda v, i: lane_ir(v, i))
+    overload(zeros16)(lambda: lambda: zeros16_ir())
+    overload(load16)(lambda a, at: lambda a, at: load16_ir(a, at))
+    overload(store16)(lambda v, a, at: lambda v, a, at: store16_ir(v, a, at))
+    overload(splat16)(lambda a, at: lambda a, at: splat16_ir(a, at))
+    overload(fma16)(lambda acc, a, b: lambda acc, a, b: fma16_ir(acc, a, b))
+    overload(add16)(lambda a, b: lambda a, b: add16_ir(a, b))
+    overload(mul16)(lambda v, s: lambda v, s: mul16_ir(v, s))
 
 
 when_numba_loads(_register)

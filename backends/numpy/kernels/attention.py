@@ -8,7 +8,12 @@ Queries go in blocks of TILE rows, each block's scores and output against only t
 fused numba pass per row each. A KV cache (queries at the end of longer keys) and grouped-query
 attention are taken; dropout and any argument it does not know go to the reference. A decode step
 (at most DECODE_ROWS query rows) is one numba pass over the cached keys and values instead: for so
-few rows, the NumPy calls around BLAS's products cost more than the products.
+few rows, the NumPy calls around BLAS's products cost more than the products. Training's shapes
+(float32, no KV cache, T and the head size multiples of 16) go per head in tiles instead: each
+product of the forward and backward (q k^T, probs v, dy v^T, ds k, ds^T q, probs^T dy) as tiles
+of 8 rows x 16 lanes summed in registers (:func:`product_tile`), the causal blocks skipped, q, k
+and v read in place and dq, dk, dv written in the (B, T, .) layout: no batched BLAS calls of a
+few thousand products each, no copies into heads and back.
 
 Checked by tests/test_kernels.py, section "attention.py".
 """
@@ -21,8 +26,9 @@ from typing import Any
 import numpy as np
 
 from arraygpt.backends.numpy.kernels import _threads
-from arraygpt.backends.numpy.kernels._arrays import floats
+from arraygpt.backends.numpy.kernels._arrays import floats, rows
 from arraygpt.backends.numpy.kernels._jit import OPTIONS, LazyJit, ParallelJit, jitable, lazy_njit, loader
+from arraygpt.backends.numpy.kernels._simd import add16, fma16, load16, mul16, splat16, store16, zeros16
 from arraygpt.backends.numpy.kernels._vecmath import softmax_into
 from arraygpt.nn import layers
 from arraygpt.nn.kernels import KernelSpec
@@ -30,10 +36,19 @@ from arraygpt.nn.kernels import KernelSpec
 TILE = 64  # query rows per block: a block of queries needs the keys up to its last row only
 DECODE_ROWS = 4  # up to this many query rows: one numba pass (decoding), not BLAS's batched products
 MIN_KEYS_PER_THREAD = 16384  # cached key values (positions x head size) a decoding thread reads at least
+LANES = 16  # float32 values in one AVX-512 register: the head tiles' columns
+TILE_ROWS = 8  # rows of a head tile: 8 accumulators, as many as keep both FMA units busy
 
 
 class FusedAttentionCache(layers.AttentionCache):
     """The fused attention's cache: the reference's fields, with q, k, v C-contiguous (B, NH, T, hs)."""
+
+    __slots__ = ()
+
+
+class TiledAttentionCache(FusedAttentionCache):
+    """The head tiles' cache: q, k, v (B, NH, T, hs) views of the scaled q and of k and v as
+    (B, T, NH hs) rows, as :func:`_heads_backward` reads them."""
 
     __slots__ = ()
 
@@ -124,6 +139,158 @@ _attention_rows = LazyJit(_rows_source(range), OPTIONS)  # one part: no parallel
 _attention_rows_parallel = ParallelJit(_rows_source)
 
 
+@jitable(inline=False)
+def _put(acc, c, at, scale, accumulate):  # c[at:at+16] (+)= acc * scale
+    acc = mul16(acc, scale)
+    if accumulate:
+        acc = add16(acc, load16(c, at))
+    store16(acc, c, at)
+
+
+@jitable(inline=False)
+def product_tile(n, a, at, a_row, a_step, b, bt, b_step, c, ct, c_row, scale, accumulate):
+    # TILE_ROWS x LANES values of a product: for r < 8, c[ct + r c_row :+16] (+)= scale * the sum
+    # over k < n of a[at + r a_row + k a_step] * b[bt + k b_step :+16]. The 8 sums stay in
+    # registers, and each loaded vector of b serves all 8
+    c0, c1, c2, c3 = zeros16(), zeros16(), zeros16(), zeros16()
+    c4, c5, c6, c7 = zeros16(), zeros16(), zeros16(), zeros16()
+    for k in range(n):
+        bk, ak = load16(b, bt + k * b_step), at + k * a_step
+        c0 = fma16(c0, splat16(a, ak), bk)
+        c1 = fma16(c1, splat16(a, ak + a_row), bk)
+        c2 = fma16(c2, splat16(a, ak + 2 * a_row), bk)
+        c3 = fma16(c3, splat16(a, ak + 3 * a_row), bk)
+        c4 = fma16(c4, splat16(a, ak + 4 * a_row), bk)
+        c5 = fma16(c5, splat16(a, ak + 5 * a_row), bk)
+        c6 = fma16(c6, splat16(a, ak + 6 * a_row), bk)
+        c7 = fma16(c7, splat16(a, ak + 7 * a_row), bk)
+    _put(c0, c, ct, scale, accumulate)
+    _put(c1, c, ct + c_row, scale, accumulate)
+    _put(c2, c, ct + 2 * c_row, scale, accumulate)
+    _put(c3, c, ct + 3 * c_row, scale, accumulate)
+    _put(c4, c, ct + 4 * c_row, scale, accumulate)
+    _put(c5, c, ct + 5 * c_row, scale, accumulate)
+    _put(c6, c, ct + 6 * c_row, scale, accumulate)
+    _put(c7, c, ct + 7 * c_row, scale, accumulate)
+
+
+@jitable
+def _transpose_head(x, at, x_row, T, hs, out):  # out (hs, T) flat = the head x[at + i x_row + d]^T
+    for i in range(T):
+        xi = x[at + i * x_row : at + i * x_row + hs]
+        for d in range(hs):
+            out[d * T + i] = xi[d]
+
+
+@lazy_njit
+def _heads_forward(q, q_row, k, k_row, v, v_row, T, NH, NKV, hs, probs, y, kt):
+    # training's attention (no KV cache) in tiles: q (already scaled), k, v flat views whose rows
+    # (b T + i) start q_row, k_row, v_row values apart, head h at column h hs; probs (B, NH, T, T)
+    # and y (B, T, NH hs) flat and C-contiguous; kt (hs T) scratch. T and hs are multiples of 16.
+    # Per head: the scores of each 8 queries against the 16-key blocks they see (q k^T), the
+    # masked softmax per row, then y = probs v over the keys up to the block's last query
+    G, D = NH // NKV, NH * hs
+    B = y.size // (T * D)
+    one, zero = np.float32(1.0), np.float32(0.0)
+    for b in range(B):
+        for h in range(NH):
+            qt, yt, pt = b * T * q_row + h * hs, b * T * D + h * hs, (b * NH + h) * T * T
+            kt0, vt0 = b * T * k_row + (h // G) * hs, b * T * v_row + (h // G) * hs
+            if h % G == 0:
+                _transpose_head(k, kt0, k_row, T, hs, kt)
+            for i0 in range(0, T, TILE_ROWS):
+                for j0 in range(0, i0 + TILE_ROWS, LANES):
+                    product_tile(hs, q, qt + i0 * q_row, q_row, 1, kt, j0, T, probs, pt + i0 * T + j0, T, one, False)
+            for i in range(T):
+                p = probs[pt + i * T : pt + (i + 1) * T]
+                softmax_into(p, p, i + 1, zero)
+                for j in range(i + 1, T):
+                    p[j] = zero
+            for i0 in range(0, T, TILE_ROWS):
+                n = i0 + TILE_ROWS  # keys 0..n-1: the block's last query sees them, the others' probs are 0
+                for d0 in range(0, hs, LANES):
+                    product_tile(n, probs, pt + i0 * T, T, 1, v, vt0 + d0, v_row, y, yt + i0 * D + d0, D, one, False)
+
+
+@lazy_njit
+def _heads_backward(dy, q, k, k_row, v, v_row, y, probs, scale, NKV, dq, dk, dv, vt, ds):
+    # _heads_forward's backward: dy, q (scaled), y, dq (B, T, D) and dk, dv (B, T, NKV hs) flat and
+    # C-contiguous, dk and dv zeros; k, v as the forward read them; probs (B, NH, T, T); vt (hs T)
+    # and ds (T T) scratch. Per head: ds = dy v^T on the forward's blocks, ds = probs (ds - dy.y)
+    # on the keys a query sees and 0 after them, dq = ds k scale, dk += ds^T q, dv += probs^T dy
+    B, NH, T = probs.shape[0], probs.shape[1], probs.shape[2]
+    D = dy.size // (B * T)
+    hs = D // NH
+    G, Dkv = NH // NKV, NKV * hs
+    flat = probs.reshape(-1)
+    one, zero = np.float32(1.0), np.float32(0.0)
+    for b in range(B):
+        for h in range(NH):
+            qt, pt, kvt = b * T * D + h * hs, (b * NH + h) * T * T, b * T * Dkv + (h // G) * hs
+            kt0, vt0 = b * T * k_row + (h // G) * hs, b * T * v_row + (h // G) * hs
+            if h % G == 0:
+                _transpose_head(v, vt0, v_row, T, hs, vt)
+            for i0 in range(0, T, TILE_ROWS):
+                for j0 in range(0, i0 + TILE_ROWS, LANES):
+                    product_tile(hs, dy, qt + i0 * D, D, 1, vt, j0, T, ds, i0 * T + j0, T, one, False)
+            for i in range(T):
+                dyi, yi = dy[qt + i * D : qt + i * D + hs], y[qt + i * D : qt + i * D + hs]
+                dy_dot_y = zero
+                for d in range(hs):
+                    dy_dot_y += dyi[d] * yi[d]
+                g, p = ds[i * T : (i + 1) * T], flat[pt + i * T : pt + (i + 1) * T]
+                for j in range(i + 1):
+                    g[j] = p[j] * (g[j] - dy_dot_y)
+                for j in range(i + 1, T):
+                    g[j] = zero
+            for i0 in range(0, T, TILE_ROWS):
+                for d0 in range(0, hs, LANES):
+                    out = qt + i0 * D + d0
+                    product_tile(i0 + TILE_ROWS, ds, i0 * T, T, 1, k, kt0 + d0, k_row, dq, out, D, scale, False)
+            for j0 in range(0, T, TILE_ROWS):  # keys j0..j0+7, seen by the queries j0..T-1
+                for d0 in range(0, hs, LANES):
+                    out = kvt + j0 * Dkv + d0
+                    product_tile(T - j0, ds, j0 * T + j0, 1, T, q, qt + j0 * D + d0, D, dk, out, Dkv, one, True)
+                    product_tile(T - j0, flat, pt + j0 * T + j0, 1, T, dy, qt + j0 * D + d0, D, dv, out, Dkv, one, True)
+
+
+def _tiles_forward(q: Any, k: Any, v: Any, n_head: int, NKV: int, scale: float) -> Any:
+    """attention_forward by :func:`_heads_forward` (no KV cache, float32, T and hs multiples of
+    LANES), k and v read in place; None where their rows are not evenly spaced."""
+    B, T, D = q.shape
+    hs = D // n_head
+    k_rows, v_rows = rows(k), rows(v)
+    if k_rows is None or v_rows is None:
+        return None
+    qs = q * q.dtype.type(scale)  # (B, T, D), scaled as the reference does
+    probs = np.empty((B, n_head, T, T), dtype=q.dtype)
+    y = np.empty((B, T, D), dtype=q.dtype)
+    kt = np.empty(hs * T, dtype=q.dtype)
+    args = (qs.reshape(-1), D, *k_rows[:2], *v_rows[:2], T, n_head, NKV, hs, probs.reshape(-1), y.reshape(-1), kt)
+    _heads_forward(*args)
+
+    def heads(x: Any, n: int) -> Any:  # (B, T, n hs) -> (B, n, T, hs), a view
+        return x.reshape(B, T, n, hs).transpose(0, 2, 1, 3)
+
+    return y, TiledAttentionCache(heads(qs, n_head), heads(k, NKV), heads(v, NKV), y, probs, None, scale)
+
+
+def _tiles_backward(dout: Any, cache: TiledAttentionCache) -> tuple[Any, Any, Any]:
+    """attention_backward by :func:`_heads_backward`, for a cache of :func:`_tiles_forward`."""
+    qh, kh, vh, y, probs, _, scale = cache
+    B, NH, T, hs = qh.shape
+    NKV = kh.shape[1]
+    qs, k, v = (x.transpose(0, 2, 1, 3).reshape(B, T, -1) for x in (qh, kh, vh))  # the forward's (B, T, .) views
+    k_rows, v_rows = rows(k), rows(v)
+    dout = np.ascontiguousarray(dout, dtype=qh.dtype)
+    dq = np.empty((B, T, NH * hs), dtype=qh.dtype)
+    dk, dv = np.zeros((B, T, NKV * hs), dtype=qh.dtype), np.zeros((B, T, NKV * hs), dtype=qh.dtype)
+    vt, ds = np.empty(hs * T, dtype=qh.dtype), np.empty(T * T, dtype=qh.dtype)  # scratch
+    dy, q, y, dq_, dk_, dv_ = (a.reshape(-1) for a in (dout, qs, y, dq, dk, dv))
+    _heads_backward(dy, q, *k_rows[:2], *v_rows[:2], y, probs, qh.dtype.type(scale), NKV, dq_, dk_, dv_, vt, ds)
+    return dq, dk, dv
+
+
 def attention_forward(
     q: Any, k: Any, v: Any, n_head: int, dropout_p: float = 0.0, coins: Any = None, **more: Any
 ) -> tuple[Any, layers.AttentionCache]:
@@ -171,6 +338,10 @@ def attention_forward(
             _attention_rows(*args, 1)
         kh, vh = (x.reshape(B, Tk, NKV, hs).transpose(0, 2, 1, 3) for x in (k, v))  # (B, NKV, Tk, hs) views
         return y, FusedAttentionCache(qh, kh, vh, y, probs, None, scale)
+    if not past and q.dtype == np.float32 and T % LANES == 0 and hs % LANES == 0:
+        tiled = _tiles_forward(q, k, v, n_head, NKV, scale)
+        if tiled is not None:
+            return tiled
     qh = _split(q * q.dtype.type(scale), n_head)  # (B, NH, T, hs), scaled as the reference does
     if past:  # decoding: the keys and values as views of the KV cache, read in place by BLAS
         kh, vh = (x.reshape(B, Tk, NKV, hs).transpose(0, 2, 1, 3) for x in (k, v))  # (B, NKV, Tk, hs)
@@ -219,6 +390,8 @@ def attention_backward(dout: Any, cache: layers.AttentionCache) -> tuple[Any, An
     fused into one pass. With grouped key/value heads, dk and dv of a key/value head sum over its
     G query heads: one matmul over the G*T stacked rows where a key block is seen by every query
     (as the reference's grouped matmuls), else per query head and summed."""
+    if type(cache) is TiledAttentionCache:
+        return _tiles_backward(dout, cache)
     if type(cache) is not FusedAttentionCache:
         return layers.attention_backward(dout, cache)
     qh, kh, vh, y, probs, _, scale = cache
@@ -257,7 +430,8 @@ SPECS = {
         loader(attention_forward, attention_backward),
         backends=("numpy",),
         array_types=(np.ndarray,),
-        description="masked blocks skipped (BLAS on the rest), masked softmax fused, grouped-query "
-        "attention without repeated keys; dropout runs the reference (numba, serial, nogil)",
+        description="masked blocks skipped (BLAS on the rest, or register tiles per head for float32 "
+        "training shapes), masked softmax fused, grouped-query attention without repeated keys; dropout "
+        "runs the reference (numba, serial, nogil)",
     ),
 }
