@@ -304,6 +304,23 @@ def test_head_tile_is_numpys_product(n, stride, transposed, accumulate, seed):
 
 
 @needs_numba
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(1, 48), scale=st.sampled_from([0.1, 10.0, 100.0]), seed=st.integers(0, 2**16))
+def test_head_softmax_is_numpys(n, scale, seed):
+    """attention._softmax_tiles (_simd's 16-lane max, exp and sums), compiled and as plain Python,
+    against NumPy's softmax in float64 over the first n values of a row of 48, zeros after them."""
+    rng = np.random.default_rng(seed)
+    row = (scale * rng.standard_normal(2 + 48)).astype(np.float32)
+    x = row[2 : 2 + n].astype(np.float64)
+    want = np.exp(x - x.max()) / np.exp(x - x.max()).sum()
+    for softmax in (_jit.numba().njit(attention._softmax_tiles), attention._softmax_tiles):
+        got = row.copy()
+        softmax(got, 2, n, 48)
+        assert np.allclose(got[2 : 2 + n], want, rtol=1e-5, atol=1e-7)
+        assert not got[2 + n :].any() and got[:2].tolist() == row[:2].tolist()
+
+
+@needs_numba
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_attention_kernel_declines_dropout_and_unknown_arguments(dtype):
     """Dropout (with and without grouped keys) and unknown keywords run the reference, forward and

@@ -34,7 +34,10 @@ Float32 tiles of products (attention's, ``attention.py``) use sixteen lanes, one
 
 - ``zeros16()`` an :data:`F32x16` of zeros; ``load16(a, at)`` a float32 array's ``a[at:at+16]``;
   ``store16(v, a, at)`` stores one; ``splat16(a, at)`` ``a[at]`` in every lane (a broadcast load);
-  ``fma16(acc, a, b)`` = acc + a * b; ``add16(a, b)``; ``mul16(v, s)`` = v * the float32 s.
+  ``fma16(acc, a, b)`` = acc + a * b; ``add16(a, b)``; ``mul16(v, s)`` = v * the float32 s;
+- and for a softmax over them: ``fill16(s)`` s in every lane; ``max16(a, b)``; ``below16(v, n,
+  s)`` v with the lanes from n on replaced by s; ``exp16(v)`` (``_vecmath.exp32``'s polynomial in
+  every lane); ``hmax16(v)`` and ``hsum16(v)`` the largest lane and the sum of the lanes.
 
 Each is a plain Python function (NumPy arrays stand for the vectors: what tests and ``py_func``
 run) and, once numba is imported, an ``overload`` whose intrinsic emits the LLVM vector code: with
@@ -160,6 +163,32 @@ def add16(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def mul16(v: np.ndarray, s: Any) -> np.ndarray:
     return v * np.float32(s)
+
+
+def fill16(s: Any) -> np.ndarray:
+    return np.full(16, s, np.float32)
+
+
+def max16(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.maximum(a, b)
+
+
+def below16(v: np.ndarray, n: int, s: Any) -> np.ndarray:
+    return np.where(np.arange(16) < n, v, np.float32(s)).astype(np.float32)
+
+
+def exp16(v: np.ndarray) -> np.ndarray:
+    from arraygpt.backends.numpy.kernels._vecmath import exp32
+
+    return np.array([exp32(np.float32(x)) for x in v], np.float32)
+
+
+def hmax16(v: np.ndarray) -> np.float32:
+    return np.float32(v.max())
+
+
+def hsum16(v: np.ndarray) -> np.float32:
+    return np.float32(v.sum(dtype=np.float32))
 
 
 def prefetch(row: np.ndarray, at: int) -> None:
@@ -472,6 +501,83 @@ def _register(numba: Any) -> None:
         return F32x16(v, types.float32), codegen
 
     @intrinsic
+    def fill16_ir(typingctx: Any, s: Any) -> Any:
+        return F32x16(types.float32), lambda context, builder, sig, args: splat16_of(builder, args[0])
+
+    def vector_call(builder: Any, name: str, *args: Any) -> Any:  # an LLVM intrinsic over F32x16 operands
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(V16F, [V16F] * len(args)), name)
+        return builder.call(fn, list(args))
+
+    @intrinsic
+    def max16_ir(typingctx: Any, a: Any, b: Any) -> Any:
+        return F32x16(a, b), lambda context, builder, sig, args: vector_call(builder, "llvm.maxnum.v16f32", *args)
+
+    @intrinsic
+    def below16_ir(typingctx: Any, v: Any, n: Any, s: Any) -> Any:
+        def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+            n16 = builder.insert_element(
+                ir.Constant(ir.VectorType(i32, 16), ir.Undefined), builder.trunc(args[1], i32), ir.Constant(i32, 0)
+            )
+            n16 = builder.shuffle_vector(n16, n16, lanes([0] * 16))
+            keep = builder.icmp_signed("<", lanes(list(range(16))), n16)
+            return builder.select(keep, args[0], splat16_of(builder, args[2]))
+
+        return F32x16(v, types.int64, types.float32), codegen
+
+    @intrinsic
+    def exp16_ir(typingctx: Any, v: Any) -> Any:
+        def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+            # _vecmath.exp32 in every lane: x = k ln2 + r, exp(r) by its polynomial, 2^k from its bits
+            def c(value: float) -> Any:
+                return ir.Constant(V16F, [value] * 16)
+
+            x = vector_call(
+                builder, "llvm.minnum.v16f32", vector_call(builder, "llvm.maxnum.v16f32", args[0], c(-87.0)), c(88.0)
+            )
+            k = vector_call(builder, "llvm.floor.v16f32", builder.fadd(builder.fmul(x, c(1.44269504088896341)), c(0.5)))
+            r = builder.fsub(builder.fsub(x, builder.fmul(k, c(0.693359375))), builder.fmul(k, c(-2.12194440e-4)))
+            p = c(1.9875691500e-4)
+            for coefficient in (1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1):
+                p = builder.fadd(builder.fmul(p, r, flags=("contract",)), c(coefficient), flags=("contract",))
+            V16I = ir.VectorType(i32, 16)
+            two_k = builder.bitcast(
+                builder.shl(
+                    builder.add(builder.fptosi(k, V16I), ir.Constant(V16I, [127] * 16)), ir.Constant(V16I, [23] * 16)
+                ),
+                V16F,
+            )
+            e = builder.fadd(builder.fadd(builder.fmul(builder.fmul(p, r), r), r), c(1.0))
+            return builder.fmul(e, two_k)
+
+        return F32x16(v), codegen
+
+    def halves(builder: Any, v: Any, combine: Any) -> Any:  # lanes combined pairwise: 16 -> 8 -> ... -> 1
+        while v.type.count > 1:
+            n = v.type.count // 2
+            v = combine(
+                builder.shuffle_vector(v, v, lanes(list(range(n)))),
+                builder.shuffle_vector(v, v, lanes(list(range(n, 2 * n)))),
+            )
+        return builder.extract_element(v, ir.Constant(i32, 0))
+
+    @intrinsic
+    def hmax16_ir(typingctx: Any, v: Any) -> Any:
+        def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+            def larger(a: Any, b: Any) -> Any:
+                fn = cgutils.get_or_insert_function(
+                    builder.module, ir.FunctionType(a.type, [a.type, a.type]), f"llvm.maxnum.v{a.type.count}f32"
+                )
+                return builder.call(fn, [a, b])
+
+            return halves(builder, args[0], larger)
+
+        return types.float32(v), codegen
+
+    @intrinsic
+    def hsum16_ir(typingctx: Any, v: Any) -> Any:
+        return types.float32(v), lambda context, builder, sig, args: halves(builder, args[0], builder.fadd)
+
+    @intrinsic
     def prefetch_ir(typingctx: Any, row: Any, at: Any) -> Any:
         def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
             fn = cgutils.get_or_insert_function(
@@ -512,6 +618,12 @@ def _register(numba: Any) -> None:
     overload(fma16)(lambda acc, a, b: lambda acc, a, b: fma16_ir(acc, a, b))
     overload(add16)(lambda a, b: lambda a, b: add16_ir(a, b))
     overload(mul16)(lambda v, s: lambda v, s: mul16_ir(v, s))
+    overload(fill16)(lambda s: lambda s: fill16_ir(s))
+    overload(max16)(lambda a, b: lambda a, b: max16_ir(a, b))
+    overload(below16)(lambda v, n, s: lambda v, n, s: below16_ir(v, n, s))
+    overload(exp16)(lambda v: lambda v: exp16_ir(v))
+    overload(hmax16)(lambda v: lambda v: hmax16_ir(v))
+    overload(hsum16)(lambda v: lambda v: hsum16_ir(v))
 
 
 when_numba_loads(_register)

@@ -28,7 +28,21 @@ import numpy as np
 from arraygpt.backends.numpy.kernels import _threads
 from arraygpt.backends.numpy.kernels._arrays import floats, rows
 from arraygpt.backends.numpy.kernels._jit import OPTIONS, LazyJit, ParallelJit, jitable, lazy_njit, loader
-from arraygpt.backends.numpy.kernels._simd import add16, fma16, load16, mul16, splat16, store16, zeros16
+from arraygpt.backends.numpy.kernels._simd import (
+    add16,
+    below16,
+    exp16,
+    fill16,
+    fma16,
+    hmax16,
+    hsum16,
+    load16,
+    max16,
+    mul16,
+    splat16,
+    store16,
+    zeros16,
+)
 from arraygpt.backends.numpy.kernels._vecmath import softmax_into
 from arraygpt.nn import layers
 from arraygpt.nn.kernels import KernelSpec
@@ -174,6 +188,41 @@ def product_tile(n, a, at, a_row, a_step, b, bt, b_step, c, ct, c_row, scale, ac
     _put(c7, c, ct + 7 * c_row, scale, accumulate)
 
 
+@jitable(inline=False)
+def _softmax_tiles(p, at, n, T):
+    # p[at : at + T], T a multiple of 16: in place, the softmax of its first n values, 0 after them
+    # (the reference's "+ causal_mask, - max, exp, / sum"), 16 lanes at a time
+    ninf, zero = np.float32(-np.inf), np.float32(0.0)
+    top = fill16(ninf)
+    for c in range(0, n, LANES):
+        top = max16(top, below16(load16(p, at + c), n - c, ninf))
+    minus_top, total = fill16(-hmax16(top)), zeros16()
+    for c in range(0, n, LANES):
+        e = below16(exp16(add16(load16(p, at + c), minus_top)), n - c, zero)
+        store16(e, p, at + c)
+        total = add16(total, e)
+    inv = np.float32(1.0) / hsum16(total)
+    for c in range(0, n, LANES):
+        store16(mul16(load16(p, at + c), inv), p, at + c)
+    for c in range((n + LANES - 1) // LANES * LANES, T, LANES):
+        store16(zeros16(), p, at + c)
+
+
+@jitable(inline=False)
+def _softmax_tiles_backward(g, gt, p, pt, n, T, dy, y, yt, hs):
+    # g[gt : gt + T] holds dy v^T where computed; in place it becomes ds = p (g - dy . y) on the
+    # first n values and 0 after them; dy . y over dy[yt : yt + hs] and y[yt : yt + hs]
+    dot = zeros16()
+    for d in range(0, hs, LANES):
+        dot = fma16(dot, load16(dy, yt + d), load16(y, yt + d))
+    minus_dot, zero = fill16(-hsum16(dot)), np.float32(0.0)
+    for c in range(0, n, LANES):
+        ds = fma16(zeros16(), load16(p, pt + c), add16(load16(g, gt + c), minus_dot))
+        store16(below16(ds, n - c, zero), g, gt + c)
+    for c in range((n + LANES - 1) // LANES * LANES, T, LANES):
+        store16(zeros16(), g, gt + c)
+
+
 @jitable
 def _transpose_head(x, at, x_row, T, hs, out):  # out (hs, T) flat = the head x[at + i x_row + d]^T
     for i in range(T):
@@ -191,7 +240,7 @@ def _heads_forward(q, q_row, k, k_row, v, v_row, T, NH, NKV, hs, probs, y, kt):
     # masked softmax per row, then y = probs v over the keys up to the block's last query
     G, D = NH // NKV, NH * hs
     B = y.size // (T * D)
-    one, zero = np.float32(1.0), np.float32(0.0)
+    one = np.float32(1.0)
     for b in range(B):
         for h in range(NH):
             qt, yt, pt = b * T * q_row + h * hs, b * T * D + h * hs, (b * NH + h) * T * T
@@ -202,10 +251,7 @@ def _heads_forward(q, q_row, k, k_row, v, v_row, T, NH, NKV, hs, probs, y, kt):
                 for j0 in range(0, i0 + TILE_ROWS, LANES):
                     product_tile(hs, q, qt + i0 * q_row, q_row, 1, kt, j0, T, probs, pt + i0 * T + j0, T, one, False)
             for i in range(T):
-                p = probs[pt + i * T : pt + (i + 1) * T]
-                softmax_into(p, p, i + 1, zero)
-                for j in range(i + 1, T):
-                    p[j] = zero
+                _softmax_tiles(probs, pt + i * T, i + 1, T)
             for i0 in range(0, T, TILE_ROWS):
                 n = i0 + TILE_ROWS  # keys 0..n-1: the block's last query sees them, the others' probs are 0
                 for d0 in range(0, hs, LANES):
@@ -223,7 +269,7 @@ def _heads_backward(dy, q, k, k_row, v, v_row, y, probs, scale, NKV, dq, dk, dv,
     hs = D // NH
     G, Dkv = NH // NKV, NKV * hs
     flat = probs.reshape(-1)
-    one, zero = np.float32(1.0), np.float32(0.0)
+    one = np.float32(1.0)
     for b in range(B):
         for h in range(NH):
             qt, pt, kvt = b * T * D + h * hs, (b * NH + h) * T * T, b * T * Dkv + (h // G) * hs
@@ -234,15 +280,7 @@ def _heads_backward(dy, q, k, k_row, v, v_row, y, probs, scale, NKV, dq, dk, dv,
                 for j0 in range(0, i0 + TILE_ROWS, LANES):
                     product_tile(hs, dy, qt + i0 * D, D, 1, vt, j0, T, ds, i0 * T + j0, T, one, False)
             for i in range(T):
-                dyi, yi = dy[qt + i * D : qt + i * D + hs], y[qt + i * D : qt + i * D + hs]
-                dy_dot_y = zero
-                for d in range(hs):
-                    dy_dot_y += dyi[d] * yi[d]
-                g, p = ds[i * T : (i + 1) * T], flat[pt + i * T : pt + (i + 1) * T]
-                for j in range(i + 1):
-                    g[j] = p[j] * (g[j] - dy_dot_y)
-                for j in range(i + 1, T):
-                    g[j] = zero
+                _softmax_tiles_backward(ds, i * T, flat, pt + i * T, i + 1, T, dy, y, qt + i * D, hs)
             for i0 in range(0, T, TILE_ROWS):
                 for d0 in range(0, hs, LANES):
                     out = qt + i0 * D + d0
