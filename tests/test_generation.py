@@ -469,6 +469,42 @@ def test_a_text_prompt_gives_text_with_the_checkpoints_tokenizer(tmp_path):
         generate("runs/names", [1], 3)
 
 
+def test_a_checkpoints_generation_config_fills_in_what_the_caller_left_unchosen(tmp_path):
+    """arraygpt.generate and Chat read a checkpoint's generation_config.json as transformers'
+    generate does: do_sample false is greedy (the argmax of a full recompute); its temperature,
+    top_p and repetition_penalty apply where the caller chose none; what the caller passes wins."""
+    from arraygpt.generation.chat import Chat
+
+    ckpt = _char_checkpoint(tmp_path)
+    config = tmp_path / "ckpt" / "generation_config.json"
+    config.write_text(json.dumps({"do_sample": False}))
+    greedy = list(generate(arraygpt.load(tmp_path / "ckpt"), [3, 1], 10, eos_id=()))
+    context = [3, 1]
+    for t in greedy:
+        assert t == int(np.argmax(full_recompute_logits(ckpt.model, [context])[0]))
+        context.append(t)
+    config.write_text(json.dumps({"do_sample": True, "temperature": 0.7, "top_p": 0.8, "repetition_penalty": 1.3}))
+    ckpt = arraygpt.load(tmp_path / "ckpt")
+    assert ckpt.generation_config == {"do_sample": True, "temperature": 0.7, "top_p": 0.8, "repetition_penalty": 1.3}
+    chosen = dict(temperature=0.7, top_p=0.8, repeat_penalty=1.3, seed=5)
+    assert list(generate(ckpt, [3, 1], 10, seed=5, eos_id=())) == list(generate(ckpt.model, [3, 1], 10, **chosen))
+    assert list(generate(ckpt, [3, 1], 10, temperature=1.6, top_p=1.0, seed=5, eos_id=())) == list(
+        generate(ckpt.model, [3, 1], 10, temperature=1.6, top_p=1.0, repeat_penalty=1.3, seed=5)
+    )  # the caller's values win
+    assert list(generate(ckpt, [3, 1], 10, "greedy", repeat_penalty=1.0, eos_id=())) == list(
+        generate(ckpt.model, [3, 1], 10, "greedy", top_p=0.8)
+    )  # a chosen sampler keeps the file's temperature out
+    from arraygpt.io.checkpoint import save_checkpoint
+    from arraygpt.io.tokenizers import ByteTokenizer
+
+    byte = ByteTokenizer(bos=True)  # a chat's template needs a tokenizer that encodes any text
+    save_checkpoint(tmp_path / "byte", tiny(vocab_size=byte.vocab_size), byte)
+    (tmp_path / "byte" / "generation_config.json").write_text(config.read_text())
+    chat = Chat(arraygpt.load(tmp_path / "byte"), template="chatml", seed=0)
+    assert chat.chain.temperature == 0.7 and {"top_p", "repeat_penalty"} <= set(chat.chain.names)
+    assert Chat(arraygpt.load(tmp_path / "byte"), template="chatml", temperature=0).chain.temperature == 0
+
+
 def test_the_repeat_penalty_sees_the_whole_context_as_transformers_does():
     import torch
     from transformers import RepetitionPenaltyLogitsProcessor

@@ -23,7 +23,6 @@ from typing import Any
 from arraygpt.cli.sample import (
     add_quantized_argument,
     add_sampler_arguments,
-    generation_defaults,
     load_checkpoint_with_tokenizer,
     sampling,
 )
@@ -78,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
     check_number("--show-probs", args.show_probs, 0, integer=True)
     sampling(args, {})  # report bad options before loading
     ckpt = load_checkpoint_with_tokenizer(args.checkpoint, args.quantized)
-    defaults = generation_defaults(ckpt)
+    defaults = ckpt.generation_config
     sampler, temperature, options = sampling(args, defaults)
     max_new_tokens = args.max_new_tokens or defaults.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS)
     try:

@@ -17,7 +17,6 @@ The sampler options and their parsing are shared with ``arraygpt chat``, ``plot`
 from __future__ import annotations
 
 import argparse
-import inspect
 import io
 import re
 import sys
@@ -29,13 +28,6 @@ from arraygpt.cli.options import parse_finite
 MAX_SAMPLES = 1_000_000  # --num-samples above this is refused as a typo rather than run for days
 DEFAULT_MAX_NEW_TOKENS = 200
 PROMPT_LIMIT = 64 * 1024 * 1024  # bytes of --prompt-file
-
-
-def _generate_default(name: str) -> Any:
-    """The default of ``generate``'s keyword argument ``name`` (written once, there)."""
-    from arraygpt.generation.generation import generate
-
-    return inspect.signature(generate).parameters[name].default
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -115,9 +107,9 @@ def add_sampler_arguments(parser: argparse.ArgumentParser) -> None:
     and ``explain``: ``--sampler``, ``--temperature``, ``--top-k``, ``--top-p``, ``--min-p``,
     ``--repeat-penalty``, ``--repeat-last-n``, ``--option`` and ``--seed``. Each of the filter
     options turns its filter on; several compose (temperature, then top-k, top-p, min-p)."""
-    from arraygpt.generation.sampling import DEFAULT_SAMPLER
+    from arraygpt.generation.sampling import DEFAULT_SAMPLER, DEFAULT_TEMPERATURE
 
-    temperature = _generate_default("temperature")
+    temperature = DEFAULT_TEMPERATURE
     group = parser.add_argument_group("sampler", "each filter option turns its filter on; several compose")
     group.add_argument(
         "--sampler",
@@ -255,33 +247,25 @@ def sampler_names(args: argparse.Namespace) -> Any:
 
 def sampling(args: argparse.Namespace, defaults: dict[str, Any]) -> tuple[Any, float, dict[str, Any]]:
     """(sampler, temperature, options) from the command line over a checkpoint's
-    ``generation_config.json`` (``defaults``, as ``read_generation_config`` returns them): a value
-    given on the command line wins; ``do_sample: false`` there means greedy unless ``--temperature``
-    or ``--sampler`` is given; its ``repetition_penalty`` is ``--repeat-penalty``'s default.
+    ``generation_config.json`` (``defaults``, as ``read_generation_config`` returns them), as
+    ``arraygpt.generation.sampling.with_generation_config`` reads it: a value given on the command
+    line wins (``--top-k 0`` too: off).
 
     Raises:
         ValueError: an invalid option, in command-line terms.
     """
-    from arraygpt.generation.sampling import make_sampler
+    from arraygpt.generation.sampling import make_sampler, with_generation_config
 
     given = set(getattr(args, "given_sampler_options", None) or ())
-    options = sampler_options(args)
-    temperature = args.temperature
-    sampling_on = defaults.get("do_sample") is not False
-    if "temperature" not in given and "sampler" not in given:
-        if not sampling_on:
-            temperature = 0.0
-        elif "temperature" in defaults:
-            temperature = float(defaults["temperature"])
-    if sampling_on:
-        for name in ("top_k", "top_p", "min_p"):
-            value = defaults.get(name)
-            if name not in given and value is not None and not (name == "top_k" and value == 0):
-                options[name] = value
-    penalty = defaults.get("repetition_penalty")
-    if "repeat_penalty" not in given and penalty is not None and penalty != 1.0:
-        options["repeat_penalty"] = float(penalty)
-    sampler = sampler_names(args)
+    sampler, temperature, options = with_generation_config(
+        defaults,
+        sampler_names(args) if "sampler" in given else None,
+        args.temperature if "temperature" in given else None,
+        sampler_options(args),
+        default_temperature=args.temperature,
+    )
+    if "top_k" in given and not args.top_k:
+        options.pop("top_k", None)
     try:
         make_sampler(sampler, temperature=temperature, **options)
     except ValueError as e:
@@ -347,7 +331,7 @@ def _load(path: str, quantized: bool) -> tuple[Any, Any, list[int], dict[str, An
     """(model, tokenizer, prompt prefix, generation_config.json's defaults) of the model at ``path``
     (``arraygpt.io.formats.load``)."""
     ckpt = load_checkpoint_with_tokenizer(path, quantized)
-    return ckpt.model, ckpt.tokenizer, list(ckpt.prompt_prefix), generation_defaults(ckpt)
+    return ckpt.model, ckpt.tokenizer, list(ckpt.prompt_prefix), ckpt.generation_config
 
 
 def load_checkpoint_with_tokenizer(path: str, quantized: bool = False) -> Any:
@@ -359,16 +343,6 @@ def load_checkpoint_with_tokenizer(path: str, quantized: bool = False) -> Any:
     if ckpt.tokenizer is None:
         raise ValueError(f"checkpoint {path} has no tokenizer, so its tokens cannot be turned into text")
     return ckpt
-
-
-def generation_defaults(ckpt: Any) -> dict[str, Any]:
-    """The sampling defaults of the checkpoint's generation_config.json ({} when it has none)."""
-    from pathlib import Path
-
-    from arraygpt.io.hf.reader import read_generation_config
-
-    folder = Path(ckpt.path)
-    return read_generation_config(folder) if folder.is_dir() else {}
 
 
 def run(args: argparse.Namespace) -> int:

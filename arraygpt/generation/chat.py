@@ -28,13 +28,14 @@ from typing import Any
 from arraygpt.generation.generation import (
     Decoder,
     end_id_set,
+    generation_config,
     make_rng,
     resolve_model,
     sample_loop,
     stop_sequences,
     tokenizer_vocab,
 )
-from arraygpt.generation.sampling import DEFAULT_SAMPLER, check_number, make_sampler
+from arraygpt.generation.sampling import check_number, make_sampler, with_generation_config
 from arraygpt.generation.text import TextStream, end_ids
 
 __all__ = ["TEMPLATES", "Chat", "render_chatml"]
@@ -70,7 +71,8 @@ class Chat:
         show_probs: K > 0: ``send`` yields :class:`~arraygpt.generation.generation.Candidates`
             instead of text.
         sampler, temperature, **sampler_options: as ``arraygpt.generate`` (``top_k=40``,
-            ``repeat_penalty=1.1``...). The repeat penalty sees the whole conversation.
+            ``repeat_penalty=1.1``...; what they leave unchosen, a checkpoint's
+            generation_config.json fills in). The repeat penalty sees the whole conversation.
 
     Attributes:
         messages: the conversation so far, ``[{"role": ..., "content": ...}]``.
@@ -97,13 +99,14 @@ class Chat:
         max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
         seed: Any = None,
         show_probs: int = 0,
-        sampler: Any = DEFAULT_SAMPLER,
-        temperature: float = 1.0,
+        sampler: Any = None,
+        temperature: float | None = None,
         eos_id: Any = None,
         **sampler_options: Any,
     ):
         from arraygpt.nn.core import KVCache
 
+        config = generation_config(model)
         self.model, self.tokenizer, _ = resolve_model(model, tokenizer)
         if self.tokenizer is None:
             raise ValueError(
@@ -121,6 +124,7 @@ class Chat:
         self.template = template
         self.max_new_tokens = check_number("max_new_tokens", max_new_tokens, 1, integer=True)
         self.show_probs = check_number("show_probs", show_probs, 0, integer=True)
+        sampler, temperature, sampler_options = with_generation_config(config, sampler, temperature, sampler_options)
         self.chain = make_sampler(sampler, temperature=temperature, **sampler_options)
         self.rng = make_rng(seed)
         ends = set(end_ids(self.tokenizer)) | set(end_id_set(eos_id))

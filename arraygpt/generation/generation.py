@@ -28,7 +28,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from arraygpt.generation.sampling import (
-    DEFAULT_SAMPLER,
     Filter,
     Sampler,
     check_number,
@@ -36,6 +35,7 @@ from arraygpt.generation.sampling import (
     make_sampler,
     normalize,
     top_candidates,
+    with_generation_config,
 )
 from arraygpt.generation.text import TextStream, encode_prompt, end_ids
 from arraygpt.nn import layers
@@ -44,7 +44,7 @@ from arraygpt.xp import Array, host_rng, to_numpy
 if TYPE_CHECKING:
     import numpy as np
 
-__all__ = ["Candidates", "generate", "resolve_model"]
+__all__ = ["Candidates", "generate", "generation_config", "resolve_model"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -201,7 +201,7 @@ def resolve_model(model: Any, tokenizer: Any = None) -> tuple[Any, Any, list[int
     Raises:
         TypeError: ``model`` is neither.
     """
-    if not callable(getattr(model, "forward", None)) and hasattr(model, "model") and hasattr(model, "tokenizer"):
+    if _is_checkpoint(model):
         prefix = [int(i) for i in getattr(model, "prompt_prefix", ()) or ()]
         return model.model, tokenizer if tokenizer is not None else model.tokenizer, prefix
     if not callable(getattr(model, "forward", None)) or not hasattr(model, "config"):
@@ -211,14 +211,24 @@ def resolve_model(model: Any, tokenizer: Any = None) -> tuple[Any, Any, list[int
     return model, tokenizer, []
 
 
+def _is_checkpoint(model: Any) -> bool:
+    return not callable(getattr(model, "forward", None)) and hasattr(model, "model") and hasattr(model, "tokenizer")
+
+
+def generation_config(model: Any) -> dict[str, Any]:
+    """The sampling defaults a model brings: a checkpoint's ``generation_config`` (its
+    ``generation_config.json``), else none."""
+    return dict(getattr(model, "generation_config", None) or {}) if _is_checkpoint(model) else {}
+
+
 def generate(
     model: Any,
     prompt: Any,
     max_new_tokens: int,
-    sampler: str | Sequence[str] | Filter = DEFAULT_SAMPLER,
+    sampler: str | Sequence[str] | Filter | None = None,
     *,
     tokenizer: Any = None,
-    temperature: float = 1.0,
+    temperature: float | None = None,
     seed: int | np.random.Generator | None = None,
     use_cache: bool = True,
     eos_id: int | Iterable[int] | None = None,
@@ -238,11 +248,16 @@ def generate(
         sampler: a sampler name, a list of names that compose in order, or a filter function
             (see ``arraygpt.generation.sampling``); default ``temperature`` (plain softmax sampling).
             A sampler option named like a sampler turns it on (``top_k=40`` alone is top-k).
+            What ``sampler``, ``temperature`` and the sampler options leave unchosen, a checkpoint's
+            ``generation_config.json`` fills in as transformers does (``do_sample: false`` is greedy;
+            its temperature, top_k, top_p, min_p, repetition_penalty; see
+            ``arraygpt.generation.sampling.with_generation_config``).
         tokenizer: the model's tokenizer: encodes a text prompt and text ``stop`` sequences,
             decodes the text that is yielded, supplies the default end tokens, and limits the
             draw to its vocabulary (a model whose vocabulary is padded past the tokenizer's never
             draws a padding id). Default: the checkpoint's, when ``model`` is one.
-        temperature: T of softmax(logits / T), applied before every probability filter; 0 means greedy.
+        temperature: T of softmax(logits / T), applied before every probability filter; 0 means
+            greedy. Default: the checkpoint's generation_config.json, else 1.0.
         seed: seed of the host generator of the coins (one per sequence per step), or a NumPy
             ``Generator`` to draw from; None draws a fresh seed. One seed gives the same tokens on
             every backend.
@@ -283,7 +298,9 @@ def generate(
         >>> len(tokens), all(0 <= t < model.config.vocab_size for t in tokens)
         (5, True)
     """
+    config = generation_config(model)
     model, tokenizer, prefix = resolve_model(model, tokenizer)
+    sampler, temperature, sampler_options = with_generation_config(config, sampler, temperature, sampler_options)
     chain = make_sampler(sampler, temperature=temperature, **sampler_options)
     text = _is_text(prompt)
     if text:

@@ -53,7 +53,7 @@ from __future__ import annotations
 import inspect
 import math
 import numbers
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from arraygpt.nn import layers
@@ -63,6 +63,7 @@ Filter = Callable[[Array], Array]
 
 __all__ = [
     "DEFAULT_SAMPLER",
+    "DEFAULT_TEMPERATURE",
     "MIN_TEMPERATURE",
     "Filter",
     "Sampler",
@@ -74,9 +75,11 @@ __all__ = [
     "normalize",
     "one_hot_argmax",
     "top_candidates",
+    "with_generation_config",
 ]
 
 DEFAULT_SAMPLER = "temperature"
+DEFAULT_TEMPERATURE = 1.0  # plain softmax sampling, where neither the caller nor the model chose
 
 
 # ----------------------------------------------------------------------------------------------
@@ -309,6 +312,52 @@ class Sampler:
 def _shape(x: Any) -> Any:
     shape = getattr(x, "shape", None)
     return tuple(shape) if shape is not None else type(x).__name__
+
+
+def with_generation_config(
+    config: Mapping[str, Any],
+    sampler: str | Sequence[str] | Filter | None = None,
+    temperature: float | None = None,
+    options: Mapping[str, Any] | None = None,
+    *,
+    default_temperature: float = DEFAULT_TEMPERATURE,
+) -> tuple[str | Sequence[str] | Filter, float, dict[str, Any]]:
+    """(sampler, temperature, options) for :func:`make_sampler`: the caller's choices over a
+    model's ``generation_config.json`` (``config``, as ``arraygpt.io.hf.reader.read_generation_config``
+    returns it), read as transformers' ``generate`` reads it. None means "not chosen".
+
+    - ``temperature``: the caller's; else, unless ``sampler`` was chosen, 0 (greedy) where
+      ``do_sample`` is false, the file's ``temperature`` where it has one; else
+      ``default_temperature``.
+    - ``top_k``, ``top_p``, ``min_p``: the file's join ``options`` unless ``options`` has them or
+      ``do_sample`` is false (``top_k`` 0 means off); ``repetition_penalty`` becomes
+      ``repeat_penalty`` unless ``options`` has it (1.0 means off).
+    - ``sampler``: the caller's, else :data:`DEFAULT_SAMPLER`.
+
+    Example:
+        >>> with_generation_config({"do_sample": True, "temperature": 0.6, "top_p": 0.9})
+        ('temperature', 0.6, {'top_p': 0.9})
+        >>> with_generation_config({"do_sample": False}, temperature=0.8)
+        ('temperature', 0.8, {})
+    """
+    options = dict(options or {})
+    sampling_on = config.get("do_sample") is not False
+    if temperature is None:
+        temperature = default_temperature
+        if sampler is None:
+            if not sampling_on:
+                temperature = 0.0
+            elif "temperature" in config:
+                temperature = float(config["temperature"])
+    if sampling_on:
+        for name in ("top_k", "top_p", "min_p"):
+            value = config.get(name)
+            if name not in options and value is not None and not (name == "top_k" and value == 0):
+                options[name] = value
+    penalty = config.get("repetition_penalty")
+    if "repeat_penalty" not in options and penalty is not None and penalty != 1.0:
+        options["repeat_penalty"] = float(penalty)
+    return (DEFAULT_SAMPLER if sampler is None else sampler), temperature, options
 
 
 def make_sampler(

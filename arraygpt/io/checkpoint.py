@@ -38,6 +38,7 @@ import shutil
 import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,7 @@ from arraygpt.errors import CheckpointError
 from arraygpt.io import files, safetensors
 from arraygpt.io.bpe import TOKENIZER_CONFIG_FILE, HFTokenizer, load_hf_tokenizer
 from arraygpt.io.files import CONFIG_FILE, CONFIG_LIMIT, WEIGHTS_FILE
+from arraygpt.io.hf.reader import read_generation_config
 from arraygpt.io.tokenizers import Tokenizer, tokenizer_from_dict
 from arraygpt.nn.model import GPT
 from arraygpt.nn.params import param_shapes
@@ -135,6 +137,19 @@ class Checkpoint:
     @property
     def config(self) -> GPTConfig:
         return self.model.config
+
+    @cached_property
+    def generation_config(self) -> dict[str, Any]:
+        """The sampling defaults of a ``generation_config.json`` in :attr:`path` (a Hugging Face
+        directory's), as ``arraygpt.io.hf.reader.read_generation_config`` reads them; ``{}``
+        without one. ``arraygpt.generate`` and ``Chat`` sample with them where their caller
+        chose nothing else.
+
+        Raises:
+            CheckpointError: the file is there but not a valid generation config."""
+        if self.path is None or not Path(self.path).is_dir():
+            return {}
+        return read_generation_config(self.path)
 
     @property
     def prompt_prefix(self) -> list[int]:
