@@ -272,9 +272,52 @@ def _register(numba: Any) -> None:
     def lanes(values: list[int]) -> Any:
         return ir.Constant(ir.VectorType(i32, len(values)), values)
 
-    def splat_ir(builder: Any, s: Any) -> Any:
-        v = builder.insert_element(ir.Constant(V8F, ir.Undefined), s, ir.Constant(i32, 0))
-        return builder.shuffle_vector(v, v, lanes([0] * 8))
+    def splat_ir(builder: Any, s: Any, vector: Any = V8F) -> Any:  # s in every lane of a float vector
+        v = builder.insert_element(ir.Constant(vector, ir.Undefined), s, ir.Constant(i32, 0))
+        return builder.shuffle_vector(v, v, lanes([0] * vector.count))
+
+    def float_vectors(vector: Any, vector_type: Any) -> tuple[Any, ...]:
+        """zeros(), load(a, at), store(v, a, at), fma(acc, a, b) = acc + a b and add(a, b) as
+        intrinsics over one float vector (its LLVM type, its numba type)."""
+
+        @intrinsic
+        def zeros_ir(typingctx: Any) -> Any:
+            return vector_type(), lambda context, builder, sig, args: ir.Constant(vector, None)
+
+        @intrinsic
+        def load_ir(typingctx: Any, a: Any, at: Any) -> Any:
+            def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+                return builder.load(pointer(context, builder, sig.args[0], args[0], args[1], vector), align=4)
+
+            return vector_type(a, at), codegen
+
+        @intrinsic
+        def store_ir(typingctx: Any, v: Any, a: Any, at: Any) -> Any:
+            def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+                builder.store(args[0], pointer(context, builder, sig.args[1], args[1], args[2], vector), align=4)
+                return context.get_dummy_value()
+
+            return types.none(v, a, at), codegen
+
+        @intrinsic
+        def fma_ir(typingctx: Any, acc: Any, a: Any, b: Any) -> Any:
+            def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+                product = builder.fmul(args[1], args[2], flags=("contract",))
+                return builder.fadd(args[0], product, flags=("contract",))
+
+            return vector_type(acc, a, b), codegen
+
+        @intrinsic
+        def add_ir(typingctx: Any, a: Any, b: Any) -> Any:
+            return vector_type(a, b), lambda context, builder, sig, args: builder.fadd(args[0], args[1])
+
+        return zeros_ir, load_ir, store_ir, fma_ir, add_ir
+
+    zeros_ir, load8_ir, _, fmav_ir, add_ir = float_vectors(V8F, F32x8)
+    zeros16_ir, load16_ir, store16_ir, fma16_ir, add16_ir = float_vectors(V16F, F32x16)
+
+    def splat16_of(builder: Any, s: Any) -> Any:
+        return splat_ir(builder, s, V16F)
 
     def dpbusd(builder: Any, unsigned: Any, signed: Any, acc: Any = None) -> Any:
         """8 lanes, lane i = acc[i] + the sum of unsigned[4i+k] * signed[4i+k]."""
@@ -380,30 +423,8 @@ def _register(numba: Any) -> None:
         return F32x8(acc, a, b, types.int32, s, at, types.float32), codegen
 
     @intrinsic
-    def load8_ir(typingctx: Any, a: Any, at: Any) -> Any:
-        def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
-            return builder.load(pointer(context, builder, sig.args[0], args[0], args[1], V8F), align=4)
-
-        return F32x8(a, at), codegen
-
-    @intrinsic
-    def fmav_ir(typingctx: Any, acc: Any, a: Any, b: Any) -> Any:
-        def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
-            return builder.fadd(args[0], builder.fmul(args[1], args[2], flags=("contract",)), flags=("contract",))
-
-        return F32x8(acc, a, b), codegen
-
-    @intrinsic
-    def add_ir(typingctx: Any, a: Any, b: Any) -> Any:
-        return F32x8(a, b), lambda context, builder, sig, args: builder.fadd(args[0], args[1])
-
-    @intrinsic
     def lane_ir(typingctx: Any, v: Any, i: Any) -> Any:
         return types.float32(v, i), lambda context, builder, sig, args: builder.extract_element(args[0], args[1])
-
-    @intrinsic
-    def zeros_ir(typingctx: Any) -> Any:
-        return F32x8(), lambda context, builder, sig, args: ir.Constant(V8F, None)
 
     @intrinsic
     def fma_ir(typingctx: Any, acc: Any, v: Any, s: Any) -> Any:
@@ -452,46 +473,12 @@ def _register(numba: Any) -> None:
         return types.float32(row, at), codegen
 
     @intrinsic
-    def zeros16_ir(typingctx: Any) -> Any:
-        return F32x16(), lambda context, builder, sig, args: ir.Constant(V16F, None)
-
-    @intrinsic
-    def load16_ir(typingctx: Any, a: Any, at: Any) -> Any:
-        def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
-            return builder.load(pointer(context, builder, sig.args[0], args[0], args[1], V16F), align=4)
-
-        return F32x16(a, at), codegen
-
-    @intrinsic
-    def store16_ir(typingctx: Any, v: Any, a: Any, at: Any) -> Any:
-        def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
-            builder.store(args[0], pointer(context, builder, sig.args[1], args[1], args[2], V16F), align=4)
-            return context.get_dummy_value()
-
-        return types.none(v, a, at), codegen
-
-    def splat16_of(builder: Any, s: Any) -> Any:
-        v = builder.insert_element(ir.Constant(V16F, ir.Undefined), s, ir.Constant(i32, 0))
-        return builder.shuffle_vector(v, v, lanes([0] * 16))
-
-    @intrinsic
     def splat16_ir(typingctx: Any, a: Any, at: Any) -> Any:
         def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
             s = builder.load(pointer(context, builder, sig.args[0], args[0], args[1], f32), align=4)
             return splat16_of(builder, s)  # one broadcast load (vbroadcastss, or an FMA's memory operand)
 
         return F32x16(a, at), codegen
-
-    @intrinsic
-    def fma16_ir(typingctx: Any, acc: Any, a: Any, b: Any) -> Any:
-        def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
-            return builder.fadd(args[0], builder.fmul(args[1], args[2], flags=("contract",)), flags=("contract",))
-
-        return F32x16(acc, a, b), codegen
-
-    @intrinsic
-    def add16_ir(typingctx: Any, a: Any, b: Any) -> Any:
-        return F32x16(a, b), lambda context, builder, sig, args: builder.fadd(args[0], args[1])
 
     @intrinsic
     def mul16_ir(typingctx: Any, v: Any, s: Any) -> Any:
