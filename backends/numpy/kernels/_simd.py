@@ -1,4 +1,5 @@
-"""Eight-lane integer dot products for the quantized kernels, as numba functions over LLVM vectors.
+"""Vector code for numba sources, as functions over LLVM vectors: eight-lane integer dot products
+for the quantized kernels, sixteen-lane float tiles for attention's.
 
 numba's loops do not become the CPU's byte dot-product instructions (VNNI's ``vpdpbusd``: 32
 unsigned-by-signed byte products summed into 8 int32 lanes in one instruction), and those are
@@ -45,7 +46,7 @@ run) and, once numba is imported, an ``overload`` whose intrinsic emits the LLVM
 sums spelled in portable vector IR (which LLVM lowers to ``vpmaddwd`` or a NEON dot product).
 The callers check the offsets: nothing here checks bounds.
 
-Not here: the kernels that use them (``quant.py``).
+Not here: the kernels that use them (``quant.py``, ``kquant.py``, ``attention.py``).
 """
 
 from __future__ import annotations
