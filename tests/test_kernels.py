@@ -258,7 +258,8 @@ def test_attention_kernel_equals_reference(B, T, past, NKV, G, hs, dtype, blas, 
     ref_y, ref_cache = layers.attention_forward(q, k, v, NH, **grouped)
     split = min(blas, B * NH, _jit.numba().config.NUMBA_NUM_THREADS) if T <= attention.DECODE_ROWS else 1
     assert launches == ([split] if split > 1 and numpy_backend.blas_thread_count() is not None else [])
-    tiles = past == 0 and dtype == "float32" and T % attention.LANES == 0 and hs % attention.LANES == 0
+    lanes = attention.LANES
+    tiles = past == 0 and dtype == "float32" and T % lanes == 0 and hs % lanes == 0 and T <= attention.MAX_TILED_T
     assert type(cache) is (attention.TiledAttentionCache if tiles else attention.FusedAttentionCache)
     assert isinstance(cache, layers.AttentionCache)
     assert cache.k.shape == ref_cache.k.shape == (B, NKV, past + T, hs)
@@ -350,6 +351,22 @@ def test_attention_kernel_declines_dropout_and_unknown_arguments(dtype):
     for n_kv_head in (0, 3):  # not a divisor of n_head: the reference's error
         with pytest.raises(ValueError, match="n_kv_head must divide n_head"):
             attention.attention_forward(q, kv[0], kv[1], NH, n_kv_head=n_kv_head)
+
+
+@needs_numba
+def test_attention_head_tiles_leave_long_sequences_and_scattered_rows_to_blas(monkeypatch):
+    """Past MAX_TILED_T positions, and for keys whose rows are not evenly spaced, the tiles'
+    shapes run the BLAS blocks, which equal the reference too."""
+    rng = np.random.default_rng(1)
+    B, T, NH, hs = 2, 32, 2, 16
+    q, k, v = _attention_inputs(rng, B, T, 0, NH, hs, "float32")
+    assert type(attention.attention_forward(q, k, v, NH)[1]) is attention.TiledAttentionCache
+    scattered = np.ascontiguousarray(k.transpose(1, 0, 2)).transpose(1, 0, 2)  # row (b, i) at (i B + b) D
+    for case, (kk, limit) in {"long": (k, T // 2), "scattered": (scattered, T)}.items():
+        monkeypatch.setattr(attention, "MAX_TILED_T", limit)
+        y, cache = attention.attention_forward(q, kk, v, NH)
+        assert type(cache) is attention.FusedAttentionCache, case
+        assert_close(y, layers.attention_forward(q, kk, v, NH)[0], "float32", case)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -9,11 +9,12 @@ fused numba pass per row each. A KV cache (queries at the end of longer keys) an
 attention are taken; dropout and any argument it does not know go to the reference. A decode step
 (at most DECODE_ROWS query rows) is one numba pass over the cached keys and values instead: for so
 few rows, the NumPy calls around BLAS's products cost more than the products. Training's shapes
-(float32, no KV cache, T and the head size multiples of 16) go per head in tiles instead: each
-product of the forward and backward (q k^T, probs v, dy v^T, ds k, ds^T q, probs^T dy) as tiles
-of 8 rows x 16 lanes summed in registers (:func:`product_tile`), the causal blocks skipped, q, k
-and v read in place and dq, dk, dv written in the (B, T, .) layout: no batched BLAS calls of a
-few thousand products each, no copies into heads and back.
+(float32, no KV cache, T and the head size multiples of 16, T <= MAX_TILED_T) go per head in
+tiles instead: each product of the forward and backward (q k^T, probs v, dy v^T, ds k, ds^T q,
+probs^T dy) as tiles of 8 rows x 16 lanes summed in registers (:func:`product_tile`), the causal
+blocks skipped, the masked softmax 16 lanes at a time, q, k and v read in place and dq, dk, dv
+written in the (B, T, .) layout: no batched BLAS calls of a few thousand products each, no
+copies into heads and back.
 
 Checked by tests/test_kernels.py, section "attention.py".
 """
@@ -52,6 +53,7 @@ DECODE_ROWS = 4  # up to this many query rows: one numba pass (decoding), not BL
 MIN_KEYS_PER_THREAD = 16384  # cached key values (positions x head size) a decoding thread reads at least
 LANES = 16  # float32 values in one AVX-512 register: the head tiles' columns
 TILE_ROWS = 8  # rows of a head tile: 8 accumulators, as many as keep both FMA units busy
+MAX_TILED_T = 512  # longer: the backward's column reads of ds stride a whole row (T=1024: tiles and BLAS even)
 
 
 class FusedAttentionCache(layers.AttentionCache):
@@ -376,7 +378,7 @@ def attention_forward(
             _attention_rows(*args, 1)
         kh, vh = (x.reshape(B, Tk, NKV, hs).transpose(0, 2, 1, 3) for x in (k, v))  # (B, NKV, Tk, hs) views
         return y, FusedAttentionCache(qh, kh, vh, y, probs, None, scale)
-    if not past and q.dtype == np.float32 and T % LANES == 0 and hs % LANES == 0:
+    if not past and q.dtype == np.float32 and T % LANES == 0 and hs % LANES == 0 and T <= MAX_TILED_T:
         tiled = _tiles_forward(q, k, v, n_head, NKV, scale)
         if tiled is not None:
             return tiled
