@@ -277,28 +277,33 @@ def _register(numba: Any) -> None:
         v = builder.insert_element(ir.Constant(vector, ir.Undefined), s, ir.Constant(i32, 0))
         return builder.shuffle_vector(v, v, lanes([0] * vector.count))
 
-    def float_vectors(vector: Any, vector_type: Any) -> tuple[Any, ...]:
-        """zeros(), load(a, at), store(v, a, at), fma(acc, a, b) = acc + a b and add(a, b) as
-        intrinsics over one float vector (its LLVM type, its numba type)."""
-
-        @intrinsic
-        def zeros_ir(typingctx: Any) -> Any:
-            return vector_type(), lambda context, builder, sig, args: ir.Constant(vector, None)
+    def vector_memory(vector: Any, vector_type: Any, align: int) -> tuple[Any, Any]:
+        """load(a, at) and store(v, a, at) of one vector (its LLVM type, its numba type) at element
+        ``at`` of an array, as intrinsics."""
 
         @intrinsic
         def load_ir(typingctx: Any, a: Any, at: Any) -> Any:
             def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
-                return builder.load(pointer(context, builder, sig.args[0], args[0], args[1], vector), align=4)
+                return builder.load(pointer(context, builder, sig.args[0], args[0], args[1], vector), align=align)
 
             return vector_type(a, at), codegen
 
         @intrinsic
         def store_ir(typingctx: Any, v: Any, a: Any, at: Any) -> Any:
             def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
-                builder.store(args[0], pointer(context, builder, sig.args[1], args[1], args[2], vector), align=4)
+                builder.store(args[0], pointer(context, builder, sig.args[1], args[1], args[2], vector), align=align)
                 return context.get_dummy_value()
 
             return types.none(v, a, at), codegen
+
+        return load_ir, store_ir
+
+    def float_arithmetic(vector: Any, vector_type: Any) -> tuple[Any, Any, Any]:
+        """zeros(), fma(acc, a, b) = acc + a b and add(a, b) over one float vector, as intrinsics."""
+
+        @intrinsic
+        def zeros_ir(typingctx: Any) -> Any:
+            return vector_type(), lambda context, builder, sig, args: ir.Constant(vector, None)
 
         @intrinsic
         def fma_ir(typingctx: Any, acc: Any, a: Any, b: Any) -> Any:
@@ -312,10 +317,13 @@ def _register(numba: Any) -> None:
         def add_ir(typingctx: Any, a: Any, b: Any) -> Any:
             return vector_type(a, b), lambda context, builder, sig, args: builder.fadd(args[0], args[1])
 
-        return zeros_ir, load_ir, store_ir, fma_ir, add_ir
+        return zeros_ir, fma_ir, add_ir
 
-    zeros_ir, load8_ir, _, fmav_ir, add_ir = float_vectors(V8F, F32x8)
-    zeros16_ir, load16_ir, store16_ir, fma16_ir, add16_ir = float_vectors(V16F, F32x16)
+    load8_ir, _ = vector_memory(V8F, F32x8, 4)
+    zeros_ir, fmav_ir, add_ir = float_arithmetic(V8F, F32x8)
+    load16_ir, store16_ir = vector_memory(V16F, F32x16, 4)
+    zeros16_ir, fma16_ir, add16_ir = float_arithmetic(V16F, F32x16)
+    bytes32_ir, store32_ir = vector_memory(V32B, U8x32, 1)
 
     def splat16_of(builder: Any, s: Any) -> Any:
         return splat_ir(builder, s, V16F)
@@ -377,21 +385,6 @@ def _register(numba: Any) -> None:
             return unpack_nibbles(builder, pointer(context, builder, sig.args[0], args[0], args[1], i8), None)[0]
 
         return U8x32(row, at), codegen
-
-    @intrinsic
-    def bytes32_ir(typingctx: Any, a: Any, at: Any) -> Any:
-        def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
-            return builder.load(pointer(context, builder, sig.args[0], args[0], args[1], V32B), align=1)
-
-        return U8x32(a, at), codegen
-
-    @intrinsic
-    def store32_ir(typingctx: Any, v: Any, a: Any, at: Any) -> Any:
-        def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
-            builder.store(args[0], pointer(context, builder, sig.args[1], args[1], args[2], V32B), align=1)
-            return context.get_dummy_value()
-
-        return types.none(v, a, at), codegen
 
     @intrinsic
     def int_zeros_ir(typingctx: Any) -> Any:

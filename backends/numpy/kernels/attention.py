@@ -234,14 +234,17 @@ def _transpose_head(x, at, x_row, T, hs, out):  # out (hs, T) flat = the head x[
 
 
 @lazy_njit
-def _heads_forward(q, q_row, k, k_row, v, v_row, T, NH, NKV, hs, probs, y, kt):
+def _heads_forward(q, q_row, k, k_row, v, v_row, NKV, probs, y, kt):
     # training's attention (no KV cache) in tiles: q (already scaled), k, v flat views whose rows
     # (b T + i) start q_row, k_row, v_row values apart, head h at column h hs; probs (B, NH, T, T)
-    # and y (B, T, NH hs) flat and C-contiguous; kt (hs T) scratch. T and hs are multiples of 16.
+    # C-contiguous, y (B, T, NH hs) flat; kt (hs T) scratch. T and hs are multiples of 16.
     # Per head: the scores of each 8 queries against the 16-key blocks they see (q k^T), the
     # masked softmax per row, then y = probs v over the keys up to the block's last query
-    G, D = NH // NKV, NH * hs
-    B = y.size // (T * D)
+    B, NH, T = probs.shape[0], probs.shape[1], probs.shape[2]
+    D = y.size // (B * T)
+    hs = D // NH
+    G = NH // NKV
+    probs = probs.reshape(-1)
     one = np.float32(1.0)
     for b in range(B):
         for h in range(NH):
@@ -306,8 +309,7 @@ def _tiles_forward(q: Any, k: Any, v: Any, n_head: int, NKV: int, scale: float) 
     probs = np.empty((B, n_head, T, T), dtype=q.dtype)
     y = np.empty((B, T, D), dtype=q.dtype)
     kt = np.empty(hs * T, dtype=q.dtype)
-    args = (qs.reshape(-1), D, *k_rows[:2], *v_rows[:2], T, n_head, NKV, hs, probs.reshape(-1), y.reshape(-1), kt)
-    _heads_forward(*args)
+    _heads_forward(qs.reshape(-1), D, *k_rows[:2], *v_rows[:2], NKV, probs, y.reshape(-1), kt)
 
     def heads(x: Any, n: int) -> Any:  # (B, T, n hs) -> (B, n, T, hs), a view
         return x.reshape(B, T, n, hs).transpose(0, 2, 1, 3)
