@@ -302,6 +302,39 @@ def test_ctrl_c_while_the_command_starts_is_a_quiet_130(tmp_path):
         assert b"Traceback" not in err, (delay, err.decode()[-2000:])
 
 
+def _import_cut_short_by_ctrl_c(*args, **kwargs):
+    """What NumPy's import does when a Ctrl-C lands in it: the KeyboardInterrupt is swallowed and
+    an ImportError without it as cause or context takes its place."""
+    try:
+        signal.raise_signal(signal.SIGINT)
+    except KeyboardInterrupt:
+        pass
+    raise ImportError('PyCapsule_Import could not import module "datetime"')
+
+
+def test_an_import_that_a_ctrl_c_cut_short_is_the_interrupt_too(monkeypatch, capsys):
+    """While the parser imports the subcommands and while a command runs, an ImportError raised
+    after a Ctrl-C is the interrupt (130, one line); without a Ctrl-C it stays what it was."""
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    with monkeypatch.context() as m:
+        m.setattr(cli, "build_parser", _import_cut_short_by_ctrl_c)
+        assert cli.main(["train"]) == 130
+    assert capsys.readouterr().err == "arraygpt: interrupted\n"
+    with monkeypatch.context() as m:
+        m.setattr("arraygpt.cli.params.run", _import_cut_short_by_ctrl_c)
+        assert cli.main(["params", "--preset", "microgpt"]) == 130
+    assert capsys.readouterr().err == "arraygpt params: interrupted\n"
+
+    def missing(args):
+        raise ImportError("no module named 'matplotlib'")
+
+    with monkeypatch.context() as m:
+        m.setattr("arraygpt.cli.params.run", missing)
+        assert cli.main(["params", "--preset", "microgpt"]) == 2
+    assert capsys.readouterr().err == "arraygpt params: error: no module named 'matplotlib'\n"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handed back
+
+
 # ----------------------------------------------------------------------------------------------
 # resume: another directory, a run that never saved, hostile state
 

@@ -32,10 +32,13 @@ into output and an exit code.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 from typing import Any, NoReturn
 
 from arraygpt.cli.options import add_config_arguments, config_from_args
@@ -94,28 +97,58 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv:
         argv = ["train"]  # the main job: train the microgpt preset on names
-    try:  # building the parser imports every subcommand (~0.1 s): a Ctrl-C then is a quiet 130 too
-        parser = build_parser()
-        args = parser.parse_args(argv)
-    except KeyboardInterrupt:
-        print("arraygpt: interrupted", file=sys.stderr)
-        return 130
-    if args.command is None:
-        parser.print_usage(sys.stderr)
-        return 2
-    expected = expected_errors()
+    with _noting_ctrl_c() as pressed:
+        try:  # building the parser imports every subcommand (~0.1 s): a Ctrl-C then is a quiet 130 too
+            parser = build_parser()
+            args = parser.parse_args(argv)
+        except (KeyboardInterrupt, ImportError) as e:
+            if isinstance(e, ImportError) and not pressed:
+                raise
+            print("arraygpt: interrupted", file=sys.stderr)
+            return 130
+        if args.command is None:
+            parser.print_usage(sys.stderr)
+            return 2
+        expected = expected_errors()
+        try:
+            return _module(args.command).run(args)
+        except KeyboardInterrupt:
+            print(f"arraygpt {args.command}: interrupted", file=sys.stderr)
+            return 130
+        except BrokenPipeError:  # the reader of the output stopped (| head): not an error of the command
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())  # so that the final flush at exit does not fail again
+            return 0
+        except expected as e:
+            if isinstance(e, ImportError) and pressed:
+                print(f"arraygpt {args.command}: interrupted", file=sys.stderr)
+                return 130
+            print(f"arraygpt {args.command}: error: {_one_line(e)}", file=sys.stderr)
+            return 2
+
+
+@contextlib.contextmanager
+def _noting_ctrl_c() -> Iterator[list[int]]:
+    """While the command runs on the main thread with Python's own SIGINT handler: each Ctrl-C is
+    noted in the list yielded, then raises KeyboardInterrupt as that handler does. A C extension
+    whose import a Ctrl-C cuts short raises an ImportError instead, with the KeyboardInterrupt
+    gone (NumPy's: "PyCapsule_Import could not import module 'datetime'"); the note tells main
+    that it was the interrupt."""
+    pressed: list[int] = []
+
+    def note(signum: int, frame: Any) -> None:
+        pressed.append(signum)
+        signal.default_int_handler(signum, frame)
+
+    ours = threading.current_thread() is threading.main_thread()
+    ours = ours and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    if ours:
+        signal.signal(signal.SIGINT, note)
     try:
-        return _module(args.command).run(args)
-    except KeyboardInterrupt:
-        print(f"arraygpt {args.command}: interrupted", file=sys.stderr)
-        return 130
-    except BrokenPipeError:  # the reader of the output stopped (| head): not an error of the command
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())  # so that the final flush at exit does not fail again
-        return 0
-    except expected as e:
-        print(f"arraygpt {args.command}: error: {_one_line(e)}", file=sys.stderr)
-        return 2
+        yield pressed
+    finally:
+        if ours:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _one_line(error: BaseException) -> str:
