@@ -289,7 +289,7 @@ def test_ctrl_c_while_the_command_starts_is_a_quiet_130(tmp_path):
         "import sys, arraygpt.cli\nprint('ready', flush=True)\n"
         "sys.exit(arraygpt.cli.main(sys.argv[1:]))"
     )  # fmt: skip
-    for i, delay in enumerate((0.0, 0.03, 0.08, 0.15)):
+    for i, delay in enumerate((0.0, 0.03, 0.08, 0.12, 0.15, 0.2)):
         args = ["train", "--steps", "2", "--samples", "0", "--quiet", "--out-dir", str(tmp_path / f"r{i}")]
         proc = subprocess.Popen(
             [sys.executable, "-c", code, *args], cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE
@@ -333,6 +333,36 @@ def test_an_import_that_a_ctrl_c_cut_short_is_the_interrupt_too(monkeypatch, cap
         assert cli.main(["params", "--preset", "microgpt"]) == 2
     assert capsys.readouterr().err == "arraygpt params: error: no module named 'matplotlib'\n"
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handed back
+
+
+def test_a_ctrl_c_between_the_parser_and_the_run_or_as_the_handler_is_handed_back_is_130(monkeypatch, capsys):
+    """No moment of main lets a KeyboardInterrupt out: not while the expected errors are imported,
+    nor when ``signal.signal`` runs a Ctrl-C pending at the moment main hands its handler back
+    (CPython runs pending handlers before it changes one); the handler is handed back then too."""
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(cli, "expected_errors", interrupted)
+        assert cli.main(["params", "--preset", "microgpt"]) == 130
+    assert capsys.readouterr().err == "arraygpt params: interrupted\n"
+
+    real_signal = signal.signal
+    pending = [True]
+
+    def signal_with_a_ctrl_c_pending(signum, handler):
+        if handler is signal.default_int_handler and pending:
+            pending.clear()
+            signal.getsignal(signum)(signum, None)  # raises, as CPython's signal.signal does
+        return real_signal(signum, handler)
+
+    with monkeypatch.context() as m:
+        m.setattr(signal, "signal", signal_with_a_ctrl_c_pending)
+        assert cli.main(["params", "--preset", "microgpt"]) == 130
+    assert not pending
+    assert capsys.readouterr().err.endswith("arraygpt params: interrupted\n")
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 # ----------------------------------------------------------------------------------------------

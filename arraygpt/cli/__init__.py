@@ -97,44 +97,42 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv:
         argv = ["train"]  # the main job: train the microgpt preset on names
-    with _noting_ctrl_c() as pressed:
-        try:  # building the parser imports every subcommand (~0.1 s): a Ctrl-C then is a quiet 130 too
-            parser = build_parser()
+    pressed: list[int] = []
+    prog = "arraygpt"
+    try:  # a Ctrl-C anywhere in here, even while the handler is handed back, is a quiet 130
+        with _noting_ctrl_c(pressed):
+            parser = build_parser()  # imports every subcommand (~0.1 s)
             args = parser.parse_args(argv)
-        except (KeyboardInterrupt, ImportError) as e:
-            if isinstance(e, ImportError) and not pressed:
-                raise
-            print("arraygpt: interrupted", file=sys.stderr)
-            return 130
-        if args.command is None:
-            parser.print_usage(sys.stderr)
-            return 2
-        expected = expected_errors()
-        try:
-            return _module(args.command).run(args)
-        except KeyboardInterrupt:
-            print(f"arraygpt {args.command}: interrupted", file=sys.stderr)
-            return 130
-        except BrokenPipeError:  # the reader of the output stopped (| head): not an error of the command
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, sys.stdout.fileno())  # so that the final flush at exit does not fail again
-            return 0
-        except expected as e:
-            if isinstance(e, ImportError) and pressed:
-                print(f"arraygpt {args.command}: interrupted", file=sys.stderr)
-                return 130
-            print(f"arraygpt {args.command}: error: {_one_line(e)}", file=sys.stderr)
-            return 2
+            if args.command is None:
+                parser.print_usage(sys.stderr)
+                return 2
+            prog = f"arraygpt {args.command}"
+            expected = expected_errors()
+            try:
+                return _module(args.command).run(args)
+            except BrokenPipeError:  # the reader of the output stopped (| head): not an error of the command
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, sys.stdout.fileno())  # so that the final flush at exit does not fail again
+                return 0
+            except expected as e:
+                if isinstance(e, ImportError) and pressed:
+                    raise
+                print(f"{prog}: error: {_one_line(e)}", file=sys.stderr)
+                return 2
+    except (KeyboardInterrupt, ImportError) as e:
+        if isinstance(e, ImportError) and not pressed:
+            raise
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
 
 
 @contextlib.contextmanager
-def _noting_ctrl_c() -> Iterator[list[int]]:
+def _noting_ctrl_c(pressed: list[int]) -> Iterator[None]:
     """While the command runs on the main thread with Python's own SIGINT handler: each Ctrl-C is
-    noted in the list yielded, then raises KeyboardInterrupt as that handler does. A C extension
+    appended to ``pressed``, then raises KeyboardInterrupt as that handler does. A C extension
     whose import a Ctrl-C cuts short raises an ImportError instead, with the KeyboardInterrupt
     gone (NumPy's: "PyCapsule_Import could not import module 'datetime'"); the note tells main
     that it was the interrupt."""
-    pressed: list[int] = []
 
     def note(signum: int, frame: Any) -> None:
         pressed.append(signum)
@@ -145,10 +143,24 @@ def _noting_ctrl_c() -> Iterator[list[int]]:
     if ours:
         signal.signal(signal.SIGINT, note)
     try:
-        yield pressed
+        yield
     finally:
         if ours:
+            _hand_back_sigint()
+
+
+def _hand_back_sigint() -> None:
+    """Put Python's own SIGINT handler back. ``signal.signal`` runs a pending handler before it
+    changes anything, so a Ctrl-C that lands just then raises there: the handler is put back all
+    the same, then that KeyboardInterrupt goes on."""
+    interrupt = None
+    while signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        try:
             signal.signal(signal.SIGINT, signal.default_int_handler)
+        except KeyboardInterrupt as e:
+            interrupt = e
+    if interrupt is not None:
+        raise interrupt
 
 
 def _one_line(error: BaseException) -> str:
