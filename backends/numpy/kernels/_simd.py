@@ -228,43 +228,22 @@ def _register(numba: Any) -> None:
     triple = llvm_binding.get_process_triple()
     f16c = "+f16c" in features if triple.startswith(("x86_64", "i686")) else triple.startswith(("aarch64", "arm64"))
 
-    class I32x8Type(types.Type):
-        def __init__(self) -> None:
-            super().__init__(name="I32x8")
+    def vector_type(name: str, llvm_type: Any) -> Any:
+        """A numba type held in registers as ``llvm_type``, one instance."""
 
-    class F32x8Type(types.Type):
-        def __init__(self) -> None:
-            super().__init__(name="F32x8")
+        class Vector(types.Type):
+            def __init__(self) -> None:
+                super().__init__(name=name)
 
-    class U8x32Type(types.Type):
-        def __init__(self) -> None:
-            super().__init__(name="U8x32")
+        @register_model(Vector)
+        class Model(models.PrimitiveModel):
+            def __init__(self, dmm: Any, fe_type: Any) -> None:
+                super().__init__(dmm, fe_type, llvm_type)
 
-    @register_model(I32x8Type)
-    class I32x8Model(models.PrimitiveModel):
-        def __init__(self, dmm: Any, fe_type: Any) -> None:
-            super().__init__(dmm, fe_type, V8I)
+        return Vector()
 
-    @register_model(F32x8Type)
-    class F32x8Model(models.PrimitiveModel):
-        def __init__(self, dmm: Any, fe_type: Any) -> None:
-            super().__init__(dmm, fe_type, V8F)
-
-    class F32x16Type(types.Type):
-        def __init__(self) -> None:
-            super().__init__(name="F32x16")
-
-    @register_model(F32x16Type)
-    class F32x16Model(models.PrimitiveModel):
-        def __init__(self, dmm: Any, fe_type: Any) -> None:
-            super().__init__(dmm, fe_type, V16F)
-
-    @register_model(U8x32Type)
-    class U8x32Model(models.PrimitiveModel):
-        def __init__(self, dmm: Any, fe_type: Any) -> None:
-            super().__init__(dmm, fe_type, V32B)
-
-    I32x8, F32x8, U8x32, F32x16 = I32x8Type(), F32x8Type(), U8x32Type(), F32x16Type()
+    I32x8, F32x8 = vector_type("I32x8", V8I), vector_type("F32x8", V8F)
+    U8x32, F32x16 = vector_type("U8x32", V32B), vector_type("F32x16", V16F)
 
     def pointer(context: Any, builder: Any, array_type: Any, array: Any, at: Any, element: Any) -> Any:
         data = cgutils.create_struct_proxy(array_type)(context, builder, value=array).data
