@@ -217,6 +217,31 @@ def test_arraygpt_chat_answers_each_line_of_standard_input(model_dir, request, c
     assert capsys.readouterr().out == f"{REPLY}\n{REPLY}\n"  # one reply per non-blank line, stopped at <|im_end|>
 
 
+def test_arraygpt_chat_reads_generation_config_once_and_top_k_0_turns_its_top_k_off(
+    model_dir, tmp_path, capsys, monkeypatch
+):
+    """generation_config.json fills in the chat's sampler as it does ``arraygpt sample``'s, and
+    ``--top-k 0`` turns the file's top-k off (the chat does not read the file a second time)."""
+    import shutil
+
+    folder = tmp_path / "with-config"
+    shutil.copytree(model_dir, folder)
+    (folder / "generation_config.json").write_text(json.dumps({"top_k": 5, "repetition_penalty": 1.3}))
+    made = []
+
+    class Recorded(Chat):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr("arraygpt.generation.chat.Chat", Recorded)
+    for options, names in (([], {"top_k", "repeat_penalty"}), (["--top-k", "0"], {"repeat_penalty"})):
+        monkeypatch.setattr("sys.stdin", io.StringIO("hello\n"))
+        assert main(["chat", "--checkpoint", str(folder), "--max-new-tokens", "2", *options]) == 0
+        assert {"top_k", "repeat_penalty"} & set(made[-1].chain.names) == names, options
+    capsys.readouterr()
+
+
 def test_arraygpt_chat_shows_the_distribution_behind_each_reply_token(model_dir, capsys, monkeypatch):
     monkeypatch.setattr("sys.stdin", io.StringIO("hello\n"))
     args = ["chat", "--checkpoint", str(model_dir), "--max-new-tokens", "3", "--show-probs", "2", "--top-k", "4"]

@@ -82,7 +82,8 @@ def run(args: argparse.Namespace) -> int:
     max_new_tokens = args.max_new_tokens or defaults.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS)
     try:
         chat = Chat(
-            ckpt,
+            ckpt.model,  # not the checkpoint: its generation_config.json is read once, by sampling() above
+            ckpt.tokenizer,
             system=args.system,
             template=args.template,
             max_new_tokens=max_new_tokens,
