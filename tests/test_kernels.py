@@ -226,7 +226,7 @@ def _attention_inputs(rng, B, T, past, NH, hs, dtype, NKV=None):
 @settings(max_examples=60, deadline=None)
 @given(
     B=st.integers(1, 3),
-    T=st.sampled_from([1, 2, 4, 5, 8, 13, 16, 48, 64, 70]),
+    T=st.sampled_from([1, 2, 4, 5, 8, 13, 16, 48, 64, 70, 96]),
     past=st.sampled_from([0, 0, 1, 4, 67]),
     NKV=st.integers(1, 3),
     G=st.sampled_from([1, 1, 2, 3]),
@@ -240,6 +240,7 @@ def _attention_inputs(rng, B, T, past, NH, hs, dtype, NKV=None):
 @example(B=3, T=1, past=67, NKV=1, G=3, hs=8, dtype="float32", blas=2, seed=3)  # decoding, heads split unevenly
 @example(B=2, T=48, past=0, NKV=2, G=2, hs=32, dtype="float32", blas=1, seed=4)  # head tiles, grouped
 @example(B=1, T=16, past=0, NKV=1, G=1, hs=16, dtype="float32", blas=1, seed=5)  # head tiles, one tile row
+@example(B=1, T=96, past=0, NKV=1, G=2, hs=16, dtype="float32", blas=1, seed=6)  # head tiles, T > 64
 def test_attention_kernel_equals_reference(B, T, past, NKV, G, hs, dtype, blas, seed):
     """T = 1 (a decode step) to DECODE_ROWS (one numba pass, its (row, head) pairs split over up to
     ``blas`` numba threads), odd sizes, more than one query block (T > TILE), a KV cache (past >
