@@ -168,6 +168,37 @@ def test_lora_fine_tune(base_dir, text_file, tmp_path):
     assert _hashes(base_dir) == before
 
 
+@pytest.mark.usefixtures("_float64_transformers")
+def test_lora_on_a_lora_run_opens_resumes_and_adds_its_adapters_to_the_merged_run(base_dir, text_file, tmp_path):
+    first = tmp_path / "first"
+    _train(base_dir, text_file, first, "--lora-rank", "2", steps=2)
+    second, half = tmp_path / "second", tmp_path / "half"
+    _train(first, text_file, second, "--lora-rank", "2", steps=4)
+    _train(first, text_file, half, "--lora-rank", "2", steps=2)
+    _resume(half, 4)  # the run's base is the first run, opened merged as training saw it
+    _same_tensors(second / "last" / "model.safetensors", half / "last" / "model.safetensors")
+    assert main(["eval", "--checkpoint", str(second), "--data", str(text_file), "--json"]) == 0
+
+    # the second run's merged export = the first run's merged weights + its own adapters' scale B A
+    exports = {}
+    for run in (first, second):
+        ckpt = arraygpt.load(run)
+        exports[run] = tmp_path / f"{run.name}-export"
+        arraygpt.save(ckpt.model, exports[run], format="llama", tokenizer=ckpt.tokenizer)
+    lora = json.loads((second / "last" / "config.json").read_text())["lora"]
+    adapters, before = _tensors(second / "last" / "model.safetensors"), _tensors(exports[first] / "model.safetensors")
+    after = _tensors(exports[second] / "model.safetensors")
+    for i in range(2):
+        for ours, theirs in (("attn_wq", "q_proj"), ("attn_wv", "v_proj")):
+            a, b = adapters[f"layer{i}.{ours}.lora_a"], adapters[f"layer{i}.{ours}.lora_b"]
+            name = f"model.layers.{i}.self_attn.{theirs}.weight"
+            want = before[name] + lora["alpha"] / lora["rank"] * (b @ a)
+            np.testing.assert_allclose(after[name], want, rtol=0, atol=1e-12)
+    ids = np.array([arraygpt.load(second).tokenizer.encode(TEXT[:100])[:30]])
+    logits, _ = arraygpt.load(second).model.forward(ids)
+    np.testing.assert_allclose(np.asarray(logits), _transformers_logits(exports[second], ids), rtol=0, atol=1e-10)
+
+
 def test_lora_resume_refuses_a_changed_base(base_dir, text_file, tmp_path):
     import shutil
 

@@ -446,6 +446,8 @@ def _lora_model(
             f"{path / WEIGHTS_FILE}: expected adapters all float32 or all float64, got {sorted(dtypes)}"
         )
     model = open_base(base["path"], backend=backend, dtype=dtype or dtypes.pop()).model
+    if model.lora is not None:  # the base is itself a LoRA run: trained on merged, as fine-tuning merges it
+        model = model.merged()
     if {**model.config.to_dict(), "dropout": 0} != {**config.to_dict(), "dropout": 0}:
         raise CheckpointError(f"{where}: the model config differs from its base's at {base['path']}")
     model.config = config  # a fine-tuning run may set its own dropout
