@@ -525,3 +525,22 @@ def test_resume_from_a_folder_with_only_the_previous_checkpoint(straight_and_sto
     assert main(["train", "--resume", str(stopped), "--quiet"]) == 0
     assert load_checkpoint(stopped).extra["step"] == 12
     _assert_same(_params(stopped / "last"), _params(straight / "last"))
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--grad-accum", "0"], "grad_accum (--grad-accum) must be a positive integer, got 0"),
+        (["--batch-size", "0"], "batch_size (--batch-size) must be a positive integer, got 0"),
+        (["--grad-accum", "-1"], "grad_accum (--grad-accum) must be a positive integer, got -1"),
+        (["--out-dir", "{tmp}/elsewhere"], "a resumed run writes into its own folder"),
+    ],
+)
+def test_resume_refuses_bad_options_in_one_line(tmp_path, names_file, fresh_pm, capsys, extra, message):
+    assert main(_train_args(names_file, tmp_path / "r", "--stop-after", "4")) == 0
+    capsys.readouterr()
+    extra = [arg.format(tmp=tmp_path) for arg in extra]
+    assert main(["train", "--resume", str(tmp_path / "r"), "--quiet", *extra]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "elsewhere").exists()

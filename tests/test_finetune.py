@@ -199,6 +199,15 @@ def test_lora_on_a_lora_run_opens_resumes_and_adds_its_adapters_to_the_merged_ru
     np.testing.assert_allclose(np.asarray(logits), _transformers_logits(exports[second], ids), rtol=0, atol=1e-10)
 
 
+def test_resuming_a_fine_tune_takes_its_own_window_and_refuses_another(base_dir, text_file, tmp_path, capsys):
+    run = tmp_path / "run"
+    _train(base_dir, text_file, run, steps=2)  # --block-size WINDOW: the training window, not the context
+    assert main(["train", "--resume", str(run), "--steps", "3", "--block-size", str(WINDOW), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "--steps", "4", "--block-size", str(WINDOW // 2), "--quiet"]) == 2
+    assert "cannot change ['block_size']" in capsys.readouterr().err
+
+
 def test_lora_resume_refuses_a_changed_base(base_dir, text_file, tmp_path):
     import shutil
 

@@ -113,6 +113,7 @@ def run(args: argparse.Namespace) -> int:
                     raise ValueError("--data and --preset cannot be changed when resuming (the run keeps its own)")
                 train(
                     resume=args.resume,
+                    out_dir=args.out_dir,  # train() refuses another folder than the run's own
                     stop_after=args.stop_after,
                     progress=not args.quiet,
                     plugin_manager=pm,

@@ -30,7 +30,7 @@ from typing import Any
 
 from arraygpt.errors import CheckpointError, DataError, RunFolderError
 from arraygpt.training.build import make_optimizer, split_options
-from arraygpt.training.config import RESUME_OVERRIDABLE, TrainConfig
+from arraygpt.training.config import RESUME_OVERRIDABLE, TrainConfig, _named
 from arraygpt.training.data import Batcher, fingerprint, make_dataset, read_source
 from arraygpt.training.distributed import ShardedOptimizer, World, ending_all_ranks_on_error
 from arraygpt.training.run import Run
@@ -138,7 +138,9 @@ def resumed_run(resume: str | Path, options: dict[str, Any], pm: Any, progress: 
     batch = split_global_batch(saved, extra, world.size, train_options)
     may_change = (*RESUME_OVERRIDABLE, *batch, "steps")  # batch_size and grad_accum: checked to keep the global batch
     changed = {k: v for k, v in train_options.items() if k not in may_change and getattr(saved, k) != v}
-    changed.update({k: v for k, v in model_overrides.items() if getattr(ckpt.config, k) != v})
+    # a fine-tune's block_size is its training window
+    saved_window = {} if saved.window is None else {"block_size": saved.window}
+    changed.update({k: v for k, v in model_overrides.items() if saved_window.get(k, getattr(ckpt.config, k)) != v})
     if changed:
         raise ValueError(
             f"cannot change {sorted(changed)} when resuming (the run continues with its saved options; "
@@ -215,6 +217,9 @@ def split_global_batch(
         )
     P = G // ranks
     B, N = given.get("batch_size"), given.get("grad_accum")
+    for name, value in (("batch_size", B), ("grad_accum", N)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{_named(name)} must be a positive integer, got {value!r}")
     where = f"the {P} rows per rank of the run's global batch ({G} rows over {ranks} ranks)"
     if B is not None and N is not None:
         if B * N != P:
