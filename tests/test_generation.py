@@ -576,6 +576,43 @@ def test_streamed_text_of_a_hugging_face_tokenizer_equals_its_decode_and_decodes
         assert "".join(ref_pieces) == text and not any("\ufffd" in p for p in pieces)
 
 
+def test_streaming_survives_a_token_that_changes_the_text_before_it():
+    """A Llama-2-style tokenizer (SentencePiece BPE with byte fallback): a stray UTF-8 lead byte
+    after the byte token "p" makes ``decode`` give U+FFFD for both, and tokenizers' DecodeStream
+    raises a bare Exception. The stream keeps the "p" it gave and goes on as Python's UTF-8
+    decoder would; any ids a model may emit stream without an error."""
+    pytest.importorskip("tokenizers")
+    import random
+
+    from tokenizers import Tokenizer, decoders, models, normalizers
+
+    from arraygpt.generation.text import TextStream
+    from arraygpt.io.bpe import HFTokenizer
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{b:02X}>": 3 + b for b in range(256)}}
+    for piece in ["▁", "h", "e", "l", "o", "▁h", "▁he", "ll", "▁hell", "▁hello", "w", "r", "d", "▁w", "▁world"]:
+        vocab.setdefault(piece, len(vocab))
+    raw = Tokenizer(models.BPE(vocab=vocab, merges=[], byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+    raw.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    raw.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    tok = HFTokenizer(raw, bos_id=1, eos_ids=[2])
+    ids = [vocab["<0x70>"], vocab["<0xE3>"], vocab["▁world"]]
+    assert tok.decode(ids) == "\ufffd\ufffd world"
+    stream = TextStream(tok, tok.encode("hello"))
+    pieces = [stream.push(i) for i in ids]
+    assert pieces[0] == "p" and "".join(pieces) + stream.finish() == (b"p\xe3" + b" world").decode(errors="replace")
+    rng, words = random.Random(0), [i for p, i in vocab.items() if not p.startswith("<")]
+    for _ in range(200):
+        ids = [rng.randrange(len(vocab)) for _ in range(12)]
+        stream = TextStream(tok, [])
+        [stream.push(i) for i in ids], stream.finish()  # any ids: no error
+        plain = [rng.choice(words) for _ in range(12)]  # no byte tokens: text equals decode
+        stream = TextStream(tok, [])
+        assert "".join(stream.push(i) for i in plain) + stream.finish() == tok.decode(plain)
+
+
 def test_streaming_decodes_a_bounded_window_per_token():
     from arraygpt.generation.text import TextStream
     from arraygpt.io.tokenizers import CharTokenizer

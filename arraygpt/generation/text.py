@@ -75,7 +75,9 @@ class TextStream:
 
     ``push(token)`` returns the new text ("" while a character is incomplete); ``finish()``
     returns what is still held back, an incomplete character rendered as U+FFFD, so that no
-    generated text is lost. The pushed texts joined equal ``tokenizer.decode(pushed ids)``.
+    generated text is lost. The pushed texts joined equal ``tokenizer.decode(pushed ids)``, except
+    where a token changes the text of tokens before it (a byte-fallback tokenizer decodes a valid
+    byte followed by a stray one as two U+FFFD): the text already given stays.
 
     Example:
         >>> from arraygpt.io.tokenizers import ByteTokenizer
@@ -94,6 +96,7 @@ class TextStream:
 
             self._hf = DecodeStream(ids=seed, skip_special_tokens=False)
             self._pending: list[int] = []  # ids pushed since the last text came out
+            self._seen = seed  # the last ids before them
         elif getattr(tokenizer, "kind", None) == "byte":
             self._bytes = codecs.getincrementaldecoder("utf-8")(errors="replace")
         else:
@@ -107,10 +110,20 @@ class TextStream:
             return self._bytes.decode(self._token_bytes(token))
         if self._hf is not None:
             self._pending.append(token)
-            text = self._hf.step(_hf_tokenizer(self.tokenizer), token)
+            ids = self._seen + self._pending
+            try:
+                text = self._hf.step(_hf_tokenizer(self.tokenizer), token)
+            except Exception:  # tokenizers' bare Exception: this token changed how earlier ones decode
+                # (byte fallback: a stray byte after <0x70> makes "p" U+FFFD); keep the text already
+                # given and go on from here, the rest aligned by length
+                from tokenizers.decoders import DecodeStream
+
+                before = self.tokenizer.decode(self._seen)
+                text = self.tokenizer.decode(ids)[len(before) :]
+                self._hf = DecodeStream(ids=ids[-_SEED:], skip_special_tokens=False)
             if text is None:
                 return ""
-            self._pending = []
+            self._seen, self._pending = ids[-_SEED:], []
             return text
         self._window.append(token)
         text = self.tokenizer.decode(self._window)
