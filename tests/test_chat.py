@@ -328,3 +328,28 @@ def test_a_conversation_that_outgrows_the_context_drops_its_oldest_exchanges(cou
     assert roles[0] == "system" and roles[1:] == ["user", "assistant"] * ((len(roles) - 1) // 2)
     assert sum(len(piece) for piece in fed[before:after]) <= 6 + chat.prefilled
     assert chat.prefilled < len(ids)
+
+
+def test_chatml_without_an_im_end_token_stops_at_its_text_and_never_streams_it():
+    """A byte tokenizer has no <|im_end|> token: the model writes it byte by byte, and the reply
+    stops there; no piece of the stop text is streamed, though its first bytes could not yet be
+    told from text ("<" alone), and a "<" that begins no stop text is streamed."""
+    import dataclasses
+    import itertools
+
+    from arraygpt import GPT, GPTConfig
+    from arraygpt.io.tokenizers import ByteTokenizer
+
+    model = GPT(dataclasses.replace(GPTConfig.preset("microgpt"), vocab_size=257, block_size=256), seed=0)
+    for written, want in [("a<b hi!<|im_end|>more", "a<b hi!"), ("a <|im", "a <|im")]:
+        reply, step = list(written.encode()), itertools.count()
+
+        def forced(probs, reply=reply, step=step):
+            xp = namespace(probs)
+            token = reply[min(next(step), len(reply) - 1)]
+            return xp.astype(xp.arange(probs.shape[-1])[None, :] == token, probs.dtype)
+
+        chat = Chat(model, ByteTokenizer(), template="chatml", sampler=forced, seed=0, max_new_tokens=len(reply))
+        pieces = list(chat.send("hello"))
+        assert "".join(pieces) == chat.messages[-1]["content"] == want
+        assert not any("|im" in piece for piece in pieces[:-1])

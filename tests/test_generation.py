@@ -4,6 +4,7 @@ distribution, argument checks, and the ``arraygpt sample`` command."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 
@@ -175,6 +176,49 @@ def test_each_row_of_a_batch_stops_on_its_own():
     # everything stopped: the iterator ends early
     assert list(generate(model, [[1, 1], [2, 2]], 6, force([4, 4]), eos_id=4)) == [(4, 4)]
     assert list(generate(model, [1, 1], 6, force([7]), stop=[[7, 7, 7]])) == [7, 7, 7]
+
+
+def _forced_sequence(ids):
+    """A filter that keeps ids[n] at the n-th step, for every row."""
+    step = itertools.count()
+
+    def forced(probs):
+        xp = arraygpt.xp.namespace(probs)
+        n = next(step)
+        return xp.astype(xp.arange(probs.shape[-1])[None, :] == ids[min(n, len(ids) - 1)], probs.dtype)
+
+    return forced
+
+
+def test_a_text_stop_ends_the_text_however_the_tokens_split_it():
+    """As transformers' StopStringCriteria: "\n\n" is one token of this BPE, but the model writes it
+    as two "\n" tokens; " Human:" ends inside one token; the text is yielded up to the token that
+    completes the stop string."""
+    pytest.importorskip("tokenizers")
+    from arraygpt.io.bpe import BPETokenizer
+    from tiny_hf import byte_level_bpe
+
+    raw = byte_level_bpe(["ok.\n\nHuman: hi there\n\n", "a Human: b\n\n"] * 8, min_frequency=1)
+    tok = BPETokenizer(raw)
+    newline, double = raw.token_to_id("\u010a"), raw.token_to_id("\u010a\u010a")
+    assert double is not None and tok.encode("\n\n") == [double]
+    model = dataclasses.replace(tiny().config, vocab_size=raw.get_vocab_size())
+    model = arraygpt.GPT(model, seed=0)
+    ids = tok.encode("ok.") + [newline, newline] + tok.encode("Human: hi")
+    assert "".join(generate(model, "x", len(ids), _forced_sequence(ids), tokenizer=tok, eos_id=())) == tok.decode(ids)
+    text = "".join(generate(model, "x", len(ids), _forced_sequence(ids), tokenizer=tok, eos_id=(), stop=["\n\n"]))
+    assert text == "ok.\n\n"
+    ids = tok.encode("ok. Human: hi there")
+    overhang = [i for i in ids if "Human" in tok.decode([i])]
+    assert overhang and not tok.decode(overhang).endswith(":")  # "Human:" ends inside a token
+    stop = ["man:"]
+    text = "".join(generate(model, "x", len(ids), _forced_sequence(ids), tokenizer=tok, eos_id=(), stop=stop))
+    cut = next(n for n in range(1, len(ids) + 1) if "man:" in tok.decode(ids[:n]))
+    assert cut < len(ids) and text == tok.decode(ids[:cut])
+    tokens = list(generate(model, [1, 2], len(ids), _forced_sequence(ids), tokenizer=tok, eos_id=(), stop=stop))
+    assert tokens == ids[:cut]  # token ids in, token ids out: the same stop
+    with pytest.raises(TypeError, match="text stop sequences need the model's tokenizer"):
+        generate(model, [1, 2], 3, stop=["ab"])
 
 
 def test_max_new_tokens_zero_yields_nothing():

@@ -73,7 +73,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="TEXT",
-        help="stop a sample when it ends with TEXT (repeatable); the tokenizer's end tokens always stop",
+        help="stop a sample at the token that completes TEXT (repeatable); the tokenizer's end tokens always stop",
     )
     parser.add_argument(
         "--no-cache",
@@ -365,9 +365,9 @@ def run(args: argparse.Namespace) -> int:
         max_new_tokens = defaults.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS)
     ends = sorted(end_ids(tokenizer) | set(defaults.get("eos_token_id", ())))
     prompt = encode_prompt(tokenizer, text, prefix)
-    stop = [list(tokenizer.encode(s)) for s in args.stop]
-    if any(not ids for ids in stop):
-        raise ValueError("--stop takes a non-empty text (one that encodes to at least one token)")
+    stop = list(args.stop)
+    if not all(stop):
+        raise ValueError("--stop takes a non-empty text")
     rng = host_rng(args.seed)
     out = sys.stdout
     for i in range(args.num_samples):

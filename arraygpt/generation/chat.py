@@ -32,11 +32,10 @@ from arraygpt.generation.generation import (
     make_rng,
     resolve_model,
     sample_loop,
-    stop_sequences,
     tokenizer_vocab,
 )
 from arraygpt.generation.sampling import check_number, make_sampler, with_generation_config
-from arraygpt.generation.text import TextStream, end_ids
+from arraygpt.generation.text import StopText, TextStream, end_ids
 
 __all__ = ["TEMPLATES", "Chat", "render_chatml"]
 
@@ -128,13 +127,13 @@ class Chat:
         self.chain = make_sampler(sampler, temperature=temperature, **sampler_options)
         self.rng = make_rng(seed)
         ends = set(end_ids(self.tokenizer)) | set(end_id_set(eos_id))
-        self.stops: tuple[tuple[int, ...], ...] = ()
+        self.stop_texts: tuple[str, ...] = ()
         if template == "chatml":
             im_end = self.tokenizer.encode(IM_END)
             if len(im_end) == 1:
                 ends.add(im_end[0])
-            else:  # the tokenizer has no <|im_end|> token: stop at its text
-                self.stops = stop_sequences([im_end])
+            else:  # the tokenizer has no <|im_end|> token: stop at its text, however the tokens split it
+                self.stop_texts = (IM_END,)
         self.ends = frozenset(ends)
         self.n_valid = tokenizer_vocab(self.model, self.tokenizer)
         self.block_size = self.model.config.block_size
@@ -215,7 +214,7 @@ class Chat:
             n_new,
             self.show_probs,
             self.ends,
-            self.stops,
+            (),
             self.rng,
             self.n_valid,
         )
@@ -223,29 +222,33 @@ class Chat:
 
     def _reply(self, steps: Iterator[Any], messages: list[dict[str, str]], ids: list[int]) -> Iterator[Any]:
         stream = TextStream(self.tokenizer, ids)
+        stops = StopText(self.stop_texts) if self.stop_texts else None  # holds back what may begin one
         reply: list[int] = []
         pieces: list[str] = []
         try:
+            stopped = False
             for item in steps:
                 token = item.token if self.show_probs else item
                 reply.append(token)
                 if token in self.ends:
                     break
                 piece = stream.push(token)
+                if stops is not None:
+                    piece, stopped = stops.push(piece)
                 pieces.append(piece)
                 if self.show_probs:
                     yield item
                 elif piece:
                     yield piece
-            tail = stream.finish()
+                if stopped:  # the stop text is not part of the reply
+                    break
+            tail = "" if stopped else stream.finish()
+            if stops is not None and not stopped:
+                tail, _ = stops.push(tail)
+                tail += stops.finish()
             pieces.append(tail)
             if tail and not self.show_probs:
                 yield tail
         finally:
             self.cached = (ids + reply)[: self.cache.length]
-            content = "".join(pieces)
-            for stop in self.stops:  # a stop text at the end is not part of the reply
-                text = self.tokenizer.decode(list(stop))
-                if content.endswith(text):
-                    content = content[: -len(text)]
-            self.messages = [*messages, {"role": "assistant", "content": content}]
+            self.messages = [*messages, {"role": "assistant", "content": "".join(pieces)}]

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -37,7 +37,7 @@ from arraygpt.generation.sampling import (
     top_candidates,
     with_generation_config,
 )
-from arraygpt.generation.text import TextStream, encode_prompt, end_ids
+from arraygpt.generation.text import StopText, TextStream, encode_prompt, end_ids
 from arraygpt.nn import layers
 from arraygpt.xp import Array, host_rng, to_numpy
 
@@ -172,20 +172,32 @@ def end_id_set(eos_id: Any) -> frozenset[int]:
     return frozenset(int(i) for i in ids if i is not None)
 
 
-def stop_sequences(stop: Any, tokenizer: Any = None) -> tuple[tuple[int, ...], ...]:
+def stop_sequences(stop: Any) -> tuple[tuple[tuple[int, ...], ...], tuple[str, ...]]:
+    """(the token id sequences, the texts) of ``stop``."""
     if stop is None:
-        return ()
-    seqs = []
+        return (), ()
+    seqs, texts = [], []
     for s in stop:
-        if isinstance(s, str) and tokenizer is not None:
-            s = tokenizer.encode(s)
+        if isinstance(s, str) and s:
+            texts.append(s)
+            continue
         if isinstance(s, (numbers.Integral, str)) or not all(isinstance(i, numbers.Integral) for i in s) or len(s) == 0:
             raise TypeError(
                 f"stop must be a list of non-empty token id sequences, e.g. [[13, 13]] (or of texts, with a "
                 f"tokenizer), got {stop!r}"
             )
         seqs.append(tuple(int(i) for i in s))
-    return tuple(seqs)
+    return tuple(seqs), tuple(texts)
+
+
+def text_stops(tokenizer: Any, context: Any, texts: tuple[str, ...]) -> Callable[[int, int], bool] | None:
+    """For :func:`sample_loop`: whether row b's text, after its prompt ``context`` (B, T), reached
+    one of ``texts`` with token t (None without texts)."""
+    if not texts:
+        return None
+    streams = [TextStream(tokenizer, row.tolist()) for row in context]
+    finders = [StopText(texts) for _ in streams]
+    return lambda b, t: finders[b].push(streams[b].push(t))[1]
 
 
 def _is_text(prompt: Any) -> bool:
@@ -265,8 +277,9 @@ def generate(
             reruns the whole context each step (for checks and benchmarks); the tokens are the same.
         eos_id: end token(s): a sequence stops after generating one. Default: with a tokenizer,
             its end tokens (``stop_ids``, BOS, EOS); else none (pass ``()`` for none with a tokenizer).
-        stop: stop sequences of token ids (or texts, with a tokenizer): a sequence stops once its
-            generated tokens end with one.
+        stop: stop sequences of token ids: a sequence stops once its generated tokens end with
+            one; or texts (with a tokenizer): a sequence stops at the token whose text completes
+            one, however the tokens split it (transformers' ``StopStringCriteria``).
         show_probs: K > 0 yields :class:`Candidates` (the token and the K most likely candidates
             before and after the sampler) instead of bare token ids or text.
         **sampler_options: options of the chosen samplers, e.g. ``top_k=40``, ``top_p=0.9``,
@@ -317,11 +330,14 @@ def generate(
     k = check_number("show_probs", show_probs, 0, integer=True)
     if eos_id is None and tokenizer is not None:
         eos_id = end_ids(tokenizer)
-    ends, stops = end_id_set(eos_id), stop_sequences(stop, tokenizer)
+    (ends, (stops, texts)) = end_id_set(eos_id), stop_sequences(stop)
+    if texts and tokenizer is None:
+        raise TypeError(f"text stop sequences need the model's tokenizer (tokenizer=...), got {stop!r}")
     rng = make_rng(seed)
     n_valid = tokenizer_vocab(model, tokenizer)
     decoder = Decoder(model, bool(use_cache))
-    steps = sample_loop(model, decoder, chain, context, single, n_new, k, ends, stops, rng, n_valid)
+    stopped = text_stops(tokenizer, context, texts)
+    steps = sample_loop(model, decoder, chain, context, single, n_new, k, ends, stops, rng, n_valid, stopped)
     if not text or k:
         return steps
     return _as_text(steps, tokenizer, context, single, ends)
@@ -376,7 +392,11 @@ def sample_loop(
     stops: tuple[tuple[int, ...], ...],
     rng: Any,
     n_valid: int | None = None,
+    stop_text: Callable[[int, int], bool] | None = None,
 ) -> Iterator[Any]:
+    """Draw up to ``n_new`` tokens per row of ``prompt`` (B, T); a row stops at a token of
+    ``ends``, once its tokens end with one of ``stops``, or when ``stop_text(row, token)`` says
+    its text reached a stop string (:func:`text_stops`)."""
     import numpy as np
 
     if n_new == 0:
@@ -424,6 +444,8 @@ def sample_loop(
             generated[b].append(t)
             items.append(infos[b] if infos is not None else t)
             if t in ends or any(len(generated[b]) >= len(s) and tuple(generated[b][-len(s) :]) == s for s in stops):
+                done[b] = True
+            elif stop_text is not None and stop_text(b, t):
                 done[b] = True
         if length == context.shape[1]:
             grown = np.empty((B, T0 + min(n_new, 2 * (length - T0))), dtype=np.int64)  # (B, new capacity)

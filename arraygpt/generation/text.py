@@ -13,6 +13,9 @@ every id again for every new token is quadratic. :class:`TextStream` does neithe
 - anything else with ``decode`` (arraygpt's character tokenizer): DecodeStream's algorithm in
   Python, decoding only a short window of ids each time.
 
+:class:`StopText` finds stop strings in that text however the tokens split them, as transformers'
+``StopStringCriteria`` does, holding back what may begin one.
+
 Not here: the generation loop (``arraygpt.generation.generation``), the tokenizers themselves
 (``arraygpt.io.tokenizers``, ``arraygpt.io.bpe``).
 """
@@ -24,7 +27,7 @@ import numbers
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-__all__ = ["TextStream", "encode_prompt", "end_ids"]
+__all__ = ["StopText", "TextStream", "encode_prompt", "end_ids"]
 
 _SEED = 8  # prompt ids a stream starts from (enough for a SentencePiece space or a split character)
 
@@ -163,3 +166,35 @@ def _hf_tokenizer(tokenizer: Any) -> Any:
     from arraygpt.io.bpe import HFTokenizer
 
     return tokenizer._tokenizer if isinstance(tokenizer, HFTokenizer) else None
+
+
+class StopText:
+    """Stop strings in streamed text: ``push(piece)`` returns the text before the first stop
+    string and whether one was reached, holding back a tail that may begin one (a stop string
+    split over several tokens, or ending inside one); ``finish()`` returns what is held back.
+
+    Example:
+        >>> s = StopText(["<|im_end|>"])
+        >>> s.push("Hi!<|im"), s.push("_end|> and"), s.finish()
+        (('Hi!', False), ('', True), '')
+    """
+
+    def __init__(self, stops: Iterable[str]):
+        self.stops = tuple(stops)
+        if not self.stops or not all(isinstance(t, str) and t for t in self.stops):
+            raise ValueError(f"stop strings must be non-empty texts, got {self.stops!r}")
+        self._held = ""
+
+    def push(self, piece: str) -> tuple[str, bool]:
+        text = self._held + piece
+        found = [i for i in (text.find(t) for t in self.stops) if i >= 0]
+        if found:
+            self._held = ""
+            return text[: min(found)], True
+        held = max((k for t in self.stops for k in range(1, len(t)) if text.endswith(t[:k])), default=0)
+        self._held = text[len(text) - held :] if held else ""
+        return text[: len(text) - held], False
+
+    def finish(self) -> str:
+        held, self._held = self._held, ""
+        return held
