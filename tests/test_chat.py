@@ -226,7 +226,8 @@ def test_arraygpt_chat_reads_generation_config_once_and_top_k_0_turns_its_top_k_
 
     folder = tmp_path / "with-config"
     shutil.copytree(model_dir, folder)
-    (folder / "generation_config.json").write_text(json.dumps({"top_k": 5, "repetition_penalty": 1.3}))
+    config = {"do_sample": True, "top_k": 5, "repetition_penalty": 1.3}
+    (folder / "generation_config.json").write_text(json.dumps(config))
     made = []
 
     class Recorded(Chat):

@@ -527,6 +527,11 @@ def test_a_checkpoints_generation_config_fills_in_what_the_caller_left_unchosen(
     for t in greedy:
         assert t == int(np.argmax(full_recompute_logits(ckpt.model, [context])[0]))
         context.append(t)
+    config.write_text(json.dumps({"temperature": 0.7, "top_p": 0.8}))  # no do_sample: greedy, as transformers
+    transformers = pytest.importorskip("transformers")
+    mode = transformers.GenerationConfig.from_pretrained(config.parent).get_generation_mode()
+    assert mode == transformers.generation.configuration_utils.GenerationMode.GREEDY_SEARCH
+    assert list(generate(arraygpt.load(tmp_path / "ckpt"), [3, 1], 10, eos_id=())) == greedy
     config.write_text(json.dumps({"do_sample": True, "temperature": 0.7, "top_p": 0.8, "repetition_penalty": 1.3}))
     ckpt = arraygpt.load(tmp_path / "ckpt")
     assert ckpt.generation_config == {"do_sample": True, "temperature": 0.7, "top_p": 0.8, "repetition_penalty": 1.3}
@@ -547,6 +552,20 @@ def test_a_checkpoints_generation_config_fills_in_what_the_caller_left_unchosen(
     chat = Chat(arraygpt.load(tmp_path / "byte"), template="chatml", seed=0)
     assert chat.chain.temperature == 0.7 and {"top_p", "repeat_penalty"} <= set(chat.chain.names)
     assert Chat(arraygpt.load(tmp_path / "byte"), template="chatml", temperature=0).chain.temperature == 0
+
+
+def test_a_generation_configs_repetition_penalty_sees_the_whole_context_as_transformers_does():
+    import torch
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    from arraygpt.generation.sampling import make_sampler, with_generation_config
+
+    sampler, temperature, options = with_generation_config({"do_sample": True, "repetition_penalty": 1.3})
+    chain = make_sampler(sampler, temperature=temperature, **options)
+    context = np.array([[7] + [1] * 100])  # token 7 is 101 tokens back: past llama.cpp's window of 64
+    logits = np.linspace(-1.0, 2.0, 10)[None, :]
+    want = RepetitionPenaltyLogitsProcessor(1.3)(torch.tensor(context), torch.tensor(logits)).softmax(-1).numpy()
+    np.testing.assert_allclose(chain(logits, context), want, rtol=1e-12)
 
 
 def test_the_repeat_penalty_sees_the_whole_context_as_transformers_does():

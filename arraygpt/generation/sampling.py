@@ -331,7 +331,8 @@ def with_generation_config(
       ``default_temperature``.
     - ``top_k``, ``top_p``, ``min_p``: the file's join ``options`` unless ``options`` has them or
       ``do_sample`` is false (``top_k`` 0 means off); ``repetition_penalty`` becomes
-      ``repeat_penalty`` unless ``options`` has it (1.0 means off).
+      ``repeat_penalty`` over the whole context (``repeat_last_n`` -1) unless ``options`` has it
+      (1.0 means off).
     - ``sampler``: the caller's, else :data:`DEFAULT_SAMPLER`.
 
     Example:
@@ -357,6 +358,7 @@ def with_generation_config(
     penalty = config.get("repetition_penalty")
     if "repeat_penalty" not in options and penalty is not None and penalty != 1.0:
         options["repeat_penalty"] = float(penalty)
+        options.setdefault("repeat_last_n", -1)  # transformers penalizes every token of the context
     return (DEFAULT_SAMPLER if sampler is None else sampler), temperature, options
 
 

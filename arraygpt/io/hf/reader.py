@@ -189,11 +189,11 @@ _SAMPLING: dict[str, tuple[Any, str]] = {
 
 
 def read_generation_config(directory: str | os.PathLike[str]) -> dict[str, Any]:
-    """The sampling defaults of a directory's ``generation_config.json``: those of ``do_sample``,
-    ``temperature``, ``top_k``, ``top_p``, ``min_p``, ``repetition_penalty``, ``max_new_tokens``
-    and ``eos_token_id`` (always a list) that it sets (null counts as not set); ``{}`` when the
-    directory has no such file. transformers samples only when ``do_sample`` is true, and decodes
-    greedily otherwise.
+    """The sampling defaults of a directory's ``generation_config.json``: ``do_sample`` (false
+    where the file does not set it: transformers samples only when it is true, and decodes greedily
+    otherwise), and those of ``temperature``, ``top_k``, ``top_p``, ``min_p``,
+    ``repetition_penalty``, ``max_new_tokens`` and ``eos_token_id`` (always a list) that it sets
+    (null counts as not set); ``{}`` when the directory has no such file.
 
     Raises:
         CheckpointError: the file is not a regular file, too large, not a JSON object, or holds a
@@ -201,13 +201,13 @@ def read_generation_config(directory: str | os.PathLike[str]) -> dict[str, Any]:
 
     Example:
         >>> read_generation_config("SmolLM2-135M-Instruct")  # doctest: +SKIP
-        {'eos_token_id': [2]}
+        {'do_sample': False, 'eos_token_id': [2]}
     """
     path = Path(directory) / GENERATION_CONFIG_FILE
     if not os.path.lexists(path):
         return {}
     config = read_json(path, what="generation config", limit=CONFIG_LIMIT)
-    out: dict[str, Any] = {}
+    out: dict[str, Any] = {"do_sample": False}
     for key, (ok, allowed) in _SAMPLING.items():
         value = config.get(key)
         if value is None:
