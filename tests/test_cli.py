@@ -315,6 +315,7 @@ def test_sample_option_reaches_a_plugin_sampler(char_checkpoint, capsys):
         ("--repeat-penalty", "0", "--repeat-penalty must be a number in (0, inf), got 0.0"),
         ("--repeat-last-n", "-3", "--repeat-last-n must be an integer >= -1, got -3"),
         ("--temperature", "1e-320", "--temperature 1e-320 is too small: use 0 for greedy decoding or at least"),
+        ("--seed", "-1", "--seed must be an integer >= 0, got -1"),
     ],
 )
 def test_sample_reports_a_bad_sampler_option_in_command_line_terms(char_checkpoint, capsys, flag, value, allowed):

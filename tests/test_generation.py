@@ -281,6 +281,7 @@ def test_show_probs_in_a_batch_and_with_greedy():
         (([1, 2], 5), {"stop": [3, 4]}, TypeError, "stop must be a list of non-empty token id sequences"),
         (([1, 2], 5, "beam"), {}, ValueError, "unknown sampler 'beam'; registered samplers:"),
         (([1, 2], 5), {"seed": 1.5}, TypeError, "seed must be an int, None or a numpy.random.Generator"),
+        (([1, 2], 5), {"seed": -1}, ValueError, "seed must be an integer >= 0, got -1"),
         (([1, 99], 2), {}, ValueError, "prompt holds token id 99; allowed: 0 <= id < vocab_size"),
         (([[1, 2], [-1, 2]], 2), {}, ValueError, "prompt holds token id -1"),
     ],

@@ -356,6 +356,7 @@ def run(args: argparse.Namespace) -> int:
     if args.max_new_tokens is not None:
         check_number("--max-new-tokens", args.max_new_tokens, 0, integer=True)
     check_number("--show-probs", args.show_probs, 0, integer=True)
+    check_number("--seed", args.seed, 0, integer=True)
     sampling(args, {})  # report bad options before loading
     text = read_prompt_file(args.prompt_file) if args.prompt_file is not None else args.prompt
     model, tokenizer, prefix, defaults = _load(args.checkpoint, args.quantized)

@@ -348,10 +348,12 @@ def generate(
 
 
 def make_rng(seed: Any) -> Any:
-    if seed is None or (isinstance(seed, numbers.Integral) and not isinstance(seed, bool)):
+    if seed is None or (isinstance(seed, numbers.Integral) and not isinstance(seed, bool) and seed >= 0):
         return host_rng(seed)
     if callable(getattr(seed, "random", None)):
         return seed  # a numpy Generator, drawn from as is
+    if isinstance(seed, numbers.Integral) and not isinstance(seed, bool):
+        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
     raise TypeError(f"seed must be an int, None or a numpy.random.Generator, got {seed!r}")
 
 
