@@ -307,3 +307,38 @@ def test_sample_command_reads_a_gpt2_directory(gpt2_dir):
         )
     assert rc == 0
     assert out.getvalue().startswith("Hello")
+
+
+def test_a_chat_template_sees_every_named_special_token_as_in_transformers(tmp_path):
+    """transformers hands a template its named special tokens (pad, unk, sep, ...), not only BOS
+    and EOS; a tokenizer saved by arraygpt keeps them."""
+    transformers = pytest.importorskip("transformers")
+    from tiny_hf import byte_level_bpe
+
+    specials = ["<s>", "</s>", "<pad>", "<unk>", "<sep>", "<tool>", "<think>"]
+    byte_level_bpe(["hello there"] * 4, specials).save(str(tmp_path / "tokenizer.json"))
+    template = (
+        "{{ pad_token }}|{{ unk_token }}|{{ sep_token }}|{{ bos_token }}|{{ eos_token }}|"
+        "{{ cls_token is defined }}|"
+        "{% for m in messages %}{{ m.content }}{% endfor %}"
+    )
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>"}
+    config |= {"pad_token": "<pad>", "unk_token": "<unk>", "sep_token": "<sep>", "cls_token": None}
+    config |= {"additional_special_tokens": ["<tool>", "<think>"], "chat_template": template}  # not passed
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    messages = [{"role": "user", "content": "hi"}]
+    want = transformers.AutoTokenizer.from_pretrained(tmp_path).apply_chat_template(messages, tokenize=False)
+    assert want == "<pad>|<unk>|<sep>|<s>|</s>|False|hi"
+    ours = load_hf_tokenizer(tmp_path)
+    assert ours.apply_chat_template(messages) == want
+    ours.save(tmp_path / "saved")
+    saved = load_hf_tokenizer(tmp_path / "saved")
+    assert saved.apply_chat_template(messages) == want
+    assert (
+        transformers.AutoTokenizer.from_pretrained(tmp_path / "saved").apply_chat_template(messages, tokenize=False)
+        == want
+    )
+    config["pad_token"] = "<nope>"
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(arraygpt.errors.CheckpointError, match="pad_token '<nope>' is not a token"):
+        load_hf_tokenizer(tmp_path)

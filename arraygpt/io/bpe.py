@@ -44,6 +44,8 @@ CHAR_TO_BYTE = {c: b for b, c in BYTE_TO_CHAR.items()}
 ENDOFTEXT = "<|endoftext|>"
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+# the special tokens besides BOS and EOS that transformers hands a chat template (special_tokens_map)
+TEMPLATE_TOKENS = ("unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 _INVALID_RUN = re.compile("([\udc80-\udcff]+)")  # bytes that surrogateescape could not decode
 _GPT2_DEFAULT: Any = object()  # "not given": the id of <|endoftext|>, GPT-2's BOS and EOS
 # tokens that end a chat turn (ChatML/Qwen2/SmolLM2, Llama 3, Phi-3, Gemma): a reply stops at them
@@ -107,6 +109,9 @@ class HFTokenizer:
             ``stop_ids`` (generation_config.json's ``eos_token_id``).
         chat_template: the Jinja chat template (tokenizer_config.json's ``chat_template`` or
             chat_template.jinja), or None; :meth:`apply_chat_template` renders it.
+        special_tokens: tokenizer_config.json's other named special tokens as text (``pad_token``,
+            ``unk_token``, ...: :data:`TEMPLATE_TOKENS`), which the chat template sees as
+            transformers' does.
         source: the file it was read from.
     """
 
@@ -123,6 +128,7 @@ class HFTokenizer:
         chat_template: str | None = None,
         stop_ids: Iterable[int] = (),
         vocab_size: int | None = None,
+        special_tokens: Mapping[str, str] | None = None,
     ):
         self._tokenizer = tokenizer
         self.source = source
@@ -155,6 +161,13 @@ class HFTokenizer:
                 )
         turn_ends = [tokenizer.token_to_id(t) for t in END_OF_TURN_TOKENS]
         self.stop_ids: frozenset[int] = frozenset([*self.eos_ids, *(i for i in turn_ends if i is not None), *stops])
+        self.special_tokens: dict[str, str] = dict(special_tokens or {})
+        for name, token in self.special_tokens.items():
+            if name not in TEMPLATE_TOKENS or not isinstance(token, str) or tokenizer.token_to_id(token) is None:
+                raise ValueError(
+                    f"{source}: special_tokens takes tokens of the vocabulary named {', '.join(TEMPLATE_TOKENS)}; "
+                    f"got {name}={token!r:.80}"
+                )
 
     def __repr__(self) -> str:
         return (
@@ -174,10 +187,10 @@ class HFTokenizer:
     ) -> str | list[int]:
         """The conversation as the model was trained to see it, rendered with the tokenizer's chat
         template as transformers' ``apply_chat_template`` renders it (same variables: ``messages``,
-        ``add_generation_prompt``, ``bos_token``, ``eos_token``, ``tools``/``documents`` (None
-        unless given), plus ``kwargs``). Unlike transformers, ``add_generation_prompt`` is on by
-        default: the text ends where the assistant's reply begins. The render is bounded in time
-        and size (``arraygpt.io.hf.chat_template``).
+        ``add_generation_prompt``, ``bos_token``, ``eos_token`` and the other ``special_tokens``,
+        ``tools``/``documents`` (None unless given), plus ``kwargs``). Unlike transformers,
+        ``add_generation_prompt`` is on by default: the text ends where the assistant's reply
+        begins. The render is bounded in time and size (``arraygpt.io.hf.chat_template``).
 
         Args:
             messages: ``[{"role": "system" | "user" | "assistant", "content": str}, ...]``.
@@ -200,7 +213,7 @@ class HFTokenizer:
                 f"{self.source}: this tokenizer has no chat template (tokenizer_config.json's chat_template, or "
                 "chat_template.jinja); a base model takes plain text: use encode"
             )
-        specials = {"bos_token": self._token(self.bos_id), "eos_token": self._token(self.eos_id)}
+        specials = {"bos_token": self._token(self.bos_id), "eos_token": self._token(self.eos_id), **self.special_tokens}
         variables = {**{k: v for k, v in specials.items() if v is not None}, **kwargs}
         text = render_chat_template(
             self.chat_template, messages, add_generation_prompt=add_generation_prompt, variables=variables
@@ -254,6 +267,7 @@ class HFTokenizer:
             "bos_token": self._token(self.bos_id),
             "eos_token": self._token(self.eos_id),
             "clean_up_tokenization_spaces": self.clean_up_spaces,
+            **self.special_tokens,
         }
         if self.chat_template is not None:
             out["chat_template"] = self.chat_template
@@ -452,6 +466,13 @@ def _config_ids(value: Any, key: str, path: Path, vocab_size: int) -> list[int]:
     return ids
 
 
+def _template_tokens(tokenizer: Any, tok_config: Mapping[str, Any], path: Path) -> dict[str, str]:
+    """tokenizer_config.json's other named special tokens (TEMPLATE_TOKENS), as text: transformers
+    passes them to a chat template beside ``bos_token`` and ``eos_token``."""
+    ids = {name: _token_id(tokenizer, tok_config.get(name), name, path) for name in TEMPLATE_TOKENS}
+    return {name: tokenizer.id_to_token(i) for name, i in ids.items() if i is not None}
+
+
 def _special_tokens(tokenizer: Any, directory: Path, vocab_size: int) -> dict[str, Any]:
     """BOS, EOS, the clean-up setting, the chat template and the stop ids: tokenizer_config.json's
     ``bos_token``/``eos_token`` where it names them (null included, as transformers reads them),
@@ -479,6 +500,7 @@ def _special_tokens(tokenizer: Any, directory: Path, vocab_size: int) -> dict[st
     )
     if eos is not None or eos_config or "eos_token" in tok_config:
         out["eos_ids"] = ([] if eos is None else [eos]) + eos_config
+    out["special_tokens"] = _template_tokens(tokenizer, tok_config, tok_config_path)
     out["chat_template"] = chat_template_from_config(tok_config, directory, str(tok_config_path))
     stops = read_generation_config(directory).get("eos_token_id", [])
     _config_ids(stops, "eos_token_id", directory / GENERATION_CONFIG_FILE, vocab_size)
