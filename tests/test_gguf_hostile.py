@@ -10,11 +10,14 @@ arraygpt and patched in place.
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 import os
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +33,8 @@ pytest.importorskip("tokenizers")
 from arraygpt import GPT, GPTConfig
 from arraygpt.errors import CheckpointError
 from arraygpt.io import gguf as ag_gguf
-from arraygpt.io.gguf_tokenizer import tokenizer_from_gguf
+from arraygpt.io import gguf_tokenizer
+from arraygpt.io.gguf_tokenizer import check_tokenizer_metadata, tokenizer_from_gguf
 from arraygpt.io.tokenizers import ByteTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -106,6 +110,10 @@ CASES = {
     ),
     "2^60 tensors": (assemble([ARCH], [EMB], DATA, n_tensors=1 << 60), ["claims 1152921504606846976 tensors"]),
     "2^60 metadata entries": (assemble([ARCH], [EMB], DATA, n_kv=1 << 60), ["1152921504606846976 metadata entries"]),
+    "2^16 + 1 metadata entries": (  # all there, 1.2 MB: refused before the first is read
+        assemble([ARCH] + [s(f"k{i:x}") + struct.pack("<IB", 0, 1) for i in range(1 << 16)], [EMB], DATA),
+        ["claims 65537 metadata entries", "at most 65536"],
+    ),
     "2^60 array elements": (
         assemble([ARCH, s("x") + struct.pack("<IIQ", 9, 0, 1 << 60)], [EMB], DATA),
         ["claims 1152921504606846976 elements"],
@@ -247,6 +255,12 @@ LIES = [
     ("llama.block_count", 6, struct.pack("<f", 2.0), ["'llama.block_count' must be an integer"]),
     ("llama.attention.head_count", 4, struct.pack("<I", 0), ["invalid model config", "n_head"]),
     ("tokenizer.ggml.bos_token_id", 4, struct.pack("<I", 10**6), ["bos_token_id", "0 <= id < 257"]),
+    # non-finite or non-positive float hyperparameters: NaN logits at the first generated token otherwise
+    ("llama.attention.layer_norm_rms_epsilon", 6, struct.pack("<f", math.inf), ["layer_norm_rms_epsilon' is inf"]),
+    ("llama.attention.layer_norm_rms_epsilon", 6, struct.pack("<f", math.nan), ["layer_norm_rms_epsilon' is nan"]),
+    ("llama.attention.layer_norm_rms_epsilon", 6, struct.pack("<f", 0.0), ["is 0.0", "a positive float"]),
+    ("llama.rope.freq_base", 6, struct.pack("<f", math.inf), ["'llama.rope.freq_base' is inf", "finite in float32"]),
+    ("llama.rope.freq_base", 6, struct.pack("<f", -1.0), ["'llama.rope.freq_base' is -1.0", "a positive float"]),
 ]
 
 
@@ -259,6 +273,110 @@ def test_metadata_that_lies(valid, tmp_path, key, vtype, value, said):
     assert kind == ERROR, (kind, message)
     for fragment in said:
         assert fragment in message, (fragment, message)
+
+
+def rewritten(src: Path, dst: Path, changes: dict) -> Path:
+    """``src`` (float tensors) rewritten by the gguf library's GGUFWriter, the metadata in
+    ``changes`` (key -> (GGUFValueType, value), arrays (ARRAY, (element type, list))) replaced or added."""
+    import gguf
+
+    reader = gguf.GGUFReader(src)
+    writer = gguf.GGUFWriter(dst, reader.fields["general.architecture"].contents())
+    fields = {
+        name: (f.types[0], (f.types[-1], f.contents()) if f.types[0] == gguf.GGUFValueType.ARRAY else f.contents())
+        for name, f in reader.fields.items()
+        if not name.startswith("GGUF.") and name != "general.architecture"
+    }
+    for key, (vtype, value) in {**fields, **changes}.items():
+        if vtype == gguf.GGUFValueType.ARRAY:
+            writer.add_key_value(key, value[1], vtype, sub_type=value[0])
+        else:
+            writer.add_key_value(key, value, vtype)
+    for t in reader.tensors:
+        writer.add_tensor(t.name, np.array(t.data).reshape(tuple(int(d) for d in reversed(t.shape))))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return dst
+
+
+def test_metadata_entries_past_the_limit_are_refused_at_once(tmp_path):
+    path = tmp_path / "many.gguf"
+    path.write_bytes(CASES["2^16 + 1 metadata entries"][0])
+    start = time.perf_counter()
+    with pytest.raises(CheckpointError, match="claims 65537 metadata entries; at most 65536"):
+        ag_gguf.load_gguf(path)
+    assert time.perf_counter() - start < 1.0  # the walk never starts (4 M entries took 13 s and 0.9 GB)
+
+
+def test_float_hyperparameters_that_overflow_float32_are_refused(valid, tmp_path):
+    import gguf
+
+    f64 = gguf.GGUFValueType.FLOAT64
+    for key in ("llama.attention.layer_norm_rms_epsilon", "llama.rope.freq_base"):
+        path = rewritten(valid, tmp_path / "f64.gguf", {key: (f64, 1e308)})  # finite in float64, inf in float32
+        with pytest.raises(CheckpointError, match=f"'{key}' is 1e\\+308; a positive float finite in float32"):
+            ag_gguf.load_gguf(path)
+    path = rewritten(valid, tmp_path / "ok.gguf", {"llama.rope.freq_base": (f64, 5e5)})
+    assert ag_gguf.load_gguf(path).config.rope_theta == 5e5  # a float64 of a sane size stays readable
+    config = GPTConfig.preset("gpt2", n_layer=1, n_head=2, n_embd=32, vocab_size=257, block_size=16)
+    gpt2 = ag_gguf.save_gguf(GPT(config, seed=0), tmp_path / "gpt2.gguf")
+    path = patched(gpt2, tmp_path / "eps.gguf", "gpt2.attention.layer_norm_epsilon", 6, struct.pack("<f", math.inf))
+    with pytest.raises(CheckpointError, match="'gpt2.attention.layer_norm_epsilon' is inf"):
+        ag_gguf.load_gguf(path)
+
+
+def test_rope_scaling_original_length_below_one_is_refused(tmp_path):
+    import gguf
+
+    config = GPTConfig.preset("llama-tiny", vocab_size=257, rope_scaling=(8.0, 1.0, 4.0, 16))
+    path = ag_gguf.save_gguf(GPT(config, seed=0), tmp_path / "m.gguf")
+    key = "llama.rope.scaling.original_context_length"
+    for value in (0, -16):  # every divisor 8 fits any length; GPTConfig's ValueError escaped
+        bad = rewritten(path, tmp_path / "bad.gguf", {key: (gguf.GGUFValueType.INT32, value)})
+        with pytest.raises(CheckpointError, match=f"'{key}' is {value}; a length >= 1"):
+            ag_gguf.load_gguf(bad)
+
+
+def ab_tokens(longest: int) -> list[str]:
+    """Every string of a and b up to ``longest`` letters: each splits into two tokens at every cut."""
+    return ["".join(p) for n in range(1, longest + 1) for p in itertools.product("ab", repeat=n)]
+
+
+def test_a_vocabulary_deriving_too_many_merges_is_refused_at_load(tmp_path, monkeypatch):
+    import gguf
+
+    tokens = ab_tokens(8)  # 510 tokens, 3,076 derived merges
+    vt = gguf.GGUFValueType
+    config = GPTConfig.preset("llama-tiny", vocab_size=len(tokens))
+    path = ag_gguf.save_gguf(GPT(config, seed=0), tmp_path / "m.gguf")
+    changes = {
+        "tokenizer.ggml.model": (vt.STRING, "llama"),
+        "tokenizer.ggml.tokens": (vt.ARRAY, (vt.STRING, tokens)),
+        "tokenizer.ggml.scores": (vt.ARRAY, (vt.FLOAT32, [0.0] * len(tokens))),
+    }
+    path = rewritten(path, tmp_path / "ab.gguf", changes)
+    assert ag_gguf.load_gguf(path).tokenizer.encode("abba")  # under the limit: it builds
+    monkeypatch.setattr(gguf_tokenizer, "MAX_DERIVED_MERGES", 1000)
+    start = time.perf_counter()
+    with pytest.raises(CheckpointError, match="ab.gguf: the tokens split into over 1000 pairs of tokens"):
+        ag_gguf.load_gguf(path)  # at load, not when the tokenizer is first read
+    assert time.perf_counter() - start < 2.0
+
+
+def test_merges_are_counted_while_derived_not_after():
+    tokens = ab_tokens(16)  # 131,070 tokens, 1.8 M merges: 0.7 GB and 4 s to build them all
+    meta = {
+        "tokenizer.ggml.model": "llama",
+        "tokenizer.ggml.tokens": tokens,
+        "tokenizer.ggml.scores": [0.0] * len(tokens),
+    }
+    for read in (check_tokenizer_metadata, tokenizer_from_gguf):
+        start = time.perf_counter()
+        with pytest.raises(CheckpointError, match=f"over {gguf_tokenizer.MAX_DERIVED_MERGES} pairs"):
+            read(meta, "x.gguf", len(tokens))
+        assert time.perf_counter() - start < 3.0, read
 
 
 def test_tokenizer_metadata_that_would_panic_or_hang_is_refused():

@@ -17,7 +17,7 @@ read and written, with their tensors (ggml lists dimensions fastest first; below
     blk.{i}.ffn_norm.weight/.bias     norm2                                       norm2 / norm2_b
     blk.{i}.ffn_gate/up/down          mlp_gate / mlp_up / mlp_down (/_b)          - / mlp_fc1 / mlp_fc2 (/_b)
     output_norm.weight/.bias          normf                                       normf / normf_b
-    output.weight                     lm_head (absent: tied to wte)               lm_head (tied when equal to wte)
+    output.weight                     lm_head (absent: tied to wte)               lm_head (absent: tied to wte)
     rope_freqs.weight                 Llama 3.1's rope scaling (config only)      -
 
 Q and K of ``llama``: llama.cpp's rotary embedding rotates adjacent pairs (x0, x1), transformers'
@@ -121,7 +121,8 @@ MAX_ARRAY_ELEMENTS = 1 << 20  # summed over every metadata array
 MAX_STRING = 16 << 20  # bytes of one metadata string (a chat template is ~10 KB)
 MAX_KEY = 65535  # bytes of a key (the GGUF spec's limit)
 MAX_NAME = 64  # bytes of a tensor name (GGML_MAX_NAME)
-MAX_TENSORS = 1 << 16
+MAX_TENSORS = 1 << 16  # Llama 3 405B has ~1,100
+MAX_METADATA = 1 << 16  # key/value entries (llama.cpp's files have ~20-40; big data goes in arrays)
 MAX_DIMS = 4  # GGML_MAX_DIMS
 MAX_ELEMENTS = 1 << 48  # of one tensor; the file must hold its bytes anyway
 MAX_NESTING = 2  # arrays of arrays
@@ -134,6 +135,7 @@ _NUMERIC = {t: np.dtype(s.format) for t, s in _SCALARS.items()}  # the same as N
 _U64 = struct.Struct("<Q")
 _STRING, _ARRAY = 8, 9
 _INTS, _FLOATS = (0, 1, 2, 3, 4, 5, 10, 11), (6, 12)
+_F32_MAX = float(np.finfo(np.float32).max)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -291,8 +293,10 @@ def read_header(buf: Any, size: int, source: str) -> _Header:
         raise w.fail(f"GGUF version {version}; versions {' and '.join(map(str, _VERSIONS))} are read")
     if n_tensors > MAX_TENSORS or n_tensors > size // 24:
         raise w.fail(f"claims {n_tensors} tensors; at most {min(MAX_TENSORS, size // 24)} fit the limit and the file")
-    if n_kv > size // 13:
-        raise w.fail(f"claims {n_kv} metadata entries, more than the file can hold")
+    if n_kv > MAX_METADATA or n_kv > size // 13:  # before the walk: each entry costs ~0.2 KB of Python objects
+        raise w.fail(
+            f"claims {n_kv} metadata entries; at most {min(MAX_METADATA, size // 13)} fit the limit and the file"
+        )
     values, types, alignment, pos = _read_metadata(w, n_kv)
     metadata_end = pos
     infos, names = [], set()
@@ -382,6 +386,17 @@ class _Metadata:
 
     def float(self, key: str, default: Any = ...) -> float:
         return self.get(key, _FLOATS, "a float", default)
+
+    def positive(self, key: str, default: Any = ...) -> float:
+        """A float hyperparameter (an epsilon, a rope base): > 0 and finite in float32, the dtype
+        the model computes in (an inf, or a float64 beyond float32, gives NaN logits only later)."""
+        value = self.float(key, default)
+        if not 0 < value <= _F32_MAX:
+            raise CheckpointError(
+                f"{self.source}: metadata {key!r} is {value!r}; a positive float finite in float32 "
+                f"(at most {_F32_MAX:.4g}) is allowed"
+            )
+        return value
 
     def tokenizer_values(self) -> dict[str, Any]:
         return {k: v for k, v in self.values.items() if k.startswith("tokenizer.")}
@@ -524,7 +539,8 @@ def config_from_gguf(meta: _Metadata, tensors: Mapping[str, Any], source: str) -
 
     Raises:
         CheckpointError: an architecture or option arraygpt does not implement, a missing or
-            mistyped key (the message names it).
+            mistyped key, an epsilon or rope base not positive and finite in float32 (the message
+            names the key).
     """
     arch = meta.get("general.architecture", (_STRING,), "a string")
     if arch not in ARCHITECTURES:
@@ -556,7 +572,7 @@ def config_from_gguf(meta: _Metadata, tensors: Mapping[str, Any], source: str) -
             return arch, GPTConfig(
                 **common,
                 norm="layernorm",
-                norm_eps=meta.float("gpt2.attention.layer_norm_epsilon"),
+                norm_eps=meta.positive("gpt2.attention.layer_norm_epsilon"),
                 bias=True,
                 activation="gelu_tanh",
                 init_output="scaled",
@@ -587,13 +603,13 @@ def config_from_gguf(meta: _Metadata, tensors: Mapping[str, Any], source: str) -
             )
         else:
             bias, qkv_bias = attn_bias, False
-        theta = float(meta.float(f"{arch}.rope.freq_base", 10000.0))
+        theta = float(meta.positive(f"{arch}.rope.freq_base", 10000.0))
         return arch, GPTConfig(
             **common,
             head_dim=head_dim,
             n_kv_head=meta.int(f"{arch}.attention.head_count_kv", n_head),
             norm="rmsnorm",
-            norm_eps=meta.float(f"{arch}.attention.layer_norm_rms_epsilon"),
+            norm_eps=meta.positive(f"{arch}.attention.layer_norm_rms_epsilon"),
             norm_emb=False,
             bias=bias,
             qkv_bias=qkv_bias,
@@ -828,7 +844,10 @@ def load_gguf(
     arch, config = config_from_gguf(meta, dims, source)
     if arch == "llama" and "rope_freqs.weight" in dims:
         factors = read_tensor(next(t for t in tensors if t.name == "rope_freqs.weight"))
-        old_len = meta.int("llama.rope.scaling.original_context_length", 8192)
+        key = "llama.rope.scaling.original_context_length"
+        old_len = meta.int(key, 8192)
+        if old_len < 1:  # all-equal divisors fit any length: GPTConfig would refuse it with a ValueError
+            raise CheckpointError(f"{source}: metadata {key!r} is {old_len}; a length >= 1 is allowed")
         scaling = _rope_scaling(factors.reshape(-1), config.head_dim, config.rope_theta, old_len, source)
         if scaling is not None:
             config = GPTConfig.from_dict({**config.to_dict(), "rope_scaling": scaling})

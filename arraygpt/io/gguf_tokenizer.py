@@ -45,6 +45,10 @@ TOKEN_TYPES = {NORMAL: "normal", UNKNOWN: "unknown", CONTROL: "control", USER_DE
 TOKEN_TYPES.update({UNUSED: "unused", BYTE: "byte"})
 MODELS = ("gpt2", "llama")
 _SPLIT_BUDGET = 10**9  # characters sliced while deriving merges (Llama 2's 32,000 tokens: ~10^6)
+# merges derived from the scores: as many as the metadata arrays may hold (arraygpt.io.gguf's
+# MAX_ARRAY_ELEMENTS), so deriving costs no more than storing them would. Real vocabularies have
+# about two a token (Llama 3: 280,147 for 128,256); each costs ~0.4 KB here and in the tokenizers library.
+MAX_DERIVED_MERGES = 1 << 20
 
 # llama.cpp's pre-tokenizer names whose split transformers knows (gguf_tokenizer_mapping.py's
 # GGUF_PRE_TOKENIZER_SPLITS, the families arraygpt reads); any other name keeps GPT-2's regex.
@@ -96,15 +100,30 @@ def _token_id(meta: Mapping[str, Any], key: str, n: int, source: str) -> int | N
     return value
 
 
-def _generate_merges(vocab: Mapping[str, int], scores: Mapping[str, float]) -> list[tuple[str, str]]:
+def _generate_merges(
+    vocab: Mapping[str, int], scores: Mapping[str, float], source: str, keep: bool = True
+) -> list[tuple[str, str]]:
     """transformers' ``generate_merges(vocab, vocab_scores)`` (tokenization_utils_base.py): every
-    split of a token into two tokens, best score first, then shorter left and right pieces."""
-    merges = []
+    split of a token into two tokens, best score first, then shorter left and right pieces.
+    ``keep=False`` only counts them (the check at load): an empty list.
+
+    Raises:
+        CheckpointError: more than MAX_DERIVED_MERGES, as soon as they are counted (transformers
+            has no limit: a vocabulary of every short string over two letters derives millions).
+    """
+    merges, count = [], 0
     for merge, score in scores.items():
         local = [
             (merge[:k], merge[k:], score) for k in range(1, len(merge)) if merge[:k] in vocab and merge[k:] in vocab
         ]
-        merges += sorted(local, key=lambda m: (vocab[m[0]], vocab[m[1]]))
+        count += len(local)
+        if count > MAX_DERIVED_MERGES:
+            raise CheckpointError(
+                f"{source}: the tokens split into over {MAX_DERIVED_MERGES} pairs of tokens, the merges derived "
+                "from the scores; at most that many are allowed (a real vocabulary gives about two a token)"
+            )
+        if keep:
+            merges += sorted(local, key=lambda m: (vocab[m[0]], vocab[m[1]]))
     merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)
     return [(left, right) for left, right, _ in merges]
 
@@ -141,7 +160,7 @@ def _spec(meta: Mapping[str, Any], source: str, vocab_size: int | None, derive: 
 
     With ``derive=False`` a SentencePiece-style ("llama") vocabulary without merges keeps ``merges``
     empty: the merges derived from its scores join two tokens into a token by construction, so
-    there is nothing in them to check.
+    there is nothing in them to check but their number.
     """
     model = meta.get("tokenizer.ggml.model")
     if model not in MODELS:
@@ -171,7 +190,8 @@ def _spec(meta: Mapping[str, Any], source: str, vocab_size: int | None, derive: 
                 f"{_SPLIT_BUDGET}); a real vocabulary is far below it"
             )
         derive = derive or model == "gpt2"  # gpt2 spells the tokens anew below: its merges are checked
-        merges = _generate_merges({t: i for i, t in enumerate(tokens)}, dict(zip(tokens, scores))) if derive else []
+        # counted even when not kept, so that the load refuses a vocabulary the build would choke on
+        merges = _generate_merges({t: i for i, t in enumerate(tokens)}, dict(zip(tokens, scores)), source, derive)
     if model == "gpt2":
         spelled = set(BYTE_TO_CHAR.values())
         vocab = {
