@@ -4,13 +4,19 @@ with a ChatML template (SmolLM2's, and Qwen2.5's with tools) and a Llama 3 style
 ``bos_token``, with and without a system message; the template is read from tokenizer_config.json
 (a string, or a list of named templates) or chat_template.jinja; ``stop_ids`` holds the end-of-turn
 tokens and generation_config.json's ids; ``read_generation_config`` checks its fields; a template that
-loops, explodes, fails or does not compile is one clear ValueError, fast.
+loops, explodes, fails or does not compile is one clear ValueError, fast, and a format, ``%`` or
+``tojson`` whose widths or arguments could build too much is refused before it allocates (checked
+under an address-space cap in a subprocess).
 """
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import textwrap
 import time
+from pathlib import Path
 
 import pytest
 
@@ -21,6 +27,7 @@ pytest.importorskip("jinja2", reason="chat templates need the extra: pip install
 
 from arraygpt.errors import CheckpointError
 from arraygpt.io.bpe import HFTokenizer, load_hf_tokenizer
+from arraygpt.io.hf import chat_template
 from arraygpt.io.hf.chat_template import render_chat_template
 from arraygpt.io.hf.reader import read_generation_config
 
@@ -272,6 +279,113 @@ def test_a_template_that_loops_explodes_or_breaks_is_one_clear_error(template, m
     with pytest.raises(ValueError, match=message):
         render_chat_template(template, [{"role": "user", "content": "hi"}], seconds=1.0, max_chars=100_000)
     assert time.monotonic() - start < 5
+
+
+# widths, arguments and indents that build gigabytes from a few bytes of template
+HOSTILE = {
+    "percent-star width": ("{{ '%*s' % (1500000000, 'x') }}", "width or precision from its arguments"),
+    "format nested width": ("{{ '{:{}}'.format('x', '1500000000') }}", "width or precision over the size limit"),
+    "format six-digit widths": ("{{ ('{0:>999999}' * 1500).format('x') }}", "a format call could build"),
+    "percent six-digit widths": ("{{ ('%999999s' * 1500) % (('x',) * 1500) }}", "the % format could build"),
+    "format filter six-digit widths": ("{{ ('%999999s' * 1500)|format(*(('x',) * 1500)) }}", "format filter could"),
+    "percent precision": ("{{ ('%.999999f' * 1500) % ((1.0,) * 1500) }}", "the % format could build"),
+    "percent one key many times": ("{{ ('%(a)s' * 1000) % {'a': 'x' * 100000} }}", "the % format could build"),
+    "format one argument many times": ("{{ ('{0}' * 1000).format('x' * 100000) }}", "a format call could build"),
+    "format repr": ("{{ ('{0!r}' * 10).format('x' * 1000000) }}", "a format call could build"),
+    "tojson indent": ("{% set x = " + "[" * 30 + "1" + "]" * 30 + " %}{{ x|tojson(indent=3000000) }}", "tojson"),
+    "tojson separators": ("{{ ([1] * 100000) | tojson(separators=('x' * 100000, ':')) }}", "tojson filter could"),
+}
+
+
+@pytest.mark.parametrize("name", HOSTILE)
+def test_a_format_or_tojson_that_could_build_too_much_is_refused_before_it_runs(name):
+    template, message = HOSTILE[name]
+    start = time.monotonic()
+    with pytest.raises(ValueError, match=message):
+        render_chat_template(template, [{"role": "user", "content": "hi"}])
+    assert time.monotonic() - start < 1
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status for the address space")
+def test_the_refusals_come_before_any_large_allocation():
+    # under a cap of 256 MiB more address space, a render that builds its value first dies of MemoryError
+    script = textwrap.dedent(
+        """
+        import json, resource, sys
+        from arraygpt.io.hf.chat_template import render_chat_template
+        HOSTILE = json.load(sys.stdin)
+        render_chat_template("{{ 'warm' }}", [])
+        vm = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmSize:"))
+        cap = vm * 1024 + (256 << 20)
+        resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+        for name, (template, message) in HOSTILE.items():
+            try:
+                render_chat_template(template, [{"role": "user", "content": "hi"}])
+            except ValueError as e:
+                print(name, "refused:", e)
+            except MemoryError:
+                print(name, "MemoryError")
+        """
+    )
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [sys.executable, "-c", script], input=json.dumps(HOSTILE), capture_output=True, text=True, timeout=60, cwd=root
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert len(lines) == len(HOSTILE) and all("refused:" in line for line in lines), done.stdout
+
+
+@pytest.mark.parametrize(
+    "template",
+    [
+        "{{ lipsum(n=100000, html=False, min=100, max=101) }}",  # Jinja's lorem ipsum: left out
+        "{% set s = 'ab ' * 1300000 %}{{ s | wordwrap(1) | length }}",  # a filter's own Python loop
+        "{% set l = [0] * 1000000 %}{{ l | map('string') | unique | list | length }}",
+        "{{ [[1] * 1000] * 1000 | sum(start=[]) }}",  # list additions in C, quadratic: refused
+    ],
+)
+def test_the_deadline_holds_for_the_globals_and_filters_a_template_calls(template):
+    start = time.monotonic()
+    with pytest.raises(ValueError, match="time limit|undefined|adds only numbers"):
+        render_chat_template(template, [{"role": "user", "content": "hi"}], seconds=0.5)
+    assert time.monotonic() - start < 2
+
+
+def test_running_out_of_memory_is_one_clear_error(monkeypatch):
+    class Exhausted:  # datetime.now() as called by strftime_now, failing as an allocation would
+        @staticmethod
+        def now():
+            raise MemoryError
+
+    monkeypatch.setattr(chat_template, "datetime", Exhausted)
+    with pytest.raises(ValueError, match="ran out of memory"):
+        render_chat_template("{{ strftime_now('%d %b %Y') }}", [])
+
+
+@pytest.mark.parametrize(
+    "template",
+    [
+        "{{ '%s-%d-%05.2f-%r-%a-%%-%x' % ('a', 3, 3.14159, 'q', 'é', 255) }}",
+        "{{ '%(a)s/%(b)5d' % {'a': 'x', 'b': 7} }}{{ '%(a)s'|format(a=1) }}{{ '%s and %s'|format('a', messages) }}",
+        "{{ '{0}-{0:>10}-{1:.3f}-{0!r}-{2:,}'.format('a', 2.5, 4000000) }}",
+        "{{ '{a}{b:{w}}'.format_map({'a': 1, 'b': 'x', 'w': 5}) }}",
+        "{{ ('<%s>'|safe) % '<i>' }}{{ ('{:>5}'|safe).format('&') }}{{ '{0[0].role}[{1}]'.format(messages, nothing) }}",
+        "{{ '{}'.format(messages) }}{{ '%s' % (messages,) }}{{ '%s' % none }}{{ '%5s' % true }}",
+        "{{ [1, 2.5]|sum(start=1) }}",
+        "{{ messages|tojson(indent=4) }}{{ messages|tojson(indent='\t', separators=(',', ':'), sort_keys=true) }}",
+        "{% set f = '{}!'.format %}{{ f(1) }}{{ f(2) }}{{ cycler('a', 'b').next() }}{{ range(3)|list }}",
+    ],
+)
+def test_formats_within_the_limits_render_as_in_jinja(template):
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    reference = ImmutableSandboxedEnvironment()
+    reference.filters["tojson"] = lambda x, indent=None, separators=None, sort_keys=False: json.dumps(
+        x, ensure_ascii=False, indent=indent, separators=separators, sort_keys=sort_keys
+    )
+    messages = [{"role": "user", "content": "hi <b>"}]
+    assert render_chat_template(template, messages) == reference.from_string(template).render(messages=messages)
 
 
 def test_the_limits_apply_through_the_tokenizer(tmp_path):

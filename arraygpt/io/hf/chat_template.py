@@ -10,9 +10,11 @@ transformers' ``apply_chat_template`` compiles the template in
 
 A template comes from a download and is untrusted code, so a render is bounded: the sandbox keeps
 it from Python's internals, and on top of it every call, filter, ``~`` join, ``+``, ``*``, ``**``
-and ``%`` of the template is checked against a size limit before or right after it runs, the output
-is counted as it streams, and the template's own lines run under a deadline. A template that loops
-or explodes raises :class:`ValueError` saying which limit it hit.
+and ``%`` of the template is checked against a size limit before or right after it runs (a format,
+``%`` or ``tojson`` before, from its widths, indent and arguments), the output is counted as it
+streams, and every line of Python the render runs is under a deadline. Jinja's ``lipsum`` and
+``pprint``, which no chat template uses, are left out. A template that loops or explodes raises
+:class:`ValueError` saying which limit it hit.
 
 Deliberately not here: transformers' ``{% generation %}`` block (assistant masks),
 ``continue_final_message``, tool schemas built from Python functions (pass JSON schemas as
@@ -32,7 +34,7 @@ import time
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from arraygpt.errors import CheckpointError
 from arraygpt.io.files import CONFIG_LIMIT, open_regular
@@ -45,7 +47,6 @@ MAX_SECONDS = 10.0  # wall-clock seconds one render may take
 _TEMPLATE_LIMIT = CONFIG_LIMIT  # bytes of chat_template.jinja; real templates are a few KB
 _INT_BITS = 4096  # the largest integer a template may build (`**`, `*`), in bits
 _WIDE = re.compile(r"\d{7,}")  # a format width or precision of a million or more
-_TEMPLATE_FILE = "<template>"  # the file name Jinja gives compiled template code
 
 # (deadline, max_chars) of the render running in this thread
 _LIMITS: contextvars.ContextVar[tuple[float, int]] = contextvars.ContextVar("arraygpt_chat_template_limits")
@@ -74,28 +75,64 @@ def _check_time() -> None:
         raise _Refused("it ran past its time limit (a loop that does not end, or far too much work)")
 
 
-def _size(value: Any) -> int:
-    """Characters and items in ``value`` as a serializer would write them: a list that holds
-    another twice counts it twice (30 such levels are 2^30 items to ``tojson``), computed once
-    per distinct list or dict."""
+class _Shape(NamedTuple):
+    """What a serializer writes for a value: ``chars`` of its strings and numbers, ``items`` (each
+    list, dict, tuple and element), how deeply they ``nest``, and ``others``, values of any other type."""
+
+    chars: int
+    items: int
+    nest: int
+    others: int
+
+
+def _number_chars(value: int | float) -> int:
+    # decimal digits and sign of an int (bits/3 >= bits*log10(2)); a float's repr is at most 24
+    return value.bit_length() // 3 + 2 if isinstance(value, int) else 24
+
+
+def _shape(value: Any) -> _Shape:
+    """The :class:`_Shape` of ``value`` as a serializer would write it: a list that holds another
+    twice counts it twice (30 such levels are 2^30 items to ``tojson``), computed once per distinct
+    list or dict."""
     if isinstance(value, (str, bytes)):
-        return len(value)
+        return _Shape(len(value), 0, 0, 0)
+    if value is None:
+        return _Shape(0, 0, 0, 0)
+    if isinstance(value, (int, float)):
+        return _Shape(_number_chars(value), 0, 0, 0)
     if not isinstance(value, (list, tuple, dict)):
-        return 0
-    sizes: dict[int, int] = {}
+        return _Shape(0, 0, 0, 1)
+    shapes: dict[int, _Shape] = {}
     stack: list[tuple[Any, bool]] = [(value, False)]
     while stack:
         node, children_done = stack.pop()
         parts = [x for kv in node.items() for x in kv] if isinstance(node, dict) else list(node)
         nested = [x for x in parts if isinstance(x, (list, tuple, dict))]
         if children_done:
-            flat = sum(len(x) for x in parts if isinstance(x, (str, bytes)))
-            sizes[id(node)] = 1 + len(parts) + flat + sum(sizes.get(id(x), 0) for x in nested)
-        elif id(node) not in sizes:
-            sizes[id(node)] = 0  # in progress: a structure that holds itself counts it once
+            strs = [x for x in parts if isinstance(x, (str, bytes))]
+            ints = [x for x in parts if isinstance(x, int)]
+            floats = sum(isinstance(x, float) for x in parts)
+            # digits and sign of the ints, summed as _number_chars counts one (sum//3 >= sum of each //3)
+            chars = sum(map(len, strs)) + sum(map(int.bit_length, ints)) // 3 + 2 * len(ints) + 24 * floats
+            others = len(parts) - len(strs) - len(ints) - floats - len(nested) - parts.count(None)
+            inner = [shapes.get(id(x), _Shape(0, 0, 0, 0)) for x in nested]
+            shapes[id(node)] = _Shape(
+                chars + sum(x.chars for x in inner),
+                1 + len(parts) + sum(x.items for x in inner),
+                1 + max((x.nest for x in inner), default=0),
+                others + sum(x.others for x in inner),
+            )
+        elif id(node) not in shapes:
+            shapes[id(node)] = _Shape(0, 0, 0, 0)  # in progress: a structure that holds itself counts it once
             stack.append((node, True))
-            stack.extend((x, False) for x in nested if id(x) not in sizes)
-    return sizes[id(value)]
+            stack.extend((x, False) for x in nested if id(x) not in shapes)
+    return shapes[id(value)]
+
+
+def _size(value: Any) -> int:
+    """Characters and items in ``value`` as a serializer would write them (see :func:`_shape`)."""
+    shape = _shape(value)
+    return shape.chars + shape.items
 
 
 def _check_result(value: Any, what: str) -> Any:
@@ -120,7 +157,9 @@ def _check_args(args: Sequence[Any], kwargs: Mapping[str, Any], what: str) -> No
 
 # filters and str methods whose result can be far larger than their inputs; the others (split,
 # strip, startswith, ...) give back at most what they were given
-_GROWING = frozenset({"join", "replace", "center", "ljust", "rjust", "zfill", "indent", "expandtabs", "wordwrap"})
+_GROWING = frozenset(
+    {"join", "replace", "center", "ljust", "rjust", "zfill", "indent", "expandtabs", "wordwrap", "urlize"}
+)
 _PER = {"indent": "\n", "expandtabs": "\t"}  # an integer argument repeated per line / per tab
 
 
@@ -147,12 +186,83 @@ def _check_format(fmt: Any, what: str) -> None:
         raise _Refused(f"{what} has a width or precision over the size limit: {fmt!r:.60}")
 
 
+def _widths(spec: str, what: str) -> int:
+    """The sum of the numbers written in a conversion (``'%-08.3f'``, ``'>10,.2'``): at least its
+    width plus its precision, so a repeated six-digit width adds up."""
+    _check_format(spec, what)
+    return sum(int(digits) for digits in re.findall(r"\d+", spec))
+
+
+def _text_bound(value: Any, conversion: str, what: str) -> int:
+    """The most characters ``value`` can take once formatted (``str``, ``repr``, ``ascii`` or a
+    number), without building it. ``conversion`` "s" is str() of a string, "r" any other."""
+    if isinstance(value, str) and conversion == "s":
+        return len(value)
+    if isinstance(value, _import_jinja().Undefined):  # '' and 'Undefined'
+        return 9
+    shape = _shape(value)
+    if shape.others:  # a namespace, a dict view, an iterator...: their text is not bounded here
+        raise _Refused(f"{what} formats a {type(value).__name__}; only strings, numbers, lists and dicts can be")
+    if value is None or isinstance(value, (int, float)):
+        return 330 + shape.chars  # '%f' of 1e308 is 316 characters; a precision is counted by _widths
+    return 10 * (shape.chars + shape.items) + 2  # repr/ascii write one character as up to 10 ('\U0001f600')
+
+
+# one % conversion: (key) flags width .precision length-modifier type; a key with nested
+# parentheses leaves "(" as the type, which _check_percent refuses
+_PERCENT = re.compile(
+    r"%(?:\((?P<key>[^()]*)\))?[-+ #0]*(?P<width>\*|\d*)(?:\.(?P<precision>\*|\d*))?[hlL]?(?P<type>.?)", re.S
+)
+
+
+def _check_percent(fmt: str, args: Any, what: str) -> None:
+    """Refuse ``fmt % args`` whose result could pass the limit, from its widths and the arguments
+    each conversion takes, before C code builds it (``('%999999s' * 1500) % (('x',) * 1500)``)."""
+    limit = _limits()[1]
+    escaped = type(fmt) is not str  # Markup escapes its arguments: up to 6 characters each
+    positional = args if isinstance(args, tuple) else (args,)
+    total, index = len(fmt), 0
+    for m in _PERCENT.finditer(fmt):
+        if "*" in (m["width"], m["precision"]):  # no chat template takes a width from its arguments
+            raise _Refused(f"{what} takes a width or precision from its arguments ('*'): {fmt!r:.60}")
+        if m["type"] == "(":
+            raise _Refused(f"{what} has a mapping key with parentheses: {fmt!r:.60}")
+        total += _widths(m[0], what)
+        if m["type"] == "%":
+            continue
+        if m["key"] is not None:
+            if not isinstance(args, dict):
+                raise _Refused(f"{what} has a %(key) conversion but its argument is not a dict")
+            value = args.get(m["key"])
+        elif index < len(positional):
+            value, index = positional[index], index + 1
+        else:
+            continue  # too few arguments: the % raises
+        total += _text_bound(value, "r" if escaped or m["type"] in "ra" else "s", what)
+        if total > limit:
+            raise _Refused(f"{what} could build over {limit} characters, the limit: {fmt!r:.60}")
+
+
+def _check_json(value: Any, ensure_ascii: Any, indent: Any, separators: Any) -> None:
+    """Refuse ``json.dumps(value, indent=indent, ...)`` whose result could pass the limit before it
+    runs: every item can take a line holding the indent once per level of nesting."""
+    limit = _limits()[1]
+    shape = _shape(value)
+    step = len(indent) if isinstance(indent, str) else indent if isinstance(indent, int) and indent > 0 else 0
+    per_item = 3 + step * shape.nest + (4 if separators is None else _size(separators))  # quotes, newline
+    per_char = 12 if ensure_ascii else 6  # '\ud83d\ude00' for one character; '\u0001' without ensure_ascii
+    bound = per_char * shape.chars + per_item * shape.items
+    if bound > limit:
+        raise _Refused(f"the tojson filter could build {bound} characters, over the limit of {limit}")
+
+
 @functools.lru_cache(maxsize=16)
 def _environment() -> Any:
     """transformers' chat-template environment (``_cached_compile_jinja_template``), with size and time checks."""
     jinja2 = _import_jinja()
+    import markupsafe
     from jinja2.compiler import CodeGenerator
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
+    from jinja2.sandbox import ImmutableSandboxedEnvironment, SandboxedEscapeFormatter, SandboxedFormatter
 
     class Generator(CodeGenerator):
         def visit_Concat(self, node: Any, frame: Any) -> None:  # `a ~ b`: joined after a size check
@@ -176,8 +286,8 @@ def _environment() -> Any:
                 for seq, n in ((left, right), (right, left)):
                     if isinstance(n, int) and _size(seq) * max(n, 0) > limit:
                         raise _Refused(f"a repetition of {_size(seq)} items {n} times is over the limit of {limit}")
-            if operator == "%":
-                _check_format(left, "the % format")
+            if operator == "%" and isinstance(left, str):
+                _check_percent(left, right, "the % format")
             return _check_result(super().call_binop(context, operator, left, right), f"the {operator} operator")
 
         def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:
@@ -186,9 +296,25 @@ def _environment() -> Any:
             _check_growth(name, getattr(__obj, "__self__", None), args, kwargs, f"a call of {name}")
             return _check_result(super().call(__context, __obj, *args, **kwargs), "a call")
 
-        def wrap_str_format(self, value: Any) -> Any:  # `'{:9}'.format`, looked up before it is called
-            _check_format(getattr(value, "__self__", None), "a format call")
-            return super().wrap_str_format(value)
+        def wrap_str_format(self, value: Any) -> Any:
+            """Jinja's sandboxed ``'{:9}'.format`` (looked up before it is called), with a formatter
+            that bounds each field, nested widths (``'{:{}}'``) included, before it is built."""
+            if super().wrap_str_format(value) is None:
+                return None
+            fmt, is_format_map = value.__self__, value.__name__ == "format_map"
+            if isinstance(fmt, markupsafe.Markup):
+                formatter: Any = EscapeFormatter(self, escape=fmt.escape)
+            else:
+                formatter = Formatter(self)
+
+            def wrapper(*args: Any, **kwargs: Any) -> str:
+                if is_format_map:
+                    if kwargs or len(args) != 1:
+                        raise TypeError("format_map() takes exactly one argument and no keywords")
+                    args, kwargs = (), args[0]
+                return type(fmt)(formatter.vformat(fmt, args, kwargs))
+
+            return functools.update_wrapper(wrapper, value)
 
         def checked_concat(self, items: Sequence[Any]) -> str:
             strings = [str(item) for item in items]
@@ -197,11 +323,37 @@ def _environment() -> Any:
                 raise _Refused(f"a ~ join of {sum(map(len, strings))} characters is over the limit of {limit}")
             return "".join(strings)
 
+    class Formatter(SandboxedFormatter):
+        def vformat(self, format_string: str, args: Sequence[Any], kwargs: Mapping[str, Any]) -> str:
+            self.total = len(format_string)
+            return super().vformat(format_string, args, kwargs)
+
+        def convert_field(self, value: Any, conversion: str | None) -> Any:
+            if conversion in ("r", "a"):  # repr of a large value: bounded before it is built
+                self.count(_text_bound(value, "r", "a format call"))
+            return super().convert_field(value, conversion)
+
+        def format_field(self, value: Any, format_spec: str) -> Any:
+            escaped = isinstance(self, SandboxedEscapeFormatter)  # Markup escapes: up to 6 characters each
+            conversion = "r" if escaped else "s"
+            self.count(_widths(format_spec, "a format call") + _text_bound(value, conversion, "a format call"))
+            return super().format_field(value, format_spec)
+
+        def count(self, n: int) -> None:
+            self.total += n
+            limit = _limits()[1]
+            if self.total > limit:
+                raise _Refused(f"a format call could build over {limit} characters, the limit")
+
+    class EscapeFormatter(Formatter, SandboxedEscapeFormatter):
+        pass
+
     def raise_exception(message: str) -> None:
         raise jinja2.exceptions.TemplateError(message)
 
     def tojson(x: Any, ensure_ascii: bool = False, indent: Any = None, separators: Any = None, sort_keys: bool = False):
         # transformers' tojson: Jinja's own escapes HTML characters
+        _check_json(x, ensure_ascii, indent, separators)
         return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
     def strftime_now(format: str) -> str:
@@ -236,6 +388,8 @@ def _environment() -> Any:
 
     env = Environment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
     env.filters["tojson"] = tojson
+    # their loops run outside template code, past the deadline, and no chat template uses them
+    del env.globals["lipsum"], env.filters["pprint"]
     for name, f in list(env.filters.items()):
         env.filters[name] = _checked_filter(name, f)
     env.globals["raise_exception"] = raise_exception
@@ -255,8 +409,10 @@ def _checked_filter(name: str, f: Any) -> Any:
         value, rest = (args[skip], args[skip + 1 :]) if len(args) > skip else (None, ())
         _check_args(rest, kwargs, f"the {name} filter")
         _check_growth(name, value, rest, kwargs, f"the {name} filter")
-        if name == "format":
-            _check_format(value, "the format filter")
+        if name == "format":  # `soft_str(value) % (kwargs or args)`
+            _check_percent(value if isinstance(value, str) else str(value), kwargs or tuple(rest), "the format filter")
+        if name == "sum" and not isinstance(kwargs.get("start", rest[1] if len(rest) > 1 else 0), (int, float)):
+            raise _Refused("the sum filter adds only numbers (lists take time that grows as their square)")
         return _check_result(f(*args, **kwargs), f"the {name} filter")
 
     return checked
@@ -293,16 +449,13 @@ def _plain(value: Any, depth: int = 0) -> Any:
 
 
 def _tracer(frame: Any, event: str, arg: Any) -> Any:
-    """Check the deadline on every line of template code (a loop with no call in it still ends)."""
-    if frame.f_code.co_filename != _TEMPLATE_FILE:
-        return None
-
-    def line(frame: Any, event: str, arg: Any) -> Any:
-        if event == "line":
-            _check_time()
-        return line
-
-    return line
+    """Check the deadline on every line of Python the render runs: the template's own code (a loop
+    with no call in it still ends) and the filters and globals it calls (``wordwrap``, ``map``)."""
+    if event == "call" and frame.f_code.co_filename == __file__:
+        return None  # this module's checks: their work is bounded by the size limit
+    if event == "line":
+        _check_time()
+    return _tracer
 
 
 def render_chat_template(
@@ -367,6 +520,8 @@ def render_chat_template(
         raise ValueError(f"the chat template was stopped: {e}") from None
     except jinja2.TemplateError as e:  # raise_exception, a sandbox refusal, an undefined value used
         raise ValueError(f"the chat template failed: {e.message or type(e).__name__}") from None
+    except MemoryError:  # a bound missed: the render is refused, the caller goes on
+        raise ValueError("the chat template was stopped: it ran out of memory") from None
     except (TypeError, ValueError, ArithmeticError, LookupError, AttributeError, RecursionError) as e:
         raise ValueError(f"the chat template failed: {type(e).__name__}: {e}") from None
     finally:
