@@ -6,6 +6,7 @@ Imports nothing of arraygpt but the errors, so every layer may use it.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -148,14 +149,14 @@ class GPTConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"GPTConfig.{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
-        if not self.norm_eps > 0:
-            raise ValueError(f"GPTConfig.norm_eps must be > 0, got {self.norm_eps!r}")
-        if not self.init_std >= 0:
-            raise ValueError(f"GPTConfig.init_std must be >= 0, got {self.init_std!r}")
+        if not 0 < self.norm_eps < math.inf:
+            raise ValueError(f"GPTConfig.norm_eps must be a finite number > 0, got {self.norm_eps!r}")
+        if not 0 <= self.init_std < math.inf:
+            raise ValueError(f"GPTConfig.init_std must be a finite number >= 0, got {self.init_std!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout!r}")
-        if not self.rope_theta > 0:
-            raise ValueError(f"GPTConfig.rope_theta must be > 0, got {self.rope_theta!r}")
+        if not 0 < self.rope_theta < math.inf:
+            raise ValueError(f"GPTConfig.rope_theta must be a finite number > 0, got {self.rope_theta!r}")
         if self.position == "rope" and self.head_dim % 2:
             raise ValueError(f"GPTConfig.head_dim must be even with position='rope', got {self.head_dim}")
         object.__setattr__(self, "rope_scaling", _rope_scaling(self.rope_scaling))
@@ -224,10 +225,10 @@ def _rope_scaling(value: Any) -> tuple[float, float, float, int] | None:
     if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in value):
         raise ValueError(f"GPTConfig.rope_scaling must hold numbers, got {value!r}")
     factor, low, high, old_len = value
-    if not (factor > 0 and 0 < low < high and old_len >= 1 and float(old_len).is_integer()):
+    if not (0 < factor < math.inf and 0 < low < high < math.inf and old_len >= 1 and float(old_len).is_integer()):
         raise ValueError(
-            "GPTConfig.rope_scaling needs factor > 0, 0 < low_freq_factor < high_freq_factor and a positive "
-            f"integer original_max_position_embeddings, got {tuple(value)!r}"
+            "GPTConfig.rope_scaling needs a finite factor > 0, 0 < low_freq_factor < high_freq_factor < inf and "
+            f"a positive integer original_max_position_embeddings, got {tuple(value)!r}"
         )
     return (float(factor), float(low), float(high), int(old_len))
 

@@ -447,8 +447,12 @@ def test_crossentropy_kernel_equals_reference(N, V, dtype, reduction, ignored, s
 def test_crossentropy_kernel_edge_cases():
     logits = np.zeros((3, 4))
     with pytest.warns(RuntimeWarning):
-        loss, _ = crossentropy.crossentropy_forward(logits, np.array([-1, -1, -1]))
+        loss, cache = crossentropy.crossentropy_forward(logits, np.array([-1, -1, -1]))
     assert np.isnan(loss)
+    with np.errstate(all="ignore"):  # every row ignored: NaN gradients, as the reference (and PyTorch)
+        want = layers.crossentropy_backward(1.0, layers.crossentropy_forward(logits, np.array([-1, -1, -1]))[1])
+        got = crossentropy.crossentropy_backward(1.0, cache)
+    assert np.isnan(want).all() and np.isnan(got).all()
     with pytest.raises(ValueError, match="reduction"):  # the reference's error
         crossentropy.crossentropy_forward(logits, np.array([0, 1, 2]), reduction="max")
     with pytest.raises(IndexError):  # a target out of range: the reference's error, not a wild write
