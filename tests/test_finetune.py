@@ -221,6 +221,13 @@ def test_lora_resume_refuses_a_changed_base(base_dir, text_file, tmp_path):
         config_file.write_text(json.dumps({**json.loads(good), "lora": bad}))
         with pytest.raises(arraygpt.errors.CheckpointError, match="'lora' must hold rank, alpha, targets and base"):
             arraygpt.load(run)
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    for hostile in ("/dev/null", str(loop)):  # a device, a symlink loop: no model file or folder
+        lora = {**json.loads(good)["lora"], "base": {"path": hostile, "files": {}}}
+        config_file.write_text(json.dumps({**json.loads(good), "lora": lora}))
+        with pytest.raises(arraygpt.errors.CheckpointError, match="which is not a model file or folder"):
+            arraygpt.load(run)
     config_file.write_text(good)
     arraygpt.load(run)
     os.utime(base / "model.safetensors", ns=(1, 1))

@@ -812,7 +812,7 @@ def test_arraygpt_to_transformers_to_arraygpt_is_bit_identical(tmp_path, name, d
     np.testing.assert_array_equal(to_numpy(back.forward(idx)[0]), to_numpy(model.forward(idx)[0]))
 
 
-def test_load_llama_reads_sharded_files_and_ignores_a_tied_copy_of_lm_head(tmp_path):
+def test_load_llama_reads_sharded_files_and_a_tied_copy_of_lm_head_only_when_equal(tmp_path):
     from arraygpt.io.hf.llama import config_to_llama, load_llama, state_dict_to_llama
     from arraygpt.io.safetensors import save_file
 
@@ -834,6 +834,13 @@ def test_load_llama_reads_sharded_files_and_ignores_a_tied_copy_of_lm_head(tmp_p
     back = load_llama(tmp_path, dtype="float64")
     for key, value in model.state_dict().items():
         np.testing.assert_array_equal(to_numpy(back.params[key]), to_numpy(value), err_msg=key)
+    # a different lm_head under tie_word_embeddings: transformers keeps it untied, so it is refused
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "config.json").write_text((tmp_path / "config.json").read_text())
+    save_file({**tensors, "lm_head.weight": tensors["model.embed_tokens.weight"] + 1.0}, other / "model.safetensors")
+    with pytest.raises(CheckpointError, match="lm_head.weight differs from model.embed_tokens.weight"):
+        load_llama(other, dtype="float64")
 
 
 def test_config_from_llama_reads_published_configs():
@@ -961,6 +968,7 @@ def test_mistral_directories_load(tmp_path):
         (dict(position="learned"), "position"),
         (dict(mlp="standard"), "mlp"),
         (dict(norm="layernorm"), "norm"),
+        (dict(n_embd=50, n_head=4, n_kv_head=2, head_dim=16), "n_embd"),  # transformers' LlamaConfig refuses it
     ],
 )
 def test_save_llama_names_the_field_it_cannot_hold(tmp_path, overrides, field):

@@ -435,7 +435,13 @@ def _lora_model(
         raise CheckpointError(f"{path} holds LoRA adapters; open it with arraygpt.load, which opens its base too")
     if not os.path.lexists(base["path"]):
         raise CheckpointError(f"{path} holds LoRA adapters of the base model {base['path']}, which is gone")
-    if base_reference(base["path"]) != base:
+    try:
+        found = base_reference(base["path"])
+    except (OSError, RuntimeError) as e:  # a device, a FIFO, a symlink loop (RuntimeError before Python 3.13)
+        raise CheckpointError(
+            f"{path} holds LoRA adapters of the base model {base['path']}, which is not a model file or folder: {e}"
+        ) from None
+    if found != base:
         raise CheckpointError(
             f"{path} holds LoRA adapters of {base['path']}, which changed since (its files' sizes or times differ); "
             "the adapters fit only the model they were trained on"

@@ -317,6 +317,11 @@ def _check_expressible(config: GPTConfig, model_type: str) -> None:
         raise ValueError(f"a {model_type} checkpoint cannot hold q/k/v-only biases (GPTConfig.qkv_bias); use qwen2")
     if model_type == "mistral" and config.bias:
         raise ValueError("a mistral checkpoint has no biases (GPTConfig.bias)")
+    if model_type == "llama" and config.n_embd % config.n_head:  # transformers' LlamaConfig refuses it
+        raise ValueError(
+            f"a llama checkpoint needs GPTConfig.n_embd ({config.n_embd}) to be a multiple of n_head "
+            f"({config.n_head}), even with head_dim set; qwen2 and mistral take any head_dim"
+        )
 
 
 def config_to_llama(config: GPTConfig, dtype: str = "float32", model_type: str | None = None) -> dict[str, Any]:
@@ -420,10 +425,12 @@ def state_dict_from_llama(
     shapes = param_shapes(config)
     state: dict[str, np.ndarray] = {}
     unexpected = []
+    tied_copy = None
     for key, value in tensors.items():
         name = _arraygpt_name(key)
         if name == "lm_head" and config.tie_embeddings:
-            continue  # a tied file may store the shared matrix twice
+            tied_copy = value  # a tied file may store the shared matrix twice: checked below
+            continue
         if name is None or name not in shapes:
             if not _IGNORED.fullmatch(key):
                 unexpected.append(key)
@@ -437,6 +444,11 @@ def state_dict_from_llama(
     missing = [_hf_name(name) for name in shapes if name not in state]
     if missing or unexpected:
         raise CheckpointError(f"{source}: tensors do not match the config: missing {missing}, unexpected {unexpected}")
+    if tied_copy is not None and not np.array_equal(to_numpy(tied_copy), state["wte"]):
+        raise CheckpointError(  # transformers would not tie them: it warns and keeps lm_head
+            f"{source}: lm_head.weight differs from model.embed_tokens.weight, but config.json says "
+            "tie_word_embeddings is true (set it to false for a separate unembedding)"
+        )
     return state
 
 
