@@ -1158,3 +1158,50 @@ def test_a_config_claiming_a_billion_layers_is_refused_fast(tmp_path):
     with pytest.raises(CheckpointError, match=r"claims num_hidden_layers=1000000000, the file holds 2 layer"):
         load_llama(tmp_path)
     assert time.monotonic() - start < 5
+
+
+_L3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
+_OLD_LENGTH_2 = {"original_max_position_embeddings": 2}  # top-level, as Phi-3 writes it
+
+
+@pytest.mark.parametrize(
+    "model_type, edit",
+    [
+        # the legacy rope_scaling wins over rope_parameters, as transformers reads them
+        ("llama", {"rope_parameters": {**_L3, "rope_theta": 50.0, "original_max_position_embeddings": 8}}),
+        ("llama", {"rope_scaling": {"rope_type": "default"}, "rope_parameters": {**_L3, "rope_theta": 50.0}}),
+        # a top-level original_max_position_embeddings goes first; without any, max_position_embeddings
+        ("llama", {"rope_scaling": {**_L3, "original_max_position_embeddings": 8}, **_OLD_LENGTH_2}),
+        ("llama", {"rope_scaling": dict(_L3), "rope_theta": 50.0}),
+        # null key/value heads: as many as the query heads
+        ("qwen2", {"num_key_value_heads": None}),
+        # a window no layer slides under: layers from max_window_layers on, or as layer_types names them
+        ("qwen2", {"use_sliding_window": True, "sliding_window": 4, "max_window_layers": 28}),
+        ("qwen2", {"use_sliding_window": True, "sliding_window": 4, "layer_types": ["full_attention"] * 2}),
+    ],
+)
+def test_config_fields_are_resolved_as_transformers_resolves_them(tmp_path, model_type, edit, _float64_transformers):
+    torch = _torch()
+    import transformers
+
+    config_class = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config}[model_type]
+    torch.manual_seed(0)
+    hf_config = config_class(
+        vocab_size=32,
+        hidden_size=48,
+        intermediate_size=40,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4 if "num_key_value_heads" in edit else 2,  # null: the weights of 4
+        max_position_embeddings=16,
+    )
+    transformers.AutoModelForCausalLM.from_config(hf_config, dtype=torch.float64).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config.pop("rope_parameters", None)
+    (tmp_path / "config.json").write_text(json.dumps({**config, **edit}))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float64).eval()
+    ids = [[1, 5, 9, 3, 7, 2, 11, 4, 8, 6, 10, 0, 12, 13, 14, 15]]
+    with torch.no_grad():
+        want = hf(torch.tensor(ids)).logits.numpy()
+    got = to_numpy(arraygpt.load(tmp_path, dtype="float64").model.forward(ids)[0])
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)

@@ -133,36 +133,38 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
 
 
 def _rope_settings(hf: Mapping[str, Any], source: str) -> tuple[float, tuple[float, float, float, int] | None]:
-    """(rope_theta, rope_scaling) from ``rope_theta``/``rope_scaling`` or transformers 5's ``rope_parameters``."""
+    """(rope_theta, rope_scaling) as transformers 5 resolves them (``convert_rope_params_to_dict``,
+    ``standardize_rope_params``): the legacy ``rope_scaling`` if set, else ``rope_parameters``; its
+    ``rope_theta``, else the top-level one; for Llama 3.1's scaling, a top-level
+    ``original_max_position_embeddings`` first, else its own, else ``max_position_embeddings``."""
     params = hf.get("rope_parameters")
-    scaling = hf.get("rope_scaling")
-    theta = hf.get("rope_theta")
-    for name, value in (("rope_parameters", params), ("rope_scaling", scaling)):
+    legacy = hf.get("rope_scaling")
+    for name, value in (("rope_parameters", params), ("rope_scaling", legacy)):
         if value is not None and not isinstance(value, Mapping):
             raise CheckpointError(
                 f"{source}: {name} must be null or a JSON object such as "
                 f'{{"rope_type": "llama3", "factor": 8.0, ...}}, not {value!r:.80}'
             )
-    if params is not None:
-        theta = params.get("rope_theta", theta)
-        if params.get("rope_type", "default") != "default":
-            scaling = params
-    if scaling is not None and scaling.get("rope_type", scaling.get("type")) == "default":
-        scaling = None
-    if scaling is not None:
-        kind = scaling.get("rope_type", scaling.get("type"))
+    rope = dict(legacy or params or {})
+    theta = rope.get("rope_theta", hf.get("rope_theta"))
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    scaling = None
+    if kind != "default":
         if kind != "llama3":
             raise CheckpointError(
                 f"{source}: rope_scaling of type {kind!r:.60} is not supported; "
                 "arraygpt implements Llama 3.1's 'llama3'"
             )
-        missing = [key for key in ROPE_SCALING_KEYS if key not in scaling]
+        if hf.get("original_max_position_embeddings") is not None:  # transformers gives it priority (Phi-3)
+            rope["original_max_position_embeddings"] = hf["original_max_position_embeddings"]
+        rope.setdefault("original_max_position_embeddings", hf.get("max_position_embeddings"))
+        missing = [key for key in ROPE_SCALING_KEYS if key not in rope]
         if missing:
             raise CheckpointError(f"{source}: rope_scaling lacks {', '.join(map(repr, missing))}")
         for key in ROPE_SCALING_KEYS:
-            if not _is_number(scaling[key]):
-                raise CheckpointError(f"{source}: rope_scaling's {key} must be a number, not {scaling[key]!r:.80}")
-        scaling = tuple(scaling[key] for key in ROPE_SCALING_KEYS)
+            if not _is_number(rope[key]):
+                raise CheckpointError(f"{source}: rope_scaling's {key} must be a number, not {rope[key]!r:.80}")
+        scaling = tuple(rope[key] for key in ROPE_SCALING_KEYS)
     if theta is None:
         theta = 10000.0
     if not _is_number(theta) or not theta > 0:
@@ -224,13 +226,22 @@ def config_from_llama(hf: Mapping[str, Any], source: str = CONFIG_FILE) -> GPTCo
     model_type = hf.get("model_type")
     if model_type not in MODEL_TYPES:
         raise CheckpointError(f"{source}: model_type {model_type!r:.80} is not one of {', '.join(MODEL_TYPES)}")
-    c = {**_DEFAULTS[model_type], **{k: v for k, v in hf.items() if v is not None or k == "sliding_window"}}
+    kept = ("sliding_window", "num_key_value_heads")  # null means something: no window, as many as the heads
+    c = {**_DEFAULTS[model_type], **{k: v for k, v in hf.items() if v is not None or k in kept}}
     _check_types(c, source)
     if c["hidden_act"] != "silu":
         raise CheckpointError(f"{source}: hidden_act {c['hidden_act']!r:.80}; arraygpt's SwiGLU uses 'silu'")
     block_size = c["max_position_embeddings"]
     window = c.get("sliding_window")
-    uses_window = c.get("use_sliding_window", True) if model_type == "qwen2" else model_type == "mistral"
+    uses_window = model_type == "mistral"
+    if model_type == "qwen2" and c.get("use_sliding_window") and window is not None:
+        # Qwen2Config: layers from max_window_layers on slide, unless layer_types names each layer's kind
+        types, first = c.get("layer_types"), c.get("max_window_layers", 28)
+        if types is not None and not (isinstance(types, list) and all(isinstance(t, str) for t in types)):
+            raise CheckpointError(f"{source}: layer_types must be a list of strings, not {types!r:.80}")
+        if types is None and not isinstance(first, int):
+            raise CheckpointError(f"{source}: max_window_layers must be an integer, not {first!r:.80}")
+        uses_window = "sliding_attention" in types if types is not None else first < c["num_hidden_layers"]
     if uses_window and window is not None and window < block_size:
         raise CheckpointError(
             f"{source}: sliding_window {window} < max_position_embeddings {block_size}; arraygpt has no "
