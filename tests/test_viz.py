@@ -390,6 +390,15 @@ def test_explain_truncates_a_large_vocabulary(model, tok):
     for step, logits in zip(page.data["steps"], page.distributions.logits):
         assert len(step["ids"]) == 10 and step["token"] in step["ids"]
         assert all(logits[i] == v for i, v in zip(step["ids"], step["logits"]))
+        top9 = set(np.argsort(-logits, kind="stable")[:9].tolist())
+        assert top9 <= set(step["ids"])  # a drawn token outside the top 10 takes the 10th's place only
+    drawn_outside = viz.explain(model, tok, "em", 6, max_vocab=2, temperature=50.0, seed=0)
+    assert any(  # the test's own premise: some drawn token was outside the top 2
+        step["token"] not in np.argsort(-logits, kind="stable")[:2]
+        for step, logits in zip(drawn_outside.data["steps"], drawn_outside.distributions.logits)
+    )
+    for step, logits in zip(drawn_outside.data["steps"], drawn_outside.distributions.logits):
+        assert int(np.argmax(logits)) in step["ids"] and step["token"] in step["ids"]
 
 
 def test_explain_escapes_script_end_in_labels(model):
@@ -579,6 +588,11 @@ def test_explain_starts_the_sliders_at_the_generations_settings(model, tok):
     assert swapped.data["page_settings_exact"] is False  # the page applies top-k before top-p
     custom = viz.explain(model, tok, "em", 2, lambda probs: probs, seed=0)
     assert custom.data["page_settings_exact"] is False
+    # samplers an option turns on count: a repeat penalty the page does not apply, top_k after top_p
+    for sampler, options in (("top_k", dict(top_k=4, repeat_penalty=3.0)), ("top_p", dict(top_p=0.6, top_k=2))):
+        assert viz.explain(model, tok, "em", 2, sampler, seed=0, **options).data["page_settings_exact"] is False
+    ordered = viz.explain(model, tok, "em", 2, "top_k", top_k=3, top_p=0.9, seed=0)
+    assert ordered.data["page_settings_exact"] is True  # top_k then top_p: the page's order
 
 
 # ----------------------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from arraygpt.generation.sampling import make_sampler
 from arraygpt.viz.figures import (
     AttentionPatterns,
     Distributions,
@@ -135,9 +136,10 @@ def explain(
     steps = []
     for c, logits in zip(dist.candidates, dist.logits):
         if max_vocab < V:
-            keep = np.sort(np.argsort(-logits, kind="stable")[:max_vocab])
-            if c.token not in keep:
-                keep = np.sort(np.append(keep[:-1], c.token))
+            top = np.argsort(-logits, kind="stable")[:max_vocab]  # most likely first
+            if c.token not in top:  # the drawn token takes the least likely one's place
+                top = np.append(top[:-1], c.token)
+            keep = np.sort(top)
         else:
             keep = np.arange(V)
         steps.append(
@@ -153,13 +155,8 @@ def explain(
         {i for s in steps for i in s["ids"]} | set(dist.prompt) | set(context) | {int(i) for i in lens.top_ids.ravel()}
     )
     n_generated = len(dist.tokens)
-    names = (
-        [sampler]
-        if isinstance(sampler, str)
-        else list(sampler)
-        if isinstance(sampler, (list, tuple))
-        else [getattr(sampler, "__name__", "filter")]
-    )
+    # the chain the generation ran: options turn samplers on too (repeat_penalty=, top_k= beside top_p)
+    names = list(make_sampler(sampler, temperature=temperature, **sampler_options).names)
     settings = {
         "temperature": 0.0 if "greedy" in names else float(temperature),
         "top_k": int(sampler_options.get("top_k", 0) or 0),
