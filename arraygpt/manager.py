@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import importlib.metadata
 import os
 from typing import Any
 
@@ -95,7 +96,7 @@ def register_plugin(pm: pluggy.PluginManager, plugin: object, name: str | None =
         UnknownHookError: a hook of ``plugin`` matches no spec (nothing is registered).
     """
     check_hook_names(pm, plugin, name)
-    registered = pluggy.PluginManager.register(pm, plugin, name=name)
+    registered = _register_checked(pm, plugin, name)
     if registered is None:  # pluggy returns None for a name blocked with pm.set_blocked
         raise PluginError(f"plugin {name or pm.get_canonical_name(plugin)!r} is blocked")
     return registered
@@ -107,7 +108,33 @@ class PluginManager(pluggy.PluginManager):
 
     def register(self, plugin: object, name: str | None = None) -> str | None:
         check_hook_names(self, plugin, name)
-        return super().register(plugin, name=name)
+        return _register_checked(self, plugin, name)
+
+
+def _register_checked(pm: pluggy.PluginManager, plugin: object, name: str | None) -> str | None:
+    """pluggy's register, its validation error (a hook whose arguments its spec lacks) a PluginError."""
+    try:
+        return pluggy.PluginManager.register(pm, plugin, name=name)
+    except pluggy.PluginValidationError as e:
+        plugin_name = name or pm.get_canonical_name(plugin)
+        raise PluginError(f"plugin {plugin_name!r} does not fit its hooks: {' '.join(str(e).split())}") from e
+
+
+def _load_entry_points(pm: pluggy.PluginManager) -> None:
+    """pluggy's ``load_setuptools_entrypoints``, with a plugin that fails to import named in a
+    PluginError (not a traceback from every command)."""
+    entries = [e for dist in importlib.metadata.distributions() for e in dist.entry_points]
+    for entry in entries:
+        if entry.group != hookspecs.PROJECT_NAME or pm.get_plugin(entry.name) is not None or pm.is_blocked(entry.name):
+            continue
+        try:
+            plugin = entry.load()
+        except Exception as e:
+            raise PluginError(
+                f"plugin {entry.name!r} ({entry.value}) failed to import: {type(e).__name__}: {e} "
+                f"(uninstall it, or set {DISABLE_AUTOLOAD_ENV}=1 to load no installed plugin)"
+            ) from e
+        pm.register(plugin, name=entry.name)
 
 
 def get_plugin_manager(autoload: bool | None = None, builtins: bool = True) -> pluggy.PluginManager:
@@ -124,7 +151,7 @@ def get_plugin_manager(autoload: bool | None = None, builtins: bool = True) -> p
     if autoload is None:
         autoload = not os.environ.get(DISABLE_AUTOLOAD_ENV)
     if autoload:
-        pm.load_setuptools_entrypoints(hookspecs.PROJECT_NAME)
+        _load_entry_points(pm)
     pm.check_pending()
     return pm
 

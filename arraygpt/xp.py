@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
-from arraygpt.errors import BackendUnavailable
+from arraygpt.errors import BackendUnavailable, PluginError
 
 # An array of whichever backend (NumPy, CuPy, array-api-strict, ...): the standard has no static
 # array type, so this alias only documents intent. The one alias every module imports.
@@ -99,6 +99,7 @@ def load_backend(name: str) -> Backend:
     Raises:
         ValueError: ``name`` is not registered; the message lists the registered names.
         BackendUnavailable: it is registered but its library or device is missing here.
+        PluginError: its factory failed otherwise, or returned something else than a Backend.
     """
     if name in _loaded:
         return _loaded[name]
@@ -108,7 +109,14 @@ def load_backend(name: str) -> Backend:
             f"unknown backend {name!r}; available backends: {', '.join(sorted(factories))} "
             f"(set {ENV_VAR} or call arraygpt.set_backend with one of them)"
         )
-    backend = factories[name]()
+    try:
+        backend = factories[name]()
+    except BackendUnavailable:
+        raise
+    except Exception as e:  # a plugin's factory that broke: named, so that the others still list
+        raise PluginError(f"backend {name!r} failed to load: {type(e).__name__}: {e}") from e
+    if not isinstance(backend, Backend):
+        raise PluginError(f"backend {name!r}'s factory returned a {type(backend).__name__}, not an arraygpt Backend")
     _loaded[name] = backend
     return backend
 

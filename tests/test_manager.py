@@ -24,6 +24,7 @@ from arraygpt.manager import (
     register_plugin,
     registry,
     registry_with_owners,
+    set_plugin_manager,
 )
 
 CONFIG = GPTConfig.preset("microgpt")
@@ -218,19 +219,15 @@ def test_entry_point_plugins_are_loaded(monkeypatch, fake_entry_point):
 def test_disable_autoload_skips_entry_points(monkeypatch, fake_entry_point, value):
     fake_entry_point.arraygpt_register_backends = hookimpl(lambda: [{"acme_numpy": _numpy_alias("acme_numpy", [])}])
     calls = []
-    original = pluggy.PluginManager.load_setuptools_entrypoints
-    monkeypatch.setattr(
-        pluggy.PluginManager,
-        "load_setuptools_entrypoints",
-        lambda self, *a, **k: calls.append(a) or original(self, *a, **k),
-    )
+    original = importlib.metadata.distributions
+    monkeypatch.setattr(importlib.metadata, "distributions", lambda: calls.append(1) or original())
     monkeypatch.setenv("ARRAYGPT_DISABLE_PLUGIN_AUTOLOAD", value)
     pm = get_plugin_manager()
     assert calls == [] and pm.get_plugin("acme") is None
     assert "acme_numpy" not in registry("backends", pm)
     monkeypatch.delenv("ARRAYGPT_DISABLE_PLUGIN_AUTOLOAD")
     pm = get_plugin_manager()
-    assert calls == [("arraygpt",)] and "acme_numpy" in registry("backends", pm)
+    assert calls == [1] and "acme_numpy" in registry("backends", pm)
     assert get_plugin_manager(autoload=False).get_plugin("acme") is None
 
 
@@ -241,6 +238,46 @@ def test_a_misspelled_hook_from_an_entry_point_is_rejected(monkeypatch, fake_ent
         UnknownHookError, match="'arraygpt_register_backend' .did you mean 'arraygpt_register_backends'"
     ):
         get_plugin_manager()
+
+
+def test_an_entry_point_that_fails_to_import_is_one_plugin_error_naming_it(monkeypatch, fake_entry_point):
+    monkeypatch.delenv("ARRAYGPT_DISABLE_PLUGIN_AUTOLOAD", raising=False)
+    monkeypatch.delitem(sys.modules, fake_entry_point.__name__)  # the module cannot be found: import fails
+    with pytest.raises(PluginError, match=r"plugin 'acme' \(acme_arraygpt_plugin\) failed to import: ModuleNotFound"):
+        get_plugin_manager()
+    assert get_plugin_manager(autoload=False).get_plugin("acme") is None  # the documented way round it
+
+
+def test_a_hook_whose_arguments_its_spec_lacks_is_one_plugin_error(monkeypatch, fake_entry_point):
+    monkeypatch.delenv("ARRAYGPT_DISABLE_PLUGIN_AUTOLOAD", raising=False)
+    fake_entry_point.arraygpt_register_samplers = hookimpl(lambda foo: [])
+    with pytest.raises(PluginError, match=r"plugin 'acme' does not fit its hooks: .*\{'foo'\}") as info:
+        get_plugin_manager()
+    assert "\n" not in str(info.value)
+
+
+def test_a_backend_whose_factory_breaks_is_a_plugin_error_and_the_others_still_list(
+    monkeypatch, fake_entry_point, capsys
+):
+    from arraygpt.cli import main
+
+    def exploded():
+        raise RuntimeError("gpu exploded")
+
+    monkeypatch.delenv("ARRAYGPT_DISABLE_PLUGIN_AUTOLOAD", raising=False)
+    fake_entry_point.arraygpt_register_backends = hookimpl(lambda: [{"acme_gpu": exploded, "acme_int": lambda: 3}])
+    set_plugin_manager(get_plugin_manager())
+    try:
+        with pytest.raises(PluginError, match="backend 'acme_gpu' failed to load: RuntimeError: gpu exploded"):
+            shim.load_backend("acme_gpu")
+        with pytest.raises(PluginError, match="backend 'acme_int''s factory returned a int, not an arraygpt Backend"):
+            shim.load_backend("acme_int")
+        assert main(["backends"]) == 0
+    finally:
+        set_plugin_manager(None)
+    out = capsys.readouterr().out
+    assert "acme_gpu" in out and "broken: backend 'acme_gpu' failed to load" in out
+    assert "numpy              available" in out
 
 
 class Typo:

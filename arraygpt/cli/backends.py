@@ -11,11 +11,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from arraygpt.errors import PluginError
     from arraygpt.xp import ENV_VAR, BackendUnavailable, backend_factories, get_backend, load_backend
 
     try:
         active = get_backend().name
-    except (ValueError, BackendUnavailable) as e:
+    except (ValueError, BackendUnavailable, PluginError) as e:
         active = f"none ({e})"
     print(f"active backend: {active}   (choose with {ENV_VAR})")
     for name in backend_factories():
@@ -24,6 +25,8 @@ def run(args: argparse.Namespace) -> int:
             status = f"available   device={backend.device}   threads={backend.threads}"
         except BackendUnavailable as e:
             status = f"unavailable: {e}"
+        except PluginError as e:
+            status = f"broken: {e}"
         print(f"  {name:<18} {status}")
     if not active.startswith("none"):
         from arraygpt.config import GPTConfig
