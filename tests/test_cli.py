@@ -545,3 +545,17 @@ def test_resume_refuses_bad_options_in_one_line(tmp_path, names_file, fresh_pm, 
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "elsewhere").exists()
+
+
+@pytest.mark.parametrize(
+    "extra", [["--data", "{tmp}/missing.txt"], ["--steps", "3", "--warmup-steps", "10"]], ids=["no data", "bad option"]
+)
+def test_a_run_that_fails_before_it_starts_leaves_no_empty_folder(tmp_path, names_file, fresh_pm, capsys, extra):
+    extra = [arg.format(tmp=tmp_path) for arg in extra]
+    data = [] if "--data" in extra else ["--data", str(names_file)]
+    assert main(["train", *data, "--out-dir", str(tmp_path / "runs" / "r"), "--quiet", *extra]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+    assert not (tmp_path / "runs" / "r").exists()
+    (tmp_path / "kept").mkdir()  # a folder that was there before stays, as it was
+    assert main(["train", *data, "--out-dir", str(tmp_path / "kept"), "--quiet", *extra]) == 2
+    assert (tmp_path / "kept").is_dir()

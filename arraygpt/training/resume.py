@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ from arraygpt.training.data import Batcher, fingerprint, make_dataset, read_sour
 from arraygpt.training.distributed import ShardedOptimizer, World, ending_all_ranks_on_error
 from arraygpt.training.run import Run
 from arraygpt.training.runfolder import (
+    LOCK_FILE,
     check_new_run_folder,
     check_run_folder,
     check_training_state,
@@ -253,6 +255,27 @@ def holding_run_folder(folder: Path | None, world: World, fresh: bool) -> Iterat
     if folder is None:
         yield
         return
+    created = fresh and world.is_root and not os.path.lexists(folder)
+    try:
+        with _holding(folder, world, fresh):
+            yield
+    except BaseException:
+        if created:  # a run that failed before writing anything leaves no empty folder behind
+            _remove_if_only_the_lock(folder)
+        raise
+
+
+def _remove_if_only_the_lock(folder: Path) -> None:
+    try:
+        if set(os.listdir(folder)) <= {LOCK_FILE}:
+            (folder / LOCK_FILE).unlink(missing_ok=True)
+            folder.rmdir()
+    except OSError:  # it is only tidying
+        pass
+
+
+@contextlib.contextmanager
+def _holding(folder: Path, world: World, fresh: bool) -> Iterator[None]:
     with contextlib.ExitStack() as held:
         error: Exception | None = None
         if world.is_root:

@@ -1,7 +1,7 @@
 """Run folders: one training run per folder, its lock, its health checks, and its saved training state.
 
 A run folder holds ``last/`` and ``best/`` (checkpoints written by ``arraygpt.io.checkpoint``),
-``metrics.jsonl`` and, while a run is live, the lock file ``.arraygpt.lock``. This module gives the
+``metrics.jsonl`` and the lock file ``.arraygpt.lock`` (locked while a run is live). This module gives the
 training loop the checks that keep one folder to one run and keep hostile or damaged folders from
 crashing it later:
 
