@@ -514,6 +514,15 @@ def test_explain_writes_the_page_without_matplotlib(run_dir, loaded, tmp_path, m
     assert data["prompt"] == list(loaded.prompt_prefix) + loaded.tokenizer.encode("em")
 
 
+def test_an_output_name_that_is_not_utf8_is_written_and_printed(run_dir, tmp_path, capsys):
+    name = os.fsdecode(b"p\xfd.html")  # a byte no UTF-8 text holds: a surrogate in Python's str
+    code, printed, err = _main(
+        ["explain", "--checkpoint", str(run_dir), "--prompt", "em", "-o", str(tmp_path / name)], capsys
+    )
+    assert (tmp_path / name).is_file()
+    assert (code, err) == (0, []) and printed == [str(tmp_path / "p\ufffd.html")]
+
+
 def test_arraygpt_explain_is_the_library_function(model, tok, tmp_path):
     page = arraygpt.explain(model, tok, "em", 3, seed=0)
     assert arraygpt.explain is viz.explain and "explain" in arraygpt.__all__

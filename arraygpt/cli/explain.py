@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import argparse
 
-from arraygpt.cli.plot import add_model_arguments, generation_options, load_model, output_path
+from arraygpt.cli.plot import add_model_arguments, generation_options, load_model, output_path, shown
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -39,5 +39,5 @@ def run(args: argparse.Namespace) -> int:
     sampler, options = generation_options(args)
     model, tokenizer, prefix = load_model(args.checkpoint, "explain")
     page = viz.explain(model, tokenizer, args.prompt, args.max_new_tokens, sampler, prefix=prefix, **options)
-    print(page.save(out))
+    print(shown(page.save(out)))
     return 0

@@ -90,6 +90,11 @@ def load_model(directory: str | None, needed_by: str, *, tokenizer: bool = True)
     return ckpt.model, ckpt.tokenizer, list(ckpt.prompt_prefix)
 
 
+def shown(path: str | os.PathLike[str]) -> str:
+    """A path as text any terminal takes: bytes a file name holds that are not UTF-8 as U+FFFD."""
+    return os.fsencode(path).decode("utf-8", "replace")
+
+
 def output_path(path: str | None, default: str, suffixes: tuple[str, ...], what: str) -> Path:
     """``-o``'s path (``default`` when not given), refused unless it ends in one of ``suffixes``
     and is a regular file or a new name (not a folder, FIFO or device), before any work is done."""
@@ -168,5 +173,5 @@ def run(args: argparse.Namespace) -> int:
         else:  # embeddings
             token = args.token if args.token is not None else viz.prompt_ids(tokenizer, args.prompt, prefix)[-1]
             picture = viz.plot_embeddings(model, tokenizer, token)
-    print(picture.save(out, dpi=args.dpi))
+    print(shown(picture.save(out, dpi=args.dpi)))
     return 0
