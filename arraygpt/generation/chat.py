@@ -242,10 +242,11 @@ class Chat:
                     yield piece
                 if stopped:  # the stop text is not part of the reply
                     break
-            tail = "" if stopped else stream.finish()
-            if stops is not None and not stopped:
-                tail, _ = stops.push(tail)
-                tail += stops.finish()
+            tail = ""
+            if not stopped:
+                tail = stream.finish()
+                if stops is not None:  # the text held back, up to a stop string
+                    tail = stops.push(tail)[0] + stops.finish()
             pieces.append(tail)
             if tail and not self.show_probs:
                 yield tail

@@ -326,15 +326,15 @@ def generate(
         encoded = [encode_prompt(tokenizer, r, prefix) for r in rows]
         prompt = encoded[0] if isinstance(prompt, str) else encoded
     context, single = _prompt_array(prompt)
-    V = model.config.vocab_size
-    if int(context.min()) < 0 or int(context.max()) >= V:
-        bad = int(context.min()) if int(context.min()) < 0 else int(context.max())
-        raise ValueError(f"prompt holds token id {bad}; allowed: 0 <= id < vocab_size ({V})")
+    low, high, V = int(context.min()), int(context.max()), model.config.vocab_size
+    if low < 0 or high >= V:
+        raise ValueError(f"prompt holds token id {low if low < 0 else high}; allowed: 0 <= id < vocab_size ({V})")
     n_new = check_number("max_new_tokens", max_new_tokens, 0, integer=True)
     k = check_number("show_probs", show_probs, 0, integer=True)
     if eos_id is None and tokenizer is not None:
         eos_id = end_ids(tokenizer)
-    (ends, (stops, texts)) = end_id_set(eos_id), stop_sequences(stop)
+    ends = end_id_set(eos_id)
+    stops, texts = stop_sequences(stop)
     if texts and tokenizer is None:
         raise TypeError(f"text stop sequences need the model's tokenizer (tokenizer=...), got {stop!r}")
     rng = make_rng(seed)
