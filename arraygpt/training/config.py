@@ -171,11 +171,11 @@ class TrainConfig:
             low = 1 if name in positive else 0
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 what = "a positive integer" if low else "an integer >= 0"
-                raise ValueError(f"{_named(name)} must be {what}, got {value!r}")
+                raise ValueError(f"{field_and_flag(name)} must be {what}, got {value!r}")
         for name in ("lr", "min_lr", "grad_clip"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-                label = "learning rate (lr, --lr)" if name == "lr" else _named(name)
+                label = "learning rate (lr, --lr)" if name == "lr" else field_and_flag(name)
                 raise ValueError(f"{label} must be a finite number >= 0, got {value!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
@@ -203,11 +203,13 @@ class TrainConfig:
         if self.window is not None and (
             isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1
         ):
-            raise ValueError(f"{_named('window')} must be a positive integer, got {self.window!r}")
+            raise ValueError(f"{field_and_flag('window')} must be a positive integer, got {self.window!r}")
         if isinstance(self.lora_rank, bool) or not isinstance(self.lora_rank, int) or self.lora_rank < 0:
-            raise ValueError(f"{_named('lora_rank')} must be an integer >= 0, got {self.lora_rank!r}")
+            raise ValueError(f"{field_and_flag('lora_rank')} must be an integer >= 0, got {self.lora_rank!r}")
         if isinstance(self.lora_targets, str) or not isinstance(self.lora_targets, (tuple, list)):
-            raise ValueError(f"{_named('lora_targets')} must be a list of weight names, got {self.lora_targets!r}")
+            raise ValueError(
+                f"{field_and_flag('lora_targets')} must be a list of weight names, got {self.lora_targets!r}"
+            )
         object.__setattr__(self, "lora_targets", tuple(self.lora_targets))  # a list from JSON
         if self.lora_rank:
             if self.init_from is None:
@@ -250,7 +252,7 @@ class TrainConfig:
         return {k: v for k, v in candidates.items() if k in accepted}
 
 
-def _named(field: str) -> str:
+def field_and_flag(field: str) -> str:
     """A field as both callers know it: ``seed (--seed)``."""
     return f"{field} (--{field.replace('_', '-')})"
 

@@ -31,7 +31,7 @@ from typing import Any
 
 from arraygpt.errors import CheckpointError, DataError, RunFolderError
 from arraygpt.training.build import make_optimizer, split_options
-from arraygpt.training.config import RESUME_OVERRIDABLE, TrainConfig, _named
+from arraygpt.training.config import RESUME_OVERRIDABLE, TrainConfig, field_and_flag
 from arraygpt.training.data import Batcher, fingerprint, make_dataset, read_source
 from arraygpt.training.distributed import ShardedOptimizer, World, ending_all_ranks_on_error
 from arraygpt.training.run import Run
@@ -221,7 +221,7 @@ def split_global_batch(
     B, N = given.get("batch_size"), given.get("grad_accum")
     for name, value in (("batch_size", B), ("grad_accum", N)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ValueError(f"{_named(name)} must be a positive integer, got {value!r}")
+            raise ValueError(f"{field_and_flag(name)} must be a positive integer, got {value!r}")
     where = f"the {P} rows per rank of the run's global batch ({G} rows over {ranks} ranks)"
     if B is not None and N is not None:
         if B * N != P:
