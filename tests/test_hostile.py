@@ -351,6 +351,9 @@ def test_reader_equals_the_reference_library_and_tensors_own_their_memory(tmp_pa
         "u8": np.arange(7, dtype=np.uint8),
         "b": np.array([True, False]),
         "empty": np.zeros((0, 3)),
+        "scalar": np.array(2.5),  # 0-d: stays 0-d
+        "big_endian": np.arange(4, dtype=">i4"),
+        "transposed": np.arange(6.0).reshape(2, 3).T,  # written in C order
     }
     reference.save_file(tensors, str(tmp_path / "ref.safetensors"), metadata={"k": "v"})
     ours = ag_safetensors.load_file(tmp_path / "ref.safetensors")
@@ -366,7 +369,7 @@ def test_reader_equals_the_reference_library_and_tensors_own_their_memory(tmp_pa
     assert ag_safetensors.read_metadata(tmp_path / "ref.safetensors") == {"k": "v"}
     ag_safetensors.save_file(tensors, tmp_path / "ours.safetensors", metadata={"k": "v"})  # and the other way
     again = reference.load_file(str(tmp_path / "ours.safetensors"))
-    assert all(np.array_equal(again[n], tensors[n]) for n in tensors)
+    assert all(again[n].shape == tensors[n].shape and np.array_equal(again[n], tensors[n]) for n in tensors)
 
 
 def test_optimizer_state_is_copies_that_share_nothing(ckpt):

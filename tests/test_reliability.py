@@ -420,6 +420,36 @@ def test_the_size_limit_can_be_set(tmp_path, monkeypatch):
         read_source(path)
     monkeypatch.setenv("ARRAYGPT_MAX_DATA_BYTES", "100")
     assert read_source(path) == "hello world\n"
+    for huge in (2**40, 10**30):  # memory follows the file, not the limit (read(limit + 1) reserved it)
+        monkeypatch.setenv("ARRAYGPT_MAX_DATA_BYTES", str(huge))
+        assert read_source(path) == "hello world\n"
+
+
+def test_a_byte_order_mark_is_not_text(tmp_path):
+    from arraygpt.training.data import read_source
+
+    path = tmp_path / "notepad.txt"
+    path.write_bytes("\ufeffemma\nolivia\n".encode())  # as Windows Notepad saves UTF-8
+    assert read_source(path) == "emma\nolivia\n"
+
+
+def test_json_and_safetensors_headers_with_an_integer_past_pythons_limit_are_one_clean_error(tmp_path):
+    """Python refuses to parse an integer of over 4300 digits with a bare ValueError."""
+    import struct
+
+    from arraygpt.errors import CheckpointError
+    from arraygpt.io.files import read_json
+    from arraygpt.io.safetensors import SafetensorsError, load_file
+
+    config = tmp_path / "config.json"
+    config.write_text('{"vocab_size": ' + "9" * 5000 + "}")
+    with pytest.raises(CheckpointError, match="config.json: the JSON file is truncated or corrupted"):
+        read_json(config)
+    header = ('{"w": {"dtype": "F32", "shape": [' + "9" * 5000 + '], "data_offsets": [0, 4]}}').encode()
+    weights = tmp_path / "w.safetensors"
+    weights.write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 4)
+    with pytest.raises(SafetensorsError, match="w.safetensors: corrupted safetensors header"):
+        load_file(weights)
 
 
 @pytest.mark.parametrize(

@@ -65,14 +65,14 @@ def read_json(path: str | os.PathLike[str], what: str = "JSON file", limit: int 
     with f:
         if size > limit:
             raise CheckpointError(f"{path}: the {what} is {size} bytes; at most {limit} bytes are read")
-        data = f.read(limit + 1)
+        data = read_at_most(f, size, limit)
     if len(data) > limit:
         raise CheckpointError(f"{path}: the {what} is over {limit} bytes; at most {limit} bytes are read")
     try:
         value = json.loads(data.decode("utf-8"))
     except UnicodeDecodeError as e:
         raise CheckpointError(f"{path}: the {what} is not UTF-8 text ({e.reason} at byte {e.start})") from None
-    except json.JSONDecodeError as e:
+    except ValueError as e:  # not JSON, or an integer of over 4300 digits (Python's int limit)
         raise CheckpointError(f"{path}: the {what} is truncated or corrupted (not valid JSON: {e})") from None
     except RecursionError:
         raise CheckpointError(f"{path}: the {what} is nested too deeply to be a real {what}") from None
@@ -80,6 +80,16 @@ def read_json(path: str | os.PathLike[str], what: str = "JSON file", limit: int 
         expected = "a JSON object" if kind is dict else f"JSON {kind.__name__}"
         raise CheckpointError(f"{path}: the {what} must hold {expected}, not {type(value).__name__}")
     return value
+
+
+def read_at_most(f: Any, size: int, limit: int) -> bytes:
+    """The bytes of the open file ``f`` of ``size`` bytes (its fstat), up to ``limit + 1`` (one
+    more says it grew past the limit). Memory follows the file: ``read(limit + 1)`` would reserve
+    the whole limit first, whatever the file holds."""
+    data = f.read(min(size, limit) + 1)
+    while len(data) <= limit and (more := f.read(min(1 << 20, limit + 1 - len(data)))):
+        data += more  # the file grew while it was read
+    return data
 
 
 def write_atomic(path: str | os.PathLike[str], data: bytes | list[bytes]) -> None:

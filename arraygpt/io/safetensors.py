@@ -63,10 +63,11 @@ def save_file(
         header["__metadata__"] = dict(metadata)
     chunks, offset = [], 0
     for name, value in tensors.items():
-        array = np.ascontiguousarray(value)
+        array = np.asarray(value)  # (np.ascontiguousarray would make a 0-d array 1-d)
+        array = array.astype(array.dtype.newbyteorder("<"), copy=False)  # big-endian arrays too
         if array.dtype not in _NAMES:
             raise TypeError(f"tensor {name!r}: dtype {array.dtype} cannot be stored; allowed: {sorted(_DTYPES)}")
-        raw = array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
+        raw = array.tobytes()  # C order, whatever the array's
         header[name] = {
             "dtype": _NAMES[array.dtype],
             "shape": list(array.shape),
@@ -133,7 +134,7 @@ def _read_header(f: Any, path: Path, size: int) -> tuple[dict[str, Any], int]:
         raise SafetensorsError(
             f"{path}: corrupted safetensors header: not UTF-8 ({e.reason} at byte {8 + e.start})"
         ) from None
-    except json.JSONDecodeError as e:
+    except ValueError as e:  # not JSON, or an integer of over 4300 digits (Python's int limit)
         raise SafetensorsError(f"{path}: corrupted safetensors header (not valid JSON: {e})") from None
     except RecursionError:
         raise SafetensorsError(f"{path}: corrupted safetensors header: JSON nested too deeply") from None

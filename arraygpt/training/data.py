@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 
 from arraygpt.errors import DataError
+from arraygpt.io.files import read_at_most
 from arraygpt.io.tokenizers import ByteTokenizer, CharTokenizer, Tokenizer
 
 MODES = ("documents", "stream")
@@ -140,11 +141,11 @@ def read_source(source: str | Path) -> str:
         os.close(fd)
         raise
     with open(fd, "rb", closefd=True) as f:
-        data = f.read(limit + 1)
+        data = read_at_most(f, st.st_size, limit)
     if len(data) > limit:
         raise DataError(f"training text {path} grew past {limit:,} bytes while it was read; at most {limit:,} are read")
     try:
-        text = data.decode("utf-8")
+        text = data.decode("utf-8-sig")  # a byte-order mark (Windows Notepad's) is no text
     except UnicodeDecodeError as e:
         line = data.count(b"\n", 0, e.start) + 1
         raise DataError(
