@@ -578,6 +578,14 @@ def test_save_refuses_what_gguf_cannot_hold(tmp_path):
         )
     with pytest.raises(ValueError, match="norm"):
         save_gguf(GPT(GPTConfig.preset("microgpt"), seed=0), tmp_path / "x.gguf")
+    # llama.cpp's gpt2 reads attn_qkv as (3 n_embd, n_embd), its qwen2 attn_q as (n_embd, n_embd)
+    gqa = GPTConfig.preset("gpt2", n_layer=1, n_head=4, n_kv_head=2, n_embd=32, vocab_size=40, block_size=16)
+    with pytest.raises(ValueError, match=r"a gpt2 GGUF needs n_kv_head == n_head \(4\), got 2"):
+        save_gguf(GPT(gqa, seed=0), tmp_path / "x.gguf")
+    wide = GPTConfig.preset("llama-tiny", qkv_bias=True, bias=False, head_dim=32)
+    assert wide.attn_dim != wide.n_embd
+    with pytest.raises(ValueError, match=r"a qwen2 GGUF .* needs n_head \* head_dim == n_embd"):
+        save_gguf(GPT(wide, seed=0), tmp_path / "x.gguf")
     assert list(tmp_path.iterdir()) == []
 
 

@@ -101,14 +101,20 @@ def test_a_weight_whose_blocks_do_not_fit_its_shape_is_refused():
 
 
 @pytest.mark.parametrize("kind", list(BLOCKS))
-def test_quantize_is_the_gguf_quantizer(kind):
-    from arraygpt.nn.quant import quantize
+def test_quantize_is_the_gguf_quantizer_and_the_k_quants_are_read_only(kind):
+    from arraygpt import GPT, GPTConfig
+    from arraygpt.nn.quant import QUANTIZERS, quantize
 
     w = np.random.default_rng(2).standard_normal((3, 256)).astype(np.float32)
     try:
         expected = quants.quantize(w, TYPES[kind])
-    except NotImplementedError:  # gguf has no Python quantizer for some K-quants
-        pytest.skip(f"gguf has no Python quantizer for {kind}")
+    except NotImplementedError:  # gguf has no Python quantizer for the K-quants: neither has arraygpt
+        assert kind not in QUANTIZERS
+        for quantizing in (lambda: quantize(w, kind), lambda: GPT(GPTConfig.preset("microgpt")).quantize(kind)):
+            with pytest.raises(ValueError, match=f"cannot quantize as '{kind}' .it is read from GGUF files"):
+                quantizing()
+        return
+    assert kind in QUANTIZERS
     q = quantize(w, kind)
     assert q.shape == (3, 256)
     np.testing.assert_array_equal(q.blocks.reshape(3, -1), expected)

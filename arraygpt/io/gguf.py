@@ -81,7 +81,7 @@ from arraygpt.io.files import _fsync_dir, _umask, open_regular
 from arraygpt.nn.core import GATE_UP, QKV
 from arraygpt.nn.model import GPT
 from arraygpt.nn.params import param_shapes
-from arraygpt.nn.quant import BLOCKS, QuantizedWeight, dequantize
+from arraygpt.nn.quant import BLOCKS, QUANTIZERS, QuantizedWeight, dequantize
 from arraygpt.xp import to_numpy
 
 __all__ = [
@@ -110,7 +110,7 @@ READ_TYPES = {
     13: ("Q5_K", 256, 176),
     14: ("Q6_K", 256, 210),
 }
-SAVE_DTYPES = ("f32", "f16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
+SAVE_DTYPES = ("f32", "f16", *QUANTIZERS)
 _FILE_TYPE = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7, "q5_0": 8, "q5_1": 9}  # llama.cpp's llama_ftype
 _TYPE_ID = {"f32": 0, "f16": 1, "q8_0": 8, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7}
 
@@ -921,6 +921,8 @@ def _architecture(config: GPTConfig) -> str:
                 raise ValueError(f"a gpt2 GGUF needs GPTConfig.{field}={value!r}, got {getattr(config, field)!r}")
         if config.attn_dim != config.n_embd:
             raise ValueError("a gpt2 GGUF needs n_head * head_dim == n_embd")
+        if config.n_kv_head != config.n_head:  # its attn_qkv is (3 n_embd, n_embd)
+            raise ValueError(f"a gpt2 GGUF needs n_kv_head == n_head ({config.n_head}), got {config.n_kv_head}")
         return "gpt2"
     llama = dict(norm="rmsnorm", mlp="swiglu", norm_affine=True, norm_emb=False, norm_final=True)
     for field, value in llama.items():
@@ -928,6 +930,8 @@ def _architecture(config: GPTConfig) -> str:
             raise ValueError(f"a llama/qwen2 GGUF needs GPTConfig.{field}={value!r}, got {getattr(config, field)!r}")
     if config.qkv_bias and config.rope_scaling is not None:
         raise ValueError("a qwen2 GGUF (q/k/v biases) holds no rope scaling")
+    if config.qkv_bias and config.attn_dim != config.n_embd:  # llama.cpp's qwen2 reads attn_q as (n_embd, n_embd)
+        raise ValueError("a qwen2 GGUF (q/k/v biases) needs n_head * head_dim == n_embd")
     return "qwen2" if config.qkv_bias else "llama"
 
 

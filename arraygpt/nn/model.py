@@ -162,16 +162,15 @@ class GPT:
     def quantize(self, kind: str) -> GPT:
         """Store the linear weights (every matrix but ``wpe``; ``wte`` too, looked up row by row
         and, tied, the vocabulary projection) as GGUF blocks of ``kind`` (``q8_0``, ``q4_0``,
-        ``q4_1``, ... of ``arraygpt.nn.quant.BLOCKS``), quantized by the ``gguf`` library. A
+        ``q4_1``, ``q5_0`` or ``q5_1``: ``arraygpt.nn.quant.QUANTIZERS``), quantized by the ``gguf`` library. A
         matrix whose rows are not whole blocks stays as it is. Inference only: :meth:`backward`
         refuses until :meth:`dequantize`. Returns the model.
 
         Example:
             >>> model = GPT(GPTConfig.preset("microgpt")).quantize("q8_0")  # doctest: +SKIP
         """
-        per_block = quant.BLOCKS[kind][0] if kind in quant.BLOCKS else 0
-        if not per_block:
-            raise ValueError(f"unknown quantization {kind!r}; supported: {', '.join(quant.BLOCKS)}")
+        quant.check_quantizer(kind)
+        per_block = quant.BLOCKS[kind][0]
         for name, w in self.params.items():
             if len(w.shape) == 2 and name != "wpe" and w.shape[1] % per_block == 0:
                 dense = quant.dequantize(w) if isinstance(w, quant.QuantizedWeight) else to_numpy(w)

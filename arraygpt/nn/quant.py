@@ -50,6 +50,7 @@ BLOCKS = {
     "q5_k": (256, 176),
     "q6_k": (256, 210),
 }
+QUANTIZERS = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1")  # the kinds the gguf library quantizes (K-quants: read only)
 
 
 @dataclass(frozen=True)
@@ -301,6 +302,13 @@ def split_rows(w: QuantizedWeight | QuantizedStack, widths: list[int]) -> list[Q
     return out
 
 
+def check_quantizer(kind: str) -> None:
+    """ValueError unless ``kind`` is one of :data:`QUANTIZERS`."""
+    if kind not in QUANTIZERS:
+        read_only = " (it is read from GGUF files, but not made)" if kind in BLOCKS else ""
+        raise ValueError(f"cannot quantize as {kind!r}{read_only}; arraygpt quantizes as {', '.join(QUANTIZERS)}")
+
+
 def quantize(w: Any, kind: str) -> QuantizedWeight:
     """A host (out, in) float weight quantized as ``kind`` by the ``gguf`` library's quantizer
     (the optional dependency ``pip install 'arraygpt[gguf]'``); in must be a multiple of the block size."""
@@ -310,8 +318,7 @@ def quantize(w: Any, kind: str) -> QuantizedWeight:
         from gguf import GGMLQuantizationType, quants
     except ImportError as e:
         raise ImportError("quantizing needs the gguf package: pip install 'arraygpt[gguf]'") from e
-    if kind not in BLOCKS:
-        raise ValueError(f"unknown quantization {kind!r}; supported: {', '.join(BLOCKS)}")
+    check_quantizer(kind)
     w = np.asarray(w, dtype=np.float32)
     per_block, nbytes = BLOCKS[kind]
     if w.ndim != 2 or w.shape[1] % per_block:
