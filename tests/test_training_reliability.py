@@ -240,31 +240,35 @@ def test_sizes_whose_step_cannot_fit_are_one_line_naming_the_size(tmp_path, args
 
 @pytest.mark.parametrize(
     "sizes",
-    [dict(batch_size=32, block_size=32, n_embd=64), dict(batch_size=16, block_size=32, n_embd=32, vocab_size=4000)],
+    [
+        dict(batch_size=32, block_size=32, n_embd=64, n_layer=2),
+        dict(batch_size=16, block_size=128, n_embd=128, n_layer=4),  # activations and attention dominate
+        dict(batch_size=16, block_size=32, n_embd=32, vocab_size=20000, n_layer=2),  # the vocabulary dominates
+    ],
+    ids=["small", "activations", "vocabulary"],
 )
-def test_the_memory_estimate_is_a_lower_bound_of_a_real_step(names_file, pm, sizes, monkeypatch):
-    """Measured with tracemalloc (NumPy reports its allocations to it): the estimate stays below
-    the step's real peak (so it refuses only what cannot fit) and within a factor of 2 of it. The
-    estimate counts the reference layers' arrays; the fused kernels keep other temporaries, so the
-    reference runs here."""
+@pytest.mark.parametrize("precision", ["full", "mixed-float16"])
+def test_the_memory_estimate_is_a_lower_bound_of_a_real_step(names_file, pm, sizes, precision):
+    """Measured with tracemalloc (NumPy reports its allocations to it) around one training step,
+    its weights and the optimizer's state made before: the estimate stays below the real peak (so
+    it refuses only what cannot fit) and within a factor of 2 of it, with the kernels a run uses."""
     import tracemalloc
 
-    monkeypatch.setenv("ARRAYGPT_KERNELS", "reference")
-
-    from arraygpt.training.loop import train_loop
     from arraygpt.training.memory import step_memory
+    from arraygpt.training.step import train_step
 
-    opts = dict(TINY, n_layer=2, n_head=4, steps=1, mode="stream", eval_interval=100, **sizes)
-    run = arraygpt.train(str(names_file), stop_after=0, plugin_manager=pm, **opts)
-    run.stop_requested = None
+    opts = dict(TINY, n_head=4, steps=3, mode="stream", eval_interval=100, samples=0, **sizes)
+    run = arraygpt.train(str(names_file), stop_after=1, plugin_manager=pm, precision=precision, **opts)
+    x, y = run.batcher.next()
     tracemalloc.start()
     try:
-        train_loop(run)
+        train_step(run, x, y)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    held_before = 3 * 4 * run.model.num_params()  # float32 weights and Adam's two moments, made before tracing
-    estimate = step_memory(run.model.config, "float32", run.config.batch_size, run.global_batch).total
+    P = run.model.num_params()
+    held_before = 3 * 4 * P + (2 * P if run.mixed is not None else 0)  # float32 weights, moments; a 16-bit copy
+    estimate = step_memory(run.model.config, "float32", run.config.batch_size, run.global_batch, precision).total
     assert 0.5 * (peak + held_before) < estimate <= peak + held_before
 
 

@@ -6,9 +6,10 @@ the kernel's OOM killer minutes later.
 The estimate counts what a step holds at its peak, in the model's dtype: the parameters, their
 gradient (twice: the accumulated sum and a new micro-batch's), the optimizer's state (two buffers
 per parameter, Adam's), the activations that one micro-batch's forward keeps for the backward
-(every layer's inputs, attention probabilities and MLP hidden units, and the logits with their
-softmax and gradient), and the global batch of token ids. It is a lower bound of the real peak
-(within a factor of about 2), so it refuses only steps that cannot fit. The memory available is
+(every layer's inputs, attention probabilities and MLP hidden units, and the softmax over the
+vocabulary with its gradient: float32 under mixed precision too), and the global batch of token
+ids. It is a lower bound of the real peak (measured 1.0-1.4x it, tests/test_training_reliability.py),
+so it refuses only steps that cannot fit. The memory available is
 the smaller of the kernel's ``MemAvailable`` and what the address-space limit (``ulimit -v``)
 leaves.
 
@@ -60,14 +61,16 @@ def step_memory(
     params = P * size * 5  # weights, two gradients, two optimizer buffers
     if trained is not None:  # frozen weights; the adapters' weights, gradients and buffers
         params = (P + 5 * trained) * size
+    B, T, C, V = batch_size, config.block_size, config.n_embd, config.vocab_size
+    logits = 2 * B * T * V * size  # the softmax and its gradient
     if precision != "full":  # float32 master weights and state, plus a 16-bit compute copy
         params = P * (4 * 5 + 2 * 2)
         size = 2
-    B, T, C, V = batch_size, config.block_size, config.n_embd, config.vocab_size
+        logits = 8 * B * T * V  # the cross-entropy's float32 softmax and gradient, as in full precision
     H, NH = config.mlp_hidden, config.n_head
-    per_layer = B * T * (10 * C + 3 * H) + 2 * B * NH * T * T  # inputs, q/k/v, norms; MLP units; probs
-    activations = (config.n_layer * per_layer + 2 * B * T * C) * size
-    logits = 3 * B * T * V * size  # logits, softmax, their gradient
+    probs = B * NH * T * T
+    per_layer = B * T * (6 * C + 2 * H) + probs  # kept for the backward: inputs, q/k/v, norms; MLP units; probs
+    activations = (config.n_layer * per_layer + probs + 2 * B * T * C) * size  # + the backward's attention gradient
     return StepMemory(parameters=params, activations=activations, logits=logits, batch=2 * global_batch * T * 8)
 
 
