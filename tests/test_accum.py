@@ -133,3 +133,22 @@ def test_a_checkpoint_from_before_accumulation_resumes(tmp_path, names_file, pm)
     assert (resumed.config.batch_size, resumed.config.grad_accum, resumed.step) == (4, 1, 6)
     for k, v in params_of(straight).items():
         np.testing.assert_array_equal(params_of(resumed)[k], v, err_msg=k)
+
+
+def test_an_overflow_in_accumulated_mixed_precision_gradients_skips_the_step_quietly(names_file, pm):
+    """The micro-batches' float32 gradients are summed with inf in them when the loss scale is too
+    high: the step is skipped, and NumPy's warnings stay silenced there as in the backward."""
+    import warnings
+
+    from arraygpt.training.loop import train_loop
+
+    options = dict(steps=30, batch_size=4, grad_accum=2, precision="mixed-float16", dtype="float32", grad_clip=0.05)
+    run = _run(names_file, pm, **options)
+    run.stop_requested = None
+    run.mixed.scaler.scale = 2.0**38  # float16 gradients overflow: halved step after step
+    run.mixed.scaler.growth_interval = 3  # then grown until they overflow again
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train_loop(run)
+    assert run.mixed.skipped_steps >= 10
+    assert [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)] == []

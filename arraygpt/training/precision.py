@@ -53,6 +53,7 @@ __all__ = [
     "StepResult",
     "mixed_kernels",
     "mixed_precision",
+    "overflow_expected",
     "set_tf32",
     "tf32_enabled",
 ]
@@ -234,7 +235,7 @@ def mixed_kernels(
 
 
 @contextlib.contextmanager
-def _overflow_expected() -> Iterator[None]:
+def overflow_expected() -> Iterator[None]:
     """Silence NumPy's overflow/invalid warnings: with a loss scale, an overflow is expected
     now and then, and the step that meets one is skipped."""
     with warnings.catch_warnings():
@@ -362,7 +363,7 @@ class MixedPrecision:
         compute = self.compute
         compute.train(self.master.training)
         compute.set_rng_state(self.master.rng_state())
-        with _overflow_expected():
+        with overflow_expected():
             logits, loss = compute.forward(idx, targets, **kwargs)
         self.master.set_rng_state(compute.rng_state())
         return logits, loss
@@ -374,7 +375,7 @@ class MixedPrecision:
         ``scale * loss``, upcast and multiplied by 1/scale. They may hold inf or nan (an
         overflow): :meth:`apply` then skips the step."""
         scale = self.scaler.scale
-        with _overflow_expected():
+        with overflow_expected():
             grads = self.compute.backward(loss_scale=scale)
         xp, inv = self.xp, 1.0 / scale
         out = {}

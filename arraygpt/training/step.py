@@ -26,6 +26,7 @@ Not here: the loop around the step (``arraygpt.training.loop``), the collectives
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +34,7 @@ import numpy as np
 
 from arraygpt.training.distributed import ShardedOptimizer
 from arraygpt.training.optim import clip_grad_norm
+from arraygpt.training.precision import overflow_expected
 
 if TYPE_CHECKING:
     from arraygpt.training.run import Run
@@ -109,10 +111,11 @@ def accumulate(run: Run, x: np.ndarray, y: np.ndarray, n_total: int) -> tuple[di
         loss_sum += loss_k * n_k
         g = model.backward()
         weight = n_k / n_total
-        if grads is None:
-            grads = g if weight == 1.0 else {name: gi * weight for name, gi in g.items()}
-        else:
-            grads = {name: grads[name] + g[name] * weight for name in grads}
+        with overflow_expected() if run.mixed is not None else contextlib.nullcontext():  # inf: a skipped step
+            if grads is None:
+                grads = g if weight == 1.0 else {name: gi * weight for name, gi in g.items()}
+            else:
+                grads = {name: grads[name] + g[name] * weight for name in grads}
     if grads is None:  # every target of this rank's rows is ignored
         grads = {name: model.xp.zeros_like(p) for name, p in run.model.trainable.items()}
     return grads, loss_sum
