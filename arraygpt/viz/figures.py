@@ -220,6 +220,7 @@ class Distributions(Picture):
         sampler_probs: (N, V) float64, the distribution each token was drawn from.
         vocab: the label of every token id (V,).
         sampler: the sampler's description (``repr`` of the ``Sampler``).
+        sampler_names: the names of its filters in the order they ran (``Sampler.names``).
         panels: per drawn panel, the rows it shows: (token id, label, p_model, p_sampler, chosen),
             most likely under the model first.
     """
@@ -232,6 +233,7 @@ class Distributions(Picture):
     sampler_probs: np.ndarray
     vocab: list[str]
     sampler: str
+    sampler_names: tuple[str, ...] = ()
     panels: list[list[tuple[int, str, float, float, bool]]] = field(default_factory=list)
 
 
@@ -308,6 +310,7 @@ def plot_distributions(
         sampler_probs=np.array(probs_rows).reshape(-1, V),
         vocab=_labels(tokenizer, range(V)),
         sampler=repr(chain),
+        sampler_names=tuple(chain.names),
     )
     for c, probs in zip(steps[:max_panels], out.sampler_probs):
         rows = [(i, out.vocab[i], p, float(probs[i]), i == c.token) for i, p in c.model]

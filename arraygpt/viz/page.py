@@ -31,7 +31,6 @@ from typing import Any
 
 import numpy as np
 
-from arraygpt.generation.sampling import make_sampler
 from arraygpt.viz.figures import (
     AttentionPatterns,
     Distributions,
@@ -155,8 +154,7 @@ def explain(
         {i for s in steps for i in s["ids"]} | set(dist.prompt) | set(context) | {int(i) for i in lens.top_ids.ravel()}
     )
     n_generated = len(dist.tokens)
-    # the chain the generation ran: options turn samplers on too (repeat_penalty=, top_k= beside top_p)
-    names = list(make_sampler(sampler, temperature=temperature, **sampler_options).names)
+    names = dist.sampler_names  # the chain the generation ran: options turn samplers on too (repeat_penalty=)
     settings = {
         "temperature": 0.0 if "greedy" in names else float(temperature),
         "top_k": int(sampler_options.get("top_k", 0) or 0),
