@@ -42,7 +42,7 @@ CONFIGS = {
     "microgpt": ("microgpt", 1),
     "microgpt-b32": ("microgpt", 32),
 }
-SIDES = ("kernels", "reference", "torch")
+SIDES = ("kernels", "kernels-openblas", "reference", "torch")  # kernels-openblas: ARRAYGPT_GEMM=numpy
 
 
 def config_of(name: str):
@@ -120,7 +120,7 @@ def worker(side: str, name: str, steps: int, warmup: int, threads: int) -> dict:
 
     config, B = config_of(name)
     backend = arraygpt.get_backend()
-    model = GPT(config, seed=0, kernels="reference" if side != "kernels" else None)
+    model = GPT(config, seed=0, kernels=None if side.startswith("kernels") else "reference")
     rng = np.random.default_rng(0)
     batches = [rng.integers(0, config.vocab_size, (B, config.block_size + 1)) for _ in range(warmup + steps)]
     if side == "torch":
@@ -165,6 +165,9 @@ def worker(side: str, name: str, steps: int, warmup: int, threads: int) -> dict:
 def run_side(side: str, name: str, steps: int, warmup: int, threads: int) -> dict:
     env = thread_env(threads)
     env.pop("ARRAYGPT_KERNELS", None)
+    env.pop("ARRAYGPT_GEMM", None)
+    if side == "kernels-openblas":
+        env["ARRAYGPT_GEMM"] = "numpy"  # NumPy's BLAS, where "kernels" takes MKL if installed on Intel
     if side == "torch":
         env["ARRAYGPT_MALLOC_TUNING"] = (
             "0"  # PyTorch keeps its own allocator's behaviour (arraygpt only builds the weights)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import os
 import subprocess
 import sys
 
@@ -27,6 +28,7 @@ from arraygpt import GPT, GPTConfig, hookimpl, manager
 from arraygpt.backends import numpy as numpy_backend
 from arraygpt.backends.numpy.kernels import (
     _jit,
+    _mkl,
     _threads,
     adam,
     attention,
@@ -160,6 +162,7 @@ def test_linear_rows_kernel_equals_reference(lead, Cin, Cout, bias, dtype, conti
         _spy_on_reference_linear(mp, calls)
         _spy_on_launches(mp, launches)
         mp.setattr(linear, "MIN_ROWS_PER_THREAD", min_rows)
+        mp.setattr(_mkl, "_chosen", [None])  # NumPy's BLAS for more rows (MKL's path: the tests below)
         out, cache = linear.linear_forward(x, w, b)
     ref_out, ref_cache = layers.linear_forward(x, w, b)
     rows = int(np.prod(lead))
@@ -203,6 +206,144 @@ def test_linear_rows_kernel_declines_what_it_does_not_take(monkeypatch):
     monkeypatch.setattr(numpy_backend, "blas_thread_count", lambda: None)
     linear.linear_forward(x, w, b)
     assert len(calls) == 6
+
+
+try:
+    MKL_SGEMM, NO_MKL = _mkl._load(), ""
+except KernelUnavailable as e:
+    MKL_SGEMM, NO_MKL = None, f"MKL is not at hand: {e}"
+needs_mkl = pytest.mark.skipif(MKL_SGEMM is None, reason=NO_MKL)
+
+
+def _choose_mkl(mp):
+    """MKL chosen for the linear layers' one-thread float32 products (``_mkl.py``)."""
+    mp.setattr(_mkl, "_chosen", [MKL_SGEMM])
+
+
+def _stored(rng, shape, transposed, pad):
+    """A float32 matrix of ``shape`` stored row-major with ``pad`` spare values per row, or as the
+    transposed view of such a matrix (as the backward's dout^T and w^T are); pad -1: every other
+    column of a wider matrix (a layout BLAS cannot read, copied first)."""
+    rows, cols = shape[::-1] if transposed else shape
+    if pad < 0:
+        x = rng.standard_normal((rows, 2 * cols), dtype=np.float32)[:, ::2]
+    else:
+        x = rng.standard_normal((rows, cols + pad), dtype=np.float32)[:, :cols]
+    return x.T if transposed else x
+
+
+@needs_mkl
+@needs_blas_control
+@settings(max_examples=80, deadline=None)
+@given(
+    M=st.integers(1, 70),
+    N=st.integers(1, 70),
+    K=st.integers(1, 70),
+    trans_a=st.booleans(),
+    trans_b=st.booleans(),
+    pad_a=st.sampled_from([0, 3, -1]),
+    pad_b=st.sampled_from([0, 16]),
+    seed=st.integers(0, 2**16),
+)
+def test_mkl_product_equals_float64_product(M, N, K, trans_a, trans_b, pad_a, pad_b, seed):
+    """MKL's product of float32 matrices, each row-major (rows padded or not), a transposed view or
+    strided, equals NumPy's float64 product to float32 round-off: |error| <= K eps32 (|a| @ |b|)."""
+    rng = np.random.default_rng(seed)
+    a, b = _stored(rng, (M, K), trans_a, pad_a), _stored(rng, (K, N), trans_b, pad_b)
+    with pytest.MonkeyPatch.context() as mp, NUMPY.blas_threads(1):
+        _choose_mkl(mp)
+        out = _mkl.matmul(a, b)
+    assert out.shape == (M, N) and out.dtype == np.float32 and out.flags.c_contiguous
+    a64, b64 = a.astype(np.float64), b.astype(np.float64)
+    bound = K * np.finfo(np.float32).eps * (np.abs(a64) @ np.abs(b64))
+    assert (np.abs(out - a64 @ b64) <= bound).all()
+
+
+@needs_mkl
+@needs_blas_control
+def test_mkl_product_declines_what_it_does_not_take(monkeypatch):
+    """float64, a stack of matrices, a zero size, mismatched inner sizes, more than one BLAS
+    thread: None (NumPy's matmul then), nothing computed."""
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((6, 5), dtype=np.float32), rng.standard_normal((5, 4), dtype=np.float32)
+    _choose_mkl(monkeypatch)
+    with NUMPY.blas_threads(1):
+        assert _mkl.matmul(a, b) is not None
+        for x, y in [
+            (a.astype(np.float64), b.astype(np.float64)),
+            (a[None], b),
+            (a[:0], b),
+            (a, b[:4]),
+        ]:
+            assert _mkl.matmul(x, y) is None
+    with NUMPY.blas_threads(2):
+        assert _mkl.matmul(a, b) is None
+
+
+@needs_mkl
+@needs_numba
+@needs_blas_control
+@settings(max_examples=30, deadline=None)
+@given(
+    lead=st.sampled_from([(9,), (3, 5), (2, 16)]),
+    Cin=st.sampled_from([1, 8, 37]),
+    Cout=st.sampled_from([2, 11, 65]),
+    bias=st.booleans(),
+    contiguous=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_linear_kernel_more_rows_through_mkl_equal_reference(lead, Cin, Cout, bias, contiguous, seed):
+    """More than MAX_ROWS float32 rows go through MKL's product in the forward and both products
+    of the backward (the reference's linear is not called), giving the reference's output and
+    gradients to float32 round-off, the bias gradient exactly, and the reference's cache."""
+    rng = np.random.default_rng(seed)
+    x, w = _array(rng, (*lead, Cin), np.float32, contiguous), _array(rng, (Cout, Cin), np.float32)
+    b = _array(rng, (Cout,), np.float32) if bias else None
+    dout = _array(rng, (*lead, Cout), np.float32)
+    calls = []
+    with pytest.MonkeyPatch.context() as mp, NUMPY.blas_threads(1):
+        _choose_mkl(mp)
+        _spy_on_reference_linear(mp, calls)
+        mp.setattr(linear.layers, "linear_backward", lambda *a: pytest.fail("the reference's backward ran"))
+        out, cache = linear.linear_forward(x, w, b)
+        grads = linear.linear_backward(dout, cache)
+    assert calls == []
+    ref_out, ref_cache = layers.linear_forward(x, w, b)
+    assert type(cache) is layers.LinearCache and cache.x is x and cache.w is w and cache.has_bias == bias
+    assert_close(out, ref_out, np.float32, "linear forward")
+    for got, want, name in zip(grads, layers.linear_backward(dout, ref_cache), ["dx", "dw", "db"]):
+        assert_close(got, want, np.float32, f"linear backward {name}")
+        if name == "db" and bias:
+            np.testing.assert_array_equal(got, want)
+
+
+def test_gemm_choice_reads_its_variable(monkeypatch):
+    """ARRAYGPT_GEMM: numpy keeps NumPy's BLAS; auto takes MKL only on an Intel CPU; mkl where MKL
+    cannot load, and any other value, are errors that name the variable and what it takes."""
+    assert _mkl._choose("numpy") is None
+    monkeypatch.setattr(_mkl, "_intel_cpu", lambda: False)
+    monkeypatch.setattr(_mkl, "_load", lambda: pytest.fail("MKL loaded on a CPU that is not Intel's"))
+    assert _mkl._choose("auto") is None
+    with pytest.raises(ValueError, match="ARRAYGPT_GEMM must be one of auto, numpy, mkl.*'openblas'"):
+        _mkl._choose("openblas")
+
+    def missing():
+        raise KernelUnavailable("Intel's mkl package is not installed: pip install 'arraygpt[mkl]'")
+
+    monkeypatch.setattr(_mkl, "_intel_cpu", lambda: True)
+    monkeypatch.setattr(_mkl, "_load", missing)
+    assert _mkl._choose("auto") is None  # auto falls back quietly
+    with pytest.raises(ValueError, match=r"ARRAYGPT_GEMM=mkl, but Intel's mkl package is not installed"):
+        _mkl._choose("mkl")
+
+
+def test_gemm_choice_fails_when_a_model_selects_the_linear_kernel():
+    """A bad ARRAYGPT_GEMM stops the model's construction with its message, before any step."""
+    code = "from arraygpt import GPT, GPTConfig; GPT(GPTConfig(vocab_size=5, block_size=4, n_layer=1, n_head=1, n_embd=8))"
+    env = {**os.environ, "ARRAYGPT_GEMM": "fast"}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "ARRAYGPT_GEMM must be one of auto, numpy, mkl" in result.stderr
 
 
 # ----------------------------------------------------------------------------------------------

@@ -6,7 +6,9 @@ beside its Python wrapper, each a forward/backward pair equal to its reference i
 module                  kernels                                       replaces
 ======================  ============================================  =====================
 ``norm.py``             numba_layernorm, numba_rmsnorm                the norm pairs
-``linear.py``           numba_linear_rows (decoding's few rows)       linear_forward
+``linear.py``           numba_linear_rows (decoding's few rows; more  the linear pair
+                        rows: MKL's product where ``_mkl.py`` chose
+                        it)
 ``attention.py``        numba_causal_attention (also GQA, KV cache)   the attention pair
 ``gelu.py``             numba_gelu_tanh                               gelu_tanh pair
 ``crossentropy.py``     numba_crossentropy                            the crossentropy pair

@@ -1,5 +1,6 @@
-"""The linear layer for a few rows (a decode step): ``layers.linear_forward``; the backward is the
-reference's.
+"""The linear layer: a few rows (a decode step) in one numba pass over the weights, and more rows
+(training, a prompt) through MKL's product where it is chosen (``_mkl.py``):
+``layers.linear_forward`` and ``linear_backward``.
 
 The formula is the reference's (``arraygpt/nn/layers.py``: out = x w^T + b, w stored (out, in)).
 A decode step multiplies one row by each weight matrix, which reads every weight once per token;
@@ -8,8 +9,10 @@ kernel reads each row of w once, in its stored order, for all rows of x, four ro
 so that each loaded weight serves four sums. w's rows are split into contiguous parts over the
 threads BLAS may use now (``_threads.py``), one numba thread each, so that decoding reads the
 weights with every core the model has, as BLAS's and PyTorch's one-row products do. More rows
-(BLAS is faster there), a BLAS thread count it cannot read and anything unusual go to the
-reference, i.e. BLAS. The cache is the reference's, so the backward is ``layers.linear_backward``.
+(BLAS is faster there) go to MKL's float32 product where ``_mkl.py`` chose it (the forward's x
+w^T and the backward's dout w and dout^T x, the bias and its gradient as the reference adds and
+sums them), else to the reference, i.e. NumPy's BLAS; so do a BLAS thread count the kernel cannot
+read and anything unusual. The cache is the reference's, so either backward takes either cache.
 
 Checked by tests/test_kernels.py, section "linear.py".
 """
@@ -20,10 +23,10 @@ from typing import Any
 
 import numpy as np
 
-from arraygpt.backends.numpy.kernels import _threads
+from arraygpt.backends.numpy.kernels import _mkl, _threads
 from arraygpt.backends.numpy.kernels._jit import OPTIONS, LazyJit, ParallelJit, loader
 from arraygpt.nn import layers
-from arraygpt.nn.kernels import KernelSpec
+from arraygpt.nn.kernels import KernelPair, KernelSpec
 
 MAX_ROWS = 8  # up to here the kernel beat or tied OpenBLAS's products on every size measured
 MIN_ROWS_PER_THREAD = 64  # rows of w; a smaller part costs more to launch than it saves
@@ -82,11 +85,13 @@ def linear_forward(x: Any, w: Any, b: Any = None) -> tuple[Any, layers.LinearCac
         and x.ndim
         and w.ndim == 2
         and x.shape[-1] == w.shape[1]
-        and 0 < x.size <= MAX_ROWS * w.shape[1]
+        and 0 < x.size
         and w.flags.c_contiguous
         and (b is None or (type(b) is np.ndarray and b.dtype == w.dtype and b.shape == w.shape[:1]))
     ):
         return layers.linear_forward(x, w, b)
+    if x.size > MAX_ROWS * w.shape[1]:
+        return _products_forward(x, w, b)
     parts = _threads.chunks(w.shape[0], MIN_ROWS_PER_THREAD)
     if not parts:  # BLAS's thread count unknown: the model's thread setting cannot be read
         return layers.linear_forward(x, w, b)
@@ -101,13 +106,41 @@ def linear_forward(x: Any, w: Any, b: Any = None) -> tuple[Any, layers.LinearCac
     return out, layers.LinearCache(x, w, has_b)
 
 
+def _products_forward(x: Any, w: Any, b: Any) -> tuple[Any, layers.LinearCache]:
+    """More rows: out (N, Cout) = x (N, Cin) @ w^T by MKL where it is chosen, else the reference."""
+    out = _mkl.matmul(x.reshape(-1, w.shape[1]), w.T)
+    if out is None:
+        return layers.linear_forward(x, w, b)
+    if b is not None:
+        out += b
+    return out.reshape(*x.shape[:-1], w.shape[0]), layers.LinearCache(x, w, b is not None)
+
+
+def linear_backward(dout: Any, cache: layers.LinearCache) -> tuple[Any, Any, Any]:
+    """layers.linear_backward with dx = dout @ w and dw = dout^T @ x by MKL where it is chosen
+    (and takes the arrays), else the reference."""
+    x, w, has_bias = cache
+    dout2 = dout.reshape(-1, w.shape[0]) if type(dout) is np.ndarray else None  # (N, Cout)
+    dx = None if dout2 is None else _mkl.matmul(dout2, w)  # (N, Cin)
+    dw = None if dx is None else _mkl.matmul(dout2.T, x.reshape(-1, w.shape[1]))  # (Cout, Cin)
+    if dw is None:
+        return layers.linear_backward(dout, cache)
+    db = np.ones(dout2.shape[0], dout2.dtype) @ dout2 if has_bias else None  # the reference's sum, as it sums
+    return dx.reshape(x.shape), dw, db
+
+
+def _load() -> KernelPair:
+    _mkl.sgemm()  # ARRAYGPT_GEMM read now: a bad value fails when a model selects the kernel, not in a step
+    return loader(linear_forward, linear_backward)()
+
+
 SPECS = {
     "numba_linear_rows": KernelSpec(
         "linear",
-        loader(linear_forward, layers.linear_backward),
+        _load,
         backends=("numpy",),
         array_types=(np.ndarray,),
         description=f"up to {MAX_ROWS} rows (decoding) in one pass over the weights, its rows split over "
-        "the BLAS threads; more rows: BLAS (numba, parallel, nogil)",
+        "the BLAS threads; more rows: MKL's product where installed on Intel, else NumPy's BLAS (numba, parallel, nogil)",
     ),
 }
