@@ -141,6 +141,7 @@ SPECS = {
         backends=("numpy",),
         array_types=(np.ndarray,),
         description=f"up to {MAX_ROWS} rows (decoding) in one pass over the weights, its rows split over "
-        "the BLAS threads; more rows: MKL's product where installed on Intel, else NumPy's BLAS (numba, parallel, nogil)",
+        "the BLAS threads; more rows: MKL's product where installed on Intel, else NumPy's BLAS "
+        "(numba, parallel, nogil)",
     ),
 }
