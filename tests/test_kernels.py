@@ -339,7 +339,7 @@ def test_gemm_choice_reads_its_variable(monkeypatch):
 
 def test_gemm_choice_fails_when_a_model_selects_the_linear_kernel():
     """A bad ARRAYGPT_GEMM stops the model's construction with its message, before any step."""
-    code = "from arraygpt import GPT, GPTConfig; GPT(GPTConfig(vocab_size=5, block_size=4, n_layer=1, n_embd=8))"
+    code = 'from arraygpt import GPT, GPTConfig; GPT(GPTConfig.preset("microgpt"))'
     env = {**os.environ, "ARRAYGPT_GEMM": "fast"}
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
