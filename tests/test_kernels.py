@@ -371,7 +371,7 @@ def _attention_inputs(rng, B, T, past, NH, hs, dtype, NKV=None):
     past=st.sampled_from([0, 0, 1, 4, 67]),
     NKV=st.integers(1, 3),
     G=st.sampled_from([1, 1, 2, 3]),
-    hs=st.sampled_from([1, 3, 8, 16, 32]),
+    hs=st.sampled_from([1, 3, 8, 16, 32, 48]),
     dtype=st.sampled_from(DTYPES),
     blas=st.sampled_from([1, 2, 3]),
     seed=st.integers(0, 2**16),
@@ -382,6 +382,7 @@ def _attention_inputs(rng, B, T, past, NH, hs, dtype, NKV=None):
 @example(B=2, T=48, past=0, NKV=2, G=2, hs=32, dtype="float32", blas=1, seed=4)  # head tiles, grouped
 @example(B=1, T=16, past=0, NKV=1, G=1, hs=16, dtype="float32", blas=1, seed=5)  # head tiles, one tile row
 @example(B=1, T=96, past=0, NKV=1, G=2, hs=16, dtype="float32", blas=1, seed=6)  # head tiles, T > 64
+@example(B=1, T=80, past=0, NKV=1, G=2, hs=48, dtype="float32", blas=1, seed=7)  # tiles of 32 and of 16 columns
 def test_attention_kernel_equals_reference(B, T, past, NKV, G, hs, dtype, blas, seed):
     """T = 1 (a decode step) to DECODE_ROWS (one numba pass, its (row, head) pairs split over up to
     ``blas`` numba threads), odd sizes, more than one query block (T > TILE), a KV cache (past >
@@ -420,28 +421,31 @@ def test_attention_kernel_equals_reference(B, T, past, NKV, G, hs, dtype, blas, 
     stride=st.integers(1, 50),
     transposed=st.booleans(),
     accumulate=st.booleans(),
+    width=st.sampled_from([16, 32, 48, 64]),
     seed=st.integers(0, 2**16),
 )
-def test_head_tile_is_numpys_product(n, stride, transposed, accumulate, seed):
-    """attention.product_tile (8 rows x 16 lanes of a product, _simd's 16-lane vectors), compiled
-    and as plain Python, against NumPy's matmul in float64: any k count, a row-major or transposed
-    left operand at an offset, a strided right operand, scale and accumulate; nothing else of c
-    is written."""
+def test_head_tiles_are_numpys_product(n, stride, transposed, accumulate, width, seed):
+    """attention.product_tiles (8 rows of a product over ``width`` columns: product_tile32's 8 x 32
+    tiles, then product_tile's 8 x 16 for the rest, _simd's 16-lane vectors), compiled and as
+    plain Python, against NumPy's matmul in float64: any k count, a row-major or transposed left
+    operand at an offset, a strided right operand, scale and accumulate; nothing else of c is
+    written."""
     rng = np.random.default_rng(seed)
     a_row, a_step = (1, stride) if transposed else (stride, 1)
+    b_step, c_row = width + 4, width + 8
     a = rng.standard_normal(3 + 8 * a_row + max(n, 1) * a_step).astype(np.float32)
-    b = rng.standard_normal(5 + max(n, 1) * 20).astype(np.float32)
-    c = rng.standard_normal(2 + 8 * 24).astype(np.float32)
+    b = rng.standard_normal(5 + max(n, 1) * b_step).astype(np.float32)
+    c = rng.standard_normal(2 + 8 * c_row).astype(np.float32)
     A = np.array([[a[3 + r * a_row + k * a_step] for k in range(n)] for r in range(8)], np.float64).reshape(8, n)
-    B = np.array([b[5 + k * 20 : 5 + k * 20 + 16] for k in range(n)], np.float64).reshape(n, 16)
-    tile_rows = [slice(2 + r * 24, 2 + r * 24 + 16) for r in range(8)]
+    B = np.array([b[5 + k * b_step : 5 + k * b_step + width] for k in range(n)], np.float64).reshape(n, width)
+    tile_rows = [slice(2 + r * c_row, 2 + r * c_row + width) for r in range(8)]
     want = 0.5 * (A @ B) + (np.array([c[t] for t in tile_rows], np.float64) if accumulate else 0)
     outside = np.ones(c.size, bool)
     for t in tile_rows:
         outside[t] = False
-    for tile in (_jit.numba().njit(attention.product_tile), attention.product_tile):
+    for tiles in (_jit.numba().njit(attention.product_tiles), attention.product_tiles):
         got = c.copy()
-        tile(n, a, 3, a_row, a_step, b, 5, 20, got, 2, 24, np.float32(0.5), accumulate)
+        tiles(n, a, 3, a_row, a_step, b, 5, b_step, got, 2, c_row, np.float32(0.5), accumulate, width)
         assert np.allclose([got[t] for t in tile_rows], want, rtol=1e-5, atol=1e-5 * (1 + n))
         assert np.array_equal(got[outside], c[outside])
 
