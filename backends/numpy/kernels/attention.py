@@ -11,7 +11,7 @@ attention are taken; dropout and any argument it does not know go to the referen
 few rows, the NumPy calls around BLAS's products cost more than the products. Training's shapes
 (float32, no KV cache, T and the head size multiples of 16, T <= MAX_TILED_T) go per head in
 tiles instead: each product of the forward and backward (q k^T, probs v, dy v^T, ds k, ds^T q,
-probs^T dy) as tiles of 8 rows x 16 lanes summed in registers (:func:`product_tile`), the causal
+probs^T dy) as tiles of 8 rows x 32 or 16 lanes summed in registers (:func:`product_tiles`), the causal
 blocks skipped, the masked softmax 16 lanes at a time, q, k and v read in place and dq, dk, dv
 written in the (B, T, .) layout: no batched BLAS calls of a few thousand products each, no
 copies into heads and back.
