@@ -125,7 +125,7 @@ def linear_backward(dout: Any, cache: layers.LinearCache) -> tuple[Any, Any, Any
     dw = None if dx is None else _mkl.matmul(dout2.T, x.reshape(-1, w.shape[1]))  # (Cout, Cin)
     if dw is None:
         return layers.linear_backward(dout, cache)
-    db = np.ones(dout2.shape[0], dout2.dtype) @ dout2 if has_bias else None  # the reference's sum, as it sums
+    db = np.ones(dout2.shape[0], dout2.dtype) @ dout2 if has_bias else None  # as the reference sums rows
     return dx.reshape(x.shape), dw, db
 
 
