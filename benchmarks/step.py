@@ -6,6 +6,10 @@ Run by hand on a quiet machine (timings are not tests):
     .venv/bin/python benchmarks/step.py                          # nanogpt-cpu and shakespeare-char, 2 and 1 threads
     .venv/bin/python benchmarks/step.py --config nanogpt-cpu --threads 2 --steps 20
     .venv/bin/python benchmarks/step.py --sides kernels,reference  # without PyTorch
+    .venv/bin/python benchmarks/step.py --sides kernels,kernels-openblas,torch  # MKL's products and OpenBLAS's
+
+``kernels`` runs arraygpt as installed (with the ``mkl`` extra on an Intel CPU, its linear
+layers' products are MKL's); ``kernels-openblas`` the same with ``ARRAYGPT_GEMM=numpy``.
     ARRAYGPT_BACKEND=cupy python benchmarks/step.py --config shakespeare-char-b64 --sides kernels,torch
 
 Each side runs in its own process (two libraries in one process let one's idle thread pool spin
