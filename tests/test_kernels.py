@@ -317,6 +317,32 @@ def test_linear_kernel_more_rows_through_mkl_equal_reference(lead, Cin, Cout, bi
             np.testing.assert_array_equal(got, want)
 
 
+@needs_mkl
+@needs_numba
+@needs_blas_control
+def test_linear_kernel_through_mkl_keeps_the_references_errors_and_alignment(monkeypatch):
+    """A dout whose last axis is not the layer's output width is the reference's ValueError (a
+    reshape alone would accept one of the same size); a float32 matrix at an unaligned address is
+    copied before MKL reads it, and the product is right."""
+    _choose_mkl(monkeypatch)
+    rng = np.random.default_rng(0)
+    x, w = rng.standard_normal((8, 16), dtype=np.float32), rng.standard_normal((3, 16), dtype=np.float32)
+    with NUMPY.blas_threads(1):
+        _, cache = linear.linear_forward(x, w)
+        with pytest.raises(ValueError, match="mismatch"):
+            linear.linear_backward(rng.standard_normal((4, 6), dtype=np.float32), cache)
+        raw = np.zeros(4 * 16 * 9 + 1, np.uint8)
+        a = np.frombuffer(raw.data, np.float32, 16 * 9, offset=1).reshape(9, 16)  # unaligned, writable
+        a[...] = rng.standard_normal((9, 16), dtype=np.float32)
+        assert not a.flags.aligned
+        seen = []
+        sgemm = _mkl._chosen[0]
+        monkeypatch.setattr(_mkl, "_chosen", [lambda *args: seen.append(args[7] % 4) or sgemm(*args)])
+        out = _mkl.matmul(a, w.T)
+    assert seen == [0]  # the address MKL read a from is float-aligned
+    np.testing.assert_allclose(out, a.astype(np.float64) @ w.T.astype(np.float64), rtol=1e-5, atol=1e-5)
+
+
 def test_gemm_choice_reads_its_variable(monkeypatch):
     """ARRAYGPT_GEMM: numpy keeps NumPy's BLAS; auto takes MKL only on an Intel CPU; mkl where MKL
     cannot load, and any other value, are errors that name the variable and what it takes."""

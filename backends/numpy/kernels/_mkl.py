@@ -112,7 +112,7 @@ def _layout(x: Any) -> tuple[Any, int, int]:
         return x, NO_TRANS, row_step // 4
     if x.flags.aligned and row_step == 4 and col_step % 4 == 0 and rows <= col_step // 4 <= MAX_INT:
         return x, TRANS, col_step // 4
-    return np.ascontiguousarray(x), NO_TRANS, cols
+    return np.array(x, order="C"), NO_TRANS, cols  # a copy: ascontiguousarray keeps an unaligned buffer
 
 
 def matmul(a: Any, b: Any) -> Any:

@@ -120,7 +120,8 @@ def linear_backward(dout: Any, cache: layers.LinearCache) -> tuple[Any, Any, Any
     """layers.linear_backward with dx = dout @ w and dw = dout^T @ x by MKL where it is chosen
     (and takes the arrays), else the reference."""
     x, w, has_bias = cache
-    dout2 = dout.reshape(-1, w.shape[0]) if type(dout) is np.ndarray else None  # (N, Cout)
+    takes = type(dout) is np.ndarray and dout.shape[-1:] == w.shape[:1]  # else the reference's errors
+    dout2 = dout.reshape(-1, w.shape[0]) if takes else None  # (N, Cout)
     dx = None if dout2 is None else _mkl.matmul(dout2, w)  # (N, Cin)
     dw = None if dx is None else _mkl.matmul(dout2.T, x.reshape(-1, w.shape[1]))  # (Cout, Cin)
     if dw is None:
