@@ -31,6 +31,7 @@ import os
 import re
 import sys
 import time
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
@@ -90,6 +91,21 @@ def _number_chars(value: int | float) -> int:
     return value.bit_length() // 3 + 2 if isinstance(value, int) else 24
 
 
+def _kinds(parts: list[Any]) -> Any:
+    """``of(kinds)``: the items of ``parts`` that are instances of ``kinds``, as ``isinstance``
+    says. The types are counted once in C, so a list of a million numbers (which a template builds
+    in one expression) is classified in a fraction of the time an ``isinstance`` per item takes."""
+    types = Counter(map(type, parts))
+
+    def of(kinds: type | tuple[type, ...]) -> list[Any]:
+        chosen = {t for t in types if issubclass(t, kinds)}
+        if len(chosen) == len(types):
+            return parts
+        return [x for x in parts if type(x) in chosen] if chosen else []
+
+    return of
+
+
 def _shape(value: Any) -> _Shape:
     """The :class:`_Shape` of ``value`` as a serializer would write it: a list that holds another
     twice counts it twice (30 such levels are 2^30 items to ``tojson``), computed once per distinct
@@ -107,14 +123,13 @@ def _shape(value: Any) -> _Shape:
     while stack:
         node, children_done = stack.pop()
         parts = [x for kv in node.items() for x in kv] if isinstance(node, dict) else list(node)
-        nested = [x for x in parts if isinstance(x, (list, tuple, dict))]
+        of = _kinds(parts)
+        nested = of((list, tuple, dict))
         if children_done:
-            strs = [x for x in parts if isinstance(x, (str, bytes))]
-            ints = [x for x in parts if isinstance(x, int)]
-            floats = sum(isinstance(x, float) for x in parts)
+            strs, ints, floats = of((str, bytes)), of(int), len(of(float))
             # digits and sign of the ints, summed as _number_chars counts one (sum//3 >= sum of each //3)
             chars = sum(map(len, strs)) + sum(map(int.bit_length, ints)) // 3 + 2 * len(ints) + 24 * floats
-            others = len(parts) - len(strs) - len(ints) - floats - len(nested) - parts.count(None)
+            others = len(parts) - len(strs) - len(ints) - floats - len(nested) - len(of(type(None)))
             inner = [shapes.get(id(x), _Shape(0, 0, 0, 0)) for x in nested]
             shapes[id(node)] = _Shape(
                 chars + sum(x.chars for x in inner),
