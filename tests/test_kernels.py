@@ -451,11 +451,12 @@ def test_attention_kernel_equals_reference(B, T, past, NKV, G, hs, dtype, blas, 
     seed=st.integers(0, 2**16),
 )
 def test_head_tiles_are_numpys_product(n, stride, transposed, accumulate, width, seed):
-    """attention.product_tiles (8 rows of a product over ``width`` columns: product_tile32's 8 x 32
-    tiles, then product_tile's 8 x 16 for the rest, _simd's 16-lane vectors), compiled and as
-    plain Python, against NumPy's matmul in float64: any k count, a row-major or transposed left
-    operand at an offset, a strided right operand, scale and accumulate; nothing else of c is
-    written."""
+    """attention.product_tiles (8 rows of a product over ``width`` columns) and both tile sets it
+    chooses from, whichever CPU runs the test: tiles_avx512 (product_tile32's 8 x 32 tiles, then
+    product_tile's 8 x 16) and tiles_avx2 (product_tile4's 4 x 16), _simd's 16-lane vectors,
+    compiled and as plain Python, against NumPy's matmul in float64: any k count, a row-major or
+    transposed left operand at an offset, a strided right operand, scale and accumulate; nothing
+    else of c is written."""
     rng = np.random.default_rng(seed)
     a_row, a_step = (1, stride) if transposed else (stride, 1)
     b_step, c_row = width + 4, width + 8
@@ -469,11 +470,33 @@ def test_head_tiles_are_numpys_product(n, stride, transposed, accumulate, width,
     outside = np.ones(c.size, bool)
     for t in tile_rows:
         outside[t] = False
-    for tiles in (_jit.numba().njit(attention.product_tiles), attention.product_tiles):
+    njit = _jit.numba().njit
+    for tiles in (njit(attention.product_tiles), njit(attention.tiles_avx512), njit(attention.tiles_avx2)) + (
+        attention.product_tiles,
+        attention.tiles_avx512,
+        attention.tiles_avx2,
+    ):
         got = c.copy()
         tiles(n, a, 3, a_row, a_step, b, 5, b_step, got, 2, c_row, np.float32(0.5), accumulate, width)
         assert np.allclose([got[t] for t in tile_rows], want, rtol=1e-5, atol=1e-5 * (1 + n))
         assert np.array_equal(got[outside], c[outside])
+
+
+@needs_numba
+def test_the_head_tiles_are_chosen_by_the_cpus_registers():
+    """_simd.has_avx512 (which decides product_tiles' tiles) says what the CPU's flags say, in
+    Python and compiled."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        pytest.skip("reads the CPU's flags from /proc/cpuinfo")
+    if os.environ.get("NUMBA_CPU_NAME") or os.environ.get("NUMBA_CPU_FEATURES"):
+        pytest.skip("numba compiles for another CPU than this one")
+    from arraygpt.backends.numpy.kernels import _simd
+
+    assert _simd.has_avx512() is (" avx512f" in flags)
+    assert _jit.numba().njit(lambda: _simd.has_avx512())() is (" avx512f" in flags)
 
 
 @needs_numba

@@ -204,6 +204,15 @@ def has_vnni() -> bool:
     return "+avx512vnni" in features or "+avxvnni" in features
 
 
+def has_avx512() -> bool:
+    """Whether the CPU numba compiles for has AVX-512 (``avx512f``): 32 vector registers of 16
+    float32 lanes, where AVX2 has 16 of 8. A compiled caller sees a constant, so the branch it
+    decides is compiled away."""
+    from arraygpt.backends.numpy.kernels._jit import numba
+
+    return "+avx512f" in _features(numba())
+
+
 def _features(numba: Any) -> list[str]:
     """The CPU features numba compiles for (``+avx2``, ...)."""
     import llvmlite.binding as llvm
@@ -225,6 +234,7 @@ def _register(numba: Any) -> None:
     V16F = ir.VectorType(f32, 16)
     features = _features(numba)
     vnni = "+avx512vnni" in features or "+avxvnni" in features
+    avx512 = "+avx512f" in features
     triple = llvm_binding.get_process_triple()
     f16c = "+f16c" in features if triple.startswith(("x86_64", "i686")) else triple.startswith(("aarch64", "arm64"))
 
@@ -553,6 +563,7 @@ def _register(numba: Any) -> None:
     overload(dot_nibbles)(lambda row, at, xq, xat: lambda row, at, xq, xat: dot_nibbles_ir(row, at, xq, xat))
     overload(dot_bytes)(lambda row, at, xq, xat: lambda row, at, xq, xat: dot_bytes_ir(row, at, xq, xat))
     overload(dot_fivebits)(lambda row, at, xq, xat: lambda row, at, xq, xat: dot_fivebits_ir(row, at, xq, xat))
+    overload(has_avx512)(lambda: lambda: avx512)
     overload(zeros)(lambda: lambda: zeros_ir())
     overload(fma)(lambda acc, v, s: lambda acc, v, s: fma_ir(acc, v, s))
     overload(total)(lambda acc: lambda acc: total_ir(acc))
