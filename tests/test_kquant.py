@@ -191,13 +191,14 @@ def test_the_int8_product_of_a_prompt_is_the_float_product():
 @pytest.mark.parametrize(("M", "threads"), [(9, 1), (21, 2)])
 def test_a_prompt_on_the_int8_kernel_multiplies_the_quantized_activations_exactly_as_floats(kind, M, threads):
     """A prompt of Q4_K or Q5_K rows on quant.py's int8 groups (each sub-block of 32 unpacked as a
-    block, kquant.unpack_rows_k): out = x_hat @ W_q.T + x @ W_c.T within the float32 bound."""
+    block, kquant.unpack_rows_k): out = x_hat @ W_q.T + x @ W_c.T within the float32 bound. The
+    groups run here whatever the CPU (where it lacks VNNI, a model sends prompts to float32 tiles)."""
     from arraygpt.backends.numpy.kernels import quant as quant_kernel
 
     rows, K = 2 * _blocks.MIN_ROWS_PER_THREAD + 3, 512  # W's rows in two parts at two threads
     blocks = _random_blocks(kind, rows, K // 256, seed=M)
     x = np.random.default_rng(M).standard_normal((M, K)).astype(np.float32)
-    with blas_threads(threads):
+    with blas_threads(threads), mock.patch.object(quant_kernel, "has_vnni", lambda: True):
         out, _ = quant_kernel.quantized_linear_int8_forward(x, QuantizedWeight(kind, blocks, (rows, K)))
     xq, dx, _ = _blocks.activations(x)
     x_hat = (xq.reshape(M, -1, 32) * dx[..., None].astype(np.float64)).reshape(M, K)

@@ -3,6 +3,8 @@ Python package: its quantizers make the blocks, its dequantizer is the independe
 
 from __future__ import annotations
 
+from unittest import mock
+
 import numpy as np
 import pytest
 from hypothesis import given
@@ -220,16 +222,17 @@ def test_the_kernel_hands_what_it_does_not_take_to_the_reference():
     np.testing.assert_allclose(out, x @ quants.dequantize(blocks.reshape(2, -1), TYPES["q6_k"]).T, rtol=1e-12)
 
 
-def _cpu_has_vnni() -> bool:
+def _cpu_has_byte_products() -> bool:
+    """Whether the CPU has VNNI's byte dot products or AVX2's two-step byte products."""
     try:
         with open("/proc/cpuinfo") as f:
             flags = f.read()
     except OSError:
         pytest.skip("reads the CPU's flags from /proc/cpuinfo")
-    return " avx512_vnni" in flags or " avx_vnni" in flags
+    return any(f" {flag}" in flags for flag in ("avx512_vnni", "avx_vnni", "avx2"))
 
 
-def test_the_numpy_backend_selects_the_int8_kernel_where_the_cpu_has_vnni_and_float32_only():
+def test_the_numpy_backend_selects_the_int8_kernel_where_the_cpu_has_byte_products_and_float32_only():
     _kernel()
     from arraygpt import GPTConfig
     from arraygpt.backends.numpy.kernels import quant as kernel
@@ -237,7 +240,7 @@ def test_the_numpy_backend_selects_the_int8_kernel_where_the_cpu_has_vnni_and_fl
 
     config = GPTConfig.preset("microgpt")
     chosen = kernels.select_kernels(config, "numpy", "float32").quantized_linear[0]
-    expected = kernel.quantized_linear_int8_forward if _cpu_has_vnni() else kernel.quantized_linear_forward
+    expected = kernel.quantized_linear_int8_forward if _cpu_has_byte_products() else kernel.quantized_linear_forward
     assert chosen is expected
     assert kernels.select_kernels(config, "numpy", "float64").quantized_linear[0] is quantized_linear_pair_forward
 
@@ -320,6 +323,19 @@ def test_the_byte_dot_products_are_numpys_integer_dots(n, seed):
     assert dots(row, xq, kinds).tolist() == expected  # |dot| < 2**24: exact in float32
 
 
+@pytest.mark.parametrize("x", [-127, 127])
+def test_the_byte_dot_products_hold_their_largest_sums(x):
+    """The largest products each kind meets (Q8_0's -128 and 127, Q5's 31, Q4's 15, times |x| =
+    127): AVX2's first step sums two products in int16, which these must not overflow."""
+    dots, _, _ = _simd_compiled()
+    xq = np.full(32 * 4, x, np.int8)
+    row = np.full(34 * 4, 0xFF, np.uint8)  # nibbles and fifth bits all ones: 15 and 31
+    row[:34] = 0x80  # a Q8_0 block of -128
+    row[34:68] = 0x7F  # a Q8_0 block of 127
+    got = dots(row, xq, np.array([0, 0, 1, 2]))
+    assert got.tolist() == [32 * -128 * x, 32 * 127 * x, 32 * 15 * x, 32 * 31 * x]
+
+
 @given(n=st.integers(1, 6), seed=st.integers(0, 2**32 - 1))
 def test_the_prompt_loops_vectors_are_numpys_integer_dots_and_float_sums(n, seed):
     """A prompt's vocabulary (_simd.py), compiled: 8 words of 4 weights against 8 lanes of x
@@ -349,17 +365,18 @@ def test_the_float16_scales_read_in_place_are_numpys_for_every_bit_pattern():
 
 
 def test_without_vnni_or_f16c_the_portable_vector_code_gives_the_same_numbers(tmp_path):
-    """numba compiling for a generic x86-64 (no VNNI, no F16C) takes the portable LLVM code."""
+    """numba compiling for a generic x86-64 (no VNNI, AVX2 or F16C) takes the portable LLVM code,
+    whose numbers equal those of this CPU's byte products (VNNI's, or AVX2's two steps)."""
     import os
     import subprocess
     import sys
 
-    if not _cpu_has_vnni() or os.uname().machine != "x86_64":
-        pytest.skip("compares the portable code with the VNNI path on an x86-64 CPU that has it")
+    if not _cpu_has_byte_products() or os.uname().machine != "x86_64":
+        pytest.skip("compares the portable code with the VNNI or AVX2 path on an x86-64 CPU that has one")
     code = (
         "import sys, numpy as np, tests.test_quant as t\n"
         "from arraygpt.backends.numpy.kernels import _simd\n"
-        "assert not _simd.has_vnni()\n"
+        "assert not _simd.has_vnni() and not _simd.has_avx2()\n"
         "dots, halves, sums = t._simd_compiled()\n"
         "rng = np.random.default_rng(3)\n"
         "row = rng.integers(0, 256, 34 * 8, dtype=np.uint8); xq = rng.integers(-127, 128, 256).astype(np.int8)\n"
@@ -433,19 +450,28 @@ def _split(kind: str, blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 )
 def test_the_int8_kernel_multiplies_the_quantized_activations_exactly_as_floats(kind, rows, n_blocks, M, threads, seed):
     """out = x_hat @ W_q.T + x @ W_c.T, x_hat = dx xq the activations as quantized (checked against
-    gguf's quantizer above), within the float32 bound of the sums."""
+    gguf's quantizer above), within the float32 bound of the sums. A prompt's int8 groups run
+    here whatever the CPU (where it lacks VNNI, a model sends prompts to float32 tiles instead)."""
     from arraygpt.backends.numpy import blas_threads
 
     kernel = _kernel()
+    vnni = mock.patch.object(kernel, "has_vnni", lambda: True)
     blocks = _random_blocks(kind, rows, n_blocks, seed)
     if kind == "q8_0":
         blocks[0, 0, 2] = 0x80  # a quant of -128, which llama.cpp's quantizer never writes
     K = 32 * n_blocks
     w = QuantizedWeight(kind, blocks, (rows, K))
     x = np.random.default_rng(seed).standard_normal((M, K)).astype(np.float32)
-    with blas_threads(threads):
+    with blas_threads(threads), vnni:
         out, _ = kernel.quantized_linear_int8_forward(x, w)
     _assert_exact_as_floats(kind, blocks, x, out)
+
+
+def test_a_prompt_goes_to_the_int8_groups_only_with_vnni(monkeypatch):
+    kernel = _kernel()
+    for vnni in (True, False):
+        monkeypatch.setattr(kernel, "has_vnni", lambda: vnni)
+        assert kernel.groups_pay(kernel.MAX_ROWS + 1) is vnni
 
 
 @pytest.mark.parametrize("kind", ["q8_0", "q4_1", "q5_0"])
@@ -457,7 +483,7 @@ def test_the_int8_kernel_splits_the_rows_of_w_over_two_threads(kind, M):
     rows = 2 * kernel.MIN_ROWS_PER_THREAD + 7  # two parts, the second a row longer
     blocks = _random_blocks(kind, rows, 2, seed=5)
     x = np.random.default_rng(5).standard_normal((M, 64)).astype(np.float32)
-    with blas_threads(2):
+    with blas_threads(2), mock.patch.object(kernel, "has_vnni", lambda: True):
         out, _ = kernel.quantized_linear_int8_forward(x, QuantizedWeight(kind, blocks, (rows, 64)))
     _assert_exact_as_floats(kind, blocks, x, out)
 
