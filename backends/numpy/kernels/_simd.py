@@ -31,7 +31,11 @@ lane (a memory operand broadcast), each lane holding 4 bytes of another row of x
 - ``splat(s)``: an :data:`F32x8` of s; ``load8(a, at)``: a float32 array's ``a[at:at+8]``;
   ``fmav(acc, a, b)`` = acc + a * b; ``add(a, b)``; ``lane(v, i)``: lane i of an F32x8.
 
-Float32 tiles of products (attention's, ``attention.py``) use sixteen lanes, one AVX-512 register:
+``has_vnni()``, ``has_avx2()`` and ``has_avx512()`` say what the CPU numba compiles for has: the
+kernels choose their paths by them (``has_avx512`` also in compiled code, as a constant).
+
+Float32 tiles of products (attention's, ``attention.py``) use sixteen lanes, one AVX-512 register
+(two of AVX2's):
 
 - ``zeros16()`` an :data:`F32x16` of zeros; ``load16(a, at)`` a float32 array's ``a[at:at+16]``;
   ``store16(v, a, at)`` stores one; ``splat16(a, at)`` ``a[at]`` in every lane (a broadcast load);
