@@ -63,6 +63,17 @@ def shared_data():
     return SHARED_DATA
 
 
+def cpu_flags() -> set[str]:
+    """The CPU's flags as /proc/cpuinfo lists them (``avx2``, ``avx512f``, ...); skips where it
+    cannot be read."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            line = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        pytest.skip("reads the CPU's flags from /proc/cpuinfo")
+    return set(line.partition(":")[2].split())
+
+
 def has_gpu() -> tuple[bool, str]:
     try:
         load_backend("cupy")

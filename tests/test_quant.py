@@ -224,12 +224,9 @@ def test_the_kernel_hands_what_it_does_not_take_to_the_reference():
 
 def _cpu_has_byte_products() -> bool:
     """Whether the CPU has VNNI's byte dot products or AVX2's two-step byte products."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        pytest.skip("reads the CPU's flags from /proc/cpuinfo")
-    return any(f" {flag}" in flags for flag in ("avx512_vnni", "avx_vnni", "avx2"))
+    from conftest import cpu_flags  # here: a subprocess below imports this module without pytest's path
+
+    return bool(cpu_flags() & {"avx512_vnni", "avx_vnni", "avx2"})
 
 
 def test_the_numpy_backend_selects_the_int8_kernel_where_the_cpu_has_byte_products_and_float32_only():
