@@ -189,7 +189,8 @@ def test_k_quants_and_a_stack_of_kinds_take_the_fused_step(kernel, threads):
     else:
         np.testing.assert_allclose(fused, layered, rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(fused, full, rtol=1e-4, atol=1e-4)
-        # the K-quants' min terms (-dmin mn sum x) cancel part of the quants' sums, so the two
-        # paths' float32 sums of x (in the kernel, in NumPy) differ in the fifth digit of a key
+        # the K-quants' min terms (-dmin mn sum x) cancel part of the quants' sums: the float32
+        # bound, K eps sum_j |w_j x_j|, follows the terms' size, not the key's, so an element near
+        # zero may differ in its fourth digit; each array is held to its largest element
         for a, b in zip(fused_keys + fused_values, keys + values):
-            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+            assert np.abs(a - b).max() <= 2e-5 * np.abs(b).max()
