@@ -389,6 +389,11 @@ def _register(numba: Any) -> None:
 
     def signed_bytes(builder: Any, p: Any, x: Any) -> tuple[Any, Any]:
         w = builder.load(builder.bitcast(p, V32B.as_pointer()), align=1)
+        if avx2:  # vpsignb: |w| and x with w's sign (0 where w is 0), two instructions
+            sign = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(V32B, [V32B, V32B]), "llvm.x86.avx2.psign.b"
+            )
+            return builder.call(sign, [w, w]), builder.call(sign, [x, w])
         negative = builder.icmp_signed("<", w, ir.Constant(V32B, None))
         magnitude = builder.select(negative, builder.neg(w), w)  # -128 -> 128 as an unsigned byte
         return magnitude, builder.select(negative, builder.neg(x), x)

@@ -168,12 +168,12 @@ def dot_k(row, kind, x, xsum, acc):
 def rows_times_k(x, xsum, blocks, kind, lo, hi, out):
     # out[m, o] = (x @ W.T)[m, o] for rows lo..hi of W and every row m of x (M, K), xsum (M, K / 32)
     acc = np.empty(32, np.float32)
+    ahead = _blocks.rows_ahead(blocks)
     for o in range(lo, hi):
         row = blocks[o]
-        if o + _blocks.PREFETCH < hi:  # the row a few rows on, from memory meanwhile (as quant.rows_times)
-            ahead = blocks[o + _blocks.PREFETCH]
-            for at in range(0, ahead.shape[0], 64):
-                prefetch(ahead, at)
+        if o + ahead < hi:  # a row further on, from memory meanwhile (as quant.rows_times)
+            for at in range(0, row.shape[0], 64):
+                prefetch(blocks[o + ahead], at)
         for m in range(x.shape[0]):
             out[m, o] = dot_k(row, kind, x[m], xsum[m], acc)
 
@@ -306,12 +306,12 @@ def _dot_q6k_int8(row, xq, dx, w8):
 def rows_times_k_int8(xq, dx, xsum, blocks, kind, lo, hi, out):
     # rows_times_k with x (M, K) as int8 blocks: xq (M, K) int8, dx and xsum (M, K / 32)
     w8 = np.zeros(512, np.uint8)
+    ahead = _blocks.rows_ahead(blocks)
     for o in range(lo, hi):
         row = blocks[o]
-        if o + _blocks.PREFETCH < hi:
-            ahead = blocks[o + _blocks.PREFETCH]
-            for at in range(0, ahead.shape[0], 64):
-                prefetch(ahead, at)
+        if o + ahead < hi:
+            for at in range(0, row.shape[0], 64):
+                prefetch(blocks[o + ahead], at)
         for m in range(xq.shape[0]):
             if kind == 2:
                 out[m, o] = _dot_q6k_int8(row, xq[m], dx[m], w8)

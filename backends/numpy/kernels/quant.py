@@ -51,7 +51,7 @@ from arraygpt.backends.numpy.kernels import _threads, kquant
 from arraygpt.backends.numpy.kernels._blocks import (
     MAX_ROWS,
     MIN_ROWS_PER_THREAD,
-    PREFETCH,
+    rows_ahead,
     TILE,
     activations,
     blocks_2d,
@@ -145,13 +145,14 @@ def _int8_rows(kind: str) -> Any:
         # (M, K), dx and xsum (M, nb)); two rows of W (o, o1) a pass share x's loads and scales.
         # Each block's byte dot product (_simd.py) times d_b dx_b goes to 8 float lanes, reduced
         # once; the constant term: m_b (a float16 at byte 2) or -offset d_b, times the block's sum of x
+        ahead = rows_ahead(blocks)
         for o in range(lo, hi, 2):
             o1 = min(o + 1, hi - 1)  # an odd last row: row o twice
             r0, r1 = blocks[o], blocks[o1]
-            if o1 + PREFETCH < hi:  # the rows a few rows on, from memory meanwhile: 10-20% on a decode step
+            if o1 + ahead < hi:  # rows further on, from memory meanwhile
                 for at in range(0, r0.shape[0], 64):
-                    prefetch(blocks[o + PREFETCH], at)
-                    prefetch(blocks[o1 + PREFETCH], at)
+                    prefetch(blocks[o + ahead], at)
+                    prefetch(blocks[o1 + ahead], at)
             for m in range(xq.shape[0]):
                 x, dxm, xsm = xq[m], dx[m], xsum[m]
                 a0, a1 = zeros(), zeros()
@@ -210,12 +211,12 @@ def rows_times(x, xq, dx, xsum, blocks, layout, lo, hi, out):
             _q5_1_rows(xq, dx, xsum, blocks, lo, hi, out)
         return
     acc = np.empty(32, np.float32)
+    ahead = rows_ahead(blocks)
     for o in range(lo, hi):
         row = blocks[o]
-        if o + PREFETCH < hi:  # the row a few rows on, from memory meanwhile: 10-20% on a decode step
-            ahead = blocks[o + PREFETCH]
-            for at in range(0, ahead.shape[0], 64):
-                prefetch(ahead, at)
+        if o + ahead < hi:  # a row further on, from memory meanwhile
+            for at in range(0, row.shape[0], 64):
+                prefetch(blocks[o + ahead], at)
         for m in range(x.shape[0]):
             out[m, o] = dot_float(row, nbytes, start, high, offset, x[m], xsum[m], acc)
 
