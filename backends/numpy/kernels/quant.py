@@ -13,8 +13,9 @@ Two kernels, by how they treat x:
   quantized to int8 blocks of 32 (``xq = round(x / dx_b)``, ``dx_b = max|x| / 127``, as
   llama.cpp's q8_0) and each block of W meets them in one byte dot product (``_simd.py``: VNNI's
   ``vpdpbusd``, or AVX2's ``vpmaddubsw`` then ``vpmaddwd``), its integer sum scaled by ``d_b
-  dx_b`` into 8 float lanes. 3-8x faster than the float loop (2.6-5x on a Zen 3's AVX2); chosen
-  where the CPU has VNNI or AVX2.
+  dx_b`` into 8 float lanes. Each kind has its own loop (``_int8_rows``), which takes two rows of
+  W a pass. 3-8x faster than the float loop (2.6-5x on a Zen 3's AVX2); chosen where the CPU has
+  VNNI or AVX2.
 
 Both split the rows of W over the threads BLAS may use now (``blas_thread_count``: the model's
 runner holds it to the model's threads). More rows than MAX_ROWS (a prompt): tiles of TILE rows
@@ -51,11 +52,11 @@ from arraygpt.backends.numpy.kernels import _threads, kquant
 from arraygpt.backends.numpy.kernels._blocks import (
     MAX_ROWS,
     MIN_ROWS_PER_THREAD,
-    rows_ahead,
     TILE,
     activations,
     blocks_2d,
     quantize_block,
+    rows_ahead,
 )
 from arraygpt.backends.numpy.kernels._jit import OPTIONS, LazyJit, ParallelJit, jitable, lazy_njit, loader
 from arraygpt.backends.numpy.kernels._simd import (
