@@ -81,6 +81,23 @@ def test_a_decode_past_the_caches_first_capacity_grows_it():
     np.testing.assert_allclose(fused, layered, rtol=1e-5, atol=1e-5)
 
 
+def test_a_weight_replaced_between_two_decodes_is_the_one_the_next_decode_reads():
+    """The fused step keeps each model's prepared arguments while its parameters (the same dict)
+    hold the same objects: a matrix put in their place after a decode is read by the next one."""
+    model = _with_quantized_kernel(_randomized(LLAMA, seed=3).quantize("q8_0"), "numba_quantized_linear")
+    idx = np.random.default_rng(4).integers(0, LLAMA.vocab_size, (1, 8))
+    before, _, _ = _decode(model, idx)
+    other = _randomized(LLAMA, seed=9).quantize("q8_0")
+    model._core_params["layer1.attn_wo"] = other._core_params["layer1.attn_wo"]  # the same dict, a new object
+    taken = _calls(model)
+    fused, _, _ = _decode(model, idx)
+    assert taken == [True] * 5
+    model.kernels = model.kernels._replace(decode=(core.layer_by_layer, core.no_backward))
+    layered, _, _ = _decode(model, idx)
+    np.testing.assert_allclose(fused, layered, rtol=1e-5, atol=1e-5)
+    assert np.abs(fused - before).max() > 1e-3  # the new matrix changed the logits
+
+
 def test_blocks_it_does_not_take_run_layer_by_layer():
     from arraygpt.nn.quant import QuantizedWeight
 

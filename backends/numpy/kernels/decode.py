@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
 from typing import Any
 
 import numpy as np
@@ -262,23 +263,23 @@ def _layer_args(params: Any, config: Any, i: int, int8: bool) -> list[Any] | Non
 _NAMES = ("norm1", "norm1_b", "norm2", "norm2_b", "attn_wqkv", "attn_wqkv_b", "attn_wq_b", "attn_wk_b", "attn_wv_b",
           "attn_wo", "attn_wo_b", "mlp_gate_up", "mlp_gate_up_b", "mlp_gate_b", "mlp_up_b", "mlp_down", "mlp_down_b",
           "mlp_fc1", "mlp_fc1_b", "mlp_fc2", "mlp_fc2_b")  # fmt: skip
-_prepared: dict[tuple[int, bool], tuple[list[tuple[str, Any]], Any]] = {}
+_prepared: dict[tuple[int, bool], tuple[tuple[str, ...], tuple[Any, ...], Any]] = {}
 
 
 def _model_args(params: Any, config: Any, int8: bool) -> list[list[Any]] | None:
     """Every block's _layer_args, or None where the kernel does not take the model; kept for the
     next token while ``params`` holds the same objects (finding them again each token cost more
-    than the rest of the step's Python)."""
+    than the rest of the step's Python; the check runs in C, map over map)."""
     key = (id(params), int8)
     entry = _prepared.get(key)
-    if entry is not None and all(params.get(name) is value for name, value in entry[0]):
-        return entry[1]
+    if entry is not None and all(map(operator.is_, map(params.get, entry[0]), entry[1])):
+        return entry[2]
     layers = [_layer_args(params, config, i, int8) for i in range(config.n_layer)]
     taken = None if any(a is None for a in layers) else layers
-    seen = [(f"layer{i}.{n}", params.get(f"layer{i}.{n}")) for i in range(config.n_layer) for n in _NAMES]
+    names = tuple(f"layer{i}.{n}" for i in range(config.n_layer) for n in _NAMES)
     if len(_prepared) >= 4:  # the last few models: a cache, not a registry that keeps weights alive
         _prepared.clear()
-    _prepared[key] = (seen, taken)
+    _prepared[key] = (names, tuple(map(params.get, names)), taken)
     return taken
 
 
