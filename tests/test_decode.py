@@ -31,6 +31,11 @@ def _decode(model, idx, prompt=3):
     return np.concatenate(steps, axis=1), keys, values
 
 
+def _layer_by_layer(model):
+    """The model's decode steps from now on run its layers one by one (the core's loop)."""
+    model.kernels = model.kernels._replace(decode=(core.layer_by_layer, core.no_backward))
+
+
 def _calls(model):
     """Count the fused step's calls, True for each that took the model."""
     fused, count = model.kernels.decode[0], []
@@ -55,7 +60,7 @@ def test_a_fused_decode_step_equals_the_layers_one_by_one(config, kind, kernel, 
         taken = _calls(model)
         fused, fused_keys, fused_values = _decode(model, idx)
         assert taken == [True] * 11  # the 11 one-token steps
-        model.kernels = model.kernels._replace(decode=(core.layer_by_layer, core.no_backward))
+        _layer_by_layer(model)
         layered, keys, values = _decode(model, idx)
     full = np.asarray(_dense_reference(model).forward(idx)[0])
     if kernel.endswith("int8"):
@@ -76,7 +81,7 @@ def test_a_decode_past_the_caches_first_capacity_grows_it():
     model = _with_quantized_kernel(_randomized(config, seed=1).quantize("q8_0"), "numba_quantized_linear")
     idx = np.random.default_rng(2).integers(0, config.vocab_size, (1, 262))  # the cache starts at 256 positions
     fused, _, _ = _decode(model, idx, prompt=250)
-    model.kernels = model.kernels._replace(decode=(core.layer_by_layer, core.no_backward))
+    _layer_by_layer(model)
     layered, _, _ = _decode(model, idx, prompt=250)
     np.testing.assert_allclose(fused, layered, rtol=1e-5, atol=1e-5)
 
@@ -92,7 +97,7 @@ def test_a_weight_replaced_between_two_decodes_is_the_one_the_next_decode_reads(
     taken = _calls(model)
     fused, _, _ = _decode(model, idx)
     assert taken == [True] * 5
-    model.kernels = model.kernels._replace(decode=(core.layer_by_layer, core.no_backward))
+    _layer_by_layer(model)
     layered, _, _ = _decode(model, idx)
     np.testing.assert_allclose(fused, layered, rtol=1e-5, atol=1e-5)
     assert np.abs(fused - before).max() > 1e-3  # the new matrix changed the logits
@@ -139,7 +144,7 @@ def test_gpt2_and_float32_blocks_take_the_fused_step_too(config, dtype):
     taken = _calls(model)
     fused, keys, values = _decode(model, idx)
     assert taken == [True] * 7
-    model.kernels = model.kernels._replace(decode=(core.layer_by_layer, core.no_backward))
+    _layer_by_layer(model)
     layered, layered_keys, layered_values = _decode(model, idx)
     np.testing.assert_allclose(fused, layered, rtol=1e-5, atol=1e-5)
     for a, b in zip(keys + values, layered_keys + layered_values):
@@ -195,7 +200,7 @@ def test_k_quants_and_a_stack_of_kinds_take_the_fused_step(kernel, threads):
         taken = _calls(model)
         fused, fused_keys, fused_values = _decode(model, idx)
         assert taken == [True] * 6  # the 6 one-token steps
-        model.kernels = model.kernels._replace(decode=(core.layer_by_layer, core.no_backward))
+        _layer_by_layer(model)
         layered, keys, values = _decode(model, idx)
     full = np.asarray(_dense_reference(model).forward(idx)[0])
     if kernel.endswith("int8"):
