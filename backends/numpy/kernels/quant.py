@@ -136,7 +136,7 @@ def dot_float(row, nbytes, start, high, offset, x, xsum, acc):
 def _int8_rows(kind: str) -> Any:
     """rows_times' int8 loop for one kind, whose layout (bytes, first byte of the quants, fifth
     bit, offset) is compile-time constants here: LLVM folds the kind's branches and strides out
-    of the block loop, and two rows of W a pass share x's loads. Either alone gained little on a
+    of the block loop, and two rows of W a pass share x's loads. Either alone gained much less on a
     Zen 5 (one thread); together, 2-2.3x on Q4_1 and Q4_0, 1.3-1.7x on Q8_0 and the Q5 kinds."""
     nbytes, start, high, offset = _LAYOUT[kind]
 
