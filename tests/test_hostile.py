@@ -162,6 +162,10 @@ HOSTILE = {
         st_bytes({"a": {"dtype": "F64", "shape": [2**62, 2**62, 0], "data_offsets": [0, 0]}, "b": F32}, bytes(8)),
         ["overflows a 64-bit element count"],
     ),
+    "empty tensor NumPy cannot shape": (
+        st_bytes({"a": {"dtype": "F32", "shape": [0, 2**40, 2**40], "data_offsets": [0, 0]}, "b": F32}, bytes(8)),
+        ["holds no elements", "reach 2^63 bytes"],
+    ),
     "empty tensors": (
         st_bytes(
             {

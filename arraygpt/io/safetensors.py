@@ -7,8 +7,9 @@ then the raw little-endian tensor bytes. Writes are atomic: a temporary file in 
 written, flushed to disk and renamed over the target, so a crash leaves the old file intact.
 
 Reading checks the header as the reference ``safetensors`` library does (header size limit, JSON
-object, no duplicate names, known dtypes, integer non-negative shapes, byte sizes that match,
-offsets that are sorted, contiguous and cover the data exactly, ``__metadata__`` str -> str), with
+object, no duplicate names, known dtypes, integer non-negative shapes that NumPy can make, an
+empty one too, byte sizes that match, offsets that are sorted, contiguous and cover the data
+exactly, ``__metadata__`` str -> str), with
 messages that name the file and the rule, then reads the tensors with that library's NumPy API;
 bfloat16, which NumPy lacks, is widened to float32 here. :func:`open_regular` and
 :func:`read_json` are the checked openers every arraygpt reader uses for its files.
@@ -185,6 +186,14 @@ def _check_entries(
         nbytes = count * _ITEMSIZE[dtype]
         if nbytes >= 2**64:
             raise SafetensorsError(f"{what}: shape {shape!r:.100} overflows a 64-bit byte size")
+        extent = _ITEMSIZE[dtype]
+        for d in shape if count == 0 else ():  # NumPy sizes even an empty array by its other dimensions
+            extent *= max(d, 1)
+            if extent >= 2**63:
+                raise SafetensorsError(
+                    f"{what}: shape {shape!r:.100} holds no elements, but NumPy makes no array whose nonzero "
+                    "dimensions times the item size reach 2^63 bytes"
+                )
         if begin > end or end - begin != nbytes:
             raise SafetensorsError(
                 f"{what} ({dtype} {shape!r:.100}) has data offsets [{begin}, {end}] but needs {nbytes} bytes: "
