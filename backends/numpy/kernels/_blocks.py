@@ -13,6 +13,7 @@ import weakref
 import numpy as np
 
 from arraygpt.backends.numpy.kernels._jit import jitable, lazy_njit
+from arraygpt.backends.numpy.kernels._simd import prefetch
 from arraygpt.nn import quant
 
 MAX_ROWS = 8  # decoding's loop up to here; more rows: dequantized tiles and BLAS
@@ -27,6 +28,14 @@ def rows_ahead(blocks):
     # for: PREFETCH_BYTES on. A Zen 5 streamed Q8_0 rows of 576 values at 12 GB/s asking 6 rows
     # (3.6 KB) ahead, 20-35 GB/s asking 16-32 KB ahead
     return max(2, PREFETCH_BYTES // max(1, blocks.shape[1]))
+
+
+@jitable
+def prefetch_row(blocks, r, hi):
+    # row r of W (N, bytes a row) asked of the memory meanwhile, where r is before hi
+    if r < hi:
+        for at in range(0, blocks.shape[1], 64):
+            prefetch(blocks[r], at)
 
 
 @jitable

@@ -36,7 +36,7 @@ import numpy as np
 
 from arraygpt.backends.numpy.kernels import _blocks, _threads
 from arraygpt.backends.numpy.kernels._jit import OPTIONS, LazyJit, ParallelJit, jitable, lazy_njit
-from arraygpt.backends.numpy.kernels._simd import dot_bytes, fma, half, prefetch, total, zeros
+from arraygpt.backends.numpy.kernels._simd import dot_bytes, fma, half, total, zeros
 from arraygpt.nn.quant import QuantizedWeight
 
 KINDS = ("q4_k", "q5_k", "q6_k")
@@ -171,9 +171,7 @@ def rows_times_k(x, xsum, blocks, kind, lo, hi, out):
     ahead = _blocks.rows_ahead(blocks)
     for o in range(lo, hi):
         row = blocks[o]
-        if o + ahead < hi:  # a row further on, from memory meanwhile (as quant.rows_times)
-            for at in range(0, row.shape[0], 64):
-                prefetch(blocks[o + ahead], at)
+        _blocks.prefetch_row(blocks, o + ahead, hi)  # a row further on, from memory meanwhile
         for m in range(x.shape[0]):
             out[m, o] = dot_k(row, kind, x[m], xsum[m], acc)
 
@@ -309,9 +307,7 @@ def rows_times_k_int8(xq, dx, xsum, blocks, kind, lo, hi, out):
     ahead = _blocks.rows_ahead(blocks)
     for o in range(lo, hi):
         row = blocks[o]
-        if o + ahead < hi:
-            for at in range(0, row.shape[0], 64):
-                prefetch(blocks[o + ahead], at)
+        _blocks.prefetch_row(blocks, o + ahead, hi)
         for m in range(xq.shape[0]):
             if kind == 2:
                 out[m, o] = _dot_q6k_int8(row, xq[m], dx[m], w8)

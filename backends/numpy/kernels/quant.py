@@ -55,6 +55,7 @@ from arraygpt.backends.numpy.kernels._blocks import (
     TILE,
     activations,
     blocks_2d,
+    prefetch_row,
     quantize_block,
     rows_ahead,
 )
@@ -75,7 +76,6 @@ from arraygpt.backends.numpy.kernels._simd import (
     lane,
     load8,
     nibbles,
-    prefetch,
     scale_add,
     splat,
     store32,
@@ -150,10 +150,8 @@ def _int8_rows(kind: str) -> Any:
         for o in range(lo, hi, 2):
             o1 = min(o + 1, hi - 1)  # an odd last row: row o twice
             r0, r1 = blocks[o], blocks[o1]
-            if o1 + ahead < hi:  # rows further on, from memory meanwhile
-                for at in range(0, r0.shape[0], 64):
-                    prefetch(blocks[o + ahead], at)
-                    prefetch(blocks[o1 + ahead], at)
+            prefetch_row(blocks, o + ahead, hi)  # rows further on, from memory meanwhile
+            prefetch_row(blocks, o1 + ahead, hi)
             for m in range(xq.shape[0]):
                 x, dxm, xsm = xq[m], dx[m], xsum[m]
                 a0, a1 = zeros(), zeros()
@@ -215,9 +213,7 @@ def rows_times(x, xq, dx, xsum, blocks, layout, lo, hi, out):
     ahead = rows_ahead(blocks)
     for o in range(lo, hi):
         row = blocks[o]
-        if o + ahead < hi:  # a row further on, from memory meanwhile
-            for at in range(0, row.shape[0], 64):
-                prefetch(blocks[o + ahead], at)
+        prefetch_row(blocks, o + ahead, hi)  # a row further on, from memory meanwhile
         for m in range(x.shape[0]):
             out[m, o] = dot_float(row, nbytes, start, high, offset, x[m], xsum[m], acc)
 
