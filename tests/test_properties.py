@@ -118,6 +118,22 @@ def test_softmax_tends_to_uniform_as_temperature_grows(xp, data, dtype, shape):
     assert deviations[-1] <= tolerance(dtype)
 
 
+@prop()
+@given(dtype=DTYPES, values=st.lists(st.floats(-1e4, 1e4), min_size=2, max_size=12), masked=st.data())
+def test_a_temperature_past_the_dtype_range_is_the_uniform_limit_over_kept_tokens(backend, dtype, values, masked):
+    # T = 1e308 overflows float32: dividing by inf would make a masked -inf logit NaN
+    removed = masked.draw(st.lists(st.booleans(), min_size=len(values), max_size=len(values)))
+    removed[0] = False  # at least one token kept
+    logits = np.where(removed, -np.inf, values)
+    x = backend.asarray(np.array([logits], dtype=dtype))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no overflow in a cast either
+        p = to_numpy(layers.softmax_forward(x, 1e308))[0].astype(np.float64)
+    kept = ~np.array(removed)
+    expected = np.where(kept, 1.0 / kept.sum(), 0.0)
+    np.testing.assert_allclose(p, expected, rtol=0, atol=tolerance(dtype))
+
+
 # ---------------------------------------------------------------------------------------------
 # causal mask and attention
 

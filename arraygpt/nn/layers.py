@@ -389,14 +389,15 @@ def softmax_forward(x: Array, temperature: float = 1.0, axis: int = -1) -> Array
 
     Subtracting the max first keeps exp from overflowing and makes p independent of a constant
     added to x; dividing after the subtraction keeps T -> 0 finite (one-hot at the argmax).
-    Entries of -inf (masked) get exactly 0.
+    Entries of -inf (masked) get exactly 0. A T past the dtype's largest number divides by that
+    number (the same uniform limit), not by its overflow to inf, which makes -inf / inf NaN.
     """
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0 (use greedy decoding for T = 0), got {temperature}")
     xp = namespace(x)
     z = x - xp.max(x, axis=axis, keepdims=True)
     if temperature != 1.0:
-        z /= temperature
+        z /= min(temperature, float(xp.finfo(x.dtype).max))
     e = xp.exp(z)
     e /= xp.sum(e, axis=axis, keepdims=True)
     return e
@@ -409,7 +410,7 @@ def softmax_backward(dout: Array, probs: Array, temperature: float = 1.0, axis: 
     dx = dout - (_sum_last(xp, weighted) if axis == -1 else xp.sum(weighted, axis=axis, keepdims=True))
     dx *= probs
     if temperature != 1.0:
-        dx /= temperature
+        dx /= min(temperature, float(xp.finfo(dout.dtype).max))
     return dx
 
 
