@@ -273,8 +273,9 @@ def _simd_compiled():
 
     @numba().njit
     def sums(x, w, packed, c, s, d, t):  # x (n, 256) words of 8 lanes; w (n, 32) weights; packed (n, 16) nibbles
-        out = np.empty((len(x), 8), np.float32)
+        out, small = np.empty((len(x), 8), np.float32), np.empty((len(x), 8), np.float32)
         unpacked = np.empty((len(x), 32), np.uint8)
+        ones, w_small = np.ones(8, np.float32), np.empty(32, np.uint8)
         for b in range(len(x)):
             p, q = _simd.int_zeros(), _simd.int_zeros()
             for j in range(4):
@@ -282,10 +283,16 @@ def _simd_compiled():
                 q = _simd.dot_dword(q, _simd.bytes32(x[b], 32 * (j + 4)), w[b], 4 * (j + 4))
             acc = _simd.scale_add(_simd.zeros(), p, q, c[b], s[b], 0, d[b])
             acc = _simd.add(_simd.fmav(acc, _simd.splat(d[b]), _simd.load8(t[b], 0)), _simd.zeros())
+            for k in range(32):  # the weights as the nibble kinds' unpacked quants: 0-63
+                w_small[k] = np.uint8(w[b, k] & 63)
+            p = _simd.int_zeros()
+            for j in range(8):
+                p = _simd.dot_dword_small(p, _simd.bytes32(x[b], 32 * j), w_small, 4 * j)
+            sums_small = _simd.scale_add(_simd.zeros(), p, _simd.int_zeros(), 0, ones, 0, np.float32(1.0))
             for i in range(8):
-                out[b, i] = _simd.lane(acc, i)
+                out[b, i], small[b, i] = _simd.lane(acc, i), _simd.lane(sums_small, i)  # small: exact below 2^24
             _simd.store32(_simd.nibbles(packed[b], 0), unpacked[b], 0)
-        return out, unpacked
+        return out, unpacked, small
 
     return dots, halves, sums
 
@@ -340,9 +347,11 @@ def test_the_prompt_loops_vectors_are_numpys_integer_dots_and_float_sums(n, seed
     in NumPy's integers and float64."""
     _, _, sums = _simd_compiled()
     x, w, packed, c, s, d, t = _prompt_case(n, seed)
-    got, unpacked = sums(x, w, packed, c, s, d, t)
+    got, unpacked, small = sums(x, w, packed, c, s, d, t)
     for b in range(n):
         words = x[b].reshape(8, 8, 4).astype(np.int64)  # (word j, lane i, byte k)
+        small_words = (w[b].view(np.uint8) & 63).reshape(8, 4).astype(np.int64)
+        assert np.array_equal(small[b], np.einsum("jik,jk->i", words, small_words))
         dots = np.einsum("jik,jk->i", words, w[b].reshape(8, 4).astype(np.int64)) - int(c[b])
         expected = dots * s[b].astype(np.float64) * float(d[b]) + float(d[b]) * t[b].astype(np.float64)
         assert np.all(np.abs(got[b] - expected) <= 1e-6 * (np.abs(dots * s[b] * d[b]) + np.abs(expected) + 1))
@@ -379,7 +388,8 @@ def test_without_vnni_or_f16c_the_portable_vector_code_gives_the_same_numbers(tm
         "row = rng.integers(0, 256, 34 * 8, dtype=np.uint8); xq = rng.integers(-127, 128, 256).astype(np.int8)\n"
         "np.save(sys.argv[1] + '/dots.npy', dots(row, xq, np.arange(8) % 3))\n"
         "np.save(sys.argv[1] + '/halves.npy', halves(np.arange(1 << 16, dtype=np.uint16).view(np.uint8)))\n"
-        "np.save(sys.argv[1] + '/sums.npy', sums(*t._prompt_case(6, 3))[0])\n"
+        "got = sums(*t._prompt_case(6, 3)); np.save(sys.argv[1] + '/sums.npy', got[0]); "
+        "np.save(sys.argv[1] + '/small.npy', got[2])\n"
     )
     env = dict(os.environ, NUMBA_CPU_NAME="generic", NUMBA_CACHE_DIR=str(tmp_path / "cache"))
     generic = subprocess.run(
@@ -387,7 +397,9 @@ def test_without_vnni_or_f16c_the_portable_vector_code_gives_the_same_numbers(tm
     )
     assert generic.returncode == 0, generic.stderr[-2000:]
     dots, _, sums = _simd_compiled()
-    assert np.array_equal(np.load(tmp_path / "sums.npy"), sums(*_prompt_case(6, 3))[0])
+    got = sums(*_prompt_case(6, 3))
+    assert np.array_equal(np.load(tmp_path / "sums.npy"), got[0])
+    assert np.array_equal(np.load(tmp_path / "small.npy"), got[2])
     rng = np.random.default_rng(3)
     row = rng.integers(0, 256, 34 * 8, dtype=np.uint8)
     xq = rng.integers(-127, 128, 256).astype(np.int8)
@@ -464,11 +476,25 @@ def test_the_int8_kernel_multiplies_the_quantized_activations_exactly_as_floats(
     _assert_exact_as_floats(kind, blocks, x, out)
 
 
-def test_a_prompt_goes_to_the_int8_groups_only_with_vnni(monkeypatch):
+@pytest.mark.parametrize(
+    "vnni, avx2, kinds, groups",
+    [
+        (True, True, {"q8_0"}, True),
+        (True, False, {"q4_1", "q8_0"}, True),
+        (False, True, {"q4_1", "q5_0", "q4_k"}, True),  # the nibble kinds' pairs fit AVX2's int16 step
+        (False, True, {"q4_1", "q8_0"}, False),  # Q8_0's do not
+        (False, False, {"q4_1"}, False),
+    ],
+)
+def test_a_prompt_goes_to_the_int8_groups_where_the_cpu_sums_its_kinds_bytes(monkeypatch, vnni, avx2, kinds, groups):
+    from arraygpt.backends.numpy import blas_threads
+
     kernel = _kernel()
-    for vnni in (True, False):
-        monkeypatch.setattr(kernel, "has_vnni", lambda: vnni)
-        assert kernel.groups_pay(kernel.MAX_ROWS + 1) is vnni
+    monkeypatch.setattr(kernel, "has_vnni", lambda: vnni)
+    monkeypatch.setattr(kernel, "has_avx2", lambda: avx2)
+    with blas_threads(2):
+        assert kernel.groups_pay(kernel.MAX_ROWS + 1, kinds) is groups
+        assert kernel.groups_pay(kernel.GROUP_ROWS * 2 + 1, kinds) is False  # past GROUP_ROWS a thread: tiles
 
 
 @pytest.mark.parametrize("kind", ["q8_0", "q4_1", "q5_0"])
@@ -516,7 +542,7 @@ def test_the_int8_kernel_is_within_its_documented_bound_of_the_gguf_dequantized_
     dense = quants.dequantize(blocks.reshape(rows, -1), TYPES[kind]).astype(np.float64)
     expected = x.astype(np.float64) @ dense.T + (0 if b is None else b)
     tol = _bound(kind, blocks, x) + 1e-6
-    if kind in kernel.INT8_KINDS and (M <= kernel.MAX_ROWS or kernel.groups_pay(M)):
+    if kind in kernel.INT8_KINDS and (M <= kernel.MAX_ROWS or kernel.groups_pay(M, {kind})):
         _, dx, _ = _activations(x)
         w_q, _ = _split(kind, blocks)
         half_step = np.repeat(dx.astype(np.float64) / 2, 32, axis=1) * (1 + 1e-6)  # (M, K)

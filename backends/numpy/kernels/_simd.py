@@ -25,7 +25,9 @@ lane (a memory operand broadcast), each lane holding 4 bytes of another row of x
   stores one; ``nibbles(row, at)``: the 16 bytes at ``row[at:]`` as 32 four-bit values (low
   nibbles first, as ``dot_nibbles``);
 - ``int_zeros()``: an :data:`I32x8` of zeros; ``dot_dword(acc, xv, w, wat)`` = acc + lane i's
-  4 unsigned bytes of xv dotted with the 4 signed bytes at ``w[wat:]``;
+  4 unsigned bytes of xv dotted with the 4 signed bytes at ``w[wat:]``; ``dot_dword_small`` the
+  same where those bytes are 0-63 (the nibble kinds' quants unpacked), which AVX2 sums in its two
+  steps;
 - ``scale_add(acc, a, b, c, s, at, d)`` = acc + float(a + b - c) * s[at:at+8] * d (a, b
   :data:`I32x8`, c an integer, s a float32 array, d a float32);
 - ``splat(s)``: an :data:`F32x8` of s; ``load8(a, at)``: a float32 array's ``a[at:at+8]``;
@@ -48,7 +50,7 @@ Each is a plain Python function (NumPy arrays stand for the vectors: what tests 
 run) and, once numba is imported, an ``overload`` whose intrinsic emits the LLVM vector code: with
 ``avx512vnni`` or ``avxvnni`` in the CPU's features the ``vpdpbusd`` intrinsic; with AVX2 alone,
 for the dot products of weights whose sums of two products fit int16 (``dot_nibbles``,
-``dot_fivebits``, ``dot_bytes``), ``vpmaddubsw`` then ``vpmaddwd`` by ones, as llama.cpp's AVX2
+``dot_fivebits``, ``dot_bytes``, ``dot_dword_small``), ``vpmaddubsw`` then ``vpmaddwd`` by ones, as llama.cpp's AVX2
 code (3.3-4.2x faster than the portable IR on a Zen 3); elsewhere the same sums spelled in
 portable vector IR (32 int32 products, which LLVM lowers to ``vpmulld`` or a NEON dot product).
 The callers check the offsets: nothing here checks bounds.
@@ -120,6 +122,10 @@ def int_zeros() -> np.ndarray:
 def dot_dword(acc: np.ndarray, xv: np.ndarray, w: np.ndarray, wat: int) -> np.ndarray:
     four = w.view(np.int8)[wat : wat + 4].astype(np.int32)
     return acc + (xv.astype(np.int32).reshape(8, 4) * four).sum(axis=1, dtype=np.int32)
+
+
+def dot_dword_small(acc: np.ndarray, xv: np.ndarray, w: np.ndarray, wat: int) -> np.ndarray:
+    return dot_dword(acc, xv, w, wat)
 
 
 def scale_add(acc: np.ndarray, a: np.ndarray, b: np.ndarray, c: Any, s: np.ndarray, at: int, d: Any) -> np.ndarray:
@@ -421,15 +427,21 @@ def _register(numba: Any) -> None:
     def int_zeros_ir(typingctx: Any) -> Any:
         return I32x8(), lambda context, builder, sig, args: ir.Constant(V8I, None)
 
-    @intrinsic
-    def dot_dword_ir(typingctx: Any, acc: Any, xv: Any, w: Any, wat: Any) -> Any:
-        def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
-            four = builder.load(pointer(context, builder, sig.args[2], args[2], args[3], i32), align=1)
-            four = builder.insert_element(ir.Constant(V8I, ir.Undefined), four, ir.Constant(i32, 0))
-            four = builder.shuffle_vector(four, four, lanes([0] * 8))  # a broadcast load
-            return dpbusd(builder, args[1], four, args[0])
+    def dword_intrinsic(pairs_fit: bool) -> Any:
+        @intrinsic
+        def dot_dword(typingctx: Any, acc: Any, xv: Any, w: Any, wat: Any) -> Any:
+            def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+                four = builder.load(pointer(context, builder, sig.args[2], args[2], args[3], i32), align=1)
+                four = builder.insert_element(ir.Constant(V8I, ir.Undefined), four, ir.Constant(i32, 0))
+                four = builder.shuffle_vector(four, four, lanes([0] * 8))  # a broadcast load
+                return dpbusd(builder, args[1], four, args[0], pairs_fit=pairs_fit)
 
-        return I32x8(acc, xv, w, wat), codegen
+            return I32x8(acc, xv, w, wat), codegen
+
+        return dot_dword
+
+    # x's unsigned bytes (<= 255) by Q8_0's full-range weights overflow int16 in pairs; by 0-63, 2 * 255 * 63 do not
+    dot_dword_ir, dot_dword_small_ir = dword_intrinsic(False), dword_intrinsic(True)
 
     @intrinsic
     def splat_intrinsic(typingctx: Any, s: Any) -> Any:
@@ -616,6 +628,7 @@ def _register(numba: Any) -> None:
     overload(store32)(lambda v, a, at: lambda v, a, at: store32_ir(v, a, at))
     overload(int_zeros)(lambda: lambda: int_zeros_ir())
     overload(dot_dword)(lambda acc, xv, w, wat: lambda acc, xv, w, wat: dot_dword_ir(acc, xv, w, wat))
+    overload(dot_dword_small)(lambda acc, xv, w, wat: lambda acc, xv, w, wat: dot_dword_small_ir(acc, xv, w, wat))
     overload(scale_add)(
         lambda acc, a, b, c, s, at, d: lambda acc, a, b, c, s, at, d: scale_add_ir(acc, a, b, c, s, at, d)
     )

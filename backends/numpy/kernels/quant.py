@@ -65,6 +65,7 @@ from arraygpt.backends.numpy.kernels._simd import (
     bytes32,
     dot_bytes,
     dot_dword,
+    dot_dword_small,
     dot_fivebits,
     dot_nibbles,
     fma,
@@ -244,58 +245,78 @@ def unpack_rows(blocks, nbytes, start, high, offset, r0, wq, d, correction, cons
             correction[r, b] = np.int32(128) * np.int32(q_sum)
 
 
+def _groups_loop(dot: Any) -> Any:
+    """groups_times' loop with ``dot``, the byte dot product of 4 weights: ``dot_dword`` for
+    Q8_0's signed bytes, ``dot_dword_small`` for the other kinds' unpacked quants (0-63), which
+    AVX2 sums exactly in its two int16 steps."""
+
+    @jitable(inline=False)
+    def groups_loop(xt, dx, xsum, blocks, layout, lo, hi, out):
+        # out[m, o] = (x @ W.T)[m, o] for rows lo..hi of W (GROUP_KINDS), x (M, K) in groups of
+        # GROUP rows as group_activations lays them out: xt (G, nb 256) uint8 (xq + 128, each block as
+        # (4-byte word j, row, byte)), dx and xsum (G, nb GROUP) the blocks' scales and sums of x.
+        # Each 4 weights meet the group's 8 rows in one byte dot product (one row a lane), 4 rows of W
+        # at a time sharing the loads of x; two chains of words a row (a product's latency)
+        nbytes, start, high, offset = layout[0], layout[1], layout[2], layout[3]
+        M, nb = out.shape[0], dx.shape[1] // GROUP
+        q8 = nbytes == 34
+        stride, skip = (nbytes, 2) if q8 else (32, 0)  # where block b's quants start: b stride + skip
+        wq = np.empty((W_TILE, nb * 32), np.uint8)
+        d, constant = np.empty((W_TILE, nb), np.float32), np.empty((W_TILE, nb), np.float32)
+        correction = np.empty((W_TILE, nb), np.int32)
+        for tile in range(lo, hi, W_TILE):
+            rows = min(W_TILE, hi - tile)
+            if nbytes in (144, 176):  # Q4_K, Q5_K: each sub-block of 32 as a block
+                kquant.unpack_rows_k(blocks, nbytes == 176, tile, wq[:rows], d, correction, constant)
+            else:
+                unpack_rows(blocks, nbytes, start, high, offset, tile, wq[:rows], d, correction, constant)
+            for g in range(xt.shape[0]):
+                x, dxg, xsg, m = xt[g], dx[g], xsum[g], g * GROUP
+                for r in range(0, rows, 4):
+                    r0, r1, r2, r3 = r, min(r + 1, rows - 1), min(r + 2, rows - 1), min(r + 3, rows - 1)
+                    if q8:
+                        w0, w1, w2, w3 = blocks[tile + r0], blocks[tile + r1], blocks[tile + r2], blocks[tile + r3]
+                    else:
+                        w0, w1, w2, w3 = wq[r0], wq[r1], wq[r2], wq[r3]
+                    f0, f1, f2, f3 = zeros(), zeros(), zeros(), zeros()  # the byte products' sums, scaled
+                    c0, c1, c2, c3 = zeros(), zeros(), zeros(), zeros()  # the constant terms
+                    for b in range(nb):
+                        xat, wat, at = b * 32 * GROUP, b * stride + skip, b * GROUP
+                        p0, p1, p2, p3 = int_zeros(), int_zeros(), int_zeros(), int_zeros()
+                        q0, q1, q2, q3 = int_zeros(), int_zeros(), int_zeros(), int_zeros()
+                        for j in range(4):
+                            v = bytes32(x, xat + 32 * j)
+                            p0, p1 = dot(p0, v, w0, wat + 4 * j), dot(p1, v, w1, wat + 4 * j)
+                            p2, p3 = dot(p2, v, w2, wat + 4 * j), dot(p3, v, w3, wat + 4 * j)
+                            v = bytes32(x, xat + 32 * (j + 4))
+                            q0, q1 = dot(q0, v, w0, wat + 4 * (j + 4)), dot(q1, v, w1, wat + 4 * (j + 4))
+                            q2, q3 = dot(q2, v, w2, wat + 4 * (j + 4)), dot(q3, v, w3, wat + 4 * (j + 4))
+                        f0 = scale_add(f0, p0, q0, correction[r0, b], dxg, at, d[r0, b])
+                        f1 = scale_add(f1, p1, q1, correction[r1, b], dxg, at, d[r1, b])
+                        f2 = scale_add(f2, p2, q2, correction[r2, b], dxg, at, d[r2, b])
+                        f3 = scale_add(f3, p3, q3, correction[r3, b], dxg, at, d[r3, b])
+                        if not q8:
+                            sums = load8(xsg, at)
+                            c0, c1 = fmav(c0, sums, splat(constant[r0, b])), fmav(c1, sums, splat(constant[r1, b]))
+                            c2, c3 = fmav(c2, sums, splat(constant[r2, b])), fmav(c3, sums, splat(constant[r3, b]))
+                    f0, f1, f2, f3 = add(f0, c0), add(f1, c1), add(f2, c2), add(f3, c3)
+                    for i in range(min(GROUP, M - m)):
+                        out[m + i, tile + r0], out[m + i, tile + r1] = lane(f0, i), lane(f1, i)
+                        out[m + i, tile + r2], out[m + i, tile + r3] = lane(f2, i), lane(f3, i)
+
+    return groups_loop
+
+
+_groups_full, _groups_small = _groups_loop(dot_dword), _groups_loop(dot_dword_small)
+
+
 @jitable
 def groups_times(xt, dx, xsum, blocks, layout, lo, hi, out):
-    # out[m, o] = (x @ W.T)[m, o] for rows lo..hi of W (GROUP_KINDS), x (M, K) in groups of
-    # GROUP rows as group_activations lays them out: xt (G, nb 256) uint8 (xq + 128, each block as
-    # (4-byte word j, row, byte)), dx and xsum (G, nb GROUP) the blocks' scales and sums of x.
-    # Each 4 weights meet the group's 8 rows in one byte dot product (one row a lane), 4 rows of W
-    # at a time sharing the loads of x; two chains of words a row (a product's latency)
-    nbytes, start, high, offset = layout[0], layout[1], layout[2], layout[3]
-    M, nb = out.shape[0], dx.shape[1] // GROUP
-    q8 = nbytes == 34
-    stride, skip = (nbytes, 2) if q8 else (32, 0)  # where block b's quants start: b stride + skip
-    wq = np.empty((W_TILE, nb * 32), np.uint8)
-    d, constant = np.empty((W_TILE, nb), np.float32), np.empty((W_TILE, nb), np.float32)
-    correction = np.empty((W_TILE, nb), np.int32)
-    for tile in range(lo, hi, W_TILE):
-        rows = min(W_TILE, hi - tile)
-        if nbytes in (144, 176):  # Q4_K, Q5_K: each sub-block of 32 as a block
-            kquant.unpack_rows_k(blocks, nbytes == 176, tile, wq[:rows], d, correction, constant)
-        else:
-            unpack_rows(blocks, nbytes, start, high, offset, tile, wq[:rows], d, correction, constant)
-        for g in range(xt.shape[0]):
-            x, dxg, xsg, m = xt[g], dx[g], xsum[g], g * GROUP
-            for r in range(0, rows, 4):
-                r0, r1, r2, r3 = r, min(r + 1, rows - 1), min(r + 2, rows - 1), min(r + 3, rows - 1)
-                if q8:
-                    w0, w1, w2, w3 = blocks[tile + r0], blocks[tile + r1], blocks[tile + r2], blocks[tile + r3]
-                else:
-                    w0, w1, w2, w3 = wq[r0], wq[r1], wq[r2], wq[r3]
-                f0, f1, f2, f3, c0, c1, c2, c3 = zeros(), zeros(), zeros(), zeros(), zeros(), zeros(), zeros(), zeros()
-                for b in range(nb):
-                    xat, wat, at = b * 32 * GROUP, b * stride + skip, b * GROUP
-                    p0, p1, p2, p3 = int_zeros(), int_zeros(), int_zeros(), int_zeros()
-                    q0, q1, q2, q3 = int_zeros(), int_zeros(), int_zeros(), int_zeros()
-                    for j in range(4):
-                        v = bytes32(x, xat + 32 * j)
-                        p0, p1 = dot_dword(p0, v, w0, wat + 4 * j), dot_dword(p1, v, w1, wat + 4 * j)
-                        p2, p3 = dot_dword(p2, v, w2, wat + 4 * j), dot_dword(p3, v, w3, wat + 4 * j)
-                        v = bytes32(x, xat + 32 * (j + 4))
-                        q0, q1 = dot_dword(q0, v, w0, wat + 4 * (j + 4)), dot_dword(q1, v, w1, wat + 4 * (j + 4))
-                        q2, q3 = dot_dword(q2, v, w2, wat + 4 * (j + 4)), dot_dword(q3, v, w3, wat + 4 * (j + 4))
-                    f0 = scale_add(f0, p0, q0, correction[r0, b], dxg, at, d[r0, b])
-                    f1 = scale_add(f1, p1, q1, correction[r1, b], dxg, at, d[r1, b])
-                    f2 = scale_add(f2, p2, q2, correction[r2, b], dxg, at, d[r2, b])
-                    f3 = scale_add(f3, p3, q3, correction[r3, b], dxg, at, d[r3, b])
-                    if not q8:
-                        sums = load8(xsg, at)
-                        c0, c1 = fmav(c0, sums, splat(constant[r0, b])), fmav(c1, sums, splat(constant[r1, b]))
-                        c2, c3 = fmav(c2, sums, splat(constant[r2, b])), fmav(c3, sums, splat(constant[r3, b]))
-                f0, f1, f2, f3 = add(f0, c0), add(f1, c1), add(f2, c2), add(f3, c3)
-                for i in range(min(GROUP, M - m)):
-                    out[m + i, tile + r0], out[m + i, tile + r1] = lane(f0, i), lane(f1, i)
-                    out[m + i, tile + r2], out[m + i, tile + r3] = lane(f2, i), lane(f3, i)
+    # out[m, o] = (x @ W.T)[m, o] for rows lo..hi of W (GROUP_KINDS), x in groups (_groups_loop)
+    if layout[0] == 34:
+        _groups_full(xt, dx, xsum, blocks, layout, lo, hi, out)
+    else:
+        _groups_small(xt, dx, xsum, blocks, layout, lo, hi, out)
 
 
 def _groups_source(prange: Any) -> Any:
@@ -396,13 +417,14 @@ def layout(kind: str, int8: bool) -> np.ndarray:
     return np.array([*_LAYOUT[kind], int(int8 and kind in INT8_KINDS)], dtype=np.int64)
 
 
-def groups_pay(M: int) -> bool:
-    """Whether a prompt of M rows goes to the int8 groups rather than float32 tiles and BLAS: up
-    to GROUP_ROWS rows a thread (the groups run on every thread, a tile's decoding on one), where
-    the CPU has VNNI. Without it the groups' byte products (unsigned x by Q8_0's full-range
-    signed weights: sums of two that overflow AVX2's int16 step) run in portable code, about 6x
-    slower than float32 tiles on a Zen 3."""
-    return M <= GROUP_ROWS * (backend.blas_thread_count() or 1) and has_vnni()
+def groups_pay(M: int, kinds: set[str] | frozenset[str]) -> bool:
+    """Whether a prompt of M rows on weights of these kinds goes to the int8 groups rather than
+    float32 tiles and BLAS: up to GROUP_ROWS rows a thread (the groups run on every thread, a
+    tile's decoding on one), where the CPU has VNNI, or AVX2 and no Q8_0 among the kinds. Q8_0's
+    byte products (unsigned x by full-range signed weights: sums of two that overflow AVX2's
+    int16 step) run in portable code without VNNI, about 6x slower than float32 tiles on a Zen 3."""
+    byte_products = has_vnni() or (has_avx2() and "q8_0" not in kinds)
+    return M <= GROUP_ROWS * (backend.blas_thread_count() or 1) and byte_products
 
 
 def group_activations(x2: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -461,7 +483,7 @@ def _forward(x: Any, w: Any, b: Any, int8: bool) -> tuple[Any, Any]:
             xsum = x2.reshape(M, K // 32, 32).sum(axis=-1)  # (M, nb)
             acts = (x2.view(np.int8), xsum, xsum)  # xq and dx unread on the float path
     else:
-        int8 = int8 and bool(kinds & set(GROUP_KINDS)) and groups_pay(M)
+        int8 = int8 and bool(kinds & set(GROUP_KINDS)) and groups_pay(M, kinds)
         if int8:
             acts = group_activations(x2)
     start = 0
