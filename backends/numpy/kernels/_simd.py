@@ -50,8 +50,8 @@ Each is a plain Python function (NumPy arrays stand for the vectors: what tests 
 run) and, once numba is imported, an ``overload`` whose intrinsic emits the LLVM vector code: with
 ``avx512vnni`` or ``avxvnni`` in the CPU's features the ``vpdpbusd`` intrinsic; with AVX2 alone,
 for the dot products of weights whose sums of two products fit int16 (``dot_nibbles``,
-``dot_fivebits``, ``dot_bytes``, ``dot_dword_small``), ``vpmaddubsw`` then ``vpmaddwd`` by ones, as llama.cpp's AVX2
-code (3.3-4.2x faster than the portable IR on a Zen 3); elsewhere the same sums spelled in
+``dot_fivebits``, ``dot_bytes``, ``dot_dword_small``), ``vpmaddubsw`` then ``vpmaddwd`` by ones,
+as llama.cpp's AVX2 code (3.3-4.2x faster than the portable IR on a Zen 3); elsewhere the same sums spelled in
 portable vector IR (32 int32 products, which LLVM lowers to ``vpmulld`` or a NEON dot product).
 The callers check the offsets: nothing here checks bounds.
 

@@ -20,12 +20,13 @@ Two kernels, by how they treat x:
 Both split the rows of W over the threads BLAS may use now (``blas_thread_count``: the model's
 runner holds it to the model's threads). More rows than MAX_ROWS (a prompt): tiles of TILE rows
 of W are dequantized to float32 and multiplied with BLAS (``x @ tile.T``), so the float32 memory
-is one tile. With VNNI, the int8 kernel runs a prompt of up to GROUP_ROWS rows a thread in int8
-instead (``groups_times``): x's rows in groups of 8, one row a vector lane, so each 4 weights of W (a
-broadcast word) meet 8 rows in one byte dot product; 4 rows of W share each load of x, and a tile
-of 16 rows of W is unpacked (Q4 nibbles to bytes, each block's scale and sum) once for all the
-groups. About 150-185 GFLOPS a core, against float32 tiles' 45-145 (decoding a tile costs the
-same however few rows meet it). The K-quants (q4_k, q5_k, q6_k) have their own loops, in
+is one tile. With VNNI (with AVX2 alone, every kind but Q8_0: ``groups_pay``), the int8 kernel
+runs a prompt of up to GROUP_ROWS rows a thread in int8 instead (``groups_times``): x's rows in
+groups of 8, one row a vector lane, so each 4 weights of W (a broadcast word) meet 8 rows in one
+byte dot product; 4 rows of W share each load of x, and a tile of 16 rows of W is unpacked (Q4
+nibbles to bytes, each block's scale and sum) once for all the groups. About 150-185 GFLOPS a
+core, against float32 tiles' 45-145 (decoding a tile costs the same however few rows meet it);
+with AVX2's two steps, 1.2-1.4x the tiles. The K-quants (q4_k, q5_k, q6_k) have their own loops, in
 ``kquant.py`` (a Q4_K or Q5_K prompt runs the int8 groups, each sub-block of 32 as a block);
 what the kernels share (the rows decoding takes, x as int8 blocks) is in ``_blocks.py``.
 
