@@ -7,6 +7,7 @@ Run by hand on a quiet machine (timings are not tests):
     .venv/bin/python benchmarks/llama_cpp_decode.py --dtypes q8_0 --threads 2 --rounds 1   # a quick check
     .venv/bin/python benchmarks/llama_cpp_decode.py --dtypes q5_0,q4_k_m --sides arraygpt,llama_cpp
     .venv/bin/python benchmarks/llama_cpp_decode.py --profile q4_1        # where one decode step goes
+    .venv/bin/python benchmarks/llama_cpp_decode.py --avx2-only /tmp/llama_avx2  # as on a CPU with AVX2 alone
 
 The model: 30 layers, 576 wide, 9 heads / 3 KV heads, MLP 1536, vocabulary 49,152, tied
 embeddings (SmolLM2-135M's shape), random weights (seed 0), written once per dtype by
@@ -30,6 +31,18 @@ tokens/s over the new tokens; a ``--prefill``-token prompt (default 256) alone: 
 the peak resident memory of the process (``ru_maxrss``). Each side runs one warm-up generation
 of 8 tokens before the timed ones. ``--threads`` (default 1,2) sets ARRAYGPT_NUM_THREADS,
 NUMBA_NUM_THREADS, OMP/MKL/OPENBLAS_NUM_THREADS and llama.cpp's ``n_threads``.
+
+``--avx2-only DIR`` runs every side with the instructions of a CPU that has AVX2 but no AVX-512
+or VNNI (a Zen 3), on a CPU that has more: numba compiles for a Zen 3 with this CPU's features
+less AVX-512, VNNI, AMX, GFNI, VAES and VPCLMULQDQ (``NUMBA_CPU_NAME``, ``NUMBA_CPU_FEATURES``),
+OpenBLAS takes its Haswell kernels, PyTorch and MKL their AVX2 code, and llama.cpp is imported from
+DIR, a llama-cpp-python built for AVX2 alone::
+
+    CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON \
+      -DGGML_AVX512=OFF -DGGML_AVX_VNNI=OFF -DGGML_AVX512_VNNI=OFF" \
+      pip install --no-cache-dir --no-binary llama-cpp-python --target DIR llama-cpp-python==0.3.36
+
+The cores and caches stay this machine's: it compares the code each side runs on AVX2, not a Zen 3.
 """
 
 from __future__ import annotations
@@ -209,6 +222,9 @@ def worker_llama_cpp(path: str, prompt: list[int], new: int, prefill: list[int])
         return params
 
     low_level.llama_model_default_params = model_params
+    features = low_level.llama_print_system_info().decode()
+    if os.environ.get("AVX2_ONLY") and any(f"{isa} = 1" in features for isa in ("AVX512", "AVX_VNNI", "AMX")):
+        sys.exit(f"--avx2-only: {low_level.__file__} was built with more than AVX2 ({features}); see --help")
     threads = int(os.environ.get("OMP_NUM_THREADS", "1"))
     llm = Llama(model_path=path, n_ctx=512, n_batch=512, n_threads=threads, n_threads_batch=threads, verbose=False)
 
@@ -272,6 +288,28 @@ def profile(path: Path, steps: int = 32) -> None:
     stats.sort_stats("tottime").print_stats(12)
 
 
+def _avx2_env(llama_cpp_dir: str | None) -> dict[str, str]:
+    """The variables of ``--avx2-only`` (none without it)."""
+    if llama_cpp_dir is None:
+        return {}
+    import llvmlite.binding as llvm
+
+    wider = ("avx512", "avx10", "amx", "avxvnni", "avxifma", "avxneconvert", "gfni", "vaes", "vpclmulqdq", "evex512")
+    features = ",".join(
+        ("+" if on and not name.startswith(wider) else "-") + name
+        for name, on in sorted(llvm.get_host_cpu_features().items())
+    )
+    return {
+        "AVX2_ONLY": "1",
+        "NUMBA_CPU_NAME": "znver3",
+        "NUMBA_CPU_FEATURES": features,
+        "OPENBLAS_CORETYPE": "Haswell",
+        "ATEN_CPU_CAPABILITY": "avx2",
+        "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+        "PYTHONPATH": os.pathsep.join(filter(None, [llama_cpp_dir, os.environ.get("PYTHONPATH")])),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dtypes", default="q4_1,q8_0")
@@ -284,6 +322,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=30)
     parser.add_argument("--dir", default=None, help="where the GGUF files are written (kept)")
     parser.add_argument("--profile", default=None, metavar="DTYPE", help="profile arraygpt's decode step instead")
+    parser.add_argument("--avx2-only", default=None, metavar="DIR", help="every side on AVX2 alone (see above)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--write", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--path", default=None, help=argparse.SUPPRESS)
@@ -301,14 +340,14 @@ def main() -> None:
     if args.profile:
         profile(write_model(folder, args.profile, args.layers))
         return
-    print(f"CPU: {cpu_model()}")
+    print(f"CPU: {cpu_model()}" + (", every side on AVX2 alone" if args.avx2_only else ""))
     sides = args.sides.split(",")
     common = ["--prompt", str(args.prompt), "--new", str(args.new), "--prefill", str(args.prefill)]
     for dtype in args.dtypes.split(","):
         path = write_model(folder, dtype, args.layers)
         print(f"\n{path.name}: {path.stat().st_size / 2**20:.1f} MiB")
         for threads in [int(t) for t in args.threads.split(",")]:
-            env = {**thread_env(threads), "NUMBA_NUM_THREADS": str(threads)}
+            env = {**thread_env(threads), "NUMBA_NUM_THREADS": str(threads), **_avx2_env(args.avx2_only)}
             results = alternate(
                 sides,
                 args.rounds,
