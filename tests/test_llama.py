@@ -149,6 +149,20 @@ def _tables(backend, T, offset, hs, scaling=None, theta=10000.0):
     return layers.rope_tables(backend.xp, T, offset, inv, backend.xp.float64, backend.device)
 
 
+def test_rope_tables_are_the_angles_of_their_positions_whatever_was_asked_before(gbackend):
+    """Each call's rows are cos and sin of (offset + t) inv_freq, computed in float64 and rounded
+    once: a prompt, then one position at a time (rows of a kept table), past the table's end (a
+    larger one), back to the start, and float32 beside float64."""
+    inv = layers.rope_frequencies(8, 100.0)
+    for T, offset in [(5, 0), (1, 5), (1, 6), (1, 63), (1, 64), (3, 200), (2, 0), (7, 1000)]:
+        for dtype, np_dtype in ((gbackend.xp.float64, np.float64), (gbackend.xp.float32, np.float32)):
+            cos, sin = layers.rope_tables(gbackend.xp, T, offset, inv, dtype, gbackend.device)
+            angle = np.arange(offset, offset + T, dtype=np.float64)[:, None] * np.array(inv)[None, :]
+            assert cos.shape == sin.shape == (T, 8) and cos.dtype == dtype
+            np.testing.assert_array_equal(to_numpy(cos), np.tile(np.cos(angle), 2).astype(np_dtype))
+            np.testing.assert_array_equal(to_numpy(sin), np.tile(np.sin(angle), 2).astype(np_dtype))
+
+
 @pytest.mark.parametrize("offset", [0, 5])
 @pytest.mark.parametrize("scaling", [None, (8.0, 1.0, 4.0, 16)])
 def test_rope_gradients(gbackend, offset, scaling):

@@ -320,22 +320,26 @@ def rope_tables(
 ) -> tuple[Array, Array]:
     """cos and sin (T, hs) of the angles (offset + t) * inv_freq[i], each frequency twice
     ([f_0 .. f_{hs/2-1}, f_0 .. f_{hs/2-1}]: transformers' rotate_half layout). The angles are
-    computed in float64 and rounded once to ``dtype``. The last few tables are kept."""
-    key = (id(xp), T, offset, inv_freq, str(dtype), str(device))
+    computed in float64 and rounded once to ``dtype``, for the first 2^k positions that hold
+    ``offset + T`` (at least 64): the result is rows of that table, which is kept for the next
+    call (a decode step's one position is a slice, not a new table)."""
+    key = (id(xp), inv_freq, str(dtype), str(device))
+    end = offset + T
     tables = _rope_tables.get(key)
-    if tables is None:
+    if tables is None or tables[0].shape[0] < end:
+        n = max(64, 1 << (end - 1).bit_length())
         wide = xp.float64
-        pos = xp.arange(offset, offset + T, dtype=wide, device=device)  # (T,)
-        angle = pos[:, None] * xp.asarray(inv_freq, dtype=wide, device=device)[None, :]  # (T, hs/2)
+        pos = xp.arange(0, n, dtype=wide, device=device)  # (n,)
+        angle = pos[:, None] * xp.asarray(inv_freq, dtype=wide, device=device)[None, :]  # (n, hs/2)
         cos, sin = xp.astype(xp.cos(angle), dtype), xp.astype(xp.sin(angle), dtype)
-        tables = (xp.concat([cos, cos], axis=-1), xp.concat([sin, sin], axis=-1))  # (T, hs) each
+        tables = (xp.concat([cos, cos], axis=-1), xp.concat([sin, sin], axis=-1))  # (n, hs) each
         if len(_rope_tables) >= 8:
             _rope_tables.clear()
         _rope_tables[key] = tables
-    return tables
+    return tables[0][offset:end, :], tables[1][offset:end, :]
 
 
-_rope_tables: dict[tuple[Any, ...], tuple[Array, Array]] = {}
+_rope_tables: dict[tuple[Any, ...], tuple[Array, Array]] = {}  # the last few, by namespace, frequencies, dtype, device
 
 
 def _rotate_half(xp: Any, x: Array) -> Array:  # (..., hs) -> (..., hs): [x1, x2] -> [-x2, x1]
