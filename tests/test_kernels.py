@@ -14,6 +14,7 @@ rest of the suite tests); the selection tests run everywhere.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import os
 import subprocess
@@ -441,6 +442,11 @@ def test_attention_kernel_equals_reference(B, T, past, NKV, G, hs, dtype, blas, 
         assert_close(got, want, dtype, f"attention backward d{name}")
 
 
+@functools.cache  # once a process: each Hypothesis example compiling it anew cost seconds
+def _compiled(fn):
+    return _jit.numba().njit(fn)
+
+
 @needs_numba
 @settings(max_examples=25, deadline=None)
 @given(
@@ -471,8 +477,8 @@ def test_head_tiles_are_numpys_product(n, stride, transposed, accumulate, width,
     outside = np.ones(c.size, bool)
     for t in tile_rows:
         outside[t] = False
-    njit = _jit.numba().njit
-    for tiles in (njit(attention.product_tiles), njit(attention.tiles_avx512), njit(attention.tiles_avx2)) + (
+    compiled = (_compiled(attention.product_tiles), _compiled(attention.tiles_avx512), _compiled(attention.tiles_avx2))
+    for tiles in compiled + (
         attention.product_tiles,
         attention.tiles_avx512,
         attention.tiles_avx2,
@@ -506,7 +512,7 @@ def test_head_softmax_is_numpys(n, scale, seed):
     row = (scale * rng.standard_normal(2 + 48)).astype(np.float32)
     x = row[2 : 2 + n].astype(np.float64)
     want = np.exp(x - x.max()) / np.exp(x - x.max()).sum()
-    for softmax in (_jit.numba().njit(attention._softmax_tiles), attention._softmax_tiles):
+    for softmax in (_compiled(attention._softmax_tiles), attention._softmax_tiles):
         got = row.copy()
         softmax(got, 2, n, 48)
         assert np.allclose(got[2 : 2 + n], want, rtol=1e-5, atol=1e-7)

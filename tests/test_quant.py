@@ -3,6 +3,7 @@ Python package: its quantizers make the blocks, its dequantizer is the independe
 
 from __future__ import annotations
 
+import functools
 from unittest import mock
 
 import numpy as np
@@ -246,6 +247,7 @@ def test_the_numpy_backend_selects_the_int8_kernel_where_the_cpu_has_byte_produc
 # the int8 path: x quantized to blocks of int8 (as llama.cpp's q8_0), byte dot products (_simd.py)
 
 
+@functools.cache  # once a process: a Hypothesis example each compiling them anew took 30 s
 def _simd_compiled():
     pytest.importorskip("numba")
     from arraygpt.backends.numpy.kernels import _simd

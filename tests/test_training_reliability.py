@@ -242,8 +242,8 @@ def test_sizes_whose_step_cannot_fit_are_one_line_naming_the_size(tmp_path, args
     "sizes",
     [
         dict(batch_size=32, block_size=32, n_embd=64, n_layer=2),
-        dict(batch_size=16, block_size=128, n_embd=128, n_layer=4),  # activations and attention dominate
-        dict(batch_size=16, block_size=32, n_embd=32, vocab_size=20000, n_layer=2),  # the vocabulary dominates
+        dict(batch_size=8, block_size=128, n_embd=64, n_layer=4),  # activations and attention dominate
+        dict(batch_size=8, block_size=32, n_embd=32, vocab_size=20000, n_layer=2),  # the vocabulary dominates
     ],
     ids=["small", "activations", "vocabulary"],
 )
