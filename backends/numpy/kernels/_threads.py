@@ -14,7 +14,9 @@ Not here: the kernels (``linear.py``, ``attention.py``); quant.py and decode.py 
 
 from __future__ import annotations
 
+import contextlib
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 from arraygpt.backends import numpy as backend  # the backend these arrays come from: its BLAS threads
@@ -38,6 +40,14 @@ def chunks(rows: int, min_rows: int) -> int:
 def launch(kernel: Any, parts: int, *args: Any) -> Any:
     """``kernel(*args, parts)`` with ``parts`` numba threads (a ``ParallelJit`` whose prange loop
     runs over ``parts``), and what it returns."""
+    with held(parts):
+        return kernel(*args, parts)
+
+
+@contextlib.contextmanager
+def held(parts: int) -> Iterator[None]:
+    """Inside the block, numba's thread count is ``parts`` and no other launch runs: :func:`launch`
+    for one kernel, or a caller's many in a row (a decode step's blocks)."""
     with _lock:
         numba().set_num_threads(parts)
-        return kernel(*args, parts)
+        yield

@@ -28,6 +28,7 @@ Not here: the layers' definitions (``arraygpt.nn.layers``), the loop over blocks
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import operator
@@ -241,9 +242,10 @@ def _vector(v: Any, size: int) -> np.ndarray | None:
     return v if type(v) is np.ndarray and v.dtype == np.float32 and v.shape == (size,) else None
 
 
-def _layer_args(params: Any, config: Any, i: int, int8: bool) -> list[Any] | None:
-    """Block i's norms, then per matrix (blocks, dense, layout, bias), as _decode_block takes
-    them, or None where the kernel does not take the block."""
+def _layer_args(params: Any, config: Any, i: int, int8: bool) -> tuple[Any, ...] | None:
+    """Block i's arguments of _decode_block from its norms to its last matrix: the norms, the
+    norm's epsilon and kind, then per matrix (blocks, dense, layout, bias); None where the kernel
+    does not take the block."""
     name, C = f"layer{i}.", config.n_embd
     D, Dkv, H = config.attn_dim, config.kv_dim, config.mlp_hidden
     swiglu = config.mlp == "swiglu"
@@ -257,20 +259,22 @@ def _layer_args(params: Any, config: Any, i: int, int8: bool) -> list[Any] | Non
         w = params.get(name + short)
         matrix = _parts(w, int8, rows, cols) if short == "attn_wqkv" and w is not None else _matrix(w, int8, rows, cols)
         args += [None] if matrix is None else [*matrix, _vector(params.get(name + short + "_b"), rows)]
-    return None if any(a is None for a in args) else args
+    if any(a is None for a in args):
+        return None
+    return (*args[:4], config.norm_eps, config.norm == "layernorm", *args[4:])
 
 
 _NAMES = ("norm1", "norm1_b", "norm2", "norm2_b", "attn_wqkv", "attn_wqkv_b", "attn_wq_b", "attn_wk_b", "attn_wv_b",
           "attn_wo", "attn_wo_b", "mlp_gate_up", "mlp_gate_up_b", "mlp_gate_b", "mlp_up_b", "mlp_down", "mlp_down_b",
           "mlp_fc1", "mlp_fc1_b", "mlp_fc2", "mlp_fc2_b")  # fmt: skip
-_prepared: dict[tuple[int, bool], tuple[tuple[str, ...], tuple[Any, ...], Any]] = {}
+_prepared: dict[tuple[Any, ...], tuple[tuple[str, ...], tuple[Any, ...], Any]] = {}
 
 
-def _model_args(params: Any, config: Any, int8: bool) -> list[list[Any]] | None:
+def _model_args(params: Any, config: Any, int8: bool) -> list[tuple[Any, ...]] | None:
     """Every block's _layer_args, or None where the kernel does not take the model; kept for the
     next token while ``params`` holds the same objects (finding them again each token cost more
     than the rest of the step's Python; the check runs in C, map over map)."""
-    key = (id(params), int8)
+    key = (id(params), int8, config.norm_eps, config.norm)  # the norms' two are in the arguments too
     entry = _prepared.get(key)
     if entry is not None and all(map(operator.is_, map(params.get, entry[0]), entry[1])):
         return entry[2]
@@ -303,16 +307,13 @@ def decode_step_forward(params: Any, config: Any, x: Any, kv_cache: Any, rope: A
     out = np.array(x[0], dtype=np.float32)  # (1, C): the blocks add to their own copy of x
     smallest = min(C, config.attn_dim + 2 * config.kv_dim, config.mlp_hidden)  # the matrices' fewest rows
     parts = _threads.chunks(smallest, MIN_ROWS_PER_THREAD) or 1
-    shape = (config.norm_eps, config.norm == "layernorm")
     after = (kv_cache.length, config.n_head, config.n_kv_head, config.attn_dim // config.n_head, config.mlp == "swiglu")
     like = x[:, :, : config.kv_dim]
-    for i, layer in enumerate(layers):
-        keys, values = kv_cache.buffers(i, like)  # (1, capacity, Dkv)
-        args = (out, *layer[:4], *shape, *layer[4:], cos, sin, keys[0], values[0], *after)
-        if parts > 1:
-            _threads.launch(_decode_block_parallel, parts, *args)
-        else:
-            _decode_block(*args, 1)
+    with _threads.held(parts) if parts > 1 else contextlib.nullcontext():  # once for the step's blocks
+        block = (_decode_block_parallel if parts > 1 else _decode_block).dispatcher()
+        for i, layer in enumerate(layers):
+            keys, values = kv_cache.buffers(i, like)  # (1, capacity, Dkv)
+            block(out, *layer, cos, sin, keys[0], values[0], *after, parts)
     return out[None]
 
 
