@@ -86,12 +86,33 @@ def dot_bytes(row: np.ndarray, at: int, xq: np.ndarray, xat: int) -> np.ndarray:
     return (u * xq[xat : xat + 32].astype(np.int32)).reshape(8, 4).sum(axis=1, dtype=np.int32)
 
 
+def dot_nibble_row(row: np.ndarray, at: int, shift: int, xq: np.ndarray, xat: int) -> np.ndarray:
+    u = ((row[at : at + 32] >> shift) & 15).astype(np.int32)
+    return (u * xq[xat : xat + 32].astype(np.int32)).reshape(8, 4).sum(axis=1, dtype=np.int32)
+
+
+def dot_fivebit_row(row: np.ndarray, at: int, shift: int, hat: int, hbit: int, xq: np.ndarray, xat: int) -> np.ndarray:
+    low, high = (row[at : at + 32] >> shift) & 15, (row[hat : hat + 32] >> hbit) & 1
+    u = (low | (high << 4)).astype(np.int32)
+    return (u * xq[xat : xat + 32].astype(np.int32)).reshape(8, 4).sum(axis=1, dtype=np.int32)
+
+
+def dot_sixbits(row: np.ndarray, at: int, shift: int, hat: int, hshift: int, xq: np.ndarray, xat: int) -> np.ndarray:
+    low, high = (row[at : at + 32] >> shift) & 15, (row[hat : hat + 32] >> hshift) & 3
+    u = (low | (high << 4)).astype(np.int32) - 32
+    return (u * xq[xat : xat + 32].astype(np.int32)).reshape(8, 4).sum(axis=1, dtype=np.int32)
+
+
 def zeros() -> np.ndarray:
     return np.zeros(8, np.float32)
 
 
 def fma(acc: np.ndarray, v: np.ndarray, s: Any) -> np.ndarray:
     return acc + v.astype(np.float32) * np.float32(s)
+
+
+def fma_halves(acc: np.ndarray, v: np.ndarray, s0: Any, s1: Any) -> np.ndarray:
+    return acc + v.astype(np.float32) * np.array([s0] * 4 + [s1] * 4, np.float32)
 
 
 def total(acc: np.ndarray) -> np.float32:
@@ -394,7 +415,9 @@ def _register(numba: Any) -> None:
         return builder.shuffle_vector(low, high, lanes(list(range(32)))), x
 
     def signed_bytes(builder: Any, p: Any, x: Any) -> tuple[Any, Any]:
-        w = builder.load(builder.bitcast(p, V32B.as_pointer()), align=1)
+        return signs(builder, builder.load(builder.bitcast(p, V32B.as_pointer()), align=1), x)
+
+    def signs(builder: Any, w: Any, x: Any) -> tuple[Any, Any]:
         if avx2:  # vpsignb: |w| and x with w's sign (0 where w is 0), two instructions
             sign = cgutils.get_or_insert_function(
                 builder.module, ir.FunctionType(V32B, [V32B, V32B]), "llvm.x86.avx2.psign.b"
@@ -405,16 +428,63 @@ def _register(numba: Any) -> None:
         return magnitude, builder.select(negative, builder.neg(x), x)
 
     def unpack_fivebits(builder: Any, p: Any, x: Any) -> tuple[Any, Any]:
+        # bit j of the 4 bytes before p, for value j: byte j // 8 of them in byte j (a shuffle),
+        # tested against 1 << j % 8, 16 where set (llama.cpp's bytes_from_bits_32)
         low, _ = unpack_nibbles(builder, p, x)
-        wide = ir.VectorType(i32, 32)
         high = builder.load(builder.bitcast(builder.gep(p, [ir.Constant(i32, -4)]), i32.as_pointer()), align=1)
-        high = builder.insert_element(ir.Constant(wide, ir.Undefined), high, ir.Constant(i32, 0))
-        high = builder.shuffle_vector(high, high, lanes([0] * 32))
-        bits = builder.and_(builder.lshr(high, lanes(list(range(32)))), lanes([1] * 32))
-        return builder.or_(low, builder.trunc(builder.shl(bits, lanes([4] * 32)), V32B)), x
+        four = builder.bitcast(builder.insert_element(ir.Constant(V8I, ir.Undefined), high, ir.Constant(i32, 0)), V32B)
+        spread = builder.shuffle_vector(four, four, lanes([j // 8 for j in range(32)]))
+        bit = builder.and_(spread, ir.Constant(V32B, [1 << (j % 8) for j in range(32)]))
+        fifth = builder.select(
+            builder.icmp_unsigned("!=", bit, ir.Constant(V32B, None)),
+            ir.Constant(V32B, [16] * 32),
+            ir.Constant(V32B, None),
+        )
+        return builder.or_(low, fifth), x
 
     dot_nibbles_ir, dot_bytes_ir = dot_intrinsic(unpack_nibbles), dot_intrinsic(signed_bytes)
     dot_fivebits_ir = dot_intrinsic(unpack_fivebits)
+
+    def splat_byte(builder: Any, n: Any) -> Any:  # an integer in every byte of a V32B
+        b = builder.trunc(n, i8) if n.type != i8 else n
+        b = builder.insert_element(ir.Constant(V32B, ir.Undefined), b, ir.Constant(i32, 0))
+        return builder.shuffle_vector(b, b, lanes([0] * 32))
+
+    def nibble_row(builder: Any, p: Any, shift: Any) -> Any:  # (32 bytes at p >> shift) & 15
+        q = builder.load(builder.bitcast(p, V32B.as_pointer()), align=1)
+        return builder.and_(builder.lshr(q, splat_byte(builder, shift)), ir.Constant(V32B, [15] * 32))
+
+    @intrinsic
+    def dot_nibble_row_ir(typingctx: Any, row: Any, at: Any, shift: Any, xq: Any, xat: Any) -> Any:
+        def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+            x = builder.load(pointer(context, builder, sig.args[3], args[3], args[4], V32B), align=1)
+            w = nibble_row(builder, pointer(context, builder, sig.args[0], args[0], args[1], i8), args[2])
+            return dpbusd(builder, w, x, pairs_fit=True)  # 15 * 127 * 2 < 2^15
+
+        return I32x8(row, at, shift, xq, xat), codegen
+
+    def high_bits_intrinsic(mask: int, offset: int) -> Any:
+        """dot(row, at, shift, hat, hshift, xq, xat): 32 values ((row[at + l] >> shift) & 15) |
+        (((row[hat + l] >> hshift) & mask) << 4), minus ``offset``, dotted with xq[xat:xat + 32]."""
+
+        @intrinsic
+        def dot(typingctx: Any, row: Any, at: Any, shift: Any, hat: Any, hshift: Any, xq: Any, xat: Any) -> Any:
+            def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+                x = builder.load(pointer(context, builder, sig.args[5], args[5], args[6], V32B), align=1)
+                low = nibble_row(builder, pointer(context, builder, sig.args[0], args[0], args[1], i8), args[2])
+                h = builder.load(pointer(context, builder, sig.args[0], args[0], args[3], V32B), align=1)
+                high = builder.and_(builder.lshr(h, splat_byte(builder, args[4])), ir.Constant(V32B, [mask] * 32))
+                u = builder.or_(low, builder.shl(high, ir.Constant(V32B, [4] * 32)))
+                if not offset:  # 0..31: 31 * 127 * 2 < 2^15
+                    return dpbusd(builder, u, x, pairs_fit=True)
+                w = builder.sub(u, ir.Constant(V32B, [offset] * 32))  # Q6_K's -32..31: 32 * 127 * 2 < 2^15
+                return dpbusd(builder, *signs(builder, w, x), pairs_fit=True)
+
+            return I32x8(row, at, shift, hat, hshift, xq, xat), codegen
+
+        return dot
+
+    dot_fivebit_row_ir, dot_sixbits_ir = high_bits_intrinsic(1, 0), high_bits_intrinsic(3, 32)
 
     @intrinsic
     def nibbles_ir(typingctx: Any, row: Any, at: Any) -> Any:
@@ -470,6 +540,16 @@ def _register(numba: Any) -> None:
             return builder.fadd(args[0], product, flags=("contract",))
 
         return F32x8(acc, v, types.float32), codegen
+
+    @intrinsic
+    def fma_halves_ir(typingctx: Any, acc: Any, v: Any, s0: Any, s1: Any) -> Any:
+        def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+            a, b = splat_ir(builder, args[2]), splat_ir(builder, args[3])
+            scales = builder.shuffle_vector(a, b, lanes([0, 0, 0, 0, 8, 8, 8, 8]))  # s0 in lanes 0-3, s1 in 4-7
+            product = builder.fmul(builder.sitofp(args[1], V8F), scales, flags=("contract",))
+            return builder.fadd(args[0], product, flags=("contract",))
+
+        return F32x8(acc, v, types.float32, types.float32), codegen
 
     @intrinsic
     def total_ir(typingctx: Any, acc: Any) -> Any:
@@ -620,6 +700,20 @@ def _register(numba: Any) -> None:
     overload(has_avx512)(lambda: lambda: avx512)
     overload(zeros)(lambda: lambda: zeros_ir())
     overload(fma)(lambda acc, v, s: lambda acc, v, s: fma_ir(acc, v, s))
+    overload(fma_halves)(lambda acc, v, s0, s1: lambda acc, v, s0, s1: fma_halves_ir(acc, v, s0, s1))
+    overload(dot_nibble_row)(
+        lambda row, at, shift, xq, xat: lambda row, at, shift, xq, xat: dot_nibble_row_ir(row, at, shift, xq, xat)
+    )
+    overload(dot_fivebit_row)(
+        lambda row, at, shift, hat, hshift, xq, xat: (
+            lambda row, at, shift, hat, hshift, xq, xat: dot_fivebit_row_ir(row, at, shift, hat, hshift, xq, xat)
+        )
+    )
+    overload(dot_sixbits)(
+        lambda row, at, shift, hat, hshift, xq, xat: (
+            lambda row, at, shift, hat, hshift, xq, xat: dot_sixbits_ir(row, at, shift, hat, hshift, xq, xat)
+        )
+    )
     overload(total)(lambda acc: lambda acc: total_ir(acc))
     overload(half)(lambda row, at: lambda row, at: half_ir(row, at))
     overload(prefetch)(lambda row, at: lambda row, at: prefetch_ir(row, at))

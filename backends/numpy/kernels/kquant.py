@@ -36,7 +36,17 @@ import numpy as np
 
 from arraygpt.backends.numpy.kernels import _blocks, _threads
 from arraygpt.backends.numpy.kernels._jit import OPTIONS, LazyJit, ParallelJit, jitable, lazy_njit
-from arraygpt.backends.numpy.kernels._simd import dot_bytes, fma, half, total, zeros
+from arraygpt.backends.numpy.kernels._simd import (
+    add,
+    dot_fivebit_row,
+    dot_nibble_row,
+    dot_sixbits,
+    fma,
+    fma_halves,
+    half,
+    total,
+    zeros,
+)
 from arraygpt.nn.quant import QuantizedWeight
 
 KINDS = ("q4_k", "q5_k", "q6_k")
@@ -253,66 +263,82 @@ def unpack_rows_k(blocks, fifth, r0, wq, d, correction, constant):
 
 
 @jitable(inline=False)
-def _dot_q45k_int8(row, fifth, xq, dx, xsum, w8):
-    # one Q4_K (fifth 0) or Q5_K (fifth 1) row times x as int8 blocks; w8 (256,) scratch
-    nbytes = 176 if fifth else 144
-    acc = zeros()
+def _dot_q4k_int8(row, xq, dx, xsum):
+    # one Q4_K row times x as int8 blocks: each 32 bytes of nibbles hold sub-blocks 2j (low) and
+    # 2j + 1 (high), each met with x's 32 bytes where they lie (_simd.dot_nibble_row)
+    acc, acc1 = zeros(), zeros()  # two chains of FMAs: a product's latency
     s = np.float32(0.0)
     for b in range(dx.shape[0] // 8):
-        at = b * nbytes
-        if fifth:
-            _unpack_q5k(row, at, w8)
-        else:
-            _unpack_q4k(row, at, w8)
+        at = b * 144
         d = half(row, at)
         dmin = half(row, at + 2)
-        for t in range(8):
-            sc, mn = _scale_min(row, at, t)
-            acc = fma(acc, dot_bytes(w8, 32 * t, xq, b * 256 + 32 * t), d * sc * dx[b * 8 + t])
-            s -= dmin * mn * xsum[b * 8 + t]
-    return total(acc) + s
+        for j in range(4):
+            t, q, xat = b * 8 + 2 * j, at + 16 + 32 * j, b * 256 + 64 * j
+            sc0, mn0 = _scale_min(row, at, 2 * j)
+            sc1, mn1 = _scale_min(row, at, 2 * j + 1)
+            acc = fma(acc, dot_nibble_row(row, q, 0, xq, xat), d * sc0 * dx[t])
+            acc1 = fma(acc1, dot_nibble_row(row, q, 4, xq, xat + 32), d * sc1 * dx[t + 1])
+            s -= dmin * (mn0 * xsum[t] + mn1 * xsum[t + 1])
+    return total(add(acc, acc1)) + s
 
 
 @jitable(inline=False)
-def _dot_q6k_int8(row, xq, dx, w8):
-    # one Q6_K row times x as int8 blocks. w8 (512,) scratch, zeros where not written: sub-block
-    # t of 16 values (q - 32, int8) in bytes 32t.. 32t + 31 at the half that x's block of 32 puts
-    # it in (16 (t % 2)), so that one byte dot product sums that sub-block alone
-    acc = zeros()
+def _dot_q5k_int8(row, xq, dx, xsum):
+    # Q4_K's with a fifth bit for each value: bit 2j (sub-block 2j) or 2j + 1 of the 32 bytes at
+    # byte 16, the nibbles at byte 48 (_simd.dot_fivebit_row)
+    acc, acc1 = zeros(), zeros()  # two chains of FMAs: a product's latency
+    s = np.float32(0.0)
+    for b in range(dx.shape[0] // 8):
+        at = b * 176
+        d = half(row, at)
+        dmin = half(row, at + 2)
+        for j in range(4):
+            t, q, xat = b * 8 + 2 * j, at + 48 + 32 * j, b * 256 + 64 * j
+            sc0, mn0 = _scale_min(row, at, 2 * j)
+            sc1, mn1 = _scale_min(row, at, 2 * j + 1)
+            acc = fma(acc, dot_fivebit_row(row, q, 0, at + 16, 2 * j, xq, xat), d * sc0 * dx[t])
+            acc1 = fma(acc1, dot_fivebit_row(row, q, 4, at + 16, 2 * j + 1, xq, xat + 32), d * sc1 * dx[t + 1])
+            s -= dmin * (mn0 * xsum[t] + mn1 * xsum[t + 1])
+    return total(add(acc, acc1)) + s
+
+
+@jitable(inline=False)
+def _dot_q6k_int8(row, xq, dx):
+    # one Q6_K row times x as int8 blocks. Each half h of a block: values 32k + l (k 0..3) from
+    # ql's nibble k >> 1 of byte 32 (k & 1) + l and qh's bits 2k of byte l, minus 32
+    # (_simd.dot_sixbits, in registers); values 0-15 and 16-31 of each 32 have scales of their own
+    # (lanes 0-3 and 4-7 of the dot product: fma_halves)
+    acc, acc1 = zeros(), zeros()  # two chains of FMAs: a product's latency
     for b in range(dx.shape[0] // 8):
         at = b * 210
         d = half(row, at + 208)
         for h in range(2):
-            ql = row[at + 64 * h : at + 64 * h + 64]
-            qh = row[at + 128 + 32 * h : at + 128 + 32 * h + 32]
-            for g in range(2):
-                wg = w8[256 * h + 32 * g : 256 * h + 32 * g + 224]  # value 32k + l at 64k + l
-                for i in range(16):
-                    l = 16 * g + i
-                    a, c, e = ql[l], ql[32 + l], qh[l]
-                    wg[l] = _add(_or(_and(a, _U15), _shl(_and(e, _U3), _U4)), _U224)  # q - 32, mod 256
-                    wg[64 + l] = _add(_or(_and(c, _U15), _shl(_and(e, _U12), _U2)), _U224)
-                    wg[128 + l] = _add(_or(_shr(a, _U4), _and(e, _U48)), _U224)
-                    wg[192 + l] = _add(_or(_shr(c, _U4), _shr(_and(e, _U192), _U2)), _U224)
-        for t in range(16):
-            sc = d * np.float32(np.int8(row[at + 192 + t]))
-            acc = fma(acc, dot_bytes(w8, 32 * t, xq, b * 256 + 32 * (t // 2)), sc * dx[b * 8 + t // 2])
-    return total(acc)
+            ql, qh, sc, xat, t = at + 64 * h, at + 128 + 32 * h, at + 192 + 8 * h, b * 256 + 128 * h, b * 8 + 4 * h
+            d0, d1 = d * np.float32(np.int8(row[sc])), d * np.float32(np.int8(row[sc + 1]))
+            acc = fma_halves(acc, dot_sixbits(row, ql, 0, qh, 0, xq, xat), d0 * dx[t], d1 * dx[t])
+            d0, d1 = d * np.float32(np.int8(row[sc + 2])), d * np.float32(np.int8(row[sc + 3]))
+            acc1 = fma_halves(acc1, dot_sixbits(row, ql + 32, 0, qh, 2, xq, xat + 32), d0 * dx[t + 1], d1 * dx[t + 1])
+            d0, d1 = d * np.float32(np.int8(row[sc + 4])), d * np.float32(np.int8(row[sc + 5]))
+            acc = fma_halves(acc, dot_sixbits(row, ql, 4, qh, 4, xq, xat + 64), d0 * dx[t + 2], d1 * dx[t + 2])
+            d0, d1 = d * np.float32(np.int8(row[sc + 6])), d * np.float32(np.int8(row[sc + 7]))
+            acc1 = fma_halves(acc1, dot_sixbits(row, ql + 32, 4, qh, 6, xq, xat + 96), d0 * dx[t + 3], d1 * dx[t + 3])
+    return total(add(acc, acc1))
 
 
 @jitable(inline=False)
 def rows_times_k_int8(xq, dx, xsum, blocks, kind, lo, hi, out):
     # rows_times_k with x (M, K) as int8 blocks: xq (M, K) int8, dx and xsum (M, K / 32)
-    w8 = np.zeros(512, np.uint8)
     ahead = _blocks.rows_ahead(blocks)
     for o in range(lo, hi):
         row = blocks[o]
         _blocks.prefetch_row(blocks, o + ahead, hi)
         for m in range(xq.shape[0]):
-            if kind == 2:
-                out[m, o] = _dot_q6k_int8(row, xq[m], dx[m], w8)
+            if kind == 0:
+                out[m, o] = _dot_q4k_int8(row, xq[m], dx[m], xsum[m])
+            elif kind == 1:
+                out[m, o] = _dot_q5k_int8(row, xq[m], dx[m], xsum[m])
             else:
-                out[m, o] = _dot_q45k_int8(row, kind, xq[m], dx[m], xsum[m], w8)
+                out[m, o] = _dot_q6k_int8(row, xq[m], dx[m])
 
 
 def _rows_source_int8(prange):
