@@ -257,12 +257,19 @@ def _simd_compiled():
     def dots(row, xq, kinds):  # the sum of each dot's lanes, for blocks at 0, 34, 68, ...
         out = np.empty(len(kinds), np.float32)
         for i in range(len(kinds)):
+            at = 34 * i
             if kinds[i] == 2:  # a fifth bit from the 4 bytes before the nibbles
-                v = _simd.dot_fivebits(row, 34 * i + 4, xq, 32 * i)
+                v = _simd.dot_fivebits(row, at + 4, xq, 32 * i)
             elif kinds[i] == 1:
-                v = _simd.dot_nibbles(row, 34 * i, xq, 32 * i)
+                v = _simd.dot_nibbles(row, at, xq, 32 * i)
+            elif kinds[i] == 3:  # the K-quants' rows of 32 bytes: low nibbles
+                v = _simd.dot_nibble_row(row, at, 0, xq, 32 * i)
+            elif kinds[i] == 4:  # high nibbles, a fifth bit from bit 3 of the same bytes
+                v = _simd.dot_fivebit_row(row, at, 4, at, 3, xq, 32 * i)
+            elif kinds[i] == 5:  # high nibbles, two more bits from bits 2-3, minus 32 (Q6_K)
+                v = _simd.dot_sixbits(row, at, 4, at, 2, xq, 32 * i)
             else:
-                v = _simd.dot_bytes(row, 34 * i, xq, 32 * i)
+                v = _simd.dot_bytes(row, at, xq, 32 * i)
             out[i] = _simd.total(_simd.fma(_simd.zeros(), v, np.float32(1.0)))
         return out
 
@@ -316,13 +323,19 @@ def test_the_byte_dot_products_are_numpys_integer_dots(n, seed):
     rng = np.random.default_rng(seed)
     row = rng.integers(0, 256, 34 * n, dtype=np.uint8)  # every byte, -128 included
     xq = rng.integers(-127, 128, 32 * n).astype(np.int8)
-    kinds = rng.integers(0, 3, n).astype(np.int64)
+    kinds = rng.integers(0, 6, n).astype(np.int64)
     expected = []
     for i in range(n):
         raw = row[34 * i : 34 * i + 32]
         if kinds[i] == 2:
             q, bits = row[34 * i + 4 : 34 * i + 20], int(row[34 * i : 34 * i + 4].view(np.uint32)[0])
             w = np.concatenate([q & 15, q >> 4]) | (((bits >> np.arange(32)) & 1) << 4)
+        elif kinds[i] == 3:
+            w = raw & 15
+        elif kinds[i] == 4:
+            w = (raw >> 4) | (((raw >> 3) & 1) << 4)
+        elif kinds[i] == 5:
+            w = ((raw >> 4) | (((raw >> 2) & 3) << 4)).astype(np.int64) - 32
         else:
             w = np.concatenate([raw[:16] & 15, raw[:16] >> 4]) if kinds[i] else raw.view(np.int8)
         expected.append(int(np.dot(w.astype(np.int64), xq[32 * i : 32 * i + 32].astype(np.int64))))
@@ -331,15 +344,18 @@ def test_the_byte_dot_products_are_numpys_integer_dots(n, seed):
 
 @pytest.mark.parametrize("x", [-127, 127])
 def test_the_byte_dot_products_hold_their_largest_sums(x):
-    """The largest products each kind meets (Q8_0's -128 and 127, Q5's 31, Q4's 15, times |x| =
-    127): AVX2's first step sums two products in int16, which these must not overflow."""
+    """The largest products each kind meets (Q8_0's -128 and 127, Q5's 31, Q4's 15, Q6_K's -32
+    and 31, times |x| = 127): AVX2's first step sums two products in int16, which these must not
+    overflow."""
     dots, _, _ = _simd_compiled()
-    xq = np.full(32 * 4, x, np.int8)
-    row = np.full(34 * 4, 0xFF, np.uint8)  # nibbles and fifth bits all ones: 15 and 31
+    xq = np.full(32 * 8, x, np.int8)
+    row = np.full(34 * 8, 0xFF, np.uint8)  # nibbles and fifth bits all ones: 15 and 31
     row[:34] = 0x80  # a Q8_0 block of -128
     row[34:68] = 0x7F  # a Q8_0 block of 127
-    got = dots(row, xq, np.array([0, 0, 1, 2]))
-    assert got.tolist() == [32 * -128 * x, 32 * 127 * x, 32 * 15 * x, 32 * 31 * x]
+    row[34 * 7 :] = 0  # six bits of 0: Q6_K's -32
+    got = dots(row, xq, np.array([0, 0, 1, 2, 3, 4, 5, 5]))
+    largest = [-128, 127, 15, 31, 15, 31, 31, -32]
+    assert got.tolist() == [32 * w * x for w in largest]
 
 
 @given(n=st.integers(1, 6), seed=st.integers(0, 2**32 - 1))
@@ -388,7 +404,7 @@ def test_without_vnni_or_f16c_the_portable_vector_code_gives_the_same_numbers(tm
         "dots, halves, sums = t._simd_compiled()\n"
         "rng = np.random.default_rng(3)\n"
         "row = rng.integers(0, 256, 34 * 8, dtype=np.uint8); xq = rng.integers(-127, 128, 256).astype(np.int8)\n"
-        "np.save(sys.argv[1] + '/dots.npy', dots(row, xq, np.arange(8) % 3))\n"
+        "np.save(sys.argv[1] + '/dots.npy', dots(row, xq, np.arange(8) % 6))\n"
         "np.save(sys.argv[1] + '/halves.npy', halves(np.arange(1 << 16, dtype=np.uint16).view(np.uint8)))\n"
         "got = sums(*t._prompt_case(6, 3)); np.save(sys.argv[1] + '/sums.npy', got[0]); "
         "np.save(sys.argv[1] + '/small.npy', got[2])\n"
@@ -405,7 +421,7 @@ def test_without_vnni_or_f16c_the_portable_vector_code_gives_the_same_numbers(tm
     rng = np.random.default_rng(3)
     row = rng.integers(0, 256, 34 * 8, dtype=np.uint8)
     xq = rng.integers(-127, 128, 256).astype(np.int8)
-    assert np.array_equal(np.load(tmp_path / "dots.npy"), dots(row, xq, np.arange(8) % 3))
+    assert np.array_equal(np.load(tmp_path / "dots.npy"), dots(row, xq, np.arange(8) % 6))
     got = np.load(tmp_path / "halves.npy")
     expected = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)
     assert np.array_equal(got, expected, equal_nan=True)
