@@ -34,6 +34,8 @@ kernel for a call (``quant.py``).
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from arraygpt.backends.numpy.kernels import _blocks, _threads
@@ -265,44 +267,39 @@ def unpack_rows_k(blocks, fifth, r0, wq, d, correction, constant):
                 correction[r, b * 8 + t] = 128 * q_sum
 
 
-@jitable(inline=False)
-def _dot_q4k_int8(row, xq, dx, xsum):
-    # one Q4_K row times x as int8 blocks: each 32 bytes of nibbles hold sub-blocks 2j (low) and
-    # 2j + 1 (high), each met with x's 32 bytes where they lie (_simd.dot_nibble_row)
-    acc, acc1 = zeros(), zeros()  # two chains of FMAs: a product's latency
-    s = np.float32(0.0)
-    for b in range(dx.shape[0] // 8):
-        at = b * 144
-        d = half(row, at)
-        dmin = half(row, at + 2)
-        for j in range(4):
-            t, q, xat = b * 8 + 2 * j, at + 16 + 32 * j, b * 256 + 64 * j
-            sc0, mn0 = _scale_min(row, at, 2 * j)
-            sc1, mn1 = _scale_min(row, at, 2 * j + 1)
-            acc = fma(acc, dot_nibble_row(row, q, 0, xq, xat), d * sc0 * dx[t])
-            acc1 = fma(acc1, dot_nibble_row(row, q, 4, xq, xat + 32), d * sc1 * dx[t + 1])
-            s -= dmin * (mn0 * xsum[t] + mn1 * xsum[t + 1])
-    return total(add(acc, acc1)) + s
+def _q45k_int8(fifth: bool) -> Any:
+    """The int8 decoding loop of one Q4_K row (``fifth`` false) or Q5_K row: each 32 bytes of
+    nibbles hold sub-blocks 2j (low) and 2j + 1 (high), met with x's 32 bytes where they lie
+    (``_simd.dot_nibble_row``; Q5_K's fifth bits, bit 2j or 2j + 1 of the 32 bytes at byte 16:
+    ``dot_fivebit_row``), ``fifth`` a compile-time constant."""
+    nbytes, quants = (176, 48) if fifth else (144, 16)
+
+    @jitable(inline=False)
+    def dot_int8(row, xq, dx, xsum):
+        acc, acc1 = zeros(), zeros()  # two chains of FMAs: a product's latency
+        s = np.float32(0.0)
+        for b in range(dx.shape[0] // 8):
+            at = b * nbytes
+            d = half(row, at)
+            dmin = half(row, at + 2)
+            for j in range(4):
+                t, q, xat = b * 8 + 2 * j, at + quants + 32 * j, b * 256 + 64 * j
+                sc0, mn0 = _scale_min(row, at, 2 * j)
+                sc1, mn1 = _scale_min(row, at, 2 * j + 1)
+                if fifth:
+                    low = dot_fivebit_row(row, q, 0, at + 16, 2 * j, xq, xat)
+                    high = dot_fivebit_row(row, q, 4, at + 16, 2 * j + 1, xq, xat + 32)
+                else:
+                    low, high = dot_nibble_row(row, q, 0, xq, xat), dot_nibble_row(row, q, 4, xq, xat + 32)
+                acc = fma(acc, low, d * sc0 * dx[t])
+                acc1 = fma(acc1, high, d * sc1 * dx[t + 1])
+                s -= dmin * (mn0 * xsum[t] + mn1 * xsum[t + 1])
+        return total(add(acc, acc1)) + s
+
+    return dot_int8
 
 
-@jitable(inline=False)
-def _dot_q5k_int8(row, xq, dx, xsum):
-    # Q4_K's with a fifth bit for each value: bit 2j (sub-block 2j) or 2j + 1 of the 32 bytes at
-    # byte 16, the nibbles at byte 48 (_simd.dot_fivebit_row)
-    acc, acc1 = zeros(), zeros()  # two chains of FMAs: a product's latency
-    s = np.float32(0.0)
-    for b in range(dx.shape[0] // 8):
-        at = b * 176
-        d = half(row, at)
-        dmin = half(row, at + 2)
-        for j in range(4):
-            t, q, xat = b * 8 + 2 * j, at + 48 + 32 * j, b * 256 + 64 * j
-            sc0, mn0 = _scale_min(row, at, 2 * j)
-            sc1, mn1 = _scale_min(row, at, 2 * j + 1)
-            acc = fma(acc, dot_fivebit_row(row, q, 0, at + 16, 2 * j, xq, xat), d * sc0 * dx[t])
-            acc1 = fma(acc1, dot_fivebit_row(row, q, 4, at + 16, 2 * j + 1, xq, xat + 32), d * sc1 * dx[t + 1])
-            s -= dmin * (mn0 * xsum[t] + mn1 * xsum[t + 1])
-    return total(add(acc, acc1)) + s
+_dot_q4k_int8, _dot_q5k_int8 = _q45k_int8(False), _q45k_int8(True)
 
 
 @jitable(inline=False)
