@@ -13,8 +13,14 @@ vocabulary, one block of 32 values at a time:
 - ``dot_bytes(row, at, xq, xat)``: the 32 int8 weights at ``row[at:]`` dotted with
   ``xq[xat:xat+32]`` (as llama.cpp does: VNNI multiplies unsigned by signed bytes, so |w| by x
   with w's sign; xq must not hold -128);
-- both return an :data:`I32x8`, lane i = the sum of products 4i..4i+3;
-- ``zeros()`` an :data:`F32x8` of zeros, ``fma(acc, v, s)`` = acc + float(v) * s, ``total(acc)``
+- for the K-quants, whose 32 values lie in 32 bytes: ``dot_nibble_row(row, at, shift, xq, xat)``
+  the nibble at ``shift`` (0 or 4) of each byte of ``row[at:at+32]``; ``dot_fivebit_row(row, at,
+  shift, hat, hbit, xq, xat)`` with a fifth bit, bit ``hbit`` of ``row[hat:hat+32]``;
+  ``dot_sixbits(row, at, shift, hat, hshift, xq, xat)`` with two more bits, those at ``hshift``,
+  minus 32 (Q6_K);
+- all return an :data:`I32x8`, lane i = the sum of products 4i..4i+3;
+- ``zeros()`` an :data:`F32x8` of zeros, ``fma(acc, v, s)`` = acc + float(v) * s,
+  ``fma_halves(acc, v, s0, s1)`` the same with s0 in lanes 0-3 and s1 in 4-7, ``total(acc)``
   the sum of its lanes (float32);
 - ``half(row, at)``: the float16 at byte ``at`` of a uint8 row, as float32.
 
@@ -49,8 +55,8 @@ Float32 tiles of products (attention's, ``attention.py``) use sixteen lanes, one
 Each is a plain Python function (NumPy arrays stand for the vectors: what tests and ``py_func``
 run) and, once numba is imported, an ``overload`` whose intrinsic emits the LLVM vector code: with
 ``avx512vnni`` or ``avxvnni`` in the CPU's features the ``vpdpbusd`` intrinsic; with AVX2 alone,
-for the dot products of weights whose sums of two products fit int16 (``dot_nibbles``,
-``dot_fivebits``, ``dot_bytes``, ``dot_dword_small``), ``vpmaddubsw`` then ``vpmaddwd`` by ones,
+for the dot products of weights whose sums of two products fit int16 (all but ``dot_dword``),
+``vpmaddubsw`` then ``vpmaddwd`` by ones,
 as llama.cpp's AVX2 code (3.3-4.2x faster than the portable IR on a Zen 3); elsewhere the same sums spelled in
 portable vector IR (32 int32 products, which LLVM lowers to ``vpmulld`` or a NEON dot product).
 The callers check the offsets: nothing here checks bounds.
