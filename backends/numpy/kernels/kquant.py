@@ -59,8 +59,8 @@ KIND_CODES = {kind: code for code, kind in enumerate(KINDS)}  # the numba source
 
 # Bit operations as NumPy's ufuncs on uint8 scalars: numba widens ``v & 15`` to int64, and the
 # loops then convert 8 int64 lanes to float at a time; the ufuncs keep bytes (1.2-1.3x here)
-_and, _or, _shl, _shr, _add = np.bitwise_and, np.bitwise_or, np.left_shift, np.right_shift, np.add
-_U1, _U2, _U3, _U4, _U12, _U15, _U48, _U192, _U224 = (np.uint8(v) for v in (1, 2, 3, 4, 12, 15, 48, 192, 224))
+_and, _or, _shl, _shr = np.bitwise_and, np.bitwise_or, np.left_shift, np.right_shift
+_U1, _U2, _U3, _U4, _U12, _U15, _U48, _U192 = (np.uint8(v) for v in (1, 2, 3, 4, 12, 15, 48, 192))
 
 
 # ----------------------------------------------------------------------------------------------
