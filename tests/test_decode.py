@@ -36,6 +36,16 @@ def _layer_by_layer(model):
     model.kernels = model.kernels._replace(decode=(core.layer_by_layer, core.no_backward))
 
 
+def _fused_then_layered(model, idx, prompt=3):
+    """_decode with the fused step, which must take every one-token step, then with the layers one
+    by one: ((logits, keys, values) fused, (logits, keys, values) layer by layer)."""
+    taken = _calls(model)
+    fused = _decode(model, idx, prompt)
+    assert taken == [True] * (idx.shape[1] - prompt)
+    _layer_by_layer(model)
+    return fused, _decode(model, idx, prompt)
+
+
 def _calls(model):
     """Count the fused step's calls, True for each that took the model."""
     fused, count = model.kernels.decode[0], []
@@ -57,11 +67,7 @@ def test_a_fused_decode_step_equals_the_layers_one_by_one(config, kind, kernel, 
     model = _with_quantized_kernel(_randomized(config, seed=3).quantize(kind), kernel)
     idx = np.random.default_rng(4).integers(0, config.vocab_size, (1, 14))
     with blas_threads(threads):
-        taken = _calls(model)
-        fused, fused_keys, fused_values = _decode(model, idx)
-        assert taken == [True] * 11  # the 11 one-token steps
-        _layer_by_layer(model)
-        layered, keys, values = _decode(model, idx)
+        (fused, fused_keys, fused_values), (layered, keys, values) = _fused_then_layered(model, idx)
     full = np.asarray(_dense_reference(model).forward(idx)[0])
     if kernel.endswith("int8"):
         # int8 activations: rounding to the nearest step is discontinuous, so the last bits in
@@ -80,9 +86,7 @@ def test_a_decode_past_the_caches_first_capacity_grows_it():
     config = GPTConfig.from_dict({**LLAMA.to_dict(), "block_size": 300})
     model = _with_quantized_kernel(_randomized(config, seed=1).quantize("q8_0"), "numba_quantized_linear")
     idx = np.random.default_rng(2).integers(0, config.vocab_size, (1, 262))  # the cache starts at 256 positions
-    fused, _, _ = _decode(model, idx, prompt=250)
-    _layer_by_layer(model)
-    layered, _, _ = _decode(model, idx, prompt=250)
+    (fused, _, _), (layered, _, _) = _fused_then_layered(model, idx, prompt=250)
     np.testing.assert_allclose(fused, layered, rtol=1e-5, atol=1e-5)
 
 
@@ -94,11 +98,7 @@ def test_a_weight_replaced_between_two_decodes_is_the_one_the_next_decode_reads(
     before, _, _ = _decode(model, idx)
     other = _randomized(LLAMA, seed=9).quantize("q8_0")
     model._core_params["layer1.attn_wo"] = other._core_params["layer1.attn_wo"]  # the same dict, a new object
-    taken = _calls(model)
-    fused, _, _ = _decode(model, idx)
-    assert taken == [True] * 5
-    _layer_by_layer(model)
-    layered, _, _ = _decode(model, idx)
+    (fused, _, _), (layered, _, _) = _fused_then_layered(model, idx)
     np.testing.assert_allclose(fused, layered, rtol=1e-5, atol=1e-5)
     assert np.abs(fused - before).max() > 1e-3  # the new matrix changed the logits
 
@@ -141,11 +141,7 @@ def test_gpt2_and_float32_blocks_take_the_fused_step_too(config, dtype):
     if dtype != "float32":
         model = _with_quantized_kernel(model.quantize(dtype), "numba_quantized_linear")
     idx = np.random.default_rng(6).integers(0, config.vocab_size, (1, 10))
-    taken = _calls(model)
-    fused, keys, values = _decode(model, idx)
-    assert taken == [True] * 7
-    _layer_by_layer(model)
-    layered, layered_keys, layered_values = _decode(model, idx)
+    (fused, keys, values), (layered, layered_keys, layered_values) = _fused_then_layered(model, idx)
     np.testing.assert_allclose(fused, layered, rtol=1e-5, atol=1e-5)
     for a, b in zip(keys + values, layered_keys + layered_values):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
@@ -197,11 +193,7 @@ def test_k_quants_and_a_stack_of_kinds_take_the_fused_step(kernel, threads):
     model = _with_quantized_kernel(model, kernel)
     idx = np.random.default_rng(8).integers(0, LLAMA_K.vocab_size, (1, 9))
     with blas_threads(threads):
-        taken = _calls(model)
-        fused, fused_keys, fused_values = _decode(model, idx)
-        assert taken == [True] * 6  # the 6 one-token steps
-        _layer_by_layer(model)
-        layered, keys, values = _decode(model, idx)
+        (fused, fused_keys, fused_values), (layered, keys, values) = _fused_then_layered(model, idx)
     full = np.asarray(_dense_reference(model).forward(idx)[0])
     if kernel.endswith("int8"):
         # the same int8 products on both paths (each bounded against gguf in tests/test_kquant.py);
